@@ -1,0 +1,7 @@
+export {
+  applyStreams,
+  loadStreamDefinitions,
+  parseDuration,
+  type StreamDefinition,
+} from "./apply-streams.ts"
+export { connectNats, type NatsConfig } from "./connect-nats.ts"

@@ -1,0 +1,70 @@
+import type pg from "pg"
+import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
+
+// All of the relay's SQL, on its one dedicated connection. That connection also holds the
+// advisory lock that makes this relay the active one: if it drops, the lock goes with it and
+// so does every statement below, so a relay that lost leadership cannot mark anything.
+
+/** Arbitrary but fixed: the advisory lock key that elects one active relay per database. */
+const RELAY_LOCK_KEY = 0x6b657977 // "keyw"
+
+export async function tryTakeLeadership(client: pg.Client): Promise<boolean> {
+  const r = await client.query<{ ok: boolean }>("select pg_try_advisory_lock($1) as ok", [
+    RELAY_LOCK_KEY,
+  ])
+  return r.rows[0]!.ok
+}
+
+// Claimed by state, never by a `seq > cursor`: a row that commits late with a low seq is
+// still unpublished, so the next claim finds it. Only the active relay reads here, so no
+// row locks are needed. The partial index keeps this cheap however large the table grows.
+export async function claimBatch(client: pg.Client, limit: number): Promise<OutboxRow[]> {
+  const r = await client.query<OutboxRow>(
+    `select seq, topic, key, ver, type, payload, trace, created_at
+       from keyway.outbox
+      where published_at is null
+      order by seq
+      limit $1`,
+    [limit],
+  )
+  return r.rows
+}
+
+/** One statement for the whole batch: a commit costs far more than a publish. */
+export async function markPublished(
+  client: pg.Client,
+  rows: readonly PublishedRow[],
+): Promise<void> {
+  if (rows.length === 0) return
+  await client.query(
+    `update keyway.outbox o
+        set published_at = now(), stream_seq = x.stream_seq
+       from unnest($1::bigint[], $2::bigint[]) as x(seq, stream_seq)
+      where o.seq = x.seq`,
+    [rows.map((r) => r.seq), rows.map((r) => r.streamSeq)],
+  )
+}
+
+/**
+ * Deletes published rows older than `maxAgeMs`, `batchSize` at a time so no statement holds
+ * many row locks or a long transaction. Returns how many rows went.
+ */
+export async function prunePublished(
+  client: pg.Client,
+  maxAgeMs: number,
+  batchSize: number,
+): Promise<number> {
+  let total = 0
+  for (;;) {
+    const r = await client.query(
+      `delete from keyway.outbox
+        where seq in (select seq from keyway.outbox
+                       where published_at < now() - make_interval(secs => $1::double precision / 1000)
+                       order by published_at
+                       limit $2)`,
+      [maxAgeMs, batchSize],
+    )
+    total += r.rowCount ?? 0
+    if ((r.rowCount ?? 0) < batchSize) return total
+  }
+}

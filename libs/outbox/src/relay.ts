@@ -1,0 +1,227 @@
+import type { JetStreamClient } from "@nats-io/jetstream"
+import { Cause, Effect, Fiber } from "effect"
+import pg from "pg"
+import type { OutboxRow, PublishedRow } from "./internal/outbox-row.ts"
+import { type PublishBatchOptions, publishBatch } from "./internal/publish-batch.ts"
+import {
+  claimBatch,
+  markPublished,
+  prunePublished,
+  tryTakeLeadership,
+} from "./internal/relay-sql.ts"
+import { WakeSignal } from "./internal/wake-signal.ts"
+
+export interface RelayLogger {
+  info(message: string, fields?: Record<string, unknown>): void
+  warn(message: string, fields?: Record<string, unknown>): void
+  error(message: string, fields?: Record<string, unknown>): void
+}
+
+export interface RelayConfig {
+  /** Postgres holding the outbox. The relay opens one dedicated connection of its own. */
+  connectionString: string
+  /** A JetStream client on a connection the caller owns (see `connectNats`). */
+  jetstream: JetStreamClient
+  /** This site's name: message ids are `<site>:<seq>`. */
+  site: string
+  /** Subjects are `<subjectPrefix>.<topic>`. Defaults to `site`. */
+  subjectPrefix?: string
+  /** Rows claimed per batch. Default 500. */
+  batchSize?: number
+  /** Publishes awaiting their PubAck at once. Default 256. */
+  window?: number
+  /** Fallback poll when no NOTIFY arrives. Default 1000 ms. */
+  pollIntervalMs?: number
+  /** How often a standby retries to become active. Default 1000 ms. */
+  standbyRetryMs?: number
+  /** Pause after a failed publish or a lost connection. Default 500 ms. */
+  retryDelayMs?: number
+  /** Per-publish PubAck timeout. Default 5000 ms. */
+  publishTimeoutMs?: number
+  /** Published rows older than this are deleted. Default 24 h; 0 disables pruning. */
+  retentionMs?: number
+  /** How often retention runs. Default 60 s. */
+  pruneIntervalMs?: number
+  logger?: RelayLogger
+  /**
+   * Fault injection for tests: runs after the PubAcks of a batch arrived and before the rows
+   * are marked published — the window where a crash forces a re-publish.
+   */
+  beforeMark?: (rows: readonly PublishedRow[]) => void | Promise<void>
+}
+
+export type RelayRole = "stopped" | "connecting" | "standby" | "active"
+
+export interface RelayStatus {
+  role: RelayRole
+  /** Rows this process marked published since start. */
+  published: number
+  /** PubAcks that reported a duplicate (a re-publish after a crash). */
+  duplicates: number
+  lastError?: string
+}
+
+export interface Relay {
+  start(): Promise<void>
+  /** Finishes the batch in flight, releases leadership and closes the connection. */
+  stop(): Promise<void>
+  status(): RelayStatus
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+export class RelayError extends Error {
+  override name = "RelayError"
+}
+
+const quietLogger: RelayLogger = {
+  info() {},
+  warn(message, fields) {
+    console.warn(JSON.stringify({ level: "warn", message, ...fields }))
+  },
+  error(message, fields) {
+    console.error(JSON.stringify({ level: "error", message, ...fields }))
+  },
+}
+
+const errorMessage = (err: unknown) => (err instanceof Error ? err.message : String(err))
+
+/**
+ * The relay: publishes outbox rows to JetStream, each exactly once in the stream.
+ *
+ * Exactly once comes from two halves. Rows are marked only after their PubAck, so a crash
+ * re-publishes instead of losing; and the message id `<site>:<seq>` makes JetStream drop the
+ * re-publish as a duplicate within the stream's duplicate_window.
+ */
+export function createRelay(config: RelayConfig): Relay {
+  const settings = {
+    batchSize: config.batchSize ?? 500,
+    pollIntervalMs: config.pollIntervalMs ?? 1000,
+    standbyRetryMs: config.standbyRetryMs ?? 1000,
+    retryDelayMs: config.retryDelayMs ?? 500,
+    retentionMs: config.retentionMs ?? 24 * 3600_000,
+    pruneIntervalMs: config.pruneIntervalMs ?? 60_000,
+  }
+  const publishOptions: PublishBatchOptions = {
+    site: config.site,
+    subjectPrefix: config.subjectPrefix ?? config.site,
+    window: config.window ?? 256,
+    timeoutMs: config.publishTimeoutMs ?? 5000,
+  }
+  const log = config.logger ?? quietLogger
+  const state: RelayStatus = { role: "stopped", published: 0, duplicates: 0 }
+  const wake = new WakeSignal()
+  let fiber: Fiber.Fiber<never, never> | undefined
+
+  const query = <A>(what: string, run: () => Promise<A>) =>
+    Effect.tryPromise({
+      try: run,
+      catch: (cause) => new RelayError(`${what}: ${errorMessage(cause)}`, { cause }),
+    })
+
+  // A dedicated connection: it holds the advisory lock (session-scoped, so it is released
+  // when the connection closes or the process dies) and receives the NOTIFYs.
+  const connection = Effect.acquireRelease(
+    query("connect to Postgres", async () => {
+      const client = new pg.Client({
+        connectionString: config.connectionString,
+        application_name: `keyway-relay:${config.site}`,
+      })
+      // A dead connection shows up as failing queries; without this listener the 'error'
+      // event would crash the process instead.
+      client.on("error", () => {})
+      client.on("notification", () => wake.notify())
+      await client.connect()
+      return client
+    }),
+    (client) => Effect.promise(() => client.end().catch(() => {})),
+  )
+
+  const publishAndMark = (client: pg.Client, rows: OutboxRow[]) =>
+    Effect.gen(function* () {
+      const result = yield* Effect.promise(() =>
+        publishBatch(config.jetstream, rows, publishOptions),
+      )
+      if (config.beforeMark)
+        yield* Effect.promise(async () => config.beforeMark?.(result.published))
+      yield* query("mark published", () => markPublished(client, result.published))
+      state.published += result.published.length
+      state.duplicates += result.published.filter((r) => r.duplicate).length
+      if (result.error !== undefined) {
+        // Not a session failure: leadership and the Postgres connection are fine. Unsent
+        // rows stay unpublished and the next claim picks them up after a pause.
+        state.lastError = errorMessage(result.error)
+        log.warn("publish failed; will retry", {
+          error: state.lastError,
+          published: result.published.length,
+          pending: rows.length - result.published.length,
+        })
+        yield* Effect.sleep(settings.retryDelayMs)
+      }
+    })
+
+  const session = Effect.gen(function* () {
+    state.role = "connecting"
+    const client = yield* connection
+    state.role = "standby"
+    while (!(yield* query("take leadership", () => tryTakeLeadership(client)))) {
+      yield* Effect.sleep(settings.standbyRetryMs)
+    }
+    state.role = "active"
+    log.info("relay active", { site: config.site })
+    yield* query("listen", () => client.query("listen keyway_outbox"))
+    let nextPruneAt = 0
+    for (;;) {
+      const rows = yield* query("claim", () => claimBatch(client, settings.batchSize))
+      if (rows.length > 0) {
+        // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
+        // now spares a re-publish after the restart.
+        yield* Effect.uninterruptible(publishAndMark(client, rows))
+        continue
+      }
+      if (settings.retentionMs > 0 && Date.now() >= nextPruneAt) {
+        nextPruneAt = Date.now() + settings.pruneIntervalMs
+        const pruned = yield* query("prune", () =>
+          prunePublished(client, settings.retentionMs, 1000),
+        )
+        if (pruned > 0) log.info("pruned published rows", { pruned })
+      }
+      yield* Effect.promise((signal) => wake.wait(settings.pollIntervalMs, signal))
+    }
+  })
+
+  // Forever: a lost connection ends the session (and, with it, leadership); wait, reconnect
+  // and compete for leadership again.
+  const program: Effect.Effect<never> = Effect.forever(
+    session.pipe(
+      Effect.scoped,
+      Effect.catchCause((cause) =>
+        Effect.gen(function* () {
+          state.lastError = Cause.pretty(cause)
+          state.role = "connecting"
+          log.warn("relay session ended; reconnecting", {
+            error: errorMessage(Cause.squash(cause)),
+          })
+          yield* Effect.sleep(settings.retryDelayMs)
+        }),
+      ),
+    ),
+  )
+
+  return {
+    async start() {
+      if (fiber) return
+      fiber = Effect.runFork(program)
+    },
+    async stop() {
+      if (!fiber) return
+      const running = fiber
+      fiber = undefined
+      await Effect.runPromise(Fiber.interrupt(running))
+      state.role = "stopped"
+    },
+    status: () => ({ ...state }),
+    [Symbol.asyncDispose]() {
+      return this.stop()
+    },
+  }
+}

@@ -1,0 +1,15 @@
+import { Schema } from "effect"
+import { defineEvent } from "./define-event.ts"
+
+/**
+ * Topic `demo.item`: the event the demo traffic, the tests and the benchmarks write. It
+ * carries a counter so a checker can tell versions apart from the payload alone.
+ */
+export const DemoItemChanged = defineEvent({
+  type: "demo.item.changed.v1",
+  topic: "demo.item",
+  schema: Schema.Struct({
+    n: Schema.Number.pipe(Schema.check(Schema.isInt())),
+    note: Schema.optional(Schema.String.pipe(Schema.check(Schema.isMaxLength(1000)))),
+  }),
+})
