@@ -9,9 +9,18 @@ export interface DbConfig {
   applicationName?: string
 }
 
-// int8 (bigint) and numeric come back as strings from pg by default. Keyway's bigints are
-// sequence numbers and versions, far below 2^53, and callers compare them as numbers.
-pg.types.setTypeParser(pg.types.builtins.INT8, (v) => Number(v))
+/**
+ * Type parsers for Keyway's connections. pg returns int8 (bigint) as a string by default;
+ * Keyway's bigints are sequence numbers and versions, far below 2^53, compared as numbers.
+ * Set per connection rather than globally, so importing Keyway never changes how an
+ * application's own pg connections parse.
+ */
+export const pgTypes = {
+  getTypeParser(oid: number, format?: "text" | "binary") {
+    if (oid === pg.types.builtins.INT8) return (value: string) => Number(value)
+    return pg.types.getTypeParser(oid, format)
+  },
+} as pg.CustomTypesConfig
 
 /** A Kysely instance over a pg pool. The caller owns it and calls `destroy()`. */
 export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
@@ -19,6 +28,7 @@ export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
     connectionString: config.connectionString,
     max: config.max ?? 10,
     application_name: config.applicationName ?? "keyway",
+    types: pgTypes,
   })
   // An idle client that loses its server emits 'error' on the pool; without a listener
   // that would crash the process. The next query gets a fresh connection.

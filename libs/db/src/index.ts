@@ -1,2 +1,3 @@
-export { createDb, type DbConfig } from "./create-db.ts"
+export { createDb, type DbConfig, pgTypes } from "./create-db.ts"
+export { ensureDatabase } from "./ensure-database.ts"
 export { type MigrateOptions, migrateToLatest, migrationsDir } from "./migrate.ts"

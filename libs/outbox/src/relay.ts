@@ -1,3 +1,4 @@
+import { pgTypes } from "@keyway/db"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import { Cause, Effect, Fiber } from "effect"
 import pg from "pg"
@@ -125,6 +126,7 @@ export function createRelay(config: RelayConfig): Relay {
       const client = new pg.Client({
         connectionString: config.connectionString,
         application_name: `keyway-relay:${config.site}`,
+        types: pgTypes,
       })
       // A dead connection shows up as failing queries; without this listener the 'error'
       // event would crash the process instead.

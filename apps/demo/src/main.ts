@@ -1,0 +1,71 @@
+// `just demo [site]`: one site on this machine's Postgres and NATS, with traffic. It migrates
+// the database, applies the site's streams, runs a relay and a few writers, and prints what
+// moves every two seconds until Ctrl-C (or DEMO_SECONDS).
+import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
+import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
+import { createRelay, enqueue } from "@keyway/outbox"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { sql } from "kysely"
+
+const site = process.argv[2] ?? "cloud"
+const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/keyway"
+const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+const rate = Number(process.env.DEMO_RATE ?? 50)
+const seconds = Number(process.env.DEMO_SECONDS ?? 0)
+
+await ensureDatabase(databaseUrl)
+const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "keyway-demo" })
+await migrateToLatest(db)
+const nc = await connectNats({ servers: natsUrl.split(","), name: `keyway-demo:${site}` })
+const jsm = await jetstreamManager(nc)
+const streams = await loadStreamDefinitions(
+  new URL(`../../../nats/streams/${site}.json`, import.meta.url).pathname,
+)
+await applyStreams(jsm, streams)
+const relay = createRelay({ connectionString: databaseUrl, jetstream: jetstream(nc), site })
+await relay.start()
+
+let written = 0
+let running = true
+// Writers: each transaction writes one event for a random key out of 20, at `rate` per second.
+const writer = (async () => {
+  const started = Date.now()
+  while (running) {
+    const key = `item-${Math.floor(Math.random() * 20)}`
+    await db
+      .transaction()
+      .execute((trx) =>
+        enqueue(trx, { type: "demo.item.changed.v1", key, payload: { n: written } }),
+      )
+    written++
+    const due = started + (written * 1000) / rate
+    await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))
+  }
+})()
+
+console.log(
+  `keyway demo: site ${site}, ${rate} events/s into stream ${streams[0]!.name}; Ctrl-C stops`,
+)
+const report = setInterval(async () => {
+  const backlog = await sql<{ n: number }>`
+    select count(*)::int as n from keyway.outbox where published_at is null
+  `.execute(db)
+  const info = await jsm.streams.info(streams[0]!.name)
+  const s = relay.status()
+  console.log(
+    `written ${written}  published ${s.published}  backlog ${backlog.rows[0]!.n}  stream ${info.state.messages}  relay ${s.role}`,
+  )
+}, 2000)
+
+async function shutdown() {
+  running = false
+  clearInterval(report)
+  await writer
+  await relay.stop()
+  await nc.drain()
+  await db.destroy()
+  process.exit(0)
+}
+process.on("SIGINT", shutdown)
+process.on("SIGTERM", shutdown)
+if (seconds > 0) setTimeout(shutdown, seconds * 1000)

@@ -1,0 +1,26 @@
+import pg from "pg"
+
+/**
+ * Creates the database named in `connectionString` if it does not exist, connecting to the
+ * server's `postgres` database to do so. For first runs on a new machine.
+ */
+export async function ensureDatabase(connectionString: string): Promise<boolean> {
+  const url = new URL(connectionString)
+  const name = decodeURIComponent(url.pathname.slice(1))
+  if (!name) throw new Error(`no database name in ${url.protocol}//${url.host}/`)
+  url.pathname = "/postgres"
+  const client = new pg.Client({ connectionString: url.toString() })
+  await client.connect()
+  try {
+    const found = await client.query("select 1 from pg_database where datname = $1", [name])
+    if (found.rowCount) return false
+    await client.query(`create database "${name.replaceAll('"', '""')}"`)
+    return true
+  } catch (err) {
+    // Two processes starting at once: the loser finds the database created by the winner.
+    if ((err as { code?: string }).code === "42P04") return false
+    throw err
+  } finally {
+    await client.end()
+  }
+}

@@ -1,0 +1,268 @@
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { connectNats } from "@keyway/nats"
+import { createRelay, enqueue, type Relay } from "@keyway/outbox"
+import { createTestDatabase, startNatsServer, type TestDatabase, waitFor } from "@keyway/testkit"
+import { jetstream } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { sql } from "kysely"
+import {
+  createSiteStream,
+  deleteStream,
+  exited,
+  readStream,
+  spawnTs,
+  streamCount,
+  uniqueSite,
+  unpublishedCount,
+  versionsByKey,
+} from "./support.ts"
+
+const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
+const relayChild = fileURLToPath(new URL("./fixtures/relay-child.ts", import.meta.url))
+const relayApp = fileURLToPath(new URL("../../../apps/relay/src/main.ts", import.meta.url))
+
+const item = (key: string, n: number) => ({ type: "demo.item.changed.v1", key, payload: { n } })
+
+/** Enqueues `count` events, one transaction per event, spread over `keys` keys. */
+async function write(db: TestDatabase["db"], count: number, keys: number, from = 0) {
+  for (let i = from; i < from + count; i++) {
+    await db.transaction().execute((trx) => enqueue(trx, item(`k${i % keys}`, i)))
+  }
+}
+
+/** Every event exactly once, and each key's versions 1..n in stream order. */
+function assertExactlyOnceInOrder(
+  events: Awaited<ReturnType<typeof readStream>>,
+  expected: number,
+) {
+  const ids = new Set(events.map((e) => e.id))
+  assert.equal(ids.size, events.length, "no event twice in the stream")
+  assert.equal(events.length, expected, "every event in the stream")
+  for (const [key, versions] of versionsByKey(events)) {
+    assert.deepEqual(
+      versions,
+      versions.map((_, i) => i + 1),
+      `${key}: versions 1..n in stream order`,
+    )
+  }
+}
+
+describe("relay", () => {
+  let t: TestDatabase
+  let nc: NatsConnection
+  let site: string
+  let stream: string
+  let relay: Relay | undefined
+
+  before(async () => {
+    nc = await connectNats({ servers: SHARED_NATS })
+  })
+
+  // Each test gets its own database, site and stream.
+  const fresh = async () => {
+    await relay?.stop()
+    relay = undefined
+    if (t) await t.drop()
+    if (stream) await deleteStream(nc, stream)
+    t = await createTestDatabase({ poolSize: 20 })
+    site = uniqueSite()
+    stream = await createSiteStream(nc, site)
+  }
+  after(async () => {
+    await relay?.stop()
+    await t?.drop()
+    if (stream) await deleteStream(nc, stream)
+    await nc.close()
+  })
+
+  test("20 concurrent writers x 500 events over 50 keys: every event once, in version order per key", async () => {
+    await fresh()
+    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, window: 64 })
+    await relay.start()
+    // Writers mix single-event transactions with batches of several keys.
+    await Promise.all(
+      Array.from({ length: 20 }, (_, w) =>
+        (async () => {
+          let n = 0
+          while (n < 500) {
+            const size = n % 50 === 0 ? 10 : 1
+            const events = Array.from({ length: size }, (_, j) =>
+              item(`k${Math.floor(Math.random() * 50)}`, w * 1000 + n + j),
+            )
+            await t.db.transaction().execute((trx) => enqueue(trx, events))
+            n += size
+          }
+        })(),
+      ),
+    )
+    const heads = await sql<{ key: string; ver: number }>`
+      select key, ver from keyway.outbox_key_head
+    `.execute(t.db)
+    assert.equal(
+      heads.rows.reduce((s, r) => s + r.ver, 0),
+      10_000,
+    )
+    const versions = await sql<{ key: string; vers: number[] }>`
+      select key, array_agg(ver order by ver) as vers from keyway.outbox group by key
+    `.execute(t.db)
+    for (const r of versions.rows) {
+      assert.deepEqual(
+        r.vers.map(Number),
+        r.vers.map((_, i) => i + 1),
+        `key ${r.key} gapless`,
+      )
+    }
+    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+      timeoutMs: 60_000,
+      message: "relay published the backlog",
+    })
+    assertExactlyOnceInOrder(await readStream(nc, stream), 10_000)
+  })
+
+  test("the sequence trap: a low seq that commits after a higher one is still published", async () => {
+    await fresh()
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 100,
+    })
+    await relay.start()
+    // A takes its seq first and stays open; B takes a higher seq and commits.
+    let releaseA!: () => void
+    const aMayCommit = new Promise<void>((r) => (releaseA = r))
+    let aSeq = 0
+    const aEnqueued = new Promise<void>((resolve) => {
+      void t.db.transaction().execute(async (trx) => {
+        aSeq = (await enqueue(trx, item("late", 1)))[0]!.seq
+        resolve()
+        await aMayCommit
+      })
+    })
+    await aEnqueued
+    const [b] = await t.db.transaction().execute((trx) => enqueue(trx, item("early", 2)))
+    assert.ok(b!.seq > aSeq)
+    await waitFor(async () => (await streamCount(nc, stream)) === 1, {
+      timeoutMs: 10_000,
+      message: "B published",
+    })
+    // The relay has now published seq B > seq A. A cursor relay would never look back.
+    releaseA()
+    await waitFor(async () => (await streamCount(nc, stream)) === 2, {
+      timeoutMs: 10_000,
+      message: "A published after committing late",
+    })
+    const events = await readStream(nc, stream)
+    assert.deepEqual(
+      events.map((e) => e.seq),
+      [b!.seq, aSeq],
+    )
+  })
+
+  test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
+    await fresh()
+    await write(t.db, 3000, 30)
+    const env = { DATABASE_URL: t.url, NATS_URL: SHARED_NATS, SITE: site, BATCH_SIZE: "200" }
+    const doomed = spawnTs(relayChild, { ...env, KILL_AT_BATCH: "4" })
+    const { signal } = await exited(doomed)
+    assert.equal(signal, "SIGKILL")
+    // The fourth batch is in the stream but not marked: those 200 must come back as duplicates.
+    const inStream = await streamCount(nc, stream)
+    const unpublished = await unpublishedCount(t.db)
+    assert.equal(inStream, 800)
+    assert.equal(unpublished, 3000 - 600)
+
+    const survivor = spawnTs(relayChild, env)
+    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+      timeoutMs: 30_000,
+      message: "restarted relay published the rest",
+    })
+    survivor.kill("SIGTERM")
+    await exited(survivor)
+    const stopped = JSON.parse(survivor.lines.find((l) => l.includes("stopped"))!).stopped
+    assert.equal(stopped.duplicates, 200, "the unmarked batch was re-published and deduplicated")
+    assertExactlyOnceInOrder(await readStream(nc, stream), 3000)
+  })
+
+  test("two relay processes: one publishes, the other stands by and takes over on kill -9", async () => {
+    await fresh()
+    const env = {
+      DATABASE_URL: t.url,
+      NATS_URL: SHARED_NATS,
+      KEYWAY_SITE: site,
+      RELAY_POLL_MS: "100",
+      RELAY_BATCH_SIZE: "50",
+    }
+    const relays = [spawnTs(relayApp, env), spawnTs(relayApp, env)]
+    const isActive = (i: number) => relays[i]!.lines.some((l) => l.includes('"relay active"'))
+    await waitFor(() => isActive(0) || isActive(1), {
+      timeoutMs: 15_000,
+      message: "one relay active",
+    })
+    const active = isActive(0) ? 0 : 1
+    const standby = 1 - active
+    // Write while the active one runs, kill it mid-flow, keep writing.
+    const writing = write(t.db, 2000, 40)
+    await waitFor(async () => (await streamCount(nc, stream)) >= 300, {
+      timeoutMs: 15_000,
+      message: "active relay publishing",
+    })
+    assert.equal(
+      isActive(standby),
+      false,
+      "the standby stayed passive while the other held the lock",
+    )
+    relays[active]!.kill("SIGKILL")
+    await exited(relays[active]!)
+    await writing
+    await waitFor(() => isActive(standby), { timeoutMs: 15_000, message: "standby took over" })
+    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+      timeoutMs: 30_000,
+      message: "standby published the rest",
+    })
+    relays[standby]!.kill("SIGTERM")
+    const { code } = await exited(relays[standby]!)
+    assert.equal(code, 0, "SIGTERM exits 0")
+    assertExactlyOnceInOrder(await readStream(nc, stream), 2000)
+  })
+
+  test("NATS down for a while: the outbox keeps the backlog and the relay catches up", async () => {
+    await fresh()
+    await using server = await startNatsServer()
+    const privateNc = await connectNats({ servers: server.url })
+    try {
+      const privateStream = await createSiteStream(privateNc, site)
+      relay = createRelay({
+        connectionString: t.url,
+        jetstream: jetstream(privateNc),
+        site,
+        pollIntervalMs: 100,
+        retryDelayMs: 100,
+        publishTimeoutMs: 1000,
+      })
+      await relay.start()
+      await write(t.db, 200, 10)
+      await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+        timeoutMs: 10_000,
+        message: "first events published",
+      })
+      await server.stop()
+      await write(t.db, 1000, 10, 200)
+      // Give the relay time to try and fail against the dead server.
+      await new Promise((r) => setTimeout(r, 1500))
+      assert.equal(await unpublishedCount(t.db), 1000, "backlog kept in the outbox")
+      await server.start()
+      await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+        timeoutMs: 30_000,
+        message: "relay caught up after NATS came back",
+      })
+      assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 1200)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await privateNc.close()
+    }
+  })
+})

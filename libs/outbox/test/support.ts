@@ -1,0 +1,98 @@
+import { type ChildProcess, spawn } from "node:child_process"
+import { randomBytes } from "node:crypto"
+import { fileURLToPath } from "node:url"
+import { applyStreams } from "@keyway/nats"
+import { decodeEnvelope, type EventEnvelope } from "@keyway/schemas"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { type Kysely, sql } from "kysely"
+
+/** A site name of its own per test, so tests share the machine's NATS without colliding. */
+export function uniqueSite(): string {
+  return `t${randomBytes(4).toString("hex")}`
+}
+
+/** Creates the site's origin stream `<SITE>` on `<site>.>`; returns its name. */
+export async function createSiteStream(nc: NatsConnection, site: string): Promise<string> {
+  const name = site.toUpperCase()
+  await applyStreams(await jetstreamManager(nc), [
+    { name, subjects: [`${site}.>`], duplicate_window: 10 * 60e9, max_age: 3600e9 },
+  ])
+  return name
+}
+
+export async function deleteStream(nc: NatsConnection, name: string): Promise<void> {
+  await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
+}
+
+export async function streamCount(nc: NatsConnection, name: string): Promise<number> {
+  const info = await (await jetstreamManager(nc)).streams.info(name)
+  return info.state.messages
+}
+
+/** Every message of the stream, decoded, in stream order. */
+export async function readStream(nc: NatsConnection, name: string): Promise<EventEnvelope[]> {
+  const total = await streamCount(nc, name)
+  const out: EventEnvelope[] = []
+  if (total === 0) return out
+  const consumer = await jetstream(nc).consumers.get(name)
+  while (out.length < total) {
+    const batch = await consumer.fetch({ max_messages: 1000, expires: 2000 })
+    for await (const m of batch) out.push(decodeEnvelope(m.data))
+  }
+  return out
+}
+
+export async function unpublishedCount(db: Kysely<any>): Promise<number> {
+  const r = await sql<{ n: number }>`
+    select count(*)::int as n from keyway.outbox where published_at is null
+  `.execute(db)
+  return r.rows[0]!.n
+}
+
+/** Asserts each key's versions appear as 1..n in stream order, each once; returns per-key n. */
+export function versionsByKey(events: readonly EventEnvelope[]): Map<string, number[]> {
+  const byKey = new Map<string, number[]>()
+  for (const e of events) {
+    const k = `${e.topic}/${e.key}`
+    const list = byKey.get(k) ?? []
+    list.push(e.ver)
+    byKey.set(k, list)
+  }
+  return byKey
+}
+
+const repoRoot = fileURLToPath(new URL("../../../", import.meta.url))
+
+/** Runs a TypeScript entry point as a child process, collecting its stdout lines. */
+export function spawnTs(
+  entry: string,
+  env: Record<string, string>,
+): ChildProcess & { lines: string[] } {
+  // node itself, not the tsx wrapper: a signal sent to the child must reach the program.
+  const child = spawn(process.execPath, ["--import", "tsx", entry], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "inherit"],
+  }) as ChildProcess & { lines: string[] }
+  child.lines = []
+  let partial = ""
+  child.stdout!.on("data", (chunk: Buffer) => {
+    const text = partial + chunk.toString()
+    const parts = text.split("\n")
+    partial = parts.pop() ?? ""
+    child.lines.push(...parts)
+  })
+  // A test that fails half-way must not leave a relay running.
+  process.once("exit", () => child.kill("SIGKILL"))
+  return child
+}
+
+export function exited(
+  child: ChildProcess,
+): Promise<{ code: number | null; signal: string | null }> {
+  if (child.exitCode !== null || child.signalCode !== null) {
+    return Promise.resolve({ code: child.exitCode, signal: child.signalCode })
+  }
+  return new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })))
+}
