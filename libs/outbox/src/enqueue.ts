@@ -30,7 +30,7 @@ const MAX_KEY_LENGTH = 256
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
 const CONTROL = /[\u0000-\u001f\u007f]/
 
-function check(event: OutboxEvent, index: number): { def: EventType; payload: unknown } {
+function check(event: OutboxEvent, index: number): { def: EventType } {
   const where = `event #${index + 1}`
   if (event === null || typeof event !== "object")
     throw new EnqueueError(`${where} is not an object`)
@@ -46,7 +46,7 @@ function check(event: OutboxEvent, index: number): { def: EventType; payload: un
   }
   // Throws InvalidEventError naming the type and every bad field.
   def.decode(event.payload)
-  return { def, payload: event.payload }
+  return { def }
 }
 
 function activeTraceContext(): Record<string, string> | null {
@@ -77,21 +77,41 @@ export async function enqueue(
   }
   const list = Array.isArray(events) ? events : [events as OutboxEvent]
   if (list.length === 0) return []
+  const checked = list.map((event, i) => ({ event, def: check(event, i).def }))
+  // The distinct (topic, key) pairs, sorted: keyway.enqueue() locks their heads in this
+  // order, so writers touching overlapping keys never deadlock.
+  const pairIndex = new Map<string, number>()
+  const pairs = [...new Set(checked.map(({ event, def }) => `${def.topic}\u0000${event.key}`))]
+    .sort()
+    .map((joined, i) => {
+      pairIndex.set(joined, i + 1)
+      const [topic, key] = joined.split("\u0000") as [string, string]
+      return { topic, key, count: 0 }
+    })
+  const pairOf: number[] = []
+  const nth: number[] = []
+  for (const { event, def } of checked) {
+    const p = pairIndex.get(`${def.topic}\u0000${event.key}`)!
+    pairOf.push(p)
+    nth.push(++pairs[p - 1]!.count)
+  }
   const trace = activeTraceContext()
-  const rows = list.map((event, i) => {
-    const { def, payload } = check(event, i)
-    return { topic: def.topic, key: event.key, type: def.type, payload, trace }
-  })
   const result = await sql<{ seq: number; ver: number }>`
-    select seq, ver from keyway.enqueue(${JSON.stringify(rows)}::jsonb)
+    select seq, ver from keyway.enqueue(
+      ${pairs.map((p) => p.topic)}::text[], ${pairs.map((p) => p.key)}::text[],
+      ${pairs.map((p) => p.count)}::int[], ${pairOf}::int[], ${nth}::int[],
+      ${checked.map(({ def }) => def.type)}::text[],
+      ${checked.map(({ event }) => JSON.stringify(event.payload))}::jsonb[],
+      ${trace === null ? null : JSON.stringify(trace)}::jsonb
+    )
   `.execute(trx)
-  // The function returns rows in no particular order; the i-th event holds the i-th smallest seq.
+  // Rows come back in no particular order; the i-th event holds the i-th smallest seq.
   const assigned = result.rows.sort((a, b) => a.seq - b.seq)
-  return rows.map((row, i) => ({
+  return checked.map(({ event, def }, i) => ({
     seq: assigned[i]!.seq,
     ver: assigned[i]!.ver,
-    topic: row.topic,
-    key: row.key,
-    type: row.type,
+    topic: def.topic,
+    key: event.key,
+    type: def.type,
   }))
 }

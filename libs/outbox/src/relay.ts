@@ -8,6 +8,7 @@ import {
   claimBatch,
   markPublished,
   prunePublished,
+  setIdle,
   tryTakeLeadership,
 } from "./internal/relay-sql.ts"
 import { WakeSignal } from "./internal/wake-signal.ts"
@@ -31,8 +32,12 @@ export interface RelayConfig {
   batchSize?: number
   /** Publishes awaiting their PubAck at once. Default 256. */
   window?: number
-  /** Fallback poll when no NOTIFY arrives. Default 1000 ms. */
+  /** Fallback poll when idle and no NOTIFY arrives. Default 1000 ms. */
   pollIntervalMs?: number
+  /** Poll interval while work was seen within `settleMs`. Default 2 ms. */
+  busyPollMs?: number
+  /** How long after the last work the relay keeps polling at `busyPollMs`. Default 50 ms. */
+  settleMs?: number
   /** How often a standby retries to become active. Default 1000 ms. */
   standbyRetryMs?: number
   /** Pause after a failed publish or a lost connection. Default 500 ms. */
@@ -97,6 +102,8 @@ export function createRelay(config: RelayConfig): Relay {
   const settings = {
     batchSize: config.batchSize ?? 500,
     pollIntervalMs: config.pollIntervalMs ?? 1000,
+    busyPollMs: config.busyPollMs ?? 2,
+    settleMs: config.settleMs ?? 50,
     standbyRetryMs: config.standbyRetryMs ?? 1000,
     retryDelayMs: config.retryDelayMs ?? 500,
     retentionMs: config.retentionMs ?? 24 * 3600_000,
@@ -171,14 +178,29 @@ export function createRelay(config: RelayConfig): Relay {
     state.role = "active"
     log.info("relay active", { site: config.site })
     yield* query("listen", () => client.query("listen keyway_outbox"))
+    // Writers NOTIFY only while the relay says it is idle, because NOTIFY serialises their
+    // commits. Going idle races with writers that read "busy" and commit a moment later, so
+    // after going idle the relay keeps polling briefly (settleMs) before it relies on NOTIFY;
+    // a writer slower than that is caught by the fallback poll (DESIGN.md invariant 5).
+    let idle: boolean | undefined
+    let lastWorkAt = 0
     let nextPruneAt = 0
     for (;;) {
       const rows = yield* query("claim", () => claimBatch(client, settings.batchSize))
       if (rows.length > 0) {
+        lastWorkAt = Date.now()
+        if (idle !== false) {
+          idle = false
+          yield* query("mark busy", () => setIdle(client, false))
+        }
         // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
         // now spares a re-publish after the restart.
         yield* Effect.uninterruptible(publishAndMark(client, rows))
         continue
+      }
+      if (idle !== true) {
+        idle = true
+        yield* query("mark idle", () => setIdle(client, true))
       }
       if (settings.retentionMs > 0 && Date.now() >= nextPruneAt) {
         nextPruneAt = Date.now() + settings.pruneIntervalMs
@@ -187,7 +209,9 @@ export function createRelay(config: RelayConfig): Relay {
         )
         if (pruned > 0) log.info("pruned published rows", { pruned })
       }
-      yield* Effect.promise((signal) => wake.wait(settings.pollIntervalMs, signal))
+      const settling = Date.now() - lastWorkAt < settings.settleMs
+      const pause = settling ? settings.busyPollMs : settings.pollIntervalMs
+      yield* Effect.promise((signal) => wake.wait(pause, signal))
     }
   })
 

@@ -68,3 +68,8 @@ export async function prunePublished(
     if ((r.rowCount ?? 0) < batchSize) return total
   }
 }
+
+/** Tells writers whether to NOTIFY (see keyway.relay_state in sql/0001_outbox.sql). */
+export async function setIdle(client: pg.Client, idle: boolean): Promise<void> {
+  await client.query("update keyway.relay_state set idle = $1 where id = 1", [idle])
+}

@@ -1,0 +1,16 @@
+// `just bench <name>`: one entry point for every benchmark. Each prints a table for people
+// and, as its last line, one JSON object for machines.
+const benches: Record<string, () => Promise<void>> = {
+  relay: async () => (await import("./relay.ts")).run(),
+}
+
+const name = process.argv[2] ?? ""
+const bench = benches[name]
+if (!bench) {
+  console.error(
+    `unknown benchmark ${JSON.stringify(name)}; one of: ${Object.keys(benches).join(", ")}`,
+  )
+  process.exit(2)
+}
+await bench()
+process.exit(0)

@@ -1,0 +1,151 @@
+// The relay benchmark (issue 2): what the outbox costs a writer, and how long an event takes
+// from its writer's COMMIT to the stream.
+import { randomBytes } from "node:crypto"
+import { applyStreams, connectNats } from "@keyway/nats"
+import { createRelay, enqueue } from "@keyway/outbox"
+import { createTestDatabase } from "@keyway/testkit"
+import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { sql } from "kysely"
+import { percentile, printTable, rate, round } from "./stats.ts"
+
+const WRITERS = 8
+const PHASE_MS = Number(process.env.BENCH_PHASE_MS ?? 5000)
+const LATENCY_RATE = 1000
+const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
+const KEYS = 1000
+
+export async function run() {
+  const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
+  const db = t.db
+  await sql`create table bench_order (id bigserial primary key, key text not null, amount int not null)`.execute(
+    db,
+  )
+  const site = `bench${randomBytes(3).toString("hex")}`
+  const streamName = site.toUpperCase()
+  const nc = await connectNats({ servers: process.env.NATS_URL ?? "nats://127.0.0.1:4222" })
+  const jsm = await jetstreamManager(nc)
+  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+
+  const pending = async () =>
+    (
+      await sql<{
+        n: number
+      }>`select count(*)::int as n from keyway.outbox where published_at is null`.execute(db)
+    ).rows[0]!.n
+  const key = () => `k${Math.floor(Math.random() * KEYS)}`
+  const domainRows = (n: number) =>
+    Array.from({ length: n }, () => ({ key: key(), amount: Math.floor(Math.random() * 1000) }))
+  const write = (n: number, withOutbox: boolean) => async () => {
+    const rows = domainRows(n)
+    await db.transaction().execute(async (trx) => {
+      await trx.insertInto("bench_order").values(rows).execute()
+      if (withOutbox) {
+        await enqueue(
+          trx,
+          rows.map((r) => ({ type: "demo.item.changed.v1", key: r.key, payload: { n: r.amount } })),
+        )
+      }
+    })
+  }
+
+  try {
+    // Throughput phases measure what the outbox costs the writer, so the relay is stopped
+    // during them: on two cores a running relay takes CPU from the writers for its own work,
+    // which the "with relay running" row shows separately.
+    const bare1 = await rate(WRITERS, PHASE_MS, write(1, false))
+    const enq1 = await rate(WRITERS, PHASE_MS, write(1, true))
+    const bare10 = await rate(WRITERS, PHASE_MS, write(10, false))
+    const enq10 = await rate(WRITERS, PHASE_MS, write(10, true))
+    const backlog = await pending()
+    const drainStart = performance.now()
+    await relay.start()
+    while ((await pending()) > 0) await new Promise((r) => setTimeout(r, 20))
+    const drainRate = backlog / ((performance.now() - drainStart) / 1000)
+    const enq1Live = await rate(WRITERS, PHASE_MS, write(1, true))
+    while ((await pending()) > 0) await new Promise((r) => setTimeout(r, 20))
+
+    const committedAt = new Map<number, number>()
+    const latencies: number[] = []
+    const consumer = await jetstream(nc).consumers.get(streamName, {
+      deliver_policy: DeliverPolicy.New,
+    })
+    const messages = await consumer.consume()
+    const receiving = (async () => {
+      for await (const m of messages) {
+        const seq = Number(m.headers?.get("Nats-Msg-Id").split(":")[1])
+        const at = committedAt.get(seq)
+        if (at !== undefined) latencies.push(performance.now() - at)
+      }
+    })()
+    // A steady 1,000 events/s: each writer commits on its own schedule, one event per tx.
+    const perWriter = LATENCY_RATE / WRITERS
+    const total = Math.round((LATENCY_RATE * LATENCY_MS) / 1000)
+    const start = performance.now()
+    await Promise.all(
+      Array.from({ length: WRITERS }, async (_, w) => {
+        for (let i = 0; i < total / WRITERS; i++) {
+          const due = start + (i * 1000) / perWriter + (w * 1000) / LATENCY_RATE
+          const wait = due - performance.now()
+          if (wait > 0) await new Promise((r) => setTimeout(r, wait))
+          const k = key()
+          const [e] = await db.transaction().execute(async (trx) => {
+            await trx.insertInto("bench_order").values({ key: k, amount: i }).execute()
+            return enqueue(trx, { type: "demo.item.changed.v1", key: k, payload: { n: i } })
+          })
+          committedAt.set(e!.seq, performance.now())
+        }
+      }),
+    )
+    const deadline = performance.now() + 10_000
+    while (latencies.length < total && performance.now() < deadline) {
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    messages.stop()
+    await receiving
+    // The first second warms caches and connections; it is not the steady state.
+    const steady = latencies.slice(LATENCY_RATE)
+    const result = {
+      bench: "relay",
+      bare_tx_per_s: Math.round(bare1),
+      enqueue_tx_per_s: Math.round(enq1),
+      bare_tx10_per_s: Math.round(bare10),
+      enqueue_tx10_per_s: Math.round(enq10),
+      latency_p50_ms: round(percentile(steady, 50), 2),
+      latency_p99_ms: round(percentile(steady, 99), 2),
+    }
+    printTable([
+      ["measure", "value", "note"],
+      ["bare commits/s, 1 row/tx", result.bare_tx_per_s, `${WRITERS} writers`],
+      [
+        "enqueue commits/s, 1 row + 1 event/tx",
+        result.enqueue_tx_per_s,
+        `${round((100 * enq1) / bare1)}% of bare`,
+      ],
+      ["bare commits/s, 10 rows/tx", result.bare_tx10_per_s, ""],
+      [
+        "enqueue commits/s, 10 rows + 10 events/tx",
+        result.enqueue_tx10_per_s,
+        `${round((100 * enq10) / bare10)}% of bare`,
+      ],
+      [
+        "enqueue commits/s, 1 event/tx, relay running",
+        Math.round(enq1Live),
+        `${round((100 * enq1Live) / bare1)}% of bare`,
+      ],
+      ["relay drain of the backlog, events/s", Math.round(drainRate), `${backlog} events`],
+      ["commit-to-stream p50 ms", result.latency_p50_ms, `${LATENCY_RATE} events/s`],
+      [
+        "commit-to-stream p99 ms",
+        result.latency_p99_ms,
+        `${steady.length} samples (${latencies.length}/${total} arrived)`,
+      ],
+    ])
+    console.log(JSON.stringify(result))
+  } finally {
+    await relay.stop()
+    await jsm.streams.delete(streamName).catch(() => {})
+    await nc.close()
+    await t.drop()
+  }
+}
