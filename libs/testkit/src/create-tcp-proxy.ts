@@ -1,0 +1,93 @@
+import { connect, createServer, type Socket } from "node:net"
+
+export interface TcpProxyTarget {
+  host: string
+  port: number
+}
+
+export interface TcpProxy {
+  readonly host: string
+  readonly port: number
+  /** Connections currently forwarded. */
+  readonly connections: number
+  /**
+   * Destroys every forwarded connection and, until restore(), every new one as soon as it is
+   * accepted: both ends see the link drop and every reconnect attempt fail.
+   */
+  cut(): void
+  restore(): void
+  close(): Promise<void>
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+/** A TCP forwarder on a free 127.0.0.1 port, to cut and restore a link (a NATS leaf, say). */
+export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
+  const pairs = new Set<[Socket, Socket]>()
+  let isCut = false
+
+  const server = createServer((client) => {
+    if (isCut) {
+      client.destroy()
+      return
+    }
+    const upstream = connect({ host: target.host, port: target.port })
+    const pair: [Socket, Socket] = [client, upstream]
+    pairs.add(pair)
+    // Either side failing or closing ends both: a half-dead pair would hide the cut.
+    const teardown = () => {
+      pairs.delete(pair)
+      client.destroy()
+      upstream.destroy()
+    }
+    client.on("error", teardown).on("close", teardown)
+    upstream.on("error", teardown).on("close", teardown)
+    client.pipe(upstream)
+    upstream.pipe(client)
+  })
+
+  const destroyAll = () => {
+    for (const [client, upstream] of pairs) {
+      client.destroy()
+      upstream.destroy()
+    }
+    pairs.clear()
+  }
+
+  return new Promise((resolve, reject) => {
+    server.once("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      server.off("error", reject)
+      const address = server.address()
+      if (address === null || typeof address === "string") {
+        server.close()
+        reject(new Error(`unexpected listen address: ${String(address)}`))
+        return
+      }
+      let closed: Promise<void> | undefined
+      const close = () => {
+        closed ??= new Promise<void>((done) => {
+          isCut = true
+          destroyAll()
+          server.close(() => done())
+        })
+        return closed
+      }
+      resolve({
+        host: "127.0.0.1",
+        port: address.port,
+        get connections() {
+          return pairs.size
+        },
+        cut: () => {
+          isCut = true
+          destroyAll()
+        },
+        restore: () => {
+          isCut = false
+        },
+        close,
+        [Symbol.asyncDispose]: close,
+      })
+    })
+  })
+}

@@ -1,0 +1,81 @@
+import { stat } from "node:fs/promises"
+import { setTimeout as sleep } from "node:timers/promises"
+import { ServerStartError } from "../server-start-error.ts"
+import { type RunningChild, readLogTail, spawnChild, terminate } from "./child-process.ts"
+
+export interface ManagedServerSpec {
+  /** For messages: "nats-server", "redis-server". */
+  label: string
+  command: string
+  args: string[]
+  logPath: string
+  cwd?: string
+  /** One readiness check; must not throw. */
+  probe: () => Promise<boolean>
+  readyTimeoutMs: number
+}
+
+/**
+ * One server process that can be stopped and started again with the same command line, so
+ * that a restarted server comes back on the same ports and data directory.
+ */
+export class ManagedServer {
+  private child: RunningChild | undefined
+
+  constructor(private readonly spec: ManagedServerSpec) {}
+
+  get running(): boolean {
+    return this.child !== undefined && !this.child.hasExited()
+  }
+
+  /** The running process's id; undefined once it has exited. */
+  get pid(): number | undefined {
+    return this.running ? this.child!.pid : undefined
+  }
+
+  async start(): Promise<void> {
+    const { spec } = this
+    if (this.running) throw new Error(`${spec.label} is already running (pid ${this.child!.pid})`)
+    const logStart = await stat(spec.logPath).then(
+      (s) => s.size,
+      () => 0,
+    )
+    const child = await spawnChild(spec)
+    this.child = child
+    const deadline = Date.now() + spec.readyTimeoutMs
+    for (;;) {
+      if (child.hasExited()) {
+        const how = await child.exited
+        throw await this.startError(`${spec.label} exited during startup (${how})`, logStart)
+      }
+      if (await spec.probe()) return
+      if (Date.now() >= deadline) {
+        await terminate(child, "SIGKILL")
+        throw await this.startError(
+          `${spec.label} (pid ${child.pid}) not ready after ${spec.readyTimeoutMs} ms`,
+          logStart,
+        )
+      }
+      await sleep(25)
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (this.child) await terminate(this.child, "SIGTERM")
+  }
+
+  async kill(): Promise<void> {
+    if (this.child) await terminate(this.child, "SIGKILL")
+  }
+
+  private async startError(message: string, logStart: number): Promise<ServerStartError> {
+    // The log is appended to across restarts; only this attempt's part explains the failure.
+    const tail = await readLogTail(this.spec.logPath, 4000, logStart)
+    return new ServerStartError(message, this.spec.logPath, tail)
+  }
+}
+
+/** A port chosen by freePort() was taken before the server could bind it. */
+export function isAddressInUse(err: unknown): boolean {
+  return err instanceof ServerStartError && /address already in use/i.test(err.message)
+}

@@ -1,0 +1,108 @@
+import { join } from "node:path"
+import { freePort } from "./free-port.ts"
+import { redisServerBinary } from "./internal/binaries.ts"
+import { isAddressInUse, ManagedServer } from "./internal/managed-server.ts"
+import { tcpProbe } from "./internal/tcp-probe.ts"
+import { createTempDir } from "./internal/temp-dir.ts"
+
+export interface RedisServerOptions {
+  /** "none" (default): data lives in memory only; "aof": appendonly, fsync every second. */
+  persistence?: "none" | "aof"
+  /** Defaults to 10 s. */
+  readyTimeoutMs?: number
+}
+
+export interface RedisServerHandle {
+  /** `redis://127.0.0.1:<port>` */
+  readonly url: string
+  readonly port: number
+  /** The temp directory, also the server's `dir`; removed on dispose. */
+  readonly dir: string
+  readonly logPath: string
+  /** The server's process id while it runs (to SIGSTOP it, say); undefined when stopped. */
+  readonly pid: number | undefined
+  /** Starts the server again on the same port and directory, after stop() or kill(). */
+  start(): Promise<void>
+  /** SIGTERM: a clean shutdown. */
+  stop(): Promise<void>
+  /** SIGKILL: a crash. */
+  kill(): Promise<void>
+  restart(): Promise<void>
+  /** Kills the server and removes its directory. */
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+const startAttempts = 3
+
+/** Starts a private redis-server on a free port and resolves once it answers PING. */
+export async function startRedisServer(
+  options: RedisServerOptions = {},
+): Promise<RedisServerHandle> {
+  const temp = await createTempDir("keyway-redis-")
+  const dir = temp.path
+  const logPath = join(dir, "redis.log")
+  try {
+    for (let attempt = 1; ; attempt++) {
+      const port = await freePort()
+      const server = new ManagedServer({
+        label: "redis-server",
+        command: redisServerBinary,
+        args: [
+          "--port",
+          String(port),
+          "--bind",
+          "127.0.0.1",
+          "--dir",
+          dir,
+          // No RDB snapshots: a restarted server holds what the AOF holds, or nothing.
+          "--save",
+          "",
+          "--appendonly",
+          options.persistence === "aof" ? "yes" : "no",
+          "--daemonize",
+          "no",
+        ],
+        logPath,
+        cwd: dir,
+        readyTimeoutMs: options.readyTimeoutMs ?? 10_000,
+        // While it loads the AOF the server answers -LOADING, so only +PONG means ready.
+        probe: () =>
+          tcpProbe({
+            port,
+            send: "PING\r\n",
+            expect: (data) => (data.includes("\r\n") ? data.startsWith("+PONG") : undefined),
+          }),
+      })
+      try {
+        await server.start()
+      } catch (err) {
+        if (attempt < startAttempts && isAddressInUse(err)) continue
+        throw err
+      }
+      return {
+        url: `redis://127.0.0.1:${port}`,
+        port,
+        dir,
+        logPath,
+        get pid() {
+          return server.pid
+        },
+        start: () => server.start(),
+        stop: () => server.stop(),
+        kill: () => server.kill(),
+        restart: async () => {
+          await server.stop()
+          await server.start()
+        },
+        [Symbol.asyncDispose]: async () => {
+          await server.kill()
+          await temp.remove()
+        },
+      }
+    }
+  } catch (err) {
+    // A ServerStartError already carries the log's tail, so the directory can go.
+    await temp.remove()
+    throw err
+  }
+}

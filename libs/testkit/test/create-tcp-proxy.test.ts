@@ -1,0 +1,111 @@
+import assert from "node:assert/strict"
+import { once } from "node:events"
+import { connect, createServer, type Server, type Socket } from "node:net"
+import { test } from "node:test"
+import { createTcpProxy, waitFor } from "../src/index.ts"
+
+async function startEchoServer(): Promise<Server & AsyncDisposable> {
+  const sockets = new Set<Socket>()
+  const server = createServer((socket) => {
+    sockets.add(socket)
+    socket.on("close", () => sockets.delete(socket))
+    socket.on("error", () => {})
+    socket.pipe(socket)
+  })
+  server.listen(0, "127.0.0.1")
+  await once(server, "listening")
+  return Object.assign(server, {
+    [Symbol.asyncDispose]: async () => {
+      for (const s of sockets) s.destroy()
+      await new Promise((resolve) => server.close(resolve))
+    },
+  })
+}
+
+function portOf(server: Server): number {
+  const address = server.address()
+  assert.ok(address && typeof address === "object")
+  return address.port
+}
+
+async function open(port: number): Promise<Socket> {
+  const socket = connect({ port, host: "127.0.0.1" })
+  socket.setEncoding("utf8")
+  await once(socket, "connect")
+  return socket
+}
+
+async function echo(socket: Socket, text: string): Promise<string> {
+  socket.write(text)
+  let got = ""
+  while (got.length < text.length) {
+    const [chunk] = await once(socket, "data")
+    got += chunk
+  }
+  return got
+}
+
+/** True when the socket closes (or errors) within the time, without receiving anything. */
+async function closesWithin(socket: Socket, ms: number): Promise<boolean> {
+  if (socket.destroyed || socket.readableEnded) return true
+  const closed = new Promise<boolean>((resolve) => {
+    socket.once("close", () => resolve(true))
+    socket.once("end", () => resolve(true))
+    socket.once("error", () => resolve(true))
+  })
+  let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), ms)
+  })
+  const result = await Promise.race([closed, timeout])
+  clearTimeout(timer)
+  return result
+}
+
+test("the proxy forwards, cuts and restores", async () => {
+  await using upstream = await startEchoServer()
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(upstream) })
+  assert.equal(proxy.host, "127.0.0.1")
+
+  const a = await open(proxy.port)
+  assert.equal(await echo(a, "hello"), "hello")
+  assert.equal(await echo(a, "x".repeat(100_000)), "x".repeat(100_000))
+  await waitFor(() => proxy.connections === 1, { timeoutMs: 1000, message: "one connection" })
+
+  proxy.cut()
+  assert.equal(await closesWithin(a, 1000), true)
+  assert.equal(proxy.connections, 0)
+
+  // While cut, a new connection is accepted by the kernel and dropped at once.
+  const b = connect({ port: proxy.port, host: "127.0.0.1" })
+  b.on("error", () => {})
+  b.write("anyone?")
+  assert.equal(await closesWithin(b, 1000), true)
+  b.destroy()
+
+  proxy.restore()
+  const c = await open(proxy.port)
+  assert.equal(await echo(c, "back"), "back")
+  c.destroy()
+  a.destroy()
+})
+
+test("an unreachable target closes the client's connection", async () => {
+  await using upstream = await startEchoServer()
+  const port = portOf(upstream)
+  await upstream[Symbol.asyncDispose]()
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port })
+  const socket = await open(proxy.port)
+  assert.equal(await closesWithin(socket, 1000), true)
+  await waitFor(() => proxy.connections === 0, { timeoutMs: 1000, message: "pair removed" })
+})
+
+test("close ends forwarded connections and is idempotent", async () => {
+  await using upstream = await startEchoServer()
+  const proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(upstream) })
+  const socket = await open(proxy.port)
+  assert.equal(await echo(socket, "hi"), "hi")
+  await Promise.all([proxy.close(), proxy[Symbol.asyncDispose]()])
+  assert.equal(await closesWithin(socket, 1000), true)
+  await assert.rejects(open(proxy.port), { code: "ECONNREFUSED" })
+})

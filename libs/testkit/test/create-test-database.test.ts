@@ -1,0 +1,100 @@
+import assert from "node:assert/strict"
+import { cp, mkdtemp, rm, writeFile } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import { after, before, test } from "node:test"
+import { migrationsDir } from "@keyway/db"
+import { type Kysely, sql } from "kysely"
+import pg from "pg"
+import { createTestDatabase, type TestDatabase } from "../src/index.ts"
+
+// Catalog queries work from any database of the server, so one test database watches the others.
+let observer: TestDatabase
+
+before(async () => {
+  observer = await createTestDatabase({ prefix: "keyway_testkit_observer" })
+})
+
+after(() => observer.drop())
+
+async function databaseExists(name: string): Promise<boolean> {
+  const { rows } = await sql`select 1 from pg_database where datname = ${name}`.execute(observer.db)
+  return rows.length === 1
+}
+
+async function hasOutbox(db: Kysely<any>): Promise<boolean> {
+  const { rows } = await sql<{
+    t: string | null
+  }>`select to_regclass('keyway.outbox')::text as t`.execute(db)
+  return rows[0]?.t === "keyway.outbox"
+}
+
+test("two databases created in parallel are distinct and migrated", async () => {
+  const [a, b] = await Promise.all([createTestDatabase(), createTestDatabase()])
+  try {
+    assert.notEqual(a.name, b.name)
+    assert.equal(a.template, b.template)
+    assert.match(a.template, /^keyway_tpl_[0-9a-f]{12}$/)
+    assert.ok(await hasOutbox(a.db))
+    assert.ok(await hasOutbox(b.db))
+
+    // Independent of the outbox's own functions, which change while migrations are drafted.
+    await sql`create table public.only_in_a (id int)`.execute(a.db)
+    const exists = async (db: Kysely<any>) =>
+      (
+        await sql<{ t: string | null }>`select to_regclass('public.only_in_a')::text as t`.execute(
+          db,
+        )
+      ).rows[0]?.t === "only_in_a"
+    assert.equal(await exists(a.db), true)
+    assert.equal(await exists(b.db), false)
+  } finally {
+    await Promise.all([a.drop(), b.drop()])
+  }
+  assert.equal(await databaseExists(a.name), false)
+  assert.equal(await databaseExists(b.name), false)
+})
+
+test("drop is idempotent and kicks out other sessions", async () => {
+  const t = await createTestDatabase({ prefix: "keyway_testkit" })
+  assert.match(t.name, /^keyway_testkit_/)
+  const other = new pg.Client({ connectionString: t.url })
+  other.on("error", () => {})
+  await other.connect()
+  await Promise.all([t.drop(), t.drop()])
+  await t[Symbol.asyncDispose]()
+  assert.equal(await databaseExists(t.name), false)
+  await other.end().catch(() => {})
+})
+
+test("a new migrations folder builds its template once under concurrent callers", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-migrations-"))
+  await cp(migrationsDir, dir, { recursive: true })
+  // A unique extra migration gives the folder a hash no template exists for yet.
+  await writeFile(
+    join(dir, "9999_testkit_marker.sql"),
+    `create table keyway.testkit_marker (id int); -- ${Date.now()} ${Math.random()}\n`,
+  )
+  const dbs = await Promise.all(
+    Array.from({ length: 4 }, () => createTestDatabase({ migrationsDir: dir })),
+  )
+  const template = dbs[0]!.template
+  try {
+    for (const t of dbs) {
+      assert.equal(t.template, template)
+      const { rows } = await sql<{
+        t: string | null
+      }>`select to_regclass('keyway.testkit_marker')::text as t`.execute(t.db)
+      assert.equal(rows[0]?.t, "keyway.testkit_marker")
+    }
+  } finally {
+    await Promise.all(dbs.map((t) => t.drop()))
+    await rm(dir, { recursive: true, force: true })
+    await sql.raw(`alter database "${template}" with is_template false`).execute(observer.db)
+    await sql.raw(`drop database "${template}"`).execute(observer.db)
+  }
+})
+
+test("rejects a prefix that would need quoting", async () => {
+  await assert.rejects(createTestDatabase({ prefix: "Bad-Name" }), /not a valid database name/)
+})

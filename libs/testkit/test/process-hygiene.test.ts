@@ -1,0 +1,68 @@
+import assert from "node:assert/strict"
+import { spawn } from "node:child_process"
+import { once } from "node:events"
+import { readFile, stat } from "node:fs/promises"
+import { after, before, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { sql } from "kysely"
+import { createTestDatabase, type TestDatabase, waitFor } from "../src/index.ts"
+
+let observer: TestDatabase
+before(async () => {
+  observer = await createTestDatabase({ prefix: "keyway_testkit_observer" })
+})
+after(() => observer.drop())
+
+const fixture = fileURLToPath(new URL("./fixtures/leave-servers.ts", import.meta.url))
+
+// A killed child that nobody has reaped yet is a zombie: it still has a pid but no longer
+// holds ports or files, so it counts as gone.
+async function isGone(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8")
+    return stat.slice(stat.lastIndexOf(")") + 2).startsWith("Z")
+  } catch {
+    return true
+  }
+}
+
+async function runFixture(how: "throw" | "exit" | "signal"): Promise<void> {
+  const child = spawn(process.execPath, ["--import", "tsx", fixture, how], {
+    stdio: ["ignore", "pipe", "pipe"],
+  })
+  // Subscribed now: the crashing variants may exit before their pids are even parsed.
+  const exited = once(child, "exit")
+  let stdout = ""
+  child.stdout.setEncoding("utf8").on("data", (chunk: string) => {
+    stdout += chunk
+  })
+  await waitFor(() => stdout.includes("\n"), { timeoutMs: 15_000, message: "fixture started" })
+  const { pids, dirs, database } = JSON.parse(stdout) as {
+    pids: number[]
+    dirs: string[]
+    database: string
+  }
+  assert.equal(pids.length, 2)
+  if (how === "signal") {
+    for (const pid of pids) assert.equal(await isGone(pid), false)
+    child.kill("SIGTERM")
+  }
+  const [code, signal] = await exited
+  if (how === "signal") assert.equal(signal, "SIGTERM")
+  else assert.notEqual(code, 0)
+  await waitFor(async () => (await Promise.all(pids.map(isGone))).every(Boolean), {
+    timeoutMs: 5000,
+    message: `servers ${pids.join(", ")} outlived their parent (${how})`,
+  })
+  for (const dir of dirs) await assert.rejects(stat(dir), { code: "ENOENT" }, dir)
+  const { rows } = await sql`select 1 from pg_database where datname = ${database}`.execute(
+    observer.db,
+  )
+  assert.equal(rows.length, 0, `${database} outlived its test file`)
+}
+
+test("servers, dirs and databases go with a test file that throws", () => runFixture("throw"))
+test("servers, dirs and databases go with a test file that calls process.exit", () =>
+  runFixture("exit"))
+test("servers, dirs and databases go with a test file killed by SIGTERM", () =>
+  runFixture("signal"))
