@@ -1,0 +1,195 @@
+import { type Kysely, sql } from "kysely"
+
+/** Which tasks an admin action touches: one key, a whole topic, or a version range of a key. */
+export interface TaskSelector {
+  topic: string
+  key?: string
+  /** Inclusive version range within `key`. */
+  fromVer?: number
+  toVer?: number
+}
+
+export interface DeadTask {
+  topic: string
+  key: string
+  ver: number
+  eventId: string
+  type: string
+  attempts: number
+  lastError: string | null
+  /** True when the key waits on it (policy block); false when the key moved on (park). */
+  blocking: boolean
+}
+
+export interface KeyGap {
+  topic: string
+  key: string
+  /** The version the key waits for. */
+  missingVer: number
+  /** The lowest version present above it. */
+  nextPresentVer: number
+  since: Date | null
+}
+
+export interface ConsumerAdminConfig {
+  db: Kysely<any>
+  group: string
+}
+
+/**
+ * Operator actions on a consumer group. Every action is one statement, so it is atomic, and
+ * none of them bypasses the fencing epoch: actions that change where a key stands bump it,
+ * so a worker draining that key at the same moment writes nothing afterwards.
+ */
+export interface ConsumerAdmin {
+  listDead(topic?: string): Promise<DeadTask[]>
+  listGaps(topic?: string): Promise<KeyGap[]>
+  /** Keys stopped at a dead task (policy block). */
+  listBlocked(topic?: string): Promise<{ topic: string; key: string; ver: number }[]>
+  /** Dead tasks back to pending with a fresh attempt count; returns how many. */
+  retry(selector: TaskSelector): Promise<number>
+  /**
+   * Marks dead or pending tasks skipped, and moves keys past skipped versions; a missing
+   * version named by a range is skipped too (closing a gap). Returns the versions skipped.
+   */
+  skip(selector: TaskSelector): Promise<number>
+  /** Runs finished tasks again (done, skipped or dead): rewinds each key to the lowest. */
+  redrive(selector: TaskSelector): Promise<number>
+}
+
+const where = (s: TaskSelector) => sql`
+  i.topic = ${s.topic}
+  ${s.key === undefined ? sql`` : sql`and i.key = ${s.key}`}
+  ${s.fromVer === undefined ? sql`` : sql`and i.ver >= ${s.fromVer}`}
+  ${s.toVer === undefined ? sql`` : sql`and i.ver <= ${s.toVer}`}
+`
+
+export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): ConsumerAdmin {
+  const topicFilter = (topic?: string) =>
+    topic === undefined ? sql`` : sql`and k.topic = ${topic}`
+  return {
+    async listDead(topic) {
+      const r = await sql<DeadTask>`
+        select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,
+               i.last_error as "lastError", (i.ver = k.done_ver + 1) as blocking
+          from keyway.inbox i
+          join keyway.consumer_key k on k.grp = i.grp and k.topic = i.topic and k.key = i.key
+         where i.grp = ${group} and i.state = 'dead' ${topicFilter(topic)}
+         order by i.topic, i.key, i.ver
+      `.execute(db)
+      return r.rows
+    },
+    async listGaps(topic) {
+      const r = await sql<KeyGap>`
+        select k.topic, k.key, k.done_ver + 1 as "missingVer",
+               (select min(i.ver) from keyway.inbox i
+                 where i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver > k.done_ver
+               ) as "nextPresentVer",
+               k.gap_since as since
+          from keyway.consumer_key k
+         where k.grp = ${group} ${topicFilter(topic)}
+           and k.baseline_stream_seq is null
+           and not exists (select 1 from keyway.inbox i where i.grp = k.grp and i.topic = k.topic
+                             and i.key = k.key and i.ver = k.done_ver + 1)
+           and exists (select 1 from keyway.inbox i where i.grp = k.grp and i.topic = k.topic
+                         and i.key = k.key and i.ver > k.done_ver + 1)
+         order by k.topic, k.key
+      `.execute(db)
+      return r.rows
+    },
+    async listBlocked(topic) {
+      const r = await sql<{ topic: string; key: string; ver: number }>`
+        select k.topic, k.key, i.ver
+          from keyway.consumer_key k
+          join keyway.inbox i
+            on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
+         where k.grp = ${group} and i.state = 'dead' ${topicFilter(topic)}
+         order by k.topic, k.key
+      `.execute(db)
+      return r.rows
+    },
+    async retry(s) {
+      // A parked task (the key already moved past it) is rewound to, so order still holds:
+      // the retried version and everything after it run again in order.
+      const r = await sql`
+        with retried as (
+          update keyway.inbox i
+             set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null
+           where i.grp = ${group} and i.state = 'dead' and ${where(s)}
+          returning i.topic, i.key, i.ver
+        ),
+        lowest as (select topic, key, min(ver) as ver from retried group by topic, key),
+        rewound as (
+          update keyway.consumer_key k
+             set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
+            from lowest l
+           where k.grp = ${group} and k.topic = l.topic and k.key = l.key
+          returning 1
+        )
+        select count(*)::int as n, (select count(*) from rewound) as keys from retried
+      `.execute(db)
+      return (r.rows[0] as { n: number }).n
+    },
+    async skip(s) {
+      const r = await sql`
+        with range as (
+          select k.topic, k.key, v.ver
+            from keyway.consumer_key k,
+                 generate_series(${s.fromVer ?? null}::bigint, ${s.toVer ?? null}::bigint) as v(ver)
+           where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key ?? null}
+        ),
+        placeholders as (
+          -- A missing version named explicitly is recorded as skipped, which closes the gap.
+          insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at,
+                                    state, last_error, done_at)
+          select ${group}, topic, key, ver, concat('skipped:', topic, ':', key, ':', ver),
+                 'keyway.skipped', 'null', now(), 'skipped', 'skipped by an operator while missing',
+                 now()
+            from range
+          on conflict do nothing
+          returning topic, key, ver
+        ),
+        skipped as (
+          update keyway.inbox i
+             set state = 'skipped', done_at = now()
+           where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
+          returning i.topic, i.key, i.ver
+        ),
+        bumped as (
+          -- The key's worker reads done_ver afresh after the epoch bump.
+          update keyway.consumer_key k
+             set epoch = k.epoch + 1
+           where k.grp = ${group}
+             and (k.topic, k.key) in (select topic, key from skipped
+                                      union select topic, key from placeholders)
+          returning 1
+        )
+        select (select count(*) from skipped) + (select count(*) from placeholders) as n,
+               (select count(*) from bumped) as keys
+      `.execute(db)
+      return Number((r.rows[0] as { n: number }).n)
+    },
+    async redrive(s) {
+      const r = await sql`
+        with redriven as (
+          update keyway.inbox i
+             set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
+                 done_at = null
+           where i.grp = ${group} and i.state in ('done', 'skipped', 'dead') and ${where(s)}
+             and i.type <> 'keyway.skipped'
+          returning i.topic, i.key, i.ver
+        ),
+        lowest as (select topic, key, min(ver) as ver from redriven group by topic, key),
+        rewound as (
+          update keyway.consumer_key k
+             set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
+            from lowest l
+           where k.grp = ${group} and k.topic = l.topic and k.key = l.key
+          returning 1
+        )
+        select count(*)::int as n, (select count(*) from rewound) as keys from redriven
+      `.execute(db)
+      return (r.rows[0] as { n: number }).n
+    },
+  }
+}

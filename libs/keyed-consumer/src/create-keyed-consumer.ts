@@ -1,0 +1,530 @@
+import { randomBytes } from "node:crypto"
+import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
+import { type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
+import { Effect, Fiber, Schedule } from "effect"
+import type { Redis } from "ioredis"
+import type { Kysely } from "kysely"
+import { ensureDurable } from "./internal/ensure-consumer.ts"
+import {
+  confirmBaselines,
+  expireLeases,
+  hasProvisionalBaselines,
+  type IncomingEvent,
+  ingestBatch,
+  isRunnable,
+  type KeyRef,
+  markDone,
+  markFailed,
+  nextTasks,
+  recordReject,
+  releaseKey,
+  renewLease,
+  runnableKeys,
+  type TaskRow,
+  takeKey,
+} from "./internal/inbox-sql.ts"
+import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
+import { KeyScheduler } from "./internal/key-scheduler.ts"
+import {
+  FencedError,
+  type Handler,
+  type HandlerContext,
+  type KeyedEvent,
+  PoisonError,
+  type TopicPolicy,
+} from "./types.ts"
+
+export interface KeyedConsumerLogger {
+  info(message: string, fields?: Record<string, unknown>): void
+  warn(message: string, fields?: Record<string, unknown>): void
+  error(message: string, fields?: Record<string, unknown>): void
+}
+
+export interface KeyedConsumerConfig {
+  /** The consumer group: the durable consumer's name, and the inbox's scope. */
+  group: string
+  stream: string
+  /** Only subjects matching this reach the group. */
+  filterSubject?: string
+  /** Where a new group starts in the stream: every stored event, or only new ones. Default all. */
+  startPosition?: "all" | "new"
+  nats: NatsConnection
+  /** The group's database (migrated with sql/). */
+  db: Kysely<any>
+  redis: Redis
+  /** By event type name. An event with no handler is dead at once. */
+  handlers: Record<string, Handler>
+  /** By topic; topics not listed get `defaultPolicy`. */
+  policies?: Record<string, TopicPolicy>
+  defaultPolicy?: TopicPolicy
+  /** Polling loop period: the most a lost wake-up delays a task. Default 2 s. */
+  pollIntervalMs?: number
+  /** Recovery loop period. Default 5 s. */
+  recoveryIntervalMs?: number
+  /** Key lease and lock length; heartbeated at a third of it while a key drains. Default 15 s. */
+  leaseMs?: number
+  /** Keys drained at once by this worker. Default 16. */
+  concurrency?: number
+  /** Most messages in one inbox commit. Default 256. */
+  ingestBatchSize?: number
+  /** Unacked messages the server lets this group have: bounds ingest memory. Default 2048. */
+  maxAckPending?: number
+  /** How long stop() lets running handlers finish before aborting them. Default 10 s. */
+  shutdownGraceMs?: number
+  /** Names this worker in leases and logs. Default random. */
+  workerId?: string
+  /**
+   * Whether ingest wakes the keys it stored. Only tests turn this off, to show that the
+   * polling loop alone completes every task.
+   */
+  wakeOnIngest?: boolean
+  logger?: KeyedConsumerLogger
+}
+
+export interface KeyedConsumerStatus {
+  ingested: number
+  duplicates: number
+  rejected: number
+  done: number
+  retried: number
+  dead: number
+  /** Writes refused by the fencing check: this worker had lost the key. */
+  fenced: number
+  /** Keys whose lock or lease was lost while draining. */
+  lostKeys: number
+  drainingKeys: number
+}
+
+export interface KeyedConsumer {
+  start(): Promise<void>
+  /** Stops taking work, lets each key finish its current task, releases every key. */
+  stop(): Promise<void>
+  status(): KeyedConsumerStatus
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+const tracer = trace.getTracer("@keyway/keyed-consumer")
+const quiet: KeyedConsumerLogger = {
+  info() {},
+  warn: (message, fields) => console.warn(JSON.stringify({ level: "warn", message, ...fields })),
+  error: (message, fields) => console.error(JSON.stringify({ level: "error", message, ...fields })),
+}
+const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
+const TASKS_PER_READ = 32
+
+/**
+ * A keyed consumer group worker (DESIGN.md §5). Start as many as you like on one group: they
+ * share the durable consumer, the inbox and the keys.
+ */
+export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer {
+  const group = config.group
+  const db = config.db
+  const log = config.logger ?? quiet
+  const leaseMs = config.leaseMs ?? 15_000
+  const pollIntervalMs = config.pollIntervalMs ?? 2000
+  const recoveryIntervalMs = config.recoveryIntervalMs ?? 5000
+  const batchSize = config.ingestBatchSize ?? 256
+  const graceMs = config.shutdownGraceMs ?? 10_000
+  const workerId = config.workerId ?? `w-${randomBytes(4).toString("hex")}`
+  const wakeOnIngest = config.wakeOnIngest ?? true
+  const keyLock: KeyLock = createRedlockKeyLock(config.redis)
+  const stats: Omit<KeyedConsumerStatus, "drainingKeys"> = {
+    ingested: 0,
+    duplicates: 0,
+    rejected: 0,
+    done: 0,
+    retried: 0,
+    dead: 0,
+    fenced: 0,
+    lostKeys: 0,
+  }
+  const js = jetstream(config.nats)
+  let stopping = false
+  const shutdown = new AbortController()
+  const retryTimers = new Set<NodeJS.Timeout>()
+  const scheduler = new KeyScheduler(
+    config.concurrency ?? 16,
+    (ref) => drainKey(ref),
+    (err, ref) =>
+      log.warn("drain failed; the polling loop will retry", { ...ref, error: messageOf(err) }),
+  )
+
+  const policyOf = (topic: string) => {
+    const p = { ...config.defaultPolicy, ...config.policies?.[topic] }
+    return {
+      maxAttempts: p.maxAttempts ?? 5,
+      backoffMs: p.backoffMs ?? 200,
+      maxBackoffMs: p.maxBackoffMs ?? 30_000,
+      onDead: p.onDead ?? "block",
+    }
+  }
+
+  const wakeLater = (ref: KeyRef, ms: number) => {
+    const timer = setTimeout(() => {
+      retryTimers.delete(timer)
+      scheduler.wake(ref)
+    }, ms)
+    retryTimers.add(timer)
+  }
+
+  // ---- ingest ------------------------------------------------------------------------------
+
+  let buffer: JsMsg[] = []
+  let flushing: Promise<void> | undefined
+
+  const toIncoming = async (msgs: JsMsg[]): Promise<IncomingEvent[]> => {
+    const events: IncomingEvent[] = []
+    for (const m of msgs) {
+      try {
+        const e = decodeEnvelope(m.data)
+        const carrier: Record<string, string> = {}
+        for (const h of ["traceparent", "tracestate"]) {
+          const v = m.headers?.get(h)
+          if (v) carrier[h] = v
+        }
+        events.push({
+          topic: e.topic,
+          key: e.key,
+          ver: e.ver,
+          eventId: e.id,
+          type: e.type,
+          payload: JSON.stringify(e.payload ?? null),
+          trace: carrier.traceparent ? JSON.stringify(carrier) : null,
+          createdAt: e.createdAt,
+          streamSeq: m.seq,
+        })
+      } catch (err) {
+        // Not an event at all: without a key it cannot wait its turn anywhere. Keep it for an
+        // operator and let the rest of the batch through.
+        stats.rejected++
+        await recordReject(db, group, {
+          streamSeq: m.seq,
+          subject: m.subject,
+          reason: messageOf(err),
+          data: m.data,
+        })
+        log.warn("rejected a message that is not an event", {
+          subject: m.subject,
+          seq: m.seq,
+          error: messageOf(err),
+        })
+      }
+    }
+    return events
+  }
+
+  const ingest = async (msgs: JsMsg[]) => {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const events = await toIncoming(msgs)
+        const woken = events.length > 0 ? await ingestBatch(db, group, events) : []
+        // Acked only after the inbox commit: a crash before this point means redelivery,
+        // and the inbox drops what it already has.
+        for (const m of msgs) m.ack()
+        stats.ingested += events.length
+        if (wakeOnIngest) for (const ref of woken) scheduler.wake(ref)
+        return
+      } catch (err) {
+        if (stopping) return // unacked: redelivered to another worker after ack_wait
+        log.warn("inbox insert failed; retrying", { error: messageOf(err), attempt })
+        await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** attempt)))
+      }
+    }
+  }
+
+  const onMessage = (m: JsMsg) => {
+    buffer.push(m)
+    flushing ??= (async () => {
+      while (buffer.length > 0) {
+        const batch = buffer.slice(0, batchSize)
+        buffer = buffer.slice(batchSize)
+        await ingest(batch)
+      }
+      flushing = undefined
+    })()
+  }
+
+  // One consume() session; resolves when it ends (stopped, heartbeats missed, consumer gone).
+  const consumeSession = Effect.acquireUseRelease(
+    Effect.tryPromise(async () => {
+      const consumer = await js.consumers.get(config.stream, group)
+      return consumer.consume({ max_messages: batchSize * 2, callback: onMessage })
+    }),
+    (messages) =>
+      Effect.promise(async () => {
+        // nats.js keeps retrying a pull whose heartbeats stopped; a fresh consume() after a
+        // server restart recovers faster (reference/nats-2.9.md rule 10).
+        void (async () => {
+          for await (const s of messages.status()) {
+            if (s.type === "heartbeats_missed" && s.count >= 2) messages.stop()
+          }
+        })()
+        await messages.closed()
+      }),
+    (messages) => Effect.sync(() => messages.stop()),
+  )
+  const ingestLoop = Effect.forever(
+    consumeSession.pipe(
+      Effect.catchCause((cause) =>
+        Effect.sync(() => log.warn("consume ended; restarting", { error: String(cause) })),
+      ),
+      Effect.andThen(Effect.sleep(500)),
+    ),
+  )
+
+  // ---- drain -------------------------------------------------------------------------------
+
+  type Outcome = "done" | "retry" | "dead" | "fenced"
+
+  const runTask = async (
+    ref: KeyRef,
+    task: TaskRow,
+    epoch: number,
+    signal: AbortSignal,
+  ): Promise<Outcome> => {
+    const policy = policyOf(ref.topic)
+    const parent = task.trace ? propagation.extract(context.active(), task.trace) : context.active()
+    const span = tracer.startSpan(
+      `process ${ref.topic}`,
+      {
+        kind: SpanKind.CONSUMER,
+        attributes: {
+          "messaging.system": "nats",
+          "messaging.operation.type": "process",
+          "messaging.destination.name": config.stream,
+          "messaging.consumer.group.name": group,
+          "messaging.message.id": task.event_id,
+        },
+      },
+      parent,
+    )
+    let completed = false
+    const ctx: HandlerContext = {
+      eventId: task.event_id,
+      fencing: { epoch, version: task.ver },
+      signal,
+      span,
+      complete: async (effects) => {
+        if (completed) throw new Error("complete() was already called for this event")
+        const result = await db.transaction().execute(async (trx) => {
+          if (!(await markDone(trx, group, ref, task.ver, epoch))) {
+            throw new FencedError(
+              `${ref.topic}/${ref.key} v${task.ver}: another worker took the key; nothing written`,
+            )
+          }
+          return effects(trx)
+        })
+        completed = true
+        return result
+      },
+    }
+    try {
+      const handler = config.handlers[task.type]
+      const def = findEventType(task.type)
+      if (!handler || !def) {
+        throw new PoisonError(`no ${def ? "handler" : "schema"} for event type ${task.type}`)
+      }
+      let payload: unknown
+      try {
+        payload = def.decode(task.payload)
+      } catch (err) {
+        if (err instanceof InvalidEventError) throw new PoisonError(err.message, { cause: err })
+        throw err
+      }
+      const event: KeyedEvent = {
+        id: task.event_id,
+        topic: ref.topic,
+        key: ref.key,
+        ver: task.ver,
+        type: task.type,
+        payload,
+        createdAt: task.created_at,
+        attempt: task.attempts + 1,
+      }
+      await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
+      if (!completed) await ctx.complete(async () => {})
+      stats.done++
+      return "done"
+    } catch (err) {
+      if (err instanceof FencedError) {
+        stats.fenced++
+        span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
+        return "fenced"
+      }
+      if (completed) {
+        // Done is committed; what failed after it cannot be retried by us.
+        log.warn("handler threw after completing", { ...ref, ver: task.ver, error: messageOf(err) })
+        stats.done++
+        return "done"
+      }
+      span.recordException(err as Error)
+      span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+      const poison = err instanceof PoisonError
+      const dead = poison || task.attempts + 1 >= policy.maxAttempts
+      // Exponential backoff with full jitter: retries of many keys failing together (a vendor
+      // outage) spread out instead of arriving in waves.
+      const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** task.attempts)
+      const retryInMs = Math.round(cap / 2 + (Math.random() * cap) / 2)
+      const reason = poison ? `poison: ${messageOf(err)}` : messageOf(err)
+      const ok = await markFailed(db, group, ref, task.ver, epoch, {
+        error: reason.slice(0, 2000),
+        retryInMs: dead ? 0 : retryInMs,
+        dead,
+        park: policy.onDead === "park",
+      })
+      if (!ok) {
+        stats.fenced++
+        return "fenced"
+      }
+      if (dead) {
+        stats.dead++
+        log.warn("event dead", { ...ref, ver: task.ver, policy: policy.onDead, reason })
+        return "dead"
+      }
+      stats.retried++
+      wakeLater(ref, retryInMs)
+      return "retry"
+    } finally {
+      span.end()
+    }
+  }
+
+  async function drainKey(ref: KeyRef): Promise<void> {
+    if (stopping) return
+    const lock = await keyLock.tryAcquire(`keyway:${group}:${ref.topic}:${ref.key}`, leaseMs)
+    if (!lock) return
+    let epoch: number | undefined
+    let gap = false
+    let finished = false
+    const lost = new AbortController()
+    const signal = AbortSignal.any([lost.signal, shutdown.signal])
+    const heartbeat = setInterval(async () => {
+      if (epoch === undefined) return
+      const [leased, locked] = await Promise.all([
+        renewLease(db, group, ref, epoch, leaseMs).catch(() => false),
+        lock.extend(leaseMs),
+      ])
+      // Losing the Redis lock alone is not fatal to correctness (fencing is), but another
+      // worker may now take the key, so stop early rather than be fenced later.
+      if (!leased || !locked) {
+        stats.lostKeys++
+        lost.abort(new Error(leased ? "lock lost" : "lease lost"))
+      }
+    }, leaseMs / 3)
+    try {
+      const taken = await takeKey(db, group, ref, workerId, leaseMs)
+      if (!taken) return
+      epoch = taken.epoch
+      let next = taken.doneVer + 1
+      drain: while (!stopping && !signal.aborted) {
+        const tasks = await nextTasks(db, group, ref, next, TASKS_PER_READ)
+        if (tasks.length === 0) break
+        for (const task of tasks) {
+          if (task.ver !== next) {
+            // Version `next` is missing while a later one is here: a gap. Wait for it; the
+            // polling loop and the next ingest wake the key again.
+            gap = true
+            break drain
+          }
+          if (task.state === "dead") break drain // blocked until an operator acts
+          if (task.state !== "pending") {
+            // An operator skipped it ahead of time; consume it without running.
+            if (!(await advanceOver(ref, task, epoch))) break drain
+            next++
+            continue
+          }
+          if (task.wait_ms > 0) {
+            wakeLater(ref, Number(task.wait_ms))
+            break drain
+          }
+          const outcome = await runTask(ref, task, epoch, signal)
+          if (outcome === "done" || (outcome === "dead" && policyOf(ref.topic).onDead === "park")) {
+            next++
+            if (stopping || signal.aborted) break drain
+            continue
+          }
+          break drain
+        }
+        if (tasks.length < TASKS_PER_READ) break
+      }
+      finished = !signal.aborted
+    } finally {
+      clearInterval(heartbeat)
+      if (epoch !== undefined) await releaseKey(db, group, ref, epoch, gap).catch(() => {})
+      await lock.release()
+    }
+    // A wake-up that found the key locked while we held it is ours to honour.
+    if (finished && !stopping && (await isRunnable(db, group, ref))) scheduler.wake(ref)
+  }
+
+  const advanceOver = async (ref: KeyRef, task: TaskRow, epoch: number) => {
+    const ok = await db.transaction().execute(async (trx) => {
+      const r = await markDone(trx, group, ref, task.ver, epoch)
+      return r
+    })
+    return ok
+  }
+
+  // ---- safety nets -------------------------------------------------------------------------
+
+  const pollOnce = Effect.tryPromise(async () => {
+    if (await hasProvisionalBaselines(db, group)) {
+      const jsm = await jetstreamManager(config.nats)
+      const info = await jsm.consumers.info(config.stream, group)
+      await confirmBaselines(db, group, info.ack_floor.stream_seq)
+    }
+    for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
+  })
+  const recoverOnce = Effect.tryPromise(async () => {
+    const expired = await expireLeases(db, group)
+    if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
+    for (const ref of expired) scheduler.wake(ref)
+  })
+  const every = (ms: number, what: string, once: Effect.Effect<void, unknown>) =>
+    once.pipe(
+      Effect.catchCause((cause) =>
+        Effect.sync(() => log.warn(`${what} failed`, { error: String(cause) })),
+      ),
+      Effect.repeat(Schedule.spaced(ms)),
+    )
+
+  let fibers: Fiber.Fiber<unknown, unknown>[] = []
+
+  return {
+    async start() {
+      if (fibers.length > 0) return
+      await ensureDurable(await jetstreamManager(config.nats), {
+        stream: config.stream,
+        group,
+        filterSubject: config.filterSubject,
+        startPosition: config.startPosition ?? "all",
+        ackWaitMs: 30_000,
+        maxAckPending: config.maxAckPending ?? 2048,
+      })
+      fibers = [
+        Effect.runFork(ingestLoop),
+        Effect.runFork(every(pollIntervalMs, "polling loop", pollOnce)),
+        Effect.runFork(every(recoveryIntervalMs, "recovery loop", recoverOnce)),
+      ]
+      log.info("keyed consumer started", { group, workerId })
+    },
+    async stop() {
+      if (stopping) return
+      stopping = true
+      await Effect.runPromise(Fiber.interruptAll(fibers))
+      await flushing
+      for (const t of retryTimers) clearTimeout(t)
+      // Each key finishes the task in hand; handlers still running after the grace period
+      // are told to give up through their AbortSignal.
+      const grace = setTimeout(() => shutdown.abort(new Error("shutting down")), graceMs)
+      await scheduler.stop()
+      clearTimeout(grace)
+    },
+    status: () => ({ ...stats, drainingKeys: scheduler.active }),
+    [Symbol.asyncDispose]() {
+      return this.stop()
+    },
+  }
+}

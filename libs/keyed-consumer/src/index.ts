@@ -1,0 +1,26 @@
+export {
+  type ConsumerAdmin,
+  type ConsumerAdminConfig,
+  createConsumerAdmin,
+  type DeadTask,
+  type KeyGap,
+  type TaskSelector,
+} from "./create-consumer-admin.ts"
+export {
+  createKeyedConsumer,
+  type KeyedConsumer,
+  type KeyedConsumerConfig,
+  type KeyedConsumerLogger,
+  type KeyedConsumerStatus,
+} from "./create-keyed-consumer.ts"
+export {
+  type DeadPolicy,
+  FencedError,
+  type FencingToken,
+  type Handler,
+  type HandlerContext,
+  KeyedConsumerError,
+  type KeyedEvent,
+  PoisonError,
+  type TopicPolicy,
+} from "./types.ts"

@@ -1,0 +1,55 @@
+import type { KeyRef } from "./inbox-sql.ts"
+
+const id = (ref: KeyRef) => `${ref.topic}\u0000${ref.key}`
+
+/**
+ * Runs `drain` for woken keys, at most `concurrency` at once and never twice at once for one
+ * key. A key woken while it drains is drained again right after: its new event may have
+ * arrived after the drain looked for it.
+ */
+export class KeyScheduler {
+  private readonly queued = new Map<string, KeyRef>()
+  private readonly running = new Map<string, Promise<void>>()
+  private readonly again = new Set<string>()
+  private stopped = false
+
+  constructor(
+    private readonly concurrency: number,
+    private readonly drain: (ref: KeyRef) => Promise<void>,
+    private readonly onError: (err: unknown, ref: KeyRef) => void,
+  ) {}
+
+  wake(ref: KeyRef): void {
+    if (this.stopped) return
+    const k = id(ref)
+    if (this.running.has(k)) this.again.add(k)
+    else this.queued.set(k, ref)
+    this.pump()
+  }
+
+  get active(): number {
+    return this.running.size
+  }
+
+  /** Stops starting drains and waits for the running ones. */
+  async stop(): Promise<void> {
+    this.stopped = true
+    this.queued.clear()
+    while (this.running.size > 0) await Promise.allSettled([...this.running.values()])
+  }
+
+  private pump(): void {
+    while (!this.stopped && this.running.size < this.concurrency && this.queued.size > 0) {
+      const [k, ref] = this.queued.entries().next().value as [string, KeyRef]
+      this.queued.delete(k)
+      const run = this.drain(ref)
+        .catch((err) => this.onError(err, ref))
+        .finally(() => {
+          this.running.delete(k)
+          if (this.again.delete(k)) this.queued.set(k, ref)
+          this.pump()
+        })
+      this.running.set(k, run)
+    }
+  }
+}

@@ -1,0 +1,76 @@
+import type { Span } from "@opentelemetry/api"
+import type { Kysely } from "kysely"
+
+/** An event as a handler sees it: its payload already decoded against its schema. */
+export interface KeyedEvent<P = unknown> {
+  /** `<site>:<seq>`: use it as the idempotency key of external calls. */
+  id: string
+  topic: string
+  key: string
+  ver: number
+  type: string
+  payload: P
+  /** When the writer enqueued it. */
+  createdAt: Date
+  /** 1 on the first try. */
+  attempt: number
+}
+
+/** The fencing token: external systems that can compare it reject a stale worker. */
+export interface FencingToken {
+  epoch: number
+  version: number
+}
+
+export interface HandlerContext {
+  eventId: string
+  fencing: FencingToken
+  /** Fires when this worker lost the key (lock or lease) or is shutting down. */
+  signal: AbortSignal
+  /** The `process <topic>` span, child of the writer's and the relay's. */
+  span: Span
+  /**
+   * Runs `effects` in the transaction that marks the event done, so local effects happen
+   * exactly once (DESIGN.md invariant 3). Call it after any slow external call, never around
+   * one: the transaction holds the key's row lock. It throws {@link FencedError} if another
+   * worker took the key meanwhile, and then nothing of `effects` is committed. If the handler
+   * never calls it, the event is marked done when the handler returns.
+   */
+  complete<T>(effects: (trx: Kysely<any>) => Promise<T>): Promise<T>
+}
+
+export type Handler<P = any> = (event: KeyedEvent<P>, ctx: HandlerContext) => Promise<void>
+
+/** What happens to a key when one of its events is dead (retries exhausted, or poison). */
+export type DeadPolicy = "block" | "park"
+
+export interface TopicPolicy {
+  /** Tries before an event is dead. Default 5. */
+  maxAttempts?: number
+  /** First retry delay; doubles each time, with jitter. Default 200 ms. */
+  backoffMs?: number
+  /** Longest retry delay. Default 30 s. */
+  maxBackoffMs?: number
+  /**
+   * `block` (default): the key stops at the dead event until an operator retries or skips it.
+   * `park`: the key moves on; the dead event stays listed.
+   */
+  onDead?: DeadPolicy
+}
+
+/** Thrown by `ctx.complete` when this worker no longer holds the key. */
+export class FencedError extends Error {
+  override name = "FencedError"
+}
+
+/**
+ * Throw from a handler for input that no retry can fix: the event is dead at once, with
+ * this message as the reason.
+ */
+export class PoisonError extends Error {
+  override name = "PoisonError"
+}
+
+export class KeyedConsumerError extends Error {
+  override name = "KeyedConsumerError"
+}

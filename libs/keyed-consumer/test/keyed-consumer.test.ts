@@ -1,0 +1,265 @@
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import {
+  createConsumerAdmin,
+  createKeyedConsumer,
+  type KeyedConsumer,
+  type KeyedConsumerConfig,
+  PoisonError,
+} from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { Redis } from "ioredis"
+import {
+  checkEffects,
+  createEffectTable,
+  createStream,
+  effects,
+  publishEvent,
+  recordEffect,
+  SHARED_NATS,
+  SHARED_REDIS,
+  unique,
+} from "./support.ts"
+
+describe("keyed consumer", () => {
+  let nc: NatsConnection
+  let redis: Redis
+  const cleanups: (() => Promise<unknown>)[] = []
+
+  before(async () => {
+    nc = await connectNats({ servers: SHARED_NATS })
+    redis = new Redis(SHARED_REDIS)
+  })
+  after(async () => {
+    for (const c of cleanups.reverse()) await c().catch(() => {})
+    redis.disconnect()
+    await nc.close()
+  })
+
+  /** A database, a stream and a started consumer for one test. */
+  async function setup(overrides: Partial<KeyedConsumerConfig> = {}) {
+    const t: TestDatabase = await createTestDatabase()
+    cleanups.push(() => t.drop())
+    await createEffectTable(t.db)
+    const stream = await createStream(nc)
+    cleanups.push(() => stream.delete())
+    const group = unique("g")
+    const consumer: KeyedConsumer = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      handlers: { "demo.item.changed.v1": recordEffect("w1") },
+      pollIntervalMs: 200,
+      recoveryIntervalMs: 200,
+      leaseMs: 3000,
+      ...overrides,
+    })
+    cleanups.push(() => consumer.stop())
+    await consumer.start()
+    return { t, stream, group, consumer, admin: createConsumerAdmin({ db: t.db, group }) }
+  }
+
+  test("lost wake-ups: with ingest wake-ups off, the polling loop completes every task", async () => {
+    const { t, stream, consumer } = await setup({ wakeOnIngest: false })
+    for (let ver = 1; ver <= 20; ver++) {
+      for (const key of ["a", "b", "c"])
+        await publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })
+    }
+    await waitFor(async () => (await effects(t.db)).length === 60, {
+      timeoutMs: 20_000,
+      message: "all 60 effects through polling",
+    })
+    const { byKey, problems } = checkEffects(await effects(t.db))
+    assert.deepEqual(problems, [])
+    assert.equal(byKey.size, 3)
+    assert.equal(consumer.status().done, 60)
+  })
+
+  test("a gap holds the key until the missing version arrives; then both run in order", async () => {
+    const { t, stream, admin } = await setup()
+    await publishEvent(nc, stream.site, { key: "g", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "g", ver: 3, payload: { n: 3 } })
+    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await admin.listGaps()).length === 1, {
+      timeoutMs: 10_000,
+      message: "gap listed",
+    })
+    const [gap] = await admin.listGaps()
+    assert.equal(gap!.key, "g")
+    assert.equal(Number(gap!.missingVer), 2)
+    assert.equal(Number(gap!.nextPresentVer), 3)
+    // Give polling a few rounds: v3 must still not run.
+    await new Promise((r) => setTimeout(r, 800))
+    assert.deepEqual(
+      (await effects(t.db)).filter((e) => e.key === "g").map((e) => e.ver),
+      [1],
+    )
+    await publishEvent(nc, stream.site, { key: "g", ver: 2, payload: { n: 2 } })
+    await waitFor(async () => (await effects(t.db)).filter((e) => e.key === "g").length === 3, {
+      timeoutMs: 10_000,
+      message: "v2 and v3 ran",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).filter((e) => e.key === "g").map((e) => e.ver),
+      [1, 2, 3],
+    )
+    assert.deepEqual(await admin.listGaps(), [])
+  })
+
+  test("retry then success", async () => {
+    const failures = new Map<number, number>()
+    const { t, stream, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          // v2 fails twice, then succeeds.
+          const seen = failures.get(event.ver) ?? 0
+          if (event.ver === 2 && seen < 2) {
+            failures.set(event.ver, seen + 1)
+            throw new Error(`transient failure ${seen + 1}`)
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 3; ver++)
+      await publishEvent(nc, stream.site, { key: "r", ver, payload: { n: ver } })
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "3 effects",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 2, 3],
+    )
+    assert.equal(consumer.status().retried, 2)
+    assert.equal(consumer.status().dead, 0)
+  })
+
+  test("max attempts then dead, policy block: later versions wait until an admin retry", async () => {
+    let broken = true
+    const { t, stream, admin } = await setup({
+      defaultPolicy: { maxAttempts: 3, backoffMs: 10, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 2 && broken) throw new Error("vendor says no")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 4; ver++)
+      await publishEvent(nc, stream.site, { key: "b", ver, payload: { n: ver } })
+    await publishEvent(nc, stream.site, { key: "free", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await admin.listDead()).length === 1, {
+      timeoutMs: 10_000,
+      message: "dead",
+    })
+    const [dead] = await admin.listDead()
+    assert.equal(dead!.key, "b")
+    assert.equal(Number(dead!.ver), 2)
+    assert.equal(dead!.attempts, 3)
+    assert.equal(dead!.lastError, "vendor says no")
+    assert.equal(dead!.blocking, true)
+    assert.deepEqual(
+      (await admin.listBlocked()).map((b) => [b.key, Number(b.ver)]),
+      [["b", 2]],
+    )
+    await new Promise((r) => setTimeout(r, 600))
+    assert.deepEqual(
+      (await effects(t.db)).filter((e) => e.key === "b").map((e) => e.ver),
+      [1],
+      "v3 and v4 wait behind the dead v2",
+    )
+    assert.ok(
+      (await effects(t.db)).some((e) => e.key === "free"),
+      "other keys are not held up",
+    )
+    broken = false
+    assert.equal(await admin.retry({ topic: "demo.item", key: "b" }), 1)
+    await waitFor(async () => (await effects(t.db)).filter((e) => e.key === "b").length === 4, {
+      timeoutMs: 10_000,
+      message: "key resumed after retry",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).filter((e) => e.key === "b").map((e) => e.ver),
+      [1, 2, 3, 4],
+    )
+    assert.deepEqual(await admin.listDead(), [])
+  })
+
+  test("max attempts then dead, policy park: later versions run and the dead task stays listed", async () => {
+    const { t, stream, admin, consumer } = await setup({
+      policies: { "demo.item": { maxAttempts: 2, backoffMs: 10, onDead: "park" } },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 2) throw new Error("always fails")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 4; ver++)
+      await publishEvent(nc, stream.site, { key: "p", ver, payload: { n: ver } })
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "3 effects",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 3, 4],
+    )
+    const dead = await admin.listDead()
+    assert.equal(dead.length, 1)
+    assert.equal(Number(dead[0]!.ver), 2)
+    assert.equal(dead[0]!.blocking, false)
+    assert.deepEqual(await admin.listBlocked(), [])
+    assert.equal(consumer.status().dead, 1)
+  })
+
+  test("a poison payload is dead at once with its reason; other keys carry on", async () => {
+    let calls = 0
+    const { t, stream, admin } = await setup({
+      defaultPolicy: { maxAttempts: 5, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          calls++
+          if ((event.payload as { n: number }).n < 0)
+            throw new PoisonError("n must not be negative")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "bad", ver: 1, payload: { n: "not a number" } })
+    await publishEvent(nc, stream.site, { key: "bad2", ver: 1, payload: { n: -1 } })
+    await publishEvent(nc, stream.site, {
+      key: "bad3",
+      ver: 1,
+      payload: {},
+      type: "no.such.type.v1",
+    })
+    for (let ver = 1; ver <= 5; ver++)
+      await publishEvent(nc, stream.site, { key: "good", ver, payload: { n: ver } })
+    // Not even an event: rejected at ingest, kept, and the rest flows.
+    await nc.publish(`${stream.site}.demo.item`, "this is not json")
+    await waitFor(async () => (await admin.listDead()).length === 3, {
+      timeoutMs: 10_000,
+      message: "3 dead",
+    })
+    await waitFor(async () => (await effects(t.db)).length === 5, {
+      timeoutMs: 10_000,
+      message: "good key done",
+    })
+    const dead = Object.fromEntries((await admin.listDead()).map((d) => [d.key, d]))
+    assert.match(dead.bad!.lastError!, /^poison: invalid demo\.item\.changed\.v1 event: .*\["n"\]/s)
+    assert.equal(dead.bad!.attempts, 1, "dead at once, not retried")
+    assert.match(dead.bad2!.lastError!, /poison: n must not be negative/)
+    assert.match(dead.bad3!.lastError!, /no schema for event type no\.such\.type\.v1/)
+    assert.equal(calls, 6, "the handler never saw the schema failure; bad2 once; good five times")
+    const rejects = await t.db.selectFrom("keyway.inbox_reject").selectAll().execute()
+    assert.equal(rejects.length, 1)
+    assert.match(rejects[0]!.reason, /not JSON/)
+  })
+})

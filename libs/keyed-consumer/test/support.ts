@@ -1,0 +1,106 @@
+import { randomBytes } from "node:crypto"
+import type { HandlerContext, KeyedEvent } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { type Kysely, sql } from "kysely"
+
+export const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
+export const SHARED_REDIS = process.env.KEYWAY_TEST_REDIS_URL ?? "redis://127.0.0.1:6379"
+
+export const unique = (prefix: string) => `${prefix}${randomBytes(4).toString("hex")}`
+
+/** The table the tests' handlers write their effects to, through the handler's transaction. */
+export async function createEffectTable(db: Kysely<any>) {
+  await sql`
+    create table effect (
+      id bigserial primary key, topic text not null, key text not null, ver bigint not null,
+      event_id text not null, worker text not null, payload jsonb
+    )
+  `.execute(db)
+}
+
+/** A handler that records each event as one effect row, committed with "done". */
+export function recordEffect(worker: string) {
+  return async (event: KeyedEvent, ctx: HandlerContext) => {
+    await ctx.complete((trx) =>
+      sql`insert into effect (topic, key, ver, event_id, worker, payload)
+          values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, ${worker},
+                  ${JSON.stringify(event.payload)})`.execute(trx),
+    )
+  }
+}
+
+export async function effects(db: Kysely<any>) {
+  const r = await sql<{ id: number; key: string; ver: number; event_id: string; worker: string }>`
+    select id, key, ver, event_id, worker from effect order by id
+  `.execute(db)
+  return r.rows
+}
+
+/** A stream `<SITE>` on `<site>.>` for one test. */
+export async function createStream(nc: NatsConnection) {
+  const site = unique("t")
+  const name = site.toUpperCase()
+  await (await jetstreamManager(nc)).streams.add({
+    name,
+    subjects: [`${site}.>`],
+    duplicate_window: 120e9,
+  })
+  return {
+    site,
+    name,
+    async delete() {
+      await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
+    },
+  }
+}
+
+/** Publishes a hand-made event straight to the stream, as a relay would. */
+export async function publishEvent(
+  nc: NatsConnection,
+  site: string,
+  e: { key: string; ver: number; payload: unknown; type?: string; topic?: string; seq?: number },
+) {
+  const topic = e.topic ?? "demo.item"
+  const seq = e.seq ?? Math.floor(Math.random() * 1e9)
+  const envelope: EventEnvelope = {
+    id: `${site}:${seq}`,
+    site,
+    seq,
+    topic,
+    key: e.key,
+    ver: e.ver,
+    type: e.type ?? "demo.item.changed.v1",
+    payload: e.payload,
+    createdAt: new Date().toISOString(),
+  }
+  await jetstream(nc).publish(`${site}.${topic}`, encodeEnvelope(envelope), { msgID: envelope.id })
+}
+
+export async function withNats<T>(fn: (nc: NatsConnection) => Promise<T>): Promise<T> {
+  const nc = await connectNats({ servers: SHARED_NATS })
+  try {
+    return await fn(nc)
+  } finally {
+    await nc.close()
+  }
+}
+
+/** Asserts effects hold each key's versions exactly once, in version order. */
+export function checkEffects(rows: Awaited<ReturnType<typeof effects>>) {
+  const byKey = new Map<string, number[]>()
+  for (const r of rows) {
+    const list = byKey.get(r.key) ?? []
+    list.push(r.ver)
+    byKey.set(r.key, list)
+  }
+  const problems: string[] = []
+  for (const [key, vers] of byKey) {
+    vers.forEach((v, i) => {
+      if (v !== i + 1) problems.push(`${key}: effect #${i + 1} is v${v}`)
+    })
+  }
+  return { byKey, problems }
+}
