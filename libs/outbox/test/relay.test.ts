@@ -3,16 +3,20 @@ import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
-import { createTestDatabase, startNatsServer, type TestDatabase, waitFor } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  spawnTs,
+  startNatsServer,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
 import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
 import {
   createSiteStream,
   deleteStream,
-  exited,
   readStream,
-  spawnTs,
   streamCount,
   uniqueSite,
   unpublishedCount,
@@ -166,7 +170,7 @@ describe("relay", () => {
     await write(t.db, 3000, 30)
     const env = { DATABASE_URL: t.url, NATS_URL: SHARED_NATS, SITE: site, BATCH_SIZE: "200" }
     const doomed = spawnTs(relayChild, { ...env, KILL_AT_BATCH: "4" })
-    const { signal } = await exited(doomed)
+    const { signal } = await doomed.exited()
     assert.equal(signal, "SIGKILL")
     // The fourth batch is in the stream but not marked: those 200 must come back as duplicates.
     const inStream = await streamCount(nc, stream)
@@ -180,7 +184,7 @@ describe("relay", () => {
       message: "restarted relay published the rest",
     })
     survivor.kill("SIGTERM")
-    await exited(survivor)
+    await survivor.exited()
     const stopped = JSON.parse(survivor.lines.find((l) => l.includes("stopped"))!).stopped
     assert.equal(stopped.duplicates, 200, "the unmarked batch was re-published and deduplicated")
     assertExactlyOnceInOrder(await readStream(nc, stream), 3000)
@@ -215,7 +219,7 @@ describe("relay", () => {
       "the standby stayed passive while the other held the lock",
     )
     relays[active]!.kill("SIGKILL")
-    await exited(relays[active]!)
+    await relays[active]!.exited()
     await writing
     await waitFor(() => isActive(standby), { timeoutMs: 15_000, message: "standby took over" })
     await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
@@ -223,7 +227,7 @@ describe("relay", () => {
       message: "standby published the rest",
     })
     relays[standby]!.kill("SIGTERM")
-    const { code } = await exited(relays[standby]!)
+    const { code } = await relays[standby]!.exited()
     assert.equal(code, 0, "SIGTERM exits 0")
     assertExactlyOnceInOrder(await readStream(nc, stream), 2000)
   })

@@ -1,6 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
-import { fileURLToPath } from "node:url"
 import { applyStreams } from "@keyway/nats"
 import { decodeEnvelope, type EventEnvelope } from "@keyway/schemas"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
@@ -60,39 +58,4 @@ export function versionsByKey(events: readonly EventEnvelope[]): Map<string, num
     byKey.set(k, list)
   }
   return byKey
-}
-
-const repoRoot = fileURLToPath(new URL("../../../", import.meta.url))
-
-/** Runs a TypeScript entry point as a child process, collecting its stdout lines. */
-export function spawnTs(
-  entry: string,
-  env: Record<string, string>,
-): ChildProcess & { lines: string[] } {
-  // node itself, not the tsx wrapper: a signal sent to the child must reach the program.
-  const child = spawn(process.execPath, ["--import", "tsx", entry], {
-    cwd: repoRoot,
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "pipe", "inherit"],
-  }) as ChildProcess & { lines: string[] }
-  child.lines = []
-  let partial = ""
-  child.stdout!.on("data", (chunk: Buffer) => {
-    const text = partial + chunk.toString()
-    const parts = text.split("\n")
-    partial = parts.pop() ?? ""
-    child.lines.push(...parts)
-  })
-  // A test that fails half-way must not leave a relay running.
-  process.once("exit", () => child.kill("SIGKILL"))
-  return child
-}
-
-export function exited(
-  child: ChildProcess,
-): Promise<{ code: number | null; signal: string | null }> {
-  if (child.exitCode !== null || child.signalCode !== null) {
-    return Promise.resolve({ code: child.exitCode, signal: child.signalCode })
-  }
-  return new Promise((resolve) => child.once("exit", (code, signal) => resolve({ code, signal })))
 }

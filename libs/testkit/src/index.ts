@@ -6,6 +6,7 @@ export {
 } from "./create-test-database.ts"
 export { freePort } from "./free-port.ts"
 export { ServerStartError } from "./server-start-error.ts"
+export { spawnTs, type TsChild } from "./spawn-ts.ts"
 export {
   checkNatsConfig,
   type NatsServerHandle,

@@ -1,0 +1,266 @@
+// Order and exactly-once through crashes (issue 3, must-show 1), fencing under a frozen
+// worker (2), and a Redis restart in the middle of draining (6). Workers are child
+// processes; the checker reads only the effect rows the handlers wrote.
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { createKeyedConsumer } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { createRelay, enqueue } from "@keyway/outbox"
+import {
+  createTestDatabase,
+  spawnTs,
+  startRedisServer,
+  type TestDatabase,
+  type TsChild,
+  waitFor,
+} from "@keyway/testkit"
+import { jetstream } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { Redis } from "ioredis"
+import { sql } from "kysely"
+import {
+  checkEffects,
+  createEffectTable,
+  createStream,
+  effects,
+  publishEvent,
+  recordEffect,
+  SHARED_NATS,
+  SHARED_REDIS,
+  unique,
+} from "./support.ts"
+
+const workerEntry = fileURLToPath(new URL("./fixtures/worker-child.ts", import.meta.url))
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+async function effectCount(db: TestDatabase["db"]) {
+  const r = await sql<{ n: number }>`select count(*)::int as n from effect`.execute(db)
+  return r.rows[0]!.n
+}
+
+describe("keyed consumer under crashes", () => {
+  let nc: NatsConnection
+  const cleanups: (() => Promise<unknown>)[] = []
+  before(async () => {
+    nc = await connectNats({ servers: SHARED_NATS })
+  })
+  after(async () => {
+    for (const c of cleanups.reverse()) await c().catch(() => {})
+    await nc.close()
+  })
+
+  async function site() {
+    const t = await createTestDatabase({ poolSize: 8 })
+    cleanups.push(() => t.drop())
+    await createEffectTable(t.db)
+    const stream = await createStream(nc)
+    cleanups.push(() => stream.delete())
+    return { t, stream, group: unique("g") }
+  }
+
+  function startWorker(env: Record<string, string>): TsChild {
+    const child = spawnTs(workerEntry, env)
+    cleanups.push(async () => {
+      child.kill("SIGKILL")
+      await child.exited()
+    })
+    return child
+  }
+
+  test("3 workers, 100 keys, 20,000 events through outbox and relay, a worker kill -9'd every few seconds", async () => {
+    const { t, stream, group } = await site()
+    const relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site: stream.site,
+    })
+    cleanups.push(() => relay.stop())
+    await relay.start()
+    const env = (id: string) => ({
+      DATABASE_URL: t.url,
+      NATS_URL: SHARED_NATS,
+      REDIS_URL: SHARED_REDIS,
+      STREAM: stream.name,
+      GROUP: group,
+      WORKER_ID: id,
+      LEASE_MS: "2000",
+      POLL_MS: "500",
+      RECOVERY_MS: "500",
+    })
+    let generation = 0
+    const workers = [0, 1, 2].map((i) => startWorker(env(`w${i}.${generation}`)))
+
+    // Writers: 4 of them, 100-event transactions over 100 keys, spread over a few seconds.
+    const writing = Promise.all(
+      [0, 1, 2, 3].map(async (w) => {
+        for (let tx = 0; tx < 50; tx++) {
+          const events = Array.from({ length: 100 }, (_, i) => ({
+            type: "demo.item.changed.v1",
+            key: `k${(w * 7 + tx * 13 + i) % 100}`,
+            payload: { n: tx * 100 + i },
+          }))
+          await t.db.transaction().execute((trx) => enqueue(trx, events))
+          await sleep(50)
+        }
+      }),
+    )
+
+    // The killer: every 2 s one worker dies with SIGKILL and a fresh one takes its place.
+    let kills = 0
+    let done = false
+    const killer = (async () => {
+      while (!done) {
+        await sleep(2000)
+        if (done) break
+        const i = kills % 3
+        workers[i]!.kill("SIGKILL")
+        await workers[i]!.exited()
+        kills++
+        generation++
+        workers[i] = startWorker(env(`w${i}.${generation}`))
+      }
+    })()
+    await writing
+    await waitFor(async () => (await effectCount(t.db)) >= 20_000, {
+      timeoutMs: 240_000,
+      intervalMs: 500,
+      message: "20,000 effects",
+    })
+    done = true
+    await killer
+    // Let the survivors settle, then make sure nothing more (a duplicate) appears.
+    await sleep(1500)
+    const rows = await effects(t.db)
+    assert.ok(kills >= 3, `at least 3 workers were killed (got ${kills})`)
+    const distinct = new Set(rows.map((r) => `${r.key}/${r.ver}`))
+    assert.equal(distinct.size, 20_000, "every event has an effect")
+    assert.equal(rows.length, 20_000, "no event has two effects")
+    const { byKey, problems } = checkEffects(rows)
+    assert.equal(byKey.size, 100)
+    assert.deepEqual(problems, [], "within each key, effects in version order")
+    const workersSeen = new Set(rows.map((r) => r.worker))
+    assert.ok(workersSeen.size >= 4, "effects came from workers of several generations")
+  })
+
+  test("fencing: a worker frozen past its lock's expiry writes nothing when it resumes", async () => {
+    const { t, stream, group } = await site()
+    const frozen = startWorker({
+      DATABASE_URL: t.url,
+      NATS_URL: SHARED_NATS,
+      REDIS_URL: SHARED_REDIS,
+      STREAM: stream.name,
+      GROUP: group,
+      WORKER_ID: "frozen",
+      LEASE_MS: "1000",
+      RECOVERY_MS: "200",
+      SLOW_KEY: "slow",
+      SLOW_MS: "1500",
+    })
+    await waitFor(() => frozen.json().some((l) => l.started), {
+      timeoutMs: 15_000,
+      message: "worker up",
+    })
+    await publishEvent(nc, stream.site, { key: "slow", ver: 1, payload: { n: 1 } })
+    await waitFor(() => frozen.json().some((l) => l.slowStart === 1), {
+      timeoutMs: 10_000,
+      message: "handler started",
+    })
+    // Freeze it mid-handler: no heartbeats, no lock extension, like a long GC pause.
+    frozen.kill("SIGSTOP")
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    const other = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      workerId: "other",
+      handlers: { "demo.item.changed.v1": recordEffect("other") },
+      leaseMs: 1000,
+      pollIntervalMs: 200,
+      recoveryIntervalMs: 200,
+    })
+    cleanups.push(() => other.stop())
+    await other.start()
+    await waitFor(async () => (await effectCount(t.db)) === 1, {
+      timeoutMs: 15_000,
+      message: "the other worker took the key and handled v1",
+    })
+    frozen.kill("SIGCONT")
+    await waitFor(() => frozen.json().some((l) => l.completeFailed === 1), {
+      timeoutMs: 10_000,
+      message: "the resumed worker's complete() was refused",
+    })
+    const failure = frozen.json().find((l) => l.completeFailed === 1)!
+    assert.equal(failure.error, "FencedError")
+    await sleep(500)
+    const rows = await effects(t.db)
+    assert.deepEqual(
+      rows.map((r) => [r.key, r.ver, r.worker]),
+      [["slow", 1, "other"]],
+      "one effect, by the worker that took over",
+    )
+    await other.stop()
+  })
+
+  test("a private Redis restarted in the middle of draining: every effect once, in order", async () => {
+    const { t, stream, group } = await site()
+    await using server = await startRedisServer()
+    const clients = [new Redis(server.url), new Redis(server.url)]
+    for (const c of clients) c.on("error", () => {})
+    cleanups.push(async () => clients.forEach((c) => c.disconnect()))
+    const consumers = clients.map((redis, i) =>
+      createKeyedConsumer({
+        group,
+        stream: stream.name,
+        nats: nc,
+        db: t.db,
+        redis,
+        workerId: `r${i}`,
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            await sleep(1) // keep the drain going long enough to restart Redis under it
+            await recordEffect(`r${i}`)(event, ctx)
+          },
+        },
+        leaseMs: 2000,
+        pollIntervalMs: 300,
+        recoveryIntervalMs: 300,
+      }),
+    )
+    for (const c of consumers) {
+      cleanups.push(() => c.stop())
+      await c.start()
+    }
+    const keys = 30
+    const perKey = 100
+    for (let ver = 1; ver <= perKey; ver++) {
+      await Promise.all(
+        Array.from({ length: keys }, (_, k) =>
+          publishEvent(nc, stream.site, { key: `r${k}`, ver, payload: { n: ver } }),
+        ),
+      )
+    }
+    await waitFor(async () => (await effectCount(t.db)) >= 600, {
+      timeoutMs: 30_000,
+      message: "draining",
+    })
+    await server.kill()
+    await sleep(1000)
+    await server.start()
+    const atRestart = await effectCount(t.db)
+    assert.ok(atRestart < keys * perKey, "Redis went away while work was left")
+    await waitFor(async () => (await effectCount(t.db)) >= keys * perKey, {
+      timeoutMs: 90_000,
+      intervalMs: 250,
+      message: "all effects after the Redis restart",
+    })
+    await sleep(500)
+    const rows = await effects(t.db)
+    assert.equal(rows.length, keys * perKey, "no effect twice")
+    assert.deepEqual(checkEffects(rows).problems, [])
+    for (const c of consumers) await c.stop()
+  })
+})

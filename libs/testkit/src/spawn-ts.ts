@@ -1,0 +1,55 @@
+import { type ChildProcess, spawn } from "node:child_process"
+import { fileURLToPath } from "node:url"
+
+const repoRoot = fileURLToPath(new URL("../../../", import.meta.url))
+
+export interface TsChild extends ChildProcess {
+  /** Every line the child printed on stdout so far. */
+  readonly lines: string[]
+  /** Lines that parse as JSON objects, parsed. */
+  json(): Record<string, any>[]
+  /** Resolves when the child has exited (at once if it already has). */
+  exited(): Promise<{ code: number | null; signal: NodeJS.Signals | null }>
+}
+
+/**
+ * Runs a TypeScript entry point in a child process: `node --import tsx`, not the tsx
+ * wrapper, so that a signal sent to the child (SIGKILL, SIGSTOP) reaches the program itself.
+ * stderr is passed through; stdout is collected line by line. The child is SIGKILLed when
+ * the test process exits.
+ */
+export function spawnTs(entry: string, env: Record<string, string> = {}): TsChild {
+  const child = spawn(process.execPath, ["--import", "tsx", entry], {
+    cwd: repoRoot,
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "inherit"],
+  }) as ChildProcess & { lines: string[] }
+  const lines: string[] = []
+  let partial = ""
+  child.stdout!.on("data", (chunk: Buffer) => {
+    const parts = (partial + chunk.toString()).split("\n")
+    partial = parts.pop() ?? ""
+    lines.push(...parts)
+  })
+  const kill = () => child.kill("SIGKILL")
+  process.once("exit", kill)
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.once("exit", (code, signal) => {
+      process.off("exit", kill)
+      resolve({ code, signal })
+    }),
+  )
+  return Object.assign(child, {
+    lines,
+    json: () =>
+      lines.flatMap((l) => {
+        if (!l.startsWith("{")) return []
+        try {
+          return [JSON.parse(l) as Record<string, any>]
+        } catch {
+          return []
+        }
+      }),
+    exited: () => exit,
+  })
+}
