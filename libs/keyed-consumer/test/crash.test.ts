@@ -210,7 +210,9 @@ describe("keyed consumer under crashes", () => {
     await using server = await startRedisServer()
     const clients = [new Redis(server.url), new Redis(server.url)]
     for (const c of clients) c.on("error", () => {})
-    cleanups.push(async () => clients.forEach((c) => c.disconnect()))
+    cleanups.push(async () => {
+      for (const c of clients) c.disconnect()
+    })
     const consumers = clients.map((redis, i) =>
       createKeyedConsumer({
         group,
