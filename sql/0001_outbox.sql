@@ -72,7 +72,27 @@ as $$
 declare
   heads bigint[];
   seqs  bigint[];
+  v_ver bigint;
 begin
+  -- One event, the common case, without the array plumbing: the same two steps as plain
+  -- statements. Measured (8 writers, one event per transaction): 45% -> 52% of bare writer
+  -- commits. The key-head upsert alone costs about a third of bare.
+  if cardinality(types) = 1 then
+    insert into keyway.outbox_key_head as h (topic, key, ver)
+    values (pair_topics[1], pair_keys[1], 1)
+    on conflict (topic, key) do update set ver = h.ver + 1
+    returning h.ver into v_ver;
+    if (select listening from keyway.relay_state where id = 1) then
+      perform pg_notify('keyway_outbox', '');
+    end if;
+    return query
+    insert into keyway.outbox as o (seq, topic, key, ver, type, payload, trace)
+    values (nextval('keyway.outbox_seq'), pair_topics[1], pair_keys[1], v_ver, types[1],
+            payloads[1], trace)
+    returning o.seq, o.ver;
+    return;
+  end if;
+
   -- The pairs arrive sorted, and an INSERT takes its rows' locks in input order.
   with bumped as (
     insert into keyway.outbox_key_head as h (topic, key, ver)
@@ -87,6 +107,11 @@ begin
   -- nextval() hands out increasing values; sorting them lets event i take the i-th smallest.
   select array_agg(s.v order by s.v) into seqs
   from (select nextval('keyway.outbox_seq') as v from generate_series(1, cardinality(types))) s;
+
+  -- Postgres coalesces a transaction's identical notifications and delivers them at commit.
+  if (select listening from keyway.relay_state where id = 1) then
+    perform pg_notify('keyway_outbox', '');
+  end if;
 
   return query
   insert into keyway.outbox as o (seq, topic, key, ver, type, payload, trace)
@@ -106,27 +131,13 @@ $$;
 -- transactions that NOTIFY on one queue lock held through the WAL flush, which defeats group
 -- commit (measured here: bare commits fell by about a third with one NOTIFY per transaction).
 -- And under load it is useless: a busy relay claims again as soon as a batch is done.
--- So the relay says when it is idle, and only then do writers notify. The flag is read, never
--- written, by writers, so it costs them one index lookup and no contention.
+-- So the relay says when it is listening (asleep, waiting for a NOTIFY), and only then does
+-- keyway.enqueue() notify. The flag is read, never written, by writers: one index lookup and
+-- no contention. The check lives in keyway.enqueue(), the one way rows get in.
 create table keyway.relay_state (
   id   int     primary key default 1 check (id = 1),
-  idle boolean not null
+  listening boolean not null
 );
-insert into keyway.relay_state values (1, true);
+-- No relay has started: nobody listens. A relay polls when it starts, so nothing waits.
+insert into keyway.relay_state values (1, false);
 
--- Statement-level: one NOTIFY per transaction at most (Postgres coalesces within a
--- transaction, and delivers at commit), and no writer can forget it.
-create function keyway.outbox_notify() returns trigger
-language plpgsql
-as $$
-begin
-  if (select idle from keyway.relay_state where id = 1) then
-    perform pg_notify('keyway_outbox', '');
-  end if;
-  return null;
-end
-$$;
-
-create trigger outbox_notify
-after insert on keyway.outbox
-for each statement execute function keyway.outbox_notify();

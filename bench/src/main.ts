@@ -2,6 +2,7 @@
 // and, as its last line, one JSON object for machines.
 const benches: Record<string, () => Promise<void>> = {
   relay: async () => (await import("./relay.ts")).run(),
+  pipeline: async () => (await import("./pipeline.ts")).run(),
 }
 
 const name = process.argv[2] ?? ""

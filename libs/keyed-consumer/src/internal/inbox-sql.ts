@@ -28,21 +28,16 @@ export interface TaskRow {
   wait_ms: number
 }
 
+const taskColumns = sql`
+  i.ver, i.event_id, i.type, i.payload, i.trace, i.created_at, i.state, i.attempts,
+  extract(epoch from greatest(i.run_after, now()) - now()) * 1000 as wait_ms`
+
 export interface KeyRef {
   topic: string
   key: string
 }
 
-/**
- * Inserts a batch into the inbox, dropping events already there, and records keys seen for
- * the first time with their starting point. One statement for the batch: an ingest commit
- * costs far more than the rows in it.
- *
- * A key first seen with version 1 starts at 0. A key first seen higher up (the group started
- * later than the key, or retention removed its first events, or another worker's batch with
- * the lower versions has not committed yet) gets a provisional start and is not drained
- * until confirmBaselines() settles it.
- */
+/** Inserts a batch into the inbox (keyway.ingest); returns the keys that got new rows. */
 export async function ingestBatch(
   db: Kysely<any>,
   group: string,
@@ -50,30 +45,10 @@ export async function ingestBatch(
 ): Promise<KeyRef[]> {
   const col = <K extends keyof IncomingEvent>(k: K) => events.map((e) => e[k])
   const r = await sql<KeyRef>`
-    with incoming as (
-      select * from unnest(
-        ${col("topic")}::text[], ${col("key")}::text[], ${col("ver")}::bigint[],
-        ${col("eventId")}::text[], ${col("type")}::text[], ${col("payload")}::jsonb[],
-        ${col("trace")}::jsonb[], ${col("createdAt")}::timestamptz[], ${col("streamSeq")}::bigint[]
-      ) as t(topic, key, ver, event_id, type, payload, trace, created_at, stream_seq)
-    ),
-    inserted as (
-      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, trace, created_at)
-      select ${group}, topic, key, ver, event_id, type, payload, trace, created_at from incoming
-      on conflict do nothing
-      returning topic, key
-    ),
-    first_seen as (
-      insert into keyway.consumer_key (grp, topic, key, done_ver, baseline_stream_seq)
-      select ${group}, topic, key, min(ver) - 1,
-             case when min(ver) = 1 then null
-                  else (array_agg(stream_seq order by ver))[1] end
-      from incoming
-      group by topic, key
-      order by topic, key
-      on conflict do nothing
-    )
-    select distinct topic, key from inserted
+    select topic, key from keyway.ingest(
+      ${group}, ${col("topic")}::text[], ${col("key")}::text[], ${col("ver")}::bigint[],
+      ${col("eventId")}::text[], ${col("type")}::text[], ${col("payload")}::jsonb[],
+      ${col("trace")}::jsonb[], ${col("createdAt")}::timestamptz[], ${col("streamSeq")}::bigint[])
   `.execute(db)
   return r.rows
 }
@@ -102,29 +77,23 @@ export async function hasProvisionalBaselines(db: Kysely<any>, group: string): P
   return r.rows.length > 0
 }
 
-/**
- * Takes the key for this worker: bumps its fencing epoch and sets a lease. Refuses a key
- * whose lease another worker holds (that worker is alive and draining it) or whose start is
- * still provisional.
- */
-export async function takeKey(
+/** Takes the key for this worker and reads its next tasks (keyway.claim_key). */
+export async function claimKey(
   db: Kysely<any>,
   group: string,
   ref: KeyRef,
   owner: string,
   leaseMs: number,
-): Promise<{ epoch: number; doneVer: number } | undefined> {
-  const r = await sql<{ epoch: number; done_ver: number }>`
-    update keyway.consumer_key
-       set epoch = epoch + 1, owner = ${owner},
-           lease_until = now() + make_interval(secs => ${leaseMs / 1000})
-     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
-       and baseline_stream_seq is null
-       and (lease_until is null or lease_until < now() or owner = ${owner})
-    returning epoch, done_ver
+  limit: number,
+): Promise<{ epoch: number; doneVer: number; tasks: TaskRow[] } | undefined> {
+  const r = await sql<{ epoch: number; done_ver: number } & TaskRow>`
+    select * from keyway.claim_key(${group}, ${ref.topic}, ${ref.key}, ${owner},
+                                   ${Math.round(leaseMs)}::int, ${limit}::int)
   `.execute(db)
-  const row = r.rows[0]
-  return row && { epoch: row.epoch, doneVer: row.done_ver }
+  const first = r.rows[0]
+  if (!first) return undefined
+  const tasks = r.rows.filter((row) => row.ver !== null)
+  return { epoch: first.epoch, doneVer: first.done_ver, tasks }
 }
 
 /** The next tasks of a key, from version `from` on, in version order. */
@@ -136,21 +105,18 @@ export async function nextTasks(
   limit: number,
 ): Promise<TaskRow[]> {
   const r = await sql<TaskRow>`
-    select ver, event_id, type, payload, trace, created_at, state, attempts,
-           extract(epoch from greatest(run_after, now()) - now()) * 1000 as wait_ms
-      from keyway.inbox
-     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
-       and ver >= ${from} and ver < ${from + limit}
-     order by ver
+    select ${taskColumns}
+      from keyway.inbox i
+     where i.grp = ${group} and i.topic = ${ref.topic} and i.key = ${ref.key}
+       and i.ver >= ${from} and i.ver < ${from + limit}
+     order by i.ver
   `.execute(db)
   return r.rows
 }
 
 /**
- * Inside the handler's transaction: advance the key to `ver` and mark the task done, if and
- * only if this worker still holds the key at that point. The update takes the key row's
- * lock, so a worker bumping the epoch now waits for this commit and then sees the new
- * done_ver. False means fenced: the caller rolls back.
+ * Inside the handler's transaction: advance the key to `ver` and mark the task done, if this
+ * worker still holds the key (keyway.complete_task). False means fenced: roll back.
  */
 export async function markDone(
   trx: Kysely<any>,
@@ -158,25 +124,13 @@ export async function markDone(
   ref: KeyRef,
   ver: number,
   epoch: number,
+  leaseMs: number,
 ): Promise<boolean> {
-  const r = await sql<{ ok: number }>`
-    with advanced as (
-      update keyway.consumer_key
-         set done_ver = ${ver}, gap_since = null
-       where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
-         and epoch = ${epoch} and done_ver = ${ver - 1}
-      returning 1
-    )
-    update keyway.inbox
-       -- A task an operator skipped ahead of time stays 'skipped'; it did not run.
-       set state = case when state = 'skipped' then 'skipped' else 'done' end,
-           done_at = coalesce(done_at, now()),
-           attempts = attempts + case when state = 'pending' then 1 else 0 end
-     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and ver = ${ver}
-       and exists (select 1 from advanced)
-    returning 1 as ok
+  const r = await sql<{ ok: boolean }>`
+    select keyway.complete_task(${group}, ${ref.topic}, ${ref.key}, ${ver}, ${epoch},
+                                ${Math.round(leaseMs)}::int) as ok
   `.execute(trx)
-  return r.rows.length === 1
+  return r.rows[0]!.ok
 }
 
 /**
@@ -227,26 +181,19 @@ export async function renewLease(
   return Number(r.numAffectedRows ?? 0) === 1
 }
 
-/** Gives the key back. `gap` records since when the key waits for a missing version. */
-export async function releaseKey(
-  db: Kysely<any>,
-  group: string,
-  ref: KeyRef,
-  epoch: number,
-  gap: boolean,
-): Promise<void> {
+/** Records since when the key waits for a missing version (the first time only). */
+export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
   await sql`
-    update keyway.consumer_key
-       set owner = null, lease_until = null,
-           gap_since = case when ${gap} then coalesce(gap_since, now()) else null end
+    update keyway.consumer_key set gap_since = coalesce(gap_since, now())
      where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
   `.execute(db)
 }
 
 /**
- * Keys that have a task ready to run and nobody holding them: the polling loop's catch for
- * lost wake-ups. A key whose lease expired (its worker crashed) counts as free here, so the
- * recovery loop only needs to clear stale leases for the listings.
+ * Keys that have a task ready to run and no live lease: the polling loop's catch for lost
+ * wake-ups. A lease is refreshed by every completed task and by heartbeats and is not
+ * cleared at the end of a drain, so a key drained a moment ago is left to its ingest
+ * wake-ups for one lease length; a key whose worker died is picked up when its lease ends.
  */
 export async function runnableKeys(
   db: Kysely<any>,
@@ -267,29 +214,29 @@ export async function runnableKeys(
   return r.rows
 }
 
-/** Clears leases that expired: their workers died or stalled. Returns the keys. */
+/**
+ * The recovery loop's query: keys whose worker stopped renewing its lease (crashed, or
+ * frozen) while a task is ready. Clears their leases and returns them to be drained.
+ */
 export async function expireLeases(db: Kysely<any>, group: string): Promise<KeyRef[]> {
   const r = await sql<KeyRef>`
-    update keyway.consumer_key
+    update keyway.consumer_key k
        set owner = null, lease_until = null
-     where grp = ${group} and lease_until < now()
-    returning topic, key
+     where k.grp = ${group} and k.lease_until < now()
+       and exists (select 1 from keyway.inbox i
+                    where i.grp = k.grp and i.topic = k.topic and i.key = k.key
+                      and i.ver = k.done_ver + 1 and i.state = 'pending')
+    returning k.topic, k.key
   `.execute(db)
   return r.rows
 }
 
-/** Whether the key has a task ready now (checked after releasing it, to close a race). */
+/** Whether the key has a task ready now (keyway.is_runnable). */
 export async function isRunnable(db: Kysely<any>, group: string, ref: KeyRef): Promise<boolean> {
-  const r = await sql`
-    select 1
-      from keyway.consumer_key k
-      join keyway.inbox i
-        on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
-     where k.grp = ${group} and k.topic = ${ref.topic} and k.key = ${ref.key}
-       and k.baseline_stream_seq is null
-       and i.state = 'pending' and i.run_after <= now()
+  const r = await sql<{ ok: boolean }>`
+    select keyway.is_runnable(${group}, ${ref.topic}, ${ref.key}) as ok
   `.execute(db)
-  return r.rows.length > 0
+  return r.rows[0]!.ok
 }
 
 export async function recordReject(

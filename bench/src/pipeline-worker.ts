@@ -1,0 +1,67 @@
+// One consumer process of the pipeline benchmark: Keyway's keyed consumer or graphile-worker,
+// doing the same work per event (one row inserted, stamped with the time it was handled).
+import { createDb } from "@keyway/db"
+import { createKeyedConsumer } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { Logger, run } from "graphile-worker"
+import { Redis } from "ioredis"
+import { sql } from "kysely"
+
+const env = process.env
+const now = () => performance.timeOrigin + performance.now()
+let stop: () => Promise<void>
+
+if (env.KIND === "keyway") {
+  const nc = await connectNats({ servers: env.NATS_URL! })
+  const db = createDb({ connectionString: env.DATABASE_URL!, max: 20 })
+  const redis = new Redis(env.REDIS_URL!)
+  const consumer = createKeyedConsumer({
+    group: env.GROUP!,
+    stream: env.STREAM!,
+    nats: nc,
+    db,
+    redis,
+    concurrency: Number(env.CONCURRENCY ?? 16),
+    handlers: {
+      "demo.item.changed.v1": async (event, ctx) => {
+        await ctx.complete((trx) =>
+          sql`insert into effect (key, ver, event_id, handled_at)
+              values (${event.key}, ${event.ver}, ${event.id}, ${now()})`.execute(trx),
+        )
+      },
+    },
+  })
+  await consumer.start()
+  stop = async () => {
+    await consumer.stop()
+    await nc.close()
+    await db.destroy()
+    redis.disconnect()
+  }
+} else {
+  const runner = await run({
+    connectionString: env.DATABASE_URL!,
+    concurrency: Number(env.CONCURRENCY ?? 16),
+    noHandleSignals: true,
+    pollInterval: 1000,
+    // The default logger prints a line per job; the benchmark measures the work, not the logs.
+    logger: new Logger(() => () => {}),
+    taskList: {
+      item: async (payload, helpers) => {
+        const p = payload as { key: string; id: string }
+        await helpers.withPgClient((client) =>
+          client.query(
+            "insert into effect (key, ver, event_id, handled_at) values ($1, 0, $2, $3)",
+            [p.key, p.id, now()],
+          ),
+        )
+      },
+    },
+  })
+  stop = () => runner.stop()
+}
+console.log(JSON.stringify({ ready: true }))
+process.on("SIGTERM", async () => {
+  await stop()
+  process.exit(0)
+})

@@ -1,0 +1,277 @@
+// The pipeline benchmark (issue 3): writers → outbox → relay → JetStream → keyed consumer →
+// handler, next to graphile-worker with queue_name = key doing the same work from the same
+// writer pattern, on the same Postgres.
+import { randomBytes } from "node:crypto"
+import { fileURLToPath } from "node:url"
+import { applyStreams, connectNats } from "@keyway/nats"
+import { createRelay, enqueue } from "@keyway/outbox"
+import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { runMigrations } from "graphile-worker"
+import { type Kysely, sql } from "kysely"
+import { percentile, printTable, round } from "./stats.ts"
+
+const KEYS = 1000
+const WRITERS = 8
+const EVENTS = Number(process.env.BENCH_EVENTS ?? 20_000)
+const LATENCY_RATE = 1000
+const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
+const WORKER_PROCESSES = 2
+const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
+const now = () => performance.timeOrigin + performance.now()
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+type Write = (key: string, n: number) => Promise<string>
+
+async function effectCount(db: Kysely<any>) {
+  return (await sql<{ n: number }>`select count(*)::int as n from effect`.execute(db)).rows[0]!.n
+}
+
+async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number) {
+  const deadline = Date.now() + timeoutMs
+  while ((await effectCount(db)) < n) {
+    if (Date.now() > deadline) throw new Error(`only ${await effectCount(db)} of ${n} effects`)
+    await sleep(50)
+  }
+}
+
+/** Events/s from the first commit to the last handler, over EVENTS events. */
+async function commits(db: Kysely<any>) {
+  const r = await sql<{ c: number; s: number }>`
+    select xact_commit::float8 as c,
+           (tup_inserted + tup_updated + tup_deleted + tup_fetched)::float8 as s
+      from pg_stat_database where datname = current_database()`.execute(db)
+  return r.rows[0]!
+}
+
+async function throughput(db: Kysely<any>, write: Write) {
+  await sql`truncate effect`.execute(db)
+  const before = await commits(db)
+  let n = 0
+  const start = now()
+  await Promise.all(
+    Array.from({ length: WRITERS }, async () => {
+      while (n < EVENTS) await write(`k${Math.floor(Math.random() * KEYS)}`, n++)
+    }),
+  )
+  const writtenIn = now() - start
+  await waitForEffects(db, EVENTS, 600_000)
+  const last = (await sql<{ t: number }>`select max(handled_at) as t from effect`.execute(db))
+    .rows[0]!.t
+  // pg_stat_database lags by up to its stats interval; a pause lets it catch up.
+  await sleep(1000)
+  const after = await commits(db)
+  return {
+    perSecond: EVENTS / ((last - start) / 1000),
+    writePerSecond: EVENTS / (writtenIn / 1000),
+    commitsPerEvent: (after.c - before.c) / EVENTS,
+    rowsPerEvent: (after.s - before.s) / EVENTS,
+  }
+}
+
+/** Commit-to-handler latency at a steady LATENCY_RATE, one event per transaction. */
+async function latency(db: Kysely<any>, write: Write) {
+  await sql`truncate effect`.execute(db)
+  const committed = new Map<string, number>()
+  const total = Math.round((LATENCY_RATE * LATENCY_MS) / 1000)
+  const perWriter = total / WRITERS
+  const start = now()
+  await Promise.all(
+    Array.from({ length: WRITERS }, async (_, w) => {
+      for (let i = 0; i < perWriter; i++) {
+        const due = start + (i * WRITERS * 1000) / LATENCY_RATE + (w * 1000) / LATENCY_RATE
+        if (due > now()) await sleep(due - now())
+        const id = await write(`k${Math.floor(Math.random() * KEYS)}`, i)
+        committed.set(id, now())
+      }
+    }),
+  )
+  await waitForEffects(db, total, 120_000)
+  const rows = await sql<{ event_id: string; handled_at: number }>`
+    select event_id, handled_at from effect
+  `.execute(db)
+  const latencies = rows.rows.flatMap((r) => {
+    const c = committed.get(r.event_id)
+    return c === undefined ? [] : [r.handled_at - c]
+  })
+  // The first second warms connections and caches; it is not the steady state.
+  const steady = latencies.slice(LATENCY_RATE)
+  return {
+    p50: percentile(steady, 50),
+    p99: percentile(steady, 99),
+    samples: steady.length,
+    stages: await stages(db, committed),
+  }
+}
+
+/**
+ * Where Keyway's latency goes, per event: commit → relay's PubAck mark → inbox commit →
+ * handler. Timestamps are the outbox's published_at and the inbox's received_at (both the
+ * start of the transaction that wrote them) and the handler's clock, on one machine.
+ */
+async function stages(db: Kysely<any>, committed: Map<string, number>) {
+  const has = await sql<{
+    ok: boolean
+  }>`select to_regclass('keyway.inbox') is not null as ok`.execute(db)
+  if (!has.rows[0]!.ok) return undefined
+  const r = await sql<{ event_id: string; published: number; received: number; handled: number }>`
+    select e.event_id,
+           extract(epoch from o.published_at) * 1000 as published,
+           extract(epoch from i.received_at) * 1000 as received,
+           e.handled_at as handled
+      from effect e
+      join keyway.inbox i on i.event_id = e.event_id
+      join keyway.outbox o on o.seq = split_part(e.event_id, ':', 2)::bigint
+  `.execute(db)
+  if (r.rows.length === 0) return undefined
+  const relay: number[] = []
+  const ingest: number[] = []
+  const drain: number[] = []
+  for (const row of r.rows) {
+    const c = committed.get(row.event_id)
+    if (c === undefined) continue
+    relay.push(row.published - c)
+    ingest.push(row.received - row.published)
+    drain.push(row.handled - row.received)
+  }
+  const p = (xs: number[]) => `${round(percentile(xs, 50), 1)} / ${round(percentile(xs, 99), 1)}`
+  return { relay: p(relay), ingest: p(ingest), drain: p(drain) }
+}
+
+async function startWorkers(env: Record<string, string>): Promise<TsChild[]> {
+  const children = Array.from({ length: WORKER_PROCESSES }, () => spawnTs(workerEntry, env))
+  for (const c of children) {
+    while (!c.json().some((l) => l.ready)) {
+      if (c.exitCode !== null) throw new Error("a benchmark worker died at start")
+      await sleep(50)
+    }
+  }
+  return children
+}
+
+async function stopWorkers(children: TsChild[]) {
+  for (const c of children) c.kill("SIGTERM")
+  await Promise.all(children.map((c) => c.exited()))
+}
+
+export async function run() {
+  const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
+  const db = t.db
+  await sql`create table bench_order (id bigserial primary key, key text not null, n int not null)`.execute(
+    db,
+  )
+  await sql`create table effect (id bigserial primary key, key text not null, ver bigint not null,
+                                 event_id text not null, handled_at double precision not null)`.execute(
+    db,
+  )
+  await runMigrations({ connectionString: t.url, logger: undefined })
+  const site = `bench${randomBytes(3).toString("hex")}`
+  const streamName = site.toUpperCase()
+  const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+  const nc = await connectNats({ servers: natsUrl })
+  const jsm = await jetstreamManager(nc)
+  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+  await relay.start()
+
+  const keywayWrite: Write = async (key, n) => {
+    const [e] = await db.transaction().execute(async (trx) => {
+      await trx.insertInto("bench_order").values({ key, n }).execute()
+      return enqueue(trx, { type: "demo.item.changed.v1", key, payload: { n } })
+    })
+    return `${site}:${e!.seq}`
+  }
+  let gid = 0
+  const graphileWrite: Write = async (key, n) => {
+    const id = `g:${gid++}`
+    await db.transaction().execute(async (trx) => {
+      await trx.insertInto("bench_order").values({ key, n }).execute()
+      await sql`select graphile_worker.add_job('item', ${JSON.stringify({ key, id })}::json,
+                                                queue_name => ${key})`.execute(trx)
+    })
+    return id
+  }
+
+  const env = {
+    DATABASE_URL: t.url,
+    NATS_URL: natsUrl,
+    REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
+    STREAM: streamName,
+    GROUP: `bench_${site}`,
+    CONCURRENCY: "16",
+  }
+  try {
+    let workers = await startWorkers({ ...env, KIND: "keyway" })
+    const kThroughput = await throughput(db, keywayWrite)
+    const kLatency = await latency(db, keywayWrite)
+    await stopWorkers(workers)
+    workers = await startWorkers({ ...env, KIND: "graphile" })
+    const gThroughput = await throughput(db, graphileWrite)
+    const gLatency = await latency(db, graphileWrite)
+    await stopWorkers(workers)
+
+    const result = {
+      bench: "pipeline",
+      keyway_per_s: Math.round(kThroughput.perSecond),
+      graphile_keyed_per_s: Math.round(gThroughput.perSecond),
+      keyway_p50_ms: round(kLatency.p50, 2),
+      keyway_p99_ms: round(kLatency.p99, 2),
+      graphile_p50_ms: round(gLatency.p50, 2),
+      graphile_p99_ms: round(gLatency.p99, 2),
+    }
+    printTable([
+      ["measure", "keyway", "graphile-worker", "note"],
+      [
+        "events/s end to end",
+        result.keyway_per_s,
+        result.graphile_keyed_per_s,
+        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker processes x 16`,
+      ],
+      [
+        "writer commits/s meanwhile",
+        Math.round(kThroughput.writePerSecond),
+        Math.round(gThroughput.writePerSecond),
+        "1 row + 1 event per tx",
+      ],
+      [
+        "commit-to-handler p50 ms",
+        result.keyway_p50_ms,
+        result.graphile_p50_ms,
+        `${LATENCY_RATE} events/s`,
+      ],
+      [
+        "commit-to-handler p99 ms",
+        result.keyway_p99_ms,
+        result.graphile_p99_ms,
+        `${kLatency.samples} / ${gLatency.samples} samples`,
+      ],
+      [
+        "Postgres commits per event",
+        round(kThroughput.commitsPerEvent, 2),
+        round(gThroughput.commitsPerEvent, 2),
+        "all processes",
+      ],
+      [
+        "Postgres rows touched per event",
+        round(kThroughput.rowsPerEvent, 1),
+        round(gThroughput.rowsPerEvent, 1),
+        "inserted, updated, deleted, fetched",
+      ],
+      ["  commit → published (relay) p50 / p99", kLatency.stages?.relay ?? "", "", "ms"],
+      ["  published → in inbox (ingest) p50 / p99", kLatency.stages?.ingest ?? "", "", "ms"],
+      ["  in inbox → handled (drain) p50 / p99", kLatency.stages?.drain ?? "", "", "ms"],
+      [
+        "ratio keyway / graphile",
+        round(kThroughput.perSecond / gThroughput.perSecond, 2),
+        "",
+        "target >= 5",
+      ],
+    ])
+    console.log(JSON.stringify(result))
+  } finally {
+    await relay.stop()
+    await jsm.streams.delete(streamName).catch(() => {})
+    await nc.close()
+    await t.drop()
+  }
+}
