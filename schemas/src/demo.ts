@@ -13,3 +13,16 @@ export const DemoItemChanged = defineEvent({
     note: Schema.optional(Schema.String.pipe(Schema.check(Schema.isMaxLength(1000)))),
   }),
 })
+
+/**
+ * Topic `demo.command`: what the demo sends from the cloud to a factory, the reverse
+ * direction of `demo.item`.
+ */
+export const DemoCommandSent = defineEvent({
+  type: "demo.command.sent.v1",
+  topic: "demo.command",
+  schema: Schema.Struct({
+    n: Schema.Number.pipe(Schema.check(Schema.isInt())),
+    command: Schema.String.pipe(Schema.check(Schema.isMaxLength(200))),
+  }),
+})

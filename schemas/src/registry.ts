@@ -1,9 +1,9 @@
 import type { EventType } from "./define-event.ts"
-import { DemoItemChanged } from "./demo.ts"
+import { DemoCommandSent, DemoItemChanged } from "./demo.ts"
 
 // Every event type Keyway knows, by name. Adding a topic module means adding it here; the
 // outbox refuses names that are not listed, so a typo fails at the writer, not downstream.
-const all: readonly EventType<any>[] = [DemoItemChanged]
+const all: readonly EventType<any>[] = [DemoItemChanged, DemoCommandSent]
 
 export const eventTypes: ReadonlyMap<string, EventType<any>> = new Map(all.map((e) => [e.type, e]))
 
