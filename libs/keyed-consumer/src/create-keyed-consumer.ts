@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto"
 import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
-import { type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { type JetStreamManager, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import { Effect, Fiber, Schedule } from "effect"
@@ -87,7 +87,6 @@ export interface KeyedConsumerConfig {
 
 export interface KeyedConsumerStatus {
   ingested: number
-  duplicates: number
   rejected: number
   done: number
   retried: number
@@ -135,7 +134,6 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const keyLock: KeyLock = createRedlockKeyLock(config.redis)
   const stats: Omit<KeyedConsumerStatus, "drainingKeys"> = {
     ingested: 0,
-    duplicates: 0,
     rejected: 0,
     done: 0,
     retried: 0,
@@ -475,9 +473,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- safety nets -------------------------------------------------------------------------
 
+  let jsm: JetStreamManager | undefined
   const pollOnce = Effect.tryPromise(async () => {
     if (await hasProvisionalBaselines(db, group)) {
-      const jsm = await jetstreamManager(config.nats)
+      // Created once: jetstreamManager() makes an API round trip to check JetStream is there.
+      jsm ??= await jetstreamManager(config.nats)
       const info = await jsm.consumers.info(config.stream, group)
       await confirmBaselines(db, group, info.ack_floor.stream_seq)
     }

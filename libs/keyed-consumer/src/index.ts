@@ -19,7 +19,6 @@ export {
   type FencingToken,
   type Handler,
   type HandlerContext,
-  KeyedConsumerError,
   type KeyedEvent,
   PoisonError,
   type TopicPolicy,

@@ -70,7 +70,3 @@ export class FencedError extends Error {
 export class PoisonError extends Error {
   override name = "PoisonError"
 }
-
-export class KeyedConsumerError extends Error {
-  override name = "KeyedConsumerError"
-}

@@ -48,7 +48,7 @@ export async function unpublishedCount(db: Kysely<any>): Promise<number> {
   return r.rows[0]!.n
 }
 
-/** Asserts each key's versions appear as 1..n in stream order, each once; returns per-key n. */
+/** Each key's versions in stream order. */
 export function versionsByKey(events: readonly EventEnvelope[]): Map<string, number[]> {
   const byKey = new Map<string, number[]>()
   for (const e of events) {
