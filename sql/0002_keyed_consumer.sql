@@ -185,5 +185,5 @@ as $$
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
      where k.grp = p_grp and k.topic = p_topic and k.key = p_key
        and k.baseline_stream_seq is null
-       and i.state = 'pending' and i.run_after <= now())
+       and i.state <> 'dead' and i.run_after <= now())
 $$;

@@ -219,6 +219,48 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 1)
   })
 
+  test("admin skip moves a blocked key past its dead task; redrive runs a range again in order", async () => {
+    let v2Failed = false
+    const { t, stream, admin } = await setup({
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 2 && !v2Failed) {
+            v2Failed = true
+            throw new Error("v2 fails once")
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 4; ver++)
+      await publishEvent(nc, stream.site, { key: "s", ver, payload: { n: ver } })
+    await waitFor(async () => (await admin.listBlocked()).length === 1, {
+      timeoutMs: 10_000,
+      message: "blocked",
+    })
+    assert.equal(await admin.skip({ topic: "demo.item", key: "s", fromVer: 2, toVer: 2 }), 1)
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "v3, v4 ran",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 3, 4],
+      "v2 skipped, not run",
+    )
+    // Redrive versions 2..4: the skipped v2 runs now (its first failure is history), then 3, 4.
+    assert.equal(await admin.redrive({ topic: "demo.item", key: "s", fromVer: 2, toVer: 4 }), 3)
+    await waitFor(async () => (await effects(t.db)).length === 6, {
+      timeoutMs: 10_000,
+      message: "redriven",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 3, 4, 2, 3, 4],
+    )
+  })
+
   test("a poison payload is dead at once with its reason; other keys carry on", async () => {
     let calls = 0
     const { t, stream, admin } = await setup({

@@ -1,0 +1,86 @@
+// `just admin <command>`: the operator's view of a consumer group, on top of the library's
+// admin API (createConsumerAdmin). Output is one JSON document on stdout, so it can be read
+// by people and piped to jq alike.
+import { parseArgs } from "node:util"
+import { createDb } from "@keyway/db"
+import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
+
+const usage = `usage: admin <command> --group G [options]
+  dead    [--topic T]                        dead tasks (blocking or parked)
+  gaps    [--topic T]                        keys waiting for a missing version
+  blocked [--topic T]                        keys stopped at a dead task
+  retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
+  skip    --topic T [--key K] [--from N] [--to M]   pending/dead (or missing, with a range) skipped
+  redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
+environment: DATABASE_URL (the group's database)`
+
+function fail(message: string): never {
+  console.error(`admin: ${message}\n${usage}`)
+  process.exit(2)
+}
+
+const { positionals, values } = parseArgs({
+  allowPositionals: true,
+  options: {
+    group: { type: "string" },
+    topic: { type: "string" },
+    key: { type: "string" },
+    from: { type: "string" },
+    to: { type: "string" },
+  },
+})
+const command = positionals[0]
+const databaseUrl = process.env.DATABASE_URL
+if (!databaseUrl) fail("DATABASE_URL is not set")
+if (!values.group) fail("--group is required")
+const version = (name: "from" | "to") => {
+  const raw = values[name]
+  if (raw === undefined) return undefined
+  const n = Number(raw)
+  if (!Number.isInteger(n) || n < 1) fail(`--${name} must be a version (a positive integer)`)
+  return n
+}
+const selector = (): TaskSelector => {
+  if (!values.topic) fail(`${command} needs --topic`)
+  const s: TaskSelector = { topic: values.topic }
+  if (values.key !== undefined) s.key = values.key
+  const from = version("from")
+  const to = version("to")
+  if ((from !== undefined || to !== undefined) && values.key === undefined) {
+    fail("--from/--to select versions of one key: give --key too")
+  }
+  if (from !== undefined) s.fromVer = from
+  if (to !== undefined) s.toVer = to
+  return s
+}
+
+const db = createDb({ connectionString: databaseUrl, max: 1, applicationName: "keyway-admin" })
+const admin = createConsumerAdmin({ db, group: values.group })
+try {
+  let result: unknown
+  switch (command) {
+    case "dead":
+      result = await admin.listDead(values.topic)
+      break
+    case "gaps":
+      result = await admin.listGaps(values.topic)
+      break
+    case "blocked":
+      result = await admin.listBlocked(values.topic)
+      break
+    case "retry":
+      result = { retried: await admin.retry(selector()) }
+      break
+    case "skip":
+      result = { skipped: await admin.skip(selector()) }
+      break
+    case "redrive":
+      result = { redriven: await admin.redrive(selector()) }
+      break
+    default:
+      fail(command ? `unknown command ${JSON.stringify(command)}` : "no command")
+  }
+  console.log(JSON.stringify(result, null, 2))
+} finally {
+  await db.destroy()
+}

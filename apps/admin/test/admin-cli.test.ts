@@ -1,0 +1,124 @@
+import assert from "node:assert/strict"
+import { spawn } from "node:child_process"
+import { after, before, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { sql } from "kysely"
+
+const cli = fileURLToPath(new URL("../src/main.ts", import.meta.url))
+let t: TestDatabase
+
+/** Runs the CLI as an operator would and collects what it printed. */
+function run(args: string[]) {
+  return new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+    const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
+      env: { ...process.env, DATABASE_URL: t.url },
+    })
+    let out = ""
+    let err = ""
+    child.stdout.on("data", (d) => (out += d))
+    child.stderr.on("data", (d) => (err += d))
+    child.on("exit", (code) => resolve({ code, out, err }))
+  })
+}
+
+before(async () => {
+  t = await createTestDatabase()
+  // Key "a": v1 done, v2 dead (blocking), v3 pending behind it. Key "b": v1 done, v3 present: a gap at v2.
+  await sql`
+    insert into keyway.consumer_key (grp, topic, key, done_ver) values
+      ('g', 'demo.item', 'a', 1), ('g', 'demo.item', 'b', 1)
+  `.execute(t.db)
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts, last_error)
+    values ('g', 'demo.item', 'a', 1, 's:1', 'demo.item.changed.v1', '{"n":1}', now(), 'done', 1, null),
+           ('g', 'demo.item', 'a', 2, 's:2', 'demo.item.changed.v1', '{"n":2}', now(), 'dead', 5, 'vendor says no'),
+           ('g', 'demo.item', 'a', 3, 's:3', 'demo.item.changed.v1', '{"n":3}', now(), 'pending', 0, null),
+           ('g', 'demo.item', 'b', 1, 's:4', 'demo.item.changed.v1', '{"n":1}', now(), 'done', 1, null),
+           ('g', 'demo.item', 'b', 3, 's:6', 'demo.item.changed.v1', '{"n":3}', now(), 'pending', 0, null)
+  `.execute(t.db)
+})
+after(() => t.drop())
+
+test("lists dead tasks, blocked keys and gaps as JSON", async () => {
+  const dead = await run(["dead", "--group", "g"])
+  assert.equal(dead.code, 0, dead.err)
+  const rows = JSON.parse(dead.out)
+  assert.equal(rows.length, 1)
+  assert.equal(rows[0].key, "a")
+  assert.equal(rows[0].lastError, "vendor says no")
+  assert.equal(rows[0].blocking, true)
+  const gaps = JSON.parse((await run(["gaps", "--group", "g"])).out)
+  assert.deepEqual(
+    gaps.map((g: { key: string; missingVer: number }) => [g.key, Number(g.missingVer)]),
+    [["b", 2]],
+  )
+  const blocked = JSON.parse((await run(["blocked", "--group", "g", "--topic", "demo.item"])).out)
+  assert.deepEqual(
+    blocked.map((b: { key: string }) => b.key),
+    ["a"],
+  )
+})
+
+test("skip closes a gap named by a range and unblocks a dead task", async () => {
+  const gap = await run([
+    "skip",
+    "--group",
+    "g",
+    "--topic",
+    "demo.item",
+    "--key",
+    "b",
+    "--from",
+    "2",
+    "--to",
+    "2",
+  ])
+  assert.equal(gap.code, 0, gap.err)
+  assert.deepEqual(JSON.parse(gap.out), { skipped: 1 })
+  const dead = await run([
+    "skip",
+    "--group",
+    "g",
+    "--topic",
+    "demo.item",
+    "--key",
+    "a",
+    "--from",
+    "2",
+    "--to",
+    "2",
+  ])
+  assert.deepEqual(JSON.parse(dead.out), { skipped: 1 })
+  const states = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' order by key, ver
+  `.execute(t.db)
+  assert.deepEqual(
+    states.rows.map((r) => `${r.key}${r.ver}:${r.state}`),
+    ["a1:done", "a2:skipped", "a3:pending", "b1:done", "b2:skipped", "b3:pending"],
+  )
+  assert.deepEqual(JSON.parse((await run(["gaps", "--group", "g"])).out), [])
+  assert.deepEqual(JSON.parse((await run(["dead", "--group", "g"])).out), [])
+})
+
+test("bad input gets a clear error and exit code 2", async () => {
+  const noGroup = await run(["dead"])
+  assert.equal(noGroup.code, 2)
+  assert.match(noGroup.err, /--group is required/)
+  const range = await run([
+    "retry",
+    "--group",
+    "g",
+    "--topic",
+    "demo.item",
+    "--from",
+    "x",
+    "--key",
+    "a",
+  ])
+  assert.equal(range.code, 2)
+  assert.match(range.err, /--from must be a version/)
+  const unknown = await run(["explode", "--group", "g"])
+  assert.equal(unknown.code, 2)
+  assert.match(unknown.err, /unknown command "explode"/)
+})
