@@ -20,6 +20,7 @@ import {
   markFailed,
   markGap,
   nextTasks,
+  pruneInbox,
   recordReject,
   renewLease,
   runnableKeys,
@@ -63,6 +64,10 @@ export interface KeyedConsumerConfig {
   pollIntervalMs?: number
   /** Recovery loop period. Default 5 s. */
   recoveryIntervalMs?: number
+  /** Finished inbox rows older than this are deleted by the recovery loop. Default 24 h; 0 keeps them. */
+  retentionMs?: number
+  /** How often retention runs (within the recovery loop). Default 60 s. */
+  pruneIntervalMs?: number
   /** Key lease and lock length; heartbeated at a third of it while a key drains. Default 15 s. */
   leaseMs?: number
   /** Keys drained at once by this worker. Default 16. */
@@ -126,6 +131,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const leaseMs = config.leaseMs ?? 15_000
   const pollIntervalMs = config.pollIntervalMs ?? 2000
   const recoveryIntervalMs = config.recoveryIntervalMs ?? 5000
+  const retentionMs = config.retentionMs ?? 24 * 3600_000
+  const pruneIntervalMs = config.pruneIntervalMs ?? 60_000
   const batchSize = config.ingestBatchSize ?? 256
   const lingerMs = config.ingestLingerMs ?? 5
   const graceMs = config.shutdownGraceMs ?? 10_000
@@ -483,10 +490,18 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }
     for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
   })
+  let nextPruneAt = 0
   const recoverOnce = Effect.tryPromise(async () => {
     const expired = await expireLeases(db, group)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
     for (const ref of expired) scheduler.wake(ref)
+    // Retention rides on the recovery loop: the inbox must not grow with history
+    // (DESIGN.md invariant 6).
+    if (retentionMs > 0 && Date.now() >= nextPruneAt) {
+      nextPruneAt = Date.now() + pruneIntervalMs
+      const pruned = await pruneInbox(db, group, retentionMs, 1000)
+      if (pruned > 0) log.info("pruned finished inbox rows", { pruned })
+    }
   })
   const every = (ms: number, what: string, once: Effect.Effect<void, unknown>) =>
     once.pipe(

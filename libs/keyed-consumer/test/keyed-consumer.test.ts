@@ -261,6 +261,45 @@ describe("keyed consumer", () => {
     )
   })
 
+  test("retention deletes finished inbox rows past their age and keeps dead and pending ones", async () => {
+    const { t, stream, admin } = await setup({
+      retentionMs: 1, // everything finished is old enough at once
+      pruneIntervalMs: 100,
+      recoveryIntervalMs: 100,
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.key === "dead") throw new Error("no")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 3; ver++)
+      await publishEvent(nc, stream.site, { key: "old", ver, payload: { n: ver } })
+    await publishEvent(nc, stream.site, { key: "dead", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "dead", ver: 2, payload: { n: 2 } })
+    await waitFor(
+      async () => (await effects(t.db)).length === 3 && (await admin.listDead()).length === 1,
+      {
+        timeoutMs: 10_000,
+        message: "three done, one dead",
+      },
+    )
+    await waitFor(
+      async () => (await t.db.selectFrom("keyway.inbox").select("key").execute()).length === 2,
+      { timeoutMs: 10_000, message: "the finished rows pruned" },
+    )
+    const left = await t.db
+      .selectFrom("keyway.inbox")
+      .select(["key", "ver", "state"])
+      .orderBy("ver")
+      .execute()
+    assert.deepEqual(
+      left.map((r) => `${r.key}${r.ver}:${r.state}`),
+      ["dead1:dead", "dead2:pending"],
+    )
+  })
+
   test("a poison payload is dead at once with its reason; other keys carry on", async () => {
     let calls = 0
     const { t, stream, admin } = await setup({

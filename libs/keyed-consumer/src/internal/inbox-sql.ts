@@ -250,3 +250,32 @@ export async function recordReject(
     values (${group}, ${reject.streamSeq}, ${reject.subject}, ${reject.reason}, ${Buffer.from(reject.data)})
   `.execute(db)
 }
+
+/**
+ * Retention: deletes finished rows (done, skipped) received more than `maxAgeMs` ago, at
+ * most `batchSize` per statement so no statement holds many row locks. Dead rows stay until
+ * an operator acts on them. Rows at or below a key's done_ver are never read again, so this
+ * cannot change what runs. Returns how many rows went.
+ */
+export async function pruneInbox(
+  db: Kysely<any>,
+  group: string,
+  maxAgeMs: number,
+  batchSize: number,
+): Promise<number> {
+  let total = 0
+  for (;;) {
+    const r = await sql`
+      delete from keyway.inbox
+       where (grp, topic, key, ver) in (
+         select grp, topic, key, ver from keyway.inbox
+          where grp = ${group}
+            and received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
+            and state in ('done', 'skipped')
+          limit ${batchSize})
+    `.execute(db)
+    const n = Number(r.numAffectedRows ?? 0)
+    total += n
+    if (n < batchSize) return total
+  }
+}
