@@ -4,9 +4,9 @@
 import { randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { applyStreams, connectNats } from "@keyway/nats"
-import { createRelay, enqueue } from "@keyway/outbox"
+import { enqueue } from "@keyway/outbox"
 import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
-import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
 import { percentile, printTable, round } from "./stats.ts"
@@ -18,6 +18,7 @@ const LATENCY_RATE = 1000
 const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 const WORKER_PROCESSES = 2
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
+const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
@@ -171,8 +172,17 @@ export async function run() {
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
   await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
-  const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
-  await relay.start()
+  // The relay in its own process, as deployed: in this one it would share an event loop
+  // with the eight writers.
+  const relay = spawnTs(relayEntry, {
+    DATABASE_URL: t.url,
+    NATS_URL: natsUrl,
+    KEYWAY_SITE: site,
+  })
+  while (!relay.json().some((l) => l.message === "relay active")) {
+    if (relay.exitCode !== null) throw new Error("the relay died at start")
+    await sleep(50)
+  }
 
   const keywayWrite: Write = async (key, n) => {
     const [e] = await db.transaction().execute(async (trx) => {
@@ -269,7 +279,8 @@ export async function run() {
     ])
     console.log(JSON.stringify(result))
   } finally {
-    await relay.stop()
+    relay.kill("SIGTERM")
+    await relay.exited()
     await jsm.streams.delete(streamName).catch(() => {})
     await nc.close()
     await t.drop()
