@@ -456,6 +456,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             if (stopping || signal.aborted) break drain
             continue
           }
+          // Fenced: another worker holds the key now; it is not ours to wake again.
+          if (outcome === "fenced") lost.abort(new Error("fenced"))
           break drain
         }
         if (tasks.length < TASKS_PER_READ) break
