@@ -3,6 +3,8 @@
 const benches: Record<string, () => Promise<void>> = {
   relay: async () => (await import("./relay.ts")).run(),
   pipeline: async () => (await import("./pipeline.ts")).run(),
+  esl: async () => (await import("./esl.ts")).run(),
+  link: async () => (await import("./link.ts")).run(),
 }
 
 const name = process.argv[2] ?? ""

@@ -5,3 +5,5 @@ export {
   type StreamDefinition,
 } from "./apply-streams.ts"
 export { connectNats, type NatsConfig } from "./connect-nats.ts"
+export { inboxPrefixFor } from "./inbox-prefix-for.ts"
+export { leafRemoteUrl } from "./leaf-remote-url.ts"

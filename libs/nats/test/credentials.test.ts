@@ -1,0 +1,147 @@
+// Per-bridge credentials (issue 4, must-show 4): each user of nats/accounts/*.conf may touch
+// only its own subjects and inbox; a try outside them is a permission error; no password
+// shows up in any server log. Every refusal is paired with an allowed call on the same
+// connection, so a refusal for some other reason (a typo in a subject) would not pass.
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { connect as connectOnce, type NatsConnection } from "@nats-io/transport-node"
+import { connectNats, inboxPrefixFor } from "../src/index.ts"
+import { assertNoSecrets, type Sites, startSites, streamCount, type User } from "./support.ts"
+
+const permissionError = /permissions violation/i
+
+/** Resolves with the error a subscription ends with (nats.js closes it on -ERR). */
+async function subscriptionError(nc: NatsConnection, subject: string): Promise<unknown> {
+  const sub = nc.subscribe(subject)
+  const closed = await sub.closed
+  await nc.flush().catch(() => {})
+  return closed
+}
+
+describe("per-user permissions on the hub and the leaf", () => {
+  let sites: Sites
+  const open: NatsConnection[] = []
+  const clientErrors: string[] = []
+  const connect = async (site: "cloud" | "factory", user: User) => {
+    const nc = await sites.connect(site, user)
+    open.push(nc)
+    return nc
+  }
+
+  before(async () => {
+    sites = await startSites()
+  })
+  after(async () => {
+    for (const nc of open) await nc.close().catch(() => {})
+    if (sites) {
+      assertNoSecrets(`${await sites.logs()}\n${clientErrors.join("\n")}`, sites.passwords)
+      await sites.close()
+    }
+  })
+
+  test("factory-relay publishes factory events, and nothing else", async () => {
+    const nc = await connect("factory", "factory-relay")
+    const js = jetstream(nc)
+    const ack = await js.publish("factory.demo.item", "{}", { msgID: "factory:cred-1" })
+    assert.equal(ack.stream, "FACTORY")
+    // Another site's subjects.
+    await assert.rejects(
+      js.publish("cloud.demo.command", "{}", { msgID: "factory:cred-2", timeout: 2000 }),
+      (err: Error) => {
+        clientErrors.push(String(err))
+        return permissionError.test(err.message)
+      },
+    )
+    // The JetStream API beyond reading its own stream: it cannot delete or purge.
+    const admin = await connect("factory", "admin")
+    await assert.rejects(
+      nc.request("$JS.API.STREAM.PURGE.FACTORY", "", { timeout: 2000 }),
+      (err: Error) => {
+        clientErrors.push(String(err))
+        return permissionError.test(err.message)
+      },
+    )
+    assert.ok((await streamCount(admin, "FACTORY")) >= 1, "the purge did not happen")
+    // Reading events back: the relay has no business subscribing to them.
+    const err = await subscriptionError(nc, "factory.>")
+    clientErrors.push(String(err))
+    assert.match(String(err), permissionError)
+  })
+
+  test("cloud-relay cannot publish factory events nor read another user's replies", async () => {
+    const nc = await connect("cloud", "cloud-relay")
+    const js = jetstream(nc)
+    assert.equal(
+      (await js.publish("cloud.demo.command", "{}", { msgID: "cloud:cred-1" })).stream,
+      "CLOUD",
+    )
+    await assert.rejects(
+      js.publish("factory.demo.item", "{}", { msgID: "cloud:cred-2", timeout: 2000 }),
+      (err: Error) => permissionError.test(err.message),
+    )
+    const err = await subscriptionError(nc, `${inboxPrefixFor("cloud-worker")}.>`)
+    assert.match(String(err), permissionError)
+  })
+
+  test("cloud-worker consumes FACTORY_IN but cannot publish events or manage streams", async () => {
+    const nc = await connect("cloud", "cloud-worker")
+    const jsm = await jetstreamManager(nc)
+    await jsm.consumers.add("FACTORY_IN", { durable_name: "cred_check", ack_policy: "explicit" })
+    assert.equal((await jsm.consumers.info("FACTORY_IN", "cred_check")).name, "cred_check")
+    await assert.rejects(
+      jetstream(nc).publish("cloud.demo.command", "{}", { msgID: "cloud:cred-3", timeout: 2000 }),
+      (err: Error) => permissionError.test(err.message),
+    )
+    await assert.rejects(jsm.streams.delete("FACTORY_IN"), (err: Error) =>
+      permissionError.test(err.message),
+    )
+    // Consumers on streams that are not its site's.
+    await assert.rejects(
+      jsm.consumers.add("CLOUD_IN_NOT_HERE", { durable_name: "x", ack_policy: "explicit" }),
+      (err: Error) => permissionError.test(err.message),
+    )
+  })
+
+  test("factory-worker cannot read the factory relay's replies nor publish events", async () => {
+    const nc = await connect("factory", "factory-worker")
+    const err = await subscriptionError(nc, `${inboxPrefixFor("factory-relay")}.>`)
+    assert.match(String(err), permissionError)
+    await assert.rejects(
+      jetstream(nc).publish("factory.demo.item", "{}", { msgID: "factory:cred-3", timeout: 2000 }),
+      (e: Error) => permissionError.test(e.message),
+    )
+  })
+
+  test("a client on the default _INBOX prefix gets no replies: each user must use its own", async () => {
+    const nc = await connectNats({
+      servers: sites.leaf.url,
+      user: "factory-relay",
+      pass: sites.passwords["factory-relay"],
+    })
+    open.push(nc)
+    await assert.rejects(
+      jetstream(nc).publish("factory.demo.item", "{}", { msgID: "factory:cred-4", timeout: 2000 }),
+      (err: Error) => permissionError.test(err.message),
+    )
+  })
+
+  test("the leaf link's user cannot connect as a client; a wrong password is refused", async () => {
+    // nats.js would retry forever on the first connect (waitOnFirstConnect); a plain connect
+    // with no retries shows the refusal at once.
+    const once = (user: string, pass: string) =>
+      connectOnce({ servers: sites.hub.url, user, pass, reconnect: false }).then(
+        async (nc) => {
+          await nc.close()
+          return "connected"
+        },
+        (err: Error) => {
+          clientErrors.push(String(err))
+          return err.message
+        },
+      )
+    assert.match(await once("leaf-factory", sites.passwords["leaf-factory"]), /authorization/i)
+    assert.match(await once("cloud-relay", "not-the-password"), /authorization/i)
+    assert.equal(await once("cloud-relay", sites.passwords["cloud-relay"]), "connected")
+  })
+})

@@ -1,0 +1,284 @@
+import { execFile, spawn } from "node:child_process"
+import { closeSync, openSync, writeSync } from "node:fs"
+import { mkdir, stat } from "node:fs/promises"
+import { join } from "node:path"
+import { setTimeout as sleep } from "node:timers/promises"
+import { freePort } from "./free-port.ts"
+import { natsServerBinary } from "./internal/binaries.ts"
+import { type RunningChild, readLogTail, terminate } from "./internal/child-process.ts"
+import { killOnExit } from "./internal/exit-cleanup.ts"
+import { httpGet } from "./internal/http-get.ts"
+import { tcpProbe } from "./internal/tcp-probe.ts"
+import { createTempDir } from "./internal/temp-dir.ts"
+import { ServerStartError } from "./server-start-error.ts"
+
+export interface ConfigNatsServerOptions {
+  /** A config file of the repository (nats/hub.conf, say), used as it is. */
+  configPath: string
+  /**
+   * The variables the config reads: passwords, KEYWAY_LEAF_REMOTE_URL, routes. Values given
+   * here win; KEYWAY_NATS_PORT, KEYWAY_NATS_HTTP_PORT, KEYWAY_NATS_STORE_DIR and every name
+   * in `freePorts` are filled in when missing.
+   */
+  env?: Record<string, string>
+  /** More variables to fill with free ports: ["KEYWAY_LEAF_PORT"], say. */
+  freePorts?: readonly string[]
+  /** Readiness waits for JetStream too. Defaults to true. */
+  jetstream?: boolean
+  /** Defaults to 15 s. */
+  readyTimeoutMs?: number
+}
+
+export interface ConfigNatsServerHandle {
+  /** `nats://127.0.0.1:<port>` */
+  readonly url: string
+  readonly port: number
+  readonly httpPort: number
+  /** Every variable the server was started with (ports, store dir, the caller's own). */
+  readonly env: Readonly<Record<string, string>>
+  /** The temp directory holding the store and the log; removed on dispose. */
+  readonly dir: string
+  readonly storeDir: string
+  readonly logPath: string
+  readonly pid: number | undefined
+  /** Starts the server again with the same variables (ports, store), after stop() or kill(). */
+  start(): Promise<void>
+  /** SIGTERM: a clean shutdown. */
+  stop(): Promise<void>
+  /** SIGKILL: a crash. */
+  kill(): Promise<void>
+  restart(): Promise<void>
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+const startAttempts = 3
+
+/**
+ * Starts a private nats-server from one of the repository's config files, the way a
+ * deployment does: the file untouched, everything host-specific passed as environment
+ * variables. The server's environment holds only those variables (and PATH), so a test
+ * shows what the config needs, and secrets are not handed to it twice.
+ */
+export async function startNatsFromConfig(
+  options: ConfigNatsServerOptions,
+): Promise<ConfigNatsServerHandle> {
+  const temp = await createTempDir("keyway-natsconf-")
+  const dir = temp.path
+  const storeDir = join(dir, "store")
+  const logPath = join(dir, "nats.log")
+  const given = options.env ?? {}
+  const portNames = ["KEYWAY_NATS_PORT", "KEYWAY_NATS_HTTP_PORT", ...(options.freePorts ?? [])]
+  try {
+    await mkdir(storeDir)
+    for (let attempt = 1; ; attempt++) {
+      const env: Record<string, string> = { KEYWAY_NATS_STORE_DIR: storeDir, ...given }
+      const taken = new Set<number>()
+      for (const name of portNames) {
+        if (env[name] !== undefined) continue
+        let port = await freePort()
+        while (taken.has(port)) port = await freePort()
+        taken.add(port)
+        env[name] = String(port)
+      }
+      const port = Number(env.KEYWAY_NATS_PORT)
+      const httpPort = Number(env.KEYWAY_NATS_HTTP_PORT)
+      const server = new EnvServer({
+        configPath: options.configPath,
+        env,
+        logPath,
+        cwd: dir,
+        port,
+        httpPort,
+        jetstream: options.jetstream ?? true,
+        readyTimeoutMs: options.readyTimeoutMs ?? 15_000,
+      })
+      try {
+        await server.start()
+      } catch (err) {
+        // Only ports this function chose can be chosen again.
+        const ours = portNames.some((n) => given[n] === undefined)
+        if (attempt < startAttempts && ours && isAddressInUse(err)) continue
+        throw err
+      }
+      return {
+        url: `nats://127.0.0.1:${port}`,
+        port,
+        httpPort,
+        env,
+        dir,
+        storeDir,
+        logPath,
+        get pid() {
+          return server.pid
+        },
+        start: () => server.start(),
+        stop: () => server.stop(),
+        kill: () => server.kill(),
+        restart: async () => {
+          await server.stop()
+          await server.start()
+        },
+        [Symbol.asyncDispose]: async () => {
+          await server.kill()
+          await temp.remove()
+        },
+      }
+    }
+  } catch (err) {
+    await temp.remove()
+    throw err
+  }
+}
+
+/**
+ * `nats-server -t -c path` with these variables and no others (plus PATH): a config that
+ * reads a variable nobody sets fails here as it would at start.
+ */
+export function checkNatsConfigWith(
+  path: string,
+  env: Record<string, string>,
+): Promise<{ ok: boolean; output: string }> {
+  return new Promise((resolve) => {
+    execFile(
+      natsServerBinary,
+      ["-t", "-c", path],
+      { env: serverEnv(env) },
+      (err, stdout, stderr) => {
+        resolve({ ok: err === null, output: `${stdout}${stderr}`.trim() })
+      },
+    )
+  })
+}
+
+function serverEnv(env: Record<string, string>): Record<string, string> {
+  return { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env }
+}
+
+function isAddressInUse(err: unknown): boolean {
+  return err instanceof ServerStartError && /address already in use/i.test(err.message)
+}
+
+interface EnvServerSpec {
+  configPath: string
+  env: Record<string, string>
+  logPath: string
+  cwd: string
+  port: number
+  httpPort: number
+  jetstream: boolean
+  readyTimeoutMs: number
+}
+
+/**
+ * testkit's ManagedServer cannot pass an environment to its child, and this one must: the
+ * variables are the config's only parameters.
+ */
+class EnvServer {
+  private child: RunningChild | undefined
+
+  constructor(private readonly spec: EnvServerSpec) {}
+
+  get pid(): number | undefined {
+    return this.child && !this.child.hasExited() ? this.child.pid : undefined
+  }
+
+  async start(): Promise<void> {
+    const { spec } = this
+    if (this.pid !== undefined) throw new Error(`nats-server is already running (pid ${this.pid})`)
+    const logStart = await stat(spec.logPath).then(
+      (s) => s.size,
+      () => 0,
+    )
+    const child = await spawnWithEnv(spec)
+    this.child = child
+    const label = `nats-server -c ${spec.configPath}`
+    const deadline = Date.now() + spec.readyTimeoutMs
+    for (;;) {
+      if (child.hasExited()) {
+        const how = await child.exited
+        throw await this.startError(`${label} exited during startup (${how})`, logStart)
+      }
+      if (await this.ready()) return
+      if (Date.now() >= deadline) {
+        await terminate(child, "SIGKILL")
+        throw await this.startError(
+          `${label} (pid ${child.pid}) not ready after ${spec.readyTimeoutMs} ms`,
+          logStart,
+        )
+      }
+      await sleep(25)
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (this.child) await terminate(this.child, "SIGTERM")
+  }
+
+  async kill(): Promise<void> {
+    if (this.child) await terminate(this.child, "SIGKILL")
+  }
+
+  // The monitor starts listening before the client port does, so a healthy /healthz alone
+  // does not mean clients can connect yet.
+  private async ready(): Promise<boolean> {
+    const { httpPort, port, jetstream } = this.spec
+    const path = jetstream ? "/healthz?js-enabled-only=1" : "/healthz"
+    const health = await httpGet(`http://127.0.0.1:${httpPort}${path}`).catch(() => undefined)
+    if (health?.status !== 200) return false
+    return tcpProbe({
+      port,
+      expect: (data) => (data.includes("\n") ? data.startsWith("INFO ") : undefined),
+    })
+  }
+
+  private async startError(message: string, logStart: number): Promise<ServerStartError> {
+    const tail = await readLogTail(this.spec.logPath, 4000, logStart)
+    return new ServerStartError(message, this.spec.logPath, tail)
+  }
+}
+
+function spawnWithEnv(spec: EnvServerSpec): Promise<RunningChild> {
+  const fd = openSync(spec.logPath, "a")
+  try {
+    // Variable names only: their values include passwords, and this log is what the
+    // credentials test searches for them.
+    writeSync(
+      fd,
+      `\n--- testkit: ${new Date().toISOString()} ${natsServerBinary} -c ${spec.configPath} ` +
+        `(variables: ${Object.keys(spec.env).sort().join(" ")})\n`,
+    )
+    const child = spawn(natsServerBinary, ["-c", spec.configPath], {
+      cwd: spec.cwd,
+      env: serverEnv(spec.env),
+      stdio: ["ignore", fd, fd],
+    })
+    const forget = killOnExit(child)
+    let done = false
+    const exited = new Promise<number | string>((resolve) => {
+      child.once("exit", (code, signal) => {
+        done = true
+        forget()
+        resolve(code ?? signal ?? "unknown")
+      })
+    })
+    return new Promise((resolve, reject) => {
+      child.once("error", (err) => {
+        done = true
+        forget()
+        reject(new Error(`cannot spawn ${natsServerBinary}: ${err.message}`, { cause: err }))
+      })
+      child.once("spawn", () => {
+        resolve({
+          pid: child.pid!,
+          exited,
+          hasExited: () => done,
+          signal: (s) => {
+            if (!done) child.kill(s)
+          },
+        })
+      })
+    })
+  } finally {
+    closeSync(fd)
+  }
+}
