@@ -47,6 +47,29 @@ relay site="cloud":
 demo site="cloud":
     node --import tsx apps/demo/src/main.ts {{site}}
 
+# Each site's NATS, Redis, migrated database, streams, relay, worker and demo writer, under
+# the project's pm2 (.run/pm2). Running it again starts only what is not running.
+# Both sites (or one: cloud, factory) on this machine, with demo traffic both ways.
+up site="":
+    node --import tsx apps/ops-local/src/main.ts up {{site}}
+
+# Stop what `just up` started (both sites, or one); .run/ keeps the data for the next up.
+down site="":
+    node --import tsx apps/ops-local/src/main.ts down {{site}}
+
+# Per site: processes, outbox backlog, stream counts, consumer lag, leaf link, demo effects.
+status:
+    node --import tsx apps/ops-local/src/main.ts status
+
+# `just up` does this itself; ops/compose reads the file with --env-file.
+# Create .run/secrets.env (NATS passwords, mode 600) if missing; never prints them.
+secrets:
+    node --import tsx apps/ops-local/src/main.ts secrets
+
+# pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.
+pm2 *args:
+    PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 {{args}}
+
 # Benchmarks: `just bench relay`. Prints a table, then one JSON line.
 bench name:
     node --import tsx bench/src/main.ts {{name}}

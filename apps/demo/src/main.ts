@@ -6,6 +6,7 @@ import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
+import { demoEvent } from "./demo-event.ts"
 
 const site = process.argv[2] ?? "cloud"
 const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/keyway"
@@ -18,25 +19,25 @@ const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "k
 await migrateToLatest(db)
 const nc = await connectNats({ servers: natsUrl.split(","), name: `keyway-demo:${site}` })
 const jsm = await jetstreamManager(nc)
-const streams = await loadStreamDefinitions(
-  new URL(`../../../nats/streams/${site}.json`, import.meta.url).pathname,
-)
+// Only the site's origin stream: its cross-site copies source from another JetStream domain,
+// which the machine's single shared server does not have (`just up` runs both sites).
+const streams = (
+  await loadStreamDefinitions(
+    new URL(`../../../nats/streams/${site}.json`, import.meta.url).pathname,
+  )
+).filter((s) => s.subjects?.length)
 await applyStreams(jsm, streams)
 const relay = createRelay({ connectionString: databaseUrl, jetstream: jetstream(nc), site })
 await relay.start()
 
 let written = 0
 let running = true
-// Writers: each transaction writes one event for a random key out of 20, at `rate` per second.
+// Writers: each transaction writes the site's demo event for a random key out of 20, at `rate`
+// per second.
 const writer = (async () => {
   const started = Date.now()
   while (running) {
-    const key = `item-${Math.floor(Math.random() * 20)}`
-    await db
-      .transaction()
-      .execute((trx) =>
-        enqueue(trx, { type: "demo.item.changed.v1", key, payload: { n: written } }),
-      )
+    await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, 20)))
     written++
     const due = started + (written * 1000) / rate
     await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))

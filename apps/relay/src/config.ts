@@ -6,6 +6,8 @@ export interface RelayAppConfig {
   natsServers: string[]
   natsUser?: string
   natsPass?: string
+  /** The user's own reply prefix (nats/README.md): required when NATS_USER is a Keyway user. */
+  natsInboxPrefix?: string
   site: string
   /** Stream definitions to apply at start (nats/streams/<site>.json); none if unset. */
   streamsFile?: string
@@ -47,6 +49,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
+    natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
     site,
     streamsFile: env.KEYWAY_STREAMS_FILE || undefined,
     batchSize: positiveInt(env, "RELAY_BATCH_SIZE", 500),

@@ -25,6 +25,7 @@ const nc = await connectNats({
   name: `keyway-relay:${config.site}`,
   user: config.natsUser,
   pass: config.natsPass,
+  inboxPrefix: config.natsInboxPrefix,
 })
 if (config.streamsFile) {
   await applyStreams(await jetstreamManager(nc), await loadStreamDefinitions(config.streamsFile))

@@ -8,8 +8,12 @@ if (!file) {
   process.exit(2)
 }
 const definitions = await loadStreamDefinitions(file)
+// A site's admin user when its server has accounts (nats/README.md), as in ops/compose.
 const nc = await connectNats({
   servers: (process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(","),
+  user: process.env.NATS_USER || undefined,
+  pass: process.env.NATS_PASS || undefined,
+  inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
 })
 try {
   await applyStreams(await jetstreamManager(nc), definitions)

@@ -1,0 +1,62 @@
+// A site's steady demo traffic (`just up` runs one per site): one outbox event per
+// transaction at DEMO_RATE per second, the way a service writes its domain changes. The
+// relay publishes them; the other site's worker handles them. SIGTERM stops between
+// transactions, so nothing is left half-written, and exits 0.
+import { createDb } from "@keyway/db"
+import { enqueue } from "@keyway/outbox"
+import { demoEvent } from "./demo-event.ts"
+
+function fail(message: string): never {
+  console.error(`demo writer: ${message}`)
+  process.exit(2)
+}
+
+const env = process.env
+const site = env.KEYWAY_SITE?.trim() || fail("KEYWAY_SITE is required (e.g. KEYWAY_SITE=factory)")
+const databaseUrl =
+  env.DATABASE_URL?.trim() || fail("DATABASE_URL is required (e.g. postgres://…/keyway_factory)")
+const rate = Number(env.DEMO_RATE ?? 10)
+if (!Number.isFinite(rate) || rate <= 0) fail(`DEMO_RATE must be a positive number, got ${rate}`)
+const keys = Number(env.DEMO_KEYS ?? 20)
+if (!Number.isInteger(keys) || keys <= 0) fail(`DEMO_KEYS must be a positive integer, got ${keys}`)
+
+const log = (message: string, fields?: Record<string, unknown>) =>
+  console.log(JSON.stringify({ level: "info", message, ...fields }))
+const db = createDb({
+  connectionString: databaseUrl,
+  max: 1,
+  applicationName: `keyway-demo:${site}`,
+})
+
+let running = true
+let written = 0
+const loop = (async () => {
+  let due = Date.now()
+  while (running) {
+    try {
+      await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, keys)))
+      written++
+    } catch (err) {
+      // Postgres restarting: keep the process and its pace; the transaction left nothing.
+      log("write failed; retrying", { error: (err as Error).message })
+      await new Promise((r) => setTimeout(r, 1000))
+      continue
+    }
+    if (written % Math.max(1, Math.round(rate * 60)) === 0) log("demo traffic", { site, written })
+    // A fixed pace, without a burst to catch up after an outage: demo traffic, not a backlog.
+    due = Math.max(due + 1000 / rate, Date.now() - 1000)
+    await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))
+  }
+})()
+log("demo writer started", { site, rate, keys })
+
+async function shutdown(signal: string) {
+  if (!running) return
+  running = false
+  await loop
+  await db.destroy()
+  log("demo writer stopped", { signal, written })
+  process.exit(0)
+}
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))

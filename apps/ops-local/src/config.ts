@@ -1,0 +1,47 @@
+// The runner's environment, parsed once. Site ports and names are fixed in site-plan.ts
+// (the compose files and nats/README.md agree with them); only what differs between
+// machines is read here.
+import { existsSync } from "node:fs"
+
+export interface OpsConfig {
+  /** The Postgres server; each site gets its own database on it (keyway_cloud, keyway_factory). */
+  postgresUrl: string
+  /** Events per second each site's demo writer enqueues. */
+  demoRate: number
+}
+
+export class ConfigError extends Error {
+  override name = "ConfigError"
+}
+
+export function parseOpsConfig(env: Record<string, string | undefined>): OpsConfig {
+  const postgresUrl =
+    env.KEYWAY_POSTGRES_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres"
+  try {
+    new URL(postgresUrl)
+  } catch {
+    throw new ConfigError(`KEYWAY_POSTGRES_URL is not a URL: ${JSON.stringify(postgresUrl)}`)
+  }
+  const rawRate = env.DEMO_RATE?.trim() || "10"
+  const demoRate = Number(rawRate)
+  if (!Number.isFinite(demoRate) || demoRate <= 0 || demoRate > 1000) {
+    throw new ConfigError(`DEMO_RATE must be events per second in (0, 1000], got ${rawRate}`)
+  }
+  return { postgresUrl, demoRate }
+}
+
+// Debian installs nats-server under /usr/sbin, which is not on every user's PATH.
+const firstExisting = (name: string, candidates: string[]) =>
+  candidates.find((path) => existsSync(path)) ?? name
+
+export const binaries = {
+  nodeBinary: process.execPath,
+  natsServerBinary: firstExisting("nats-server", [
+    "/usr/sbin/nats-server",
+    "/usr/local/bin/nats-server",
+  ]),
+  redisServerBinary: firstExisting("redis-server", [
+    "/usr/bin/redis-server",
+    "/usr/local/bin/redis-server",
+  ]),
+}

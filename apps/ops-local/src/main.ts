@@ -1,0 +1,267 @@
+// `just up [site]`, `just down [site]`, `just status`: the cloud and the factory side by side
+// on one machine, each with its own NATS (JetStream domain), Redis and database, under the
+// project's pm2 daemon. Every step is idempotent, so `just up` also repairs a half-up run.
+import { mkdir } from "node:fs/promises"
+import { join } from "node:path"
+import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
+import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
+import { jetstreamManager } from "@nats-io/jetstream"
+import { sql } from "kysely"
+import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
+import { connectPm2, type Pm2Client } from "./pm2-client.ts"
+import { ensureSecrets } from "./secrets.ts"
+import {
+  inboxPrefix,
+  type LaunchContext,
+  type ProcessSpec,
+  repositoryRoot,
+  SITE_NAMES,
+  SITES,
+  type SiteName,
+  siteDatabaseUrl,
+  siteNatsUrl,
+  siteProcesses,
+} from "./site-plan.ts"
+import { collectStatus, printStatus } from "./status.ts"
+
+const root = repositoryRoot()
+const runDir = join(root, ".run")
+const logDir = join(runDir, "logs")
+const pm2Home = join(runDir, "pm2")
+const secretsFile = join(runDir, "secrets.env")
+
+function say(line: string) {
+  process.stdout.write(`${line}\n`)
+}
+
+async function waitUntil(what: string, check: () => Promise<boolean>, timeoutMs: number) {
+  const deadline = Date.now() + timeoutMs
+  while (Date.now() < deadline) {
+    if (await check().catch(() => false)) return
+    await new Promise((r) => setTimeout(r, 250))
+  }
+  throw new Error(`${what} not ready after ${timeoutMs / 1000} s`)
+}
+
+async function ensureRunning(pm2: Pm2Client, specs: ProcessSpec[]) {
+  const running = new Map((await pm2.list()).map((p) => [p.name, p]))
+  for (const spec of specs) {
+    const current = running.get(spec.name)
+    if (current?.status === "online") {
+      say(`  ${spec.name.padEnd(16)} already online (pid ${current.pid})`)
+      continue
+    }
+    // Stopped or errored: start afresh, so it gets this run's environment.
+    if (current) await pm2.delete(spec.name)
+    await pm2.start(spec, logDir)
+    say(`  ${spec.name.padEnd(16)} started`)
+  }
+}
+
+function natsReady(site: SiteName) {
+  // JetStream answers, not just the port: streams are applied right after.
+  return async () => {
+    const res = await fetch(
+      `http://127.0.0.1:${SITES[site].natsHttpPort}/healthz?js-enabled-only=1`,
+    )
+    return res.ok
+  }
+}
+
+function redisReady(site: SiteName) {
+  return async () => {
+    const { Socket } = await import("node:net")
+    return new Promise<boolean>((resolve) => {
+      const s = new Socket()
+      s.setTimeout(1000)
+      s.once("data", (d) => {
+        s.destroy()
+        resolve(d.toString().startsWith("+PONG"))
+      })
+      s.once("error", () => resolve(false))
+      s.once("timeout", () => {
+        s.destroy()
+        resolve(false)
+      })
+      s.connect(SITES[site].redisPort, "127.0.0.1", () => s.write("PING\r\n"))
+    })
+  }
+}
+
+async function up(sites: SiteName[], config: OpsConfig) {
+  const passwords = await ensureSecrets(secretsFile)
+  const ctx: LaunchContext = {
+    root,
+    runDir,
+    postgresUrl: config.postgresUrl,
+    passwords,
+    ...binaries,
+    demoRate: config.demoRate,
+  }
+  const plans = sites.map((site) => ({ site, specs: siteProcesses(SITES[site], ctx) }))
+  for (const site of sites) {
+    await mkdir(join(runDir, site, "jetstream"), { recursive: true })
+    await mkdir(join(runDir, site, "redis"), { recursive: true })
+  }
+  await mkdir(logDir, { recursive: true })
+  const pm2 = (await connectPm2(pm2Home, true))!
+  try {
+    say("servers")
+    await ensureRunning(
+      pm2,
+      plans.flatMap((p) => p.specs.filter((s) => s.tier === "server")),
+    )
+    for (const site of sites) {
+      const log = `.run/logs/${site}-nats.log`
+      await waitUntil(`${site} NATS (see ${log})`, natsReady(site), 30_000)
+      await waitUntil(`${site} Redis (see .run/logs/${site}-redis.log)`, redisReady(site), 30_000)
+    }
+
+    say("databases and streams")
+    for (const site of sites) {
+      const plan = SITES[site]
+      const url = siteDatabaseUrl(plan, config.postgresUrl)
+      const created = await ensureDatabase(url)
+      const db = createDb({ connectionString: url, max: 1, applicationName: "keyway-up" })
+      try {
+        const applied = await migrateToLatest(db)
+        say(
+          `  ${plan.database.padEnd(16)} ${created ? "created, " : ""}${applied.length ? `migrated: ${applied.join(", ")}` : "up to date"}`,
+        )
+      } finally {
+        await db.destroy()
+      }
+      const nc = await connectNats({
+        servers: siteNatsUrl(plan),
+        name: `keyway-up:${site}`,
+        user: "admin",
+        pass: passwords.admin,
+        inboxPrefix: inboxPrefix("admin"),
+      })
+      try {
+        const definitions = await loadStreamDefinitions(join(root, plan.streamsFile))
+        await applyStreams(await jetstreamManager(nc), definitions)
+        say(`  ${`${site} streams`.padEnd(16)} ${definitions.map((d) => d.name).join(", ")}`)
+      } finally {
+        await nc.close()
+      }
+    }
+
+    say("apps")
+    await ensureRunning(
+      pm2,
+      plans.flatMap((p) => p.specs.filter((s) => s.tier === "app")),
+    )
+  } finally {
+    pm2.disconnect()
+  }
+
+  if (sites.length === SITE_NAMES.length) await waitForCrossing(config)
+  say("`npx just status` shows each site; `npx just pm2 logs <name>` follows a process's log.")
+}
+
+/** Both directions handled at least once: what "the demo works" means to someone watching. */
+async function waitForCrossing(config: OpsConfig) {
+  say("waiting for events to cross (factory → cloud, cloud → factory)…")
+  const started = Date.now()
+  const dbs = SITE_NAMES.map((site) =>
+    createDb({
+      connectionString: siteDatabaseUrl(SITES[site], config.postgresUrl),
+      max: 1,
+      applicationName: "keyway-up",
+    }),
+  )
+  const handled = async (i: number) => {
+    const r = await sql<{ n: number }>`select count(*)::int as n from demo_effect`.execute(dbs[i]!)
+    return r.rows[0]!.n
+  }
+  try {
+    await waitUntil(
+      "cross-site demo traffic",
+      async () => (await handled(0)) > 0 && (await handled(1)) > 0,
+      90_000,
+    )
+    say(
+      `  crossing after ${((Date.now() - started) / 1000).toFixed(1)} s: ` +
+        `cloud handled ${await handled(0)} factory events, factory handled ${await handled(1)} cloud commands`,
+    )
+  } catch (err) {
+    say(`  ${(err as Error).message}: see \`npx just status\` and .run/logs/`)
+    process.exitCode = 1
+  } finally {
+    await Promise.all(dbs.map((db) => db.destroy()))
+  }
+}
+
+async function down(sites: SiteName[]) {
+  const pm2 = await connectPm2(pm2Home, false)
+  if (!pm2) {
+    say("nothing running")
+    return
+  }
+  try {
+    const present = new Set((await pm2.list()).map((p) => p.name))
+    // Apps before servers, so the relay and the worker drain against live servers.
+    const order = ["demo", "worker", "relay", "redis", "nats"]
+    for (const role of order) {
+      for (const site of sites) {
+        const name = `${site}-${role}`
+        if (!present.has(name)) continue
+        await pm2.delete(name)
+        say(`  ${name.padEnd(16)} stopped`)
+      }
+    }
+    if ((await pm2.list()).length === 0) {
+      await pm2.kill()
+      say("pm2 daemon stopped; data stays in .run/ for the next `just up`")
+    }
+  } finally {
+    pm2.disconnect()
+  }
+}
+
+async function status(config: OpsConfig) {
+  const pm2 = await connectPm2(pm2Home, false)
+  try {
+    const processes = pm2 ? await pm2.list() : []
+    for (const site of SITE_NAMES) {
+      printStatus(await collectStatus(SITES[site], config.postgresUrl, processes), say)
+    }
+  } finally {
+    pm2?.disconnect()
+  }
+}
+
+function parseSites(arg: string | undefined): SiteName[] {
+  if (!arg) return [...SITE_NAMES]
+  if ((SITE_NAMES as readonly string[]).includes(arg)) return [arg as SiteName]
+  throw new Error(`unknown site ${JSON.stringify(arg)}: use ${SITE_NAMES.join(" or ")}, or none`)
+}
+
+const [command, siteArg] = process.argv.slice(2)
+try {
+  const config = parseOpsConfig(process.env)
+  switch (command) {
+    case "up":
+      await up(parseSites(siteArg), config)
+      break
+    case "down":
+      await down(parseSites(siteArg))
+      break
+    case "status":
+      await status(config)
+      break
+    case "secrets":
+      await ensureSecrets(secretsFile)
+      say(`${secretsFile} (mode 600)`)
+      break
+    default:
+      throw new Error("usage: ops-local up|down [cloud|factory] | status | secrets")
+  }
+} catch (err) {
+  console.error(`just ${command ?? ""}: ${(err as Error).message}`)
+  process.exitCode = 1
+}
+// pm2's client keeps sockets (and after killDaemon, a reconnect timer) that would hold the
+// process open; everything this command does is finished here.
+process.exit()

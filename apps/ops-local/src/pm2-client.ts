@@ -1,0 +1,96 @@
+// The project's own pm2 daemon, through pm2's programmatic API: PM2_HOME under .run/ so
+// `just up` never touches a pm2 that the machine's user runs for other things.
+import type { ProcessDescription, StartOptions } from "pm2"
+import type { ProcessSpec } from "./site-plan.ts"
+
+export interface Pm2Process {
+  name: string
+  status: string
+  pid: number
+  restarts: number
+  uptimeMs: number
+  memoryBytes: number
+  cpu: number
+}
+
+export interface Pm2Client {
+  list(): Promise<Pm2Process[]>
+  start(spec: ProcessSpec, logDir: string): Promise<void>
+  delete(name: string): Promise<void>
+  /** Stops the daemon itself (after the last process is gone). */
+  kill(): Promise<void>
+  disconnect(): void
+}
+
+type Pm2 = typeof import("pm2")
+
+const call = <T>(fn: (cb: (err: Error | null, value: T) => void) => void) =>
+  new Promise<T>((resolve, reject) => fn((err, value) => (err ? reject(err) : resolve(value))))
+
+/**
+ * Connects to (or spawns) the daemon under `pm2Home`. pm2 reads PM2_HOME and the kill
+ * signal once, when its modules load and when the daemon starts, so both are set before the
+ * import. SIGTERM rather than pm2's default SIGINT: every Keyway process drains on SIGTERM,
+ * and redis-server and nats-server shut down cleanly on it.
+ */
+export async function connectPm2(
+  pm2Home: string,
+  spawnDaemon: boolean,
+): Promise<Pm2Client | undefined> {
+  process.env.PM2_HOME = pm2Home
+  process.env.PM2_KILL_SIGNAL = "SIGTERM"
+  process.env.PM2_DISCRETE_MODE = "true"
+  // CommonJS: the namespace object of a dynamic import is under `default`.
+  const pm2 = ((await import("pm2")) as unknown as { default: Pm2 }).default
+  if (!spawnDaemon) {
+    const { existsSync } = await import("node:fs")
+    // No socket: no daemon, nothing running; don't start one just to say so.
+    if (!existsSync(`${pm2Home}/rpc.sock`)) return undefined
+  }
+  await call<void>((cb) => pm2.connect((err: Error | null) => cb(err, undefined)))
+  return {
+    async list() {
+      const all = await call<ProcessDescription[]>((cb) => pm2.list(cb))
+      return all.map((p) => ({
+        name: p.name ?? "?",
+        status: p.pm2_env?.status ?? "unknown",
+        pid: p.pid ?? 0,
+        restarts: p.pm2_env?.restart_time ?? 0,
+        uptimeMs: p.pm2_env?.pm_uptime ? Date.now() - p.pm2_env.pm_uptime : 0,
+        memoryBytes: p.monit?.memory ?? 0,
+        cpu: p.monit?.cpu ?? 0,
+      }))
+    },
+    async start(spec, logDir) {
+      const options: StartOptions & { filter_env: string[] } = {
+        name: spec.name,
+        script: spec.script,
+        args: spec.args,
+        interpreter: "none",
+        env: spec.env,
+        // Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for
+        // the shared servers, say) must not leak into a site's process.
+        filter_env: ["DATABASE_URL", "NATS_", "REDIS_URL", "KEYWAY_", "DEMO_", "RELAY_"],
+        autorestart: true,
+        // A process that keeps dying (a port taken, a bad config) stops being restarted
+        // after a while and shows as errored in `just status` instead of spinning.
+        max_restarts: 20,
+        min_uptime: 5000,
+        exp_backoff_restart_delay: 200,
+        kill_timeout: 15_000,
+        merge_logs: true,
+        time: true,
+        output: `${logDir}/${spec.name}.log`,
+        error: `${logDir}/${spec.name}.log`,
+      }
+      await call<unknown>((cb) => pm2.start(options, cb))
+    },
+    async delete(name) {
+      await call<unknown>((cb) => pm2.delete(name, cb))
+    },
+    async kill() {
+      await call<unknown>((cb) => pm2.killDaemon(cb))
+    },
+    disconnect: () => pm2.disconnect(),
+  }
+}

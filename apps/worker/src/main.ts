@@ -1,0 +1,69 @@
+// A site's worker process: one member of its consumer group on the site's copy of the other
+// site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
+// the event in hand, then exits 0.
+import { createDb } from "@keyway/db"
+import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { Redis } from "ioredis"
+import { ConfigError, parseConfig, type WorkerAppConfig } from "./config.ts"
+import { demoHandlers, ensureDemoEffectTable } from "./handlers/demo-handlers.ts"
+
+const logger: KeyedConsumerLogger = {
+  info: (message, fields) => console.log(JSON.stringify({ level: "info", message, ...fields })),
+  warn: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
+  error: (message, fields) => console.log(JSON.stringify({ level: "error", message, ...fields })),
+}
+
+let config: WorkerAppConfig
+try {
+  config = parseConfig(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  console.error(`worker: ${err.message}`)
+  process.exit(2)
+}
+
+const db = createDb({
+  connectionString: config.databaseUrl,
+  max: config.concurrency + 4,
+  applicationName: `keyway-worker:${config.site}`,
+})
+await ensureDemoEffectTable(db)
+const redis = new Redis(config.redisUrl)
+// ioredis reconnects by itself; without a listener an outage would print a stack per retry.
+redis.on("error", (err) => logger.warn("redis", { error: err.message }))
+const nc = await connectNats({
+  servers: config.natsServers,
+  name: `keyway-worker:${config.site}:${config.group}`,
+  user: config.natsUser,
+  pass: config.natsPass,
+  inboxPrefix: config.natsInboxPrefix,
+})
+const consumer = createKeyedConsumer({
+  group: config.group,
+  stream: config.stream,
+  filterSubject: config.filterSubject,
+  nats: nc,
+  db,
+  redis,
+  handlers: demoHandlers,
+  concurrency: config.concurrency,
+  logger,
+})
+await consumer.start()
+logger.info("worker started", { site: config.site, stream: config.stream, group: config.group })
+
+let stopping = false
+async function shutdown(signal: string) {
+  if (stopping) return
+  stopping = true
+  logger.info("worker stopping", { signal })
+  await consumer.stop()
+  await nc.drain()
+  redis.disconnect()
+  await db.destroy()
+  logger.info("worker stopped", consumer.status() as unknown as Record<string, unknown>)
+  process.exit(0)
+}
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))
