@@ -70,6 +70,11 @@ secrets:
 pm2 *args:
     PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 {{args}}
 
+# A consumer group's dead tasks, gaps and blocked keys, and retry/skip/redrive:
+# `just admin dead --group cloud-demo` (DATABASE_URL names the group's database).
+admin *args:
+    node --import tsx apps/admin/src/main.ts {{args}}
+
 # Benchmarks: `just bench relay`. Prints a table, then one JSON line.
 bench name:
     node --import tsx bench/src/main.ts {{name}}
