@@ -1,4 +1,10 @@
 export { defineEvent, type EventType, InvalidEventError } from "./define-event.ts"
 export { DemoCommandSent, DemoItemChanged } from "./demo.ts"
 export { decodeEnvelope, EnvelopeError, type EventEnvelope, encodeEnvelope } from "./envelope.ts"
+export {
+  canonicalLabelCode,
+  EslLabelRender,
+  type EslLabelRenderPayload,
+  LABEL_CODE_PATTERN,
+} from "./esl-label.ts"
 export { eventTypes, findEventType } from "./registry.ts"

@@ -8,11 +8,26 @@ export { freePort } from "./free-port.ts"
 export { ServerStartError } from "./server-start-error.ts"
 export { spawnTs, type TsChild } from "./spawn-ts.ts"
 export {
+  type FailureRates,
+  type FakeAims,
+  type FakeAimsOptions,
+  type FakeAimsOutcome,
+  type FakeAimsPush,
+  startFakeAims,
+} from "./start-fake-aims.ts"
+export {
+  type ConfigNatsServerHandle,
+  type ConfigNatsServerOptions,
+  checkNatsConfigWith,
+  startNatsFromConfig,
+} from "./start-nats-from-config.ts"
+export {
   checkNatsConfig,
   type NatsServerHandle,
   type NatsServerOptions,
   startNatsServer,
 } from "./start-nats-server.ts"
+export { type OtlpReceiver, type ReceivedSpan, startOtlpReceiver } from "./start-otlp-receiver.ts"
 export {
   type RedisServerHandle,
   type RedisServerOptions,

@@ -1,0 +1,192 @@
+import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
+
+export interface AimsClientConfig {
+  /** e.g. `https://eu.common.solumesl.com`; the fake's url in tests. */
+  baseUrl: string
+  company: string
+  store: string
+  username: string
+  password: string
+  /** Per request; a request without an answer by then counts as a retryable timeout. */
+  timeoutMs: number
+}
+
+export interface PushImageOptions {
+  labelCode: string
+  page: number
+  frontPage: boolean
+  png: Buffer
+  /** The event id: AIMS (and the fake) drop a repeat of an accepted key. */
+  idempotencyKey: string
+  /** `<epoch>.<version>`: lets a server that compares it refuse a fenced-off worker. */
+  fencingToken: string
+  signal?: AbortSignal
+}
+
+export interface AimsClient {
+  pushImage(options: PushImageOptions): Promise<void>
+}
+
+/**
+ * An AIMS call that failed. `retryable` says whether trying again can help: 429, 5xx,
+ * timeouts and network errors can; a 4xx means the request itself is wrong.
+ */
+export class AimsError extends Error {
+  override name = "AimsError"
+  constructor(
+    message: string,
+    readonly status: number | "timeout" | "network",
+    readonly retryable: boolean,
+    options?: ErrorOptions,
+  ) {
+    super(message, options)
+  }
+}
+
+const TOKEN_PATH = "/api/v2/common/token"
+const IMAGE_PATH = "/api/v2/common/labels/image"
+const tracer = trace.getTracer("@keyway/esl-worker")
+
+/**
+ * The AIMS client: a cached bearer token shared by every concurrent push, fetched once
+ * however many pushes find it missing or expired (a 401 storm must not become a token-request
+ * storm), and one re-authentication per push on 401. Retries of 429/5xx/timeouts are not
+ * done here: the keyed consumer's backoff does them without holding a worker slot.
+ */
+export function createAimsClient(config: AimsClientConfig): AimsClient {
+  let token: Promise<string> | undefined
+  const imageUrl = new URL(IMAGE_PATH, config.baseUrl)
+  imageUrl.searchParams.set("company", config.company)
+  imageUrl.searchParams.set("store", config.store)
+
+  const request = async (url: URL, init: RequestInit, signal?: AbortSignal) => {
+    const timeout = AbortSignal.timeout(config.timeoutMs)
+    try {
+      return await fetch(url, {
+        ...init,
+        signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
+      })
+    } catch (err) {
+      if (timeout.aborted) {
+        throw new AimsError(
+          `${url.pathname}: no answer within ${config.timeoutMs} ms`,
+          "timeout",
+          true,
+          {
+            cause: err,
+          },
+        )
+      }
+      if (signal?.aborted) throw err
+      throw new AimsError(`${url.pathname}: ${(err as Error).message}`, "network", true, {
+        cause: err,
+      })
+    }
+  }
+
+  const fetchToken = async (signal?: AbortSignal): Promise<string> => {
+    const res = await request(
+      new URL(TOKEN_PATH, config.baseUrl),
+      {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ username: config.username, password: config.password }),
+      },
+      signal,
+    )
+    const text = await res.text()
+    if (!res.ok) {
+      // Bad credentials do not get better with retries, but an operator can fix them while
+      // the task waits: retryable, and the topic's attempts bound it.
+      throw new AimsError(`token request refused: HTTP ${res.status}`, res.status, true)
+    }
+    const access = (JSON.parse(text) as { responseMessage?: { access_token?: string } })
+      .responseMessage?.access_token
+    if (!access) throw new AimsError("token response without access_token", res.status, true)
+    return access
+  }
+
+  const currentToken = (signal?: AbortSignal) => {
+    token ??= fetchToken(signal).catch((err) => {
+      token = undefined
+      throw err
+    })
+    return token
+  }
+
+  const post = async (options: PushImageOptions, bearer: string) => {
+    const headers: Record<string, string> = {
+      "content-type": "application/json",
+      authorization: `Bearer ${bearer}`,
+      "idempotency-key": options.idempotencyKey,
+      "x-fencing-token": options.fencingToken,
+    }
+    propagation.inject(context.active(), headers)
+    const res = await request(
+      imageUrl,
+      {
+        method: "POST",
+        headers,
+        body: JSON.stringify({
+          labelCode: options.labelCode,
+          page: options.page,
+          frontPage: options.frontPage,
+          image: options.png.toString("base64"),
+        }),
+      },
+      options.signal,
+    )
+    // Drained either way, so the keep-alive connection goes back to the pool.
+    const text = await res.text()
+    return { status: res.status, text }
+  }
+
+  return {
+    async pushImage(options) {
+      // The HTTP client span (OTel HTTP conventions); its context rides in the traceparent
+      // header, so the trace continues into AIMS if it records one.
+      return tracer.startActiveSpan(
+        "POST",
+        {
+          kind: SpanKind.CLIENT,
+          attributes: {
+            "http.request.method": "POST",
+            "url.full": imageUrl.toString(),
+            "url.path": IMAGE_PATH,
+            "server.address": imageUrl.hostname,
+            "server.port": Number(imageUrl.port || (imageUrl.protocol === "https:" ? 443 : 80)),
+          },
+        },
+        async (span) => {
+          try {
+            let bearer = await currentToken(options.signal)
+            let r = await post(options, bearer)
+            if (r.status === 401) {
+              // Expired or revoked: one fresh token, unless another push already got one.
+              const stale = bearer
+              if ((await token?.catch(() => undefined)) === stale) token = undefined
+              bearer = await currentToken(options.signal)
+              r = await post(options, bearer)
+            }
+            span.setAttribute("http.response.status_code", r.status)
+            if (r.status >= 200 && r.status < 300) return
+            const retryable =
+              r.status === 401 || r.status === 408 || r.status === 429 || r.status >= 500
+            throw new AimsError(
+              `AIMS answered HTTP ${r.status} for label ${options.labelCode}: ${r.text.slice(0, 200)}`,
+              r.status,
+              retryable,
+            )
+          } catch (err) {
+            span.recordException(err as Error)
+            span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message })
+            if (err instanceof AimsError) span.setAttribute("error.type", String(err.status))
+            throw err
+          } finally {
+            span.end()
+          }
+        },
+      )
+    },
+  }
+}

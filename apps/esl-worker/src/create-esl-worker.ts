@@ -1,0 +1,166 @@
+import {
+  createKeyedConsumer,
+  type KeyedConsumer,
+  type KeyedConsumerLogger,
+  type KeyedConsumerStatus,
+  type KeyedEvent,
+  PoisonError,
+  type TopicPolicy,
+} from "@keyway/keyed-consumer"
+import { EslLabelRender, type EslLabelRenderPayload } from "@keyway/schemas"
+import type { MetricsRegistry } from "@keyway/telemetry"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { trace } from "@opentelemetry/api"
+import type { Redis } from "ioredis"
+import type { Kysely } from "kysely"
+import {
+  type AimsClient,
+  type AimsClientConfig,
+  AimsError,
+  createAimsClient,
+} from "./aims-client.ts"
+import { RenderError, renderLabel } from "./render-label.ts"
+
+export interface EslWorkerConfig {
+  db: Kysely<any>
+  nats: NatsConnection
+  redis: Redis
+  stream: string
+  /** Consumer group. Default `esl-worker`. */
+  group?: string
+  /**
+   * Only this subject reaches the group, e.g. `cloud.esl.label` (`<origin site>.<topic>`).
+   * Without it the group gets the whole stream, and events of other topics have no handler
+   * here: dead at once.
+   */
+  filterSubject?: string
+  aims: AimsClientConfig | AimsClient
+  /** Retry and dead-letter policy of topic `esl.label`; see {@link ESL_LABEL_POLICY}. */
+  policy?: TopicPolicy
+  concurrency?: number
+  leaseMs?: number
+  pollIntervalMs?: number
+  recoveryIntervalMs?: number
+  workerId?: string
+  metrics?: MetricsRegistry
+  logger?: KeyedConsumerLogger
+}
+
+export interface EslWorker {
+  start(): Promise<void>
+  stop(): Promise<void>
+  status(): KeyedConsumerStatus
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+/**
+ * Topic `esl.label`'s policy. `park`, not `block`: every task carries the label's whole
+ * content as of its commit, so the next version supersedes a dead one completely; blocking
+ * would leave a label showing an old price until an operator acts, for no gain in
+ * correctness. The dead task stays listed (admin listDead) and counted. Ten attempts with
+ * backoff capped at 30 s ride out a few minutes of AIMS trouble before giving up on one version.
+ */
+export const ESL_LABEL_POLICY: Required<TopicPolicy> = {
+  maxAttempts: 10,
+  backoffMs: 200,
+  maxBackoffMs: 30_000,
+  onDead: "park",
+}
+
+const tracer = trace.getTracer("@keyway/esl-worker")
+
+/** The ESL worker: a keyed consumer on `esl.label` that renders each task and pushes it to AIMS. */
+export function createEslWorker(config: EslWorkerConfig): EslWorker {
+  const aims = "pushImage" in config.aims ? config.aims : createAimsClient(config.aims)
+  const m = config.metrics
+  const pushes = m?.counter({
+    name: "esl_label_tasks_total",
+    help: "ESL tasks handled, by outcome",
+    labels: { outcome: ["pushed", "retry", "poison"] },
+  })
+  const commitToPush = m?.histogram({
+    name: "esl_commit_to_push_seconds",
+    help: "From the writer's commit to AIMS accepting the label image",
+  })
+  const pushSeconds = m?.histogram({
+    name: "esl_aims_push_seconds",
+    help: "AIMS image request duration, token refresh included",
+    labels: { result: ["ok", "error"] },
+  })
+
+  const handle = async (
+    event: KeyedEvent<EslLabelRenderPayload>,
+    ctx: { eventId: string; fencing: { epoch: number; version: number }; signal: AbortSignal },
+  ) => {
+    const task = event.payload
+    // The key orders the label's tasks; a payload for another label would draw on the
+    // wrong label in the right order, or the right label out of its order.
+    if (task.labelCode !== event.key) {
+      throw new PoisonError(`payload labelCode ${task.labelCode} is not the event key ${event.key}`)
+    }
+    const png = await tracer.startActiveSpan("render label", async (span) => {
+      try {
+        return await renderLabel(task)
+      } catch (err) {
+        if (err instanceof RenderError)
+          throw new PoisonError(`cannot render: ${err.message}`, { cause: err })
+        throw err
+      } finally {
+        span.end()
+      }
+    })
+    const started = performance.now()
+    try {
+      await aims.pushImage({
+        labelCode: task.labelCode,
+        page: task.page,
+        frontPage: task.frontPage,
+        png,
+        idempotencyKey: ctx.eventId,
+        fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
+        signal: ctx.signal,
+      })
+      pushSeconds?.observe((performance.now() - started) / 1000, { result: "ok" })
+    } catch (err) {
+      pushSeconds?.observe((performance.now() - started) / 1000, { result: "error" })
+      if (err instanceof AimsError && !err.retryable) {
+        throw new PoisonError(err.message, { cause: err })
+      }
+      throw err
+    }
+    commitToPush?.observe((Date.now() - event.createdAt.getTime()) / 1000)
+  }
+
+  const consumer: KeyedConsumer = createKeyedConsumer({
+    group: config.group ?? "esl-worker",
+    stream: config.stream,
+    filterSubject: config.filterSubject,
+    nats: config.nats,
+    db: config.db,
+    redis: config.redis,
+    handlers: {
+      [EslLabelRender.type]: async (event, ctx) => {
+        try {
+          await handle(event as KeyedEvent<EslLabelRenderPayload>, ctx)
+          pushes?.inc({ outcome: "pushed" })
+        } catch (err) {
+          pushes?.inc({ outcome: err instanceof PoisonError ? "poison" : "retry" })
+          throw err
+        }
+      },
+    },
+    policies: { [EslLabelRender.topic]: { ...ESL_LABEL_POLICY, ...config.policy } },
+    concurrency: config.concurrency,
+    leaseMs: config.leaseMs,
+    pollIntervalMs: config.pollIntervalMs,
+    recoveryIntervalMs: config.recoveryIntervalMs,
+    workerId: config.workerId,
+    logger: config.logger,
+  })
+  return {
+    start: () => consumer.start(),
+    stop: () => consumer.stop(),
+    status: () => consumer.status(),
+    [Symbol.asyncDispose]: () => consumer.stop(),
+  }
+}

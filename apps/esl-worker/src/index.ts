@@ -1,0 +1,14 @@
+export {
+  type AimsClient,
+  type AimsClientConfig,
+  AimsError,
+  createAimsClient,
+  type PushImageOptions,
+} from "./aims-client.ts"
+export {
+  createEslWorker,
+  ESL_LABEL_POLICY,
+  type EslWorker,
+  type EslWorkerConfig,
+} from "./create-esl-worker.ts"
+export { formatPrice, LABEL_HEIGHT, LABEL_WIDTH, RenderError, renderLabel } from "./render-label.ts"

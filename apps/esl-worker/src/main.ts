@@ -1,0 +1,93 @@
+// The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
+// label finish its task in hand, then exits 0. Prints one JSON line per event of note.
+import { createDb } from "@keyway/db"
+import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { createMetricsRegistry, createMetricsServer, startTelemetry } from "@keyway/telemetry"
+import { Redis } from "ioredis"
+import { ConfigError, parseConfig } from "./config.ts"
+import { createEslWorker } from "./create-esl-worker.ts"
+
+const logger: KeyedConsumerLogger = {
+  info: (message, fields) => console.log(JSON.stringify({ level: "info", message, ...fields })),
+  warn: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
+  error: (message, fields) => console.log(JSON.stringify({ level: "error", message, ...fields })),
+}
+
+let config: ReturnType<typeof parseConfig>
+try {
+  config = parseConfig(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  console.error(`esl-worker: ${err.message}`)
+  process.exit(2)
+}
+
+// First, so the libraries' tracers record into it from their first span.
+const telemetry = startTelemetry({
+  serviceName: config.serviceName,
+  otlpEndpoint: config.otlpEndpoint,
+})
+const metrics = createMetricsRegistry({ prefix: "keyway_" })
+const nc = await connectNats({
+  servers: config.natsServers,
+  name: `keyway-esl-worker:${config.workerId ?? process.pid}`,
+  user: config.natsUser,
+  pass: config.natsPass,
+})
+const db = createDb({
+  connectionString: config.databaseUrl,
+  max: Math.min(32, config.concurrency + 4),
+  applicationName: "keyway-esl-worker",
+})
+const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1 })
+redis.on("error", (err) => logger.warn("redis error", { error: err.message }))
+
+const worker = createEslWorker({
+  db,
+  nats: nc,
+  redis,
+  stream: config.stream,
+  group: config.group,
+  filterSubject: config.filterSubject,
+  workerId: config.workerId,
+  aims: config.aims,
+  policy: {
+    maxAttempts: config.maxAttempts,
+    backoffMs: config.backoffMs,
+    maxBackoffMs: config.maxBackoffMs,
+    onDead: config.onDead,
+  },
+  concurrency: config.concurrency,
+  leaseMs: config.leaseMs,
+  pollIntervalMs: config.pollIntervalMs,
+  recoveryIntervalMs: config.recoveryIntervalMs,
+  metrics,
+  logger,
+})
+const metricsServer =
+  config.metricsPort === undefined
+    ? undefined
+    : createMetricsServer({ registry: metrics, port: config.metricsPort })
+await metricsServer?.start()
+await worker.start()
+console.log(
+  JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),
+)
+
+let stopping = false
+async function shutdown(signal: string) {
+  if (stopping) return
+  stopping = true
+  logger.info("esl-worker stopping", { signal })
+  await worker.stop()
+  await metricsServer?.stop()
+  await nc.drain()
+  await db.destroy()
+  redis.disconnect()
+  await telemetry.shutdown()
+  console.log(JSON.stringify({ stopped: worker.status() }))
+  process.exit(0)
+}
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))

@@ -1,0 +1,72 @@
+import type { EslLabelRenderPayload } from "@keyway/schemas"
+import { createCanvas, type SKRSContext2D } from "@napi-rs/canvas"
+
+/** A 2.9" SoluM Newton label: 296 × 128 pixels. */
+export const LABEL_WIDTH = 296
+export const LABEL_HEIGHT = 128
+const MARGIN = 8
+const NAME_MAX_PX = 26
+// Below this the name is unreadable from a shopper's distance: refuse rather than print it.
+const NAME_MIN_PX = 13
+// DejaVu ships with Debian and is what the test machines have; a font missing on the
+// worker's host would silently fall back to another face, and the images would change.
+const FONT = "DejaVu Sans"
+
+/** The task cannot be drawn: no retry changes that, so the worker treats it as poison. */
+export class RenderError extends Error {
+  override name = "RenderError"
+}
+
+function fitFont(ctx: SKRSContext2D, text: string, maxWidth: number): number | undefined {
+  for (let px = NAME_MAX_PX; px >= NAME_MIN_PX; px--) {
+    ctx.font = `bold ${px}px "${FONT}"`
+    if (ctx.measureText(text).width <= maxWidth) return px
+  }
+  return undefined
+}
+
+/** The price as the shelf shows it, e.g. "€ 12.99" → formatted for the currency. */
+export function formatPrice(priceMinor: number, currency: string): string {
+  try {
+    const format = new Intl.NumberFormat("en-GB", { style: "currency", currency })
+    const digits = format.resolvedOptions().maximumFractionDigits ?? 2
+    return format.format(priceMinor / 10 ** digits)
+  } catch (cause) {
+    throw new RenderError(`unknown currency ${currency}`, { cause })
+  }
+}
+
+/**
+ * Draws one label page as a PNG: product name on top (shrunk to fit), the price large, the
+ * product id and job id small at the bottom. Deterministic: the same payload gives the same
+ * bytes, which is how the tests tell which task a label's image came from.
+ */
+export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> {
+  const canvas = createCanvas(LABEL_WIDTH, LABEL_HEIGHT)
+  const ctx = canvas.getContext("2d")
+  ctx.fillStyle = "#ffffff"
+  ctx.fillRect(0, 0, LABEL_WIDTH, LABEL_HEIGHT)
+  ctx.fillStyle = "#000000"
+  ctx.textBaseline = "top"
+
+  const namePx = fitFont(ctx, task.productName, LABEL_WIDTH - 2 * MARGIN)
+  if (namePx === undefined) {
+    throw new RenderError(
+      `product name does not fit a ${LABEL_WIDTH}x${LABEL_HEIGHT} label at ${NAME_MIN_PX}px ` +
+        `(${task.productName.length} characters): shorten it`,
+    )
+  }
+  ctx.fillText(task.productName, MARGIN, MARGIN)
+
+  const price = formatPrice(task.priceMinor, task.currency)
+  ctx.fillStyle = "#d00000" // the third ink of red/black/white labels
+  ctx.font = `bold 44px "${FONT}"`
+  ctx.textAlign = "right"
+  ctx.fillText(price, LABEL_WIDTH - MARGIN, 44)
+
+  ctx.fillStyle = "#000000"
+  ctx.font = `11px "${FONT}"`
+  ctx.textAlign = "left"
+  ctx.fillText(`${task.productId}  ·  job ${task.jobId}`, MARGIN, LABEL_HEIGHT - MARGIN - 11)
+  return canvas.encode("png")
+}

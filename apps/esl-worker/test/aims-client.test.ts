@@ -1,0 +1,111 @@
+// The AIMS client against the fake: token handling and how each failure is classified.
+import assert from "node:assert/strict"
+import { describe, test } from "node:test"
+import { startFakeAims } from "@keyway/testkit"
+import { AimsError, createAimsClient } from "../src/aims-client.ts"
+import { renderLabel } from "../src/render-label.ts"
+
+const task = {
+  labelCode: "0A1B2C3D4E5F",
+  jobId: "j1",
+  page: 1,
+  frontPage: true,
+  productId: "P-1",
+  productName: "Espresso beans 1 kg",
+  priceMinor: 1899,
+  currency: "EUR",
+}
+
+describe("AIMS client", async () => {
+  const png = await renderLabel(task)
+  const push = (id: string) => ({
+    labelCode: task.labelCode,
+    page: 2,
+    frontPage: false,
+    png,
+    idempotencyKey: id,
+    fencingToken: "3.7",
+  })
+
+  test("pushes the image with token, idempotency key and fencing token; reuses the token", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    await client.pushImage(push("s:1"))
+    await client.pushImage(push("s:2"))
+    const [first, second] = aims.pushes(task.labelCode)
+    assert.equal(aims.tokensIssued, 1, "one token for both pushes")
+    assert.equal(first!.idempotencyKey, "s:1")
+    assert.equal(second!.idempotencyKey, "s:2")
+    assert.equal(first!.page, 2)
+    assert.equal(first!.frontPage, false)
+    assert.equal(first!.fencingToken, "3.7")
+    assert.ok(first!.image.equals(png), "the fake got the PNG bytes")
+  })
+
+  test("a 401 (token expired) re-authenticates once and the push goes through", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    await client.pushImage(push("s:1"))
+    aims.expireTokens()
+    await client.pushImage(push("s:2"))
+    assert.equal(aims.tokensIssued, 2)
+    assert.deepEqual(
+      aims.requests().map((r) => r.outcome),
+      [200, 200],
+      "the 401 is answered before the body is recorded as a push",
+    )
+    assert.equal(aims.pushes(task.labelCode).length, 2)
+  })
+
+  test("429 and 5xx are retryable AimsErrors; a 400 is not", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    aims.burst(429, 1)
+    aims.burst(503, 1)
+    for (const status of [429, 503]) {
+      const err = await client.pushImage(push("s:1")).then(
+        () => undefined,
+        (e) => e,
+      )
+      assert.ok(err instanceof AimsError)
+      assert.equal(err.status, status)
+      assert.equal(err.retryable, true)
+    }
+    const bad = await client.pushImage({ ...push("s:2"), png: Buffer.from("not a png") }).then(
+      () => undefined,
+      (e) => e,
+    )
+    assert.ok(bad instanceof AimsError)
+    assert.equal(bad.status, 400)
+    assert.equal(bad.retryable, false)
+    assert.equal(aims.pushes().length, 0)
+  })
+
+  test("no answer within the timeout is a retryable timeout", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 200 })
+    aims.holdNext(1)
+    const err = await client.pushImage(push("s:1")).then(
+      () => undefined,
+      (e) => e,
+    )
+    assert.ok(err instanceof AimsError, String(err))
+    assert.equal(err.status, "timeout")
+    assert.equal(err.retryable, true)
+    await client.pushImage(push("s:1"))
+    assert.deepEqual(
+      aims.requests().map((r) => r.outcome),
+      ["timeout", 200],
+    )
+  })
+
+  test("a repeated idempotency key is accepted but not applied twice", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    await client.pushImage(push("s:1"))
+    await client.pushImage(push("s:1"))
+    assert.equal(aims.requests().length, 2)
+    assert.equal(aims.pushes(task.labelCode).length, 1)
+    assert.equal(aims.requests()[1]!.duplicate, true)
+  })
+})

@@ -1,0 +1,183 @@
+// Must-show 3 of issue 5: bad input is refused with a clear reason. A malformed MAC never
+// gets into the outbox (InvalidEventError naming labelCode, the whole job rolled back); a
+// task the renderer cannot draw is dead at once with the reason, while other labels, and
+// the same label's next task, go on.
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { createDb } from "@keyway/db"
+import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
+import { createConsumerAdmin } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { createRelay, enqueue } from "@keyway/outbox"
+import { canonicalLabelCode, EslLabelRender, InvalidEventError } from "@keyway/schemas"
+import { createTestDatabase, startFakeAims, type TestDatabase, waitFor } from "@keyway/testkit"
+import { jetstream } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { Redis } from "ioredis"
+import { sql } from "kysely"
+import { createEslWorker } from "../src/create-esl-worker.ts"
+import { createStream, imageHashOf, macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+
+const payload = {
+  labelCode: "0A1B2C3D4E5F",
+  jobId: "j1",
+  page: 1,
+  frontPage: true,
+  productId: "P1",
+  productName: "Butter 250 g",
+  priceMinor: 279,
+  currency: "EUR",
+}
+
+async function count(db: TestDatabase["db"], table: string) {
+  const r = await sql<{ n: number }>`select count(*)::int as n from ${sql.table(table)}`.execute(db)
+  return r.rows[0]!.n
+}
+
+describe("bad ESL input", () => {
+  let nc: NatsConnection
+  let t: TestDatabase
+  const cleanups: (() => Promise<unknown>)[] = []
+  before(async () => {
+    nc = await connectNats({ servers: SHARED_NATS })
+    t = await createTestDatabase()
+    await migrateEslSchema(t.db)
+  })
+  after(async () => {
+    for (const c of cleanups.reverse()) await c().catch(() => {})
+    await t.drop()
+    await nc.close()
+  })
+
+  test("MACs: separators and case are folded; anything else is not a MAC", () => {
+    assert.equal(canonicalLabelCode("0a:1b:2c:3d:4e:5f"), "0A1B2C3D4E5F")
+    assert.equal(canonicalLabelCode("0a-1b-2c-3d-4e-5f"), "0A1B2C3D4E5F")
+    assert.equal(canonicalLabelCode("0A1B2C3D4E5F"), "0A1B2C3D4E5F")
+    for (const bad of ["0A1B2C3D4E", "0A1B2C3D4E5F00", "0A1B2C3D4E5G", "", "0A 1B 2C 3D 4E 5F"]) {
+      assert.equal(canonicalLabelCode(bad), undefined, bad)
+    }
+  })
+
+  test("enqueue refuses a malformed MAC with InvalidEventError naming labelCode", async () => {
+    for (const labelCode of ["0a:1b:2c:3d:4e:5f", "0A1B2C3D4E", "ZZ1B2C3D4E5F"]) {
+      const err = await t.db
+        .transaction()
+        .execute((trx) =>
+          enqueue(trx, {
+            type: EslLabelRender.type,
+            key: labelCode,
+            payload: { ...payload, labelCode },
+          }),
+        )
+        .then(
+          () => undefined,
+          (e) => e,
+        )
+      assert.ok(err instanceof InvalidEventError, `${labelCode}: ${err}`)
+      assert.match(err.message, /invalid esl\.label\.render\.v1 event/)
+      assert.match(err.message, /\["labelCode"\]/)
+      assert.match(err.message, /12 hex digits/)
+    }
+    assert.equal(await count(t.db, "keyway.outbox"), 0)
+  })
+
+  test("a label job with one malformed MAC is refused whole: no label, job or task written", async () => {
+    await upsertProducts(t.db, [
+      { id: "P1", name: "Butter 250 g", priceMinor: 279, currency: "EUR" },
+    ])
+    await assert.rejects(
+      writeLabelJob(t.db, {
+        jobId: "bad-mac-job",
+        labels: [
+          { labelCode: "0a:1b:2c:3d:4e:5f", productId: "P1" }, // fine once folded
+          { labelCode: "0A1B2C3D4E5", productId: "P1" }, // 11 digits
+        ],
+      }),
+      (err) => err instanceof InvalidEventError && /labelCode/.test(err.message),
+    )
+    assert.equal(await count(t.db, "esl.label"), 0)
+    assert.equal(await count(t.db, "esl.job"), 0)
+    assert.equal(await count(t.db, "keyway.outbox"), 0)
+  })
+
+  test("a task the renderer cannot draw is dead at once with the reason; other labels go on", async () => {
+    const stream = await createStream(nc)
+    cleanups.push(() => stream.delete())
+    const aims = await startFakeAims()
+    cleanups.push(() => aims.stop())
+    const relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site: stream.site,
+    })
+    cleanups.push(() => relay.stop())
+    await relay.start()
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    const db = createDb({ connectionString: t.url, max: 4 })
+    cleanups.push(() => db.destroy())
+    const group = unique("esl")
+    // Block, the stricter policy, would stop the label at a dead task; the check that the
+    // same label's next task still runs below holds only because the topic parks.
+    const worker = createEslWorker({
+      db,
+      nats: nc,
+      redis,
+      stream: stream.name,
+      group,
+      filterSubject: `${stream.site}.esl.label`,
+      aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
+      pollIntervalMs: 300,
+    })
+    cleanups.push(() => worker.stop())
+    await worker.start()
+
+    await upsertProducts(t.db, [
+      { id: "LONG", name: "Extra ".repeat(30).trim(), priceMinor: 100, currency: "EUR" },
+      { id: "OK", name: "Sea salt 500 g", priceMinor: 99, currency: "EUR" },
+    ])
+    const [poisoned, ...others] = macs(5)
+    // One job: the first label shows a product whose name cannot fit, the others are fine.
+    await writeLabelJob(t.db, {
+      jobId: "mixed",
+      labels: [
+        { labelCode: poisoned!, productId: "LONG" },
+        ...others.map((labelCode) => ({ labelCode, productId: "OK" })),
+      ],
+    })
+    // Then the same label is moved to a drawable product.
+    const fixed = await writeLabelJob(t.db, {
+      jobId: "fixed",
+      labels: [{ labelCode: poisoned!, productId: "OK" }],
+    })
+    await waitFor(
+      () => others.every((l) => aims.lastPush(l)) && aims.lastPush(poisoned!) !== undefined,
+      { timeoutMs: 20_000, message: "every label pushed" },
+    )
+    const dead = await createConsumerAdmin({ db: t.db, group }).listDead("esl.label")
+    assert.equal(dead.length, 1)
+    assert.equal(dead[0]!.key, poisoned)
+    assert.equal(dead[0]!.ver, 1)
+    assert.equal(dead[0]!.attempts, 1, "dead at once: no retry can draw it")
+    assert.equal(dead[0]!.blocking, false, "parked: the label moved on")
+    assert.match(dead[0]!.lastError ?? "", /^poison: cannot render: product name does not fit/)
+    assert.deepEqual(
+      aims.pushes(poisoned!).map((p) => p.idempotencyKey),
+      [`${stream.site}:${fixed.tasks[0]!.seq}`],
+      "the undrawable version was never pushed; the fixed one was",
+    )
+    const shown = aims.lastPush(poisoned!)!.imageSha256
+    assert.equal(
+      shown,
+      await imageHashOf({
+        ...payload,
+        labelCode: poisoned!,
+        jobId: "fixed",
+        productId: "OK",
+        productName: "Sea salt 500 g",
+        priceMinor: 99,
+      }),
+    )
+    for (const l of others) assert.equal(aims.pushes(l).length, 1, `${l} pushed once`)
+  })
+})

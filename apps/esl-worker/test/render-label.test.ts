@@ -1,0 +1,33 @@
+import assert from "node:assert/strict"
+import { test } from "node:test"
+import { LABEL_HEIGHT, LABEL_WIDTH, RenderError, renderLabel } from "../src/render-label.ts"
+
+const task = {
+  labelCode: "0A1B2C3D4E5F",
+  jobId: "j1",
+  page: 1,
+  frontPage: true,
+  productId: "P-1",
+  productName: "Organic whole milk 3.8% 1 l",
+  priceMinor: 129,
+  currency: "EUR",
+}
+
+test("renders a real PNG of the label's size, the same bytes for the same task", async () => {
+  const png = await renderLabel(task)
+  assert.deepEqual([...png.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
+  assert.equal(png.toString("ascii", 12, 16), "IHDR")
+  assert.equal(png.readUInt32BE(16), LABEL_WIDTH)
+  assert.equal(png.readUInt32BE(20), LABEL_HEIGHT)
+  assert.ok((await renderLabel(task)).equals(png), "deterministic")
+  assert.ok(!(await renderLabel({ ...task, priceMinor: 130 })).equals(png), "the price is drawn")
+  assert.ok(!(await renderLabel({ ...task, jobId: "j2" })).equals(png), "the job is drawn")
+})
+
+test("a name that cannot fit is a RenderError saying so", async () => {
+  await assert.rejects(renderLabel({ ...task, productName: "Extra ".repeat(30) }), (err) => {
+    assert.ok(err instanceof RenderError)
+    assert.match(err.message, /product name does not fit/)
+    return true
+  })
+})

@@ -1,0 +1,76 @@
+import { createHash, randomBytes } from "node:crypto"
+import { fileURLToPath } from "node:url"
+import { jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { type Kysely, sql } from "kysely"
+import { renderLabel } from "../src/render-label.ts"
+
+export const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
+export const SHARED_REDIS = process.env.KEYWAY_TEST_REDIS_URL ?? "redis://127.0.0.1:6379"
+export const workerMain = fileURLToPath(new URL("../src/main.ts", import.meta.url))
+
+export const unique = (prefix: string) => `${prefix}${randomBytes(4).toString("hex")}`
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/** `n` distinct label MACs, canonical. */
+export const macs = (n: number) =>
+  Array.from({ length: n }, (_, i) => `A1B2C3${i.toString(16).toUpperCase().padStart(6, "0")}`)
+
+/** A stream `<SITE>` on `<site>.>` for one test: the relay publishes `<site>.esl.label`. */
+export async function createStream(nc: NatsConnection) {
+  const site = unique("t")
+  const name = site.toUpperCase()
+  await (await jetstreamManager(nc)).streams.add({
+    name,
+    subjects: [`${site}.>`],
+    duplicate_window: 120e9,
+  })
+  return {
+    site,
+    name,
+    async delete() {
+      await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
+    },
+  }
+}
+
+/** Keys of topic esl.label whose consumer group has not finished their newest version. */
+export async function unfinishedLabels(db: Kysely<any>, group: string): Promise<number> {
+  const r = await sql<{ n: number }>`
+    select count(*)::int as n
+      from keyway.outbox_key_head h
+      left join keyway.consumer_key k on k.grp = ${group} and k.topic = h.topic and k.key = h.key
+     where h.topic = 'esl.label' and (k.done_ver is null or k.done_ver < h.ver)
+  `.execute(db)
+  return r.rows[0]!.n
+}
+
+export interface OutboxTask {
+  eventId: string
+  key: string
+  ver: number
+  payload: any
+}
+
+/** Every esl.label event the writers committed, by label, in version order. */
+export async function committedTasks(db: Kysely<any>, site: string) {
+  const r = await sql<{ seq: number; key: string; ver: number; payload: any }>`
+    select seq, key, ver, payload from keyway.outbox where topic = 'esl.label' order by key, ver
+  `.execute(db)
+  const byLabel = new Map<string, OutboxTask[]>()
+  const byEventId = new Map<string, OutboxTask>()
+  for (const row of r.rows) {
+    const task = { eventId: `${site}:${row.seq}`, key: row.key, ver: row.ver, payload: row.payload }
+    byEventId.set(task.eventId, task)
+    const list = byLabel.get(row.key) ?? []
+    list.push(task)
+    byLabel.set(row.key, list)
+  }
+  return { byLabel, byEventId }
+}
+
+export async function imageHashOf(payload: any): Promise<string> {
+  return createHash("sha256")
+    .update(await renderLabel(payload))
+    .digest("hex")
+}

@@ -1,0 +1,12 @@
+export { migrateEslSchema } from "./migrate-esl-schema.ts"
+export {
+  type EslJobResult,
+  EslWriterError,
+  type LabelAssignment,
+  type LabelJobOptions,
+  type PriceChange,
+  type PriceChangeOptions,
+  upsertProducts,
+  writeLabelJob,
+  writePriceChange,
+} from "./write-esl-job.ts"

@@ -1,0 +1,91 @@
+// The ESL writer process: a small HTTP API in front of writeLabelJob/writePriceChange.
+//   POST /label-jobs     {"jobId"?, "labels": [{"labelCode","productId","page"?,"frontPage"?}]}
+//   POST /price-changes  {"jobId"?, "changes": [{"productId","priceMinor","currency"?,"name"?}]}
+//   GET  /metrics
+// Answers 201 {"jobId","tasks"} or 400 {"error"} naming what is wrong with the request.
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
+import { createDb } from "@keyway/db"
+import { EnqueueError } from "@keyway/outbox"
+import { InvalidEventError } from "@keyway/schemas"
+import { createMetricsRegistry, metricsHandler, startTelemetry } from "@keyway/telemetry"
+import { ConfigError, parseConfig } from "./config.ts"
+import { migrateEslSchema } from "./migrate-esl-schema.ts"
+import { EslWriterError, writeLabelJob, writePriceChange } from "./write-esl-job.ts"
+
+let config: ReturnType<typeof parseConfig>
+try {
+  config = parseConfig(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  console.error(`esl-writer: ${err.message}`)
+  process.exit(2)
+}
+
+const telemetry = startTelemetry({
+  serviceName: config.serviceName,
+  otlpEndpoint: config.otlpEndpoint,
+})
+const metrics = createMetricsRegistry({ prefix: "keyway_" })
+const jobs = metrics.counter({
+  name: "esl_jobs_total",
+  help: "ESL jobs by kind and result",
+  labels: { kind: ["label_job", "price_change"], result: ["ok", "rejected", "error"] },
+})
+const tasks = metrics.counter({
+  name: "esl_tasks_enqueued_total",
+  help: "ESL label tasks enqueued",
+})
+const db = createDb({
+  connectionString: config.databaseUrl,
+  max: 10,
+  applicationName: "keyway-esl-writer",
+})
+await migrateEslSchema(db)
+const serveMetrics = metricsHandler(metrics)
+
+const readJson = async (req: IncomingMessage): Promise<any> => {
+  const chunks: Buffer[] = []
+  for await (const c of req) chunks.push(c as Buffer)
+  return JSON.parse(Buffer.concat(chunks).toString("utf8"))
+}
+const reply = (res: ServerResponse, status: number, body: unknown) =>
+  res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body))
+
+const server = createServer(async (req, res) => {
+  const path = (req.url ?? "").split("?")[0]
+  if (req.method === "GET" && path === "/metrics") return serveMetrics(req, res)
+  const kind =
+    path === "/label-jobs" ? "label_job" : path === "/price-changes" ? "price_change" : undefined
+  if (req.method !== "POST" || !kind) return reply(res, 404, { error: "not found" })
+  try {
+    const body = await readJson(req)
+    const result =
+      kind === "label_job"
+        ? await writeLabelJob(db, { jobId: body.jobId, labels: body.labels ?? [] })
+        : await writePriceChange(db, { jobId: body.jobId, changes: body.changes ?? [] })
+    jobs.inc({ kind, result: "ok" })
+    tasks.inc({}, result.tasks.length)
+    reply(res, 201, result)
+  } catch (err) {
+    const bad =
+      err instanceof SyntaxError ||
+      err instanceof InvalidEventError ||
+      err instanceof EnqueueError ||
+      err instanceof EslWriterError
+    jobs.inc({ kind, result: bad ? "rejected" : "error" })
+    reply(res, bad ? 400 : 500, { error: (err as Error).message })
+  }
+})
+server.listen(config.port, () =>
+  console.log(JSON.stringify({ started: "esl-writer", port: config.port })),
+)
+
+async function shutdown() {
+  server.close()
+  server.closeAllConnections()
+  await db.destroy()
+  await telemetry.shutdown()
+  process.exit(0)
+}
+process.on("SIGTERM", () => void shutdown())
+process.on("SIGINT", () => void shutdown())

@@ -1,0 +1,51 @@
+import { type Kysely, sql } from "kysely"
+
+// An arbitrary constant: concurrent `create … if not exists` of one table can still collide
+// on the catalog's unique index, so processes starting together take turns.
+const LOCK_KEY = 0x65736c31
+
+/**
+ * Creates the writer's own tables in schema `esl` if they are missing. They belong to this
+ * app, not to Keyway's `sql/` migrations: Keyway only needs the outbox, and the domain evolves
+ * with the app.
+ */
+export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
+  await db.transaction().execute(async (trx) => {
+    await sql`select pg_advisory_xact_lock(${LOCK_KEY})`.execute(trx)
+    await sql`
+      create schema if not exists esl;
+      create table if not exists esl.product (
+        id          text        primary key,
+        name        text        not null,
+        price_minor bigint      not null check (price_minor >= 0),
+        currency    text        not null,
+        updated_at  timestamptz not null default now()
+      );
+      -- A label shows one product on one page. last_job_id is the job whose task was
+      -- enqueued last for the label: what the label must end up showing.
+      create table if not exists esl.label (
+        label_code  text        primary key,
+        product_id  text        not null references esl.product (id),
+        page        int         not null default 1,
+        front_page  boolean     not null default true,
+        last_job_id text,
+        updated_at  timestamptz not null default now()
+      );
+      create index if not exists label_product_idx on esl.label (product_id);
+      create table if not exists esl.job (
+        id         text        primary key,
+        kind       text        not null check (kind in ('price_change', 'label_job')),
+        labels     int         not null,
+        created_at timestamptz not null default now()
+      );
+      -- One row per task: the label's outbox version for this job, so "which job is this
+      -- version" is a lookup, not a guess.
+      create table if not exists esl.job_label (
+        job_id     text   not null references esl.job (id),
+        label_code text   not null,
+        ver        bigint not null,
+        primary key (job_id, label_code)
+      );
+    `.execute(trx)
+  })
+}

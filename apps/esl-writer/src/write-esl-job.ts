@@ -1,0 +1,255 @@
+import { randomUUID } from "node:crypto"
+import { type EnqueuedEvent, enqueue, type OutboxEvent } from "@keyway/outbox"
+import { canonicalLabelCode, EslLabelRender, type EslLabelRenderPayload } from "@keyway/schemas"
+import { SpanStatusCode, trace } from "@opentelemetry/api"
+import { type Kysely, sql } from "kysely"
+
+export interface LabelAssignment {
+  /** With or without `:`/`-` separators, any case; stored canonical (12 uppercase hex). */
+  labelCode: string
+  productId: string
+  /** Default 1. */
+  page?: number
+  /** Default true. */
+  frontPage?: boolean
+}
+
+export interface LabelJobOptions {
+  /** Default a random UUID. */
+  jobId?: string
+  labels: readonly LabelAssignment[]
+}
+
+export interface PriceChange {
+  productId: string
+  priceMinor: number
+  currency?: string
+  name?: string
+}
+
+export interface PriceChangeOptions {
+  jobId?: string
+  changes: readonly PriceChange[]
+}
+
+export interface EslJobResult {
+  jobId: string
+  /** One per affected label, sorted by label code. */
+  tasks: EnqueuedEvent[]
+}
+
+export class EslWriterError extends Error {
+  override name = "EslWriterError"
+}
+
+const tracer = trace.getTracer("@keyway/esl-writer")
+const DEADLOCK = "40P01"
+
+// The locking discipline that makes overlapping jobs safe, in one place:
+//  1. products before labels, each set in sorted order (ORDER BY … FOR SHARE/UPDATE locks
+//     rows in the sorted order), so two jobs never wait on each other in a cycle;
+//  2. a task's payload is read only after its label's row lock is held, and a label job
+//     holds its products FOR SHARE, so no price change can commit between the read and the
+//     commit. Within a label, the outbox version order is commit order (the key-head lock),
+//     hence a later version always carries newer data, and the last version is the truth.
+// Without 2, a job could read a price, lose the race for the label to a price change, and
+// enqueue the stale price as the label's newest version.
+
+async function transaction<T>(
+  db: Kysely<any>,
+  name: string,
+  attrs: Record<string, string | number>,
+  body: (trx: Kysely<any>) => Promise<T>,
+) {
+  // The writer's span is active while enqueue() runs, so the outbox rows store its
+  // traceparent and the relay's and worker's spans join this trace.
+  return tracer.startActiveSpan(name, { attributes: attrs }, async (span) => {
+    try {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await db.transaction().execute(body)
+        } catch (err) {
+          // The order above rules deadlocks out among writers; another client of these tables
+          // might not follow it, and a retry is the standard answer.
+          if ((err as { code?: string }).code !== DEADLOCK || attempt >= 3) throw err
+        }
+      }
+    } catch (err) {
+      span.recordException(err as Error)
+      span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message })
+      throw err
+    } finally {
+      span.end()
+    }
+  })
+}
+
+interface LabelRow {
+  label_code: string
+  product_id: string
+  page: number
+  front_page: boolean
+  name: string
+  price_minor: number
+  currency: string
+}
+
+async function enqueueTasks(
+  trx: Kysely<any>,
+  jobId: string,
+  codes: string[],
+): Promise<EnqueuedEvent[]> {
+  if (codes.length === 0) return []
+  const rows = await sql<LabelRow>`
+    select l.label_code, l.product_id, l.page, l.front_page, p.name, p.price_minor, p.currency
+      from esl.label l join esl.product p on p.id = l.product_id
+     where l.label_code = any(${codes}::text[])
+     order by l.label_code
+  `.execute(trx)
+  const events: OutboxEvent<EslLabelRenderPayload>[] = rows.rows.map((r) => ({
+    type: EslLabelRender.type,
+    key: r.label_code,
+    payload: {
+      labelCode: r.label_code,
+      jobId,
+      page: r.page,
+      frontPage: r.front_page,
+      productId: r.product_id,
+      productName: r.name,
+      priceMinor: Number(r.price_minor),
+      currency: r.currency,
+    },
+  }))
+  const tasks = await enqueue(trx, events)
+  await sql`
+    insert into esl.job_label (job_id, label_code, ver)
+    select ${jobId}, * from unnest(${tasks.map((t) => t.key)}::text[], ${tasks.map((t) => t.ver)}::bigint[])
+  `.execute(trx)
+  return tasks
+}
+
+/**
+ * A job over a set of labels: binds each label to a product (creating the label if new) and
+ * enqueues one render task per label, all in one transaction with the domain rows. A label
+ * code that is not a MAC reaches the schema unchanged and is refused there
+ * (InvalidEventError naming `labelCode`); the transaction rolls back whole.
+ */
+export async function writeLabelJob(
+  db: Kysely<any>,
+  options: LabelJobOptions,
+): Promise<EslJobResult> {
+  const jobId = options.jobId ?? randomUUID()
+  // One assignment per label, the last one given winning: a job draws each label once.
+  const byCode = new Map<string, LabelAssignment>()
+  for (const a of options.labels) {
+    const code = canonicalLabelCode(a.labelCode) ?? a.labelCode
+    byCode.set(code, { ...a, labelCode: code })
+  }
+  const labels = [...byCode.values()].sort((a, b) => (a.labelCode < b.labelCode ? -1 : 1))
+  const productIds = [...new Set(labels.map((l) => l.productId))].sort()
+  return transaction(
+    db,
+    "esl label job",
+    { "esl.job.id": jobId, "esl.job.labels": labels.length },
+    async (trx) => {
+      const found = await sql<{ id: string }>`
+      select id from esl.product where id = any(${productIds}::text[]) order by id for share
+    `.execute(trx)
+      if (found.rows.length !== productIds.length) {
+        const known = new Set(found.rows.map((r) => r.id))
+        throw new EslWriterError(
+          `unknown products: ${productIds.filter((p) => !known.has(p)).join(", ")}`,
+        )
+      }
+      const codes = labels.map((l) => l.labelCode)
+      await sql`select 1 from esl.label where label_code = any(${codes}::text[]) order by label_code for update`.execute(
+        trx,
+      )
+      await sql`
+      insert into esl.label (label_code, product_id, page, front_page, last_job_id)
+      select code, product, page, front, ${jobId}
+        from unnest(${codes}::text[], ${labels.map((l) => l.productId)}::text[],
+                    ${labels.map((l) => l.page ?? 1)}::int[], ${labels.map((l) => l.frontPage ?? true)}::boolean[])
+          as t(code, product, page, front)
+      on conflict (label_code) do update
+        set product_id = excluded.product_id, page = excluded.page, front_page = excluded.front_page,
+            last_job_id = excluded.last_job_id, updated_at = now()
+    `.execute(trx)
+      await sql`insert into esl.job (id, kind, labels) values (${jobId}, 'label_job', ${labels.length})`.execute(
+        trx,
+      )
+      return { jobId, tasks: await enqueueTasks(trx, jobId, codes) }
+    },
+  )
+}
+
+/**
+ * A price edit over many products: updates them and enqueues one render task for every
+ * label showing one of them, in one transaction.
+ */
+export async function writePriceChange(
+  db: Kysely<any>,
+  options: PriceChangeOptions,
+): Promise<EslJobResult> {
+  const jobId = options.jobId ?? randomUUID()
+  const changes = [...new Map(options.changes.map((c) => [c.productId, c])).values()].sort(
+    (a, b) => (a.productId < b.productId ? -1 : 1),
+  )
+  for (const c of changes) {
+    if (!Number.isInteger(c.priceMinor) || c.priceMinor < 0) {
+      throw new EslWriterError(`product ${c.productId}: priceMinor must be a non-negative integer`)
+    }
+  }
+  const ids = changes.map((c) => c.productId)
+  return transaction(
+    db,
+    "esl price change",
+    { "esl.job.id": jobId, "esl.job.products": ids.length },
+    async (trx) => {
+      const found = await sql<{ id: string }>`
+      select id from esl.product where id = any(${ids}::text[]) order by id for update
+    `.execute(trx)
+      if (found.rows.length !== ids.length) {
+        const known = new Set(found.rows.map((r) => r.id))
+        throw new EslWriterError(`unknown products: ${ids.filter((p) => !known.has(p)).join(", ")}`)
+      }
+      await sql`
+      update esl.product p
+         set price_minor = c.price, currency = coalesce(c.currency, p.currency),
+             name = coalesce(c.name, p.name), updated_at = now()
+        from unnest(${ids}::text[], ${changes.map((c) => c.priceMinor)}::bigint[],
+                    ${changes.map((c) => c.currency ?? null)}::text[], ${changes.map((c) => c.name ?? null)}::text[])
+          as c(id, price, currency, name)
+       where p.id = c.id
+    `.execute(trx)
+      const labels = await sql<{ label_code: string }>`
+      select label_code from esl.label where product_id = any(${ids}::text[])
+       order by label_code for update
+    `.execute(trx)
+      const codes = labels.rows.map((r) => r.label_code)
+      await sql`update esl.label set last_job_id = ${jobId}, updated_at = now() where label_code = any(${codes}::text[])`.execute(
+        trx,
+      )
+      await sql`insert into esl.job (id, kind, labels) values (${jobId}, 'price_change', ${codes.length})`.execute(
+        trx,
+      )
+      return { jobId, tasks: await enqueueTasks(trx, jobId, codes) }
+    },
+  )
+}
+
+/** Creates or updates products without touching labels (catalogue import, tests). */
+export async function upsertProducts(
+  db: Kysely<any>,
+  products: readonly { id: string; name: string; priceMinor: number; currency: string }[],
+): Promise<void> {
+  if (products.length === 0) return
+  const sorted = [...products].sort((a, b) => (a.id < b.id ? -1 : 1))
+  await sql`
+    insert into esl.product (id, name, price_minor, currency)
+    select * from unnest(${sorted.map((p) => p.id)}::text[], ${sorted.map((p) => p.name)}::text[],
+                         ${sorted.map((p) => p.priceMinor)}::bigint[], ${sorted.map((p) => p.currency)}::text[])
+    on conflict (id) do update set name = excluded.name, price_minor = excluded.price_minor,
+                                   currency = excluded.currency, updated_at = now()
+  `.execute(db)
+}

@@ -1,0 +1,130 @@
+// The writer's promise: one task per affected label in the transaction that changes the
+// domain rows, and, with jobs overlapping, each label's newest task describes what the
+// tables say now (the locking discipline in write-esl-job.ts).
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { sql } from "kysely"
+import {
+  EslWriterError,
+  migrateEslSchema,
+  upsertProducts,
+  writeLabelJob,
+  writePriceChange,
+} from "../src/index.ts"
+
+let t: TestDatabase
+before(async () => {
+  t = await createTestDatabase({ poolSize: 12 })
+  await migrateEslSchema(t.db)
+  await migrateEslSchema(t.db) // idempotent: every writer process runs it at start
+})
+after(() => t.drop())
+
+const label = (i: number) => `C0FFEE${String(i).padStart(6, "0")}`
+
+test("a price change enqueues one task per label showing the products, with the new price", async () => {
+  await upsertProducts(t.db, [
+    { id: "A", name: "Apples 1 kg", priceMinor: 199, currency: "EUR" },
+    { id: "B", name: "Bananas 1 kg", priceMinor: 149, currency: "EUR" },
+  ])
+  await writeLabelJob(t.db, {
+    jobId: "bind",
+    labels: [
+      { labelCode: "c0:ff:ee:00:00:01", productId: "A" },
+      { labelCode: label(2), productId: "A" },
+      { labelCode: label(3), productId: "B" },
+    ],
+  })
+  const change = await writePriceChange(t.db, {
+    jobId: "pc1",
+    changes: [{ productId: "A", priceMinor: 219 }],
+  })
+  assert.deepEqual(
+    change.tasks.map((task) => [task.key, task.ver, task.topic]),
+    [
+      [label(1), 2, "esl.label"],
+      [label(2), 2, "esl.label"],
+    ],
+  )
+  const rows = await sql<{ key: string; payload: any }>`
+    select key, payload from keyway.outbox where payload->>'jobId' = 'pc1' order by key`.execute(
+    t.db,
+  )
+  assert.deepEqual(
+    rows.rows.map((r) => [r.key, r.payload.priceMinor, r.payload.productName]),
+    [
+      [label(1), 219, "Apples 1 kg"],
+      [label(2), 219, "Apples 1 kg"],
+    ],
+  )
+  await assert.rejects(
+    writePriceChange(t.db, { changes: [{ productId: "nope", priceMinor: 1 }] }),
+    EslWriterError,
+  )
+})
+
+test("overlapping jobs and price changes: every label's newest task matches the tables", async () => {
+  const products = Array.from({ length: 4 }, (_, i) => `Q${i}`)
+  await upsertProducts(
+    t.db,
+    products.map((id) => ({ id, name: `Product ${id}`, priceMinor: 100, currency: "EUR" })),
+  )
+  const labels = Array.from({ length: 8 }, (_, i) => label(100 + i))
+  await writeLabelJob(t.db, {
+    labels: labels.map((labelCode, i) => ({ labelCode, productId: products[i % 4]! })),
+  })
+  const rand = (n: number) => Math.floor(Math.random() * n)
+  // Ten writers racing on 8 labels and 4 products: rebinding labels while prices change.
+  await Promise.all(
+    Array.from({ length: 10 }, async (_, w) => {
+      for (let j = 0; j < 15; j++) {
+        if ((w + j) % 2 === 0) {
+          await writePriceChange(t.db, {
+            changes: [{ productId: products[rand(4)]!, priceMinor: rand(100_000) }],
+          })
+        } else {
+          await writeLabelJob(t.db, {
+            labels: Array.from({ length: 3 }, () => ({
+              labelCode: labels[rand(8)]!,
+              productId: products[rand(4)]!,
+            })),
+          })
+        }
+      }
+    }),
+  )
+  const newest = await sql<{ key: string; payload: any }>`
+    select distinct on (key) key, payload from keyway.outbox
+     where key = any(${labels}::text[]) order by key, ver desc`.execute(t.db)
+  const truth = await sql<{
+    label_code: string
+    product_id: string
+    price_minor: number
+    last_job_id: string
+  }>`
+    select l.label_code, l.product_id, p.price_minor::int, l.last_job_id
+      from esl.label l join esl.product p on p.id = l.product_id
+     where l.label_code = any(${labels}::text[])`.execute(t.db)
+  const byLabel = new Map(truth.rows.map((r) => [r.label_code, r]))
+  for (const { key, payload } of newest.rows) {
+    const now = byLabel.get(key)!
+    assert.deepEqual(
+      [payload.productId, payload.priceMinor, payload.jobId],
+      [now.product_id, now.price_minor, now.last_job_id],
+      `${key}: the newest task shows what the tables say`,
+    )
+  }
+  // Versions are gapless per label and every task is recorded against its job.
+  const gaps = await sql<{ n: number }>`
+    select count(*)::int as n from (
+      select key, max(ver) - count(*) as missing from keyway.outbox group by key) g
+     where missing <> 0`.execute(t.db)
+  assert.equal(gaps.rows[0]!.n, 0)
+  const unrecorded = await sql<{ n: number }>`
+    select count(*)::int as n from keyway.outbox o
+     where not exists (select 1 from esl.job_label j where j.label_code = o.key and j.ver = o.ver)`.execute(
+    t.db,
+  )
+  assert.equal(unrecorded.rows[0]!.n, 0)
+})

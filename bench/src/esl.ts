@@ -1,0 +1,215 @@
+// The ESL benchmark (issue 5): writer → outbox → relay → JetStream → esl-worker (2 processes)
+// → render → fake AIMS answering after 20 ms.
+//  1. commit-to-AIMS latency at a steady 200 label updates/s, one label per job;
+//  2. label throughput: one job over 1,000 labels, from its commit to the last AIMS answer.
+// Knobs: BENCH_ESL_RATE (200), BENCH_ESL_SECONDS (15), BENCH_ESL_WORKERS (2 processes).
+import { randomBytes } from "node:crypto"
+import { fileURLToPath } from "node:url"
+import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
+import { applyStreams, connectNats } from "@keyway/nats"
+import { createRelay } from "@keyway/outbox"
+import { createTestDatabase, spawnTs, startFakeAims, type TsChild } from "@keyway/testkit"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { type Kysely, sql } from "kysely"
+import { percentile, printTable, round } from "./stats.ts"
+
+const LABELS = 1000
+const RATE = Number(process.env.BENCH_ESL_RATE ?? 200)
+const LATENCY_SECONDS = Number(process.env.BENCH_ESL_SECONDS ?? 15)
+const WARMUP_SECONDS = 2
+const WRITERS = 8
+const AIMS_LATENCY_MS = 20
+const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 2)
+const CONCURRENCY = 32
+const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
+const now = () => performance.timeOrigin + performance.now()
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/**
+ * Where the latency goes: the outbox's published_at, the inbox's received_at and done_at
+ * (transaction start times of the writes that set them) against the writer's commit clock.
+ */
+async function stagesOf(db: Kysely<any>, committed: Map<string, number>, after: number) {
+  const r = await sql<{ event_id: string; published: number; received: number; done: number }>`
+    select i.event_id,
+           extract(epoch from o.published_at) * 1000 as published,
+           extract(epoch from i.received_at) * 1000 as received,
+           extract(epoch from i.done_at) * 1000 as done
+      from keyway.inbox i
+      join keyway.outbox o on o.seq = split_part(i.event_id, ':', 2)::bigint
+     where i.state = 'done'
+  `.execute(db)
+  const relay: number[] = []
+  const ingest: number[] = []
+  const drain: number[] = []
+  for (const row of r.rows) {
+    const c = committed.get(row.event_id)
+    if (c === undefined || c < after) continue
+    relay.push(row.published - c)
+    ingest.push(row.received - row.published)
+    drain.push(row.done - row.received)
+  }
+  const p = (xs: number[]) => `${round(percentile(xs, 50), 1)}/${round(percentile(xs, 99), 1)}`
+  return `${p(relay)}  ${p(ingest)}  ${p(drain)}`
+}
+
+export async function run() {
+  const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
+  const db = t.db
+  await migrateEslSchema(db)
+  const site = `bench${randomBytes(3).toString("hex")}`
+  const streamName = site.toUpperCase()
+  const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+  const nc = await connectNats({ servers: natsUrl })
+  const jsm = await jetstreamManager(nc)
+  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+  await relay.start()
+  const aims = await startFakeAims({ latencyMs: AIMS_LATENCY_MS })
+
+  const labels = Array.from(
+    { length: LABELS },
+    (_, i) => `B0B0${i.toString(16).toUpperCase().padStart(8, "0")}`,
+  )
+  await upsertProducts(
+    db,
+    labels.map((_, i) => ({
+      id: `P${i}`,
+      name: `Product ${i}`,
+      priceMinor: 100 + i,
+      currency: "EUR",
+    })),
+  )
+
+  const workers: TsChild[] = Array.from({ length: WORKER_PROCESSES }, (_, i) =>
+    spawnTs(workerMain, {
+      DATABASE_URL: t.url,
+      NATS_URL: natsUrl,
+      REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
+      ESL_STREAM: streamName,
+      ESL_GROUP: `bench_${site}`,
+      ESL_FILTER_SUBJECT: `${site}.esl.label`,
+      WORKER_ID: `bench-${i}`,
+      AIMS_URL: aims.url,
+      AIMS_COMPANY: aims.company,
+      AIMS_STORE: aims.store,
+      AIMS_USERNAME: aims.username,
+      AIMS_PASSWORD: aims.password,
+      ESL_CONCURRENCY: String(CONCURRENCY),
+    }),
+  )
+  try {
+    for (const w of workers) {
+      while (!w.json().some((l) => l.started)) {
+        if (w.exitCode !== null) throw new Error("an esl-worker died at start")
+        await sleep(50)
+      }
+    }
+
+    // 1. Latency: open loop, each writer on its own schedule, so a slow commit does not
+    // lower the offered rate. One label job per update: price, name and binding as of commit.
+    const committed = new Map<string, number>()
+    const total = RATE * LATENCY_SECONDS
+    const start = now()
+    await Promise.all(
+      Array.from({ length: WRITERS }, async (_, w) => {
+        for (let i = w; i < total; i += WRITERS) {
+          const due = start + (i * 1000) / RATE
+          if (due > now()) await sleep(due - now())
+          const n = Math.floor(Math.random() * LABELS)
+          const { tasks } = await writeLabelJob(db, {
+            jobId: `l${i}`,
+            labels: [{ labelCode: labels[n]!, productId: `P${n}` }],
+          })
+          committed.set(`${site}:${tasks[0]!.seq}`, now())
+        }
+      }),
+    )
+    const offeredRate = total / ((now() - start) / 1000)
+    const deadline = Date.now() + 60_000
+    while (aims.pushes().length < total || aims.pushes().some((p) => p.answeredAt === undefined)) {
+      if (Date.now() > deadline) throw new Error(`only ${aims.pushes().length} of ${total} pushes`)
+      await sleep(50)
+    }
+    const toAnswer: number[] = []
+    const toArrival: number[] = []
+    for (const p of aims.pushes()) {
+      const c = committed.get(p.idempotencyKey ?? "")
+      if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
+      toArrival.push(p.receivedAt - c)
+      toAnswer.push(p.answeredAt! - c)
+    }
+
+    const stages = await stagesOf(db, committed, start + WARMUP_SECONDS * 1000)
+
+    // 2. Throughput: one job over every label.
+    const before = aims.pushes().length
+    const job = await writeLabelJob(db, {
+      jobId: "all",
+      labels: labels.map((labelCode, n) => ({ labelCode, productId: `P${n}` })),
+    })
+    const committedAt = now()
+    const until = Date.now() + 120_000
+    // Counted at arrival, answered LATENCY ms later: wait for the answers too.
+    while (
+      aims.pushes().length < before + job.tasks.length ||
+      aims.pushes().some((p) => p.answeredAt === undefined)
+    ) {
+      if (Date.now() > until) throw new Error("the 1,000-label job did not finish in 120 s")
+      await sleep(20)
+    }
+    const last = Math.max(
+      ...aims
+        .pushes()
+        .slice(before)
+        .map((p) => p.answeredAt!),
+    )
+    const labelsPerSecond = job.tasks.length / ((last - committedAt) / 1000)
+
+    const result = {
+      bench: "esl",
+      labels_per_s: Math.round(labelsPerSecond),
+      commit_to_push_p50_ms: round(percentile(toAnswer, 50), 1),
+      commit_to_push_p99_ms: round(percentile(toAnswer, 99), 1),
+    }
+    printTable([
+      ["measure", "value", "note"],
+      [
+        "offered label updates/s",
+        round(offeredRate, 1),
+        `${total} single-label jobs, ${WRITERS} writers`,
+      ],
+      [
+        "commit → AIMS answer p50 ms",
+        result.commit_to_push_p50_ms,
+        `fake AIMS answers after ${AIMS_LATENCY_MS} ms`,
+      ],
+      [
+        "commit → AIMS answer p99 ms",
+        result.commit_to_push_p99_ms,
+        `${toAnswer.length} samples after ${WARMUP_SECONDS} s warm-up`,
+      ],
+      [
+        "commit → AIMS arrival p50 ms",
+        round(percentile(toArrival, 50), 1),
+        "the image reaches AIMS",
+      ],
+      ["commit → AIMS arrival p99 ms", round(percentile(toArrival, 99), 1), ""],
+      ["stages p50 / p99 ms", stages, "commit→relay PubAck / →inbox / →done"],
+      [
+        "labels/s, one 1,000-label job",
+        result.labels_per_s,
+        `${WORKER_PROCESSES} worker processes x ${CONCURRENCY} keys`,
+      ],
+    ])
+    console.log(JSON.stringify(result))
+  } finally {
+    for (const w of workers) w.kill("SIGTERM")
+    await Promise.all(workers.map((w) => w.exited()))
+    await relay.stop()
+    await aims.stop()
+    await nc.close()
+    await jsm.streams.delete(streamName).catch(() => {})
+    await t.drop()
+  }
+}

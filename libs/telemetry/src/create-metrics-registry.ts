@@ -1,0 +1,131 @@
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client"
+
+/**
+ * Label names with every value they may take. Prometheus keeps one series per label
+ * combination for ever, so a label fed a MAC or an IMEI grows the server without bound
+ * (DESIGN.md §7). Declaring the values up front makes that mistake an error at the call
+ * site instead of an outage weeks later.
+ */
+export type BoundedLabels = Record<string, readonly string[]>
+
+/** A metric without labels. */
+export type NoLabels = Record<never, readonly string[]>
+
+export interface MetricOptions<L extends BoundedLabels> {
+  name: string
+  help: string
+  labels?: L
+}
+
+export interface HistogramOptions<L extends BoundedLabels> extends MetricOptions<L> {
+  /** Upper bounds in the metric's unit (seconds for durations). */
+  buckets?: number[]
+}
+
+type Values<L extends BoundedLabels> = { [K in keyof L]: L[K][number] }
+
+export interface CounterMetric<L extends BoundedLabels> {
+  inc(labels?: Partial<Values<L>>, by?: number): void
+}
+export interface GaugeMetric<L extends BoundedLabels> {
+  set(value: number, labels?: Partial<Values<L>>): void
+  inc(labels?: Partial<Values<L>>, by?: number): void
+  dec(labels?: Partial<Values<L>>, by?: number): void
+}
+export interface HistogramMetric<L extends BoundedLabels> {
+  observe(value: number, labels?: Partial<Values<L>>): void
+}
+
+export interface MetricsRegistryConfig {
+  /** Added to every metric name, e.g. `keyway_`. */
+  prefix?: string
+  /** Process metrics (CPU, memory, event-loop lag, GC). Default true. */
+  defaultMetrics?: boolean
+}
+
+export interface MetricsRegistry {
+  counter<const L extends BoundedLabels = NoLabels>(options: MetricOptions<L>): CounterMetric<L>
+  gauge<const L extends BoundedLabels = NoLabels>(options: MetricOptions<L>): GaugeMetric<L>
+  histogram<const L extends BoundedLabels = NoLabels>(
+    options: HistogramOptions<L>,
+  ): HistogramMetric<L>
+  /** The exposition text and its content type, for a `/metrics` response. */
+  render(): Promise<{ contentType: string; body: string }>
+}
+
+export class MetricsError extends Error {
+  override name = "MetricsError"
+}
+
+/** Latency buckets in seconds, 1 ms to 30 s: a vendor call and a whole pipeline both fit. */
+export const LATENCY_BUCKETS = [
+  0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+]
+
+/** A Prometheus registry of its own (never prom-client's global one) with bounded labels. */
+export function createMetricsRegistry(config: MetricsRegistryConfig = {}): MetricsRegistry {
+  const registry = new Registry()
+  const prefix = config.prefix ?? ""
+  if (config.defaultMetrics ?? true) collectDefaultMetrics({ register: registry, prefix })
+
+  const checker = (metric: string, allowed: BoundedLabels | undefined) => {
+    const sets = new Map(Object.entries(allowed ?? {}).map(([k, v]) => [k, new Set(v)]))
+    return (labels: Record<string, string> | undefined) => {
+      if (!labels) return {}
+      for (const [name, value] of Object.entries(labels)) {
+        const set = sets.get(name)
+        if (!set) throw new MetricsError(`${metric}: undeclared label ${name}`)
+        if (!set.has(value)) {
+          throw new MetricsError(
+            `${metric}: label ${name}=${JSON.stringify(value)} is not one of its declared values`,
+          )
+        }
+      }
+      return labels
+    }
+  }
+
+  return {
+    counter(options) {
+      const name = prefix + options.name
+      const check = checker(name, options.labels)
+      const c = new Counter({
+        name,
+        help: options.help,
+        labelNames: Object.keys(options.labels ?? {}),
+        registers: [registry],
+      })
+      return { inc: (labels, by = 1) => c.inc(check(labels as any), by) }
+    },
+    gauge(options) {
+      const name = prefix + options.name
+      const check = checker(name, options.labels)
+      const g = new Gauge({
+        name,
+        help: options.help,
+        labelNames: Object.keys(options.labels ?? {}),
+        registers: [registry],
+      })
+      return {
+        set: (value, labels) => g.set(check(labels as any), value),
+        inc: (labels, by = 1) => g.inc(check(labels as any), by),
+        dec: (labels, by = 1) => g.dec(check(labels as any), by),
+      }
+    },
+    histogram(options) {
+      const name = prefix + options.name
+      const check = checker(name, options.labels)
+      const h = new Histogram({
+        name,
+        help: options.help,
+        labelNames: Object.keys(options.labels ?? {}),
+        buckets: options.buckets ?? LATENCY_BUCKETS,
+        registers: [registry],
+      })
+      return { observe: (value, labels) => h.observe(check(labels as any), value) }
+    },
+    async render() {
+      return { contentType: registry.contentType, body: await registry.metrics() }
+    },
+  }
+}

@@ -1,0 +1,26 @@
+export {
+  type BoundedLabels,
+  type CounterMetric,
+  createMetricsRegistry,
+  type GaugeMetric,
+  type HistogramMetric,
+  type HistogramOptions,
+  LATENCY_BUCKETS,
+  type MetricOptions,
+  MetricsError,
+  type MetricsRegistry,
+  type MetricsRegistryConfig,
+  type NoLabels,
+} from "./create-metrics-registry.ts"
+export {
+  createMetricsServer,
+  type MetricsServer,
+  type MetricsServerConfig,
+  metricsHandler,
+} from "./create-metrics-server.ts"
+export {
+  startTelemetry,
+  type Telemetry,
+  type TelemetryConfig,
+  TelemetryError,
+} from "./start-telemetry.ts"

@@ -1,0 +1,108 @@
+import { propagation } from "@opentelemetry/api"
+import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
+import { resourceFromAttributes } from "@opentelemetry/resources"
+import { core, NodeSDK } from "@opentelemetry/sdk-node"
+import { BatchSpanProcessor } from "@opentelemetry/sdk-trace-base"
+import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
+
+export interface TelemetryConfig {
+  /** `service.name` of every span this process exports. */
+  serviceName: string
+  serviceVersion?: string
+  /**
+   * Base URL of an OTLP/HTTP receiver (Jaeger, a collector: `http://host:4318`); spans go to
+   * `<otlpEndpoint>/v1/traces`. Without it no span is recorded, but W3C context is still
+   * propagated, so a process without an exporter does not cut the traces through it.
+   */
+  otlpEndpoint?: string
+  /** Extra resource attributes (`deployment.environment.name`, `keyway.site`, …). */
+  resourceAttributes?: Record<string, string>
+  /** How long spans wait in the batch before export. Default 1000 ms. */
+  exportDelayMs?: number
+  /** Most spans buffered while the receiver is slow or away; beyond it spans are dropped. Default 4096. */
+  maxQueueSize?: number
+}
+
+export interface Telemetry {
+  /** Whether spans are recorded and exported (an endpoint was given). */
+  readonly exporting: boolean
+  /** Exports every span ended so far. */
+  forceFlush(): Promise<void>
+  /** Flushes, then stops exporting. */
+  shutdown(): Promise<void>
+  [Symbol.asyncDispose](): Promise<void>
+}
+
+export class TelemetryError extends Error {
+  override name = "TelemetryError"
+}
+
+let started = false
+
+/**
+ * Starts tracing for this process: the OpenTelemetry Node SDK with the OTLP/HTTP trace
+ * exporter and W3C trace context + baggage propagation, registered globally, so the
+ * `@opentelemetry/api` tracers of the Keyway libraries (outbox `send`, consumer `process`)
+ * and of the app record into it. Call it once, first thing in `main.ts`, before work starts.
+ *
+ * Everything is passed explicitly; the app's config.ts reads the environment. Resource
+ * detection from the environment (`OTEL_RESOURCE_ATTRIBUTES`, host, process) is off so
+ * that what a process reports is what its config says.
+ */
+export function startTelemetry(config: TelemetryConfig): Telemetry {
+  // The SDK registers global providers; a second start would silently replace the first.
+  if (started) throw new TelemetryError("startTelemetry was already called in this process")
+  if (!config.serviceName) throw new TelemetryError("serviceName is required")
+  started = true
+  const propagator = new core.CompositePropagator({
+    propagators: [new core.W3CTraceContextPropagator(), new core.W3CBaggagePropagator()],
+  })
+  if (!config.otlpEndpoint) {
+    // No SDK: the API's no-op tracer creates non-recording spans that still carry the
+    // incoming context, and this propagator writes it on, so the trace survives a hop
+    // through a process that does not export.
+    propagation.setGlobalPropagator(propagator)
+    const noop = async () => {}
+    return { exporting: false, forceFlush: noop, shutdown: noop, [Symbol.asyncDispose]: noop }
+  }
+  let url: URL
+  try {
+    url = new URL(
+      "v1/traces",
+      config.otlpEndpoint.endsWith("/") ? config.otlpEndpoint : `${config.otlpEndpoint}/`,
+    )
+  } catch (cause) {
+    throw new TelemetryError(`otlpEndpoint is not a URL: ${config.otlpEndpoint}`, { cause })
+  }
+  const processor = new BatchSpanProcessor(new OTLPTraceExporter({ url: url.toString() }), {
+    scheduledDelayMillis: config.exportDelayMs ?? 1000,
+    maxQueueSize: config.maxQueueSize ?? 4096,
+  })
+  const sdk = new NodeSDK({
+    resource: resourceFromAttributes({
+      ...config.resourceAttributes,
+      [ATTR_SERVICE_NAME]: config.serviceName,
+      ...(config.serviceVersion ? { [ATTR_SERVICE_VERSION]: config.serviceVersion } : {}),
+    }),
+    autoDetectResources: false,
+    spanProcessors: [processor],
+    textMapPropagator: propagator,
+    // No auto-instrumentation: Keyway's spans are made by hand where the messaging
+    // conventions need them, and patching pg/http would add a span per query.
+    instrumentations: [],
+  })
+  sdk.start()
+  let stopped: Promise<void> | undefined
+  const shutdown = () => {
+    stopped ??= sdk.shutdown().catch((cause) => {
+      throw new TelemetryError("telemetry shutdown failed", { cause })
+    })
+    return stopped
+  }
+  return {
+    exporting: true,
+    forceFlush: () => processor.forceFlush(),
+    shutdown,
+    [Symbol.asyncDispose]: shutdown,
+  }
+}

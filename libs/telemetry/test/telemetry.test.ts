@@ -1,0 +1,92 @@
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { type OtlpReceiver, startOtlpReceiver } from "@keyway/testkit"
+import { context, propagation, SpanKind, trace } from "@opentelemetry/api"
+import {
+  createMetricsRegistry,
+  createMetricsServer,
+  MetricsError,
+  startTelemetry,
+  type Telemetry,
+  TelemetryError,
+} from "../src/index.ts"
+
+describe("startTelemetry", () => {
+  let receiver: OtlpReceiver
+  let telemetry: Telemetry
+  before(async () => {
+    receiver = await startOtlpReceiver()
+    telemetry = startTelemetry({
+      serviceName: "telemetry-test",
+      serviceVersion: "1.2.3",
+      otlpEndpoint: receiver.url,
+      resourceAttributes: { "keyway.site": "cloud" },
+    })
+  })
+  after(async () => {
+    await telemetry.shutdown()
+    await receiver.stop()
+  })
+
+  test("exports spans over OTLP/HTTP JSON with the service's resource and parent links", async () => {
+    const tracer = trace.getTracer("test")
+    let traceparent = ""
+    tracer.startActiveSpan("parent", (parent) => {
+      const child = tracer.startSpan("child", { kind: SpanKind.PRODUCER, attributes: { n: 7 } })
+      const carrier: Record<string, string> = {}
+      propagation.inject(trace.setSpan(context.active(), child), carrier)
+      traceparent = carrier.traceparent ?? ""
+      child.end()
+      parent.end()
+    })
+    await telemetry.forceFlush()
+    assert.deepEqual(receiver.refused, [])
+    const parent = receiver.spans().find((s) => s.name === "parent")
+    const child = receiver.spans().find((s) => s.name === "child")
+    assert.ok(parent && child)
+    assert.equal(parent.serviceName, "telemetry-test")
+    assert.equal(child.traceId, parent.traceId)
+    assert.equal(child.parentSpanId, parent.spanId)
+    assert.equal(child.kind, 4)
+    assert.equal(child.attributes.n, 7)
+    // W3C propagation is registered: the header names the child span in the same trace.
+    assert.equal(traceparent, `00-${child.traceId}-${child.spanId}-01`)
+  })
+
+  test("a second start in one process is refused: the SDK's providers are global", () => {
+    assert.throws(() => startTelemetry({ serviceName: "again" }), TelemetryError)
+  })
+})
+
+describe("metrics", () => {
+  test("labels take only their declared values: no MAC or IMEI label by mistake", () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    const tasks = m.counter({
+      name: "tasks_total",
+      help: "tasks",
+      labels: { outcome: ["done", "dead"] },
+    })
+    tasks.inc({ outcome: "done" })
+    assert.throws(() => tasks.inc({ outcome: "0A1B2C3D4E5F" as "done" }), MetricsError)
+    assert.throws(() => tasks.inc({ mac: "0A1B2C3D4E5F" } as never), MetricsError)
+  })
+
+  test("/metrics serves the registry in the Prometheus text format", async () => {
+    const m = createMetricsRegistry({ prefix: "keyway_" })
+    m.counter({ name: "tasks_total", help: "tasks", labels: { outcome: ["done"] } }).inc(
+      { outcome: "done" },
+      3,
+    )
+    m.histogram({ name: "latency_seconds", help: "latency" }).observe(0.02)
+    await using server = createMetricsServer({ registry: m, port: 0, host: "127.0.0.1" })
+    await server.start()
+    const res = await fetch(`${server.url}/metrics`)
+    assert.equal(res.status, 200)
+    assert.match(res.headers.get("content-type") ?? "", /text\/plain/)
+    const body = await res.text()
+    assert.match(body, /^keyway_tasks_total\{outcome="done"\} 3$/m)
+    assert.match(body, /^keyway_latency_seconds_bucket\{le="0.025"\} 1$/m)
+    assert.match(body, /^keyway_process_cpu_user_seconds_total /m, "process metrics")
+    assert.equal((await fetch(`${server.url}/other`)).status, 404)
+  })
+})

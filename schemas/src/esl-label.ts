@@ -1,0 +1,63 @@
+import { Schema } from "effect"
+import { defineEvent } from "./define-event.ts"
+
+/**
+ * Label MACs travel in one canonical form: 12 uppercase hex digits, no separators
+ * ("0A1B2C3D4E5F"). It is the ordering key of topic `esl.label`, and keys compare as strings:
+ * "0a:1b:…" and "0A1B…" as two keys would be two orderings of one physical label, so the
+ * variants are folded by {@link canonicalLabelCode} at the writer and refused on the wire.
+ * It is also the form SoluM AIMS uses for `labelCode`.
+ */
+export const LABEL_CODE_PATTERN = /^[0-9A-F]{12}$/
+
+const LabelCode = Schema.String.pipe(
+  Schema.check(
+    Schema.isPattern(LABEL_CODE_PATTERN, {
+      message: "a label MAC must be 12 hex digits, canonical uppercase without separators",
+    }),
+  ),
+)
+
+/**
+ * The canonical form of a label MAC written with or without `:`/`-` separators and in any
+ * case; `undefined` when it is not a MAC at all. Writers fold their input through this and
+ * let the schema refuse what stays malformed, so the rejection names the field.
+ */
+export function canonicalLabelCode(input: string): string | undefined {
+  const folded = input.replace(/[:-]/g, "").toUpperCase()
+  return LABEL_CODE_PATTERN.test(folded) ? folded : undefined
+}
+
+/**
+ * Topic `esl.label`, keyed by label MAC: draw this label's page and push it to the ESL
+ * server. Each event carries everything the renderer needs, as of the writer's commit, so
+ * a task never reads the writer's tables and the newest version alone decides what the label
+ * shows (a parked, dead task is superseded by the next one).
+ */
+export const EslLabelRender = defineEvent({
+  type: "esl.label.render.v1",
+  topic: "esl.label",
+  schema: Schema.Struct({
+    labelCode: LabelCode,
+    /** The job (a price change or a label job) that produced this task. */
+    jobId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
+    /** AIMS page slot, 1–7 on SoluM Newton labels. */
+    page: Schema.Number.pipe(
+      Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 1, maximum: 7 })),
+    ),
+    /** Whether the label shows this page at once (AIMS `frontPage`). */
+    frontPage: Schema.Boolean,
+    productId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
+    // The schema bounds the name for storage; whether it fits on the label is the
+    // renderer's call (a name it cannot draw is poison, not a schema error).
+    productName: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(200))),
+    /** Price in minor units (cents): no binary fractions on a price tag. */
+    priceMinor: Schema.Number.pipe(
+      Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 0, maximum: 1e9 })),
+    ),
+    /** ISO 4217. */
+    currency: Schema.String.pipe(Schema.check(Schema.isPattern(/^[A-Z]{3}$/))),
+  }),
+})
+
+export type EslLabelRenderPayload = typeof EslLabelRender.schema.Type
