@@ -160,7 +160,10 @@ async function up(sites: SiteName[], config: OpsConfig) {
   say("`npx just status` shows each site; `npx just pm2 logs <name>` follows a process's log.")
 }
 
-/** Both directions handled at least once: what "the demo works" means to someone watching. */
+/**
+ * Both directions handled something new since this `up`: what "the demo works" means to
+ * someone watching. Counts from an earlier run (data stays in .run/) do not count.
+ */
 async function waitForCrossing(config: OpsConfig) {
   say("waiting for events to cross (factory → cloud, cloud → factory)…")
   const started = Date.now()
@@ -176,14 +179,16 @@ async function waitForCrossing(config: OpsConfig) {
     return r.rows[0]!.n
   }
   try {
+    const before = [await handled(0), await handled(1)]
     await waitUntil(
       "cross-site demo traffic",
-      async () => (await handled(0)) > 0 && (await handled(1)) > 0,
+      async () => (await handled(0)) > before[0]! && (await handled(1)) > before[1]!,
       90_000,
     )
     say(
       `  crossing after ${((Date.now() - started) / 1000).toFixed(1)} s: ` +
-        `cloud handled ${await handled(0)} factory events, factory handled ${await handled(1)} cloud commands`,
+        `cloud handled ${(await handled(0)) - before[0]!} new factory events, ` +
+        `factory handled ${(await handled(1)) - before[1]!} new cloud commands`,
     )
   } catch (err) {
     say(`  ${(err as Error).message}: see \`npx just status\` and .run/logs/`)
