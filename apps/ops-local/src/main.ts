@@ -175,8 +175,16 @@ async function waitForCrossing(config: OpsConfig) {
     }),
   )
   const handled = async (i: number) => {
-    const r = await sql<{ n: number }>`select count(*)::int as n from demo_effect`.execute(dbs[i]!)
-    return r.rows[0]!.n
+    try {
+      const r = await sql<{ n: number }>`select count(*)::int as n from demo_effect`.execute(
+        dbs[i]!,
+      )
+      return r.rows[0]!.n
+    } catch (err) {
+      // The worker creates demo_effect when it starts, which may be a moment from now.
+      if ((err as { code?: string }).code === "42P01") return 0
+      throw err
+    }
   }
   try {
     const before = [await handled(0), await handled(1)]
