@@ -1,3 +1,7 @@
+import { ConfigError, type Env, intEnv, requiredEnv } from "@keyway/app-config"
+
+export { ConfigError }
+
 // The ESL writer's environment, parsed once at start.
 
 export interface EslWriterAppConfig {
@@ -8,25 +12,10 @@ export interface EslWriterAppConfig {
   serviceName: string
 }
 
-export class ConfigError extends Error {
-  override name = "ConfigError"
-}
-
-export function parseConfig(env: Record<string, string | undefined>): EslWriterAppConfig {
-  const databaseUrl = env.DATABASE_URL?.trim()
-  if (!databaseUrl) {
-    throw new ConfigError(
-      "DATABASE_URL is required (e.g. postgres://postgres@127.0.0.1:5432/keyway)",
-    )
-  }
-  const rawPort = env.PORT?.trim() || "8080"
-  const port = Number(rawPort)
-  if (!Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new ConfigError(`PORT must be a TCP port, got ${JSON.stringify(rawPort)}`)
-  }
+export function parseConfig(env: Env): EslWriterAppConfig {
   return {
-    databaseUrl,
-    port,
+    databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
+    port: intEnv(env, "PORT", 8080, { min: 0, max: 65535 }),
     otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim() || undefined,
     serviceName: env.OTEL_SERVICE_NAME?.trim() || "esl-writer",
   }

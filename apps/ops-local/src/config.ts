@@ -2,6 +2,7 @@
 // (the compose files and nats/README.md agree with them); only what differs between
 // machines is read here.
 import { existsSync } from "node:fs"
+import { ConfigError } from "@keyway/app-config"
 
 export interface OpsConfig {
   /** The Postgres server; each site gets its own database on it (keyway_cloud, keyway_factory). */
@@ -10,9 +11,7 @@ export interface OpsConfig {
   demoRate: number
 }
 
-export class ConfigError extends Error {
-  override name = "ConfigError"
-}
+export { ConfigError }
 
 export function parseOpsConfig(env: Record<string, string | undefined>): OpsConfig {
   const postgresUrl =

@@ -1,3 +1,7 @@
+import { ConfigError, type Env, intEnv, requiredEnv } from "@keyway/app-config"
+
+export { ConfigError }
+
 // The worker's whole environment, parsed once: a missing or malformed variable stops the
 // process at start with its name, not minutes later inside a handler.
 
@@ -15,12 +19,6 @@ export interface WorkerAppConfig {
   concurrency: number
 }
 
-export class ConfigError extends Error {
-  override name = "ConfigError"
-}
-
-type Env = Record<string, string | undefined>
-
 // The demo's two directions (DESIGN.md §1): the cloud handles what factories write, a
 // factory handles the cloud's commands. Other sites name their stream and group explicitly.
 const siteDefaults: Record<string, { stream: string; group: string; filterSubject: string }> = {
@@ -28,24 +26,8 @@ const siteDefaults: Record<string, { stream: string; group: string; filterSubjec
   factory: { stream: "CLOUD_IN", group: "factory-demo", filterSubject: "cloud.demo.command" },
 }
 
-function required(env: Env, name: string, example: string): string {
-  const value = env[name]?.trim()
-  if (!value) throw new ConfigError(`${name} is required (e.g. ${name}=${example})`)
-  return value
-}
-
-function positiveInt(env: Env, name: string, fallback: number): number {
-  const raw = env[name]?.trim()
-  if (!raw) return fallback
-  const value = Number(raw)
-  if (!Number.isInteger(value) || value <= 0) {
-    throw new ConfigError(`${name} must be a positive integer, got ${JSON.stringify(raw)}`)
-  }
-  return value
-}
-
 export function parseConfig(env: Env): WorkerAppConfig {
-  const site = required(env, "KEYWAY_SITE", "cloud")
+  const site = requiredEnv(env, "KEYWAY_SITE", "cloud")
   if (!/^[a-z][a-z0-9-]*$/.test(site)) {
     throw new ConfigError(`KEYWAY_SITE must be lowercase letters, digits and dashes, got ${site}`)
   }
@@ -59,7 +41,7 @@ export function parseConfig(env: Env): WorkerAppConfig {
   }
   return {
     site,
-    databaseUrl: required(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
+    databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
     natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
@@ -68,6 +50,6 @@ export function parseConfig(env: Env): WorkerAppConfig {
     stream,
     group,
     filterSubject: env.KEYWAY_FILTER_SUBJECT?.trim() || defaults?.filterSubject,
-    concurrency: positiveInt(env, "WORKER_CONCURRENCY", 16),
+    concurrency: intEnv(env, "WORKER_CONCURRENCY", 16),
   }
 }

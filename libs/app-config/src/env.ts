@@ -1,0 +1,46 @@
+// What every app's src/config.ts needs to read its environment once and fail fast: a missing
+// or malformed variable stops the process at start with the variable's name and an example,
+// not minutes later in the middle of work. Libraries never read the environment themselves.
+
+export type Env = Record<string, string | undefined>
+
+export class ConfigError extends Error {
+  override name = "ConfigError"
+}
+
+/** A variable that must be set; `example` shows the operator what a value looks like. */
+export function requiredEnv(env: Env, name: string, example: string): string {
+  const value = env[name]?.trim()
+  if (!value) throw new ConfigError(`${name} is required (e.g. ${name}=${example})`)
+  return value
+}
+
+/** An integer within bounds, or `fallback` when unset. */
+export function intEnv(
+  env: Env,
+  name: string,
+  fallback: number,
+  bounds: { min?: number; max?: number } = {},
+): number {
+  const raw = env[name]?.trim()
+  if (!raw) return fallback
+  const value = Number(raw)
+  const min = bounds.min ?? 1
+  const max = bounds.max ?? Number.MAX_SAFE_INTEGER
+  if (!Number.isInteger(value) || value < min || value > max) {
+    const range = bounds.max === undefined ? `>= ${min}` : `from ${min} to ${max}`
+    throw new ConfigError(`${name} must be an integer ${range}, got ${JSON.stringify(raw)}`)
+  }
+  return value
+}
+
+/** A required variable that must parse as a URL. */
+export function urlEnv(env: Env, name: string, example: string): string {
+  const value = requiredEnv(env, name, example)
+  try {
+    new URL(value)
+  } catch {
+    throw new ConfigError(`${name} must be a URL, got ${JSON.stringify(value)}`)
+  }
+  return value
+}

@@ -1,0 +1,1 @@
+export { ConfigError, type Env, intEnv, requiredEnv, urlEnv } from "./env.ts"
