@@ -33,6 +33,7 @@ if (config.streamsFile) {
 const relay = createRelay({
   connectionString: config.databaseUrl,
   jetstream: jetstream(nc),
+  connection: nc,
   site: config.site,
   batchSize: config.batchSize,
   window: config.window,

@@ -278,6 +278,7 @@ export async function startSiteApp(
   const relay = createRelay({
     connectionString: db.url,
     jetstream: jetstream(nc),
+    connection: nc,
     site,
     pollIntervalMs: 200,
     publishTimeoutMs: 2000,

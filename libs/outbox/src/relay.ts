@@ -1,5 +1,6 @@
 import { pgTypes } from "@keyway/db"
 import type { JetStreamClient } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
 import { Cause, Effect, Fiber } from "effect"
 import pg from "pg"
 import type { OutboxRow, PublishedRow } from "./internal/outbox-row.ts"
@@ -10,6 +11,7 @@ import {
   prunePublished,
   setListening,
   tryTakeLeadership,
+  unmarkRecent,
   vacuumOutbox,
 } from "./internal/relay-sql.ts"
 import { WakeSignal } from "./internal/wake-signal.ts"
@@ -25,6 +27,13 @@ export interface RelayConfig {
   connectionString: string
   /** A JetStream client on a connection the caller owns (see `connectNats`). */
   jetstream: JetStreamClient
+  /**
+   * The connection under `jetstream`. When given, every reconnect re-publishes the rows of the
+   * last `republishWindowMs`: the server may have restarted and lost recent writes.
+   */
+  connection?: NatsConnection
+  /** How far back to re-publish on becoming active and after a reconnect. Default 2 min; 0 never. */
+  republishWindowMs?: number
   /** This site's name: message ids are `<site>:<seq>`. */
   site: string
   /** Subjects are `<subjectPrefix>.<topic>`. Defaults to `site`. */
@@ -112,6 +121,7 @@ export function createRelay(config: RelayConfig): Relay {
     retentionMs: config.retentionMs ?? 24 * 3600_000,
     pruneIntervalMs: config.pruneIntervalMs ?? 60_000,
     vacuumEvery: config.vacuumEvery ?? 20_000,
+    republishWindowMs: config.republishWindowMs ?? 120_000,
   }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
@@ -124,6 +134,9 @@ export function createRelay(config: RelayConfig): Relay {
   const wake = new WakeSignal()
   let fiber: Fiber.Fiber<never, never> | undefined
   let vacuumedAt = 0
+  // Set on start (a new leader does not know what the previous one's server kept) and by
+  // every NATS reconnect; consumed by the session loop before its next claim.
+  let republishDue = true
   let vacuuming: Promise<void> | undefined
 
   const query = <A>(what: string, run: () => Promise<A>) =>
@@ -205,7 +218,15 @@ export function createRelay(config: RelayConfig): Relay {
     let listening: boolean | undefined
     let lastWorkAt = Date.now()
     let nextPruneAt = 0
+    republishDue = true
     for (;;) {
+      if (republishDue && settings.republishWindowMs > 0) {
+        republishDue = false
+        const n = yield* query("re-publish recent rows", () =>
+          unmarkRecent(client, settings.republishWindowMs),
+        )
+        if (n > 0) log.info("re-publishing recent rows", { rows: n })
+      }
       const rows = yield* query("claim", () => claimBatch(client, settings.batchSize))
       if (rows.length > 0) {
         lastWorkAt = Date.now()
@@ -270,6 +291,17 @@ export function createRelay(config: RelayConfig): Relay {
     async start() {
       if (fiber) return
       fiber = Effect.runFork(program)
+      if (config.connection) {
+        const connection = config.connection
+        void (async () => {
+          for await (const s of connection.status()) {
+            if (s.type === "reconnect") {
+              republishDue = true
+              wake.notify()
+            }
+          }
+        })()
+      }
     },
     async stop() {
       if (!fiber) return

@@ -92,3 +92,19 @@ export async function vacuumOutbox(connectionString: string): Promise<void> {
     await client.end()
   }
 }
+
+/**
+ * Marks rows published in the last `windowMs` unpublished again, so the relay sends them once
+ * more. nats-server 2.9.10 fsyncs about once a minute: after an unclean stop of its host,
+ * messages it had acked can be gone. Re-publishing recent rows restores those; the ones it
+ * kept are dropped as duplicates (same Nats-Msg-Id, within the stream's duplicate_window,
+ * which is rebuilt from what the server kept). Returns how many rows.
+ */
+export async function unmarkRecent(client: pg.Client, windowMs: number): Promise<number> {
+  const r = await client.query(
+    `update keyway.outbox set published_at = null
+      where published_at > now() - make_interval(secs => $1::double precision / 1000)`,
+    [windowMs],
+  )
+  return r.rowCount ?? 0
+}
