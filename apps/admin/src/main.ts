@@ -3,7 +3,7 @@
 // by people and piped to jq alike.
 import { parseArgs } from "node:util"
 import { createDb } from "@keyway/db"
-import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
+import { ConsumerAdminError, createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 
 const usage = `usage: admin <command> --group G [options]
   dead    [--topic T]                        dead tasks (blocking or parked)
@@ -81,6 +81,10 @@ try {
       fail(command ? `unknown command ${JSON.stringify(command)}` : "no command")
   }
   console.log(JSON.stringify(result, null, 2))
+} catch (err) {
+  if (!(err instanceof ConsumerAdminError)) throw err
+  console.error(`admin: ${err.message}`)
+  process.exitCode = 1
 } finally {
   await db.destroy()
 }

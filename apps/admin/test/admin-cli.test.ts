@@ -122,3 +122,29 @@ test("bad input gets a clear error and exit code 2", async () => {
   assert.equal(unknown.code, 2)
   assert.match(unknown.err, /unknown command "explode"/)
 })
+
+test("a retry that would rewind a key over versions retention deleted is refused", async () => {
+  // Key "p" (policy park): v2 dead and parked, v3 pruned by retention, v4 and v5 done.
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'p', 5)`.execute(
+    t.db,
+  )
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('g', 'demo.item', 'p', 2, 'p:2', 'demo.item.changed.v1', '{"n":2}', now(), 'dead', 3),
+           ('g', 'demo.item', 'p', 4, 'p:4', 'demo.item.changed.v1', '{"n":4}', now(), 'done', 1),
+           ('g', 'demo.item', 'p', 5, 'p:5', 'demo.item.changed.v1', '{"n":5}', now(), 'done', 1)
+  `.execute(t.db)
+  const refused = await run(["retry", "--group", "g", "--topic", "demo.item", "--key", "p"])
+  assert.equal(refused.code, 1)
+  assert.match(refused.err, /refused: .*retention already deleted: demo\.item\/p \(v2\.\.v5\)/)
+  const key = await sql<{ done_ver: number }>`
+    select done_ver from keyway.consumer_key where grp = 'g' and key = 'p'
+  `.execute(t.db)
+  assert.equal(key.rows[0]!.done_ver, 5, "the key was not rewound")
+  const dead = JSON.parse((await run(["dead", "--group", "g", "--topic", "demo.item"])).out)
+  assert.deepEqual(
+    dead.map((d: { key: string }) => d.key),
+    ["p"],
+    "the dead task stays listed",
+  )
+})

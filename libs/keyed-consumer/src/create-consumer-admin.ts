@@ -57,6 +57,11 @@ export interface ConsumerAdmin {
   redrive(selector: TaskSelector): Promise<number>
 }
 
+/** An admin action refused because it would leave a key stuck. */
+export class ConsumerAdminError extends Error {
+  override name = "ConsumerAdminError"
+}
+
 const where = (s: TaskSelector) => sql`
   i.topic = ${s.topic}
   ${s.key === undefined ? sql`` : sql`and i.key = ${s.key}`}
@@ -65,6 +70,32 @@ const where = (s: TaskSelector) => sql`
 `
 
 export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): ConsumerAdmin {
+  // Retry and redrive rewind a key to the lowest version they touch; the drain then walks
+  // forward over every version up to where the key stood. If retention already deleted one
+  // of those, the key would stop at it for good, so such a rewind is refused up front.
+  const refuseRewindOverPruned = async (s: TaskSelector, states: string[]) => {
+    const r = await sql<{ topic: string; key: string; ver: number; done_ver: number }>`
+      with lowest as (
+        select i.topic, i.key, min(i.ver) as ver from keyway.inbox i
+         where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+         group by i.topic, i.key
+      )
+      select l.topic, l.key, l.ver, k.done_ver
+        from lowest l
+        join keyway.consumer_key k on k.grp = ${group} and k.topic = l.topic and k.key = l.key
+       where k.done_ver > l.ver
+         and (select count(*) from keyway.inbox i
+               where i.grp = ${group} and i.topic = l.topic and i.key = l.key
+                 and i.ver > l.ver and i.ver <= k.done_ver) < k.done_ver - l.ver
+    `.execute(db)
+    if (r.rows.length > 0) {
+      const list = r.rows.map((x) => `${x.topic}/${x.key} (v${x.ver}..v${x.done_ver})`).join(", ")
+      throw new ConsumerAdminError(
+        `refused: rewinding would cross versions that retention already deleted: ${list}`,
+      )
+    }
+  }
+
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
@@ -110,7 +141,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     },
     async retry(s) {
       // A parked task (the key already moved past it) is rewound to, so order still holds:
-      // the retried version and everything after it run again in order.
+      // the retried version runs, then the key walks forward over the versions it had
+      // already finished (they do not run again; redrive is for that).
+      await refuseRewindOverPruned(s, ["dead"])
       const r = await sql`
         with retried as (
           update keyway.inbox i
@@ -170,6 +203,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return Number((r.rows[0] as { n: number }).n)
     },
     async redrive(s) {
+      await refuseRewindOverPruned(s, ["done", "skipped", "dead"])
       const r = await sql`
         with redriven as (
           update keyway.inbox i

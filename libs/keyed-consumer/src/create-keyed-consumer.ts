@@ -182,8 +182,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   let buffer: JsMsg[] = []
   let flushing: Promise<void> | undefined
 
-  const toIncoming = async (msgs: JsMsg[]): Promise<IncomingEvent[]> => {
+  type Reject = { streamSeq: number; subject: string; reason: string; data: Uint8Array }
+
+  /** Splits a batch into events and messages that are not events at all (no key to wait on). */
+  const toIncoming = (msgs: JsMsg[]): { events: IncomingEvent[]; rejects: Reject[] } => {
     const events: IncomingEvent[] = []
+    const rejects: Reject[] = []
     for (const m of msgs) {
       try {
         const e = decodeEnvelope(m.data)
@@ -204,15 +208,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           streamSeq: m.seq,
         })
       } catch (err) {
-        // Not an event at all: without a key it cannot wait its turn anywhere. Keep it for an
-        // operator and let the rest of the batch through.
-        stats.rejected++
-        await recordReject(db, group, {
-          streamSeq: m.seq,
-          subject: m.subject,
-          reason: messageOf(err),
-          data: m.data,
-        })
+        // Kept for an operator; the rest of the batch goes through.
+        rejects.push({ streamSeq: m.seq, subject: m.subject, reason: messageOf(err), data: m.data })
         log.warn("rejected a message that is not an event", {
           subject: m.subject,
           seq: m.seq,
@@ -220,13 +217,19 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         })
       }
     }
-    return events
+    return { events, rejects }
   }
 
   const ingest = async (msgs: JsMsg[]) => {
+    const { events, rejects } = toIncoming(msgs)
     for (let attempt = 0; ; attempt++) {
       try {
-        const events = await toIncoming(msgs)
+        // Each reject is recorded once, even if the inbox insert below fails and is retried.
+        while (rejects.length > 0) {
+          await recordReject(db, group, rejects[0]!)
+          rejects.shift()
+          stats.rejected++
+        }
         const woken = events.length > 0 ? await ingestBatch(db, group, events) : []
         // Acked only after the inbox commit: a crash before this point means redelivery,
         // and the inbox drops what it already has.
@@ -412,12 +415,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     let finished = false
     const lost = new AbortController()
     const signal = AbortSignal.any([lost.signal, shutdown.signal])
+    let closed = false
     const heartbeat = setInterval(async () => {
-      if (epoch === undefined) return
+      if (epoch === undefined || closed) return
       const [leased, locked] = await Promise.all([
         renewLease(db, group, ref, epoch, leaseMs).catch(() => false),
         lock.extend(leaseMs),
       ])
+      // clearInterval does not stop a beat already in flight: one that returns after the
+      // drain ended must not count a loss.
+      if (closed) return
       // Losing the Redis lock alone is not fatal to correctness (fencing is), but another
       // worker may now take the key, so stop early rather than be fenced later.
       if (!leased || !locked) {
@@ -465,6 +472,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       }
       finished = !signal.aborted
     } finally {
+      closed = true
       clearInterval(heartbeat)
       await lock.release()
     }

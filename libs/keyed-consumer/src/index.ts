@@ -1,6 +1,7 @@
 export {
   type ConsumerAdmin,
   type ConsumerAdminConfig,
+  ConsumerAdminError,
   createConsumerAdmin,
   type DeadTask,
   type KeyGap,

@@ -190,11 +190,11 @@ export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch
 }
 
 /**
- * Keys that have a task ready to run and no live lease: the polling loop's catch for lost
- * wake-ups. "Ready" is anything but dead: a version an operator skipped, or one already done
- * above a key an operator rewound, still needs a drain to move the key past it. A lease is refreshed by every completed task and by heartbeats and is not
- * cleared at the end of a drain, so a key drained a moment ago is left to its ingest
- * wake-ups for one lease length; a key whose worker died is picked up when its lease ends.
+ * Keys that have a task ready to run: the polling loop's catch for lost wake-ups. "Ready" is
+ * anything but dead whose retry time has come: a version an operator skipped, or one already
+ * done above a key an operator rewound, still needs a drain to move the key past it. Leases
+ * are not consulted: a key another worker is draining costs one refused Redis lock here,
+ * while waiting for its lease would delay a lost wake-up by a lease length.
  */
 export async function runnableKeys(
   db: Kysely<any>,
@@ -208,7 +208,6 @@ export async function runnableKeys(
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
      where k.grp = ${group}
        and k.baseline_stream_seq is null
-       and (k.lease_until is null or k.lease_until < now())
        and i.state <> 'dead' and i.run_after <= now()
      limit ${limit}
   `.execute(db)
@@ -226,7 +225,8 @@ export async function expireLeases(db: Kysely<any>, group: string): Promise<KeyR
      where k.grp = ${group} and k.lease_until < now()
        and exists (select 1 from keyway.inbox i
                     where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                      and i.ver = k.done_ver + 1 and i.state <> 'dead')
+                      and i.ver = k.done_ver + 1 and i.state <> 'dead'
+                      and i.run_after <= now())
     returning k.topic, k.key
   `.execute(db)
   return r.rows
