@@ -9,6 +9,7 @@ import {
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
+import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import {
@@ -298,6 +299,67 @@ describe("keyed consumer", () => {
       left.map((r) => `${r.key}${r.ver}:${r.state}`),
       ["dead1:dead", "dead2:pending"],
     )
+  })
+
+  test("where a key starts: a group started late, or after retention, does not wait for version 1", async () => {
+    const t = await createTestDatabase()
+    cleanups.push(() => t.drop())
+    await createEffectTable(t.db)
+    const stream = await createStream(nc)
+    cleanups.push(() => stream.delete())
+    // Before any group exists: key "late" gets v1..v3, key "pruned" v1..v5.
+    for (let ver = 1; ver <= 3; ver++)
+      await publishEvent(nc, stream.site, { key: "late", ver, payload: { n: ver } })
+    for (let ver = 1; ver <= 5; ver++)
+      await publishEvent(nc, stream.site, { key: "pruned", ver, payload: { n: ver } })
+    // Retention took the first two versions of "pruned" (stream seqs 4 and 5).
+    const jsm = await jetstreamManager(nc)
+    await jsm.streams.deleteMessage(stream.name, 4)
+    await jsm.streams.deleteMessage(stream.name, 5)
+    const start = async (startPosition: "all" | "new") => {
+      const c = createKeyedConsumer({
+        group: unique("g"),
+        stream: stream.name,
+        startPosition,
+        nats: nc,
+        db: t.db,
+        redis,
+        handlers: { "demo.item.changed.v1": recordEffect(startPosition) },
+        pollIntervalMs: 200,
+      })
+      cleanups.push(() => c.stop())
+      await c.start()
+      return c
+    }
+    const fromNow = await start("new")
+    const fromAll = await start("all")
+    await publishEvent(nc, stream.site, { key: "late", ver: 4, payload: { n: 4 } })
+    await publishEvent(nc, stream.site, { key: "late", ver: 5, payload: { n: 5 } })
+    const byGroup = async (worker: string) =>
+      (await effects(t.db)).filter((e) => e.worker === worker).map((e) => `${e.key}:${e.ver}`)
+    await waitFor(
+      async () => (await byGroup("new")).length === 2 && (await byGroup("all")).length === 8,
+      {
+        timeoutMs: 15_000,
+        message: "both groups settled where their keys start",
+      },
+    )
+    assert.deepEqual(
+      await byGroup("new"),
+      ["late:4", "late:5"],
+      "a group from now starts each key at the first version it sees",
+    )
+    assert.deepEqual(
+      (await byGroup("all")).filter((e) => e.startsWith("pruned")),
+      ["pruned:3", "pruned:4", "pruned:5"],
+      "a group from the start begins a key at the oldest version the stream still holds",
+    )
+    assert.deepEqual(
+      (await byGroup("all")).filter((e) => e.startsWith("late")),
+      ["late:1", "late:2", "late:3", "late:4", "late:5"],
+    )
+    await fromNow.stop()
+    await fromAll.stop()
   })
 
   test("a poison payload is dead at once with its reason; other keys carry on", async () => {

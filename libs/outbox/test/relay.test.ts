@@ -165,6 +165,33 @@ describe("relay", () => {
     )
   })
 
+  test("an idle relay listens: a NOTIFY wakes it long before its fallback poll", async () => {
+    await fresh()
+    const listening = async () =>
+      (await sql<{ l: boolean }>`select listening as l from keyway.relay_state`.execute(t.db))
+        .rows[0]!.l
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 120_000, // a test that passes cannot be explained by polling
+      settleMs: 50,
+    })
+    await relay.start()
+    await waitFor(listening, { timeoutMs: 10_000, message: "relay says it listens" })
+    for (let i = 1; i <= 3; i++) {
+      await write(t.db, 1, 1, i)
+      await waitFor(async () => (await streamCount(nc, stream)) === i, {
+        timeoutMs: 10_000,
+        message: `event ${i} published on NOTIFY`,
+      })
+      await waitFor(listening, { timeoutMs: 10_000, message: "relay listens again after settling" })
+    }
+    await relay.stop()
+    relay = undefined
+    assert.equal(await listening(), false, "a stopped relay does not ask writers to notify")
+  })
+
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
     await fresh()
     await write(t.db, 3000, 30)
