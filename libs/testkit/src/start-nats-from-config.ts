@@ -8,6 +8,7 @@ import { natsServerBinary } from "./internal/binaries.ts"
 import { type RunningChild, readLogTail, terminate } from "./internal/child-process.ts"
 import { killOnExit } from "./internal/exit-cleanup.ts"
 import { httpGet } from "./internal/http-get.ts"
+import { lifecycleOf } from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 import { ServerStartError } from "./server-start-error.ts"
@@ -100,29 +101,18 @@ export async function startNatsFromConfig(
         if (attempt < startAttempts && ours && isAddressInUse(err)) continue
         throw err
       }
-      return {
-        url: `nats://127.0.0.1:${port}`,
-        port,
-        httpPort,
-        env,
-        dir,
-        storeDir,
-        logPath,
-        get pid() {
-          return server.pid
+      return Object.assign(
+        lifecycleOf(server, () => temp.remove()),
+        {
+          url: `nats://127.0.0.1:${port}`,
+          port,
+          httpPort,
+          env,
+          dir,
+          storeDir,
+          logPath,
         },
-        start: () => server.start(),
-        stop: () => server.stop(),
-        kill: () => server.kill(),
-        restart: async () => {
-          await server.stop()
-          await server.start()
-        },
-        [Symbol.asyncDispose]: async () => {
-          await server.kill()
-          await temp.remove()
-        },
-      }
+      )
     }
   } catch (err) {
     await temp.remove()

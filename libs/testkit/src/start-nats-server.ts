@@ -5,7 +5,7 @@ import { join } from "node:path"
 import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
 import { httpGet } from "./internal/http-get.ts"
-import { isAddressInUse, ManagedServer } from "./internal/managed-server.ts"
+import { isAddressInUse, lifecycleOf, ManagedServer } from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 
@@ -95,30 +95,19 @@ export async function startNatsServer(options: NatsServerOptions = {}): Promise<
         if (attempt < startAttempts && isAddressInUse(err)) continue
         throw err
       }
-      return {
-        name,
-        url: `nats://127.0.0.1:${port}`,
-        port,
-        httpPort,
-        dir,
-        storeDir,
-        configPath,
-        logPath,
-        get pid() {
-          return server.pid
+      return Object.assign(
+        lifecycleOf(server, () => temp.remove()),
+        {
+          name,
+          url: `nats://127.0.0.1:${port}`,
+          port,
+          httpPort,
+          dir,
+          storeDir,
+          configPath,
+          logPath,
         },
-        start: () => server.start(),
-        stop: () => server.stop(),
-        kill: () => server.kill(),
-        restart: async () => {
-          await server.stop()
-          await server.start()
-        },
-        [Symbol.asyncDispose]: async () => {
-          await server.kill()
-          await temp.remove()
-        },
-      }
+      )
     }
   } catch (err) {
     // A ServerStartError already carries the log's tail, so the directory can go.

@@ -1,7 +1,7 @@
 import { join } from "node:path"
 import { freePort } from "./free-port.ts"
 import { redisServerBinary } from "./internal/binaries.ts"
-import { isAddressInUse, ManagedServer } from "./internal/managed-server.ts"
+import { isAddressInUse, lifecycleOf, ManagedServer } from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 
@@ -79,26 +79,15 @@ export async function startRedisServer(
         if (attempt < startAttempts && isAddressInUse(err)) continue
         throw err
       }
-      return {
-        url: `redis://127.0.0.1:${port}`,
-        port,
-        dir,
-        logPath,
-        get pid() {
-          return server.pid
+      return Object.assign(
+        lifecycleOf(server, () => temp.remove()),
+        {
+          url: `redis://127.0.0.1:${port}`,
+          port,
+          dir,
+          logPath,
         },
-        start: () => server.start(),
-        stop: () => server.stop(),
-        kill: () => server.kill(),
-        restart: async () => {
-          await server.stop()
-          await server.start()
-        },
-        [Symbol.asyncDispose]: async () => {
-          await server.kill()
-          await temp.remove()
-        },
-      }
+      )
     }
   } catch (err) {
     // A ServerStartError already carries the log's tail, so the directory can go.

@@ -79,3 +79,35 @@ export class ManagedServer {
 export function isAddressInUse(err: unknown): boolean {
   return err instanceof ServerStartError && /address already in use/i.test(err.message)
 }
+
+/**
+ * The lifecycle half of every server handle testkit returns (pid, start, stop, kill, restart,
+ * dispose); each launcher adds its own addresses with Object.assign, which keeps `pid` a
+ * live getter.
+ */
+export function lifecycleOf(
+  server: {
+    readonly pid: number | undefined
+    start(): Promise<void>
+    stop(): Promise<void>
+    kill(): Promise<void>
+  },
+  removeDir: () => Promise<void>,
+) {
+  return {
+    get pid() {
+      return server.pid
+    },
+    start: () => server.start(),
+    stop: () => server.stop(),
+    kill: () => server.kill(),
+    restart: async () => {
+      await server.stop()
+      await server.start()
+    },
+    [Symbol.asyncDispose]: async () => {
+      await server.kill()
+      await removeDir()
+    },
+  }
+}
