@@ -96,6 +96,31 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     }
   }
 
+  // Retry and redrive are one operation on different states: back to pending with a fresh
+  // attempt count, and each key rewound to the lowest version touched (with an epoch bump,
+  // so a worker draining it now writes nothing more).
+  const resetAndRewind = async (s: TaskSelector, states: string[]) => {
+    await refuseRewindOverPruned(s, states)
+    const r = await sql<{ n: number }>`
+      with reset as (
+        update keyway.inbox i
+           set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
+               done_at = null
+         where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+           and i.type <> 'keyway.skipped'
+        returning i.topic, i.key, i.ver
+      ),
+      lowest as (select topic, key, min(ver) as ver from reset group by topic, key),
+      rewound as (
+        update keyway.consumer_key k
+           set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
+          from lowest l
+         where k.grp = ${group} and k.topic = l.topic and k.key = l.key
+      )
+      select count(*)::int as n from reset
+    `.execute(db)
+    return r.rows[0]!.n
+  }
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
@@ -139,30 +164,10 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       `.execute(db)
       return r.rows
     },
-    async retry(s) {
-      // A parked task (the key already moved past it) is rewound to, so order still holds:
-      // the retried version runs, then the key walks forward over the versions it had
-      // already finished (they do not run again; redrive is for that).
-      await refuseRewindOverPruned(s, ["dead"])
-      const r = await sql`
-        with retried as (
-          update keyway.inbox i
-             set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null
-           where i.grp = ${group} and i.state = 'dead' and ${where(s)}
-          returning i.topic, i.key, i.ver
-        ),
-        lowest as (select topic, key, min(ver) as ver from retried group by topic, key),
-        rewound as (
-          update keyway.consumer_key k
-             set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
-            from lowest l
-           where k.grp = ${group} and k.topic = l.topic and k.key = l.key
-          returning 1
-        )
-        select count(*)::int as n, (select count(*) from rewound) as keys from retried
-      `.execute(db)
-      return (r.rows[0] as { n: number }).n
-    },
+    // A parked task (the key already moved past it) is rewound to, so order still holds:
+    // the retried version runs, then the key walks forward over the versions it had already
+    // finished (they do not run again; redrive is for that).
+    retry: (s) => resetAndRewind(s, ["dead"]),
     async skip(s) {
       const r = await sql`
         with range as (
@@ -202,28 +207,6 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       `.execute(db)
       return Number((r.rows[0] as { n: number }).n)
     },
-    async redrive(s) {
-      await refuseRewindOverPruned(s, ["done", "skipped", "dead"])
-      const r = await sql`
-        with redriven as (
-          update keyway.inbox i
-             set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
-                 done_at = null
-           where i.grp = ${group} and i.state in ('done', 'skipped', 'dead') and ${where(s)}
-             and i.type <> 'keyway.skipped'
-          returning i.topic, i.key, i.ver
-        ),
-        lowest as (select topic, key, min(ver) as ver from redriven group by topic, key),
-        rewound as (
-          update keyway.consumer_key k
-             set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
-            from lowest l
-           where k.grp = ${group} and k.topic = l.topic and k.key = l.key
-          returning 1
-        )
-        select count(*)::int as n, (select count(*) from rewound) as keys from redriven
-      `.execute(db)
-      return (r.rows[0] as { n: number }).n
-    },
+    redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"]),
   }
 }

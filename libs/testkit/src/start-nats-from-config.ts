@@ -1,14 +1,12 @@
-import { execFile, spawn } from "node:child_process"
-import { closeSync, openSync, writeSync } from "node:fs"
+import { execFile } from "node:child_process"
 import { mkdir, stat } from "node:fs/promises"
 import { join } from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
 import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
-import { type RunningChild, readLogTail, terminate } from "./internal/child-process.ts"
-import { killOnExit } from "./internal/exit-cleanup.ts"
+import { type RunningChild, readLogTail, spawnChild, terminate } from "./internal/child-process.ts"
 import { httpGet } from "./internal/http-get.ts"
-import { lifecycleOf } from "./internal/managed-server.ts"
+import { isAddressInUse, lifecycleOf } from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 import { ServerStartError } from "./server-start-error.ts"
@@ -144,10 +142,6 @@ function serverEnv(env: Record<string, string>): Record<string, string> {
   return { PATH: process.env.PATH ?? "/usr/bin:/bin", ...env }
 }
 
-function isAddressInUse(err: unknown): boolean {
-  return err instanceof ServerStartError && /address already in use/i.test(err.message)
-}
-
 interface EnvServerSpec {
   configPath: string
   env: Record<string, string>
@@ -228,47 +222,14 @@ class EnvServer {
 }
 
 function spawnWithEnv(spec: EnvServerSpec): Promise<RunningChild> {
-  const fd = openSync(spec.logPath, "a")
-  try {
+  return spawnChild({
+    command: natsServerBinary,
+    args: ["-c", spec.configPath],
+    logPath: spec.logPath,
+    cwd: spec.cwd,
+    env: serverEnv(spec.env),
     // Variable names only: their values include passwords, and this log is what the
     // credentials test searches for them.
-    writeSync(
-      fd,
-      `\n--- testkit: ${new Date().toISOString()} ${natsServerBinary} -c ${spec.configPath} ` +
-        `(variables: ${Object.keys(spec.env).sort().join(" ")})\n`,
-    )
-    const child = spawn(natsServerBinary, ["-c", spec.configPath], {
-      cwd: spec.cwd,
-      env: serverEnv(spec.env),
-      stdio: ["ignore", fd, fd],
-    })
-    const forget = killOnExit(child)
-    let done = false
-    const exited = new Promise<number | string>((resolve) => {
-      child.once("exit", (code, signal) => {
-        done = true
-        forget()
-        resolve(code ?? signal ?? "unknown")
-      })
-    })
-    return new Promise((resolve, reject) => {
-      child.once("error", (err) => {
-        done = true
-        forget()
-        reject(new Error(`cannot spawn ${natsServerBinary}: ${err.message}`, { cause: err }))
-      })
-      child.once("spawn", () => {
-        resolve({
-          pid: child.pid!,
-          exited,
-          hasExited: () => done,
-          signal: (s) => {
-            if (!done) child.kill(s)
-          },
-        })
-      })
-    })
-  } finally {
-    closeSync(fd)
-  }
+    describe: `${natsServerBinary} -c ${spec.configPath} (variables: ${Object.keys(spec.env).sort().join(" ")})`,
+  })
 }

@@ -9,6 +9,13 @@ export interface ChildSpec {
   /** stdout and stderr are appended here, so a failing test can show what the server said. */
   logPath: string
   cwd?: string
+  /** The child's whole environment; defaults to this process's. */
+  env?: Record<string, string>
+  /**
+   * What the log's header line says was started; defaults to the command line. Say it when
+   * the arguments or the environment hold secrets: the log is searched for them in tests.
+   */
+  describe?: string
 }
 
 export interface RunningChild {
@@ -22,12 +29,11 @@ export interface RunningChild {
 export function spawnChild(spec: ChildSpec): Promise<RunningChild> {
   const fd = openSync(spec.logPath, "a")
   try {
-    writeSync(
-      fd,
-      `\n--- testkit: ${new Date().toISOString()} ${spec.command} ${spec.args.join(" ")}\n`,
-    )
+    const what = spec.describe ?? `${spec.command} ${spec.args.join(" ")}`
+    writeSync(fd, `\n--- testkit: ${new Date().toISOString()} ${what}\n`)
     const child = spawn(spec.command, spec.args, {
       cwd: spec.cwd,
+      env: spec.env ?? process.env,
       stdio: ["ignore", fd, fd],
       detached: false,
     })
