@@ -14,7 +14,7 @@ let stop: () => Promise<void>
 if (env.KIND === "keyway") {
   const nc = await connectNats({ servers: env.NATS_URL! })
   const db = createDb({ connectionString: env.DATABASE_URL!, max: 20 })
-  const redis = new Redis(env.REDIS_URL!)
+  const redis = new Redis(env.REDIS_URL!, { enableAutoPipelining: true })
   const consumer = createKeyedConsumer({
     group: env.GROUP!,
     stream: env.STREAM!,

@@ -17,6 +17,8 @@ const EVENTS = Number(process.env.BENCH_EVENTS ?? 20_000)
 const LATENCY_RATE = 1000
 const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 const WORKER_PROCESSES = 2
+// While working on one side, `BENCH_ONLY=keyway` skips graphile-worker (and the ratio).
+const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
 const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
@@ -45,9 +47,36 @@ async function commits(db: Kysely<any>) {
   return r.rows[0]!
 }
 
+/** Per-table scan and write counts, for `BENCH_DIAG=1`: where Postgres spends its reads. */
+async function tableStats(db: Kysely<any>) {
+  const r = await sql<Record<string, number | string>>`
+    select schemaname || '.' || relname as t, seq_scan::float8 as seq, seq_tup_read::float8 as seq_rows,
+           coalesce(idx_scan, 0)::float8 as idx, coalesce(idx_tup_fetch, 0)::float8 as idx_rows,
+           n_tup_ins::float8 as ins, n_tup_upd::float8 as upd, n_tup_hot_upd::float8 as hot,
+           n_tup_del::float8 as del
+      from pg_stat_user_tables`.execute(db)
+  return new Map(r.rows.map((row) => [row.t as string, row]))
+}
+
+async function printTableStats(db: Kysely<any>, before: Awaited<ReturnType<typeof tableStats>>) {
+  const after = await tableStats(db)
+  const rows: (string | number)[][] = [
+    ["table", "seq", "seq_rows", "idx", "idx_rows", "ins", "upd", "hot", "del"],
+  ]
+  for (const [t, a] of after) {
+    const b = before.get(t)
+    const d = (c: string) => round(((a[c] as number) - ((b?.[c] as number) ?? 0)) / EVENTS, 2)
+    if (d("seq") + d("idx") + d("ins") + d("upd") + d("del") === 0) continue
+    rows.push([t, ...["seq", "seq_rows", "idx", "idx_rows", "ins", "upd", "hot", "del"].map(d)])
+  }
+  console.log("per event, by table:")
+  printTable(rows)
+}
+
 async function throughput(db: Kysely<any>, write: Write) {
   await sql`truncate effect`.execute(db)
   const before = await commits(db)
+  const tablesBefore = process.env.BENCH_DIAG ? await tableStats(db) : undefined
   let n = 0
   const start = now()
   await Promise.all(
@@ -62,6 +91,7 @@ async function throughput(db: Kysely<any>, write: Write) {
   // pg_stat_database lags by up to its stats interval; a pause lets it catch up.
   await sleep(1000)
   const after = await commits(db)
+  if (tablesBefore) await printTableStats(db, tablesBefore)
   return {
     perSecond: EVENTS / ((last - start) / 1000),
     writePerSecond: EVENTS / (writtenIn / 1000),
@@ -208,17 +238,27 @@ export async function run() {
     REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
     STREAM: streamName,
     GROUP: `bench_${site}`,
-    CONCURRENCY: "16",
+    CONCURRENCY: process.env.BENCH_CONCURRENCY ?? "16",
   }
   try {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
     const kThroughput = await throughput(db, keywayWrite)
     const kLatency = await latency(db, keywayWrite)
     await stopWorkers(workers)
-    workers = await startWorkers({ ...env, KIND: "graphile" })
-    const gThroughput = await throughput(db, graphileWrite)
-    const gLatency = await latency(db, graphileWrite)
-    await stopWorkers(workers)
+    const skipped = {
+      perSecond: Number.NaN,
+      writePerSecond: Number.NaN,
+      commitsPerEvent: Number.NaN,
+      rowsPerEvent: Number.NaN,
+    }
+    let gThroughput = skipped
+    let gLatency = { p50: Number.NaN, p99: Number.NaN, samples: 0 }
+    if (ONLY !== "keyway") {
+      workers = await startWorkers({ ...env, KIND: "graphile" })
+      gThroughput = await throughput(db, graphileWrite)
+      gLatency = await latency(db, graphileWrite)
+      await stopWorkers(workers)
+    }
 
     const result = {
       bench: "pipeline",

@@ -16,10 +16,13 @@ export interface TsChild extends ChildProcess {
  * Runs a TypeScript entry point in a child process: `node --import tsx`, not the tsx
  * wrapper, so that a signal sent to the child (SIGKILL, SIGSTOP) reaches the program itself.
  * stderr is passed through; stdout is collected line by line. The child is SIGKILLed when
- * the test process exits.
+ * the test process exits. `KEYWAY_CHILD_NODE_ARGS` adds node flags to every child, e.g.
+ * `--cpu-prof --cpu-prof-dir=/tmp/prof` to profile a benchmark's processes (node refuses
+ * --cpu-prof in NODE_OPTIONS).
  */
 export function spawnTs(entry: string, env: Record<string, string> = {}): TsChild {
-  const child = spawn(process.execPath, ["--import", "tsx", entry], {
+  const extra = process.env.KEYWAY_CHILD_NODE_ARGS?.split(" ").filter(Boolean) ?? []
+  const child = spawn(process.execPath, [...extra, "--import", "tsx", entry], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "inherit"],
