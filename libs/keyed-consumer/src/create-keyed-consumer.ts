@@ -6,17 +6,19 @@ import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentele
 import { Effect, Fiber, Schedule } from "effect"
 import type { Redis } from "ioredis"
 import type { Kysely } from "kysely"
+import { Batcher } from "./internal/batcher.ts"
 import { ensureDurable } from "./internal/ensure-consumer.ts"
 import {
-  claimKey,
+  type Claim,
+  type Completion,
+  claimKeys,
+  completeTasks,
   confirmBaselines,
   expireLeases,
   hasProvisionalBaselines,
   type IncomingEvent,
   ingestBatch,
-  isRunnable,
   type KeyRef,
-  markDone,
   markFailed,
   markGap,
   nextTasks,
@@ -24,6 +26,7 @@ import {
   recordReject,
   renewLease,
   runnableKeys,
+  runnableKeysOf,
   type TaskRow,
 } from "./internal/inbox-sql.ts"
 import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
@@ -119,6 +122,8 @@ const quiet: KeyedConsumerLogger = {
 }
 const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
 const TASKS_PER_READ = 32
+/** Most keys in one claim, completion or re-check round trip. */
+const KEYS_PER_BATCH = 64
 
 /**
  * A keyed consumer group worker (DESIGN.md §5). Start as many as you like on one group: they
@@ -176,6 +181,56 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }, ms)
     retryTimers.add(timer)
   }
+
+  // ---- batched round trips ----------------------------------------------------------------
+  // Every key this worker drains claims, completes and re-checks through these, so the keys
+  // that reach the same step together share one round trip (internal/batcher.ts).
+
+  const claims = new Batcher<KeyRef, Claim | undefined>(
+    async (refs) =>
+      (await claimKeys(db, group, refs, workerId, leaseMs, TASKS_PER_READ)).map((value) => ({
+        status: "fulfilled",
+        value,
+      })),
+    KEYS_PER_BATCH,
+  )
+
+  type Pending = Completion & { effects?: (trx: Kysely<any>) => Promise<unknown> }
+
+  /**
+   * One transaction for many keys' completions and their handlers' local effects. If it
+   * fails as a whole (one handler's effects threw, a deadlock, a lost connection), each
+   * completion is tried again in a transaction of its own, so only the one at fault fails.
+   */
+  const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
+    try {
+      return await db.transaction().execute(async (trx) => {
+        const ok = await completeTasks(trx, group, items, leaseMs)
+        const results: PromiseSettledResult<unknown>[] = []
+        for (const [n, item] of items.entries()) {
+          if (!ok[n]) {
+            const reason = new FencedError(
+              `${item.topic}/${item.key} v${item.ver}: another worker took the key; nothing written`,
+            )
+            results.push({ status: "rejected", reason })
+            continue
+          }
+          results.push({ status: "fulfilled", value: await item.effects?.(trx) })
+        }
+        return results
+      })
+    } catch (err) {
+      if (items.length === 1) return [{ status: "rejected", reason: err }]
+      return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))
+    }
+  }
+  const completions = new Batcher<Pending, unknown>(completeBatch, KEYS_PER_BATCH, 2)
+
+  const rechecks = new Batcher<KeyRef, boolean>(
+    async (refs) =>
+      (await runnableKeysOf(db, group, refs)).map((value) => ({ status: "fulfilled", value })),
+    KEYS_PER_BATCH,
+  )
 
   // ---- ingest ------------------------------------------------------------------------------
 
@@ -322,18 +377,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       fencing: { epoch, version: task.ver },
       signal,
       span,
-      complete: async (effects) => {
+      complete: async <T>(effects: (trx: Kysely<any>) => Promise<T>) => {
         if (completed) throw new Error("complete() was already called for this event")
-        const result = await db.transaction().execute(async (trx) => {
-          if (!(await markDone(trx, group, ref, task.ver, epoch, leaseMs))) {
-            throw new FencedError(
-              `${ref.topic}/${ref.key} v${task.ver}: another worker took the key; nothing written`,
-            )
-          }
-          return effects(trx)
-        })
+        const result = await completions.submit({ ...ref, ver: task.ver, epoch, effects })
         completed = true
-        return result
+        return result as T
       },
     }
     try {
@@ -433,7 +481,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       }
     }, leaseMs / 3)
     try {
-      const claimed = await claimKey(db, group, ref, workerId, leaseMs, TASKS_PER_READ)
+      const claimed = await claims.submit(ref)
       if (!claimed) return
       epoch = claimed.epoch
       let next = claimed.doneVer + 1
@@ -477,16 +525,18 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       await lock.release()
     }
     // A wake-up that found the key locked while we held it is ours to honour.
-    if (finished && !stopping && (await isRunnable(db, group, ref))) scheduler.wake(ref)
+    if (finished && !stopping && (await rechecks.submit(ref))) scheduler.wake(ref)
   }
 
-  const advanceOver = async (ref: KeyRef, task: TaskRow, epoch: number) => {
-    const ok = await db.transaction().execute(async (trx) => {
-      const r = await markDone(trx, group, ref, task.ver, epoch, leaseMs)
-      return r
-    })
-    return ok
-  }
+  /** Moves the key past a task an operator skipped, without running it. False if fenced. */
+  const advanceOver = (ref: KeyRef, task: TaskRow, epoch: number) =>
+    completions.submit({ ...ref, ver: task.ver, epoch }).then(
+      () => true,
+      (err) => {
+        if (err instanceof FencedError) return false
+        throw err
+      },
+    )
 
   // ---- safety nets -------------------------------------------------------------------------
 

@@ -35,6 +35,10 @@ export interface HandlerContext {
    * one: the transaction holds the key's row lock. It throws {@link FencedError} if another
    * worker took the key meanwhile, and then nothing of `effects` is committed. If the handler
    * never calls it, the event is marked done when the handler returns.
+   *
+   * The transaction may be shared with other keys' completions (one commit for many events).
+   * If it fails as a whole, each completion runs again in a transaction of its own, so
+   * `effects` may run more than once: it must only write through `trx`, never act outside it.
    */
   complete<T>(effects: (trx: Kysely<any>) => Promise<T>): Promise<T>
 }

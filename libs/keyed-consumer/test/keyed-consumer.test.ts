@@ -12,6 +12,7 @@ import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
+import { sql } from "kysely"
 import {
   checkEffects,
   createEffectTable,
@@ -139,6 +140,49 @@ describe("keyed consumer", () => {
     )
     assert.equal(consumer.status().retried, 2)
     assert.equal(consumer.status().dead, 0)
+  })
+
+  test("effects that fail inside a shared completion transaction fail alone; the rest commit once", async () => {
+    // Completions of keys that finish together share one transaction. Here one handler's
+    // effects write a row and then throw, on the event's first attempt: the shared transaction
+    // rolls back, the others are completed again on their own, and only the failing event is
+    // retried.
+    let failed = false
+    const { t, stream, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          await ctx.complete(async (trx) => {
+            await sql`insert into effect (topic, key, ver, event_id, worker)
+                      values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+              trx,
+            )
+            if (event.key === "k7" && event.ver === 2 && event.attempt === 1) {
+              failed = true
+              throw new Error("effects failed after writing")
+            }
+          })
+        },
+      },
+    })
+    const keys = Array.from({ length: 40 }, (_, n) => `k${n}`)
+    for (let ver = 1; ver <= 5; ver++)
+      await Promise.all(
+        keys.map((key) => publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })),
+      )
+    await waitFor(async () => (await effects(t.db)).length >= 200, {
+      timeoutMs: 20_000,
+      message: "200 effects",
+    })
+    await new Promise((r) => setTimeout(r, 300)) // a duplicate would show up by now
+    const rows = await effects(t.db)
+    const { byKey, problems } = checkEffects(rows)
+    assert.deepEqual(problems, [])
+    assert.equal(rows.length, 200)
+    assert.equal(byKey.size, 40)
+    assert.ok(failed)
+    assert.equal(consumer.status().retried, 1)
+    assert.equal(consumer.status().done, 200)
   })
 
   test("max attempts then dead, policy block: later versions wait until an admin retry", async () => {

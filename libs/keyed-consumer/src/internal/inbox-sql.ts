@@ -77,23 +77,60 @@ export async function hasProvisionalBaselines(db: Kysely<any>, group: string): P
   return r.rows.length > 0
 }
 
-/** Takes the key for this worker and reads its next tasks (keyway.claim_key). */
-export async function claimKey(
+export interface Claim {
+  epoch: number
+  doneVer: number
+  /** Up to `limit` tasks above doneVer, in version order (a gap shows as a skipped number). */
+  tasks: TaskRow[]
+}
+
+/**
+ * Sorted by topic and key: batches that share keys then lock their rows in the same order.
+ * Returns the sorted refs and, for each, its position in `refs`.
+ */
+function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[]; from: number[] } {
+  const from = refs.map((_, n) => n)
+  from.sort((x, y) => {
+    const a = refs[x]!
+    const b = refs[y]!
+    return a.topic < b.topic
+      ? -1
+      : a.topic > b.topic
+        ? 1
+        : a.key < b.key
+          ? -1
+          : a.key > b.key
+            ? 1
+            : 0
+  })
+  return { sorted: from.map((n) => refs[n]!), from }
+}
+
+/**
+ * Takes keys for this worker and reads their next tasks (keyway.claim_keys), in one round
+ * trip. Undefined for a key whose starting point is still provisional.
+ */
+export async function claimKeys(
   db: Kysely<any>,
   group: string,
-  ref: KeyRef,
+  refs: readonly KeyRef[],
   owner: string,
   leaseMs: number,
   limit: number,
-): Promise<{ epoch: number; doneVer: number; tasks: TaskRow[] } | undefined> {
-  const r = await sql<{ epoch: number; done_ver: number } & TaskRow>`
-    select * from keyway.claim_key(${group}, ${ref.topic}, ${ref.key}, ${owner},
-                                   ${Math.round(leaseMs)}::int, ${limit}::int)
+): Promise<(Claim | undefined)[]> {
+  const { sorted, from } = sortedRefs(refs)
+  const r = await sql<{ i: number; epoch: number; done_ver: number } & TaskRow>`
+    select * from keyway.claim_keys(${group}, ${sorted.map((k) => k.topic)}::text[],
+                                    ${sorted.map((k) => k.key)}::text[], ${owner},
+                                    ${Math.round(leaseMs)}::int, ${limit}::int)
   `.execute(db)
-  const first = r.rows[0]
-  if (!first) return undefined
-  const tasks = r.rows.filter((row) => row.ver !== null)
-  return { epoch: first.epoch, doneVer: first.done_ver, tasks }
+  const claims: (Claim | undefined)[] = refs.map(() => undefined)
+  for (const row of r.rows) {
+    const n = from[row.i - 1]!
+    claims[n] ??= { epoch: row.epoch, doneVer: row.done_ver, tasks: [] }
+    if (row.ver !== null) claims[n].tasks.push(row)
+  }
+  return claims
 }
 
 /** The next tasks of a key, from version `from` on, in version order. */
@@ -114,23 +151,32 @@ export async function nextTasks(
   return r.rows
 }
 
+export interface Completion extends KeyRef {
+  ver: number
+  epoch: number
+}
+
 /**
- * Inside the handler's transaction: advance the key to `ver` and mark the task done, if this
- * worker still holds the key (keyway.complete_task). False means fenced: roll back.
+ * Inside the transaction of the handlers' effects: advances each key to its version and
+ * marks its task done, where this worker still holds the key (keyway.complete_tasks).
+ * Returns, per completion, whether it went through; false means fenced, and its effects
+ * must not be written.
  */
-export async function markDone(
+export async function completeTasks(
   trx: Kysely<any>,
   group: string,
-  ref: KeyRef,
-  ver: number,
-  epoch: number,
+  completions: readonly Completion[],
   leaseMs: number,
-): Promise<boolean> {
-  const r = await sql<{ ok: boolean }>`
-    select keyway.complete_task(${group}, ${ref.topic}, ${ref.key}, ${ver}, ${epoch},
-                                ${Math.round(leaseMs)}::int) as ok
+): Promise<boolean[]> {
+  const { sorted, from } = sortedRefs(completions)
+  const r = await sql<{ n: number }>`
+    select n from keyway.complete_tasks(${group}, ${sorted.map((c) => c.topic)}::text[],
+      ${sorted.map((c) => c.key)}::text[], ${sorted.map((c) => c.ver)}::bigint[],
+      ${sorted.map((c) => c.epoch)}::bigint[], ${Math.round(leaseMs)}::int) as n
   `.execute(trx)
-  return r.rows[0]!.ok
+  const ok = completions.map(() => false)
+  for (const row of r.rows) ok[from[row.n - 1]!] = true
+  return ok
 }
 
 /**
@@ -232,12 +278,19 @@ export async function expireLeases(db: Kysely<any>, group: string): Promise<KeyR
   return r.rows
 }
 
-/** Whether the key has a task ready now (keyway.is_runnable). */
-export async function isRunnable(db: Kysely<any>, group: string, ref: KeyRef): Promise<boolean> {
-  const r = await sql<{ ok: boolean }>`
-    select keyway.is_runnable(${group}, ${ref.topic}, ${ref.key}) as ok
+/** Which of these keys have a task ready now (keyway.runnable_keys_of). */
+export async function runnableKeysOf(
+  db: Kysely<any>,
+  group: string,
+  refs: readonly KeyRef[],
+): Promise<boolean[]> {
+  const r = await sql<{ n: number }>`
+    select n from keyway.runnable_keys_of(${group}, ${refs.map((k) => k.topic)}::text[],
+                                          ${refs.map((k) => k.key)}::text[]) as n
   `.execute(db)
-  return r.rows[0]!.ok
+  const ok = refs.map(() => false)
+  for (const row of r.rows) ok[row.n - 1] = true
+  return ok
 }
 
 export async function recordReject(
