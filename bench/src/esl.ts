@@ -20,7 +20,7 @@ const WARMUP_SECONDS = 2
 const WRITERS = 8
 const AIMS_LATENCY_MS = 20
 const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 2)
-const CONCURRENCY = 32
+const CONCURRENCY = Number(process.env.BENCH_ESL_CONCURRENCY ?? 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))

@@ -238,7 +238,7 @@ export async function run() {
     REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
     STREAM: streamName,
     GROUP: `bench_${site}`,
-    CONCURRENCY: process.env.BENCH_CONCURRENCY ?? "16",
+    CONCURRENCY: process.env.BENCH_CONCURRENCY ?? "64",
   }
   try {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
@@ -275,7 +275,7 @@ export async function run() {
         "events/s end to end",
         result.keyway_per_s,
         result.graphile_keyed_per_s,
-        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker processes x 16`,
+        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker processes x ${env.CONCURRENCY}`,
       ],
       [
         "writer commits/s meanwhile",

@@ -1,4 +1,5 @@
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
+import { request as httpRequest } from "undici"
 
 export interface AimsClientConfig {
   /** e.g. `https://eu.common.solumesl.com`; the fake's url in tests. */
@@ -59,13 +60,21 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
   imageUrl.searchParams.set("company", config.company)
   imageUrl.searchParams.set("store", config.store)
 
-  const request = async (url: URL, init: RequestInit, signal?: AbortSignal) => {
+  // undici's request(), not fetch(): fetch wraps every body in web streams, and with it the
+  // HTTP client was 11% of the worker's CPU in `just bench esl`.
+  const request = async (
+    url: URL,
+    init: { method: "POST"; headers: Record<string, string>; body: string },
+    signal?: AbortSignal,
+  ): Promise<{ status: number; text: string }> => {
     const timeout = AbortSignal.timeout(config.timeoutMs)
     try {
-      return await fetch(url, {
+      const res = await httpRequest(url, {
         ...init,
         signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
       })
+      // Read either way, so the keep-alive connection goes back to the pool.
+      return { status: res.statusCode, text: await res.body.text() }
     } catch (err) {
       if (timeout.aborted) {
         throw new AimsError(
@@ -94,15 +103,15 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
       },
       signal,
     )
-    const text = await res.text()
-    if (!res.ok) {
+    const { status, text } = res
+    if (status < 200 || status >= 300) {
       // Bad credentials do not get better with retries, but an operator can fix them while
       // the task waits: retryable, and the topic's attempts bound it.
-      throw new AimsError(`token request refused: HTTP ${res.status}`, res.status, true)
+      throw new AimsError(`token request refused: HTTP ${status}`, status, true)
     }
     const access = (JSON.parse(text) as { responseMessage?: { access_token?: string } })
       .responseMessage?.access_token
-    if (!access) throw new AimsError("token response without access_token", res.status, true)
+    if (!access) throw new AimsError("token response without access_token", status, true)
     return access
   }
 
@@ -122,7 +131,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
       "x-fencing-token": options.fencingToken,
     }
     propagation.inject(context.active(), headers)
-    const res = await request(
+    return request(
       imageUrl,
       {
         method: "POST",
@@ -136,9 +145,6 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
       },
       options.signal,
     )
-    // Drained either way, so the keep-alive connection goes back to the pool.
-    const text = await res.text()
-    return { status: res.status, text }
   }
 
   return {

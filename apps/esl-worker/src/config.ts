@@ -65,7 +65,7 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
       password: requiredEnv(env, "AIMS_PASSWORD", "…"),
       timeoutMs: intEnv(env, "AIMS_TIMEOUT_MS", 5000),
     },
-    concurrency: intEnv(env, "ESL_CONCURRENCY", 16),
+    concurrency: intEnv(env, "ESL_CONCURRENCY", 64),
     maxAttempts: intEnv(env, "ESL_MAX_ATTEMPTS", 10),
     backoffMs: intEnv(env, "ESL_BACKOFF_MS", 200),
     maxBackoffMs: intEnv(env, "ESL_MAX_BACKOFF_MS", 30_000),

@@ -40,7 +40,8 @@ const db = createDb({
   max: Math.min(32, config.concurrency + 4),
   applicationName: "keyway-esl-worker",
 })
-const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1 })
+// Auto-pipelining: the lock commands of the keys draining at once share socket writes.
+const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1, enableAutoPipelining: true })
 redis.on("error", (err) => logger.warn("redis error", { error: err.message }))
 
 const worker = createEslWorker({

@@ -50,6 +50,6 @@ export function parseConfig(env: Env): WorkerAppConfig {
     stream,
     group,
     filterSubject: env.KEYWAY_FILTER_SUBJECT?.trim() || defaults?.filterSubject,
-    concurrency: intEnv(env, "WORKER_CONCURRENCY", 16),
+    concurrency: intEnv(env, "WORKER_CONCURRENCY", 64),
   }
 }

@@ -29,7 +29,8 @@ const db = createDb({
   applicationName: `keyway-worker:${config.site}`,
 })
 await ensureDemoEffectTable(db)
-const redis = new Redis(config.redisUrl)
+// Auto-pipelining: the lock commands of the keys draining at once share socket writes.
+const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
 // ioredis reconnects by itself; without a listener an outage would print a stack per retry.
 redis.on("error", (err) => logger.warn("redis", { error: err.message }))
 const nc = await connectNats({
