@@ -10,13 +10,19 @@ import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import { canonicalLabelCode, EslLabelRender, InvalidEventError } from "@keyway/schemas"
-import { createTestDatabase, startFakeAims, type TestDatabase, waitFor } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  createTestStream,
+  startFakeAims,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
 import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
 import { createEslWorker } from "../src/create-esl-worker.ts"
-import { createStream, imageHashOf, macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+import { imageHashOf, macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
 
 const payload = {
   labelCode: "0A1B2C3D4E5F",
@@ -101,7 +107,7 @@ describe("bad ESL input", () => {
   })
 
   test("a task the renderer cannot draw is dead at once with the reason; other labels go on", async () => {
-    const stream = await createStream(nc)
+    const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     const aims = await startFakeAims()
     cleanups.push(() => aims.stop())

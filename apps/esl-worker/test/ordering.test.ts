@@ -13,13 +13,19 @@ import {
 import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay } from "@keyway/outbox"
-import { createTestDatabase, spawnTs, startFakeAims, type TsChild, waitFor } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  createTestStream,
+  spawnTs,
+  startFakeAims,
+  type TsChild,
+  waitFor,
+} from "@keyway/testkit"
 import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
 import {
   committedTasks,
-  createStream,
   imageHashOf,
   macs,
   SHARED_NATS,
@@ -49,7 +55,7 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
   const t = await createTestDatabase({ poolSize: WRITERS + 4 })
   cleanups.push(() => t.drop())
   await migrateEslSchema(t.db)
-  const stream = await createStream(nc)
+  const stream = await createTestStream(nc)
   cleanups.push(() => stream.delete())
   const group = unique("esl")
   const seed = Math.floor(Math.random() * 2 ** 31)

@@ -1,7 +1,5 @@
 import { createHash, randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
-import { jetstreamManager } from "@nats-io/jetstream"
-import type { NatsConnection } from "@nats-io/transport-node"
 import { type Kysely, sql } from "kysely"
 import { renderLabel } from "../src/render-label.ts"
 
@@ -15,24 +13,6 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 /** `n` distinct label MACs, canonical. */
 export const macs = (n: number) =>
   Array.from({ length: n }, (_, i) => `A1B2C3${i.toString(16).toUpperCase().padStart(6, "0")}`)
-
-/** A stream `<SITE>` on `<site>.>` for one test: the relay publishes `<site>.esl.label`. */
-export async function createStream(nc: NatsConnection) {
-  const site = unique("t")
-  const name = site.toUpperCase()
-  await (await jetstreamManager(nc)).streams.add({
-    name,
-    subjects: [`${site}.>`],
-    duplicate_window: 120e9,
-  })
-  return {
-    site,
-    name,
-    async delete() {
-      await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
-    },
-  }
-}
 
 /** Keys of topic esl.label whose consumer group has not finished their newest version. */
 export async function unfinishedLabels(db: Kysely<any>, group: string): Promise<number> {

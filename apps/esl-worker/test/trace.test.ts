@@ -12,6 +12,7 @@ import { createRelay } from "@keyway/outbox"
 import { startTelemetry, type Telemetry } from "@keyway/telemetry"
 import {
   createTestDatabase,
+  createTestStream,
   type OtlpReceiver,
   startFakeAims,
   startOtlpReceiver,
@@ -21,7 +22,7 @@ import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { createEslWorker } from "../src/create-esl-worker.ts"
-import { createStream, macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+import { macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
 
 let receiver: OtlpReceiver
 let telemetry: Telemetry
@@ -70,7 +71,7 @@ test("one job's trace runs writer → send → process esl.label → render and 
   const t = await createTestDatabase()
   cleanups.push(() => t.drop())
   await migrateEslSchema(t.db)
-  const stream = await createStream(nc)
+  const stream = await createTestStream(nc)
   cleanups.push(() => stream.delete())
   const aims = await startFakeAims()
   cleanups.push(() => aims.stop())

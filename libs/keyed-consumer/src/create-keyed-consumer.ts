@@ -191,12 +191,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // Every key this worker drains claims, completes and re-checks through these, so the keys
   // that reach the same step together share one round trip (internal/batcher.ts).
 
+  const fulfilled = <T>(values: T[]) =>
+    values.map((value): PromiseSettledResult<T> => ({ status: "fulfilled", value }))
   const claims = new Batcher<KeyRef, Claim | undefined>(
-    async (refs) =>
-      (await claimKeys(db, group, refs, workerId, leaseMs, TASKS_PER_READ)).map((value) => ({
-        status: "fulfilled",
-        value,
-      })),
+    async (refs) => fulfilled(await claimKeys(db, group, refs, workerId, leaseMs, TASKS_PER_READ)),
     KEYS_PER_BATCH,
   )
 
@@ -232,8 +230,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const completions = new Batcher<Pending, unknown>(completeBatch, KEYS_PER_BATCH, 2)
 
   const rechecks = new Batcher<KeyRef, boolean>(
-    async (refs) =>
-      (await runnableKeysOf(db, group, refs)).map((value) => ({ status: "fulfilled", value })),
+    async (refs) => fulfilled(await runnableKeysOf(db, group, refs)),
     KEYS_PER_BATCH,
   )
 

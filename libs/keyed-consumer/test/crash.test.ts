@@ -9,6 +9,7 @@ import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import {
   createTestDatabase,
+  createTestStream,
   spawnTs,
   startRedisServer,
   type TestDatabase,
@@ -22,7 +23,6 @@ import { sql } from "kysely"
 import {
   checkEffects,
   createEffectTable,
-  createStream,
   effects,
   publishEvent,
   recordEffect,
@@ -54,7 +54,7 @@ describe("keyed consumer under crashes", () => {
     const t = await createTestDatabase({ poolSize: 8 })
     cleanups.push(() => t.drop())
     await createEffectTable(t.db)
-    const stream = await createStream(nc)
+    const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     return { t, stream, group: unique("g") }
   }

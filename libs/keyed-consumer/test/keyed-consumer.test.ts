@@ -8,7 +8,7 @@ import {
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
+import { createTestDatabase, createTestStream, type TestDatabase, waitFor } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
@@ -16,7 +16,6 @@ import { sql } from "kysely"
 import {
   checkEffects,
   createEffectTable,
-  createStream,
   effects,
   publishEvent,
   recordEffect,
@@ -45,7 +44,7 @@ describe("keyed consumer", () => {
     const t: TestDatabase = await createTestDatabase()
     cleanups.push(() => t.drop())
     await createEffectTable(t.db)
-    const stream = await createStream(nc)
+    const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     const group = unique("g")
     const consumer: KeyedConsumer = createKeyedConsumer({
@@ -349,7 +348,7 @@ describe("keyed consumer", () => {
     const t = await createTestDatabase()
     cleanups.push(() => t.drop())
     await createEffectTable(t.db)
-    const stream = await createStream(nc)
+    const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     // Before any group exists: key "late" gets v1..v3, key "pruned" v1..v5.
     for (let ver = 1; ver <= 3; ver++)

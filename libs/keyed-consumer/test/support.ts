@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto"
 import type { HandlerContext, KeyedEvent } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
-import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { type Kysely, sql } from "kysely"
 
@@ -37,24 +37,6 @@ export async function effects(db: Kysely<any>) {
     select id, key, ver, event_id, worker from effect order by id
   `.execute(db)
   return r.rows
-}
-
-/** A stream `<SITE>` on `<site>.>` for one test. */
-export async function createStream(nc: NatsConnection) {
-  const site = unique("t")
-  const name = site.toUpperCase()
-  await (await jetstreamManager(nc)).streams.add({
-    name,
-    subjects: [`${site}.>`],
-    duplicate_window: 120e9,
-  })
-  return {
-    site,
-    name,
-    async delete() {
-      await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
-    },
-  }
 }
 
 /** Publishes a hand-made event straight to the stream, as a relay would. */

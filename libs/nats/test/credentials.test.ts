@@ -4,10 +4,11 @@
 // connection, so a refusal for some other reason (a typo in a subject) would not pass.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
+import { streamCount } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { connect as connectOnce, type NatsConnection } from "@nats-io/transport-node"
 import { connectNats, inboxPrefixFor } from "../src/index.ts"
-import { assertNoSecrets, type Sites, startSites, streamCount, type User } from "./support.ts"
+import { assertNoSecrets, type Sites, startSites, type User } from "./support.ts"
 
 const permissionError = /permissions violation/i
 

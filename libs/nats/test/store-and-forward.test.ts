@@ -3,20 +3,18 @@
 // link returns, every one of them reaches the cloud once, in order per key.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { waitFor } from "@keyway/testkit"
+import { readStream, streamCount, waitFor } from "@keyway/testkit"
 import { Redis } from "ioredis"
 import {
   assertEffects,
   assertNoSecrets,
   effectCount,
-  readStream,
   SHARED_REDIS,
   type SiteApp,
   type Sites,
   startConsumer,
   startSiteApp,
   startSites,
-  streamCount,
 } from "./support.ts"
 
 const EVENTS = 10_000

@@ -9,7 +9,6 @@ import {
   type KeyedEvent,
 } from "@keyway/keyed-consumer"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
-import { decodeEnvelope, type EventEnvelope } from "@keyway/schemas"
 import {
   type ConfigNatsServerHandle,
   createTcpProxy,
@@ -147,23 +146,6 @@ export async function waitForLeaf(hub: ConfigNatsServerHandle, timeoutMs = 20_00
     if (Date.now() > deadline) throw new Error("the leaf link did not come up")
     await new Promise((r) => setTimeout(r, 100))
   }
-}
-
-export async function streamCount(nc: NatsConnection, name: string): Promise<number> {
-  return (await (await jetstreamManager(nc)).streams.info(name)).state.messages
-}
-
-/** Every message of the stream, decoded, in stream order (an ordered consumer). */
-export async function readStream(nc: NatsConnection, name: string): Promise<EventEnvelope[]> {
-  const total = await streamCount(nc, name)
-  const out: EventEnvelope[] = []
-  if (total === 0) return out
-  const consumer = await jetstream(nc).consumers.get(name)
-  while (out.length < total) {
-    const batch = await consumer.fetch({ max_messages: 1000, expires: 2000 })
-    for await (const m of batch) out.push(decodeEnvelope(m.data))
-  }
-  return out
 }
 
 /** The table the tests' handlers record their effects in, through the handler's transaction. */

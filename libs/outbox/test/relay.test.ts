@@ -5,8 +5,10 @@ import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
 import {
   createTestDatabase,
+  readStream,
   spawnTs,
   startNatsServer,
+  streamCount,
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
@@ -16,8 +18,6 @@ import { sql } from "kysely"
 import {
   createSiteStream,
   deleteStream,
-  readStream,
-  streamCount,
   uniqueSite,
   unpublishedCount,
   versionsByKey,

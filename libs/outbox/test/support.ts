@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto"
 import { applyStreams } from "@keyway/nats"
-import { decodeEnvelope, type EventEnvelope } from "@keyway/schemas"
-import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import type { EventEnvelope } from "@keyway/schemas"
+import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { type Kysely, sql } from "kysely"
 
@@ -21,24 +21,6 @@ export async function createSiteStream(nc: NatsConnection, site: string): Promis
 
 export async function deleteStream(nc: NatsConnection, name: string): Promise<void> {
   await (await jetstreamManager(nc)).streams.delete(name).catch(() => {})
-}
-
-export async function streamCount(nc: NatsConnection, name: string): Promise<number> {
-  const info = await (await jetstreamManager(nc)).streams.info(name)
-  return info.state.messages
-}
-
-/** Every message of the stream, decoded, in stream order. */
-export async function readStream(nc: NatsConnection, name: string): Promise<EventEnvelope[]> {
-  const total = await streamCount(nc, name)
-  const out: EventEnvelope[] = []
-  if (total === 0) return out
-  const consumer = await jetstream(nc).consumers.get(name)
-  while (out.length < total) {
-    const batch = await consumer.fetch({ max_messages: 1000, expires: 2000 })
-    for await (const m of batch) out.push(decodeEnvelope(m.data))
-  }
-  return out
 }
 
 export async function unpublishedCount(db: Kysely<any>): Promise<number> {

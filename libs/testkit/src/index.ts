@@ -33,4 +33,5 @@ export {
   type RedisServerOptions,
   startRedisServer,
 } from "./start-redis-server.ts"
+export { createTestStream, readStream, streamCount } from "./test-streams.ts"
 export { type WaitForOptions, WaitForTimeoutError, waitFor } from "./wait-for.ts"

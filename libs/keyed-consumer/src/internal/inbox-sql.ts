@@ -89,20 +89,9 @@ export interface Claim {
  * Returns the sorted refs and, for each, its position in `refs`.
  */
 function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[]; from: number[] } {
+  const order = (x: string, y: string) => (x < y ? -1 : x > y ? 1 : 0)
   const from = refs.map((_, n) => n)
-  from.sort((x, y) => {
-    const a = refs[x]!
-    const b = refs[y]!
-    return a.topic < b.topic
-      ? -1
-      : a.topic > b.topic
-        ? 1
-        : a.key < b.key
-          ? -1
-          : a.key > b.key
-            ? 1
-            : 0
-  })
+  from.sort((x, y) => order(refs[x]!.topic, refs[y]!.topic) || order(refs[x]!.key, refs[y]!.key))
   return { sorted: from.map((n) => refs[n]!), from }
 }
 
