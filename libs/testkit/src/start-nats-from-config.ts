@@ -6,7 +6,7 @@ import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
 import { type RunningChild, readLogTail, spawnChild, terminate } from "./internal/child-process.ts"
 import { httpGet } from "./internal/http-get.ts"
-import { isAddressInUse, lifecycleOf } from "./internal/managed-server.ts"
+import { isAddressInUse, lifecycleOf, type ServerLifecycle } from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 import { ServerStartError } from "./server-start-error.ts"
@@ -28,7 +28,7 @@ export interface ConfigNatsServerOptions {
   readyTimeoutMs?: number
 }
 
-export interface ConfigNatsServerHandle {
+export interface ConfigNatsServerHandle extends ServerLifecycle {
   /** `nats://127.0.0.1:<port>` */
   readonly url: string
   readonly port: number
@@ -39,15 +39,6 @@ export interface ConfigNatsServerHandle {
   readonly dir: string
   readonly storeDir: string
   readonly logPath: string
-  readonly pid: number | undefined
-  /** Starts the server again with the same variables (ports, store), after stop() or kill(). */
-  start(): Promise<void>
-  /** SIGTERM: a clean shutdown. */
-  stop(): Promise<void>
-  /** SIGKILL: a crash. */
-  kill(): Promise<void>
-  restart(): Promise<void>
-  [Symbol.asyncDispose](): Promise<void>
 }
 
 const startAttempts = 3

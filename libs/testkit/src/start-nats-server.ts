@@ -5,7 +5,12 @@ import { join } from "node:path"
 import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
 import { httpGet } from "./internal/http-get.ts"
-import { isAddressInUse, lifecycleOf, ManagedServer } from "./internal/managed-server.ts"
+import {
+  isAddressInUse,
+  lifecycleOf,
+  ManagedServer,
+  type ServerLifecycle,
+} from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 
@@ -22,7 +27,7 @@ export interface NatsServerOptions {
   readyTimeoutMs?: number
 }
 
-export interface NatsServerHandle {
+export interface NatsServerHandle extends ServerLifecycle {
   readonly name: string
   /** `nats://127.0.0.1:<port>` */
   readonly url: string
@@ -35,17 +40,6 @@ export interface NatsServerHandle {
   readonly storeDir: string
   readonly configPath: string
   readonly logPath: string
-  /** The server's process id while it runs (to SIGSTOP it, say); undefined when stopped. */
-  readonly pid: number | undefined
-  /** Starts the server again on the same ports, config and store, after stop() or kill(). */
-  start(): Promise<void>
-  /** SIGTERM: a clean shutdown. */
-  stop(): Promise<void>
-  /** SIGKILL: a crash. */
-  kill(): Promise<void>
-  restart(): Promise<void>
-  /** Kills the server and removes its directory. */
-  [Symbol.asyncDispose](): Promise<void>
 }
 
 const startAttempts = 3

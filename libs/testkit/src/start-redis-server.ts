@@ -1,7 +1,12 @@
 import { join } from "node:path"
 import { freePort } from "./free-port.ts"
 import { redisServerBinary } from "./internal/binaries.ts"
-import { isAddressInUse, lifecycleOf, ManagedServer } from "./internal/managed-server.ts"
+import {
+  isAddressInUse,
+  lifecycleOf,
+  ManagedServer,
+  type ServerLifecycle,
+} from "./internal/managed-server.ts"
 import { tcpProbe } from "./internal/tcp-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 
@@ -12,24 +17,13 @@ export interface RedisServerOptions {
   readyTimeoutMs?: number
 }
 
-export interface RedisServerHandle {
+export interface RedisServerHandle extends ServerLifecycle {
   /** `redis://127.0.0.1:<port>` */
   readonly url: string
   readonly port: number
   /** The temp directory, also the server's `dir`; removed on dispose. */
   readonly dir: string
   readonly logPath: string
-  /** The server's process id while it runs (to SIGSTOP it, say); undefined when stopped. */
-  readonly pid: number | undefined
-  /** Starts the server again on the same port and directory, after stop() or kill(). */
-  start(): Promise<void>
-  /** SIGTERM: a clean shutdown. */
-  stop(): Promise<void>
-  /** SIGKILL: a crash. */
-  kill(): Promise<void>
-  restart(): Promise<void>
-  /** Kills the server and removes its directory. */
-  [Symbol.asyncDispose](): Promise<void>
 }
 
 const startAttempts = 3

@@ -80,6 +80,21 @@ export function isAddressInUse(err: unknown): boolean {
   return err instanceof ServerStartError && /address already in use/i.test(err.message)
 }
 
+/** What every server handle testkit returns can do to its process. */
+export interface ServerLifecycle {
+  /** The server's process id while it runs (to SIGSTOP it, say); undefined when stopped. */
+  readonly pid: number | undefined
+  /** Starts the server again with the same ports and data, after stop() or kill(). */
+  start(): Promise<void>
+  /** SIGTERM: a clean shutdown. */
+  stop(): Promise<void>
+  /** SIGKILL: a crash. */
+  kill(): Promise<void>
+  restart(): Promise<void>
+  /** Kills the server and removes its directory. */
+  [Symbol.asyncDispose](): Promise<void>
+}
+
 /**
  * The lifecycle half of every server handle testkit returns (pid, start, stop, kill, restart,
  * dispose); each launcher adds its own addresses with Object.assign, which keeps `pid` a
@@ -93,7 +108,7 @@ export function lifecycleOf(
     kill(): Promise<void>
   },
   removeDir: () => Promise<void>,
-) {
+): ServerLifecycle {
   return {
     get pid() {
       return server.pid
