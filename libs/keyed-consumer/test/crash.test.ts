@@ -106,7 +106,10 @@ describe("keyed consumer under crashes", () => {
       }),
     )
 
-    // The killer: every 2 s one worker dies with SIGKILL and a fresh one takes its place.
+    // The killer: one worker dies with SIGKILL 2 s after the last replacement started, and a
+    // fresh one takes its place. Counting from the start rather than from the kill keeps the
+    // test the same on a slow machine, where a worker can take seconds to start: killing on a
+    // fixed clock there left the group with hardly a worker past its start-up.
     let kills = 0
     let done = false
     const killer = (async () => {
@@ -118,17 +121,34 @@ describe("keyed consumer under crashes", () => {
         await workers[i]!.exited()
         kills++
         generation++
-        workers[i] = startWorker(env(`w${i}.${generation}`))
+        const fresh = startWorker(env(`w${i}.${generation}`))
+        workers[i] = fresh
+        await waitFor(() => done || fresh.json().some((l) => l.started), {
+          timeoutMs: 60_000,
+          message: `worker w${i}.${generation} started`,
+        })
       }
     })()
-    await writing
-    await waitFor(async () => (await effectCount(t.db)) >= 20_000, {
-      timeoutMs: 240_000,
-      intervalMs: 500,
-      message: "20,000 effects",
-    })
-    done = true
-    await killer
+    try {
+      await writing
+      let seen = 0
+      await waitFor(
+        async () => {
+          seen = await effectCount(t.db)
+          return seen >= 20_000
+        },
+        {
+          timeoutMs: 240_000,
+          intervalMs: 500,
+          message: () => `20,000 effects (${seen} so far, ${kills} kills)`,
+        },
+      )
+    } finally {
+      // Also on failure: a killer left running restarts workers forever and the test file
+      // never exits.
+      done = true
+      await killer
+    }
     // Let the survivors settle, then make sure nothing more (a duplicate) appears.
     await sleep(1500)
     const rows = await effects(t.db)

@@ -4,8 +4,11 @@ export interface WaitForOptions {
   timeoutMs: number
   /** Pause between checks; defaults to 50 ms. */
   intervalMs?: number
-  /** Says what was awaited; it becomes the error's message. */
-  message: string
+  /**
+   * Says what was awaited; it becomes the error's message. A function is called at the
+   * timeout, so the message can tell how far things got.
+   */
+  message: string | (() => string)
 }
 
 export class WaitForTimeoutError extends Error {
@@ -37,7 +40,7 @@ export async function waitFor(
   }
   const detail = lastError instanceof Error ? `; last error: ${lastError.message}` : ""
   throw new WaitForTimeoutError(
-    `${options.message} (gave up after ${options.timeoutMs} ms${detail})`,
+    `${typeof options.message === "function" ? options.message() : options.message} (gave up after ${options.timeoutMs} ms${detail})`,
     lastError === undefined ? undefined : { cause: lastError },
   )
 }
