@@ -86,6 +86,15 @@ export interface KeyedConsumerConfig {
   ingestLingerMs?: number
   /** Unacked messages the server lets this group have: bounds ingest memory. Default 2048. */
   maxAckPending?: number
+  /**
+   * How long the server waits for a delivered message's ack before it delivers it again,
+   * to any worker of the group. Messages a crashed worker held wait this long, and while
+   * they wait they count against maxAckPending: with 30 s, a few crashes in a row stopped
+   * delivery to the whole group for half a minute. A worker that is alive but slow to ingest
+   * asks for more time; a redelivery that happens anyway is dropped by the inbox's dedupe.
+   * Set when the durable is created; an existing durable keeps its own. Default 10 s.
+   */
+  ackWaitMs?: number
   /** How long stop() lets running handlers finish before aborting them. Default 10 s. */
   shutdownGraceMs?: number
   /** Names this worker in leases and logs. Default random. */
@@ -297,6 +306,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       } catch (err) {
         if (stopping) return // unacked: redelivered to another worker after ack_wait
         log.warn("inbox insert failed; retrying", { error: messageOf(err), attempt })
+        // This worker still has them: the server should not hand them to another yet.
+        for (const m of msgs) m.working()
         await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** attempt)))
       }
     }
@@ -583,7 +594,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         group,
         filterSubject: config.filterSubject,
         startPosition: config.startPosition ?? "all",
-        ackWaitMs: 30_000,
+        ackWaitMs: config.ackWaitMs ?? 10_000,
         maxAckPending: config.maxAckPending ?? 2048,
       })
       fibers = [
