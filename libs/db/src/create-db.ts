@@ -1,5 +1,6 @@
 import { Kysely, PostgresDialect } from "kysely"
 import pg from "pg"
+import { PreparingClient } from "./preparing-client.ts"
 
 export interface DbConfig {
   connectionString: string
@@ -22,13 +23,17 @@ export const pgTypes = {
   },
 } as pg.CustomTypesConfig
 
-/** A Kysely instance over a pg pool. The caller owns it and calls `destroy()`. */
+/**
+ * A Kysely instance over a pg pool whose connections prepare the statements they run often
+ * (see PreparingClient). The caller owns it and calls `destroy()`.
+ */
 export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
   const pool = new pg.Pool({
     connectionString: config.connectionString,
     max: config.max ?? 10,
     application_name: config.applicationName ?? "keyway",
     types: pgTypes,
+    Client: PreparingClient,
   })
   // An idle client that loses its server emits 'error' on the pool; without a listener
   // that would crash the process. The next query gets a fresh connection.

@@ -1,0 +1,55 @@
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { type Kysely, sql } from "kysely"
+import { createDb } from "../src/index.ts"
+
+// One connection, so that every query below runs in the session whose prepared statements
+// pg_prepared_statements lists.
+let t: TestDatabase
+let db: Kysely<any>
+
+before(async () => {
+  t = await createTestDatabase({ prefix: "keyway_db" })
+  db = createDb({ connectionString: t.url, max: 1 })
+  await sql`create table item (id int primary key, name text not null)`.execute(db)
+  await sql`insert into item values (1, 'one'), (2, 'two'), (3, 'three')`.execute(db)
+})
+
+after(async () => {
+  await db.destroy()
+  await t.drop()
+})
+
+async function prepared(): Promise<string[]> {
+  const { rows } = await sql<{ statement: string }>`
+    select statement from pg_prepared_statements where statement like '%from "item"%'
+  `.execute(db)
+  return rows.map((r) => r.statement)
+}
+
+const byId = (id: number) =>
+  db.selectFrom("item").select(["id", "name"]).where("id", "=", id).executeTakeFirst()
+
+test("a parameterised statement is prepared on its third run and gives the same results", async () => {
+  assert.deepEqual(await byId(1), { id: 1, name: "one" })
+  assert.deepEqual(await byId(2), { id: 2, name: "two" })
+  assert.deepEqual(await prepared(), [], "not after two runs")
+  assert.deepEqual(await byId(3), { id: 3, name: "three" })
+  assert.equal((await prepared()).length, 1, "prepared on the third")
+  for (const id of [1, 2, 3, 4]) {
+    const row = await byId(id)
+    assert.equal(row?.name, [undefined, "one", "two", "three"][id])
+  }
+  assert.equal((await prepared()).length, 1, "and reused, not prepared again")
+})
+
+test("a statement whose result columns change fails once, then is prepared afresh", async () => {
+  const all = (id: number) => db.selectFrom("item").selectAll().where("id", "=", id).execute()
+  for (let i = 0; i < 3; i++) await all(1)
+  await sql`alter table item add column price int not null default 7`.execute(db)
+  // Postgres refuses to hand a prepared statement's caller rows of another shape.
+  await assert.rejects(all(1), /cached plan must not change result type/)
+  for (let i = 0; i < 3; i++) await all(1)
+  assert.deepEqual(await all(1), [{ id: 1, name: "one", price: 7 }])
+})
