@@ -1,4 +1,11 @@
-import { ConfigError, type Env, intEnv, requiredEnv, urlEnv } from "@keyway/app-config"
+import {
+  ConfigError,
+  type Env,
+  intEnv,
+  metricsPortEnv,
+  requiredEnv,
+  urlEnv,
+} from "@keyway/app-config"
 
 export { ConfigError }
 
@@ -43,9 +50,6 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
   if (onDead !== "park" && onDead !== "block") {
     throw new ConfigError(`ESL_ON_DEAD must be park or block, got ${JSON.stringify(onDead)}`)
   }
-  const metricsPort = env.METRICS_PORT?.trim()
-    ? intEnv(env, "METRICS_PORT", 0, { min: 0 })
-    : undefined
   return {
     databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
     natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
@@ -73,7 +77,7 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
     leaseMs: intEnv(env, "LEASE_MS", 15_000),
     pollIntervalMs: intEnv(env, "POLL_MS", 2000),
     recoveryIntervalMs: intEnv(env, "RECOVERY_MS", 5000),
-    metricsPort,
+    metricsPort: metricsPortEnv(env),
     otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim() || undefined,
     serviceName: env.OTEL_SERVICE_NAME?.trim() || "esl-worker",
   }

@@ -138,6 +138,7 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     nats: config.nats,
     db: config.db,
     redis: config.redis,
+    metrics: config.metrics,
     handlers: {
       [EslLabelRender.type]: async (event, ctx) => {
         try {

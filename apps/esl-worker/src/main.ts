@@ -3,7 +3,7 @@
 import { createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import { createMetricsRegistry, createMetricsServer, startTelemetry } from "@keyway/telemetry"
+import { createMetricsRegistry, serveMetrics, startTelemetry } from "@keyway/telemetry"
 import { Redis } from "ioredis"
 import { ConfigError, parseConfig } from "./config.ts"
 import { createEslWorker } from "./create-esl-worker.ts"
@@ -66,11 +66,7 @@ const worker = createEslWorker({
   metrics,
   logger,
 })
-const metricsServer =
-  config.metricsPort === undefined
-    ? undefined
-    : createMetricsServer({ registry: metrics, port: config.metricsPort })
-await metricsServer?.start()
+const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await worker.start()
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),

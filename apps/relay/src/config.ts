@@ -1,4 +1,4 @@
-import { ConfigError, type Env, intEnv, requiredEnv } from "@keyway/app-config"
+import { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv } from "@keyway/app-config"
 
 export { ConfigError }
 
@@ -19,6 +19,8 @@ export interface RelayAppConfig {
   window: number
   pollIntervalMs: number
   retentionHours: number
+  /** Serve /metrics on this port (METRICS_PORT); unset: no metrics server. */
+  metricsPort?: number
 }
 
 export function parseConfig(env: Env): RelayAppConfig {
@@ -27,6 +29,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     throw new ConfigError(`KEYWAY_SITE must be lowercase letters, digits and dashes, got ${site}`)
   }
   return {
+    metricsPort: metricsPortEnv(env),
     databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
     natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
     natsUser: env.NATS_USER || undefined,

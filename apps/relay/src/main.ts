@@ -2,6 +2,7 @@
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
+import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { ConfigError, parseConfig } from "./config.ts"
 
@@ -30,6 +31,7 @@ const nc = await connectNats({
 if (config.streamsFile) {
   await applyStreams(await jetstreamManager(nc), await loadStreamDefinitions(config.streamsFile))
 }
+const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const relay = createRelay({
   connectionString: config.databaseUrl,
   jetstream: jetstream(nc),
@@ -40,9 +42,11 @@ const relay = createRelay({
   pollIntervalMs: config.pollIntervalMs,
   retentionMs: config.retentionHours * 3600_000,
   logger,
+  metrics,
 })
+const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await relay.start()
-logger.info("relay started", { site: config.site })
+logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 
 let stopping = false
 async function shutdown(signal: string) {
@@ -50,6 +54,7 @@ async function shutdown(signal: string) {
   stopping = true
   logger.info("relay stopping", { signal })
   await relay.stop()
+  await metricsServer?.stop()
   await nc.drain()
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
   process.exit(0)

@@ -1,4 +1,4 @@
-import { ConfigError, type Env, intEnv, requiredEnv } from "@keyway/app-config"
+import { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv } from "@keyway/app-config"
 
 export { ConfigError }
 
@@ -17,6 +17,8 @@ export interface WorkerAppConfig {
   group: string
   filterSubject?: string
   concurrency: number
+  /** Serve /metrics on this port (METRICS_PORT); unset: no metrics server. */
+  metricsPort?: number
 }
 
 // The demo's two directions (DESIGN.md §1): the cloud handles what factories write, a
@@ -40,6 +42,7 @@ export function parseConfig(env: Env): WorkerAppConfig {
     )
   }
   return {
+    metricsPort: metricsPortEnv(env),
     site,
     databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
     natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),

@@ -4,6 +4,7 @@
 import { createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
+import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
 import { Redis } from "ioredis"
 import { ConfigError, parseConfig, type WorkerAppConfig } from "./config.ts"
 import { demoHandlers, ensureDemoEffectTable } from "./handlers/demo-handlers.ts"
@@ -40,6 +41,7 @@ const nc = await connectNats({
   pass: config.natsPass,
   inboxPrefix: config.natsInboxPrefix,
 })
+const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const consumer = createKeyedConsumer({
   group: config.group,
   stream: config.stream,
@@ -50,9 +52,16 @@ const consumer = createKeyedConsumer({
   handlers: demoHandlers,
   concurrency: config.concurrency,
   logger,
+  metrics,
 })
+const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await consumer.start()
-logger.info("worker started", { site: config.site, stream: config.stream, group: config.group })
+logger.info("worker started", {
+  site: config.site,
+  stream: config.stream,
+  group: config.group,
+  metrics: metricsServer?.url,
+})
 
 let stopping = false
 async function shutdown(signal: string) {
@@ -60,6 +69,7 @@ async function shutdown(signal: string) {
   stopping = true
   logger.info("worker stopping", { signal })
   await consumer.stop()
+  await metricsServer?.stop()
   await nc.drain()
   redis.disconnect()
   await db.destroy()

@@ -44,3 +44,13 @@ export function urlEnv(env: Env, name: string, example: string): string {
   }
   return value
 }
+
+/**
+ * The port for an app's `/metrics` (METRICS_PORT; 0 picks a free one), or undefined when
+ * unset: that app then serves no metrics.
+ */
+export function metricsPortEnv(env: Env): number | undefined {
+  return env.METRICS_PORT?.trim()
+    ? intEnv(env, "METRICS_PORT", 0, { min: 0, max: 65535 })
+    : undefined
+}

@@ -1,1 +1,1 @@
-export { ConfigError, type Env, intEnv, requiredEnv, urlEnv } from "./env.ts"
+export { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "./env.ts"

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { ConfigError, intEnv, requiredEnv, urlEnv } from "@keyway/app-config"
+import { ConfigError, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "@keyway/app-config"
 
 test("requiredEnv names the variable and shows an example when it is missing or blank", () => {
   assert.equal(requiredEnv({ A: " x " }, "A", "y"), "x")
@@ -26,4 +26,13 @@ test("intEnv falls back when unset and rejects non-integers and values out of bo
 test("urlEnv rejects what is not a URL", () => {
   assert.equal(urlEnv({ U: "http://h:1" }, "U", "http://…"), "http://h:1")
   assert.throws(() => urlEnv({ U: "not a url" }, "U", "http://…"), /U must be a URL/)
+})
+
+test("metricsPortEnv: unset means no metrics server, 0 a free port, anything else a port", () => {
+  assert.equal(metricsPortEnv({}), undefined)
+  assert.equal(metricsPortEnv({ METRICS_PORT: " " }), undefined)
+  assert.equal(metricsPortEnv({ METRICS_PORT: "0" }), 0)
+  assert.equal(metricsPortEnv({ METRICS_PORT: "9464" }), 9464)
+  assert.throws(() => metricsPortEnv({ METRICS_PORT: "70000" }), /METRICS_PORT must be/)
+  assert.throws(() => metricsPortEnv({ METRICS_PORT: "http" }), ConfigError)
 })

@@ -1,5 +1,6 @@
 import { randomBytes } from "node:crypto"
 import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
+import type { MetricsRegistry } from "@keyway/telemetry"
 import { type JetStreamManager, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
@@ -105,6 +106,13 @@ export interface KeyedConsumerConfig {
    */
   wakeOnIngest?: boolean
   logger?: KeyedConsumerLogger
+  /**
+   * Where the consumer registers its metrics (DESIGN.md §7): its status() totals as
+   * counters (keyway_consumer_done_total, …_retried_total, …_dead_total, …), the keys
+   * draining now, and commit-to-done latency. No key or group labels: keys are unbounded,
+   * and one process runs one group.
+   */
+  metrics?: MetricsRegistry
 }
 
 export interface KeyedConsumerStatus {
@@ -166,6 +174,34 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     dead: 0,
     fenced: 0,
     lostKeys: 0,
+  }
+  const commitToDone = config.metrics?.histogram({
+    name: "consumer_commit_to_done_seconds",
+    help: "From the writer's enqueue to the task's done commit",
+  })
+  if (config.metrics) {
+    const m = config.metrics
+    const totals: Record<keyof typeof stats, [name: string, help: string]> = {
+      ingested: ["ingested_total", "Events stored in the inbox by this worker"],
+      rejected: ["rejected_total", "Messages that were not events, recorded and acked"],
+      done: ["done_total", "Tasks completed"],
+      retried: ["retried_total", "Handler failures scheduled for another attempt"],
+      dead: ["dead_total", "Tasks dead: attempts used up, or a poison payload"],
+      fenced: ["fenced_total", "Tasks refused because another worker took the key"],
+      lostKeys: ["lost_keys_total", "Drains stopped because the lock or lease was lost"],
+    }
+    for (const [stat, [name, help]] of Object.entries(totals)) {
+      m.collectedCounter({
+        name: `consumer_${name}`,
+        help,
+        collect: () => stats[stat as keyof typeof stats],
+      })
+    }
+    m.collectedGauge({
+      name: "consumer_draining_keys",
+      help: "Keys this worker is draining now",
+      collect: () => scheduler.active,
+    })
   }
   const js = jetstream(config.nats)
   let stopping = false
@@ -519,6 +555,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             break drain
           }
           const outcome = await runTask(ref, task, epoch, signal)
+          if (outcome === "done") {
+            commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
+          }
           if (outcome === "done" || (outcome === "dead" && policyOf(ref.topic).onDead === "park")) {
             next++
             if (stopping || signal.aborted) break drain

@@ -8,6 +8,7 @@ import {
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
+import { createMetricsRegistry } from "@keyway/telemetry"
 import { createTestDatabase, createTestStream, type TestDatabase, waitFor } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -236,7 +237,9 @@ describe("keyed consumer", () => {
   })
 
   test("max attempts then dead, policy park: later versions run and the dead task stays listed", async () => {
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
     const { t, stream, admin, consumer } = await setup({
+      metrics,
       policies: { "demo.item": { maxAttempts: 2, backoffMs: 10, onDead: "park" } },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
@@ -261,6 +264,14 @@ describe("keyed consumer", () => {
     assert.equal(dead[0]!.blocking, false)
     assert.deepEqual(await admin.listBlocked(), [])
     assert.equal(consumer.status().dead, 1)
+    // The same counts on /metrics (DESIGN.md §7).
+    const body = (await metrics.render()).body
+    const value = (name: string) => Number(body.match(new RegExp(`^${name} (\\S+)$`, "m"))?.[1])
+    assert.equal(value("consumer_ingested_total"), 4)
+    assert.equal(value("consumer_done_total"), 3)
+    assert.equal(value("consumer_retried_total"), 1)
+    assert.equal(value("consumer_dead_total"), 1)
+    assert.equal(value("consumer_commit_to_done_seconds_count"), 3)
   })
 
   test("admin skip moves a blocked key past its dead task; redrive runs a range again in order", async () => {

@@ -1,13 +1,15 @@
-import { pgTypes } from "@keyway/db"
+import { PreparingClient, pgTypes } from "@keyway/db"
+import type { MetricsRegistry } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Cause, Effect, Fiber } from "effect"
-import pg from "pg"
+import type pg from "pg"
 import type { OutboxRow, PublishedRow } from "./internal/outbox-row.ts"
 import { type PublishBatchOptions, publishBatch } from "./internal/publish-batch.ts"
 import {
   claimBatch,
   markPublished,
+  pendingSummary,
   prunePublished,
   setListening,
   tryTakeLeadership,
@@ -61,6 +63,12 @@ export interface RelayConfig {
   /** Vacuum the outbox once caught up after publishing this many rows. Default 20,000; 0 never. */
   vacuumEvery?: number
   logger?: RelayLogger
+  /**
+   * Where the relay registers its metrics (DESIGN.md §7): published and duplicate totals,
+   * whether it is the active relay, commit-to-PubAck latency, and, read at each scrape while
+   * active, the backlog and the age of its oldest row.
+   */
+  metrics?: MetricsRegistry
   /**
    * Fault injection for tests: runs after the PubAcks of a batch arrived and before the rows
    * are marked published — the window where a crash forces a re-publish.
@@ -138,6 +146,52 @@ export function createRelay(config: RelayConfig): Relay {
   // every NATS reconnect; consumed by the session loop before its next claim.
   let republishDue = true
   let vacuuming: Promise<void> | undefined
+  // The session's connection while this relay is active, for the backlog metrics.
+  let activeClient: pg.Client | undefined
+  const publishSeconds = config.metrics?.histogram({
+    name: "outbox_publish_seconds",
+    help: "From the writer's enqueue to the stream's PubAck, per event",
+  })
+  if (config.metrics) {
+    const m = config.metrics
+    m.collectedCounter({
+      name: "outbox_published_total",
+      help: "Outbox rows this relay published and marked",
+      collect: () => state.published,
+    })
+    m.collectedCounter({
+      name: "outbox_duplicates_total",
+      help: "PubAcks that reported a duplicate: re-publishes after a crash or a reconnect",
+      collect: () => state.duplicates,
+    })
+    m.collectedGauge({
+      name: "relay_active",
+      help: "1 while this relay holds the outbox's leadership, 0 on standby",
+      collect: () => (state.role === "active" ? 1 : 0),
+    })
+    // One query per scrape, shared by the two gauges below (the registry collects them
+    // together); only the active relay asks, so a standby never reports a backlog it does not
+    // own.
+    let summary: Promise<{ pending: number; oldestSeconds: number } | undefined> | undefined
+    const pending = () => {
+      summary ??= (activeClient ? pendingSummary(activeClient) : Promise.resolve(undefined))
+        .catch(() => undefined)
+        .finally(() => {
+          summary = undefined
+        })
+      return summary
+    }
+    m.collectedGauge({
+      name: "outbox_pending",
+      help: "Outbox rows not yet published (read by the active relay)",
+      collect: async () => (await pending())?.pending,
+    })
+    m.collectedGauge({
+      name: "outbox_oldest_pending_seconds",
+      help: "Age of the oldest unpublished outbox row, 0 when there is none",
+      collect: async () => (await pending())?.oldestSeconds,
+    })
+  }
 
   const query = <A>(what: string, run: () => Promise<A>) =>
     Effect.tryPromise({
@@ -149,7 +203,7 @@ export function createRelay(config: RelayConfig): Relay {
   // when the connection closes or the process dies) and receives the NOTIFYs.
   const connection = Effect.acquireRelease(
     query("connect to Postgres", async () => {
-      const client = new pg.Client({
+      const client = new PreparingClient({
         connectionString: config.connectionString,
         application_name: `keyway-relay:${config.site}`,
         types: pgTypes,
@@ -178,6 +232,13 @@ export function createRelay(config: RelayConfig): Relay {
       if (config.beforeMark)
         yield* Effect.promise(async () => config.beforeMark?.(result.published))
       yield* query("mark published", () => markPublished(client, result.published))
+      if (publishSeconds) {
+        const now = Date.now()
+        const createdAt = new Map(rows.map((r) => [r.seq, r.created_at.getTime()]))
+        for (const r of result.published) {
+          publishSeconds.observe((now - createdAt.get(r.seq)!) / 1000)
+        }
+      }
       state.published += result.published.length
       state.duplicates += result.published.filter((r) => r.duplicate).length
       if (result.error !== undefined) {
@@ -201,6 +262,12 @@ export function createRelay(config: RelayConfig): Relay {
       yield* Effect.sleep(settings.standbyRetryMs)
     }
     state.role = "active"
+    activeClient = client
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        activeClient = undefined
+      }),
+    )
     log.info("relay active", { site: config.site })
     yield* query("listen", () => client.query("listen keyway_outbox"))
     // A relay that stops is not listening: without this, writers would keep paying for

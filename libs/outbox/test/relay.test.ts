@@ -3,6 +3,7 @@ import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
+import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
   readStream,
@@ -192,6 +193,47 @@ describe("relay", () => {
     assert.equal(await listening(), false, "a stopped relay does not ask writers to notify")
   })
 
+  test("metrics: the backlog and its age while publishing is held, then the totals", async () => {
+    await fresh()
+    await write(t.db, 30, 6)
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const value = async (name: string) => {
+      const m = (await metrics.render()).body.match(new RegExp(`^${name} (\\S+)$`, "m"))
+      return m ? Number(m[1]) : undefined
+    }
+    let release!: () => void
+    const held = new Promise<void>((r) => {
+      release = r
+    })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      metrics,
+      beforeMark: () => held,
+    })
+    await relay.start()
+    try {
+      await waitFor(async () => (await value("relay_active")) === 1, {
+        timeoutMs: 10_000,
+        message: "relay active",
+      })
+      assert.equal(await value("outbox_pending"), 30, "published, not yet marked: still pending")
+      assert.ok((await value("outbox_oldest_pending_seconds"))! > 0)
+      assert.equal(await value("outbox_published_total"), 0)
+    } finally {
+      // stop() finishes the batch in flight: a held batch would hold the test's end too.
+      release()
+    }
+    await waitFor(async () => (await value("outbox_published_total")) === 30, {
+      timeoutMs: 10_000,
+      message: "30 published",
+    })
+    assert.equal(await value("outbox_pending"), 0)
+    assert.equal(await value("outbox_oldest_pending_seconds"), 0)
+    assert.equal(await value("outbox_publish_seconds_count"), 30)
+  })
+
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
     await fresh()
     await write(t.db, 3000, 30)
@@ -227,6 +269,7 @@ describe("relay", () => {
       KEYWAY_SITE: site,
       RELAY_POLL_MS: "100",
       RELAY_BATCH_SIZE: "50",
+      METRICS_PORT: "0",
     }
     const relays = [spawnTs(relayApp, env), spawnTs(relayApp, env)]
     const isActive = (i: number) => relays[i]!.lines.some((l) => l.includes('"relay active"'))
@@ -236,6 +279,34 @@ describe("relay", () => {
     })
     const active = isActive(0) ? 0 : 1
     const standby = 1 - active
+    // Each process serves /metrics (DESIGN.md §7); only the active one owns the backlog.
+    const scrape = async (i: number) => {
+      await waitFor(() => relays[i]!.json().some((l) => l.metrics), {
+        timeoutMs: 15_000,
+        message: `relay ${i} started`,
+      })
+      const url = relays[i]!.json().find((l) => l.metrics)!.metrics
+      const body = await (await fetch(`${url}/metrics`)).text()
+      const value = (name: string) => {
+        const m = body.match(new RegExp(`^${name} (\\S+)$`, "m"))
+        return m ? Number(m[1]) : undefined
+      }
+      return value
+    }
+    await write(t.db, 20, 5)
+    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+      timeoutMs: 15_000,
+      message: "first 20 published",
+    })
+    const activeMetrics = await scrape(active)
+    assert.equal(activeMetrics("keyway_relay_active"), 1)
+    assert.equal(activeMetrics("keyway_outbox_published_total"), 20)
+    assert.equal(activeMetrics("keyway_outbox_publish_seconds_count"), 20)
+    assert.equal(activeMetrics("keyway_outbox_pending"), 0)
+    const standbyMetrics = await scrape(standby)
+    assert.equal(standbyMetrics("keyway_relay_active"), 0)
+    assert.equal(standbyMetrics("keyway_outbox_published_total"), 0)
+    assert.equal(standbyMetrics("keyway_outbox_pending"), 0, "a standby reports no backlog")
     // Write while the active one runs, kill it mid-flow, keep writing.
     const writing = write(t.db, 2000, 40)
     await waitFor(async () => (await streamCount(nc, stream)) >= 300, {
@@ -258,7 +329,7 @@ describe("relay", () => {
     relays[standby]!.kill("SIGTERM")
     const { code } = await relays[standby]!.exited()
     assert.equal(code, 0, "SIGTERM exits 0")
-    assertExactlyOnceInOrder(await readStream(nc, stream), 2000)
+    assertExactlyOnceInOrder(await readStream(nc, stream), 2020)
   })
 
   test("NATS lost acked messages in an unclean restart: the relay re-publishes them", async () => {

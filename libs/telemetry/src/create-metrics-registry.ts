@@ -17,6 +17,17 @@ export interface MetricOptions<L extends BoundedLabels> {
   labels?: L
 }
 
+/**
+ * A metric read from a value its owner already keeps (a running total, a queue length, a
+ * database count), when Prometheus scrapes rather than on every change. Without labels.
+ */
+export interface CollectedOptions {
+  name: string
+  help: string
+  /** For a counter, the running total since the process started; for a gauge, the value. */
+  collect: () => number | undefined | Promise<number | undefined>
+}
+
 export interface HistogramOptions<L extends BoundedLabels> extends MetricOptions<L> {
   /** Upper bounds in the metric's unit (seconds for durations). */
   buckets?: number[]
@@ -49,6 +60,10 @@ export interface MetricsRegistry {
   histogram<const L extends BoundedLabels = NoLabels>(
     options: HistogramOptions<L>,
   ): HistogramMetric<L>
+  /** A counter fed by a running total; `collect` returning undefined leaves it as it was. */
+  collectedCounter(options: CollectedOptions): void
+  /** A gauge set at each scrape; `collect` returning undefined leaves it as it was. */
+  collectedGauge(options: CollectedOptions): void
   /** The exposition text and its content type, for a `/metrics` response. */
   render(): Promise<{ contentType: string; body: string }>
 }
@@ -123,6 +138,32 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
         registers: [registry],
       })
       return { observe: (value, labels) => h.observe(check(labels as any), value) }
+    },
+    collectedCounter(options) {
+      let last = 0
+      new Counter({
+        name: prefix + options.name,
+        help: options.help,
+        registers: [registry],
+        async collect() {
+          const total = await options.collect()
+          // A total that went down belongs to an owner that started again: count it afresh.
+          if (total === undefined) return
+          this.inc(total >= last ? total - last : total)
+          last = total
+        },
+      })
+    },
+    collectedGauge(options) {
+      new Gauge({
+        name: prefix + options.name,
+        help: options.help,
+        registers: [registry],
+        async collect() {
+          const value = await options.collect()
+          if (value !== undefined) this.set(value)
+        },
+      })
     },
     async render() {
       return { contentType: registry.contentType, body: await registry.metrics() }

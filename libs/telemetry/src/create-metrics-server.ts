@@ -66,3 +66,17 @@ export function createMetricsServer(config: MetricsServerConfig): MetricsServer 
     },
   }
 }
+
+/**
+ * For an app's start-up: serves `/metrics` when a port is configured (METRICS_PORT, see
+ * `metricsPortEnv`), and is undefined otherwise, so shutdown can call `stop()?.`.
+ */
+export async function serveMetrics(
+  registry: MetricsRegistry,
+  port: number | undefined,
+): Promise<MetricsServer | undefined> {
+  if (port === undefined) return undefined
+  const server = createMetricsServer({ registry, port })
+  await server.start()
+  return server
+}

@@ -1,5 +1,6 @@
 export {
   type BoundedLabels,
+  type CollectedOptions,
   type CounterMetric,
   createMetricsRegistry,
   type GaugeMetric,
@@ -17,6 +18,7 @@ export {
   type MetricsServer,
   type MetricsServerConfig,
   metricsHandler,
+  serveMetrics,
 } from "./create-metrics-server.ts"
 export {
   startTelemetry,

@@ -71,6 +71,24 @@ describe("metrics", () => {
     assert.throws(() => tasks.inc({ mac: "0A1B2C3D4E5F" } as never), MetricsError)
   })
 
+  test("collected metrics read their owner's value at each scrape", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    let total = 5
+    let depth: number | undefined = 7
+    m.collectedCounter({ name: "done_total", help: "done", collect: () => total })
+    m.collectedGauge({ name: "depth", help: "depth", collect: async () => depth })
+    const scrape = async () => (await m.render()).body
+    assert.match(await scrape(), /^done_total 5$/m)
+    assert.match(await scrape(), /^depth 7$/m)
+    total = 8
+    depth = undefined
+    const body = await scrape()
+    assert.match(body, /^done_total 8$/m)
+    assert.match(body, /^depth 7$/m, "undefined leaves the last value")
+    total = 2 // the owner started again: its 2 are new
+    assert.match(await scrape(), /^done_total 10$/m)
+  })
+
   test("/metrics serves the registry in the Prometheus text format", async () => {
     const m = createMetricsRegistry({ prefix: "keyway_" })
     m.counter({ name: "tasks_total", help: "tasks", labels: { outcome: ["done"] } }).inc(

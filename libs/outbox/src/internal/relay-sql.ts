@@ -30,6 +30,18 @@ export async function claimBatch(client: pg.Client, limit: number): Promise<Outb
   return r.rows
 }
 
+/** The backlog and the age of its oldest row, both through the unpublished partial index. */
+export async function pendingSummary(
+  client: pg.Client,
+): Promise<{ pending: number; oldestSeconds: number }> {
+  const r = await client.query<{ pending: number; oldest_seconds: number | null }>(
+    `select (select count(*)::int from keyway.outbox where published_at is null) as pending,
+            (select extract(epoch from now() - created_at)::float8
+               from keyway.outbox where published_at is null order by seq limit 1) as oldest_seconds`,
+  )
+  return { pending: r.rows[0]!.pending, oldestSeconds: Math.max(0, r.rows[0]!.oldest_seconds ?? 0) }
+}
+
 /** One statement for the whole batch: a commit costs far more than a publish. */
 export async function markPublished(
   client: pg.Client,
