@@ -9,7 +9,13 @@ import {
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createMetricsRegistry } from "@keyway/telemetry"
-import { createTestDatabase, createTestStream, type TestDatabase, waitFor } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  createTestStream,
+  metricValue,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
@@ -266,7 +272,7 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 1)
     // The same counts on /metrics (DESIGN.md §7).
     const body = (await metrics.render()).body
-    const value = (name: string) => Number(body.match(new RegExp(`^${name} (\\S+)$`, "m"))?.[1])
+    const value = (name: string) => metricValue(body, name)
     assert.equal(value("consumer_ingested_total"), 4)
     assert.equal(value("consumer_done_total"), 3)
     assert.equal(value("consumer_retried_total"), 1)

@@ -6,6 +6,7 @@ import { createRelay, enqueue, type Relay } from "@keyway/outbox"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
+  metricValue,
   readStream,
   spawnTs,
   startNatsServer,
@@ -197,10 +198,7 @@ describe("relay", () => {
     await fresh()
     await write(t.db, 30, 6)
     const metrics = createMetricsRegistry({ defaultMetrics: false })
-    const value = async (name: string) => {
-      const m = (await metrics.render()).body.match(new RegExp(`^${name} (\\S+)$`, "m"))
-      return m ? Number(m[1]) : undefined
-    }
+    const value = async (name: string) => metricValue((await metrics.render()).body, name)
     let release!: () => void
     const held = new Promise<void>((r) => {
       release = r
@@ -287,11 +285,7 @@ describe("relay", () => {
       })
       const url = relays[i]!.json().find((l) => l.metrics)!.metrics
       const body = await (await fetch(`${url}/metrics`)).text()
-      const value = (name: string) => {
-        const m = body.match(new RegExp(`^${name} (\\S+)$`, "m"))
-        return m ? Number(m[1]) : undefined
-      }
-      return value
+      return (name: string) => metricValue(body, name)
     }
     await write(t.db, 20, 5)
     await waitFor(async () => (await unpublishedCount(t.db)) === 0, {

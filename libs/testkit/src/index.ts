@@ -5,6 +5,7 @@ export {
   type TestDatabaseOptions,
 } from "./create-test-database.ts"
 export { freePort } from "./free-port.ts"
+export { metricValue } from "./metric-value.ts"
 export { ServerStartError } from "./server-start-error.ts"
 export { spawnTs, type TsChild } from "./spawn-ts.ts"
 export {
