@@ -49,10 +49,11 @@ function check(event: OutboxEvent, index: number): { def: EventType } {
   return { def }
 }
 
-function activeTraceContext(): Record<string, string> | null {
+/** The active span's W3C trace context as the outbox's `trace` column holds it, or null. */
+function activeTraceContext(): string | null {
   const carrier: Record<string, string> = {}
   propagation.inject(context.active(), carrier)
-  return carrier.traceparent ? carrier : null
+  return carrier.traceparent ? JSON.stringify(carrier) : null
 }
 
 /**
@@ -78,6 +79,12 @@ export async function enqueue(
   const list = Array.isArray(events) ? events : [events as OutboxEvent]
   if (list.length === 0) return []
   const checked = list.map((event, i) => ({ event, def: check(event, i).def }))
+  const trace = activeTraceContext()
+  if (checked.length === 1) {
+    const { event, def } = checked[0]!
+    const [row] = await enqueueOne(trx, def, event, trace)
+    return [{ seq: row!.seq, ver: row!.ver, topic: def.topic, key: event.key, type: def.type }]
+  }
   // The distinct (topic, key) pairs, sorted: keyway.enqueue() locks their heads in this
   // order, so writers touching overlapping keys never deadlock.
   const pairIndex = new Map<string, number>()
@@ -95,14 +102,13 @@ export async function enqueue(
     pairOf.push(p)
     nth.push(++pairs[p - 1]!.count)
   }
-  const trace = activeTraceContext()
   const result = await sql<{ seq: number; ver: number }>`
     select seq, ver from keyway.enqueue(
       ${pairs.map((p) => p.topic)}::text[], ${pairs.map((p) => p.key)}::text[],
       ${pairs.map((p) => p.count)}::int[], ${pairOf}::int[], ${nth}::int[],
       ${checked.map(({ def }) => def.type)}::text[],
       ${checked.map(({ event }) => JSON.stringify(event.payload))}::jsonb[],
-      ${trace === null ? null : JSON.stringify(trace)}::jsonb
+      ${trace}::jsonb
     )
   `.execute(trx)
   // Rows come back in no particular order; the i-th event holds the i-th smallest seq.
@@ -114,4 +120,38 @@ export async function enqueue(
     key: event.key,
     type: def.type,
   }))
+}
+
+/**
+ * One event, the common case (a domain change and the event that announces it), as one
+ * statement instead of a call to keyway.enqueue(): the same two steps, the key head's bump
+ * and then the seq, without PL/pgSQL's per-call cost or the array parameters.
+ * Measured (`bench/src/relay.ts` pattern, 8 writers, medians of 6 interleaved 4 s runs):
+ * 4,950 -> 5,850 commits/s against 10,080 bare.
+ *
+ * The order of the two steps holds within the statement: the insert below reads its one row
+ * from `head`, which exists only once the upsert holds the key head's row lock, and only
+ * then computes nextval() for it. A writer that waited on the lock gets a seq above the
+ * one it waited for, so within a key seq order is version order (DESIGN.md §3).
+ * `wake` is joined so that it runs: Postgres skips a WITH query that nothing reads.
+ */
+function enqueueOne(trx: Kysely<any>, def: EventType, event: OutboxEvent, trace: string | null) {
+  return sql<{ seq: number; ver: number }>`
+    with head as (
+      insert into keyway.outbox_key_head as h (topic, key, ver)
+      values (${def.topic}, ${event.key}, 1)
+      on conflict (topic, key) do update set ver = h.ver + 1
+      returning h.ver
+    ),
+    wake as (
+      select pg_notify('keyway_outbox', '') from keyway.relay_state where id = 1 and listening
+    )
+    insert into keyway.outbox as o (seq, topic, key, ver, type, payload, trace)
+    select nextval('keyway.outbox_seq'), ${def.topic}, ${event.key}, head.ver, ${def.type},
+           ${JSON.stringify(event.payload)}::jsonb, ${trace}::jsonb
+      from head left join wake on true
+    returning o.seq, o.ver
+  `
+    .execute(trx)
+    .then((r) => r.rows)
 }
