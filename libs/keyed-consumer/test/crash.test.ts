@@ -91,10 +91,19 @@ describe("keyed consumer under crashes", () => {
     let generation = 0
     const workers = [0, 1, 2].map((i) => startWorker(env(`w${i}.${generation}`)))
 
+    // Three kills are the point of the test, and on a fast machine the group can drain all
+    // 20,000 events before the third one (it did: 2 kills). So the writers hold back their
+    // last transactions until the third kill: there is always work in flight across it.
+    let killedThree!: () => void
+    const threeKills = new Promise<void>((resolve) => {
+      killedThree = resolve
+    })
+
     // Writers: 4 of them, 100-event transactions over 100 keys, spread over a few seconds.
     const writing = Promise.all(
       [0, 1, 2, 3].map(async (w) => {
         for (let tx = 0; tx < 50; tx++) {
+          if (tx === 40) await threeKills
           const events = Array.from({ length: 100 }, (_, i) => ({
             type: "demo.item.changed.v1",
             key: `k${(w * 7 + tx * 13 + i) % 100}`,
@@ -113,20 +122,27 @@ describe("keyed consumer under crashes", () => {
     let kills = 0
     let done = false
     const killer = (async () => {
-      while (!done) {
-        await sleep(2000)
-        if (done) break
-        const i = kills % 3
-        workers[i]!.kill("SIGKILL")
-        await workers[i]!.exited()
-        kills++
-        generation++
-        const fresh = startWorker(env(`w${i}.${generation}`))
-        workers[i] = fresh
-        await waitFor(() => done || fresh.json().some((l) => l.started), {
-          timeoutMs: 60_000,
-          message: `worker w${i}.${generation} started`,
-        })
+      try {
+        while (!done) {
+          await sleep(2000)
+          if (done) break
+          const i = kills % 3
+          workers[i]!.kill("SIGKILL")
+          await workers[i]!.exited()
+          kills++
+          if (kills === 3) killedThree()
+          generation++
+          const fresh = startWorker(env(`w${i}.${generation}`))
+          workers[i] = fresh
+          await waitFor(() => done || fresh.json().some((l) => l.started), {
+            timeoutMs: 60_000,
+            message: `worker w${i}.${generation} started`,
+          })
+        }
+      } finally {
+        // A killer that failed must not leave the writers waiting for ever; the count of
+        // kills is asserted below.
+        killedThree()
       }
     })()
     try {
