@@ -11,7 +11,7 @@ import { createRelay } from "@keyway/outbox"
 import { createTestDatabase, spawnTs, startFakeAims, type TsChild } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
-import { percentile, printTable, round } from "./stats.ts"
+import { machineBusyMs, percentile, printTable, round } from "./stats.ts"
 
 const LABELS = 1000
 const RATE = Number(process.env.BENCH_ESL_RATE ?? 200)
@@ -110,6 +110,7 @@ export async function run() {
     // lower the offered rate. One label job per update: price, name and binding as of commit.
     const committed = new Map<string, number>()
     const total = RATE * LATENCY_SECONDS
+    const busyBefore = machineBusyMs()
     const start = now()
     await Promise.all(
       Array.from({ length: WRITERS }, async (_, w) => {
@@ -131,6 +132,7 @@ export async function run() {
       if (Date.now() > deadline) throw new Error(`only ${aims.pushes().length} of ${total} pushes`)
       await sleep(50)
     }
+    const cpuPerLabel = (machineBusyMs() - busyBefore) / total
     const toAnswer: number[] = []
     const toArrival: number[] = []
     for (const p of aims.pushes()) {
@@ -196,6 +198,7 @@ export async function run() {
       ],
       ["commit → AIMS arrival p99 ms", round(percentile(toArrival, 99), 1), ""],
       ["stages p50 / p99 ms", stages, "commit→relay PubAck / →inbox / →done"],
+      ["machine CPU ms per label update", round(cpuPerLabel, 2), "every process, all cores"],
       [
         "labels/s, one 1,000-label job",
         result.labels_per_s,

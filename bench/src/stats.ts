@@ -1,3 +1,5 @@
+import { readFileSync } from "node:fs"
+
 /** Nearest-rank percentile of an unsorted sample. */
 export function percentile(sample: readonly number[], p: number): number {
   if (sample.length === 0) return Number.NaN
@@ -30,4 +32,19 @@ export async function rate(workers: number, ms: number, body: (worker: number) =
     }),
   )
   return done / ((performance.now() - started) / 1000)
+}
+
+/**
+ * CPU time the whole machine spent busy so far, in ms (user, system, irq; not idle, iowait or
+ * steal), from /proc/stat. Benchmarks here run every part on the same two cores, so the
+ * cost of one event is best read as the machine's CPU per event.
+ */
+export function machineBusyMs(): number {
+  const [user, nice, system, , , irq, softirq] = readFileSync("/proc/stat", "utf8")
+    .slice(4, 200)
+    .trim()
+    .split(/\s+/)
+    .map(Number) as number[]
+  // USER_HZ is 100 on Linux: ticks of 10 ms.
+  return (user! + nice! + system! + irq! + softirq!) * 10
 }
