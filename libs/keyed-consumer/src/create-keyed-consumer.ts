@@ -1,6 +1,6 @@
 import { randomBytes } from "node:crypto"
 import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
-import type { MetricsRegistry } from "@keyway/telemetry"
+import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import { type JetStreamManager, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
@@ -16,6 +16,7 @@ import {
   completeTasks,
   confirmBaselines,
   expireLeases,
+  gapSummary,
   hasProvisionalBaselines,
   type IncomingEvent,
   ingestBatch,
@@ -202,8 +203,38 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       help: "Keys this worker is draining now",
       collect: () => scheduler.active,
     })
+    // The group's state, not this worker's: every worker of a group reports the same values,
+    // so a dashboard takes their max. Gaps are the alert of DESIGN.md invariant 5: a key that
+    // waits on a missing version for long lost an event upstream (or retention removed it).
+    const gaps = perScrape(() => gapSummary(db, group))
+    m.collectedGauge({
+      name: "consumer_gap_keys",
+      help: "Keys of the group waiting on a missing version (the group's, same from every worker)",
+      collect: async () => (await gaps())?.keys,
+    })
+    m.collectedGauge({
+      name: "consumer_oldest_gap_seconds",
+      help: "How long the group's longest-waiting gap has waited, 0 when there is none",
+      collect: async () => (await gaps())?.oldestSeconds,
+    })
+    m.collectedGauge({
+      name: "consumer_lag_messages",
+      help: "Stream messages the group has not stored in its inbox yet: undelivered plus unacked",
+      collect: async () => {
+        try {
+          jsm ??= await jetstreamManager(config.nats)
+          const info = await jsm.consumers.info(config.stream, group)
+          return info.num_pending + info.num_ack_pending
+        } catch {
+          return undefined // no durable yet, or NATS unreachable: keep the last value
+        }
+      },
+    })
   }
   const js = jetstream(config.nats)
+  // Created once, when first needed: jetstreamManager() makes an API round trip to check
+  // JetStream is there.
+  let jsm: JetStreamManager | undefined
   let stopping = false
   const shutdown = new AbortController()
   const retryTimers = new Set<NodeJS.Timeout>()
@@ -251,22 +282,28 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    * completion is tried again in a transaction of its own, so only the one at fault fails.
    */
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
-    try {
-      return await db.transaction().execute(async (trx) => {
-        const ok = await completeTasks(trx, group, items, leaseMs)
-        const results: PromiseSettledResult<unknown>[] = []
-        for (const [n, item] of items.entries()) {
-          if (!ok[n]) {
-            const reason = new FencedError(
-              `${item.topic}/${item.key} v${item.ver}: another worker took the key; nothing written`,
-            )
-            results.push({ status: "rejected", reason })
-            continue
-          }
-          results.push({ status: "fulfilled", value: await item.effects?.(trx) })
+    const complete = async (q: Kysely<any>) => {
+      const ok = await completeTasks(q, group, items, leaseMs)
+      const results: PromiseSettledResult<unknown>[] = []
+      for (const [n, item] of items.entries()) {
+        if (!ok[n]) {
+          const reason = new FencedError(
+            `${item.topic}/${item.key} v${item.ver}: another worker took the key; nothing written`,
+          )
+          results.push({ status: "rejected", reason })
+          continue
         }
-        return results
-      })
+        results.push({ status: "fulfilled", value: await item.effects?.(q) })
+      }
+      return results
+    }
+    try {
+      // Without local effects (a handler whose work is an external call) there is nothing to
+      // commit with the completions: keyway.complete_tasks() is one statement, atomic on its
+      // own, and BEGIN and COMMIT would be two more round trips per batch.
+      return items.some((item) => item.effects)
+        ? await db.transaction().execute(complete)
+        : await complete(db)
     } catch (err) {
       if (items.length === 1) return [{ status: "rejected", reason: err }]
       return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))
@@ -457,7 +494,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         attempt: task.attempts + 1,
       }
       await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
-      if (!completed) await ctx.complete(async () => {})
+      if (!completed) {
+        await completions.submit({ ...ref, ver: task.ver, epoch })
+        completed = true
+      }
       stats.done++
       return "done"
     } catch (err) {
@@ -592,10 +632,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- safety nets -------------------------------------------------------------------------
 
-  let jsm: JetStreamManager | undefined
   const pollOnce = Effect.tryPromise(async () => {
     if (await hasProvisionalBaselines(db, group)) {
-      // Created once: jetstreamManager() makes an API round trip to check JetStream is there.
       jsm ??= await jetstreamManager(config.nats)
       const info = await jsm.consumers.info(config.stream, group)
       await confirmBaselines(db, group, info.ack_floor.stream_seq)

@@ -88,7 +88,9 @@ describe("keyed consumer", () => {
   })
 
   test("a gap holds the key until the missing version arrives; then both run in order", async () => {
-    const { t, stream, admin } = await setup()
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const { t, stream, admin } = await setup({ metrics })
+    const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
     await publishEvent(nc, stream.site, { key: "g", ver: 1, payload: { n: 1 } })
     await publishEvent(nc, stream.site, { key: "g", ver: 3, payload: { n: 3 } })
     await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
@@ -106,6 +108,9 @@ describe("keyed consumer", () => {
       (await effects(t.db)).filter((e) => e.key === "g").map((e) => e.ver),
       [1],
     )
+    // The alert of invariant 5: one key waiting, for as long as the wait above.
+    assert.equal(await scrape("consumer_gap_keys"), 1)
+    assert.ok((await scrape("consumer_oldest_gap_seconds"))! >= 0.5)
     await publishEvent(nc, stream.site, { key: "g", ver: 2, payload: { n: 2 } })
     await waitFor(async () => (await effects(t.db)).filter((e) => e.key === "g").length === 3, {
       timeoutMs: 10_000,
@@ -116,6 +121,25 @@ describe("keyed consumer", () => {
       [1, 2, 3],
     )
     assert.deepEqual(await admin.listGaps(), [])
+    assert.equal(await scrape("consumer_gap_keys"), 0)
+    assert.equal(await scrape("consumer_oldest_gap_seconds"), 0)
+  })
+
+  test("consumer lag on /metrics: what the stream holds for the group and its inbox does not", async () => {
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const { t, stream, consumer } = await setup({ metrics })
+    const lag = async () => metricValue((await metrics.render()).body, "consumer_lag_messages")
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "v1 done",
+    })
+    await waitFor(async () => (await lag()) === 0, { timeoutMs: 10_000, message: "lag back to 0" })
+    // A stopped group falls behind by exactly what is published meanwhile.
+    await consumer.stop()
+    for (let ver = 2; ver <= 6; ver++)
+      await publishEvent(nc, stream.site, { key: "a", ver, payload: { n: ver } })
+    assert.equal(await lag(), 5)
   })
 
   test("retry then success", async () => {

@@ -1,5 +1,5 @@
 import { PreparingClient, pgTypes } from "@keyway/db"
-import type { MetricsRegistry } from "@keyway/telemetry"
+import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Cause, Effect, Fiber } from "effect"
@@ -172,15 +172,7 @@ export function createRelay(config: RelayConfig): Relay {
     // One query per scrape, shared by the two gauges below (the registry collects them
     // together); only the active relay asks, so a standby never reports a backlog it does not
     // own.
-    let summary: Promise<{ pending: number; oldestSeconds: number } | undefined> | undefined
-    const pending = () => {
-      summary ??= (activeClient ? pendingSummary(activeClient) : Promise.resolve(undefined))
-        .catch(() => undefined)
-        .finally(() => {
-          summary = undefined
-        })
-      return summary
-    }
+    const pending = perScrape(async () => (activeClient ? pendingSummary(activeClient) : undefined))
     m.collectedGauge({
       name: "outbox_pending",
       help: "Outbox rows not yet published (read by the active relay)",

@@ -170,3 +170,20 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
     },
   }
 }
+
+/**
+ * One read shared by the collected metrics of a scrape: several gauges that come from one
+ * query ask `read` once while a call is in flight, and a later scrape reads afresh. A failed
+ * read gives undefined, which leaves each gauge as it was.
+ */
+export function perScrape<T>(read: () => Promise<T>): () => Promise<T | undefined> {
+  let current: Promise<T | undefined> | undefined
+  return () => {
+    current ??= read()
+      .catch(() => undefined)
+      .finally(() => {
+        current = undefined
+      })
+    return current
+  }
+}

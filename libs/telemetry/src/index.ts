@@ -12,6 +12,7 @@ export {
   type MetricsRegistry,
   type MetricsRegistryConfig,
   type NoLabels,
+  perScrape,
 } from "./create-metrics-registry.ts"
 export {
   createMetricsServer,

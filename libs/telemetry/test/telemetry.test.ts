@@ -6,6 +6,7 @@ import {
   createMetricsRegistry,
   createMetricsServer,
   MetricsError,
+  perScrape,
   startTelemetry,
   type Telemetry,
   TelemetryError,
@@ -87,6 +88,32 @@ describe("metrics", () => {
     assert.match(body, /^depth 7$/m, "undefined leaves the last value")
     total = 2 // the owner started again: its 2 are new
     assert.match(await scrape(), /^done_total 10$/m)
+  })
+
+  test("gauges fed by one query ask it once per scrape; a failed read keeps their values", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    let reads = 0
+    let fail = false
+    const read = perScrape(async () => {
+      reads++
+      await new Promise((r) => setTimeout(r, 10))
+      if (fail) throw new Error("database gone")
+      return { pending: 10 * reads, oldest: reads }
+    })
+    m.collectedGauge({ name: "pending", help: "p", collect: async () => (await read())?.pending })
+    m.collectedGauge({ name: "oldest", help: "o", collect: async () => (await read())?.oldest })
+    const scrape = async () => (await m.render()).body
+    const first = await scrape()
+    assert.equal(reads, 1)
+    assert.match(first, /^pending 10$/m)
+    assert.match(first, /^oldest 1$/m)
+    const second = await scrape()
+    assert.equal(reads, 2, "each scrape reads afresh")
+    assert.match(second, /^pending 20$/m)
+    fail = true
+    const third = await scrape()
+    assert.match(third, /^pending 20$/m)
+    assert.match(third, /^oldest 2$/m)
   })
 
   test("/metrics serves the registry in the Prometheus text format", async () => {

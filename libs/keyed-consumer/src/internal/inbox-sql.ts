@@ -216,6 +216,22 @@ export async function renewLease(
   return Number(r.numAffectedRows ?? 0) === 1
 }
 
+/**
+ * The group's keys waiting on a missing version, and how long the oldest has waited, through
+ * the partial index of sql/0004_gap_metric.sql.
+ */
+export async function gapSummary(
+  db: Kysely<any>,
+  group: string,
+): Promise<{ keys: number; oldestSeconds: number }> {
+  const r = await sql<{ keys: number; oldest_seconds: number | null }>`
+    select count(*)::int as keys, extract(epoch from now() - min(gap_since))::float8 as oldest_seconds
+      from keyway.consumer_key
+     where grp = ${group} and gap_since is not null
+  `.execute(db)
+  return { keys: r.rows[0]!.keys, oldestSeconds: Math.max(0, r.rows[0]!.oldest_seconds ?? 0) }
+}
+
 /** Records since when the key waits for a missing version (the first time only). */
 export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
   await sql`
