@@ -1,6 +1,7 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
 import { LABEL_HEIGHT, LABEL_WIDTH, RenderError, renderLabel } from "../src/render-label.ts"
+import { decodePng } from "./support.ts"
 
 const task = {
   labelCode: "0A1B2C3D4E5F",
@@ -22,6 +23,24 @@ test("renders a real PNG of the label's size, the same bytes for the same task",
   assert.ok((await renderLabel(task)).equals(png), "deterministic")
   assert.ok(!(await renderLabel({ ...task, priceMinor: 130 })).equals(png), "the price is drawn")
   assert.ok(!(await renderLabel({ ...task, jobId: "j2" })).equals(png), "the job is drawn")
+})
+
+test("the label is drawn in the panel's three inks: the price red, the text black, on white", async () => {
+  const { width, height, rgba } = await decodePng(await renderLabel(task))
+  assert.deepEqual([width, height], [LABEL_WIDTH, LABEL_HEIGHT])
+  const counts = new Map<string, number>()
+  for (let q = 0; q < rgba.length; q += 4) {
+    const colour = `${rgba[q]},${rgba[q + 1]},${rgba[q + 2]}`
+    counts.set(colour, (counts.get(colour) ?? 0) + 1)
+  }
+  assert.deepEqual([...counts.keys()].sort(), ["0,0,0", "208,0,0", "255,255,255"])
+  // The price is the largest text: more red than black, and both far less than the paper.
+  const [black, red, white] = [
+    counts.get("0,0,0")!,
+    counts.get("208,0,0")!,
+    counts.get("255,255,255")!,
+  ]
+  assert.ok(red > black && white > 4 * (red + black), `black ${black}, red ${red}, white ${white}`)
 })
 
 test("a name that cannot fit is a RenderError saying so", async () => {

@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
+import { createCanvas, loadImage } from "@napi-rs/canvas"
 import { type Kysely, sql } from "kysely"
 import { renderLabel } from "../src/render-label.ts"
 
@@ -53,4 +54,19 @@ export async function imageHashOf(payload: any): Promise<string> {
   return createHash("sha256")
     .update(await renderLabel(payload))
     .digest("hex")
+}
+
+/** Decodes with Skia, an independent PNG reader, and returns the RGBA pixels. */
+export async function decodePng(
+  png: Buffer,
+): Promise<{ width: number; height: number; rgba: Uint8ClampedArray }> {
+  const image = await loadImage(png)
+  const canvas = createCanvas(image.width, image.height)
+  const ctx = canvas.getContext("2d")
+  ctx.drawImage(image, 0, 0)
+  return {
+    width: image.width,
+    height: image.height,
+    rgba: ctx.getImageData(0, 0, image.width, image.height).data,
+  }
 }
