@@ -16,7 +16,13 @@ const WRITERS = 8
 const EVENTS = Number(process.env.BENCH_EVENTS ?? 20_000)
 const LATENCY_RATE = 1000
 const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
-const WORKER_PROCESSES = 2
+// Worker processes per side (BENCH_WORKERS), the same for both. One, on two cores shared with
+// the writers, the relay and the servers: back to back, Keyway alone made 1,564 / 1,360
+// events/s with one process against 1,126 / 1,179 with two (p99 at 1,000/s 89 / 60 ms against
+// 212 / 88), and graphile-worker 407 against 267: a second process of the same group only
+// splits the batches that make each round trip serve many keys, and adds a scheduler to the
+// same two cores.
+const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
 // While working on one side, `BENCH_ONLY=keyway` skips graphile-worker (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
