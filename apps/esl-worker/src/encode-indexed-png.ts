@@ -46,21 +46,29 @@ export function encodeIndexedPng(
     throw new RangeError(`${indices.length} pixel indices for a ${width}x${height} image`)
   }
   const depth = palette.length <= 2 ? 1 : palette.length <= 4 ? 2 : palette.length <= 16 ? 4 : 8
-  const perByte = 8 / depth
-  const shift = Math.log2(perByte) // perByte is a power of two: x / perByte is x >> shift
   // Each row: filter type 0 (none), then the packed indices, leftmost pixel in the high bits.
   // Filters help photographs; flat inks compress as well without them.
-  const stride = 1 + Math.ceil(width / perByte)
+  const stride = 1 + Math.ceil((width * depth) / 8)
   const raw = Buffer.alloc(height * stride)
+  const colours = palette.length
   for (let y = 0, p = 0; y < height; y++) {
-    const row = y * stride + 1
+    let at = y * stride + 1
+    let bits = 0
+    let byte = 0
     for (let x = 0; x < width; x++, p++) {
       const index = indices[p]!
-      if (index >= palette.length) {
+      if (index >= colours) {
         throw new RangeError(`pixel ${x},${y}: index ${index} outside the palette`)
       }
-      raw[row + (x >> shift)]! |= index << (8 - depth * ((x & (perByte - 1)) + 1))
+      byte = (byte << depth) | index
+      bits += depth
+      if (bits === 8) {
+        raw[at++] = byte
+        bits = 0
+        byte = 0
+      }
     }
+    if (bits > 0) raw[at] = byte << (8 - bits)
   }
   const header = Buffer.alloc(13) // compression, filter method and interlace stay 0
   header.writeUInt32BE(width, 0)
