@@ -22,11 +22,11 @@ function chunk(type: string, data: Buffer): Buffer {
  *
  * Why not Skia's own encoder (canvas.encode): it writes the canvas as RGBA, with Skia's
  * defaults of every row filter tried and zlib level 6, and that was the largest single cost
- * of a label: 1.7 ms of CPU against a few tenths of a ms to draw it, and `just bench esl` was bound by it (1,100 labels/s without encoding, 440-530
- * with). With this writer a label costs 1.0 ms in all, drawing and inking included, and the
- * PNG is 10x smaller (850 bytes against 8,600), which the AIMS request, its base64 and the
- * network also feel.
- * fast-png can write palettes too, but took 1.0-1.9 ms (deflate in JavaScript).
+ * of a label: 1.7 ms of CPU against a few tenths of a ms to draw it, and `just bench esl`
+ * was bound by it (1,100 labels/s without encoding, 440-530 with). With this writer a label
+ * costs 1.0 ms in all, drawing and inking included, and the PNG is 10x smaller (850 bytes
+ * against 8,600), which the AIMS request, its base64 and the network also feel. fast-png
+ * can write palettes too, but took 1.0-1.9 ms (its deflate is JavaScript).
  */
 export function encodeIndexedPng(
   width: number,

@@ -60,9 +60,10 @@ export function formatPrice(priceMinor: number, currency: string): string {
 }
 
 /**
- * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit), the price large, the
- * product id and job id small at the bottom. Deterministic: the same payload gives the same
- * bytes, which is how the tests tell which task a label's image came from.
+ * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit), the
+ * price large, the product id and job id small at the bottom. Deterministic: the same
+ * payload gives the same bytes, which is how the tests tell which task a label's image
+ * came from.
  */
 export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> {
   const canvas = createCanvas(LABEL_WIDTH, LABEL_HEIGHT)
@@ -88,7 +89,9 @@ export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> 
   ctx.fillText(price, LABEL_WIDTH - MARGIN, 44)
 
   ctx.fillStyle = css(BLACK)
-  ctx.font = `bold 11px "${FONT}"` // bold: thin strokes of a small face fall between pixels and vanish when inked
+  // Bold: at this size the strokes of the regular face fall between pixels and vanish once
+  // inked (the j of "job" lost its descender).
+  ctx.font = `bold 11px "${FONT}"`
   ctx.textAlign = "left"
   ctx.fillText(`${task.productId}  ·  job ${task.jobId}`, MARGIN, LABEL_HEIGHT - MARGIN - 11)
   return encodeIndexedPng(
