@@ -59,7 +59,7 @@ export async function run() {
     // which the "with relay running" row shows separately.
     const patterns = [write(1, false), write(1, true), write(10, false), write(10, true)]
     const samples: number[][] = patterns.map(() => [])
-    for (let round = 0; round < ROUNDS; round++) {
+    for (let turn = 0; turn < ROUNDS; turn++) {
       for (const [i, pattern] of patterns.entries()) {
         samples[i]!.push(await rate(WRITERS, PHASE_MS, pattern))
       }

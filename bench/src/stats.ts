@@ -40,11 +40,9 @@ export async function rate(workers: number, ms: number, body: (worker: number) =
  * cost of one event is best read as the machine's CPU per event.
  */
 export function machineBusyMs(): number {
-  const [user, nice, system, , , irq, softirq] = readFileSync("/proc/stat", "utf8")
-    .slice(4, 200)
-    .trim()
-    .split(/\s+/)
-    .map(Number) as number[]
+  // The first line: "cpu  user nice system idle iowait irq softirq steal …".
+  const cpu = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!
+  const [user, nice, system, , , irq, softirq] = cpu.trim().split(/\s+/).slice(1).map(Number)
   // USER_HZ is 100 on Linux: ticks of 10 ms.
   return (user! + nice! + system! + irq! + softirq!) * 10
 }
