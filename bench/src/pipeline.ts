@@ -9,12 +9,12 @@ import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
-import { percentile, printTable, round } from "./stats.ts"
+import { machineBusyMs, percentile, printTable, round } from "./stats.ts"
 
 const KEYS = 1000
 const WRITERS = 8
 const EVENTS = Number(process.env.BENCH_EVENTS ?? 20_000)
-const LATENCY_RATE = 1000
+const LATENCY_RATE = Number(process.env.BENCH_RATE ?? 1000)
 const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 // Worker processes per side (BENCH_WORKERS), the same for both. One, on two cores shared with
 // the writers, the relay and the servers: back to back, Keyway alone made 1,564 / 1,360
@@ -84,6 +84,7 @@ async function throughput(db: Kysely<any>, write: Write) {
   const before = await commits(db)
   const tablesBefore = process.env.BENCH_DIAG ? await tableStats(db) : undefined
   let n = 0
+  const busyBefore = machineBusyMs()
   const start = now()
   await Promise.all(
     Array.from({ length: WRITERS }, async () => {
@@ -92,6 +93,7 @@ async function throughput(db: Kysely<any>, write: Write) {
   )
   const writtenIn = now() - start
   await waitForEffects(db, EVENTS, 600_000)
+  const busyMs = machineBusyMs() - busyBefore
   const last = (await sql<{ t: number }>`select max(handled_at) as t from effect`.execute(db))
     .rows[0]!.t
   // pg_stat_database lags by up to its stats interval; a pause lets it catch up.
@@ -103,6 +105,7 @@ async function throughput(db: Kysely<any>, write: Write) {
     writePerSecond: EVENTS / (writtenIn / 1000),
     commitsPerEvent: (after.c - before.c) / EVENTS,
     rowsPerEvent: (after.s - before.s) / EVENTS,
+    cpuMsPerEvent: busyMs / EVENTS,
   }
 }
 
@@ -256,6 +259,7 @@ export async function run() {
       writePerSecond: Number.NaN,
       commitsPerEvent: Number.NaN,
       rowsPerEvent: Number.NaN,
+      cpuMsPerEvent: Number.NaN,
     }
     let gThroughput = skipped
     let gLatency = { p50: Number.NaN, p99: Number.NaN, samples: 0 }
@@ -312,6 +316,12 @@ export async function run() {
         round(kThroughput.rowsPerEvent, 1),
         round(gThroughput.rowsPerEvent, 1),
         "inserted, updated, deleted, fetched",
+      ],
+      [
+        "machine CPU ms per event",
+        round(kThroughput.cpuMsPerEvent, 2),
+        round(gThroughput.cpuMsPerEvent, 2),
+        "both cores, every process, throughput run",
       ],
       ["  commit → published (relay) p50 / p99", kLatency.stages?.relay ?? "", "", "ms"],
       ["  published → in inbox (ingest) p50 / p99", kLatency.stages?.ingest ?? "", "", "ms"],
