@@ -15,6 +15,7 @@ import {
   claimKeys,
   completeTasks,
   confirmBaselines,
+  deadSummary,
   expireLeases,
   gapSummary,
   hasProvisionalBaselines,
@@ -138,6 +139,17 @@ export interface KeyedConsumer {
 }
 
 const tracer = trace.getTracer("@keyway/keyed-consumer")
+
+/** The worst of a stream's sources: `active` is nanoseconds since last heard, -1 for never. */
+function summariseSources(sources: readonly { lag: number; active: number }[]) {
+  let idleSeconds = 0
+  let lag = 0
+  for (const s of sources) {
+    idleSeconds = Math.max(idleSeconds, s.active < 0 ? Number.POSITIVE_INFINITY : s.active / 1e9)
+    lag += s.lag
+  }
+  return { idleSeconds, lag }
+}
 const quiet: KeyedConsumerLogger = {
   info() {},
   warn: (message, fields) => console.warn(JSON.stringify({ level: "warn", message, ...fields })),
@@ -217,6 +229,19 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       help: "How long the group's longest-waiting gap has waited, 0 when there is none",
       collect: async () => (await gaps())?.oldestSeconds,
     })
+    // Dead letters, the other half of invariant 5: a counter of deaths per worker tells that
+    // something died; these tell what still waits for an operator, whichever worker saw it die.
+    const dead = perScrape(() => deadSummary(db, group))
+    m.collectedGauge({
+      name: "consumer_dead_tasks",
+      help: "Dead tasks of the group waiting for an operator's retry or skip (the group's, same from every worker)",
+      collect: async () => (await dead())?.tasks,
+    })
+    m.collectedGauge({
+      name: "consumer_blocked_keys",
+      help: "Keys of the group stopped at a dead task: nothing later on them runs until an operator acts",
+      collect: async () => (await dead())?.blockedKeys,
+    })
     m.collectedGauge({
       name: "consumer_lag_messages",
       help: "Stream messages the group has not stored in its inbox yet: undelivered plus unacked",
@@ -229,6 +254,25 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           return undefined // no durable yet, or NATS unreachable: keep the last value
         }
       },
+    })
+    // The leaf link's state as the group sees it (DESIGN.md §7): a stream sourced from another
+    // site hears from each source at least every second or two while the link is up (nats-server
+    // 2.9.10 sends idle heartbeats), so "since last heard" stays under a second and grows with
+    // wall time from the moment the link is cut. The hub cannot count what a cut-off leaf holds,
+    // so the lag reads 0 during an outage; the idle time is the signal.
+    const sources = perScrape(async () => {
+      jsm ??= await jetstreamManager(config.nats)
+      return summariseSources((await jsm.streams.info(config.stream)).sources ?? [])
+    })
+    m.collectedGauge({
+      name: "stream_source_idle_seconds",
+      help: "Longest time since the group's stream last heard from one of its sources (another site, over the leaf link); +Inf for a source never heard from; 0 for a stream without sources",
+      collect: async () => (await sources())?.idleSeconds,
+    })
+    m.collectedGauge({
+      name: "stream_source_lag_messages",
+      help: "Messages the group's stream has yet to copy from its sources, as far as it can see them",
+      collect: async () => (await sources())?.lag,
     })
   }
   const js = jetstream(config.nats)

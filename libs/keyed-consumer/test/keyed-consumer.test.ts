@@ -217,7 +217,10 @@ describe("keyed consumer", () => {
 
   test("max attempts then dead, policy block: later versions wait until an admin retry", async () => {
     let broken = true
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const gauge = async (name: string) => metricValue((await metrics.render()).body, name)
     const { t, stream, admin } = await setup({
+      metrics,
       defaultPolicy: { maxAttempts: 3, backoffMs: 10, onDead: "block" },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
@@ -243,6 +246,8 @@ describe("keyed consumer", () => {
       (await admin.listBlocked()).map((b) => [b.key, Number(b.ver)]),
       [["b", 2]],
     )
+    assert.equal(await gauge("consumer_dead_tasks"), 1)
+    assert.equal(await gauge("consumer_blocked_keys"), 1)
     await new Promise((r) => setTimeout(r, 600))
     assert.deepEqual(
       (await effects(t.db)).filter((e) => e.key === "b").map((e) => e.ver),
@@ -264,6 +269,8 @@ describe("keyed consumer", () => {
       [1, 2, 3, 4],
     )
     assert.deepEqual(await admin.listDead(), [])
+    assert.equal(await gauge("consumer_dead_tasks"), 0, "the retry took the task out of dead")
+    assert.equal(await gauge("consumer_blocked_keys"), 0)
   })
 
   test("max attempts then dead, policy park: later versions run and the dead task stays listed", async () => {
@@ -302,11 +309,19 @@ describe("keyed consumer", () => {
     assert.equal(value("consumer_retried_total"), 1)
     assert.equal(value("consumer_dead_total"), 1)
     assert.equal(value("consumer_commit_to_done_seconds_count"), 3)
+    assert.equal(value("consumer_dead_tasks"), 1, "parked: listed and counted")
+    assert.equal(value("consumer_blocked_keys"), 0, "but blocks nothing")
+    // An operator deleting the row by hand (retention never deletes dead rows) uncounts it.
+    await sql`delete from keyway.inbox where state = 'dead'`.execute(t.db)
+    assert.equal(metricValue((await metrics.render()).body, "consumer_dead_tasks"), 0)
   })
 
   test("admin skip moves a blocked key past its dead task; redrive runs a range again in order", async () => {
     let v2Failed = false
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const gauge = async (name: string) => metricValue((await metrics.render()).body, name)
     const { t, stream, admin } = await setup({
+      metrics,
       defaultPolicy: { maxAttempts: 1, onDead: "block" },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
@@ -324,7 +339,10 @@ describe("keyed consumer", () => {
       timeoutMs: 10_000,
       message: "blocked",
     })
+    assert.equal(await gauge("consumer_blocked_keys"), 1)
     assert.equal(await admin.skip({ topic: "demo.item", key: "s", fromVer: 2, toVer: 2 }), 1)
+    assert.equal(await gauge("consumer_dead_tasks"), 0, "skipped is no longer dead")
+    assert.equal(await gauge("consumer_blocked_keys"), 0)
     await waitFor(async () => (await effects(t.db)).length === 3, {
       timeoutMs: 10_000,
       message: "v3, v4 ran",

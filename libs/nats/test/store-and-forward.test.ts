@@ -3,7 +3,8 @@
 // link returns, every one of them reaches the cloud once, in order per key.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { readStream, streamCount, waitFor } from "@keyway/testkit"
+import { createMetricsRegistry } from "@keyway/telemetry"
+import { metricValue, readStream, streamCount, waitFor } from "@keyway/testkit"
 import { Redis } from "ioredis"
 import {
   assertEffects,
@@ -44,7 +45,18 @@ describe("store and forward across a leaf-link outage", () => {
   })
 
   test(`${EVENTS} factory events enqueued while the link is cut all reach the cloud after restore`, async () => {
-    const inCloud = await startConsumer(sites, "cloud", "FACTORY_IN", cloudDb.db, redis, log)
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const sourceIdle = async () =>
+      metricValue((await metrics.render()).body, "stream_source_idle_seconds")!
+    const inCloud = await startConsumer(
+      sites,
+      "cloud",
+      "FACTORY_IN",
+      cloudDb.db,
+      redis,
+      log,
+      metrics,
+    )
     cleanups.push(() => inCloud.close())
     const atFactory = await startConsumer(sites, "factory", "FACTORY", factory.db, redis, log)
     cleanups.push(() => atFactory.close())
@@ -58,7 +70,14 @@ describe("store and forward across a leaf-link outage", () => {
       message: "the first event crossed",
     })
 
+    // The leaf link's state on the cloud worker's /metrics: heard from within a second or two
+    // while up, silent and counting once cut.
+    await waitFor(async () => (await sourceIdle()) < 3, {
+      timeoutMs: 10_000,
+      message: "the source was heard from while the link is up",
+    })
     sites.proxy!.cut()
+    const cutAt = performance.now()
     await factory.write(EVENTS, { keys: 200, perTx: 50 })
     const expected = await factory.ids()
     assert.equal(expected.size, EVENTS + 1)
@@ -72,6 +91,16 @@ describe("store and forward across a leaf-link outage", () => {
     )
     assert.equal(await streamCount(admin, "FACTORY_IN"), 1, "nothing crossed during the outage")
     assert.equal(await effectCount(cloudDb.db.db, inCloud.group), 1)
+
+    await waitFor(async () => (await sourceIdle()) > 5, {
+      timeoutMs: 20_000,
+      message: "the source's idle time grew while the link was cut",
+    })
+    const idleWhileCut = await sourceIdle()
+    assert.ok(
+      idleWhileCut <= (performance.now() - cutAt) / 1000 + 3,
+      `idle ${idleWhileCut} s began around the cut`,
+    )
 
     const restoredAt = performance.now()
     sites.proxy!.restore()
@@ -94,6 +123,15 @@ describe("store and forward across a leaf-link outage", () => {
       message: "the cloud consumer handled the backlog",
     })
     await assertEffects(cloudDb.db.db, inCloud.group, expected)
+    await waitFor(async () => (await sourceIdle()) < 3, {
+      timeoutMs: 10_000,
+      message: "the source is heard from again after the restore",
+    })
+    assert.equal(
+      metricValue((await metrics.render()).body, "stream_source_lag_messages"),
+      0,
+      "nothing left to copy",
+    )
     await assertEffects(factory.db.db, atFactory.group, expected)
   })
 })

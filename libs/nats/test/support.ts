@@ -9,6 +9,7 @@ import {
   type KeyedEvent,
 } from "@keyway/keyed-consumer"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
+import type { MetricsRegistry } from "@keyway/telemetry"
 import {
   type ConfigNatsServerHandle,
   createTcpProxy,
@@ -299,6 +300,7 @@ export async function startConsumer(
   db: TestDatabase,
   redis: Redis,
   log: string[],
+  metrics?: MetricsRegistry,
 ): Promise<{ group: string; consumer: KeyedConsumer; close(): Promise<void> }> {
   const nc = await sites.connect(site, `${site}-worker`)
   const group = `g${randomBytes(4).toString("hex")}`
@@ -313,6 +315,7 @@ export async function startConsumer(
     pollIntervalMs: 500,
     recoveryIntervalMs: 1000,
     logger: captureLogger(log),
+    metrics,
   })
   await consumer.start()
   return {

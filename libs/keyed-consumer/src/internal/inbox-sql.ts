@@ -232,6 +232,27 @@ export async function gapSummary(
   return { keys: r.rows[0]!.keys, oldestSeconds: Math.max(0, r.rows[0]!.oldest_seconds ?? 0) }
 }
 
+/**
+ * The group's dead tasks, and the keys they block: keys whose next version is dead, under
+ * the `block` policy or awaiting an operator. Reads only keys with a dead task
+ * (sql/0005_dead_task_metric.sql).
+ */
+export async function deadSummary(
+  db: Kysely<any>,
+  group: string,
+): Promise<{ tasks: number; blockedKeys: number }> {
+  const r = await sql<{ tasks: number; blocked_keys: number }>`
+    select coalesce(sum(k.dead_tasks), 0)::int as tasks,
+           count(*) filter (where exists (
+             select 1 from keyway.inbox i
+              where i.grp = k.grp and i.topic = k.topic and i.key = k.key
+                and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
+      from keyway.consumer_key k
+     where k.grp = ${group} and k.dead_tasks > 0
+  `.execute(db)
+  return { tasks: r.rows[0]!.tasks, blockedKeys: r.rows[0]!.blocked_keys }
+}
+
 /** Records since when the key waits for a missing version (the first time only). */
 export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
   await sql`
