@@ -4,6 +4,7 @@ export {
   type TestDatabase,
   type TestDatabaseOptions,
 } from "./create-test-database.ts"
+export { findPromtool } from "./find-promtool.ts"
 export { freePort } from "./free-port.ts"
 export { metricValue } from "./metric-value.ts"
 export { ServerStartError } from "./server-start-error.ts"

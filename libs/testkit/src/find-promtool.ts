@@ -1,0 +1,55 @@
+import { execFile } from "node:child_process"
+import { existsSync } from "node:fs"
+import { mkdir, mkdtemp, readdir, rm } from "node:fs/promises"
+import { join } from "node:path"
+import { fileURLToPath } from "node:url"
+import { promisify } from "node:util"
+
+const run = promisify(execFile)
+const root = fileURLToPath(new URL("../../../", import.meta.url))
+// Under the repository's .tmp/ (git-ignored), so a machine downloads it once.
+const extracted = join(root, ".tmp/promtool")
+const binary = join(extracted, "usr/bin/promtool")
+
+/**
+ * The path of a `promtool` (Prometheus' checker for configs and alert rules), fetching it on
+ * first use. One on PATH wins. Otherwise it comes from Debian's `prometheus` package,
+ * downloaded and unpacked, not installed: installing would run the package's scripts, which
+ * start a Prometheus server on the machine.
+ */
+export async function findPromtool(): Promise<string> {
+  if (await works("promtool")) return "promtool"
+  if (existsSync(binary)) return binary
+  await mkdir(join(root, ".tmp"), { recursive: true })
+  const dir = await mkdtemp(join(root, ".tmp/promtool-download-"))
+  try {
+    try {
+      await run("apt-get", ["download", "prometheus"], { cwd: dir })
+    } catch {
+      // A fresh machine may have no package lists yet.
+      await run("apt-get", ["update", "-qq"])
+      await run("apt-get", ["download", "prometheus"], { cwd: dir })
+    }
+    const deb = (await readdir(dir)).find((f) => f.endsWith(".deb"))
+    if (!deb) throw new Error(`apt-get download prometheus left no .deb in ${dir}`)
+    await run("dpkg-deb", ["-x", join(dir, deb), extracted])
+  } catch (cause) {
+    throw new Error(
+      "promtool is needed to check ops/prometheus and could not be fetched from Debian's " +
+        "prometheus package; install it (apt-get install prometheus) or put promtool on PATH",
+      { cause },
+    )
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+  return binary
+}
+
+async function works(command: string): Promise<boolean> {
+  try {
+    await run(command, ["--version"])
+    return true
+  } catch {
+    return false
+  }
+}
