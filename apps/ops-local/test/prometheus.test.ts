@@ -24,7 +24,9 @@ test("promtool accepts the Prometheus config and its alert rules", async () => {
   const { stdout } = await run(await findPromtool(), ["check", "config", "prometheus.yml"], {
     cwd: dir,
   })
-  assert.match(stdout, /SUCCESS: 9 rules found/)
+  const rules = readFileSync(join(dir, "alerts.yml"), "utf8").match(/^ {6}- alert: /gm)?.length
+  assert.ok(rules && rules >= 9, `alerts.yml holds ${rules} alerts`)
+  assert.match(stdout, new RegExp(`SUCCESS: ${rules} rules found`), "every alert loaded")
 })
 
 test("each alert fires on the series it guards against, and not before (promtool test rules)", async () => {
