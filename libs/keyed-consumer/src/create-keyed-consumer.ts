@@ -15,9 +15,8 @@ import {
   claimKeys,
   completeTasks,
   confirmBaselines,
-  deadSummary,
   expireLeases,
-  gapSummary,
+  groupSummary,
   hasProvisionalBaselines,
   type IncomingEvent,
   ingestBatch,
@@ -188,6 +187,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     fenced: 0,
     lostKeys: 0,
   }
+  // Created once, when first needed: jetstreamManager() makes an API round trip to check
+  // JetStream is there.
+  let jsm: JetStreamManager | undefined
+  const manager = async () => {
+    jsm ??= await jetstreamManager(config.nats)
+    return jsm
+  }
   const commitToDone = config.metrics?.histogram({
     name: "consumer_commit_to_done_seconds",
     help: "From the writer's enqueue to the task's done commit",
@@ -216,54 +222,49 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       collect: () => scheduler.active,
     })
     // The group's state, not this worker's: every worker of a group reports the same values,
-    // so a dashboard takes their max. Gaps are the alert of DESIGN.md invariant 5: a key that
-    // waits on a missing version for long lost an event upstream (or retention removed it).
-    const gaps = perScrape(() => gapSummary(db, group))
+    // so a dashboard takes their max. Gaps and dead letters are the alerts of DESIGN.md
+    // invariant 5: a key that waits on a missing version for long lost an event upstream (or
+    // retention removed it); a counter of deaths per worker tells that something died, the
+    // dead gauges what still waits for an operator, whichever worker saw it die.
+    const waiting = perScrape(() => groupSummary(db, group))
     m.collectedGauge({
       name: "consumer_gap_keys",
       help: "Keys of the group waiting on a missing version (the group's, same from every worker)",
-      collect: async () => (await gaps())?.keys,
+      collect: async () => (await waiting())?.gapKeys,
     })
     m.collectedGauge({
       name: "consumer_oldest_gap_seconds",
       help: "How long the group's longest-waiting gap has waited, 0 when there is none",
-      collect: async () => (await gaps())?.oldestSeconds,
+      collect: async () => (await waiting())?.oldestGapSeconds,
     })
-    // Dead letters, the other half of invariant 5: a counter of deaths per worker tells that
-    // something died; these tell what still waits for an operator, whichever worker saw it die.
-    const dead = perScrape(() => deadSummary(db, group))
     m.collectedGauge({
       name: "consumer_dead_tasks",
       help: "Dead tasks of the group waiting for an operator's retry or skip (the group's, same from every worker)",
-      collect: async () => (await dead())?.tasks,
+      collect: async () => (await waiting())?.deadTasks,
     })
     m.collectedGauge({
       name: "consumer_blocked_keys",
       help: "Keys of the group stopped at a dead task: nothing later on them runs until an operator acts",
-      collect: async () => (await dead())?.blockedKeys,
+      collect: async () => (await waiting())?.blockedKeys,
+    })
+    // Undefined while there is no durable yet or NATS is unreachable: the gauge keeps its value.
+    const lag = perScrape(async () => {
+      const info = await (await manager()).consumers.info(config.stream, group)
+      return info.num_pending + info.num_ack_pending
     })
     m.collectedGauge({
       name: "consumer_lag_messages",
       help: "Stream messages the group has not stored in its inbox yet: undelivered plus unacked",
-      collect: async () => {
-        try {
-          jsm ??= await jetstreamManager(config.nats)
-          const info = await jsm.consumers.info(config.stream, group)
-          return info.num_pending + info.num_ack_pending
-        } catch {
-          return undefined // no durable yet, or NATS unreachable: keep the last value
-        }
-      },
+      collect: lag,
     })
     // The leaf link's state as the group sees it (DESIGN.md §7): a stream sourced from another
     // site hears from each source at least every second or two while the link is up (nats-server
     // 2.9.10 sends idle heartbeats), so "since last heard" stays under a second and grows with
     // wall time from the moment the link is cut. The hub cannot count what a cut-off leaf holds,
     // so the lag reads 0 during an outage; the idle time is the signal.
-    const sources = perScrape(async () => {
-      jsm ??= await jetstreamManager(config.nats)
-      return summariseSources((await jsm.streams.info(config.stream)).sources ?? [])
-    })
+    const sources = perScrape(async () =>
+      summariseSources((await (await manager()).streams.info(config.stream)).sources ?? []),
+    )
     m.collectedGauge({
       name: "stream_source_idle_seconds",
       help: "Longest time since the group's stream last heard from one of its sources (another site, over the leaf link); +Inf for a source never heard from; 0 for a stream without sources",
@@ -276,9 +277,6 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     })
   }
   const js = jetstream(config.nats)
-  // Created once, when first needed: jetstreamManager() makes an API round trip to check
-  // JetStream is there.
-  let jsm: JetStreamManager | undefined
   let stopping = false
   const shutdown = new AbortController()
   const retryTimers = new Set<NodeJS.Timeout>()
@@ -678,8 +676,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   const pollOnce = Effect.tryPromise(async () => {
     if (await hasProvisionalBaselines(db, group)) {
-      jsm ??= await jetstreamManager(config.nats)
-      const info = await jsm.consumers.info(config.stream, group)
+      const info = await (await manager()).consumers.info(config.stream, group)
       await confirmBaselines(db, group, info.ack_floor.stream_seq)
     }
     for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
@@ -710,7 +707,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   return {
     async start() {
       if (fibers.length > 0) return
-      await ensureDurable(await jetstreamManager(config.nats), {
+      await ensureDurable(await manager(), {
         stream: config.stream,
         group,
         filterSubject: config.filterSubject,

@@ -1,9 +1,10 @@
 import { execFile } from "node:child_process"
 import { existsSync } from "node:fs"
-import { mkdir, mkdtemp, readdir, rm } from "node:fs/promises"
+import { readdir } from "node:fs/promises"
 import { join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
+import { createTempDir } from "./internal/temp-dir.ts"
 
 const run = promisify(execFile)
 const root = fileURLToPath(new URL("../../../", import.meta.url))
@@ -11,28 +12,35 @@ const root = fileURLToPath(new URL("../../../", import.meta.url))
 const extracted = join(root, ".tmp/promtool")
 const binary = join(extracted, "usr/bin/promtool")
 
+let found: Promise<string> | undefined
+
 /**
  * The path of a `promtool` (Prometheus' checker for configs and alert rules), fetching it on
- * first use. One on PATH wins. Otherwise it comes from Debian's `prometheus` package,
- * downloaded and unpacked, not installed: installing would run the package's scripts, which
- * start a Prometheus server on the machine.
+ * first use; later calls in the process reuse the answer. One on PATH wins. Otherwise it comes
+ * from Debian's `prometheus` package, downloaded and unpacked, not installed: installing would
+ * run the package's scripts, which start a Prometheus server on the machine.
  */
-export async function findPromtool(): Promise<string> {
+export function findPromtool(): Promise<string> {
+  found ??= locate()
+  return found
+}
+
+async function locate(): Promise<string> {
   if (await works("promtool")) return "promtool"
   if (existsSync(binary)) return binary
-  await mkdir(join(root, ".tmp"), { recursive: true })
-  const dir = await mkdtemp(join(root, ".tmp/promtool-download-"))
+  const download = await createTempDir("keyway-promtool-")
   try {
+    const cwd = download.path
     try {
-      await run("apt-get", ["download", "prometheus"], { cwd: dir })
+      await run("apt-get", ["download", "prometheus"], { cwd })
     } catch {
       // A fresh machine may have no package lists yet.
       await run("apt-get", ["update", "-qq"])
-      await run("apt-get", ["download", "prometheus"], { cwd: dir })
+      await run("apt-get", ["download", "prometheus"], { cwd })
     }
-    const deb = (await readdir(dir)).find((f) => f.endsWith(".deb"))
-    if (!deb) throw new Error(`apt-get download prometheus left no .deb in ${dir}`)
-    await run("dpkg-deb", ["-x", join(dir, deb), extracted])
+    const deb = (await readdir(cwd)).find((f) => f.endsWith(".deb"))
+    if (!deb) throw new Error(`apt-get download prometheus left no .deb in ${cwd}`)
+    await run("dpkg-deb", ["-x", join(cwd, deb), extracted])
   } catch (cause) {
     throw new Error(
       "promtool is needed to check ops/prometheus and could not be fetched from Debian's " +
@@ -40,7 +48,7 @@ export async function findPromtool(): Promise<string> {
       { cause },
     )
   } finally {
-    await rm(dir, { recursive: true, force: true })
+    await download.remove()
   }
   return binary
 }

@@ -217,40 +217,41 @@ export async function renewLease(
 }
 
 /**
- * The group's keys waiting on a missing version, and how long the oldest has waited, through
- * the partial index of sql/0004_gap_metric.sql.
+ * What waits in the group, for its gauges (DESIGN.md invariant 5): keys held by a missing
+ * version and how long the oldest has waited (the partial index of sql/0004), and dead tasks
+ * with the keys they block, whose next version is dead (the per-key counts of sql/0005). One
+ * round trip; each half reads only the handful of keys its partial index holds.
  */
-export async function gapSummary(
+export async function groupSummary(
   db: Kysely<any>,
   group: string,
-): Promise<{ keys: number; oldestSeconds: number }> {
-  const r = await sql<{ keys: number; oldest_seconds: number | null }>`
-    select count(*)::int as keys, extract(epoch from now() - min(gap_since))::float8 as oldest_seconds
-      from keyway.consumer_key
-     where grp = ${group} and gap_since is not null
+): Promise<{ gapKeys: number; oldestGapSeconds: number; deadTasks: number; blockedKeys: number }> {
+  const r = await sql<{
+    gap_keys: number
+    oldest_gap_seconds: number | null
+    dead_tasks: number
+    blocked_keys: number
+  }>`
+    select g.gap_keys, g.oldest_gap_seconds, d.dead_tasks, d.blocked_keys
+      from (select count(*)::int as gap_keys,
+                   extract(epoch from now() - min(gap_since))::float8 as oldest_gap_seconds
+              from keyway.consumer_key
+             where grp = ${group} and gap_since is not null) g,
+           (select coalesce(sum(k.dead_tasks), 0)::int as dead_tasks,
+                   count(*) filter (where exists (
+                     select 1 from keyway.inbox i
+                      where i.grp = k.grp and i.topic = k.topic and i.key = k.key
+                        and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
+              from keyway.consumer_key k
+             where k.grp = ${group} and k.dead_tasks > 0) d
   `.execute(db)
-  return { keys: r.rows[0]!.keys, oldestSeconds: Math.max(0, r.rows[0]!.oldest_seconds ?? 0) }
-}
-
-/**
- * The group's dead tasks, and the keys they block: keys whose next version is dead, under
- * the `block` policy or awaiting an operator. Reads only keys with a dead task
- * (sql/0005_dead_task_metric.sql).
- */
-export async function deadSummary(
-  db: Kysely<any>,
-  group: string,
-): Promise<{ tasks: number; blockedKeys: number }> {
-  const r = await sql<{ tasks: number; blocked_keys: number }>`
-    select coalesce(sum(k.dead_tasks), 0)::int as tasks,
-           count(*) filter (where exists (
-             select 1 from keyway.inbox i
-              where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
-      from keyway.consumer_key k
-     where k.grp = ${group} and k.dead_tasks > 0
-  `.execute(db)
-  return { tasks: r.rows[0]!.tasks, blockedKeys: r.rows[0]!.blocked_keys }
+  const row = r.rows[0]!
+  return {
+    gapKeys: row.gap_keys,
+    oldestGapSeconds: Math.max(0, row.oldest_gap_seconds ?? 0),
+    deadTasks: row.dead_tasks,
+    blockedKeys: row.blocked_keys,
+  }
 }
 
 /** Records since when the key waits for a missing version (the first time only). */
