@@ -1,6 +1,6 @@
 import { execFile } from "node:child_process"
 import { existsSync } from "node:fs"
-import { readdir } from "node:fs/promises"
+import { mkdir, readdir } from "node:fs/promises"
 import { join } from "node:path"
 import { fileURLToPath } from "node:url"
 import { promisify } from "node:util"
@@ -40,6 +40,8 @@ async function locate(): Promise<string> {
     }
     const deb = (await readdir(cwd)).find((f) => f.endsWith(".deb"))
     if (!deb) throw new Error(`apt-get download prometheus left no .deb in ${cwd}`)
+    // dpkg-deb makes only the last directory of the path; a fresh clone has no .tmp/.
+    await mkdir(extracted, { recursive: true })
     await run("dpkg-deb", ["-x", join(cwd, deb), extracted])
   } catch (cause) {
     throw new Error(
