@@ -3,7 +3,7 @@ import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Cause, Effect, Fiber } from "effect"
-import type pg from "pg"
+import pg from "pg"
 import type { OutboxRow, PublishedRow } from "./internal/outbox-row.ts"
 import { type PublishBatchOptions, publishBatch } from "./internal/publish-batch.ts"
 import {
@@ -111,6 +111,20 @@ const quietLogger: RelayLogger = {
 
 const errorMessage = (err: unknown) => (err instanceof Error ? err.message : String(err))
 
+/** The scrape's connection: never a seq scan (see the session's), never a hung scrape. */
+function newMetricsPool(connectionString: string, site: string): pg.Pool {
+  const pool = new pg.Pool({
+    connectionString,
+    max: 1,
+    idleTimeoutMillis: 30_000,
+    application_name: `keyway-relay-metrics:${site}`,
+    options: "-c enable_seqscan=off -c statement_timeout=5000",
+  })
+  // An idle connection that dies reports here; the next scrape opens another.
+  pool.on("error", () => {})
+  return pool
+}
+
 /**
  * The relay: publishes outbox rows to JetStream, each exactly once in the stream.
  *
@@ -146,8 +160,10 @@ export function createRelay(config: RelayConfig): Relay {
   // every NATS reconnect; consumed by the session loop before its next claim.
   let republishDue = true
   let vacuuming: Promise<void> | undefined
-  // The session's connection while this relay is active, for the backlog metrics.
-  let activeClient: pg.Client | undefined
+  // The backlog gauges read on a connection of their own: on the session's connection a
+  // scrape's count(*) would wait in line behind claims and marks, and hold them up in turn,
+  // exactly when the backlog is large. Made on the first scrape, closed by stop().
+  let metricsPool: pg.Pool | undefined
   const publishSeconds = config.metrics?.histogram({
     name: "outbox_publish_seconds",
     help: "From the writer's enqueue to the stream's PubAck, per event",
@@ -170,12 +186,16 @@ export function createRelay(config: RelayConfig): Relay {
       collect: () => (state.role === "active" ? 1 : 0),
     })
     // One query per scrape, shared by the two gauges below (the registry collects them
-    // together); only the active relay asks, so a standby never reports a backlog it does not
-    // own.
-    const pending = perScrape(async () => (activeClient ? pendingSummary(activeClient) : undefined))
+    // together). Only the active relay reads the backlog; any other reports none, so a relay
+    // that lost leadership does not keep its last figure (KeywayOutboxStuck takes the max).
+    const pending = perScrape(async () => {
+      if (state.role !== "active") return { pending: 0, oldestSeconds: 0 }
+      metricsPool ??= newMetricsPool(config.connectionString, config.site)
+      return pendingSummary(metricsPool)
+    })
     m.collectedGauge({
       name: "outbox_pending",
-      help: "Outbox rows not yet published (read by the active relay)",
+      help: "Outbox rows not yet published (read by the active relay; 0 on a standby)",
       collect: async () => (await pending())?.pending,
     })
     m.collectedGauge({
@@ -254,12 +274,6 @@ export function createRelay(config: RelayConfig): Relay {
       yield* Effect.sleep(settings.standbyRetryMs)
     }
     state.role = "active"
-    activeClient = client
-    yield* Effect.addFinalizer(() =>
-      Effect.sync(() => {
-        activeClient = undefined
-      }),
-    )
     log.info("relay active", { site: config.site })
     yield* query("listen", () => client.query("listen keyway_outbox"))
     // A relay that stops is not listening: without this, writers would keep paying for
@@ -369,6 +383,8 @@ export function createRelay(config: RelayConfig): Relay {
       await Effect.runPromise(Fiber.interrupt(running))
       await vacuuming
       state.role = "stopped"
+      await metricsPool?.end().catch(() => {})
+      metricsPool = undefined
     },
     status: () => ({ ...state }),
     [Symbol.asyncDispose]() {

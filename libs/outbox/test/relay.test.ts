@@ -189,6 +189,15 @@ describe("relay", () => {
       })
       await waitFor(listening, { timeoutMs: 10_000, message: "relay listens again after settling" })
     }
+    // Several events in one transaction take the other path, keyway.enqueue(), which must
+    // notify as well.
+    await t.db
+      .transaction()
+      .execute((trx) => enqueue(trx, [item("a", 1), item("b", 2), item("a", 3), item("c", 4)]))
+    await waitFor(async () => (await streamCount(nc, stream)) === 7, {
+      timeoutMs: 10_000,
+      message: "a transaction of four events published on NOTIFY",
+    })
     await relay.stop()
     relay = undefined
     assert.equal(await listening(), false, "a stopped relay does not ask writers to notify")
@@ -219,6 +228,26 @@ describe("relay", () => {
       assert.equal(await value("outbox_pending"), 30, "published, not yet marked: still pending")
       assert.ok((await value("outbox_oldest_pending_seconds"))! > 0)
       assert.equal(await value("outbox_published_total"), 0)
+      // A second relay on the same outbox stands by and owns none of that backlog.
+      const standbyMetrics = createMetricsRegistry({ defaultMetrics: false })
+      const standbyValue = async (name: string) =>
+        metricValue((await standbyMetrics.render()).body, name)
+      await using standby = createRelay({
+        connectionString: t.url,
+        jetstream: jetstream(nc),
+        site,
+        metrics: standbyMetrics,
+        standbyRetryMs: 100,
+      })
+      await standby.start()
+      await waitFor(() => standby.status().role === "standby", {
+        timeoutMs: 10_000,
+        message: "second relay on standby",
+      })
+      assert.equal(await standbyValue("relay_active"), 0)
+      assert.equal(await standbyValue("outbox_pending"), 0, "a standby reports no backlog")
+      assert.equal(await standbyValue("outbox_oldest_pending_seconds"), 0)
+      assert.equal(await value("outbox_pending"), 30, "the active relay still does")
     } finally {
       // stop() finishes the batch in flight: a held batch would hold the test's end too.
       release()
@@ -373,20 +402,23 @@ describe("relay", () => {
     }
   })
 
-  test("NATS down for a while: the outbox keeps the backlog and the relay catches up", async () => {
+  test("NATS down for a while: the outbox keeps the backlog and a relay catches up", async () => {
     await fresh()
     await using server = await startNatsServer()
     const privateNc = await connectNats({ servers: server.url })
     try {
       const privateStream = await createSiteStream(privateNc, site)
-      relay = createRelay({
+      const metrics = createMetricsRegistry({ defaultMetrics: false })
+      const value = async (name: string) => metricValue((await metrics.render()).body, name)
+      const config = {
         connectionString: t.url,
         jetstream: jetstream(privateNc),
         site,
         pollIntervalMs: 100,
         retryDelayMs: 100,
         publishTimeoutMs: 1000,
-      })
+      }
+      relay = createRelay({ ...config, metrics })
       await relay.start()
       await write(t.db, 200, 10)
       await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
@@ -398,6 +430,16 @@ describe("relay", () => {
       // Give the relay time to try and fail against the dead server.
       await new Promise((r) => setTimeout(r, 1500))
       assert.equal(await unpublishedCount(t.db), 1000, "backlog kept in the outbox")
+      assert.equal(await value("outbox_pending"), 1000, "the backlog on /metrics")
+      assert.ok((await value("outbox_oldest_pending_seconds"))! >= 1, "and its age")
+      // A relay that stops owns no backlog any more: its last figure must not linger on
+      // /metrics (the alert takes the max over relays). Another relay takes the work up.
+      await relay.stop()
+      assert.equal(await value("relay_active"), 0)
+      assert.equal(await value("outbox_pending"), 0, "a stopped relay reports no backlog")
+      assert.equal(await value("outbox_oldest_pending_seconds"), 0)
+      relay = createRelay(config)
+      await relay.start()
       await server.start()
       await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
         timeoutMs: 30_000,

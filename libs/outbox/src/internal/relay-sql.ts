@@ -32,7 +32,7 @@ export async function claimBatch(client: pg.Client, limit: number): Promise<Outb
 
 /** The backlog and the age of its oldest row, both through the unpublished partial index. */
 export async function pendingSummary(
-  client: pg.Client,
+  client: pg.Pool | pg.Client,
 ): Promise<{ pending: number; oldestSeconds: number }> {
   const r = await client.query<{ pending: number; oldest_seconds: number | null }>(
     `select (select count(*)::int from keyway.outbox where published_at is null) as pending,
