@@ -33,6 +33,7 @@ import {
 } from "./internal/inbox-sql.ts"
 import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
 import { KeyScheduler } from "./internal/key-scheduler.ts"
+import { summariseSources } from "./internal/summarise-sources.ts"
 import {
   FencedError,
   type Handler,
@@ -139,16 +140,6 @@ export interface KeyedConsumer {
 
 const tracer = trace.getTracer("@keyway/keyed-consumer")
 
-/** The worst of a stream's sources: `active` is nanoseconds since last heard, -1 for never. */
-function summariseSources(sources: readonly { lag: number; active: number }[]) {
-  let idleSeconds = 0
-  let lag = 0
-  for (const s of sources) {
-    idleSeconds = Math.max(idleSeconds, s.active < 0 ? Number.POSITIVE_INFINITY : s.active / 1e9)
-    lag += s.lag
-  }
-  return { idleSeconds, lag }
-}
 const quiet: KeyedConsumerLogger = {
   info() {},
   warn: (message, fields) => console.warn(JSON.stringify({ level: "warn", message, ...fields })),
