@@ -6,13 +6,15 @@ import { decodePng } from "./support.ts"
 const paletteOf = (n: number): Rgb[] =>
   Array.from({ length: n }, (_, i) => [(i * 37) % 256, (i * 91 + 13) % 256, (255 + 256 - i) % 256])
 
-// Every bit depth (1, 2, 4, 8), and widths that do not fill their rows' last byte.
-for (const [colours, width, height] of [
-  [2, 13, 5],
-  [3, 296, 128],
-  [4, 7, 3],
-  [16, 9, 4],
-  [200, 31, 6],
+// Every bit depth (1, 2, 4, 8), and widths that do not fill their rows' last byte. The depth
+// is the smallest the palette allows: a decoder would read a wider one too, so it is checked
+// in the header, where a 3-ink label's 2 bits a pixel keep the image small.
+for (const [colours, width, height, depth] of [
+  [2, 13, 5, 1],
+  [3, 296, 128, 2],
+  [4, 7, 3, 2],
+  [16, 9, 4, 4],
+  [200, 31, 6, 8],
 ] as const) {
   test(`${colours} colours, ${width}x${height}: a decoder reads back every pixel`, async () => {
     const palette = paletteOf(colours)
@@ -22,6 +24,7 @@ for (const [colours, width, height] of [
       (_, p) => ((p * p + 3 * p) >> 2) % colours,
     )
     const png = encodeIndexedPng(width, height, indices, palette)
+    assert.equal(png[24], depth, `bit depth ${depth}`)
     assert.equal(png[25], 3, "colour type 3: indexed")
     const decoded = await decodePng(png)
     assert.equal(decoded.width, width)
