@@ -73,15 +73,8 @@ const tracer = trace.getTracer("@keyway/esl-worker")
 export function createEslWorker(config: EslWorkerConfig): EslWorker {
   const aims = "pushImage" in config.aims ? config.aims : createAimsClient(config.aims)
   const m = config.metrics
-  const pushes = m?.counter({
-    name: "esl_label_tasks_total",
-    help: "ESL tasks handled, by outcome",
-    labels: { outcome: ["pushed", "retry", "poison"] },
-  })
-  const commitToPush = m?.histogram({
-    name: "esl_commit_to_push_seconds",
-    help: "From the writer's commit to AIMS accepting the label image",
-  })
+  // Tasks by outcome and commit-to-done latency are the consumer's own metrics, on the same
+  // registry; what only this worker sees is the vendor call.
   const pushSeconds = m?.histogram({
     name: "esl_aims_push_seconds",
     help: "AIMS image request duration, token refresh included",
@@ -128,7 +121,6 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
       }
       throw err
     }
-    commitToPush?.observe((Date.now() - event.createdAt.getTime()) / 1000)
   }
 
   const consumer: KeyedConsumer = createKeyedConsumer({
@@ -140,15 +132,8 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     redis: config.redis,
     metrics: config.metrics,
     handlers: {
-      [EslLabelRender.type]: async (event, ctx) => {
-        try {
-          await handle(event as KeyedEvent<EslLabelRenderPayload>, ctx)
-          pushes?.inc({ outcome: "pushed" })
-        } catch (err) {
-          pushes?.inc({ outcome: err instanceof PoisonError ? "poison" : "retry" })
-          throw err
-        }
-      },
+      [EslLabelRender.type]: (event, ctx) =>
+        handle(event as KeyedEvent<EslLabelRenderPayload>, ctx),
     },
     policies: { [EslLabelRender.topic]: { ...ESL_LABEL_POLICY, ...config.policy } },
     concurrency: config.concurrency,

@@ -10,9 +10,11 @@ import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import { canonicalLabelCode, EslLabelRender, InvalidEventError } from "@keyway/schemas"
+import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
   createTestStream,
+  metricValue,
   startFakeAims,
   type TestDatabase,
   waitFor,
@@ -123,6 +125,7 @@ describe("bad ESL input", () => {
     const db = createDb({ connectionString: t.url, max: 4 })
     cleanups.push(() => db.destroy())
     const group = unique("esl")
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
     // Block, the stricter policy, would stop the label at a dead task; the check that the
     // same label's next task still runs below holds only because the topic parks.
     const worker = createEslWorker({
@@ -134,6 +137,7 @@ describe("bad ESL input", () => {
       filterSubject: `${stream.site}.esl.label`,
       aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
       pollIntervalMs: 300,
+      metrics,
     })
     cleanups.push(() => worker.stop())
     await worker.start()
@@ -185,5 +189,16 @@ describe("bad ESL input", () => {
       }),
     )
     for (const l of others) assert.equal(aims.pushes(l).length, 1, `${l} pushed once`)
+    // What an operator sees: six tasks, one dead and five done, and five AIMS calls.
+    const rendered = async () => (await metrics.render()).body
+    await waitFor(async () => metricValue(await rendered(), "consumer_done_total") === 5, {
+      timeoutMs: 5000,
+      message: "five done",
+    })
+    const body = await rendered()
+    assert.equal(metricValue(body, "consumer_dead_total"), 1)
+    assert.equal(metricValue(body, "consumer_dead_tasks"), 1, "listed until an operator acts")
+    assert.equal(metricValue(body, 'esl_aims_push_seconds_count{result="ok"}'), 5)
+    assert.equal(metricValue(body, 'esl_aims_push_seconds_count{result="error"}'), undefined)
   })
 })
