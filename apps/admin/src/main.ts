@@ -6,6 +6,7 @@ import { createDb } from "@keyway/db"
 import { ConsumerAdminError, createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 
 const usage = `usage: admin <command> --group G [options]
+  summary                                    counts of dead tasks, blocked keys and gaps
   dead    [--topic T]                        dead tasks (blocking or parked)
   gaps    [--topic T]                        keys waiting for a missing version
   blocked [--topic T]                        keys stopped at a dead task
@@ -59,6 +60,9 @@ const admin = createConsumerAdmin({ db, group: values.group })
 try {
   let result: unknown
   switch (command) {
+    case "summary":
+      result = await admin.summary()
+      break
     case "dead":
       result = await admin.listDead(values.topic)
       break

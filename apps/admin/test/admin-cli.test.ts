@@ -26,8 +26,8 @@ before(async () => {
   t = await createTestDatabase()
   // Key "a": v1 done, v2 dead (blocking), v3 pending behind it. Key "b": v1 done, v3 present: a gap at v2.
   await sql`
-    insert into keyway.consumer_key (grp, topic, key, done_ver) values
-      ('g', 'demo.item', 'a', 1), ('g', 'demo.item', 'b', 1)
+    insert into keyway.consumer_key (grp, topic, key, done_ver, gap_since) values
+      ('g', 'demo.item', 'a', 1, null), ('g', 'demo.item', 'b', 1, now() - interval '90 seconds')
   `.execute(t.db)
   await sql`
     insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts, last_error)
@@ -57,6 +57,12 @@ test("lists dead tasks, blocked keys and gaps as JSON", async () => {
   assert.deepEqual(
     blocked.map((b: { key: string }) => b.key),
     ["a"],
+  )
+  const summary = JSON.parse((await run(["summary", "--group", "g"])).out)
+  assert.ok(summary.oldestGapSeconds >= 90, `b has waited 90 s: ${summary.oldestGapSeconds}`)
+  assert.deepEqual(
+    { ...summary, oldestGapSeconds: 90 },
+    { gapKeys: 1, oldestGapSeconds: 90, deadTasks: 1, blockedKeys: 1 },
   )
 })
 

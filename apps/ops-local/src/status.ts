@@ -2,6 +2,7 @@
 // pm2's list, the site's database, and the NATS monitoring port (/jsz, /leafz), so it works
 // the same while the apps are down and never handles a password.
 import { createDb } from "@keyway/db"
+import { createConsumerAdmin, type GroupSummary } from "@keyway/keyed-consumer"
 import { sql } from "kysely"
 import type { Pm2Process } from "./pm2-client.ts"
 import { type SitePlan, siteDatabaseUrl } from "./site-plan.ts"
@@ -29,6 +30,8 @@ export interface SiteStatus {
   outbox: { backlog: number; oldestAgeS: number | null } | string
   streams: StreamFigures[] | string
   leaf: string
+  /** The site's consumer group: what waits for an operator or for a missing version. */
+  group: GroupSummary | string
   demo: DemoFigures | string
 }
 
@@ -137,6 +140,7 @@ export async function collectStatus(
       outbox,
       streams: await attempt(() => streamFigures(plan)),
       leaf: await attempt(() => leafState(plan)),
+      group: await attempt(() => createConsumerAdmin({ db, group: plan.worker.group }).summary()),
       demo,
     }
   } finally {
@@ -184,6 +188,19 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
     }
   }
   say(`  leaf        ${s.leaf}`)
+  const group = p.worker.group
+  if (typeof s.group === "string") say(`  group       ${group}: ${s.group}`)
+  else {
+    const g = s.group
+    const gaps = g.gapKeys === 0 ? "" : ` (waiting ${duration(g.oldestGapSeconds * 1000)} at most)`
+    const act =
+      g.deadTasks === 0
+        ? ""
+        : `; \`npx just admin dead --group ${group}\` on database ${p.database} lists them`
+    say(
+      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}${act}`,
+    )
+  }
   if (typeof s.demo === "string") say(`  demo        ${s.demo}`)
   else {
     const types = Object.entries(s.demo.byType)

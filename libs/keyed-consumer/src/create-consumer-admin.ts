@@ -1,4 +1,7 @@
 import { type Kysely, sql } from "kysely"
+import { type GroupSummary, groupSummary } from "./internal/inbox-sql.ts"
+
+export type { GroupSummary }
 
 /** Which tasks an admin action touches: one key, a whole topic, or a version range of a key. */
 export interface TaskSelector {
@@ -42,6 +45,8 @@ export interface ConsumerAdminConfig {
  * so a worker draining that key at the same moment writes nothing afterwards.
  */
 export interface ConsumerAdmin {
+  /** The counts an operator checks first, the same the group's metrics report. */
+  summary(): Promise<GroupSummary>
   listDead(topic?: string): Promise<DeadTask[]>
   listGaps(topic?: string): Promise<KeyGap[]>
   /** Keys stopped at a dead task (policy block). */
@@ -124,6 +129,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
+    summary: () => groupSummary(db, group),
     async listDead(topic) {
       const r = await sql<DeadTask>`
         select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,

@@ -4,6 +4,7 @@ export {
   ConsumerAdminError,
   createConsumerAdmin,
   type DeadTask,
+  type GroupSummary,
   type KeyGap,
   type TaskSelector,
 } from "./create-consumer-admin.ts"

@@ -248,6 +248,11 @@ describe("keyed consumer", () => {
     )
     assert.equal(await gauge("consumer_dead_tasks"), 1)
     assert.equal(await gauge("consumer_blocked_keys"), 1)
+    assert.deepEqual(
+      await admin.summary(),
+      { gapKeys: 0, oldestGapSeconds: 0, deadTasks: 1, blockedKeys: 1 },
+      "the admin's summary says what the metrics say",
+    )
     await new Promise((r) => setTimeout(r, 600))
     assert.deepEqual(
       (await effects(t.db)).filter((e) => e.key === "b").map((e) => e.ver),
@@ -271,6 +276,7 @@ describe("keyed consumer", () => {
     assert.deepEqual(await admin.listDead(), [])
     assert.equal(await gauge("consumer_dead_tasks"), 0, "the retry took the task out of dead")
     assert.equal(await gauge("consumer_blocked_keys"), 0)
+    assert.equal((await admin.summary()).deadTasks, 0)
   })
 
   test("max attempts then dead, policy park: later versions run and the dead task stays listed", async () => {

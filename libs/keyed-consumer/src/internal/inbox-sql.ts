@@ -222,10 +222,18 @@ export async function renewLease(
  * with the keys they block, whose next version is dead (the per-key counts of sql/0005). One
  * round trip; each half reads only the handful of keys its partial index holds.
  */
-export async function groupSummary(
-  db: Kysely<any>,
-  group: string,
-): Promise<{ gapKeys: number; oldestGapSeconds: number; deadTasks: number; blockedKeys: number }> {
+export interface GroupSummary {
+  /** Keys waiting for a missing version. */
+  gapKeys: number
+  /** How long the longest of them has waited, 0 when none does. */
+  oldestGapSeconds: number
+  /** Dead tasks waiting for an operator (retry, skip or redrive). */
+  deadTasks: number
+  /** Keys stopped at a dead task (policy block). */
+  blockedKeys: number
+}
+
+export async function groupSummary(db: Kysely<any>, group: string): Promise<GroupSummary> {
   const r = await sql<{
     gap_keys: number
     oldest_gap_seconds: number | null
