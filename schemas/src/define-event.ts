@@ -1,4 +1,5 @@
-import { Result, Schema } from "effect"
+import * as Result from "effect/Result"
+import * as Schema from "effect/Schema"
 
 /**
  * One versioned event type: its name (`<topic>.<name>.v<n>`), the topic whose per-key order
