@@ -5,6 +5,7 @@ const benches: Record<string, () => Promise<void>> = {
   pipeline: async () => (await import("./pipeline.ts")).run(),
   esl: async () => (await import("./esl.ts")).run(),
   link: async () => (await import("./link.ts")).run(),
+  memory: async () => (await import("./memory.ts")).run(),
 }
 
 const name = process.argv[2] ?? ""

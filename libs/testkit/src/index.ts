@@ -8,7 +8,7 @@ export { findPromtool } from "./find-promtool.ts"
 export { freePort } from "./free-port.ts"
 export { metricValue } from "./metric-value.ts"
 export { ServerStartError } from "./server-start-error.ts"
-export { spawnTs, type TsChild } from "./spawn-ts.ts"
+export { type SpawnTsOptions, spawnTs, type TsChild } from "./spawn-ts.ts"
 export {
   type FailureRates,
   type FakeAims,

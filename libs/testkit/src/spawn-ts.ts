@@ -12,6 +12,11 @@ export interface TsChild extends ChildProcess {
   exited(): Promise<{ code: number | null; signal: NodeJS.Signals | null }>
 }
 
+export interface SpawnTsOptions {
+  /** More node flags for this child (e.g. `--expose-gc`, `--import` of a .ts module). */
+  nodeArgs?: string[]
+}
+
 /**
  * Runs a TypeScript entry point in a child process: `node --import tsx`, not the tsx
  * wrapper, so that a signal sent to the child (SIGKILL, SIGSTOP) reaches the program itself.
@@ -20,9 +25,15 @@ export interface TsChild extends ChildProcess {
  * `--cpu-prof --cpu-prof-dir=/tmp/prof` to profile a benchmark's processes (node refuses
  * --cpu-prof in NODE_OPTIONS).
  */
-export function spawnTs(entry: string, env: Record<string, string> = {}): TsChild {
+export function spawnTs(
+  entry: string,
+  env: Record<string, string> = {},
+  options: SpawnTsOptions = {},
+): TsChild {
   const extra = process.env.KEYWAY_CHILD_NODE_ARGS?.split(" ").filter(Boolean) ?? []
-  const child = spawn(process.execPath, [...extra, "--import", "tsx", entry], {
+  // After tsx's own --import, so that an --import of a .ts module works.
+  const nodeArgs = [...extra, "--import", "tsx", ...(options.nodeArgs ?? [])]
+  const child = spawn(process.execPath, [...nodeArgs, entry], {
     cwd: repoRoot,
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "inherit"],
