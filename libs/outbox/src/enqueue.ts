@@ -20,9 +20,25 @@ export interface EnqueuedEvent {
   type: string
 }
 
+export interface EnqueueOptions {
+  /**
+   * The largest payload accepted, in bytes of its JSON. Default {@link DEFAULT_MAX_PAYLOAD_BYTES};
+   * lower it for a NATS server whose max_payload is below the default 1 MiB.
+   */
+  maxPayloadBytes?: number
+}
+
 export class EnqueueError extends Error {
   override name = "EnqueueError"
 }
+
+/**
+ * NATS refuses a message larger than its server's max_payload (1 MiB unless configured),
+ * so an event over it could never leave the outbox: refused here, where the writer still
+ * sees the error and its transaction rolls back. 8 KiB below 1 MiB leaves room for the
+ * envelope around the payload and the message headers.
+ */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 - 8 * 1024
 
 // Keys end up in logs, the inbox and admin commands; a bound and no control characters keep
 // them printable and indexable. Everything else about a key is the domain's business.
@@ -30,7 +46,11 @@ const MAX_KEY_LENGTH = 256
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
 const CONTROL = /[\u0000-\u001f\u007f]/
 
-function check(event: OutboxEvent, index: number): { def: EventType } {
+function check(
+  event: OutboxEvent,
+  index: number,
+  maxPayloadBytes: number,
+): { def: EventType; json: string } {
   const where = `event #${index + 1}`
   if (event === null || typeof event !== "object")
     throw new EnqueueError(`${where} is not an object`)
@@ -46,7 +66,17 @@ function check(event: OutboxEvent, index: number): { def: EventType } {
   }
   // Throws InvalidEventError naming the type and every bad field.
   def.decode(event.payload)
-  return { def }
+  const json = JSON.stringify(event.payload)
+  // Byte length only when it could matter: UTF-8 is at most 3 bytes per UTF-16 unit.
+  if (json.length * 3 > maxPayloadBytes) {
+    const bytes = Buffer.byteLength(json)
+    if (bytes > maxPayloadBytes) {
+      throw new EnqueueError(
+        `${where} (${event.type}, key ${event.key}): payload is ${bytes} bytes of JSON, over the ${maxPayloadBytes} allowed (a NATS message may not exceed the server's max_payload)`,
+      )
+    }
+  }
+  return { def, json }
 }
 
 /** The active span's W3C trace context as the outbox's `trace` column holds it, or null. */
@@ -68,6 +98,7 @@ function activeTraceContext(): string | null {
 export async function enqueue(
   trx: Kysely<any>,
   events: OutboxEvent | readonly OutboxEvent[],
+  options: EnqueueOptions = {},
 ): Promise<EnqueuedEvent[]> {
   // Outside a transaction each statement would commit on its own, so an event could
   // outlive the domain rows it describes: exactly what the outbox exists to prevent.
@@ -78,11 +109,12 @@ export async function enqueue(
   }
   const list = Array.isArray(events) ? events : [events as OutboxEvent]
   if (list.length === 0) return []
-  const checked = list.map((event, i) => ({ event, def: check(event, i).def }))
+  const maxPayloadBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES
+  const checked = list.map((event, i) => ({ event, ...check(event, i, maxPayloadBytes) }))
   const trace = activeTraceContext()
   if (checked.length === 1) {
-    const { event, def } = checked[0]!
-    const [row] = await enqueueOne(trx, def, event, trace)
+    const { event, def, json } = checked[0]!
+    const [row] = await enqueueOne(trx, def, event, json, trace)
     return [{ seq: row!.seq, ver: row!.ver, topic: def.topic, key: event.key, type: def.type }]
   }
   // The distinct (topic, key) pairs, sorted: keyway.enqueue() locks their heads in this
@@ -107,7 +139,7 @@ export async function enqueue(
       ${pairs.map((p) => p.topic)}::text[], ${pairs.map((p) => p.key)}::text[],
       ${pairs.map((p) => p.count)}::int[], ${pairOf}::int[], ${nth}::int[],
       ${checked.map(({ def }) => def.type)}::text[],
-      ${checked.map(({ event }) => JSON.stringify(event.payload))}::jsonb[],
+      ${checked.map(({ json }) => json)}::jsonb[],
       ${trace}::jsonb
     )
   `.execute(trx)
@@ -135,7 +167,13 @@ export async function enqueue(
  * one it waited for, so within a key seq order is version order (DESIGN.md §3).
  * `wake` is joined so that it runs: Postgres skips a WITH query that nothing reads.
  */
-function enqueueOne(trx: Kysely<any>, def: EventType, event: OutboxEvent, trace: string | null) {
+function enqueueOne(
+  trx: Kysely<any>,
+  def: EventType,
+  event: OutboxEvent,
+  json: string,
+  trace: string | null,
+) {
   return sql<{ seq: number; ver: number }>`
     with head as (
       insert into keyway.outbox_key_head as h (topic, key, ver)
@@ -148,7 +186,7 @@ function enqueueOne(trx: Kysely<any>, def: EventType, event: OutboxEvent, trace:
     )
     insert into keyway.outbox as o (seq, topic, key, ver, type, payload, trace)
     select nextval('keyway.outbox_seq'), ${def.topic}, ${event.key}, head.ver, ${def.type},
-           ${JSON.stringify(event.payload)}::jsonb, ${trace}::jsonb
+           ${json}::jsonb, ${trace}::jsonb
       from head left join wake on true
     returning o.seq, o.ver
   `

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { EnqueueError, enqueue } from "@keyway/outbox"
+import { DEFAULT_MAX_PAYLOAD_BYTES, EnqueueError, enqueue } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
@@ -91,6 +91,41 @@ describe("enqueue", () => {
       /key must be a non-empty string/,
     )
     assert.deepEqual(await outboxRows(t), before)
+  })
+
+  test("a payload larger than NATS would carry is refused with its size, and nothing is written", async () => {
+    const before = await outboxRows(t)
+    const noted = (note: string) => ({
+      type: "demo.item.changed.v1",
+      key: "big",
+      payload: { n: 1, note },
+    })
+    // 40 euro signs: 40 characters but 120 bytes of UTF-8, and the limit is in bytes.
+    const json = JSON.stringify(noted("€".repeat(40)).payload)
+    const bytes = Buffer.byteLength(json)
+    assert.ok(json.length < 100 && bytes > 100)
+    await assert.rejects(
+      t.db
+        .transaction()
+        .execute((trx) =>
+          enqueue(trx, [item("big", 1), noted("€".repeat(40))], { maxPayloadBytes: 100 }),
+        ),
+      (err: Error) => {
+        assert.ok(err instanceof EnqueueError)
+        assert.equal(
+          err.message,
+          `event #2 (demo.item.changed.v1, key big): payload is ${bytes} bytes of JSON, over the 100 allowed (a NATS message may not exceed the server's max_payload)`,
+        )
+        return true
+      },
+    )
+    assert.deepEqual(await outboxRows(t), before)
+    // The default leaves room for everything a 1 MiB NATS message carries besides the payload.
+    assert.equal(DEFAULT_MAX_PAYLOAD_BYTES, 1024 * 1024 - 8 * 1024)
+    const [accepted] = await t.db
+      .transaction()
+      .execute((trx) => enqueue(trx, noted("e".repeat(60)), { maxPayloadBytes: 100 }))
+    assert.equal(accepted!.key, "big", "under the limit it is accepted")
   })
 
   test("concurrent writers of overlapping keys get gapless versions whose seq order is version order", async () => {
