@@ -52,6 +52,11 @@ export interface RelayConfig {
   busyPollMs?: number
   /** How long after the last work the relay keeps polling at `busyPollMs`. Default 50 ms. */
   settleMs?: number
+  /**
+   * How long a key whose event NATS refuses for good (larger than the server or stream
+   * allows) is left out of claims before the relay tries it again. Default 60 s.
+   */
+  heldRetryMs?: number
   /** How often a standby retries to become active. Default 1000 ms. */
   standbyRetryMs?: number
   /** Pause after a failed publish or a lost connection. Default 500 ms. */
@@ -86,6 +91,8 @@ export interface RelayStatus {
   published: number
   /** PubAcks that reported a duplicate (a re-publish after a crash). */
   duplicates: number
+  /** Keys held back because NATS refuses one of their events for good. */
+  heldKeys: number
   lastError?: string
 }
 
@@ -146,6 +153,7 @@ export function createRelay(config: RelayConfig): Relay {
     pruneIntervalMs: config.pruneIntervalMs ?? 60_000,
     vacuumEvery: config.vacuumEvery ?? 20_000,
     republishWindowMs: config.republishWindowMs ?? 120_000,
+    heldRetryMs: config.heldRetryMs ?? 60_000,
   }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
@@ -154,7 +162,12 @@ export function createRelay(config: RelayConfig): Relay {
     timeoutMs: config.publishTimeoutMs ?? 5000,
   }
   const log = config.logger ?? quietLogger
-  const state: RelayStatus = { role: "stopped", published: 0, duplicates: 0 }
+  const state: RelayStatus = { role: "stopped", published: 0, duplicates: 0, heldKeys: 0 }
+  // Keys with an event NATS refuses for good, by `topic \u001f key`: left out of claims
+  // until heldRetryAt, then tried again (the limit may have been raised meanwhile). Their
+  // rows stay in the outbox, and KeywayOutboxStuck fires on the oldest of them.
+  const held = new Map<string, { topic: string; key: string }>()
+  let heldRetryAt = 0
   const wake = new WakeSignal()
   let fiber: Fiber.Fiber<never, never> | undefined
   let vacuumedAt = 0
@@ -181,6 +194,11 @@ export function createRelay(config: RelayConfig): Relay {
       name: "outbox_duplicates_total",
       help: "PubAcks that reported a duplicate: re-publishes after a crash or a reconnect",
       collect: () => state.duplicates,
+    })
+    m.collectedGauge({
+      name: "outbox_held_keys",
+      help: "Keys this relay holds back because NATS refuses one of their events for good (too large)",
+      collect: () => held.size,
     })
     m.collectedGauge({
       name: "relay_active",
@@ -255,6 +273,23 @@ export function createRelay(config: RelayConfig): Relay {
       }
       state.published += result.published.length
       state.duplicates += result.published.filter((r) => r.duplicate).length
+      for (const { row, reason } of result.refused) {
+        const id = `${row.topic}\u001f${row.key}`
+        if (held.has(id)) continue
+        if (held.size === 0) heldRetryAt = Date.now() + settings.heldRetryMs
+        held.set(id, { topic: row.topic, key: row.key })
+        // An error, not a warning: nothing of this key moves until someone raises the limit
+        // (or deletes the row and skips its version in the consumer groups).
+        log.error("NATS refuses an event for good; its key is held, the others go on", {
+          seq: row.seq,
+          topic: row.topic,
+          key: row.key,
+          ver: row.ver,
+          reason,
+          retryInMs: heldRetryAt - Date.now(),
+        })
+      }
+      state.heldKeys = held.size
       if (result.error !== undefined) {
         // Not a session failure: leadership and the Postgres connection are fine. Unsent
         // rows stay unpublished and the next claim picks them up after a pause.
@@ -302,7 +337,14 @@ export function createRelay(config: RelayConfig): Relay {
         )
         if (n > 0) log.info("re-publishing recent rows", { rows: n })
       }
-      const rows = yield* query("claim", () => claimBatch(client, settings.batchSize))
+      if (held.size > 0 && Date.now() >= heldRetryAt) {
+        log.info("trying held keys again", { keys: held.size })
+        held.clear()
+        state.heldKeys = 0
+      }
+      const rows = yield* query("claim", () =>
+        claimBatch(client, settings.batchSize, [...held.values()]),
+      )
       if (rows.length > 0) {
         lastWorkAt = Date.now()
         if (listening !== false) {

@@ -261,6 +261,105 @@ describe("relay", () => {
     assert.equal(await value("outbox_publish_seconds_count"), 30)
   })
 
+  /** A relay logger that keeps what it was told. */
+  const recordingLogger = () => {
+    const lines: { level: string; message: string; fields?: Record<string, unknown> }[] = []
+    const at = (level: string) => (message: string, fields?: Record<string, unknown>) =>
+      lines.push({ level, message, fields })
+    return { lines, logger: { info: at("info"), warn: at("warn"), error: at("error") } }
+  }
+  // A note of 600 characters makes an event of about 900 bytes; the others are about 300.
+  const bigItem = (key: string, n: number) => ({
+    type: "demo.item.changed.v1",
+    key,
+    payload: { n, note: "x".repeat(600) },
+  })
+
+  test("an event the stream refuses for good holds its key only; raised limit, it goes on in order", async () => {
+    await fresh()
+    const jsm = await jetstreamManager(nc)
+    const info = await jsm.streams.info(stream)
+    await jsm.streams.update(stream, { ...info.config, max_msg_size: 600 })
+    await t.db.transaction().execute((trx) => enqueue(trx, bigItem("big", 1)))
+    // More of the held key than a batch holds: claims must leave the key out, or its rows
+    // would fill every batch and nothing else would move.
+    for (let n = 2; n <= 12; n++)
+      await t.db.transaction().execute((trx) => enqueue(trx, item("big", n)))
+    await write(t.db, 40, 8)
+    const { lines, logger } = recordingLogger()
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      logger,
+      metrics,
+      batchSize: 10,
+      heldRetryMs: 60_000,
+    })
+    await relay.start()
+    await waitFor(async () => (await streamCount(nc, stream)) === 40, {
+      timeoutMs: 10_000,
+      message: "every other key published",
+    })
+    assert.equal(await unpublishedCount(t.db), 12, "every version of the held key kept")
+    assert.equal(relay.status().heldKeys, 1)
+    assert.equal(metricValue((await metrics.render()).body, "outbox_held_keys"), 1)
+    const refusals = lines.filter((l) => l.level === "error")
+    assert.equal(refusals.length, 1, "said once, not on every claim")
+    assert.equal(refusals[0]!.fields!.key, "big")
+    assert.equal(refusals[0]!.fields!.ver, 1)
+    assert.match(String(refusals[0]!.fields!.reason), /max_msg_size/)
+    assert.ok(
+      !lines.some((l) => l.message.startsWith("publish failed")),
+      "no pause for a retry: the batch went on",
+    )
+    await relay.stop()
+
+    // Raised limit: a relay tries the key again (a new one at once, a running one after
+    // heldRetryMs) and its versions follow everything else, in order.
+    await jsm.streams.update(stream, { ...info.config, max_msg_size: -1 })
+    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, logger })
+    await relay.start()
+    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
+      timeoutMs: 10_000,
+      message: "the held key published",
+    })
+    assertExactlyOnceInOrder(await readStream(nc, stream), 52)
+  })
+
+  test("an event over the server's max_payload holds its key only", async () => {
+    await fresh()
+    await using server = await startNatsServer({ config: "max_payload: 700" })
+    const privateNc = await connectNats({ servers: server.url })
+    try {
+      const privateStream = await createSiteStream(privateNc, site)
+      await t.db.transaction().execute((trx) => enqueue(trx, bigItem("big", 1)))
+      await write(t.db, 20, 4)
+      const { lines, logger } = recordingLogger()
+      relay = createRelay({
+        connectionString: t.url,
+        jetstream: jetstream(privateNc),
+        site,
+        logger,
+        heldRetryMs: 60_000,
+      })
+      await relay.start()
+      await waitFor(async () => (await streamCount(privateNc, privateStream)) === 20, {
+        timeoutMs: 10_000,
+        message: "every other key published",
+      })
+      assert.equal(await unpublishedCount(t.db), 1)
+      const refusal = lines.find((l) => l.level === "error")
+      assert.equal(refusal?.fields?.key, "big")
+      assert.match(String(refusal?.fields?.reason), /max_payload/)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await privateNc.close()
+    }
+  })
+
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
     await fresh()
     await write(t.db, 3000, 30)

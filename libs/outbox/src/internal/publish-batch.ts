@@ -1,6 +1,6 @@
 import { encodeEnvelope } from "@keyway/schemas"
-import type { JetStreamClient } from "@nats-io/jetstream"
-import { headers as natsHeaders } from "@nats-io/transport-node"
+import { JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream"
+import { InvalidArgumentError, headers as natsHeaders } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
@@ -16,8 +16,33 @@ export interface PublishBatchOptions {
 
 export interface PublishBatchResult {
   published: PublishedRow[]
-  /** The first failure; rows after it in the same key were not sent. */
+  /**
+   * Rows NATS refuses whatever the retry (see {@link refusedForGood}), with the reason. Rows
+   * after one in the same key were not sent; other keys went on.
+   */
+  refused: { row: OutboxRow; reason: string }[]
+  /** The first other failure; the batch stopped taking keys at it. */
   error?: unknown
+}
+
+// nats-server's JSStreamMessageExceedsMaximumErr: larger than the stream's max_msg_size.
+const STREAM_MESSAGE_TOO_LARGE = 10054
+
+/**
+ * Why NATS will never take this message as it is, or undefined for a failure that may pass
+ * (a timeout, a lost connection, a stream not there yet). Only the size limits qualify: the
+ * server's max_payload, which nats.js checks before sending, and the stream's max_msg_size.
+ * Retrying those only repeats the refusal, and stopping the batch at them would hold up
+ * every other key behind one event.
+ */
+export function refusedForGood(err: unknown): string | undefined {
+  if (err instanceof InvalidArgumentError && /max_payload/.test(err.message)) {
+    return `larger than the server's max_payload (${err.message})`
+  }
+  if (err instanceof JetStreamApiError && err.code === STREAM_MESSAGE_TOO_LARGE) {
+    return `larger than the stream's max_msg_size (${err.message})`
+  }
+  return undefined
 }
 
 export function subjectOf(prefix: string, topic: string): string {
@@ -79,7 +104,9 @@ async function publishOne(js: JetStreamClient, row: OutboxRow, o: PublishBatchOp
  * Publishes a claimed batch: keys in parallel, at most `window` PubAcks outstanding, and
  * within one key strictly one after the other in version order, so the stream holds each
  * key's events in version order. When a publish fails its key stops there: sending version
- * n+1 after n failed would put them in the stream out of order on the retry.
+ * n+1 after n failed would put them in the stream out of order on the retry. A failure that
+ * may pass (NATS down, say) also stops the batch from starting more keys; a refusal for good
+ * stops its key only.
  */
 export async function publishBatch(
   js: JetStreamClient,
@@ -95,6 +122,7 @@ export async function publishBatch(
   }
   const queue = [...chains.values()]
   const published: PublishedRow[] = []
+  const refused: PublishBatchResult["refused"] = []
   let error: unknown
   let next = 0
   const worker = async () => {
@@ -105,7 +133,9 @@ export async function publishBatch(
           const ack = await publishOne(js, row, options)
           published.push({ seq: row.seq, streamSeq: ack.seq, duplicate: ack.duplicate })
         } catch (err) {
-          error ??= err
+          const reason = refusedForGood(err)
+          if (reason === undefined) error ??= err
+          else refused.push({ row, reason })
           break
         }
       }
@@ -113,5 +143,5 @@ export async function publishBatch(
   }
   const workers = Math.max(1, Math.min(options.window, queue.length))
   await Promise.all(Array.from({ length: workers }, worker))
-  return error === undefined ? { published } : { published, error }
+  return error === undefined ? { published, refused } : { published, refused, error }
 }

@@ -18,14 +18,32 @@ export async function tryTakeLeadership(client: pg.Client): Promise<boolean> {
 // Claimed by state, never by a `seq > cursor`: a row that commits late with a low seq is
 // still unpublished, so the next claim finds it. Only the active relay reads here, so no
 // row locks are needed. The partial index keeps this cheap however large the table grows.
-export async function claimBatch(client: pg.Client, limit: number): Promise<OutboxRow[]> {
+// Held keys (an event NATS refuses for good, see publish-batch.ts) are left out whole, so
+// that their rows do not fill every batch while the rest of the outbox waits behind them.
+export async function claimBatch(
+  client: pg.Client,
+  limit: number,
+  held: readonly { topic: string; key: string }[] = [],
+): Promise<OutboxRow[]> {
+  if (held.length === 0) {
+    const r = await client.query<OutboxRow>(
+      `select seq, topic, key, ver, type, payload, trace, created_at
+         from keyway.outbox
+        where published_at is null
+        order by seq
+        limit $1`,
+      [limit],
+    )
+    return r.rows
+  }
   const r = await client.query<OutboxRow>(
     `select seq, topic, key, ver, type, payload, trace, created_at
        from keyway.outbox
       where published_at is null
+        and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
       order by seq
       limit $1`,
-    [limit],
+    [limit, held.map((h) => h.topic), held.map((h) => h.key)],
   )
   return r.rows
 }
