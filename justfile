@@ -57,7 +57,8 @@ up site="":
 down site="":
     node --import tsx apps/ops-local/src/main.ts down {{site}}
 
-# Per site: processes, outbox backlog, stream counts, consumer lag, leaf link, demo effects.
+# Per site: processes, outbox backlog, stream counts, consumer lag, leaf link, the consumer
+# group's dead tasks, blocked keys and gaps, demo effects.
 status:
     node --import tsx apps/ops-local/src/main.ts status
 
@@ -70,7 +71,7 @@ secrets:
 pm2 *args:
     PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 {{args}}
 
-# A consumer group's dead tasks, gaps and blocked keys, and retry/skip/redrive:
+# A consumer group's summary, dead tasks, gaps and blocked keys, and retry/skip/redrive:
 # `just admin dead --group cloud-demo` (DATABASE_URL names the group's database).
 admin *args:
     node --import tsx apps/admin/src/main.ts {{args}}

@@ -61,7 +61,7 @@ try {
   let result: unknown
   switch (command) {
     case "summary":
-      result = await admin.summary()
+      result = await admin.summarise()
       break
     case "dead":
       result = await admin.listDead(values.topic)

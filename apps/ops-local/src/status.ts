@@ -32,6 +32,8 @@ export interface SiteStatus {
   leaf: string
   /** The site's consumer group: what waits for an operator or for a missing version. */
   group: GroupSummary | string
+  /** The site's database, without a password, for the commands status suggests. */
+  databaseUrl: string
   demo: DemoFigures | string
 }
 
@@ -140,12 +142,19 @@ export async function collectStatus(
       outbox,
       streams: await attempt(() => streamFigures(plan)),
       leaf: await attempt(() => leafState(plan)),
-      group: await attempt(() => createConsumerAdmin({ db, group: plan.worker.group }).summary()),
+      group: await attempt(() => createConsumerAdmin({ db, group: plan.worker.group }).summarise()),
+      databaseUrl: withoutPassword(siteDatabaseUrl(plan, postgresUrl)),
       demo,
     }
   } finally {
     await db.destroy()
   }
+}
+
+function withoutPassword(url: string): string {
+  const u = new URL(url)
+  u.password = ""
+  return u.toString()
 }
 
 const n = (x: number) => x.toLocaleString("en-US")
@@ -196,7 +205,7 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
     const act =
       g.deadTasks === 0
         ? ""
-        : `; \`npx just admin dead --group ${group}\` on database ${p.database} lists them`
+        : `; list them: DATABASE_URL=${s.databaseUrl} npx just admin dead --group ${group}`
     say(
       `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}${act}`,
     )

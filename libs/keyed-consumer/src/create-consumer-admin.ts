@@ -46,7 +46,7 @@ export interface ConsumerAdminConfig {
  */
 export interface ConsumerAdmin {
   /** The counts an operator checks first, the same the group's metrics report. */
-  summary(): Promise<GroupSummary>
+  summarise(): Promise<GroupSummary>
   listDead(topic?: string): Promise<DeadTask[]>
   listGaps(topic?: string): Promise<KeyGap[]>
   /** Keys stopped at a dead task (policy block). */
@@ -129,7 +129,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
-    summary: () => groupSummary(db, group),
+    summarise: () => groupSummary(db, group),
     async listDead(topic) {
       const r = await sql<DeadTask>`
         select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,

@@ -249,7 +249,7 @@ describe("keyed consumer", () => {
     assert.equal(await gauge("consumer_dead_tasks"), 1)
     assert.equal(await gauge("consumer_blocked_keys"), 1)
     assert.deepEqual(
-      await admin.summary(),
+      await admin.summarise(),
       { gapKeys: 0, oldestGapSeconds: 0, deadTasks: 1, blockedKeys: 1 },
       "the admin's summary says what the metrics say",
     )
@@ -276,7 +276,7 @@ describe("keyed consumer", () => {
     assert.deepEqual(await admin.listDead(), [])
     assert.equal(await gauge("consumer_dead_tasks"), 0, "the retry took the task out of dead")
     assert.equal(await gauge("consumer_blocked_keys"), 0)
-    assert.equal((await admin.summary()).deadTasks, 0)
+    assert.equal((await admin.summarise()).deadTasks, 0)
   })
 
   test("max attempts then dead, policy park: later versions run and the dead task stays listed", async () => {

@@ -120,12 +120,18 @@ const quietLogger: RelayLogger = {
 
 const errorMessage = (err: unknown) => (err instanceof Error ? err.message : String(err))
 
-/** The scrape's connection: never a seq scan (see the session's), never a hung scrape. */
-function newMetricsPool(connectionString: string, site: string): pg.Pool {
+/**
+ * The scrape's connection: never a seq scan (see the session's), and bounded in time, so a
+ * Postgres that does not answer fails the scrape's backlog gauges instead of hanging the
+ * scrape or stop().
+ */
+function openMetricsPool(connectionString: string, site: string): pg.Pool {
   const pool = new pg.Pool({
     connectionString,
     max: 1,
     idleTimeoutMillis: 30_000,
+    connectionTimeoutMillis: 2000,
+    query_timeout: 6000,
     application_name: `keyway-relay-metrics:${site}`,
     options: "-c enable_seqscan=off -c statement_timeout=5000",
   })
@@ -210,7 +216,7 @@ export function createRelay(config: RelayConfig): Relay {
     // that lost leadership does not keep its last figure (KeywayOutboxStuck takes the max).
     const pending = perScrape(async () => {
       if (state.role !== "active") return { pending: 0, oldestSeconds: 0 }
-      metricsPool ??= newMetricsPool(config.connectionString, config.site)
+      metricsPool ??= openMetricsPool(config.connectionString, config.site)
       return pendingSummary(metricsPool)
     })
     m.collectedGauge({
@@ -311,6 +317,13 @@ export function createRelay(config: RelayConfig): Relay {
       yield* Effect.sleep(settings.standbyRetryMs)
     }
     state.role = "active"
+    // Leadership ends with this scope (the lock goes with the connection): from then on the
+    // backlog is not this relay's to report, even while stop() still waits for a vacuum.
+    yield* Effect.addFinalizer(() =>
+      Effect.sync(() => {
+        state.role = "connecting"
+      }),
+    )
     log.info("relay active", { site: config.site })
     yield* query("listen", () => client.query("listen keyway_outbox"))
     // A relay that stops is not listening: without this, writers would keep paying for
@@ -425,10 +438,12 @@ export function createRelay(config: RelayConfig): Relay {
       const running = fiber
       fiber = undefined
       await Effect.runPromise(Fiber.interrupt(running))
-      await vacuuming
       state.role = "stopped"
-      await metricsPool?.end().catch(() => {})
+      // Taken before awaiting, so a start() meanwhile gets a pool of its own.
+      const pool = metricsPool
       metricsPool = undefined
+      await pool?.end().catch(() => {})
+      await vacuuming
     },
     status: () => ({ ...state }),
     [Symbol.asyncDispose]() {

@@ -531,12 +531,24 @@ describe("relay", () => {
       assert.equal(await unpublishedCount(t.db), 1000, "backlog kept in the outbox")
       assert.equal(await value("outbox_pending"), 1000, "the backlog on /metrics")
       assert.ok((await value("outbox_oldest_pending_seconds"))! >= 1, "and its age")
+      // Scrapes read on a connection of their own, not in line with claims and marks.
+      const connections = async (name: string) =>
+        (
+          await sql<{ n: number }>`select count(*)::int as n from pg_stat_activity
+                                    where application_name = ${name}`.execute(t.db)
+        ).rows[0]!.n
+      assert.equal(await connections(`keyway-relay-metrics:${site}`), 1)
+      assert.equal(await connections(`keyway-relay:${site}`), 1)
       // A relay that stops owns no backlog any more: its last figure must not linger on
       // /metrics (the alert takes the max over relays). Another relay takes the work up.
       await relay.stop()
       assert.equal(await value("relay_active"), 0)
       assert.equal(await value("outbox_pending"), 0, "a stopped relay reports no backlog")
       assert.equal(await value("outbox_oldest_pending_seconds"), 0)
+      await waitFor(async () => (await connections(`keyway-relay-metrics:${site}`)) === 0, {
+        timeoutMs: 5000,
+        message: "stop() closed the scrape's connection",
+      })
       relay = createRelay(config)
       await relay.start()
       await server.start()
