@@ -168,7 +168,7 @@ export function createRelay(config: RelayConfig): Relay {
     timeoutMs: config.publishTimeoutMs ?? 5000,
   }
   const log = config.logger ?? quietLogger
-  const state: RelayStatus = { role: "stopped", published: 0, duplicates: 0, heldKeys: 0 }
+  const state: Omit<RelayStatus, "heldKeys"> = { role: "stopped", published: 0, duplicates: 0 }
   // Keys with an event NATS refuses for good, by `topic \u001f key`: left out of claims
   // until heldRetryAt, then tried again (the limit may have been raised meanwhile). Their
   // rows stay in the outbox, and KeywayOutboxStuck fires on the oldest of them.
@@ -295,7 +295,6 @@ export function createRelay(config: RelayConfig): Relay {
           retryInMs: heldRetryAt - Date.now(),
         })
       }
-      state.heldKeys = held.size
       if (result.error !== undefined) {
         // Not a session failure: leadership and the Postgres connection are fine. Unsent
         // rows stay unpublished and the next claim picks them up after a pause.
@@ -353,7 +352,6 @@ export function createRelay(config: RelayConfig): Relay {
       if (held.size > 0 && Date.now() >= heldRetryAt) {
         log.info("trying held keys again", { keys: held.size })
         held.clear()
-        state.heldKeys = 0
       }
       const rows = yield* query("claim", () =>
         claimBatch(client, settings.batchSize, [...held.values()]),
@@ -445,7 +443,7 @@ export function createRelay(config: RelayConfig): Relay {
       await pool?.end().catch(() => {})
       await vacuuming
     },
-    status: () => ({ ...state }),
+    status: () => ({ ...state, heldKeys: held.size }),
     [Symbol.asyncDispose]() {
       return this.stop()
     },

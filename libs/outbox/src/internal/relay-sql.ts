@@ -23,19 +23,8 @@ export async function tryTakeLeadership(client: pg.Client): Promise<boolean> {
 export async function claimBatch(
   client: pg.Client,
   limit: number,
-  held: readonly { topic: string; key: string }[] = [],
+  held: readonly { topic: string; key: string }[],
 ): Promise<OutboxRow[]> {
-  if (held.length === 0) {
-    const r = await client.query<OutboxRow>(
-      `select seq, topic, key, ver, type, payload, trace, created_at
-         from keyway.outbox
-        where published_at is null
-        order by seq
-        limit $1`,
-      [limit],
-    )
-    return r.rows
-  }
   const r = await client.query<OutboxRow>(
     `select seq, topic, key, ver, type, payload, trace, created_at
        from keyway.outbox
