@@ -1,0 +1,118 @@
+// keyway.ingest() against the real Postgres: what it records, and that it never waits for
+// a handler's transaction (sql/0006_ingest_without_waiting.sql).
+import assert from "node:assert/strict"
+import { after, before, describe, test } from "node:test"
+import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { sql } from "kysely"
+import pg from "pg"
+import { type IncomingEvent, ingestBatch } from "../src/internal/inbox-sql.ts"
+
+const GROUP = "g"
+
+function event(key: string, ver: number, streamSeq: number): IncomingEvent {
+  return {
+    topic: "demo.item",
+    key,
+    ver,
+    eventId: `site:${streamSeq}`,
+    type: "demo.item.changed.v1",
+    payload: JSON.stringify({ n: ver }),
+    trace: null,
+    createdAt: new Date().toISOString(),
+    streamSeq,
+  }
+}
+
+describe("keyway.ingest", () => {
+  let t: TestDatabase
+
+  before(async () => {
+    t = await createTestDatabase({ poolSize: 4 })
+  })
+  after(async () => {
+    await t.drop()
+  })
+
+  const keyRow = async (key: string) =>
+    (
+      await sql<{ done_ver: number; baseline_stream_seq: number | null }>`
+        select done_ver, baseline_stream_seq from keyway.consumer_key
+         where grp = ${GROUP} and topic = 'demo.item' and key = ${key}`.execute(t.db)
+    ).rows
+
+  test("records first-seen keys with their start, drops redeliveries, returns keys that got rows", async () => {
+    const woken = await ingestBatch(t.db, GROUP, [
+      event("a", 1, 10),
+      event("a", 2, 11),
+      event("b", 6, 13), // first seen above version 1: a provisional start
+      event("b", 5, 12),
+    ])
+    assert.deepEqual(woken.map((r) => r.key).sort(), ["a", "b"])
+    assert.deepEqual(await keyRow("a"), [{ done_ver: 0, baseline_stream_seq: null }])
+    // Starts below its lowest version, provisionally, from that version's stream sequence.
+    assert.deepEqual(await keyRow("b"), [{ done_ver: 4, baseline_stream_seq: 12 }])
+
+    // A redelivery changes nothing and wakes nobody; a known key's start is kept even when
+    // its next batch begins higher up.
+    assert.deepEqual(await ingestBatch(t.db, GROUP, [event("a", 2, 11)]), [])
+    assert.deepEqual(await ingestBatch(t.db, GROUP, [event("a", 4, 15)]), [
+      { topic: "demo.item", key: "a" },
+    ])
+    assert.deepEqual(await keyRow("a"), [{ done_ver: 0, baseline_stream_seq: null }])
+    const inbox = await sql<{ key: string; ver: number }>`
+      select key, ver from keyway.inbox where grp = ${GROUP} order by key, ver`.execute(t.db)
+    assert.deepEqual(
+      inbox.rows.map((r) => `${r.key}${r.ver}`),
+      ["a1", "a2", "a4", "b5", "b6"],
+    )
+  })
+
+  test("does not wait for an open transaction that updated the key (a handler's completion)", async () => {
+    await ingestBatch(t.db, GROUP, [event("busy", 1, 100)])
+    // A completion in flight: the key's row updated, its transaction not yet committed.
+    const handler = new pg.Client({ connectionString: t.url })
+    await handler.connect()
+    try {
+      await handler.query("begin")
+      await handler.query(
+        `update keyway.consumer_key set done_ver = 1
+          where grp = $1 and topic = 'demo.item' and key = 'busy'`,
+        [GROUP],
+      )
+      // Before 0006, ON CONFLICT on consumer_key waited for that transaction to end; with a
+      // lock timeout it fails instead of hanging the test.
+      const woken = await t.db.transaction().execute(async (trx) => {
+        await sql`set local lock_timeout = '3s'`.execute(trx)
+        return ingestBatch(trx, GROUP, [event("busy", 2, 101)])
+      })
+      assert.deepEqual(woken, [{ topic: "demo.item", key: "busy" }])
+      await handler.query("commit")
+    } finally {
+      await handler.end()
+    }
+    assert.deepEqual(await keyRow("busy"), [{ done_ver: 1, baseline_stream_seq: null }])
+  })
+
+  test("two ingests that see a new key at once keep one start", async () => {
+    const first = new pg.Client({ connectionString: t.url })
+    await first.connect()
+    try {
+      await first.query("begin")
+      await first.query(
+        `select * from keyway.ingest($1, '{demo.item}', '{fresh}', '{3}', '{site:203}',
+           '{demo.item.changed.v1}', '{"{}"}', '{null}', array[now()], '{203}')`,
+        [GROUP],
+      )
+      // The second sees no row yet, inserts, meets the first in ON CONFLICT and waits for it.
+      const second = ingestBatch(t.db, GROUP, [event("fresh", 1, 201), event("fresh", 2, 202)])
+      await new Promise((r) => setTimeout(r, 200))
+      await first.query("commit")
+      assert.deepEqual(await second, [{ topic: "demo.item", key: "fresh" }])
+    } finally {
+      await first.end()
+    }
+    // The first to commit decides the start; the provisional one is settled later by
+    // keyway.confirm_baselines(), as before.
+    assert.deepEqual(await keyRow("fresh"), [{ done_ver: 2, baseline_stream_seq: 203 }])
+  })
+})
