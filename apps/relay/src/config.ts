@@ -18,6 +18,8 @@ export interface RelayAppConfig {
   batchSize: number
   window: number
   pollIntervalMs: number
+  /** The pause between claims while events flow (createRelay's busyPollMs). */
+  busyPollMs: number
   retentionHours: number
   /** Serve /metrics on this port (METRICS_PORT); unset: no metrics server. */
   metricsPort?: number
@@ -40,6 +42,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     batchSize: intEnv(env, "RELAY_BATCH_SIZE", 500),
     window: intEnv(env, "RELAY_WINDOW", 256),
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
+    busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 5),
     retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24),
   }
 }

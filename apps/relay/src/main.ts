@@ -40,6 +40,7 @@ const relay = createRelay({
   batchSize: config.batchSize,
   window: config.window,
   pollIntervalMs: config.pollIntervalMs,
+  busyPollMs: config.busyPollMs,
   retentionMs: config.retentionHours * 3600_000,
   logger,
   metrics,

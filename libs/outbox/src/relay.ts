@@ -48,7 +48,10 @@ export interface RelayConfig {
   window?: number
   /** Fallback poll while listening, in case no NOTIFY arrives. Default 1000 ms. */
   pollIntervalMs?: number
-  /** Poll interval while work was seen within `settleMs`. Default 2 ms. */
+  /**
+   * While work was seen within `settleMs`: the pause before the next claim, after an empty
+   * claim and after a batch that was not full alike. Default 5 ms.
+   */
   busyPollMs?: number
   /** How long after the last work the relay keeps polling at `busyPollMs`. Default 50 ms. */
   settleMs?: number
@@ -151,7 +154,7 @@ export function createRelay(config: RelayConfig): Relay {
   const settings = {
     batchSize: config.batchSize ?? 500,
     pollIntervalMs: config.pollIntervalMs ?? 1000,
-    busyPollMs: config.busyPollMs ?? 2,
+    busyPollMs: config.busyPollMs ?? 5,
     settleMs: config.settleMs ?? 50,
     standbyRetryMs: config.standbyRetryMs ?? 1000,
     retryDelayMs: config.retryDelayMs ?? 500,
@@ -365,7 +368,13 @@ export function createRelay(config: RelayConfig): Relay {
         // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
         // now spares a re-publish after the restart.
         yield* Effect.uninterruptible(publishAndMark(client, rows))
-        continue
+        // A full batch means a backlog: claim again at once. Otherwise pause busyPollMs like
+        // after an empty claim. Claiming again at once kept a steady flow in batches of two or
+        // three rows, each with its own claim, mark and commit, and those round trips took the
+        // CPU that the rest of the pipeline needed: `just bench pipeline` (1 event per tx, back
+        // to back) went from 1,268 events/s, 1.54 ms of machine CPU per event and p99 102 ms
+        // at 1,000 events/s to 1,517, 1.26 ms and p99 63 ms, for 4 ms more commit-to-stream.
+        if (rows.length >= settings.batchSize) continue
       }
       if (
         settings.vacuumEvery > 0 &&
