@@ -1,8 +1,8 @@
-// The ESL benchmark (issue 5): writer → outbox → relay → JetStream → esl-worker (2 processes)
+// The ESL benchmark (issue 5): writer → outbox → relay → JetStream → esl-worker (1 process)
 // → render → fake AIMS answering after 20 ms.
 //  1. commit-to-AIMS latency at a steady 200 label updates/s, one label per job;
 //  2. label throughput: one job over 1,000 labels, from its commit to the last AIMS answer.
-// Knobs: BENCH_ESL_RATE (200), BENCH_ESL_SECONDS (15), BENCH_ESL_WORKERS (2 processes).
+// Knobs: BENCH_ESL_RATE (200), BENCH_ESL_SECONDS (15), BENCH_ESL_WORKERS (1 process).
 import { randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
@@ -19,7 +19,13 @@ const LATENCY_SECONDS = Number(process.env.BENCH_ESL_SECONDS ?? 15)
 const WARMUP_SECONDS = 2
 const WRITERS = 8
 const AIMS_LATENCY_MS = 20
-const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 2)
+// One worker process: on two cores shared with Postgres, NATS, the writers and the relay, a
+// second process splits the batches that let one round trip serve several labels and adds
+// a scheduler to the same cores. Measured back to back: with one, p99 61.6-69 ms at 200/s
+// (5 runs), 7.6 ms of machine CPU a label, 734-769 labels/s on the 1,000-label job; with
+// two, p99 96 and 149 ms, 8.9 ms a label, 943 labels/s. The second process buys throughput
+// on a big job with latency at a steady rate; BENCH_ESL_WORKERS=2 measures that side.
+const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 1)
 const CONCURRENCY = Number(process.env.BENCH_ESL_CONCURRENCY ?? 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
@@ -202,7 +208,7 @@ export async function run() {
       [
         "labels/s, one 1,000-label job",
         result.labels_per_s,
-        `${WORKER_PROCESSES} worker processes x ${CONCURRENCY} keys`,
+        `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"} x ${CONCURRENCY} keys`,
       ],
     ])
     console.log(JSON.stringify(result))

@@ -328,7 +328,7 @@ export async function run() {
         "events/s end to end",
         result.keyway_per_s,
         result.graphile_keyed_per_s,
-        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker processes x ${env.CONCURRENCY}`,
+        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"} x ${env.CONCURRENCY}`,
       ],
       [
         "events written/s meanwhile",
