@@ -1,4 +1,4 @@
--- Ingest no longer waits for the group's handlers.
+-- Ingest no longer waits for the group's handlers, for events it has not seen before.
 --
 -- 0003's ingest recorded first-seen keys with INSERT ... ON CONFLICT DO NOTHING for every key
 -- of the batch. A key that is being drained has its consumer_key row updated (claim,
@@ -16,6 +16,10 @@
 -- new key at once still meet in ON CONFLICT, which keeps the first: the same result as
 -- before. A primary-key lookup per key rather than an anti-join, for the reason 0003 gives:
 -- a cached generic plan cannot turn it into a scan of every key.
+--
+-- A redelivered event can still wait: its inbox row exists, and while a handler transaction
+-- is updating that row the inbox insert's ON CONFLICT cannot decide until it ends. Only
+-- redeliveries (ack_wait passed, a worker restarted) meet this, and they are rare.
 create or replace function keyway.ingest(
   p_grp text, p_topics text[], p_keys text[], p_vers bigint[], p_ids text[], p_types text[],
   p_payloads jsonb[], p_traces jsonb[], p_created timestamptz[], p_stream_seqs bigint[]

@@ -26,6 +26,7 @@ const AIMS_LATENCY_MS = 20
 // two, p99 96 and 149 ms, 8.9 ms a label, 943 labels/s. The second process buys throughput
 // on a big job with latency at a steady rate; BENCH_ESL_WORKERS=2 measures that side.
 const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 1)
+const workerProcesses = `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"}`
 const CONCURRENCY = Number(process.env.BENCH_ESL_CONCURRENCY ?? 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
@@ -208,7 +209,7 @@ export async function run() {
       [
         "labels/s, one 1,000-label job",
         result.labels_per_s,
-        `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"} x ${CONCURRENCY} keys`,
+        `${workerProcesses} x ${CONCURRENCY} keys`,
       ],
     ])
     console.log(JSON.stringify(result))

@@ -23,6 +23,7 @@ const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 // splits the batches that make each round trip serve many keys, and adds a scheduler to the
 // same two cores.
 const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
+const workerProcesses = `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"}`
 // While working on one side, `BENCH_ONLY=keyway` skips graphile-worker (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
@@ -328,7 +329,7 @@ export async function run() {
         "events/s end to end",
         result.keyway_per_s,
         result.graphile_keyed_per_s,
-        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"} x ${env.CONCURRENCY}`,
+        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${workerProcesses} x ${env.CONCURRENCY}`,
       ],
       [
         "events written/s meanwhile",

@@ -2,7 +2,7 @@
 // a handler's transaction (sql/0006_ingest_without_waiting.sql).
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
 import { type IncomingEvent, ingestBatch } from "../src/internal/inbox-sql.ts"
@@ -40,7 +40,7 @@ describe("keyway.ingest", () => {
          where grp = ${GROUP} and topic = 'demo.item' and key = ${key}`.execute(t.db)
     ).rows
 
-  test("records first-seen keys with their start, drops redeliveries, returns keys that got rows", async () => {
+  test("first-seen keys get their start; redeliveries are dropped and wake nobody", async () => {
     const woken = await ingestBatch(t.db, GROUP, [
       event("a", 1, 10),
       event("a", 2, 11),
@@ -67,7 +67,7 @@ describe("keyway.ingest", () => {
     )
   })
 
-  test("does not wait for an open transaction that updated the key (a handler's completion)", async () => {
+  test("does not wait for an open transaction that updated the key", async () => {
     await ingestBatch(t.db, GROUP, [event("busy", 1, 100)])
     // A completion in flight: the key's row updated, its transaction not yet committed.
     const handler = new pg.Client({ connectionString: t.url })
@@ -105,13 +105,23 @@ describe("keyway.ingest", () => {
       )
       // The second sees no row yet, inserts, meets the first in ON CONFLICT and waits for it.
       const second = ingestBatch(t.db, GROUP, [event("fresh", 1, 201), event("fresh", 2, 202)])
-      await new Promise((r) => setTimeout(r, 200))
+      await waitFor(
+        async () =>
+          (
+            await first.query(
+              `select 1 from pg_stat_activity
+                where datname = current_database() and wait_event_type = 'Lock'
+                  and query like '%keyway.ingest%'`,
+            )
+          ).rowCount === 1,
+        { timeoutMs: 10_000, message: "the second ingest waits for the first" },
+      )
       await first.query("commit")
       assert.deepEqual(await second, [{ topic: "demo.item", key: "fresh" }])
     } finally {
       await first.end()
     }
-    // The first to commit decides the start; the provisional one is settled later by
+    // The first to insert (and commit) decides the start; a provisional one is settled by
     // keyway.confirm_baselines(), as before.
     assert.deepEqual(await keyRow("fresh"), [{ done_ver: 2, baseline_stream_seq: 203 }])
   })

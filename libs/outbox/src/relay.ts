@@ -360,7 +360,6 @@ export function createRelay(config: RelayConfig): Relay {
         claimBatch(client, settings.batchSize, [...held.values()]),
       )
       if (rows.length > 0) {
-        lastWorkAt = Date.now()
         if (listening !== false) {
           listening = false
           yield* query("stop listening", () => setListening(client, false))
@@ -368,12 +367,18 @@ export function createRelay(config: RelayConfig): Relay {
         // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
         // now spares a re-publish after the restart.
         yield* Effect.uninterruptible(publishAndMark(client, rows))
+        // Counted from the batch's end: one whose PubAcks took longer than settleMs must not
+        // make the pause below raise the listening flag in the middle of a steady flow.
+        lastWorkAt = Date.now()
         // A full batch means a backlog: claim again at once. Otherwise pause busyPollMs like
         // after an empty claim. Claiming again at once kept a steady flow in batches of two or
         // three rows, each with its own claim, mark and commit, and those round trips took the
-        // CPU that the rest of the pipeline needed: `just bench pipeline` (1 event per tx, back
-        // to back) went from 1,268 events/s, 1.54 ms of machine CPU per event and p99 102 ms
-        // at 1,000 events/s to 1,517, 1.26 ms and p99 63 ms, for 4 ms more commit-to-stream.
+        // CPU that the rest of the pipeline needed. `just bench pipeline` (1 event per tx, back
+        // to back), a 2 ms claim-at-once relay against a 5 ms paced one: 1,268 against 1,517
+        // events/s, 1.54 against 1.26 ms of machine CPU per event, p99 at 1,000 events/s 102
+        // against 63 ms. `just bench relay` pays for it: commit-to-stream p50 1.3 -> 5.5 ms,
+        // p99 5 -> 12 ms. A 3 ms pause measured about the same as 5, an 8 ms one worse (p99
+        // 99.5 ms): past a few ms, the wait costs more than the larger batch saves.
         if (rows.length >= settings.batchSize) continue
       }
       if (

@@ -76,6 +76,10 @@ describe("relay", () => {
     site = uniqueSite()
     stream = await createSiteStream(nc, site)
   }
+  /** The flag that tells writers to NOTIFY: the relay is idle and waits for one. */
+  const listening = async () =>
+    (await sql<{ l: boolean }>`select listening as l from keyway.relay_state`.execute(t.db))
+      .rows[0]!.l
   after(async () => {
     await relay?.stop()
     await t?.drop()
@@ -169,9 +173,6 @@ describe("relay", () => {
 
   test("an idle relay listens: a NOTIFY wakes it long before its fallback poll", async () => {
     await fresh()
-    const listening = async () =>
-      (await sql<{ l: boolean }>`select listening as l from keyway.relay_state`.execute(t.db))
-        .rows[0]!.l
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
@@ -201,6 +202,52 @@ describe("relay", () => {
     await relay.stop()
     relay = undefined
     assert.equal(await listening(), false, "a stopped relay does not ask writers to notify")
+  })
+
+  test("a steady flow with slow PubAcks never asks writers to notify", async () => {
+    await fresh()
+    // Every change of the flag, as writers see it: each raise makes them NOTIFY, which
+    // serialises their commits.
+    await sql`create table flag_change (listening boolean not null)`.execute(t.db)
+    await sql`create function record_flag_change() returns trigger language plpgsql as $$
+                begin insert into flag_change values (new.listening); return new; end $$`.execute(
+      t.db,
+    )
+    await sql`create trigger flag_change after update on keyway.relay_state for each row
+                when (old.listening is distinct from new.listening)
+                execute function record_flag_change()`.execute(t.db)
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      settleMs: 50,
+      // Slow PubAcks: each batch takes longer than settleMs from its claim to its mark.
+      beforeMark: () => new Promise((r) => setTimeout(r, 80)),
+    })
+    await relay.start()
+    await waitFor(listening, { timeoutMs: 10_000, message: "relay listens while idle" })
+    await sql`delete from flag_change`.execute(t.db)
+    // An event every 10 ms for 1.5 s: about 18 batches of 8.
+    const events = 150
+    for (let i = 0; i < events; i++) {
+      await write(t.db, 1, 10, i)
+      await new Promise((r) => setTimeout(r, 10))
+    }
+    await waitFor(async () => (await streamCount(nc, stream)) === events, {
+      timeoutMs: 20_000,
+      message: "every event published",
+    })
+    await waitFor(listening, { timeoutMs: 10_000, message: "relay listens again afterwards" })
+    const changes = await sql<{ listening: boolean }>`select listening from flag_change`.execute(
+      t.db,
+    )
+    // Down when the flow starts, up when it is over. Counting the mark-to-claim gap as idle
+    // raised the flag after every batch (42 changes here). A stall of the writer loop
+    // longer than settleMs may honestly add a pair; more than that is the old behaviour.
+    assert.ok(
+      changes.rows.length >= 2 && changes.rows.length <= 4,
+      `flag changed ${changes.rows.length} times: ${changes.rows.map((r) => r.listening)}`,
+    )
   })
 
   test("metrics: the backlog and its age while publishing is held, then the totals", async () => {
