@@ -105,15 +105,16 @@ describe("keyway.ingest", () => {
       )
       // The second sees no row yet, inserts, meets the first in ON CONFLICT and waits for it.
       const second = ingestBatch(t.db, GROUP, [event("fresh", 1, 201), event("fresh", 2, 202)])
+      // Asked on a connection of its own, outside `first`'s transaction: a transaction sees
+      // pg_stat_activity as it was at its first look, so polling from `first` saw the second
+      // ingest not yet waiting, forever, whenever it was slower to get there than the poll.
       await waitFor(
         async () =>
           (
-            await first.query(
-              `select 1 from pg_stat_activity
-                where datname = current_database() and wait_event_type = 'Lock'
-                  and query like '%keyway.ingest%'`,
-            )
-          ).rowCount === 1,
+            await sql`select 1 from pg_stat_activity
+                       where datname = current_database() and wait_event_type = 'Lock'
+                         and query like '%keyway.ingest%'`.execute(t.db)
+          ).rows.length === 1,
         { timeoutMs: 10_000, message: "the second ingest waits for the first" },
       )
       await first.query("commit")
