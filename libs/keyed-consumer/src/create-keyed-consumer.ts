@@ -579,6 +579,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }
   }
 
+  /** Re-checks still in flight, for stop() to wait on before the caller closes the database. */
+  const pendingRechecks = new Set<Promise<void>>()
   async function drainKey(ref: KeyRef): Promise<void> {
     if (stopping) return
     const lock = await keyLock.tryAcquire(`keyway:${group}:${ref.topic}:${ref.key}`, leaseMs)
@@ -651,8 +653,23 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       clearInterval(heartbeat)
       await lock.release()
     }
-    // A wake-up that found the key locked while we held it is ours to honour.
-    if (finished && !stopping && (await rechecks.submit(ref))) scheduler.wake(ref)
+    // A wake-up that found the key locked while we held it is ours to honour. The re-check
+    // does not hold the drain slot: with every slot taken, woken keys queued behind drains
+    // that had finished their work and only waited on this round trip.
+    if (finished && !stopping) {
+      const check = rechecks.submit(ref).then(
+        (runnable) => {
+          if (runnable) scheduler.wake(ref)
+        },
+        (err) =>
+          log.warn("re-check failed; the polling loop will retry", {
+            ...ref,
+            error: messageOf(err),
+          }),
+      )
+      pendingRechecks.add(check)
+      void check.finally(() => pendingRechecks.delete(check))
+    }
   }
 
   /** Moves the key past a task an operator skipped, without running it. False if fenced. */
@@ -725,6 +742,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // are told to give up through their AbortSignal.
       const grace = setTimeout(() => shutdown.abort(new Error("shutting down")), graceMs)
       await scheduler.stop()
+      await Promise.all(pendingRechecks)
       clearTimeout(grace)
     },
     status: () => ({ ...stats, drainingKeys: scheduler.active }),

@@ -87,6 +87,51 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().done, 60)
   })
 
+  test("a task stored by another worker while this one drains the key runs after the drain, without waiting for polling", async () => {
+    // The other worker's wake-up finds the key locked and is dropped; the holder re-checks
+    // the key once it lets go. Polling and recovery are an hour away, so only that re-check
+    // can run v2 within the wait below.
+    let entered!: () => void
+    const inHandler = new Promise<void>((r) => {
+      entered = r
+    })
+    let open!: () => void
+    const gate = new Promise<void>((r) => {
+      open = r
+    })
+    const { t, stream, group } = await setup({
+      pollIntervalMs: 3600_000,
+      recoveryIntervalMs: 3600_000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) {
+            entered()
+            await gate
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
+    await inHandler
+    // v2 as another worker's ingest stores it: in the inbox, unknown to this worker.
+    await sql`
+      select keyway.ingest(${group}, ${["demo.item"]}::text[], ${["k"]}::text[],
+        ${[2]}::bigint[], ${[`${stream.site}:other`]}::text[], ${["demo.item.changed.v1"]}::text[],
+        ${[JSON.stringify({ n: 2 })]}::jsonb[], ${[null]}::jsonb[],
+        ${[new Date().toISOString()]}::timestamptz[], ${[999]}::bigint[])
+    `.execute(t.db)
+    open()
+    await waitFor(async () => (await effects(t.db)).length === 2, {
+      timeoutMs: 10_000,
+      message: "v2 ran after the drain of v1 let go of the key",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 2],
+    )
+  })
+
   test("a gap holds the key until the missing version arrives; then both run in order", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const { t, stream, admin } = await setup({ metrics })
