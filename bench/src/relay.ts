@@ -40,17 +40,34 @@ export async function run() {
   const key = () => `k${Math.floor(Math.random() * KEYS)}`
   const domainRows = (n: number) =>
     Array.from({ length: n }, () => ({ key: key(), amount: Math.floor(Math.random() * 1000) }))
+  // Where a writer's time goes, per round trip, as the writer sees it: [begin, insert,
+  // enqueue, commit] of every transaction of the 1-row patterns' throughput phases.
+  const steps = { bare: [[], [], [], []] as number[][], enqueue: [[], [], [], []] as number[][] }
   const write = (n: number, withOutbox: boolean) => async () => {
     const rows = domainRows(n)
+    const t0 = performance.now()
+    let t1 = t0
+    let t2 = t0
+    let t3 = t0
     await db.transaction().execute(async (trx) => {
+      t1 = performance.now()
       await trx.insertInto("bench_order").values(rows).execute()
+      t2 = performance.now()
       if (withOutbox) {
         await enqueue(
           trx,
           rows.map((r) => ({ type: "demo.item.changed.v1", key: r.key, payload: { n: r.amount } })),
         )
       }
+      t3 = performance.now()
     })
+    if (n === 1) {
+      const s = steps[withOutbox ? "enqueue" : "bare"]
+      s[0]!.push(t1 - t0)
+      s[1]!.push(t2 - t1)
+      s[2]!.push(t3 - t2)
+      s[3]!.push(performance.now() - t3)
+    }
   }
 
   try {
@@ -164,6 +181,12 @@ export async function run() {
         result.latency_p99_ms,
         `${steady.length} samples (${latencies.length}/${total} arrived)`,
       ],
+    ])
+    const ms = (xs: number[]) => round(percentile(xs, 50), 3)
+    printTable([
+      ["1 row/tx, median ms per step", "begin", "insert", "enqueue", "commit"],
+      ["bare", ...steps.bare.map((xs, i) => (i === 2 ? "-" : ms(xs)))],
+      ["with enqueue", ...steps.enqueue.map(ms)],
     ])
     console.log(JSON.stringify(result))
   } finally {
