@@ -655,18 +655,24 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }
     // A wake-up that found the key locked while we held it is ours to honour. The re-check
     // does not hold the drain slot: with every slot taken, woken keys queued behind drains
-    // that had finished their work and only waited on this round trip.
-    if (finished && !stopping) {
-      const check = rechecks.submit(ref).then(
-        (runnable) => {
-          if (runnable) scheduler.wake(ref)
-        },
-        (err) =>
-          log.warn("re-check failed; the polling loop will retry", {
-            ...ref,
-            error: messageOf(err),
-          }),
-      )
+    // that had finished their work and only waited on this round trip. A drain of the key
+    // that is due, or that starts before the answer comes, claims after our release and
+    // re-checks after its own, so it sees whatever this re-check would: waking the key for
+    // it again would only add an empty drain.
+    if (finished && !stopping && !scheduler.isDue(ref)) {
+      const check = rechecks
+        .submit(ref)
+        .then(
+          (runnable) => {
+            if (runnable) scheduler.wakeIfIdle(ref)
+          },
+          (err) =>
+            log.warn("re-check failed; the polling loop will retry", {
+              ...ref,
+              error: messageOf(err),
+            }),
+        )
+        .catch(() => {}) // a logger that throws must not become an unhandled rejection
       pendingRechecks.add(check)
       void check.finally(() => pendingRechecks.delete(check))
     }

@@ -132,6 +132,54 @@ describe("keyed consumer", () => {
     )
   })
 
+  test("a key woken while it drains is drained once more, not twice", async () => {
+    // v2 arrives while v1's handler runs: the wake-up marks the key to drain again. Each
+    // claim bumps the key's epoch, so the epoch counts drains: one for v1, one for v2. The
+    // first drain's re-check must not add a third, empty one.
+    let entered!: () => void
+    const inHandler = new Promise<void>((r) => {
+      entered = r
+    })
+    let open!: () => void
+    const gate = new Promise<void>((r) => {
+      open = r
+    })
+    const { t, stream, group, consumer } = await setup({
+      pollIntervalMs: 3600_000,
+      recoveryIntervalMs: 3600_000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) {
+            entered()
+            await gate
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
+    await inHandler
+    await publishEvent(nc, stream.site, { key: "k", ver: 2, payload: { n: 2 } })
+    await waitFor(async () => consumer.status().ingested === 2, {
+      timeoutMs: 10_000,
+      message: "v2 ingested while v1 runs",
+    })
+    open()
+    await waitFor(async () => (await effects(t.db)).length === 2, {
+      timeoutMs: 10_000,
+      message: "v1 and v2 ran",
+    })
+    // Room for a third drain to happen, if anything were to start one.
+    await new Promise((r) => setTimeout(r, 500))
+    assert.equal(consumer.status().drainingKeys, 0)
+    const { rows } = await sql<{ epoch: number }>`
+      select epoch from keyway.consumer_key where grp = ${group} and key = 'k'`.execute(t.db)
+    assert.deepEqual(
+      rows.map((r) => Number(r.epoch)),
+      [2],
+    )
+  })
+
   test("a gap holds the key until the missing version arrives; then both run in order", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const { t, stream, admin } = await setup({ metrics })

@@ -27,6 +27,18 @@ export class KeyScheduler {
     this.pump()
   }
 
+  /** Whether a drain of the key will start after the one running now: it was woken meanwhile. */
+  isDue(ref: KeyRef): boolean {
+    const k = id(ref)
+    return this.again.has(k) || this.queued.has(k)
+  }
+
+  /** Wakes the key unless a drain of it is running or waiting to start. */
+  wakeIfIdle(ref: KeyRef): void {
+    const k = id(ref)
+    if (!this.running.has(k) && !this.queued.has(k)) this.wake(ref)
+  }
+
   get active(): number {
     return this.running.size
   }
