@@ -71,6 +71,35 @@ describe("keyed consumer", () => {
     return { t, stream, group, consumer, admin: createConsumerAdmin({ db: t.db, group }) }
   }
 
+  /**
+   * Handlers whose v1 waits, while the key is held, until released; and polling and recovery
+   * an hour away, so that only wake-ups and re-checks move the key.
+   */
+  function holdV1() {
+    let entered!: () => void
+    const running = new Promise<void>((r) => {
+      entered = r
+    })
+    let release!: () => void
+    const gate = new Promise<void>((r) => {
+      release = r
+    })
+    const config: Partial<KeyedConsumerConfig> = {
+      pollIntervalMs: 3600_000,
+      recoveryIntervalMs: 3600_000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) {
+            entered()
+            await gate
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    }
+    return { config, running, release }
+  }
+
   test("lost wake-ups: with ingest wake-ups off, the polling loop completes every task", async () => {
     const { t, stream, consumer } = await setup({ wakeOnIngest: false })
     for (let ver = 1; ver <= 20; ver++) {
@@ -91,29 +120,12 @@ describe("keyed consumer", () => {
     // The other worker's wake-up finds the key locked and is dropped; the holder re-checks
     // the key once it lets go. Polling and recovery are an hour away, so only that re-check
     // can run v2 within the wait below.
-    let entered!: () => void
-    const inHandler = new Promise<void>((r) => {
-      entered = r
-    })
-    let open!: () => void
-    const gate = new Promise<void>((r) => {
-      open = r
-    })
+    const v1 = holdV1()
     const { t, stream, group } = await setup({
-      pollIntervalMs: 3600_000,
-      recoveryIntervalMs: 3600_000,
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          if (event.ver === 1) {
-            entered()
-            await gate
-          }
-          await recordEffect("w1")(event, ctx)
-        },
-      },
+      ...v1.config,
     })
     await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
-    await inHandler
+    await v1.running
     // v2 as another worker's ingest stores it: in the inbox, unknown to this worker.
     await sql`
       select keyway.ingest(${group}, ${["demo.item"]}::text[], ${["k"]}::text[],
@@ -121,7 +133,7 @@ describe("keyed consumer", () => {
         ${[JSON.stringify({ n: 2 })]}::jsonb[], ${[null]}::jsonb[],
         ${[new Date().toISOString()]}::timestamptz[], ${[999]}::bigint[])
     `.execute(t.db)
-    open()
+    v1.release()
     await waitFor(async () => (await effects(t.db)).length === 2, {
       timeoutMs: 10_000,
       message: "v2 ran after the drain of v1 let go of the key",
@@ -136,35 +148,18 @@ describe("keyed consumer", () => {
     // v2 arrives while v1's handler runs: the wake-up marks the key to drain again. Each
     // claim bumps the key's epoch, so the epoch counts drains: one for v1, one for v2. The
     // first drain's re-check must not add a third, empty one.
-    let entered!: () => void
-    const inHandler = new Promise<void>((r) => {
-      entered = r
-    })
-    let open!: () => void
-    const gate = new Promise<void>((r) => {
-      open = r
-    })
+    const v1 = holdV1()
     const { t, stream, group, consumer } = await setup({
-      pollIntervalMs: 3600_000,
-      recoveryIntervalMs: 3600_000,
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          if (event.ver === 1) {
-            entered()
-            await gate
-          }
-          await recordEffect("w1")(event, ctx)
-        },
-      },
+      ...v1.config,
     })
     await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
-    await inHandler
+    await v1.running
     await publishEvent(nc, stream.site, { key: "k", ver: 2, payload: { n: 2 } })
     await waitFor(async () => consumer.status().ingested === 2, {
       timeoutMs: 10_000,
       message: "v2 ingested while v1 runs",
     })
-    open()
+    v1.release()
     await waitFor(async () => (await effects(t.db)).length === 2, {
       timeoutMs: 10_000,
       message: "v1 and v2 ran",
