@@ -121,9 +121,7 @@ describe("keyed consumer", () => {
     // the key once it lets go. Polling and recovery are an hour away, so only that re-check
     // can run v2 within the wait below.
     const v1 = holdV1()
-    const { t, stream, group } = await setup({
-      ...v1.config,
-    })
+    const { t, stream, group } = await setup(v1.config)
     await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
     await v1.running
     // v2 as another worker's ingest stores it: in the inbox, unknown to this worker.
@@ -149,9 +147,7 @@ describe("keyed consumer", () => {
     // claim bumps the key's epoch, so the epoch counts drains: one for v1, one for v2. The
     // first drain's re-check must not add a third, empty one.
     const v1 = holdV1()
-    const { t, stream, group, consumer } = await setup({
-      ...v1.config,
-    })
+    const { t, stream, group, consumer } = await setup(v1.config)
     await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
     await v1.running
     await publishEvent(nc, stream.site, { key: "k", ver: 2, payload: { n: 2 } })
