@@ -76,6 +76,9 @@ describe("relay", () => {
     site = uniqueSite()
     stream = await createSiteStream(nc, site)
   }
+  /** Waits until the outbox holds no unpublished row. */
+  const untilPublished = (message: string, timeoutMs: number) =>
+    waitFor(async () => (await unpublishedCount(t.db)) === 0, { timeoutMs, message })
   /** The flag that tells writers to NOTIFY: the relay is idle and waits for one. */
   const listening = async () =>
     (await sql<{ l: boolean }>`select listening as l from keyway.relay_state`.execute(t.db))
@@ -124,10 +127,7 @@ describe("relay", () => {
         `key ${r.key} gapless`,
       )
     }
-    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-      timeoutMs: 60_000,
-      message: "relay published the backlog",
-    })
+    await untilPublished("relay published the backlog", 60_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 10_000)
   })
 
@@ -368,10 +368,7 @@ describe("relay", () => {
     await jsm.streams.update(stream, { ...info.config, max_msg_size: -1 })
     relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, logger })
     await relay.start()
-    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-      timeoutMs: 10_000,
-      message: "the held key published",
-    })
+    await untilPublished("the held key published", 10_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 52)
   })
 
@@ -421,10 +418,7 @@ describe("relay", () => {
     assert.equal(unpublished, 3000 - 600)
 
     const survivor = spawnTs(relayChild, env)
-    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-      timeoutMs: 30_000,
-      message: "restarted relay published the rest",
-    })
+    await untilPublished("restarted relay published the rest", 30_000)
     survivor.kill("SIGTERM")
     await survivor.exited()
     const stopped = JSON.parse(survivor.lines.find((l) => l.includes("stopped"))!).stopped
@@ -463,10 +457,7 @@ describe("relay", () => {
       return (name: string) => metricValue(body, name)
     }
     await write(t.db, 20, 5)
-    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-      timeoutMs: 15_000,
-      message: "first 20 published",
-    })
+    await untilPublished("first 20 published", 15_000)
     const activeMetrics = await scrape(active)
     assert.equal(activeMetrics("keyway_relay_active"), 1)
     assert.equal(activeMetrics("keyway_outbox_published_total"), 20)
@@ -491,10 +482,7 @@ describe("relay", () => {
     await relays[active]!.exited()
     await writing
     await waitFor(() => isActive(standby), { timeoutMs: 15_000, message: "standby took over" })
-    await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-      timeoutMs: 30_000,
-      message: "standby published the rest",
-    })
+    await untilPublished("standby published the rest", 30_000)
     relays[standby]!.kill("SIGTERM")
     const { code } = await relays[standby]!.exited()
     assert.equal(code, 0, "SIGTERM exits 0")
@@ -518,10 +506,7 @@ describe("relay", () => {
       })
       await relay.start()
       await write(t.db, 300, 10)
-      await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-        timeoutMs: 10_000,
-        message: "published",
-      })
+      await untilPublished("published", 10_000)
       // What an fsync that never happened looks like after the host comes back: acked
       // messages missing from the store. Deleting them and restarting the server rebuilds
       // its duplicate window from what is left, as a crash would.
@@ -567,10 +552,7 @@ describe("relay", () => {
       relay = createRelay({ ...config, metrics })
       await relay.start()
       await write(t.db, 200, 10)
-      await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-        timeoutMs: 10_000,
-        message: "first events published",
-      })
+      await untilPublished("first events published", 10_000)
       await server.stop()
       await write(t.db, 1000, 10, 200)
       // Give the relay time to try and fail against the dead server.
@@ -599,10 +581,7 @@ describe("relay", () => {
       relay = createRelay(config)
       await relay.start()
       await server.start()
-      await waitFor(async () => (await unpublishedCount(t.db)) === 0, {
-        timeoutMs: 30_000,
-        message: "relay caught up after NATS came back",
-      })
+      await untilPublished("relay caught up after NATS came back", 30_000)
       assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 1200)
     } finally {
       await relay?.stop()
