@@ -5,17 +5,19 @@ const id = (ref: KeyRef) => `${ref.topic}\u0000${ref.key}`
 /**
  * Runs `drain` for woken keys, at most `concurrency` at once and never twice at once for one
  * key. A key woken while it drains is drained again right after: its new event may have
- * arrived after the drain looked for it.
+ * arrived after the drain looked for it. `drain` is told how long the key waited for a free
+ * slot, from its wake-up or, for a key woken while it drained, from that drain's end.
  */
 export class KeyScheduler {
-  private readonly queued = new Map<string, KeyRef>()
+  /** Woken keys waiting for a slot, with the time (performance.now()) they started waiting. */
+  private readonly queued = new Map<string, { ref: KeyRef; since: number }>()
   private readonly running = new Map<string, Promise<void>>()
   private readonly again = new Set<string>()
   private stopped = false
 
   constructor(
     private readonly concurrency: number,
-    private readonly drain: (ref: KeyRef) => Promise<void>,
+    private readonly drain: (ref: KeyRef, waitedMs: number) => Promise<void>,
     private readonly onError: (err: unknown, ref: KeyRef) => void,
   ) {}
 
@@ -23,7 +25,7 @@ export class KeyScheduler {
     if (this.stopped) return
     const k = id(ref)
     if (this.running.has(k)) this.again.add(k)
-    else this.queued.set(k, ref)
+    else if (!this.queued.has(k)) this.queued.set(k, { ref, since: performance.now() })
     this.pump()
   }
 
@@ -52,13 +54,16 @@ export class KeyScheduler {
 
   private pump(): void {
     while (!this.stopped && this.running.size < this.concurrency && this.queued.size > 0) {
-      const [k, ref] = this.queued.entries().next().value as [string, KeyRef]
+      const [k, { ref, since }] = this.queued.entries().next().value as [
+        string,
+        { ref: KeyRef; since: number },
+      ]
       this.queued.delete(k)
-      const run = this.drain(ref)
+      const run = this.drain(ref, performance.now() - since)
         .catch((err) => this.onError(err, ref))
         .finally(() => {
           this.running.delete(k)
-          if (this.again.delete(k)) this.queued.set(k, ref)
+          if (this.again.delete(k)) this.queued.set(k, { ref, since: performance.now() })
           this.pump()
         })
       this.running.set(k, run)
