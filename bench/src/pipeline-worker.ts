@@ -3,9 +3,11 @@
 import { createDb } from "@keyway/db"
 import { createKeyedConsumer } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
+import { createMetricsRegistry } from "@keyway/telemetry"
 import { Logger, run } from "graphile-worker"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
+import { readHistogram } from "./stats.ts"
 
 const env = process.env
 const now = () => performance.timeOrigin + performance.now()
@@ -15,12 +17,21 @@ if (env.KIND === "keyway") {
   const nc = await connectNats({ servers: env.NATS_URL! })
   const db = createDb({ connectionString: env.DATABASE_URL!, max: 20 })
   const redis = new Redis(env.REDIS_URL!, { enableAutoPipelining: true })
+  const metrics = createMetricsRegistry({ defaultMetrics: false })
+  // The benchmark asks for the drain steps so far, before and after the phase it measures.
+  process.on("SIGUSR2", async () => {
+    const body = (await metrics.render()).body
+    const drainSteps = readHistogram(body, "consumer_drain_step_seconds", "step")
+    // JSON has no Infinity: the +Inf bucket's bound arrives as null.
+    console.log(JSON.stringify({ drainSteps }))
+  })
   const consumer = createKeyedConsumer({
     group: env.GROUP!,
     stream: env.STREAM!,
     nats: nc,
     db,
     redis,
+    metrics,
     concurrency: Number(env.CONCURRENCY ?? 16),
     handlers: {
       "demo.item.changed.v1": async (event, ctx) => {

@@ -9,7 +9,16 @@ import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
-import { machineBusyMs, percentile, printTable, round } from "./stats.ts"
+import {
+  bucketPercentile,
+  type HistogramSeries,
+  histogramDelta,
+  histogramTotal,
+  machineBusyMs,
+  percentile,
+  printTable,
+  round,
+} from "./stats.ts"
 
 const KEYS = 1000
 const WRITERS = 8
@@ -202,6 +211,32 @@ async function startWorkers(env: Record<string, string>): Promise<TsChild[]> {
   return children
 }
 
+/**
+ * The keyed consumers' drain steps so far (consumer_drain_step_seconds), summed over the
+ * worker processes: each prints its histogram when sent SIGUSR2.
+ */
+async function drainSteps(children: TsChild[]): Promise<Record<string, HistogramSeries>> {
+  const printed = (c: TsChild) => c.json().filter((l) => l.drainSteps)
+  const before = children.map((c) => printed(c).length)
+  for (const c of children) c.kill("SIGUSR2")
+  while (children.some((c, i) => printed(c).length === before[i])) await sleep(20)
+  const perWorker = children.map(
+    (c) => printed(c).at(-1)!.drainSteps as Record<string, HistogramSeries>,
+  )
+  return Object.fromEntries(
+    Object.keys(perWorker[0]!).map((step) => [
+      step,
+      histogramTotal(
+        perWorker.map((w) => ({
+          ...w[step]!,
+          // JSON has no Infinity: the last bucket's bound came as null.
+          buckets: w[step]!.buckets.map(([le, n]) => [le ?? Number.POSITIVE_INFINITY, n]),
+        })),
+      ),
+    ]),
+  )
+}
+
 async function stopWorkers(children: TsChild[]) {
   for (const c of children) c.kill("SIGTERM")
   await Promise.all(children.map((c) => c.exited()))
@@ -296,7 +331,9 @@ export async function run() {
   try {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
     const kThroughput = await throughput(db, keywayBatch)
+    const stepsBefore = await drainSteps(workers)
     const kLatency = await latency(db, keywayWrite)
+    const stepsAfter = await drainSteps(workers)
     await stopWorkers(workers)
     const skipped = {
       perSecond: Number.NaN,
@@ -376,6 +413,35 @@ export async function run() {
         "",
         "target >= 5",
       ],
+    ])
+    // Where the drain stage's time goes, in the latency run: the steps of each key's drain,
+    // as the consumer's consumer_drain_step_seconds histogram saw them.
+    const latencyEvents = Math.round((LATENCY_RATE * LATENCY_MS) / 1000)
+    const bound = (s: number) => (s === Number.POSITIVE_INFINITY ? "> 30000" : `≤ ${s * 1000}`)
+    const stepNames: Record<string, string> = {
+      wait: "wait for a drain slot",
+      lock: "Redis lock",
+      claim: "claim (epoch, lease, tasks)",
+      run: "run a task (handler + completion)",
+      release: "release the lock",
+    }
+    printTable([
+      [`drain steps at ${LATENCY_RATE} events/s`, "per event", "mean ms", "p50 ms", "p99 ms"],
+      ...Object.entries(stepNames).flatMap(([step, name]) => {
+        const after = stepsAfter[step]
+        if (!after) return []
+        const d = histogramDelta(stepsBefore[step], after)
+        if (d.count === 0) return []
+        return [
+          [
+            name,
+            round(d.count / latencyEvents, 2),
+            round((1000 * d.sum) / d.count, 2),
+            bound(bucketPercentile(d, 50)),
+            bound(bucketPercentile(d, 99)),
+          ],
+        ]
+      }),
     ])
     console.log(JSON.stringify(result))
   } finally {

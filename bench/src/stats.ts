@@ -46,3 +46,80 @@ export function machineBusyMs(): number {
   // USER_HZ is 100 on Linux: ticks of 10 ms.
   return (user! + nice! + system! + irq! + softirq!) * 10
 }
+
+/** One labelled Prometheus histogram's series: cumulative bucket counts, sum and count. */
+export interface HistogramSeries {
+  /** [upper bound, cumulative count], in increasing bound order, ending with +Inf. */
+  buckets: [number, number][]
+  sum: number
+  count: number
+}
+
+/**
+ * The series of histogram `name` in a Prometheus text exposition, by the value of `label`:
+ * what a process's registry renders, read back without a Prometheus server.
+ */
+export function readHistogram(
+  exposition: string,
+  name: string,
+  label: string,
+): Record<string, HistogramSeries> {
+  const series: Record<string, HistogramSeries> = {}
+  const of = (value: string) => {
+    series[value] ??= { buckets: [], sum: 0, count: 0 }
+    return series[value]
+  }
+  for (const line of exposition.split("\n")) {
+    const m = /^(\w+)\{([^}]*)\} (\S+)$/.exec(line)
+    if (!m || !m[1]!.startsWith(name)) continue
+    const labels = Object.fromEntries(
+      [...m[2]!.matchAll(/(\w+)="([^"]*)"/g)].map(([, k, v]) => [k!, v!]),
+    )
+    const value = labels[label]
+    if (value === undefined) continue
+    const suffix = m[1]!.slice(name.length)
+    const n = Number(m[3])
+    if (suffix === "_bucket")
+      of(value).buckets.push([
+        labels.le === "+Inf" ? Number.POSITIVE_INFINITY : Number(labels.le),
+        n,
+      ])
+    else if (suffix === "_sum") of(value).sum = n
+    else if (suffix === "_count") of(value).count = n
+  }
+  for (const s of Object.values(series)) s.buckets.sort((a, b) => a[0] - b[0])
+  return series
+}
+
+/** What `later` added to `earlier`: the observations made between two reads. */
+export function histogramDelta(earlier: HistogramSeries | undefined, later: HistogramSeries) {
+  return {
+    buckets: later.buckets.map(([le, n], i): [number, number] => [
+      le,
+      n - (earlier?.buckets[i]?.[1] ?? 0),
+    ]),
+    sum: later.sum - (earlier?.sum ?? 0),
+    count: later.count - (earlier?.count ?? 0),
+  }
+}
+
+/** The sums of several processes' series, bucket by bucket (they share bucket bounds). */
+export function histogramTotal(all: HistogramSeries[]): HistogramSeries {
+  return {
+    buckets: all[0]!.buckets.map(([le], i): [number, number] => [
+      le,
+      all.reduce((n, s) => n + (s.buckets[i]?.[1] ?? 0), 0),
+    ]),
+    sum: all.reduce((n, s) => n + s.sum, 0),
+    count: all.reduce((n, s) => n + s.count, 0),
+  }
+}
+
+/**
+ * The upper bound of the bucket that holds the p-th percentile: a histogram knows no more
+ * than that. +Inf when it lies past the last finite bound.
+ */
+export function bucketPercentile(series: HistogramSeries, p: number): number {
+  const rank = (p / 100) * series.count
+  return series.buckets.find(([, n]) => n >= rank)?.[0] ?? Number.POSITIVE_INFINITY
+}
