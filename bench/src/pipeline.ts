@@ -33,6 +33,15 @@ const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 // same two cores.
 const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
 const workerProcesses = `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"}`
+// Keys (jobs) each worker process handles at once (BENCH_CONCURRENCY), the same for both. 256
+// rather than the consumer's default of 64: at 1,000 events/s a drain holds its slot for 30-50
+// ms on this machine, mostly waiting on batched round trips, so 64 slots cap the drain rate
+// near the load and a slow spell queues keys for slots (consumer_drain_step_seconds, step
+// "wait": mean 1-137 ms with 64, 0 with 256). Interleaved keyway-only runs, 64 / 128 / 256:
+// p99 607 / 215 / 103, 279 / 271 / 90, 118 / 98 / 140 ms; events/s 1,098 / 1,168 / 1,249,
+// 1,391 / 1,249 / 1,167, 1,446 / 1,643 / 1,510. graphile-worker made 385 events/s with 256,
+// as many as with 64 (383-440).
+const CONCURRENCY = process.env.BENCH_CONCURRENCY ?? "256"
 // While working on one side, `BENCH_ONLY=keyway` skips graphile-worker (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
@@ -326,7 +335,7 @@ export async function run() {
     REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
     STREAM: streamName,
     GROUP: `bench_${site}`,
-    CONCURRENCY: process.env.BENCH_CONCURRENCY ?? "64",
+    CONCURRENCY,
   }
   try {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
