@@ -51,8 +51,8 @@ if (env.KIND === "keyway") {
 } else {
   // graphile-worker keeps its default pool of 10 connections. With 20, like Keyway's worker,
   // its jobs waited less for a client (p99 at 1,000 events/s 0.7-0.8 s against 3.0-4.6 s) but
-  // it made fewer events/s (358 and 317 against 383-457 with 10), and throughput is what the
-  // target compares.
+  // it made fewer events/s (358 and 317 against 322-457, median 391 of 7 full runs, with 10),
+  // and throughput is what the target compares.
   const runner = await run({
     connectionString: env.DATABASE_URL!,
     concurrency: Number(env.CONCURRENCY ?? 16),
