@@ -11,7 +11,7 @@ import { createRelay } from "@keyway/outbox"
 import { createTestDatabase, spawnTs, startFakeAims, type TsChild } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
-import { machineBusyMs, percentile, printTable, round } from "./stats.ts"
+import { machineBusyMs, percentile, printTable, round, workerProcessCount } from "./stats.ts"
 
 const LABELS = 1000
 const RATE = Number(process.env.BENCH_ESL_RATE ?? 200)
@@ -26,7 +26,7 @@ const AIMS_LATENCY_MS = 20
 // two, p99 96 and 149 ms, 8.9 ms a label, 943 labels/s. The second process buys throughput
 // on a big job with latency at a steady rate; BENCH_ESL_WORKERS=2 measures that side.
 const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 1)
-const workerProcesses = `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"}`
+const workerProcesses = workerProcessCount(WORKER_PROCESSES)
 const CONCURRENCY = Number(process.env.BENCH_ESL_CONCURRENCY ?? 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()

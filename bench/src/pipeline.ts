@@ -19,6 +19,7 @@ import {
   printTable,
   readHistogram,
   round,
+  workerProcessCount,
 } from "./stats.ts"
 
 const KEYS = 1000
@@ -33,7 +34,7 @@ const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 // splits the batches that make each round trip serve many keys, and adds a scheduler to the
 // same two cores.
 const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
-const workerProcesses = `${WORKER_PROCESSES} worker process${WORKER_PROCESSES === 1 ? "" : "es"}`
+const workerProcesses = workerProcessCount(WORKER_PROCESSES)
 // Keys (jobs) each worker process handles at once (BENCH_CONCURRENCY), the same for both. 256
 // rather than the consumer's default of 64: at 1,000 events/s a drain holds its slot for 30-50
 // ms on this machine, mostly waiting on batched round trips, so 64 slots cap the drain rate

@@ -10,6 +10,9 @@ export function percentile(sample: readonly number[], p: number): number {
 
 export const round = (n: number, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits
 
+/** "1 worker process", "2 worker processes": for the tables' notes. */
+export const workerProcessCount = (n: number) => `${n} worker process${n === 1 ? "" : "es"}`
+
 /** Prints rows as an aligned table. */
 export function printTable(rows: readonly (readonly (string | number)[])[]): void {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => String(r[c]).length)))

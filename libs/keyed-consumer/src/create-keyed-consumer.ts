@@ -661,8 +661,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             wakeLater(ref, Number(task.wait_ms))
             break drain
           }
-          const fence = epoch // a const: the closure below cannot see the narrowing
-          const outcome = await timeStep("run", () => runTask(ref, task, fence, signal))
+          const outcome = await timeStep("run", () => runTask(ref, task, claimed.epoch, signal))
           if (outcome === "done") {
             commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
           }
