@@ -10,6 +10,7 @@ import { createRelay, enqueue } from "@keyway/outbox"
 import {
   createTestDatabase,
   createTestStream,
+  gate,
   spawnTs,
   startRedisServer,
   type TestDatabase,
@@ -94,10 +95,7 @@ describe("keyed consumer under crashes", () => {
     // Three kills are the point of the test, and on a fast machine the group can drain all
     // 20,000 events before the third one (it did: 2 kills). So the writers hold back their
     // last transactions until the third kill: there is always work in flight across it.
-    let killedThree!: () => void
-    const threeKills = new Promise<void>((resolve) => {
-      killedThree = resolve
-    })
+    const { opened: threeKills, open: killedThree } = gate()
 
     // Writers: 4 of them, 100-event transactions over 100 keys, spread over a few seconds.
     const writing = Promise.all(

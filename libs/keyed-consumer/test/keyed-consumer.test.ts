@@ -12,6 +12,7 @@ import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
   createTestStream,
+  gate,
   metricValue,
   type TestDatabase,
   waitFor,
@@ -76,14 +77,8 @@ describe("keyed consumer", () => {
    * an hour away, so that only wake-ups and re-checks move the key.
    */
   function holdV1() {
-    let entered!: () => void
-    const running = new Promise<void>((r) => {
-      entered = r
-    })
-    let release!: () => void
-    const gate = new Promise<void>((r) => {
-      release = r
-    })
+    const { opened: running, open: entered } = gate()
+    const { opened: released, open: release } = gate()
     const config: Partial<KeyedConsumerConfig> = {
       pollIntervalMs: 3600_000,
       recoveryIntervalMs: 3600_000,
@@ -91,7 +86,7 @@ describe("keyed consumer", () => {
         "demo.item.changed.v1": async (event, ctx) => {
           if (event.ver === 1) {
             entered()
-            await gate
+            await released
           }
           await recordEffect("w1")(event, ctx)
         },

@@ -6,6 +6,7 @@ import { createRelay, enqueue, type Relay } from "@keyway/outbox"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
+  gate,
   metricValue,
   readStream,
   spawnTs,
@@ -255,10 +256,7 @@ describe("relay", () => {
     await write(t.db, 30, 6)
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const value = async (name: string) => metricValue((await metrics.render()).body, name)
-    let release!: () => void
-    const held = new Promise<void>((r) => {
-      release = r
-    })
+    const { opened: held, open: release } = gate()
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),

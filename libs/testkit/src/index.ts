@@ -6,6 +6,7 @@ export {
 } from "./create-test-database.ts"
 export { findPromtool } from "./find-promtool.ts"
 export { freePort } from "./free-port.ts"
+export { gate } from "./gate.ts"
 export { metricValue } from "./metric-value.ts"
 export { ServerStartError } from "./server-start-error.ts"
 export { type SpawnTsOptions, spawnTs, type TsChild } from "./spawn-ts.ts"
