@@ -325,6 +325,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   }
 
   const wakeLater = (ref: KeyRef, ms: number) => {
+    // Once stopping, a timer would outlive stop(); the task's run_after is in the inbox, and
+    // the polling loop of whichever worker runs next finds it.
+    if (stopping) return
     const timer = setTimeout(() => {
       retryTimers.delete(timer)
       scheduler.wake(ref)
@@ -502,7 +505,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- drain -------------------------------------------------------------------------------
 
-  type Outcome = "done" | "retry" | "dead" | "fenced"
+  type Outcome = "done" | "retry" | "dead" | "fenced" | "stopped"
 
   const runTask = async (
     ref: KeyRef,
@@ -574,6 +577,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         stats.fenced++
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
         return "fenced"
+      }
+      if (!completed && signal.aborted && signal.reason === shutdownReason) {
+        // Cut short by stop(), not failed: the task stays pending with its attempts as they
+        // were, for whichever worker takes the key next. Counting it would let a handler
+        // slower than the grace period die after enough restarts.
+        span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+        return "stopped"
       }
       if (completed) {
         // Done is committed; what failed after it cannot be retried by us.

@@ -251,6 +251,64 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 0)
   })
 
+  // The timeout turns a stop() that never returns (a handler not aborted) into a failure.
+  test("stop() lets a running handler finish; one still running after the grace period is aborted, and its task stays pending", {
+    timeout: 30_000,
+  }, async () => {
+    let entered = 0
+    const { opened: bothRunning, open: allEntered } = gate()
+    const { opened: quickMayFinish, open: finishQuick } = gate()
+    // What happened, in order: the quick handler's finish (and whether its signal had been
+    // aborted by then) and the slow handler's abort.
+    const happened: string[] = []
+    const reasons: unknown[] = []
+    const { t, stream, consumer, group } = await setup({
+      // Long beside the 100 ms the quick handler still takes once stop() is called.
+      shutdownGraceMs: 2000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (++entered === 2) allEntered()
+          if (event.key === "quick") {
+            await quickMayFinish
+            happened.push(`quick finished, aborted=${ctx.signal.aborted}`)
+            await recordEffect("w1")(event, ctx)
+            return
+          }
+          // "slow" never finishes on its own: only its signal ends it.
+          if (!ctx.signal.aborted) {
+            await new Promise<void>((resolve) => {
+              ctx.signal.addEventListener("abort", () => resolve(), { once: true })
+            })
+          }
+          happened.push("slow aborted")
+          reasons.push(ctx.signal.reason)
+          throw ctx.signal.reason
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "quick", ver: 1, payload: { n: 1 } })
+    for (let ver = 1; ver <= 2; ver++)
+      await publishEvent(nc, stream.site, { key: "slow", ver, payload: { n: ver } })
+    await bothRunning
+    const stopped = consumer.stop()
+    setTimeout(finishQuick, 100)
+    await stopped
+    assert.deepEqual(happened, ["quick finished, aborted=false", "slow aborted"])
+    assert.match(String((reasons[0] as Error).message), /shutting down/)
+    // The quick key's task finished during the grace period; the slow key's v1 did not
+    // complete, and its v2 did not start behind it.
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => `${e.key}:${e.ver}`),
+      ["quick:1"],
+    )
+    assert.equal(entered, 2)
+    // Being stopped is not a failure: v1 waits for the next worker with no attempt counted.
+    const slow = await sql<{ state: string; attempts: number; error: string | null }>`
+      select state, attempts, last_error as error from keyway.inbox
+       where grp = ${group} and key = 'slow' and ver = 1`.execute(t.db)
+    assert.deepEqual(slow.rows, [{ state: "pending", attempts: 0, error: null }])
+  })
+
   test("effects that fail inside a shared completion transaction fail alone; the rest commit once", async () => {
     // Completions of keys that finish together share one transaction. Here one handler's
     // effects write a row and then throw, on the event's first attempt: the shared transaction
