@@ -11,11 +11,12 @@ import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
 import {
   bucketPercentile,
+  CpuByLabel,
   type HistogramSeries,
   histogramDelta,
   histogramTotal,
-  machineBusyMs,
   percentile,
+  pidsNamed,
   printTable,
   readHistogram,
   round,
@@ -109,25 +110,94 @@ async function printTableStats(db: Kysely<any>, before: Awaited<ReturnType<typeo
   printTable(rows)
 }
 
-async function throughput(db: Kysely<any>, write: WriteBatch) {
+// Each process's Postgres connections carry its name, so that the CPU of the backends serving
+// it can be told apart (pg_stat_activity.application_name). It is set in the connection string
+// because pg lets the string's application_name override the one a pool or client passes
+// (pg/lib/connection-parameters.js), so every connection of the process carries it. The
+// writers are this process, on createTestDatabase's pool; the benchmark's own queries go
+// through it too (a count every 50 ms, the sampler's every 250 ms), a small part of its rows.
+const RELAY_APP = "keyway-bench-relay"
+const WORKER_APP = "keyway-bench-worker"
+const WRITERS_APP = "keyway-testkit"
+const withApplicationName = (url: string, name: string) => {
+  const u = new URL(url)
+  u.searchParams.set("application_name", name)
+  return u.toString()
+}
+
+/** Where the CPU goes, in the order the table prints it. */
+const CPU_LABELS = [
+  "writers: node",
+  "writers: postgres",
+  "relay: node",
+  "relay: postgres",
+  "worker: node",
+  "worker: postgres",
+  "postgres: background",
+  "nats-server",
+  "redis-server",
+] as const
+
+/** Labels the processes of the run for {@link CpuByLabel}. */
+function processLabels(db: Kysely<any>, relay: TsChild, workers: TsChild[]) {
+  // The processes that live through the run; only Postgres backends come and go.
+  const lasting = new Map<number, string>([
+    [process.pid, "writers: node"],
+    [relay.pid!, "relay: node"],
+    ...workers.map((w): [number, string] => [w.pid!, "worker: node"]),
+  ])
+  for (const name of ["nats-server", "redis-server"] as const) {
+    for (const pid of pidsNamed(name)) lasting.set(pid, name)
+  }
+  return async () => {
+    const labels = new Map(lasting)
+    const backends = await sql<{ pid: number; app: string; type: string }>`
+      select pid, application_name as app, backend_type as type from pg_stat_activity
+    `.execute(db)
+    for (const b of backends.rows) {
+      const owner = { [RELAY_APP]: "relay", [WORKER_APP]: "worker", [WRITERS_APP]: "writers" }[
+        b.app
+      ]
+      // Client backends of other databases (nothing else runs during a benchmark) go with the
+      // rest of the machine.
+      if (owner) labels.set(b.pid, `${owner}: postgres`)
+      else if (b.type !== "client backend") labels.set(b.pid, "postgres: background")
+    }
+    return labels
+  }
+}
+
+async function throughput(
+  db: Kysely<any>,
+  write: WriteBatch,
+  labels: () => Promise<Map<number, string>>,
+) {
   await sql`truncate effect`.execute(db)
   const before = await commits(db)
   const tablesBefore = process.env.BENCH_DIAG ? await tableStats(db) : undefined
   let n = 0
-  const busyBefore = machineBusyMs()
+  const cpu = new CpuByLabel(labels)
+  await cpu.start()
   const start = now()
-  await Promise.all(
-    Array.from({ length: WRITERS }, async () => {
-      while (n < EVENTS) {
-        const keys = Array.from({ length: Math.min(PER_TX, EVENTS - n) }, () => randomKey())
-        n += keys.length
-        await write(keys, n)
-      }
-    }),
-  )
-  const writtenIn = now() - start
-  await waitForEffects(db, EVENTS, 600_000)
-  const busyMs = machineBusyMs() - busyBefore
+  let writtenIn: number
+  try {
+    await Promise.all(
+      Array.from({ length: WRITERS }, async () => {
+        while (n < EVENTS) {
+          const keys = Array.from({ length: Math.min(PER_TX, EVENTS - n) }, () => randomKey())
+          n += keys.length
+          await write(keys, n)
+        }
+      }),
+    )
+    writtenIn = now() - start
+    await waitForEffects(db, EVENTS, 600_000)
+  } finally {
+    // On failure too: its sampling queries must not outlive the database. The figures are
+    // read again below, and a failed sample throws there.
+    await cpu.stop().catch(() => {})
+  }
+  const { byLabel, machineMs } = await cpu.stop()
   const last = (await sql<{ t: number }>`select max(handled_at) as t from effect`.execute(db))
     .rows[0]!.t
   // pg_stat_database lags by up to its stats interval; a pause lets it catch up.
@@ -139,7 +209,8 @@ async function throughput(db: Kysely<any>, write: WriteBatch) {
     writePerSecond: EVENTS / (writtenIn / 1000),
     commitsPerEvent: (after.c - before.c) / EVENTS,
     rowsPerEvent: (after.s - before.s) / EVENTS,
-    cpuMsPerEvent: busyMs / EVENTS,
+    cpuMsPerEvent: machineMs / EVENTS,
+    cpuMsPerEventBy: new Map([...byLabel].map(([label, ms]) => [label, ms / EVENTS])),
   }
 }
 
@@ -273,7 +344,7 @@ export async function run() {
   // The relay in its own process, as deployed: in this one it would share an event loop
   // with the eight writers.
   const relay = spawnTs(relayEntry, {
-    DATABASE_URL: t.url,
+    DATABASE_URL: withApplicationName(t.url, RELAY_APP),
     NATS_URL: natsUrl,
     KEYWAY_SITE: site,
   })
@@ -332,7 +403,7 @@ export async function run() {
   }
 
   const env = {
-    DATABASE_URL: t.url,
+    DATABASE_URL: withApplicationName(t.url, WORKER_APP),
     NATS_URL: natsUrl,
     REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
     STREAM: streamName,
@@ -341,7 +412,7 @@ export async function run() {
   }
   try {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
-    const kThroughput = await throughput(db, keywayBatch)
+    const kThroughput = await throughput(db, keywayBatch, processLabels(db, relay, workers))
     const stepsBefore = await drainSteps(workers)
     const kLatency = await latency(db, keywayWrite)
     const stepsAfter = await drainSteps(workers)
@@ -352,12 +423,13 @@ export async function run() {
       commitsPerEvent: Number.NaN,
       rowsPerEvent: Number.NaN,
       cpuMsPerEvent: Number.NaN,
+      cpuMsPerEventBy: new Map<string, number>(),
     }
     let gThroughput = skipped
     let gLatency = { events: 0, p50: Number.NaN, p99: Number.NaN, samples: 0 }
     if (ONLY !== "keyway") {
       workers = await startWorkers({ ...env, KIND: "graphile" })
-      gThroughput = await throughput(db, graphileBatch)
+      gThroughput = await throughput(db, graphileBatch, processLabels(db, relay, workers))
       gLatency = await latency(db, graphileWrite)
       await stopWorkers(workers)
     }
@@ -463,6 +535,31 @@ export async function run() {
           ],
         ]
       }),
+    ])
+    // Where the throughput run's CPU went, by process: with every part on the same two cores,
+    // events/s is about the CPU there is over the CPU each event costs.
+    const cpuRow = (label: string, k: number, g: number) => [
+      label,
+      round(k, 3),
+      round(g, 3),
+      `${Math.round((100 * k) / kThroughput.cpuMsPerEvent)}%`,
+    ]
+    const labelled = (by: Map<string, number>) => [...by.values()].reduce((a, b) => a + b, 0)
+    printTable([
+      ["CPU ms per event, throughput run", "keyway", "graphile-worker", "share of keyway's"],
+      ...CPU_LABELS.map((label) =>
+        cpuRow(
+          label,
+          kThroughput.cpuMsPerEventBy.get(label) ?? 0,
+          gThroughput.cpuMsPerEventBy.get(label) ?? Number.NaN,
+        ),
+      ),
+      cpuRow(
+        "everything else (kernel threads, …)",
+        kThroughput.cpuMsPerEvent - labelled(kThroughput.cpuMsPerEventBy),
+        gThroughput.cpuMsPerEvent - labelled(gThroughput.cpuMsPerEventBy),
+      ),
+      cpuRow("the whole machine", kThroughput.cpuMsPerEvent, gThroughput.cpuMsPerEvent),
     ])
     console.log(JSON.stringify(result))
   } finally {

@@ -1,4 +1,4 @@
-import { readFileSync } from "node:fs"
+import { readdirSync, readFileSync } from "node:fs"
 
 /** Nearest-rank percentile of an unsorted sample. */
 export function percentile(sample: readonly number[], p: number): number {
@@ -125,4 +125,104 @@ export function histogramTotal(all: HistogramSeries[]): HistogramSeries {
 export function bucketPercentile(series: HistogramSeries, p: number): number {
   const rank = (p / 100) * series.count
   return series.buckets.find(([, n]) => n >= rank)?.[0] ?? Number.POSITIVE_INFINITY
+}
+
+/** CPU time a process has used so far (user and system), in ms; undefined once it has exited. */
+export function processCpuMs(pid: number): number | undefined {
+  let stat: string
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, "utf8")
+  } catch {
+    return undefined
+  }
+  // The fields after the command name, which may itself hold spaces and parentheses; utime
+  // and stime are the 14th and 15th of the line, in USER_HZ ticks of 10 ms.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+  return (Number(fields[11]) + Number(fields[12])) * 10
+}
+
+/** Pids of the running processes whose command name (/proc/<pid>/comm) is `name`. */
+export function pidsNamed(name: string): number[] {
+  return readdirSync("/proc").flatMap((entry) => {
+    if (!/^\d+$/.test(entry)) return []
+    try {
+      return readFileSync(`/proc/${entry}/comm`, "utf8").trim() === name ? [Number(entry)] : []
+    } catch {
+      return []
+    }
+  })
+}
+
+/**
+ * CPU used between start() and stop() by processes grouped under labels, and by the whole
+ * machine over the same window. `labels` is asked again at every sample, so processes that
+ * appear meanwhile (a pool opening connections) are counted from their start, and one that
+ * exits keeps what it had used at its last sample.
+ */
+export class CpuByLabel {
+  readonly #labels: () => Promise<Map<number, string>>
+  readonly #everyMs: number
+  readonly #first = new Map<number, number>()
+  readonly #last = new Map<number, { label: string; ms: number }>()
+  #machineFirst = 0
+  #sampling: Promise<void> | undefined
+  #stopped = false
+  #wake: (() => void) | undefined
+  #error: unknown
+  #result: Promise<{ byLabel: Map<string, number>; machineMs: number }> | undefined
+
+  constructor(labels: () => Promise<Map<number, string>>, everyMs = 250) {
+    this.#labels = labels
+    this.#everyMs = everyMs
+  }
+
+  async #sample(initial: boolean) {
+    for (const [pid, label] of await this.#labels()) {
+      const ms = processCpuMs(pid)
+      if (ms === undefined) continue
+      if (!this.#first.has(pid)) this.#first.set(pid, initial ? ms : 0)
+      this.#last.set(pid, { label, ms })
+    }
+  }
+
+  async start() {
+    await this.#sample(true)
+    this.#machineFirst = machineBusyMs()
+    this.#sampling = (async () => {
+      while (!this.#stopped) {
+        await new Promise<void>((r) => {
+          this.#wake = r
+          setTimeout(r, this.#everyMs)
+        })
+        if (this.#stopped) return
+        // Kept for stop() to throw: a failed sample must not become an unhandled rejection.
+        await this.#sample(false).catch((err) => {
+          this.#error ??= err
+        })
+      }
+    })()
+  }
+
+  /**
+   * CPU ms used per label since start(), and by the whole machine (see machineBusyMs). Calls
+   * after the first return the first one's figures.
+   */
+  stop(): Promise<{ byLabel: Map<string, number>; machineMs: number }> {
+    this.#result ??= this.#finish()
+    return this.#result
+  }
+
+  async #finish() {
+    this.#stopped = true
+    this.#wake?.()
+    await this.#sampling
+    const machineMs = machineBusyMs() - this.#machineFirst
+    await this.#sample(false)
+    if (this.#error !== undefined) throw this.#error
+    const byLabel = new Map<string, number>()
+    for (const [pid, { label, ms }] of this.#last) {
+      byLabel.set(label, (byLabel.get(label) ?? 0) + ms - this.#first.get(pid)!)
+    }
+    return { byLabel, machineMs }
+  }
 }
