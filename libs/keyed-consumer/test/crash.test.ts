@@ -40,6 +40,21 @@ async function effectCount(db: TestDatabase["db"]) {
   return r.rows[0]!.n
 }
 
+/** Keys not yet at `last`, with their lease and the state of their next task. */
+async function keysBehind(db: TestDatabase["db"], group: string, last: number) {
+  const r = await sql`
+    select k.key, k.done_ver, k.epoch, k.owner, k.lease_until > now() as leased,
+           k.baseline_stream_seq, k.gap_since is not null as gap, i.state, i.attempts,
+           i.run_after > now() as later, i.last_error
+      from keyway.consumer_key k
+      left join keyway.inbox i
+        on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
+     where k.grp = ${group} and k.done_ver < ${last}
+     order by k.key limit 10
+  `.execute(db)
+  return r.rows
+}
+
 describe("keyed consumer under crashes", () => {
   let nc: NatsConnection
   const cleanups: (() => Promise<unknown>)[] = []
@@ -302,11 +317,22 @@ describe("keyed consumer under crashes", () => {
     const atRestart = await effectCount(t.db)
     await server.start()
     assert.ok(atRestart < keys * perKey, "Redis went away while work was left")
-    await waitFor(async () => (await effectCount(t.db)) >= keys * perKey, {
-      timeoutMs: 90_000,
-      intervalMs: 250,
-      message: "all effects after the Redis restart",
-    })
+    // What the group looked like at the last check, for the timeout's message: which keys
+    // are behind, who holds them, and what each worker is doing.
+    let lastSeen = ""
+    await waitFor(
+      async () => {
+        const n = await effectCount(t.db)
+        if (n >= keys * perKey) return true
+        lastSeen = `${n} effects; behind: ${JSON.stringify(await keysBehind(t.db, group, perKey))}; workers: ${JSON.stringify(consumers.map((c) => c.status()))}`
+        return false
+      },
+      {
+        timeoutMs: 90_000,
+        intervalMs: 250,
+        message: () => `all effects after the Redis restart; ${lastSeen}`,
+      },
+    )
     await sleep(500)
     const rows = await effects(t.db)
     assert.equal(rows.length, keys * perKey, "no effect twice")
