@@ -1,5 +1,5 @@
 import type { Redis } from "ioredis"
-import Redlock, { type Lock } from "redlock"
+import Redlock from "redlock"
 
 /**
  * What the consumer needs from a distributed lock. It is kept this small so the redlock
@@ -7,15 +7,34 @@ import Redlock, { type Lock } from "redlock"
  * extension (5.0.0-beta.2, pinned, is covered by test/key-lock.test.ts).
  */
 export interface KeyLock {
-  /** Takes the lock if free; never waits. Null when someone else holds it. */
+  /**
+   * Takes the lock if free; never waits for its holder. Null when someone else holds it, or
+   * when Redis does not answer within `ttlMs`.
+   */
   tryAcquire(resource: string, ttlMs: number): Promise<HeldLock | null>
 }
 
 export interface HeldLock {
-  /** Pushes the expiry to `ttlMs` from now; false if the lock was already lost. */
+  /**
+   * Pushes the expiry to `ttlMs` from now; false if the lock was already lost, or if Redis
+   * does not answer within `ttlMs` (by then the lock may have expired).
+   */
   extend(ttlMs: number): Promise<boolean>
   /** Best effort: an expired or lost lock releases nothing and does not throw. */
   release(): Promise<void>
+}
+
+// Every call is bounded by the lock's own ttl, whatever the ioredis client's settings: with
+// its defaults a command waits through twenty reconnect attempts, and on a link that drops
+// packets without a reset (no RST, no FIN) until TCP gives up, many minutes. A drain waiting
+// on Redis holds a drain slot, and this worker drains its key no more until the call returns.
+// Past the ttl the answer is worthless anyway: the lock it speaks of has expired.
+const within = <T>(ms: number, promise: Promise<T>, onTimeout: T): Promise<T> => {
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<T>((resolve) => {
+    timer = setTimeout(() => resolve(onTimeout), ms)
+  })
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer))
 }
 
 export function createRedlockKeyLock(redis: Redis): KeyLock {
@@ -26,29 +45,36 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
   redlock.on("error", () => {})
   return {
     async tryAcquire(resource, ttlMs) {
-      let lock: Lock
-      try {
-        lock = await redlock.acquire([resource], ttlMs)
-      } catch {
+      const acquiring = redlock.acquire([resource], ttlMs).catch(() => null)
+      const lock = await within(ttlMs, acquiring, null)
+      if (!lock) {
+        // Given up on: a lock granted after all is nobody's, so hand it back rather than
+        // leave the key locked for a ttl.
+        void acquiring.then((late) => late?.release().catch(() => {}))
         return null
       }
+      let held = lock
       return {
         async extend(ttl) {
           // extend() returns a new Lock and leaves the old one's expiration stale, so keep the
           // new one; it throws on a lock that has expired even if nobody else took it.
-          try {
-            lock = await lock.extend(ttl)
-            return true
-          } catch {
-            return false
-          }
+          const extended = await within(
+            ttl,
+            held.extend(ttl).catch(() => null),
+            null,
+          )
+          if (!extended) return false
+          held = extended
+          return true
         },
         async release() {
-          try {
-            await lock.release()
-          } catch {
-            // Expired or taken over: nothing of ours to release.
-          }
+          // Expired or taken over, or Redis gone: nothing of ours to release; the key's lock
+          // expires with its ttl.
+          await within(
+            ttlMs,
+            held.release().catch(() => {}),
+            undefined,
+          )
         },
       }
     },
