@@ -16,6 +16,15 @@ export interface TcpProxy {
    */
   cut(): void
   restore(): void
+  /**
+   * Stops forwarding without closing anything: what either side sends waits in the proxy (and
+   * then in the kernel's buffers) until resume(), as on a link that stops delivering packets
+   * without a reset. Neither end sees an error, only no answer. New connections are accepted
+   * and held the same way.
+   */
+  stall(): void
+  /** Delivers what waited, in order, and forwards again. */
+  resume(): void
   close(): Promise<void>
   [Symbol.asyncDispose](): Promise<void>
 }
@@ -24,6 +33,19 @@ export interface TcpProxy {
 export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
   const pairs = new Set<[Socket, Socket]>()
   let isCut = false
+  let isStalled = false
+  const forward = ([client, upstream]: [Socket, Socket]) => {
+    client.pipe(upstream)
+    upstream.pipe(client)
+  }
+  // Unpiped and paused, a socket keeps what it has read and reads no more: the kernel's
+  // buffers fill and TCP's flow control holds the sender, as a dead link would.
+  const hold = ([client, upstream]: [Socket, Socket]) => {
+    client.unpipe(upstream)
+    upstream.unpipe(client)
+    client.pause()
+    upstream.pause()
+  }
 
   const server = createServer((client) => {
     if (isCut) {
@@ -41,8 +63,8 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
     }
     client.on("error", teardown).on("close", teardown)
     upstream.on("error", teardown).on("close", teardown)
-    client.pipe(upstream)
-    upstream.pipe(client)
+    if (isStalled) hold(pair)
+    else forward(pair)
   })
 
   const destroyAll = () => {
@@ -84,6 +106,14 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
         },
         restore: () => {
           isCut = false
+        },
+        stall: () => {
+          isStalled = true
+          for (const pair of pairs) hold(pair)
+        },
+        resume: () => {
+          isStalled = false
+          for (const pair of pairs) forward(pair)
         },
         close,
         [Symbol.asyncDispose]: close,

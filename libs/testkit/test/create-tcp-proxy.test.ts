@@ -109,3 +109,34 @@ test("close ends forwarded connections and is idempotent", async () => {
   assert.equal(await closesWithin(socket, 1000), true)
   await assert.rejects(open(proxy.port), { code: "ECONNREFUSED" })
 })
+
+test("a stalled proxy holds what both sides send, connections open, and delivers it on resume", async () => {
+  await using upstream = await startEchoServer()
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(upstream) })
+  const a = await open(proxy.port)
+  assert.equal(await echo(a, "before"), "before")
+  proxy.stall()
+  // One already open and one opened while stalled; what each receives from here on.
+  const b = await open(proxy.port)
+  const got = new Map<Socket, string>([
+    [a, ""],
+    [b, ""],
+  ])
+  for (const s of [a, b]) {
+    s.on("error", () => {})
+    s.on("data", (chunk) => got.set(s, (got.get(s) ?? "") + chunk))
+  }
+  a.write("held")
+  b.write("new")
+  // Nothing comes back and nothing closes while stalled: a silent link, not a broken one.
+  assert.equal(await closesWithin(a, 300), false)
+  assert.deepEqual([got.get(a), got.get(b)], ["", ""])
+  assert.equal(proxy.connections, 2)
+  proxy.resume()
+  await waitFor(() => got.get(a) === "held" && got.get(b) === "new", {
+    timeoutMs: 5000,
+    message: "the held bytes, echoed",
+  })
+  a.destroy()
+  b.destroy()
+})
