@@ -631,22 +631,33 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       keyLock.tryAcquire(`keyway:${group}:${ref.topic}:${ref.key}`, leaseMs),
     )
     if (!lock) return
+    if (stopping) {
+      // stop() began while the lock was on its way: claiming now would bump the key's epoch
+      // for a drain that runs nothing.
+      await lock.release()
+      return
+    }
     let epoch: number | undefined
     let finished = false
     const aborter = new AbortController()
     const signal = aborter.signal
-    if (shutdownReason) aborter.abort(shutdownReason)
     drainAborts.add(aborter)
     let closed = false
+    let beating = false
     const heartbeat = setInterval(async () => {
-      if (epoch === undefined || closed) return
+      // A beat waits on Redis and Postgres for up to what the lock has left, longer than the
+      // interval: one at a time, so a slow one is not joined by more.
+      if (epoch === undefined || closed || beating) return
+      beating = true
       const [leased, locked] = await Promise.all([
         renewLease(db, group, ref, epoch, leaseMs).catch(() => false),
         lock.extend(leaseMs),
-      ])
+      ]).finally(() => {
+        beating = false
+      })
       // clearInterval does not stop a beat already in flight: one that returns after the
       // drain ended must not count a loss.
-      if (closed) return
+      if (closed || signal.aborted) return
       // Losing the Redis lock alone is not fatal to correctness (fencing is), but another
       // worker may now take the key, so stop early rather than be fenced later.
       if (!leased || !locked) {

@@ -1,9 +1,8 @@
 // redlock 5.0.0-beta.2 (pinned) has known trouble with expired locks and extension; these
 // are the cases the consumer relies on, against a private Redis.
 import assert from "node:assert/strict"
-import { type AddressInfo, connect, createServer, type Socket } from "node:net"
-import { after, before, test } from "node:test"
-import { type RedisServerHandle, startRedisServer } from "@keyway/testkit"
+import { after, before, type TestContext, test } from "node:test"
+import { createTcpProxy, type RedisServerHandle, startRedisServer, waitFor } from "@keyway/testkit"
 import { Redis } from "ioredis"
 import { createRedlockKeyLock, type KeyLock } from "../src/internal/key-lock.ts"
 
@@ -78,42 +77,59 @@ test("with Redis down, acquiring fails cleanly instead of hanging", async () => 
   offline.disconnect()
 })
 
-// The timeout turns a call that never returns into a failure; the cleanup is a hook, so
-// that it runs after a timeout too and the file still ends.
-test("a Redis that stops answering (packets lost, no reset): each call gives up after the ttl", {
-  timeout: 20_000,
-}, async (t) => {
-  // A forwarder that can go silent: the connection stays open and what crosses it is
-  // dropped, so the client sees no error and no answer, as on a link that loses packets.
-  let silent = false
-  const sockets = new Set<Socket>()
-  const forwarder = createServer((client) => {
-    const upstream = connect(server.port, "127.0.0.1")
-    for (const s of [client, upstream]) {
-      sockets.add(s)
-      s.on("error", () => {}).on("close", () => {
-        client.destroy()
-        upstream.destroy()
-      })
-    }
-    client.on("data", (d) => silent || upstream.write(d))
-    upstream.on("data", (d) => silent || client.write(d))
-  })
-  await new Promise<void>((r) => forwarder.listen(0, "127.0.0.1", r))
+/** A client that reaches the private Redis through a proxy the test can stall. */
+async function clientThroughProxy(t: TestContext) {
+  const proxy = await createTcpProxy({ host: "127.0.0.1", port: server.port })
   // ioredis's defaults: no command timeout, twenty retries per command.
-  const client = new Redis((forwarder.address() as AddressInfo).port, "127.0.0.1")
+  const client = new Redis(proxy.port, proxy.host)
   client.on("error", () => {})
+  // Hooks, so that they run after a test's timeout too and the file still ends.
   t.after(async () => {
     client.disconnect()
-    for (const s of sockets) s.destroy()
-    await new Promise((r) => forwarder.close(r))
+    await proxy.close()
   })
+  await client.ping() // connected and ready before the link goes quiet
+  return { proxy, client }
+}
+
+// The timeouts turn a call that never returns into a failure.
+test("a Redis that stops answering (a link gone quiet, no reset): each call gives up", {
+  timeout: 20_000,
+}, async (t) => {
+  const { proxy, client } = await clientThroughProxy(t)
   const viaLink = createRedlockKeyLock(client)
-  const held = await viaLink.tryAcquire("k6", 500)
+  const held = await viaLink.tryAcquire("k6", 600)
   assert.ok(held)
-  silent = true
-  assert.equal(await held.extend(500), false, "an extension nobody confirmed")
+  proxy.stall()
+  assert.equal(await held.extend(600), false, "an extension nobody confirmed")
   await held.release()
-  assert.equal(await viaLink.tryAcquire("k7", 500), null, "a lock nobody granted")
-  assert.ok(await locks.tryAcquire("k7", 500), "k7 was free all along: the link was the fault")
+  assert.equal(await viaLink.tryAcquire("k7", 600), null, "a lock nobody granted")
+  const direct = await locks.tryAcquire("k7", 600)
+  assert.ok(direct, "k7 was free all along: the link was at fault")
+  await direct.release()
+})
+
+test("a lock granted after tryAcquire gave up on it is handed back", {
+  timeout: 20_000,
+}, async (t) => {
+  const { proxy, client } = await clientThroughProxy(t)
+  const viaLink = createRedlockKeyLock(client)
+  // What the scripts do to the key, as Redis runs them.
+  const monitor = await redis.monitor()
+  t.after(() => monitor.disconnect())
+  const seen: string[] = []
+  monitor.on("monitor", (_time: string, args: string[]) => {
+    if (args[1] === "k8") seen.push(String(args[0]).toLowerCase())
+  })
+  proxy.stall()
+  assert.equal(await viaLink.tryAcquire("k8", 6000), null)
+  // The request reaches Redis after all and takes the lock; the answer, come late, is let go
+  // of at once instead of holding the key for its 6 s.
+  proxy.resume()
+  await waitFor(() => seen.includes("del"), { timeoutMs: 5000, message: "the late lock released" })
+  assert.deepEqual(
+    seen.filter((c) => c === "set" || c === "del"),
+    ["set", "del"],
+  )
+  assert.equal(await redis.exists("k8"), 0)
 })

@@ -9,7 +9,7 @@ import Redlock from "redlock"
 export interface KeyLock {
   /**
    * Takes the lock if free; never waits for its holder. Null when someone else holds it, or
-   * when Redis does not answer within `ttlMs`.
+   * when Redis does not answer within a third of `ttlMs`.
    */
   tryAcquire(resource: string, ttlMs: number): Promise<HeldLock | null>
 }
@@ -17,22 +17,24 @@ export interface KeyLock {
 export interface HeldLock {
   /**
    * Pushes the expiry to `ttlMs` from now; false if the lock was already lost, or if Redis
-   * does not answer within `ttlMs` (by then the lock may have expired).
+   * does not answer before the lock expires.
    */
   extend(ttlMs: number): Promise<boolean>
   /** Best effort: an expired or lost lock releases nothing and does not throw. */
   release(): Promise<void>
 }
 
-// Every call is bounded by the lock's own ttl, whatever the ioredis client's settings: with
-// its defaults a command waits through twenty reconnect attempts, and on a link that drops
-// packets without a reset (no RST, no FIN) until TCP gives up, many minutes. A drain waiting
-// on Redis holds a drain slot, and this worker drains its key no more until the call returns.
-// Past the ttl the answer is worthless anyway: the lock it speaks of has expired.
+// Every call gives up once its answer could no longer help, whatever the ioredis client's
+// settings: with its defaults a command waits through twenty reconnect attempts, and on a link
+// that loses packets without a reset (no RST, no FIN) until TCP gives up, many minutes. A drain
+// waiting on Redis holds a drain slot, and this worker drains its key no more until the call
+// returns. An extension or a release is worth waiting for only while the lock lives; a lock
+// granted after a third of its ttl would start its holder on a lock a third gone, from a
+// Redis that slow.
 const within = <T>(ms: number, promise: Promise<T>, onTimeout: T): Promise<T> => {
   let timer: NodeJS.Timeout | undefined
   const late = new Promise<T>((resolve) => {
-    timer = setTimeout(() => resolve(onTimeout), ms)
+    timer = setTimeout(() => resolve(onTimeout), Math.max(0, ms))
   })
   return Promise.race([promise, late]).finally(() => clearTimeout(timer))
 }
@@ -46,7 +48,7 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
   return {
     async tryAcquire(resource, ttlMs) {
       const acquiring = redlock.acquire([resource], ttlMs).catch(() => null)
-      const lock = await within(ttlMs, acquiring, null)
+      const lock = await within(ttlMs / 3, acquiring, null)
       if (!lock) {
         // Given up on: a lock granted after all is nobody's, so hand it back rather than
         // leave the key locked for a ttl.
@@ -54,12 +56,14 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
         return null
       }
       let held = lock
+      // redlock's own reckoning of when the lock expires, drift included.
+      const timeLeft = () => held.expiration - Date.now()
       return {
         async extend(ttl) {
           // extend() returns a new Lock and leaves the old one's expiration stale, so keep the
           // new one; it throws on a lock that has expired even if nobody else took it.
           const extended = await within(
-            ttl,
+            timeLeft(),
             held.extend(ttl).catch(() => null),
             null,
           )
@@ -68,10 +72,11 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
           return true
         },
         async release() {
-          // Expired or taken over, or Redis gone: nothing of ours to release; the key's lock
-          // expires with its ttl.
+          // Expired or taken over, or Redis gone: nothing of ours to release, and the key's
+          // lock expires with its ttl. (release() zeroes the expiration: read it first.)
+          const left = timeLeft()
           await within(
-            ttlMs,
+            left,
             held.release().catch(() => {}),
             undefined,
           )
