@@ -18,6 +18,7 @@ import {
   percentile,
   pidsNamed,
   printTable,
+  processName,
   readHistogram,
   round,
   workerProcessCount,
@@ -155,6 +156,9 @@ function processLabels(db: Kysely<any>, relay: TsChild, workers: TsChild[]) {
       select pid, application_name as app, backend_type as type from pg_stat_activity
     `.execute(db)
     for (const b of backends.rows) {
+      // Only a Postgres on this machine, in its pid namespace, has its backends' pids in our
+      // /proc: one in a container would have unrelated processes counted as its own.
+      if (processName(b.pid) !== "postgres") continue
       const owner = { [RELAY_APP]: "relay", [WORKER_APP]: "worker", [WRITERS_APP]: "writers" }[
         b.app
       ]

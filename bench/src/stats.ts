@@ -141,12 +141,21 @@ export function processCpuMs(pid: number): number | undefined {
   return (Number(fields[11]) + Number(fields[12])) * 10
 }
 
+/** A process's command name (/proc/<pid>/comm); undefined once it has exited. */
+export function processName(pid: number | string): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, "utf8").trim()
+  } catch {
+    return undefined
+  }
+}
+
 /** Pids of the running processes whose command name (/proc/<pid>/comm) is `name`. */
 export function pidsNamed(name: string): number[] {
   return readdirSync("/proc").flatMap((entry) => {
     if (!/^\d+$/.test(entry)) return []
     try {
-      return readFileSync(`/proc/${entry}/comm`, "utf8").trim() === name ? [Number(entry)] : []
+      return processName(entry) === name ? [Number(entry)] : []
     } catch {
       return []
     }
@@ -186,8 +195,10 @@ export class CpuByLabel {
   }
 
   async start() {
-    await this.#sample(true)
+    // The machine's window encloses the processes' (machine first at the start, last at the
+    // stop), so that their sum cannot exceed it and leave "the rest" below zero.
     this.#machineFirst = machineBusyMs()
+    await this.#sample(true)
     this.#sampling = (async () => {
       while (!this.#stopped) {
         await new Promise<void>((r) => {
@@ -216,8 +227,8 @@ export class CpuByLabel {
     this.#stopped = true
     this.#wake?.()
     await this.#sampling
-    const machineMs = machineBusyMs() - this.#machineFirst
     await this.#sample(false)
+    const machineMs = machineBusyMs() - this.#machineFirst
     if (this.#error !== undefined) throw this.#error
     const byLabel = new Map<string, number>()
     for (const [pid, { label, ms }] of this.#last) {
