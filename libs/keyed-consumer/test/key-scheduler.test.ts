@@ -9,71 +9,61 @@ const b: KeyRef = { topic: "t", key: "b" }
 
 /**
  * A scheduler with one slot whose drains last until the test ends them, recording each
- * drain's key, the wait it was told and when it started. The assertions compare the reported
- * waits with the test's own clock, so a slow machine moves both sides alike.
+ * drain's key and the wait it was told. Its clock moves only when the test sets it, so the
+ * waits are exact whatever the machine's load.
  */
 function oneSlot() {
-  const drains: { key: string; waitedMs: number; startedAt: number; end: () => void }[] = []
+  const clock = { ms: 0 }
+  const drains: { key: string; waitedMs: number; end: () => void }[] = []
   const scheduler = new KeyScheduler(
     1,
     (ref, waitedMs) =>
       new Promise<void>((end) => {
-        drains.push({ key: ref.key, waitedMs, startedAt: performance.now(), end })
+        drains.push({ key: ref.key, waitedMs, end })
       }),
     (err) => assert.fail(String(err)),
+    () => clock.ms,
   )
   const started = async (n: number) => {
     while (drains.length < n) await sleep(1)
     return drains[n - 1]!
   }
-  return { scheduler, started }
+  return { scheduler, clock, started }
 }
 
 test("a key that finds the slots taken reports how long it waited for one", async () => {
-  const { scheduler, started } = oneSlot()
+  const { scheduler, clock, started } = oneSlot()
   scheduler.wake(a)
-  const bWokenAt = performance.now()
+  clock.ms = 10
   scheduler.wake(b)
-  await sleep(30)
+  clock.ms = 25
   const first = await started(1)
-  assert.ok(first.waitedMs < 5, `a had a free slot: ${first.waitedMs}`)
+  assert.deepEqual([first.key, first.waitedMs], ["a", 0], "a had a free slot")
   first.end()
   const second = await started(2)
-  assert.equal(second.key, "b")
-  // Waited from its wake to its start, within the few statements between our clock and its.
-  const expected = second.startedAt - bWokenAt
-  assert.ok(Math.abs(second.waitedMs - expected) < 5, `${second.waitedMs} vs ${expected}`)
+  assert.deepEqual([second.key, second.waitedMs], ["b", 15], "b waited from its wake to a's end")
   second.end()
   await scheduler.stop()
 })
 
 test("a key woken while it drains waits from that drain's end; a second wake keeps the first's time", async () => {
-  const { scheduler, started } = oneSlot()
+  const { scheduler, clock, started } = oneSlot()
   scheduler.wake(a)
   const a1 = await started(1)
+  clock.ms = 5
   scheduler.wake(a) // while a drains: again, once it ends
   scheduler.wake(b) // queued for the slot
-  await sleep(20)
-  const bWokenAgainAt = performance.now()
-  scheduler.wake(b) // already queued
-  await sleep(20)
-  const a1EndedAt = performance.now()
+  clock.ms = 20
+  scheduler.wake(b) // already queued: keeps its first time
+  clock.ms = 40
   a1.end()
   const b1 = await started(2)
-  assert.equal(b1.key, "b")
-  // Counted from the first wake, at least 20 ms before the second.
-  assert.ok(
-    b1.waitedMs >= b1.startedAt - bWokenAgainAt + 15,
-    `b's wait ${b1.waitedMs} counts from its first wake`,
-  )
-  await sleep(30)
+  assert.deepEqual([b1.key, b1.waitedMs], ["b", 35], "b counts from its first wake, at 5")
+  clock.ms = 70
   b1.end()
   const a2 = await started(3)
-  assert.equal(a2.key, "a")
-  // Queued when its first drain ended, after a1EndedAt and before b started; not from its
-  // wake during that drain, 40 ms earlier.
-  assert.ok(a2.waitedMs <= a2.startedAt - a1EndedAt + 1, `a's wait ${a2.waitedMs} is not older`)
-  assert.ok(a2.waitedMs >= a2.startedAt - b1.startedAt - 1, `a waited for b: ${a2.waitedMs}`)
+  // Queued when its first drain ended, at 40; not from its wake during that drain, at 5.
+  assert.deepEqual([a2.key, a2.waitedMs], ["a", 30], "a counts from its drain's end")
   a2.end()
   await scheduler.stop()
 })
