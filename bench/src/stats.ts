@@ -152,14 +152,9 @@ export function processName(pid: number | string): string | undefined {
 
 /** Pids of the running processes whose command name (/proc/<pid>/comm) is `name`. */
 export function pidsNamed(name: string): number[] {
-  return readdirSync("/proc").flatMap((entry) => {
-    if (!/^\d+$/.test(entry)) return []
-    try {
-      return processName(entry) === name ? [Number(entry)] : []
-    } catch {
-      return []
-    }
-  })
+  return readdirSync("/proc").flatMap((entry) =>
+    /^\d+$/.test(entry) && processName(entry) === name ? [Number(entry)] : [],
+  )
 }
 
 /**

@@ -19,7 +19,7 @@ export class KeyScheduler {
     private readonly concurrency: number,
     private readonly drain: (ref: KeyRef, waitedMs: number) => Promise<void>,
     private readonly onError: (err: unknown, ref: KeyRef) => void,
-    /** The clock waits are measured on, in ms; the tests' runs on their word alone. */
+    /** The clock waits are measured on, in ms. Tests pass one they move by hand. */
     private readonly now: () => number = () => performance.now(),
   ) {}
 
