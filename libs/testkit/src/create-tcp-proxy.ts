@@ -11,6 +11,11 @@ export interface TcpProxy {
   /** Connections currently forwarded. */
   readonly connections: number
   /**
+   * Bytes the clients have sent towards the target so far: a test can see that a request
+   * left before the answer to the one ahead of it came back.
+   */
+  readonly bytesToTarget: number
+  /**
    * Destroys every forwarded connection and, until restore(), every new one as soon as it is
    * accepted: both ends see the link drop and every reconnect attempt fail.
    */
@@ -32,6 +37,7 @@ export interface TcpProxy {
 /** A TCP forwarder on a free 127.0.0.1 port, to cut and restore a link (a NATS leaf, say). */
 export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
   const pairs = new Set<[Socket, Socket]>()
+  let bytesToTarget = 0
   let isCut = false
   let isStalled = false
   const forward = ([client, upstream]: [Socket, Socket]) => {
@@ -62,6 +68,9 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
       upstream.destroy()
     }
     client.on("error", teardown).on("close", teardown)
+    client.on("data", (chunk: Buffer) => {
+      bytesToTarget += chunk.length
+    })
     upstream.on("error", teardown).on("close", teardown)
     if (isStalled) hold(pair)
     else forward(pair)
@@ -99,6 +108,9 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
         port: address.port,
         get connections() {
           return pairs.size
+        },
+        get bytesToTarget() {
+          return bytesToTarget
         },
         cut: () => {
           isCut = true

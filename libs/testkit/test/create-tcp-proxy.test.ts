@@ -71,6 +71,7 @@ test("the proxy forwards, cuts and restores", async () => {
   assert.equal(await echo(a, "hello"), "hello")
   assert.equal(await echo(a, "x".repeat(100_000)), "x".repeat(100_000))
   await waitFor(() => proxy.connections === 1, { timeoutMs: 1000, message: "one connection" })
+  assert.equal(proxy.bytesToTarget, 100_005, "what the client sent, not what came back")
 
   proxy.cut()
   assert.equal(await closesWithin(a, 1000), true)
@@ -86,6 +87,7 @@ test("the proxy forwards, cuts and restores", async () => {
   proxy.restore()
   const c = await open(proxy.port)
   assert.equal(await echo(c, "back"), "back")
+  assert.equal(proxy.bytesToTarget, 100_009, "nothing counted of the connection dropped while cut")
   c.destroy()
   a.destroy()
 })
