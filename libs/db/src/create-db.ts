@@ -1,6 +1,7 @@
 import { Kysely, PostgresDialect } from "kysely"
 import pg from "pg"
 import { PreparingClient } from "./preparing-client.ts"
+import { enablePipelinedTransactions } from "./run-pipelined-transaction.ts"
 
 export interface DbConfig {
   connectionString: string
@@ -25,7 +26,8 @@ export const pgTypes = {
 
 /**
  * A Kysely instance over a pg pool whose connections prepare the statements they run often
- * (see PreparingClient). The caller owns it and calls `destroy()`.
+ * (see PreparingClient) and can run pipelined transactions (see runPipelinedTransaction).
+ * The caller owns it and calls `destroy()`.
  */
 export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
   const pool = new pg.Pool({
@@ -34,9 +36,16 @@ export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
     application_name: config.applicationName ?? "keyway",
     types: pgTypes,
     Client: PreparingClient,
+    // Changes nothing for statements sent one at a time, which is all Kysely's own paths do
+    // (a transaction waits for each answer; outside one each statement takes its own client).
+    // runPipelinedTransaction is what sends several at once.
+    pipeline: true,
   })
   // An idle client that loses its server emits 'error' on the pool; without a listener
   // that would crash the process. The next query gets a fresh connection.
   pool.on("error", () => {})
-  return new Kysely<DB>({ dialect: new PostgresDialect({ pool }) })
+  const dialect = new PostgresDialect({ pool })
+  const db = new Kysely<DB>({ dialect })
+  enablePipelinedTransactions(db, dialect)
+  return db
 }

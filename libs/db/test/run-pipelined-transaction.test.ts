@@ -1,0 +1,135 @@
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import {
+  createTcpProxy,
+  createTestDatabase,
+  gate,
+  type TcpProxy,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
+import { CamelCasePlugin, type Kysely, sql, type Transaction } from "kysely"
+import { createDb, runPipelinedTransaction } from "../src/index.ts"
+
+// The pipelined transactions' pool reaches Postgres through a proxy, which counts what leaves
+// for the server; the checks go straight to it, through t.db.
+let t: TestDatabase
+let proxy: TcpProxy
+let db: Kysely<any>
+
+before(async () => {
+  t = await createTestDatabase({ prefix: "keyway_pipe" })
+  const url = new URL(t.url)
+  proxy = await createTcpProxy({ host: url.hostname, port: Number(url.port) })
+  url.hostname = proxy.host
+  url.port = String(proxy.port)
+  db = createDb({ connectionString: url.toString(), max: 2 })
+  await sql`create table item (id int primary key, n int not null)`.execute(t.db)
+})
+
+after(async () => {
+  await db.destroy()
+  await proxy.close()
+  await t.drop()
+})
+
+const items = async () =>
+  (await sql<{ id: number; n: number }>`select id, n from item order by id`.execute(t.db)).rows
+
+test("statements issued together leave before the first is answered, and commit together", async () => {
+  await sql`insert into item values (1, 1)`.execute(t.db)
+  // Another session holds item 1, so the first statement waits at the server.
+  const unlock = gate()
+  const locked = gate()
+  const holder = t.db.transaction().execute(async (trx) => {
+    await sql`select 1 from item where id = 1 for update`.execute(trx)
+    locked.open()
+    await unlock.opened
+  })
+  await locked.opened
+  await runPipelinedTransaction(db, async (trx) => {
+    const first = trx.updateTable("item").set({ n: 2 }).where("id", "=", 1).execute()
+    // Released whatever happens: a failed check must not leave the update waiting for good.
+    const checks = async () => {
+      await waitFor(
+        async () => {
+          const { rows } = await sql<{ n: number }>`
+          select count(*)::int as n from pg_stat_activity
+           where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+          return rows[0]!.n === 1
+        },
+        { timeoutMs: 5000, message: "the update waiting on the lock" },
+      )
+      const sent = proxy.bytesToTarget
+      const second = trx.insertInto("item").values({ id: 2, n: 20 }).execute()
+      // Kysely's own transaction would hold the insert until the update has answered, and that
+      // cannot happen before the lock is released below.
+      await waitFor(() => proxy.bytesToTarget > sent, {
+        timeoutMs: 5000,
+        message: "the insert on its way while the update waits",
+      })
+      return { second }
+    }
+    const { second } = await checks().finally(unlock.open)
+    await Promise.all([first, second])
+  })
+  await holder
+  assert.deepEqual(await items(), [
+    { id: 1, n: 2 },
+    { id: 2, n: 20 },
+  ])
+})
+
+test("a failed statement rolls the whole transaction back and fails those sent after it", async () => {
+  const before = await items()
+  const settled = await runPipelinedTransaction(db, async (trx) => {
+    const results = await Promise.allSettled([
+      trx.insertInto("item").values({ id: 3, n: 30 }).execute(),
+      trx.insertInto("item").values({ id: 1, n: 10 }).execute(), // id 1 exists
+      trx.insertInto("item").values({ id: 4, n: 40 }).execute(),
+    ])
+    const failed = results.find((r) => r.status === "rejected")
+    if (failed) throw Object.assign(new Error("a statement failed"), { results })
+    return results
+  }).catch((err: Error & { results?: PromiseSettledResult<unknown>[] }) => err.results)
+  assert.ok(settled, "the transaction failed")
+  assert.deepEqual(
+    settled.map((r) => (r.status === "rejected" ? (r.reason as { code?: string }).code : "ok")),
+    ["ok", "23505", "25P02"],
+    "unique violation, then 'current transaction is aborted'",
+  )
+  assert.deepEqual(await items(), before, "nothing of it committed")
+  // The connection went back to the pool in a usable state.
+  await runPipelinedTransaction(db, (trx) =>
+    trx.insertInto("item").values({ id: 5, n: 50 }).execute(),
+  )
+  assert.deepEqual((await items()).at(-1), { id: 5, n: 50 })
+})
+
+test("the transaction refuses statements once it has ended", async () => {
+  let kept: Transaction<any> | undefined
+  await runPipelinedTransaction(db, async (trx) => {
+    kept = trx
+    // enqueue() and other code that insists on a transaction accept it.
+    assert.equal(trx.isTransaction, true)
+    await trx.selectFrom("item").select("id").execute()
+  })
+  await assert.rejects(
+    kept!.insertInto("item").values({ id: 6, n: 60 }).execute(),
+    /the transaction has already ended/,
+  )
+  assert.equal(
+    (await items()).find((r) => r.id === 6),
+    undefined,
+  )
+})
+
+test("a Kysely not made by createDb gets an ordinary transaction, plugins and all", async () => {
+  const camel = db.withPlugin(new CamelCasePlugin())
+  await sql`create table counted_item (item_id int primary key)`.execute(t.db)
+  const rows = await runPipelinedTransaction(camel, async (trx) => {
+    await trx.insertInto("countedItem").values({ itemId: 7 }).execute()
+    return trx.selectFrom("countedItem").select("itemId").execute()
+  })
+  assert.deepEqual(rows, [{ itemId: 7 }])
+})
