@@ -1,11 +1,8 @@
 import {
   type DatabaseConnection,
-  DefaultQueryExecutor,
-  type DialectAdapter,
   type Driver,
   type Kysely,
   type PostgresDialect,
-  type QueryCompiler,
   Transaction,
 } from "kysely"
 
@@ -17,41 +14,36 @@ import {
 // then pays one round trip per statement, and on a busy machine a round trip is a millisecond
 // or more. The pool's clients run in pg's pipeline mode, so statements issued together are
 // written together and Postgres answers them in order; this builds the Transaction Kysely
-// would, from its public parts, minus that serialisation.
+// would, minus that serialisation.
 
 interface PipelineParts {
   dialect: PostgresDialect
+  // Runs BEGIN, COMMIT and ROLLBACK on a connection, and fills Transaction's props; never
+  // initialised and never asked for a connection: those come from the Kysely instance's own
+  // driver, which initialises, logs, releases and is destroyed with the instance.
   driver: Driver
-  // Stateless between queries (compiling is synchronous), so shared, as Kysely shares its own.
-  compiler: QueryCompiler
-  adapter: DialectAdapter
 }
 
 const pipelined = new WeakMap<Kysely<any>, PipelineParts>()
 
-/** Called by createDb for each Kysely it makes: those run pipelined transactions. */
+/** Called by createDb for each Kysely it makes, whose pool runs in pipeline mode. */
 export function enablePipelinedTransactions(db: Kysely<any>, dialect: PostgresDialect): void {
-  const driver = dialect.createDriver()
-  // PostgresDriver.init only takes the pool from the config: no I/O, so it can run here and
-  // the pool stays shared with (and is ended by) the Kysely instance's own driver.
-  void driver.init()
-  pipelined.set(db, {
-    dialect,
-    driver,
-    compiler: dialect.createQueryCompiler(),
-    adapter: dialect.createAdapter(),
-  })
+  pipelined.set(db, { dialect, driver: dialect.createDriver() })
 }
 
 /**
  * Runs `work` in a transaction whose statements go to Postgres as soon as they are issued, so
  * statements issued without awaiting each other share one round trip. Postgres still runs
- * them one by one in the order sent; only the waiting between them goes.
+ * them one by one in the order sent; only the waiting between them goes. So statements that
+ * interleave must not depend on each other: one's read and later write can have another's
+ * write land in between, in the same transaction, where no row lock keeps them apart.
  *
- * The work must await every statement it starts before it returns (Promise.allSettled where
- * several run at once): the transaction commits when the work's promise settles. One failing
- * statement aborts the transaction, and the statements sent after it fail too, with
- * Postgres' "current transaction is aborted".
+ * A failed statement aborts the transaction, and those sent after it fail too (Postgres'
+ * "current transaction is aborted", or "prepared statement does not exist" for one whose
+ * named statement was to be created by a failed one). The transaction then rolls back and
+ * the first failure is thrown, even if `work` caught it: Postgres would turn the COMMIT into
+ * a rollback without an error. It ends when `work` settles, after the statements still in
+ * flight have answered; a statement issued after that fails.
  *
  * A Kysely not made by createDb (or derived from one, with withPlugin and the like) gets an
  * ordinary transaction: the same result, one round trip per statement.
@@ -62,30 +54,53 @@ export async function runPipelinedTransaction<DB, T>(
 ): Promise<T> {
   const parts = pipelined.get(db)
   if (!parts) return db.transaction().execute(work)
-  const { dialect, driver, compiler, adapter } = parts
-  const connection = await driver.acquireConnection()
-  // A handler that kept the transaction past its end would otherwise run statements on a
-  // connection back in the pool, inside somebody else's transaction.
-  let open = true
-  const executor = new DefaultQueryExecutor(compiler, adapter, {
-    provideConnection: <R>(consume: (c: DatabaseConnection) => Promise<R>) => {
-      if (!open) return Promise.reject(new Error("the transaction has already ended"))
-      return consume(connection)
-    },
-  })
-  const trx = new Transaction<DB>({ config: { dialect }, dialect, driver, executor })
-  try {
+  const { dialect, driver } = parts
+  // getExecutor is marked internal in Kysely's docs but is how its own TransactionBuilder
+  // starts; the executor gives the instance's connection, plugins and query compiler.
+  const executor = db.getExecutor()
+  return executor.provideConnection(async (connection) => {
+    let open = true
+    const inFlight = new Set<Promise<unknown>>()
+    let firstFailure: { error: unknown } | undefined
+    const trx = new Transaction<DB>({
+      config: { dialect },
+      dialect,
+      driver,
+      executor: executor.withConnectionProvider({
+        provideConnection: <R>(consume: (c: DatabaseConnection) => Promise<R>) => {
+          // Once the work has settled, a statement would run after COMMIT, outside the
+          // transaction, or on a connection back in the pool inside somebody else's.
+          if (!open) return Promise.reject(new Error("the transaction has already ended"))
+          const statement = consume(connection)
+          inFlight.add(statement)
+          statement.then(
+            () => inFlight.delete(statement),
+            (error) => {
+              inFlight.delete(statement)
+              firstFailure ??= { error }
+            },
+          )
+          return statement
+        },
+      }),
+    })
     await driver.beginTransaction(connection, {})
+    let result: T
     try {
-      const result = await work(trx)
-      await driver.commitTransaction(connection)
-      return result
+      result = await work(trx)
     } catch (err) {
+      open = false
+      await Promise.allSettled(inFlight)
       await driver.rollbackTransaction(connection)
       throw err
     }
-  } finally {
     open = false
-    await driver.releaseConnection(connection)
-  }
+    await Promise.allSettled(inFlight)
+    if (firstFailure) {
+      await driver.rollbackTransaction(connection)
+      throw firstFailure.error
+    }
+    await driver.commitTransaction(connection)
+    return result
+  })
 }

@@ -106,6 +106,53 @@ test("a failed statement rolls the whole transaction back and fails those sent a
   assert.deepEqual((await items()).at(-1), { id: 5, n: 50 })
 })
 
+test("work that throws after its statements succeeded commits nothing", async () => {
+  const before = await items()
+  await assert.rejects(
+    runPipelinedTransaction(db, async (trx) => {
+      await Promise.all([
+        trx.insertInto("item").values({ id: 8, n: 80 }).execute(),
+        trx.insertInto("item").values({ id: 9, n: 90 }).execute(),
+      ])
+      throw new Error("changed its mind")
+    }),
+    /changed its mind/,
+  )
+  assert.deepEqual(await items(), before)
+})
+
+test("a failed statement that the work swallowed is thrown, and nothing commits", async () => {
+  // Postgres answers COMMIT in an aborted transaction with a rollback, not an error: without
+  // the check the caller would be told its rows were written.
+  const before = await items()
+  await assert.rejects(
+    runPipelinedTransaction(db, async (trx) => {
+      await Promise.allSettled([
+        trx.insertInto("item").values({ id: 10, n: 100 }).execute(),
+        sql`select 1 / 0`.execute(trx),
+      ])
+      return "done"
+    }),
+    { code: "22012" }, // division_by_zero: the first failure, not the knock-on ones
+  )
+  assert.deepEqual(await items(), before)
+})
+
+test("statements still in flight when the work returns are waited for, failures and all", async () => {
+  const before = await items()
+  const left: Promise<unknown>[] = []
+  await assert.rejects(
+    runPipelinedTransaction(db, async (trx) => {
+      // Issued and not awaited: the work is done as far as it knows.
+      left.push(trx.insertInto("item").values({ id: 12, n: 120 }).execute())
+      left.push(sql`select 1 / 0`.execute(trx))
+      for (const p of left) p.catch(() => {})
+    }),
+    { code: "22012" },
+  )
+  assert.deepEqual(await items(), before)
+})
+
 test("the transaction refuses statements once it has ended", async () => {
   let kept: Transaction<any> | undefined
   await runPipelinedTransaction(db, async (trx) => {
@@ -132,4 +179,23 @@ test("a Kysely not made by createDb gets an ordinary transaction, plugins and al
     return trx.selectFrom("countedItem").select("itemId").execute()
   })
   assert.deepEqual(rows, [{ itemId: 7 }])
+})
+
+test("destroy() ends the pool when only pipelined transactions used it", async () => {
+  const applicationName = `keyway_pipe_${process.pid}`
+  const own = createDb({ connectionString: t.url, max: 1, applicationName })
+  await runPipelinedTransaction(own, (trx) => trx.selectFrom("item").select("id").execute())
+  const sessions = async () =>
+    (
+      await sql<{ n: number }>`
+        select count(*)::int as n from pg_stat_activity where application_name = ${applicationName}`.execute(
+        t.db,
+      )
+    ).rows[0]!.n
+  assert.equal(await sessions(), 1)
+  await own.destroy()
+  await waitFor(async () => (await sessions()) === 0, {
+    timeoutMs: 5000,
+    message: "the pool's session closed by destroy()",
+  })
 })
