@@ -38,6 +38,7 @@ import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
 import { KeyScheduler } from "./internal/key-scheduler.ts"
 import { summariseSources } from "./internal/summarise-sources.ts"
 import {
+  type CompleteOptions,
   FencedError,
   type Handler,
   type HandlerContext,
@@ -347,7 +348,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     KEYS_PER_BATCH,
   )
 
-  type Pending = Completion & { effects?: (trx: Kysely<any>) => Promise<unknown> }
+  type Pending = Completion & {
+    effects?: (trx: Kysely<any>) => Promise<unknown>
+    interleave?: boolean
+  }
 
   /**
    * One transaction for many keys' completions and their handlers' local effects. If it
@@ -357,20 +361,30 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
     const complete = async (q: Kysely<any>) => {
       const ok = await completeTasks(q, group, items, leaseMs)
-      // The keys' effects are independent of each other, so they start together and share
-      // their round trips (runPipelinedTransaction). Run one after another, each cost a round
-      // trip that every key of the batch waited for: at 600 events/s the drain's "run" step
-      // took 27-50 ms on average that way, 7-12 ms pipelined (`just bench pipeline`).
-      const results = await Promise.allSettled(
-        items.map(async (item, n) => {
-          if (!ok[n]) {
-            throw new FencedError(
-              `${item.topic}/${item.key} v${item.ver}: another worker took the key; nothing written`,
-            )
-          }
-          return item.effects?.(q)
-        }),
-      )
+      const run = async (n: number) => {
+        const item = items[n]!
+        if (!ok[n]) {
+          throw new FencedError(
+            `${item.topic}/${item.key} v${item.ver}: another worker took the key; nothing written`,
+          )
+        }
+        return item.effects?.(q)
+      }
+      const results: PromiseSettledResult<unknown>[] = new Array(items.length)
+      const settle = async (n: number) => {
+        results[n] = await run(n).then(
+          (value) => ({ status: "fulfilled", value }),
+          (reason) => ({ status: "rejected", reason }),
+        )
+      }
+      // Effects that may interleave start together and share their round trips
+      // (runPipelinedTransaction). Run one after another, each cost a round trip that every
+      // key of the batch waited for: at 600 events/s the drain's "run" step took 27-50 ms on
+      // average that way, 7-12 ms interleaved (`just bench pipeline`, one-insert handlers).
+      // The rest run alone, after them, as their handlers expect.
+      const together = items.flatMap((item, n) => (item.interleave ? [n] : []))
+      await Promise.all(together.map(settle))
+      for (const [n, item] of items.entries()) if (!item.interleave) await settle(n)
       // Fenced keys wrote nothing and fail alone. An effect that threw takes the shared
       // transaction down (a failed statement aborts it for every key): it rolls back, and
       // each completion is tried again on its own below.
@@ -390,12 +404,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))
     }
   }
-  // One batch at a time: with the effects pipelined a batch takes a few round trips whatever
-  // its size, so the keys that finish meanwhile wait less for it than a second, smaller batch
-  // (its own BEGIN, complete_tasks and COMMIT) would cost. `just bench pipeline`, three
-  // interleaved rounds at 600 events/s, one batch in flight against two: p99 69 / 84 / 82 ms
-  // against 87 / 108 / 207, throughput 939 / 948 / 1,033 events/s against 1,013 / 879 / 713.
-  const completions = new Batcher<Pending, unknown>(completeBatch, KEYS_PER_BATCH, 1)
+  // Two batches in flight: effects that run one after another (the default) make a batch
+  // take a round trip per key, and a second batch keeps completions moving meanwhile, as it
+  // does past an effect stuck on a lock. With every effect interleaved, one in flight did a
+  // little better (`just bench pipeline`, three rounds at 600 events/s: p99 69 / 84 / 82 ms
+  // against 87 / 108 / 207; events/s 939 / 948 / 1,033 against 1,013 / 879 / 713), not
+  // enough for a setting that depends on what the handlers do.
+  const completions = new Batcher<Pending, unknown>(completeBatch, KEYS_PER_BATCH, 2)
 
   const rechecks = new Batcher<KeyRef, boolean>(
     async (refs) => fulfilled(await runnableKeysOf(db, group, refs)),
@@ -549,9 +564,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       fencing: { epoch, version: task.ver },
       signal,
       span,
-      complete: async <T>(effects: (trx: Kysely<any>) => Promise<T>) => {
+      complete: async <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
         if (completed) throw new Error("complete() was already called for this event")
-        const result = await completions.submit({ ...ref, ver: task.ver, epoch, effects })
+        const interleave = options?.interleave ?? false
+        const result = await completions.submit({
+          ...ref,
+          ver: task.ver,
+          epoch,
+          effects,
+          interleave,
+        })
         completed = true
         return result as T
       },

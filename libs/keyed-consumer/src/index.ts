@@ -16,6 +16,7 @@ export {
   type KeyedConsumerStatus,
 } from "./create-keyed-consumer.ts"
 export {
+  type CompleteOptions,
   type DeadPolicy,
   FencedError,
   type FencingToken,

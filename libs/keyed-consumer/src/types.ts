@@ -40,7 +40,23 @@ export interface HandlerContext {
    * If it fails as a whole, each completion runs again in a transaction of its own, so
    * `effects` may run more than once: it must only write through `trx`, never act outside it.
    */
-  complete<T>(effects: (trx: Kysely<any>) => Promise<T>): Promise<T>
+  complete<T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions): Promise<T>
+}
+
+export interface CompleteOptions {
+  /**
+   * Lets `effects` run at the same time as other keys' effects that allow it, in the shared
+   * transaction, so that their statements share round trips: a batch of one-insert effects
+   * then costs a few round trips instead of one each. Default false: effects run one after
+   * another.
+   *
+   * Only for effects whose statements stand alone: inserts, and updates that compute in SQL
+   * (`set n = n + 1`). Not for an effect that reads a row and then writes what it read, when
+   * another key's effect may write that row: in one transaction no row lock keeps them apart,
+   * and one update would be lost. Nor for effects that rely on session state (`set local`,
+   * `lastval()`).
+   */
+  interleave?: boolean
 }
 
 export type Handler<P = any> = (event: KeyedEvent<P>, ctx: HandlerContext) => Promise<void>

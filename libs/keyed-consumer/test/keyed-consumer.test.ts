@@ -309,47 +309,81 @@ describe("keyed consumer", () => {
     assert.deepEqual(slow.rows, [{ state: "pending", attempts: 0, error: null }])
   })
 
-  test("effects that fail inside a shared completion transaction fail alone; the rest commit once", async () => {
-    // Completions of keys that finish together share one transaction. Here one handler's
-    // effects write a row and then throw, on the event's first attempt: the shared transaction
-    // rolls back, the others are completed again on their own, and only the failing event is
-    // retried.
-    let failed = false
-    const { t, stream, consumer } = await setup({
-      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          await ctx.complete(async (trx) => {
-            await sql`insert into effect (topic, key, ver, event_id, worker)
+  for (const interleave of [false, true]) {
+    test(`effects that fail inside a shared completion transaction fail alone; the rest commit once (interleave: ${interleave})`, async () => {
+      // Completions of keys that finish together share one transaction. Here one handler's
+      // effects write a row and then throw, on the event's first attempt: the shared transaction
+      // rolls back, the others are completed again on their own, and only the failing event is
+      // retried. Interleaved, the other effects' statements are on the wire with it.
+      let failed = false
+      const { t, stream, consumer } = await setup({
+        defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            await ctx.complete(
+              async (trx) => {
+                await sql`insert into effect (topic, key, ver, event_id, worker)
                       values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
-              trx,
+                  trx,
+                )
+                if (event.key === "k7" && event.ver === 2 && event.attempt === 1) {
+                  failed = true
+                  throw new Error("effects failed after writing")
+                }
+              },
+              { interleave },
             )
-            if (event.key === "k7" && event.ver === 2 && event.attempt === 1) {
-              failed = true
-              throw new Error("effects failed after writing")
-            }
+          },
+        },
+      })
+      const keys = Array.from({ length: 40 }, (_, n) => `k${n}`)
+      for (let ver = 1; ver <= 5; ver++)
+        await Promise.all(
+          keys.map((key) => publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })),
+        )
+      await waitFor(async () => (await effects(t.db)).length >= 200, {
+        timeoutMs: 20_000,
+        message: "200 effects",
+      })
+      await new Promise((r) => setTimeout(r, 300)) // a duplicate would show up by now
+      const rows = await effects(t.db)
+      const { byKey, problems } = checkEffects(rows)
+      assert.deepEqual(problems, [])
+      assert.equal(rows.length, 200)
+      assert.equal(byKey.size, 40)
+      assert.ok(failed)
+      assert.equal(consumer.status().retried, 1)
+      assert.equal(consumer.status().done, 200)
+    })
+  }
+
+  test("effects that read a shared row and write it back run one after another: no update lost", async () => {
+    // What the default protects: each effect reads a counter, locking it against the other
+    // completion transaction in flight, and writes it back plus one. Had the keys' effects
+    // interleaved in their shared transaction, two would read the same value and one
+    // increment would be lost: a transaction's own row lock does not keep it from itself.
+    const { t, stream, consumer } = await setup({
+      handlers: {
+        "demo.item.changed.v1": async (_event, ctx) => {
+          await ctx.complete(async (trx) => {
+            const { rows } = await sql<{ n: number }>`select n from counter for update`.execute(trx)
+            await sql`update counter set n = ${rows[0]!.n + 1}`.execute(trx)
           })
         },
       },
     })
-    const keys = Array.from({ length: 40 }, (_, n) => `k${n}`)
-    for (let ver = 1; ver <= 5; ver++)
-      await Promise.all(
-        keys.map((key) => publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })),
-      )
-    await waitFor(async () => (await effects(t.db)).length >= 200, {
+    await sql`create table counter (n int not null)`.execute(t.db)
+    await sql`insert into counter values (0)`.execute(t.db)
+    const keys = Array.from({ length: 60 }, (_, n) => `c${n}`)
+    await Promise.all(
+      keys.map((key) => publishEvent(nc, stream.site, { key, ver: 1, payload: { n: 1 } })),
+    )
+    await waitFor(() => consumer.status().done === 60, {
       timeoutMs: 20_000,
-      message: "200 effects",
+      message: "60 events done",
     })
-    await new Promise((r) => setTimeout(r, 300)) // a duplicate would show up by now
-    const rows = await effects(t.db)
-    const { byKey, problems } = checkEffects(rows)
-    assert.deepEqual(problems, [])
-    assert.equal(rows.length, 200)
-    assert.equal(byKey.size, 40)
-    assert.ok(failed)
-    assert.equal(consumer.status().retried, 1)
-    assert.equal(consumer.status().done, 200)
+    const { rows } = await sql<{ n: number }>`select n from counter`.execute(t.db)
+    assert.equal(rows[0]!.n, 60)
   })
 
   test("max attempts then dead, policy block: later versions wait until an admin retry", async () => {
