@@ -38,7 +38,9 @@ export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
     Client: PreparingClient,
     // Changes nothing for statements sent one at a time, which is all Kysely's own paths do
     // (a transaction waits for each answer; outside one each statement takes its own client).
-    // runPipelinedTransaction is what sends several at once.
+    // runPipelinedTransaction is what sends several at once. pg refuses cursors in this mode
+    // (pg-cursor, pg-query-stream, the `rows` option), so this pool cannot serve Kysely's
+    // stream(); and were query_timeout ever set, a timeout would close the connection.
     pipeline: true,
   })
   // An idle client that loses its server emits 'error' on the pool; without a listener

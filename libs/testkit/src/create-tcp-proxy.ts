@@ -68,6 +68,8 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
       upstream.destroy()
     }
     client.on("error", teardown).on("close", teardown)
+    // A 'data' listener resumes the socket; hold() pauses it in the same tick it unpipes, so
+    // a stall still holds what the client sends.
     client.on("data", (chunk: Buffer) => {
       bytesToTarget += chunk.length
     })
