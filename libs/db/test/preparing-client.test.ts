@@ -2,7 +2,7 @@ import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { type Kysely, sql } from "kysely"
-import { createDb } from "../src/index.ts"
+import { createDb, PreparingClient } from "../src/index.ts"
 
 // One connection, so that every query below runs in the session whose prepared statements
 // pg_prepared_statements lists.
@@ -52,4 +52,36 @@ test("a statement whose result columns change fails once, then is prepared afres
   await assert.rejects(all(1), /cached plan must not change result type/)
   for (let i = 0; i < 3; i++) await all(1)
   assert.deepEqual(await all(1), [{ id: 1, name: "one", price: 7 }])
+})
+
+test("in pipeline mode, statements issued while one is in flight leave in one write", async () => {
+  const client = new PreparingClient({ connectionString: t.url, pipeline: true })
+  await client.connect()
+  try {
+    // Every flush of the socket's buffer goes through _write (one chunk) or _writev (several).
+    const stream = (client as any).connection.stream
+    let writes = 0
+    for (const method of ["_write", "_writev"]) {
+      const original = stream[method]
+      stream[method] = function (this: unknown, ...args: unknown[]) {
+        writes++
+        return original.apply(this, args)
+      }
+    }
+    const { rows } = await client.query("select $1::int as n", [1])
+    assert.deepEqual(rows, [{ n: 1 }])
+    assert.equal(writes, 1, "a statement on its own leaves at once, in its own write")
+    writes = 0
+    const results = await Promise.all(
+      Array.from({ length: 30 }, (_, i) => client.query("select $1::int as n", [i])),
+    )
+    assert.deepEqual(
+      results.map((r) => r.rows[0].n),
+      Array.from({ length: 30 }, (_, i) => i),
+    )
+    // The first goes out at once; the 29 queued behind it share the next write.
+    assert.equal(writes, 2)
+  } finally {
+    await client.end()
+  }
 })
