@@ -94,6 +94,21 @@ function activeTraceContext(): string | null {
  * events of one key get consecutive versions in the order given. Everything is validated
  * before anything is written: a bad event throws and the caller's transaction, rolled back,
  * leaves nothing. The relay is woken by a NOTIFY that Postgres delivers at commit.
+ *
+ * Its statement is a round trip of its own. A writer whose event does not need the result of
+ * its domain statements can issue them together in `runPipelinedTransaction` (`@keyway/db`),
+ * and the two share one round trip:
+ *
+ * ```ts
+ * await runPipelinedTransaction(db, (trx) =>
+ *   Promise.all([trx.insertInto("order").values(order).execute(), enqueue(trx, event)]),
+ * )
+ * ```
+ *
+ * That shortens a transaction, not the machine's work: 2 writers each committing as fast as
+ * they can made 8% more commits (3,420 against 3,152 per second); `just bench relay`'s 8
+ * writers, which saturate two cores, make as many either way. A bad event still rolls back
+ * the domain rows sent alongside it.
  */
 export async function enqueue(
   trx: Kysely<any>,

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
+import { runPipelinedTransaction } from "@keyway/db"
 import { DEFAULT_MAX_PAYLOAD_BYTES, EnqueueError, enqueue } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
@@ -91,6 +92,35 @@ describe("enqueue", () => {
       /key must be a non-empty string/,
     )
     assert.deepEqual(await outboxRows(t), before)
+  })
+
+  test("issued together with the domain insert in a pipelined transaction: both commit, or neither", async () => {
+    const widgets = async () =>
+      (await sql<{ id: number }>`select id from widget order by id`.execute(t.db)).rows.map(
+        (r) => r.id,
+      )
+    const before = await outboxRows(t)
+    const beforeWidgets = await widgets()
+    const [, enqueued] = await runPipelinedTransaction(t.db, (trx) =>
+      Promise.all([sql`insert into widget values (10)`.execute(trx), enqueue(trx, item("p", 7))]),
+    )
+    const rows = await outboxRows(t)
+    assert.deepEqual(rows.slice(before.length), [
+      { seq: enqueued[0]!.seq, key: "p", ver: 1, payload: { n: 7 } },
+    ])
+    assert.deepEqual(await widgets(), [...beforeWidgets, 10])
+    // The insert is on its way when enqueue refuses the payload: the transaction rolls it back.
+    await assert.rejects(
+      runPipelinedTransaction(t.db, (trx) =>
+        Promise.all([
+          sql`insert into widget values (11)`.execute(trx),
+          enqueue(trx, { type: "demo.item.changed.v1", key: "p", payload: { n: "x" } }),
+        ]),
+      ),
+      InvalidEventError,
+    )
+    assert.deepEqual(await outboxRows(t), rows)
+    assert.deepEqual(await widgets(), [...beforeWidgets, 10])
   })
 
   test("a payload larger than NATS would carry is refused with its size, and nothing is written", async () => {
