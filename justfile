@@ -12,12 +12,15 @@ default:
 # Format check, lint, typecheck, tests: the gate before a commit.
 check: lint typecheck test
 
+# Biome's format check and lint, as `check` runs them.
 lint:
     npx biome check .
 
+# Format and apply Biome's safe fixes in place.
 fmt:
     npx biome check --write .
 
+# tsc over the whole repository (no output files).
 typecheck:
     npx tsc -p .
 
@@ -35,15 +38,17 @@ test *files:
 migrate:
     node --import tsx apps/migrate/src/main.ts
 
+# On NATS_URL: by default the machine's shared server, as `just demo` uses it, not `just up`'s.
 # Create or update the site's JetStream streams from nats/streams/<site>.json.
 streams site="cloud":
     node --import tsx apps/streams/src/main.ts nats/streams/{{site}}.json
 
-# Run the relay for a site in the foreground.
+# On DATABASE_URL and NATS_URL, which default to the machine's shared servers.
+# Run a site's relay in the foreground; it applies nats/streams/<site>.json at start.
 relay site="cloud":
     KEYWAY_SITE={{site}} KEYWAY_STREAMS_FILE=nats/streams/{{site}}.json node --import tsx apps/relay/src/main.ts
 
-# A site with demo traffic on the machine's servers: migrate, streams, relay and writers.
+# One site with demo traffic on the machine's servers: migrate, streams, relay and a writer.
 demo site="cloud":
     node --import tsx apps/demo/src/main.ts {{site}}
 
@@ -57,8 +62,8 @@ up site="":
 down site="":
     node --import tsx apps/ops-local/src/main.ts down {{site}}
 
-# Per site: processes, outbox backlog, stream counts, consumer lag, leaf link, the consumer
-# group's dead tasks, blocked keys and gaps, demo effects.
+# The consumer group's dead tasks, blocked keys and gaps, and demo effects, too.
+# Per site of `just up`: processes, outbox backlog, stream counts, consumer lag, leaf link.
 status:
     node --import tsx apps/ops-local/src/main.ts status
 
@@ -71,8 +76,9 @@ secrets:
 pm2 *args:
     PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 {{args}}
 
-# A consumer group's summary, dead tasks, gaps and blocked keys, and retry/skip/redrive:
-# `just admin dead --group cloud-demo` (DATABASE_URL names the group's database).
+# DATABASE_URL names the group's database; for `just up`'s cloud site:
+# `DATABASE_URL=postgres://postgres@127.0.0.1:5432/keyway_cloud npx just admin dead --group cloud-demo`.
+# A consumer group's summary, dead tasks, gaps and blocked keys; retry, skip, redrive.
 admin *args:
     node --import tsx apps/admin/src/main.ts {{args}}
 

@@ -86,8 +86,14 @@ try {
   }
   console.log(JSON.stringify(result, null, 2))
 } catch (err) {
-  if (!(err instanceof ConsumerAdminError)) throw err
-  console.error(`admin: ${err.message}`)
+  // An operator reads this, not a developer: the message, not a stack. A refused request is
+  // the admin API's own error; anything else is most often the wrong database.
+  const message = err instanceof Error ? err.message : String(err)
+  const hint =
+    err instanceof ConsumerAdminError
+      ? ""
+      : ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
+  console.error(`admin: ${message}${hint}`)
   process.exitCode = 1
 } finally {
   await db.destroy()

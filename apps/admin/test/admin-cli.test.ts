@@ -9,10 +9,10 @@ const cli = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 let t: TestDatabase
 
 /** Runs the CLI as an operator would and collects what it printed. */
-function run(args: string[]) {
+function run(args: string[], databaseUrl = t.url) {
   return new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
     const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
-      env: { ...process.env, DATABASE_URL: t.url },
+      env: { ...process.env, DATABASE_URL: databaseUrl },
     })
     let out = ""
     let err = ""
@@ -127,6 +127,17 @@ test("bad input gets a clear error and exit code 2", async () => {
   const unknown = await run(["explode", "--group", "g"])
   assert.equal(unknown.code, 2)
   assert.match(unknown.err, /unknown command "explode"/)
+})
+
+test("a database that is not the group's gets a one-line error naming DATABASE_URL, not a stack", async () => {
+  const missing = await run(["summary", "--group", "g"], `${t.url}_no_such_database`)
+  assert.equal(missing.code, 1)
+  assert.match(
+    missing.err,
+    /^admin: database ".*_no_such_database" does not exist \(DATABASE_URL must name/,
+  )
+  assert.equal(missing.err.trim().split("\n").length, 1, missing.err)
+  assert.doesNotMatch(missing.err, /\bat \//)
 })
 
 test("a retry that would rewind a key over versions retention deleted is refused", async () => {
