@@ -16,11 +16,11 @@ const MAX_PREPARED = 256
 const MAX_COUNTED = 2048
 
 /**
- * A pg Client that prepares statements it runs often and, in pg's pipeline mode, sends
- * statements issued together in one write. Only parameterised text queries are named: those
- * are what Kysely sends. A statement whose result columns change under it (a table altered
- * while the connection lives) fails once with Postgres' "cached plan must not change result
- * type"; the client then stops using that name, so the next call re-prepares.
+ * A pg Client that prepares statements it runs often and, in pg's pipeline mode, sends the
+ * statements issued while one is in flight in a single write. Only parameterised text queries
+ * are named: those are what Kysely sends. A statement whose result columns change under it (a
+ * table altered while the connection lives) fails once with Postgres' "cached plan must not
+ * change result type"; the client then stops using that name, so the next call re-prepares.
  */
 export class PreparingClient extends pg.Client {
   #counts = new Map<string, number>()
@@ -50,11 +50,15 @@ export class PreparingClient extends pg.Client {
   // of the event loop has queued them all, and they leave in one write. cork() nests: pg's own
   // uncork leaves ours in place. A statement sent when none is in flight goes out at once.
   // A scratch bench (its script is in issue 3's session-13 note), 4 clients, each running
-  // pipelined transactions of 30 `select $1`, one after another: 2,370 -> 3,200 tx/s, 0.66 -> 0.52 ms of machine CPU per
-  // transaction; single statements one after another, unchanged (43-45k/s, 35-36 µs each).
+  // pipelined transactions of 30 `select $1`, one after another: 2,370 -> 3,200 tx/s, 0.66 ->
+  // 0.52 ms of machine CPU per transaction; single statements one after another, unchanged
+  // (43-45k/s, 35-36 µs each).
   #corked = false
   #coalesceWrites() {
-    if (this.#corked || !(this as any)._activeQuery) return
+    // Sent and unanswered: pg's active query, or, between an error and its ReadyForQuery, the
+    // queue of those sent after it.
+    const self = this as unknown as { _activeQuery: unknown; _sentQueryQueue?: unknown[] }
+    if (this.#corked || !(self._activeQuery || (self._sentQueryQueue?.length ?? 0) > 0)) return
     const stream = (this as any).connection?.stream
     if (typeof stream?.cork !== "function") return
     this.#corked = true

@@ -121,6 +121,17 @@ describe("enqueue", () => {
     )
     assert.deepEqual(await outboxRows(t), rows)
     assert.deepEqual(await widgets(), [...beforeWidgets, 10])
+    // Here the insert fails (widget 10 exists) after enqueue's statement has been sent: it
+    // fails too, in the aborted transaction, and its key head's bump rolls back with it.
+    await assert.rejects(
+      runPipelinedTransaction(t.db, (trx) =>
+        Promise.all([sql`insert into widget values (10)`.execute(trx), enqueue(trx, item("q", 1))]),
+      ),
+      (err: { code?: string }) => err.code === "23505",
+    )
+    assert.deepEqual(await outboxRows(t), rows)
+    const [next] = await runPipelinedTransaction(t.db, (trx) => enqueue(trx, item("q", 2)))
+    assert.equal(next!.ver, 1, "key q's first version is still free")
   })
 
   test("a payload larger than NATS would carry is refused with its size, and nothing is written", async () => {
