@@ -10,6 +10,8 @@ export async function ensureDatabase(connectionString: string): Promise<boolean>
   if (!name) throw new Error(`no database name in ${url.protocol}//${url.host}/`)
   url.pathname = "/postgres"
   const client = new pg.Client({ connectionString: url.toString() })
+  // Failures reach the caller through the queries; pg's 'error' event would be uncaught.
+  client.on("error", () => {})
   await client.connect()
   try {
     const found = await client.query("select 1 from pg_database where datname = $1", [name])

@@ -27,6 +27,17 @@ export class PreparingClient extends pg.Client {
   #names = new Map<string, string>()
   #nextName = 0
 
+  constructor(config?: string | pg.ClientConfig) {
+    super(config)
+    // A connection that drops (Postgres restarted, its host gone) fails every statement sent
+    // on it, and then pg emits 'error' on the client. pg-pool listens only while the client is
+    // idle in the pool: on one checked out, an 'error' without a listener is an uncaught
+    // exception that kills the process (node-postgres#3202). The statements' own failures are
+    // what callers handle, and the pool drops a client that is no longer queryable when it
+    // comes back, so the event itself needs nothing more.
+    this.on("error", () => {})
+  }
+
   // pg's query() has a dozen overloads; this override only adds a name to one shape of call
   // (and may hold the socket's writes for this tick) and hands everything, unchanged, to pg.
   override query(config: any, values?: any, callback?: any): any {

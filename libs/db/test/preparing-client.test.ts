@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
-import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { createTcpProxy, createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { type Kysely, sql } from "kysely"
 import { createDb, PreparingClient } from "../src/index.ts"
 
@@ -83,5 +83,29 @@ test("in pipeline mode, statements issued while one is in flight leave in one wr
     assert.equal(writes, 2)
   } finally {
     await client.end()
+  }
+})
+
+test("a connection that drops under a checked-out client fails its statements, not the process", async () => {
+  // node:test fails the file on an uncaught exception: pg's 'error' event, unheard, is one.
+  const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+  const url = new URL(t.url)
+  url.host = `${proxy.host}:${proxy.port}`
+  const proxied = createDb({ connectionString: url.toString(), max: 1 })
+  try {
+    await assert.rejects(
+      proxied.transaction().execute(async (trx) => {
+        await sql`select 1`.execute(trx)
+        proxy.cut()
+        await sql`select pg_sleep(0.2)`.execute(trx)
+      }),
+    )
+    proxy.restore()
+    // The broken client left the pool; the next statement gets a fresh connection.
+    const { rows } = await sql<{ n: number }>`select 2 as n`.execute(proxied)
+    assert.deepEqual(rows, [{ n: 2 }])
+  } finally {
+    await proxied.destroy()
+    await proxy.close()
   }
 })

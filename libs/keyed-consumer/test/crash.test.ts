@@ -4,10 +4,12 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
+import { createDb } from "@keyway/db"
 import { createKeyedConsumer } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import {
+  createTcpProxy,
   createTestDatabase,
   createTestStream,
   gate,
@@ -254,34 +256,37 @@ describe("keyed consumer under crashes", () => {
     await other.stop()
   })
 
-  test("a private Redis restarted in the middle of draining: every effect once, in order", async () => {
-    const { t, stream, group } = await site()
-    // Stopped by the cleanups, after the consumers (cleanups run in reverse): a server gone
-    // first left a failed test's consumers waiting on Redis commands in stop(), and the file
-    // never finished.
-    const server = await startRedisServer()
-    cleanups.push(() => server.stop())
-    // As the worker apps configure them: a command fails after one reconnect attempt
-    // instead of twenty.
-    const clients = [server.url, server.url].map(
-      (url) => new Redis(url, { maxRetriesPerRequest: 1 }),
-    )
-    for (const c of clients) c.on("error", () => {})
-    cleanups.push(async () => {
-      for (const c of clients) c.disconnect()
-    })
-    const consumers = clients.map((redis, i) =>
+  /**
+   * Two consumers drain `keys` keys; once a fifth of the events are handled, `outage.begin()`
+   * takes a server away, the rest of the events are published while it is gone, and
+   * `outage.end()` brings it back. Then every effect must exist once, in version order.
+   */
+  async function drainThroughOutage(o: {
+    t: TestDatabase
+    stream: { name: string; site: string }
+    group: string
+    /** What the consumers use; the checker reads the effects through `t.db`. */
+    db: TestDatabase["db"]
+    redis: [Redis, Redis]
+    what: string
+    begin(): Promise<void>
+    /** While the server is gone, after the rest was published and a second has passed. */
+    during(effectsSoFar: number): Promise<void>
+    end(): Promise<void>
+  }) {
+    const { t, group } = o
+    const consumers = o.redis.map((redis, i) =>
       createKeyedConsumer({
         group,
-        stream: stream.name,
+        stream: o.stream.name,
         nats: nc,
-        db: t.db,
+        db: o.db,
         redis,
-        workerId: `r${i}`,
+        workerId: `w${i}`,
         handlers: {
           "demo.item.changed.v1": async (event, ctx) => {
-            await sleep(1) // keep the drain going long enough to restart Redis under it
-            await recordEffect(`r${i}`)(event, ctx)
+            await sleep(1) // keep the drain going long enough to take a server away under it
+            await recordEffect(`w${i}`)(event, ctx)
           },
         },
         leaseMs: 2000,
@@ -299,7 +304,7 @@ describe("keyed consumer under crashes", () => {
       for (let ver = from; ver <= to; ver++) {
         await Promise.all(
           Array.from({ length: keys }, (_, k) =>
-            publishEvent(nc, stream.site, { key: `r${k}`, ver, payload: { n: ver } }),
+            publishEvent(nc, o.stream.site, { key: `k${k}`, ver, payload: { n: ver } }),
           ),
         )
       }
@@ -309,14 +314,15 @@ describe("keyed consumer under crashes", () => {
       timeoutMs: 30_000,
       message: "draining",
     })
-    await server.kill()
-    // The rest arrives while Redis is away: a fast machine had drained all 3,000 events
-    // before the kill, and the restart then tested nothing.
+    await o.begin()
+    // The rest arrives while the server is away: a fast machine had drained all 3,000 events
+    // before a Redis kill, and the restart then tested nothing.
     await publish(61, perKey)
     await sleep(1000)
-    const atRestart = await effectCount(t.db)
-    await server.start()
-    assert.ok(atRestart < keys * perKey, "Redis went away while work was left")
+    const atOutage = await effectCount(t.db)
+    await o.during(atOutage)
+    await o.end()
+    assert.ok(atOutage < keys * perKey, `${o.what}: the server went away while work was left`)
     // What the group looked like at the last check, for the timeout's message: which keys
     // are behind, who holds them, and what each worker is doing.
     let lastSeen = ""
@@ -330,7 +336,7 @@ describe("keyed consumer under crashes", () => {
       {
         timeoutMs: 90_000,
         intervalMs: 250,
-        message: () => `all effects after the Redis restart; ${lastSeen}`,
+        message: () => `all effects after ${o.what}; ${lastSeen}`,
       },
     )
     await sleep(500)
@@ -338,5 +344,62 @@ describe("keyed consumer under crashes", () => {
     assert.equal(rows.length, keys * perKey, "no effect twice")
     assert.deepEqual(checkEffects(rows).problems, [])
     for (const c of consumers) await c.stop()
+  }
+
+  test("a private Redis restarted in the middle of draining: every effect once, in order", async () => {
+    const { t, stream, group } = await site()
+    // Stopped by the cleanups, after the consumers (cleanups run in reverse): a server gone
+    // first left a failed test's consumers waiting on Redis commands in stop(), and the file
+    // never finished.
+    const server = await startRedisServer()
+    cleanups.push(() => server.stop())
+    // As the worker apps configure them: a command fails after one reconnect attempt
+    // instead of twenty.
+    const redis = [server.url, server.url].map(
+      (url) => new Redis(url, { maxRetriesPerRequest: 1 }),
+    ) as [Redis, Redis]
+    for (const c of redis) c.on("error", () => {})
+    cleanups.push(async () => {
+      for (const c of redis) c.disconnect()
+    })
+    await drainThroughOutage({
+      t,
+      stream,
+      group,
+      db: t.db,
+      redis,
+      what: "the Redis restart",
+      begin: () => server.kill(),
+      during: async () => {},
+      end: () => server.start(),
+    })
+  })
+
+  test("Postgres out of reach in the middle of draining: every effect once, in order", async () => {
+    const { t, stream, group } = await site()
+    // The consumers reach Postgres through a proxy the test cuts: every connection drops and
+    // every reconnect fails until restore(), as when the database host goes away.
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    cleanups.push(() => proxy.close())
+    const url = new URL(t.url)
+    url.host = `${proxy.host}:${proxy.port}`
+    const db = createDb({ connectionString: url.toString(), max: 8 })
+    cleanups.push(() => db.destroy())
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    await drainThroughOutage({
+      t,
+      stream,
+      group,
+      db,
+      redis: [redis, redis],
+      what: "Postgres came back",
+      begin: async () => proxy.cut(),
+      during: async (atOutage) => {
+        await sleep(1000)
+        assert.equal(await effectCount(t.db), atOutage, "nothing commits without Postgres")
+      },
+      end: async () => proxy.restore(),
+    })
   })
 })

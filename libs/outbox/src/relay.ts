@@ -131,6 +131,8 @@ const errorMessage = (err: unknown) => (err instanceof Error ? err.message : Str
 function openMetricsPool(connectionString: string, site: string): pg.Pool {
   const pool = new pg.Pool({
     connectionString,
+    // Its 'error' listener: a scrape on a connection that drops must fail, not crash.
+    Client: PreparingClient,
     max: 1,
     idleTimeoutMillis: 30_000,
     connectionTimeoutMillis: 2000,
@@ -249,9 +251,8 @@ export function createRelay(config: RelayConfig): Relay {
         application_name: `keyway-relay:${config.site}`,
         types: pgTypes,
       })
-      // A dead connection shows up as failing queries; without this listener the 'error'
-      // event would crash the process instead.
-      client.on("error", () => {})
+      // A dead connection shows up as failing queries (PreparingClient keeps pg's 'error'
+      // event from crashing the process).
       client.on("notification", () => wake.notify())
       await client.connect()
       // Every relay statement is meant to walk an index (the unpublished partial index, the

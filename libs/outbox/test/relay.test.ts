@@ -5,6 +5,7 @@ import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
+  createTcpProxy,
   createTestDatabase,
   gate,
   metricValue,
@@ -590,6 +591,43 @@ describe("relay", () => {
       await relay?.stop()
       relay = undefined
       await privateNc.close()
+    }
+  })
+  test("Postgres out of reach for a while: the relay reconnects and publishes the rest, once", async () => {
+    await fresh()
+    // The relay reaches Postgres through a proxy the test cuts: its connection drops, with
+    // it the advisory lock, and every reconnect fails until restore(). Writers go direct.
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    try {
+      const url = new URL(t.url)
+      url.host = `${proxy.host}:${proxy.port}`
+      relay = createRelay({
+        connectionString: url.toString(),
+        jetstream: jetstream(nc),
+        site,
+        pollIntervalMs: 100,
+        retryDelayMs: 100,
+      })
+      await relay.start()
+      await write(t.db, 200, 10)
+      await untilPublished("first events published", 10_000)
+      proxy.cut()
+      await waitFor(() => relay!.status().role === "connecting", {
+        timeoutMs: 5000,
+        message: "the relay saw its connection go",
+      })
+      await write(t.db, 500, 10, 200)
+      await new Promise((r) => setTimeout(r, 1000))
+      assert.equal(await unpublishedCount(t.db), 500, "the backlog waits in the outbox")
+      assert.equal(relay.status().role, "connecting", "and the relay keeps trying")
+      proxy.restore()
+      await untilPublished("published after Postgres came back", 30_000)
+      assert.equal(relay.status().role, "active")
+      assertExactlyOnceInOrder(await readStream(nc, stream), 700)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await proxy.close()
     }
   })
 })
