@@ -135,6 +135,8 @@ export interface KeyedConsumerStatus {
   /** Keys whose lock or lease was lost while draining. */
   lostKeys: number
   drainingKeys: number
+  /** Messages received from the stream and not yet in the inbox (nor rejected). */
+  ingestBuffered: number
 }
 
 export interface KeyedConsumer {
@@ -153,6 +155,10 @@ const quiet: KeyedConsumerLogger = {
   error: (message, fields) => console.error(JSON.stringify({ level: "error", message, ...fields })),
 }
 const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
+/** Postgres' class 22, data exception: the statement's values, not the server, are at fault. */
+const refusesData = (err: unknown) =>
+  typeof (err as { code?: unknown })?.code === "string" &&
+  (err as { code: string }).code.startsWith("22")
 const TASKS_PER_READ = 32
 /** Most keys in one claim, completion or re-check round trip. */
 const KEYS_PER_BATCH = 64
@@ -176,7 +182,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const workerId = config.workerId ?? `w-${randomBytes(4).toString("hex")}`
   const wakeOnIngest = config.wakeOnIngest ?? true
   const keyLock: KeyLock = createRedlockKeyLock(config.redis)
-  const stats: Omit<KeyedConsumerStatus, "drainingKeys"> = {
+  const stats: Omit<KeyedConsumerStatus, "drainingKeys" | "ingestBuffered"> = {
     ingested: 0,
     rejected: 0,
     done: 0,
@@ -240,6 +246,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       name: "consumer_draining_keys",
       help: "Keys this worker is draining now",
       collect: () => scheduler.active,
+    })
+    m.collectedGauge({
+      name: "consumer_ingest_buffered",
+      help: "Messages this worker received and has not yet stored in the inbox (grows while Postgres is away, up to max_ack_pending)",
+      collect: () => buffer.size + ingesting,
     })
     // The group's state, not this worker's: every worker of a group reports the same values,
     // so a dashboard takes their max. Gaps and dead letters are the alerts of DESIGN.md
@@ -423,7 +434,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- ingest ------------------------------------------------------------------------------
 
-  let buffer: JsMsg[] = []
+  // By stream sequence: a message the server redelivers while its first copy still waits here
+  // (Postgres away for longer than ack_wait) replaces that copy instead of queueing beside it,
+  // so an outage of any length holds at most the consumer's max_ack_pending messages. The
+  // latest copy is kept: its ack is the one the server expects.
+  const buffer = new Map<number, JsMsg>()
+  // The batch being stored: out of the buffer, not yet acked.
+  let ingesting = 0
   let flushing: Promise<void> | undefined
 
   type Reject = { streamSeq: number; subject: string; reason: string; data: Uint8Array }
@@ -464,17 +481,51 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     return { events, rejects }
   }
 
+  /**
+   * Stores events in the inbox. A value that passed the envelope's schema but that Postgres
+   * refuses (a createdAt it cannot read as a time, a NUL in a string, a number past bigint)
+   * would fail the whole batch on every retry and hold up the group behind it. So on such a
+   * refusal each event is stored alone, and those refused become rejects; `events` keeps
+   * only the others, so a retry after a lost connection does not reject them twice.
+   */
+  const storeEvents = async (
+    events: IncomingEvent[],
+    rejects: Reject[],
+    bySeq: Map<number, JsMsg>,
+  ): Promise<KeyRef[]> => {
+    try {
+      return await ingestBatch(db, group, events)
+    } catch (err) {
+      if (!refusesData(err) || events.length === 0) throw err
+    }
+    const woken: KeyRef[] = []
+    for (const e of [...events]) {
+      try {
+        woken.push(...(await ingestBatch(db, group, [e])))
+      } catch (err) {
+        if (!refusesData(err)) throw err
+        const m = bySeq.get(e.streamSeq)!
+        const reason = `Postgres refuses a value in it: ${messageOf(err)}`
+        rejects.push({ streamSeq: m.seq, subject: m.subject, reason, data: m.data })
+        events.splice(events.indexOf(e), 1)
+        log.warn("rejected an event Postgres refuses", { subject: m.subject, seq: m.seq, reason })
+      }
+    }
+    return woken
+  }
+
   const ingest = async (msgs: JsMsg[]) => {
     const { events, rejects } = toIncoming(msgs)
+    const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     for (let attempt = 0; ; attempt++) {
       try {
-        // Each reject is recorded once, even if the inbox insert below fails and is retried.
+        const woken = events.length > 0 ? await storeEvents(events, rejects, bySeq) : []
+        // Each reject is recorded once, even if a statement here fails and all is retried.
         while (rejects.length > 0) {
           await recordReject(db, group, rejects[0]!)
           rejects.shift()
           stats.rejected++
         }
-        const woken = events.length > 0 ? await ingestBatch(db, group, events) : []
         // Acked only after the inbox commit: a crash before this point means redelivery,
         // and the inbox drops what it already has.
         for (const m of msgs) m.ack()
@@ -484,25 +535,32 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       } catch (err) {
         if (stopping) return // unacked: redelivered to another worker after ack_wait
         log.warn("inbox insert failed; retrying", { error: messageOf(err), attempt })
-        // This worker still has them: the server should not hand them to another yet.
+        // This worker still has them, and those waiting behind them: the server should not
+        // hand them to another yet.
         for (const m of msgs) m.working()
+        for (const m of buffer.values()) m.working()
         await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** attempt)))
       }
     }
   }
 
   const onMessage = (m: JsMsg) => {
-    buffer.push(m)
+    buffer.set(m.seq, m)
     flushing ??= (async () => {
       // Linger a moment before the first commit of a burst. Without it a consumer that keeps
       // up commits nearly every message on its own, and an inbox commit costs far more than a
       // row: at 1,000 events/s a few ms of linger turns hundreds of commits into dozens.
-      if (lingerMs > 0 && buffer.length < batchSize)
-        await new Promise((r) => setTimeout(r, lingerMs))
-      while (buffer.length > 0) {
-        const batch = buffer.slice(0, batchSize)
-        buffer = buffer.slice(batchSize)
+      if (lingerMs > 0 && buffer.size < batchSize) await new Promise((r) => setTimeout(r, lingerMs))
+      while (buffer.size > 0) {
+        const batch: JsMsg[] = []
+        for (const [seq, msg] of buffer) {
+          if (batch.length === batchSize) break
+          batch.push(msg)
+          buffer.delete(seq)
+        }
+        ingesting = batch.length
         await ingest(batch)
+        ingesting = 0
       }
       flushing = undefined
     })()
@@ -854,7 +912,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       await Promise.all(pendingRechecks)
       clearTimeout(grace)
     },
-    status: () => ({ ...stats, drainingKeys: scheduler.active }),
+    status: () => ({
+      ...stats,
+      drainingKeys: scheduler.active,
+      ingestBuffered: buffer.size + ingesting,
+    }),
     [Symbol.asyncDispose]() {
       return this.stop()
     },

@@ -256,6 +256,19 @@ describe("keyed consumer under crashes", () => {
     await other.stop()
   })
 
+  /** A database handle that reaches `t`'s Postgres through a proxy the test can cut. */
+  async function throughProxy(t: TestDatabase) {
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    cleanups.push(() => proxy.close())
+    const url = new URL(t.url)
+    url.host = `${proxy.host}:${proxy.port}`
+    const db = createDb({ connectionString: url.toString(), max: 8 })
+    cleanups.push(() => db.destroy())
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    return { proxy, db, redis }
+  }
+
   /**
    * Two consumers drain `keys` keys; once a fifth of the events are handled, `outage.begin()`
    * takes a server away, the rest of the events are published while it is gone, and
@@ -379,14 +392,7 @@ describe("keyed consumer under crashes", () => {
     const { t, stream, group } = await site()
     // The consumers reach Postgres through a proxy the test cuts: every connection drops and
     // every reconnect fails until restore(), as when the database host goes away.
-    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
-    cleanups.push(() => proxy.close())
-    const url = new URL(t.url)
-    url.host = `${proxy.host}:${proxy.port}`
-    const db = createDb({ connectionString: url.toString(), max: 8 })
-    cleanups.push(() => db.destroy())
-    const redis = new Redis(SHARED_REDIS)
-    cleanups.push(async () => redis.disconnect())
+    const { proxy, db, redis } = await throughProxy(t)
     await drainThroughOutage({
       t,
       stream,
@@ -401,5 +407,50 @@ describe("keyed consumer under crashes", () => {
       },
       end: async () => proxy.restore(),
     })
+  })
+  test("Postgres away for many ack waits: each message is held once, and all land after", async () => {
+    const { t, stream, group } = await site()
+    const { proxy, db, redis } = await throughProxy(t)
+    // A short ack wait, so the server redelivers what waits for the inbox several times over
+    // while Postgres is away, and a small batch, so that most of it waits in the buffer.
+    const consumer = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db,
+      redis,
+      handlers: { "demo.item.changed.v1": recordEffect("w") },
+      ackWaitMs: 500,
+      maxAckPending: 60,
+      ingestBatchSize: 8,
+      pollIntervalMs: 300,
+      recoveryIntervalMs: 300,
+    })
+    cleanups.push(() => consumer.stop())
+    await consumer.start()
+    proxy.cut()
+    for (let ver = 1; ver <= 6; ver++) {
+      for (let k = 0; k < 10; k++) {
+        await publishEvent(nc, stream.site, { key: `k${k}`, ver, payload: { n: ver } })
+      }
+    }
+    let most = 0
+    for (let i = 0; i < 30; i++) {
+      most = Math.max(most, consumer.status().ingestBuffered)
+      await sleep(100)
+    }
+    assert.ok(most > 8, `messages waited for the inbox (at most ${most} at once)`)
+    // max_ack_pending, plus the copies of the batch being stored that came again meanwhile.
+    assert.ok(most <= 60 + 8, `each message held once, not once per redelivery (${most} at once)`)
+    proxy.restore()
+    await waitFor(async () => (await effectCount(t.db)) >= 60, {
+      timeoutMs: 30_000,
+      message: "every event handled after Postgres came back",
+    })
+    await sleep(300)
+    const rows = await effects(t.db)
+    assert.equal(rows.length, 60, "no effect twice")
+    assert.deepEqual(checkEffects(rows).problems, [])
+    assert.equal(consumer.status().ingestBuffered, 0)
   })
 })

@@ -8,6 +8,7 @@ import {
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
+import { type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
@@ -17,7 +18,7 @@ import {
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
-import { jetstreamManager } from "@nats-io/jetstream"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
@@ -697,5 +698,57 @@ describe("keyed consumer", () => {
     const rejects = await t.db.selectFrom("keyway.inbox_reject").selectAll().execute()
     assert.equal(rejects.length, 1)
     assert.match(rejects[0]!.reason, /not JSON/)
+  })
+  test("an event whose values Postgres refuses is rejected with the reason; its batch goes in", async () => {
+    const { t, stream } = await setup()
+    const js = jetstream(nc)
+    const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) => {
+      const envelope: EventEnvelope = {
+        id: `${stream.site}:${seq}`,
+        site: stream.site,
+        seq,
+        topic: "demo.item",
+        type: "demo.item.changed.v1",
+        payload: { n: e.ver },
+        createdAt: new Date().toISOString(),
+        ...e,
+      }
+      return js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
+        msgID: envelope.id,
+      })
+    }
+    // One burst, so that the bad ones share their inbox batch with good ones. Each passes the
+    // envelope's schema; Postgres refuses a value in each (22007, 22021, 22P05).
+    await Promise.all([
+      raw({ key: "g1", ver: 1 }, 1),
+      raw({ key: "when", ver: 1, createdAt: "not a time" }, 2),
+      raw({ key: "g2", ver: 1 }, 3),
+      raw({ key: "nul\u0000key", ver: 1 }, 4),
+      raw({ key: "g3", ver: 1 }, 5),
+      raw({ key: "nulpayload", ver: 1, payload: { n: 1, s: "a\u0000b" } }, 6),
+      raw({ key: "g4", ver: 1 }, 7),
+    ])
+    await waitFor(async () => (await effects(t.db)).length === 4, {
+      timeoutMs: 10_000,
+      message: "the good events of the batch handled",
+    })
+    const rejects = await t.db
+      .selectFrom("keyway.inbox_reject")
+      .select(["stream_seq", "reason"])
+      .orderBy("stream_seq")
+      .execute()
+    assert.deepEqual(
+      rejects.map((r) => Number(r.stream_seq)),
+      [2, 4, 6],
+    )
+    for (const r of rejects) assert.match(r.reason, /^Postgres refuses a value in it: /)
+    assert.match(rejects[0]!.reason, /time zone: "not a time"/)
+    // The group goes on.
+    await raw({ key: "g1", ver: 2 }, 8)
+    await waitFor(async () => (await effects(t.db)).length === 5, {
+      timeoutMs: 10_000,
+      message: "a later event handled",
+    })
+    assert.deepEqual((await effects(t.db)).map((e) => e.key).sort(), ["g1", "g1", "g2", "g3", "g4"])
   })
 })
