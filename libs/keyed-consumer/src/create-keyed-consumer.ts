@@ -11,7 +11,7 @@ import * as Schedule from "effect/Schedule"
 import type { Redis } from "ioredis"
 import type { Kysely } from "kysely"
 import { Batcher } from "./internal/batcher.ts"
-import { ensureDurable } from "./internal/ensure-consumer.ts"
+import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.ts"
 import {
   type Claim,
   type Completion,
@@ -438,6 +438,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // (Postgres away for longer than ack_wait) replaces that copy instead of queueing beside it,
   // so an outage of any length holds at most the consumer's max_ack_pending messages. The
   // latest copy is kept: its ack is the one the server expects.
+  const durable: DurableOptions = {
+    stream: config.stream,
+    group,
+    filterSubject: config.filterSubject,
+    startPosition: config.startPosition ?? "all",
+    ackWaitMs: config.ackWaitMs ?? 10_000,
+    maxAckPending: config.maxAckPending ?? 2048,
+  }
   const buffer = new Map<number, JsMsg>()
   // The batch being stored: out of the buffer, not yet acked.
   let ingesting = 0
@@ -569,6 +577,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // One consume() session; resolves when it ends (stopped, heartbeats missed, consumer gone).
   const consumeSession = Effect.acquireUseRelease(
     Effect.tryPromise(async () => {
+      // Every session, not only start(): a durable deleted under a running group (by hand, or
+      // lost with a server's state) would otherwise fail every session after for good. Made
+      // again from the start of the stream, it redelivers what the stream holds; the inbox
+      // drops what it has, and every version at or below a key's done_ver.
+      if (await ensureDurable(await manager(), durable)) {
+        log.warn("the group's durable consumer was gone; created it again", { group })
+      }
       const consumer = await js.consumers.get(config.stream, group)
       return consumer.consume({ max_messages: batchSize * 2, callback: onMessage })
     }),
@@ -579,6 +594,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         void (async () => {
           for await (const s of messages.status()) {
             if (s.type === "heartbeats_missed" && s.count >= 2) messages.stop()
+            // nats.js goes on pulling from a durable that is gone; the next session makes it
+            // again. Not-found once may be a server still loading its state.
+            if (s.type === "consumer_deleted") messages.stop()
+            if (s.type === "consumer_not_found" && s.count >= 2) messages.stop()
           }
         })()
         await messages.closed()
@@ -881,14 +900,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   return {
     async start() {
       if (fibers.length > 0) return
-      await ensureDurable(await manager(), {
-        stream: config.stream,
-        group,
-        filterSubject: config.filterSubject,
-        startPosition: config.startPosition ?? "all",
-        ackWaitMs: config.ackWaitMs ?? 10_000,
-        maxAckPending: config.maxAckPending ?? 2048,
-      })
+      await ensureDurable(await manager(), durable)
       fibers = [
         Effect.runFork(ingestLoop),
         Effect.runFork(every(pollIntervalMs, "polling loop", pollOnce)),

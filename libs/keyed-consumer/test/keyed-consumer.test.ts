@@ -751,4 +751,34 @@ describe("keyed consumer", () => {
     })
     assert.deepEqual((await effects(t.db)).map((e) => e.key).sort(), ["g1", "g1", "g2", "g3", "g4"])
   })
+  test("the group's durable deleted under it is created again; every effect once, in order", async () => {
+    const { t, stream, group } = await setup()
+    for (let ver = 1; ver <= 3; ver++)
+      for (const key of ["a", "b"])
+        await publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })
+    await waitFor(async () => (await effects(t.db)).length === 6, {
+      timeoutMs: 10_000,
+      message: "first events handled",
+    })
+    const jsm = await jetstreamManager(nc)
+    await jsm.consumers.delete(stream.name, group)
+    for (let ver = 4; ver <= 6; ver++)
+      for (const key of ["a", "b"])
+        await publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })
+    await waitFor(async () => (await effects(t.db)).length >= 12, {
+      timeoutMs: 30_000,
+      message: "events published after the deletion handled",
+    })
+    // The new durable started from the beginning of the stream: the first six came again.
+    await waitFor(
+      async () => (await jsm.consumers.info(stream.name, group)).num_ack_pending === 0,
+      {
+        timeoutMs: 10_000,
+        message: "the redelivered events acked",
+      },
+    )
+    const rows = await effects(t.db)
+    assert.equal(rows.length, 12, "nothing twice")
+    assert.deepEqual(checkEffects(rows).problems, [])
+  })
 })

@@ -17,14 +17,14 @@ export interface DurableOptions {
 }
 
 /**
- * Creates the group's durable pull consumer if it does not exist. An existing one is left as
- * it is: its deliver policy only means something at creation, and changing its filter would
- * silently change what the group sees.
+ * Creates the group's durable pull consumer if it does not exist, and says whether it did. An
+ * existing one is left as it is: its deliver policy only means something at creation, and
+ * changing its filter would silently change what the group sees.
  */
-export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): Promise<void> {
+export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): Promise<boolean> {
   try {
     await jsm.consumers.info(o.stream, o.group)
-    return
+    return false
   } catch (err) {
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) {
       throw err
@@ -40,4 +40,5 @@ export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): P
   }
   if (o.filterSubject) config.filter_subject = o.filterSubject
   await jsm.consumers.add(o.stream, config)
+  return true
 }
