@@ -25,6 +25,19 @@ export const pgTypes = {
 } as pg.CustomTypesConfig
 
 /**
+ * Connection settings for every long-lived Keyway connection, so that a peer that vanishes
+ * without a reset (its host dead, a link dropping packets) is noticed in about 25 s rather
+ * than the operating system's default of two hours and more. On the server's side this is
+ * what frees a dead relay's advisory lock for a standby; on ours, what fails a statement
+ * waiting on a dead connection. (Ignored on Unix sockets, where no peer can vanish.)
+ */
+export const keepaliveSettings = {
+  keepAlive: true,
+  keepAliveInitialDelayMillis: 10_000,
+  options: "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+} as const
+
+/**
  * A Kysely instance over a pg pool whose connections prepare the statements they run often
  * (see PreparingClient) and can run pipelined transactions (see runPipelinedTransaction).
  * The caller owns it and calls `destroy()`.
@@ -35,6 +48,7 @@ export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
     max: config.max ?? 10,
     application_name: config.applicationName ?? "keyway",
     types: pgTypes,
+    ...keepaliveSettings,
     Client: PreparingClient,
     // Changes nothing for statements sent one at a time, which is all Kysely's own paths do
     // (a transaction waits for each answer; outside one each statement takes its own client).

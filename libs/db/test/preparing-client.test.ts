@@ -109,3 +109,19 @@ test("a connection that drops under a checked-out client fails its statements, n
     await proxy.close()
   }
 })
+
+test("createDb's connections have the server probe a silent peer within seconds", async () => {
+  const { rows } = await sql<{ name: string; setting: string }>`
+    select name, setting from pg_settings
+     where name in ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count')
+     order by name
+  `.execute(db)
+  assert.deepEqual(
+    rows.map((r) => [r.name, r.setting]),
+    [
+      ["tcp_keepalives_count", "3"],
+      ["tcp_keepalives_idle", "10"],
+      ["tcp_keepalives_interval", "5"],
+    ],
+  )
+})

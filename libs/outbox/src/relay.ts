@@ -1,4 +1,4 @@
-import { PreparingClient, pgTypes } from "@keyway/db"
+import { keepaliveSettings, PreparingClient, pgTypes } from "@keyway/db"
 import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -138,7 +138,8 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
     connectionTimeoutMillis: 2000,
     query_timeout: 6000,
     application_name: `keyway-relay-metrics:${site}`,
-    options: "-c enable_seqscan=off -c statement_timeout=5000",
+    ...keepaliveSettings,
+    options: `-c enable_seqscan=off -c statement_timeout=5000 ${keepaliveSettings.options}`,
   })
   // An idle connection that dies reports here; the next scrape opens another.
   pool.on("error", () => {})
@@ -250,6 +251,8 @@ export function createRelay(config: RelayConfig): Relay {
         connectionString: config.connectionString,
         application_name: `keyway-relay:${config.site}`,
         types: pgTypes,
+        // Above all here: this connection holds the leadership lock.
+        ...keepaliveSettings,
       })
       // A dead connection shows up as failing queries (PreparingClient keeps pg's 'error'
       // event from crashing the process).
