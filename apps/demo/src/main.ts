@@ -1,6 +1,7 @@
 // `just demo [site]`: one site on this machine's Postgres and NATS, with traffic. It migrates
-// the database, applies the site's streams, runs a relay and a few writers, and prints what
-// moves every two seconds until Ctrl-C (or DEMO_SECONDS).
+// the database, applies the site's streams, runs a relay and a writer, and prints what moves
+// every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
+// the writing and the report; the relay catches up when it is back.
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
@@ -32,12 +33,18 @@ await relay.start()
 
 let written = 0
 let running = true
-// Writers: each transaction writes the site's demo event for a random key out of 20, at `rate`
-// per second.
+// The writer: each transaction writes the site's demo event for a random key out of 20, at
+// `rate` per second.
 const writer = (async () => {
   const started = Date.now()
   while (running) {
-    await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, 20)))
+    try {
+      await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, 20)))
+    } catch (err) {
+      console.log(`write failed, retrying in 1 s: ${(err as Error).message}`)
+      await new Promise((r) => setTimeout(r, 1000))
+      continue
+    }
     written++
     const due = started + (written * 1000) / rate
     await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))
@@ -48,14 +55,20 @@ console.log(
   `keyway demo: site ${site}, ${rate} events/s into stream ${streams[0]!.name}; Ctrl-C stops`,
 )
 const report = setInterval(async () => {
-  const backlog = await sql<{ n: number }>`
-    select count(*)::int as n from keyway.outbox where published_at is null
-  `.execute(db)
-  const info = await jsm.streams.info(streams[0]!.name)
   const s = relay.status()
-  console.log(
-    `written ${written}  published ${s.published}  backlog ${backlog.rows[0]!.n}  stream ${info.state.messages}  relay ${s.role}`,
-  )
+  try {
+    const backlog = await sql<{ n: number }>`
+      select count(*)::int as n from keyway.outbox where published_at is null
+    `.execute(db)
+    const info = await jsm.streams.info(streams[0]!.name)
+    console.log(
+      `written ${written}  published ${s.published}  backlog ${backlog.rows[0]!.n}  stream ${info.state.messages}  relay ${s.role}`,
+    )
+  } catch (err) {
+    console.log(
+      `written ${written}  published ${s.published}  relay ${s.role}  (${(err as Error).message})`,
+    )
+  }
 }, 2000)
 
 async function shutdown() {

@@ -4,6 +4,7 @@
 //   GET  /metrics
 // Answers 201 {"jobId","tasks"} or 400 {"error"} naming what is wrong with the request.
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
+import type { AddressInfo } from "node:net"
 import { createDb } from "@keyway/db"
 import { EnqueueError } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
@@ -43,9 +44,26 @@ const db = createDb({
 await migrateEslSchema(db)
 const serveMetrics = metricsHandler(metrics)
 
+// A job for every label of a large store is about 100 bytes a label: 4 MiB is 40,000 labels.
+// Without a bound, one huge request would take the process's memory, and every other job.
+const MAX_BODY_BYTES = 4 * 1024 * 1024
+
+class BodyTooLargeError extends Error {
+  override name = "BodyTooLargeError"
+}
+
 const readJson = async (req: IncomingMessage): Promise<any> => {
+  const declared = Number(req.headers["content-length"])
+  const tooLarge = () =>
+    new BodyTooLargeError(`request body over ${MAX_BODY_BYTES} bytes; split the job`)
+  if (declared > MAX_BODY_BYTES) throw tooLarge()
   const chunks: Buffer[] = []
-  for await (const c of req) chunks.push(c as Buffer)
+  let size = 0
+  for await (const c of req) {
+    size += (c as Buffer).length
+    if (size > MAX_BODY_BYTES) throw tooLarge()
+    chunks.push(c as Buffer)
+  }
   return JSON.parse(Buffer.concat(chunks).toString("utf8"))
 }
 const reply = (res: ServerResponse, status: number, body: unknown) =>
@@ -67,6 +85,12 @@ const server = createServer(async (req, res) => {
     tasks.inc({}, result.tasks.length)
     reply(res, 201, result)
   } catch (err) {
+    if (err instanceof BodyTooLargeError) {
+      jobs.inc({ kind, result: "rejected" })
+      // The rest of the body is not read: close the connection rather than drain it.
+      res.setHeader("connection", "close")
+      return reply(res, 413, { error: err.message })
+    }
     const bad =
       err instanceof SyntaxError ||
       err instanceof InvalidEventError ||
@@ -76,9 +100,17 @@ const server = createServer(async (req, res) => {
     reply(res, bad ? 400 : 500, { error: (err as Error).message })
   }
 })
-server.listen(config.port, () =>
-  console.log(JSON.stringify({ started: "esl-writer", port: config.port })),
+// A server error after listen() (a failed accept, say) is logged; unheard, it would end the
+// process and every job in flight. One at listen() (the port taken) still ends it.
+server.once("listening", () =>
+  server.on("error", (err) =>
+    console.error(JSON.stringify({ level: "error", message: "http server", error: err.message })),
+  ),
 )
+server.listen(config.port, () => {
+  const { port } = server.address() as AddressInfo
+  console.log(JSON.stringify({ started: "esl-writer", port }))
+})
 
 async function shutdown() {
   server.close()

@@ -50,6 +50,15 @@ export function createMetricsServer(config: MetricsServerConfig): MetricsServer 
       new Promise<void>((resolve, reject) => {
         server.once("error", reject)
         server.listen(config.port, config.host ?? "0.0.0.0", () => {
+          // Past listen(), an error (say, accept() out of file descriptors) must not find
+          // the stale reject, nor, the time after, no listener at all: that would be an
+          // uncaught exception in a process whose job is elsewhere.
+          server.off("error", reject)
+          server.on("error", (err) =>
+            console.error(
+              JSON.stringify({ level: "error", message: "metrics server", error: err.message }),
+            ),
+          )
           const a = server.address() as AddressInfo
           url = `http://${a.address === "0.0.0.0" ? "127.0.0.1" : a.address}:${a.port}`
           resolve()
