@@ -25,17 +25,17 @@ export const pgTypes = {
 } as pg.CustomTypesConfig
 
 /**
- * Connection settings for every long-lived Keyway connection, so that a peer that vanishes
- * without a reset (its host dead, a link dropping packets) is noticed in about 25 s rather
- * than the operating system's default of two hours and more. On the server's side this is
- * what frees a dead relay's advisory lock for a standby; on ours, what fails a statement
- * waiting on a dead connection. (Ignored on Unix sockets, where no peer can vanish.)
+ * For every long-lived Keyway connection, so that a peer that vanishes without a reset (its
+ * host dead, a link dropping packets) is noticed in about 25 s rather than the operating
+ * system's default of two hours and more. The server's side is what frees a dead relay's
+ * advisory lock for a standby; ours, what fails a statement waiting on a dead connection.
+ * The server's side is set per session, once connected, rather than as a startup `options`
+ * parameter: that would replace PGOPTIONS and a connection string's own options, and
+ * PgBouncer refuses it. (Both are ignored on Unix sockets, where no peer can vanish.)
  */
-export const keepaliveSettings = {
-  keepAlive: true,
-  keepAliveInitialDelayMillis: 10_000,
-  options: "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
-} as const
+export const keepaliveSettings = { keepAlive: true, keepAliveInitialDelayMillis: 10_000 } as const
+export const keepaliveSql =
+  "set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3"
 
 /**
  * A Kysely instance over a pg pool whose connections prepare the statements they run often
@@ -60,6 +60,9 @@ export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
   // An idle client that loses its server emits 'error' on the pool; without a listener
   // that would crash the process. The next query gets a fresh connection.
   pool.on("error", () => {})
+  // Queued on the new client ahead of whatever it was connected for; a failure here shows
+  // again on that statement, on the same connection.
+  pool.on("connect", (client) => void client.query(keepaliveSql).catch(() => {}))
   const dialect = new PostgresDialect({ pool })
   const db = new Kysely<DB>({ dialect })
   enablePipelinedTransactions(db, dialect)

@@ -1,4 +1,4 @@
-export { createDb, type DbConfig, keepaliveSettings, pgTypes } from "./create-db.ts"
+export { createDb, type DbConfig, keepaliveSettings, keepaliveSql, pgTypes } from "./create-db.ts"
 export { ensureDatabase } from "./ensure-database.ts"
 export { type MigrateOptions, migrateToLatest, migrationsDir } from "./migrate.ts"
 export { PreparingClient } from "./preparing-client.ts"

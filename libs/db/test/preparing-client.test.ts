@@ -111,14 +111,23 @@ test("a connection that drops under a checked-out client fails its statements, n
 })
 
 test("createDb's connections have the server probe a silent peer within seconds", async () => {
+  // And they keep the options the connection string asks for.
+  const withOptions = createDb({
+    connectionString: `${t.url}?options=${encodeURIComponent("-c statement_timeout=1234")}`,
+    max: 1,
+  })
   const { rows } = await sql<{ name: string; setting: string }>`
     select name, setting from pg_settings
-     where name in ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count')
+     where name in ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count',
+                    'statement_timeout')
      order by name
-  `.execute(db)
+  `
+    .execute(withOptions)
+    .finally(() => withOptions.destroy())
   assert.deepEqual(
     rows.map((r) => [r.name, r.setting]),
     [
+      ["statement_timeout", "1234"],
       ["tcp_keepalives_count", "3"],
       ["tcp_keepalives_idle", "10"],
       ["tcp_keepalives_interval", "5"],

@@ -1,4 +1,4 @@
-import { keepaliveSettings, PreparingClient, pgTypes } from "@keyway/db"
+import { keepaliveSettings, keepaliveSql, PreparingClient, pgTypes } from "@keyway/db"
 import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -139,10 +139,11 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
     query_timeout: 6000,
     application_name: `keyway-relay-metrics:${site}`,
     ...keepaliveSettings,
-    options: `-c enable_seqscan=off -c statement_timeout=5000 ${keepaliveSettings.options}`,
+    options: "-c enable_seqscan=off -c statement_timeout=5000",
   })
   // An idle connection that dies reports here; the next scrape opens another.
   pool.on("error", () => {})
+  pool.on("connect", (client) => void client.query(keepaliveSql).catch(() => {}))
   return pool
 }
 
@@ -264,6 +265,7 @@ export function createRelay(config: RelayConfig): Relay {
       // the claim (measured: 221 seq scans reading 217k rows in one bench run). Forbidding
       // them on this session keeps the claim an index scan whatever the statistics say.
       await client.query("set enable_seqscan = off")
+      await client.query(keepaliveSql)
       return client
     }),
     (client) => Effect.promise(() => client.end().catch(() => {})),
