@@ -2,7 +2,14 @@ import { randomBytes } from "node:crypto"
 import { runPipelinedTransaction } from "@keyway/db"
 import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
 import { LATENCY_BUCKETS, type MetricsRegistry, perScrape } from "@keyway/telemetry"
-import { type JetStreamManager, type JsMsg, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import {
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import * as Effect from "effect/Effect"
@@ -580,11 +587,27 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // Every session, not only start(): a durable deleted under a running group (by hand, or
       // lost with a server's state) would otherwise fail every session after for good. Made
       // again from the start of the stream, it redelivers what the stream holds; the inbox
-      // drops what it has, and every version at or below a key's done_ver.
-      if (await ensureDurable(await manager(), durable)) {
-        log.warn("the group's durable consumer was gone; created it again", { group })
+      // drops what it has, and every version at or below a key's done_ver (0007). A group
+      // that starts at new events cannot be made again without losing what the old durable
+      // had not delivered, nor from the start without running history it chose to skip:
+      // that is an operator's call, so it stays down and says so.
+      if (durable.startPosition === "all") {
+        if (await ensureDurable(await manager(), durable)) {
+          log.warn("the group's durable consumer was gone; created it again", { group })
+        }
       }
-      const consumer = await js.consumers.get(config.stream, group)
+      const consumer = await js.consumers.get(config.stream, group).catch((err) => {
+        if (
+          durable.startPosition === "new" &&
+          err instanceof JetStreamApiError &&
+          err.code === JetStreamApiCodes.ConsumerNotFound
+        ) {
+          throw new Error(
+            `the group's durable consumer ${group} is gone, and the group starts at new events: an operator must create it again (from where it stopped) before this worker can ingest`,
+          )
+        }
+        throw err
+      })
       return consumer.consume({ max_messages: batchSize * 2, callback: onMessage })
     }),
     (messages) =>
@@ -596,7 +619,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             if (s.type === "heartbeats_missed" && s.count >= 2) messages.stop()
             // nats.js goes on pulling from a durable that is gone; the next session makes it
             // again. Not-found once may be a server still loading its state.
-            if (s.type === "consumer_deleted") messages.stop()
+            if (s.type === "consumer_deleted") {
+              // Their acks would go to the new durable of the same name, which may move its
+              // ack floor past what it has delivered; it delivers them again anyway.
+              buffer.clear()
+              messages.stop()
+            }
             if (s.type === "consumer_not_found" && s.count >= 2) messages.stop()
           }
         })()

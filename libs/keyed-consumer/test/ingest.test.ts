@@ -67,6 +67,31 @@ describe("keyway.ingest", () => {
     )
   })
 
+  test("a version at or below the key's done_ver is not stored again once retention took it", async () => {
+    await ingestBatch(t.db, GROUP, [event("r", 1, 30), event("r", 2, 31), event("r", 3, 32)])
+    // Versions 1 and 2 done and pruned by retention; 3 still pending.
+    await sql`update keyway.consumer_key set done_ver = 2
+               where grp = ${GROUP} and topic = 'demo.item' and key = 'r'`.execute(t.db)
+    await sql`delete from keyway.inbox where grp = ${GROUP} and key = 'r' and ver <= 2`.execute(
+      t.db,
+    )
+    // The whole key again, as a durable made anew from the start of the stream delivers it.
+    const woken = await ingestBatch(t.db, GROUP, [
+      event("r", 1, 30),
+      event("r", 2, 31),
+      event("r", 3, 32),
+      event("r", 4, 33),
+    ])
+    assert.deepEqual(woken, [{ topic: "demo.item", key: "r" }], "woken by version 4 only")
+    const inbox = await sql<{ ver: number }>`
+      select ver from keyway.inbox where grp = ${GROUP} and key = 'r' order by ver`.execute(t.db)
+    assert.deepEqual(
+      inbox.rows.map((r) => r.ver),
+      [3, 4],
+    )
+    assert.deepEqual(await keyRow("r"), [{ done_ver: 2, baseline_stream_seq: null }])
+  })
+
   test("does not wait for an open transaction that updated the key", async () => {
     await ingestBatch(t.db, GROUP, [event("busy", 1, 100)])
     // A completion in flight: the key's row updated, its transaction not yet committed.

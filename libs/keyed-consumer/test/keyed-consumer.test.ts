@@ -781,4 +781,23 @@ describe("keyed consumer", () => {
     assert.equal(rows.length, 12, "nothing twice")
     assert.deepEqual(checkEffects(rows).problems, [])
   })
+  test("a group that starts at new events does not make its deleted durable again, and says why", async () => {
+    const lines: string[] = []
+    const logger = {
+      info() {},
+      warn: (message: string, fields?: Record<string, unknown>) =>
+        lines.push(`${message} ${JSON.stringify(fields)}`),
+      error: (message: string, fields?: Record<string, unknown>) =>
+        lines.push(`${message} ${JSON.stringify(fields)}`),
+    }
+    const { stream, group } = await setup({ startPosition: "new", logger })
+    const jsm = await jetstreamManager(nc)
+    await jsm.consumers.delete(stream.name, group)
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await waitFor(() => lines.some((l) => /an operator must create it again/.test(l)), {
+      timeoutMs: 60_000,
+      message: () => `the worker said why it stopped ingesting; it logged ${lines.join("\n")}`,
+    })
+    await assert.rejects(jsm.consumers.info(stream.name, group), /consumer not found/)
+  })
 })
