@@ -10,7 +10,10 @@
 -- row retention then deleted, would come back as pending and run.
 --
 -- Each key's done_ver is read in the loop that already looks each key up (a plain read that
--- waits for nobody, as in 0006), and the insert leaves out what it covers. The read can be
+-- waits for nobody, as in 0006), and the insert leaves out what it covers, once the key's
+-- start is settled. A provisional start (baseline_stream_seq set: the key was first seen
+-- above version 1) is a guess that confirmBaselines lowers when earlier versions turn up,
+-- and those are exactly the versions at or below it: they must go in. The read can be
 -- stale by a completion still committing; the version it misses then still has its inbox
 -- row, and ON CONFLICT keeps it out as before. The filter joins arrays, never a table, so
 -- the function's cached generic plan cannot turn it into a scan (0003).
@@ -24,6 +27,7 @@ as $$
 declare
   k record;
   v_done bigint;
+  v_settled boolean;
   known_topics text[] := '{}';
   known_keys text[] := '{}';
   known_done bigint[] := '{}';
@@ -36,12 +40,15 @@ begin
      group by i.topic, i.key
      order by i.topic, i.key
   loop
-    select c.done_ver into v_done from keyway.consumer_key c
+    select c.done_ver, c.baseline_stream_seq is null into v_done, v_settled
+      from keyway.consumer_key c
      where c.grp = p_grp and c.topic = k.topic and c.key = k.key;
     if found then
-      known_topics := known_topics || k.topic;
-      known_keys := known_keys || k.key;
-      known_done := known_done || v_done;
+      if v_settled then
+        known_topics := known_topics || k.topic;
+        known_keys := known_keys || k.key;
+        known_done := known_done || v_done;
+      end if;
     else
       -- A new key starts below the lowest version of this batch: nothing to leave out.
       insert into keyway.consumer_key (grp, topic, key, done_ver, baseline_stream_seq)

@@ -90,6 +90,17 @@ describe("keyway.ingest", () => {
       [3, 4],
     )
     assert.deepEqual(await keyRow("r"), [{ done_ver: 2, baseline_stream_seq: null }])
+
+    // A provisional start is no such floor: the versions below it are the ones it waits for.
+    await ingestBatch(t.db, GROUP, [event("p", 3, 41)])
+    assert.deepEqual(await keyRow("p"), [{ done_ver: 2, baseline_stream_seq: 41 }])
+    await ingestBatch(t.db, GROUP, [event("p", 1, 39), event("p", 2, 40)])
+    const p = await sql<{ ver: number }>`
+      select ver from keyway.inbox where grp = ${GROUP} and key = 'p' order by ver`.execute(t.db)
+    assert.deepEqual(
+      p.rows.map((r) => r.ver),
+      [1, 2, 3],
+    )
   })
 
   test("does not wait for an open transaction that updated the key", async () => {
