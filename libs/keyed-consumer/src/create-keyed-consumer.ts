@@ -162,6 +162,11 @@ const quiet: KeyedConsumerLogger = {
   error: (message, fields) => console.error(JSON.stringify({ level: "error", message, ...fields })),
 }
 const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
+/**
+ * The inbox row of a version that arrived but could not be stored (see storeEvents): it holds
+ * the key's order in place, and dies at once with its reason, under the topic's policy.
+ */
+const REFUSED_TYPE = "keyway.refused-at-ingest"
 /** Postgres' class 22, data exception: the statement's values, not the server, are at fault. */
 const refusesData = (err: unknown) =>
   typeof (err as { code?: unknown })?.code === "string" &&
@@ -524,6 +529,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason, data: m.data })
         events.splice(events.indexOf(e), 1)
         log.warn("rejected an event Postgres refuses", { subject: m.subject, seq: m.seq, reason })
+        // Its version still takes its place in the key, or the next one would run as if it
+        // had come first. Unless the refused value is the key's own (a NUL in it): then no
+        // version of that key can be stored, and the rejects are all there is.
+        const placeholder: IncomingEvent = {
+          ...e,
+          type: REFUSED_TYPE,
+          payload: JSON.stringify({ type: e.type, reason }),
+          trace: null,
+          createdAt: new Date().toISOString(),
+        }
+        try {
+          woken.push(...(await ingestBatch(db, group, [placeholder])))
+        } catch (err) {
+          if (!refusesData(err)) throw err
+        }
       }
     }
     return woken
@@ -688,6 +708,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       },
     }
     try {
+      if (task.type === REFUSED_TYPE) {
+        throw new PoisonError(`refused at ingest: ${(task.payload as { reason: string }).reason}`)
+      }
       const handler = config.handlers[task.type]
       const def = findEventType(task.type)
       if (!handler || !def) {

@@ -700,7 +700,7 @@ describe("keyed consumer", () => {
     assert.match(rejects[0]!.reason, /not JSON/)
   })
   test("an event whose values Postgres refuses is rejected with the reason; its batch goes in", async () => {
-    const { t, stream } = await setup()
+    const { t, stream, admin } = await setup()
     const js = jetstream(nc)
     const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) => {
       const envelope: EventEnvelope = {
@@ -743,13 +743,25 @@ describe("keyed consumer", () => {
     )
     for (const r of rejects) assert.match(r.reason, /^Postgres refuses a value in it: /)
     assert.match(rejects[0]!.reason, /time zone: "not a time"/)
-    // The group goes on.
+    // The group goes on; the refused version holds its key's place, dead with its reason.
     await raw({ key: "g1", ver: 2 }, 8)
+    await raw({ key: "when", ver: 2 }, 9)
     await waitFor(async () => (await effects(t.db)).length === 5, {
       timeoutMs: 10_000,
       message: "a later event handled",
     })
-    assert.deepEqual((await effects(t.db)).map((e) => e.key).sort(), ["g1", "g1", "g2", "g3", "g4"])
+    const dead = await admin.listDead()
+    assert.deepEqual(dead.map((d) => [d.key, d.ver]).sort(), [
+      ["nulpayload", 1],
+      ["when", 1],
+    ])
+    for (const d of dead) assert.match(d.lastError!, /^poison: refused at ingest: Postgres refuses/)
+    await new Promise((r) => setTimeout(r, 500))
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.key).sort(),
+      ["g1", "g1", "g2", "g3", "g4"],
+      "when@2 waits behind its dead version 1 (policy block)",
+    )
   })
   test("the group's durable deleted under it is created again; every effect once, in order", async () => {
     const { t, stream, group } = await setup()
