@@ -5,7 +5,7 @@ import { after, before, describe, test } from "node:test"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
-import { type IncomingEvent, ingestBatch } from "../src/internal/inbox-sql.ts"
+import { type IncomingEvent, ingestBatch, recordReject } from "../src/internal/inbox-sql.ts"
 
 const GROUP = "g"
 
@@ -100,6 +100,24 @@ describe("keyway.ingest", () => {
     assert.deepEqual(
       p.rows.map((r) => r.ver),
       [1, 2, 3],
+    )
+  })
+
+  test("a message rejected on each of its deliveries is kept once", async () => {
+    const reject = {
+      streamSeq: 77,
+      subject: "s.demo.item",
+      reason: "not JSON",
+      data: new Uint8Array([1]),
+    }
+    await recordReject(t.db, GROUP, reject)
+    await recordReject(t.db, GROUP, reject)
+    await recordReject(t.db, "other", reject)
+    const rows = await sql<{ grp: string }>`
+      select grp from keyway.inbox_reject where stream_seq = 77 order by grp`.execute(t.db)
+    assert.deepEqual(
+      rows.rows.map((r) => r.grp),
+      ["g", "other"],
     )
   })
 

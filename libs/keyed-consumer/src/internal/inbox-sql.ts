@@ -336,6 +336,7 @@ export async function recordReject(
   await sql`
     insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data)
     values (${group}, ${reject.streamSeq}, ${reject.subject}, ${reject.reason}, ${Buffer.from(reject.data)})
+    on conflict (grp, stream_seq) do nothing
   `.execute(db)
 }
 
