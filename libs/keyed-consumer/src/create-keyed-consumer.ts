@@ -919,9 +919,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // ---- safety nets -------------------------------------------------------------------------
 
   const pollOnce = Effect.tryPromise(async () => {
-    if (await hasProvisionalBaselines(db, group)) {
-      const info = await (await manager()).consumers.info(config.stream, group)
-      await confirmBaselines(db, group, info.ack_floor.stream_seq)
+    // Settling starts needs NATS (the group's ack floor); waking keys needs only Postgres.
+    // With NATS away, tasks already in the inbox must still be found.
+    try {
+      if (await hasProvisionalBaselines(db, group)) {
+        const info = await (await manager()).consumers.info(config.stream, group)
+        await confirmBaselines(db, group, info.ack_floor.stream_seq)
+      }
+    } catch (err) {
+      log.warn("settling where keys start failed; the next poll tries again", {
+        error: messageOf(err),
+      })
     }
     for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
   })

@@ -14,6 +14,7 @@ import {
   createTestStream,
   gate,
   spawnTs,
+  startNatsServer,
   startRedisServer,
   type TestDatabase,
   type TsChild,
@@ -452,5 +453,48 @@ describe("keyed consumer under crashes", () => {
     assert.equal(rows.length, 60, "no effect twice")
     assert.deepEqual(checkEffects(rows).problems, [])
     assert.equal(consumer.status().ingestBuffered, 0)
+  })
+  test("with NATS away, the polling loop still runs what the inbox holds", async () => {
+    const { t, group } = await site()
+    const server = await startNatsServer()
+    cleanups.push(() => server.stop())
+    const privateNc = await connectNats({ servers: server.url })
+    cleanups.push(() => privateNc.close())
+    const stream = await createTestStream(privateNc)
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    // Wake-ups off: only the polling loop, every 5 s after its first run at start, moves keys.
+    const consumer = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: privateNc,
+      db: t.db,
+      redis,
+      handlers: { "demo.item.changed.v1": recordEffect("w") },
+      wakeOnIngest: false,
+      pollIntervalMs: 5000,
+      recoveryIntervalMs: 5000,
+    })
+    cleanups.push(() => consumer.stop())
+    await consumer.start()
+    // "x" first seen at version 2 has a provisional start, which polling settles with NATS.
+    await publishEvent(privateNc, stream.site, { key: "x", ver: 2, payload: { n: 2 } })
+    await publishEvent(privateNc, stream.site, { key: "y", ver: 1, payload: { n: 1 } })
+    await waitFor(
+      async () =>
+        (await sql<{ n: number }>`select count(*)::int as n from keyway.inbox`.execute(t.db))
+          .rows[0]!.n === 2,
+      { timeoutMs: 2000, intervalMs: 20, message: "both in the inbox" },
+    )
+    await server.stop()
+    assert.equal(await effectCount(t.db), 0, "nothing ran before NATS went away")
+    await waitFor(async () => (await effectCount(t.db)) === 1, {
+      timeoutMs: 15_000,
+      message: "y ran on a poll while NATS was away",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.key),
+      ["y"],
+    )
   })
 })
