@@ -53,16 +53,16 @@ class BodyTooLargeError extends Error {
 }
 
 const readJson = async (req: IncomingMessage): Promise<any> => {
-  const declared = Number(req.headers["content-length"])
-  const tooLarge = () =>
-    new BodyTooLargeError(`request body over ${MAX_BODY_BYTES} bytes; split the job`)
-  if (declared > MAX_BODY_BYTES) throw tooLarge()
   const chunks: Buffer[] = []
   let size = 0
+  // Past the bound, what is left is read and dropped rather than refused mid-upload: a client
+  // whose request is cut off while it is still sending sees a broken connection, not the 413.
   for await (const c of req) {
     size += (c as Buffer).length
-    if (size > MAX_BODY_BYTES) throw tooLarge()
-    chunks.push(c as Buffer)
+    if (size <= MAX_BODY_BYTES) chunks.push(c as Buffer)
+  }
+  if (size > MAX_BODY_BYTES) {
+    throw new BodyTooLargeError(`request body over ${MAX_BODY_BYTES} bytes; split the job`)
   }
   return JSON.parse(Buffer.concat(chunks).toString("utf8"))
 }
@@ -87,8 +87,6 @@ const server = createServer(async (req, res) => {
   } catch (err) {
     if (err instanceof BodyTooLargeError) {
       jobs.inc({ kind, result: "rejected" })
-      // The rest of the body is not read: close the connection rather than drain it.
-      res.setHeader("connection", "close")
       return reply(res, 413, { error: err.message })
     }
     const bad =
