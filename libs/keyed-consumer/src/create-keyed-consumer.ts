@@ -446,10 +446,6 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- ingest ------------------------------------------------------------------------------
 
-  // By stream sequence: a message the server redelivers while its first copy still waits here
-  // (Postgres away for longer than ack_wait) replaces that copy instead of queueing beside it,
-  // so an outage of any length holds at most the consumer's max_ack_pending messages. The
-  // latest copy is kept: its ack is the one the server expects.
   const durable: DurableOptions = {
     stream: config.stream,
     group,
@@ -458,6 +454,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     ackWaitMs: config.ackWaitMs ?? 10_000,
     maxAckPending: config.maxAckPending ?? 2048,
   }
+
+  // By stream sequence: a message the server redelivers while its first copy still waits here
+  // (Postgres away for longer than ack_wait) replaces that copy instead of queueing beside it,
+  // so an outage of any length holds at most the consumer's max_ack_pending messages. The
+  // latest copy is kept: its ack is the one the server expects.
   const buffer = new Map<number, JsMsg>()
   // The batch being stored: out of the buffer, not yet acked.
   let ingesting = 0
@@ -511,13 +512,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const storeEvents = async (
     events: IncomingEvent[],
     rejects: Reject[],
-    bySeq: Map<number, JsMsg>,
+    msgs: JsMsg[],
   ): Promise<KeyRef[]> => {
     try {
       return await ingestBatch(db, group, events)
     } catch (err) {
       if (!refusesData(err) || events.length === 0) throw err
     }
+    const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     const woken: KeyRef[] = []
     for (const e of [...events]) {
       try {
@@ -551,10 +553,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   const ingest = async (msgs: JsMsg[]) => {
     const { events, rejects } = toIncoming(msgs)
-    const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     for (let attempt = 0; ; attempt++) {
       try {
-        const woken = events.length > 0 ? await storeEvents(events, rejects, bySeq) : []
+        const woken = events.length > 0 ? await storeEvents(events, rejects, msgs) : []
         // Each reject is recorded once, even if a statement here fails and all is retried.
         while (rejects.length > 0) {
           await recordReject(db, group, rejects[0]!)
