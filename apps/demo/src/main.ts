@@ -3,7 +3,7 @@
 // every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
 // the writing and the report; the relay catches up when it is back.
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
-import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
+import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
@@ -76,7 +76,7 @@ async function shutdown() {
   clearInterval(report)
   await writer
   await relay.stop()
-  await nc.drain()
+  await closeNats(nc)
   await db.destroy()
   process.exit(0)
 }

@@ -1,8 +1,9 @@
 // The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
 // label finish its task in hand, then exits 0. Prints one JSON line per event of note.
+import { retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
-import { connectNats } from "@keyway/nats"
+import { closeNats, connectNats } from "@keyway/nats"
 import { createMetricsRegistry, serveMetrics, startTelemetry } from "@keyway/telemetry"
 import { Redis } from "ioredis"
 import { ConfigError, parseConfig } from "./config.ts"
@@ -22,6 +23,11 @@ try {
   console.error(`esl-worker: ${err.message}`)
   process.exit(2)
 }
+
+// Until the worker has started there is no work in hand to finish: a stop ends the process.
+let started = false
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))
 
 // First, so the libraries' tracers record into it from their first span.
 const telemetry = startTelemetry({
@@ -67,24 +73,30 @@ const worker = createEslWorker({
   logger,
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await worker.start()
+await retryUntilReady(() => worker.start(), {
+  what: `stream ${config.stream} on NATS`,
+  log: logger.warn,
+})
+started = true
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),
 )
 
 let stopping = false
 async function shutdown(signal: string) {
+  if (!started) {
+    logger.info("esl-worker stopped while starting", { signal })
+    process.exit(0)
+  }
   if (stopping) return
   stopping = true
   logger.info("esl-worker stopping", { signal })
   await worker.stop()
   await metricsServer?.stop()
-  await nc.drain()
+  await closeNats(nc)
   await db.destroy()
   redis.disconnect()
   await telemetry.shutdown()
   console.log(JSON.stringify({ stopped: worker.status() }))
   process.exit(0)
 }
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))

@@ -5,6 +5,7 @@
 // Answers 201 {"jobId","tasks"} or 400 {"error"} naming what is wrong with the request.
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { AddressInfo } from "node:net"
+import { retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { EnqueueError } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
@@ -41,7 +42,14 @@ const db = createDb({
   max: 10,
   applicationName: "keyway-esl-writer",
 })
-await migrateEslSchema(db)
+// Until the server listens no request is in hand: a stop ends the process.
+let listening = false
+process.on("SIGTERM", () => void shutdown())
+process.on("SIGINT", () => void shutdown())
+await retryUntilReady(() => migrateEslSchema(db), {
+  what: "Postgres",
+  log: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
+})
 const serveMetrics = metricsHandler(metrics)
 
 // A job for every label of a large store is about 100 bytes a label: 4 MiB is 40,000 labels.
@@ -106,16 +114,25 @@ server.once("listening", () =>
   ),
 )
 server.listen(config.port, () => {
+  listening = true
   const { port } = server.address() as AddressInfo
   console.log(JSON.stringify({ started: "esl-writer", port }))
 })
 
+let stopping = false
 async function shutdown() {
-  server.close()
-  server.closeAllConnections()
+  if (!listening) process.exit(0)
+  if (stopping) return
+  stopping = true
+  // A request in hand finishes: its job commits or rolls back and its client hears which.
+  // Cutting it instead could leave a committed job whose client, seeing no answer, sends it
+  // again. close() stops accepting and closes idle keep-alive connections; what is still
+  // busy after the grace period is cut.
+  const closed = new Promise((resolve) => server.close(resolve))
+  const grace = setTimeout(() => server.closeAllConnections(), 10_000)
+  await closed
+  clearTimeout(grace)
   await db.destroy()
   await telemetry.shutdown()
   process.exit(0)
 }
-process.on("SIGTERM", () => void shutdown())
-process.on("SIGINT", () => void shutdown())

@@ -1,9 +1,12 @@
 // The writer process's HTTP API as a client meets it: bad requests get a clear answer, and
 // none of them stops the next good one.
 import assert from "node:assert/strict"
+import { request } from "node:http"
+import { connect } from "node:net"
 import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import {
+  createTcpProxy,
   createTestDatabase,
   spawnTs,
   type TestDatabase,
@@ -52,4 +55,106 @@ test("a body over the limit gets 413, malformed JSON 400; the next good job is w
     ((await good.json()) as { tasks: { key: string }[] }).tasks.map((task) => task.key),
     ["C0FFEE000001"],
   )
+})
+
+/** Starts a writer of its own (the shared one serves the other tests) and waits for it. */
+async function startWriter(databaseUrl: string): Promise<{ child: TsChild; port: number }> {
+  const child = spawnTs(main, { DATABASE_URL: databaseUrl, PORT: "0" })
+  await waitFor(() => child.json().some((l) => l.started === "esl-writer"), {
+    timeoutMs: 30_000,
+    message: () => `the writer started; it printed ${child.lines.join("\n")}`,
+  })
+  return { child, port: child.json().find((l) => l.started)!.port }
+}
+
+const refusesConnections = (port: number) =>
+  new Promise<boolean>((resolve) => {
+    const socket = connect(port, "127.0.0.1")
+    socket.once("connect", () => {
+      socket.destroy()
+      resolve(false)
+    })
+    socket.once("error", () => resolve(true))
+  })
+
+test("SIGTERM lets a request in hand finish: its job commits, its client gets 201, exit 0", async () => {
+  const { child, port } = await startWriter(t.url)
+  const body = JSON.stringify({
+    jobId: "in-hand",
+    labels: [{ labelCode: "C0FFEE0000AA", productId: "A" }],
+  })
+  const answer = new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const req = request(
+      {
+        port,
+        method: "POST",
+        path: "/label-jobs",
+        headers: { "content-type": "application/json" },
+      },
+      (res) => {
+        let text = ""
+        res.on("data", (c) => {
+          text += c
+        })
+        res.on("end", () => resolve({ status: res.statusCode!, body: text }))
+      },
+    )
+    req.on("error", reject)
+    // Headers and half the body now; the signal once they have left and the server has had a
+    // moment to parse the headers, which is what makes the request one in hand (a connection
+    // without a request yet is idle, and close() ends it).
+    req.write(body.slice(0, 20))
+    req.once("socket", (socket) => socket.once("connect", () => void signal().catch(reject)))
+    const signal = async () => {
+      await new Promise((r) => setTimeout(r, 1000))
+      child.kill("SIGTERM")
+      // The writer has taken the signal once it stops accepting connections.
+      await waitFor(() => refusesConnections(port), {
+        timeoutMs: 20_000,
+        message: () => "the writer stopped accepting connections",
+      })
+      req.end(body.slice(20))
+    }
+  })
+  const { status, body: text } = await answer
+  assert.equal(status, 201, text)
+  assert.equal((await child.exited()).code, 0)
+  const jobs = await t.db
+    .selectFrom("keyway.outbox")
+    .select("key")
+    .where("key", "=", "C0FFEE0000AA")
+    .execute()
+  assert.equal(jobs.length, 1)
+})
+
+test("a writer started while Postgres is unreachable waits for it, then serves", async () => {
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: Number(new URL(t.url).port) })
+  proxy.cut()
+  const url = new URL(t.url)
+  url.host = `${proxy.host}:${proxy.port}`
+  const child = spawnTs(main, { DATABASE_URL: url.toString(), PORT: "0" })
+  try {
+    await waitFor(
+      () => child.json().filter((l) => l.message === "waiting for Postgres").length >= 2,
+      {
+        timeoutMs: 30_000,
+        message: () => `two waits logged; it printed ${child.lines.join("\n")}`,
+      },
+    )
+    assert.equal(child.exitCode, null, "still running while Postgres is away")
+    proxy.restore()
+    await waitFor(() => child.json().some((l) => l.started === "esl-writer"), {
+      timeoutMs: 30_000,
+      message: () => `the writer started; it printed ${child.lines.join("\n")}`,
+    })
+    const port = child.json().find((l) => l.started)!.port
+    const res = await fetch(`http://127.0.0.1:${port}/label-jobs`, {
+      method: "POST",
+      body: JSON.stringify({ labels: [{ labelCode: "C0FFEE0000BB", productId: "A" }] }),
+    })
+    assert.equal(res.status, 201)
+  } finally {
+    child.kill("SIGTERM")
+    assert.equal((await child.exited()).code, 0)
+  }
 })

@@ -1,6 +1,7 @@
 // The relay process: one per outbox database; start several and one is active while the
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
-import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
+import { retryUntilReady } from "@keyway/app-config"
+import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
 import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
@@ -21,6 +22,11 @@ try {
   process.exit(2)
 }
 
+// Until the relay has started there is nothing in flight to finish: a stop ends the process.
+let started = false
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))
+
 const nc = await connectNats({
   servers: config.natsServers,
   name: `keyway-relay:${config.site}`,
@@ -29,7 +35,12 @@ const nc = await connectNats({
   inboxPrefix: config.natsInboxPrefix,
 })
 if (config.streamsFile) {
-  await applyStreams(await jetstreamManager(nc), await loadStreamDefinitions(config.streamsFile))
+  const streams = await loadStreamDefinitions(config.streamsFile)
+  // Connected is not ready: JetStream answers only once it has recovered its store.
+  await retryUntilReady(async () => applyStreams(await jetstreamManager(nc), streams), {
+    what: "JetStream (applying streams)",
+    log: logger.warn,
+  })
 }
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const relay = createRelay({
@@ -47,18 +58,21 @@ const relay = createRelay({
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await relay.start()
+started = true
 logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 
 let stopping = false
 async function shutdown(signal: string) {
+  if (!started) {
+    logger.info("relay stopped while starting", { signal })
+    process.exit(0)
+  }
   if (stopping) return
   stopping = true
   logger.info("relay stopping", { signal })
   await relay.stop()
   await metricsServer?.stop()
-  await nc.drain()
+  await closeNats(nc)
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
   process.exit(0)
 }
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))

@@ -1,9 +1,10 @@
 // A site's worker process: one member of its consumer group on the site's copy of the other
 // site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
 // the event in hand, then exits 0.
+import { retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
-import { connectNats } from "@keyway/nats"
+import { closeNats, connectNats } from "@keyway/nats"
 import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
 import { Redis } from "ioredis"
 import { ConfigError, parseConfig, type WorkerAppConfig } from "./config.ts"
@@ -24,12 +25,19 @@ try {
   process.exit(2)
 }
 
+// Until the consumer has started there is no work in hand to finish: a stop ends the process.
+let started = false
+process.on("SIGTERM", () => void shutdown("SIGTERM"))
+process.on("SIGINT", () => void shutdown("SIGINT"))
+const untilReady = <T>(what: string, step: () => Promise<T>) =>
+  retryUntilReady(step, { what, log: logger.warn })
+
 const db = createDb({
   connectionString: config.databaseUrl,
   max: config.concurrency + 4,
   applicationName: `keyway-worker:${config.site}`,
 })
-await ensureDemoEffectTable(db)
+await untilReady("Postgres", () => ensureDemoEffectTable(db))
 // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
 const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
 // ioredis reconnects by itself; without a listener an outage would print a stack per retry.
@@ -55,7 +63,8 @@ const consumer = createKeyedConsumer({
   metrics,
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await consumer.start()
+await untilReady(`stream ${config.stream} on NATS`, () => consumer.start())
+started = true
 logger.info("worker started", {
   site: config.site,
   stream: config.stream,
@@ -65,16 +74,18 @@ logger.info("worker started", {
 
 let stopping = false
 async function shutdown(signal: string) {
+  if (!started) {
+    logger.info("worker stopped while starting", { signal })
+    process.exit(0)
+  }
   if (stopping) return
   stopping = true
   logger.info("worker stopping", { signal })
   await consumer.stop()
   await metricsServer?.stop()
-  await nc.drain()
+  await closeNats(nc)
   redis.disconnect()
   await db.destroy()
   logger.info("worker stopped", consumer.status() as unknown as Record<string, unknown>)
   process.exit(0)
 }
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))

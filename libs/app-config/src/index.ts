@@ -1,1 +1,2 @@
 export { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "./env.ts"
+export { type RetryUntilReadyOptions, retryUntilReady } from "./retry-until-ready.ts"

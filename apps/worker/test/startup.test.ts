@@ -1,0 +1,96 @@
+// The worker process started before what it needs: it waits, logging why, rather than exit
+// and leave its return to a supervisor that gives up after a few restarts.
+import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
+import { after, before, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { connectNats } from "@keyway/nats"
+import {
+  createTcpProxy,
+  createTestDatabase,
+  spawnTs,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
+import { jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+
+const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
+const NATS_URL = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+let t: TestDatabase
+let nc: NatsConnection
+
+before(async () => {
+  t = await createTestDatabase()
+  nc = await connectNats({ servers: NATS_URL })
+})
+after(async () => {
+  await nc?.close()
+  await t?.drop()
+})
+
+const waits = (lines: Record<string, any>[], what: string) =>
+  lines.filter((l) => l.level === "warn" && l.message === `waiting for ${what}`).length
+
+test("a worker waits for Postgres, then for its stream, then starts; SIGTERM exits 0", async () => {
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: Number(new URL(t.url).port) })
+  proxy.cut()
+  const url = new URL(t.url)
+  url.host = `${proxy.host}:${proxy.port}`
+  const stream = `T${randomBytes(4).toString("hex").toUpperCase()}`
+  const group = `g${randomBytes(4).toString("hex")}`
+  const jsm = await jetstreamManager(nc)
+  const worker = spawnTs(main, {
+    KEYWAY_SITE: "cloud",
+    KEYWAY_STREAM: stream,
+    KEYWAY_GROUP: group,
+    KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
+    DATABASE_URL: url.toString(),
+    NATS_URL,
+  })
+  const printed = () => `it printed ${worker.lines.join("\n")}`
+  try {
+    await waitFor(() => waits(worker.json(), "Postgres") >= 2, {
+      timeoutMs: 30_000,
+      message: () => `two waits for Postgres; ${printed()}`,
+    })
+    assert.equal(worker.exitCode, null, "still running while Postgres is away")
+    proxy.restore()
+    await waitFor(() => waits(worker.json(), `stream ${stream} on NATS`) >= 2, {
+      timeoutMs: 30_000,
+      message: () => `two waits for the stream; ${printed()}`,
+    })
+    assert.equal(worker.exitCode, null, "still running while its stream is missing")
+    await jsm.streams.add({ name: stream, subjects: [`${stream.toLowerCase()}.>`] })
+    await waitFor(() => worker.json().some((l) => l.message === "worker started"), {
+      timeoutMs: 30_000,
+      message: () => `the worker started; ${printed()}`,
+    })
+    // Started means its group's durable consumer exists on the stream that came late.
+    assert.equal((await jsm.consumers.info(stream, group)).name, group)
+  } finally {
+    worker.kill("SIGTERM")
+    const { code } = await worker.exited()
+    await jsm.streams.delete(stream).catch(() => {})
+    assert.equal(code, 0, printed())
+  }
+  assert.ok(worker.json().some((l) => l.message === "worker stopped"))
+})
+
+test("SIGTERM while a worker waits to start ends it at once with exit 0", async () => {
+  const stream = `T${randomBytes(4).toString("hex").toUpperCase()}`
+  const worker = spawnTs(main, {
+    KEYWAY_SITE: "cloud",
+    KEYWAY_STREAM: stream,
+    KEYWAY_GROUP: "g",
+    DATABASE_URL: t.url,
+    NATS_URL,
+  })
+  await waitFor(() => waits(worker.json(), `stream ${stream} on NATS`) >= 1, {
+    timeoutMs: 30_000,
+    message: () => `a wait for the stream; it printed ${worker.lines.join("\n")}`,
+  })
+  worker.kill("SIGTERM")
+  assert.equal((await worker.exited()).code, 0)
+  assert.ok(worker.json().some((l) => l.message === "worker stopped while starting"))
+})
