@@ -71,7 +71,12 @@ const report = setInterval(async () => {
   }
 }, 2000)
 
+let stopping = false
 async function shutdown() {
+  // Ctrl-C twice, or a signal as DEMO_SECONDS runs out: the second call would destroy the
+  // pool again, and reject.
+  if (stopping) return
+  stopping = true
   running = false
   clearInterval(report)
   await writer

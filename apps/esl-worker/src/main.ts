@@ -26,6 +26,7 @@ try {
 
 // Until the worker has started there is no work in hand to finish: a stop ends the process.
 let started = false
+let stopping = false
 process.on("SIGTERM", () => void shutdown("SIGTERM"))
 process.on("SIGINT", () => void shutdown("SIGINT"))
 
@@ -35,12 +36,17 @@ const telemetry = startTelemetry({
   otlpEndpoint: config.otlpEndpoint,
 })
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
-const nc = await connectNats({
-  servers: config.natsServers,
-  name: `keyway-esl-worker:${config.workerId ?? process.pid}`,
-  user: config.natsUser,
-  pass: config.natsPass,
-})
+const untilReady = <T>(what: string, step: () => Promise<T>) =>
+  retryUntilReady(step, { what, log: logger.warn })
+const nc = await untilReady("NATS", () =>
+  connectNats({
+    servers: config.natsServers,
+    name: `keyway-esl-worker:${config.workerId ?? process.pid}`,
+    user: config.natsUser,
+    pass: config.natsPass,
+    waitForServer: false,
+  }),
+)
 const db = createDb({
   connectionString: config.databaseUrl,
   max: Math.min(32, config.concurrency + 4),
@@ -73,16 +79,12 @@ const worker = createEslWorker({
   logger,
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await retryUntilReady(() => worker.start(), {
-  what: `stream ${config.stream} on NATS`,
-  log: logger.warn,
-})
+await untilReady(`stream ${config.stream} on NATS`, () => worker.start())
 started = true
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),
 )
 
-let stopping = false
 async function shutdown(signal: string) {
   if (!started) {
     logger.info("esl-worker stopped while starting", { signal })

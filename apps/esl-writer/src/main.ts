@@ -44,6 +44,7 @@ const db = createDb({
 })
 // Until the server listens no request is in hand: a stop ends the process.
 let listening = false
+let stopping = false
 process.on("SIGTERM", () => void shutdown())
 process.on("SIGINT", () => void shutdown())
 await retryUntilReady(() => migrateEslSchema(db), {
@@ -74,10 +75,19 @@ const readJson = async (req: IncomingMessage): Promise<any> => {
   }
   return JSON.parse(Buffer.concat(chunks).toString("utf8"))
 }
-const reply = (res: ServerResponse, status: number, body: unknown) =>
+// Once stopping, every answer ends its connection: a keep-alive client would otherwise go on
+// sending requests over it, and the grace period would cut one of them short.
+const endConnectionIfStopping = (res: ServerResponse) => {
+  if (stopping) res.setHeader("connection", "close")
+}
+
+const reply = (res: ServerResponse, status: number, body: unknown) => {
+  endConnectionIfStopping(res)
   res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body))
+}
 
 const server = createServer(async (req, res) => {
+  endConnectionIfStopping(res)
   const path = (req.url ?? "").split("?")[0]
   if (req.method === "GET" && path === "/metrics") return serveMetrics(req, res)
   const kind =
@@ -119,15 +129,18 @@ server.listen(config.port, () => {
   console.log(JSON.stringify({ started: "esl-writer", port }))
 })
 
-let stopping = false
 async function shutdown() {
-  if (!listening) process.exit(0)
+  if (!listening) {
+    console.log(JSON.stringify({ level: "info", message: "esl-writer stopped while starting" }))
+    process.exit(0)
+  }
   if (stopping) return
   stopping = true
   // A request in hand finishes: its job commits or rolls back and its client hears which.
   // Cutting it instead could leave a committed job whose client, seeing no answer, sends it
-  // again. close() stops accepting and closes idle keep-alive connections; what is still
-  // busy after the grace period is cut.
+  // again. close() stops accepting and closes idle keep-alive connections, the others close
+  // after their answer (endConnectionIfStopping); what is still busy after the grace period
+  // is cut.
   const closed = new Promise((resolve) => server.close(resolve))
   const grace = setTimeout(() => server.closeAllConnections(), 10_000)
   await closed

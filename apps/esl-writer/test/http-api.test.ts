@@ -83,41 +83,54 @@ test("SIGTERM lets a request in hand finish: its job commits, its client gets 20
     jobId: "in-hand",
     labels: [{ labelCode: "C0FFEE0000AA", productId: "A" }],
   })
-  const answer = new Promise<{ status: number; body: string }>((resolve, reject) => {
-    const req = request(
-      {
-        port,
-        method: "POST",
-        path: "/label-jobs",
-        headers: { "content-type": "application/json" },
-      },
-      (res) => {
-        let text = ""
-        res.on("data", (c) => {
-          text += c
-        })
-        res.on("end", () => resolve({ status: res.statusCode!, body: text }))
-      },
-    )
-    req.on("error", reject)
-    // Headers and half the body now; the signal once they have left and the server has had a
-    // moment to parse the headers, which is what makes the request one in hand (a connection
-    // without a request yet is idle, and close() ends it).
-    req.write(body.slice(0, 20))
-    req.once("socket", (socket) => socket.once("connect", () => void signal().catch(reject)))
-    const signal = async () => {
-      await new Promise((r) => setTimeout(r, 1000))
-      child.kill("SIGTERM")
-      // The writer has taken the signal once it stops accepting connections.
-      await waitFor(() => refusesConnections(port), {
-        timeoutMs: 20_000,
-        message: () => "the writer stopped accepting connections",
+  const answer = new Promise<{ status: number; connection?: string; body: string }>(
+    (resolve, reject) => {
+      // With `Expect: 100-continue` the server answers 100 once it has the request's headers
+      // and has handed the request to the writer's handler: from then on the request is in
+      // hand, and the signal goes then. A fresh connection (agent: false) of its own.
+      const req = request(
+        {
+          port,
+          method: "POST",
+          path: "/label-jobs",
+          agent: false,
+          headers: {
+            "content-type": "application/json",
+            expect: "100-continue",
+            // What a pooling client asks for; the answer must refuse it.
+            connection: "keep-alive",
+          },
+        },
+        (res) => {
+          let text = ""
+          res.on("data", (c) => {
+            text += c
+          })
+          res.on("end", () =>
+            resolve({ status: res.statusCode!, connection: res.headers.connection, body: text }),
+          )
+        },
+      )
+      req.on("error", reject)
+      req.on("continue", () => {
+        req.write(body.slice(0, 20))
+        void (async () => {
+          child.kill("SIGTERM")
+          // The writer has taken the signal once it stops accepting connections.
+          await waitFor(() => refusesConnections(port), {
+            timeoutMs: 20_000,
+            message: () => "the writer stopped accepting connections",
+          })
+          req.end(body.slice(20))
+        })().catch(reject)
       })
-      req.end(body.slice(20))
-    }
-  })
-  const { status, body: text } = await answer
+      req.flushHeaders()
+    },
+  )
+  const { status, connection, body: text } = await answer
   assert.equal(status, 201, text)
+  // Answered while stopping: the connection ends with it, no further requests over it.
+  assert.equal(connection, "close")
   assert.equal((await child.exited()).code, 0)
   const jobs = await t.db
     .selectFrom("keyway.outbox")
@@ -155,6 +168,6 @@ test("a writer started while Postgres is unreachable waits for it, then serves",
     assert.equal(res.status, 201)
   } finally {
     child.kill("SIGTERM")
-    assert.equal((await child.exited()).code, 0)
   }
+  assert.equal((await child.exited()).code, 0)
 })

@@ -24,23 +24,29 @@ try {
 
 // Until the relay has started there is nothing in flight to finish: a stop ends the process.
 let started = false
+let stopping = false
 process.on("SIGTERM", () => void shutdown("SIGTERM"))
 process.on("SIGINT", () => void shutdown("SIGINT"))
 
-const nc = await connectNats({
-  servers: config.natsServers,
-  name: `keyway-relay:${config.site}`,
-  user: config.natsUser,
-  pass: config.natsPass,
-  inboxPrefix: config.natsInboxPrefix,
-})
-if (config.streamsFile) {
-  const streams = await loadStreamDefinitions(config.streamsFile)
+const untilReady = <T>(what: string, step: () => Promise<T>) =>
+  retryUntilReady(step, { what, log: logger.warn })
+// Read before connecting: a bad file is reported at once, with NATS up or not.
+const streams = config.streamsFile ? await loadStreamDefinitions(config.streamsFile) : []
+const nc = await untilReady("NATS", () =>
+  connectNats({
+    servers: config.natsServers,
+    name: `keyway-relay:${config.site}`,
+    user: config.natsUser,
+    pass: config.natsPass,
+    inboxPrefix: config.natsInboxPrefix,
+    waitForServer: false,
+  }),
+)
+if (streams.length > 0) {
   // Connected is not ready: JetStream answers only once it has recovered its store.
-  await retryUntilReady(async () => applyStreams(await jetstreamManager(nc), streams), {
-    what: "JetStream (applying streams)",
-    log: logger.warn,
-  })
+  await untilReady("JetStream (applying streams)", async () =>
+    applyStreams(await jetstreamManager(nc), streams),
+  )
 }
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const relay = createRelay({
@@ -61,7 +67,6 @@ await relay.start()
 started = true
 logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 
-let stopping = false
 async function shutdown(signal: string) {
   if (!started) {
     logger.info("relay stopped while starting", { signal })

@@ -27,6 +27,7 @@ try {
 
 // Until the consumer has started there is no work in hand to finish: a stop ends the process.
 let started = false
+let stopping = false
 process.on("SIGTERM", () => void shutdown("SIGTERM"))
 process.on("SIGINT", () => void shutdown("SIGINT"))
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
@@ -42,13 +43,16 @@ await untilReady("Postgres", () => ensureDemoEffectTable(db))
 const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
 // ioredis reconnects by itself; without a listener an outage would print a stack per retry.
 redis.on("error", (err) => logger.warn("redis", { error: err.message }))
-const nc = await connectNats({
-  servers: config.natsServers,
-  name: `keyway-worker:${config.site}:${config.group}`,
-  user: config.natsUser,
-  pass: config.natsPass,
-  inboxPrefix: config.natsInboxPrefix,
-})
+const nc = await untilReady("NATS", () =>
+  connectNats({
+    servers: config.natsServers,
+    name: `keyway-worker:${config.site}:${config.group}`,
+    user: config.natsUser,
+    pass: config.natsPass,
+    inboxPrefix: config.natsInboxPrefix,
+    waitForServer: false,
+  }),
+)
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const consumer = createKeyedConsumer({
   group: config.group,
@@ -72,7 +76,6 @@ logger.info("worker started", {
   metrics: metricsServer?.url,
 })
 
-let stopping = false
 async function shutdown(signal: string) {
   if (!started) {
     logger.info("worker stopped while starting", { signal })

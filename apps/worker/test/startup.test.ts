@@ -16,7 +16,8 @@ import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
-const NATS_URL = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+const NATS_URL = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
+const REDIS_URL = process.env.KEYWAY_TEST_REDIS_URL ?? "redis://127.0.0.1:6379"
 let t: TestDatabase
 let nc: NatsConnection
 
@@ -32,11 +33,20 @@ after(async () => {
 const waits = (lines: Record<string, any>[], what: string) =>
   lines.filter((l) => l.level === "warn" && l.message === `waiting for ${what}`).length
 
-test("a worker waits for Postgres, then for its stream, then starts; SIGTERM exits 0", async () => {
-  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: Number(new URL(t.url).port) })
-  proxy.cut()
+test("a worker waits for Postgres, NATS, then its stream, then starts; SIGTERM exits 0", async () => {
+  const natsUrl = new URL(NATS_URL)
+  await using pgProxy = await createTcpProxy({
+    host: "127.0.0.1",
+    port: Number(new URL(t.url).port),
+  })
+  await using natsProxy = await createTcpProxy({
+    host: natsUrl.hostname,
+    port: Number(natsUrl.port),
+  })
+  pgProxy.cut()
+  natsProxy.cut()
   const url = new URL(t.url)
-  url.host = `${proxy.host}:${proxy.port}`
+  url.host = `${pgProxy.host}:${pgProxy.port}`
   const stream = `T${randomBytes(4).toString("hex").toUpperCase()}`
   const group = `g${randomBytes(4).toString("hex")}`
   const jsm = await jetstreamManager(nc)
@@ -46,7 +56,8 @@ test("a worker waits for Postgres, then for its stream, then starts; SIGTERM exi
     KEYWAY_GROUP: group,
     KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
     DATABASE_URL: url.toString(),
-    NATS_URL,
+    NATS_URL: `nats://127.0.0.1:${natsProxy.port}`,
+    REDIS_URL,
   })
   const printed = () => `it printed ${worker.lines.join("\n")}`
   try {
@@ -55,7 +66,13 @@ test("a worker waits for Postgres, then for its stream, then starts; SIGTERM exi
       message: () => `two waits for Postgres; ${printed()}`,
     })
     assert.equal(worker.exitCode, null, "still running while Postgres is away")
-    proxy.restore()
+    pgProxy.restore()
+    await waitFor(() => waits(worker.json(), "NATS") >= 2, {
+      timeoutMs: 30_000,
+      message: () => `two waits for NATS; ${printed()}`,
+    })
+    assert.equal(worker.exitCode, null, "still running while NATS is away")
+    natsProxy.restore()
     await waitFor(() => waits(worker.json(), `stream ${stream} on NATS`) >= 2, {
       timeoutMs: 30_000,
       message: () => `two waits for the stream; ${printed()}`,
@@ -70,10 +87,10 @@ test("a worker waits for Postgres, then for its stream, then starts; SIGTERM exi
     assert.equal((await jsm.consumers.info(stream, group)).name, group)
   } finally {
     worker.kill("SIGTERM")
-    const { code } = await worker.exited()
+    await worker.exited()
     await jsm.streams.delete(stream).catch(() => {})
-    assert.equal(code, 0, printed())
   }
+  assert.equal(worker.exitCode, 0, printed())
   assert.ok(worker.json().some((l) => l.message === "worker stopped"))
 })
 
@@ -85,6 +102,7 @@ test("SIGTERM while a worker waits to start ends it at once with exit 0", async 
     KEYWAY_GROUP: "g",
     DATABASE_URL: t.url,
     NATS_URL,
+    REDIS_URL,
   })
   await waitFor(() => waits(worker.json(), `stream ${stream} on NATS`) >= 1, {
     timeoutMs: 30_000,

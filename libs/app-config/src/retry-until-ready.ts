@@ -5,50 +5,74 @@ import { setTimeout as sleep } from "node:timers/promises"
 // relay or `just streams` creates it). Exiting then leaves recovery to the supervisor, which
 // gives up after a number of restarts (pm2's max_restarts) and prints a stack trace per try;
 // the process would stay down after the server came back. So each startup step that needs a
-// server is retried until it succeeds, one log line per failed try, and a stop signal ends
-// the wait at once.
+// server is retried until it succeeds, one log line per failed try.
 
 export interface RetryUntilReadyOptions {
-  /** What the step waits for, in the log line: "Postgres (demo_effect table)". */
+  /** What the step waits for, in the log line: "Postgres", "stream CLOUD on NATS". */
   what: string
   /** One call per failed try. */
   log: (message: string, fields: Record<string, unknown>) => void
-  /** Aborting it (SIGTERM) ends the wait: the call rejects with the signal's reason. */
-  signal?: AbortSignal
   /** Delay after the first failure; it doubles up to maxDelayMs. Default 250 ms. */
   firstDelayMs?: number
-  /** Default 5,000 ms: a server back is noticed within 5 s, and the log stays readable. */
+  /**
+   * Default 5,000 ms: a server that is back is noticed within 5 s of an attempt that failed
+   * at once (a refused connection). An attempt against a host that drops packets takes the
+   * operating system's connect timeout to fail.
+   */
   maxDelayMs?: number
 }
 
 /**
- * Runs `step` until it resolves and returns its value. Every failure is retried: at startup a
- * refused connection, a server still recovering and a stream not created yet look alike from
- * here, and a wrong setting shows as the same error logged again and again, while the process
- * stays up to be corrected rather than crash-looping. Errors of the step's own making (a bad
- * argument) belong in config.ts, which fails fast before any of this runs.
+ * Runs `step` until it resolves and returns its value. A failure is retried unless waiting
+ * cannot mend it (see {@link isPermanent}), which is thrown at once: a process whose
+ * credentials or stream definition are wrong should fail where the operator looks, not log
+ * "waiting" forever while it looks healthy.
  */
 export async function retryUntilReady<T>(
   step: () => Promise<T>,
   options: RetryUntilReadyOptions,
 ): Promise<T> {
-  const { what, log, signal } = options
   const maxDelayMs = options.maxDelayMs ?? 5000
   let delayMs = options.firstDelayMs ?? 250
   for (let attempt = 1; ; attempt++) {
-    signal?.throwIfAborted()
     try {
       return await step()
     } catch (err) {
-      signal?.throwIfAborted()
-      log(`waiting for ${what}`, {
+      if (isPermanent(err)) throw err
+      options.log(`waiting for ${options.what}`, {
         attempt,
         retryInMs: delayMs,
-        error: err instanceof Error ? err.message : String(err),
+        error: describe(err),
       })
     }
-    // Rejects only when aborted; the signal's own reason is what the caller gets.
-    await sleep(delayMs, undefined, { signal }).catch(() => signal?.throwIfAborted())
+    await sleep(delayMs)
     delayMs = Math.min(delayMs * 2, maxDelayMs)
   }
+}
+
+/**
+ * Errors that say the request is wrong, not that its server is away. Told apart by shape, so
+ * that this package needs neither driver:
+ * - Postgres SQLSTATE class 28 (a wrong password or role) and 42501 (no privilege). Other
+ *   errors, such as a database not created yet (3D000), may mend.
+ * - NATS refusing the credentials (nats.js AuthorizationError).
+ * - A JetStream API answer with status 400: a stream configuration the server refuses, a
+ *   consumer filter outside its stream. Its absence (404) or JetStream still starting (503)
+ *   may mend.
+ */
+function isPermanent(err: unknown): boolean {
+  const e = err as { name?: unknown; code?: unknown; status?: unknown } | null
+  if (e === null || typeof e !== "object") return false
+  if (typeof e.code === "string" && (e.code.startsWith("28") || e.code === "42501")) return true
+  if (e.name === "AuthorizationError") return true
+  return e.status === 400 && typeof e.code === "number"
+}
+
+/** Node reports a refused `localhost` (both ::1 and 127.0.0.1) as an AggregateError with no message. */
+function describe(err: unknown): string {
+  if (err instanceof AggregateError && !err.message) {
+    return err.errors.map((e) => (e instanceof Error ? e.message : String(e))).join("; ")
+  }
+  if (err instanceof Error) return err.message || String((err as { code?: unknown }).code ?? err)
+  return String(err)
 }

@@ -27,31 +27,71 @@ test("retryUntilReady retries a failing step, logging each failure, until it suc
   ])
 })
 
-test("retryUntilReady stops waiting when its signal aborts, with the signal's reason", async () => {
-  const stop = new AbortController()
-  let calls = 0
-  const waiting = retryUntilReady(
-    async () => {
-      calls++
-      throw new Error("refused")
+test("retryUntilReady throws at once what waiting cannot mend, and retries the rest", async () => {
+  const pgError = (code: string) => Object.assign(new Error(`pg ${code}`), { code })
+  const jsError = (status: number, code: number) =>
+    Object.assign(new Error(`js ${status}`), { name: "JetStreamApiError", status, code })
+  const authError = Object.assign(new Error("Authorization Violation"), {
+    name: "AuthorizationError",
+  })
+  const outcome = async (err: Error) => {
+    let calls = 0
+    try {
+      await retryUntilReady(
+        async () => {
+          if (++calls === 1) throw err
+          return "ready"
+        },
+        { what: "x", log: () => {}, firstDelayMs: 1 },
+      )
+      return `retried (${calls} calls)`
+    } catch (thrown) {
+      assert.equal(thrown, err)
+      return `thrown (${calls} calls)`
+    }
+  }
+  const refused = Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:5432"), {
+    code: "ECONNREFUSED",
+  })
+  assert.deepEqual(
+    {
+      "wrong password": await outcome(pgError("28P01")),
+      "no privilege": await outcome(pgError("42501")),
+      "nats credentials": await outcome(authError),
+      "bad stream config": await outcome(jsError(400, 10052)),
+      refused: await outcome(refused),
+      "database not created yet": await outcome(pgError("3D000")),
+      "server starting up": await outcome(pgError("57P03")),
+      "stream not found": await outcome(jsError(404, 10059)),
+      "jetstream not ready": await outcome(jsError(503, 10008)),
     },
-    { what: "the server", log: () => {}, signal: stop.signal, firstDelayMs: 60_000 },
+    {
+      "wrong password": "thrown (1 calls)",
+      "no privilege": "thrown (1 calls)",
+      "nats credentials": "thrown (1 calls)",
+      "bad stream config": "thrown (1 calls)",
+      refused: "retried (2 calls)",
+      "database not created yet": "retried (2 calls)",
+      "server starting up": "retried (2 calls)",
+      "stream not found": "retried (2 calls)",
+      "jetstream not ready": "retried (2 calls)",
+    },
   )
-  await new Promise((r) => setTimeout(r, 20))
-  const reason = new Error("SIGTERM")
-  stop.abort(reason)
-  // Within the 60 s delay: the abort, not the timer, ended the wait.
-  await assert.rejects(waiting, (err) => err === reason)
-  assert.equal(calls, 1)
-  // An aborted signal runs nothing.
-  await assert.rejects(
-    retryUntilReady(
-      async () => {
-        calls++
-      },
-      { what: "x", log: () => {}, signal: stop.signal },
-    ),
-    (err) => err === reason,
+})
+
+test("retryUntilReady logs what a refused localhost says (an AggregateError without a message)", async () => {
+  const logged: unknown[] = []
+  let calls = 0
+  await retryUntilReady(
+    async () => {
+      if (++calls === 1) {
+        throw new AggregateError([
+          new Error("connect ECONNREFUSED ::1:5432"),
+          new Error("connect ECONNREFUSED 127.0.0.1:5432"),
+        ])
+      }
+    },
+    { what: "Postgres", log: (_m, fields) => logged.push(fields.error), firstDelayMs: 1 },
   )
-  assert.equal(calls, 1)
+  assert.deepEqual(logged, ["connect ECONNREFUSED ::1:5432; connect ECONNREFUSED 127.0.0.1:5432"])
 })

@@ -6,19 +6,21 @@ import type { NatsConnection } from "@nats-io/transport-node"
  * ("connection disconnected") or waits on a flush that cannot happen; either way a process
  * on its way out would crash or hang there, so the connection is then closed instead. What a
  * drain would have flushed is not lost: nothing Keyway publishes counts as sent before its
- * acknowledgement.
+ * acknowledgement. The default 2 s keeps a worker's whole shutdown (its handlers' grace,
+ * then this) within pm2's kill timeout.
  */
-export async function closeNats(nc: NatsConnection, timeoutMs = 5000): Promise<void> {
+export async function closeNats(nc: NatsConnection, timeoutMs = 2000): Promise<void> {
   if (nc.isClosed()) return
   let timer: NodeJS.Timeout | undefined
+  const timeout = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), timeoutMs)
+  })
   const drained = await Promise.race([
     nc.drain().then(
       () => true,
       () => false,
     ),
-    new Promise<false>((resolve) => {
-      timer = setTimeout(() => resolve(false), timeoutMs)
-    }),
+    timeout,
   ])
   clearTimeout(timer)
   if (!drained && !nc.isClosed()) await nc.close()

@@ -7,6 +7,11 @@ export interface NatsConfig {
   pass?: string
   /** Give each bridge its own, so one user's replies are not readable by another. */
   inboxPrefix?: string
+  /**
+   * Default true: the returned promise waits, silently, for a server that is not up yet.
+   * False: it rejects when no server answers, for a caller that retries and says so.
+   */
+  waitForServer?: boolean
 }
 
 /**
@@ -26,7 +31,7 @@ export function connectNats(config: NatsConfig): Promise<NatsConnection> {
     inboxPrefix: config.inboxPrefix,
     maxReconnectAttempts: -1,
     reconnectTimeWait: 250,
-    waitOnFirstConnect: true,
+    waitOnFirstConnect: config.waitForServer ?? true,
     pingInterval: 10_000,
     noAsyncTraces: true,
   })

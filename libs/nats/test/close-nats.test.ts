@@ -1,11 +1,14 @@
 // closeNats at shutdown: a drain when the server is there, a close when it is not, and never
-// a rejection or a hang that would keep a stopping process from exiting.
+// a rejection or a hang that would keep a stopping process from exiting. Each test has a
+// timeout: a closeNats that hangs fails it rather than the whole run.
 import assert from "node:assert/strict"
 import { test } from "node:test"
 import { closeNats, connectNats } from "@keyway/nats"
 import { createTcpProxy, startNatsServer } from "@keyway/testkit"
 
-test("closeNats drains: what was published before it reaches the server", async () => {
+test("closeNats drains: what was published before it reaches the server", {
+  timeout: 30_000,
+}, async () => {
   await using server = await startNatsServer({ jetstream: false })
   const reader = await connectNats({ servers: server.url })
   let received = 0
@@ -25,7 +28,9 @@ test("closeNats drains: what was published before it reaches the server", async 
   assert.equal(received, 50_000)
 })
 
-test("closeNats closes a connection whose server is gone: no rejection", async () => {
+test("closeNats closes a connection whose server is gone: no rejection", {
+  timeout: 30_000,
+}, async () => {
   await using server = await startNatsServer({ jetstream: false })
   const nc = await connectNats({ servers: server.url })
   const plain = await connectNats({ servers: server.url })
@@ -39,7 +44,9 @@ test("closeNats closes a connection whose server is gone: no rejection", async (
   assert.ok(nc.isClosed())
 })
 
-test("closeNats gives up on a drain that cannot finish and closes", async () => {
+test("closeNats gives up on a drain that cannot finish and closes", {
+  timeout: 30_000,
+}, async () => {
   await using server = await startNatsServer({ jetstream: false })
   await using proxy = await createTcpProxy({ host: "127.0.0.1", port: server.port })
   const nc = await connectNats({ servers: `nats://127.0.0.1:${proxy.port}` })
