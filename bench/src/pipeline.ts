@@ -239,10 +239,14 @@ async function latency(db: Kysely<any>, write: Write) {
   const rows = await sql<{ event_id: string; handled_at: number }>`
     select event_id, handled_at from effect
   `.execute(db)
-  const latencies = rows.rows.flatMap((r) => {
-    const c = committed.get(r.event_id)
-    return c === undefined ? [] : [r.handled_at - c]
-  })
+  // In commit order: the rows come back in whatever order the table holds them.
+  const latencies = rows.rows
+    .flatMap((r) => {
+      const c = committed.get(r.event_id)
+      return c === undefined ? [] : [{ c, latency: r.handled_at - c }]
+    })
+    .sort((a, b) => a.c - b.c)
+    .map((e) => e.latency)
   // The first second warms connections and caches; it is not the steady state.
   const steady = latencies.slice(LATENCY_RATE)
   return {
