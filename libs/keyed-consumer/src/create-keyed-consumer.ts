@@ -40,6 +40,7 @@ import {
   runnableKeys,
   runnableKeysOf,
   type TaskRow,
+  vacuumInbox,
 } from "./internal/inbox-sql.ts"
 import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
 import { KeyScheduler } from "./internal/key-scheduler.ts"
@@ -85,6 +86,11 @@ export interface KeyedConsumerConfig {
   retentionMs?: number
   /** How often retention runs (within the recovery loop). Default 60 s. */
   pruneIntervalMs?: number
+  /**
+   * Vacuum the inbox after retention has deleted this many rows. Default 20,000; 0 never,
+   * for a server whose autovacuum is known to keep up.
+   */
+  vacuumEvery?: number
   /** Key lease and lock length; heartbeated at a third of it while a key drains. Default 15 s. */
   leaseMs?: number
   /**
@@ -188,6 +194,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const recoveryIntervalMs = config.recoveryIntervalMs ?? 5000
   const retentionMs = config.retentionMs ?? 24 * 3600_000
   const pruneIntervalMs = config.pruneIntervalMs ?? 60_000
+  const vacuumEvery = config.vacuumEvery ?? 20_000
   const batchSize = config.ingestBatchSize ?? 256
   const lingerMs = config.ingestLingerMs ?? 5
   const graceMs = config.shutdownGraceMs ?? 10_000
@@ -935,6 +942,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
   })
   let nextPruneAt = 0
+  let prunedSinceVacuum = 0
+  let vacuuming: Promise<void> | undefined
   const recoverOnce = Effect.tryPromise(async () => {
     const expired = await expireLeases(db, group)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
@@ -945,6 +954,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       nextPruneAt = Date.now() + pruneIntervalMs
       const pruned = await pruneInbox(db, group, retentionMs, 1000)
       if (pruned > 0) log.info("pruned finished inbox rows", { pruned })
+      prunedSinceVacuum += pruned
+      // In the background: the recovery loop must not wait on it to release expired leases.
+      if (vacuumEvery > 0 && prunedSinceVacuum >= vacuumEvery && !vacuuming) {
+        prunedSinceVacuum = 0
+        vacuuming = vacuumInbox(db)
+          .catch((err) => log.warn("inbox vacuum failed", { error: messageOf(err) }))
+          .finally(() => {
+            vacuuming = undefined
+          })
+      }
     }
   })
   const every = (ms: number, what: string, once: Effect.Effect<void, unknown>) =>
@@ -983,6 +1002,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       await scheduler.stop()
       await Promise.all(pendingRechecks)
       clearTimeout(grace)
+      await vacuuming
     },
     status: () => ({
       ...stats,
