@@ -22,6 +22,7 @@ import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.t
 import {
   type Claim,
   type Completion,
+  cancelVacuum,
   claimKeys,
   completeTasks,
   confirmBaselines,
@@ -87,8 +88,8 @@ export interface KeyedConsumerConfig {
   /** How often retention runs (within the recovery loop). Default 60 s. */
   pruneIntervalMs?: number
   /**
-   * Vacuum the inbox after retention has deleted this many rows. Default 20,000; 0 never,
-   * for a server whose autovacuum is known to keep up.
+   * Vacuum the inbox after this worker's retention has deleted this many rows. Default
+   * 20,000; 0 never, for a server whose autovacuum is known to keep up.
    */
   vacuumEvery?: number
   /** Key lease and lock length; heartbeated at a third of it while a key drains. Default 15 s. */
@@ -944,6 +945,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   let nextPruneAt = 0
   let prunedSinceVacuum = 0
   let vacuuming: Promise<void> | undefined
+  let vacuumPid: number | undefined
   const recoverOnce = Effect.tryPromise(async () => {
     const expired = await expireLeases(db, group)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
@@ -956,12 +958,20 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (pruned > 0) log.info("pruned finished inbox rows", { pruned })
       prunedSinceVacuum += pruned
       // In the background: the recovery loop must not wait on it to release expired leases.
-      if (vacuumEvery > 0 && prunedSinceVacuum >= vacuumEvery && !vacuuming) {
+      // Not once stopping: a prune that outlived stop()'s interruption must not start one
+      // that nothing waits for.
+      if (vacuumEvery > 0 && prunedSinceVacuum >= vacuumEvery && !vacuuming && !stopping) {
         prunedSinceVacuum = 0
-        vacuuming = vacuumInbox(db)
-          .catch((err) => log.warn("inbox vacuum failed", { error: messageOf(err) }))
+        vacuuming = vacuumInbox(db, (pid) => {
+          vacuumPid = pid
+          return !stopping
+        })
+          .catch((err) => {
+            if (!stopping) log.warn("inbox vacuum failed", { error: messageOf(err) })
+          })
           .finally(() => {
             vacuuming = undefined
+            vacuumPid = undefined
           })
       }
     }
@@ -1002,6 +1012,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       await scheduler.stop()
       await Promise.all(pendingRechecks)
       clearTimeout(grace)
+      // A vacuum of a large inbox can outlast any shutdown budget (pm2 kills after 15 s); the
+      // next one picks up where this one stopped.
+      if (vacuumPid !== undefined) await cancelVacuum(db, vacuumPid).catch(() => {})
       await vacuuming
     },
     status: () => ({

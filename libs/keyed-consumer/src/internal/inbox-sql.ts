@@ -370,14 +370,31 @@ export async function pruneInbox(
 }
 
 /**
- * Makes the space of pruned rows reusable. Postgres hands out a deleted row's space again
- * only once a vacuum has recorded it; until then every insert extends the table. Autovacuum
- * does that on its own schedule, if it is on (it is off on this project's shared server):
- * without it the inbox grew by about 1 MB per 2,000 events handled and pruned, for ever
- * (keyed-consumer.test.ts, retention test). SKIP_LOCKED: every group's workers share the
- * table, and one vacuum at a time is enough. Without the privilege Postgres skips the table
- * with a warning, which is harmless.
+ * Makes the space of pruned rows reusable. Postgres prunes dead rows within a page by
+ * itself, but inserts find free space only through the free space map, which only a vacuum
+ * fills: until then they extend the table. Autovacuum does that on its own schedule, if it
+ * is on (it is off on this project's shared server): without it the inbox grew by about
+ * 0.5 MB per 1,000 events handled and pruned, for ever (keyed-consumer.test.ts, retention
+ * test). SKIP_LOCKED: every group's workers share the table, and one vacuum at a time is
+ * enough. TRUNCATE false: giving trailing pages back would take an exclusive lock on a table
+ * that every group writes, for pages it soon refills. Without the privilege Postgres skips
+ * the table with a warning only its own log shows, and the inbox depends on autovacuum again.
+ *
+ * On a connection of its own, for as long as the vacuum runs. `onStart` gets its backend's
+ * pid, which {@link cancelVacuum} needs, and says whether to go on.
  */
-export async function vacuumInbox(db: Kysely<any>): Promise<void> {
-  await sql`vacuum (skip_locked) keyway.inbox`.execute(db)
+export async function vacuumInbox(
+  db: Kysely<any>,
+  onStart: (pid: number) => boolean,
+): Promise<void> {
+  await db.connection().execute(async (conn) => {
+    const r = await sql<{ pid: number }>`select pg_backend_pid() as pid`.execute(conn)
+    if (!onStart(r.rows[0]!.pid)) return
+    await sql`vacuum (skip_locked, truncate false) keyway.inbox`.execute(conn)
+  })
+}
+
+/** Cancels a running vacuum (safe: a cancelled vacuum keeps what it had done). */
+export async function cancelVacuum(db: Kysely<any>, pid: number): Promise<void> {
+  await sql`select pg_cancel_backend(${pid})`.execute(db)
 }
