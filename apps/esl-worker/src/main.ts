@@ -1,6 +1,6 @@
 // The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
 // label finish its task in hand, then exits 0. Prints one JSON line per event of note.
-import { retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -24,11 +24,8 @@ try {
   process.exit(2)
 }
 
-// Until the worker has started there is no work in hand to finish: a stop ends the process.
-let started = false
-let stopping = false
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))
+// Before anything that may wait for a server: a stop during startup ends the process.
+const signals = handleStopSignals({ name: "esl-worker", log: logger.info, stop: shutdown })
 
 // First, so the libraries' tracers record into it from their first span.
 const telemetry = startTelemetry({
@@ -80,18 +77,12 @@ const worker = createEslWorker({
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await untilReady(`stream ${config.stream} on NATS`, () => worker.start())
-started = true
+signals.started()
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),
 )
 
 async function shutdown(signal: string) {
-  if (!started) {
-    logger.info("esl-worker stopped while starting", { signal })
-    process.exit(0)
-  }
-  if (stopping) return
-  stopping = true
   logger.info("esl-worker stopping", { signal })
   await worker.stop()
   await metricsServer?.stop()
@@ -100,5 +91,4 @@ async function shutdown(signal: string) {
   redis.disconnect()
   await telemetry.shutdown()
   console.log(JSON.stringify({ stopped: worker.status() }))
-  process.exit(0)
 }

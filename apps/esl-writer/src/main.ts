@@ -5,7 +5,7 @@
 // Answers 201 {"jobId","tasks"} or 400 {"error"} naming what is wrong with the request.
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { AddressInfo } from "node:net"
-import { retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { EnqueueError } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
@@ -42,15 +42,13 @@ const db = createDb({
   max: 10,
   applicationName: "keyway-esl-writer",
 })
-// Until the server listens no request is in hand: a stop ends the process.
-let listening = false
-let stopping = false
-process.on("SIGTERM", () => void shutdown())
-process.on("SIGINT", () => void shutdown())
-await retryUntilReady(() => migrateEslSchema(db), {
-  what: "Postgres",
-  log: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
-})
+const log =
+  (level: string) =>
+  (message: string, fields: Record<string, unknown> = {}) =>
+    console.log(JSON.stringify({ level, message, ...fields }))
+// Before anything that may wait for a server: a stop during startup ends the process.
+const signals = handleStopSignals({ name: "esl-writer", log: log("info"), stop: shutdown })
+await retryUntilReady(() => migrateEslSchema(db), { what: "Postgres", log: log("warn") })
 const serveMetrics = metricsHandler(metrics)
 
 // A job for every label of a large store is about 100 bytes a label: 4 MiB is 40,000 labels.
@@ -78,7 +76,7 @@ const readJson = async (req: IncomingMessage): Promise<any> => {
 // Once stopping, every answer ends its connection: a keep-alive client would otherwise go on
 // sending requests over it, and the grace period would cut one of them short.
 const endConnectionIfStopping = (res: ServerResponse) => {
-  if (stopping) res.setHeader("connection", "close")
+  if (signals.stopping) res.setHeader("connection", "close")
 }
 
 const reply = (res: ServerResponse, status: number, body: unknown) => {
@@ -124,18 +122,12 @@ server.once("listening", () =>
   ),
 )
 server.listen(config.port, () => {
-  listening = true
+  signals.started()
   const { port } = server.address() as AddressInfo
   console.log(JSON.stringify({ started: "esl-writer", port }))
 })
 
 async function shutdown() {
-  if (!listening) {
-    console.log(JSON.stringify({ level: "info", message: "esl-writer stopped while starting" }))
-    process.exit(0)
-  }
-  if (stopping) return
-  stopping = true
   // A request in hand finishes: its job commits or rolls back and its client hears which.
   // Cutting it instead could leave a committed job whose client, seeing no answer, sends it
   // again. close() stops accepting and closes idle keep-alive connections, the others close
@@ -147,5 +139,4 @@ async function shutdown() {
   clearTimeout(grace)
   await db.destroy()
   await telemetry.shutdown()
-  process.exit(0)
 }

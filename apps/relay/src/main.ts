@@ -1,6 +1,6 @@
 // The relay process: one per outbox database; start several and one is active while the
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
-import { retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
 import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
@@ -22,11 +22,8 @@ try {
   process.exit(2)
 }
 
-// Until the relay has started there is nothing in flight to finish: a stop ends the process.
-let started = false
-let stopping = false
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))
+// Before anything that may wait for a server: a stop during startup ends the process.
+const signals = handleStopSignals({ name: "relay", log: logger.info, stop: shutdown })
 
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
@@ -64,20 +61,13 @@ const relay = createRelay({
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await relay.start()
-started = true
+signals.started()
 logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 
 async function shutdown(signal: string) {
-  if (!started) {
-    logger.info("relay stopped while starting", { signal })
-    process.exit(0)
-  }
-  if (stopping) return
-  stopping = true
   logger.info("relay stopping", { signal })
   await relay.stop()
   await metricsServer?.stop()
   await closeNats(nc)
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
-  process.exit(0)
 }

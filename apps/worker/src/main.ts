@@ -1,7 +1,7 @@
 // A site's worker process: one member of its consumer group on the site's copy of the other
 // site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
 // the event in hand, then exits 0.
-import { retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -25,11 +25,8 @@ try {
   process.exit(2)
 }
 
-// Until the consumer has started there is no work in hand to finish: a stop ends the process.
-let started = false
-let stopping = false
-process.on("SIGTERM", () => void shutdown("SIGTERM"))
-process.on("SIGINT", () => void shutdown("SIGINT"))
+// Before anything that may wait for a server: a stop during startup ends the process.
+const signals = handleStopSignals({ name: "worker", log: logger.info, stop: shutdown })
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
 
@@ -68,7 +65,7 @@ const consumer = createKeyedConsumer({
 })
 const metricsServer = await serveMetrics(metrics, config.metricsPort)
 await untilReady(`stream ${config.stream} on NATS`, () => consumer.start())
-started = true
+signals.started()
 logger.info("worker started", {
   site: config.site,
   stream: config.stream,
@@ -77,12 +74,6 @@ logger.info("worker started", {
 })
 
 async function shutdown(signal: string) {
-  if (!started) {
-    logger.info("worker stopped while starting", { signal })
-    process.exit(0)
-  }
-  if (stopping) return
-  stopping = true
   logger.info("worker stopping", { signal })
   await consumer.stop()
   await metricsServer?.stop()
@@ -90,5 +81,4 @@ async function shutdown(signal: string) {
   redis.disconnect()
   await db.destroy()
   logger.info("worker stopped", consumer.status() as unknown as Record<string, unknown>)
-  process.exit(0)
 }

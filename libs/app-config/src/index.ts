@@ -1,2 +1,7 @@
 export { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "./env.ts"
+export {
+  handleStopSignals,
+  type StopSignals,
+  type StopSignalsOptions,
+} from "./handle-stop-signals.ts"
 export { type RetryUntilReadyOptions, retryUntilReady } from "./retry-until-ready.ts"
