@@ -37,19 +37,62 @@ export const keepaliveSettings = { keepAlive: true, keepAliveInitialDelayMillis:
 export const keepaliveSql =
   "set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3"
 
+/** Without `connect_timeout` in the connection string or PGCONNECT_TIMEOUT. */
+export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
+
+/**
+ * How long a Keyway connection may take to connect and log in, for pg's
+ * `connectionTimeoutMillis`. pg's own default is no bound at all: against a host that drops
+ * packets each attempt lasts the kernel's SYN retries (about 2 min on Linux), and against a
+ * server or proxy that accepts the connection and then says nothing (stalled, overloaded) it
+ * lasts for ever. A process starting then waits without a word, and a pool's next statement
+ * waits on a connection that never comes.
+ *
+ * The connection string's `connect_timeout`, else PGCONNECT_TIMEOUT, read as libpq reads them
+ * (whole seconds; 0 or less for no bound; 1 counts as 2), override the default. pg itself
+ * ignores both, so without this an operator's setting would silently do nothing.
+ */
+export function connectTimeoutMillis(connectionString: string): number {
+  let setting: string | null | undefined
+  try {
+    setting = new URL(connectionString).searchParams.get("connect_timeout")
+  } catch {
+    // Not a URL (a socket path, say): only the environment can set it then.
+  }
+  setting ??= process.env.PGCONNECT_TIMEOUT
+  if (setting === undefined || setting === null || setting === "") {
+    return DEFAULT_CONNECT_TIMEOUT_MS
+  }
+  if (!/^\s*[-+]?\d+\s*$/.test(setting)) {
+    throw new Error(
+      `connect_timeout must be a whole number of seconds (0 for no limit), not ${JSON.stringify(setting)}`,
+    )
+  }
+  const seconds = Number(setting)
+  return seconds <= 0 ? 0 : Math.max(seconds, 2) * 1000
+}
+
 /**
  * A Kysely instance over a pg pool whose connections prepare the statements they run often
  * (see PreparingClient) and can run pipelined transactions (see runPipelinedTransaction).
  * The caller owns it and calls `destroy()`.
  */
 export function createDb<DB = any>(config: DbConfig): Kysely<DB> {
+  // On each client, not the pool: pg-pool would also apply its connectionTimeoutMillis to
+  // statements waiting for a free client, and under load that wait is no fault.
+  const connectTimeout = connectTimeoutMillis(config.connectionString)
+  class Client extends PreparingClient {
+    constructor(clientConfig?: pg.ClientConfig) {
+      super({ ...clientConfig, connectionTimeoutMillis: connectTimeout })
+    }
+  }
   const pool = new pg.Pool({
     connectionString: config.connectionString,
     max: config.max ?? 10,
     application_name: config.applicationName ?? "keyway",
     types: pgTypes,
     ...keepaliveSettings,
-    Client: PreparingClient,
+    Client,
     // Changes nothing for statements sent one at a time, which is all Kysely's own paths do
     // (a transaction waits for each answer; outside one each statement takes its own client).
     // runPipelinedTransaction is what sends several at once. pg refuses cursors in this mode

@@ -1,4 +1,5 @@
 import pg from "pg"
+import { connectTimeoutMillis } from "./create-db.ts"
 
 /**
  * Creates the database named in `connectionString` if it does not exist, connecting to the
@@ -9,7 +10,10 @@ export async function ensureDatabase(connectionString: string): Promise<boolean>
   const name = decodeURIComponent(url.pathname.slice(1))
   if (!name) throw new Error(`no database name in ${url.protocol}//${url.host}/`)
   url.pathname = "/postgres"
-  const client = new pg.Client({ connectionString: url.toString() })
+  const client = new pg.Client({
+    connectionString: url.toString(),
+    connectionTimeoutMillis: connectTimeoutMillis(connectionString),
+  })
   // Failures reach the caller through the queries; pg's 'error' event would be uncaught.
   client.on("error", () => {})
   await client.connect()

@@ -1,4 +1,12 @@
-export { createDb, type DbConfig, keepaliveSettings, keepaliveSql, pgTypes } from "./create-db.ts"
+export {
+  connectTimeoutMillis,
+  createDb,
+  type DbConfig,
+  DEFAULT_CONNECT_TIMEOUT_MS,
+  keepaliveSettings,
+  keepaliveSql,
+  pgTypes,
+} from "./create-db.ts"
 export { ensureDatabase } from "./ensure-database.ts"
 export { type MigrateOptions, migrateToLatest, migrationsDir } from "./migrate.ts"
 export { PreparingClient } from "./preparing-client.ts"

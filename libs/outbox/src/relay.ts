@@ -1,4 +1,10 @@
-import { keepaliveSettings, keepaliveSql, PreparingClient, pgTypes } from "@keyway/db"
+import {
+  connectTimeoutMillis,
+  keepaliveSettings,
+  keepaliveSql,
+  PreparingClient,
+  pgTypes,
+} from "@keyway/db"
 import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -156,6 +162,8 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
  */
 export function createRelay(config: RelayConfig): Relay {
   const settings = {
+    // Read here, so that a bad connect_timeout fails createRelay() rather than every session.
+    connectTimeoutMs: connectTimeoutMillis(config.connectionString),
     batchSize: config.batchSize ?? 500,
     pollIntervalMs: config.pollIntervalMs ?? 1000,
     busyPollMs: config.busyPollMs ?? 5,
@@ -254,6 +262,9 @@ export function createRelay(config: RelayConfig): Relay {
         types: pgTypes,
         // Above all here: this connection holds the leadership lock.
         ...keepaliveSettings,
+        // Without it, a Postgres that accepts and never answers holds the session here for
+        // ever, and the relay neither publishes nor logs why.
+        connectionTimeoutMillis: settings.connectTimeoutMs,
       })
       // A dead connection shows up as failing queries (PreparingClient keeps pg's 'error'
       // event from crashing the process).
@@ -393,7 +404,7 @@ export function createRelay(config: RelayConfig): Relay {
         !vacuuming
       ) {
         vacuumedAt = state.published
-        vacuuming = vacuumOutbox(config.connectionString)
+        vacuuming = vacuumOutbox(config.connectionString, settings.connectTimeoutMs)
           .catch((err) => log.warn("vacuum failed", { error: errorMessage(err) }))
           .finally(() => {
             vacuuming = undefined

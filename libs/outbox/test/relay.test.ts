@@ -593,21 +593,26 @@ describe("relay", () => {
       await privateNc.close()
     }
   })
+  /** A relay that reaches the test's database through `proxy`; writers and checks go direct. */
+  const relayThrough = (proxy: { host: string; port: number }, params = {}) => {
+    const url = new URL(t.url)
+    url.host = `${proxy.host}:${proxy.port}`
+    for (const [name, value] of Object.entries(params)) url.searchParams.set(name, String(value))
+    return createRelay({
+      connectionString: url.toString(),
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 100,
+      retryDelayMs: 100,
+    })
+  }
   test("Postgres out of reach for a while: the relay reconnects and publishes the rest, once", async () => {
     await fresh()
     // The relay reaches Postgres through a proxy the test cuts: its connection drops, with
     // it the advisory lock, and every reconnect fails until restore(). Writers go direct.
     const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
     try {
-      const url = new URL(t.url)
-      url.host = `${proxy.host}:${proxy.port}`
-      relay = createRelay({
-        connectionString: url.toString(),
-        jetstream: jetstream(nc),
-        site,
-        pollIntervalMs: 100,
-        retryDelayMs: 100,
-      })
+      relay = relayThrough(proxy)
       await relay.start()
       await write(t.db, 200, 10)
       await untilPublished("first events published", 10_000)
@@ -624,6 +629,35 @@ describe("relay", () => {
       await untilPublished("published after Postgres came back", 30_000)
       assert.equal(relay.status().role, "active")
       assertExactlyOnceInOrder(await readStream(nc, stream), 700)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await proxy.close()
+    }
+  })
+  test("a Postgres that accepts and never answers: each connect gives up after connect_timeout, and the relay publishes once it answers", {
+    // Unbounded, the connect (and stop(), which waits for it) would hang: fail instead.
+    timeout: 90_000,
+  }, async () => {
+    await fresh()
+    // A stalled link (or a server too overloaded to answer) takes the connection and says
+    // nothing: pg, unbounded, would wait on the login for ever and the relay with it.
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    try {
+      proxy.stall()
+      relay = relayThrough(proxy, { connect_timeout: "2" })
+      await relay.start()
+      await write(t.db, 100, 10)
+      await waitFor(() => /timeout/i.test(relay!.status().lastError ?? ""), {
+        timeoutMs: 20_000,
+        message: () => `a connect timed out; status ${JSON.stringify(relay!.status())}`,
+      })
+      assert.equal(relay.status().role, "connecting")
+      assert.equal(await unpublishedCount(t.db), 100, "nothing was published meanwhile")
+      proxy.resume()
+      await untilPublished("published once Postgres answered", 30_000)
+      assert.equal(relay.status().role, "active")
+      assertExactlyOnceInOrder(await readStream(nc, stream), 100)
     } finally {
       await relay?.stop()
       relay = undefined

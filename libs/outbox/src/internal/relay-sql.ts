@@ -102,8 +102,15 @@ export async function setListening(client: pg.Client, listening: boolean): Promi
  * skips the table with a warning only its own log shows, and the outbox depends on
  * autovacuum again.
  */
-export async function vacuumOutbox(connectionString: string): Promise<void> {
-  const client = new pg.Client({ connectionString, application_name: "keyway-relay-vacuum" })
+export async function vacuumOutbox(
+  connectionString: string,
+  connectTimeoutMs: number,
+): Promise<void> {
+  const client = new pg.Client({
+    connectionString,
+    application_name: "keyway-relay-vacuum",
+    connectionTimeoutMillis: connectTimeoutMs,
+  })
   client.on("error", () => {})
   await client.connect()
   try {
