@@ -1,5 +1,6 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
+import { createDb } from "@keyway/db"
 import {
   createConsumerAdmin,
   createKeyedConsumer,
@@ -49,7 +50,11 @@ describe("keyed consumer", () => {
   })
 
   /** A database, a stream and a started consumer for one test. */
-  async function setup(overrides: Partial<KeyedConsumerConfig> = {}) {
+  async function setup(
+    overrides:
+      | Partial<KeyedConsumerConfig>
+      | ((t: TestDatabase) => Partial<KeyedConsumerConfig>) = {},
+  ) {
     const t: TestDatabase = await createTestDatabase()
     cleanups.push(() => t.drop())
     await createEffectTable(t.db)
@@ -66,7 +71,7 @@ describe("keyed consumer", () => {
       pollIntervalMs: 200,
       recoveryIntervalMs: 200,
       leaseMs: 3000,
-      ...overrides,
+      ...(typeof overrides === "function" ? overrides(t) : overrides),
     })
     cleanups.push(() => consumer.stop())
     await consumer.start()
@@ -643,6 +648,55 @@ describe("keyed consumer", () => {
       largest(sizes.slice(7)) < 2 * largest(sizes.slice(0, 3)),
       `inbox bytes after each wave: ${sizes.join(", ")}`,
     )
+  })
+
+  test("stop() cancels an inbox vacuum in progress instead of waiting for it", async () => {
+    const { t, stream, consumer } = await setup((t) => {
+      // This consumer's sessions vacuum at a crawl: a sleep for every page or so, long enough
+      // to outlast any shutdown budget. The settings touch nothing but VACUUM.
+      const url = new URL(t.url)
+      url.searchParams.set("options", "-c vacuum_cost_delay=100 -c vacuum_cost_limit=1")
+      const crawling = createDb({ connectionString: url.toString(), max: 4 })
+      cleanups.push(() => crawling.destroy())
+      return {
+        db: crawling,
+        retentionMs: 1,
+        pruneIntervalMs: 100,
+        recoveryIntervalMs: 100,
+        vacuumEvery: 200,
+      }
+    })
+    await Promise.all(
+      Array.from({ length: 500 }, (_, i) =>
+        publishEvent(nc, stream.site, {
+          key: `k${i % 50}`,
+          ver: Math.floor(i / 50) + 1,
+          payload: { n: i },
+        }),
+      ),
+    )
+    const inboxVacuums = async () =>
+      (
+        await sql<{ pid: number }>`
+          select pid from pg_stat_activity
+           where datname = current_database() and state = 'active'
+             and query ilike 'vacuum%keyway.inbox%'`.execute(t.db)
+      ).rows
+    await waitFor(async () => (await inboxVacuums()).length === 1, {
+      timeoutMs: 30_000,
+      message: "a vacuum of the inbox running",
+    })
+    // Counts vacuums run to the end (autovacuum has a count of its own).
+    const completed = async () =>
+      (
+        await sql<{ n: number }>`
+          select vacuum_count::int as n from pg_stat_user_tables
+           where relid = 'keyway.inbox'::regclass`.execute(t.db)
+      ).rows[0]!.n
+    const before = await completed()
+    await consumer.stop()
+    assert.deepEqual(await inboxVacuums(), [], "no vacuum left running after stop()")
+    assert.equal(await completed(), before, "the vacuum was cancelled, not waited for")
   })
 
   test("where a key starts: a group started late, or after retention, does not wait for version 1", async () => {
