@@ -37,7 +37,7 @@ export const keepaliveSettings = { keepAlive: true, keepAliveInitialDelayMillis:
 export const keepaliveSql =
   "set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3"
 
-/** Without `connect_timeout` in the connection string or PGCONNECT_TIMEOUT. */
+/** Without `connect_timeout` in the connection string. */
 export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
 
 /**
@@ -48,19 +48,19 @@ export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000
  * lasts for ever. A process starting then waits without a word, and a pool's next statement
  * waits on a connection that never comes.
  *
- * The connection string's `connect_timeout`, else PGCONNECT_TIMEOUT, read as libpq reads them
- * (whole seconds; 0 or less for no bound; 1 counts as 2), override the default. pg itself
- * ignores both, so without this an operator's setting would silently do nothing.
+ * The connection string's `connect_timeout`, read as libpq reads it (whole seconds; 0 or less
+ * for no bound; 1 counts as 2), overrides the default. pg itself ignores it, so without this
+ * an operator's setting would silently do nothing. (PGCONNECT_TIMEOUT is not read: libraries
+ * take their settings from their caller, never from the environment.)
  */
 export function connectTimeoutMillis(connectionString: string): number {
-  let setting: string | null | undefined
+  let setting: string | null = null
   try {
     setting = new URL(connectionString).searchParams.get("connect_timeout")
   } catch {
-    // Not a URL (a socket path, say): only the environment can set it then.
+    // Not a URL (a socket path, say): it has no parameters to read.
   }
-  setting ??= process.env.PGCONNECT_TIMEOUT
-  if (setting === undefined || setting === null || setting === "") {
+  if (setting === null || setting === "") {
     return DEFAULT_CONNECT_TIMEOUT_MS
   }
   if (!/^\s*[-+]?\d+\s*$/.test(setting)) {
