@@ -493,49 +493,56 @@ describe("relay", () => {
     assertExactlyOnceInOrder(await readStream(nc, stream), 2020)
   })
 
-  test("NATS lost acked messages in an unclean restart: the relay re-publishes them", async () => {
-    await fresh()
-    await using server = await startNatsServer()
-    const privateNc = await connectNats({ servers: server.url })
-    try {
-      const privateStream = await createSiteStream(privateNc, site)
-      relay = createRelay({
-        connectionString: t.url,
-        jetstream: jetstream(privateNc),
-        connection: privateNc,
-        site,
-        pollIntervalMs: 100,
-        retryDelayMs: 100,
-        publishTimeoutMs: 1000,
-      })
-      await relay.start()
-      await write(t.db, 300, 10)
-      await untilPublished("published", 10_000)
-      // What an fsync that never happened looks like after the host comes back: acked
-      // messages missing from the store. Deleting them and restarting the server rebuilds
-      // its duplicate window from what is left, as a crash would.
-      const jsm = await jetstreamManager(privateNc)
-      for (let seq = 101; seq <= 150; seq++)
-        await jsm.streams.deleteMessage(privateStream, seq, false)
-      assert.equal(await streamCount(privateNc, privateStream), 250)
-      await server.kill()
-      await server.start()
-      await waitFor(async () => (await streamCount(privateNc, privateStream)) === 300, {
-        timeoutMs: 30_000,
-        message: "the lost messages are back after the reconnect",
-      })
-      // Restored messages land at the end of the stream, after later versions of their keys:
-      // stream order is lost with the data, and consumers order by version anyway. What must
-      // hold is every event, once.
-      const events = await readStream(privateNc, privateStream)
-      assert.equal(new Set(events.map((e) => e.id)).size, 300, "every event")
-      assert.equal(events.length, 300, "none twice")
-    } finally {
-      await relay?.stop()
-      relay = undefined
-      await privateNc.close()
-    }
-  })
+  for (const outage of ["brief", "longer than the re-publish window"]) {
+    test(`NATS lost acked messages in an unclean restart after a ${outage} outage: the relay re-publishes them`, async () => {
+      await fresh()
+      await using server = await startNatsServer()
+      const privateNc = await connectNats({ servers: server.url })
+      try {
+        const privateStream = await createSiteStream(privateNc, site)
+        relay = createRelay({
+          connectionString: t.url,
+          jetstream: jetstream(privateNc),
+          connection: privateNc,
+          site,
+          pollIntervalMs: 100,
+          retryDelayMs: 100,
+          publishTimeoutMs: 1000,
+          republishWindowMs: 5000,
+        })
+        await relay.start()
+        await write(t.db, 300, 10)
+        await untilPublished("published", 10_000)
+        // What an fsync that never happened looks like after the host comes back: acked
+        // messages missing from the store. Deleting them and restarting the server rebuilds
+        // its duplicate window from what is left, as a crash would. The stop is a clean one:
+        // after a kill -9 the deletes, unsynced like any write, could come back from disk,
+        // and the test would pass whether or not the relay re-published.
+        const jsm = await jetstreamManager(privateNc)
+        for (let seq = 101; seq <= 150; seq++)
+          await jsm.streams.deleteMessage(privateStream, seq, false)
+        assert.equal(await streamCount(privateNc, privateStream), 250)
+        await server.stop()
+        // Longer than the window: a window that ended at the reconnect would hold none of them.
+        if (outage !== "brief") await new Promise((r) => setTimeout(r, 6000))
+        await server.start()
+        await waitFor(async () => (await streamCount(privateNc, privateStream)) === 300, {
+          timeoutMs: 30_000,
+          message: "the lost messages are back after the reconnect",
+        })
+        // Restored messages land at the end of the stream, after later versions of their keys:
+        // stream order is lost with the data, and consumers order by version anyway. What must
+        // hold is every event, once.
+        const events = await readStream(privateNc, privateStream)
+        assert.equal(new Set(events.map((e) => e.id)).size, 300, "every event")
+        assert.equal(events.length, 300, "none twice")
+      } finally {
+        await relay?.stop()
+        relay = undefined
+        await privateNc.close()
+      }
+    })
+  }
 
   test("NATS down for a while: the outbox keeps the backlog and a relay catches up", async () => {
     await fresh()

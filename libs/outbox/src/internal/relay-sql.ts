@@ -121,16 +121,23 @@ export async function vacuumOutbox(
 }
 
 /**
- * Marks rows published in the last `windowMs` unpublished again, so the relay sends them once
- * more. nats-server 2.9.10 fsyncs about once a minute: after an unclean stop of its host,
- * messages it had acked can be gone. Re-publishing recent rows restores those; the ones it
- * kept are dropped as duplicates (same Nats-Msg-Id, within the stream's duplicate_window,
- * which is rebuilt from what the server kept). Returns how many rows.
+ * Marks the rows published in the `windowMs` before the newest publish unpublished again, so
+ * the relay sends them once more. nats-server 2.9.10 fsyncs about once a minute: after an
+ * unclean stop of its host, messages it had acked can be gone. Re-publishing recent rows
+ * restores those; the ones it kept are dropped as duplicates (same Nats-Msg-Id, within the
+ * stream's duplicate_window, which is rebuilt from what the server kept). Returns how many.
+ *
+ * The window ends at the newest publish, not now: nothing is published while NATS is away, so
+ * after an outage longer than the window a window ending now would hold none of the messages
+ * the crash took. The price, when the newest publish is older than the stream's
+ * duplicate_window (a relay restarted after a quiet spell), is copies the stream keeps twice;
+ * consumers drop them by event id and version.
  */
 export async function unmarkRecent(client: pg.Client, windowMs: number): Promise<number> {
   const r = await client.query(
     `update keyway.outbox set published_at = null
-      where published_at > now() - make_interval(secs => $1::double precision / 1000)`,
+      where published_at > (select max(published_at) from keyway.outbox)
+                           - make_interval(secs => $1::double precision / 1000)`,
     [windowMs],
   )
   return r.rowCount ?? 0
