@@ -40,7 +40,7 @@ export interface ConsumerAdminConfig {
 }
 
 /**
- * Operator actions on a consumer group. Every action is one statement, so it is atomic, and
+ * Operator actions on a consumer group. Every action is one transaction, so it is atomic, and
  * none of them bypasses the fencing epoch: actions that change where a key stands bump it,
  * so a worker draining that key at the same moment writes nothing afterwards.
  */
@@ -78,7 +78,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // Retry and redrive rewind a key to the lowest version they touch; the drain then walks
   // forward over every version up to where the key stood. If retention already deleted one
   // of those, the key would stop at it for good, so such a rewind is refused up front.
-  const refuseRewindOverPruned = async (s: TaskSelector, states: string[]) => {
+  const refuseRewindOverPruned = async (trx: Kysely<any>, s: TaskSelector, states: string[]) => {
     const r = await sql<{ topic: string; key: string; ver: number; done_ver: number }>`
       with lowest as (
         select i.topic, i.key, min(i.ver) as ver from keyway.inbox i
@@ -92,7 +92,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
          and (select count(*) from keyway.inbox i
                where i.grp = ${group} and i.topic = l.topic and i.key = l.key
                  and i.ver > l.ver and i.ver <= k.done_ver) < k.done_ver - l.ver
-    `.execute(db)
+    `.execute(trx)
     if (r.rows.length > 0) {
       const list = r.rows.map((x) => `${x.topic}/${x.key} (v${x.ver}..v${x.done_ver})`).join(", ")
       throw new ConsumerAdminError(
@@ -104,9 +104,20 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // Retry and redrive are one operation on different states: back to pending with a fresh
   // attempt count, and each key rewound to the lowest version touched (with an epoch bump,
   // so a worker draining it now writes nothing more).
-  const resetAndRewind = async (s: TaskSelector, states: string[]) => {
-    await refuseRewindOverPruned(s, states)
-    const r = await sql<{ n: number }>`
+  const resetAndRewind = (s: TaskSelector, states: string[]) =>
+    db.transaction().execute(async (trx) => {
+      // The keys first, in one order: retention takes them FOR SHARE before it deletes any of
+      // their rows, so none can go between the check below and the rewind.
+      await sql`
+        select 1 from keyway.consumer_key k
+         where k.grp = ${group} and (k.topic, k.key) in (
+           select i.topic, i.key from keyway.inbox i
+            where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)})
+         order by k.topic, k.key
+         for update of k
+      `.execute(trx)
+      await refuseRewindOverPruned(trx, s, states)
+      const r = await sql<{ n: number }>`
       with reset as (
         update keyway.inbox i
            set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
@@ -123,9 +134,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
          where k.grp = ${group} and k.topic = l.topic and k.key = l.key
       )
       select count(*)::int as n from reset
-    `.execute(db)
-    return r.rows[0]!.n
-  }
+    `.execute(trx)
+      return r.rows[0]!.n
+    })
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {

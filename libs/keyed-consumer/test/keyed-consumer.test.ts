@@ -600,6 +600,52 @@ describe("keyed consumer", () => {
     )
   })
 
+  test("retention keeps finished rows above where their key stands: one skipped ahead of a dead version is stepped over after the retry", async () => {
+    let broken = true
+    const { t, stream, admin } = await setup({
+      retentionMs: 1,
+      pruneIntervalMs: 100,
+      recoveryIntervalMs: 100,
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.key === "b" && event.ver === 2 && broken) throw new Error("no")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 4; ver++)
+      await publishEvent(nc, stream.site, { key: "b", ver, payload: { n: ver } })
+    await waitFor(async () => (await admin.listDead()).length === 1, {
+      timeoutMs: 10_000,
+      message: "b v2 dead",
+    })
+    // The operator decides ahead of time that v3 must not run; the key still stands at v1.
+    assert.equal(await admin.skip({ topic: "demo.item", key: "b", fromVer: 3, toVer: 3 }), 1)
+    // A row finished after the skip and pruned: a prune pass ran with b v3 skipped and old.
+    await publishEvent(nc, stream.site, { key: "c", ver: 1, payload: { n: 1 } })
+    const inbox = async () =>
+      (await t.db.selectFrom("keyway.inbox").select(["key", "ver", "state"]).execute())
+        .map((r) => `${r.key}${r.ver}:${r.state}`)
+        .sort()
+    await waitFor(
+      async () =>
+        (await effects(t.db)).some((e) => e.key === "c") && !(await inbox()).includes("c1:done"),
+      { timeoutMs: 10_000, message: "c v1 handled and pruned" },
+    )
+    assert.deepEqual(await inbox(), ["b2:dead", "b3:skipped", "b4:pending"])
+    broken = false
+    assert.equal(await admin.retry({ topic: "demo.item", key: "b" }), 1)
+    await waitFor(async () => (await effects(t.db)).filter((e) => e.key === "b").length === 3, {
+      timeoutMs: 10_000,
+      message: "b resumed past the skipped v3",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).filter((e) => e.key === "b").map((e) => e.ver),
+      [1, 2, 4],
+    )
+  })
+
   test("retention keeps the inbox's storage bounded: the space of pruned rows is reused", async () => {
     const { t, stream } = await setup({
       retentionMs: 1,

@@ -343,8 +343,15 @@ export async function recordReject(
 /**
  * Retention: deletes finished rows (done, skipped) received more than `maxAgeMs` ago, at
  * most `batchSize` per statement so no statement holds many row locks. Dead rows stay until
- * an operator acts on them. Rows at or below a key's done_ver are never read again, so this
- * cannot change what runs. Returns how many rows went.
+ * an operator acts on them. Returns how many rows went.
+ *
+ * Only rows at or below their key's done_ver, which are never read again: a finished row
+ * above it (skipped ahead of time, or left above a key that a retry rewound) is still to be
+ * stepped over, and without it the key would stop there for good. The key rows are taken FOR
+ * SHARE, so a retry or redrive, which locks them before it checks what it may rewind over,
+ * cannot rewind a key below rows this statement is deleting; keys locked now (a drain, an
+ * operator) are left for the next round. The state is checked again on the row deleted: a
+ * redrive may have made it pending after the subquery read it.
  */
 export async function pruneInbox(
   db: Kysely<any>,
@@ -355,13 +362,18 @@ export async function pruneInbox(
   let total = 0
   for (;;) {
     const r = await sql`
-      delete from keyway.inbox
-       where (grp, topic, key, ver) in (
-         select grp, topic, key, ver from keyway.inbox
-          where grp = ${group}
-            and received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
-            and state in ('done', 'skipped')
-          limit ${batchSize})
+      delete from keyway.inbox i
+       where (i.grp, i.topic, i.key, i.ver) in (
+         select x.grp, x.topic, x.key, x.ver
+           from keyway.inbox x
+           join keyway.consumer_key k on k.grp = x.grp and k.topic = x.topic and k.key = x.key
+          where x.grp = ${group}
+            and x.received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
+            and x.state in ('done', 'skipped')
+            and x.ver <= k.done_ver
+          limit ${batchSize}
+          for share of k skip locked)
+         and i.state in ('done', 'skipped')
     `.execute(db)
     const n = Number(r.numAffectedRows ?? 0)
     total += n
