@@ -54,6 +54,8 @@ describe("keyed consumer", () => {
     overrides:
       | Partial<KeyedConsumerConfig>
       | ((t: TestDatabase) => Partial<KeyedConsumerConfig>) = {},
+    /** Runs before the consumer starts: what it publishes is all there for the first drain. */
+    beforeStart?: (stream: { site: string }) => Promise<void>,
   ) {
     const t: TestDatabase = await createTestDatabase()
     cleanups.push(() => t.drop())
@@ -74,6 +76,7 @@ describe("keyed consumer", () => {
       ...(typeof overrides === "function" ? overrides(t) : overrides),
     })
     cleanups.push(() => consumer.stop())
+    await beforeStart?.(stream)
     await consumer.start()
     return { t, stream, group, consumer, admin: createConsumerAdmin({ db: t.db, group }) }
   }
@@ -172,43 +175,59 @@ describe("keyed consumer", () => {
     )
   })
 
-  test("a gap holds the key until the missing version arrives; then both run in order", async () => {
-    const metrics = createMetricsRegistry({ defaultMetrics: false })
-    const { t, stream, admin } = await setup({ metrics })
-    const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
-    await publishEvent(nc, stream.site, { key: "g", ver: 1, payload: { n: 1 } })
-    await publishEvent(nc, stream.site, { key: "g", ver: 3, payload: { n: 3 } })
-    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
-    await waitFor(async () => (await admin.listGaps()).length === 1, {
-      timeoutMs: 10_000,
-      message: "gap listed",
+  for (const { where, present, missing } of [
+    { where: "before a later version", present: [1, 3], missing: 2 },
+    // A drain reads a key's versions 32 at a time (TASKS_PER_READ): v33 lies past the read
+    // that ends at the missing v32.
+    {
+      where: "at the end of a read",
+      present: [...Array.from({ length: 31 }, (_, i) => i + 1), 33],
+      missing: 32,
+    },
+  ]) {
+    test(`a gap ${where} holds the key until the missing version arrives; then the rest run in order`, async () => {
+      const metrics = createMetricsRegistry({ defaultMetrics: false })
+      // Published before the consumer starts, so that its first drain of the key finds every
+      // present version there: a drain that began later would read past the edge.
+      const { t, stream, admin } = await setup({ metrics }, async (stream) => {
+        for (const ver of present)
+          await publishEvent(nc, stream.site, { key: "g", ver, payload: { n: ver } })
+        await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+      })
+      const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
+      const ran = async () =>
+        (await effects(t.db)).filter((e) => e.key === "g").map((e) => Number(e.ver))
+      await waitFor(async () => (await scrape("consumer_gap_keys")) === 1, {
+        timeoutMs: 10_000,
+        message: "the gap counted",
+      })
+      const [gap] = await admin.listGaps()
+      assert.equal(gap!.key, "g")
+      assert.equal(Number(gap!.missingVer), missing)
+      assert.equal(Number(gap!.nextPresentVer), missing + 1)
+      // Give polling a few rounds: nothing past the gap may run.
+      await new Promise((r) => setTimeout(r, 800))
+      assert.deepEqual(
+        await ran(),
+        present.filter((v) => v < missing),
+      )
+      // The alert of invariant 5: one key waiting, for as long as the wait above.
+      assert.equal(await scrape("consumer_gap_keys"), 1)
+      assert.ok((await scrape("consumer_oldest_gap_seconds"))! >= 0.5)
+      await publishEvent(nc, stream.site, { key: "g", ver: missing, payload: { n: missing } })
+      await waitFor(async () => (await ran()).length === present.length + 1, {
+        timeoutMs: 10_000,
+        message: "the missing version and the rest ran",
+      })
+      assert.deepEqual(
+        await ran(),
+        [...present, missing].sort((a, b) => a - b),
+      )
+      assert.deepEqual(await admin.listGaps(), [])
+      assert.equal(await scrape("consumer_gap_keys"), 0)
+      assert.equal(await scrape("consumer_oldest_gap_seconds"), 0)
     })
-    const [gap] = await admin.listGaps()
-    assert.equal(gap!.key, "g")
-    assert.equal(Number(gap!.missingVer), 2)
-    assert.equal(Number(gap!.nextPresentVer), 3)
-    // Give polling a few rounds: v3 must still not run.
-    await new Promise((r) => setTimeout(r, 800))
-    assert.deepEqual(
-      (await effects(t.db)).filter((e) => e.key === "g").map((e) => e.ver),
-      [1],
-    )
-    // The alert of invariant 5: one key waiting, for as long as the wait above.
-    assert.equal(await scrape("consumer_gap_keys"), 1)
-    assert.ok((await scrape("consumer_oldest_gap_seconds"))! >= 0.5)
-    await publishEvent(nc, stream.site, { key: "g", ver: 2, payload: { n: 2 } })
-    await waitFor(async () => (await effects(t.db)).filter((e) => e.key === "g").length === 3, {
-      timeoutMs: 10_000,
-      message: "v2 and v3 ran",
-    })
-    assert.deepEqual(
-      (await effects(t.db)).filter((e) => e.key === "g").map((e) => e.ver),
-      [1, 2, 3],
-    )
-    assert.deepEqual(await admin.listGaps(), [])
-    assert.equal(await scrape("consumer_gap_keys"), 0)
-    assert.equal(await scrape("consumer_oldest_gap_seconds"), 0)
-  })
+  }
 
   test("consumer lag on /metrics: what the stream holds for the group and its inbox does not", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })

@@ -122,7 +122,10 @@ export async function claimKeys(
   return claims
 }
 
-/** The next tasks of a key, from version `from` on, in version order. */
+/**
+ * A key's next `limit` tasks from version `from` on, in version order, whatever their numbers:
+ * past a missing version the later ones come back, and the drain sees the gap (sql/0009).
+ */
 export async function nextTasks(
   db: Kysely<any>,
   group: string,
@@ -134,8 +137,9 @@ export async function nextTasks(
     select ${taskColumns}
       from keyway.inbox i
      where i.grp = ${group} and i.topic = ${ref.topic} and i.key = ${ref.key}
-       and i.ver >= ${from} and i.ver < ${from + limit}
+       and i.ver >= ${from}
      order by i.ver
+     limit ${limit}
   `.execute(db)
   return r.rows
 }
