@@ -276,6 +276,62 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 0)
   })
 
+  test("a gap closed by a version that dies is counted as a dead task, no longer as a gap", async () => {
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
+    const { stream, admin } = await setup({
+      metrics,
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 2) throw new Error("no")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "g", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "g", ver: 3, payload: { n: 3 } })
+    await waitFor(async () => (await scrape("consumer_gap_keys")) === 1, {
+      timeoutMs: 10_000,
+      message: "the gap counted",
+    })
+    await publishEvent(nc, stream.site, { key: "g", ver: 2, payload: { n: 2 } })
+    await waitFor(async () => (await admin.listDead()).length === 1, {
+      timeoutMs: 10_000,
+      message: "v2 dead",
+    })
+    assert.deepEqual(await admin.summarise(), {
+      gapKeys: 0,
+      oldestGapSeconds: 0,
+      deadTasks: 1,
+      blockedKeys: 1,
+    })
+    assert.equal(await scrape("consumer_gap_keys"), 0)
+  })
+
+  test("an error whose text Postgres cannot store (a NUL byte) still counts: retried, then dead with its text", async () => {
+    let calls = 0
+    const { stream, admin } = await setup({
+      defaultPolicy: { maxAttempts: 2, backoffMs: 10, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async () => {
+          calls++
+          // A vendor's answer echoed in the message, binary and all.
+          throw new Error("vendor said \u0000\u0001 garbage")
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "nul", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await admin.listDead()).length === 1, {
+      timeoutMs: 10_000,
+      message: () => `dead after 2 attempts; the handler ran ${calls} times`,
+    })
+    const [dead] = await admin.listDead()
+    assert.equal(dead!.attempts, 2)
+    assert.equal(dead!.lastError, "vendor said \\u0000\u0001 garbage")
+    assert.equal(calls, 2, "two attempts, not one per poll for ever")
+  })
+
   // The timeout turns a stop() that never returns (a handler not aborted) into a failure.
   test("stop() lets a running handler finish; one still running after the grace period is aborted, and its task stays pending", {
     timeout: 30_000,

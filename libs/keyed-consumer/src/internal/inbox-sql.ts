@@ -176,6 +176,13 @@ export async function completeTasks(
  * Records a failed attempt. With `dead` the task is dead now (attempts exhausted or
  * poison); with `park` as well, the key moves past it. Returns false when fenced.
  */
+/**
+ * Postgres text cannot hold NUL, and an error's message may echo binary data (a vendor's
+ * answer). Refused, the failure would not be recorded at all: no attempt counted, and the
+ * task run again at every poll, for ever. Written as the escape JSON would use.
+ */
+const storableText = (text: string) => text.replaceAll("\u0000", "\\u0000")
+
 export async function markFailed(
   db: Kysely<any>,
   group: string,
@@ -187,14 +194,17 @@ export async function markFailed(
   const r = await sql<{ ok: number }>`
     with fenced as (
       update keyway.consumer_key
-         set done_ver = case when ${failure.dead && failure.park} then ${ver} else done_ver end
+         set done_ver = case when ${failure.dead && failure.park} then ${ver} else done_ver end,
+             -- The version after done_ver is here (it just ran): whatever gap the key had is
+             -- closed, dead or not.
+             gap_since = null
        where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
          and epoch = ${epoch} and done_ver = ${ver - 1}
       returning 1
     )
     update keyway.inbox
        set attempts = attempts + 1,
-           last_error = ${failure.error},
+           last_error = ${storableText(failure.error)},
            state = case when ${failure.dead} then 'dead' else 'pending' end,
            run_after = now() + make_interval(secs => ${failure.retryInMs / 1000})
      where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and ver = ${ver}
