@@ -128,6 +128,8 @@ const quietLogger: RelayLogger = {
 }
 
 const errorMessage = (err: unknown) => (err instanceof Error ? err.message : String(err))
+/** Rows per retention delete: few enough locks and little enough time per statement. */
+const PRUNE_BATCH = 1000
 
 /**
  * The scrape's connection: never a seq scan (see the session's), and bounded in time, so a
@@ -196,6 +198,7 @@ export function createRelay(config: RelayConfig): Relay {
   // every NATS reconnect; consumed by the session loop before its next claim.
   let republishDue = true
   let vacuuming: Promise<void> | undefined
+  let vacuumAborter: AbortController | undefined
   // The backlog gauges read on a connection of their own: on the session's connection a
   // scrape's count(*) would wait in line behind claims and marks, and hold them up in turn,
   // exactly when the backlog is large. Made on the first scrape, closed by stop().
@@ -269,14 +272,20 @@ export function createRelay(config: RelayConfig): Relay {
       // A dead connection shows up as failing queries (PreparingClient keeps pg's 'error'
       // event from crashing the process).
       client.on("notification", () => wake.notify())
-      await client.connect()
-      // Every relay statement is meant to walk an index (the unpublished partial index, the
-      // primary key, the published_at index). On a young table the planner's size estimate
-      // is stale until the first autovacuum and it chose seq scans of a 100k-row outbox for
-      // the claim (measured: 221 seq scans reading 217k rows in one bench run). Forbidding
-      // them on this session keeps the claim an index scan whatever the statistics say.
-      await client.query("set enable_seqscan = off")
-      await client.query(keepaliveSql)
+      try {
+        await client.connect()
+        // Every relay statement is meant to walk an index (the unpublished partial index, the
+        // primary key, the published_at index). On a young table the planner's size estimate
+        // is stale until the first autovacuum and it chose seq scans of a 100k-row outbox for
+        // the claim (measured: 221 seq scans reading 217k rows in one bench run). Forbidding
+        // them on this session keeps the claim an index scan whatever the statistics say.
+        await client.query("set enable_seqscan = off")
+        await client.query(keepaliveSql)
+      } catch (err) {
+        // Not yet in the scope's hands: closed here, or every retry would leave one open.
+        await client.end().catch(() => {})
+        throw err
+      }
       return client
     }),
     (client) => Effect.promise(() => client.end().catch(() => {})),
@@ -360,6 +369,7 @@ export function createRelay(config: RelayConfig): Relay {
     let listening: boolean | undefined
     let lastWorkAt = Date.now()
     let nextPruneAt = 0
+    let prunedInRound = 0
     republishDue = true
     for (;;) {
       if (republishDue && settings.republishWindowMs > 0) {
@@ -404,21 +414,35 @@ export function createRelay(config: RelayConfig): Relay {
         !vacuuming
       ) {
         vacuumedAt = state.published
-        vacuuming = vacuumOutbox(config.connectionString, settings.connectTimeoutMs)
-          .catch((err) => log.warn("vacuum failed", { error: errorMessage(err) }))
+        const aborter = new AbortController()
+        vacuumAborter = aborter
+        vacuuming = vacuumOutbox(config.connectionString, settings.connectTimeoutMs, aborter.signal)
+          .catch((err) => {
+            if (!aborter.signal.aborted) log.warn("vacuum failed", { error: errorMessage(err) })
+          })
           .finally(() => {
             vacuuming = undefined
           })
       }
+      // One batch per turn of the loop, between claims: after a long backlog or outage the
+      // rows past retention can be hundreds of thousands, and deleting them all at once held
+      // up publishing for as long. While some are left, the loop comes back at once.
+      let pruneBehind = false
       if (settings.retentionMs > 0 && Date.now() >= nextPruneAt) {
-        nextPruneAt = Date.now() + settings.pruneIntervalMs
         const pruned = yield* query("prune", () =>
-          prunePublished(client, settings.retentionMs, 1000),
+          prunePublished(client, settings.retentionMs, PRUNE_BATCH),
         )
-        if (pruned > 0) log.info("pruned published rows", { pruned })
+        prunedInRound += pruned
+        pruneBehind = pruned >= PRUNE_BATCH
+        if (!pruneBehind) {
+          nextPruneAt = Date.now() + settings.pruneIntervalMs
+          if (prunedInRound > 0) log.info("pruned published rows", { pruned: prunedInRound })
+          prunedInRound = 0
+        }
       }
       let pause = settings.pollIntervalMs
-      if (Date.now() - lastWorkAt < settings.settleMs) pause = settings.busyPollMs
+      if (pruneBehind) pause = 0
+      else if (Date.now() - lastWorkAt < settings.settleMs) pause = settings.busyPollMs
       else if (listening !== true) {
         listening = true
         yield* query("start listening", () => setListening(client, true))
@@ -472,6 +496,7 @@ export function createRelay(config: RelayConfig): Relay {
       const pool = metricsPool
       metricsPool = undefined
       await pool?.end().catch(() => {})
+      vacuumAborter?.abort()
       await vacuuming
     },
     status: () => ({ ...state, heldKeys: held.size }),

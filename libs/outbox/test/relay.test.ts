@@ -493,6 +493,45 @@ describe("relay", () => {
     assertExactlyOnceInOrder(await readStream(nc, stream), 2020)
   })
 
+  test("retention deletes published rows past their age, batch after batch, and keeps the newer ones", async () => {
+    await fresh()
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      retentionMs: 60_000,
+      pruneIntervalMs: 100,
+      pollIntervalMs: 100,
+    })
+    await relay.start()
+    for (let batch = 0; batch < 5; batch++) {
+      await t.db.transaction().execute((trx) =>
+        enqueue(
+          trx,
+          Array.from({ length: 500 }, (_, i) => item(`k${i % 50}`, batch * 500 + i)),
+        ),
+      )
+    }
+    await untilPublished("the first 2,500 published", 30_000)
+    // Published two minutes ago, as far as retention can tell: two and a half batches' worth.
+    await sql`update keyway.outbox set published_at = now() - interval '2 minutes'`.execute(t.db)
+    await write(t.db, 100, 10)
+    await untilPublished("the newer 100 published", 10_000)
+    const rows = async () =>
+      (
+        await sql<{ old: number; newer: number }>`
+          select count(*) filter (where published_at < now() - interval '1 minute')::int as old,
+                 count(*) filter (where published_at >= now() - interval '1 minute')::int as newer
+            from keyway.outbox`.execute(t.db)
+      ).rows[0]!
+    await waitFor(async () => (await rows()).old === 0, {
+      timeoutMs: 20_000,
+      message: "every row past retention pruned",
+    })
+    assert.deepEqual(await rows(), { old: 0, newer: 100 })
+    assert.equal(await streamCount(nc, stream), 2600, "pruning takes nothing from the stream")
+  })
+
   for (const outage of ["brief", "longer than the re-publish window"]) {
     test(`NATS lost acked messages in an unclean restart after a ${outage} outage: the relay re-publishes them`, async () => {
       await fresh()

@@ -1,3 +1,4 @@
+import { keepaliveSettings } from "@keyway/db"
 import pg from "pg"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
@@ -65,27 +66,24 @@ export async function markPublished(
 }
 
 /**
- * Deletes published rows older than `maxAgeMs`, `batchSize` at a time so no statement holds
- * many row locks or a long transaction. Returns how many rows went.
+ * Deletes up to `batchSize` published rows older than `maxAgeMs`, the oldest first; fewer
+ * than `batchSize` means none are left. One batch per call: the relay interleaves them with
+ * its claims. Returns how many rows went.
  */
 export async function prunePublished(
   client: pg.Client,
   maxAgeMs: number,
   batchSize: number,
 ): Promise<number> {
-  let total = 0
-  for (;;) {
-    const r = await client.query(
-      `delete from keyway.outbox
-        where seq in (select seq from keyway.outbox
-                       where published_at < now() - make_interval(secs => $1::double precision / 1000)
-                       order by published_at
-                       limit $2)`,
-      [maxAgeMs, batchSize],
-    )
-    total += r.rowCount ?? 0
-    if ((r.rowCount ?? 0) < batchSize) return total
-  }
+  const r = await client.query(
+    `delete from keyway.outbox
+      where seq in (select seq from keyway.outbox
+                     where published_at < now() - make_interval(secs => $1::double precision / 1000)
+                     order by published_at
+                     limit $2)`,
+    [maxAgeMs, batchSize],
+  )
+  return r.rowCount ?? 0
 }
 
 /** Tells writers whether to NOTIFY (see keyway.relay_state in sql/0001_outbox.sql). */
@@ -105,18 +103,26 @@ export async function setListening(client: pg.Client, listening: boolean): Promi
 export async function vacuumOutbox(
   connectionString: string,
   connectTimeoutMs: number,
+  signal: AbortSignal,
 ): Promise<void> {
   const client = new pg.Client({
     connectionString,
     application_name: "keyway-relay-vacuum",
     connectionTimeoutMillis: connectTimeoutMs,
+    ...keepaliveSettings,
   })
   client.on("error", () => {})
-  await client.connect()
+  // The relay's stop() must not wait on a vacuum of a large outbox (or one queued behind an
+  // autovacuum's lock): closing the connection fails the query here at once. The server
+  // finishes the vacuum it started, or stops at its next check, and keeps what it did.
+  const close = () => void client.end().catch(() => {})
+  signal.addEventListener("abort", close, { once: true })
   try {
+    await client.connect()
     await client.query("vacuum keyway.outbox")
   } finally {
-    await client.end()
+    signal.removeEventListener("abort", close)
+    await client.end().catch(() => {})
   }
 }
 
