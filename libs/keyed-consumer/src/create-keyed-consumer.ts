@@ -40,6 +40,7 @@ import {
   renewLease,
   runnableKeys,
   runnableKeysOf,
+  storableText,
   type TaskRow,
   vacuumInbox,
 } from "./internal/inbox-sql.ts"
@@ -514,8 +515,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    * Stores events in the inbox. A value that passed the envelope's schema but that Postgres
    * refuses (a createdAt it cannot read as a time, a NUL in a string, a number past bigint)
    * would fail the whole batch on every retry and hold up the group behind it. So on such a
-   * refusal each event is stored alone, and those refused become rejects; `events` keeps
-   * only the others, so a retry after a lost connection does not reject them twice.
+   * refusal each event is stored alone, and those refused become rejects, each replaced in
+   * `events` by a placeholder that holds its version's place: a retry after a lost
+   * connection stores the placeholder and does not reject the event twice.
    */
   const storeEvents = async (
     events: IncomingEvent[],
@@ -529,30 +531,33 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }
     const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     const woken: KeyRef[] = []
-    for (const e of [...events]) {
+    for (let n = 0; n < events.length; n++) {
+      const e = events[n]!
       try {
         woken.push(...(await ingestBatch(db, group, [e])))
       } catch (err) {
         if (!refusesData(err)) throw err
+        if (e.type === REFUSED_TYPE) {
+          // The placeholder refused as well: the refused value is the key's own (a NUL in
+          // it). No version of that key can be stored, and the rejects are all there is.
+          events.splice(n--, 1)
+          continue
+        }
         const m = bySeq.get(e.streamSeq)!
         const reason = `Postgres refuses a value in it: ${messageOf(err)}`
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason, data: m.data })
-        events.splice(events.indexOf(e), 1)
         log.warn("rejected an event Postgres refuses", { subject: m.subject, seq: m.seq, reason })
         // Its version still takes its place in the key, or the next one would run as if it
-        // had come first. Unless the refused value is the key's own (a NUL in it): then no
-        // version of that key can be stored, and the rejects are all there is.
-        const placeholder: IncomingEvent = {
+        // had come first. The placeholder replaces the event in `events`, and is tried next:
+        // a retry after a lost connection stores it then, and records the reject once. It
+        // carries none of the event's own text that may hold the refused value.
+        events[n--] = {
           ...e,
+          eventId: storableText(e.eventId),
           type: REFUSED_TYPE,
-          payload: JSON.stringify({ type: e.type, reason }),
+          payload: JSON.stringify({ type: storableText(e.type), reason }),
           trace: null,
           createdAt: new Date().toISOString(),
-        }
-        try {
-          woken.push(...(await ingestBatch(db, group, [placeholder])))
-        } catch (err) {
-          if (!refusesData(err)) throw err
         }
       }
     }

@@ -952,6 +952,9 @@ describe("keyed consumer", () => {
       raw({ key: "g3", ver: 1 }, 5),
       raw({ key: "nulpayload", ver: 1, payload: { n: 1, s: "a\u0000b" } }, 6),
       raw({ key: "g4", ver: 1 }, 7),
+      // The version's place is held by a placeholder, which must not carry the NUL along.
+      raw({ key: "nultype", ver: 1, type: "demo.item.changed.v1\u0000" }, 8),
+      raw({ key: "nulid", ver: 1, id: "id\u0000" }, 9),
     ])
     await waitFor(async () => (await effects(t.db)).length === 4, {
       timeoutMs: 10_000,
@@ -964,20 +967,22 @@ describe("keyed consumer", () => {
       .execute()
     assert.deepEqual(
       rejects.map((r) => Number(r.stream_seq)),
-      [2, 4, 6],
+      [2, 4, 6, 8, 9],
     )
     for (const r of rejects) assert.match(r.reason, /^Postgres refuses a value in it: /)
     assert.match(rejects[0]!.reason, /time zone: "not a time"/)
     // The group goes on; the refused version holds its key's place, dead with its reason.
-    await raw({ key: "g1", ver: 2 }, 8)
-    await raw({ key: "when", ver: 2 }, 9)
+    await raw({ key: "g1", ver: 2 }, 10)
+    await raw({ key: "when", ver: 2 }, 11)
     await waitFor(async () => (await effects(t.db)).length === 5, {
       timeoutMs: 10_000,
       message: "a later event handled",
     })
     const dead = await admin.listDead()
     assert.deepEqual(dead.map((d) => [d.key, d.ver]).sort(), [
+      ["nulid", 1],
       ["nulpayload", 1],
+      ["nultype", 1],
       ["when", 1],
     ])
     for (const d of dead) assert.match(d.lastError!, /^poison: refused at ingest: Postgres refuses/)

@@ -181,7 +181,7 @@ export async function completeTasks(
  * answer). Refused, the failure would not be recorded at all: no attempt counted, and the
  * task run again at every poll, for ever. Written as the escape JSON would use.
  */
-const storableText = (text: string) => text.replaceAll("\u0000", "\\u0000")
+export const storableText = (text: string) => text.replaceAll("\u0000", "\\u0000")
 
 export async function markFailed(
   db: Kysely<any>,
