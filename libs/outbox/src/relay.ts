@@ -199,6 +199,7 @@ export function createRelay(config: RelayConfig): Relay {
   let republishDue = true
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
+  let stopStatuses: (() => void) | undefined
   // The backlog gauges read on a connection of their own: on the session's connection a
   // scrape's count(*) would wait in line behind claims and marks, and hold them up in turn,
   // exactly when the backlog is large. Made on the first scrape, closed by stop().
@@ -475,9 +476,14 @@ export function createRelay(config: RelayConfig): Relay {
       if (fiber) return
       fiber = Effect.runFork(program)
       if (config.connection) {
-        const connection = config.connection
+        // nats.js hands out a queued iterator that stop() ends; without that, each start()
+        // after a stop() would add one more listener for the connection's lifetime.
+        const statuses = config.connection.status() as AsyncIterable<{ type: string }> & {
+          stop?: () => void
+        }
+        stopStatuses = () => statuses.stop?.()
         void (async () => {
-          for await (const s of connection.status()) {
+          for await (const s of statuses) {
             if (s.type === "reconnect") {
               republishDue = true
               wake.notify()
@@ -490,6 +496,8 @@ export function createRelay(config: RelayConfig): Relay {
       if (!fiber) return
       const running = fiber
       fiber = undefined
+      stopStatuses?.()
+      stopStatuses = undefined
       await Effect.runPromise(Fiber.interrupt(running))
       state.role = "stopped"
       // Taken before awaiting, so a start() meanwhile gets a pool of its own.
