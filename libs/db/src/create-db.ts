@@ -69,7 +69,8 @@ export function connectTimeoutMillis(connectionString: string): number {
     )
   }
   const seconds = Number(setting)
-  return seconds <= 0 ? 0 : Math.max(seconds, 2) * 1000
+  // Past 2^31 - 1 ms Node's timers fire at once: a bound that large means none.
+  return seconds <= 0 || seconds * 1000 > 2 ** 31 - 1 ? 0 : Math.max(seconds, 2) * 1000
 }
 
 /**

@@ -21,6 +21,11 @@ test("connect_timeout is read from the connection string as libpq reads it", () 
   assert.equal(connectTimeoutMillis(`${url}?connect_timeout=0`), 0, "0: no limit")
   assert.equal(connectTimeoutMillis(`${url}?connect_timeout=-3`), 0, "negative: no limit")
   assert.equal(connectTimeoutMillis(`${url}?connect_timeout=1`), 2000, "libpq's floor of 2 s")
+  assert.equal(
+    connectTimeoutMillis(`${url}?connect_timeout=3000000`),
+    0,
+    "past what a Node timer can wait: no limit, not a timer that fires at once",
+  )
   assert.equal(connectTimeoutMillis("/var/run/postgresql"), DEFAULT_CONNECT_TIMEOUT_MS)
   assert.throws(
     () => connectTimeoutMillis(`${url}?connect_timeout=5s`),

@@ -106,14 +106,15 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // so a worker draining it now writes nothing more).
   const resetAndRewind = (s: TaskSelector, states: string[]) =>
     db.transaction().execute(async (trx) => {
-      // The keys first, in one order: retention takes them FOR SHARE before it deletes any of
-      // their rows, so none can go between the check below and the rewind.
+      // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
+      // rows, so none can go between the check below and the rewind. In byte order, the order
+      // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs).
       await sql`
         select 1 from keyway.consumer_key k
          where k.grp = ${group} and (k.topic, k.key) in (
            select i.topic, i.key from keyway.inbox i
             where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)})
-         order by k.topic, k.key
+         order by k.topic collate "C", k.key collate "C"
          for update of k
       `.execute(trx)
       await refuseRewindOverPruned(trx, s, states)

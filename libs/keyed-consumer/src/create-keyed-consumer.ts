@@ -519,6 +519,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    * `events` by a placeholder that holds its version's place: a retry after a lost
    * connection stores the placeholder and does not reject the event twice.
    */
+  // By identity, not by type: an event that arrives with the placeholder's type name is
+  // still an event, and its refusal is recorded like any other's.
+  const placeholders = new WeakSet<IncomingEvent>()
   const storeEvents = async (
     events: IncomingEvent[],
     rejects: Reject[],
@@ -537,7 +540,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         woken.push(...(await ingestBatch(db, group, [e])))
       } catch (err) {
         if (!refusesData(err)) throw err
-        if (e.type === REFUSED_TYPE) {
+        if (placeholders.has(e)) {
           // The placeholder refused as well: the refused value is the key's own (a NUL in
           // it). No version of that key can be stored, and the rejects are all there is.
           events.splice(n--, 1)
@@ -551,7 +554,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // had come first. The placeholder replaces the event in `events`, and is tried next:
         // a retry after a lost connection stores it then, and records the reject once. It
         // carries none of the event's own text that may hold the refused value.
-        events[n--] = {
+        const placeholder: IncomingEvent = {
           ...e,
           eventId: storableText(e.eventId),
           type: REFUSED_TYPE,
@@ -559,6 +562,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           trace: null,
           createdAt: new Date().toISOString(),
         }
+        placeholders.add(placeholder)
+        events[n--] = placeholder
       }
     }
     return woken
@@ -578,7 +583,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // Acked only after the inbox commit: a crash before this point means redelivery,
         // and the inbox drops what it already has.
         for (const m of msgs) m.ack()
-        stats.ingested += events.length
+        stats.ingested += events.filter((e) => !placeholders.has(e)).length
         if (wakeOnIngest) for (const ref of woken) scheduler.wake(ref)
         return
       } catch (err) {

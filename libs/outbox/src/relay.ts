@@ -197,6 +197,8 @@ export function createRelay(config: RelayConfig): Relay {
   // Set on start (a new leader does not know what the previous one's server kept) and by
   // every NATS reconnect; consumed by the session loop before its next claim.
   let republishDue = true
+  /** When the NATS connection was lost, until the re-publish after it has run. */
+  let lostAt: Date | undefined
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
   let stopStatuses: (() => void) | undefined
@@ -375,8 +377,10 @@ export function createRelay(config: RelayConfig): Relay {
     for (;;) {
       if (republishDue && settings.republishWindowMs > 0) {
         republishDue = false
+        const lost = lostAt
+        lostAt = undefined
         const n = yield* query("re-publish recent rows", () =>
-          unmarkRecent(client, settings.republishWindowMs),
+          unmarkRecent(client, settings.republishWindowMs, lost),
         )
         if (n > 0) log.info("re-publishing recent rows", { rows: n })
       }
@@ -484,6 +488,7 @@ export function createRelay(config: RelayConfig): Relay {
         stopStatuses = () => statuses.stop?.()
         void (async () => {
           for await (const s of statuses) {
+            if (s.type === "disconnect") lostAt ??= new Date()
             if (s.type === "reconnect") {
               republishDue = true
               wake.notify()

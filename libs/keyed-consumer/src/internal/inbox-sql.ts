@@ -173,16 +173,16 @@ export async function completeTasks(
 }
 
 /**
- * Records a failed attempt. With `dead` the task is dead now (attempts exhausted or
- * poison); with `park` as well, the key moves past it. Returns false when fenced.
- */
-/**
  * Postgres text cannot hold NUL, and an error's message may echo binary data (a vendor's
  * answer). Refused, the failure would not be recorded at all: no attempt counted, and the
  * task run again at every poll, for ever. Written as the escape JSON would use.
  */
 export const storableText = (text: string) => text.replaceAll("\u0000", "\\u0000")
 
+/**
+ * Records a failed attempt. With `dead` the task is dead now (attempts exhausted or
+ * poison); with `park` as well, the key moves past it. Returns false when fenced.
+ */
 export async function markFailed(
   db: Kysely<any>,
   group: string,
@@ -362,9 +362,10 @@ export async function recordReject(
  * Only rows at or below their key's done_ver, which are never read again: a finished row
  * above it (skipped ahead of time, or left above a key that a retry rewound) is still to be
  * stepped over, and without it the key would stop there for good. The key rows are taken FOR
- * SHARE, so a retry or redrive, which locks them before it checks what it may rewind over,
- * cannot rewind a key below rows this statement is deleting; keys locked now (a drain, an
- * operator) are left for the next round. The state is checked again on the row deleted: a
+ * KEY SHARE, so a retry or redrive, which locks them FOR UPDATE before it checks what it may
+ * rewind over, cannot rewind a key below rows this statement is deleting; keys it holds are
+ * left for the next round. Workers' updates (claims, completions, leases) do not conflict
+ * with that lock, and only ever raise done_ver. The state is checked again on the row deleted: a
  * redrive may have made it pending after the subquery read it.
  */
 export async function pruneInbox(
@@ -385,8 +386,10 @@ export async function pruneInbox(
             and x.received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
             and x.state in ('done', 'skipped')
             and x.ver <= k.done_ver
+            -- Baselines may still lower done_ver, and take no lock that this one would see.
+            and k.baseline_stream_seq is null
           limit ${batchSize}
-          for share of k skip locked)
+          for key share of k skip locked)
          and i.state in ('done', 'skipped')
     `.execute(db)
     const n = Number(r.numAffectedRows ?? 0)

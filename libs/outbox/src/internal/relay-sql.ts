@@ -114,7 +114,8 @@ export async function vacuumOutbox(
   client.on("error", () => {})
   // The relay's stop() must not wait on a vacuum of a large outbox (or one queued behind an
   // autovacuum's lock): closing the connection fails the query here at once. The server
-  // finishes the vacuum it started, or stops at its next check, and keeps what it did.
+  // does not notice the closed socket until the vacuum ends, and finishes it: harmless work,
+  // under a lock that no reader or writer of the outbox waits for.
   const close = () => void client.end().catch(() => {})
   signal.addEventListener("abort", close, { once: true })
   try {
@@ -133,18 +134,25 @@ export async function vacuumOutbox(
  * restores those; the ones it kept are dropped as duplicates (same Nats-Msg-Id, within the
  * stream's duplicate_window, which is rebuilt from what the server kept). Returns how many.
  *
- * The window ends at the newest publish, not now: nothing is published while NATS is away, so
- * after an outage longer than the window a window ending now would hold none of the messages
- * the crash took. The price, when the newest publish is older than the stream's
- * duplicate_window (a relay restarted after a quiet spell), is copies the stream keeps twice;
- * consumers drop them by event id and version.
+ * The window ends when the connection was lost (`lostAt`), or, not knowing that (a relay
+ * starting), at the newest publish; never at now: nothing is published while NATS is away,
+ * so after an outage longer than the window a window ending now would hold none of the
+ * messages the crash took. Rows published before a loss long after them were on disk by
+ * then, and a window ending at the loss holds none of them. The price, when the newest
+ * publish is older than the stream's duplicate_window (a relay restarted after a quiet
+ * spell), is copies the stream keeps twice; consumers drop them by event id and version.
  */
-export async function unmarkRecent(client: pg.Client, windowMs: number): Promise<number> {
+export async function unmarkRecent(
+  client: pg.Client,
+  windowMs: number,
+  lostAt?: Date,
+): Promise<number> {
   const r = await client.query(
     `update keyway.outbox set published_at = null
-      where published_at > (select max(published_at) from keyway.outbox)
-                           - make_interval(secs => $1::double precision / 1000)`,
-    [windowMs],
+      where published_at > least($2::timestamptz, (select max(published_at) from keyway.outbox))
+                           - make_interval(secs => $1::double precision / 1000)
+        and published_at <= coalesce($2::timestamptz, 'infinity')`,
+    [windowMs, lostAt ?? null],
   )
   return r.rowCount ?? 0
 }
