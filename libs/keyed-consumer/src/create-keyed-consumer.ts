@@ -35,6 +35,7 @@ import {
   markFailed,
   markGap,
   nextTasks,
+  type ParkedTopics,
   pruneInbox,
   recordReject,
   renewLease,
@@ -357,6 +358,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       onDead: p.onDead ?? "block",
     }
   }
+  const parksByDefault = config.defaultPolicy?.onDead === "park"
+  const parks: ParkedTopics = {
+    byDefault: parksByDefault,
+    except: Object.keys(config.policies ?? {}).filter(
+      (topic) => (policyOf(topic).onDead === "park") !== parksByDefault,
+    ),
+  }
 
   const wakeLater = (ref: KeyRef, ms: number) => {
     // Once stopping, a timer would outlive stop(); the task's run_after is in the inbox, and
@@ -449,7 +457,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const completions = new Batcher<Pending, unknown>(completeBatch, KEYS_PER_BATCH, 2)
 
   const rechecks = new Batcher<KeyRef, boolean>(
-    async (refs) => fulfilled(await runnableKeysOf(db, group, refs)),
+    async (refs) => fulfilled(await runnableKeysOf(db, group, parks, refs)),
     KEYS_PER_BATCH,
   )
 
@@ -866,9 +874,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             await markGap(db, group, ref, epoch)
             break drain
           }
-          if (task.state === "dead") break drain // blocked until an operator acts
+          // Dead under `block`: the key waits until an operator acts.
+          if (task.state === "dead" && policyOf(ref.topic).onDead !== "park") break drain
           if (task.state !== "pending") {
-            // An operator skipped it ahead of time; consume it without running.
+            // Finished already and met again because an operator rewound the key (a retry or
+            // a redrive below it), or skipped ahead of time: consume it without running. A
+            // dead task of a `park` topic stays dead, as when it died.
             if (!(await advanceOver(ref, task, epoch))) break drain
             next++
             continue
@@ -950,14 +961,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         error: messageOf(err),
       })
     }
-    for (const ref of await runnableKeys(db, group, 1000)) scheduler.wake(ref)
+    for (const ref of await runnableKeys(db, group, parks, 1000)) scheduler.wake(ref)
   })
   let nextPruneAt = 0
   let prunedSinceVacuum = 0
   let vacuuming: Promise<void> | undefined
   let vacuumPid: number | undefined
   const recoverOnce = Effect.tryPromise(async () => {
-    const expired = await expireLeases(db, group)
+    const expired = await expireLeases(db, group, parks)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
     for (const ref of expired) scheduler.wake(ref)
     // Retention rides on the recovery loop: the inbox must not grow with history

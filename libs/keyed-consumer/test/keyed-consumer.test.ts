@@ -82,6 +82,24 @@ describe("keyed consumer", () => {
   }
 
   /**
+   * Stores a version of a key in the group's inbox as another worker's ingest would: this
+   * worker is not woken for it.
+   */
+  const ingestElsewhere = (
+    db: TestDatabase["db"],
+    group: string,
+    site: string,
+    key: string,
+    ver: number,
+  ) =>
+    sql`
+      select keyway.ingest(${group}, ${["demo.item"]}::text[], ${[key]}::text[],
+        ${[ver]}::bigint[], ${[`${site}:other`]}::text[], ${["demo.item.changed.v1"]}::text[],
+        ${[JSON.stringify({ n: ver })]}::jsonb[], ${[null]}::jsonb[],
+        ${[new Date().toISOString()]}::timestamptz[], ${[999]}::bigint[])
+    `.execute(db)
+
+  /**
    * Handlers whose v1 waits, while the key is held, until released; and polling and recovery
    * an hour away, so that only wake-ups and re-checks move the key.
    */
@@ -129,12 +147,7 @@ describe("keyed consumer", () => {
     await publishEvent(nc, stream.site, { key: "k", ver: 1, payload: { n: 1 } })
     await v1.running
     // v2 as another worker's ingest stores it: in the inbox, unknown to this worker.
-    await sql`
-      select keyway.ingest(${group}, ${["demo.item"]}::text[], ${["k"]}::text[],
-        ${[2]}::bigint[], ${[`${stream.site}:other`]}::text[], ${["demo.item.changed.v1"]}::text[],
-        ${[JSON.stringify({ n: 2 })]}::jsonb[], ${[null]}::jsonb[],
-        ${[new Date().toISOString()]}::timestamptz[], ${[999]}::bigint[])
-    `.execute(t.db)
+    await ingestElsewhere(t.db, group, stream.site, "k", 2)
     v1.release()
     await waitFor(async () => (await effects(t.db)).length === 2, {
       timeoutMs: 10_000,
@@ -586,6 +599,77 @@ describe("keyed consumer", () => {
     // An operator deleting the row by hand (retention never deletes dead rows) uncounts it.
     await sql`delete from keyway.inbox where state = 'dead'`.execute(t.db)
     assert.equal(metricValue((await metrics.render()).body, "consumer_dead_tasks"), 0)
+  })
+
+  test("policy park, after a retry of one dead version: the key walks past the others still dead", async () => {
+    const failing = new Set([2, 4])
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const { t, stream, group, admin } = await setup({
+      metrics,
+      // The policy comes from the default, with another topic listed as the exception: the
+      // walk and the polling loop must both read it that way.
+      defaultPolicy: { maxAttempts: 1, onDead: "park" },
+      policies: { "other.topic": { onDead: "block" } },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (failing.has(event.ver)) throw new Error(`v${event.ver} fails`)
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 6; ver++)
+      await publishEvent(nc, stream.site, { key: "p", ver, payload: { n: ver } })
+    const doneVer = async () =>
+      Number(
+        (
+          await sql<{ done_ver: number }>`
+            select done_ver from keyway.consumer_key where grp = ${group} and key = 'p'`.execute(
+            t.db,
+          )
+        ).rows[0]?.done_ver,
+      )
+    await waitFor(async () => (await doneVer()) === 6, { timeoutMs: 10_000, message: "v6" })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 3, 5, 6],
+    )
+    failing.delete(2)
+    assert.equal(await admin.retry({ topic: "demo.item", key: "p", fromVer: 2, toVer: 2 }), 1)
+    // The retry rewound the key to v1: v2 runs, then the walk passes v3, v4 (still dead) and
+    // v5, v6 without running them. Stopping at v4 would leave done_ver at 3 for good.
+    await waitFor(async () => (await doneVer()) === 6, {
+      timeoutMs: 10_000,
+      message: "the key back at v6 after the retry",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver).sort((a, b) => a - b),
+      [1, 2, 3, 5, 6],
+      "v2 ran once, nothing else ran again",
+    )
+    const dead = await admin.listDead()
+    assert.deepEqual(
+      dead.map((d) => [Number(d.ver), d.attempts, d.blocking]),
+      [[4, 1, false]],
+      "v4 still dead, with its one attempt, and blocking nothing",
+    )
+    assert.deepEqual(await admin.listBlocked(), [])
+    assert.equal(metricValue((await metrics.render()).body, "consumer_dead_tasks"), 1)
+
+    // A drain cut off right before the dead v4 (a crash, a lost lock) leaves the key standing
+    // there. The polling and recovery loops must take such a key up again. Made here by hand,
+    // then a v7 stored as another worker's ingest would: only a drain of the key runs it.
+    await sql`
+      update keyway.consumer_key set done_ver = 3, epoch = epoch + 1
+       where grp = ${group} and key = 'p'`.execute(t.db)
+    await ingestElsewhere(t.db, group, stream.site, "p", 7)
+    await waitFor(async () => (await doneVer()) === 7, {
+      timeoutMs: 10_000,
+      message: "the polling loop took the key up at the parked v4",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver).sort((a, b) => a - b),
+      [1, 2, 3, 5, 6, 7],
+    )
   })
 
   test("admin skip moves a blocked key past its dead task; redrive runs a range again in order", async () => {

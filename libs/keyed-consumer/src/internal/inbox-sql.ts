@@ -285,15 +285,32 @@ export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch
 }
 
 /**
+ * Which topics' dead tasks a drain steps over (policy `park`), in the form the SQL reads:
+ * the policy of topics without one of their own, and the topics whose policy differs from it.
+ * A key stands at a dead task of a `park` topic only after an operator rewound it below one
+ * (a partial retry or redrive); its drain walks on past it.
+ */
+export interface ParkedTopics {
+  byDefault: boolean
+  except: readonly string[]
+}
+
+/** The SQL condition "the task at `i` does not hold its key": not dead, or dead and parked. */
+const notHolding = (parks: ParkedTopics) =>
+  sql`(i.state <> 'dead' or (i.topic = any(${parks.except}::text[])) <> ${parks.byDefault})`
+
+/**
  * Keys that have a task ready to run: the polling loop's catch for lost wake-ups. "Ready" is
- * anything but dead whose retry time has come: a version an operator skipped, or one already
- * done above a key an operator rewound, still needs a drain to move the key past it. Leases
+ * anything that does not hold its key (see ParkedTopics) and whose retry time has come: a
+ * version an operator skipped, or one already done or parked above a key an operator
+ * rewound, still needs a drain to move the key past it. Leases
  * are not consulted: a key another worker is draining costs one refused Redis lock here,
  * while waiting for its lease would delay a lost wake-up by a lease length.
  */
 export async function runnableKeys(
   db: Kysely<any>,
   group: string,
+  parks: ParkedTopics,
   limit: number,
 ): Promise<KeyRef[]> {
   const r = await sql<KeyRef>`
@@ -303,7 +320,7 @@ export async function runnableKeys(
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
      where k.grp = ${group}
        and k.baseline_stream_seq is null
-       and i.state <> 'dead' and i.run_after <= now()
+       and ${notHolding(parks)} and i.run_after <= now()
      limit ${limit}
   `.execute(db)
   return r.rows
@@ -313,14 +330,18 @@ export async function runnableKeys(
  * The recovery loop's query: keys whose worker stopped renewing its lease (crashed, or
  * frozen) while a task is ready. Clears their leases and returns them to be drained.
  */
-export async function expireLeases(db: Kysely<any>, group: string): Promise<KeyRef[]> {
+export async function expireLeases(
+  db: Kysely<any>,
+  group: string,
+  parks: ParkedTopics,
+): Promise<KeyRef[]> {
   const r = await sql<KeyRef>`
     update keyway.consumer_key k
        set owner = null, lease_until = null
      where k.grp = ${group} and k.lease_until < now()
        and exists (select 1 from keyway.inbox i
                     where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                      and i.ver = k.done_ver + 1 and i.state <> 'dead'
+                      and i.ver = k.done_ver + 1 and ${notHolding(parks)}
                       and i.run_after <= now())
     returning k.topic, k.key
   `.execute(db)
@@ -331,11 +352,13 @@ export async function expireLeases(db: Kysely<any>, group: string): Promise<KeyR
 export async function runnableKeysOf(
   db: Kysely<any>,
   group: string,
+  parks: ParkedTopics,
   refs: readonly KeyRef[],
 ): Promise<boolean[]> {
   const r = await sql<{ n: number }>`
     select n from keyway.runnable_keys_of(${group}, ${refs.map((k) => k.topic)}::text[],
-                                          ${refs.map((k) => k.key)}::text[]) as n
+                                          ${refs.map((k) => k.key)}::text[],
+                                          ${parks.byDefault}, ${parks.except}::text[]) as n
   `.execute(db)
   const ok = refs.map(() => false)
   for (const row of r.rows) ok[row.n - 1] = true
