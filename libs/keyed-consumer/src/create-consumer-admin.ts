@@ -1,4 +1,4 @@
-import { type Kysely, sql } from "kysely"
+import { type Kysely, type RawBuilder, sql } from "kysely"
 import { type GroupSummary, groupSummary } from "./internal/inbox-sql.ts"
 
 export type { GroupSummary }
@@ -78,11 +78,11 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // Retry and redrive rewind a key to the lowest version they touch; the drain then walks
   // forward over every version up to where the key stood. If retention already deleted one
   // of those, the key would stop at it for good, so such a rewind is refused up front.
-  const refuseRewindOverPruned = async (trx: Kysely<any>, s: TaskSelector, states: string[]) => {
+  const refuseRewindOverPruned = async (trx: Kysely<any>, rows: RawBuilder<unknown>) => {
     const r = await sql<{ topic: string; key: string; ver: number; done_ver: number }>`
       with lowest as (
         select i.topic, i.key, min(i.ver) as ver from keyway.inbox i
-         where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+         where ${rows}
          group by i.topic, i.key
       )
       select l.topic, l.key, l.ver, k.done_ver
@@ -109,21 +109,30 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
       // rows, so none can go between the check below and the rewind. In byte order, the order
       // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs).
-      await sql`
-        select 1 from keyway.consumer_key k
+      const locked = await sql<{ topic: string; key: string }>`
+        select k.topic, k.key from keyway.consumer_key k
          where k.grp = ${group} and (k.topic, k.key) in (
            select i.topic, i.key from keyway.inbox i
             where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)})
          order by k.topic collate "C", k.key collate "C"
          for update of k
       `.execute(trx)
-      await refuseRewindOverPruned(trx, s, states)
+      if (locked.rows.length === 0) return 0
+      // Each statement below reads afresh, and a key can gain a matching task meanwhile (one
+      // that dies now). Only the keys locked above are touched: another would be rewound
+      // without the lock that keeps retention off it. It is left for the next action.
+      const rows = sql`
+        i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+        and (i.topic, i.key) in (
+          select * from unnest(${locked.rows.map((k) => k.topic)}::text[],
+                               ${locked.rows.map((k) => k.key)}::text[]))`
+      await refuseRewindOverPruned(trx, rows)
       const r = await sql<{ n: number }>`
       with reset as (
         update keyway.inbox i
            set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
                done_at = null
-         where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+         where ${rows}
            and i.type <> 'keyway.skipped'
         returning i.topic, i.key, i.ver
       ),
@@ -184,7 +193,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     },
     // A parked task (the key already moved past it) is rewound to, so order still holds:
     // the retried version runs, then the key walks forward over the versions it had already
-    // finished (they do not run again; redrive is for that).
+    // finished (they do not run again; redrive is for that) and over those still parked.
     retry: (s) => resetAndRewind(s, ["dead"]),
     async skip(s) {
       const r = await sql`
