@@ -187,10 +187,9 @@ export function createRelay(config: RelayConfig): Relay {
   const log = config.logger ?? quietLogger
   const state: Omit<RelayStatus, "heldKeys"> = { role: "stopped", published: 0, duplicates: 0 }
   // Keys with an event NATS refuses for good, by `topic \u001f key`: left out of claims
-  // until heldRetryAt, then tried again (the limit may have been raised meanwhile). Their
+  // until their retryAt, then tried again (the limit may have been raised meanwhile). Their
   // rows stay in the outbox, and KeywayOutboxStuck fires on the oldest of them.
-  const held = new Map<string, { topic: string; key: string }>()
-  let heldRetryAt = 0
+  const held = new Map<string, { topic: string; key: string; retryAt: number }>()
   const wake = new WakeSignal()
   let fiber: Fiber.Fiber<never, never> | undefined
   let vacuumedAt = 0
@@ -314,8 +313,11 @@ export function createRelay(config: RelayConfig): Relay {
       for (const { row, reason } of result.refused) {
         const id = `${row.topic}\u001f${row.key}`
         if (held.has(id)) continue
-        if (held.size === 0) heldRetryAt = Date.now() + settings.heldRetryMs
-        held.set(id, { topic: row.topic, key: row.key })
+        held.set(id, {
+          topic: row.topic,
+          key: row.key,
+          retryAt: Date.now() + settings.heldRetryMs,
+        })
         // An error, not a warning: nothing of this key moves until someone raises the limit
         // (or deletes the row and skips its version in the consumer groups).
         log.error("NATS refuses an event for good; its key is held, the others go on", {
@@ -324,7 +326,7 @@ export function createRelay(config: RelayConfig): Relay {
           key: row.key,
           ver: row.ver,
           reason,
-          retryInMs: heldRetryAt - Date.now(),
+          retryInMs: settings.heldRetryMs,
         })
       }
       if (result.error !== undefined) {
@@ -384,12 +386,19 @@ export function createRelay(config: RelayConfig): Relay {
         )
         if (n > 0) log.info("re-publishing recent rows", { rows: n })
       }
-      if (held.size > 0 && Date.now() >= heldRetryAt) {
-        log.info("trying held keys again", { keys: held.size })
-        held.clear()
+      // Each key for its own time: one held an hour after another is not tried again early.
+      const now = Date.now()
+      for (const [id, h] of held) {
+        if (now < h.retryAt) continue
+        held.delete(id)
+        log.info("trying a held key again", { topic: h.topic, key: h.key })
       }
       const rows = yield* query("claim", () =>
-        claimBatch(client, settings.batchSize, [...held.values()]),
+        claimBatch(
+          client,
+          settings.batchSize,
+          [...held.values()].map(({ topic, key }) => ({ topic, key })),
+        ),
       )
       if (rows.length > 0) {
         if (listening !== false) {

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue, type Relay } from "@keyway/outbox"
@@ -372,6 +373,50 @@ describe("relay", () => {
     await relay.start()
     await untilPublished("the held key published", 10_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 52)
+  })
+
+  test("each held key is tried again heldRetryMs after its own refusal", async () => {
+    await fresh()
+    const jsm = await jetstreamManager(nc)
+    const info = await jsm.streams.info(stream)
+    await jsm.streams.update(stream, { ...info.config, max_msg_size: 600 })
+    const { lines, logger } = recordingLogger()
+    const refusalsOf = (key: string) =>
+      lines.filter((l) => l.level === "error" && l.fields?.key === key).length
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      logger,
+      pollIntervalMs: 100,
+      heldRetryMs: 3000,
+    })
+    await relay.start()
+    await t.db.transaction().execute((trx) => enqueue(trx, bigItem("first", 1)))
+    await waitFor(async () => refusalsOf("first") === 1, {
+      timeoutMs: 10_000,
+      message: "first held",
+    })
+    // Held 1.5 s later than the first, so due 1.5 s after it: far more than a turn of the
+    // relay's loop (100 ms here) apart.
+    await sleep(1500)
+    await t.db.transaction().execute((trx) => enqueue(trx, bigItem("second", 1)))
+    await waitFor(async () => refusalsOf("second") === 1, {
+      timeoutMs: 10_000,
+      message: "second held",
+    })
+    await waitFor(async () => refusalsOf("first") === 2, {
+      timeoutMs: 10_000,
+      message: "first tried again",
+    })
+    assert.equal(refusalsOf("second"), 1, "the second key is not due yet")
+    await waitFor(async () => refusalsOf("second") === 2, {
+      timeoutMs: 10_000,
+      message: "second tried again, at its own time",
+    })
+    assert.equal(relay.status().heldKeys, 2)
+    await relay.stop()
+    await jsm.streams.update(stream, { ...info.config, max_msg_size: -1 })
   })
 
   test("an event over the server's max_payload holds its key only", async () => {
