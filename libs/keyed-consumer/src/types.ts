@@ -73,7 +73,8 @@ export interface TopicPolicy {
   maxBackoffMs?: number
   /**
    * `block` (default): the key stops at the dead event until an operator retries or skips it.
-   * `park`: the key moves on; the dead event stays listed.
+   * `park`: the key moves on; the dead event stays listed. It is never in the way again: a
+   * retry of an earlier version rewinds the key, and the drain passes it still dead.
    */
   onDead?: DeadPolicy
 }

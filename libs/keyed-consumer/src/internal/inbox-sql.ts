@@ -303,9 +303,9 @@ const notHolding = (parks: ParkedTopics) =>
  * Keys that have a task ready to run: the polling loop's catch for lost wake-ups. "Ready" is
  * anything that does not hold its key (see ParkedTopics) and whose retry time has come: a
  * version an operator skipped, or one already done or parked above a key an operator
- * rewound, still needs a drain to move the key past it. Leases
- * are not consulted: a key another worker is draining costs one refused Redis lock here,
- * while waiting for its lease would delay a lost wake-up by a lease length.
+ * rewound, still needs a drain to move the key past it. Leases are not consulted: a key
+ * another worker is draining costs one refused Redis lock here, while waiting for its lease
+ * would delay a lost wake-up by a lease length.
  */
 export async function runnableKeys(
   db: Kysely<any>,
