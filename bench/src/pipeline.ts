@@ -218,24 +218,35 @@ async function throughput(
   }
 }
 
-/** Commit-to-handler latency at a steady LATENCY_RATE, one event per transaction. */
-async function latency(db: Kysely<any>, write: Write) {
+/**
+ * Commit-to-handler latency at a steady LATENCY_RATE, one event per transaction, and the CPU
+ * it took: how close to its capacity the machine ran, which is what the tail follows.
+ */
+async function latency(db: Kysely<any>, write: Write, labels: () => Promise<Map<number, string>>) {
   await sql`truncate effect`.execute(db)
   const committed = new Map<string, number>()
   const total = Math.round((LATENCY_RATE * LATENCY_MS) / 1000)
   const perWriter = total / WRITERS
+  const cpu = new CpuByLabel(labels)
+  await cpu.start()
   const start = now()
-  await Promise.all(
-    Array.from({ length: WRITERS }, async (_, w) => {
-      for (let i = 0; i < perWriter; i++) {
-        const due = start + (i * WRITERS * 1000) / LATENCY_RATE + (w * 1000) / LATENCY_RATE
-        if (due > now()) await sleep(due - now())
-        const id = await write(randomKey(), i)
-        committed.set(id, now())
-      }
-    }),
-  )
-  await waitForEffects(db, total, 120_000)
+  try {
+    await Promise.all(
+      Array.from({ length: WRITERS }, async (_, w) => {
+        for (let i = 0; i < perWriter; i++) {
+          const due = start + (i * WRITERS * 1000) / LATENCY_RATE + (w * 1000) / LATENCY_RATE
+          if (due > now()) await sleep(due - now())
+          const id = await write(randomKey(), i)
+          committed.set(id, now())
+        }
+      }),
+    )
+    await waitForEffects(db, total, 120_000)
+  } finally {
+    await cpu.stop().catch(() => {})
+  }
+  const elapsedMs = now() - start
+  const { byLabel, machineMs } = await cpu.stop()
   const rows = await sql<{ event_id: string; handled_at: number }>`
     select event_id, handled_at from effect
   `.execute(db)
@@ -254,6 +265,10 @@ async function latency(db: Kysely<any>, write: Write) {
     p50: percentile(steady, 50),
     p99: percentile(steady, 99),
     samples: steady.length,
+    // Of both cores, from the first commit until the last effect exists.
+    machineBusy: machineMs / (2 * elapsedMs),
+    cpuMsPerEvent: machineMs / total,
+    cpuMsPerEventBy: new Map([...byLabel].map(([label, ms]) => [label, ms / total])),
     stages: await stages(db, committed),
   }
 }
@@ -422,7 +437,7 @@ export async function run() {
     let workers = await startWorkers({ ...env, KIND: "keyway" })
     const kThroughput = await throughput(db, keywayBatch, processLabels(db, relay, workers))
     const stepsBefore = await drainSteps(workers)
-    const kLatency = await latency(db, keywayWrite)
+    const kLatency = await latency(db, keywayWrite, processLabels(db, relay, workers))
     const stepsAfter = await drainSteps(workers)
     await stopWorkers(workers)
     const skipped = {
@@ -434,11 +449,19 @@ export async function run() {
       cpuMsPerEventBy: new Map<string, number>(),
     }
     let gThroughput = skipped
-    let gLatency = { events: 0, p50: Number.NaN, p99: Number.NaN, samples: 0 }
+    let gLatency = {
+      events: 0,
+      p50: Number.NaN,
+      p99: Number.NaN,
+      samples: 0,
+      machineBusy: Number.NaN,
+      cpuMsPerEvent: Number.NaN,
+      cpuMsPerEventBy: new Map<string, number>(),
+    }
     if (ONLY !== "keyway") {
       workers = await startWorkers({ ...env, KIND: "graphile" })
       gThroughput = await throughput(db, graphileBatch, processLabels(db, relay, workers))
-      gLatency = await latency(db, graphileWrite)
+      gLatency = await latency(db, graphileWrite, processLabels(db, relay, workers))
       await stopWorkers(workers)
     }
 
@@ -476,6 +499,12 @@ export async function run() {
         result.keyway_p99_ms,
         result.graphile_p99_ms,
         `${kLatency.samples} / ${gLatency.samples} samples`,
+      ],
+      [
+        `machine busy at ${LATENCY_RATE} events/s, %`,
+        round(100 * kLatency.machineBusy),
+        round(100 * gLatency.machineBusy),
+        "both cores, every process, latency run",
       ],
       [
         "Postgres commits per event",
@@ -544,30 +573,46 @@ export async function run() {
         ]
       }),
     ])
-    // Where the throughput run's CPU went, by process: with every part on the same two cores,
-    // events/s is about the CPU there is over the CPU each event costs.
-    const cpuRow = (label: string, k: number, g: number) => [
+    // Where the CPU went, by process: with every part on the same two cores, events/s is about
+    // the CPU there is over the CPU each event costs. At the latency run's steady rate batches
+    // are smaller than in the throughput run, so each event costs more; the last column shows
+    // how much of the machine that left (the tail grows as it nears none).
+    const cpuRow = (label: string, k: number, g: number, kAtRate: number) => [
       label,
       round(k, 3),
       round(g, 3),
       `${Math.round((100 * k) / kThroughput.cpuMsPerEvent)}%`,
+      round(kAtRate, 3),
     ]
     const labelled = (by: Map<string, number>) => [...by.values()].reduce((a, b) => a + b, 0)
     printTable([
-      ["CPU ms per event, throughput run", "keyway", "graphile-worker", "share of keyway's"],
+      [
+        "CPU ms per event, throughput run",
+        "keyway",
+        "graphile-worker",
+        "share of keyway's",
+        `keyway at ${LATENCY_RATE}/s`,
+      ],
       ...CPU_LABELS.map((label) =>
         cpuRow(
           label,
           kThroughput.cpuMsPerEventBy.get(label) ?? 0,
           gThroughput.cpuMsPerEventBy.get(label) ?? Number.NaN,
+          kLatency.cpuMsPerEventBy.get(label) ?? 0,
         ),
       ),
       cpuRow(
         "everything else (kernel threads, …)",
         kThroughput.cpuMsPerEvent - labelled(kThroughput.cpuMsPerEventBy),
         gThroughput.cpuMsPerEvent - labelled(gThroughput.cpuMsPerEventBy),
+        kLatency.cpuMsPerEvent - labelled(kLatency.cpuMsPerEventBy),
       ),
-      cpuRow("the whole machine", kThroughput.cpuMsPerEvent, gThroughput.cpuMsPerEvent),
+      cpuRow(
+        "the whole machine",
+        kThroughput.cpuMsPerEvent,
+        gThroughput.cpuMsPerEvent,
+        kLatency.cpuMsPerEvent,
+      ),
     ])
     console.log(JSON.stringify(result))
   } finally {
