@@ -352,9 +352,12 @@ export function createRelay(config: RelayConfig): Relay {
     state.role = "active"
     // Leadership ends with this scope (the lock goes with the connection): from then on the
     // backlog is not this relay's to report, even while stop() still waits for a vacuum.
+    // Nor are the held keys: on standby nothing would expire them, and the relay that leads
+    // next, this one included, learns again which events NATS refuses.
     yield* Effect.addFinalizer(() =>
       Effect.sync(() => {
         state.role = "connecting"
+        held.clear()
       }),
     )
     log.info("relay active", { site: config.site })

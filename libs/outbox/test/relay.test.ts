@@ -3,7 +3,7 @@ import { after, before, describe, test } from "node:test"
 import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
 import { connectNats } from "@keyway/nats"
-import { createRelay, enqueue, type Relay } from "@keyway/outbox"
+import { createRelay, enqueue, type Relay, type RelayConfig } from "@keyway/outbox"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTcpProxy,
@@ -685,7 +685,11 @@ describe("relay", () => {
     }
   })
   /** A relay that reaches the test's database through `proxy`; writers and checks go direct. */
-  const relayThrough = (proxy: { host: string; port: number }, params = {}) => {
+  const relayThrough = (
+    proxy: { host: string; port: number },
+    params = {},
+    options: Partial<RelayConfig> = {},
+  ) => {
     const url = new URL(t.url)
     url.host = `${proxy.host}:${proxy.port}`
     for (const [name, value] of Object.entries(params)) url.searchParams.set(name, String(value))
@@ -695,8 +699,42 @@ describe("relay", () => {
       site,
       pollIntervalMs: 100,
       retryDelayMs: 100,
+      ...options,
     })
   }
+  test("a relay that loses leadership reports no held keys: they are not its to hold", async () => {
+    await fresh()
+    const jsm = await jetstreamManager(nc)
+    const info = await jsm.streams.info(stream)
+    await jsm.streams.update(stream, { ...info.config, max_msg_size: 600 })
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    try {
+      const metrics = createMetricsRegistry({ defaultMetrics: false })
+      relay = relayThrough(proxy, {}, { metrics, heldRetryMs: 60_000 })
+      await relay.start()
+      await t.db.transaction().execute((trx) => enqueue(trx, bigItem("big", 1)))
+      await waitFor(() => relay!.status().heldKeys === 1, { timeoutMs: 10_000, message: "held" })
+      proxy.cut()
+      await waitFor(() => relay!.status().role === "connecting", {
+        timeoutMs: 5000,
+        message: "the relay saw its connection go",
+      })
+      assert.equal(relay.status().heldKeys, 0)
+      assert.equal(metricValue((await metrics.render()).body, "outbox_held_keys"), 0)
+      // Back in the lead, it finds the refused event again and holds its key anew.
+      proxy.restore()
+      await waitFor(() => relay!.status().heldKeys === 1, {
+        timeoutMs: 10_000,
+        message: "held again once active",
+      })
+      assert.equal(await unpublishedCount(t.db), 1)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await proxy.close()
+      await jsm.streams.update(stream, { ...info.config, max_msg_size: -1 })
+    }
+  })
   test("Postgres out of reach for a while: the relay reconnects and publishes the rest, once", async () => {
     await fresh()
     // The relay reaches Postgres through a proxy the test cuts: its connection drops, with
