@@ -1,7 +1,7 @@
 // The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
 // label finish its task in hand, then exits 0. Prints one JSON line per event of note.
 import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
-import { createDb } from "@keyway/db"
+import { assertMigrated, createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
 import { createMetricsRegistry, serveMetrics, startTelemetry } from "@keyway/telemetry"
@@ -49,6 +49,8 @@ const db = createDb({
   max: Math.min(32, config.concurrency + 4),
   applicationName: "keyway-esl-worker",
 })
+// Ready means reachable and migrated: a schema behind the code waits like a server away.
+await untilReady("Postgres", () => assertMigrated(db))
 // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
 const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1, enableAutoPipelining: true })
 redis.on("error", (err) => logger.warn("redis error", { error: err.message }))

@@ -6,7 +6,7 @@
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { AddressInfo } from "node:net"
 import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
-import { createDb } from "@keyway/db"
+import { assertMigrated, createDb } from "@keyway/db"
 import { EnqueueError } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createMetricsRegistry, metricsHandler, startTelemetry } from "@keyway/telemetry"
@@ -48,7 +48,14 @@ const log =
     console.log(JSON.stringify({ level, message, ...fields }))
 // Before anything that may wait for a server: a stop during startup ends the process.
 const signals = handleStopSignals({ name: "esl-writer", log: log("info"), stop: shutdown })
-await retryUntilReady(() => migrateEslSchema(db), { what: "Postgres", log: log("warn") })
+// Ready means reachable and migrated: a schema behind the code waits like a server away.
+await retryUntilReady(
+  async () => {
+    await assertMigrated(db)
+    await migrateEslSchema(db)
+  },
+  { what: "Postgres", log: log("warn") },
+)
 const serveMetrics = metricsHandler(metrics)
 
 // A job for every label of a large store is about 100 bytes a label: 4 MiB is 40,000 labels.

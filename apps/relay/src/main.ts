@@ -1,6 +1,7 @@
 // The relay process: one per outbox database; start several and one is active while the
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
 import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { assertMigrated, createDb } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
 import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
@@ -29,6 +30,14 @@ const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
 // Read before connecting: a bad file is reported at once, with NATS up or not.
 const streams = config.streamsFile ? await loadStreamDefinitions(config.streamsFile) : []
+// Ready means reachable and migrated: a schema behind the code waits like a server away. The
+// relay's sessions are pg connections of its own; the check needs a Kysely for a moment.
+const schemaCheck = createDb({
+  connectionString: config.databaseUrl,
+  max: 1,
+  applicationName: "keyway-relay",
+})
+await untilReady("Postgres", () => assertMigrated(schemaCheck)).finally(() => schemaCheck.destroy())
 const nc = await untilReady("NATS", () =>
   connectNats({
     servers: config.natsServers,

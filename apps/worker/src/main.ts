@@ -2,7 +2,7 @@
 // site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
 // the event in hand, then exits 0.
 import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
-import { createDb } from "@keyway/db"
+import { assertMigrated, createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
 import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
@@ -35,7 +35,11 @@ const db = createDb({
   max: config.concurrency + 4,
   applicationName: `keyway-worker:${config.site}`,
 })
-await untilReady("Postgres", () => ensureDemoEffectTable(db))
+// Ready means reachable and migrated: a schema behind the code waits like a server away.
+await untilReady("Postgres", async () => {
+  await assertMigrated(db)
+  await ensureDemoEffectTable(db)
+})
 // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
 const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
 // ioredis reconnects by itself; without a listener an outage would print a stack per retry.

@@ -2,8 +2,10 @@
 // and leave its return to a supervisor that gives up after a few restarts.
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
+import { readdir } from "node:fs/promises"
 import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
+import { migrationsDir } from "@keyway/db"
 import { connectNats } from "@keyway/nats"
 import {
   createTcpProxy,
@@ -14,6 +16,7 @@ import {
 } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
+import { sql } from "kysely"
 
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 const NATS_URL = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
@@ -111,4 +114,58 @@ test("SIGTERM while a worker waits to start ends it at once with exit 0", async 
   worker.kill("SIGTERM")
   assert.equal((await worker.exited()).code, 0)
   assert.ok(worker.json().some((l) => l.message === "worker stopped while starting"))
+})
+
+test("a worker on a database that lacks a migration waits, naming it, and starts once it is applied", async () => {
+  await using db = await createTestDatabase()
+  const newest = (await readdir(migrationsDir))
+    .filter((f) => f.endsWith(".sql"))
+    .sort()
+    .at(-1)!
+  const name = newest.replace(/\.sql$/, "")
+  // As if the code were deployed before `just migrate`: the bookkeeping says not applied.
+  const applied = await sql<{ timestamp: string }>`
+    delete from public.kysely_migration where name = ${name} returning timestamp`.execute(db.db)
+  const stream = `T${randomBytes(4).toString("hex").toUpperCase()}`
+  const group = `g${randomBytes(4).toString("hex")}`
+  const jsm = await jetstreamManager(nc)
+  await jsm.streams.add({ name: stream, subjects: [`${stream.toLowerCase()}.>`] })
+  const worker = spawnTs(main, {
+    KEYWAY_SITE: "cloud",
+    KEYWAY_STREAM: stream,
+    KEYWAY_GROUP: group,
+    KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
+    DATABASE_URL: db.url,
+    NATS_URL,
+    REDIS_URL,
+  })
+  const printed = () => `it printed ${worker.lines.join("\n")}`
+  const schemaWaits = () =>
+    worker
+      .json()
+      .filter(
+        (l) =>
+          l.message === "waiting for Postgres" &&
+          String(l.error).includes(name) &&
+          String(l.error).includes("just migrate"),
+      ).length
+  try {
+    await waitFor(() => schemaWaits() >= 2, {
+      timeoutMs: 30_000,
+      message: () => `two waits naming ${name}; ${printed()}`,
+    })
+    assert.equal(worker.exitCode, null, "still running while the schema is behind")
+    assert.ok(!worker.json().some((l) => l.message === "worker started"))
+    await sql`insert into public.kysely_migration (name, timestamp)
+              values (${name}, ${applied.rows[0]!.timestamp})`.execute(db.db)
+    await waitFor(() => worker.json().some((l) => l.message === "worker started"), {
+      timeoutMs: 30_000,
+      message: () => `the worker started; ${printed()}`,
+    })
+  } finally {
+    worker.kill("SIGTERM")
+    await worker.exited()
+    await jsm.streams.delete(stream).catch(() => {})
+  }
+  assert.equal(worker.exitCode, 0, printed())
 })

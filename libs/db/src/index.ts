@@ -8,6 +8,13 @@ export {
   pgTypes,
 } from "./create-db.ts"
 export { ensureDatabase } from "./ensure-database.ts"
-export { type MigrateOptions, migrateToLatest, migrationsDir } from "./migrate.ts"
+export {
+  assertMigrated,
+  type MigrateOptions,
+  MigrationError,
+  migrateToLatest,
+  migrationsDir,
+  pendingMigrations,
+} from "./migrate.ts"
 export { PreparingClient } from "./preparing-client.ts"
 export { runPipelinedTransaction } from "./run-pipelined-transaction.ts"

@@ -36,17 +36,19 @@ export class MigrationError extends Error {
   override name = "MigrationError"
 }
 
+const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
+  new Migrator({
+    db,
+    provider: new SqlFileMigrationProvider(options.dir ?? migrationsDir),
+    migrationTableSchema: "public",
+  })
+
 /** Applies every migration not yet applied, each in its own transaction. */
 export async function migrateToLatest(
   db: Kysely<any>,
   options: MigrateOptions = {},
 ): Promise<string[]> {
-  const migrator = new Migrator({
-    db,
-    provider: new SqlFileMigrationProvider(options.dir ?? migrationsDir),
-    migrationTableSchema: "public",
-  })
-  const { error, results } = await migrator.migrateToLatest()
+  const { error, results } = await migratorFor(db, options).migrateToLatest()
   const failed = results?.find((r) => r.status === "Error")
   if (error) {
     throw new MigrationError(
@@ -55,4 +57,31 @@ export async function migrateToLatest(
     )
   }
   return (results ?? []).filter((r) => r.status === "Success").map((r) => r.migrationName)
+}
+
+/** The migrations of `sql/` (or `options.dir`) that the database has not applied, in order. */
+export async function pendingMigrations(
+  db: Kysely<any>,
+  options: MigrateOptions = {},
+): Promise<string[]> {
+  // Reads the bookkeeping table only if it exists: asking must not create it.
+  const migrations = await migratorFor(db, options).getMigrations()
+  return migrations.filter((m) => m.executedAt === undefined).map((m) => m.name)
+}
+
+/**
+ * Throws a MigrationError naming what is missing unless the database has every migration this
+ * code ships with. The processes check at start: code newer than its schema would call SQL
+ * functions that are not there, or, worse, older versions of them that do something else
+ * (a consumer on a schema without 0010 would mark a parked task done and lose it from the
+ * dead-letter list). A schema newer than the code is fine: migrations keep what running code
+ * calls until every process has moved on.
+ */
+export async function assertMigrated(db: Kysely<any>, options: MigrateOptions = {}): Promise<void> {
+  const pending = await pendingMigrations(db, options)
+  if (pending.length > 0) {
+    throw new MigrationError(
+      `the database lacks ${pending.length} migration(s) this code needs (${pending.join(", ")}): apply them with \`just migrate\` (DATABASE_URL naming this database)`,
+    )
+  }
 }
