@@ -75,6 +75,9 @@ export interface TopicPolicy {
    * `block` (default): the key stops at the dead event until an operator retries or skips it.
    * `park`: the key moves on; the dead event stays listed. It is never in the way again: a
    * retry of an earlier version rewinds the key, and the drain passes it still dead.
+   * A dead task does not record the policy it died under: changing a topic from `block` to
+   * `park` (in any one worker of the group) lets the keys already stopped at its dead tasks
+   * move on, with those tasks left dead and listed, as if they had died parked.
    */
   onDead?: DeadPolicy
 }
