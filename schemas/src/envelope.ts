@@ -20,14 +20,25 @@ export interface EventEnvelope {
   createdAt: string
 }
 
+/**
+ * The longest key an event may have, in UTF-16 units; also the bound on the envelope's other
+ * names. The outbox refuses longer keys from writers; consumers refuse longer names from
+ * whatever else publishes to a stream. The inbox indexes them, and a btree entry over its
+ * limit (about 2.7 kB) fails the statement that stores it: the whole ingest batch, retried
+ * for ever, and the group's messages behind it.
+ */
+export const MAX_KEY_LENGTH = 256
+
+const Name = Schema.String.pipe(Schema.check(Schema.isMaxLength(MAX_KEY_LENGTH)))
+
 const Envelope = Schema.Struct({
-  id: Schema.String,
-  site: Schema.String,
+  id: Name,
+  site: Name,
   seq: Schema.Number,
-  topic: Schema.String,
-  key: Schema.String,
+  topic: Name,
+  key: Name,
   ver: Schema.Number.pipe(Schema.check(Schema.isInt(), Schema.isGreaterThanOrEqualTo(1))),
-  type: Schema.String,
+  type: Name,
   payload: Schema.Unknown,
   createdAt: Schema.String,
 })

@@ -1,6 +1,12 @@
 export { defineEvent, type EventType, InvalidEventError } from "./define-event.ts"
 export { DemoCommandSent, DemoItemChanged } from "./demo.ts"
-export { decodeEnvelope, EnvelopeError, type EventEnvelope, encodeEnvelope } from "./envelope.ts"
+export {
+  decodeEnvelope,
+  EnvelopeError,
+  type EventEnvelope,
+  encodeEnvelope,
+  MAX_KEY_LENGTH,
+} from "./envelope.ts"
 export {
   canonicalLabelCode,
   EslLabelRender,

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
 import { after, before, describe, test } from "node:test"
 import { createDb } from "@keyway/db"
 import {
@@ -1076,6 +1077,51 @@ describe("keyed consumer", () => {
       ["g1", "g1", "g2", "g3", "g4"],
       "when@2 waits behind its dead version 1 (policy block)",
     )
+  })
+  test("names longer than an envelope allows are rejected, saying which; the rest goes in", async () => {
+    const { t, stream } = await setup()
+    const js = jetstream(nc)
+    const raw = (e: Partial<EventEnvelope> & { key: string }, seq: number) => {
+      const envelope: EventEnvelope = {
+        id: `${stream.site}:${seq}`,
+        site: stream.site,
+        seq,
+        topic: "demo.item",
+        ver: 1,
+        type: "demo.item.changed.v1",
+        payload: { n: 1 },
+        createdAt: new Date().toISOString(),
+        ...e,
+      }
+      return js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
+        msgID: `m${seq}`,
+      })
+    }
+    // Random, so that Postgres cannot compress them under btree's limit on an index entry:
+    // stored, the long key failed its whole batch, retried for ever, and everything behind it.
+    const long = randomBytes(5000).toString("hex")
+    await Promise.all([
+      raw({ key: "g1" }, 1),
+      raw({ key: long }, 2),
+      raw({ key: "g2" }, 3),
+      raw({ key: "longid", id: long }, 4),
+      raw({ key: "g3" }, 5),
+    ])
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "the good events handled",
+    })
+    const rejects = await t.db
+      .selectFrom("keyway.inbox_reject")
+      .select(["stream_seq", "reason"])
+      .orderBy("stream_seq")
+      .execute()
+    assert.deepEqual(
+      rejects.map((r) => Number(r.stream_seq)),
+      [2, 4],
+    )
+    assert.match(rejects[0]!.reason, /at most 256[\s\S]*\["key"\]/)
+    assert.match(rejects[1]!.reason, /at most 256[\s\S]*\["id"\]/)
   })
   test("the group's durable deleted under it is created again; every effect once, in order", async () => {
     const { t, stream, group } = await setup()

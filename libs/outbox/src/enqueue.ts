@@ -1,4 +1,4 @@
-import { type EventType, findEventType } from "@keyway/schemas"
+import { type EventType, findEventType, MAX_KEY_LENGTH } from "@keyway/schemas"
 import { context, propagation } from "@opentelemetry/api"
 import { type Kysely, sql } from "kysely"
 
@@ -40,9 +40,8 @@ export class EnqueueError extends Error {
  */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 - 8 * 1024
 
-// Keys end up in logs, the inbox and admin commands; a bound and no control characters keep
-// them printable and indexable. Everything else about a key is the domain's business.
-const MAX_KEY_LENGTH = 256
+// Keys end up in logs, the inbox and admin commands; a bound (MAX_KEY_LENGTH) and no control
+// characters keep them printable and indexable. Everything else about a key is the domain's.
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
 const CONTROL = /[\u0000-\u001f\u007f]/
 
