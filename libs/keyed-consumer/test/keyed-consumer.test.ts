@@ -10,7 +10,7 @@ import {
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import { type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
+import type { EventEnvelope } from "@keyway/schemas"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
@@ -20,7 +20,7 @@ import {
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
-import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
@@ -1011,22 +1011,8 @@ describe("keyed consumer", () => {
   })
   test("an event whose values Postgres refuses is rejected with the reason; its batch goes in", async () => {
     const { t, stream, admin } = await setup()
-    const js = jetstream(nc)
-    const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) => {
-      const envelope: EventEnvelope = {
-        id: `${stream.site}:${seq}`,
-        site: stream.site,
-        seq,
-        topic: "demo.item",
-        type: "demo.item.changed.v1",
-        payload: { n: e.ver },
-        createdAt: new Date().toISOString(),
-        ...e,
-      }
-      return js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
-        msgID: envelope.id,
-      })
-    }
+    const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) =>
+      publishEvent(nc, stream.site, { payload: { n: e.ver }, seq, ...e, raw: e })
     // One burst, so that the bad ones share their inbox batch with good ones. Each passes the
     // envelope's schema; Postgres refuses a value in each (22007, 22021, 22P05).
     await Promise.all([
@@ -1080,23 +1066,8 @@ describe("keyed consumer", () => {
   })
   test("names longer than an envelope allows are rejected, saying which; the rest goes in", async () => {
     const { t, stream } = await setup()
-    const js = jetstream(nc)
-    const raw = (e: Partial<EventEnvelope> & { key: string }, seq: number) => {
-      const envelope: EventEnvelope = {
-        id: `${stream.site}:${seq}`,
-        site: stream.site,
-        seq,
-        topic: "demo.item",
-        ver: 1,
-        type: "demo.item.changed.v1",
-        payload: { n: 1 },
-        createdAt: new Date().toISOString(),
-        ...e,
-      }
-      return js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
-        msgID: `m${seq}`,
-      })
-    }
+    const raw = (e: Partial<EventEnvelope> & { key: string }, seq: number) =>
+      publishEvent(nc, stream.site, { ver: 1, payload: { n: 1 }, seq, ...e, raw: e })
     // Random, so that Postgres cannot compress them under btree's limit on an index entry:
     // stored, the long key failed its whole batch, retried for ever, and everything behind it.
     const long = randomBytes(5000).toString("hex")

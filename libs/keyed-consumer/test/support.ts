@@ -45,10 +45,22 @@ export async function effects(db: Kysely<any>) {
 let lastSeq = Math.floor(Math.random() * 1e9)
 
 /** Publishes a hand-made event straight to the stream, as a relay would. */
+/**
+ * Publishes one event as a relay would. `raw` overrides envelope fields after the fact, for
+ * what a relay never sends (a bad createdAt, an overlong id) but another publisher might.
+ */
 export async function publishEvent(
   nc: NatsConnection,
   site: string,
-  e: { key: string; ver: number; payload: unknown; type?: string; topic?: string; seq?: number },
+  e: {
+    key: string
+    ver: number
+    payload: unknown
+    type?: string
+    topic?: string
+    seq?: number
+    raw?: Partial<EventEnvelope>
+  },
 ) {
   const topic = e.topic ?? "demo.item"
   const seq = e.seq ?? ++lastSeq
@@ -62,6 +74,7 @@ export async function publishEvent(
     type: e.type ?? "demo.item.changed.v1",
     payload: e.payload,
     createdAt: new Date().toISOString(),
+    ...e.raw,
   }
   await jetstream(nc).publish(`${site}.${topic}`, encodeEnvelope(envelope), { msgID: envelope.id })
 }
