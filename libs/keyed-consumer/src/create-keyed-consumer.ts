@@ -667,8 +667,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             // nats.js goes on pulling from a durable that is gone; the next session makes it
             // again. Not-found once may be a server still loading its state.
             if (s.type === "consumer_deleted") {
-              // Their acks would go to the new durable of the same name, which may move its
-              // ack floor past what it has delivered; it delivers them again anyway.
+              // Their acks would go to the new durable of the same name, which delivers them
+              // again anyway. nats-server 2.9.10 ignores such acks (tried by hand: acks of
+              // seqs 6-10 from the old durable, sent after the new one had delivered 1-3, left
+              // its ack floor at 3, and it went on to deliver 4-20); sending none is surer.
               buffer.clear()
               messages.stop()
             }
