@@ -353,11 +353,14 @@ export function createRelay(config: RelayConfig): Relay {
     // Leadership ends with this scope (the lock goes with the connection): from then on the
     // backlog is not this relay's to report, even while stop() still waits for a vacuum.
     // Nor are the held keys: on standby nothing would expire them, and the relay that leads
-    // next, this one included, learns again which events NATS refuses.
+    // next, this one included, learns again which events NATS refuses. Nor is a loss of NATS
+    // not yet re-published: it would anchor this relay's next re-publish, hours later perhaps,
+    // on a time that tells nothing of what the leader meanwhile had acked.
     yield* Effect.addFinalizer(() =>
       Effect.sync(() => {
         state.role = "connecting"
         held.clear()
+        lostAt = undefined
       }),
     )
     log.info("relay active", { site: config.site })
@@ -500,7 +503,9 @@ export function createRelay(config: RelayConfig): Relay {
         stopStatuses = () => statuses.stop?.()
         void (async () => {
           for await (const s of statuses) {
-            if (s.type === "disconnect") lostAt ??= new Date()
+            // Only a leader's loss anchors a re-publish: a standby's would be stale by the
+            // time it leads, and a new leader re-publishes from the newest publish anyway.
+            if (s.type === "disconnect" && state.role === "active") lostAt ??= new Date()
             if (s.type === "reconnect") {
               republishDue = true
               wake.notify()

@@ -20,6 +20,8 @@ import {
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
+import pg from "pg"
+import { unmarkRecent } from "../src/internal/relay-sql.ts"
 import {
   createSiteStream,
   deleteStream,
@@ -627,6 +629,89 @@ describe("relay", () => {
       }
     })
   }
+
+  test("the re-publish after a loss takes the rows marked after it too: acked just before the crash", async () => {
+    await fresh()
+    await write(t.db, 3, 3)
+    // Marked one minute, one second before the loss, and three seconds after it: the last as
+    // a batch in flight is, whose other PubAcks timed out first.
+    const lostAt = new Date(Date.now() - 10_000)
+    const at = (offsetMs: number) => new Date(lostAt.getTime() + offsetMs).toISOString()
+    await sql`update keyway.outbox
+                 set published_at = (array[${at(-60_000)}, ${at(-1000)}, ${at(3000)}]::timestamptz[])[seq],
+                     stream_seq = seq`.execute(t.db)
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    try {
+      assert.equal(await unmarkRecent(client, 30_000, lostAt), 2)
+    } finally {
+      await client.end()
+    }
+    const rows = await sql<{ seq: number; published: boolean }>`
+      select seq::int, published_at is not null as published from keyway.outbox order by seq`.execute(
+      t.db,
+    )
+    assert.deepEqual(
+      rows.rows.map((r) => r.published),
+      [true, false, false],
+      "published a minute before the loss: on disk, left alone",
+    )
+  })
+
+  test("a standby's NATS blip does not anchor the re-publish it makes once it leads", async () => {
+    await fresh()
+    const shared = new URL(SHARED_NATS)
+    await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
+    const standbyNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
+    const leader = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+    const { lines, logger } = recordingLogger()
+    const standby = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(standbyNc),
+      connection: standbyNc,
+      site,
+      logger,
+      standbyRetryMs: 100,
+      republishWindowMs: 2000,
+    })
+    try {
+      await leader.start()
+      await waitFor(() => leader.status().role === "active", { timeoutMs: 10_000, message: "A" })
+      await standby.start()
+      await waitFor(() => standby.status().role === "standby", {
+        timeoutMs: 10_000,
+        message: "B on standby",
+      })
+      // A publishes 10; B's link to NATS blips; much later A publishes 20 more, and stops.
+      await write(t.db, 10, 10)
+      await untilPublished("A published the first 10", 10_000)
+      const reconnected = (async () => {
+        for await (const s of standbyNc.status()) if (s.type === "reconnect") return
+      })()
+      proxy.cut()
+      await sleep(200)
+      proxy.restore()
+      await reconnected
+      await sleep(4000)
+      await write(t.db, 20, 10, 10)
+      await untilPublished("A published 20 more", 10_000)
+      await leader.stop()
+      // B leads and re-publishes the window before A's newest publish: the 20. Anchored at its
+      // blip it would take the 10 from just before the blip too, or, ending there, only them.
+      await waitFor(() => lines.some((l) => l.message === "re-publishing recent rows"), {
+        timeoutMs: 10_000,
+        message: () => `B re-published; it said ${JSON.stringify(lines)}`,
+      })
+      const said = lines.find((l) => l.message === "re-publishing recent rows")!
+      assert.equal(said.fields!.rows, 20)
+      await untilPublished("B published them again", 10_000)
+      assertExactlyOnceInOrder(await readStream(nc, stream), 30)
+    } finally {
+      await leader.stop()
+      await standby.stop()
+      await standbyNc.close()
+    }
+  })
 
   test("NATS down for a while: the outbox keeps the backlog and a relay catches up", async () => {
     await fresh()

@@ -134,13 +134,18 @@ export async function vacuumOutbox(
  * restores those; the ones it kept are dropped as duplicates (same Nats-Msg-Id, within the
  * stream's duplicate_window, which is rebuilt from what the server kept). Returns how many.
  *
- * The window ends when the connection was lost (`lostAt`), or, not knowing that (a relay
- * starting), at the newest publish; never at now: nothing is published while NATS is away,
- * so after an outage longer than the window a window ending now would hold none of the
+ * The window is anchored where the connection was lost (`lostAt`), or, not knowing that (a
+ * relay starting), at the newest publish; never at now: nothing is published while NATS is
+ * away, so after an outage longer than the window a window before now would hold none of the
  * messages the crash took. Rows published before a loss long after them were on disk by
- * then, and a window ending at the loss holds none of them. The price, when the newest
+ * then, and the window leaves them out. Rows marked after the loss are all in it: those of
+ * the batch in flight, acked just before the crash and marked only once the rest of the
+ * batch had timed out (a relay clock and Postgres' now() need not agree either), and those
+ * the restarted server acked, which it drops as duplicates. The price, when the newest
  * publish is older than the stream's duplicate_window (a relay restarted after a quiet
  * spell), is copies the stream keeps twice; consumers drop them by event id and version.
+ * The restored messages land after later versions of their keys (stream order is lost with
+ * the data); consumers order by version.
  */
 export async function unmarkRecent(
   client: pg.Client,
@@ -150,8 +155,7 @@ export async function unmarkRecent(
   const r = await client.query(
     `update keyway.outbox set published_at = null
       where published_at > least($2::timestamptz, (select max(published_at) from keyway.outbox))
-                           - make_interval(secs => $1::double precision / 1000)
-        and published_at <= coalesce($2::timestamptz, 'infinity')`,
+                           - make_interval(secs => $1::double precision / 1000)`,
     [windowMs, lostAt ?? null],
   )
   return r.rowCount ?? 0
