@@ -48,8 +48,8 @@ export const EslLabelRender = defineEvent({
     /** Whether the label shows this page at once (AIMS `frontPage`). */
     frontPage: Schema.Boolean,
     productId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
-    // The schema bounds the name for storage; whether it fits on the label is the
-    // renderer's call (a name it cannot draw is poison, not a schema error).
+    // The schema bounds the name for storage; the renderer shrinks a long one, then
+    // shortens it with an ellipsis: the price it travels with must reach the shelf.
     productName: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(200))),
     /** Price in minor units (cents): no binary fractions on a price tag. */
     priceMinor: Schema.Number.pipe(

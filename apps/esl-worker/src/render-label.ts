@@ -6,9 +6,16 @@ import { encodeIndexedPng, type Rgb } from "./encode-indexed-png.ts"
 export const LABEL_WIDTH = 296
 export const LABEL_HEIGHT = 128
 const MARGIN = 8
+const TEXT_WIDTH = LABEL_WIDTH - 2 * MARGIN
 const NAME_MAX_PX = 26
-// Below this the name is unreadable from a shopper's distance: refuse rather than print it.
+// Below this the name is unreadable from a shopper's distance: a longer name is shortened
+// with an ellipsis instead. The writer accepted the task, and it carries the price: a name
+// that cannot be drawn whole must not keep the new price off the shelf.
 const NAME_MIN_PX = 13
+const PRICE_MAX_PX = 44
+// Small enough for the widest price the schema allows ("CHF 10,000,000.00", 1e9 minor units)
+// to fit: a price is never shortened, since a shelf showing part of one shows a wrong price.
+const PRICE_MIN_PX = 20
 // DejaVu ships with Debian and is what the test machines have; a font missing on the
 // worker's host would silently fall back to another face, and the images would change.
 const FONT = "DejaVu Sans"
@@ -26,19 +33,39 @@ export class RenderError extends Error {
   override name = "RenderError"
 }
 
-function fitFont(ctx: SKRSContext2D, text: string, maxWidth: number): number | undefined {
+/**
+ * Sets the largest bold size from maxPx down to minPx at which `text` fits TEXT_WIDTH, and
+ * returns it; undefined (the font left at minPx) if none does.
+ */
+function fitFont(ctx: SKRSContext2D, text: string, maxPx: number, minPx: number) {
   // Width grows about in proportion to the size: guess from one measurement and step down
   // from just above the guess (hinting rounds widths either way). Setting ctx.font parses
   // the font string; trying every size from the top was a fifth of the render time.
-  ctx.font = `bold ${NAME_MAX_PX}px "${FONT}"`
+  ctx.font = `bold ${maxPx}px "${FONT}"`
   const widest = ctx.measureText(text).width
-  const guess = Math.floor((NAME_MAX_PX * maxWidth) / Math.max(widest, 1))
-  for (let px = Math.min(NAME_MAX_PX, guess + 1); px >= NAME_MIN_PX; px--) {
-    if (px === NAME_MAX_PX) return px // measured above
+  if (widest <= TEXT_WIDTH) return maxPx
+  const guess = Math.floor((maxPx * TEXT_WIDTH) / widest)
+  for (let px = Math.min(maxPx - 1, guess + 1); px >= minPx; px--) {
     ctx.font = `bold ${px}px "${FONT}"`
-    if (ctx.measureText(text).width <= maxWidth) return px
+    if (ctx.measureText(text).width <= TEXT_WIDTH) return px
   }
+  ctx.font = `bold ${minPx}px "${FONT}"`
   return undefined
+}
+
+/** The longest start of `text` that fits TEXT_WIDTH in the current font with "…" after it. */
+function shorten(ctx: SKRSContext2D, text: string): string {
+  // By code point, so that a character outside the BMP is never cut in half.
+  const chars = [...text]
+  let fits = 0
+  let tooLong = chars.length
+  while (tooLong - fits > 1) {
+    const mid = (fits + tooLong) >> 1
+    if (ctx.measureText(`${chars.slice(0, mid).join("").trimEnd()}…`).width <= TEXT_WIDTH) {
+      fits = mid
+    } else tooLong = mid
+  }
+  return `${chars.slice(0, fits).join("").trimEnd()}…`
 }
 
 // Building an Intl.NumberFormat loads locale data: one per currency, not one per label.
@@ -60,8 +87,8 @@ export function formatPrice(priceMinor: number, currency: string): string {
 }
 
 /**
- * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit), the
- * price large, the product id and job id small at the bottom. Deterministic: the same
+ * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit, then
+ * shortened), the price large (shrunk to fit), the product id and job id small at the bottom. Deterministic: the same
  * payload gives the same bytes, which is how the tests tell which task a label's image
  * came from.
  */
@@ -73,18 +100,17 @@ export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> 
   ctx.fillStyle = css(BLACK)
   ctx.textBaseline = "top"
 
-  const namePx = fitFont(ctx, task.productName, LABEL_WIDTH - 2 * MARGIN)
-  if (namePx === undefined) {
-    throw new RenderError(
-      `product name does not fit a ${LABEL_WIDTH}x${LABEL_HEIGHT} label at ${NAME_MIN_PX}px ` +
-        `(${task.productName.length} characters): shorten it`,
-    )
-  }
-  ctx.fillText(task.productName, MARGIN, MARGIN)
+  const name =
+    fitFont(ctx, task.productName, NAME_MAX_PX, NAME_MIN_PX) === undefined
+      ? shorten(ctx, task.productName)
+      : task.productName
+  ctx.fillText(name, MARGIN, MARGIN)
 
   const price = formatPrice(task.priceMinor, task.currency)
+  if (fitFont(ctx, price, PRICE_MAX_PX, PRICE_MIN_PX) === undefined) {
+    throw new RenderError(`price ${price} does not fit the label at ${PRICE_MIN_PX}px`)
+  }
   ctx.fillStyle = css(RED)
-  ctx.font = `bold 44px "${FONT}"`
   ctx.textAlign = "right"
   ctx.fillText(price, LABEL_WIDTH - MARGIN, 44)
 

@@ -1,7 +1,8 @@
 // Must-show 3 of issue 5: bad input is refused with a clear reason. A malformed MAC never
 // gets into the outbox (InvalidEventError naming labelCode, the whole job rolled back); a
-// task the renderer cannot draw is dead at once with the reason, while other labels, and
-// the same label's next task, go on.
+// task the worker cannot draw is dead at once with the reason, while other labels, and the
+// same label's next task, go on. What the writer accepted is drawn: a product name too long
+// for the label is shortened, so the price it travels with still reaches the shelf.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { createDb } from "@keyway/db"
@@ -108,7 +109,7 @@ describe("bad ESL input", () => {
     assert.equal(await count(t.db, "keyway.outbox"), 0)
   })
 
-  test("a task the renderer cannot draw is dead at once with the reason; other labels go on", async () => {
+  test("a task the worker cannot draw is dead at once with the reason; other labels go on", async () => {
     const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     const aims = await startFakeAims()
@@ -142,26 +143,37 @@ describe("bad ESL input", () => {
     cleanups.push(() => worker.stop())
     await worker.start()
 
+    const longName = "Extra ".repeat(30).trim()
     await upsertProducts(t.db, [
-      { id: "LONG", name: "Extra ".repeat(30).trim(), priceMinor: 100, currency: "EUR" },
+      { id: "LONG", name: longName, priceMinor: 100, currency: "EUR" },
       { id: "OK", name: "Sea salt 500 g", priceMinor: 99, currency: "EUR" },
     ])
-    const [poisoned, ...others] = macs(5)
-    // One job: the first label shows a product whose name cannot fit, the others are fine.
+    const [poisoned, long, ...others] = macs(6)
+    // A task whose payload is for another label, as only a writer that bypassed writeLabelJob
+    // could send: drawn, it would put one label's image on another.
+    await t.db.transaction().execute((trx) =>
+      enqueue(trx, {
+        type: EslLabelRender.type,
+        key: poisoned!,
+        payload: { ...payload, labelCode: others[0]!, productId: "OK" },
+      }),
+    )
+    // One job: a product whose name is far too long for the label, and fine ones.
     await writeLabelJob(t.db, {
       jobId: "mixed",
       labels: [
-        { labelCode: poisoned!, productId: "LONG" },
+        { labelCode: long!, productId: "LONG" },
         ...others.map((labelCode) => ({ labelCode, productId: "OK" })),
       ],
     })
-    // Then the same label is moved to a drawable product.
+    // Then the poisoned label gets a task of its own.
     const fixed = await writeLabelJob(t.db, {
       jobId: "fixed",
       labels: [{ labelCode: poisoned!, productId: "OK" }],
     })
     await waitFor(
-      () => others.every((l) => aims.lastPush(l)) && aims.lastPush(poisoned!) !== undefined,
+      () =>
+        [long!, ...others].every((l) => aims.lastPush(l)) && aims.lastPush(poisoned!) !== undefined,
       { timeoutMs: 20_000, message: "every label pushed" },
     )
     const dead = await createConsumerAdmin({ db: t.db, group }).listDead("esl.label")
@@ -170,7 +182,7 @@ describe("bad ESL input", () => {
     assert.equal(dead[0]!.ver, 1)
     assert.equal(dead[0]!.attempts, 1, "dead at once: no retry can draw it")
     assert.equal(dead[0]!.blocking, false, "parked: the label moved on")
-    assert.match(dead[0]!.lastError ?? "", /^poison: cannot render: product name does not fit/)
+    assert.match(dead[0]!.lastError ?? "", /^poison: payload labelCode .* is not the event key/)
     assert.deepEqual(
       aims.pushes(poisoned!).map((p) => p.idempotencyKey),
       [`${stream.site}:${fixed.tasks[0]!.seq}`],
@@ -188,17 +200,30 @@ describe("bad ESL input", () => {
         priceMinor: 99,
       }),
     )
+    // The long name, shortened, with its price.
+    assert.equal(
+      aims.lastPush(long!)!.imageSha256,
+      await imageHashOf({
+        ...payload,
+        labelCode: long!,
+        jobId: "mixed",
+        productId: "LONG",
+        productName: longName,
+        priceMinor: 100,
+      }),
+    )
+    assert.equal(aims.pushes(long!).length, 1)
     for (const l of others) assert.equal(aims.pushes(l).length, 1, `${l} pushed once`)
-    // What an operator sees: six tasks, one dead and five done, and five AIMS calls.
+    // What an operator sees: seven tasks, one dead and six done, and six AIMS calls.
     const rendered = async () => (await metrics.render()).body
-    await waitFor(async () => metricValue(await rendered(), "consumer_done_total") === 5, {
+    await waitFor(async () => metricValue(await rendered(), "consumer_done_total") === 6, {
       timeoutMs: 5000,
-      message: "five done",
+      message: "six done",
     })
     const body = await rendered()
     assert.equal(metricValue(body, "consumer_dead_total"), 1)
     assert.equal(metricValue(body, "consumer_dead_tasks"), 1, "listed until an operator acts")
-    assert.equal(metricValue(body, 'esl_aims_push_seconds_count{result="ok"}'), 5)
+    assert.equal(metricValue(body, 'esl_aims_push_seconds_count{result="ok"}'), 6)
     assert.equal(metricValue(body, 'esl_aims_push_seconds_count{result="error"}'), undefined)
   })
 })

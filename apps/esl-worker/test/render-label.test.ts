@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { LABEL_HEIGHT, LABEL_WIDTH, RenderError, renderLabel } from "../src/render-label.ts"
+import { LABEL_HEIGHT, LABEL_WIDTH, renderLabel } from "../src/render-label.ts"
 import { decodePng } from "./support.ts"
 
 const task = {
@@ -43,10 +43,44 @@ test("the label is drawn in the panel's three inks: the price red, the text blac
   assert.ok(red > black && white > 4 * (red + black), `black ${black}, red ${red}, white ${white}`)
 })
 
-test("a name that cannot fit is a RenderError saying so", async () => {
-  await assert.rejects(renderLabel({ ...task, productName: "Extra ".repeat(30) }), (err) => {
-    assert.ok(err instanceof RenderError)
-    assert.match(err.message, /product name does not fit/)
-    return true
-  })
+/** Columns of ink within `strip` px of the left or right edge: text that ran off the label. */
+async function inkNearEdges(png: Buffer, strip = 6): Promise<number[]> {
+  const { width, height, rgba } = await decodePng(png)
+  const columns = new Set<number>()
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      if (x >= strip && x < width - strip) continue
+      const q = 4 * (y * width + x)
+      if (rgba[q] !== 255 || rgba[q + 1] !== 255 || rgba[q + 2] !== 255) columns.add(x)
+    }
+  }
+  return [...columns].sort((a, b) => a - b)
+}
+
+test("a name too long for the label is shortened to fit inside its margins", async () => {
+  const long = "Organic Free-Range Chicken Breast Fillets, family pack of twelve, 2.4 kg"
+  const png = await renderLabel({ ...task, productName: long })
+  assert.deepEqual(await inkNearEdges(png), [])
+  // Cut where it no longer fits: what follows the cut is not drawn.
+  assert.ok((await renderLabel({ ...task, productName: `${long} extra` })).equals(png))
+  assert.ok(!(await renderLabel({ ...task, productName: `X${long}` })).equals(png))
+  // Just too wide at the largest size (287 px of 280): shrunk, not drawn into the margin.
+  assert.deepEqual(
+    await inkNearEdges(await renderLabel({ ...task, productName: "W".repeat(10) })),
+    [],
+  )
+})
+
+test("every price the schema allows is drawn whole, inside the margins", async () => {
+  for (const [priceMinor, currency] of [
+    [123_456, "CHF"],
+    [1e9, "CHF"],
+    [1e9, "KWD"],
+    [1e9, "JPY"],
+    [1e9, "EUR"],
+    [1e9, "ZZZ"],
+  ] as const) {
+    const png = await renderLabel({ ...task, priceMinor, currency })
+    assert.deepEqual(await inkNearEdges(png), [], `${priceMinor} ${currency}`)
+  }
 })
