@@ -716,24 +716,36 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       },
       parent,
     )
-    let completed = false
+    // The completion once complete() has sent it. Until it settles nobody knows whether the
+    // task is done: a handler that throws (or returns) while it is in flight, one that did not
+    // await it, must not have the task marked failed, or completed a second time, meanwhile.
+    let completion: Promise<unknown> | undefined
+    const committed = async () =>
+      (await completion?.then(
+        () => true,
+        () => false,
+      )) ?? false
     const ctx: HandlerContext = {
       eventId: task.event_id,
       fencing: { epoch, version: task.ver },
       signal,
       span,
-      complete: async <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
-        if (completed) throw new Error("complete() was already called for this event")
-        const interleave = options?.interleave ?? false
-        const result = await completions.submit({
+      complete: <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
+        if (completion) {
+          return Promise.reject(new Error("complete() was already called for this event"))
+        }
+        completion = completions.submit({
           ...ref,
           ver: task.ver,
           epoch,
           effects,
-          interleave,
+          interleave: options?.interleave ?? false,
         })
-        completed = true
-        return result as T
+        const result = completion as Promise<T>
+        // Its outcome is waited for below; a handler that left it unawaited must not crash the
+        // process with an unhandled rejection.
+        result.catch(() => {})
+        return result
       },
     }
     try {
@@ -763,13 +775,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         attempt: task.attempts + 1,
       }
       await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
-      if (!completed) {
-        await completions.submit({ ...ref, ver: task.ver, epoch })
-        completed = true
-      }
+      await (completion ?? completions.submit({ ...ref, ver: task.ver, epoch }))
       stats.done++
       return "done"
     } catch (err) {
+      const completed = await committed()
       if (err instanceof FencedError) {
         stats.fenced++
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })

@@ -290,6 +290,40 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 0)
   })
 
+  test("a handler that throws while its completion is in flight: the task is done with its effects, not dead", async () => {
+    const { t, stream, admin, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          // A notification that fails beside the completion: Promise.all rejects at once,
+          // while the effects, slowed here, are still on their way to a commit.
+          await Promise.all([
+            ctx.complete(async (trx) => {
+              await new Promise((r) => setTimeout(r, 300))
+              await sql`insert into effect (topic, key, ver, event_id, worker, payload)
+                        values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1', '{}')`.execute(
+                trx,
+              )
+            }),
+            Promise.reject(new Error("notification failed")),
+          ])
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "c", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "c", ver: 2, payload: { n: 2 } })
+    await waitFor(async () => (await effects(t.db)).length === 2, {
+      timeoutMs: 10_000,
+      message: "both versions' effects",
+    })
+    await waitFor(() => consumer.status().done === 2, { timeoutMs: 5000, message: "both done" })
+    assert.deepEqual(await admin.listDead(), [], "not dead: its effects are committed")
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [1, 2],
+    )
+  })
+
   test("a gap closed by a version that dies is counted as a dead task, no longer as a gap", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
