@@ -850,26 +850,38 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const signal = aborter.signal
     drainAborts.add(aborter)
     let closed = false
-    let beating = false
-    const heartbeat = setInterval(async () => {
-      // A beat waits on Redis and Postgres for up to what the lock has left, longer than the
-      // interval: one at a time, so a slow one is not joined by more.
-      if (epoch === undefined || closed || beating) return
-      beating = true
-      const [leased, locked] = await Promise.all([
-        renewLease(db, group, ref, epoch, leaseMs).catch(() => false),
-        lock.extend(leaseMs),
-      ]).finally(() => {
-        beating = false
-      })
-      // clearInterval does not stop a beat already in flight: one that returns after the
-      // drain ended must not count a loss.
+    // Losing either one is not fatal to correctness (fencing is), but another worker may now
+    // take the key, so the drain stops early rather than be fenced later. A beat that returns
+    // after the drain ended (clearInterval does not stop one in flight) counts no loss.
+    const lose = (what: string) => {
       if (closed || signal.aborted) return
-      // Losing the Redis lock alone is not fatal to correctness (fencing is), but another
-      // worker may now take the key, so stop early rather than be fenced later.
-      if (!leased || !locked) {
-        stats.lostKeys++
-        aborter.abort(new Error(leased ? "lock lost" : "lease lost"))
+      stats.lostKeys++
+      aborter.abort(new Error(`${what} lost`))
+    }
+    // The Redis lock and the Postgres lease are renewed each on its own, one renewal of each
+    // in flight at a time. Awaited together, a lease renewal stuck on a busy pool or a row
+    // lock held the lock's next extension back until the lock expired, and another worker
+    // took the key while this one still ran its handler. The lock is extended from the start,
+    // not only once the claim has answered: a slow claim must not outlast it either.
+    let extending = false
+    let renewing = false
+    const heartbeat = setInterval(() => {
+      if (closed) return
+      if (!extending) {
+        extending = true
+        void lock.extend(leaseMs).then((locked) => {
+          extending = false
+          if (!locked) lose("lock")
+        })
+      }
+      if (epoch !== undefined && !renewing) {
+        renewing = true
+        void renewLease(db, group, ref, epoch, leaseMs)
+          .catch(() => false)
+          .then((leased) => {
+            renewing = false
+            if (!leased) lose("lease")
+          })
       }
     }, leaseMs / 3)
     try {

@@ -324,6 +324,49 @@ describe("keyed consumer", () => {
     )
   })
 
+  test("a lease renewal stuck on Postgres does not keep the Redis lock from being extended", async () => {
+    const { opened: started, open: start } = gate()
+    const { opened: finishing, open: finish } = gate()
+    const { t, stream, group } = await setup({
+      leaseMs: 1500,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          start()
+          await finishing
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "h", ver: 1, payload: { n: 1 } })
+    await started
+    // Another session holds the key's row while the handler runs: the lease renewal's update
+    // waits on it, for longer than the lock's ttl.
+    const { opened: holding, open: held } = gate()
+    const { opened: releasing, open: release } = gate()
+    const holder = t.db.transaction().execute(async (trx) => {
+      await sql`select 1 from keyway.consumer_key where grp = ${group} and key = 'h' for update`.execute(
+        trx,
+      )
+      held()
+      await releasing
+    })
+    let ttl: number
+    try {
+      await holding
+      await new Promise((r) => setTimeout(r, 2500))
+      ttl = await redis.pttl(`keyway:${group}:demo.item:h`)
+    } finally {
+      release()
+      await holder
+      finish()
+    }
+    assert.ok(ttl > 0, `the key's Redis lock is still held after 2.5 s (pttl ${ttl})`)
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "the effect, once",
+    })
+  })
+
   test("a gap closed by a version that dies is counted as a dead task, no longer as a gap", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
