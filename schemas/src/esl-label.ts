@@ -29,6 +29,32 @@ export function canonicalLabelCode(input: string): string | undefined {
 }
 
 /**
+ * The fields of a label's render task, each with its bounds. The writer checks its requests
+ * against the same ones: a value it stored unchecked would fail a later job that shows it,
+ * naming a field that job does not contain.
+ */
+export const EslFields = {
+  /** The job (a price change or a label job) that produced this task. */
+  jobId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
+  /** AIMS page slot, 1–7 on SoluM Newton labels. */
+  page: Schema.Number.pipe(
+    Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 1, maximum: 7 })),
+  ),
+  /** Whether the label shows this page at once (AIMS `frontPage`). */
+  frontPage: Schema.Boolean,
+  productId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
+  // The schema bounds the name for storage; the renderer shrinks a long one, then shortens
+  // it with an ellipsis: the price it travels with must reach the shelf.
+  productName: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(200))),
+  /** Price in minor units (cents): no binary fractions on a price tag. */
+  priceMinor: Schema.Number.pipe(
+    Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 0, maximum: 1e9 })),
+  ),
+  /** ISO 4217. */
+  currency: Schema.String.pipe(Schema.check(Schema.isPattern(/^[A-Z]{3}$/))),
+}
+
+/**
  * Topic `esl.label`, keyed by label MAC: draw this label's page and push it to the ESL
  * server. Each event carries everything the renderer needs, as of the writer's commit, so
  * a task never reads the writer's tables and the newest version alone decides what the label
@@ -37,27 +63,7 @@ export function canonicalLabelCode(input: string): string | undefined {
 export const EslLabelRender = defineEvent({
   type: "esl.label.render.v1",
   topic: "esl.label",
-  schema: Schema.Struct({
-    labelCode: LabelCode,
-    /** The job (a price change or a label job) that produced this task. */
-    jobId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
-    /** AIMS page slot, 1–7 on SoluM Newton labels. */
-    page: Schema.Number.pipe(
-      Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 1, maximum: 7 })),
-    ),
-    /** Whether the label shows this page at once (AIMS `frontPage`). */
-    frontPage: Schema.Boolean,
-    productId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
-    // The schema bounds the name for storage; the renderer shrinks a long one, then
-    // shortens it with an ellipsis: the price it travels with must reach the shelf.
-    productName: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(200))),
-    /** Price in minor units (cents): no binary fractions on a price tag. */
-    priceMinor: Schema.Number.pipe(
-      Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 0, maximum: 1e9 })),
-    ),
-    /** ISO 4217. */
-    currency: Schema.String.pipe(Schema.check(Schema.isPattern(/^[A-Z]{3}$/))),
-  }),
+  schema: Schema.Struct({ labelCode: LabelCode, ...EslFields }),
 })
 
 export type EslLabelRenderPayload = typeof EslLabelRender.schema.Type

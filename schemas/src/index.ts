@@ -9,6 +9,7 @@ export {
 } from "./envelope.ts"
 export {
   canonicalLabelCode,
+  EslFields,
   EslLabelRender,
   type EslLabelRenderPayload,
   LABEL_CODE_PATTERN,

@@ -2,6 +2,7 @@ export { migrateEslSchema } from "./migrate-esl-schema.ts"
 export {
   type EslJobResult,
   EslWriterError,
+  JobExistsError,
   type LabelAssignment,
   type LabelJobOptions,
   type PriceChange,

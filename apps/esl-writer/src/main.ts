@@ -12,7 +12,7 @@ import { InvalidEventError } from "@keyway/schemas"
 import { createMetricsRegistry, metricsHandler, startTelemetry } from "@keyway/telemetry"
 import { ConfigError, parseConfig } from "./config.ts"
 import { migrateEslSchema } from "./migrate-esl-schema.ts"
-import { EslWriterError, writeLabelJob, writePriceChange } from "./write-esl-job.ts"
+import { EslWriterError, JobExistsError, writeLabelJob, writePriceChange } from "./write-esl-job.ts"
 
 let config: ReturnType<typeof parseConfig>
 try {
@@ -99,11 +99,10 @@ const server = createServer(async (req, res) => {
     path === "/label-jobs" ? "label_job" : path === "/price-changes" ? "price_change" : undefined
   if (req.method !== "POST" || !kind) return reply(res, 404, { error: "not found" })
   try {
+    // Checked whole by the writer, which names what is wrong.
     const body = await readJson(req)
     const result =
-      kind === "label_job"
-        ? await writeLabelJob(db, { jobId: body.jobId, labels: body.labels ?? [] })
-        : await writePriceChange(db, { jobId: body.jobId, changes: body.changes ?? [] })
+      kind === "label_job" ? await writeLabelJob(db, body) : await writePriceChange(db, body)
     jobs.inc({ kind, result: "ok" })
     tasks.inc({}, result.tasks.length)
     reply(res, 201, result)
@@ -111,6 +110,10 @@ const server = createServer(async (req, res) => {
     if (err instanceof BodyTooLargeError) {
       jobs.inc({ kind, result: "rejected" })
       return reply(res, 413, { error: err.message })
+    }
+    if (err instanceof JobExistsError) {
+      jobs.inc({ kind, result: "rejected" })
+      return reply(res, 409, { error: err.message })
     }
     const bad =
       err instanceof SyntaxError ||

@@ -1,7 +1,14 @@
 import { randomUUID } from "node:crypto"
 import { type EnqueuedEvent, enqueue, type OutboxEvent } from "@keyway/outbox"
-import { canonicalLabelCode, EslLabelRender, type EslLabelRenderPayload } from "@keyway/schemas"
+import {
+  canonicalLabelCode,
+  EslFields,
+  EslLabelRender,
+  type EslLabelRenderPayload,
+} from "@keyway/schemas"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
+import * as Result from "effect/Result"
+import * as Schema from "effect/Schema"
 import { type Kysely, sql } from "kysely"
 
 export interface LabelAssignment {
@@ -42,6 +49,43 @@ export class EslWriterError extends Error {
   override name = "EslWriterError"
 }
 
+/** A job id that was written before: the job committed then, and is not written again. */
+export class JobExistsError extends EslWriterError {
+  override name = "JobExistsError"
+}
+
+// What a caller may send, checked whole before anything is written, each field against the
+// render task's own bounds (EslFields). The label code is folded first and checked by the
+// task's schema, which names it. JSON from the HTTP API arrives here unchecked.
+const LabelJobRequest = Schema.Struct({
+  jobId: Schema.optional(EslFields.jobId),
+  labels: Schema.Array(
+    Schema.Struct({
+      labelCode: Schema.String,
+      productId: EslFields.productId,
+      page: Schema.optional(EslFields.page),
+      frontPage: Schema.optional(EslFields.frontPage),
+    }),
+  ),
+})
+const PriceChangeRequest = Schema.Struct({
+  jobId: Schema.optional(EslFields.jobId),
+  changes: Schema.Array(
+    Schema.Struct({
+      productId: EslFields.productId,
+      priceMinor: EslFields.priceMinor,
+      currency: Schema.optional(EslFields.currency),
+      name: Schema.optional(EslFields.productName),
+    }),
+  ),
+})
+
+function checked<T>(schema: Schema.Codec<T, unknown>, what: string, input: unknown): T {
+  const result = Schema.decodeUnknownResult(schema)(input, { errors: "all" })
+  if (Result.isSuccess(result)) return result.success
+  throw new EslWriterError(`invalid ${what}: ${result.failure.message}`, { cause: result.failure })
+}
+
 const tracer = trace.getTracer("@keyway/esl-writer")
 const DEADLOCK = "40P01"
 
@@ -54,6 +98,22 @@ const DEADLOCK = "40P01"
 //     hence a later version always carries newer data, and the last version is the truth.
 // Without 2, a job could read a price, lose the race for the label to a price change, and
 // enqueue the stale price as the label's newest version.
+
+const UNIQUE_VIOLATION = "23505"
+
+/** Records the job, or says it exists: a client that lost the answer may send it again. */
+async function insertJob(trx: Kysely<any>, jobId: string, kind: string, labels: number) {
+  try {
+    await sql`insert into esl.job (id, kind, labels) values (${jobId}, ${kind}, ${labels})`.execute(
+      trx,
+    )
+  } catch (err) {
+    if ((err as { code?: string }).code === UNIQUE_VIOLATION) {
+      throw new JobExistsError(`job ${jobId} was already written`, { cause: err })
+    }
+    throw err
+  }
+}
 
 async function transaction<T>(
   db: Kysely<any>,
@@ -136,8 +196,9 @@ async function enqueueTasks(
  */
 export async function writeLabelJob(
   db: Kysely<any>,
-  options: LabelJobOptions,
+  request: LabelJobOptions,
 ): Promise<EslJobResult> {
+  const options = checked(LabelJobRequest, "label job", request)
   const jobId = options.jobId ?? randomUUID()
   // One assignment per label, the last one given winning: a job draws each label once.
   const byCode = new Map<string, LabelAssignment>()
@@ -175,9 +236,7 @@ export async function writeLabelJob(
         set product_id = excluded.product_id, page = excluded.page, front_page = excluded.front_page,
             last_job_id = excluded.last_job_id, updated_at = now()
     `.execute(trx)
-      await sql`insert into esl.job (id, kind, labels) values (${jobId}, 'label_job', ${labels.length})`.execute(
-        trx,
-      )
+      await insertJob(trx, jobId, "label_job", labels.length)
       return { jobId, tasks: await enqueueTasks(trx, jobId, codes) }
     },
   )
@@ -189,17 +248,13 @@ export async function writeLabelJob(
  */
 export async function writePriceChange(
   db: Kysely<any>,
-  options: PriceChangeOptions,
+  request: PriceChangeOptions,
 ): Promise<EslJobResult> {
+  const options = checked(PriceChangeRequest, "price change", request)
   const jobId = options.jobId ?? randomUUID()
   const changes = [...new Map(options.changes.map((c) => [c.productId, c])).values()].sort(
     (a, b) => (a.productId < b.productId ? -1 : 1),
   )
-  for (const c of changes) {
-    if (!Number.isInteger(c.priceMinor) || c.priceMinor < 0) {
-      throw new EslWriterError(`product ${c.productId}: priceMinor must be a non-negative integer`)
-    }
-  }
   const ids = changes.map((c) => c.productId)
   return transaction(
     db,
@@ -230,9 +285,7 @@ export async function writePriceChange(
       await sql`update esl.label set last_job_id = ${jobId}, updated_at = now() where label_code = any(${codes}::text[])`.execute(
         trx,
       )
-      await sql`insert into esl.job (id, kind, labels) values (${jobId}, 'price_change', ${codes.length})`.execute(
-        trx,
-      )
+      await insertJob(trx, jobId, "price_change", codes.length)
       return { jobId, tasks: await enqueueTasks(trx, jobId, codes) }
     },
   )

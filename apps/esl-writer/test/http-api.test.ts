@@ -57,6 +57,68 @@ test("a body over the limit gets 413, malformed JSON 400; the next good job is w
   )
 })
 
+test("a body of the wrong shape gets 400 naming the field, a repeated job 409; nothing of either is written", async () => {
+  const errorOf = async (res: Response) => ((await res.json()) as { error: string }).error
+  const cases: [string, string, RegExp][] = [
+    ["/label-jobs", "null", /invalid label job/],
+    ["/label-jobs", JSON.stringify({ labels: "abc" }), /\["labels"\]/],
+    [
+      "/label-jobs",
+      JSON.stringify({ labels: [{ labelCode: 12, productId: "A" }] }),
+      /\["labels"\]\[0\]\["labelCode"\]/,
+    ],
+    [
+      "/label-jobs",
+      JSON.stringify({ labels: [{ labelCode: "C0FFEE000009", productId: "A", page: 1.5 }] }),
+      /\["page"\]/,
+    ],
+    ["/price-changes", JSON.stringify({ changes: {} }), /\["changes"\]/],
+    // Checked even though no label shows the product: stored, each value would fail the
+    // first label job that binds a label to it.
+    [
+      "/price-changes",
+      JSON.stringify({ changes: [{ productId: "A", priceMinor: 5e9 }] }),
+      /\["priceMinor"\]/,
+    ],
+    [
+      "/price-changes",
+      JSON.stringify({ changes: [{ productId: "A", priceMinor: 100, currency: "eur" }] }),
+      /\["currency"\]/,
+    ],
+    [
+      "/price-changes",
+      JSON.stringify({ changes: [{ productId: "A", priceMinor: 100, name: "" }] }),
+      /\["name"\]/,
+    ],
+  ]
+  for (const [path, body, field] of cases) {
+    const res = await post(path, body)
+    assert.equal(res.status, 400, `${path} ${body}`)
+    assert.match(await errorOf(res), field, `${path} ${body}`)
+  }
+  const product = await t.db
+    .selectFrom("esl.product")
+    .select(["price_minor", "currency", "name"])
+    .where("id", "=", "A")
+    .executeTakeFirstOrThrow()
+  assert.deepEqual(product, { price_minor: 199, currency: "EUR", name: "Apples 1 kg" })
+
+  const job = JSON.stringify({
+    jobId: "again",
+    labels: [{ labelCode: "C0FFEE000002", productId: "A" }],
+  })
+  assert.equal((await post("/label-jobs", job)).status, 201)
+  const repeated = await post("/label-jobs", job)
+  assert.equal(repeated.status, 409)
+  assert.match(await errorOf(repeated), /job again was already written/)
+  const tasks = await t.db
+    .selectFrom("esl.job_label")
+    .select("label_code")
+    .where("job_id", "=", "again")
+    .execute()
+  assert.equal(tasks.length, 1, "the job's task once")
+})
+
 /** Starts a writer of its own (the shared one serves the other tests) and waits for it. */
 async function startWriter(databaseUrl: string): Promise<{ child: TsChild; port: number }> {
   const child = spawnTs(main, { DATABASE_URL: databaseUrl, PORT: "0" })
