@@ -93,16 +93,12 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     }
   }
 
-  const fetchToken = async (signal?: AbortSignal): Promise<string> => {
-    const res = await request(
-      new URL(TOKEN_PATH, config.baseUrl),
-      {
-        method: "POST",
-        headers: { "content-type": "application/json" },
-        body: JSON.stringify({ username: config.username, password: config.password }),
-      },
-      signal,
-    )
+  const fetchToken = async (): Promise<string> => {
+    const res = await request(new URL(TOKEN_PATH, config.baseUrl), {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ username: config.username, password: config.password }),
+    })
     const { status, text } = res
     if (status < 200 || status >= 300) {
       // Bad credentials do not get better with retries, but an operator can fix them while
@@ -115,8 +111,11 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     return access
   }
 
-  const currentToken = (signal?: AbortSignal) => {
-    token ??= fetchToken(signal).catch((err) => {
+  // One fetch shared by every push waiting on it, so it runs on its own timeout, with no
+  // push's signal: one label's abort (a lost lease) failed the others' pushes with it. An
+  // aborted push notices at its own request, at most timeoutMs later.
+  const currentToken = () => {
+    token ??= fetchToken().catch((err) => {
       token = undefined
       throw err
     })
@@ -165,13 +164,13 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
         },
         async (span) => {
           try {
-            let bearer = await currentToken(options.signal)
+            let bearer = await currentToken()
             let r = await post(options, bearer)
             if (r.status === 401) {
               // Expired or revoked: one fresh token, unless another push already got one.
               const stale = bearer
               if ((await token?.catch(() => undefined)) === stale) token = undefined
-              bearer = await currentToken(options.signal)
+              bearer = await currentToken()
               r = await post(options, bearer)
             }
             span.setAttribute("http.response.status_code", r.status)

@@ -57,6 +57,23 @@ describe("AIMS client", async () => {
     assert.equal(aims.pushes(task.labelCode).length, 2)
   })
 
+  test("a push aborted while the token is fetched fails alone; the push waiting beside it goes through", async () => {
+    await using aims = await startFakeAims({ latencyMs: 300 })
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    // The first push starts the token fetch that both wait on; its label loses its lease.
+    const aborted = new AbortController()
+    const first = client.pushImage({ ...push("s:1"), signal: aborted.signal })
+    const second = client.pushImage(push("s:2"))
+    setTimeout(() => aborted.abort(new Error("lease lost")), 50)
+    await assert.rejects(first)
+    await second
+    assert.deepEqual(
+      aims.pushes(task.labelCode).map((p) => p.idempotencyKey),
+      ["s:2"],
+    )
+    assert.equal(aims.tokensIssued, 1)
+  })
+
   test("429 and 5xx are retryable AimsErrors; a 400 is not", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
