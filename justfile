@@ -73,14 +73,18 @@ secrets:
     node --import tsx apps/ops-local/src/main.ts secrets
 
 # pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.
+[positional-arguments]
 pm2 *args:
-    PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 {{args}}
+    PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 "$@"
 
 # DATABASE_URL names the group's database; for `just up`'s cloud site:
 # `DATABASE_URL=postgres://postgres@127.0.0.1:5432/keyway_cloud npx just admin dead --group cloud-demo`.
 # A consumer group's summary, dead tasks, gaps and blocked keys; retry, skip, redrive.
+# Arguments pass through as given ("$@"): pasted into the command line, a key with a space
+# or a * would be split or globbed by the shell.
+[positional-arguments]
 admin *args:
-    node --import tsx apps/admin/src/main.ts {{args}}
+    node --import tsx apps/admin/src/main.ts "$@"
 
 # Benchmarks: `just bench relay`. Prints a table, then one JSON line.
 bench name:

@@ -20,25 +20,52 @@ function fail(message: string): never {
   process.exit(2)
 }
 
-const { positionals, values } = parseArgs({
-  allowPositionals: true,
-  options: {
-    group: { type: "string" },
-    topic: { type: "string" },
-    key: { type: "string" },
-    from: { type: "string" },
-    to: { type: "string" },
-  },
-})
+const options = {
+  group: { type: "string" },
+  topic: { type: "string" },
+  key: { type: "string" },
+  from: { type: "string" },
+  to: { type: "string" },
+} as const
+let parsed: ReturnType<typeof parseArgs<{ allowPositionals: true; options: typeof options }>>
+try {
+  parsed = parseArgs({ allowPositionals: true, options })
+} catch (err) {
+  // An unknown flag (a typo) or one without its value: said plainly, with the usage.
+  fail((err as Error).message)
+}
+const { positionals, values } = parsed
 const command = positionals[0]
+// Each command with the flags it reads: any other was meant for something and would be
+// ignored, and an action that ignores part of what the operator asked must not run.
+const flags: Record<string, readonly (keyof typeof options)[]> = {
+  summary: ["group"],
+  dead: ["group", "topic"],
+  gaps: ["group", "topic"],
+  blocked: ["group", "topic"],
+  retry: ["group", "topic", "key", "from", "to"],
+  skip: ["group", "topic", "key", "from", "to"],
+  redrive: ["group", "topic", "key", "from", "to"],
+}
+if (!command) fail("no command")
+if (!(command in flags)) fail(`unknown command ${JSON.stringify(command)}`)
+if (positionals.length > 1) {
+  fail(`unexpected ${JSON.stringify(positionals[1])}: versions go in --from/--to`)
+}
+for (const name of Object.keys(values)) {
+  if (!flags[command]!.includes(name as keyof typeof options)) {
+    fail(`${command} does not take --${name}`)
+  }
+}
 const databaseUrl = process.env.DATABASE_URL
 if (!databaseUrl) fail("DATABASE_URL is not set")
 if (!values.group) fail("--group is required")
 const version = (name: "from" | "to") => {
   const raw = values[name]
   if (raw === undefined) return undefined
-  const n = Number(raw)
-  if (!Number.isInteger(n) || n < 1) fail(`--${name} must be a version (a positive integer)`)
+  // Decimal digits only: Number() also reads "0x10" and "1e3", and rounds past 2^53.
+  const n = /^[1-9][0-9]*$/.test(raw) ? Number(raw) : Number.NaN
+  if (!Number.isSafeInteger(n)) fail(`--${name} must be a version (a positive integer)`)
   return n
 }
 const selector = (): TaskSelector => {
@@ -49,6 +76,9 @@ const selector = (): TaskSelector => {
   const to = version("to")
   if ((from !== undefined || to !== undefined) && values.key === undefined) {
     fail("--from/--to select versions of one key: give --key too")
+  }
+  if (from !== undefined && to !== undefined && from > to) {
+    fail(`--from ${from} is above --to ${to}`)
   }
   if (from !== undefined) s.fromVer = from
   if (to !== undefined) s.toVer = to
@@ -81,18 +111,18 @@ try {
     case "redrive":
       result = { redriven: await admin.redrive(selector()) }
       break
-    default:
-      fail(command ? `unknown command ${JSON.stringify(command)}` : "no command")
   }
   console.log(JSON.stringify(result, null, 2))
 } catch (err) {
-  // An operator reads this, not a developer: the message, not a stack. A refused request is
-  // the admin API's own error; anything else is most often the wrong database.
+  // An operator reads this, not a developer: the message, not a stack. A database that does
+  // not exist or lacks Keyway's tables is most often DATABASE_URL naming the wrong one.
   const message = err instanceof Error ? err.message : String(err)
+  const code = (err as { code?: string }).code
+  const wrongDatabase = code === "3D000" || code === "42P01" || code === "42883"
   const hint =
-    err instanceof ConsumerAdminError
-      ? ""
-      : ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
+    wrongDatabase && !(err instanceof ConsumerAdminError)
+      ? ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
+      : ""
   console.error(`admin: ${message}${hint}`)
   process.exitCode = 1
 } finally {

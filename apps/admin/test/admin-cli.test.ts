@@ -9,9 +9,14 @@ const cli = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 let t: TestDatabase
 
 /** Runs the CLI as an operator would and collects what it printed. */
-function run(args: string[], databaseUrl = t.url) {
+function run(
+  args: string[],
+  databaseUrl = t.url,
+  command = [process.execPath, "--import", "tsx", cli],
+) {
   return new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
-    const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
+    const child = spawn(command[0]!, [...command.slice(1), ...args], {
+      cwd: fileURLToPath(new URL("../../..", import.meta.url)),
       env: { ...process.env, DATABASE_URL: databaseUrl },
     })
     let out = ""
@@ -164,4 +169,95 @@ test("a retry that would rewind a key over versions retention deleted is refused
     ["p"],
     "the dead task stays listed",
   )
+})
+
+test("what the CLI would otherwise misread or ignore is refused with exit code 2, and changes nothing", async () => {
+  const before = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' order by key, ver`.execute(t.db)
+  const cases: [string[], RegExp][] = [
+    // A version as a positional: only the command was read, and every task of the key skipped.
+    [["skip", "--group", "g", "--topic", "demo.item", "--key", "a", "5"], /unexpected "5"/],
+    [["dead", "--group", "g", "--topc", "demo.item"], /Unknown option '--topc'/],
+    [["dead", "--group", "g", "--key", "a"], /dead does not take --key/],
+    [["summary", "--group", "g", "--topic", "demo.item"], /summary does not take --topic/],
+    [
+      ["retry", "--group", "g", "--topic", "demo.item", "--key", "a", "--from", "9", "--to", "3"],
+      /--from 9 is above --to 3/,
+    ],
+    [
+      ["retry", "--group", "g", "--topic", "demo.item", "--key", "a", "--from", "0x10"],
+      /--from must be a version/,
+    ],
+    [
+      ["retry", "--group", "g", "--topic", "demo.item", "--key", "a", "--to", "9007199254740993"],
+      /--to must be a version/,
+    ],
+  ]
+  for (const [args, message] of cases) {
+    const r = await run(args)
+    assert.equal(r.code, 2, args.join(" "))
+    assert.match(r.err, message, args.join(" "))
+    assert.doesNotMatch(r.err, /\bat \//, "no stack")
+  }
+  const after = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' order by key, ver`.execute(t.db)
+  assert.deepEqual(after.rows, before.rows)
+})
+
+test("skip: an open range closes the gap at its start; versions that ran or have not arrived are not skipped", async () => {
+  // Key "c": v1 done, v2 missing, v3 and v4 pending. Key "d": at v5, with v1..v3 deleted by
+  // retention, v4 and v5 done, v6 pending.
+  await sql`
+    insert into keyway.consumer_key (grp, topic, key, done_ver, gap_since) values
+      ('g', 'demo.item', 'c', 1, now()), ('g', 'demo.item', 'd', 5, null)
+  `.execute(t.db)
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('g', 'demo.item', 'c', 1, 'c:1', 'demo.item.changed.v1', '{"n":1}', now(), 'done', 1),
+           ('g', 'demo.item', 'c', 3, 'c:3', 'demo.item.changed.v1', '{"n":3}', now(), 'pending', 0),
+           ('g', 'demo.item', 'c', 4, 'c:4', 'demo.item.changed.v1', '{"n":4}', now(), 'pending', 0),
+           ('g', 'demo.item', 'd', 4, 'd:4', 'demo.item.changed.v1', '{"n":4}', now(), 'done', 1),
+           ('g', 'demo.item', 'd', 5, 'd:5', 'demo.item.changed.v1', '{"n":5}', now(), 'done', 1),
+           ('g', 'demo.item', 'd', 6, 'd:6', 'demo.item.changed.v1', '{"n":6}', now(), 'pending', 0)
+  `.execute(t.db)
+  const skip = (key: string, ...range: string[]) =>
+    run(["skip", "--group", "g", "--topic", "demo.item", "--key", key, ...range])
+  // Past v4, the highest "c" has received: a placeholder there would drop v5 when it comes.
+  const ahead = await skip("c", "--from", "2", "--to", "9")
+  assert.equal(ahead.code, 1)
+  assert.match(
+    ahead.err,
+    /refused: demo\.item\/c has received versions up to v4; v5\.\.v9 have not arrived/,
+  )
+  const open = await skip("c", "--from", "2")
+  assert.equal(open.code, 0, open.err)
+  assert.deepEqual(JSON.parse(open.out), { skipped: 3 }, "v2 (missing), v3 and v4")
+  const ran = await skip("d", "--from", "1", "--to", "6")
+  assert.equal(ran.code, 0, ran.err)
+  assert.deepEqual(JSON.parse(ran.out), { skipped: 1 }, "v6 only: v1..v5 ran")
+  const rows = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' and key in ('c', 'd') order by key, ver`.execute(
+    t.db,
+  )
+  assert.deepEqual(
+    rows.rows.map((r) => `${r.key}${r.ver}:${r.state}`),
+    ["c1:done", "c2:skipped", "c3:skipped", "c4:skipped", "d4:done", "d5:done", "d6:skipped"],
+  )
+})
+
+test("just admin passes each argument through whole: a key with a space stays one key", async () => {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'e f', 0)`.execute(
+    t.db,
+  )
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('g', 'demo.item', 'e f', 1, 'ef:1', 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 5)
+  `.execute(t.db)
+  const just = fileURLToPath(new URL("../../../node_modules/.bin/just", import.meta.url))
+  const r = await run(["retry", "--group", "g", "--topic", "demo.item", "--key", "e f"], t.url, [
+    just,
+    "admin",
+  ])
+  assert.equal(r.code, 0, r.err)
+  assert.deepEqual(JSON.parse(r.out), { retried: 1 })
 })

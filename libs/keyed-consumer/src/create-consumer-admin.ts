@@ -196,43 +196,68 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     // finished (they do not run again; redrive is for that) and over those still parked.
     retry: (s) => resetAndRewind(s, ["dead"]),
     async skip(s) {
-      const r = await sql`
-        with range as (
-          select k.topic, k.key, v.ver
-            from keyway.consumer_key k,
-                 generate_series(${s.fromVer ?? null}::bigint, ${s.toVer ?? null}::bigint) as v(ver)
-           where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key ?? null}
-        ),
-        placeholders as (
-          -- A missing version named explicitly is recorded as skipped, which closes the gap.
-          insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at,
-                                    state, last_error, done_at)
-          select ${group}, topic, key, ver, concat('skipped:', topic, ':', key, ':', ver),
-                 'keyway.skipped', 'null', now(), 'skipped', 'skipped by an operator while missing',
-                 now()
-            from range
-          on conflict do nothing
-          returning topic, key, ver
-        ),
-        skipped as (
-          update keyway.inbox i
-             set state = 'skipped', done_at = now()
-           where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
-          returning i.topic, i.key, i.ver
-        ),
-        bumped as (
-          -- The key's worker reads done_ver afresh after the epoch bump.
-          update keyway.consumer_key k
-             set epoch = k.epoch + 1
-           where k.grp = ${group}
-             and (k.topic, k.key) in (select topic, key from skipped
-                                      union select topic, key from placeholders)
-          returning 1
-        )
-        select (select count(*) from skipped) + (select count(*) from placeholders) as n,
-               (select count(*) from bumped) as keys
-      `.execute(db)
-      return Number((r.rows[0] as { n: number }).n)
+      const ranged = s.fromVer !== undefined || s.toVer !== undefined
+      return db.transaction().execute(async (trx) => {
+        if (ranged && s.key !== undefined && s.toVer !== undefined) {
+          // A placeholder for a version that has not arrived would make ingest drop the real
+          // event when it comes, silently: a range may not reach past what the key received.
+          const top = await sql<{ ver: number | null }>`
+            select max(ver)::float8 as ver from keyway.inbox
+             where grp = ${group} and topic = ${s.topic} and key = ${s.key}`.execute(trx)
+          const highest = top.rows[0]?.ver ?? 0
+          if (s.toVer > highest) {
+            throw new ConsumerAdminError(
+              `refused: ${s.topic}/${s.key} has received versions up to v${highest}; v${highest + 1}..v${s.toVer} have not arrived, and skipping them would drop them when they do`,
+            )
+          }
+        }
+        const r = await sql`
+          with range as (
+            -- The missing versions a range names, between where the key stands (below it they
+            -- ran, and retention may have deleted them) and the highest version it received
+            -- (an open end runs to it). No range, no placeholders.
+            select k.topic, k.key, v.ver
+              from keyway.consumer_key k,
+                   generate_series(
+                     greatest(coalesce(${s.fromVer ?? null}::bigint, 0), k.done_ver + 1),
+                     coalesce(${s.toVer ?? null}::bigint,
+                              (select max(i.ver) from keyway.inbox i
+                                where i.grp = k.grp and i.topic = k.topic and i.key = k.key))
+                   ) as v(ver)
+             where ${ranged} and k.grp = ${group} and k.topic = ${s.topic}
+               and k.key = ${s.key ?? null}
+          ),
+          placeholders as (
+            -- A missing version named explicitly is recorded as skipped, which closes the gap.
+            insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at,
+                                      state, last_error, done_at)
+            select ${group}, topic, key, ver, concat('skipped:', topic, ':', key, ':', ver),
+                   'keyway.skipped', 'null', now(), 'skipped', 'skipped by an operator while missing',
+                   now()
+              from range
+            on conflict do nothing
+            returning topic, key, ver
+          ),
+          skipped as (
+            update keyway.inbox i
+               set state = 'skipped', done_at = now()
+             where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
+            returning i.topic, i.key, i.ver
+          ),
+          bumped as (
+            -- The key's worker reads done_ver afresh after the epoch bump.
+            update keyway.consumer_key k
+               set epoch = k.epoch + 1
+             where k.grp = ${group}
+               and (k.topic, k.key) in (select topic, key from skipped
+                                        union select topic, key from placeholders)
+            returning 1
+          )
+          select (select count(*) from skipped) + (select count(*) from placeholders) as n,
+                 (select count(*) from bumped) as keys
+        `.execute(trx)
+        return Number((r.rows[0] as { n: number }).n)
+      })
     },
     redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"]),
   }
