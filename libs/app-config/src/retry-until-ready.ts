@@ -59,10 +59,12 @@ export async function retryUntilReady<T>(
  * - A JetStream API answer with status 400: a stream configuration the server refuses, a
  *   consumer filter outside its stream. Its absence (404) or JetStream still starting (503)
  *   may mend.
+ * - An error that says so itself (`permanent: true`): a refusal made before asking a server.
  */
 function isPermanent(err: unknown): boolean {
-  const e = err as { name?: unknown; code?: unknown; status?: unknown } | null
+  const e = err as { name?: unknown; code?: unknown; status?: unknown; permanent?: unknown } | null
   if (e === null || typeof e !== "object") return false
+  if (e.permanent === true) return true
   if (typeof e.code === "string" && (e.code.startsWith("28") || e.code === "42501")) return true
   if (e.name === "AuthorizationError") return true
   return e.status === 400 && typeof e.code === "number"

@@ -46,24 +46,84 @@ export async function loadStreamDefinitions(path: string): Promise<StreamDefinit
 }
 
 /**
+ * A declared change to an existing stream that would destroy or re-fetch what it holds. The
+ * server would take it without a word; an operator who means it makes it by hand (`nats
+ * stream edit`). Permanent: waiting does not mend it.
+ */
+export class StreamChangeRefusedError extends Error {
+  override name = "StreamChangeRefusedError"
+  readonly permanent = true
+}
+
+// Limits whose lowering deletes stored messages at once; at or below zero means none. At a
+// site cut off for hours, what they delete is what the other site has not yet copied.
+const limitFields = ["max_age", "max_bytes", "max_msgs", "max_msgs_per_subject"] as const
+
+/** What updating `live` to `declared` would destroy or restart, one line each. */
+export function destructiveChanges(live: StreamConfig, declared: StreamDefinition): string[] {
+  const out: string[] = []
+  for (const field of limitFields) {
+    const to = declared[field] as number | undefined
+    const from = live[field] as number
+    if (to !== undefined && to > 0 && (from <= 0 || to < from)) {
+      out.push(`${field} ${from <= 0 ? "unlimited" : from} -> ${to} deletes what is over it`)
+    }
+  }
+  if (declared.num_replicas !== undefined && declared.num_replicas < live.num_replicas) {
+    out.push(`num_replicas ${live.num_replicas} -> ${declared.num_replicas} drops copies`)
+  }
+  // A source is tracked by its name and API prefix: changed, the copy starts it over from
+  // its first message, and what is older than the duplicate window is stored twice.
+  if (declared.sources !== undefined) {
+    const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null)
+    for (const source of live.sources ?? []) {
+      const kept = declared.sources.find((d) => d.name === source.name)
+      if (!kept) out.push(`source ${source.name} removed`)
+      else if (
+        !same(kept.external?.api, source.external?.api) ||
+        !same(kept.filter_subject, source.filter_subject)
+      ) {
+        out.push(`source ${source.name} changed: the copy would fetch it again from its start`)
+      }
+    }
+  }
+  return out
+}
+
+/**
  * Creates missing streams and updates existing ones to their declared config. Never deletes
  * a stream: deleting and recreating an origin stream loses its messages and resets the
- * sequence numbers its sourced copies track.
+ * sequence numbers its sourced copies track. Nor does it make a change that would destroy
+ * or re-fetch what a stream holds (see destructiveChanges): that is refused, whole, before
+ * any stream is touched.
  */
 export async function applyStreams(
   jsm: JetStreamManager,
   definitions: readonly StreamDefinition[],
 ): Promise<void> {
+  const planned: { definition: StreamDefinition; exists: boolean }[] = []
+  const refused: string[] = []
   for (const raw of definitions) {
     const definition = normalise(raw)
-    let exists = true
     try {
-      await jsm.streams.info(definition.name)
+      const live = await jsm.streams.info(definition.name)
+      planned.push({ definition, exists: true })
+      for (const change of destructiveChanges(live.config, definition)) {
+        refused.push(`${definition.name}: ${change}`)
+      }
     } catch (err) {
-      if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound) {
-        exists = false
-      } else throw err
+      if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) {
+        throw err
+      }
+      planned.push({ definition, exists: false })
     }
+  }
+  if (refused.length > 0) {
+    throw new StreamChangeRefusedError(
+      `refused to apply stream changes that would destroy or re-fetch stored messages (make them by hand if meant): ${refused.join("; ")}`,
+    )
+  }
+  for (const { definition, exists } of planned) {
     if (exists) {
       const { name, ...rest } = definition
       await jsm.streams.update(name, rest)

@@ -1,7 +1,9 @@
 export {
   applyStreams,
+  destructiveChanges,
   loadStreamDefinitions,
   parseDuration,
+  StreamChangeRefusedError,
   type StreamDefinition,
 } from "./apply-streams.ts"
 export { closeNats } from "./close-nats.ts"

@@ -1,0 +1,89 @@
+// applyStreams against a real server: declared streams are created and updated, but a change
+// that would destroy or re-fetch what a stream holds is refused before anything is touched.
+import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
+import { after, before, test } from "node:test"
+import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import {
+  applyStreams,
+  connectNats,
+  StreamChangeRefusedError,
+  type StreamDefinition,
+} from "../src/index.ts"
+
+const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
+let nc: NatsConnection
+let jsm: JetStreamManager
+const created: string[] = []
+
+before(async () => {
+  nc = await connectNats({ servers: SHARED_NATS })
+  jsm = await jetstreamManager(nc)
+})
+after(async () => {
+  for (const name of created) await jsm.streams.delete(name).catch(() => {})
+  await nc.close()
+})
+
+const uniqueName = () => {
+  const name = `APPLY${randomBytes(4).toString("hex").toUpperCase()}`
+  created.push(name)
+  return name
+}
+const hours = (n: number) => n * 3600e9
+
+test("a lower limit, or a changed source, is refused whole; raising a limit is applied", async () => {
+  const origin = uniqueName()
+  const copy = uniqueName()
+  const subject = origin.toLowerCase()
+  const declared: StreamDefinition[] = [
+    { name: origin, subjects: [`${subject}.>`], max_age: hours(168), duplicate_window: 600e9 },
+    {
+      name: copy,
+      max_age: hours(168),
+      sources: [{ name: "ELSEWHERE", external: { api: "$JS.elsewhere.API", deliver: "" } }],
+    },
+  ]
+  await applyStreams(jsm, declared)
+  for (let i = 0; i < 5; i++) await jetstream(nc).publish(`${subject}.x`, String(i))
+
+  // Lowering max_age deletes whatever is older at once; a new API prefix for a source makes
+  // the copy fetch it again from its start. Refused, and neither stream changed, not even
+  // the one whose declared change was harmless.
+  await assert.rejects(
+    applyStreams(jsm, [
+      { ...declared[0]!, max_age: hours(1), description: "now described" },
+      {
+        ...declared[1]!,
+        sources: [{ name: "ELSEWHERE", external: { api: "$JS.renamed.API", deliver: "" } }],
+      },
+    ]),
+    (err: Error) => {
+      assert.ok(err instanceof StreamChangeRefusedError)
+      assert.match(err.message, new RegExp(`${origin}: max_age ${hours(168)} -> ${hours(1)}`))
+      assert.match(err.message, new RegExp(`${copy}: source ELSEWHERE changed`))
+      return true
+    },
+  )
+  const originInfo = await jsm.streams.info(origin)
+  assert.equal(originInfo.config.max_age, hours(168))
+  assert.equal(originInfo.config.description ?? "", "")
+  assert.equal(originInfo.state.messages, 5)
+  const copyInfo = await jsm.streams.info(copy)
+  assert.equal(copyInfo.config.sources?.[0]?.external?.api, "$JS.elsewhere.API")
+
+  // A higher limit deletes nothing.
+  await applyStreams(jsm, [{ ...declared[0]!, max_age: hours(336), description: "kept longer" }])
+  const raised = await jsm.streams.info(origin)
+  assert.equal(raised.config.max_age, hours(336))
+  assert.equal(raised.config.description, "kept longer")
+  assert.equal(raised.state.messages, 5)
+
+  // A limit where there was none is a lower one too.
+  await assert.rejects(
+    applyStreams(jsm, [{ ...declared[0]!, max_age: hours(336), max_msgs: 3 }]),
+    /max_msgs unlimited -> 3 deletes what is over it/,
+  )
+  assert.equal((await jsm.streams.info(origin)).state.messages, 5)
+})
