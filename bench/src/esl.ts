@@ -218,8 +218,10 @@ export async function run() {
     await Promise.all(workers.map((w) => w.exited()))
     await relay.stop()
     await aims.stop()
-    await nc.close()
+    // Before closing the connection the delete goes over: after it, the delete failed
+    // unheard and every run left its stream on the shared server.
     await jsm.streams.delete(streamName).catch(() => {})
+    await nc.close()
     await t.drop()
   }
 }
