@@ -67,3 +67,25 @@ test("a key woken while it drains waits from that drain's end; a second wake kee
   a2.end()
   await scheduler.stop()
 })
+
+test("an onError that throws neither ends the process nor stops the scheduler", async () => {
+  const drained: string[] = []
+  const scheduler = new KeyScheduler(
+    1,
+    async (ref) => {
+      drained.push(ref.key)
+      if (ref.key === "a") throw new Error("drain failed")
+    },
+    () => {
+      throw new Error("the logger failed too")
+    },
+  )
+  scheduler.wake(a)
+  scheduler.wake(b)
+  while (drained.length < 2) await sleep(1)
+  // An unhandled rejection would fail this file before the next tick's end.
+  await sleep(20)
+  scheduler.wake(a)
+  while (drained.length < 3) await sleep(1)
+  assert.deepEqual(drained, ["a", "b", "a"])
+})

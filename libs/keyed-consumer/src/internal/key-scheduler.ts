@@ -63,6 +63,9 @@ export class KeyScheduler {
       this.queued.delete(k)
       const run = this.drain(ref, this.now() - since)
         .catch((err) => this.onError(err, ref))
+        // onError logs, through a logger the caller supplied: one that throws must not become
+        // an unhandled rejection, which ends the process.
+        .catch(() => {})
         .finally(() => {
           this.running.delete(k)
           if (this.again.delete(k)) this.queued.set(k, { ref, since: this.now() })
