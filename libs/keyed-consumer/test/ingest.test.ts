@@ -5,7 +5,12 @@ import { after, before, describe, test } from "node:test"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
-import { type IncomingEvent, ingestBatch, recordReject } from "../src/internal/inbox-sql.ts"
+import {
+  confirmBaselines,
+  type IncomingEvent,
+  ingestBatch,
+  recordReject,
+} from "../src/internal/inbox-sql.ts"
 
 const GROUP = "g"
 
@@ -103,6 +108,32 @@ describe("keyway.ingest", () => {
     )
   })
 
+  test("a version that arrives below where its settled key started is listed dead, not dropped", async () => {
+    // A group of its own, whose only key "q" is first seen at version 3; settled once the ack
+    // floor has passed it.
+    const group = "late"
+    await ingestBatch(t.db, group, [event("q", 3, 50)])
+    assert.equal(await confirmBaselines(t.db, group, 60), 1)
+    // Versions 1 and 2 come after, at later stream sequences: what a NATS that lost them
+    // and a relay that published them again make of a key's start.
+    const woken = await ingestBatch(t.db, group, [event("q", 1, 61), event("q", 2, 62)])
+    assert.deepEqual(woken, [{ topic: "demo.item", key: "q" }])
+    const rows = await sql<{ ver: number; state: string; last_error: string | null }>`
+      select ver, state, last_error from keyway.inbox where grp = ${group} and key = 'q' order by ver`.execute(
+      t.db,
+    )
+    assert.deepEqual(
+      rows.rows.map((r) => `${r.ver}:${r.state}`),
+      ["1:dead", "2:dead", "3:pending"],
+    )
+    assert.match(rows.rows[0]!.last_error!, /arrived after its key had started above it \(at v3\)/)
+    const key = await sql<{ done_ver: number; start_ver: number; dead_tasks: number }>`
+      select done_ver, start_ver, dead_tasks from keyway.consumer_key
+       where grp = ${group} and key = 'q'`.execute(t.db)
+    assert.deepEqual(key.rows, [{ done_ver: 2, start_ver: 2, dead_tasks: 2 }])
+    // Delivered again, they are not stored twice.
+    assert.deepEqual(await ingestBatch(t.db, group, [event("q", 1, 61)]), [])
+  })
   test("a message rejected on each of its deliveries is kept once", async () => {
     const reject = {
       streamSeq: 77,

@@ -56,16 +56,24 @@ export async function ingestBatch(
 /**
  * Settles provisional starting points. `ackFloor` is the group's JetStream ack floor: every
  * message up to it was acked, and ingest acks only after committing, so every earlier
- * version of such a key that the stream still holds is in the inbox by now.
+ * version of such a key that the stream still holds in order is in the inbox by now. The
+ * start is kept as start_ver: a version below it that comes later never ran (sql/0012).
  */
 export async function confirmBaselines(db: Kysely<any>, group: string, ackFloor: number) {
+  // The condition on k itself, not only on the rows the start is worked out from: two workers
+  // confirm at once, and the second, once the first has committed, re-checks it on the row as
+  // it now stands and leaves a settled key (and the versions it has run since) alone.
   const r = await sql`
     update keyway.consumer_key k
-       set done_ver = least(k.done_ver,
-             (select min(i.ver) - 1 from keyway.inbox i
-               where i.grp = k.grp and i.topic = k.topic and i.key = k.key)),
-           baseline_stream_seq = null
-     where k.grp = ${group} and k.baseline_stream_seq <= ${ackFloor} + 1
+       set done_ver = s.ver, start_ver = s.ver, baseline_stream_seq = null
+      from (select c.grp, c.topic, c.key,
+                   least(c.done_ver,
+                         (select min(i.ver) - 1 from keyway.inbox i
+                           where i.grp = c.grp and i.topic = c.topic and i.key = c.key)) as ver
+              from keyway.consumer_key c
+             where c.grp = ${group} and c.baseline_stream_seq <= ${ackFloor} + 1) s
+     where k.grp = s.grp and k.topic = s.topic and k.key = s.key
+       and k.baseline_stream_seq <= ${ackFloor} + 1
   `.execute(db)
   return Number(r.numAffectedRows ?? 0)
 }
