@@ -3,7 +3,7 @@
 // by people and piped to jq alike.
 import { parseArgs } from "node:util"
 import { createDb } from "@keyway/db"
-import { ConsumerAdminError, createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
+import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
@@ -119,10 +119,9 @@ try {
   const message = err instanceof Error ? err.message : String(err)
   const code = (err as { code?: string }).code
   const wrongDatabase = code === "3D000" || code === "42P01" || code === "42883"
-  const hint =
-    wrongDatabase && !(err instanceof ConsumerAdminError)
-      ? ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
-      : ""
+  const hint = wrongDatabase
+    ? ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
+    : ""
   console.error(`admin: ${message}${hint}`)
   process.exitCode = 1
 } finally {

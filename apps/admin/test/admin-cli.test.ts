@@ -209,7 +209,8 @@ test("skip: an open range closes the gap at its start; versions that ran or have
   // retention, v4 and v5 done, v6 pending.
   await sql`
     insert into keyway.consumer_key (grp, topic, key, done_ver, gap_since) values
-      ('g', 'demo.item', 'c', 1, now()), ('g', 'demo.item', 'd', 5, null)
+      ('g', 'demo.item', 'c', 1, now()), ('g', 'demo.item', 'd', 5, null),
+      ('g', 'demo.item', 'z', 5, null)
   `.execute(t.db)
   await sql`
     insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
@@ -232,6 +233,10 @@ test("skip: an open range closes the gap at its start; versions that ran or have
   const open = await skip("c", "--from", "2")
   assert.equal(open.code, 0, open.err)
   assert.deepEqual(JSON.parse(open.out), { skipped: 3 }, "v2 (missing), v3 and v4")
+  // "z" stands at v5 with every row taken by retention: it has received v5, and ran it.
+  const pruned = await skip("z", "--from", "1", "--to", "3")
+  assert.equal(pruned.code, 0, pruned.err)
+  assert.deepEqual(JSON.parse(pruned.out), { skipped: 0 })
   const ran = await skip("d", "--from", "1", "--to", "6")
   assert.equal(ran.code, 0, ran.err)
   assert.deepEqual(JSON.parse(ran.out), { skipped: 1 }, "v6 only: v1..v5 ran")

@@ -88,9 +88,9 @@ export function formatPrice(priceMinor: number, currency: string): string {
 
 /**
  * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit, then
- * shortened), the price large (shrunk to fit), the product id and job id small at the bottom. Deterministic: the same
- * payload gives the same bytes, which is how the tests tell which task a label's image
- * came from.
+ * shortened), the price large (shrunk to fit), the product id and job id small at the
+ * bottom. Deterministic: the same payload gives the same bytes, which is how the tests tell
+ * which task a label's image came from.
  */
 export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> {
   const canvas = createCanvas(LABEL_WIDTH, LABEL_HEIGHT)

@@ -43,6 +43,23 @@ test("the label is drawn in the panel's three inks: the price red, the text blac
   assert.ok(red > black && white > 4 * (red + black), `black ${black}, red ${red}, white ${white}`)
 })
 
+/** The columns that hold red ink: where the price was drawn. */
+async function redColumns(png: Buffer): Promise<{ first: number; last: number }> {
+  const { width, height, rgba } = await decodePng(png)
+  let first = width
+  let last = -1
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const q = 4 * (y * width + x)
+      if (rgba[q] === 208 && rgba[q + 1] === 0) {
+        first = Math.min(first, x)
+        last = Math.max(last, x)
+      }
+    }
+  }
+  return { first, last }
+}
+
 /** Columns of ink within `strip` px of the left or right edge: text that ran off the label. */
 async function inkNearEdges(png: Buffer, strip = 6): Promise<number[]> {
   const { width, height, rgba } = await decodePng(png)
@@ -82,5 +99,8 @@ test("every price the schema allows is drawn whole, inside the margins", async (
   ] as const) {
     const png = await renderLabel({ ...task, priceMinor, currency })
     assert.deepEqual(await inkNearEdges(png), [], `${priceMinor} ${currency}`)
+    // Drawn, and as wide as a price of ten or more characters at 20 px at least.
+    const { first, last } = await redColumns(png)
+    assert.ok(last - first > 120, `${priceMinor} ${currency}: red from x ${first} to ${last}`)
   }
 })

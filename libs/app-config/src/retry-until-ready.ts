@@ -59,7 +59,7 @@ export async function retryUntilReady<T>(
  * - A JetStream API answer with status 400: a stream configuration the server refuses, a
  *   consumer filter outside its stream. Its absence (404) or JetStream still starting (503)
  *   may mend.
- * - An error that says so itself (`permanent: true`): a refusal made before asking a server.
+ * - An error that says so itself (`permanent: true`): a refusal that waiting cannot mend.
  */
 function isPermanent(err: unknown): boolean {
   const e = err as { name?: unknown; code?: unknown; status?: unknown; permanent?: unknown } | null

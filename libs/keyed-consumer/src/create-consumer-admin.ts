@@ -55,7 +55,10 @@ export interface ConsumerAdmin {
   retry(selector: TaskSelector): Promise<number>
   /**
    * Marks dead or pending tasks skipped, and moves keys past skipped versions; a missing
-   * version named by a range is skipped too (closing a gap). Returns the versions skipped.
+   * version named by a range is skipped too (closing a gap), between where the key stands
+   * and the highest version it has received (an open end runs to it). A range that reaches
+   * past that is refused: the versions would be dropped when they came. Returns the
+   * versions skipped.
    */
   skip(selector: TaskSelector): Promise<number>
   /** Runs finished tasks again (done, skipped or dead): rewinds each key to the lowest. */
@@ -201,9 +204,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         if (ranged && s.key !== undefined && s.toVer !== undefined) {
           // A placeholder for a version that has not arrived would make ingest drop the real
           // event when it comes, silently: a range may not reach past what the key received.
+          // Where the key stands counts as received: retention may have taken those rows.
           const top = await sql<{ ver: number | null }>`
-            select max(ver)::float8 as ver from keyway.inbox
-             where grp = ${group} and topic = ${s.topic} and key = ${s.key}`.execute(trx)
+            select greatest(k.done_ver, (select max(i.ver) from keyway.inbox i
+                                          where i.grp = k.grp and i.topic = k.topic
+                                            and i.key = k.key))::float8 as ver
+              from keyway.consumer_key k
+             where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
           const highest = top.rows[0]?.ver ?? 0
           if (s.toVer > highest) {
             throw new ConsumerAdminError(

@@ -44,7 +44,6 @@ export async function effects(db: Kysely<any>) {
 // stream as a duplicate, leaving a gap that no test expects.
 let lastSeq = Math.floor(Math.random() * 1e9)
 
-/** Publishes a hand-made event straight to the stream, as a relay would. */
 /**
  * Publishes one event as a relay would. `raw` overrides envelope fields after the fact, for
  * what a relay never sends (a bad createdAt, an overlong id) but another publisher might.

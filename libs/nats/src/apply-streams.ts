@@ -76,11 +76,14 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
   // its first message, and what is older than the duplicate window is stored twice.
   if (declared.sources !== undefined) {
     const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null)
+    // A source may be declared by domain; nats.js sends it as that domain's API prefix.
+    const apiOf = (s: { external?: { api?: string }; domain?: string }) =>
+      s.external?.api ?? (s.domain ? `$JS.${s.domain}.API` : undefined)
     for (const source of live.sources ?? []) {
       const kept = declared.sources.find((d) => d.name === source.name)
       if (!kept) out.push(`source ${source.name} removed`)
       else if (
-        !same(kept.external?.api, source.external?.api) ||
+        !same(apiOf(kept), apiOf(source)) ||
         !same(kept.filter_subject, source.filter_subject)
       ) {
         out.push(`source ${source.name} changed: the copy would fetch it again from its start`)

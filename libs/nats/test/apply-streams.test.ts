@@ -3,11 +3,17 @@
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
 import { after, before, test } from "node:test"
-import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream"
+import {
+  type JetStreamManager,
+  jetstream,
+  jetstreamManager,
+  type StreamConfig,
+} from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import {
   applyStreams,
   connectNats,
+  destructiveChanges,
   StreamChangeRefusedError,
   type StreamDefinition,
 } from "../src/index.ts"
@@ -86,4 +92,24 @@ test("a lower limit, or a changed source, is refused whole; raising a limit is a
     /max_msgs unlimited -> 3 deletes what is over it/,
   )
   assert.equal((await jsm.streams.info(origin)).state.messages, 5)
+})
+
+test("a source declared by domain is the same source the server reports by API prefix", () => {
+  const live = {
+    name: "CLOUD_IN",
+    num_replicas: 1,
+    max_age: hours(168),
+    sources: [{ name: "CLOUD", external: { api: "$JS.cloud.API", deliver: "" } }],
+  } as unknown as StreamConfig
+  assert.deepEqual(
+    destructiveChanges(live, { name: "CLOUD_IN", sources: [{ name: "CLOUD", domain: "cloud" }] }),
+    [],
+  )
+  assert.deepEqual(
+    destructiveChanges(live, {
+      name: "CLOUD_IN",
+      sources: [{ name: "CLOUD", domain: "elsewhere" }],
+    }),
+    ["source CLOUD changed: the copy would fetch it again from its start"],
+  )
 })
