@@ -1,9 +1,10 @@
-import { propagation } from "@opentelemetry/api"
+import { context, propagation } from "@opentelemetry/api"
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
 import { resourceFromAttributes } from "@opentelemetry/resources"
 import { core, NodeSDK } from "@opentelemetry/sdk-node"
 import { BatchSpanProcessor } from "@opentelemetry/sdk-trace-base"
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
+import { AsyncLocalContextManager } from "./async-local-context-manager.ts"
 
 export interface TelemetryConfig {
   /** `service.name` of every span this process exports. */
@@ -60,7 +61,10 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   if (!config.otlpEndpoint) {
     // No SDK: the API's no-op tracer creates non-recording spans that still carry the
     // incoming context, and this propagator writes it on, so the trace survives a hop
-    // through a process that does not export.
+    // through a process that does not export. The context manager makes context.with()
+    // hold across awaits, as the SDK's does: without it a handler that enqueues follow-up
+    // events saw no active context, and stored none.
+    context.setGlobalContextManager(new AsyncLocalContextManager().enable())
     propagation.setGlobalPropagator(propagator)
     const noop = async () => {}
     return { exporting: false, forceFlush: noop, shutdown: noop, [Symbol.asyncDispose]: noop }

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { type OtlpReceiver, startOtlpReceiver } from "@keyway/testkit"
+import { fileURLToPath } from "node:url"
+import { type OtlpReceiver, spawnTs, startOtlpReceiver } from "@keyway/testkit"
 import { context, propagation, SpanKind, trace } from "@opentelemetry/api"
 import {
   createMetricsRegistry,
@@ -134,4 +135,16 @@ describe("metrics", () => {
     assert.match(body, /^keyway_process_cpu_user_seconds_total /m, "process metrics")
     assert.equal((await fetch(`${server.url}/other`)).status, 404)
   })
+})
+
+test("without an endpoint, a context made active holds across an await, and is propagated", async () => {
+  // In a process of its own: startTelemetry registers globals once per process.
+  const child = spawnTs(
+    fileURLToPath(new URL("./fixtures/context-across-await.ts", import.meta.url)),
+  )
+  await child.exited()
+  assert.equal(child.exitCode, 0, child.lines.join("\n"))
+  assert.deepEqual(child.json(), [
+    { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" },
+  ])
 })
