@@ -4,6 +4,8 @@ import {
   intEnv,
   metricsPortEnv,
   requiredEnv,
+  type TelemetryEnv,
+  telemetryEnv,
   urlEnv,
 } from "@keyway/app-config"
 
@@ -12,7 +14,7 @@ export { ConfigError }
 // The ESL worker's whole environment, parsed once at start; anything wrong stops the process
 // with a message naming the variable.
 
-export interface EslWorkerAppConfig {
+export interface EslWorkerAppConfig extends TelemetryEnv {
   databaseUrl: string
   natsServers: string[]
   natsUser?: string
@@ -40,9 +42,6 @@ export interface EslWorkerAppConfig {
   recoveryIntervalMs: number
   /** Serve /metrics on this port; unset: no metrics server. */
   metricsPort?: number
-  /** OTLP/HTTP base URL (Jaeger: http://host:4318); unset: no traces exported. */
-  otlpEndpoint?: string
-  serviceName: string
 }
 
 export function parseConfig(env: Env): EslWorkerAppConfig {
@@ -78,7 +77,6 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
     pollIntervalMs: intEnv(env, "POLL_MS", 2000),
     recoveryIntervalMs: intEnv(env, "RECOVERY_MS", 5000),
     metricsPort: metricsPortEnv(env),
-    otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim() || undefined,
-    serviceName: env.OTEL_SERVICE_NAME?.trim() || "esl-worker",
+    ...telemetryEnv(env, "esl-worker"),
   }
 }

@@ -148,5 +148,8 @@ async function shutdown() {
   await closed
   clearTimeout(grace)
   await db.destroy()
-  await telemetry.shutdown()
+  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
+  await telemetry
+    .shutdown()
+    .catch((err) => log("warn")("telemetry shutdown failed", { error: String(err) }))
 }

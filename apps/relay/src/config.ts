@@ -1,11 +1,19 @@
-import { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv } from "@keyway/app-config"
+import {
+  ConfigError,
+  type Env,
+  intEnv,
+  metricsPortEnv,
+  requiredEnv,
+  type TelemetryEnv,
+  telemetryEnv,
+} from "@keyway/app-config"
 
 export { ConfigError }
 
 // The relay's whole environment, parsed once. Anything wrong stops the process at start with
 // a message naming the variable, rather than failing later in the middle of a batch.
 
-export interface RelayAppConfig {
+export interface RelayAppConfig extends TelemetryEnv {
   databaseUrl: string
   natsServers: string[]
   natsUser?: string
@@ -44,5 +52,6 @@ export function parseConfig(env: Env): RelayAppConfig {
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
     busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 5),
     retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24),
+    ...telemetryEnv(env, "keyway-relay"),
   }
 }

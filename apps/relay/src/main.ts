@@ -4,7 +4,7 @@ import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
-import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
+import { createMetricsRegistry, serveMetrics, startTelemetry } from "@keyway/telemetry"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { ConfigError, parseConfig } from "./config.ts"
 
@@ -25,6 +25,12 @@ try {
 
 // Before anything that may wait for a server: a stop during startup ends the process.
 const signals = handleStopSignals({ name: "relay", log: logger.info, stop: shutdown })
+// Before the relay's first span: each event's `send` span joins its writer's trace.
+const telemetry = startTelemetry({
+  serviceName: config.serviceName,
+  otlpEndpoint: config.otlpEndpoint,
+  resourceAttributes: { "keyway.site": config.site },
+})
 
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
@@ -78,5 +84,9 @@ async function shutdown(signal: string) {
   await relay.stop()
   await metricsServer?.stop()
   await closeNats(nc)
+  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
+  await telemetry
+    .shutdown()
+    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
 }

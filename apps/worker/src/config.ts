@@ -1,11 +1,19 @@
-import { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv } from "@keyway/app-config"
+import {
+  ConfigError,
+  type Env,
+  intEnv,
+  metricsPortEnv,
+  requiredEnv,
+  type TelemetryEnv,
+  telemetryEnv,
+} from "@keyway/app-config"
 
 export { ConfigError }
 
 // The worker's whole environment, parsed once: a missing or malformed variable stops the
 // process at start with its name, not minutes later inside a handler.
 
-export interface WorkerAppConfig {
+export interface WorkerAppConfig extends TelemetryEnv {
   site: string
   databaseUrl: string
   natsServers: string[]
@@ -54,5 +62,6 @@ export function parseConfig(env: Env): WorkerAppConfig {
     group,
     filterSubject: env.KEYWAY_FILTER_SUBJECT?.trim() || defaults?.filterSubject,
     concurrency: intEnv(env, "WORKER_CONCURRENCY", 64),
+    ...telemetryEnv(env, "keyway-worker"),
   }
 }

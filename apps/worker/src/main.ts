@@ -5,7 +5,7 @@ import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
-import { createMetricsRegistry, serveMetrics } from "@keyway/telemetry"
+import { createMetricsRegistry, serveMetrics, startTelemetry } from "@keyway/telemetry"
 import { Redis } from "ioredis"
 import { ConfigError, parseConfig, type WorkerAppConfig } from "./config.ts"
 import { demoHandlers, ensureDemoEffectTable } from "./handlers/demo-handlers.ts"
@@ -27,6 +27,12 @@ try {
 
 // Before anything that may wait for a server: a stop during startup ends the process.
 const signals = handleStopSignals({ name: "worker", log: logger.info, stop: shutdown })
+// Before the consumer's first span: each handler's `process` span joins its event's trace.
+const telemetry = startTelemetry({
+  serviceName: config.serviceName,
+  otlpEndpoint: config.otlpEndpoint,
+  resourceAttributes: { "keyway.site": config.site },
+})
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
 
@@ -84,5 +90,9 @@ async function shutdown(signal: string) {
   await closeNats(nc)
   redis.disconnect()
   await db.destroy()
+  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
+  await telemetry
+    .shutdown()
+    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   logger.info("worker stopped", consumer.status() as unknown as Record<string, unknown>)
 }

@@ -54,3 +54,18 @@ export function metricsPortEnv(env: Env): number | undefined {
     ? intEnv(env, "METRICS_PORT", 0, { min: 0, max: 65535 })
     : undefined
 }
+
+/** Where a process sends its spans, and under what name (the OpenTelemetry variables). */
+export interface TelemetryEnv {
+  /** OTLP/HTTP base URL (OTEL_EXPORTER_OTLP_ENDPOINT; Jaeger: http://host:4318); unset: none. */
+  otlpEndpoint?: string
+  /** OTEL_SERVICE_NAME, or the app's own name. */
+  serviceName: string
+}
+
+export function telemetryEnv(env: Env, defaultServiceName: string): TelemetryEnv {
+  return {
+    otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim() || undefined,
+    serviceName: env.OTEL_SERVICE_NAME?.trim() || defaultServiceName,
+  }
+}

@@ -1,4 +1,13 @@
-export { ConfigError, type Env, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "./env.ts"
+export {
+  ConfigError,
+  type Env,
+  intEnv,
+  metricsPortEnv,
+  requiredEnv,
+  type TelemetryEnv,
+  telemetryEnv,
+  urlEnv,
+} from "./env.ts"
 export {
   handleStopSignals,
   type StopSignals,
