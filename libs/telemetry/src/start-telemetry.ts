@@ -1,10 +1,10 @@
 import { context, propagation } from "@opentelemetry/api"
+import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks"
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
 import { resourceFromAttributes } from "@opentelemetry/resources"
 import { core, NodeSDK } from "@opentelemetry/sdk-node"
 import { BatchSpanProcessor } from "@opentelemetry/sdk-trace-base"
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
-import { AsyncLocalContextManager } from "./async-local-context-manager.ts"
 
 export interface TelemetryConfig {
   /** `service.name` of every span this process exports. */
@@ -64,7 +64,7 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     // through a process that does not export. The context manager makes context.with()
     // hold across awaits, as the SDK's does: without it a handler that enqueues follow-up
     // events saw no active context, and stored none.
-    context.setGlobalContextManager(new AsyncLocalContextManager().enable())
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable())
     propagation.setGlobalPropagator(propagator)
     const noop = async () => {}
     return { exporting: false, forceFlush: noop, shutdown: noop, [Symbol.asyncDispose]: noop }
