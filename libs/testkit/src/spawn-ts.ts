@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process"
 import { fileURLToPath } from "node:url"
+import { killOnExit } from "./internal/exit-cleanup.ts"
 
 const repoRoot = fileURLToPath(new URL("../../../", import.meta.url))
 
@@ -45,11 +46,12 @@ export function spawnTs(
     partial = parts.pop() ?? ""
     lines.push(...parts)
   })
-  const kill = () => child.kill("SIGKILL")
-  process.once("exit", kill)
+  // Killed with the test process however it ends, a signal included: a child left behind
+  // (a relay, a worker) would go on using the shared NATS and Postgres.
+  const forget = killOnExit(child)
   const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once("exit", (code, signal) => {
-      process.off("exit", kill)
+      forget()
       resolve({ code, signal })
     }),
   )

@@ -42,18 +42,33 @@ async function runFixture(how: "throw" | "exit" | "signal"): Promise<void> {
     dirs: string[]
     database: string
   }
-  assert.equal(pids.length, 2)
+  // nats-server, redis-server and a child started with spawnTs.
+  assert.equal(pids.length, 3)
   if (how === "signal") {
     for (const pid of pids) assert.equal(await isGone(pid), false)
     child.kill("SIGTERM")
   }
   const [code, signal] = await exited
+  // A process left behind holds the fixture's stderr open; closed here, it cannot keep this
+  // file running once the check below has failed.
+  child.stdout.destroy()
+  child.stderr.destroy()
   if (how === "signal") assert.equal(signal, "SIGTERM")
   else assert.notEqual(code, 0)
-  await waitFor(async () => (await Promise.all(pids.map(isGone))).every(Boolean), {
-    timeoutMs: 5000,
-    message: `servers ${pids.join(", ")} outlived their parent (${how})`,
-  })
+  try {
+    await waitFor(async () => (await Promise.all(pids.map(isGone))).every(Boolean), {
+      timeoutMs: 5000,
+      message: `processes ${pids.join(", ")} outlived their parent (${how})`,
+    })
+  } finally {
+    for (const pid of pids) {
+      try {
+        process.kill(pid, "SIGKILL")
+      } catch {
+        // Gone, as it should be.
+      }
+    }
+  }
   for (const dir of dirs) await assert.rejects(stat(dir), { code: "ENOENT" }, dir)
   const { rows } = await sql`select 1 from pg_database where datname = ${database}`.execute(
     observer.db,
