@@ -126,6 +126,9 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
           for (const pair of pairs) hold(pair)
         },
         resume: () => {
+          // Only a stalled proxy resumes: piping a pair that already forwards would send
+          // everything twice.
+          if (!isStalled) return
           isStalled = false
           for (const pair of pairs) forward(pair)
         },

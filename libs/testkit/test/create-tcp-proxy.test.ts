@@ -142,3 +142,18 @@ test("a stalled proxy holds what both sides send, connections open, and delivers
   a.destroy()
   b.destroy()
 })
+
+test("resume without a stall, or twice, forwards everything once", async () => {
+  await using target = await startEchoServer()
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(target) })
+  const socket = await open(proxy.port)
+  proxy.resume()
+  proxy.stall()
+  proxy.resume()
+  proxy.resume()
+  assert.equal(await echo(socket, "once"), "once")
+  // Anything sent twice would arrive after the first copy.
+  assert.equal(await closesWithin(socket, 200), false)
+  assert.equal(socket.read(), null)
+  socket.destroy()
+})
