@@ -69,8 +69,20 @@ export async function connectPm2(
         interpreter: "none",
         env: spec.env,
         // Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for
-        // the shared servers, say) must not leak into a site's process.
-        filter_env: ["DATABASE_URL", "NATS_", "REDIS_URL", "KEYWAY_", "DEMO_", "RELAY_"],
+        // the shared servers, say) must not leak into a site's process: every prefix the apps'
+        // config.ts read. METRICS_PORT exported once would have every relay and worker bind
+        // the same port, and all but one crash-loop; OTEL_SERVICE_NAME would name them all.
+        filter_env: [
+          "DATABASE_URL",
+          "NATS_",
+          "REDIS_URL",
+          "KEYWAY_",
+          "DEMO_",
+          "RELAY_",
+          "WORKER_",
+          "METRICS_PORT",
+          "OTEL_",
+        ],
         autorestart: true,
         // A process that keeps dying (a port taken, a bad config) stops being restarted
         // after a while and shows as errored in `just status` instead of spinning.
