@@ -69,9 +69,12 @@ export async function connectPm2(
         interpreter: "none",
         env: spec.env,
         // Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for
-        // the shared servers, say) must not leak into a site's process: every prefix the apps'
-        // config.ts read. METRICS_PORT exported once would have every relay and worker bind
-        // the same port, and all but one crash-loop; OTEL_SERVICE_NAME would name them all.
+        // the shared servers, say) must not leak into a site's process; pm2 drops every
+        // variable whose name contains one of these. METRICS_PORT exported once would have
+        // every relay and worker bind the same port, and all but one crash-loop. The plan's
+        // own env is applied after the filter. OTEL_EXPORTER_OTLP_ENDPOINT passes: exported,
+        // it sends every site's spans to that Jaeger, each process under the name the plan
+        // gives it.
         filter_env: [
           "DATABASE_URL",
           "NATS_",
@@ -81,7 +84,7 @@ export async function connectPm2(
           "RELAY_",
           "WORKER_",
           "METRICS_PORT",
-          "OTEL_",
+          "OTEL_SERVICE_NAME",
         ],
         autorestart: true,
         // A process that keeps dying (a port taken, a bad config) stops being restarted

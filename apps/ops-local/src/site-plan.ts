@@ -227,6 +227,7 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       env: {
         KEYWAY_SITE: site,
         DATABASE_URL: databaseUrl,
+        OTEL_SERVICE_NAME: `keyway-relay-${site}`,
         ...natsClientEnv(plan, ctx, plan.relayUser),
       },
       tier: "app",
@@ -242,6 +243,7 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
         KEYWAY_STREAM: plan.worker.stream,
         KEYWAY_GROUP: plan.worker.group,
         KEYWAY_FILTER_SUBJECT: plan.worker.filterSubject,
+        OTEL_SERVICE_NAME: `keyway-worker-${site}`,
         ...natsClientEnv(plan, ctx, plan.worker.user),
       },
       tier: "app",

@@ -53,6 +53,9 @@ test("apps get only their own user's password, and the demo writer none", () => 
     const relay = byName.get(`${site}-relay`)!
     const worker = byName.get(`${site}-worker`)!
     assert.equal(relay.env.NATS_PASS, passwords[SITES[site].relayUser])
+    // Each process's spans under its own name, whatever the operator's shell exported.
+    assert.equal(relay.env.OTEL_SERVICE_NAME, `keyway-relay-${site}`)
+    assert.equal(worker.env.OTEL_SERVICE_NAME, `keyway-worker-${site}`)
     assert.equal(worker.env.NATS_PASS, passwords[SITES[site].worker.user])
     assert.equal(worker.env.NATS_INBOX_PREFIX, `_INBOX_${SITES[site].worker.user}`)
     assert.ok(worker.env.DATABASE_URL!.endsWith(`/${SITES[site].database}`))

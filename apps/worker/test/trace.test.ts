@@ -70,15 +70,15 @@ test("the relay and worker processes export one trace per event: send, then proc
       message: () =>
         `the worker's span; received ${JSON.stringify(receiver.spans().map((s) => [s.serviceName, s.name]))}; the children printed ${children.map((c) => c.lines.join("\n")).join("\n---\n")}`,
     })
-    const process = processed()!
+    const handled = processed()!
     const send = receiver
       .spans()
       .find((s) => s.serviceName === "relay-t" && s.name === `send ${stream.site}.demo.item`)
     assert.ok(send, "the relay's span")
-    assert.equal(process.traceId, send.traceId)
-    assert.equal(process.parentSpanId, send.spanId)
+    assert.equal(handled.traceId, send.traceId)
+    assert.equal(handled.parentSpanId, send.spanId)
     assert.equal(send.kind, 4, "producer")
-    assert.equal(process.kind, 5, "consumer")
+    assert.equal(handled.kind, 5, "consumer")
     assert.deepEqual(receiver.refused, [])
   } finally {
     for (const c of children) c.kill("SIGTERM")

@@ -65,7 +65,9 @@ export interface TelemetryEnv {
 
 export function telemetryEnv(env: Env, defaultServiceName: string): TelemetryEnv {
   return {
-    otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim() || undefined,
+    otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim()
+      ? urlEnv(env, "OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
+      : undefined,
     serviceName: env.OTEL_SERVICE_NAME?.trim() || defaultServiceName,
   }
 }

@@ -1,6 +1,13 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { ConfigError, intEnv, metricsPortEnv, requiredEnv, urlEnv } from "@keyway/app-config"
+import {
+  ConfigError,
+  intEnv,
+  metricsPortEnv,
+  requiredEnv,
+  telemetryEnv,
+  urlEnv,
+} from "@keyway/app-config"
 
 test("requiredEnv names the variable and shows an example when it is missing or blank", () => {
   assert.equal(requiredEnv({ A: " x " }, "A", "y"), "x")
@@ -35,4 +42,23 @@ test("metricsPortEnv: unset means no metrics server, 0 a free port, anything els
   assert.equal(metricsPortEnv({ METRICS_PORT: "9464" }), 9464)
   assert.throws(() => metricsPortEnv({ METRICS_PORT: "70000" }), /METRICS_PORT must be/)
   assert.throws(() => metricsPortEnv({ METRICS_PORT: "http" }), ConfigError)
+})
+
+test("telemetryEnv: no endpoint means no export; a malformed one is a config error, not a crash", () => {
+  assert.deepEqual(telemetryEnv({}, "keyway-relay"), {
+    otlpEndpoint: undefined,
+    serviceName: "keyway-relay",
+  })
+  assert.deepEqual(
+    telemetryEnv(
+      { OTEL_EXPORTER_OTLP_ENDPOINT: "http://jaeger:4318", OTEL_SERVICE_NAME: "relay-a" },
+      "keyway-relay",
+    ),
+    { otlpEndpoint: "http://jaeger:4318", serviceName: "relay-a" },
+  )
+  assert.throws(
+    () => telemetryEnv({ OTEL_EXPORTER_OTLP_ENDPOINT: "jaeger 4318" }, "keyway-relay"),
+    (err: Error) =>
+      err instanceof ConfigError && /OTEL_EXPORTER_OTLP_ENDPOINT must be a URL/.test(err.message),
+  )
 })
