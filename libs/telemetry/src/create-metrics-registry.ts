@@ -171,12 +171,23 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
   }
 }
 
+/** How long a scrape waits for a read by default: well inside Prometheus' 10 s timeout. */
+export const SCRAPE_READ_TIMEOUT_MS = 2000
+
 /**
  * One read shared by the collected metrics of a scrape: several gauges that come from one
  * query ask `read` once while a call is in flight, and a later scrape reads afresh. A failed
  * read gives undefined, which leaves each gauge as it was.
+ *
+ * A scrape waits for the read at most `timeoutMs`, then gives undefined too. A read that
+ * waits on a busy database (a worker's pool taken by its drains, a locked table) otherwise
+ * held the whole /metrics answer, counters included, until Prometheus gave up and reported
+ * the process down. The read goes on, and the next scrape joins it rather than start another.
  */
-export function perScrape<T>(read: () => Promise<T>): () => Promise<T | undefined> {
+export function perScrape<T>(
+  read: () => Promise<T>,
+  timeoutMs = SCRAPE_READ_TIMEOUT_MS,
+): () => Promise<T | undefined> {
   let current: Promise<T | undefined> | undefined
   return () => {
     current ??= read()
@@ -184,6 +195,10 @@ export function perScrape<T>(read: () => Promise<T>): () => Promise<T | undefine
       .finally(() => {
         current = undefined
       })
-    return current
+    let timer: NodeJS.Timeout | undefined
+    const late = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), timeoutMs)
+    })
+    return Promise.race([current, late]).finally(() => clearTimeout(timer))
   }
 }

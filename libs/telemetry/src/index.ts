@@ -13,6 +13,7 @@ export {
   type MetricsRegistryConfig,
   type NoLabels,
   perScrape,
+  SCRAPE_READ_TIMEOUT_MS,
 } from "./create-metrics-registry.ts"
 export {
   createMetricsServer,

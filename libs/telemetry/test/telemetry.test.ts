@@ -117,6 +117,34 @@ describe("metrics", () => {
     assert.match(third, /^oldest 2$/m)
   })
 
+  test("a read that does not answer holds up no scrape: its gauges keep their values, the rest is served", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    let reads = 0
+    let answer: ((n: number) => void) | undefined
+    const read = perScrape(() => {
+      reads++
+      if (reads !== 2) return Promise.resolve(reads === 1 ? 5 : 9)
+      return new Promise<number>((resolve) => {
+        answer = resolve
+      })
+    }, 50)
+    m.collectedGauge({ name: "pending", help: "p", collect: read })
+    m.counter({ name: "done_total", help: "d" }).inc(undefined, 3)
+    assert.match((await m.render()).body, /^pending 5$/m)
+    // Now stuck: waiting on a pool its drains hold, say. The scrape is answered all the same.
+    const stuck = (await m.render()).body
+    assert.match(stuck, /^done_total 3$/m)
+    assert.match(stuck, /^pending 5$/m, "the gauge keeps its value")
+    // The next scrape joins the read still in flight rather than start another.
+    await m.render()
+    assert.equal(reads, 2)
+    // Once it has answered (too late for any scrape), the next scrape reads afresh.
+    answer!(7)
+    await new Promise((r) => setTimeout(r, 10))
+    assert.match((await m.render()).body, /^pending 9$/m)
+    assert.equal(reads, 3)
+  })
+
   test("/metrics serves the registry in the Prometheus text format", async () => {
     const m = createMetricsRegistry({ prefix: "keyway_" })
     m.counter({ name: "tasks_total", help: "tasks", labels: { outcome: ["done"] } }).inc(
