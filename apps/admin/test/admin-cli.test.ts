@@ -266,3 +266,38 @@ test("just admin passes each argument through whole: a key with a space stays on
   assert.equal(r.code, 0, r.err)
   assert.deepEqual(JSON.parse(r.out), { retried: 1 })
 })
+
+test("a redrive of a range whose finished versions retention deleted is refused, not run in part", async () => {
+  // Key "r" stands at v6; v1..v4 ran and were deleted by retention, v5 and v6 are kept.
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'r', 6)`.execute(
+    t.db,
+  )
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('g', 'demo.item', 'r', 5, 'r:5', 'demo.item.changed.v1', '{"n":5}', now(), 'done', 1),
+           ('g', 'demo.item', 'r', 6, 'r:6', 'demo.item.changed.v1', '{"n":6}', now(), 'done', 1)
+  `.execute(t.db)
+  const redrive = (...range: string[]) =>
+    run(["redrive", "--group", "g", "--topic", "demo.item", "--key", "r", ...range])
+  for (const range of [
+    ["--from", "1", "--to", "6"],
+    ["--from", "1", "--to", "4"],
+  ]) {
+    const refused = await redrive(...range)
+    assert.equal(refused.code, 1, range.join(" "))
+    assert.match(
+      refused.err,
+      /refused: retention already deleted 4 of the finished versions v1\.\.v/,
+    )
+  }
+  const states = async () =>
+    (
+      await sql<{ state: string }>`
+        select state from keyway.inbox where grp = 'g' and key = 'r' order by ver`.execute(t.db)
+    ).rows.map((r) => r.state)
+  assert.deepEqual(await states(), ["done", "done"], "nothing redriven")
+  const held = await redrive("--from", "5")
+  assert.equal(held.code, 0, held.err)
+  assert.deepEqual(JSON.parse(held.out), { redriven: 2 })
+  assert.deepEqual(await states(), ["pending", "pending"])
+})

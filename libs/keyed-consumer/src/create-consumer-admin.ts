@@ -104,11 +104,36 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     }
   }
 
+  // A redrive of a key's range asks for every finished version in it. Those retention has
+  // deleted cannot run again; without this the rest ran and the answer only counted them,
+  // and a range deleted whole answered 0 as if nothing had matched.
+  const refuseRangeOverPruned = async (trx: Kysely<any>, s: TaskSelector) => {
+    if (s.key === undefined || s.fromVer === undefined) return
+    const r = await sql<{ done_ver: number; held: number }>`
+      select k.done_ver::float8 as done_ver,
+             (select count(*) from keyway.inbox i
+               where i.grp = k.grp and i.topic = k.topic and i.key = k.key
+                 and i.ver >= ${s.fromVer}
+                 and i.ver <= least(${s.toVer ?? null}::bigint, k.done_ver))::float8 as held
+        from keyway.consumer_key k
+       where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
+    const row = r.rows[0]
+    if (!row) return
+    const last = Math.min(s.toVer ?? Number.POSITIVE_INFINITY, row.done_ver)
+    const asked = last - s.fromVer + 1
+    if (asked > row.held) {
+      throw new ConsumerAdminError(
+        `refused: retention already deleted ${asked - row.held} of the finished versions v${s.fromVer}..v${last} of ${s.topic}/${s.key}; they cannot run again (redrive from the lowest still held)`,
+      )
+    }
+  }
+
   // Retry and redrive are one operation on different states: back to pending with a fresh
   // attempt count, and each key rewound to the lowest version touched (with an epoch bump,
   // so a worker draining it now writes nothing more).
-  const resetAndRewind = (s: TaskSelector, states: string[]) =>
+  const resetAndRewind = (s: TaskSelector, states: string[], wholeRange = false) =>
     db.transaction().execute(async (trx) => {
+      if (wholeRange) await refuseRangeOverPruned(trx, s)
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
       // rows, so none can go between the check below and the rewind. In byte order, the order
       // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs).
@@ -266,6 +291,6 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         return Number((r.rows[0] as { n: number }).n)
       })
     },
-    redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"]),
+    redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"], true),
   }
 }
