@@ -30,6 +30,7 @@ import {
   effects,
   publishEvent,
   recordEffect,
+  rejects,
   SHARED_NATS,
   SHARED_REDIS,
   unique,
@@ -1082,9 +1083,9 @@ describe("keyed consumer", () => {
     assert.match(dead.bad2!.lastError!, /poison: n must not be negative/)
     assert.match(dead.bad3!.lastError!, /no schema for event type no\.such\.type\.v1/)
     assert.equal(calls, 6, "the handler never saw the schema failure; bad2 once; good five times")
-    const rejects = await t.db.selectFrom("keyway.inbox_reject").selectAll().execute()
-    assert.equal(rejects.length, 1)
-    assert.match(rejects[0]!.reason, /not JSON/)
+    const refused = await rejects(t.db)
+    assert.equal(refused.length, 1)
+    assert.match(refused[0]!.reason, /not JSON/)
   })
   test("an event whose values Postgres refuses is rejected with the reason; its batch goes in", async () => {
     const { t, stream, admin } = await setup()
@@ -1108,17 +1109,13 @@ describe("keyed consumer", () => {
       timeoutMs: 10_000,
       message: "the good events of the batch handled",
     })
-    const rejects = await t.db
-      .selectFrom("keyway.inbox_reject")
-      .select(["stream_seq", "reason"])
-      .orderBy("stream_seq")
-      .execute()
+    const refused = await rejects(t.db)
     assert.deepEqual(
-      rejects.map((r) => Number(r.stream_seq)),
+      refused.map((r) => Number(r.stream_seq)),
       [2, 4, 6, 8, 9],
     )
-    for (const r of rejects) assert.match(r.reason, /^Postgres refuses a value in it: /)
-    assert.match(rejects[0]!.reason, /time zone: "not a time"/)
+    for (const r of refused) assert.match(r.reason, /^Postgres refuses a value in it: /)
+    assert.match(refused[0]!.reason, /time zone: "not a time"/)
     // The group goes on; the refused version holds its key's place, dead with its reason.
     await raw({ key: "g1", ver: 2 }, 10)
     await raw({ key: "when", ver: 2 }, 11)
@@ -1159,17 +1156,13 @@ describe("keyed consumer", () => {
       timeoutMs: 10_000,
       message: "the good events handled",
     })
-    const rejects = await t.db
-      .selectFrom("keyway.inbox_reject")
-      .select(["stream_seq", "reason"])
-      .orderBy("stream_seq")
-      .execute()
+    const refused = await rejects(t.db)
     assert.deepEqual(
-      rejects.map((r) => Number(r.stream_seq)),
+      refused.map((r) => Number(r.stream_seq)),
       [2, 4],
     )
-    assert.match(rejects[0]!.reason, /at most 256[\s\S]*\["key"\]/)
-    assert.match(rejects[1]!.reason, /at most 256[\s\S]*\["id"\]/)
+    assert.match(refused[0]!.reason, /at most 256[\s\S]*\["key"\]/)
+    assert.match(refused[1]!.reason, /at most 256[\s\S]*\["id"\]/)
   })
   test("the group's durable deleted under it is created again; every effect once, in order", async () => {
     const { t, stream, group } = await setup()

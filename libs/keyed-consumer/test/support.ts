@@ -32,6 +32,15 @@ export function recordEffect(worker: string) {
   }
 }
 
+/** The group's rejects (messages refused at ingest), in stream order. */
+export async function rejects(db: Kysely<any>) {
+  return db
+    .selectFrom("keyway.inbox_reject")
+    .select(["stream_seq", "reason"])
+    .orderBy("stream_seq")
+    .execute() as Promise<{ stream_seq: string | number; reason: string }[]>
+}
+
 export async function effects(db: Kysely<any>) {
   const r = await sql<{ id: number; key: string; ver: number; event_id: string; worker: string }>`
     select id, key, ver, event_id, worker from effect order by id
