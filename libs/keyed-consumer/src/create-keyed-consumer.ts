@@ -21,6 +21,7 @@ import { Batcher } from "./internal/batcher.ts"
 import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.ts"
 import {
   type Claim,
+  type Collision,
   type Completion,
   cancelVacuum,
   claimKeys,
@@ -534,18 +535,38 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     events: IncomingEvent[],
     rejects: Reject[],
     msgs: JsMsg[],
+    collided: Set<number>,
   ): Promise<KeyRef[]> => {
+    const bySeq = new Map(msgs.map((m) => [m.seq, m]))
+    // The inbox keeps the event it has; the other is kept as a reject, where an operator sees
+    // it, rather than acked and gone. Found again on a retry, it is recorded once.
+    const keepCollisions = (collisions: Collision[]) => {
+      for (const { streamSeq, reason } of collisions) {
+        const m = bySeq.get(streamSeq)!
+        if (collided.has(streamSeq)) continue
+        collided.add(streamSeq)
+        rejects.push({ streamSeq, subject: m.subject, reason, data: m.data })
+        log.warn("rejected an event that collides with another", {
+          subject: m.subject,
+          seq: m.seq,
+          reason,
+        })
+      }
+    }
     try {
-      return await ingestBatch(db, group, events)
+      const { woken, collisions } = await ingestBatch(db, group, events)
+      keepCollisions(collisions)
+      return woken
     } catch (err) {
       if (!refusesData(err) || events.length === 0) throw err
     }
-    const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     const woken: KeyRef[] = []
     for (let n = 0; n < events.length; n++) {
       const e = events[n]!
       try {
-        woken.push(...(await ingestBatch(db, group, [e])))
+        const stored = await ingestBatch(db, group, [e])
+        keepCollisions(stored.collisions)
+        woken.push(...stored.woken)
       } catch (err) {
         if (!refusesData(err)) throw err
         if (placeholders.has(e)) {
@@ -579,9 +600,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   const ingest = async (msgs: JsMsg[]) => {
     const { events, rejects } = toIncoming(msgs)
+    const collided = new Set<number>()
     for (let attempt = 0; ; attempt++) {
       try {
-        const woken = events.length > 0 ? await storeEvents(events, rejects, msgs) : []
+        const woken = events.length > 0 ? await storeEvents(events, rejects, msgs, collided) : []
         // Each reject is recorded once, even if a statement here fails and all is retried.
         while (rejects.length > 0) {
           await recordReject(db, group, rejects[0]!)
@@ -591,7 +613,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // Acked only after the inbox commit: a crash before this point means redelivery,
         // and the inbox drops what it already has.
         for (const m of msgs) m.ack()
-        stats.ingested += events.filter((e) => !placeholders.has(e)).length
+        stats.ingested += events.filter(
+          (e) => !placeholders.has(e) && !collided.has(e.streamSeq),
+        ).length
         if (wakeOnIngest) for (const ref of woken) scheduler.wake(ref)
         return
       } catch (err) {

@@ -46,7 +46,7 @@ describe("keyway.ingest", () => {
     ).rows
 
   test("first-seen keys get their start; redeliveries are dropped and wake nobody", async () => {
-    const woken = await ingestBatch(t.db, GROUP, [
+    const { woken } = await ingestBatch(t.db, GROUP, [
       event("a", 1, 10),
       event("a", 2, 11),
       event("b", 6, 13), // first seen above version 1: a provisional start
@@ -59,8 +59,8 @@ describe("keyway.ingest", () => {
 
     // A redelivery changes nothing and wakes nobody; a known key's start is kept even when
     // its next batch begins higher up.
-    assert.deepEqual(await ingestBatch(t.db, GROUP, [event("a", 2, 11)]), [])
-    assert.deepEqual(await ingestBatch(t.db, GROUP, [event("a", 4, 15)]), [
+    assert.deepEqual((await ingestBatch(t.db, GROUP, [event("a", 2, 11)])).woken, [])
+    assert.deepEqual((await ingestBatch(t.db, GROUP, [event("a", 4, 15)])).woken, [
       { topic: "demo.item", key: "a" },
     ])
     assert.deepEqual(await keyRow("a"), [{ done_ver: 0, baseline_stream_seq: null }])
@@ -81,7 +81,7 @@ describe("keyway.ingest", () => {
       t.db,
     )
     // The whole key again, as a durable made anew from the start of the stream delivers it.
-    const woken = await ingestBatch(t.db, GROUP, [
+    const { woken } = await ingestBatch(t.db, GROUP, [
       event("r", 1, 30),
       event("r", 2, 31),
       event("r", 3, 32),
@@ -116,7 +116,7 @@ describe("keyway.ingest", () => {
     assert.equal(await confirmBaselines(t.db, group, 60), 1)
     // Versions 1 and 2 come after, at later stream sequences: what a NATS that lost them
     // and a relay that published them again make of a key's start.
-    const woken = await ingestBatch(t.db, group, [event("q", 1, 61), event("q", 2, 62)])
+    const { woken } = await ingestBatch(t.db, group, [event("q", 1, 61), event("q", 2, 62)])
     assert.deepEqual(woken, [{ topic: "demo.item", key: "q" }])
     const rows = await sql<{ ver: number; state: string; last_error: string | null }>`
       select ver, state, last_error from keyway.inbox where grp = ${group} and key = 'q' order by ver`.execute(
@@ -132,7 +132,51 @@ describe("keyway.ingest", () => {
        where grp = ${group} and key = 'q'`.execute(t.db)
     assert.deepEqual(key.rows, [{ done_ver: 2, start_ver: 2, dead_tasks: 2 }])
     // Delivered again, they are not stored twice.
-    assert.deepEqual(await ingestBatch(t.db, group, [event("q", 1, 61)]), [])
+    assert.deepEqual((await ingestBatch(t.db, group, [event("q", 1, 61)])).woken, [])
+  })
+  test("an event that meets a different one at its version or its id is returned, not dropped", async () => {
+    const group = "collide"
+    const at = (key: string, ver: number, streamSeq: number, eventId: string) => ({
+      ...event(key, ver, streamSeq),
+      eventId,
+    })
+    assert.deepEqual(
+      (await ingestBatch(t.db, group, [at("c", 1, 300, "s:1"), at("c", 2, 301, "s:2")])).collisions,
+      [],
+    )
+    // A redelivery is the same event: nothing to report.
+    assert.deepEqual(await ingestBatch(t.db, group, [at("c", 1, 300, "s:1")]), {
+      woken: [],
+      collisions: [],
+    })
+    const second = await ingestBatch(t.db, group, [
+      at("c", 2, 310, "other:2"), // another outbox's v2 of the same key
+      at("c", 5, 311, "s:1"), // an id given out again, at another version
+      // Two different events at one version in one batch: the first is stored.
+      at("c", 3, 320, "x:1"),
+      at("c", 3, 321, "x:2"),
+      // The same event twice in one batch (a stream's duplicate) is no collision.
+      at("c", 4, 330, "x:5"),
+      at("c", 4, 331, "x:5"),
+    ])
+    assert.deepEqual(second.woken, [{ topic: "demo.item", key: "c" }])
+    const reasons = new Map(second.collisions.map((c) => [c.streamSeq, c.reason]))
+    assert.deepEqual([...reasons.keys()].sort(), [310, 311, 321])
+    assert.match(
+      reasons.get(310)!,
+      /^v2 of demo\.item\/c is already held by another event, s:2, and this is other:2: /,
+    )
+    assert.match(
+      reasons.get(311)!,
+      /^event id s:1 is already held by v1 of demo\.item\/c, and this is v5/,
+    )
+    assert.match(reasons.get(321)!, /already held by another event, x:1, and this is x:2/)
+    const inbox = await sql<{ ver: number; event_id: string }>`
+      select ver, event_id from keyway.inbox where grp = ${group} order by ver`.execute(t.db)
+    assert.deepEqual(
+      inbox.rows.map((r) => `${r.ver}:${r.event_id}`),
+      ["1:s:1", "2:s:2", "3:x:1", "4:x:5"],
+    )
   })
   test("a message rejected on each of its deliveries is kept once", async () => {
     const reject = {
@@ -170,7 +214,7 @@ describe("keyway.ingest", () => {
         await sql`set local lock_timeout = '3s'`.execute(trx)
         return ingestBatch(trx, GROUP, [event("busy", 2, 101)])
       })
-      assert.deepEqual(woken, [{ topic: "demo.item", key: "busy" }])
+      assert.deepEqual(woken.woken, [{ topic: "demo.item", key: "busy" }])
       await handler.query("commit")
     } finally {
       await handler.end()
@@ -203,7 +247,10 @@ describe("keyway.ingest", () => {
         { timeoutMs: 10_000, message: "the second ingest waits for the first" },
       )
       await first.query("commit")
-      assert.deepEqual(await second, [{ topic: "demo.item", key: "fresh" }])
+      assert.deepEqual(await second, {
+        woken: [{ topic: "demo.item", key: "fresh" }],
+        collisions: [],
+      })
     } finally {
       await first.end()
     }

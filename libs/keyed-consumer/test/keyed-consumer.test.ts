@@ -1087,6 +1087,34 @@ describe("keyed consumer", () => {
     assert.equal(refused.length, 1)
     assert.match(refused[0]!.reason, /not JSON/)
   })
+  test("an event that collides with another at its version is rejected with the reason", async () => {
+    const { t, stream } = await setup()
+    await publishEvent(nc, stream.site, { key: "c", ver: 1, payload: { n: 1 }, seq: 1 })
+    await publishEvent(nc, stream.site, { key: "c", ver: 2, payload: { n: 2 }, seq: 2 })
+    // Another outbox's v2 of the same key, with an id of its own.
+    await publishEvent(nc, stream.site, {
+      key: "c",
+      ver: 2,
+      payload: { n: 22 },
+      seq: 3,
+      raw: { id: "othersite:2" },
+    })
+    await publishEvent(nc, stream.site, { key: "c", ver: 3, payload: { n: 3 }, seq: 4 })
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "v1..v3 handled",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => `${e.ver}:${e.event_id}`),
+      [`1:${stream.site}:1`, `2:${stream.site}:2`, `3:${stream.site}:4`],
+    )
+    const refused = await rejects(t.db)
+    assert.deepEqual(
+      refused.map((r) => Number(r.stream_seq)),
+      [3],
+    )
+    assert.match(refused[0]!.reason, /already held by another event, .*:2, and this is othersite:2/)
+  })
   test("an event whose values Postgres refuses is rejected with the reason; its batch goes in", async () => {
     const { t, stream, admin } = await setup()
     const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) =>

@@ -37,20 +37,36 @@ export interface KeyRef {
   key: string
 }
 
-/** Inserts a batch into the inbox (keyway.ingest); returns the keys that got new rows. */
+/** An event the inbox refused because another event holds its version or its id. */
+export interface Collision {
+  streamSeq: number
+  reason: string
+}
+
+/**
+ * Inserts a batch into the inbox (keyway.ingest). Returns the keys that got new rows, and the
+ * events that met a different event at their version or id (sql/0013): the caller keeps
+ * those as rejects, since the inbox cannot hold them beside the event it has.
+ */
 export async function ingestBatch(
   db: Kysely<any>,
   group: string,
   events: readonly IncomingEvent[],
-): Promise<KeyRef[]> {
+): Promise<{ woken: KeyRef[]; collisions: Collision[] }> {
   const col = <K extends keyof IncomingEvent>(k: K) => events.map((e) => e[k])
-  const r = await sql<KeyRef>`
-    select topic, key from keyway.ingest(
+  const r = await sql<KeyRef & { collided_stream_seq: number | null; reason: string | null }>`
+    select topic, key, collided_stream_seq, reason from keyway.ingest(
       ${group}, ${col("topic")}::text[], ${col("key")}::text[], ${col("ver")}::bigint[],
       ${col("eventId")}::text[], ${col("type")}::text[], ${col("payload")}::jsonb[],
       ${col("trace")}::jsonb[], ${col("createdAt")}::timestamptz[], ${col("streamSeq")}::bigint[])
   `.execute(db)
-  return r.rows
+  const woken: KeyRef[] = []
+  const collisions: Collision[] = []
+  for (const row of r.rows) {
+    if (row.collided_stream_seq === null) woken.push({ topic: row.topic, key: row.key })
+    else collisions.push({ streamSeq: row.collided_stream_seq, reason: row.reason! })
+  }
+  return { woken, collisions }
 }
 
 /**

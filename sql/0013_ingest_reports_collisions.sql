@@ -1,0 +1,130 @@
+-- An event that collides with another in the inbox is rejected, not dropped unseen.
+--
+-- The inbox holds one event per version of a key, and one row per event id; ingest left out
+-- any event that met either (`on conflict do nothing`), taking it for a redelivery of what it
+-- already held. A redelivery is the same event: the same id at the same version. A different
+-- event that meets one of them is something else, and it was acked and dropped with no trace:
+-- two outboxes publishing one topic into the stream a group reads (each numbers the key's
+-- versions from 1), or an outbox restored from a backup, numbering again ids and versions
+-- it had already given out. Either is a deployment fault that loses events silently.
+--
+-- ingest now also returns such events, one row each, with the stream sequence the caller
+-- gave it and the reason; the keyed consumer records them as rejects (keyway.inbox_reject),
+-- where they are listed and counted. Only the events this call did not store are checked,
+-- so the common batch, all of it new, pays one cardinality comparison.
+--
+-- The return type changes, so the function is dropped and made again; callers that select
+-- topic and key by name read the added rows as keys to wake, which is harmless.
+drop function keyway.ingest(text, text[], text[], bigint[], text[], text[], jsonb[], jsonb[],
+                            timestamptz[], bigint[]);
+
+create function keyway.ingest(
+  p_grp text, p_topics text[], p_keys text[], p_vers bigint[], p_ids text[], p_types text[],
+  p_payloads jsonb[], p_traces jsonb[], p_created timestamptz[], p_stream_seqs bigint[]
+) returns table (topic text, key text, collided_stream_seq bigint, reason text)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+  k record;
+  v_done bigint;
+  v_start bigint;
+  v_settled boolean;
+  known_topics text[] := '{}';
+  known_keys text[] := '{}';
+  known_done bigint[] := '{}';
+  known_start bigint[] := '{}';
+  stored_topics text[];
+  stored_keys text[];
+  stored_vers bigint[];
+  stored_ids text[];
+begin
+  -- Sorted, so two ingests that both insert new keys take their locks in the same order.
+  for k in
+    select i.topic, i.key, min(i.ver) as first_ver,
+           (array_agg(i.stream_seq order by i.ver))[1] as first_stream_seq
+      from unnest(p_topics, p_keys, p_vers, p_stream_seqs) as i(topic, key, ver, stream_seq)
+     group by i.topic, i.key
+     order by i.topic, i.key
+  loop
+    select c.done_ver, c.start_ver, c.baseline_stream_seq is null
+      into v_done, v_start, v_settled
+      from keyway.consumer_key c
+     where c.grp = p_grp and c.topic = k.topic and c.key = k.key;
+    if found then
+      if v_settled then
+        known_topics := known_topics || k.topic;
+        known_keys := known_keys || k.key;
+        known_done := known_done || v_done;
+        known_start := known_start || v_start;
+      end if;
+    else
+      -- A new key starts below the lowest version of this batch: nothing to leave out.
+      insert into keyway.consumer_key (grp, topic, key, done_ver, baseline_stream_seq)
+      values (p_grp, k.topic, k.key, k.first_ver - 1,
+              case when k.first_ver = 1 then null else k.first_stream_seq end)
+      on conflict do nothing;
+    end if;
+  end loop;
+
+  with inserted as (
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, trace, created_at,
+                              state, last_error)
+    select p_grp, i.topic, i.key, i.ver, i.event_id, i.type, i.payload, i.trace, i.created_at,
+           case when i.ver <= d.start_ver then 'dead' else 'pending' end,
+           case when i.ver <= d.start_ver then
+             format('arrived after its key had started above it (at v%s): never run here',
+                    d.start_ver + 1)
+           end
+      from unnest(p_topics, p_keys, p_vers, p_ids, p_types, p_payloads, p_traces, p_created)
+        as i(topic, key, ver, event_id, type, payload, trace, created_at)
+      left join unnest(known_topics, known_keys, known_done, known_start)
+        as d(topic, key, done_ver, start_ver)
+        on d.topic = i.topic and d.key = i.key
+     where d.done_ver is null or i.ver > d.done_ver or i.ver <= d.start_ver
+    on conflict do nothing
+    returning inbox.topic, inbox.key, inbox.ver, inbox.event_id
+  )
+  select coalesce(array_agg(n.topic), '{}'), coalesce(array_agg(n.key), '{}'),
+         coalesce(array_agg(n.ver), '{}'), coalesce(array_agg(n.event_id), '{}')
+    into stored_topics, stored_keys, stored_vers, stored_ids
+    from inserted n;
+
+  return query
+  select distinct s.topic, s.key, null::bigint, null::text
+    from unnest(stored_topics, stored_keys) as s(topic, key);
+
+  if cardinality(stored_vers) = cardinality(p_vers) then
+    return;
+  end if;
+  -- What was not stored: a redelivery, a version left out at or below done_ver, or a
+  -- collision. Read after the insert, so an event that meets another of its own batch is
+  -- caught too (an event stored here is matched by its id as well as its place: a second,
+  -- different event at the same place is not). The two conflicts are looked up apart, each
+  -- by its own unique index.
+  return query
+  with unstored as (
+    select i.topic, i.key, i.ver, i.event_id, i.stream_seq
+      from unnest(p_topics, p_keys, p_vers, p_ids, p_stream_seqs)
+        as i(topic, key, ver, event_id, stream_seq)
+     where (i.topic, i.key, i.ver, i.event_id) not in (
+             select s.topic, s.key, s.ver, s.event_id
+               from unnest(stored_topics, stored_keys, stored_vers, stored_ids)
+                 as s(topic, key, ver, event_id))
+  )
+  select u.topic, u.key, u.stream_seq,
+         format('v%s of %s/%s is already held by another event, %s, and this is %s: two outboxes publishing this topic into one stream, or an outbox restored from a backup?',
+                u.ver, u.topic, u.key, x.event_id, u.event_id)
+    from unstored u
+    join keyway.inbox x
+      on x.grp = p_grp and x.topic = u.topic and x.key = u.key and x.ver = u.ver
+   where x.event_id <> u.event_id
+  union all
+  select u.topic, u.key, u.stream_seq,
+         format('event id %s is already held by v%s of %s/%s, and this is v%s of %s/%s: an outbox restored from a backup, giving out its ids again?',
+                u.event_id, x.ver, x.topic, x.key, u.ver, u.topic, u.key)
+    from unstored u
+    join keyway.inbox x on x.grp = p_grp and x.event_id = u.event_id
+   where (x.topic, x.key, x.ver) <> (u.topic, u.key, u.ver);
+end
+$$;
