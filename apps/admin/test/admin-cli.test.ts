@@ -204,6 +204,36 @@ test("what the CLI would otherwise misread or ignore is refused with exit code 2
   assert.deepEqual(after.rows, before.rows)
 })
 
+test("a group, topic or key never seen is refused by name, not answered with nothing", async () => {
+  const before = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' order by key, ver`.execute(t.db)
+  const cases: [string[], RegExp][] = [
+    [
+      ["dead", "--group", "gg"],
+      /^admin: group "gg" has stored no event in this database \(its groups: "g"\)$/m,
+    ],
+    [
+      ["retry", "--group", "g", "--topic", "demo.itme"],
+      /^admin: group "g" has no key in topic "demo\.itme" \(its topics: "demo\.item"\)$/m,
+    ],
+    [["gaps", "--group", "g", "--topic", "demo.itme"], /no key in topic "demo\.itme"/],
+    [
+      ["skip", "--group", "g", "--topic", "demo.item", "--key", "A", "--from", "1", "--to", "1"],
+      /^admin: group "g" has no key "A" in topic "demo\.item"$/m,
+    ],
+    [["redrive", "--group", "g", "--topic", "demo.item", "--key", "A"], /has no key "A"/],
+  ]
+  for (const [args, message] of cases) {
+    const r = await run(args)
+    assert.equal(r.code, 1, args.join(" "))
+    assert.match(r.err, message, args.join(" "))
+    assert.equal(r.out, "", "no answer printed")
+  }
+  const after = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver, state from keyway.inbox where grp = 'g' order by key, ver`.execute(t.db)
+  assert.deepEqual(after.rows, before.rows)
+})
+
 test("skip: an open range closes the gap at its start; versions that ran or have not arrived are not skipped", async () => {
   // Key "c": v1 done, v2 missing, v3 and v4 pending. Key "d": at v5, with v1..v3 deleted by
   // retention, v4 and v5 done, v6 pending.

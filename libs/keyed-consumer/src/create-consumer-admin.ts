@@ -43,6 +43,9 @@ export interface ConsumerAdminConfig {
  * Operator actions on a consumer group. Every action is one transaction, so it is atomic, and
  * none of them bypasses the fencing epoch: actions that change where a key stands bump it,
  * so a worker draining that key at the same moment writes nothing afterwards.
+ *
+ * The lists and actions refuse (ConsumerAdminError) a group, topic or key that has never
+ * stored an event here, naming what does exist, rather than answer nothing.
  */
 export interface ConsumerAdmin {
   /** The counts an operator checks first, the same the group's metrics report. */
@@ -78,6 +81,48 @@ const where = (s: TaskSelector) => sql`
 `
 
 export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): ConsumerAdmin {
+  // A group, topic or key this database has never seen is refused by name: a typo answered
+  // 0, or an empty list, which reads as "nothing to do" when something is. The names that do
+  // exist are read by skipping through the key table's primary key (grp, topic, key), so
+  // listing a handful costs a handful of index probes, not a scan of every key.
+  const refuseUnknown = async (q: Kysely<any>, topic?: string, key?: string) => {
+    const r = await sql<{ grp: boolean; topic: boolean; key: boolean }>`
+      select exists (select 1 from keyway.consumer_key where grp = ${group}) as grp,
+             exists (select 1 from keyway.consumer_key
+                      where grp = ${group} and topic = ${topic ?? null}) as topic,
+             exists (select 1 from keyway.consumer_key
+                      where grp = ${group} and topic = ${topic ?? null}
+                        and key = ${key ?? null}) as key`.execute(q)
+    const known = r.rows[0]!
+    const names = async (column: "grp" | "topic", within: RawBuilder<unknown>) => {
+      const col = sql.ref(column)
+      const found = await sql<{ name: string }>`
+        with recursive n as (
+          select min(${col}) as name from keyway.consumer_key where ${within}
+          union all
+          select (select min(${col}) from keyway.consumer_key where ${within} and ${col} > n.name)
+            from n where n.name is not null
+        )
+        select name from n where name is not null limit 20`.execute(q)
+      return found.rows.map((x) => JSON.stringify(x.name)).join(", ") || "none"
+    }
+    if (!known.grp) {
+      throw new ConsumerAdminError(
+        `group ${JSON.stringify(group)} has stored no event in this database (its groups: ${await names("grp", sql`true`)})`,
+      )
+    }
+    if (topic !== undefined && !known.topic) {
+      throw new ConsumerAdminError(
+        `group ${JSON.stringify(group)} has no key in topic ${JSON.stringify(topic)} (its topics: ${await names("topic", sql`grp = ${group}`)})`,
+      )
+    }
+    if (key !== undefined && !known.key) {
+      throw new ConsumerAdminError(
+        `group ${JSON.stringify(group)} has no key ${JSON.stringify(key)} in topic ${JSON.stringify(topic)}`,
+      )
+    }
+  }
+
   // Retry and redrive rewind a key to the lowest version they touch; the drain then walks
   // forward over every version up to where the key stood. If retention already deleted one
   // of those, the key would stop at it for good, so such a rewind is refused up front.
@@ -133,6 +178,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // so a worker draining it now writes nothing more).
   const resetAndRewind = (s: TaskSelector, states: string[], wholeRange = false) =>
     db.transaction().execute(async (trx) => {
+      await refuseUnknown(trx, s.topic, s.key)
       if (wholeRange) await refuseRangeOverPruned(trx, s)
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
       // rows, so none can go between the check below and the rewind. In byte order, the order
@@ -178,8 +224,11 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
+    // Not refused for an unknown group: a group that has stored nothing yet counts zero, and
+    // `just status` asks right after start.
     summarise: () => groupSummary(db, group),
     async listDead(topic) {
+      await refuseUnknown(db, topic)
       const r = await sql<DeadTask>`
         select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,
                i.last_error as "lastError", (i.ver = k.done_ver + 1) as blocking
@@ -191,6 +240,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return r.rows
     },
     async listGaps(topic) {
+      await refuseUnknown(db, topic)
       const r = await sql<KeyGap>`
         select k.topic, k.key, k.done_ver + 1 as "missingVer",
                (select min(i.ver) from keyway.inbox i
@@ -209,6 +259,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return r.rows
     },
     async listBlocked(topic) {
+      await refuseUnknown(db, topic)
       const r = await sql<{ topic: string; key: string; ver: number }>`
         select k.topic, k.key, i.ver
           from keyway.consumer_key k
@@ -226,6 +277,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     async skip(s) {
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       return db.transaction().execute(async (trx) => {
+        await refuseUnknown(trx, s.topic, s.key)
         if (ranged && s.key !== undefined && s.toVer !== undefined) {
           // A placeholder for a version that has not arrived would make ingest drop the real
           // event when it comes, silently: a range may not reach past what the key received.
