@@ -278,6 +278,19 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       return db.transaction().execute(async (trx) => {
         await refuseUnknown(trx, s.topic, s.key)
+        // The keys first, in byte order, as resetAndRewind and the workers take them. The
+        // statement below locks them in whatever order its plan meets them; against a worker
+        // completing two of them at once that was a deadlock, which Postgres breaks by
+        // failing one side.
+        await sql`
+          select 1 from keyway.consumer_key k
+           where k.grp = ${group} and k.topic = ${s.topic}
+             and ((${ranged} and k.key = ${s.key ?? null})
+                  or k.key in (select i.key from keyway.inbox i
+                                where i.grp = ${group} and i.state in ('pending', 'dead')
+                                  and ${where(s)}))
+           order by k.topic collate "C", k.key collate "C"
+           for update of k`.execute(trx)
         if (ranged && s.key !== undefined && s.toVer !== undefined) {
           // A placeholder for a version that has not arrived would make ingest drop the real
           // event when it comes, silently: a range may not reach past what the key received.

@@ -1,0 +1,54 @@
+// The admin actions against workers holding key rows: they take keys in the workers' order.
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
+import { sql } from "kysely"
+import pg from "pg"
+import { createConsumerAdmin } from "../src/index.ts"
+
+let t: TestDatabase
+before(async () => {
+  t = await createTestDatabase({ poolSize: 4 })
+})
+after(() => t.drop())
+
+test("a topic-wide skip takes its keys in byte order, so a worker holding one cannot deadlock it", async () => {
+  // Stored "b" before "a", so a statement that locks keys as it finds them takes "b" first.
+  for (const key of ["b", "a"]) {
+    await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', ${key}, 0)`.execute(
+      t.db,
+    )
+    await sql`
+      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+      values ('g', 'demo.item', ${key}, 1, ${`s:${key}`}, 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 3)
+    `.execute(t.db)
+  }
+  // A worker's completion of "a" and "b" together: it locks them in byte order, "a" first.
+  const worker = new pg.Client({ connectionString: t.url })
+  await worker.connect()
+  try {
+    await worker.query("begin")
+    await worker.query("select 1 from keyway.consumer_key where grp = 'g' and key = 'a' for update")
+    const skip = createConsumerAdmin({ db: t.db, group: "g" }).skip({ topic: "demo.item" })
+    await waitFor(
+      async () =>
+        (
+          await sql`select 1 from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+        ).rows.length === 1,
+      { timeoutMs: 10_000, message: "the skip waits for the worker" },
+    )
+    // Holding "b" here, the skip would wait for "a" while the worker waits for "b".
+    await worker.query("select 1 from keyway.consumer_key where grp = 'g' and key = 'b' for update")
+    await worker.query("commit")
+    assert.equal(await skip, 2)
+  } finally {
+    await worker.end()
+  }
+  const states = await sql<{ key: string; state: string }>`
+    select key, state from keyway.inbox where grp = 'g' order by key`.execute(t.db)
+  assert.deepEqual(
+    states.rows.map((r) => `${r.key}:${r.state}`),
+    ["a:skipped", "b:skipped"],
+  )
+})
