@@ -30,9 +30,11 @@ test *files:
     set -euo pipefail
     shopt -s nullglob
     # Node 20's test runner takes no globs; bash expands them. Two files at a time: most
-    # start servers or child processes, and the machine has two cores.
+    # start servers or child processes, and the machine has two cores. Node 20 applies
+    # --test-timeout to each file as a whole: a file that hangs is failed and killed after
+    # 10 minutes (the slowest takes about 2) instead of holding the run until CI gives up.
     files=({{ if files == "" { "schemas/test/*.test.ts libs/*/test/*.test.ts apps/*/test/*.test.ts" } else { files } }})
-    exec node --import tsx --test --test-concurrency=2 "${files[@]}"
+    exec node --import tsx --test --test-concurrency=2 --test-timeout=600000 "${files[@]}"
 
 # Apply sql/ migrations to DATABASE_URL (creating the database if needed).
 migrate:
