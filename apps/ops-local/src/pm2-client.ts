@@ -88,10 +88,15 @@ export async function connectPm2(
         ],
         autorestart: true,
         // A process that keeps dying (a port taken, a bad config) stops being restarted
-        // after a while and shows as errored in `just status` instead of spinning.
-        max_restarts: 20,
-        min_uptime: 5000,
-        exp_backoff_restart_delay: 200,
+        // after a while and shows as errored in `just status` instead of spinning; `just up`
+        // starts an errored one afresh. No restart delay of either kind: pm2 5 counts a
+        // restart against max_restarts only within min_uptime x max_restarts of the first
+        // start, which exp_backoff_restart_delay (200 ms growing to 15 s) outran, so the
+        // process was restarted for ever; and with any delay pm2 overwrites "errored" with
+        // "waiting restart" once it has given up, so status never showed it. A Keyway
+        // process takes a second or more to start, which paces the restarts anyway.
+        max_restarts: 10,
+        min_uptime: 10_000,
         kill_timeout: 15_000,
         merge_logs: true,
         time: true,
