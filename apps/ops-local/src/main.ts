@@ -8,6 +8,7 @@ import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
+import { findOrphans, stopOrphans } from "./orphans.ts"
 import { connectPm2, type Pm2Client } from "./pm2-client.ts"
 import { ensureSecrets } from "./secrets.ts"
 import {
@@ -58,6 +59,32 @@ async function ensureRunning(pm2: Pm2Client, specs: ProcessSpec[]) {
   }
 }
 
+// Apps before servers, so the relay and the worker drain against live servers.
+const STOP_ORDER = ["demo", "worker", "relay", "redis", "nats"]
+
+/**
+ * Stops the sites' processes that a pm2 daemon which died left running (orphans.ts), apps
+ * first. `managed` are the pids the running daemon has: those are its own.
+ */
+async function stopLeftovers(sites: SiteName[], managed: number[]): Promise<number> {
+  const orphans = (await findOrphans(pm2Home, managed)).filter((o) =>
+    sites.some((site) => o.name.startsWith(`${site}-`)),
+  )
+  const rank = (name: string) => {
+    const n = STOP_ORDER.findIndex((role) => name.endsWith(`-${role}`))
+    return n < 0 ? STOP_ORDER.length : n
+  }
+  for (let r = 0; r <= STOP_ORDER.length; r++) {
+    const batch = orphans.filter((o) => rank(o.name) === r)
+    if (batch.length === 0) continue
+    await stopOrphans(batch, 15_000)
+    for (const o of batch) {
+      say(`  ${o.name.padEnd(16)} stopped (pid ${o.pid}, left running by a pm2 daemon that died)`)
+    }
+  }
+  return orphans.length
+}
+
 function natsReady(site: SiteName) {
   // JetStream answers, not just the port: streams are applied right after.
   return async () => {
@@ -106,6 +133,11 @@ async function up(sites: SiteName[], config: OpsConfig) {
   await mkdir(logDir, { recursive: true })
   const pm2 = (await connectPm2(pm2Home, true))!
   try {
+    // Before anything starts: a second set beside them would find their ports taken.
+    await stopLeftovers(
+      sites,
+      (await pm2.list()).map((p) => p.pid),
+    )
     say("servers")
     await ensureRunning(
       pm2,
@@ -209,14 +241,12 @@ async function waitForCrossing(config: OpsConfig) {
 async function down(sites: SiteName[]) {
   const pm2 = await connectPm2(pm2Home, false)
   if (!pm2) {
-    say("nothing running")
+    if ((await stopLeftovers(sites, [])) === 0) say("nothing running")
     return
   }
   try {
     const present = new Set((await pm2.list()).map((p) => p.name))
-    // Apps before servers, so the relay and the worker drain against live servers.
-    const order = ["demo", "worker", "relay", "redis", "nats"]
-    for (const role of order) {
+    for (const role of STOP_ORDER) {
       for (const site of sites) {
         const name = `${site}-${role}`
         if (!present.has(name)) continue
@@ -224,6 +254,10 @@ async function down(sites: SiteName[]) {
         say(`  ${name.padEnd(16)} stopped`)
       }
     }
+    await stopLeftovers(
+      sites,
+      (await pm2.list()).map((p) => p.pid),
+    )
     if ((await pm2.list()).length === 0) {
       await pm2.kill()
       say("pm2 daemon stopped; data stays in .run/ for the next `just up`")

@@ -1,24 +1,71 @@
 // The project's pm2 daemon, on a PM2_HOME of its own: what `just status` sees of a process
-// that cannot stay up.
+// that cannot stay up, and what is left when the daemon itself dies.
 import assert from "node:assert/strict"
-import { mkdtemp, readFile, rm } from "node:fs/promises"
+import { mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { spawnTs } from "@keyway/testkit"
+import { findOrphans, stopOrphans } from "../src/orphans.ts"
+import type { ProcessSpec } from "../src/site-plan.ts"
 
-const fixture = fileURLToPath(new URL("./fixtures/crash-loop.ts", import.meta.url))
+const fixture = fileURLToPath(new URL("./fixtures/pm2-start.ts", import.meta.url))
+
+/** Runs the fixture on a fresh PM2_HOME; returns what it printed and the home. */
+async function underPm2(spec: ProcessSpec, watchMs: number, keepDaemon = false) {
+  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  const child = spawnTs(fixture, {
+    KEYWAY_TEST_PM2_HOME: home,
+    KEYWAY_TEST_PM2_SPEC: JSON.stringify(spec),
+    KEYWAY_TEST_WATCH_MS: String(watchMs),
+    ...(keepDaemon ? { KEYWAY_TEST_PM2_KEEP: "1" } : {}),
+  })
+  const { code } = await child.exited()
+  assert.equal(code, 0)
+  return { home, seen: child.json() as { status: string; restarts: number; pid: number }[] }
+}
+
+function kill(pid: number) {
+  try {
+    process.kill(pid, "SIGKILL")
+  } catch {
+    // Gone already.
+  }
+}
+
+/** Stops whatever the test left under `home` (a daemon cut short, an orphan) and removes it. */
+async function cleanUp(home: string) {
+  const pids = [join(home, "pm2.pid")]
+  for (const f of await readdir(join(home, "pids")).catch(() => [] as string[])) {
+    pids.push(join(home, "pids", f))
+  }
+  for (const file of pids) {
+    const pid = Number(await readFile(file, "utf8").catch(() => ""))
+    if (pid > 0 && pid !== process.pid) kill(pid)
+  }
+  await rm(home, { recursive: true, force: true })
+}
+
+/** Running, as opposed to gone or a zombie nobody has reaped yet. */
+async function running(pid: number) {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "")
+  return stat !== "" && stat.slice(stat.lastIndexOf(")") + 2)[0] !== "Z"
+}
 
 test("a process that keeps dying ends errored, and is no longer restarted", async () => {
-  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  // 12 s of pm2's view: a process that exits at once is given up on in about two.
+  const { home, seen } = await underPm2(
+    {
+      name: "dies",
+      script: process.execPath,
+      args: ["-e", "process.exit(3)"],
+      env: {},
+      tier: "app",
+    },
+    12_000,
+  )
   try {
-    // 12 s of pm2's view, a line a second: a process that exits at once is given up on in
-    // about two.
-    const child = spawnTs(fixture, { KEYWAY_TEST_PM2_HOME: home, KEYWAY_TEST_WATCH_MS: "12000" })
-    const { code } = await child.exited()
-    assert.equal(code, 0)
-    const seen = child.json() as { status: string; restarts: number }[]
     const first = seen.findIndex((s) => s.status === "errored")
     assert.ok(first >= 0, `never errored: ${JSON.stringify(seen.slice(-3))}`)
     // Given up on: errored from then on, and not started again.
@@ -26,15 +73,39 @@ test("a process that keeps dying ends errored, and is no longer restarted", asyn
     assert.ok(after.length >= 3, "watched for a while after")
     for (const s of after) assert.deepEqual(s, seen[first])
   } finally {
-    // The fixture stops its daemon; if it was cut short, the daemon is stopped here.
-    const pid = Number(await readFile(join(home, "pm2.pid"), "utf8").catch(() => ""))
-    if (pid > 0) {
-      try {
-        process.kill(pid, "SIGKILL")
-      } catch {
-        // Already gone.
-      }
-    }
-    await rm(home, { recursive: true, force: true })
+    await cleanUp(home)
+  }
+})
+
+test("the processes of a daemon killed outright are found by their pid files, and stopped", async () => {
+  const { home, seen } = await underPm2(
+    { name: "cloud-worker", script: "/bin/sleep", args: ["300"], env: {}, tier: "app" },
+    1500,
+    true,
+  )
+  try {
+    const sleeper = seen.at(-1)!.pid
+    assert.ok(sleeper > 0 && (await running(sleeper)))
+    kill(Number(await readFile(join(home, "pm2.pid"), "utf8")))
+    // A pid file whose pid has since been given to a process started after it was written
+    // (as if: a file from before this test process started, naming this process).
+    const stale = join(home, "pids", "cloud-relay-1.pid")
+    await writeFile(stale, String(process.pid))
+    const before = new Date(Date.now() - 600_000)
+    await utimes(stale, before, before)
+
+    assert.deepEqual(await findOrphans(home, [sleeper]), [], "a running daemon's own")
+    const orphans = await findOrphans(home, [])
+    assert.deepEqual(
+      orphans.map((o) => [o.name, o.pid]),
+      [["cloud-worker", sleeper]],
+    )
+    assert.equal(await readFile(stale, "utf8").catch(() => "removed"), "removed")
+    await stopOrphans(orphans, 5000)
+    assert.equal(await running(sleeper), false)
+    assert.deepEqual(await readdir(join(home, "pids")), [])
+    assert.equal(await running(process.pid), true)
+  } finally {
+    await cleanUp(home)
   }
 })

@@ -1,0 +1,91 @@
+// Processes a dead pm2 daemon left behind. A daemon killed outright (kill -9, the OOM killer)
+// takes none of its children with it: they run on, reparented, and a new daemon knows
+// nothing of them. `just down` then stopped nothing, and `just up` started a second set
+// beside the first, whose servers found their ports taken.
+//
+// pm2 writes each child's pid to PM2_HOME/pids/<name>-<id>.pid as it starts it. A process
+// that holds that pid and started no later than the file was written is that child: a pid
+// given out again belongs to a process that started after the child ended, and so after the
+// file. (The child's environment, which holds PM2_HOME, cannot tell: redis-server writes its
+// process title over it.)
+import { readdir, readFile, rm, stat } from "node:fs/promises"
+import { join } from "node:path"
+
+export interface Orphan {
+  name: string
+  pid: number
+  pidFile: string
+  /** The process's start, in clock ticks after boot: with the pid, its identity. */
+  startTicks: number
+}
+
+// The kernel reports process times in USER_HZ, 100 on every architecture Linux runs on.
+const TICKS_PER_SECOND = 100
+
+/** A live process's start in clock ticks after boot; undefined if gone or a zombie. */
+async function startTicks(pid: number): Promise<number | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "")
+  // The command name (field 2) is in parentheses and may hold spaces: count from its end.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+  if (fields.length < 20 || fields[0] === "Z") return undefined
+  return Number(fields[19])
+}
+
+async function bootTimeMs(): Promise<number> {
+  const btime = /^btime (\d+)$/m.exec(await readFile("/proc/stat", "utf8"))
+  return Number(btime![1]) * 1000
+}
+
+/** The processes named by pid files under `pm2Home` still alive, less those in `managed`. */
+export async function findOrphans(pm2Home: string, managed: Iterable<number>): Promise<Orphan[]> {
+  const dir = join(pm2Home, "pids")
+  const files = await readdir(dir).catch(() => [] as string[])
+  const known = new Set(managed)
+  const boot = await bootTimeMs()
+  const found: Orphan[] = []
+  for (const file of files) {
+    const name = /^(.+)-\d+\.pid$/.exec(file)?.[1]
+    const pidFile = join(dir, file)
+    const pid = Number((await readFile(pidFile, "utf8").catch(() => "")).trim())
+    if (!name || !Number.isSafeInteger(pid) || pid <= 0 || known.has(pid)) continue
+    const ticks = await startTicks(pid)
+    const written = (await stat(pidFile).catch(() => undefined))?.mtimeMs
+    // A second's slack for the tick's and the file time's rounding.
+    if (ticks !== undefined && written !== undefined) {
+      if (boot + (ticks * 1000) / TICKS_PER_SECOND <= written + 1000) {
+        found.push({ name, pid, pidFile, startTicks: ticks })
+        continue
+      }
+    }
+    // The process is gone, or the pid is another's now: the file is stale.
+    await rm(pidFile, { force: true })
+  }
+  return found
+}
+
+/**
+ * Stops orphans with SIGTERM, as pm2 would have (every Keyway process drains on it), and
+ * after `graceMs` with SIGKILL. Returns once all are gone.
+ */
+export async function stopOrphans(orphans: readonly Orphan[], graceMs: number): Promise<void> {
+  const signal = (o: Orphan, sig: NodeJS.Signals) => {
+    try {
+      process.kill(o.pid, sig)
+    } catch {
+      // Gone already.
+    }
+  }
+  for (const o of orphans) signal(o, "SIGTERM")
+  const deadline = Date.now() + graceMs
+  let alive = [...orphans]
+  for (;;) {
+    const still = await Promise.all(
+      alive.map(async (o) => (await startTicks(o.pid)) === o.startTicks),
+    )
+    alive = alive.filter((_, n) => still[n])
+    if (alive.length === 0) break
+    if (Date.now() >= deadline) for (const o of alive) signal(o, "SIGKILL")
+    await new Promise((r) => setTimeout(r, 100))
+  }
+  await Promise.all(orphans.map((o) => rm(o.pidFile, { force: true })))
+}
