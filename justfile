@@ -88,6 +88,13 @@ pm2 *args:
 admin *args:
     node --import tsx apps/admin/src/main.ts "$@"
 
+# A stream's messages, decoded, one JSON line each, in order; reads without touching any
+# consumer group. `npx just replay --site factory --stream FACTORY --key item-3`, or on the
+# server NATS_URL names: `npx just replay --stream S --since 10m --follow`. --help lists all.
+[positional-arguments]
+replay *args:
+    node --import tsx apps/replay/src/main.ts "$@"
+
 # Benchmarks: `just bench relay`. Prints a table, then one JSON line.
 bench name:
     node --import tsx bench/src/main.ts {{name}}

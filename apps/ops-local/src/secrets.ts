@@ -17,6 +17,16 @@ function parseEnvFile(text: string): Record<string, string> {
   return out
 }
 
+/** The secrets file's variables, or undefined if there is none (no `just up` has run here). */
+export async function readSecrets(path: string): Promise<Record<string, string> | undefined> {
+  try {
+    return parseEnvFile(await readFile(path, "utf8"))
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined
+    throw err
+  }
+}
+
 /**
  * Reads the secrets file, adding a password for any user that has none yet (a user added
  * later gets one without changing the others), and returns the password of each user.

@@ -1,0 +1,169 @@
+// `just replay --stream S [options]`: a stream's messages, decoded, one JSON line each, in
+// stream order, for a developer following a flow (src/replay.ts). It reads without touching
+// any consumer group. What it read, and from where, goes to stderr; stdout is for jq.
+import { parseArgs } from "node:util"
+import { connectNats } from "@keyway/nats"
+import {
+  JetStreamApiCodes,
+  JetStreamApiError,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream"
+import { replay } from "./replay.ts"
+
+const usage = `usage: replay --stream S [--site cloud|factory] [--subject SUBJ] [--key K]
+              [--from-seq N | --since 10m | --since 2026-12-06T10:00:00Z] [--to-seq N]
+              [--limit N] [--follow]
+  --site     a site of \`just up\`: its NATS, as its admin user
+  --subject  one subject or wildcard of the stream (e.g. factory.demo.item, factory.>)
+  --key      only events of this key (read client side)
+  --follow   keep printing new messages until Ctrl-C
+environment, without --site: NATS_URL (default nats://127.0.0.1:4222); NATS_USER, NATS_PASS
+and NATS_INBOX_PREFIX for a server with accounts (nats/README.md)`
+
+function fail(message: string): never {
+  console.error(`replay: ${message}\n${usage}`)
+  process.exit(2)
+}
+
+const options = {
+  stream: { type: "string" },
+  site: { type: "string" },
+  subject: { type: "string" },
+  key: { type: "string" },
+  "from-seq": { type: "string" },
+  since: { type: "string" },
+  "to-seq": { type: "string" },
+  limit: { type: "string" },
+  follow: { type: "boolean" },
+  help: { type: "boolean" },
+} as const
+let values: ReturnType<typeof parseArgs<{ options: typeof options }>>["values"]
+try {
+  values = parseArgs({ options }).values
+} catch (err) {
+  fail((err as Error).message)
+}
+
+const count = (name: "from-seq" | "to-seq" | "limit") => {
+  const raw = values[name]
+  if (raw === undefined) return undefined
+  // Decimal digits only: Number() also reads "0x10" and "1e3", and rounds past 2^53.
+  const n = /^[1-9][0-9]*$/.test(raw) ? Number(raw) : Number.NaN
+  if (!Number.isSafeInteger(n)) fail(`--${name} must be a positive integer`)
+  return n
+}
+
+/** `--since`: a span back from now (90s, 10m, 2h, 1d) or an ISO 8601 time with its zone. */
+function since(raw: string | undefined): Date | undefined {
+  if (raw === undefined) return undefined
+  const span = /^(\d+)(s|m|h|d)$/.exec(raw)
+  if (span) {
+    const unit = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3 }[span[2] as "s" | "m" | "h" | "d"]
+    return new Date(Date.now() - Number(span[1]) * unit)
+  }
+  // A zone is required: without one the same text means another instant on another machine.
+  const time = /^\d{4}-\d{2}-\d{2}T[\d:.]+(Z|[+-]\d{2}:\d{2})$/.test(raw) ? new Date(raw) : null
+  if (!time || Number.isNaN(time.getTime())) {
+    fail(`--since must be a span (90s, 10m, 2h, 1d) or a time like 2026-12-06T10:00:00Z`)
+  }
+  // Nothing is there yet to read; and nats-server 2.9.10 reads a time past 2262 (its
+  // nanosecond clock overflowing) as before every message.
+  if (time.getTime() > Date.now()) fail(`--since ${raw} is in the future`)
+  return time
+}
+
+if (values.help) {
+  console.log(usage)
+  process.exit(0)
+}
+if (!values.stream) fail("--stream is required")
+const fromSeq = count("from-seq")
+const toSeq = count("to-seq")
+const start = since(values.since)
+if (fromSeq !== undefined && start !== undefined) fail("give --from-seq or --since, not both")
+if (fromSeq !== undefined && toSeq !== undefined && fromSeq > toSeq) {
+  fail(`--from-seq ${fromSeq} is above --to-seq ${toSeq}`)
+}
+if (values.follow && toSeq !== undefined) fail("--follow reads on for ever: it takes no --to-seq")
+
+/** Where to connect: a site of `just up` (its admin user), or the environment's server. */
+async function natsTarget() {
+  if (values.site === undefined) {
+    return {
+      servers: (process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(","),
+      user: process.env.NATS_USER || undefined,
+      pass: process.env.NATS_PASS || undefined,
+      inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
+    }
+  }
+  const { SITES, SITE_NAMES, inboxPrefix, passwordVariable, repositoryRoot, siteNatsUrl } =
+    await import("@keyway/ops-local/site-plan")
+  const { readSecrets } = await import("@keyway/ops-local/secrets")
+  if (!(SITE_NAMES as readonly string[]).includes(values.site)) {
+    fail(`--site must be one of ${SITE_NAMES.join(", ")}`)
+  }
+  const secrets = await readSecrets(`${repositoryRoot()}/.run/secrets.env`)
+  if (!secrets) fail("no site has been brought up here: run `npx just up` first")
+  return {
+    servers: [siteNatsUrl(SITES[values.site as keyof typeof SITES])],
+    user: "admin",
+    pass: secrets[passwordVariable("admin")],
+    inboxPrefix: inboxPrefix("admin"),
+  }
+}
+
+const target = await natsTarget()
+const nc = await connectNats({
+  ...target,
+  name: "keyway-replay",
+  // A developer at a prompt wants the error, not a wait for a server that may never come.
+  waitForServer: false,
+}).catch((err: Error) => {
+  console.error(`replay: cannot reach NATS at ${target.servers.join(",")}: ${err.message}`)
+  process.exit(1)
+})
+const aborter = new AbortController()
+process.once("SIGINT", () => aborter.abort())
+try {
+  const jsm = await jetstreamManager(nc)
+  let info: Awaited<ReturnType<typeof jsm.streams.info>>
+  try {
+    info = await jsm.streams.info(values.stream)
+  } catch (err) {
+    if (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound) {
+      const names: string[] = []
+      for await (const s of jsm.streams.names()) names.push(s)
+      throw new Error(
+        `no stream ${JSON.stringify(values.stream)} on this server (its streams: ${names.sort().join(", ") || "none"})`,
+      )
+    }
+    throw err
+  }
+  const { first_seq, last_seq, messages } = info.state
+  console.error(
+    `replay: ${values.stream} holds ${messages} messages, seq ${first_seq}..${last_seq}`,
+  )
+  const printed = await replay(
+    jetstream(nc),
+    {
+      stream: values.stream,
+      subject: values.subject,
+      key: values.key,
+      fromSeq,
+      since: start,
+      // Without --follow, the end is what the stream held at the start.
+      toSeq: values.follow ? undefined : Math.min(toSeq ?? last_seq, last_seq),
+      limit: count("limit"),
+      follow: values.follow ?? false,
+      signal: aborter.signal,
+    },
+    (line) => process.stdout.write(`${JSON.stringify(line)}\n`),
+  )
+  console.error(`replay: ${printed} printed`)
+} catch (err) {
+  console.error(`replay: ${(err as Error).message}`)
+  process.exitCode = 1
+} finally {
+  await nc.close()
+}

@@ -1,0 +1,172 @@
+// `just replay` against the machine's NATS, run as a developer runs it.
+import assert from "node:assert/strict"
+import { spawn } from "node:child_process"
+import { after, before, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { connectNats } from "@keyway/nats"
+import { encodeEnvelope } from "@keyway/schemas"
+import { createTestStream, waitFor } from "@keyway/testkit"
+import { jetstream, jetstreamManager } from "@nats-io/jetstream"
+import { headers, type NatsConnection } from "@nats-io/transport-node"
+
+const cli = fileURLToPath(new URL("../src/main.ts", import.meta.url))
+const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+let nc: NatsConnection
+let stream: Awaited<ReturnType<typeof createTestStream>>
+
+function start(args: string[]) {
+  const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
+    cwd: fileURLToPath(new URL("../../..", import.meta.url)),
+    env: { ...process.env, NATS_URL: natsUrl },
+  })
+  const result = { out: "", err: "" }
+  child.stdout.on("data", (d) => (result.out += d))
+  child.stderr.on("data", (d) => (result.err += d))
+  const exited = new Promise<number | null>((resolve) => child.on("exit", resolve))
+  const lines = () =>
+    result.out
+      .split("\n")
+      .filter(Boolean)
+      .map((l) => JSON.parse(l) as Record<string, any>)
+  return { child, result, exited, lines }
+}
+
+async function run(args: string[]) {
+  const r = start(args)
+  const code = await r.exited
+  return { code, err: r.result.err, lines: r.lines() }
+}
+
+async function publish(key: string, ver: number, trace?: string) {
+  const h = headers()
+  if (trace) h.set("traceparent", trace)
+  await jetstream(nc).publish(
+    `${stream.site}.demo.item`,
+    encodeEnvelope({
+      id: `${stream.site}:${key}${ver}`,
+      site: stream.site,
+      seq: ver,
+      topic: "demo.item",
+      key,
+      ver,
+      type: "demo.item.changed.v1",
+      payload: { n: ver },
+      createdAt: new Date().toISOString(),
+    }),
+    { headers: h },
+  )
+}
+
+const TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+before(async () => {
+  nc = await connectNats({ servers: natsUrl })
+  stream = await createTestStream(nc)
+  await publish("a", 1, TRACE) // seq 1
+  await publish("b", 1) // 2
+  await publish("a", 2) // 3
+  await jetstream(nc).publish(`${stream.site}.demo.item`, "this is not json") // 4
+  await publish("a", 3) // 5
+  await jetstream(nc).publish(`${stream.site}.other`, "elsewhere") // 6
+})
+after(async () => {
+  await stream.delete()
+  await nc.close()
+})
+
+test("prints every message in stream order, events decoded, the rest with the reason", async () => {
+  const { code, err, lines } = await run(["--stream", stream.name])
+  assert.equal(code, 0, err)
+  assert.deepEqual(
+    lines.map((l) => l.streamSeq),
+    [1, 2, 3, 4, 5, 6],
+  )
+  assert.deepEqual(
+    { ...lines[0], time: "t", createdAt: "c" },
+    {
+      streamSeq: 1,
+      time: "t",
+      subject: `${stream.site}.demo.item`,
+      id: `${stream.site}:a1`,
+      site: stream.site,
+      topic: "demo.item",
+      key: "a",
+      ver: 1,
+      type: "demo.item.changed.v1",
+      createdAt: "c",
+      traceparent: TRACE,
+      payload: { n: 1 },
+    },
+  )
+  assert.equal(lines[3]!.data, "this is not json")
+  assert.match(lines[3]!.error, /JSON/)
+  assert.match(err, new RegExp(`${stream.name} holds 6 messages, seq 1\\.\\.6`))
+  assert.match(err, /6 printed/)
+})
+
+test("selects by key, by subject, by sequence range, by time and by count", async () => {
+  const pick = async (args: string[]) => {
+    const r = await run(["--stream", stream.name, ...args])
+    assert.equal(r.code, 0, r.err)
+    return r.lines.map((l) => l.streamSeq)
+  }
+  assert.deepEqual(await pick(["--key", "a"]), [1, 3, 5])
+  assert.deepEqual(await pick(["--subject", `${stream.site}.other`]), [6])
+  assert.deepEqual(await pick(["--subject", `${stream.site}.demo.item`, "--key", "b"]), [2])
+  assert.deepEqual(await pick(["--from-seq", "3", "--to-seq", "4"]), [3, 4])
+  assert.deepEqual(await pick(["--from-seq", "5"]), [5, 6])
+  assert.deepEqual(await pick(["--limit", "2"]), [1, 2])
+  assert.deepEqual(await pick(["--since", "1h"]), [1, 2, 3, 4, 5, 6])
+  const after6 = new Date(Date.now() + 1000)
+  await new Promise((r) => setTimeout(r, 1100))
+  assert.deepEqual(await pick(["--since", after6.toISOString()]), [])
+  // No durable consumer was made: the groups reading the stream are undisturbed.
+  const durables: string[] = []
+  for await (const c of (await jetstreamManager(nc)).consumers.list(stream.name)) {
+    if (c.config.durable_name) durables.push(c.config.durable_name)
+  }
+  assert.deepEqual(durables, [])
+})
+
+test("--follow prints what arrives after it started, until interrupted", async () => {
+  const r = start(["--stream", stream.name, "--from-seq", "6", "--follow"])
+  await waitFor(async () => r.lines().length === 1, { timeoutMs: 10_000, message: "seq 6" })
+  await publish("c", 1)
+  await waitFor(async () => r.lines().length === 2, { timeoutMs: 10_000, message: "seq 7" })
+  assert.deepEqual(
+    r.lines().map((l) => [l.streamSeq, l.key]),
+    [
+      [6, undefined],
+      [7, "c"],
+    ],
+  )
+  r.child.kill("SIGINT")
+  assert.equal(await r.exited, 0)
+})
+
+test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is not there", async () => {
+  const cases: [string[], RegExp][] = [
+    [[], /--stream is required/],
+    [["--stream", stream.name, "--from-seq", "0x10"], /--from-seq must be a positive integer/],
+    [["--stream", stream.name, "--since", "yesterday"], /--since must be a span/],
+    [["--stream", stream.name, "--since", "2026-12-06T10:00:00"], /--since must be a span/],
+    [["--stream", stream.name, "--since", "2999-01-01T00:00:00Z"], /is in the future/],
+    [["--stream", stream.name, "--from-seq", "5", "--to-seq", "2"], /is above --to-seq/],
+    [["--stream", stream.name, "--from-seq", "1", "--since", "1h"], /not both/],
+    [["--stream", stream.name, "--follow", "--to-seq", "3"], /takes no --to-seq/],
+    [["--stream", stream.name, "--site", "moon"], /--site must be one of cloud, factory/],
+    [["--stream", stream.name, "--frm-seq", "1"], /Unknown option '--frm-seq'/],
+  ]
+  for (const [args, message] of cases) {
+    const r = await run(args)
+    assert.equal(r.code, 2, args.join(" "))
+    assert.match(r.err, message, args.join(" "))
+    assert.deepEqual(r.lines, [])
+  }
+  const missing = await run(["--stream", `${stream.name}X`])
+  assert.equal(missing.code, 1)
+  assert.match(
+    missing.err,
+    new RegExp(`no stream "${stream.name}X" on this server \\(its streams: .*${stream.name}`),
+  )
+})
