@@ -94,7 +94,45 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
 }
 
 /**
- * Creates missing streams and updates existing ones to their declared config. Never deletes
+ * What a stream has when its declaration leaves a field out: nats-server's defaults, for the
+ * fields that can change on a live stream. nats.js's update merges what it is given into the
+ * live config, so a limit or a source deleted from a declaration stayed in force, unseen;
+ * the declaration is the whole config, and a field it leaves out is set back to this.
+ * (Fields the server will not change on a live stream, such as storage, retention, mirror,
+ * and deny_delete or deny_purge once set, are not here.)
+ */
+export const STREAM_DEFAULTS = {
+  description: "",
+  max_age: 0,
+  max_bytes: -1,
+  max_msgs: -1,
+  max_msgs_per_subject: -1,
+  max_msg_size: -1,
+  discard: "old",
+  duplicate_window: 120e9,
+  num_replicas: 1,
+  sources: [],
+  allow_rollup_hdrs: false,
+} as const satisfies Partial<StreamConfig>
+
+/** The declaration with the fields it leaves out at their defaults, where `live` has others. */
+export function declaredConfig(live: StreamConfig, declared: StreamDefinition): StreamDefinition {
+  const out: Record<string, unknown> = { ...declared }
+  for (const [field, fallback] of Object.entries(STREAM_DEFAULTS)) {
+    const current = (live as unknown as Record<string, unknown>)[field]
+    if (out[field] !== undefined || current === undefined) continue
+    // The server's own rule: a duplicate window is never longer than max_age.
+    const maxAge = (out.max_age ?? live.max_age) as number
+    const value =
+      field === "duplicate_window" && maxAge > 0 ? Math.min(maxAge, fallback as number) : fallback
+    if (JSON.stringify(current) !== JSON.stringify(value)) out[field] = value
+  }
+  return out as StreamDefinition
+}
+
+/**
+ * Creates missing streams and updates existing ones to their declared config (what it leaves
+ * out at its default: STREAM_DEFAULTS). Never deletes
  * a stream: deleting and recreating an origin stream loses its messages and resets the
  * sequence numbers its sourced copies track. Nor does it make a change that would destroy
  * or re-fetch what a stream holds (see destructiveChanges): that is refused, whole, before
@@ -107,9 +145,10 @@ export async function applyStreams(
   const planned: { definition: StreamDefinition; exists: boolean }[] = []
   const refused: string[] = []
   for (const raw of definitions) {
-    const definition = normalise(raw)
+    const normalised = normalise(raw)
     try {
-      const live = await jsm.streams.info(definition.name)
+      const live = await jsm.streams.info(normalised.name)
+      const definition = declaredConfig(live.config, normalised)
       planned.push({ definition, exists: true })
       for (const change of destructiveChanges(live.config, definition)) {
         refused.push(`${definition.name}: ${change}`)
@@ -118,7 +157,7 @@ export async function applyStreams(
       if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) {
         throw err
       }
-      planned.push({ definition, exists: false })
+      planned.push({ definition: normalised, exists: false })
     }
   }
   if (refused.length > 0) {

@@ -94,6 +94,38 @@ test("a lower limit, or a changed source, is refused whole; raising a limit is a
   assert.equal((await jsm.streams.info(origin)).state.messages, 5)
 })
 
+test("a field left out of a declaration is set back to its default, not kept from before", async () => {
+  const name = uniqueName()
+  const subject = name.toLowerCase()
+  const full: StreamDefinition = {
+    name,
+    subjects: [`${subject}.>`],
+    max_age: hours(168),
+    max_msgs_per_subject: 5,
+    description: "with limits",
+    allow_rollup_hdrs: true,
+  }
+  await applyStreams(jsm, [full])
+  // The limits deleted from the declaration: no limit. nats.js merges an update into the
+  // live config, which kept all of them.
+  await applyStreams(jsm, [{ name, subjects: [`${subject}.>`] }])
+  const config = (await jsm.streams.info(name)).config
+  assert.equal(config.max_age, 0)
+  assert.equal(config.max_msgs_per_subject, -1)
+  assert.equal(config.description ?? "", "")
+  assert.equal(config.allow_rollup_hdrs ?? false, false)
+
+  // A source deleted from a declaration is a source removed: refused like one.
+  const copy = uniqueName()
+  const source = { name: "ELSEWHERE", external: { api: "$JS.elsewhere.API", deliver: "" } }
+  await applyStreams(jsm, [{ name: copy, sources: [source] }])
+  await assert.rejects(
+    applyStreams(jsm, [{ name: copy, subjects: [`${copy.toLowerCase()}.>`] }]),
+    new RegExp(`${copy}: source ELSEWHERE removed`),
+  )
+  assert.equal((await jsm.streams.info(copy)).config.sources?.length, 1)
+})
+
 test("a source declared by domain is the same source the server reports by API prefix", () => {
   const live = {
     name: "CLOUD_IN",
