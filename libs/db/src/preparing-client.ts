@@ -15,12 +15,22 @@ const MAX_PREPARED = 256
 // otherwise grow the counts without bound.
 const MAX_COUNTED = 2048
 
+// Errors after which a named statement may not be usable again, though the same text sent
+// afresh would be. A prepared statement keeps its plan's result type (0A000, "cached plan
+// must not change result type") and the parameter types Postgres inferred when it was
+// prepared: a function's argument type changed by DROP and CREATE (42883), or a column's type
+// altered (42804), fail on every call under the old name. 26000: the statement is not there,
+// e.g. prepared in a transaction that had already failed. No code at all: pg failed the
+// statement on this side, where a parameter it cannot serialise (a BigInt in a jsonb value)
+// makes it send Close for the name while still taking the name for prepared.
+const STALE = new Set(["0A000", "26000", "42883", "42804", "42P18"])
+
 /**
  * A pg Client that prepares statements it runs often and, in pg's pipeline mode, sends the
  * statements issued while one is in flight in a single write. Only parameterised text queries
- * are named: those are what Kysely sends. A statement whose result columns change under it (a
- * table altered while the connection lives) fails once with Postgres' "cached plan must not
- * change result type"; the client then stops using that name, so the next call re-prepares.
+ * are named: those are what Kysely sends. A statement the schema changed under (a table altered,
+ * a function made again with other types, while the connection lives) fails once; the client
+ * then stops using that name (STALE), so the next call re-prepares.
  */
 export class PreparingClient extends pg.Client {
   #counts = new Map<string, number>()
@@ -46,7 +56,13 @@ export class PreparingClient extends pg.Client {
       const name = this.#nameFor(config)
       if (name !== undefined) {
         return super.query({ name, text: config, values }).catch((err: unknown) => {
-          if ((err as { code?: string }).code === "0A000") this.#names.delete(config)
+          // The statement under this name may be gone or stale; the next call prepares the
+          // text afresh under a new name. A stale one stays in the session (pg cannot close
+          // it mid-transaction), one per schema change at most.
+          const code = (err as { code?: string }).code
+          if ((code === undefined || STALE.has(code)) && this.#names.get(config) === name) {
+            this.#names.delete(config)
+          }
           throw err
         })
       }

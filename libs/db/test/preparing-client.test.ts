@@ -54,6 +54,29 @@ test("a statement whose result columns change fails once, then is prepared afres
   assert.deepEqual(await all(1), [{ id: 1, name: "one", price: 7 }])
 })
 
+test("a statement whose parameter types change, or whose parameter pg cannot send, fails once", async () => {
+  await sql`create function describe_it(a text) returns text language sql as $$ select 'text ' || a $$`.execute(
+    db,
+  )
+  const call = (v: unknown) => sql<{ d: string }>`select describe_it(${v}) as d`.execute(db)
+  for (let i = 0; i < 3; i++) await call("x")
+  // Made again with another argument type, as a migration does: the statement prepared with
+  // text for $1 names a function that no longer exists.
+  await sql`drop function describe_it(text)`.execute(db)
+  await sql`create function describe_it(a int) returns text language sql as $$ select 'int ' || a $$`.execute(
+    db,
+  )
+  await assert.rejects(call(5), /function describe_it\(text\) does not exist/)
+  assert.deepEqual((await call(5)).rows, [{ d: "int 5" }])
+
+  const echo = (v: unknown) => sql<{ v: unknown }>`select ${v}::jsonb as v`.execute(db)
+  for (let i = 0; i < 3; i++) await echo(JSON.stringify({ a: i }))
+  // pg cannot serialise a BigInt: it fails the statement and closes the prepared name.
+  await assert.rejects(echo({ a: 1n }), /BigInt/)
+  for (let i = 0; i < 3; i++)
+    assert.deepEqual((await echo(JSON.stringify({ a: i }))).rows, [{ v: { a: i } }])
+})
+
 test("in pipeline mode, statements issued while one is in flight leave in one write", async () => {
   const client = new PreparingClient({ connectionString: t.url, pipeline: true })
   await client.connect()
