@@ -535,7 +535,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     events: IncomingEvent[],
     rejects: Reject[],
     msgs: JsMsg[],
-    collided: Set<number>,
+    rejected: Set<number>,
   ): Promise<KeyRef[]> => {
     const bySeq = new Map(msgs.map((m) => [m.seq, m]))
     // The inbox keeps the event it has; the other is kept as a reject, where an operator sees
@@ -543,8 +543,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const keepCollisions = (collisions: Collision[]) => {
       for (const { streamSeq, reason } of collisions) {
         const m = bySeq.get(streamSeq)!
-        if (collided.has(streamSeq)) continue
-        collided.add(streamSeq)
+        if (rejected.has(streamSeq)) continue
+        rejected.add(streamSeq)
         rejects.push({ streamSeq, subject: m.subject, reason, data: m.data })
         log.warn("rejected an event that collides with another", {
           subject: m.subject,
@@ -578,6 +578,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         const m = bySeq.get(e.streamSeq)!
         const reason = `Postgres refuses a value in it: ${messageOf(err)}`
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason, data: m.data })
+        // Its placeholder keeps its id: met at a version another event holds, it is this
+        // message again, and this reason is the one to keep.
+        rejected.add(m.seq)
         log.warn("rejected an event Postgres refuses", { subject: m.subject, seq: m.seq, reason })
         // Its version still takes its place in the key, or the next one would run as if it
         // had come first. The placeholder replaces the event in `events`, and is tried next:
@@ -600,10 +603,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   const ingest = async (msgs: JsMsg[]) => {
     const { events, rejects } = toIncoming(msgs)
-    const collided = new Set<number>()
+    // Stream sequences of this batch kept as rejects: each is recorded and counted once.
+    const rejected = new Set<number>()
     for (let attempt = 0; ; attempt++) {
       try {
-        const woken = events.length > 0 ? await storeEvents(events, rejects, msgs, collided) : []
+        const woken = events.length > 0 ? await storeEvents(events, rejects, msgs, rejected) : []
         // Each reject is recorded once, even if a statement here fails and all is retried.
         while (rejects.length > 0) {
           await recordReject(db, group, rejects[0]!)
@@ -614,7 +618,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // and the inbox drops what it already has.
         for (const m of msgs) m.ack()
         stats.ingested += events.filter(
-          (e) => !placeholders.has(e) && !collided.has(e.streamSeq),
+          (e) => !placeholders.has(e) && !rejected.has(e.streamSeq),
         ).length
         if (wakeOnIngest) for (const ref of woken) scheduler.wake(ref)
         return

@@ -171,11 +171,21 @@ describe("keyway.ingest", () => {
       /^event id s:1 is already held by v1 of demo\.item\/c, and this is v5/,
     )
     assert.match(reasons.get(321)!, /already held by another event, x:1, and this is x:2/)
+    // A version an operator skipped while it was missing holds a placeholder: the event, come
+    // late, is the one the skip gave up on, not a collision.
+    await sql`
+      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state)
+      values (${group}, 'demo.item', 'c', 6, 'skipped:demo.item:c:6', 'keyway.skipped', 'null',
+              now(), 'skipped')`.execute(t.db)
+    assert.deepEqual(await ingestBatch(t.db, group, [at("c", 6, 340, "s:6")]), {
+      woken: [],
+      collisions: [],
+    })
     const inbox = await sql<{ ver: number; event_id: string }>`
       select ver, event_id from keyway.inbox where grp = ${group} order by ver`.execute(t.db)
     assert.deepEqual(
       inbox.rows.map((r) => `${r.ver}:${r.event_id}`),
-      ["1:s:1", "2:s:2", "3:x:1", "4:x:5"],
+      ["1:s:1", "2:s:2", "3:x:1", "4:x:5", "6:skipped:demo.item:c:6"],
     )
   })
   test("a message rejected on each of its deliveries is kept once", async () => {
