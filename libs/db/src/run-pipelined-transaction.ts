@@ -84,6 +84,10 @@ export async function runPipelinedTransaction<DB, T>(
         },
       }),
     })
+    // The failure to report is the statement's. A ROLLBACK fails only on a connection already
+    // lost, and its error ("not queryable", no code) would hide the cause (57P01, 08006) that
+    // a caller decides on; pg's pool drops such a connection when it comes back.
+    const rollback = () => driver.rollbackTransaction(connection).catch(() => {})
     await driver.beginTransaction(connection, {})
     let result: T
     try {
@@ -91,13 +95,13 @@ export async function runPipelinedTransaction<DB, T>(
     } catch (err) {
       open = false
       await Promise.allSettled(inFlight)
-      await driver.rollbackTransaction(connection)
+      await rollback()
       throw err
     }
     open = false
     await Promise.allSettled(inFlight)
     if (firstFailure) {
-      await driver.rollbackTransaction(connection)
+      await rollback()
       throw firstFailure.error
     }
     await driver.commitTransaction(connection)

@@ -171,6 +171,38 @@ test("the transaction refuses statements once it has ended", async () => {
   )
 })
 
+test("a connection lost mid-transaction fails with the statement's own error, not the rollback's", async () => {
+  const killer = createDb({ connectionString: t.url, max: 1 })
+  try {
+    await assert.rejects(
+      runPipelinedTransaction(db, async (trx) => {
+        const { rows } = await sql<{ pid: number }>`select pg_backend_pid() as pid`.execute(trx)
+        const sleeping = sql`select pg_sleep(10)`.execute(trx)
+        await waitFor(
+          async () =>
+            (
+              await sql`select 1 from pg_stat_activity
+                         where pid = ${rows[0]!.pid} and query like 'select pg_sleep%'`.execute(
+                killer,
+              )
+            ).rows.length === 1,
+          { timeoutMs: 5000, message: "the statement runs" },
+        )
+        await sql`select pg_terminate_backend(${rows[0]!.pid})`.execute(killer)
+        await sleeping
+      }),
+      (err: Error & { code?: string }) => {
+        assert.equal(err.code, "57P01", `${err.code} ${err.message}`)
+        return true
+      },
+    )
+    // The pool replaced the dead connection.
+    assert.deepEqual((await sql<{ n: number }>`select 1 as n`.execute(db)).rows, [{ n: 1 }])
+  } finally {
+    await killer.destroy()
+  }
+})
+
 test("a Kysely not made by createDb gets an ordinary transaction, plugins and all", async () => {
   const camel = db.withPlugin(new CamelCasePlugin())
   await sql`create table counted_item (item_id int primary key)`.execute(t.db)
