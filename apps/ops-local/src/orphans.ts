@@ -4,10 +4,12 @@
 // beside the first, whose servers found their ports taken.
 //
 // pm2 writes each child's pid to PM2_HOME/pids/<name>-<id>.pid as it starts it. A process
-// that holds that pid and started no later than the file was written is that child: a pid
-// given out again belongs to a process that started after the child ended, and so after the
-// file. (The child's environment, which holds PM2_HOME, cannot tell: redis-server writes its
-// process title over it.)
+// that holds that pid and started within seconds before the file was written is that child:
+// a pid given out again belongs to a process that started after the child ended, and so after
+// the file; a file copied (cp -r of a checkout) is far younger than what holds its pid. A
+// child of the daemon running now is that daemon's, whatever the files say: between its list
+// and our read of the files it may have restarted one. (The child's environment, which holds
+// PM2_HOME, cannot tell: redis-server writes its process title over it.)
 import { readdir, readFile, rm, stat } from "node:fs/promises"
 import { join } from "node:path"
 
@@ -22,14 +24,16 @@ export interface Orphan {
 // The kernel reports process times in USER_HZ, 100 on every architecture Linux runs on.
 const TICKS_PER_SECOND = 100
 
-/** A live process's start in clock ticks after boot; undefined if gone or a zombie. */
-async function startTicks(pid: number): Promise<number | undefined> {
+/** A live process's parent and start (clock ticks after boot); undefined if gone or a zombie. */
+async function procStat(pid: number): Promise<{ ppid: number; ticks: number } | undefined> {
   const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "")
   // The command name (field 2) is in parentheses and may hold spaces: count from its end.
   const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
   if (fields.length < 20 || fields[0] === "Z") return undefined
-  return Number(fields[19])
+  return { ppid: Number(fields[1]), ticks: Number(fields[19]) }
 }
+
+const startTicks = async (pid: number) => (await procStat(pid))?.ticks
 
 async function bootTimeMs(): Promise<number> {
   const btime = /^btime (\d+)$/m.exec(await readFile("/proc/stat", "utf8"))
@@ -41,6 +45,7 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
   const dir = join(pm2Home, "pids")
   const files = await readdir(dir).catch(() => [] as string[])
   const known = new Set(managed)
+  const daemon = Number((await readFile(join(pm2Home, "pm2.pid"), "utf8").catch(() => "")).trim())
   const boot = await bootTimeMs()
   const found: Orphan[] = []
   for (const file of files) {
@@ -48,12 +53,15 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
     const pidFile = join(dir, file)
     const pid = Number((await readFile(pidFile, "utf8").catch(() => "")).trim())
     if (!name || !Number.isSafeInteger(pid) || pid <= 0 || known.has(pid)) continue
-    const ticks = await startTicks(pid)
+    const proc = await procStat(pid)
+    if (proc && daemon > 0 && proc.ppid === daemon) continue
     const written = (await stat(pidFile).catch(() => undefined))?.mtimeMs
-    // A second's slack for the tick's and the file time's rounding.
-    if (ticks !== undefined && written !== undefined) {
-      if (boot + (ticks * 1000) / TICKS_PER_SECOND <= written + 1000) {
-        found.push({ name, pid, pidFile, startTicks: ticks })
+    if (proc && written !== undefined) {
+      const started = boot + (proc.ticks * 1000) / TICKS_PER_SECOND
+      // A second's slack for the tick's and the file time's rounding; ten for a busy machine
+      // between the spawn and the write.
+      if (started <= written + 1000 && started >= written - 10_000) {
+        found.push({ name, pid, pidFile, startTicks: proc.ticks })
         continue
       }
     }
@@ -65,7 +73,8 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
 
 /**
  * Stops orphans with SIGTERM, as pm2 would have (every Keyway process drains on it), and
- * after `graceMs` with SIGKILL. Returns once all are gone.
+ * after `graceMs` with SIGKILL. Returns once all are gone; throws, naming them, if some are
+ * still there 5 s after the SIGKILL (not ours to signal, or stuck in the kernel).
  */
 export async function stopOrphans(orphans: readonly Orphan[], graceMs: number): Promise<void> {
   const signal = (o: Orphan, sig: NodeJS.Signals) => {
@@ -84,6 +93,11 @@ export async function stopOrphans(orphans: readonly Orphan[], graceMs: number): 
     )
     alive = alive.filter((_, n) => still[n])
     if (alive.length === 0) break
+    if (Date.now() >= deadline + 5000) {
+      throw new Error(
+        `could not stop ${alive.map((o) => `${o.name} (pid ${o.pid})`).join(", ")}: stop them by hand`,
+      )
+    }
     if (Date.now() >= deadline) for (const o of alive) signal(o, "SIGKILL")
     await new Promise((r) => setTimeout(r, 100))
   }

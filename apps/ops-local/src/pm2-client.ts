@@ -24,6 +24,17 @@ export interface Pm2Client {
 
 type Pm2 = typeof import("pm2")
 
+/**
+ * pm2's status, except where pm2 has given up on a process: with a restart delay it then
+ * reports "waiting restart" over the "errored" it set (pm2 7 God.js handleExit), and clears
+ * created_at, which a process waiting for a restart it will get always has.
+ */
+function statusOf(env: ProcessDescription["pm2_env"]): string {
+  const status: string = env?.status ?? "unknown"
+  const createdAt = (env as { created_at?: number | null } | undefined)?.created_at
+  return status === "waiting restart" && createdAt == null ? "errored" : status
+}
+
 const call = <T>(fn: (cb: (err: Error | null, value: T) => void) => void) =>
   new Promise<T>((resolve, reject) => fn((err, value) => (err ? reject(err) : resolve(value))))
 
@@ -53,7 +64,7 @@ export async function connectPm2(
       const all = await call<ProcessDescription[]>((cb) => pm2.list(cb))
       return all.map((p) => ({
         name: p.name ?? "?",
-        status: p.pm2_env?.status ?? "unknown",
+        status: statusOf(p.pm2_env),
         pid: p.pid ?? 0,
         restarts: p.pm2_env?.restart_time ?? 0,
         uptimeMs: p.pm2_env?.pm_uptime ? Date.now() - p.pm2_env.pm_uptime : 0,
@@ -88,15 +99,14 @@ export async function connectPm2(
         ],
         autorestart: true,
         // A process that keeps dying (a port taken, a bad config) stops being restarted
-        // after a while and shows as errored in `just status` instead of spinning; `just up`
-        // starts an errored one afresh. No restart delay of either kind: pm2 5 counts a
-        // restart against max_restarts only within min_uptime x max_restarts of the first
-        // start, which exp_backoff_restart_delay (200 ms growing to 15 s) outran, so the
-        // process was restarted for ever; and with any delay pm2 overwrites "errored" with
-        // "waiting restart" once it has given up, so status never showed it. A Keyway
-        // process takes a second or more to start, which paces the restarts anyway.
+        // and shows as errored in `just status`; `just up` starts it afresh. pm2 counts a
+        // restart against max_restarts only within min_uptime x max_restarts (100 s) of the
+        // first start, so later crashes are restarted for ever: the fixed delay paces those
+        // at one a second. (exp_backoff_restart_delay outran that window within the first
+        // 100 s too, so nothing was ever errored.)
         max_restarts: 10,
         min_uptime: 10_000,
+        restart_delay: 1000,
         kill_timeout: 15_000,
         merge_logs: true,
         time: true,
