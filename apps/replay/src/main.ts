@@ -54,13 +54,21 @@ const count = (name: "from-seq" | "to-seq" | "limit") => {
   return n
 }
 
+/**
+ * Before 1970 means every message, and is sent as no start time: nats-server 2.9.10's
+ * nanosecond clock overflows before 1678 (reading it as after every message), and a span
+ * too long for a date at all is refused by the server as invalid JSON.
+ */
+const clamp = (time: Date) =>
+  time.getTime() < 0 || Number.isNaN(time.getTime()) ? undefined : time
+
 /** `--since`: a span back from now (90s, 10m, 2h, 1d) or an ISO 8601 time with its zone. */
 function since(raw: string | undefined): Date | undefined {
   if (raw === undefined) return undefined
   const span = /^(\d+)(s|m|h|d)$/.exec(raw)
   if (span) {
     const unit = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3 }[span[2] as "s" | "m" | "h" | "d"]
-    return new Date(Date.now() - Number(span[1]) * unit)
+    return clamp(new Date(Date.now() - Number(span[1]) * unit))
   }
   // A zone is required: without one the same text means another instant on another machine.
   const time = /^\d{4}-\d{2}-\d{2}T[\d:.]+(Z|[+-]\d{2}:\d{2})$/.test(raw) ? new Date(raw) : null
@@ -70,7 +78,7 @@ function since(raw: string | undefined): Date | undefined {
   // Nothing is there yet to read; and nats-server 2.9.10 reads a time past 2262 (its
   // nanosecond clock overflowing) as before every message.
   if (time.getTime() > Date.now()) fail(`--since ${raw} is in the future`)
-  return time
+  return clamp(time)
 }
 
 if (values.help) {
@@ -81,6 +89,7 @@ if (!values.stream) fail("--stream is required")
 const fromSeq = count("from-seq")
 const toSeq = count("to-seq")
 const start = since(values.since)
+const limit = count("limit")
 if (fromSeq !== undefined && start !== undefined) fail("give --from-seq or --since, not both")
 if (fromSeq !== undefined && toSeq !== undefined && fromSeq > toSeq) {
   fail(`--from-seq ${fromSeq} is above --to-seq ${toSeq}`)
@@ -125,6 +134,12 @@ const nc = await connectNats({
 })
 const aborter = new AbortController()
 process.once("SIGINT", () => aborter.abort())
+// A reader that stops early (`| head`) is no error: stop there, quietly.
+process.stdout.on("error", (err: NodeJS.ErrnoException) => {
+  if (err.code !== "EPIPE") throw err
+  aborter.abort()
+  process.exit(0)
+})
 try {
   const jsm = await jetstreamManager(nc)
   let info: Awaited<ReturnType<typeof jsm.streams.info>>
@@ -154,7 +169,7 @@ try {
       since: start,
       // Without --follow, the end is what the stream held at the start.
       toSeq: values.follow ? undefined : Math.min(toSeq ?? last_seq, last_seq),
-      limit: count("limit"),
+      limit,
       follow: values.follow ?? false,
       signal: aborter.signal,
     },

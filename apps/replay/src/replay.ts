@@ -1,9 +1,9 @@
 // Reads a stream's messages back, as a developer debugging a flow wants them: decoded, in
 // stream order, from a point in the stream, without disturbing anything. An ordered consumer
-// is the JetStream way to do that: ephemeral, in server memory, unacknowledged, gone when
-// the reader is; the groups' durables never see it.
+// is the JetStream way to do that: ephemeral, in server memory, unacknowledged, deleted when
+// the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
 import { decodeEnvelope } from "@keyway/schemas"
-import { DeliverPolicy, type JetStreamClient, type JsMsg } from "@nats-io/jetstream"
+import { type Consumer, DeliverPolicy, type JetStreamClient, type JsMsg } from "@nats-io/jetstream"
 
 export interface ReplayOptions {
   stream: string
@@ -83,14 +83,27 @@ export async function replay(
         ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }
         : { deliver_policy: DeliverPolicy.All }),
   })
+  try {
+    return await readAll(consumer, options, print)
+  } finally {
+    await consumer.delete().catch(() => {})
+  }
+}
+
+async function readAll(
+  consumer: Consumer,
+  options: ReplayOptions,
+  print: (line: ReplayLine) => void,
+): Promise<number> {
   let printed = 0
   for (;;) {
     if (options.signal?.aborted) return printed
-    // Short waits without `follow`: a fetch that finds nothing means the filtered view is
-    // exhausted. (Each message also says how many follow it, which ends the read at once.)
+    // Short waits: without `follow` a fetch that finds nothing means the filtered view is
+    // exhausted (each message also says how many follow it, which ends the read at once);
+    // with it, an interrupt is seen within a second.
     const batch = await consumer.fetch({
       max_messages: 256,
-      expires: options.follow ? 5000 : 1000,
+      expires: 1000,
     })
     let got = 0
     for await (const m of batch) {
