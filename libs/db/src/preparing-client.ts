@@ -8,8 +8,8 @@ import pg from "pg"
 // has seen the same text a few times, as pgjdbc (prepareThreshold) and postgres.js do.
 const PREPARE_AFTER = 3
 // Each named statement holds a plan in the server session for as long as the connection
-// lives; past this many a connection goes on unnamed rather than evicting (pg has no
-// DEALLOCATE bookkeeping to keep its own cache in step).
+// lives; past this many names given, a connection goes on unnamed rather than evicting (pg
+// has no DEALLOCATE bookkeeping to keep its own cache in step).
 const MAX_PREPARED = 256
 // Texts counted towards PREPARE_AFTER. Queries whose text varies (an insert of n rows) would
 // otherwise grow the counts without bound.
@@ -35,6 +35,8 @@ const STALE = new Set(["0A000", "26000", "42883", "42804", "42P18"])
 export class PreparingClient extends pg.Client {
   #counts = new Map<string, number>()
   #names = new Map<string, string>()
+  // Texts whose name was dropped, with the error that dropped it.
+  #dropped = new Map<string, string>()
   #nextName = 0
 
   constructor(config?: string | pg.ClientConfig) {
@@ -55,13 +57,26 @@ export class PreparingClient extends pg.Client {
     if (typeof config === "string" && Array.isArray(values) && values.length > 0 && !callback) {
       const name = this.#nameFor(config)
       if (name !== undefined) {
-        return super.query({ name, text: config, values }).catch((err: unknown) => {
+        const sent: Promise<unknown> = super.query({ name, text: config, values })
+        // A success after a drop: the next such error may be staleness again.
+        const settled = this.#dropped.has(config)
+          ? sent.then((result) => {
+              this.#dropped.delete(config)
+              return result
+            })
+          : sent
+        return settled.catch((err: unknown) => {
           // The statement under this name may be gone or stale; the next call prepares the
           // text afresh under a new name. A stale one stays in the session (pg cannot close
-          // it mid-transaction), one per schema change at most.
-          const code = (err as { code?: string }).code
-          if ((code === undefined || STALE.has(code)) && this.#names.get(config) === name) {
-            this.#names.delete(config)
+          // it mid-transaction). Once only per text and error: the same error from the fresh
+          // statement is the statement's own (a function failing as it runs, 42883 raised by
+          // its body), and dropping the name on every call would prepare without end.
+          const code = (err as { code?: string }).code ?? "none"
+          if ((code === "none" || STALE.has(code)) && this.#names.get(config) === name) {
+            if (this.#dropped.get(config) !== code) {
+              this.#dropped.set(config, code)
+              this.#names.delete(config)
+            }
           }
           throw err
         })
@@ -103,7 +118,8 @@ export class PreparingClient extends pg.Client {
   #nameFor(text: string): string | undefined {
     const known = this.#names.get(text)
     if (known !== undefined) return known
-    if (this.#names.size >= MAX_PREPARED) return undefined
+    // Every name ever given counts: a dropped one may still be prepared in the session.
+    if (this.#nextName >= MAX_PREPARED) return undefined
     const seen = (this.#counts.get(text) ?? 0) + 1
     if (seen < PREPARE_AFTER) {
       if (this.#counts.size >= MAX_COUNTED) this.#counts.clear()

@@ -77,6 +77,20 @@ test("a statement whose parameter types change, or whose parameter pg cannot sen
     assert.deepEqual((await echo(JSON.stringify({ a: i }))).rows, [{ v: { a: i } }])
 })
 
+test("a statement that fails the same way every time is not prepared again each time", async () => {
+  // Its body calls a function that does not exist: 42883 as it runs, whatever its name.
+  await sql`create function always_fails(a int) returns int language plpgsql
+            as $$ begin return no_such_function(a); end $$`.execute(db)
+  for (let i = 0; i < 30; i++) {
+    await assert.rejects(sql`select always_fails(${i})`.execute(db), /no_such_function/)
+  }
+  const { rows } = await sql<{ n: number }>`
+    select count(*)::int as n from pg_prepared_statements where statement like '%always_fails%'`.execute(
+    db,
+  )
+  assert.ok(rows[0]!.n <= 2, `${rows[0]!.n} statements prepared for it`)
+})
+
 test("in pipeline mode, statements issued while one is in flight leave in one write", async () => {
   const client = new PreparingClient({ connectionString: t.url, pipeline: true })
   await client.connect()
