@@ -6,7 +6,7 @@ import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
 import { fileURLToPath } from "node:url"
-import { spawnTs } from "@keyway/testkit"
+import { spawnTs, waitFor } from "@keyway/testkit"
 import { findOrphans, stopOrphans } from "../src/orphans.ts"
 import type { ProcessSpec } from "../src/site-plan.ts"
 
@@ -89,7 +89,10 @@ test("the processes of a daemon killed outright are found by their pid files, an
     assert.ok(sleeper > 0 && (await running(sleeper)))
     // The running daemon's child is its own, even when the caller's list of it is stale.
     assert.deepEqual(await findOrphans(home, []), [])
-    kill(Number(await readFile(join(home, "pm2.pid"), "utf8")))
+    const daemon = Number(await readFile(join(home, "pm2.pid"), "utf8"))
+    kill(daemon)
+    // A signal is not a death: until the daemon is gone, its child is still its child.
+    await waitFor(async () => !(await running(daemon)), { timeoutMs: 5000, message: "daemon gone" })
     // A pid file whose pid has since been given to a process started after it was written
     // (as if: a file from before this test process started, naming this process).
     const stale = join(home, "pids", "cloud-relay-1.pid")
