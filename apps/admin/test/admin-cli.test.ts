@@ -210,7 +210,7 @@ test("a group, topic or key never seen is refused by name, not answered with not
   const cases: [string[], RegExp][] = [
     [
       ["dead", "--group", "gg"],
-      /^admin: group "gg" has stored no event in this database \(its groups: "g"\)$/m,
+      /^admin: group "gg" has stored no event in this database \(groups here: "g"\)$/m,
     ],
     [
       ["retry", "--group", "g", "--topic", "demo.itme"],

@@ -103,12 +103,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
           select (select min(${col}) from keyway.consumer_key where ${within} and ${col} > n.name)
             from n where n.name is not null
         )
-        select name from n where name is not null limit 20`.execute(q)
-      return found.rows.map((x) => JSON.stringify(x.name)).join(", ") || "none"
+        select name from n where name is not null limit 21`.execute(q)
+      const listed = found.rows.slice(0, 20).map((x) => JSON.stringify(x.name))
+      return `${listed.join(", ") || "none"}${found.rows.length > 20 ? ", …" : ""}`
     }
     if (!known.grp) {
       throw new ConsumerAdminError(
-        `group ${JSON.stringify(group)} has stored no event in this database (its groups: ${await names("grp", sql`true`)})`,
+        `group ${JSON.stringify(group)} has stored no event in this database (groups here: ${await names("grp", sql`true`)})`,
       )
     }
     if (topic !== undefined && !known.topic) {
@@ -282,8 +283,8 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         // statement below locks them in whatever order its plan meets them; against a worker
         // completing two of them at once that was a deadlock, which Postgres breaks by
         // failing one side.
-        await sql`
-          select 1 from keyway.consumer_key k
+        const locked = await sql<{ key: string }>`
+          select k.key from keyway.consumer_key k
            where k.grp = ${group} and k.topic = ${s.topic}
              and ((${ranged} and k.key = ${s.key ?? null})
                   or k.key in (select i.key from keyway.inbox i
@@ -336,9 +337,12 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             returning topic, key, ver
           ),
           skipped as (
+            -- Only the keys locked above: a key that gained a matching task since would be
+            -- locked here, out of order. It is left for the next action.
             update keyway.inbox i
                set state = 'skipped', done_at = now()
              where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
+               and i.key = any(${locked.rows.map((k) => k.key)}::text[])
             returning i.topic, i.key, i.ver
           ),
           bumped as (

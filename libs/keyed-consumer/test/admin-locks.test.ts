@@ -5,6 +5,7 @@ import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
 import { createConsumerAdmin } from "../src/index.ts"
+import { sortedRefs } from "../src/internal/inbox-sql.ts"
 
 let t: TestDatabase
 before(async () => {
@@ -50,5 +51,18 @@ test("a topic-wide skip takes its keys in byte order, so a worker holding one ca
   assert.deepEqual(
     states.rows.map((r) => `${r.key}:${r.state}`),
     ["a:skipped", "b:skipped"],
+  )
+})
+
+test('workers order keys as the admin actions lock them: code points, Postgres\' collate "C"', async () => {
+  // Characters above U+FFFF (surrogate pairs in JavaScript) against U+E000..U+FFFF, where
+  // UTF-16 code unit order and code point order disagree, and some plainer ones.
+  const keys = ["😀", "ｱ", "\uffff", "\u{10000}", "a", "Z", "é", "ab", "a😀", "aｱ", "", "\ue000"]
+  const ours = sortedRefs(keys.map((key) => ({ topic: "t", key }))).sorted.map((r) => r.key)
+  const theirs = await sql<{ k: string }>`
+    select k from unnest(${keys}::text[]) as k order by k collate "C"`.execute(t.db)
+  assert.deepEqual(
+    ours,
+    theirs.rows.map((r) => r.k),
   )
 })

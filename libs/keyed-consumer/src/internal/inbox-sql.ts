@@ -109,11 +109,35 @@ export interface Claim {
 }
 
 /**
- * Sorted by topic and key: batches that share keys then lock their rows in the same order.
- * Returns the sorted refs and, for each, its position in `refs`.
+ * Two strings in Unicode code point order, which is the byte order of their UTF-8 and so
+ * Postgres' `collate "C"`, the order the admin actions lock keys in. JavaScript's `<` compares
+ * UTF-16 code units, where a character above U+FFFF (a surrogate pair, D800-DFFF) sorts before
+ * U+E000-U+FFFF: a worker and an operator's skip then locked two such keys in opposite orders,
+ * and deadlocked. The shift moves the surrogates above E000-FFFF (as ICU's
+ * u_strCompare(codePointOrder) does); every other code unit compares as it is.
  */
-function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[]; from: number[] } {
-  const order = (x: string, y: string) => (x < y ? -1 : x > y ? 1 : 0)
+export function codePointOrder(x: string, y: string): number {
+  const n = Math.min(x.length, y.length)
+  for (let i = 0; i < n; i++) {
+    let a = x.charCodeAt(i)
+    let b = y.charCodeAt(i)
+    if (a === b) continue
+    if (a >= 0xd800 && b >= 0xd800) {
+      a = a >= 0xe000 ? a - 0x800 : a + 0x2000
+      b = b >= 0xe000 ? b - 0x800 : b + 0x2000
+    }
+    return a - b
+  }
+  return x.length - y.length
+}
+
+/**
+ * Sorted by topic and key in code point order: batches that share keys, and admin actions,
+ * then lock their rows in the same order. Returns the sorted refs and, for each, its position
+ * in `refs`.
+ */
+export function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[]; from: number[] } {
+  const order = codePointOrder
   const from = refs.map((_, n) => n)
   from.sort((x, y) => order(refs[x]!.topic, refs[y]!.topic) || order(refs[x]!.key, refs[y]!.key))
   return { sorted: from.map((n) => refs[n]!), from }
