@@ -81,7 +81,7 @@ pm2 *args:
 
 # DATABASE_URL names the group's database; for `just up`'s cloud site:
 # `DATABASE_URL=postgres://postgres@127.0.0.1:5432/keyway_cloud npx just admin dead --group cloud-demo`.
-# A consumer group's summary, dead tasks, gaps and blocked keys; retry, skip, redrive.
+# A consumer group's summary, dead tasks, gaps, blocked keys and rejects; retry, skip, redrive.
 # Arguments pass through as given ("$@"): pasted into the command line, a key with a space
 # or a * would be split or globbed by the shell.
 [positional-arguments]

@@ -10,6 +10,8 @@ const usage = `usage: admin <command> --group G [options]
   dead    [--topic T]                        dead tasks (blocking or parked)
   gaps    [--topic T]                        keys waiting for a missing version
   blocked [--topic T]                        keys stopped at a dead task
+  rejects [--limit N]                        messages kept instead of run (not events,
+                                             refused values, collisions), newest first
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
   skip    --topic T [--key K] [--from N] [--to M]   pending/dead (or missing, with a range) skipped
   redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
@@ -26,6 +28,7 @@ const options = {
   key: { type: "string" },
   from: { type: "string" },
   to: { type: "string" },
+  limit: { type: "string" },
 } as const
 let parsed: ReturnType<typeof parseArgs<{ allowPositionals: true; options: typeof options }>>
 try {
@@ -43,6 +46,7 @@ const flags: Record<string, readonly (keyof typeof options)[]> = {
   dead: ["group", "topic"],
   gaps: ["group", "topic"],
   blocked: ["group", "topic"],
+  rejects: ["group", "limit"],
   retry: ["group", "topic", "key", "from", "to"],
   skip: ["group", "topic", "key", "from", "to"],
   redrive: ["group", "topic", "key", "from", "to"],
@@ -102,6 +106,17 @@ try {
     case "blocked":
       result = await admin.listBlocked(values.topic)
       break
+    case "rejects": {
+      const raw = values.limit
+      const limit =
+        raw === undefined
+          ? undefined
+          : /^[1-9][0-9]{0,5}$/.test(raw)
+            ? Number(raw)
+            : fail("--limit must be a whole number from 1 to 999999")
+      result = await admin.listRejects(limit)
+      break
+    }
     case "retry":
       result = { retried: await admin.retry(selector()) }
       break

@@ -234,6 +234,42 @@ test("a group, topic or key never seen is refused by name, not answered with not
   assert.deepEqual(after.rows, before.rows)
 })
 
+test("rejects lists the messages kept instead of run, newest first, whatever their bytes", async () => {
+  await sql`
+    insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data) values
+      ('g', 40, 's.demo.item', 'not JSON', convert_to('this is not json', 'UTF8')),
+      ('g', 41, 's.demo.item', 'v2 of demo.item/a is already held by another event',
+       convert_to('{"id":"other:2"}', 'UTF8')),
+      ('g', 42, 's.demo.item', 'not JSON', '\\xff00fe'::bytea),
+      ('only-rejects', 7, 's.x', 'not JSON', convert_to('?', 'UTF8'))
+  `.execute(t.db)
+  const all = await run(["rejects", "--group", "g"])
+  assert.equal(all.code, 0, all.err)
+  const rows = JSON.parse(all.out) as { streamSeq: number; reason: string; data: string }[]
+  assert.deepEqual(
+    rows.map((r) => Number(r.streamSeq)),
+    [42, 41, 40],
+  )
+  assert.equal(rows[0]!.data, "\ufffd\u0000\ufffd", "bytes that are not UTF-8 are shown, not fatal")
+  assert.equal(rows[1]!.data, '{"id":"other:2"}')
+  assert.match(rows[1]!.reason, /already held by another event/)
+  const one = JSON.parse((await run(["rejects", "--group", "g", "--limit", "1"])).out)
+  assert.deepEqual(
+    one.map((r: { streamSeq: number }) => Number(r.streamSeq)),
+    [42],
+  )
+  // A group whose every message was rejected has no key, and is still a group.
+  const only = await run(["rejects", "--group", "only-rejects"])
+  assert.equal(only.code, 0, only.err)
+  assert.equal(JSON.parse(only.out).length, 1)
+  const unknown = await run(["rejects", "--group", "nothere"])
+  assert.equal(unknown.code, 1)
+  assert.match(unknown.err, /group "nothere" has stored no event/)
+  const badLimit = await run(["rejects", "--group", "g", "--limit", "0"])
+  assert.equal(badLimit.code, 2)
+  assert.match(badLimit.err, /--limit must be a whole number/)
+})
+
 test("skip: an open range closes the gap at its start; versions that ran or have not arrived are not skipped", async () => {
   // Key "c": v1 done, v2 missing, v3 and v4 pending. Key "d": at v5, with v1..v3 deleted by
   // retention, v4 and v5 done, v6 pending.

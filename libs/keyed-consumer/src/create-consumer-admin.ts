@@ -34,6 +34,16 @@ export interface KeyGap {
   since: Date | null
 }
 
+/** A message the group kept instead of storing it: not an event, or one that collided. */
+export interface RejectedMessage {
+  streamSeq: number | null
+  subject: string
+  reason: string
+  receivedAt: Date
+  /** The message as received, as text (at most 2,000 characters). */
+  data: string
+}
+
 export interface ConsumerAdminConfig {
   db: Kysely<any>
   group: string
@@ -54,6 +64,11 @@ export interface ConsumerAdmin {
   listGaps(topic?: string): Promise<KeyGap[]>
   /** Keys stopped at a dead task (policy block). */
   listBlocked(topic?: string): Promise<{ topic: string; key: string; ver: number }[]>
+  /**
+   * Messages the group kept as rejects rather than tasks (not an event; a value Postgres
+   * refuses; an event colliding with another at its version or id), newest first.
+   */
+  listRejects(limit?: number): Promise<RejectedMessage[]>
   /** Dead tasks back to pending with a fresh attempt count; returns how many. */
   retry(selector: TaskSelector): Promise<number>
   /**
@@ -270,6 +285,20 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
          order by k.topic, k.key
       `.execute(db)
       return r.rows
+    },
+    async listRejects(limit = 100) {
+      // Bytes, decoded here: a message need not be UTF-8 (Postgres' convert_from would fail
+      // the whole list on one), and Node puts U+FFFD where it is not.
+      const r = await sql<Omit<RejectedMessage, "data"> & { data: Buffer }>`
+        select stream_seq as "streamSeq", subject, reason, received_at as "receivedAt",
+               substring(data from 1 for 8000) as data
+          from keyway.inbox_reject
+         where grp = ${group}
+         order by id desc
+         limit ${limit}`.execute(db)
+      // No rejects: a group with keys has none; one with neither is a name never seen.
+      if (r.rows.length === 0) await refuseUnknown(db)
+      return r.rows.map((x) => ({ ...x, data: x.data.toString("utf8").slice(0, 2000) }))
     },
     // A parked task (the key already moved past it) is rewound to, so order still holds:
     // the retried version runs, then the key walks forward over the versions it had already

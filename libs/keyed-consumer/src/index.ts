@@ -6,6 +6,7 @@ export {
   type DeadTask,
   type GroupSummary,
   type KeyGap,
+  type RejectedMessage,
   type TaskSelector,
 } from "./create-consumer-admin.ts"
 export {
