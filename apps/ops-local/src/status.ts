@@ -31,7 +31,7 @@ export interface SiteStatus {
   streams: StreamFigures[] | string
   leaf: string
   /** The site's consumer group: what waits for an operator or for a missing version. */
-  group: GroupSummary | string
+  group: (GroupSummary & { rejects: number }) | string
   /** The site's database, without a password, for the commands status suggests. */
   databaseUrl: string
   demo: DemoFigures | string
@@ -142,7 +142,14 @@ export async function collectStatus(
       outbox,
       streams: await attempt(() => streamFigures(plan)),
       leaf: await attempt(() => leafState(plan)),
-      group: await attempt(() => createConsumerAdmin({ db, group: plan.worker.group }).summarise()),
+      group: await attempt(async () => ({
+        ...(await createConsumerAdmin({ db, group: plan.worker.group }).summarise()),
+        rejects: (
+          await sql<{ n: number }>`
+            select count(*)::int as n from keyway.inbox_reject
+             where grp = ${plan.worker.group}`.execute(db)
+        ).rows[0]!.n,
+      })),
       databaseUrl: withoutPassword(siteDatabaseUrl(plan, postgresUrl)),
       demo,
     }
@@ -202,12 +209,15 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
   else {
     const g = s.group
     const gaps = g.gapKeys === 0 ? "" : ` (waiting ${duration(g.oldestGapSeconds * 1000)} at most)`
-    const act =
-      g.deadTasks === 0
-        ? ""
-        : `; list them: DATABASE_URL=${s.databaseUrl} npx just admin dead --group ${group}`
+    const lists = [...(g.deadTasks > 0 ? ["dead"] : []), ...(g.rejects > 0 ? ["rejects"] : [])]
+    const act = lists
+      .map(
+        (what, i) =>
+          `${i === 0 ? "; list them: " : ", "}DATABASE_URL=${s.databaseUrl} npx just admin ${what} --group ${group}`,
+      )
+      .join("")
     say(
-      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}${act}`,
+      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}, ${n(g.rejects)} messages rejected${act}`,
     )
   }
   if (typeof s.demo === "string") say(`  demo        ${s.demo}`)

@@ -3,7 +3,7 @@ import { test } from "node:test"
 import { SITES } from "../src/site-plan.ts"
 import { collectStatus, printStatus } from "../src/status.ts"
 
-test("status shows the group's dead tasks with the command that lists them, and no password", async () => {
+test("status shows the group's dead tasks and rejects with the commands that list them, and no password", async () => {
   // The site's database and NATS need not be up: what cannot be read says so.
   const status = await collectStatus(
     SITES.cloud,
@@ -15,21 +15,29 @@ test("status shows the group's dead tasks with the command that lists them, and 
 
   const lines: string[] = []
   printStatus(
-    { ...status, group: { deadTasks: 2, blockedKeys: 1, gapKeys: 3, oldestGapSeconds: 150 } },
+    {
+      ...status,
+      group: { deadTasks: 2, blockedKeys: 1, gapKeys: 3, oldestGapSeconds: 150, rejects: 4 },
+    },
     (line) => lines.push(line),
   )
   assert.ok(
     lines.includes(
-      `  group       cloud-demo: 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most); list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo`,
+      `  group       cloud-demo: 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most), 4 messages rejected; list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo, DATABASE_URL=${status.databaseUrl} npx just admin rejects --group cloud-demo`,
     ),
     lines.join("\n"),
   )
   const healthy: string[] = []
   printStatus(
-    { ...status, group: { deadTasks: 0, blockedKeys: 0, gapKeys: 0, oldestGapSeconds: 0 } },
+    {
+      ...status,
+      group: { deadTasks: 0, blockedKeys: 0, gapKeys: 0, oldestGapSeconds: 0, rejects: 0 },
+    },
     (line) => healthy.push(line),
   )
   assert.ok(
-    healthy.includes("  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap"),
+    healthy.includes(
+      "  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected",
+    ),
   )
 })
