@@ -35,8 +35,8 @@ const STALE = new Set(["0A000", "26000", "42883", "42804", "42P18"])
 export class PreparingClient extends pg.Client {
   #counts = new Map<string, number>()
   #names = new Map<string, string>()
-  // Texts whose name was dropped, with the error that dropped it.
-  #dropped = new Map<string, string>()
+  // How often each text's name was dropped (at most MAX_PREPARED texts ever had one).
+  #drops = new Map<string, number>()
   #nextName = 0
 
   constructor(config?: string | pg.ClientConfig) {
@@ -57,26 +57,18 @@ export class PreparingClient extends pg.Client {
     if (typeof config === "string" && Array.isArray(values) && values.length > 0 && !callback) {
       const name = this.#nameFor(config)
       if (name !== undefined) {
-        const sent: Promise<unknown> = super.query({ name, text: config, values })
-        // A success after a drop: the next such error may be staleness again.
-        const settled = this.#dropped.has(config)
-          ? sent.then((result) => {
-              this.#dropped.delete(config)
-              return result
-            })
-          : sent
-        return settled.catch((err: unknown) => {
-          // The statement under this name may be gone or stale; the next call prepares the
-          // text afresh under a new name. A stale one stays in the session (pg cannot close
-          // it mid-transaction). Once only per text and error: the same error from the fresh
-          // statement is the statement's own (a function failing as it runs, 42883 raised by
-          // its body), and dropping the name on every call would prepare without end.
-          const code = (err as { code?: string }).code ?? "none"
-          if ((code === "none" || STALE.has(code)) && this.#names.get(config) === name) {
-            if (this.#dropped.get(config) !== code) {
-              this.#dropped.set(config, code)
-              this.#names.delete(config)
-            }
+        return super.query({ name, text: config, values }).catch((err: unknown) => {
+          // The statement under this name may be gone or stale; the next calls prepare the
+          // text afresh under a new name. The old one stays in the session (pg cannot close it
+          // mid-transaction). The same error can also be the statement's own (a function
+          // body that fails as it runs, on some inputs or all), which no new name mends: so
+          // each drop of a text makes it wait four times longer before it is named again, and
+          // a text failing for ever leaves a few statements behind, not one per failure,
+          // while a second schema change still mends itself.
+          const code = (err as { code?: string }).code
+          if ((code === undefined || STALE.has(code)) && this.#names.get(config) === name) {
+            this.#names.delete(config)
+            this.#drops.set(config, (this.#drops.get(config) ?? 0) + 1)
           }
           throw err
         })
@@ -121,7 +113,7 @@ export class PreparingClient extends pg.Client {
     // Every name ever given counts: a dropped one may still be prepared in the session.
     if (this.#nextName >= MAX_PREPARED) return undefined
     const seen = (this.#counts.get(text) ?? 0) + 1
-    if (seen < PREPARE_AFTER) {
+    if (seen < PREPARE_AFTER * 4 ** (this.#drops.get(text) ?? 0)) {
       if (this.#counts.size >= MAX_COUNTED) this.#counts.clear()
       this.#counts.set(text, seen)
       return undefined

@@ -77,7 +77,7 @@ test("a statement whose parameter types change, or whose parameter pg cannot sen
     assert.deepEqual((await echo(JSON.stringify({ a: i }))).rows, [{ v: { a: i } }])
 })
 
-test("a statement that fails the same way every time is not prepared again each time", async () => {
+test("a statement that fails as it runs, always or sometimes, is not prepared again each time", async () => {
   // Its body calls a function that does not exist: 42883 as it runs, whatever its name.
   await sql`create function always_fails(a int) returns int language plpgsql
             as $$ begin return no_such_function(a); end $$`.execute(db)
@@ -89,6 +89,29 @@ test("a statement that fails the same way every time is not prepared again each 
     db,
   )
   assert.ok(rows[0]!.n <= 2, `${rows[0]!.n} statements prepared for it`)
+
+  // Failing on some inputs only, between successes: still a handful, not one per failure.
+  await sql`create function sometimes_fails(a int) returns int language plpgsql
+            as $$ begin if a % 4 = 0 then return no_such_function(a); end if; return a; end $$`.execute(
+    db,
+  )
+  let failed = 0
+  for (let i = 1; i <= 400; i++) {
+    await sql`select sometimes_fails(${i})`.execute(db).catch(() => failed++)
+  }
+  assert.equal(failed, 100)
+  const some = await sql<{ n: number }>`
+    select count(*)::int as n from pg_prepared_statements where statement like '%sometimes_fails%'`.execute(
+    db,
+  )
+  assert.ok(some.rows[0]!.n <= 6, `${some.rows[0]!.n} statements prepared for it`)
+  // And a new text is still prepared: the connection has names left.
+  for (let i = 0; i < 3; i++) await sql`select ${i}::int + 1 as still_named`.execute(db)
+  const named = await sql<{ n: number }>`
+    select count(*)::int as n from pg_prepared_statements where statement like '%still_named%'`.execute(
+    db,
+  )
+  assert.equal(named.rows[0]!.n, 1)
 })
 
 test("in pipeline mode, statements issued while one is in flight leave in one write", async () => {
