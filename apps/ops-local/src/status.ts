@@ -31,6 +31,7 @@ export interface SiteStatus {
   streams: StreamFigures[] | string
   leaf: string
   /** The site's consumer group: what waits for an operator or for a missing version. */
+  /** `rejects`: messages the group kept as rejects in the last day (they are never pruned). */
   group: (GroupSummary & { rejects: number }) | string
   /** The site's database, without a password, for the commands status suggests. */
   databaseUrl: string
@@ -147,7 +148,9 @@ export async function collectStatus(
         rejects: (
           await sql<{ n: number }>`
             select count(*)::int as n from keyway.inbox_reject
-             where grp = ${plan.worker.group}`.execute(db)
+             where grp = ${plan.worker.group} and received_at > now() - interval '1 day'`.execute(
+            db,
+          )
         ).rows[0]!.n,
       })),
       databaseUrl: withoutPassword(siteDatabaseUrl(plan, postgresUrl)),
@@ -217,7 +220,7 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
       )
       .join("")
     say(
-      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}, ${n(g.rejects)} messages rejected${act}`,
+      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}, ${n(g.rejects)} messages rejected in the last day${act}`,
     )
   }
   if (typeof s.demo === "string") say(`  demo        ${s.demo}`)

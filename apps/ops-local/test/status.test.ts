@@ -23,7 +23,7 @@ test("status shows the group's dead tasks and rejects with the commands that lis
   )
   assert.ok(
     lines.includes(
-      `  group       cloud-demo: 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most), 4 messages rejected; list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo, DATABASE_URL=${status.databaseUrl} npx just admin rejects --group cloud-demo`,
+      `  group       cloud-demo: 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most), 4 messages rejected in the last day; list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo, DATABASE_URL=${status.databaseUrl} npx just admin rejects --group cloud-demo`,
     ),
     lines.join("\n"),
   )
@@ -37,7 +37,7 @@ test("status shows the group's dead tasks and rejects with the commands that lis
   )
   assert.ok(
     healthy.includes(
-      "  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected",
+      "  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected in the last day",
     ),
   )
 })

@@ -298,7 +298,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
          limit ${limit}`.execute(db)
       // No rejects: a group with keys has none; one with neither is a name never seen.
       if (r.rows.length === 0) await refuseUnknown(db)
-      return r.rows.map((x) => ({ ...x, data: x.data.toString("utf8").slice(0, 2000) }))
+      // Cut by code point: a UTF-16 cut could split a pair and print half a character.
+      const text = (b: Buffer) => Array.from(b.toString("utf8")).slice(0, 2000).join("")
+      return r.rows.map((x) => ({ ...x, data: text(x.data) }))
     },
     // A parked task (the key already moved past it) is rewound to, so order still holds:
     // the retried version runs, then the key walks forward over the versions it had already
