@@ -30,8 +30,10 @@ export interface SiteStatus {
   outbox: { backlog: number; oldestAgeS: number | null } | string
   streams: StreamFigures[] | string
   leaf: string
-  /** The site's consumer group: what waits for an operator or for a missing version. */
-  /** `rejects`: messages the group kept as rejects in the last day (they are never pruned). */
+  /**
+   * The site's consumer group: what waits for an operator or for a missing version, and the
+   * messages it kept as rejects in the last day (rejects are never pruned).
+   */
   group: (GroupSummary & { rejects: number }) | string
   /** The site's database, without a password, for the commands status suggests. */
   databaseUrl: string
