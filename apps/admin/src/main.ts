@@ -2,6 +2,7 @@
 // admin API (createConsumerAdmin). Output is one JSON document on stdout, so it can be read
 // by people and piped to jq alike.
 import { parseArgs } from "node:util"
+import { parsePositiveInt } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 
@@ -67,10 +68,7 @@ if (!values.group) fail("--group is required")
 const version = (name: "from" | "to") => {
   const raw = values[name]
   if (raw === undefined) return undefined
-  // Decimal digits only: Number() also reads "0x10" and "1e3", and rounds past 2^53.
-  const n = /^[1-9][0-9]*$/.test(raw) ? Number(raw) : Number.NaN
-  if (!Number.isSafeInteger(n)) fail(`--${name} must be a version (a positive integer)`)
-  return n
+  return parsePositiveInt(raw) ?? fail(`--${name} must be a version (a positive integer)`)
 }
 const selector = (): TaskSelector => {
   if (!values.topic) fail(`${command} needs --topic`)
@@ -111,9 +109,8 @@ try {
       const limit =
         raw === undefined
           ? undefined
-          : /^[1-9][0-9]{0,5}$/.test(raw)
-            ? Number(raw)
-            : fail("--limit must be a whole number from 1 to 999999")
+          : (parsePositiveInt(raw, 999_999) ??
+            fail("--limit must be a whole number from 1 to 999999"))
       result = await admin.listRejects(limit)
       break
     }

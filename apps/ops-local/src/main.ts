@@ -12,15 +12,14 @@ import { findOrphans, stopOrphans } from "./orphans.ts"
 import { connectPm2, type Pm2Client } from "./pm2-client.ts"
 import { ensureSecrets } from "./secrets.ts"
 import {
-  inboxPrefix,
   type LaunchContext,
   type ProcessSpec,
   repositoryRoot,
   SITE_NAMES,
   SITES,
   type SiteName,
+  siteAdminNats,
   siteDatabaseUrl,
-  siteNatsUrl,
   siteProcesses,
 } from "./site-plan.ts"
 import { collectStatus, printStatus } from "./status.ts"
@@ -164,11 +163,8 @@ async function up(sites: SiteName[], config: OpsConfig) {
         await db.destroy()
       }
       const nc = await connectNats({
-        servers: siteNatsUrl(plan),
+        ...siteAdminNats(plan, passwords.admin!),
         name: `keyway-up:${site}`,
-        user: "admin",
-        pass: passwords.admin,
-        inboxPrefix: inboxPrefix("admin"),
       })
       try {
         const definitions = await loadStreamDefinitions(join(root, plan.streamsFile))

@@ -92,6 +92,16 @@ export function siteNatsUrl(plan: SitePlan): string {
   return `nats://127.0.0.1:${plan.natsPort}`
 }
 
+/** How tooling connects to a site's NATS: as its admin user, with that user's inbox prefix. */
+export function siteAdminNats(plan: SitePlan, adminPassword: string) {
+  return {
+    servers: [siteNatsUrl(plan)],
+    user: "admin",
+    pass: adminPassword,
+    inboxPrefix: inboxPrefix("admin"),
+  }
+}
+
 export function siteRedisUrl(plan: SitePlan): string {
   return `redis://127.0.0.1:${plan.redisPort}`
 }

@@ -2,6 +2,7 @@
 // stream order, for a developer following a flow (src/replay.ts). It reads without touching
 // any consumer group. What it read, and from where, goes to stderr; stdout is for jq.
 import { parseArgs } from "node:util"
+import { parsePositiveInt } from "@keyway/app-config"
 import { connectNats } from "@keyway/nats"
 import {
   JetStreamApiCodes,
@@ -48,10 +49,7 @@ try {
 const count = (name: "from-seq" | "to-seq" | "limit") => {
   const raw = values[name]
   if (raw === undefined) return undefined
-  // Decimal digits only: Number() also reads "0x10" and "1e3", and rounds past 2^53.
-  const n = /^[1-9][0-9]*$/.test(raw) ? Number(raw) : Number.NaN
-  if (!Number.isSafeInteger(n)) fail(`--${name} must be a positive integer`)
-  return n
+  return parsePositiveInt(raw) ?? fail(`--${name} must be a positive integer`)
 }
 
 /**
@@ -106,20 +104,19 @@ async function natsTarget() {
       inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
     }
   }
-  const { SITES, SITE_NAMES, inboxPrefix, passwordVariable, repositoryRoot, siteNatsUrl } =
-    await import("@keyway/ops-local/site-plan")
+  const { SITES, SITE_NAMES, passwordVariable, repositoryRoot, siteAdminNats } = await import(
+    "@keyway/ops-local/site-plan"
+  )
   const { readSecrets } = await import("@keyway/ops-local/secrets")
   if (!(SITE_NAMES as readonly string[]).includes(values.site)) {
     fail(`--site must be one of ${SITE_NAMES.join(", ")}`)
   }
   const secrets = await readSecrets(`${repositoryRoot()}/.run/secrets.env`)
   if (!secrets) fail("no site has been brought up here: run `npx just up` first")
-  return {
-    servers: [siteNatsUrl(SITES[values.site as keyof typeof SITES])],
-    user: "admin",
-    pass: secrets[passwordVariable("admin")],
-    inboxPrefix: inboxPrefix("admin"),
-  }
+  return siteAdminNats(
+    SITES[values.site as keyof typeof SITES],
+    secrets[passwordVariable("admin")]!,
+  )
 }
 
 const target = await natsTarget()

@@ -15,6 +15,16 @@ export function requiredEnv(env: Env, name: string, example: string): string {
   return value
 }
 
+/**
+ * A positive whole number written in decimal digits, at most `max`; undefined for anything
+ * else. For command-line flags: Number() also reads "0x10", "1e3" and " 7", and rounds past
+ * 2^53.
+ */
+export function parsePositiveInt(raw: string, max = Number.MAX_SAFE_INTEGER): number | undefined {
+  const n = /^[1-9][0-9]*$/.test(raw) ? Number(raw) : Number.NaN
+  return Number.isSafeInteger(n) && n <= max ? n : undefined
+}
+
 /** An integer within bounds, or `fallback` when unset. */
 export function intEnv(
   env: Env,

@@ -3,6 +3,7 @@ export {
   type Env,
   intEnv,
   metricsPortEnv,
+  parsePositiveInt,
   requiredEnv,
   type TelemetryEnv,
   telemetryEnv,
