@@ -3,15 +3,17 @@
 // nothing of them. `just down` then stopped nothing, and `just up` started a second set
 // beside the first, whose servers found their ports taken.
 //
-// pm2 writes each child's pid to PM2_HOME/pids/<name>-<id>.pid as it starts it. A process
-// that holds that pid and started within seconds before the file was written is that child:
-// a pid given out again belongs to a process that started after the child ended, and so after
-// the file; a file copied (cp -r of a checkout) is far younger than what holds its pid. A
-// child of the daemon running now is that daemon's, whatever the files say: between its list
-// and our read of the files it may have restarted one. (The child's environment, which holds
-// PM2_HOME, cannot tell: redis-server writes its process title over it.)
-import { readdir, readFile, rm, stat } from "node:fs/promises"
-import { join } from "node:path"
+// pm2 writes each child's pid to PM2_HOME/pids/<name>-<id>.pid as it starts it, and gives
+// the child that file's path in its environment (pm_pid_path). A process holding the pid
+// whose environment names that very file is that child: a pid given out again belongs to a
+// process with another environment, and a file copied (cp -r of a checkout) names a path the
+// process holding its pid never saw. A child of the daemon running now is that daemon's,
+// whatever the files say: between its list and our read of the files it may have restarted
+// one. (An earlier check compared the process's start with the file's mtime; a step of the
+// wall clock between the two, as a VM's clock takes on resume, broke it. redis-server keeps
+// its environment readable only with set-proc-title off, which site-plan.ts sets.)
+import { readdir, readFile, rm } from "node:fs/promises"
+import { join, resolve } from "node:path"
 
 export interface Orphan {
   name: string
@@ -20,9 +22,6 @@ export interface Orphan {
   /** The process's start, in clock ticks after boot: with the pid, its identity. */
   startTicks: number
 }
-
-// The kernel reports process times in USER_HZ, 100 on every architecture Linux runs on.
-const TICKS_PER_SECOND = 100
 
 /** A live process's parent and start (clock ticks after boot); undefined if gone or a zombie. */
 async function procStat(pid: number): Promise<{ ppid: number; ticks: number } | undefined> {
@@ -35,9 +34,12 @@ async function procStat(pid: number): Promise<{ ppid: number; ticks: number } | 
 
 const startTicks = async (pid: number) => (await procStat(pid))?.ticks
 
-async function bootTimeMs(): Promise<number> {
-  const btime = /^btime (\d+)$/m.exec(await readFile("/proc/stat", "utf8"))
-  return Number(btime![1]) * 1000
+/** The pid file pm2 gave the process, from its environment; undefined if unreadable. */
+async function pidFileOf(pid: number): Promise<string | undefined> {
+  // Not ours to read (another user's process) reads as none: such a process is not our child.
+  const environ = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "")
+  const entry = environ.split("\0").find((e) => e.startsWith("pm_pid_path="))
+  return entry === undefined ? undefined : resolve(entry.slice("pm_pid_path=".length))
 }
 
 /** The processes named by pid files under `pm2Home` still alive, less those in `managed`. */
@@ -46,7 +48,6 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
   const files = await readdir(dir).catch(() => [] as string[])
   const known = new Set(managed)
   const daemon = Number((await readFile(join(pm2Home, "pm2.pid"), "utf8").catch(() => "")).trim())
-  const boot = await bootTimeMs()
   const found: Orphan[] = []
   for (const file of files) {
     const name = /^(.+)-\d+\.pid$/.exec(file)?.[1]
@@ -55,12 +56,9 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
     if (!name || !Number.isSafeInteger(pid) || pid <= 0 || known.has(pid)) continue
     const proc = await procStat(pid)
     if (proc && daemon > 0 && proc.ppid === daemon) continue
-    const written = (await stat(pidFile).catch(() => undefined))?.mtimeMs
-    if (proc && written !== undefined) {
-      const started = boot + (proc.ticks * 1000) / TICKS_PER_SECOND
-      // A second's slack for the tick's and the file time's rounding; ten for a busy machine
-      // between the spawn and the write.
-      if (started <= written + 1000 && started >= written - 10_000) {
+    if (proc && (await pidFileOf(pid)) === resolve(pidFile)) {
+      // Read again: the process might have ended, and its pid gone to another, since.
+      if ((await startTicks(pid)) === proc.ticks) {
         found.push({ name, pid, pidFile, startTicks: proc.ticks })
         continue
       }

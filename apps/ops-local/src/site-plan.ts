@@ -214,8 +214,11 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       name: `${site}-redis`,
       script: ctx.redisServerBinary,
       // AOF without RDB snapshots: locks and wake-ups survive a restart of Redis; `save ""`
-      // keeps the server from forking for snapshots on a small machine.
+      // keeps the server from forking for snapshots on a small machine. A process title
+      // would be written over the environment, which is how orphans.ts knows the process.
       args: [
+        "--set-proc-title",
+        "no",
         "--port",
         String(plan.redisPort),
         "--bind",

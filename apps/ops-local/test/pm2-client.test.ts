@@ -1,6 +1,7 @@
 // The project's pm2 daemon, on a PM2_HOME of its own: what `just status` sees of a process
 // that cannot stay up, and what is left when the daemon itself dies.
 import assert from "node:assert/strict"
+import { type ChildProcess, spawn } from "node:child_process"
 import { mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
@@ -84,6 +85,7 @@ test("the processes of a daemon killed outright are found by their pid files, an
     1500,
     true,
   )
+  let other: ChildProcess | undefined
   try {
     const sleeper = seen.at(-1)!.pid
     assert.ok(sleeper > 0 && (await running(sleeper)))
@@ -93,28 +95,38 @@ test("the processes of a daemon killed outright are found by their pid files, an
     kill(daemon)
     // A signal is not a death: until the daemon is gone, its child is still its child.
     await waitFor(async () => !(await running(daemon)), { timeoutMs: 5000, message: "daemon gone" })
-    // A pid file whose pid has since been given to a process started after it was written
-    // (as if: a file from before this test process started, naming this process).
+    // The wall clock stepped an hour since pm2 wrote the file (a VM resumed): the file's time
+    // says nothing of the process's start.
+    const later = new Date(Date.now() + 3_600_000)
+    await utimes(join(home, "pids", "cloud-worker-0.pid"), later, later)
+    // A pid file whose pid has since been given to another process (here, this one).
     const stale = join(home, "pids", "cloud-relay-1.pid")
     await writeFile(stale, String(process.pid))
-    const before = new Date(Date.now() - 600_000)
-    await utimes(stale, before, before)
-
-    // A pid file copied (cp -r of a checkout) is far younger than the process holding its
-    // pid, here init: not ours either.
-    await writeFile(join(home, "pids", "cloud-demo-2.pid"), "1")
+    // A pid given to a process that pm2 started for another file: another home's, say.
+    other = spawn("/bin/sleep", ["300"], {
+      env: { pm_pid_path: join(home, "..", "elsewhere", "pids", "cloud-demo-2.pid") },
+      stdio: "ignore",
+    })
+    const otherFile = join(home, "pids", "cloud-demo-2.pid")
+    await writeFile(otherFile, String(other.pid))
+    // A pid file copied (cp -r of a checkout) names init.
+    await writeFile(join(home, "pids", "cloud-nats-3.pid"), "1")
     assert.deepEqual(await findOrphans(home, [sleeper]), [], "a running daemon's own")
     const orphans = await findOrphans(home, [])
     assert.deepEqual(
       orphans.map((o) => [o.name, o.pid]),
       [["cloud-worker", sleeper]],
     )
-    assert.equal(await readFile(stale, "utf8").catch(() => "removed"), "removed")
+    for (const file of [stale, otherFile]) {
+      assert.equal(await readFile(file, "utf8").catch(() => "removed"), "removed")
+    }
+    assert.equal(await running(other.pid!), true)
     await stopOrphans(orphans, 5000)
     assert.equal(await running(sleeper), false)
     assert.deepEqual(await readdir(join(home, "pids")), [])
     assert.equal(await running(process.pid), true)
   } finally {
+    other?.kill()
     await cleanUp(home)
   }
 })
