@@ -13,6 +13,7 @@ const usage = `usage: admin <command> --group G [options]
   blocked [--topic T]                        keys stopped at a dead task
   rejects [--limit N]                        messages kept instead of run (not events,
                                              refused values, collisions), newest first
+  dismiss --through ID                       forget the rejects numbered up to ID (read)
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
   skip    --topic T [--key K] [--from N] [--to M]   pending/dead (or missing, with a range) skipped
   redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
@@ -30,6 +31,7 @@ const options = {
   from: { type: "string" },
   to: { type: "string" },
   limit: { type: "string" },
+  through: { type: "string" },
 } as const
 let parsed: ReturnType<typeof parseArgs<{ allowPositionals: true; options: typeof options }>>
 try {
@@ -48,6 +50,7 @@ const flags: Record<string, readonly (keyof typeof options)[]> = {
   gaps: ["group", "topic"],
   blocked: ["group", "topic"],
   rejects: ["group", "limit"],
+  dismiss: ["group", "through"],
   retry: ["group", "topic", "key", "from", "to"],
   skip: ["group", "topic", "key", "from", "to"],
   redrive: ["group", "topic", "key", "from", "to"],
@@ -112,6 +115,14 @@ try {
           : (parsePositiveInt(raw, 999_999) ??
             fail("--limit must be a whole number from 1 to 999999"))
       result = await admin.listRejects(limit)
+      break
+    }
+    case "dismiss": {
+      if (values.through === undefined) fail("dismiss needs --through (an id from rejects)")
+      const through =
+        parsePositiveInt(values.through) ??
+        fail("--through must be a reject's id (a positive integer)")
+      result = { dismissed: await admin.dismissRejects(through) }
       break
     }
     case "retry":

@@ -270,6 +270,45 @@ test("rejects lists the messages kept instead of run, newest first, whatever the
   assert.match(badLimit.err, /--limit must be a whole number/)
 })
 
+test("dismiss forgets the rejects read, up to the id given, and only the group's own", async () => {
+  await sql`
+    insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data) values
+      ('dismissing', 1, 's.x', 'not JSON', convert_to('a', 'UTF8')),
+      ('dismissing', 2, 's.x', 'not JSON', convert_to('b', 'UTF8')),
+      ('dismissing', 3, 's.x', 'not JSON', convert_to('c', 'UTF8')),
+      ('other', 9, 's.x', 'not JSON', convert_to('z', 'UTF8'))
+  `.execute(t.db)
+  const listed = JSON.parse((await run(["rejects", "--group", "dismissing"])).out) as {
+    id: number
+    streamSeq: number
+  }[]
+  // Read down to the second: the first and second go, the third (newest) stays.
+  const through = listed.find((r) => r.streamSeq === 2)!.id
+  const done = await run(["dismiss", "--group", "dismissing", "--through", String(through)])
+  assert.equal(done.code, 0, done.err)
+  assert.deepEqual(JSON.parse(done.out), { dismissed: 2 })
+  const left = JSON.parse((await run(["rejects", "--group", "dismissing"])).out)
+  assert.deepEqual(
+    left.map((r: { streamSeq: number }) => r.streamSeq),
+    [3],
+  )
+  const others = await sql<{ n: number }>`
+    select count(*)::int as n from keyway.inbox_reject where grp = 'other'`.execute(t.db)
+  assert.equal(others.rows[0]!.n, 1, "another group's rejects stay")
+  // Again: nothing left to dismiss there is an answer, not an error.
+  const again = await run(["dismiss", "--group", "dismissing", "--through", String(through)])
+  assert.deepEqual(JSON.parse(again.out), { dismissed: 0 })
+  const unknown = await run(["dismiss", "--group", "nothere", "--through", "5"])
+  assert.equal(unknown.code, 1)
+  assert.match(unknown.err, /group "nothere" has stored no event/)
+  const missing = await run(["dismiss", "--group", "dismissing"])
+  assert.equal(missing.code, 2)
+  assert.match(missing.err, /dismiss needs --through/)
+  const bad = await run(["dismiss", "--group", "dismissing", "--through", "x"])
+  assert.equal(bad.code, 2)
+  assert.match(bad.err, /--through must be a reject's id/)
+})
+
 test("skip: an open range closes the gap at its start; versions that ran or have not arrived are not skipped", async () => {
   // Key "c": v1 done, v2 missing, v3 and v4 pending. Key "d": at v5, with v1..v3 deleted by
   // retention, v4 and v5 done, v6 pending.

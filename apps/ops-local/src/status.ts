@@ -32,7 +32,7 @@ export interface SiteStatus {
   leaf: string
   /**
    * The site's consumer group: what waits for an operator or for a missing version, and the
-   * messages it kept as rejects in the last day (rejects are never pruned).
+   * messages it kept as rejects in the last day and has not dismissed.
    */
   group: (GroupSummary & { rejects: number }) | string
   /** The site's database, without a password, for the commands status suggests. */

@@ -36,6 +36,8 @@ export interface KeyGap {
 
 /** A message the group kept instead of storing it: not an event, or one that collided. */
 export interface RejectedMessage {
+  /** What {@link ConsumerAdmin.dismissRejects} takes: rejects are numbered as they come. */
+  id: number
   streamSeq: number | null
   subject: string
   reason: string
@@ -69,6 +71,11 @@ export interface ConsumerAdmin {
    * refuses; an event colliding with another at its version or id), newest first.
    */
   listRejects(limit?: number): Promise<RejectedMessage[]>
+  /**
+   * Forgets the rejects numbered up to `throughId`, those an operator has read; returns how
+   * many. Workers delete them anyway once past the group's reject retention.
+   */
+  dismissRejects(throughId: number): Promise<number>
   /** Dead tasks back to pending with a fresh attempt count; returns how many. */
   retry(selector: TaskSelector): Promise<number>
   /**
@@ -290,7 +297,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // Bytes, decoded here: a message need not be UTF-8 (Postgres' convert_from would fail
       // the whole list on one), and Node puts U+FFFD where it is not.
       const r = await sql<Omit<RejectedMessage, "data"> & { data: Buffer }>`
-        select stream_seq as "streamSeq", subject, reason, received_at as "receivedAt",
+        select id, stream_seq as "streamSeq", subject, reason, received_at as "receivedAt",
                substring(data from 1 for 8000) as data
           from keyway.inbox_reject
          where grp = ${group}
@@ -301,6 +308,18 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // Cut by code point: a UTF-16 cut could split a pair and print half a character.
       const text = (b: Buffer) => Array.from(b.toString("utf8")).slice(0, 2000).join("")
       return r.rows.map((x) => ({ ...x, data: text(x.data) }))
+    },
+    async dismissRejects(throughId) {
+      const r = await sql`
+        delete from keyway.inbox_reject where grp = ${group} and id <= ${throughId}`.execute(db)
+      const n = Number(r.numAffectedRows ?? 0)
+      // Nothing to dismiss is an answer for a group with rejects, or keys, but not for a typo.
+      if (n === 0) {
+        const any = await sql`
+          select 1 from keyway.inbox_reject where grp = ${group} limit 1`.execute(db)
+        if (any.rows.length === 0) await refuseUnknown(db)
+      }
+      return n
     },
     // A parked task (the key already moved past it) is rewound to, so order still holds:
     // the retried version runs, then the key walks forward over the versions it had already

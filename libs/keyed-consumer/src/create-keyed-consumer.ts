@@ -38,6 +38,7 @@ import {
   nextTasks,
   type ParkedTopics,
   pruneInbox,
+  pruneRejects,
   recordReject,
   renewLease,
   runnableKeys,
@@ -88,6 +89,11 @@ export interface KeyedConsumerConfig {
   recoveryIntervalMs?: number
   /** Finished inbox rows older than this are deleted by the recovery loop. Default 24 h; 0 keeps them. */
   retentionMs?: number
+  /**
+   * Rejects (messages kept instead of run) older than this are deleted by the recovery loop.
+   * Default 30 days, for an operator to find them; 0 keeps them.
+   */
+  rejectRetentionMs?: number
   /** How often retention runs (within the recovery loop). Default 60 s. */
   pruneIntervalMs?: number
   /**
@@ -197,6 +203,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const pollIntervalMs = config.pollIntervalMs ?? 2000
   const recoveryIntervalMs = config.recoveryIntervalMs ?? 5000
   const retentionMs = config.retentionMs ?? 24 * 3600_000
+  const rejectRetentionMs = config.rejectRetentionMs ?? 30 * 24 * 3600_000
   const pruneIntervalMs = config.pruneIntervalMs ?? 60_000
   const vacuumEvery = config.vacuumEvery ?? 20_000
   const batchSize = config.ingestBatchSize ?? 256
@@ -1025,8 +1032,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     for (const ref of expired) scheduler.wake(ref)
     // Retention rides on the recovery loop: the inbox must not grow with history
     // (DESIGN.md invariant 6).
-    if (retentionMs > 0 && Date.now() >= nextPruneAt) {
-      nextPruneAt = Date.now() + pruneIntervalMs
+    if (Date.now() < nextPruneAt) return
+    nextPruneAt = Date.now() + pruneIntervalMs
+    if (rejectRetentionMs > 0) {
+      const gone = await pruneRejects(db, group, rejectRetentionMs, 1000)
+      if (gone > 0) log.info("deleted rejects past their retention", { rejects: gone })
+    }
+    if (retentionMs > 0) {
       const pruned = await pruneInbox(db, group, retentionMs, 1000)
       if (pruned > 0) log.info("pruned finished inbox rows", { pruned })
       prunedSinceVacuum += pruned

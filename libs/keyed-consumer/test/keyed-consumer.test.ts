@@ -838,6 +838,32 @@ describe("keyed consumer", () => {
     )
   })
 
+  test("rejects past their retention are deleted; newer ones and other groups' stay", async () => {
+    const { t, group } = await setup({
+      rejectRetentionMs: 24 * 3600_000,
+      pruneIntervalMs: 100,
+      recoveryIntervalMs: 100,
+    })
+    await sql`
+      insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data, received_at)
+      values (${group}, 1, 's.x', 'not JSON', '\\x00', now() - interval '25 hours'),
+             (${group}, 2, 's.x', 'not JSON', '\\x00', now() - interval '23 hours'),
+             ('another-group', 1, 's.x', 'not JSON', '\\x00', now() - interval '25 hours')
+    `.execute(t.db)
+    const left = async () =>
+      (
+        await sql<{ g: string; seq: number }>`
+          select grp as g, stream_seq as seq from keyway.inbox_reject order by grp, stream_seq`.execute(
+          t.db,
+        )
+      ).rows.map((r) => `${r.g === group ? "ours" : r.g}:${r.seq}`)
+    await waitFor(async () => !(await left()).includes("ours:1"), {
+      timeoutMs: 10_000,
+      message: "the old reject deleted",
+    })
+    assert.deepEqual(await left(), ["another-group:1", "ours:2"])
+  })
+
   test("retention keeps finished rows above where their key stands: one skipped ahead of a dead version is stepped over after the retry", async () => {
     let broken = true
     const { t, stream, admin } = await setup({

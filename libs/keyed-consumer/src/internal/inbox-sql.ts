@@ -445,9 +445,8 @@ export async function pruneInbox(
   maxAgeMs: number,
   batchSize: number,
 ): Promise<number> {
-  let total = 0
-  for (;;) {
-    const r = await sql`
+  return deleteInBatches(batchSize, (limit) =>
+    sql`
       delete from keyway.inbox i
        where (i.grp, i.topic, i.key, i.ver) in (
          select x.grp, x.topic, x.key, x.ver
@@ -459,11 +458,43 @@ export async function pruneInbox(
             and x.ver <= k.done_ver
             -- Baselines may still lower done_ver, and take no lock that this one would see.
             and k.baseline_stream_seq is null
-          limit ${batchSize}
+          limit ${limit}
           for key share of k skip locked)
          and i.state in ('done', 'skipped')
-    `.execute(db)
-    const n = Number(r.numAffectedRows ?? 0)
+    `.execute(db),
+  )
+}
+
+/**
+ * Retention of rejects: deletes a group's rejects received more than `maxAgeMs` ago, at most
+ * `batchSize` per statement. Returns how many went.
+ */
+export async function pruneRejects(
+  db: Kysely<any>,
+  group: string,
+  maxAgeMs: number,
+  batchSize: number,
+): Promise<number> {
+  return deleteInBatches(batchSize, (limit) =>
+    sql`
+      delete from keyway.inbox_reject
+       where id in (
+         select id from keyway.inbox_reject
+          where grp = ${group}
+            and received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
+          limit ${limit})
+    `.execute(db),
+  )
+}
+
+/** Runs a delete of at most `batchSize` rows until one deletes fewer; returns how many went. */
+async function deleteInBatches(
+  batchSize: number,
+  deleteOnce: (limit: number) => Promise<{ numAffectedRows?: bigint }>,
+): Promise<number> {
+  let total = 0
+  for (;;) {
+    const n = Number((await deleteOnce(batchSize)).numAffectedRows ?? 0)
     total += n
     if (n < batchSize) return total
   }
