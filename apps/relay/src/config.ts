@@ -50,7 +50,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     batchSize: intEnv(env, "RELAY_BATCH_SIZE", 500),
     window: intEnv(env, "RELAY_WINDOW", 256),
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
-    busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 5),
+    busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 3),
     retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24),
     ...telemetryEnv(env, "keyway-relay"),
   }

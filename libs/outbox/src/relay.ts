@@ -56,7 +56,7 @@ export interface RelayConfig {
   pollIntervalMs?: number
   /**
    * While work was seen within `settleMs`: the pause before the next claim, after an empty
-   * claim and after a batch that was not full alike. Default 5 ms.
+   * claim and after a batch that was not full alike. Default 3 ms.
    */
   busyPollMs?: number
   /** How long after the last work the relay keeps polling at `busyPollMs`. Default 50 ms. */
@@ -168,7 +168,7 @@ export function createRelay(config: RelayConfig): Relay {
     connectTimeoutMs: connectTimeoutMillis(config.connectionString),
     batchSize: config.batchSize ?? 500,
     pollIntervalMs: config.pollIntervalMs ?? 1000,
-    busyPollMs: config.busyPollMs ?? 5,
+    busyPollMs: config.busyPollMs ?? 3,
     settleMs: config.settleMs ?? 50,
     standbyRetryMs: config.standbyRetryMs ?? 1000,
     retryDelayMs: config.retryDelayMs ?? 500,
@@ -425,7 +425,11 @@ export function createRelay(config: RelayConfig): Relay {
         // events/s, 1.54 against 1.26 ms of machine CPU per event, p99 at 1,000 events/s 102
         // against 63 ms. `just bench relay` pays for it: commit-to-stream p50 1.3 -> 5.5 ms,
         // p99 5 -> 12 ms. A 3 ms pause measured about the same as 5, an 8 ms one worse (p99
-        // 99.5 ms): past a few ms, the wait costs more than the larger batch saves.
+        // 99.5 ms): past a few ms, the wait costs more than the larger batch saves. 3 rather
+        // than 5 since session 19: `just bench relay` runs, interleaved (9 at 5 ms, 4 at 3),
+        // commit to a consumer p50 5.9-6.7 -> 4.3-4.6 ms, p99 15.9-20.2 -> 11.3-16.5 ms;
+        // keyway-only pipeline runs, two each, made 863 and 901 events/s at 3 ms, 1,011 and
+        // 671 at 5: today's machine varies more than the pause moves it.
         if (rows.length >= settings.batchSize) continue
       }
       if (
