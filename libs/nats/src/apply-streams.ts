@@ -46,9 +46,10 @@ export async function loadStreamDefinitions(path: string): Promise<StreamDefinit
 }
 
 /**
- * A declared change to an existing stream that would destroy or re-fetch what it holds. The
- * server would take it without a word; an operator who means it makes it by hand (`nats
- * stream edit`). Permanent: waiting does not mend it.
+ * A declared change to an existing stream that would destroy or re-fetch what it holds (the
+ * server would take it without a word), or that the server cannot make on a live stream
+ * (a declaration would silently not hold). An operator who means it makes it by hand (`nats
+ * stream edit`, or a new stream). Permanent: waiting does not mend it.
  */
 export class StreamChangeRefusedError extends Error {
   override name = "StreamChangeRefusedError"
@@ -93,13 +94,28 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
   return out
 }
 
+// Fields nats-server (2.9) will not change on a live stream once set: an update that leaves
+// them out is merged with them kept, so the declaration would not be what runs.
+const fixedOnceSet = ["republish", "deny_delete", "deny_purge", "sealed"] as const
+
+/** Fields set on `live` that `declared` does not have, which the server cannot undo. */
+export function unchangeableFields(live: StreamConfig, declared: StreamDefinition): string[] {
+  const set = (v: unknown) => v !== undefined && v !== null && v !== false
+  return fixedOnceSet
+    .filter((f) => set(live[f]) && JSON.stringify(live[f]) !== JSON.stringify(declared[f]))
+    .map(
+      (f) =>
+        `${f} is ${JSON.stringify(live[f])} on the live stream and the server cannot change it (declare it so, or recreate the stream)`,
+    )
+}
+
 /**
  * What a stream has when its declaration leaves a field out: nats-server's defaults, for the
  * fields that can change on a live stream. nats.js's update merges what it is given into the
  * live config, so a limit or a source deleted from a declaration stayed in force, unseen;
  * the declaration is the whole config, and a field it leaves out is set back to this.
  * (Fields the server will not change on a live stream, such as storage, retention, mirror,
- * and deny_delete or deny_purge once set, are not here.)
+ * and those of fixedOnceSet, are not here.)
  */
 export const STREAM_DEFAULTS = {
   description: "",
@@ -113,6 +129,7 @@ export const STREAM_DEFAULTS = {
   num_replicas: 1,
   sources: [],
   allow_rollup_hdrs: false,
+  allow_direct: false,
 } as const satisfies Partial<StreamConfig>
 
 /** The declaration with the fields it leaves out at their defaults, where `live` has others. */
@@ -150,7 +167,10 @@ export async function applyStreams(
       const live = await jsm.streams.info(normalised.name)
       const definition = declaredConfig(live.config, normalised)
       planned.push({ definition, exists: true })
-      for (const change of destructiveChanges(live.config, definition)) {
+      for (const change of [
+        ...destructiveChanges(live.config, definition),
+        ...unchangeableFields(live.config, definition),
+      ]) {
         refused.push(`${definition.name}: ${change}`)
       }
     } catch (err) {
@@ -162,7 +182,7 @@ export async function applyStreams(
   }
   if (refused.length > 0) {
     throw new StreamChangeRefusedError(
-      `refused to apply stream changes that would destroy or re-fetch stored messages (make them by hand if meant): ${refused.join("; ")}`,
+      `refused to apply stream changes that would destroy or re-fetch stored messages, or that the server cannot make (make them by hand if meant): ${refused.join("; ")}`,
     )
   }
   for (const { definition, exists } of planned) {

@@ -105,7 +105,8 @@ test("a field left out of a declaration is set back to its default, not kept fro
     description: "with limits",
     allow_rollup_hdrs: true,
   }
-  await applyStreams(jsm, [full])
+  await applyStreams(jsm, [{ ...full, allow_direct: true }])
+  assert.equal((await jsm.streams.info(name)).config.allow_direct, true)
   // The limits deleted from the declaration: no limit. nats.js merges an update into the
   // live config, which kept all of them.
   await applyStreams(jsm, [{ name, subjects: [`${subject}.>`] }])
@@ -114,6 +115,17 @@ test("a field left out of a declaration is set back to its default, not kept fro
   assert.equal(config.max_msgs_per_subject, -1)
   assert.equal(config.description ?? "", "")
   assert.equal(config.allow_rollup_hdrs ?? false, false)
+  assert.equal(config.allow_direct ?? false, false)
+
+  // What the server cannot undo on a live stream is refused when left out, not kept unseen.
+  const denied = uniqueName()
+  const deniedSubjects = [`${denied.toLowerCase()}.>`]
+  await applyStreams(jsm, [{ name: denied, subjects: deniedSubjects, deny_purge: true }])
+  await assert.rejects(
+    applyStreams(jsm, [{ name: denied, subjects: deniedSubjects }]),
+    new RegExp(`${denied}: deny_purge is true on the live stream and the server cannot change it`),
+  )
+  await applyStreams(jsm, [{ name: denied, subjects: deniedSubjects, deny_purge: true }])
 
   // A source deleted from a declaration is a source removed: refused like one.
   const copy = uniqueName()
