@@ -9,13 +9,32 @@ export const migrationsDir = fileURLToPath(new URL("../../../sql", import.meta.u
 export interface MigrateOptions {
   /** Defaults to {@link migrationsDir}. */
   dir?: string
+  /**
+   * How long a migration may wait for a table lock before it gives way and tries again.
+   * Default 2000 ms.
+   */
+  lockTimeoutMs?: number
+  /** Tries before migrateToLatest gives up on a lock it cannot get. Default 30. */
+  lockAttempts?: number
+  /** The pause between those tries. Default 1000 ms. */
+  lockRetryDelayMs?: number
 }
 
+// A migration that alters a table asks for a lock that conflicts with every read and write of
+// it, and while it waits for a holder to finish (a worker's vacuum of the inbox, which can run
+// for minutes, or any long transaction), Postgres queues every later statement on that table
+// behind it: the workers of every group stop. Bounded by lock_timeout, the wait stalls them
+// that long at most; then the migration rolls back, lets them through, and tries again.
+const LOCK_NOT_AVAILABLE = "55P03"
+
 // Migrations are plain SQL files so that they read as what runs in Postgres. Kysely's
-// Migrator supplies the bookkeeping table, the lock against concurrent runs and one
-// transaction per migration; this provider only turns files into Migration objects.
+// Migrator supplies the bookkeeping table, the lock against concurrent runs and the
+// transaction they run in; this provider only turns files into Migration objects.
 class SqlFileMigrationProvider implements MigrationProvider {
-  constructor(private readonly dir: string) {}
+  constructor(
+    private readonly dir: string,
+    private readonly lockTimeoutMs: number,
+  ) {}
 
   async getMigrations(): Promise<Record<string, Migration>> {
     const files = (await readdir(this.dir)).filter((f) => /^\d{4}_[a-z0-9_-]+\.sql$/.test(f)).sort()
@@ -24,6 +43,10 @@ class SqlFileMigrationProvider implements MigrationProvider {
       const text = await readFile(join(this.dir, file), "utf8")
       migrations[file.replace(/\.sql$/, "")] = {
         up: async (db) => {
+          // Local to the migrations' transaction; Kysely's own lock is taken before it.
+          await sql`select set_config('lock_timeout', ${`${this.lockTimeoutMs}ms`}, true)`.execute(
+            db,
+          )
           await sql.raw(text).execute(db)
         },
       }
@@ -39,24 +62,38 @@ export class MigrationError extends Error {
 const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
   new Migrator({
     db,
-    provider: new SqlFileMigrationProvider(options.dir ?? migrationsDir),
+    provider: new SqlFileMigrationProvider(
+      options.dir ?? migrationsDir,
+      options.lockTimeoutMs ?? 2000,
+    ),
     migrationTableSchema: "public",
   })
 
-/** Applies every migration not yet applied, each in its own transaction. */
+/**
+ * Applies every migration not yet applied, in one transaction. A migration that waits longer
+ * than `lockTimeoutMs` for a table lock rolls back and is tried again, `lockAttempts` times.
+ */
 export async function migrateToLatest(
   db: Kysely<any>,
   options: MigrateOptions = {},
 ): Promise<string[]> {
-  const { error, results } = await migratorFor(db, options).migrateToLatest()
-  const failed = results?.find((r) => r.status === "Error")
-  if (error) {
-    throw new MigrationError(
-      `migration ${failed?.migrationName ?? "(unknown)"} failed: ${(error as Error).message ?? error}`,
-      { cause: error },
-    )
+  const attempts = options.lockAttempts ?? 30
+  for (let attempt = 1; ; attempt++) {
+    const { error, results } = await migratorFor(db, options).migrateToLatest()
+    if (!error) {
+      return (results ?? []).filter((r) => r.status === "Success").map((r) => r.migrationName)
+    }
+    const failed = results?.find((r) => r.status === "Error")?.migrationName ?? "(unknown)"
+    const locked = (error as { code?: string }).code === LOCK_NOT_AVAILABLE
+    if (locked && attempt < attempts) {
+      await new Promise((r) => setTimeout(r, options.lockRetryDelayMs ?? 1000))
+      continue
+    }
+    const why = locked
+      ? `could not get a table lock within ${options.lockTimeoutMs ?? 2000} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks); nothing was applied`
+      : `${(error as Error).message ?? error}`
+    throw new MigrationError(`migration ${failed} failed: ${why}`, { cause: error })
   }
-  return (results ?? []).filter((r) => r.status === "Success").map((r) => r.migrationName)
 }
 
 /** The migrations of `sql/` (or `options.dir`) that the database has not applied, in order. */

@@ -1,11 +1,18 @@
 import assert from "node:assert/strict"
-import { mkdtemp, readdir, rm } from "node:fs/promises"
+import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
-import { createTestDatabase } from "@keyway/testkit"
+import { createTestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
-import { assertMigrated, MigrationError, migrationsDir, pendingMigrations } from "../src/index.ts"
+import pg from "pg"
+import {
+  assertMigrated,
+  MigrationError,
+  migrateToLatest,
+  migrationsDir,
+  pendingMigrations,
+} from "../src/index.ts"
 
 const shipped = (await readdir(migrationsDir))
   .filter((f) => f.endsWith(".sql"))
@@ -40,5 +47,64 @@ test("a database never migrated has every migration pending", async () => {
     await assert.rejects(assertMigrated(t.db), MigrationError)
   } finally {
     await rm(empty, { recursive: true })
+  }
+})
+
+test("a migration waiting for a table lock gives way to the table's readers, and applies once it is free", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-lock-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  const t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: dir })
+  const holder = new pg.Client({ connectionString: t.url })
+  const reader = new pg.Client({ connectionString: t.url })
+  try {
+    await writeFile(join(dir, "0002_column.sql"), "alter table public.t add column c int;")
+    await holder.connect()
+    await reader.connect()
+    // A long transaction that read the table (as a vacuum would hold it): the migration's
+    // ALTER waits for it.
+    await holder.query("begin; select count(*) from public.t")
+    const migrating = migrateToLatest(t.db, {
+      dir,
+      lockTimeoutMs: 200,
+      lockAttempts: 1000,
+      lockRetryDelayMs: 50,
+    })
+    await waitFor(
+      async () =>
+        (
+          await reader.query(
+            "select 1 from pg_locks where relation = 'public.t'::regclass and not granted",
+          )
+        ).rowCount! > 0,
+      { timeoutMs: 10_000, message: "the migration waiting for its lock" },
+    )
+    // Queued behind a migration that waits for ever, this read would wait as long.
+    await reader.query("set statement_timeout = '5s'")
+    assert.equal((await reader.query("select count(*)::int as n from public.t")).rows[0].n, 0)
+    await holder.query("commit")
+    assert.deepEqual(await migrating, ["0002_column"])
+    await reader.query("select c from public.t")
+
+    // A lock that is never freed: the migration gives up, applies nothing, and says why.
+    await writeFile(join(dir, "0003_another.sql"), "alter table public.t add column d int;")
+    await holder.query("begin; select count(*) from public.t")
+    await assert.rejects(
+      migrateToLatest(t.db, { dir, lockTimeoutMs: 100, lockAttempts: 3, lockRetryDelayMs: 10 }),
+      (err: Error) => {
+        assert.ok(err instanceof MigrationError)
+        assert.match(
+          err.message,
+          /0003_another failed: could not get a table lock within 100 ms, 3 times/,
+        )
+        return true
+      },
+    )
+    await holder.query("commit")
+    assert.deepEqual(await pendingMigrations(t.db, { dir }), ["0003_another"])
+  } finally {
+    await holder.end().catch(() => {})
+    await reader.end().catch(() => {})
+    await t.drop()
+    await rm(dir, { recursive: true })
   }
 })
