@@ -13,7 +13,7 @@ const usage = `usage: admin <command> --group G [options]
   blocked [--topic T]                        keys stopped at a dead task
   rejects [--limit N]                        messages kept instead of run (not events,
                                              refused values, collisions), newest first
-  dismiss --through ID                       forget the rejects numbered up to ID (read)
+  dismiss --from ID --through ID             forget the rejects numbered ID..ID (read)
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
   skip    --topic T [--key K] [--from N] [--to M]   pending/dead (or missing, with a range) skipped
   redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
@@ -50,7 +50,7 @@ const flags: Record<string, readonly (keyof typeof options)[]> = {
   gaps: ["group", "topic"],
   blocked: ["group", "topic"],
   rejects: ["group", "limit"],
-  dismiss: ["group", "through"],
+  dismiss: ["group", "from", "through"],
   retry: ["group", "topic", "key", "from", "to"],
   skip: ["group", "topic", "key", "from", "to"],
   redrive: ["group", "topic", "key", "from", "to"],
@@ -118,11 +118,15 @@ try {
       break
     }
     case "dismiss": {
-      if (values.through === undefined) fail("dismiss needs --through (an id from rejects)")
-      const through =
-        parsePositiveInt(values.through) ??
-        fail("--through must be a reject's id (a positive integer)")
-      result = { dismissed: await admin.dismissRejects(through) }
+      const id = (name: "from" | "through") => {
+        const raw = values[name]
+        if (raw === undefined) fail("dismiss needs --from and --through (ids from rejects)")
+        return parsePositiveInt(raw) ?? fail(`--${name} must be a reject's id (a positive integer)`)
+      }
+      const from = id("from")
+      const through = id("through")
+      if (from > through) fail(`--from ${from} is above --through ${through}`)
+      result = { dismissed: await admin.dismissRejects(from, through) }
       break
     }
     case "retry":

@@ -270,7 +270,7 @@ test("rejects lists the messages kept instead of run, newest first, whatever the
   assert.match(badLimit.err, /--limit must be a whole number/)
 })
 
-test("dismiss forgets the rejects read, up to the id given, and only the group's own", async () => {
+test("dismiss forgets the rejects read, a range of ids, and only the group's own", async () => {
   await sql`
     insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data) values
       ('dismissing', 1, 's.x', 'not JSON', convert_to('a', 'UTF8')),
@@ -278,35 +278,45 @@ test("dismiss forgets the rejects read, up to the id given, and only the group's
       ('dismissing', 3, 's.x', 'not JSON', convert_to('c', 'UTF8')),
       ('other', 9, 's.x', 'not JSON', convert_to('z', 'UTF8'))
   `.execute(t.db)
-  const listed = JSON.parse((await run(["rejects", "--group", "dismissing"])).out) as {
-    id: number
-    streamSeq: number
-  }[]
-  // Read down to the second: the first and second go, the third (newest) stays.
-  const through = listed.find((r) => r.streamSeq === 2)!.id
-  const done = await run(["dismiss", "--group", "dismissing", "--through", String(through)])
+  // The two newest read; the oldest was never listed.
+  const read = JSON.parse((await run(["rejects", "--group", "dismissing", "--limit", "2"])).out)
+  const ids = read.map((r: { id: number }) => r.id) as number[]
+  const done = await run([
+    "dismiss",
+    "--group",
+    "dismissing",
+    "--from",
+    String(Math.min(...ids)),
+    "--through",
+    String(Math.max(...ids)),
+  ])
   assert.equal(done.code, 0, done.err)
   assert.deepEqual(JSON.parse(done.out), { dismissed: 2 })
   const left = JSON.parse((await run(["rejects", "--group", "dismissing"])).out)
   assert.deepEqual(
     left.map((r: { streamSeq: number }) => r.streamSeq),
-    [3],
+    [1],
+    "the unread one stays",
   )
   const others = await sql<{ n: number }>`
     select count(*)::int as n from keyway.inbox_reject where grp = 'other'`.execute(t.db)
   assert.equal(others.rows[0]!.n, 1, "another group's rejects stay")
-  // Again: nothing left to dismiss there is an answer, not an error.
-  const again = await run(["dismiss", "--group", "dismissing", "--through", String(through)])
+  // Again: nothing left in the range is an answer, not an error.
+  const range = ["--from", String(Math.min(...ids)), "--through", String(Math.max(...ids))]
+  const again = await run(["dismiss", "--group", "dismissing", ...range])
   assert.deepEqual(JSON.parse(again.out), { dismissed: 0 })
-  const unknown = await run(["dismiss", "--group", "nothere", "--through", "5"])
+  const unknown = await run(["dismiss", "--group", "nothere", ...range])
   assert.equal(unknown.code, 1)
   assert.match(unknown.err, /group "nothere" has stored no event/)
-  const missing = await run(["dismiss", "--group", "dismissing"])
+  const missing = await run(["dismiss", "--group", "dismissing", "--through", "5"])
   assert.equal(missing.code, 2)
-  assert.match(missing.err, /dismiss needs --through/)
-  const bad = await run(["dismiss", "--group", "dismissing", "--through", "x"])
+  assert.match(missing.err, /dismiss needs --from and --through/)
+  const bad = await run(["dismiss", "--group", "dismissing", "--from", "x", "--through", "5"])
   assert.equal(bad.code, 2)
-  assert.match(bad.err, /--through must be a reject's id/)
+  assert.match(bad.err, /--from must be a reject's id/)
+  const reversed = await run(["dismiss", "--group", "dismissing", "--from", "5", "--through", "4"])
+  assert.equal(reversed.code, 2)
+  assert.match(reversed.err, /--from 5 is above --through 4/)
 })
 
 test("skip: an open range closes the gap at its start; versions that ran or have not arrived are not skipped", async () => {

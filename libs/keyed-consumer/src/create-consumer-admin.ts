@@ -72,10 +72,11 @@ export interface ConsumerAdmin {
    */
   listRejects(limit?: number): Promise<RejectedMessage[]>
   /**
-   * Forgets the rejects numbered up to `throughId`, those an operator has read; returns how
-   * many. Workers delete them anyway once past the group's reject retention.
+   * Forgets the rejects numbered `fromId` to `throughId`, those an operator has read (a list
+   * runs newest first, so what was read is a range: older ones may not have been listed);
+   * returns how many. Workers delete them anyway once past the group's reject retention.
    */
-  dismissRejects(throughId: number): Promise<number>
+  dismissRejects(fromId: number, throughId: number): Promise<number>
   /** Dead tasks back to pending with a fresh attempt count; returns how many. */
   retry(selector: TaskSelector): Promise<number>
   /**
@@ -309,11 +310,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       const text = (b: Buffer) => Array.from(b.toString("utf8")).slice(0, 2000).join("")
       return r.rows.map((x) => ({ ...x, data: text(x.data) }))
     },
-    async dismissRejects(throughId) {
+    async dismissRejects(fromId, throughId) {
       const r = await sql`
-        delete from keyway.inbox_reject where grp = ${group} and id <= ${throughId}`.execute(db)
+        delete from keyway.inbox_reject
+         where grp = ${group} and id between ${fromId} and ${throughId}`.execute(db)
       const n = Number(r.numAffectedRows ?? 0)
-      // Nothing to dismiss is an answer for a group with rejects, or keys, but not for a typo.
+      // Nothing to dismiss is an answer for a group with rejects or keys, not for a typo (a
+      // group whose every reject is gone and that never stored an event looks like one).
       if (n === 0) {
         const any = await sql`
           select 1 from keyway.inbox_reject where grp = ${group} limit 1`.execute(db)

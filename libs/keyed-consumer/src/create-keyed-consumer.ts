@@ -1035,8 +1035,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     if (Date.now() < nextPruneAt) return
     nextPruneAt = Date.now() + pruneIntervalMs
     if (rejectRetentionMs > 0) {
-      const gone = await pruneRejects(db, group, rejectRetentionMs, 1000)
-      if (gone > 0) log.info("deleted rejects past their retention", { rejects: gone })
+      // Its failure must not cost the inbox its retention round.
+      await pruneRejects(db, group, rejectRetentionMs, 1000).then(
+        (gone) => gone > 0 && log.info("deleted rejects past their retention", { rejects: gone }),
+        (err) => log.warn("deleting old rejects failed", { error: messageOf(err) }),
+      )
     }
     if (retentionMs > 0) {
       const pruned = await pruneInbox(db, group, retentionMs, 1000)

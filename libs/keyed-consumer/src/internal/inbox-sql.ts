@@ -482,7 +482,9 @@ export async function pruneRejects(
          select id from keyway.inbox_reject
           where grp = ${group}
             and received_at < now() - make_interval(secs => ${maxAgeMs / 1000})
-          limit ${limit})
+          limit ${limit}
+          -- The group's other workers prune the same rows, and an operator may dismiss them.
+          for update skip locked)
     `.execute(db),
   )
 }
