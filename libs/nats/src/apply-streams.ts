@@ -94,19 +94,27 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
   return out
 }
 
-// Fields nats-server (2.9) will not change on a live stream once set: an update that leaves
-// them out is merged with them kept, so the declaration would not be what runs.
-const fixedOnceSet = ["republish", "deny_delete", "deny_purge", "sealed"] as const
+// Fields nats-server (2.9.10) will not undo on a live stream: an update that leaves one out
+// is merged with it kept, so the declaration would not be what runs. deny_delete, deny_purge
+// and sealed can be set later, not cleared; republish cannot be added, changed or removed.
+const clearedNever = ["deny_delete", "deny_purge", "sealed"] as const
 
-/** Fields set on `live` that `declared` does not have, which the server cannot undo. */
+/** republish as the server keeps it: src defaults to ">", headers_only to false. */
+const republishOf = (r: StreamConfig["republish"] | undefined) =>
+  r ? JSON.stringify([r.src ?? ">", r.dest, r.headers_only ?? false]) : "none"
+
+/** Differences from `live` that `declared` asks for and the server cannot make. */
 export function unchangeableFields(live: StreamConfig, declared: StreamDefinition): string[] {
-  const set = (v: unknown) => v !== undefined && v !== null && v !== false
-  return fixedOnceSet
-    .filter((f) => set(live[f]) && JSON.stringify(live[f]) !== JSON.stringify(declared[f]))
-    .map(
-      (f) =>
-        `${f} is ${JSON.stringify(live[f])} on the live stream and the server cannot change it (declare it so, or recreate the stream)`,
+  const out = clearedNever
+    .filter((f) => live[f] === true && declared[f] !== true)
+    .map((f) => `${f} is set on the live stream and the server cannot clear it`)
+  if (republishOf(live.republish) !== republishOf(declared.republish)) {
+    out.push(
+      `republish ${republishOf(live.republish)} -> ${republishOf(declared.republish)}: the server cannot change it on a live stream`,
     )
+  }
+  // What to do about any of them is the operator's call: declare what runs, or make a new stream.
+  return out
 }
 
 /**
@@ -115,7 +123,7 @@ export function unchangeableFields(live: StreamConfig, declared: StreamDefinitio
  * live config, so a limit or a source deleted from a declaration stayed in force, unseen;
  * the declaration is the whole config, and a field it leaves out is set back to this.
  * (Fields the server will not change on a live stream, such as storage, retention, mirror,
- * and those of fixedOnceSet, are not here.)
+ * and those unchangeableFields checks, are not here.)
  */
 export const STREAM_DEFAULTS = {
   description: "",

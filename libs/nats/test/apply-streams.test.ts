@@ -123,9 +123,28 @@ test("a field left out of a declaration is set back to its default, not kept fro
   await applyStreams(jsm, [{ name: denied, subjects: deniedSubjects, deny_purge: true }])
   await assert.rejects(
     applyStreams(jsm, [{ name: denied, subjects: deniedSubjects }]),
-    new RegExp(`${denied}: deny_purge is true on the live stream and the server cannot change it`),
+    new RegExp(`${denied}: deny_purge is set on the live stream and the server cannot clear it`),
   )
   await applyStreams(jsm, [{ name: denied, subjects: deniedSubjects, deny_purge: true }])
+  // republish is compared as the server keeps it (src defaulted to ">"), and a change to it,
+  // which the server would refuse midway through the streams, is refused before any.
+  const dest = `${denied.toLowerCase()}-out.>`
+  const republished = uniqueName()
+  const republishedSubjects = [`${republished.toLowerCase()}.>`]
+  await applyStreams(jsm, [
+    { name: republished, subjects: republishedSubjects, republish: { dest } as never },
+  ])
+  await applyStreams(jsm, [
+    { name: republished, subjects: republishedSubjects, republish: { dest } as never },
+  ])
+  await assert.rejects(
+    applyStreams(jsm, [
+      { name: denied, subjects: deniedSubjects, deny_purge: true, description: "not applied" },
+      { name: republished, subjects: republishedSubjects },
+    ]),
+    new RegExp(`${republished}: republish \\[">","${dest.replace(".>", "\\.>")}",false\\] -> none`),
+  )
+  assert.equal((await jsm.streams.info(denied)).config.description ?? "", "")
 
   // A source deleted from a declaration is a source removed: refused like one.
   const copy = uniqueName()
