@@ -29,7 +29,7 @@ const LOCK_NOT_AVAILABLE = "55P03"
 
 // Migrations are plain SQL files so that they read as what runs in Postgres. Kysely's
 // Migrator supplies the bookkeeping table, the lock against concurrent runs and the
-// transaction they run in; this provider only turns files into Migration objects.
+// transaction each runs in; this provider only turns files into Migration objects.
 class SqlFileMigrationProvider implements MigrationProvider {
   constructor(
     private readonly dir: string,
@@ -43,7 +43,7 @@ class SqlFileMigrationProvider implements MigrationProvider {
       const text = await readFile(join(this.dir, file), "utf8")
       migrations[file.replace(/\.sql$/, "")] = {
         up: async (db) => {
-          // Local to the migrations' transaction; Kysely's own lock is taken before it.
+          // Local to the migration's transaction; Kysely's own lock is taken before it.
           await sql`select set_config('lock_timeout', ${`${this.lockTimeoutMs}ms`}, true)`.execute(
             db,
           )
@@ -69,30 +69,45 @@ const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
     migrationTableSchema: "public",
   })
 
+// Safe to try again: the migration's transaction rolled back.
+const RETRYABLE = new Set([LOCK_NOT_AVAILABLE, "40P01"]) // and deadlock_detected
+
 /**
- * Applies every migration not yet applied, in one transaction. A migration that waits longer
- * than `lockTimeoutMs` for a table lock rolls back and is tried again, `lockAttempts` times.
+ * Applies every migration not yet applied, each in a transaction of its own, in order. One
+ * that waits longer than `lockTimeoutMs` for a table lock (or meets a deadlock) rolls back
+ * and is tried again, up to `lockAttempts` times; those before it stay applied, so a retry
+ * does not redo them, nor take their locks again.
  */
 export async function migrateToLatest(
   db: Kysely<any>,
   options: MigrateOptions = {},
 ): Promise<string[]> {
+  const migrator = migratorFor(db, options)
   const attempts = options.lockAttempts ?? 30
-  for (let attempt = 1; ; attempt++) {
-    const { error, results } = await migratorFor(db, options).migrateToLatest()
+  const applied: string[] = []
+  let attempt = 1
+  for (;;) {
+    const { error, results } = await migrator.migrateUp()
     if (!error) {
-      return (results ?? []).filter((r) => r.status === "Success").map((r) => r.migrationName)
+      const done = (results ?? []).filter((r) => r.status === "Success")
+      if (done.length === 0) return applied
+      applied.push(...done.map((r) => r.migrationName))
+      attempt = 1
+      continue
     }
     const failed = results?.find((r) => r.status === "Error")?.migrationName ?? "(unknown)"
-    const locked = (error as { code?: string }).code === LOCK_NOT_AVAILABLE
-    if (locked && attempt < attempts) {
+    const code = (error as { code?: string }).code
+    if (code !== undefined && RETRYABLE.has(code) && attempt < attempts) {
+      attempt++
       await new Promise((r) => setTimeout(r, options.lockRetryDelayMs ?? 1000))
       continue
     }
-    const why = locked
-      ? `could not get a table lock within ${options.lockTimeoutMs ?? 2000} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks); nothing was applied`
-      : `${(error as Error).message ?? error}`
-    throw new MigrationError(`migration ${failed} failed: ${why}`, { cause: error })
+    const why =
+      code === LOCK_NOT_AVAILABLE
+        ? `could not get a table lock within ${options.lockTimeoutMs ?? 2000} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks)`
+        : `${(error as Error).message ?? error}`
+    const before = applied.length > 0 ? ` (applied before it: ${applied.join(", ")})` : ""
+    throw new MigrationError(`migration ${failed} failed: ${why}${before}`, { cause: error })
   }
 }
 

@@ -85,8 +85,10 @@ test("a migration waiting for a table lock gives way to the table's readers, and
     assert.deepEqual(await migrating, ["0002_column"])
     await reader.query("select c from public.t")
 
-    // A lock that is never freed: the migration gives up, applies nothing, and says why.
-    await writeFile(join(dir, "0003_another.sql"), "alter table public.t add column d int;")
+    // A lock that is never freed: the migration gives up and says why; the one before it,
+    // which needed no lock held, stays applied and is not redone by the tries.
+    await writeFile(join(dir, "0003_other_table.sql"), "create table public.u (id int);")
+    await writeFile(join(dir, "0004_another.sql"), "alter table public.t add column d int;")
     await holder.query("begin; select count(*) from public.t")
     await assert.rejects(
       migrateToLatest(t.db, { dir, lockTimeoutMs: 100, lockAttempts: 3, lockRetryDelayMs: 10 }),
@@ -94,13 +96,16 @@ test("a migration waiting for a table lock gives way to the table's readers, and
         assert.ok(err instanceof MigrationError)
         assert.match(
           err.message,
-          /0003_another failed: could not get a table lock within 100 ms, 3 times/,
+          /0004_another failed: could not get a table lock within 100 ms, 3 times .*\(applied before it: 0003_other_table\)/,
         )
         return true
       },
     )
     await holder.query("commit")
-    assert.deepEqual(await pendingMigrations(t.db, { dir }), ["0003_another"])
+    assert.deepEqual(await pendingMigrations(t.db, { dir }), ["0004_another"])
+    // Back to the server's default on the pool's connection: set for the transaction only.
+    const shown = await sql<{ lock_timeout: string }>`show lock_timeout`.execute(t.db)
+    assert.equal(shown.rows[0]!.lock_timeout, "0")
   } finally {
     await holder.end().catch(() => {})
     await reader.end().catch(() => {})
