@@ -5,15 +5,18 @@
 //
 // pm2 writes each child's pid to PM2_HOME/pids/<name>-<id>.pid as it starts it, and gives
 // the child that file's path in its environment (pm_pid_path). A process holding the pid
-// whose environment names that very file is that child: a pid given out again belongs to a
-// process with another environment, and a file copied (cp -r of a checkout) names a path the
-// process holding its pid never saw. A child of the daemon running now is that daemon's,
-// whatever the files say: between its list and our read of the files it may have restarted
-// one. (An earlier check compared the process's start with the file's mtime; a step of the
-// wall clock between the two, as a VM's clock takes on resume, broke it. redis-server keeps
-// its environment readable only with set-proc-title off, which site-plan.ts sets.)
+// whose environment names that very file is that child, or a descendant of it (which
+// inherits the environment: tsx's esbuild service does, and ends with its parent): a pid
+// given out again to anyone else belongs to a process with another environment, and a file
+// copied (cp -r of a checkout) names a path the process holding its pid never saw. A child
+// of the daemon running now is that daemon's, whatever the files say: between its list and
+// our read of the files it may have restarted one. (An earlier check compared the process's
+// start with the file's mtime; a step of the wall clock between the two, as a VM's clock
+// takes on resume, broke it.) redis-server keeps its environment readable only with
+// set-proc-title off, which site-plan.ts sets: one started before that cannot be known, and
+// is left running, as before this module.
 import { readdir, readFile, rm } from "node:fs/promises"
-import { join, resolve } from "node:path"
+import { isAbsolute, join, resolve } from "node:path"
 
 export interface Orphan {
   name: string
@@ -44,6 +47,8 @@ async function pidFileOf(pid: number): Promise<string | undefined> {
 
 /** The processes named by pid files under `pm2Home` still alive, less those in `managed`. */
 export async function findOrphans(pm2Home: string, managed: Iterable<number>): Promise<Orphan[]> {
+  // pm2 writes absolute paths into the environment; a relative home would match by accident.
+  if (!isAbsolute(pm2Home)) throw new Error(`PM2_HOME must be an absolute path: ${pm2Home}`)
   const dir = join(pm2Home, "pids")
   const files = await readdir(dir).catch(() => [] as string[])
   const known = new Set(managed)

@@ -2,14 +2,22 @@
 // that cannot stay up, and what is left when the daemon itself dies.
 import assert from "node:assert/strict"
 import { type ChildProcess, spawn } from "node:child_process"
-import { mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises"
+import { mkdir, mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises"
+import { connect } from "node:net"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
 import { fileURLToPath } from "node:url"
-import { spawnTs, waitFor } from "@keyway/testkit"
+import { freePort, spawnTs, waitFor } from "@keyway/testkit"
 import { findOrphans, stopOrphans } from "../src/orphans.ts"
-import type { ProcessSpec } from "../src/site-plan.ts"
+import {
+  type LaunchContext,
+  NATS_USERS,
+  type ProcessSpec,
+  repositoryRoot,
+  SITES,
+  siteProcesses,
+} from "../src/site-plan.ts"
 
 const fixture = fileURLToPath(new URL("./fixtures/pm2-start.ts", import.meta.url))
 
@@ -46,6 +54,18 @@ async function cleanUp(home: string) {
     if (pid > 0 && pid !== process.pid) kill(pid)
   }
   await rm(home, { recursive: true, force: true })
+}
+
+/** Whether a Redis server answers PING on the port. */
+function pong(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = connect({ port, host: "127.0.0.1" }, () => socket.write("PING\r\n"))
+    socket.once("data", (d) => {
+      socket.destroy()
+      resolve(d.toString().startsWith("+PONG"))
+    })
+    socket.once("error", () => resolve(false))
+  })
 }
 
 /** Running, as opposed to gone or a zombie nobody has reaped yet. */
@@ -128,5 +148,45 @@ test("the processes of a daemon killed outright are found by their pid files, an
   } finally {
     other?.kill()
     await cleanUp(home)
+  }
+})
+
+test("a site's redis-server started as the plan says keeps the environment that names it", async () => {
+  // redis-server writes its process title over its environment unless told not to; then an
+  // orphaned site redis could not be told from a stranger holding its pid.
+  const ctx: LaunchContext = {
+    root: repositoryRoot(),
+    runDir: await mkdtemp(join(tmpdir(), "keyway-plan-redis-")),
+    postgresUrl: "postgres://postgres@127.0.0.1:5432/postgres",
+    passwords: Object.fromEntries(NATS_USERS.map((u) => [u, "unused"])),
+    nodeBinary: process.execPath,
+    natsServerBinary: "nats-server",
+    redisServerBinary: "redis-server",
+    demoRate: 1,
+  }
+  const spec = siteProcesses(SITES.cloud, ctx).find((p) => p.name === "cloud-redis")!
+  const args = [...spec.args]
+  const port = await freePort()
+  args[args.indexOf("--port") + 1] = String(port)
+  args[args.indexOf("--dir") + 1] = ctx.runDir
+  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  await mkdir(join(home, "pids"))
+  const pidFile = join(home, "pids", "cloud-redis-1.pid")
+  const redis = spawn(spec.script, args, { env: { pm_pid_path: pidFile }, stdio: "ignore" })
+  try {
+    await writeFile(pidFile, String(redis.pid))
+    // Answering, so past the point where it would have set its title.
+    await waitFor(() => pong(port), { timeoutMs: 10_000, message: "redis answering" })
+    const orphans = await findOrphans(home, [])
+    assert.deepEqual(
+      orphans.map((o) => [o.name, o.pid]),
+      [["cloud-redis", redis.pid]],
+    )
+    await stopOrphans(orphans, 5000)
+    assert.equal(await running(redis.pid!), false)
+  } finally {
+    redis.kill("SIGKILL")
+    await rm(home, { recursive: true, force: true })
+    await rm(ctx.runDir, { recursive: true, force: true })
   }
 })
