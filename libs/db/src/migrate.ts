@@ -72,6 +72,12 @@ const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
 // Safe to try again: the migration's transaction rolled back.
 const RETRYABLE = new Set([LOCK_NOT_AVAILABLE, "40P01"]) // and deadlock_detected
 
+// Held for a whole run. Kysely's own lock is taken and released per migrateUp(), so two runs
+// at once would take turns, each stamping its migrations with its own clock; Kysely checks
+// the order of applied migrations by those stamps, and one a few ms behind made every later
+// run fail with "corrupted migrations". (An arbitrary constant, "kwmi".)
+const RUN_LOCK = 0x6b776d69
+
 /**
  * Applies every migration not yet applied, each in a transaction of its own, in order. One
  * that waits longer than `lockTimeoutMs` for a table lock (or meets a deadlock) rolls back
@@ -82,7 +88,18 @@ export async function migrateToLatest(
   db: Kysely<any>,
   options: MigrateOptions = {},
 ): Promise<string[]> {
-  const migrator = migratorFor(db, options)
+  return db.connection().execute(async (conn) => {
+    await sql`select pg_advisory_lock(${RUN_LOCK})`.execute(conn)
+    try {
+      return await migrateOneByOne(conn, options)
+    } finally {
+      await sql`select pg_advisory_unlock(${RUN_LOCK})`.execute(conn)
+    }
+  })
+}
+
+async function migrateOneByOne(conn: Kysely<any>, options: MigrateOptions): Promise<string[]> {
+  const migrator = migratorFor(conn, options)
   const attempts = options.lockAttempts ?? 30
   const applied: string[] = []
   let attempt = 1
@@ -95,8 +112,16 @@ export async function migrateToLatest(
       attempt = 1
       continue
     }
-    const failed = results?.find((r) => r.status === "Error")?.migrationName ?? "(unknown)"
+    // Only a migration's own statement is retried: an error before any ran (Kysely's own
+    // lock, a folder that does not match the database) is reported as it is.
+    const failed = results?.find((r) => r.status === "Error")?.migrationName
     const code = (error as { code?: string }).code
+    const before = applied.length > 0 ? ` (applied before it: ${applied.join(", ")})` : ""
+    if (failed === undefined) {
+      throw new MigrationError(`migrations failed: ${(error as Error).message ?? error}${before}`, {
+        cause: error,
+      })
+    }
     if (code !== undefined && RETRYABLE.has(code) && attempt < attempts) {
       attempt++
       await new Promise((r) => setTimeout(r, options.lockRetryDelayMs ?? 1000))
@@ -106,7 +131,6 @@ export async function migrateToLatest(
       code === LOCK_NOT_AVAILABLE
         ? `could not get a table lock within ${options.lockTimeoutMs ?? 2000} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks)`
         : `${(error as Error).message ?? error}`
-    const before = applied.length > 0 ? ` (applied before it: ${applied.join(", ")})` : ""
     throw new MigrationError(`migration ${failed} failed: ${why}${before}`, { cause: error })
   }
 }

@@ -8,6 +8,7 @@ import { sql } from "kysely"
 import pg from "pg"
 import {
   assertMigrated,
+  createDb,
   MigrationError,
   migrateToLatest,
   migrationsDir,
@@ -109,6 +110,32 @@ test("a migration waiting for a table lock gives way to the table's readers, and
   } finally {
     await holder.end().catch(() => {})
     await reader.end().catch(() => {})
+    await t.drop()
+    await rm(dir, { recursive: true })
+  }
+})
+
+test("two runs at once: one applies every pending migration, in order, the other none", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-twin-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  const t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: dir })
+  const other = createDb({ connectionString: t.url, max: 1 })
+  try {
+    for (const n of [2, 3, 4, 5]) {
+      await writeFile(join(dir, `000${n}_c${n}.sql`), `alter table public.t add column c${n} int;`)
+    }
+    const runs = await Promise.all([
+      migrateToLatest(t.db, { dir }),
+      migrateToLatest(other, { dir }),
+    ])
+    assert.deepEqual(
+      runs.map((r) => r.join(",")).sort(),
+      ["", "0002_c2,0003_c3,0004_c4,0005_c5"],
+      "one run took them all",
+    )
+    assert.deepEqual(await pendingMigrations(t.db, { dir }), [])
+  } finally {
+    await other.destroy()
     await t.drop()
     await rm(dir, { recursive: true })
   }
