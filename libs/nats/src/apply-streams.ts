@@ -99,9 +99,9 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
 // and sealed can be set later, not cleared; republish cannot be added, changed or removed.
 const clearedNever = ["deny_delete", "deny_purge", "sealed"] as const
 
-/** republish as the server keeps it: src defaults to ">", headers_only to false. */
+/** republish as the server keeps it: src empty or absent is ">", headers_only false. */
 const republishOf = (r: StreamConfig["republish"] | undefined) =>
-  r ? JSON.stringify([r.src ?? ">", r.dest, r.headers_only ?? false]) : "none"
+  r ? JSON.stringify([r.src || ">", r.dest, r.headers_only ?? false]) : "none"
 
 /** Differences from `live` that `declared` asks for and the server cannot make. */
 export function unchangeableFields(live: StreamConfig, declared: StreamDefinition): string[] {
@@ -171,6 +171,12 @@ export async function applyStreams(
   const refused: string[] = []
   for (const raw of definitions) {
     const normalised = normalise(raw)
+    // The server refuses a stream created sealed, and sealing one rewrites its limits and
+    // discard policy, which the declaration would then contradict: an operator's act.
+    if (normalised.sealed === true) {
+      refused.push(`${normalised.name}: sealed is not declared (seal a stream by hand)`)
+      continue
+    }
     try {
       const live = await jsm.streams.info(normalised.name)
       const definition = declaredConfig(live.config, normalised)

@@ -145,6 +145,14 @@ test("a field left out of a declaration is set back to its default, not kept fro
     new RegExp(`${republished}: republish \\[">","${dest.replace(".>", "\\.>")}",false\\] -> none`),
   )
   assert.equal((await jsm.streams.info(denied)).config.description ?? "", "")
+  // An empty src is what the server keeps as ">".
+  await applyStreams(jsm, [
+    { name: republished, subjects: republishedSubjects, republish: { src: "", dest } as never },
+  ])
+  await assert.rejects(
+    applyStreams(jsm, [{ name: denied, subjects: deniedSubjects, deny_purge: true, sealed: true }]),
+    new RegExp(`${denied}: sealed is not declared`),
+  )
 
   // A source deleted from a declaration is a source removed: refused like one.
   const copy = uniqueName()
