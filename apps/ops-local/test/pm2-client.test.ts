@@ -68,6 +68,21 @@ function pong(port: number): Promise<boolean> {
   })
 }
 
+/** What findOrphans would read of `pid` under `home`, for a failure's message. */
+async function describe(home: string, pid: number) {
+  const files = await readdir(join(home, "pids")).catch(() => [])
+  const contents = await Promise.all(
+    files.map(
+      async (f) => `${f}=${await readFile(join(home, "pids", f), "utf8").catch(() => "?")}`,
+    ),
+  )
+  const daemon = await readFile(join(home, "pm2.pid"), "utf8").catch(() => "?")
+  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch((e) => String(e))
+  const environ = await readFile(`/proc/${pid}/environ`, "utf8").catch((e) => String(e))
+  const pidPath = environ.split("\0").find((e) => e.startsWith("pm_pid_path")) ?? "no pm_pid_path"
+  return `files [${contents.join(", ")}] daemon ${daemon} stat ${stat.trim()} env ${pidPath}`
+}
+
 /** Running, as opposed to gone or a zombie nobody has reaped yet. */
 async function running(pid: number) {
   const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "")
@@ -110,7 +125,10 @@ test("the processes of a daemon killed outright are found by their pid files, an
     const sleeper = seen.at(-1)!.pid
     assert.ok(sleeper > 0 && (await running(sleeper)))
     // The running daemon's child is its own, even when the caller's list of it is stale.
-    assert.deepEqual(await findOrphans(home, []), [])
+    const before = await describe(home, sleeper)
+    assert.deepEqual(await findOrphans(home, []), [], before)
+    const after = await describe(home, sleeper)
+    assert.ok(after.includes("cloud-worker-0.pid"), `kept its pid file: ${before} / ${after}`)
     const daemon = Number(await readFile(join(home, "pm2.pid"), "utf8"))
     kill(daemon)
     // A signal is not a death: until the daemon is gone, its child is still its child.
@@ -132,10 +150,12 @@ test("the processes of a daemon killed outright are found by their pid files, an
     // A pid file copied (cp -r of a checkout) names init.
     await writeFile(join(home, "pids", "cloud-nats-3.pid"), "1")
     assert.deepEqual(await findOrphans(home, [sleeper]), [], "a running daemon's own")
+    const seen6 = await describe(home, sleeper)
     const orphans = await findOrphans(home, [])
     assert.deepEqual(
       orphans.map((o) => [o.name, o.pid]),
       [["cloud-worker", sleeper]],
+      seen6,
     )
     for (const file of [stale, otherFile]) {
       assert.equal(await readFile(file, "utf8").catch(() => "removed"), "removed")
