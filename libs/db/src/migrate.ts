@@ -93,7 +93,9 @@ export async function migrateToLatest(
     try {
       return await migrateOneByOne(conn, options)
     } finally {
-      await sql`select pg_advisory_unlock(${RUN_LOCK})`.execute(conn)
+      // On a connection that failed the run, the unlock fails too (and the session's end
+      // frees the lock): the run's own error is the one to report.
+      await sql`select pg_advisory_unlock(${RUN_LOCK})`.execute(conn).catch(() => {})
     }
   })
 }
