@@ -191,15 +191,14 @@ export async function run() {
         const end = ends.get(seq)
         return end === undefined ? [] : [end - shift - at]
       })
-    const received = latencies(arrivedAt, 0).length
+    const toConsumer = latencies(arrivedAt, 0)
+    const received = toConsumer.length
     // The first second warms caches and connections; it is not the steady state. A message
     // can be stored, and even arrive, before its writer saw the COMMIT answered: counted, as 0.
     const storedRaw = latencies(storedAt, offset).slice(LATENCY_RATE)
     const storedEarly = storedRaw.filter((x) => x < 0).length
     const steady = storedRaw.map((x) => Math.max(0, x))
-    const delivered = latencies(arrivedAt, 0)
-      .slice(LATENCY_RATE)
-      .map((x) => Math.max(0, x))
+    const delivered = toConsumer.slice(LATENCY_RATE).map((x) => Math.max(0, x))
     const result = {
       bench: "relay",
       bare_tx_per_s: Math.round(bare1),

@@ -26,6 +26,7 @@ export interface MigrateOptions {
 // behind it: the workers of every group stop. Bounded by lock_timeout, the wait stalls them
 // that long at most; then the migration rolls back, lets them through, and tries again.
 const LOCK_NOT_AVAILABLE = "55P03"
+const DEFAULT_LOCK_TIMEOUT_MS = 2000
 
 // Migrations are plain SQL files so that they read as what runs in Postgres. Kysely's
 // Migrator supplies the bookkeeping table, the lock against concurrent runs and the
@@ -64,7 +65,7 @@ const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
     db,
     provider: new SqlFileMigrationProvider(
       options.dir ?? migrationsDir,
-      options.lockTimeoutMs ?? 2000,
+      options.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS,
     ),
     migrationTableSchema: "public",
   })
@@ -131,7 +132,7 @@ async function migrateOneByOne(conn: Kysely<any>, options: MigrateOptions): Prom
     }
     const why =
       code === LOCK_NOT_AVAILABLE
-        ? `could not get a table lock within ${options.lockTimeoutMs ?? 2000} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks)`
+        ? `could not get a table lock within ${options.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS} ms, ${attempt} times (a long transaction or a VACUUM holds one: see pg_locks)`
         : `${(error as Error).message ?? error}`
     throw new MigrationError(`migration ${failed} failed: ${why}${before}`, { cause: error })
   }
