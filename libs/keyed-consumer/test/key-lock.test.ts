@@ -32,14 +32,16 @@ test("a held lock is refused to others until released", async () => {
 })
 
 test("extend keeps a live lock past its first expiry", async () => {
-  const a = await locks.tryAcquire("k2", 300)
+  // Seconds, not a few hundred ms: a busy CI machine overslept a 200 ms sleep by more than
+  // the 100 ms left of a 300 ms lock, and the extension came too late.
+  const a = await locks.tryAcquire("k2", 2000)
   assert.ok(a)
-  await sleep(200)
-  assert.equal(await a.extend(300), true)
-  await sleep(200) // 400 ms after acquiring: alive only because of the extension
-  assert.equal(await locks.tryAcquire("k2", 300), null)
+  await sleep(1200)
+  assert.equal(await a.extend(2000), true)
+  await sleep(1200) // 2.4 s after acquiring: alive only because of the extension
+  assert.equal(await locks.tryAcquire("k2", 2000), null)
   // extend() returns a new Lock in redlock 5; extending twice must use the new one.
-  assert.equal(await a.extend(300), true)
+  assert.equal(await a.extend(2000), true)
   await a.release()
 })
 
