@@ -3,6 +3,7 @@ import {
   type Driver,
   type Kysely,
   type PostgresDialect,
+  sql,
   Transaction,
 } from "kysely"
 
@@ -24,11 +25,13 @@ interface PipelineParts {
   driver: Driver
 }
 
-const pipelined = new WeakMap<Kysely<any>, PipelineParts>()
+// Keyed by the instance's dialect adapter: one per Kysely that createDb makes, and shared by
+// every instance derived from it (withPlugin, withSchema, withTables), which use its pool.
+const pipelined = new WeakMap<object, PipelineParts>()
 
 /** Called by createDb for each Kysely it makes, whose pool runs in pipeline mode. */
 export function enablePipelinedTransactions(db: Kysely<any>, dialect: PostgresDialect): void {
-  pipelined.set(db, { dialect, driver: dialect.createDriver() })
+  pipelined.set(db.getExecutor().adapter, { dialect, driver: dialect.createDriver() })
 }
 
 /**
@@ -45,15 +48,26 @@ export function enablePipelinedTransactions(db: Kysely<any>, dialect: PostgresDi
  * a rollback without an error. It ends when `work` settles, after the statements still in
  * flight have answered; a statement issued after that fails.
  *
- * A Kysely not made by createDb (or derived from one, with withPlugin and the like) gets an
- * ordinary transaction: the same result, one round trip per statement.
+ * A Kysely not made by createDb, nor derived from one (withPlugin, withSchema, …), gets
+ * Kysely's own transaction, one round trip per statement, and one more at the end to check
+ * that no statement failed: a failure the work swallowed is then thrown as Postgres reports
+ * it on the next statement ("current transaction is aborted", 25P02), not as the cause.
  */
 export async function runPipelinedTransaction<DB, T>(
   db: Kysely<DB>,
   work: (trx: Transaction<DB>) => Promise<T>,
 ): Promise<T> {
-  const parts = pipelined.get(db)
-  if (!parts) return db.transaction().execute(work)
+  // A transaction shares its Kysely's adapter, but BEGIN on its connection would nest, and
+  // COMMIT end the caller's transaction: Kysely's own refusal says so.
+  const parts = db.isTransaction ? undefined : pipelined.get(db.getExecutor().adapter)
+  if (!parts) {
+    return db.transaction().execute(async (trx) => {
+      const result = await work(trx)
+      // COMMIT in an aborted transaction rolls back without an error; a statement does not.
+      await sql`select 1`.execute(trx)
+      return result
+    })
+  }
   const { dialect, driver } = parts
   // getExecutor is marked internal in Kysely's docs but is how its own TransactionBuilder
   // starts; the executor gives the instance's connection, plugins and query compiler.
@@ -62,6 +76,8 @@ export async function runPipelinedTransaction<DB, T>(
     let open = true
     const inFlight = new Set<Promise<unknown>>()
     let firstFailure: { error: unknown } | undefined
+    // The statements' own errors, to tell them from an error of the work's.
+    const failures = new WeakSet<object>()
     const trx = new Transaction<DB>({
       config: { dialect },
       dialect,
@@ -78,6 +94,7 @@ export async function runPipelinedTransaction<DB, T>(
             (error) => {
               inFlight.delete(statement)
               firstFailure ??= { error }
+              if (typeof error === "object" && error !== null) failures.add(error)
             },
           )
           return statement
@@ -96,6 +113,14 @@ export async function runPipelinedTransaction<DB, T>(
       open = false
       await Promise.allSettled(inFlight)
       await rollback()
+      // The work may reject with a knock-on failure ("current transaction is aborted") of a
+      // statement sent after the one at fault: Promise.all rejects with whichever failure
+      // reaches it first, and a helper with awaits of its own (enqueue) passes its failure on
+      // later than a bare statement fails. The cause is what a caller decides on (23505,
+      // 40P01). An error of the work's own making is its to report.
+      if (firstFailure && typeof err === "object" && err !== null && failures.has(err)) {
+        throw firstFailure.error
+      }
       throw err
     }
     open = false

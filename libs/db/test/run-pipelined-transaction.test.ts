@@ -8,7 +8,8 @@ import {
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
-import { CamelCasePlugin, type Kysely, sql, type Transaction } from "kysely"
+import { CamelCasePlugin, Kysely, PostgresDialect, sql, type Transaction } from "kysely"
+import pg from "pg"
 import { createDb, runPipelinedTransaction } from "../src/index.ts"
 
 // The pipelined transactions' pool reaches Postgres through a proxy, which counts what leaves
@@ -138,6 +139,26 @@ test("a failed statement that the work swallowed is thrown, and nothing commits"
   assert.deepEqual(await items(), before)
 })
 
+test("the first failure is thrown even when the work rejects with a knock-on one", async () => {
+  const before = await items()
+  await assert.rejects(
+    runPipelinedTransaction(db, (trx) => {
+      // Sent first and failing first, but passed on a few turns late, as by a helper with
+      // awaits of its own: Promise.all rejects with the insert's "transaction is aborted".
+      const late = async () => {
+        try {
+          return await trx.insertInto("item").values({ id: 1, n: 11 }).execute() // id 1 exists
+        } finally {
+          for (let i = 0; i < 5; i++) await null
+        }
+      }
+      return Promise.all([late(), trx.insertInto("item").values({ id: 13, n: 130 }).execute()])
+    }),
+    { code: "23505" },
+  )
+  assert.deepEqual(await items(), before)
+})
+
 test("statements still in flight when the work returns are waited for, failures and all", async () => {
   const before = await items()
   const left: Promise<unknown>[] = []
@@ -205,7 +226,7 @@ test("a connection lost mid-transaction fails with the statement's own error, no
   }
 })
 
-test("a Kysely not made by createDb gets an ordinary transaction, plugins and all", async () => {
+test("a Kysely derived from createDb's keeps its plugins and its pipelined transactions", async () => {
   const camel = db.withPlugin(new CamelCasePlugin())
   await sql`create table counted_item (item_id int primary key)`.execute(t.db)
   const rows = await runPipelinedTransaction(camel, async (trx) => {
@@ -213,6 +234,56 @@ test("a Kysely not made by createDb gets an ordinary transaction, plugins and al
     return trx.selectFrom("countedItem").select("itemId").execute()
   })
   assert.deepEqual(rows, [{ itemId: 7 }])
+  // Pipelined: the swallowed failure is thrown as itself. Kysely's own transaction would
+  // report the knock-on "transaction is aborted" of the check after the work.
+  await assert.rejects(
+    runPipelinedTransaction(camel.withSchema("public"), async (trx) => {
+      await trx.insertInto("countedItem").values({ itemId: 8 }).execute()
+      await sql`select 1 / 0`.execute(trx).catch(() => {})
+    }),
+    { code: "22012" },
+  )
+  const left = await sql`select item_id from counted_item order by 1`.execute(t.db)
+  assert.deepEqual(left.rows, [{ item_id: 7 }])
+})
+
+test("any other Kysely gets its own transaction, and a failure its work swallowed still fails it", async () => {
+  const other = new Kysely<any>({
+    dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: t.url, max: 1 }) }),
+  })
+  try {
+    const before = await items()
+    await assert.rejects(
+      runPipelinedTransaction(other, async (trx) => {
+        await trx.insertInto("item").values({ id: 14, n: 140 }).execute()
+        await trx
+          .insertInto("item")
+          .values({ id: 1, n: 10 }) // id 1 exists
+          .execute()
+          .catch(() => {})
+        return "done"
+      }),
+      { code: "25P02" },
+    )
+    assert.deepEqual(await items(), before)
+    assert.equal(
+      await runPipelinedTransaction(other, async (trx) => {
+        await trx.insertInto("item").values({ id: 15, n: 150 }).execute()
+        return "done"
+      }),
+      "done",
+    )
+    assert.deepEqual((await items()).at(-1), { id: 15, n: 150 })
+  } finally {
+    await other.destroy()
+  }
+})
+
+test("a transaction is not a Kysely to start one on", async () => {
+  await assert.rejects(
+    db.transaction().execute((trx) => runPipelinedTransaction(trx, async () => "nested")),
+    /not supported/,
+  )
 })
 
 test("destroy() ends the pool when only pipelined transactions used it", async () => {
