@@ -17,14 +17,19 @@ export async function ensureDatabase(connectionString: string): Promise<boolean>
   // Failures reach the caller through the queries; pg's 'error' event would be uncaught.
   client.on("error", () => {})
   await client.connect()
+  const exists = async () =>
+    ((await client.query("select 1 from pg_database where datname = $1", [name])).rowCount ?? 0) > 0
   try {
-    const found = await client.query("select 1 from pg_database where datname = $1", [name])
-    if (found.rowCount) return false
+    if (await exists()) return false
     await client.query(`create database "${name.replaceAll('"', '""')}"`)
     return true
   } catch (err) {
     // Two processes starting at once: the loser finds the database created by the winner.
-    if ((err as { code?: string }).code === "42P04") return false
+    // Its error is seldom 42P04 ("already exists"): Postgres' check for the name is made
+    // before the catalogue row is written, so the loser usually fails on the catalogue's
+    // unique index (23505) instead, or on whatever comes next. Asked again, the catalogue
+    // says which.
+    if (await exists().catch(() => false)) return false
     throw err
   } finally {
     await client.end()
