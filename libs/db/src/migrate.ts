@@ -28,6 +28,8 @@ export interface MigrateOptions {
 const LOCK_NOT_AVAILABLE = "55P03"
 const DEFAULT_LOCK_TIMEOUT_MS = 2000
 
+const MIGRATION_FILE = /^\d{4}_[a-z0-9_-]+\.sql$/
+
 // Migrations are plain SQL files so that they read as what runs in Postgres. Kysely's
 // Migrator supplies the bookkeeping table, the lock against concurrent runs and the
 // transaction each runs in; this provider only turns files into Migration objects.
@@ -38,7 +40,16 @@ class SqlFileMigrationProvider implements MigrationProvider {
   ) {}
 
   async getMigrations(): Promise<Record<string, Migration>> {
-    const files = (await readdir(this.dir)).filter((f) => /^\d{4}_[a-z0-9_-]+\.sql$/.test(f)).sort()
+    const all = await readdir(this.dir)
+    // A migration named otherwise (`0015_Add_index.sql`, `0015_x.SQL`) would be left out
+    // without a word, here and in every check that the database is up to date.
+    const misnamed = all.filter((f) => /\.sql$/i.test(f) && !MIGRATION_FILE.test(f))
+    if (misnamed.length > 0) {
+      throw new MigrationError(
+        `${this.dir}: ${misnamed.join(", ")} not named NNNN_slug.sql (four digits, then lower-case letters, digits, _ or -)`,
+      )
+    }
+    const files = all.filter((f) => MIGRATION_FILE.test(f)).sort()
     const migrations: Record<string, Migration> = {}
     for (const file of files) {
       const text = await readFile(join(this.dir, file), "utf8")

@@ -51,6 +51,33 @@ test("a database never migrated has every migration pending", async () => {
   }
 })
 
+test("a migration file named otherwise is refused by name, not left out", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-misnamed-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  await writeFile(join(dir, "0002_Add_index.sql"), "create index on public.t (id);")
+  await writeFile(join(dir, "README.md"), "not a migration")
+  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
+  try {
+    const refused = (err: Error) => {
+      assert.ok(err instanceof MigrationError, String(err))
+      assert.match(err.message, /0002_Add_index\.sql not named NNNN_slug\.sql/)
+      return true
+    }
+    await assert.rejects(migrateToLatest(t.db, { dir }), refused)
+    await assert.rejects(pendingMigrations(t.db, { dir }), refused)
+    assert.equal(
+      (await sql<{ t: string | null }>`select to_regclass('public.t')::text as t`.execute(t.db))
+        .rows[0]!.t,
+      null,
+      "nothing applied",
+    )
+  } finally {
+    await rm(dir, { recursive: true })
+    await rm(empty, { recursive: true })
+  }
+})
+
 test("a migration waiting for a table lock gives way to the table's readers, and applies once it is free", async () => {
   const dir = await mkdtemp(join(tmpdir(), "keyway-lock-migrations-"))
   await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
