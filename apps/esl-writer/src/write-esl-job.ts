@@ -54,31 +54,56 @@ export class JobExistsError extends EslWriterError {
   override name = "JobExistsError"
 }
 
+// Text stored as it was sent. Postgres refuses NUL in text, as a server error naming no
+// field, and stores an unpaired surrogate as U+FFFD, silently another name; the other
+// control characters (C0, DEL, C1) have no business in an id or on a shelf.
+const isPrintable = Schema.makeFilter<string>((s) =>
+  /[\p{Cc}\p{Cs}]/u.test(s)
+    ? "must be printable text: no control characters or unpaired surrogates"
+    : true,
+)
+const JobId = EslFields.jobId.pipe(Schema.check(isPrintable))
+const ProductId = EslFields.productId.pipe(Schema.check(isPrintable))
+const ProductName = EslFields.productName.pipe(Schema.check(isPrintable))
+// A job with nothing in it would still take its id, and the client's real job under the same
+// id would then be refused as a repeat.
+const isNotEmpty = Schema.isMinLength(1, { message: "must not be empty" })
+
 // What a caller may send, checked whole before anything is written, each field against the
-// render task's own bounds (EslFields). The label code is folded first and checked by the
-// task's schema, which names it. JSON from the HTTP API arrives here unchecked.
+// render task's own bounds (EslFields). JSON from the HTTP API arrives here unchecked.
 const LabelJobRequest = Schema.Struct({
-  jobId: Schema.optional(EslFields.jobId),
+  jobId: Schema.optional(JobId),
   labels: Schema.Array(
     Schema.Struct({
+      // Folded to its canonical form and checked as a MAC by writeLabelJob.
       labelCode: Schema.String,
-      productId: EslFields.productId,
+      productId: ProductId,
       page: Schema.optional(EslFields.page),
       frontPage: Schema.optional(EslFields.frontPage),
     }),
-  ),
+  ).pipe(Schema.check(isNotEmpty)),
 })
 const PriceChangeRequest = Schema.Struct({
-  jobId: Schema.optional(EslFields.jobId),
+  jobId: Schema.optional(JobId),
   changes: Schema.Array(
     Schema.Struct({
-      productId: EslFields.productId,
+      productId: ProductId,
       priceMinor: EslFields.priceMinor,
       currency: Schema.optional(EslFields.currency),
-      name: Schema.optional(EslFields.productName),
+      name: Schema.optional(ProductName),
     }),
-  ),
+  ).pipe(Schema.check(isNotEmpty)),
 })
+// A catalogue import sets what every later job of a label shows: a value stored unchecked
+// here would fail those jobs, naming fields they do not contain.
+const ProductsRequest = Schema.Array(
+  Schema.Struct({
+    id: ProductId,
+    name: ProductName,
+    priceMinor: EslFields.priceMinor,
+    currency: EslFields.currency,
+  }),
+)
 
 function checked<T>(schema: Schema.Codec<T, unknown>, what: string, input: unknown): T {
   const result = Schema.decodeUnknownResult(schema)(input, { errors: "all" })
@@ -191,8 +216,7 @@ async function enqueueTasks(
 /**
  * A job over a set of labels: binds each label to a product (creating the label if new) and
  * enqueues one render task per label, all in one transaction with the domain rows. A label
- * code that is not a MAC reaches the schema unchanged and is refused there
- * (InvalidEventError naming `labelCode`); the transaction rolls back whole.
+ * code that is not a MAC is refused before anything is written, naming the label.
  */
 export async function writeLabelJob(
   db: Kysely<any>,
@@ -202,8 +226,14 @@ export async function writeLabelJob(
   const jobId = options.jobId ?? randomUUID()
   // One assignment per label, the last one given winning: a job draws each label once.
   const byCode = new Map<string, LabelAssignment>()
-  for (const a of options.labels) {
-    const code = canonicalLabelCode(a.labelCode) ?? a.labelCode
+  for (const [i, a] of options.labels.entries()) {
+    const code = canonicalLabelCode(a.labelCode)
+    if (code === undefined) {
+      const shown = a.labelCode.length > 40 ? `${a.labelCode.slice(0, 40)}…` : a.labelCode
+      throw new EslWriterError(
+        `invalid label job: labels[${i}].labelCode ${JSON.stringify(shown)} is not a label MAC (12 hex digits, optionally separated by : or -)`,
+      )
+    }
     byCode.set(code, { ...a, labelCode: code })
   }
   const labels = [...byCode.values()].sort((a, b) => (a.labelCode < b.labelCode ? -1 : 1))
@@ -294,8 +324,9 @@ export async function writePriceChange(
 /** Creates or updates products without touching labels (catalogue import, tests). */
 export async function upsertProducts(
   db: Kysely<any>,
-  products: readonly { id: string; name: string; priceMinor: number; currency: string }[],
+  request: readonly { id: string; name: string; priceMinor: number; currency: string }[],
 ): Promise<void> {
+  const products = checked(ProductsRequest, "products", request)
   if (products.length === 0) return
   const sorted = [...products].sort((a, b) => (a.id < b.id ? -1 : 1))
   await sql`

@@ -13,6 +13,7 @@ import {
   type TsChild,
   waitFor,
 } from "@keyway/testkit"
+import { sql } from "kysely"
 import { migrateEslSchema, upsertProducts } from "../src/index.ts"
 
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
@@ -90,11 +91,47 @@ test("a body of the wrong shape gets 400 naming the field, a repeated job 409; n
       JSON.stringify({ changes: [{ productId: "A", priceMinor: 100, name: "" }] }),
       /\["name"\]/,
     ],
+    // Not a MAC: refused by name before the label table sees it (its index refused a long
+    // one with a server error, 500).
+    [
+      "/label-jobs",
+      JSON.stringify({ labels: [{ labelCode: "x".repeat(9000), productId: "A" }] }),
+      /labels\[0\]\.labelCode "x{40}…" is not a label MAC/,
+    ],
+    [
+      "/label-jobs",
+      JSON.stringify({
+        labels: [
+          { labelCode: "C0FFEE000009", productId: "A" },
+          { labelCode: "C0FFEE00000\u0000", productId: "A" },
+        ],
+      }),
+      /labels\[1\]\.labelCode/,
+    ],
+    // Text Postgres cannot hold (NUL, a 500 before) or would change (an unpaired surrogate).
+    [
+      "/label-jobs",
+      JSON.stringify({ labels: [{ labelCode: "C0FFEE000009", productId: "A\u0000" }] }),
+      /printable[\s\S]*\["labels"\]\[0\]\["productId"\]/,
+    ],
+    [
+      "/price-changes",
+      JSON.stringify({ jobId: "j\u0000", changes: [{ productId: "A", priceMinor: 100 }] }),
+      /\["jobId"\]/,
+    ],
+    [
+      "/price-changes",
+      `{"changes":[{"productId":"A","priceMinor":100,"name":"Pears \\ud800"}]}`,
+      /printable[\s\S]*\["name"\]/,
+    ],
+    // Empty: it would use up the job id that the client's real job then sends again.
+    ["/label-jobs", JSON.stringify({ jobId: "empty", labels: [] }), /empty[\s\S]*\["labels"\]/],
+    ["/price-changes", JSON.stringify({ changes: [] }), /empty[\s\S]*\["changes"\]/],
   ]
   for (const [path, body, field] of cases) {
     const res = await post(path, body)
-    assert.equal(res.status, 400, `${path} ${body}`)
-    assert.match(await errorOf(res), field, `${path} ${body}`)
+    assert.equal(res.status, 400, `${path} ${body.slice(0, 200)}`)
+    assert.match(await errorOf(res), field, `${path} ${body.slice(0, 200)}`)
   }
   const product = await t.db
     .selectFrom("esl.product")
@@ -102,6 +139,10 @@ test("a body of the wrong shape gets 400 naming the field, a repeated job 409; n
     .where("id", "=", "A")
     .executeTakeFirstOrThrow()
   assert.deepEqual(product, { price_minor: 199, currency: "EUR", name: "Apples 1 kg" })
+  const written = await sql<{ n: number }>`
+    select (select count(*) from esl.label where label_code = 'C0FFEE000009')
+         + (select count(*) from esl.job where id in ('empty', 'j'))::int as n`.execute(t.db)
+  assert.equal(written.rows[0]!.n, 0, "no label and no job of the refused requests")
 
   const job = JSON.stringify({
     jobId: "again",

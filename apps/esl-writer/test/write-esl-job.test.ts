@@ -64,6 +64,24 @@ test("a price change enqueues one task per label showing the products, with the 
   )
 })
 
+test("a catalogue import is checked like a price change; a bad product writes nothing", async () => {
+  const bad = [
+    [{ id: "C", name: "", priceMinor: 100, currency: "EUR" }, /\["name"\]/],
+    [{ id: "C", name: "Cherries", priceMinor: 100, currency: "eur" }, /\["currency"\]/],
+    [{ id: "C\u0000", name: "Cherries", priceMinor: 100, currency: "EUR" }, /\["id"\]/],
+    [{ id: "C", name: "Cherries", priceMinor: -1, currency: "EUR" }, /\["priceMinor"\]/],
+  ] as const
+  for (const [product, field] of bad) {
+    await assert.rejects(
+      upsertProducts(t.db, [{ id: "D", name: "Dates", priceMinor: 300, currency: "EUR" }, product]),
+      (err: Error) => err instanceof EslWriterError && field.test(err.message),
+      JSON.stringify(product),
+    )
+  }
+  const stored = await sql`select id from esl.product where id in ('C', 'D')`.execute(t.db)
+  assert.deepEqual(stored.rows, [])
+})
+
 test("overlapping jobs and price changes: every label's newest task matches the tables", async () => {
   const products = Array.from({ length: 4 }, (_, i) => `Q${i}`)
   await upsertProducts(
