@@ -131,11 +131,14 @@ const nc = await connectNats({
 })
 const aborter = new AbortController()
 process.once("SIGINT", () => aborter.abort())
-// A reader that stops early (`| head`) is no error: stop there, quietly.
+// A reader that stops early (`| head`) is no error: stop there, quietly. Not by exiting
+// at once: the read deletes its consumer on the way out, which the server would otherwise
+// keep, with its pending count, for 5 minutes.
+let outputClosed = false
 process.stdout.on("error", (err: NodeJS.ErrnoException) => {
   if (err.code !== "EPIPE") throw err
+  outputClosed = true
   aborter.abort()
-  process.exit(0)
 })
 try {
   const jsm = await jetstreamManager(nc)
@@ -170,7 +173,9 @@ try {
       follow: values.follow ?? false,
       signal: aborter.signal,
     },
-    (line) => process.stdout.write(`${JSON.stringify(line)}\n`),
+    (line) => {
+      if (!outputClosed) process.stdout.write(`${JSON.stringify(line)}\n`)
+    },
   )
   console.error(`replay: ${printed} printed`)
 } catch (err) {

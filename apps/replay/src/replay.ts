@@ -3,7 +3,15 @@
 // is the JetStream way to do that: ephemeral, in server memory, unacknowledged, deleted when
 // the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
 import { decodeEnvelope } from "@keyway/schemas"
-import { type Consumer, DeliverPolicy, type JetStreamClient, type JsMsg } from "@nats-io/jetstream"
+import {
+  type Consumer,
+  DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  JetStreamError,
+  type JsMsg,
+} from "@nats-io/jetstream"
 
 export interface ReplayOptions {
   stream: string
@@ -66,25 +74,64 @@ function toLine(m: JsMsg): ReplayLine {
   }
 }
 
+/** What a read has done so far, kept across the consumers it may take. */
+interface Progress {
+  printed: number
+  /** The last stream sequence delivered, printed or not. */
+  lastSeq?: number
+}
+
 /**
  * Prints (through `print`) the stream's messages in order; returns how many were printed.
  * Without `follow`, it ends at the last message the stream held when it started.
+ *
+ * The ordered consumer lives in the server's memory only: the server drops it after 5
+ * minutes without a pull (a reader paused on a full pipe, `| less`), or with its own restart.
+ * The read then goes on with a new one from the message after the last delivered, so it
+ * neither stops nor repeats.
  */
 export async function replay(
   js: JetStreamClient,
   options: ReplayOptions,
   print: (line: ReplayLine) => void,
 ): Promise<number> {
-  const consumer = await js.consumers.get(options.stream, {
-    ...(options.subject ? { filter_subjects: options.subject } : {}),
-    ...(options.fromSeq !== undefined
-      ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: options.fromSeq }
-      : options.since !== undefined
-        ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }
-        : { deliver_policy: DeliverPolicy.All }),
-  })
+  const open = (resumeAt?: number) =>
+    js.consumers.get(options.stream, {
+      ...(options.subject ? { filter_subjects: options.subject } : {}),
+      ...(resumeAt !== undefined
+        ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: resumeAt }
+        : options.fromSeq !== undefined
+          ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: options.fromSeq }
+          : options.since !== undefined
+            ? {
+                deliver_policy: DeliverPolicy.StartTime,
+                opt_start_time: options.since.toISOString(),
+              }
+            : { deliver_policy: DeliverPolicy.All }),
+    })
+  const progress: Progress = { printed: 0 }
+  let consumer = await open()
+  // Consumers lost in a row with nothing delivered between: past a few, it is not the server
+  // tidying up but something deleting them as fast as they come.
+  let lostInARow = 0
   try {
-    return await readAll(consumer, options, print)
+    for (;;) {
+      const before = progress.lastSeq
+      try {
+        return await readAll(consumer, options, print, progress)
+      } catch (err) {
+        // Found gone by a pull request (the API's "not found"), or while one waited (a 409).
+        const gone =
+          (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound) ||
+          (err instanceof JetStreamError &&
+            (err as { code?: number }).code === 409 &&
+            /consumer deleted/i.test(err.message))
+        if (!gone) throw err
+        lostInARow = progress.lastSeq === before ? lostInARow + 1 : 1
+        if (lostInARow > 3) throw err
+        consumer = await open(progress.lastSeq === undefined ? undefined : progress.lastSeq + 1)
+      }
+    }
   } finally {
     await consumer.delete().catch(() => {})
   }
@@ -94,10 +141,10 @@ async function readAll(
   consumer: Consumer,
   options: ReplayOptions,
   print: (line: ReplayLine) => void,
+  progress: Progress,
 ): Promise<number> {
-  let printed = 0
   for (;;) {
-    if (options.signal?.aborted) return printed
+    if (options.signal?.aborted) return progress.printed
     // Short waits: without `follow` a fetch that finds nothing means the filtered view is
     // exhausted (each message also says how many follow it, which ends the read at once);
     // with it, an interrupt is seen within a second.
@@ -108,16 +155,21 @@ async function readAll(
     let got = 0
     for await (const m of batch) {
       got++
-      if (options.toSeq !== undefined && m.seq > options.toSeq) return printed
+      // Aborted (an interrupt, or the reader of the output gone): print nothing more.
+      if (options.signal?.aborted) return progress.printed
+      if (options.toSeq !== undefined && m.seq > options.toSeq) return progress.printed
+      progress.lastSeq = m.seq
       const line = toLine(m)
       if (options.key === undefined || ("key" in line && line.key === options.key)) {
         print(line)
-        printed++
-        if (options.limit !== undefined && printed >= options.limit) return printed
+        progress.printed++
+        if (options.limit !== undefined && progress.printed >= options.limit) {
+          return progress.printed
+        }
       }
-      if (options.toSeq !== undefined && m.seq >= options.toSeq) return printed
-      if (!options.follow && m.info.pending === 0) return printed
+      if (options.toSeq !== undefined && m.seq >= options.toSeq) return progress.printed
+      if (!options.follow && m.info.pending === 0) return progress.printed
     }
-    if (got === 0 && !options.follow) return printed
+    if (got === 0 && !options.follow) return progress.printed
   }
 }

@@ -173,3 +173,20 @@ test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is
     new RegExp(`no stream "${stream.name}X" on this server \\(its streams: .*${stream.name}`),
   )
 })
+
+test("a reader that stops early (`| head`) ends the read quietly, and its consumer with it", async () => {
+  const jsm = await jetstreamManager(nc)
+  const consumers = async () => {
+    const names: string[] = []
+    for await (const c of jsm.consumers.list(stream.name)) names.push(c.name)
+    return names
+  }
+  const r = start(["--stream", stream.name, "--follow"])
+  await waitFor(async () => r.lines().length >= 6, { timeoutMs: 10_000, message: "the backlog" })
+  assert.equal((await consumers()).length, 1, "the read's consumer")
+  // The reader goes; the next line written finds the pipe closed (EPIPE).
+  r.child.stdout.destroy()
+  await publish("d", 1)
+  assert.equal(await r.exited, 0, r.result.err)
+  assert.deepEqual(await consumers(), [], "the consumer deleted, not left for the server to expire")
+})
