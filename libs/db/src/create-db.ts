@@ -32,10 +32,17 @@ export const pgTypes = {
  * The server's side is set per session, once connected, rather than as a startup `options`
  * parameter: that would replace PGOPTIONS and a connection string's own options, and
  * PgBouncer refuses it. (Both are ignored on Unix sockets, where no peer can vanish.)
+ *
+ * Keepalives alone are not enough on the server's side: Linux sends no probe while data it
+ * sent is unacknowledged, and then only the retransmission limit applies (tcp_retries2, about
+ * 15 minutes). The server sends to a relay all the time (a NOTIFY per commit, the answers to
+ * its polls), so a link that died at a typical moment left the lock held that long: a review
+ * cut a link in a network namespace while a NOTIFY was on its way, and the backend still
+ * held its lock 243 s later. tcp_user_timeout bounds unacknowledged data at the same 25 s.
  */
 export const keepaliveSettings = { keepAlive: true, keepAliveInitialDelayMillis: 10_000 } as const
 export const keepaliveSql =
-  "set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3"
+  "set tcp_keepalives_idle = 10; set tcp_keepalives_interval = 5; set tcp_keepalives_count = 3; set tcp_user_timeout = 25000"
 
 /** Without `connect_timeout` in the connection string. */
 export const DEFAULT_CONNECT_TIMEOUT_MS = 10_000

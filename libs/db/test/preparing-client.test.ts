@@ -179,7 +179,7 @@ test("createDb's connections have the server probe a silent peer within seconds"
   const { rows } = await sql<{ name: string; setting: string }>`
     select name, setting from pg_settings
      where name in ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count',
-                    'statement_timeout')
+                    'tcp_user_timeout', 'statement_timeout')
      order by name
   `
     .execute(withOptions)
@@ -191,6 +191,8 @@ test("createDb's connections have the server probe a silent peer within seconds"
       ["tcp_keepalives_count", "3"],
       ["tcp_keepalives_idle", "10"],
       ["tcp_keepalives_interval", "5"],
+      // Probes stop while sent data waits for its ACK; this bounds that wait.
+      ["tcp_user_timeout", "25000"],
     ],
   )
 })
