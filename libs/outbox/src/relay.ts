@@ -33,7 +33,10 @@ export interface RelayLogger {
 }
 
 export interface RelayConfig {
-  /** Postgres holding the outbox. The relay opens one dedicated connection of its own. */
+  /**
+   * Postgres holding the outbox. The relay's work and its leadership lock are on one
+   * dedicated connection; metrics scrapes and the outbox's vacuum open their own.
+   */
   connectionString: string
   /** A JetStream client on a connection the caller owns (see `connectNats`). */
   jetstream: JetStreamClient
@@ -147,11 +150,18 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
     query_timeout: 6000,
     application_name: `keyway-relay-metrics:${site}`,
     ...keepaliveSettings,
-    options: "-c enable_seqscan=off -c statement_timeout=5000",
   })
   // An idle connection that dies reports here; the next scrape opens another.
   pool.on("error", () => {})
-  pool.on("connect", (client) => void client.query(keepaliveSql).catch(() => {}))
+  // Per session, not as a startup `options` parameter, for the reasons of keepaliveSql: it
+  // would replace the connection string's own options, and PgBouncer refuses it.
+  pool.on(
+    "connect",
+    (client) =>
+      void client
+        .query(`${keepaliveSql}; set enable_seqscan = off; set statement_timeout = 5000`)
+        .catch(() => {}),
+  )
   return pool
 }
 

@@ -2,9 +2,10 @@ import { keepaliveSettings } from "@keyway/db"
 import pg from "pg"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
-// All of the relay's SQL, on its one dedicated connection. That connection also holds the
+// All of the relay's SQL. Its work runs on one dedicated connection, which also holds the
 // advisory lock that makes this relay the active one: if it drops, the lock goes with it and
-// so does every statement below, so a relay that lost leadership cannot mark anything.
+// so does every statement below, so a relay that lost leadership cannot mark anything. (The
+// backlog summary for metrics and the outbox's vacuum run on connections of their own.)
 
 /** Arbitrary but fixed: the advisory lock key that elects one active relay per database. */
 const RELAY_LOCK_KEY = 0x6b657977 // "keyw"
