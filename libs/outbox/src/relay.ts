@@ -416,6 +416,8 @@ export function createRelay(config: RelayConfig): Relay {
           [...held.values()].map(({ topic, key }) => ({ topic, key })),
         ),
       )
+      // A full batch means a backlog: claim again at once, after the upkeep below.
+      let backlog = false
       if (rows.length > 0) {
         if (listening !== false) {
           listening = false
@@ -427,10 +429,10 @@ export function createRelay(config: RelayConfig): Relay {
         // Counted from the batch's end: one whose PubAcks took longer than settleMs must not
         // make the pause below raise the listening flag in the middle of a steady flow.
         lastWorkAt = Date.now()
-        // A full batch means a backlog: claim again at once. Otherwise pause busyPollMs like
-        // after an empty claim. Claiming again at once kept a steady flow in batches of two or
-        // three rows, each with its own claim, mark and commit, and those round trips took the
-        // CPU that the rest of the pipeline needed. `just bench pipeline` (1 event per tx, back
+        // A backlog claims again at once. Otherwise pause busyPollMs like after an empty
+        // claim. Claiming again at once kept a steady flow in batches of two or three rows,
+        // each with its own claim, mark and commit, and those round trips took the CPU that
+        // the rest of the pipeline needed. `just bench pipeline` (1 event per tx, back
         // to back), a 2 ms claim-at-once relay against a 5 ms paced one: 1,268 against 1,517
         // events/s, 1.54 against 1.26 ms of machine CPU per event, p99 at 1,000 events/s 102
         // against 63 ms. `just bench relay` pays for it: commit-to-stream p50 1.3 -> 5.5 ms,
@@ -440,8 +442,11 @@ export function createRelay(config: RelayConfig): Relay {
         // commit to a consumer p50 5.9-6.7 -> 4.3-4.6 ms, p99 15.9-20.2 -> 11.3-16.5 ms;
         // keyway-only pipeline runs, two each, made 863 and 901 events/s at 3 ms, 1,011 and
         // 671 at 5: today's machine varies more than the pause moves it.
-        if (rows.length >= settings.batchSize) continue
+        backlog = rows.length >= settings.batchSize
       }
+      // Upkeep runs on its own schedule, backlog or not: a catch-up after an outage of hours
+      // is when the table is largest, and it went neither pruned nor vacuumed while every
+      // batch came back full.
       if (
         settings.vacuumEvery > 0 &&
         state.published - vacuumedAt >= settings.vacuumEvery &&
@@ -474,6 +479,7 @@ export function createRelay(config: RelayConfig): Relay {
           prunedInRound = 0
         }
       }
+      if (backlog) continue
       let pause = settings.pollIntervalMs
       if (pruneBehind) pause = 0
       else if (Date.now() - lastWorkAt < settings.settleMs) pause = settings.busyPollMs

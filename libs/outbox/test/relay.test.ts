@@ -579,6 +579,61 @@ describe("relay", () => {
     assert.equal(await streamCount(nc, stream), 2600, "pruning takes nothing from the stream")
   })
 
+  test("retention goes on during a backlog that fills every batch", async () => {
+    await fresh()
+    // Rows published long ago (as far as retention can tell), then a backlog of 3,000 that
+    // takes the relay 300 full batches.
+    await t.db.transaction().execute((trx) =>
+      enqueue(
+        trx,
+        Array.from({ length: 300 }, (_, i) => item(`k${i % 50}`, i)),
+      ),
+    )
+    await sql`update keyway.outbox set published_at = now() - interval '1 hour', stream_seq = 0`.execute(
+      t.db,
+    )
+    for (let batch = 0; batch < 6; batch++) {
+      await t.db.transaction().execute((trx) =>
+        enqueue(
+          trx,
+          Array.from({ length: 500 }, (_, i) => item(`k${i % 50}`, 300 + batch * 500 + i)),
+        ),
+      )
+    }
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      batchSize: 10,
+      retentionMs: 60_000,
+      // Rows an hour old were never in this stream; not re-published on becoming active.
+      republishWindowMs: 0,
+      pruneIntervalMs: 100,
+      pollIntervalMs: 100,
+    })
+    await relay.start()
+    let seen: { old: number; unpublished: number } | undefined
+    await waitFor(
+      async () => {
+        seen = (
+          await sql<{ old: number; unpublished: number }>`
+            select count(*) filter (where published_at < now() - interval '1 minute')::int as old,
+                   count(*) filter (where published_at is null)::int as unpublished
+              from keyway.outbox`.execute(t.db)
+        ).rows[0]!
+        return seen.old === 0
+      },
+      { timeoutMs: 30_000, message: "the rows past retention pruned" },
+    )
+    // Before the fix, every full batch went straight to the next claim, past retention.
+    assert.ok(
+      seen!.unpublished > 0,
+      `pruned only once the backlog was gone: ${JSON.stringify(seen)}`,
+    )
+    await untilPublished("the backlog published", 30_000)
+    assert.equal(await streamCount(nc, stream), 3000)
+  })
+
   for (const outage of ["brief", "longer than the re-publish window"]) {
     test(`NATS lost acked messages in an unclean restart after a ${outage} outage: the relay re-publishes them`, async () => {
       await fresh()
