@@ -2,6 +2,7 @@
 // the database, applies the site's streams, runs a relay and a writer, and prints what moves
 // every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
 // the writing and the report; the relay catches up when it is back.
+import { readdirSync } from "node:fs"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
@@ -9,11 +10,35 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
 import { demoEvent } from "./demo-event.ts"
 
+function fail(message: string): never {
+  console.error(`keyway demo: ${message}`)
+  process.exit(2)
+}
+
+const streamsDir = new URL("../../../nats/streams/", import.meta.url)
+const sites = readdirSync(streamsDir)
+  .filter((f) => f.endsWith(".json"))
+  .map((f) => f.slice(0, -".json".length))
+  .sort()
 const site = process.argv[2] ?? "cloud"
+if (!sites.includes(site)) fail(`the site must be one of ${sites.join(", ")}, not ${site}`)
 const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/keyway"
 const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
-const rate = Number(process.env.DEMO_RATE ?? 50)
-const seconds = Number(process.env.DEMO_SECONDS ?? 0)
+// Checked before anything starts: a rate of 0 or "abc" made the pacing delay Infinity or NaN,
+// which Node runs as 1 ms, and the demo wrote flat out with a warning per write.
+const rate = Number(process.env.DEMO_RATE?.trim() || 50)
+if (!Number.isFinite(rate) || rate <= 0 || rate > 100_000) {
+  fail(
+    `DEMO_RATE must be a number of events per second above 0, up to 100000, got ${JSON.stringify(process.env.DEMO_RATE)}`,
+  )
+}
+const secondsRaw = process.env.DEMO_SECONDS?.trim() || "0"
+const seconds = /^[0-9]+$/.test(secondsRaw) ? Number(secondsRaw) : Number.NaN
+if (!Number.isSafeInteger(seconds) || seconds > 2_000_000) {
+  fail(
+    `DEMO_SECONDS must be a whole number of seconds (0: until Ctrl-C), got ${JSON.stringify(secondsRaw)}`,
+  )
+}
 
 await ensureDatabase(databaseUrl)
 const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "keyway-demo" })
@@ -22,11 +47,9 @@ const nc = await connectNats({ servers: natsUrl.split(","), name: `keyway-demo:$
 const jsm = await jetstreamManager(nc)
 // Only the site's origin stream: its cross-site copies source from another JetStream domain,
 // which the machine's single shared server does not have (`just up` runs both sites).
-const streams = (
-  await loadStreamDefinitions(
-    new URL(`../../../nats/streams/${site}.json`, import.meta.url).pathname,
-  )
-).filter((s) => s.subjects?.length)
+const streams = (await loadStreamDefinitions(new URL(`${site}.json`, streamsDir).pathname)).filter(
+  (s) => s.subjects?.length,
+)
 await applyStreams(jsm, streams)
 const relay = createRelay({ connectionString: databaseUrl, jetstream: jetstream(nc), site })
 await relay.start()
