@@ -510,8 +510,14 @@ export function createRelay(config: RelayConfig): Relay {
     ),
   )
 
+  // A stop() still finishing: its session's end clears the state that sessions share, so a
+  // start() waits for it rather than begin a session that the old one's end would report as
+  // stopped while it leads.
+  let stopping: Promise<void> | undefined
+
   return {
     async start() {
+      await stopping
       if (fiber) return
       fiber = Effect.runFork(program)
       if (config.connection) {
@@ -535,19 +541,26 @@ export function createRelay(config: RelayConfig): Relay {
       }
     },
     async stop() {
-      if (!fiber) return
+      if (!fiber) return stopping
       const running = fiber
       fiber = undefined
       stopStatuses?.()
       stopStatuses = undefined
-      await Effect.runPromise(Fiber.interrupt(running))
-      state.role = "stopped"
-      // Taken before awaiting, so a start() meanwhile gets a pool of its own.
-      const pool = metricsPool
-      metricsPool = undefined
-      await pool?.end().catch(() => {})
-      vacuumAborter?.abort()
-      await vacuuming
+      const done = (async () => {
+        await Effect.runPromise(Fiber.interrupt(running))
+        state.role = "stopped"
+        const pool = metricsPool
+        metricsPool = undefined
+        await pool?.end().catch(() => {})
+        vacuumAborter?.abort()
+        await vacuuming
+      })()
+      stopping = done
+      try {
+        await done
+      } finally {
+        if (stopping === done) stopping = undefined
+      }
     },
     status: () => ({ ...state, heldKeys: held.size }),
     [Symbol.asyncDispose]() {

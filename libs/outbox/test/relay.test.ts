@@ -842,6 +842,25 @@ describe("relay", () => {
       ...options,
     })
   }
+  test("start() while a stop() is finishing: the new session leads and says so", async () => {
+    await fresh()
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 100,
+    })
+    await relay.start()
+    await waitFor(() => relay!.status().role === "active", { timeoutMs: 10_000, message: "active" })
+    const stopped = relay.stop()
+    await relay.start()
+    await stopped
+    await write(t.db, 20, 10)
+    await untilPublished("published by the new session", 10_000)
+    // The old session's end used to set the status it shares with the new one: "stopped".
+    assert.equal(relay.status().role, "active")
+  })
+
   test("a relay that loses leadership reports no held keys: they are not its to hold", async () => {
     await fresh()
     const jsm = await jetstreamManager(nc)
