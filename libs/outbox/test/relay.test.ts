@@ -81,6 +81,18 @@ describe("relay", () => {
     site = uniqueSite()
     stream = await createSiteStream(nc, site)
   }
+  /** Starts the test's relay on its database, polling every 100 ms unless told otherwise. */
+  const startRelay = async (options: Partial<RelayConfig> = {}) => {
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 100,
+      ...options,
+    })
+    await relay.start()
+    return relay
+  }
   /** Waits until the outbox holds no unpublished row. */
   const untilPublished = (message: string, timeoutMs: number) =>
     waitFor(async () => (await unpublishedCount(t.db)) === 0, { timeoutMs, message })
@@ -138,13 +150,7 @@ describe("relay", () => {
 
   test("the sequence trap: a low seq that commits after a higher one is still published", async () => {
     await fresh()
-    relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site,
-      pollIntervalMs: 100,
-    })
-    await relay.start()
+    await startRelay()
     // A takes its seq first and stays open; B takes a higher seq and commits.
     let releaseA!: () => void
     const aMayCommit = new Promise<void>((r) => (releaseA = r))
@@ -542,15 +548,10 @@ describe("relay", () => {
 
   test("retention deletes published rows past their age, batch after batch, and keeps the newer ones", async () => {
     await fresh()
-    relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site,
+    await startRelay({
       retentionMs: 60_000,
       pruneIntervalMs: 100,
-      pollIntervalMs: 100,
     })
-    await relay.start()
     for (let batch = 0; batch < 5; batch++) {
       await t.db.transaction().execute((trx) =>
         enqueue(
@@ -600,18 +601,13 @@ describe("relay", () => {
         ),
       )
     }
-    relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site,
+    await startRelay({
       batchSize: 10,
       retentionMs: 60_000,
       // Rows an hour old were never in this stream; not re-published on becoming active.
       republishWindowMs: 0,
       pruneIntervalMs: 100,
-      pollIntervalMs: 100,
     })
-    await relay.start()
     let seen: { old: number; unpublished: number } | undefined
     await waitFor(
       async () => {
@@ -844,21 +840,15 @@ describe("relay", () => {
   }
   test("start() while a stop() is finishing: the new session leads and says so", async () => {
     await fresh()
-    relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site,
-      pollIntervalMs: 100,
-    })
-    await relay.start()
-    await waitFor(() => relay!.status().role === "active", { timeoutMs: 10_000, message: "active" })
-    const stopped = relay.stop()
-    await relay.start()
+    const r = await startRelay()
+    await waitFor(() => r.status().role === "active", { timeoutMs: 10_000, message: "active" })
+    const stopped = r.stop()
+    await r.start()
     await stopped
     await write(t.db, 20, 10)
     await untilPublished("published by the new session", 10_000)
     // The old session's end used to set the status it shares with the new one: "stopped".
-    assert.equal(relay.status().role, "active")
+    assert.equal(r.status().role, "active")
   })
 
   test("a relay that loses leadership reports no held keys: they are not its to hold", async () => {
