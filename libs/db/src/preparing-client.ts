@@ -47,17 +47,42 @@ export class PreparingClient extends pg.Client {
     // exception that kills the process (node-postgres#3202). The statements' own failures are
     // what callers handle, and the pool drops a client that is no longer queryable when it
     // comes back, so the event itself needs nothing more.
-    this.on("error", () => {})
+    this.on("error", (err) => {
+      // The first: the server's FATAL, before pg's own "Connection terminated" for the close.
+      this.#lostWith ??= err
+    })
+  }
+
+  // Why the connection died, for the statements that fail on it afterwards. When the server
+  // ends the session while none of ours is in flight (pg_terminate_backend, an idle-in-
+  // transaction timeout), its FATAL comes as this 'error' event, and the next statement fails
+  // with pg's "not queryable" and no code: the cause (57P01, 25P03) would be lost.
+  #lostWith: (Error & { code?: string }) | undefined
+
+  #explained(err: unknown): unknown {
+    const lost = this.#lostWith
+    if (
+      lost &&
+      err instanceof Error &&
+      (err as { code?: string }).code === undefined &&
+      err.message.includes("not queryable")
+    ) {
+      err.message = `${err.message}: ${lost.message}`
+      Object.assign(err, { code: lost.code, cause: lost })
+    }
+    return err
   }
 
   // pg's query() has a dozen overloads; this override only adds a name to one shape of call
-  // (and may hold the socket's writes for this tick) and hands everything, unchanged, to pg.
+  // (and may hold the socket's writes for this tick), hands everything else to pg unchanged,
+  // and adds the cause to a "not queryable" failure.
   override query(config: any, values?: any, callback?: any): any {
     if (this.#pipelined) this.#coalesceWrites()
     if (typeof config === "string" && Array.isArray(values) && values.length > 0 && !callback) {
       const name = this.#nameFor(config)
       if (name !== undefined) {
-        return super.query({ name, text: config, values }).catch((err: unknown) => {
+        return super.query({ name, text: config, values }).catch((failure: unknown) => {
+          const err = this.#explained(failure)
           // The statement under this name may be gone or stale; the next calls prepare the
           // text afresh under a new name. The old one stays in the session (pg cannot close it
           // mid-transaction). The same error can also be the statement's own (a function
@@ -74,7 +99,12 @@ export class PreparingClient extends pg.Client {
         })
       }
     }
-    return super.query(config, values, callback)
+    const result: unknown = super.query(config, values, callback)
+    return result instanceof Promise
+      ? result.catch((err: unknown) => {
+          throw this.#explained(err)
+        })
+      : result
   }
 
   // pg corks its socket around each statement, so each one leaves in a write of its own: in

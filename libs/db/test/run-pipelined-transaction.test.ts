@@ -226,6 +226,35 @@ test("a connection lost mid-transaction fails with the statement's own error, no
   }
 })
 
+test("a connection the server ended between statements fails the next with the server's reason", async () => {
+  const killer = createDb({ connectionString: t.url, max: 1 })
+  try {
+    await assert.rejects(
+      runPipelinedTransaction(db, async (trx) => {
+        const { rows } = await sql<{ pid: number }>`select pg_backend_pid() as pid`.execute(trx)
+        await sql`select pg_terminate_backend(${rows[0]!.pid})`.execute(killer)
+        await waitFor(
+          async () =>
+            (await sql`select 1 from pg_stat_activity where pid = ${rows[0]!.pid}`.execute(killer))
+              .rows.length === 0,
+          { timeoutMs: 5000, message: "the backend gone" },
+        )
+        // The server's FATAL reaches the client as it reads the socket: a turn or two.
+        await new Promise((r) => setTimeout(r, 200))
+        await sql`select 1`.execute(trx)
+      }),
+      (err: Error & { code?: string }) => {
+        // pg's own words were "not queryable", with no code and no cause.
+        assert.equal(err.code, "57P01", `${err.code} ${err.message}`)
+        assert.match(err.message, /not queryable: terminating connection due to administrator/)
+        return true
+      },
+    )
+  } finally {
+    await killer.destroy()
+  }
+})
+
 test("a Kysely derived from createDb's keeps its plugins and its pipelined transactions", async () => {
   const camel = db.withPlugin(new CamelCasePlugin())
   await sql`create table counted_item (item_id int primary key)`.execute(t.db)
