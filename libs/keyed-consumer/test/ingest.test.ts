@@ -134,6 +134,99 @@ describe("keyway.ingest", () => {
     // Delivered again, they are not stored twice.
     assert.deepEqual((await ingestBatch(t.db, group, [event("q", 1, 61)])).woken, [])
   })
+  test("a late version stored while its key's start is settled is kept runnable, not lost", async () => {
+    // Key "s" first seen at v5 (provisional); v3, re-published late, is being stored by an
+    // ingest still open when the settling runs.
+    const group = "settling"
+    await ingestBatch(t.db, group, [event("s", 5, 100)])
+    const late = new pg.Client({ connectionString: t.url })
+    await late.connect()
+    try {
+      await late.query("begin")
+      await late.query(
+        `select * from keyway.ingest($1, '{demo.item}', '{s}', '{3}', '{site:105}',
+           '{demo.item.changed.v1}', '{"{}"}', '{null}', array[now()], '{105}')`,
+        [group],
+      )
+      const settling = confirmBaselines(t.db, group, 100)
+      // It waits for the ingest; before sql/0015 it settled at once, from what it could see.
+      await Promise.race([
+        settling,
+        waitFor(
+          async () =>
+            (
+              await sql`select 1 from pg_stat_activity
+                         where datname = current_database() and wait_event_type = 'Lock'`.execute(
+                t.db,
+              )
+            ).rows.length === 1,
+          { timeoutMs: 10_000, message: "the settling waits for the ingest" },
+        ).catch(() => {}),
+      ])
+      await late.query("commit")
+      assert.equal(await settling, 1)
+    } finally {
+      await late.end()
+    }
+    const key = await sql<{ done_ver: number; start_ver: number }>`
+      select done_ver, start_ver from keyway.consumer_key where grp = ${group} and key = 's'`.execute(
+      t.db,
+    )
+    // Settled below v3, which is pending and runs once v4 arrives.
+    assert.deepEqual(key.rows, [{ done_ver: 2, start_ver: 2 }])
+    const rows = await sql<{ ver: number; state: string }>`
+      select ver, state from keyway.inbox where grp = ${group} and key = 's' order by ver`.execute(
+      t.db,
+    )
+    assert.deepEqual(
+      rows.rows.map((r) => `${r.ver}:${r.state}`),
+      ["3:pending", "5:pending"],
+    )
+  })
+
+  test("an ingest that finds its key settled while it waited lists a version below the start as dead", async () => {
+    const group = "settled-meanwhile"
+    await ingestBatch(t.db, group, [event("m", 5, 100)])
+    // The settling's first step, held open: the key locked for update, then settled.
+    const settler = new pg.Client({ connectionString: t.url })
+    await settler.connect()
+    try {
+      await settler.query("begin")
+      await settler.query(
+        `select 1 from keyway.consumer_key where grp = $1 and baseline_stream_seq is not null for update`,
+        [group],
+      )
+      await settler.query(
+        `update keyway.consumer_key set done_ver = 4, start_ver = 4, baseline_stream_seq = null
+          where grp = $1`,
+        [group],
+      )
+      const ingesting = ingestBatch(t.db, group, [event("m", 3, 105)])
+      await waitFor(
+        async () =>
+          (
+            await sql`select 1 from pg_stat_activity
+                       where datname = current_database() and wait_event_type = 'Lock'
+                         and query like '%keyway.ingest%'`.execute(t.db)
+          ).rows.length === 1,
+        { timeoutMs: 10_000, message: "the ingest waits for the settling" },
+      )
+      await settler.query("commit")
+      await ingesting
+    } finally {
+      await settler.end()
+    }
+    const rows = await sql<{ ver: number; state: string; last_error: string | null }>`
+      select ver, state, last_error from keyway.inbox where grp = ${group} and key = 'm' order by ver`.execute(
+      t.db,
+    )
+    assert.deepEqual(
+      rows.rows.map((r) => `${r.ver}:${r.state}`),
+      ["3:dead", "5:pending"],
+    )
+    assert.match(rows.rows[0]!.last_error!, /arrived after its key had started above it \(at v5\)/)
+  })
+
   test("an event that meets a different one at its version or its id is returned, not dropped", async () => {
     const group = "collide"
     const at = (key: string, ver: number, streamSeq: number, eventId: string) => ({

@@ -76,6 +76,23 @@ export async function ingestBatch(
  * start is kept as start_ver: a version below it that comes later never ran (sql/0012).
  */
 export async function confirmBaselines(db: Kysely<any>, group: string, ackFloor: number) {
+  return db.transaction().execute(async (trx) => {
+    // The keys first, in the order ingest takes them: an ingest still storing versions of
+    // one holds it FOR SHARE (sql/0015), and this waits for its commit. The versions are read
+    // by the next statement, whose snapshot then has them. In one statement, the versions
+    // were read from a snapshot taken before the wait, and a version committed meanwhile was
+    // left below the settled start, pending, where nothing looks.
+    await sql`
+      select 1 from keyway.consumer_key
+       where grp = ${group} and baseline_stream_seq <= ${ackFloor} + 1
+       order by topic, key
+         for update
+    `.execute(trx)
+    return settleBaselines(trx, group, ackFloor)
+  })
+}
+
+async function settleBaselines(db: Kysely<any>, group: string, ackFloor: number) {
   // The condition on k itself, not only on the rows the start is worked out from: two workers
   // confirm at once, and the second, once the first has committed, re-checks it on the row as
   // it now stands and leaves a settled key (and the versions it has run since) alone.

@@ -1,0 +1,146 @@
+-- A late version ingested while its key's start was being settled was lost without trace.
+--
+-- A key first seen above v1 starts provisional (sql/0002, 0012): ingest stores every version
+-- of it as pending, and the settling (confirmBaselines in libs/keyed-consumer, run by the
+-- polling loop once the ack floor has passed the key) sets done_ver and start_ver below the
+-- lowest version the inbox holds. Ingest read the key row without a lock, and the settling
+-- worked the lowest version out from its own snapshot. So a late version (v3 of a key first
+-- seen at v5, re-published after NATS lost it) stored by an ingest still open was not among
+-- what the settling saw: the key settled at done_ver 4, and once the ingest committed, v3
+-- sat pending at or below done_ver, where no claim, poll, gap or dead list looks. A review
+-- reproduced it in two sessions.
+--
+-- Now the settling locks its keys first and reads their versions in a later statement
+-- (libs/keyed-consumer confirmBaselines: one transaction, two statements), and ingest reads
+-- a provisional key again under a share lock, which that lock waits for. Either the ingest
+-- commits first, and the settling sees its versions; or the settling commits first, and the
+-- ingest reads the settled start and lists a version below it as dead, with its reason
+-- (sql/0012). Settled keys, the common case, are read without a lock as before (sql/0006).
+
+create or replace function keyway.ingest(
+  p_grp text, p_topics text[], p_keys text[], p_vers bigint[], p_ids text[], p_types text[],
+  p_payloads jsonb[], p_traces jsonb[], p_created timestamptz[], p_stream_seqs bigint[]
+) returns table (topic text, key text, collided_stream_seq bigint, reason text)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+  k record;
+  v_done bigint;
+  v_start bigint;
+  v_settled boolean;
+  known_topics text[] := '{}';
+  known_keys text[] := '{}';
+  known_done bigint[] := '{}';
+  known_start bigint[] := '{}';
+  stored_topics text[];
+  stored_keys text[];
+  stored_vers bigint[];
+  stored_ids text[];
+begin
+  -- Sorted, so two ingests that both insert new keys take their locks in the same order.
+  for k in
+    select i.topic, i.key, min(i.ver) as first_ver,
+           (array_agg(i.stream_seq order by i.ver))[1] as first_stream_seq
+      from unnest(p_topics, p_keys, p_vers, p_stream_seqs) as i(topic, key, ver, stream_seq)
+     group by i.topic, i.key
+     order by i.topic, i.key
+  loop
+    select c.done_ver, c.start_ver, c.baseline_stream_seq is null
+      into v_done, v_start, v_settled
+      from keyway.consumer_key c
+     where c.grp = p_grp and c.topic = k.topic and c.key = k.key;
+    if not found then
+      -- A new key starts below the lowest version of this batch: nothing to leave out.
+      insert into keyway.consumer_key (grp, topic, key, done_ver, baseline_stream_seq)
+      values (p_grp, k.topic, k.key, k.first_ver - 1,
+              case when k.first_ver = 1 then null else k.first_stream_seq end)
+      on conflict do nothing;
+      if found then
+        continue;
+      end if;
+      -- Made meanwhile by another ingest, now committed: read below, as a provisional key.
+      v_settled := false;
+    end if;
+    if not v_settled then
+      -- Provisional: read again under a share lock, which the settling's lock on the key
+      -- waits for, so this batch's versions are in the inbox when it reads them;
+      -- or, if it settled the key first, the lock waits for that and reads the settled start.
+      select c.done_ver, c.start_ver, c.baseline_stream_seq is null
+        into v_done, v_start, v_settled
+        from keyway.consumer_key c
+       where c.grp = p_grp and c.topic = k.topic and c.key = k.key
+         for share;
+    end if;
+    if v_settled then
+      known_topics := known_topics || k.topic;
+      known_keys := known_keys || k.key;
+      known_done := known_done || v_done;
+      known_start := known_start || v_start;
+    end if;
+  end loop;
+
+  with inserted as (
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, trace, created_at,
+                              state, last_error)
+    select p_grp, i.topic, i.key, i.ver, i.event_id, i.type, i.payload, i.trace, i.created_at,
+           case when i.ver <= d.start_ver then 'dead' else 'pending' end,
+           case when i.ver <= d.start_ver then
+             format('arrived after its key had started above it (at v%s): never run here',
+                    d.start_ver + 1)
+           end
+      from unnest(p_topics, p_keys, p_vers, p_ids, p_types, p_payloads, p_traces, p_created)
+        as i(topic, key, ver, event_id, type, payload, trace, created_at)
+      left join unnest(known_topics, known_keys, known_done, known_start)
+        as d(topic, key, done_ver, start_ver)
+        on d.topic = i.topic and d.key = i.key
+     where d.done_ver is null or i.ver > d.done_ver or i.ver <= d.start_ver
+    on conflict do nothing
+    returning inbox.topic, inbox.key, inbox.ver, inbox.event_id
+  )
+  select coalesce(array_agg(n.topic), '{}'), coalesce(array_agg(n.key), '{}'),
+         coalesce(array_agg(n.ver), '{}'), coalesce(array_agg(n.event_id), '{}')
+    into stored_topics, stored_keys, stored_vers, stored_ids
+    from inserted n;
+
+  return query
+  select distinct s.topic, s.key, null::bigint, null::text
+    from unnest(stored_topics, stored_keys) as s(topic, key);
+
+  if cardinality(stored_vers) = cardinality(p_vers) then
+    return;
+  end if;
+  -- What was not stored: a redelivery, a version left out at or below done_ver, or a
+  -- collision. Read after the insert, so an event that meets another of its own batch is
+  -- caught too (an event stored here is matched by its id as well as its place: a second,
+  -- different event at the same place is not). The two conflicts are looked up apart, each
+  -- by its own unique index.
+  return query
+  with unstored as (
+    select i.topic, i.key, i.ver, i.event_id, i.stream_seq
+      from unnest(p_topics, p_keys, p_vers, p_ids, p_stream_seqs)
+        as i(topic, key, ver, event_id, stream_seq)
+     where (i.topic, i.key, i.ver, i.event_id) not in (
+             select s.topic, s.key, s.ver, s.event_id
+               from unnest(stored_topics, stored_keys, stored_vers, stored_ids)
+                 as s(topic, key, ver, event_id))
+  )
+  select u.topic, u.key, u.stream_seq,
+         format('v%s of %s/%s is already held by another event, %s, and this is %s: two outboxes publishing this topic into one stream, or an outbox restored from a backup?',
+                u.ver, u.topic, u.key, x.event_id, u.event_id)
+    from unstored u
+    join keyway.inbox x
+      on x.grp = p_grp and x.topic = u.topic and x.key = u.key and x.ver = u.ver
+   where x.event_id <> u.event_id
+     -- An operator's skip of the version while it was missing: the event is the one the
+     -- skip gave up on, come late, and is left out as the skip said.
+     and x.type <> 'keyway.skipped'
+  union all
+  select u.topic, u.key, u.stream_seq,
+         format('event id %s is already held by v%s of %s/%s, and this is v%s of %s/%s: an outbox restored from a backup, giving out its ids again?',
+                u.event_id, x.ver, x.topic, x.key, u.ver, u.topic, u.key)
+    from unstored u
+    join keyway.inbox x on x.grp = p_grp and x.event_id = u.event_id
+   where (x.topic, x.key, x.ver) <> (u.topic, u.key, u.ver);
+end
+$$;
