@@ -38,6 +38,34 @@ describe("keyway.ingest", () => {
     await t.drop()
   })
 
+  /** A transaction of its own, begun, on a connection of its own; the caller ends both. */
+  const openTransaction = async () => {
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    await client.query("begin")
+    return client
+  }
+  /**
+   * Until one statement of this database waits on a lock. Asked on a connection of its own,
+   * outside the transactions under test: a transaction sees pg_stat_activity as it was at
+   * its first look, so polling from one of them never saw the wait begin.
+   */
+  const lockWait = (message: string) =>
+    waitFor(
+      async () =>
+        (
+          await sql`select 1 from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+        ).rows.length === 1,
+      { timeoutMs: 10_000, message },
+    )
+  /** A key's inbox rows, as "ver:state". */
+  const inboxOf = async (group: string, key: string) =>
+    (
+      await sql<{ ver: number; state: string; last_error: string | null }>`
+        select ver, state, last_error from keyway.inbox
+         where grp = ${group} and key = ${key} order by ver`.execute(t.db)
+    ).rows
   const keyRow = async (key: string) =>
     (
       await sql<{ done_ver: number; baseline_stream_seq: number | null }>`
@@ -139,10 +167,8 @@ describe("keyway.ingest", () => {
     // ingest still open when the settling runs.
     const group = "settling"
     await ingestBatch(t.db, group, [event("s", 5, 100)])
-    const late = new pg.Client({ connectionString: t.url })
-    await late.connect()
+    const late = await openTransaction()
     try {
-      await late.query("begin")
       await late.query(
         `select * from keyway.ingest($1, '{demo.item}', '{s}', '{3}', '{site:105}',
            '{demo.item.changed.v1}', '{"{}"}', '{null}', array[now()], '{105}')`,
@@ -150,19 +176,7 @@ describe("keyway.ingest", () => {
       )
       const settling = confirmBaselines(t.db, group, 100)
       // It waits for the ingest; before sql/0015 it settled at once, from what it could see.
-      await Promise.race([
-        settling,
-        waitFor(
-          async () =>
-            (
-              await sql`select 1 from pg_stat_activity
-                         where datname = current_database() and wait_event_type = 'Lock'`.execute(
-                t.db,
-              )
-            ).rows.length === 1,
-          { timeoutMs: 10_000, message: "the settling waits for the ingest" },
-        ).catch(() => {}),
-      ])
+      await Promise.race([settling, lockWait("the settling waits for the ingest").catch(() => {})])
       await late.query("commit")
       assert.equal(await settling, 1)
     } finally {
@@ -174,12 +188,8 @@ describe("keyway.ingest", () => {
     )
     // Settled below v3, which is pending and runs once v4 arrives.
     assert.deepEqual(key.rows, [{ done_ver: 2, start_ver: 2 }])
-    const rows = await sql<{ ver: number; state: string }>`
-      select ver, state from keyway.inbox where grp = ${group} and key = 's' order by ver`.execute(
-      t.db,
-    )
     assert.deepEqual(
-      rows.rows.map((r) => `${r.ver}:${r.state}`),
+      (await inboxOf(group, "s")).map((r) => `${r.ver}:${r.state}`),
       ["3:pending", "5:pending"],
     )
   })
@@ -188,10 +198,8 @@ describe("keyway.ingest", () => {
     const group = "settled-meanwhile"
     await ingestBatch(t.db, group, [event("m", 5, 100)])
     // The settling's first step, held open: the key locked for update, then settled.
-    const settler = new pg.Client({ connectionString: t.url })
-    await settler.connect()
+    const settler = await openTransaction()
     try {
-      await settler.query("begin")
       await settler.query(
         `select 1 from keyway.consumer_key where grp = $1 and baseline_stream_seq is not null for update`,
         [group],
@@ -202,29 +210,18 @@ describe("keyway.ingest", () => {
         [group],
       )
       const ingesting = ingestBatch(t.db, group, [event("m", 3, 105)])
-      await waitFor(
-        async () =>
-          (
-            await sql`select 1 from pg_stat_activity
-                       where datname = current_database() and wait_event_type = 'Lock'
-                         and query like '%keyway.ingest%'`.execute(t.db)
-          ).rows.length === 1,
-        { timeoutMs: 10_000, message: "the ingest waits for the settling" },
-      )
+      await lockWait("the ingest waits for the settling")
       await settler.query("commit")
       await ingesting
     } finally {
       await settler.end()
     }
-    const rows = await sql<{ ver: number; state: string; last_error: string | null }>`
-      select ver, state, last_error from keyway.inbox where grp = ${group} and key = 'm' order by ver`.execute(
-      t.db,
-    )
+    const rows = await inboxOf(group, "m")
     assert.deepEqual(
-      rows.rows.map((r) => `${r.ver}:${r.state}`),
+      rows.map((r) => `${r.ver}:${r.state}`),
       ["3:dead", "5:pending"],
     )
-    assert.match(rows.rows[0]!.last_error!, /arrived after its key had started above it \(at v5\)/)
+    assert.match(rows[0]!.last_error!, /arrived after its key had started above it \(at v5\)/)
   })
 
   test("an event that meets a different one at its version or its id is returned, not dropped", async () => {
@@ -326,10 +323,8 @@ describe("keyway.ingest", () => {
   })
 
   test("two ingests that see a new key at once keep one start", async () => {
-    const first = new pg.Client({ connectionString: t.url })
-    await first.connect()
+    const first = await openTransaction()
     try {
-      await first.query("begin")
       await first.query(
         `select * from keyway.ingest($1, '{demo.item}', '{fresh}', '{3}', '{site:203}',
            '{demo.item.changed.v1}', '{"{}"}', '{null}', array[now()], '{203}')`,
@@ -337,18 +332,7 @@ describe("keyway.ingest", () => {
       )
       // The second sees no row yet, inserts, meets the first in ON CONFLICT and waits for it.
       const second = ingestBatch(t.db, GROUP, [event("fresh", 1, 201), event("fresh", 2, 202)])
-      // Asked on a connection of its own, outside `first`'s transaction: a transaction sees
-      // pg_stat_activity as it was at its first look, so polling from `first` saw the second
-      // ingest not yet waiting, forever, whenever it was slower to get there than the poll.
-      await waitFor(
-        async () =>
-          (
-            await sql`select 1 from pg_stat_activity
-                       where datname = current_database() and wait_event_type = 'Lock'
-                         and query like '%keyway.ingest%'`.execute(t.db)
-          ).rows.length === 1,
-        { timeoutMs: 10_000, message: "the second ingest waits for the first" },
-      )
+      await lockWait("the second ingest waits for the first")
       await first.query("commit")
       assert.deepEqual(await second, {
         woken: [{ topic: "demo.item", key: "fresh" }],
