@@ -190,6 +190,8 @@ const refusesData = (err: unknown) =>
 const TASKS_PER_READ = 32
 /** Most keys in one claim, completion or re-check round trip. */
 const KEYS_PER_BATCH = 64
+// Keys the polling loop wakes per poll, at most; the next poll goes on from the last one.
+const POLL_PAGE = 1000
 
 /**
  * A keyed consumer group worker (DESIGN.md §5). Start as many as you like on one group: they
@@ -1007,6 +1009,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- safety nets -------------------------------------------------------------------------
 
+  // Where the polling loop's next page of runnable keys starts: each poll takes the keys after
+  // the last one woken, so every runnable key comes round however many there are.
+  let pollAfter: KeyRef | undefined
   const pollOnce = Effect.tryPromise(async () => {
     // Settling starts needs NATS (the group's ack floor); waking keys needs only Postgres.
     // With NATS away, tasks already in the inbox must still be found.
@@ -1020,7 +1025,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         error: messageOf(err),
       })
     }
-    for (const ref of await runnableKeys(db, group, parks, 1000)) scheduler.wake(ref)
+    const page = await runnableKeys(db, group, parks, POLL_PAGE, pollAfter)
+    pollAfter = page.length === POLL_PAGE ? page.at(-1) : undefined
+    for (const ref of page) scheduler.wake(ref)
   })
   let nextPruneAt = 0
   let prunedSinceVacuum = 0

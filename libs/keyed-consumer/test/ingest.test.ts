@@ -10,6 +10,7 @@ import {
   type IncomingEvent,
   ingestBatch,
   recordReject,
+  runnableKeys,
 } from "../src/internal/inbox-sql.ts"
 
 const GROUP = "g"
@@ -222,6 +223,25 @@ describe("keyway.ingest", () => {
       ["3:dead", "5:pending"],
     )
     assert.match(rows[0]!.last_error!, /arrived after its key had started above it \(at v5\)/)
+  })
+
+  test("the polling loop's pages of runnable keys go round all of them", async () => {
+    const group = "pages"
+    await ingestBatch(
+      t.db,
+      group,
+      ["p3", "p0", "p4", "p1", "p2"].map((key, i) => event(key, 1, 300 + i)),
+    )
+    const parks = { byDefault: false, except: [] }
+    const pages: string[][] = []
+    let after: { topic: string; key: string } | undefined
+    do {
+      const page = await runnableKeys(t.db, group, parks, 2, after)
+      pages.push(page.map((r) => r.key))
+      after = page.length === 2 ? page.at(-1) : undefined
+    } while (after && pages.length < 5)
+    // Unordered and from the start each time, every page was the same two keys.
+    assert.deepEqual(pages, [["p0", "p1"], ["p2", "p3"], ["p4"]])
   })
 
   test("an event that meets a different one at its version or its id is returned, not dropped", async () => {

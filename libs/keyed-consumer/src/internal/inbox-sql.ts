@@ -371,12 +371,18 @@ const notHolding = (parks: ParkedTopics) =>
  * rewound, still needs a drain to move the key past it. Leases are not consulted: a key
  * another worker is draining costs one refused Redis lock here, while waiting for its lease
  * would delay a lost wake-up by a lease length.
+ *
+ * In key order, from after `after`: the caller passes the last key of a full page to the next
+ * poll, and starts again from the first once a page comes back short. Without an order, a
+ * backlog of more than `limit` keys being drained filled every page with the same busy keys,
+ * and a key whose wake-up was lost waited until the backlog was gone.
  */
 export async function runnableKeys(
   db: Kysely<any>,
   group: string,
   parks: ParkedTopics,
   limit: number,
+  after?: KeyRef,
 ): Promise<KeyRef[]> {
   const r = await sql<KeyRef>`
     select k.topic, k.key
@@ -386,6 +392,8 @@ export async function runnableKeys(
      where k.grp = ${group}
        and k.baseline_stream_seq is null
        and ${notHolding(parks)} and i.run_after <= now()
+       ${after ? sql`and (k.topic, k.key) > (${after.topic}, ${after.key})` : sql``}
+     order by k.topic, k.key
      limit ${limit}
   `.execute(db)
   return r.rows
