@@ -4,11 +4,11 @@
 // connection, so a refusal for some other reason (a typo in a subject) would not pass.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { streamCount } from "@keyway/testkit"
+import { startNatsServer, streamCount } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { connect as connectOnce, type NatsConnection } from "@nats-io/transport-node"
-import { connectNats, inboxPrefixFor } from "../src/index.ts"
-import { assertNoSecrets, type Sites, startSites, type User } from "./support.ts"
+import { connectNats, inboxPrefixFor, leafRemoteUrl } from "../src/index.ts"
+import { assertNoSecrets, type Sites, startSites, type User, waitForLeaf } from "./support.ts"
 
 const permissionError = /permissions violation/i
 
@@ -125,6 +125,51 @@ describe("per-user permissions on the hub and the leaf", () => {
       jetstream(nc).publish("factory.demo.item", "{}", { msgID: "factory:cred-4", timeout: 2000 }),
       (err: Error) => permissionError.test(err.message),
     )
+  })
+
+  test("the leaf link's password lets a server source streams, not manage the other site's", async () => {
+    // What the factory host holds: the link's password, in its remote URL. A server of its
+    // own attached with it, and a client there asking the cloud's JetStream API.
+    await using rogue = await startNatsServer({
+      jetstream: false,
+      config: `leafnodes { remotes: [ { url: "${leafRemoteUrl(sites.hubLeafUrl, "leaf-factory", sites.passwords["leaf-factory"])}" } ] }`,
+    })
+    await waitForLeaf(sites.hub, 20_000, 2)
+    const relay = await connect("cloud", "cloud-relay")
+    await jetstream(relay).publish("cloud.demo.command", "{}", { msgID: "cloud:cred-leaf" })
+    const before = await streamCount(relay, "CLOUD")
+    assert.ok(before > 0)
+    const nc = await connectOnce({ servers: rogue.url })
+    open.push(nc)
+    // Replies come back on the subjects the link carries for JetStream's own replies.
+    const ask = async (subject: string, n: number) => {
+      const reply = `$JSC.R.cred-test.${n}`
+      const sub = nc.subscribe(reply, { max: 1, timeout: 3000 })
+      nc.publish(subject, "", { reply })
+      for await (const m of sub) return m.string()
+      return undefined
+    }
+    const answer = (s: string | undefined) => s ?? "no answer"
+    // Allowed, and answered: sourcing creates its consumer this way.
+    assert.match(
+      answer(await ask("$JS.cloud.API.CONSUMER.CREATE.CLOUD", 1).catch((e) => String(e))),
+      /"type":"io\.nats\.jetstream\.api\.v1\.consumer_create_response"/,
+    )
+    for (const [n, subject] of [
+      "$JS.cloud.API.STREAM.PURGE.CLOUD",
+      "$JS.cloud.API.STREAM.DELETE.FACTORY_IN",
+      "$JS.cloud.API.STREAM.INFO.CLOUD",
+    ].entries()) {
+      const got = await ask(subject, n + 2).catch((e) => String(e))
+      assert.doesNotMatch(
+        answer(got),
+        /"success":true|"type":"io\.nats\.jetstream\.api\.v1\.stream_info_response"/,
+        subject,
+      )
+    }
+    assert.equal(await streamCount(relay, "CLOUD"), before, "nothing purged")
+    const admin = await connect("cloud", "admin")
+    assert.ok(await (await jetstreamManager(admin)).streams.info("FACTORY_IN"), "not deleted")
   })
 
   test("the leaf link's user cannot connect as a client; a wrong password is refused", async () => {

@@ -69,6 +69,8 @@ export interface Sites {
   leaf: ConfigNatsServerHandle
   /** Between leaf and hub when `proxy` was asked for. */
   proxy: TcpProxy | undefined
+  /** Where leaf nodes reach the hub: `nats-leaf://host:port`, without credentials. */
+  hubLeafUrl: string
   /** A connection as `user` to the cloud hub or the factory leaf, with the user's inbox prefix. */
   connect(site: "cloud" | "factory", user: User): Promise<NatsConnection>
   /** Every server log so far, for the secrets check. */
@@ -127,6 +129,7 @@ export async function startSites(options: { proxy?: boolean } = {}): Promise<Sit
     hub,
     leaf,
     proxy,
+    hubLeafUrl,
     connect,
     logs: async () =>
       `${await readFile(hub.logPath, "utf8")}\n${await readFile(leaf.logPath, "utf8")}`,
@@ -138,12 +141,16 @@ export async function startSites(options: { proxy?: boolean } = {}): Promise<Sit
   }
 }
 
-/** Until the hub's /leafz lists a leaf connection. */
-export async function waitForLeaf(hub: ConfigNatsServerHandle, timeoutMs = 20_000): Promise<void> {
+/** Until the hub's /leafz lists a leaf connection (or `count` of them). */
+export async function waitForLeaf(
+  hub: { httpPort: number },
+  timeoutMs = 20_000,
+  count = 1,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs
   for (;;) {
     const res = await fetch(`http://127.0.0.1:${hub.httpPort}/leafz`).catch(() => undefined)
-    if (res?.ok && ((await res.json()) as { leafnodes: number }).leafnodes > 0) return
+    if (res?.ok && ((await res.json()) as { leafnodes: number }).leafnodes >= count) return
     if (Date.now() > deadline) throw new Error("the leaf link did not come up")
     await new Promise((r) => setTimeout(r, 100))
   }
