@@ -18,7 +18,7 @@ export interface RelayAppConfig extends TelemetryEnv {
   natsServers: string[]
   natsUser?: string
   natsPass?: string
-  /** The user's own reply prefix (nats/README.md): required when NATS_USER is a Keyway user. */
+  /** The reply prefix; unset, the user's own (nats/README.md), or `_INBOX` without a user. */
   natsInboxPrefix?: string
   site: string
   /** Stream definitions to apply at start (nats/streams/<site>.json); none if unset. */

@@ -20,7 +20,7 @@ const usage = `usage: replay --stream S [--site cloud|factory] [--subject SUBJ] 
   --key      only events of this key (read client side)
   --follow   keep printing new messages until Ctrl-C
 environment, without --site: NATS_URL (default nats://127.0.0.1:4222); NATS_USER, NATS_PASS
-and NATS_INBOX_PREFIX for a server with accounts (nats/README.md)`
+for a server with accounts (nats/README.md), NATS_INBOX_PREFIX if not the user's own`
 
 function fail(message: string): never {
   console.error(`replay: ${message}\n${usage}`)

@@ -1,11 +1,16 @@
 import { connect, type NatsConnection } from "@nats-io/transport-node"
+import { inboxPrefixFor } from "./inbox-prefix-for.ts"
 
 export interface NatsConfig {
   servers: string | string[]
   name?: string
   user?: string
   pass?: string
-  /** Give each bridge its own, so one user's replies are not readable by another. */
+  /**
+   * Give each bridge its own, so one user's replies are not readable by another. Default,
+   * with a `user`: that user's prefix in nats/ (inboxPrefixFor), which is the only one its
+   * permissions let it read; without one, nats.js's `_INBOX`.
+   */
   inboxPrefix?: string
   /**
    * Default true: the returned promise waits, silently, for a server that is not up yet.
@@ -28,7 +33,9 @@ export function connectNats(config: NatsConfig): Promise<NatsConnection> {
     name: config.name,
     user: config.user,
     pass: config.pass,
-    inboxPrefix: config.inboxPrefix,
+    // A user on nats.js's default `_INBOX` gets no reply at all under Keyway's permissions:
+    // every request times out, and a process waiting for its stream waits for ever.
+    inboxPrefix: config.inboxPrefix ?? (config.user ? inboxPrefixFor(config.user) : undefined),
     maxReconnectAttempts: -1,
     reconnectTimeWait: 250,
     waitOnFirstConnect: config.waitForServer ?? true,

@@ -114,15 +114,28 @@ describe("per-user permissions on the hub and the leaf", () => {
     )
   })
 
-  test("a client on the default _INBOX prefix gets no replies: each user must use its own", async () => {
-    const nc = await connectNats({
-      servers: sites.leaf.url,
-      user: "factory-relay",
-      pass: sites.passwords["factory-relay"],
+  test("a user connects on its own inbox prefix unless told another; on _INBOX it gets no replies", async () => {
+    const as = (inboxPrefix?: string) =>
+      connectNats({
+        servers: sites.leaf.url,
+        user: "factory-relay",
+        pass: sites.passwords["factory-relay"],
+        inboxPrefix,
+      }).then((nc) => {
+        open.push(nc)
+        return nc
+      })
+    // No prefix given: the user's own (before, nats.js's _INBOX, and every request failed).
+    const ack = await jetstream(await as()).publish("factory.demo.item", "{}", {
+      msgID: "factory:cred-4a",
+      timeout: 2000,
     })
-    open.push(nc)
+    assert.equal(ack.stream, "FACTORY")
     await assert.rejects(
-      jetstream(nc).publish("factory.demo.item", "{}", { msgID: "factory:cred-4", timeout: 2000 }),
+      jetstream(await as("_INBOX")).publish("factory.demo.item", "{}", {
+        msgID: "factory:cred-4",
+        timeout: 2000,
+      }),
       (err: Error) => permissionError.test(err.message),
     )
   })
