@@ -55,7 +55,9 @@ export async function retryUntilReady<T>(
  * that this package needs neither driver:
  * - Postgres SQLSTATE class 28 (a wrong password or role) and 42501 (no privilege). Other
  *   errors, such as a database not created yet (3D000), may mend.
- * - NATS refusing the credentials (nats.js AuthorizationError).
+ * - NATS refusing the credentials (nats.js AuthorizationError), or a subject the user may not
+ *   use (PermissionViolationError, as itself or as the cause of a RequestError): a stream
+ *   outside the user's permissions, or a reply prefix other than its own.
  * - A JetStream API answer with status 400: a stream configuration the server refuses, a
  *   consumer filter outside its stream. Its absence (404) or JetStream still starting (503)
  *   may mend.
@@ -66,8 +68,10 @@ function isPermanent(err: unknown): boolean {
   if (e === null || typeof e !== "object") return false
   if (e.permanent === true) return true
   if (typeof e.code === "string" && (e.code.startsWith("28") || e.code === "42501")) return true
-  if (e.name === "AuthorizationError") return true
-  return e.status === 400 && typeof e.code === "number"
+  if (e.name === "AuthorizationError" || e.name === "PermissionViolationError") return true
+  if (e.status === 400 && typeof e.code === "number") return true
+  const cause = (err as { cause?: { name?: unknown } | null }).cause
+  return e.name === "RequestError" && cause?.name === "PermissionViolationError"
 }
 
 /** Node reports a refused `localhost` (both ::1 and 127.0.0.1) as an AggregateError with no message. */

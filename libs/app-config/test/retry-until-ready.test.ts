@@ -50,6 +50,17 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       return `thrown (${calls} calls)`
     }
   }
+  // As nats.js reports a subject outside the user's permissions, here a stream it may not read.
+  const violation = Object.assign(
+    new Error('Permissions Violation for Publish to "$JS.API.STREAM.INFO.CLOUD_IN"'),
+    { name: "PermissionViolationError" },
+  )
+  const requestRefused = Object.assign(new Error(violation.message, { cause: violation }), {
+    name: "RequestError",
+  })
+  const requestTimedOut = Object.assign(new Error("timeout", { cause: new Error("TIMEOUT") }), {
+    name: "RequestError",
+  })
   const refused = Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:5432"), {
     code: "ECONNREFUSED",
   })
@@ -58,6 +69,9 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "wrong password": await outcome(pgError("28P01")),
       "no privilege": await outcome(pgError("42501")),
       "nats credentials": await outcome(authError),
+      "nats permissions": await outcome(violation),
+      "a request refused for permissions": await outcome(requestRefused),
+      "a request timed out": await outcome(requestTimedOut),
       "bad stream config": await outcome(jsError(400, 10052)),
       "refused before asking": await outcome(Object.assign(new Error("no"), { permanent: true })),
       refused: await outcome(refused),
@@ -70,6 +84,9 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "wrong password": "thrown (1 calls)",
       "no privilege": "thrown (1 calls)",
       "nats credentials": "thrown (1 calls)",
+      "nats permissions": "thrown (1 calls)",
+      "a request refused for permissions": "thrown (1 calls)",
+      "a request timed out": "retried (2 calls)",
       "bad stream config": "thrown (1 calls)",
       "refused before asking": "thrown (1 calls)",
       refused: "retried (2 calls)",
