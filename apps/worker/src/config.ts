@@ -25,6 +25,14 @@ export interface WorkerAppConfig extends TelemetryEnv {
   group: string
   filterSubject?: string
   concurrency: number
+  /**
+   * Postgres connections at most (WORKER_PG_POOL_SIZE, default 20). Not tied to the
+   * concurrency: claims, completions and re-checks go in shared batches, so the keys draining
+   * at once need few connections (`just bench pipeline`'s worker: 20, for 256 keys at once),
+   * and at 64 + 4 each, the two workers of `just up` alone could take more than the 100 a
+   * default Postgres allows, leaving none for the relays, `just status` or `just admin`.
+   */
+  pgPoolSize: number
   /** Serve /metrics on this port (METRICS_PORT); unset: no metrics server. */
   metricsPort?: number
 }
@@ -62,6 +70,7 @@ export function parseConfig(env: Env): WorkerAppConfig {
     group,
     filterSubject: env.KEYWAY_FILTER_SUBJECT?.trim() || defaults?.filterSubject,
     concurrency: intEnv(env, "WORKER_CONCURRENCY", 64),
+    pgPoolSize: intEnv(env, "WORKER_PG_POOL_SIZE", 20, { max: 1000 }),
     ...telemetryEnv(env, "keyway-worker"),
   }
 }

@@ -38,7 +38,7 @@ const untilReady = <T>(what: string, step: () => Promise<T>) =>
 
 const db = createDb({
   connectionString: config.databaseUrl,
-  max: config.concurrency + 4,
+  max: config.pgPoolSize,
   applicationName: `keyway-worker:${config.site}`,
 })
 // Ready means reachable and migrated: a schema behind the code waits like a server away.
