@@ -400,8 +400,10 @@ export async function runnableKeys(
 }
 
 /**
- * The recovery loop's query: keys whose worker stopped renewing its lease (crashed, or
- * frozen) while a task is ready. Clears their leases and returns them to be drained.
+ * The recovery loop's query: keys whose lease has run out while a task is ready. That is a
+ * worker that stopped renewing (crashed, or frozen), and also a drain that ended normally:
+ * leases are not cleared at its end, so a key drained within a lease that has a task due
+ * later (a retry) is found here too. Clears their leases and returns them to be drained.
  */
 export async function expireLeases(
   db: Kysely<any>,

@@ -41,7 +41,9 @@ const within = <T>(ms: number, promise: Promise<T>, onTimeout: T): Promise<T> =>
 
 export function createRedlockKeyLock(redis: Redis): KeyLock {
   // retryCount 0: a held key means another worker is draining it, and waiting would only
-  // tie up one of our drain slots. That worker re-checks the key after releasing it.
+  // tie up one of our drain slots. That worker re-checks the key after releasing it, when its
+  // drain finished; one that ended early (its lock or lease lost, fenced, stopped) leaves the
+  // key to the polling loop.
   const redlock = new Redlock([redis], { retryCount: 0, driftFactor: 0.01 })
   // redlock emits 'error' for failed votes; without a listener node would throw them.
   redlock.on("error", () => {})
