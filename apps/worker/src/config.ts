@@ -68,7 +68,14 @@ export function parseConfig(env: Env): WorkerAppConfig {
     redisUrl: env.REDIS_URL?.trim() || "redis://127.0.0.1:6379",
     stream,
     group,
-    filterSubject: env.KEYWAY_FILTER_SUBJECT?.trim() || defaults?.filterSubject,
+    // The demo's filter belongs to the demo's stream and group: applied to a group named
+    // explicitly, its new durable would see only demo events, and for good (a durable's
+    // filter is not changed afterwards).
+    filterSubject:
+      env.KEYWAY_FILTER_SUBJECT?.trim() ||
+      (stream === defaults?.stream && group === defaults?.group
+        ? defaults.filterSubject
+        : undefined),
     concurrency: intEnv(env, "WORKER_CONCURRENCY", 64),
     pgPoolSize: intEnv(env, "WORKER_PG_POOL_SIZE", 20, { max: 1000 }),
     ...telemetryEnv(env, "keyway-worker"),

@@ -1,0 +1,31 @@
+import assert from "node:assert/strict"
+import { test } from "node:test"
+import { parseConfig } from "../src/config.ts"
+
+const base = { KEYWAY_SITE: "cloud", DATABASE_URL: "postgres://postgres@127.0.0.1:5432/keyway" }
+
+test("the demo's filter goes with the demo's stream and group only", () => {
+  assert.equal(parseConfig(base).filterSubject, "factory.demo.item")
+  // A group of its own on the same stream sees all of it: a filter given to its new durable
+  // would stay for good.
+  const billing = parseConfig({
+    ...base,
+    KEYWAY_STREAM: "FACTORY_IN",
+    KEYWAY_GROUP: "cloud-billing",
+  })
+  assert.equal(billing.filterSubject, undefined)
+  assert.equal(
+    parseConfig({
+      ...base,
+      KEYWAY_GROUP: "cloud-billing",
+      KEYWAY_FILTER_SUBJECT: "factory.billing.>",
+    }).filterSubject,
+    "factory.billing.>",
+  )
+})
+
+test("the Postgres pool is sized on its own, not by the concurrency", () => {
+  assert.equal(parseConfig({ ...base, WORKER_CONCURRENCY: "256" }).pgPoolSize, 20)
+  assert.equal(parseConfig({ ...base, WORKER_PG_POOL_SIZE: "8" }).pgPoolSize, 8)
+  assert.throws(() => parseConfig({ ...base, WORKER_PG_POOL_SIZE: "0" }), /WORKER_PG_POOL_SIZE/)
+})
