@@ -1,7 +1,9 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
+import { createTestDatabase } from "@keyway/testkit"
+import { sql } from "kysely"
 import { SITES } from "../src/site-plan.ts"
-import { collectStatus, printStatus } from "../src/status.ts"
+import { collectStatus, outOfOrderSql, printStatus } from "../src/status.ts"
 
 test("status shows the group's dead tasks and rejects with the commands that list them, and no password", async () => {
   // The site's database and NATS need not be up: what cannot be read says so.
@@ -40,4 +42,21 @@ test("status shows the group's dead tasks and rejects with the commands that lis
       "  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected in the last day",
     ),
   )
+})
+
+test("out of order counts versions that go down or repeat, not versions skipped", async () => {
+  await using t = await createTestDatabase({ prefix: "keyway_status" })
+  await sql`create table demo_effect (id bigint generated always as identity primary key,
+              topic text not null, key text not null, ver bigint not null)`.execute(t.db)
+  const handled = (key: string, vers: number[]) =>
+    sql`insert into demo_effect (topic, key, ver)
+        select 'demo.item', ${key}, v from unnest(${vers}::bigint[]) with ordinality as u(v, i)
+        order by i`.execute(t.db)
+  await handled("in-order", [1, 2, 3])
+  await handled("skipped", [1, 2, 4, 5]) // v3 skipped by an operator: no row, no disorder
+  await handled("swapped", [1, 3, 2]) // 2 after 3
+  await handled("twice", [1, 2, 2]) // 2 handled twice
+  const count = async () =>
+    (await sql<{ n: number }>`select ${outOfOrderSql} as n`.execute(t.db)).rows[0]!.n
+  assert.equal(await count(), 2)
 })
