@@ -6,7 +6,12 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { createDb } from "@keyway/db"
-import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
+import {
+  EslWriterError,
+  migrateEslSchema,
+  upsertProducts,
+  writeLabelJob,
+} from "@keyway/esl-writer-app"
 import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
@@ -102,7 +107,9 @@ describe("bad ESL input", () => {
           { labelCode: "0A1B2C3D4E5", productId: "P1" }, // 11 digits
         ],
       }),
-      (err) => err instanceof InvalidEventError && /labelCode/.test(err.message),
+      // Refused before the transaction, naming the label: it never reaches esl.label.
+      (err) =>
+        err instanceof EslWriterError && /labels\[1\]\.labelCode "0A1B2C3D4E5"/.test(err.message),
     )
     assert.equal(await count(t.db, "esl.label"), 0)
     assert.equal(await count(t.db, "esl.job"), 0)
