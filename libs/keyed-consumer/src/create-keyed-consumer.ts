@@ -1012,7 +1012,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // Where the polling loop's next page of runnable keys starts: each poll takes the keys after
   // the last one woken, so every runnable key comes round however many there are.
   let pollAfter: KeyRef | undefined
-  const pollOnce = Effect.tryPromise(async () => {
+  // A round of a safety net still in hand when stop() interrupts its loop: Effect lets go of
+  // the promise at once, but its statements go on, and stop() waits for them (within its
+  // grace) so that nothing of this consumer runs on the database once it has returned.
+  const roundsInHand = new Set<Promise<void>>()
+  const round = (work: () => Promise<void>) =>
+    Effect.tryPromise(() => {
+      const running = work()
+      roundsInHand.add(running)
+      void running.then(
+        () => roundsInHand.delete(running),
+        () => roundsInHand.delete(running),
+      )
+      return running
+    })
+  const pollOnce = round(async () => {
     // Settling starts needs NATS (the group's ack floor); waking keys needs only Postgres.
     // With NATS away, tasks already in the inbox must still be found.
     try {
@@ -1033,7 +1047,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   let prunedSinceVacuum = 0
   let vacuuming: Promise<void> | undefined
   let vacuumPid: number | undefined
-  const recoverOnce = Effect.tryPromise(async () => {
+  const recoverOnce = round(async () => {
     const expired = await expireLeases(db, group, parks)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
     for (const ref of expired) scheduler.wake(ref)
@@ -1097,6 +1111,15 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       stopping = true
       await Effect.runPromise(Fiber.interruptAll(fibers))
       await flushing
+      const rounds = Promise.allSettled(roundsInHand)
+      let roundsGrace: NodeJS.Timeout | undefined
+      await Promise.race([
+        rounds,
+        new Promise((r) => {
+          roundsGrace = setTimeout(r, graceMs)
+        }),
+      ])
+      clearTimeout(roundsGrace)
       for (const t of retryTimers) clearTimeout(t)
       // Each key finishes the task in hand; handlers still running after the grace period
       // are told to give up through their AbortSignal.

@@ -24,6 +24,7 @@ import { jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
+import pg from "pg"
 import {
   checkEffects,
   createEffectTable,
@@ -958,6 +959,53 @@ describe("keyed consumer", () => {
       largest(sizes.slice(7)) < 2 * largest(sizes.slice(0, 3)),
       `inbox bytes after each wave: ${sizes.join(", ")}`,
     )
+  })
+
+  test("stop() waits for a polling round in hand: nothing of the consumer runs after it returns", async () => {
+    const { t, group, consumer } = await setup({ pollIntervalMs: 100 })
+    // A key first seen at v5, at stream sequence 1: once the ack floor (0 here) is within one
+    // of it, the polling loop settles its start, locking the key first (sql/0015).
+    await sql`
+      select keyway.ingest(${group}, ${["demo.item"]}::text[], ${["late"]}::text[],
+        ${[5]}::bigint[], ${["x:late5"]}::text[], ${["demo.item.changed.v1"]}::text[],
+        ${[JSON.stringify({ n: 5 })]}::jsonb[], ${[null]}::jsonb[],
+        ${[new Date().toISOString()]}::timestamptz[], ${[1]}::bigint[])`.execute(t.db)
+    // Held here, so that a round waits on it.
+    const holder = new pg.Client({ connectionString: t.url })
+    await holder.connect()
+    try {
+      await holder.query("begin")
+      await holder.query(
+        "select 1 from keyway.consumer_key where grp = $1 and key = 'late' for share",
+        [group],
+      )
+      const waiting = async () =>
+        (
+          await sql`select 1 from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+        ).rows.length
+      await waitFor(async () => (await waiting()) === 1, {
+        timeoutMs: 10_000,
+        message: "a polling round waiting on the key",
+      })
+      let stopped = false
+      const stopping = consumer.stop().then(() => {
+        stopped = true
+      })
+      await new Promise((r) => setTimeout(r, 1000))
+      assert.equal(stopped, false, "stop() returned with the round still running")
+      await holder.query("commit")
+      await stopping
+      assert.equal(await waiting(), 0)
+    } finally {
+      await holder.end()
+    }
+    // The round finished: the key is settled.
+    const key = await sql<{ baseline_stream_seq: number | null }>`
+      select baseline_stream_seq from keyway.consumer_key where grp = ${group} and key = 'late'`.execute(
+      t.db,
+    )
+    assert.deepEqual(key.rows, [{ baseline_stream_seq: null }])
   })
 
   test("stop() cancels an inbox vacuum in progress instead of waiting for it", async () => {
