@@ -10,9 +10,10 @@
 -- sat pending at or below done_ver, where no claim, poll, gap or dead list looks. A review
 -- reproduced it in two sessions.
 --
--- Now the settling locks its keys first and reads their versions in a later statement
--- (libs/keyed-consumer confirmBaselines: one transaction, two statements), and ingest reads
--- a provisional key again under a share lock, which that lock waits for. Either the ingest
+-- Now the settling locks its keys first and reads their versions in a later statement,
+-- settling only the keys it locked (libs/keyed-consumer confirmBaselines: one transaction,
+-- two statements), and ingest reads a provisional key again under a share lock, which that
+-- lock waits for. Both take keys in byte order, as the admin actions do. Either the ingest
 -- commits first, and the settling sees its versions; or the settling commits first, and the
 -- ingest reads the settled start and lists a version below it as dead, with its reason
 -- (sql/0012). Settled keys, the common case, are read without a lock as before (sql/0006).
@@ -38,13 +39,16 @@ declare
   stored_vers bigint[];
   stored_ids text[];
 begin
-  -- Sorted, so two ingests that both insert new keys take their locks in the same order.
+  -- Sorted, so two ingests that both insert new keys take their locks in the same order; in
+  -- byte order (collate "C"), the order the admin actions and the settling lock keys in, so
+  -- that the share locks below never meet them in a cycle. The database's own collation can
+  -- differ (en_US in the compose image: 'a' < 'B' there, 'B' < 'a' in C).
   for k in
     select i.topic, i.key, min(i.ver) as first_ver,
            (array_agg(i.stream_seq order by i.ver))[1] as first_stream_seq
       from unnest(p_topics, p_keys, p_vers, p_stream_seqs) as i(topic, key, ver, stream_seq)
      group by i.topic, i.key
-     order by i.topic, i.key
+     order by i.topic collate "C", i.key collate "C"
   loop
     select c.done_ver, c.start_ver, c.baseline_stream_seq is null
       into v_done, v_start, v_settled

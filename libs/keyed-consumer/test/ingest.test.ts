@@ -2,6 +2,7 @@
 // a handler's transaction (sql/0006_ingest_without_waiting.sql).
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
+import { createDb, migrateToLatest } from "@keyway/db"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
@@ -364,5 +365,68 @@ describe("keyway.ingest", () => {
     // The first to insert (and commit) decides the start; a provisional one is settled by
     // keyway.confirm_baselines(), as before.
     assert.deepEqual(await keyRow("fresh"), [{ done_ver: 2, baseline_stream_seq: 203 }])
+  })
+
+  test("in a database whose collation is not C, ingest and an operator's skip lock keys in one order", async () => {
+    // Every database here is C.UTF-8, where byte order and the database's order agree. The
+    // compose image's Postgres is en_US: 'a' < 'B' there, 'B' < 'a' in byte order.
+    const name = `keyway_collation_${process.pid}_${Date.now()}`
+    const server = new URL(t.url)
+    server.pathname = "/postgres"
+    const admin = new pg.Client({ connectionString: server.toString() })
+    await admin.connect()
+    await admin.query(
+      `create database ${name} template template0 locale_provider icu icu_locale 'en-US' locale 'C.UTF-8'`,
+    )
+    const url = new URL(t.url)
+    url.pathname = `/${name}`
+    const db = createDb({ connectionString: url.toString(), max: 2 })
+    const skip = new pg.Client({ connectionString: url.toString() })
+    try {
+      await migrateToLatest(db)
+      const group = "collation"
+      await ingestBatch(db, group, [event("a", 5, 100), event("B", 5, 101)])
+      await skip.connect()
+      // An operator's skip or retry locks its keys FOR UPDATE in byte order: B, then a.
+      await skip.query("begin")
+      await skip.query(
+        "select 1 from keyway.consumer_key where grp = $1 and key = 'B' for update",
+        [group],
+      )
+      // Late versions of both keys, provisional still: read again FOR SHARE, key by key.
+      const ingesting = ingestBatch(db, group, [event("a", 3, 102), event("B", 3, 103)])
+      await waitFor(
+        async () =>
+          (
+            await sql`select 1 from pg_stat_activity
+                       where datname = ${name} and wait_event_type = 'Lock'`.execute(t.db)
+          ).rows.length === 1,
+        { timeoutMs: 10_000, message: "the ingest waits for the skip" },
+      )
+      // In the database's order the ingest held 'a' by now, and this was a deadlock (40P01).
+      await skip.query(
+        "select 1 from keyway.consumer_key where grp = $1 and key = 'a' for update",
+        [group],
+      )
+      await skip.query("commit")
+      await ingesting
+      assert.deepEqual(
+        (
+          await sql<{ key: string; n: number }>`
+          select key, count(*)::int as n from keyway.inbox group by key order by key collate "C"`.execute(
+            db,
+          )
+        ).rows,
+        [
+          { key: "B", n: 2 },
+          { key: "a", n: 2 },
+        ],
+      )
+    } finally {
+      await skip.end().catch(() => {})
+      await db.destroy()
+      await admin.query(`drop database if exists ${name} with (force)`)
+      await admin.end()
+    }
   })
 })

@@ -77,38 +77,41 @@ export async function ingestBatch(
  */
 export async function confirmBaselines(db: Kysely<any>, group: string, ackFloor: number) {
   return db.transaction().execute(async (trx) => {
-    // The keys first, in the order ingest takes them: an ingest still storing versions of
-    // one holds it FOR SHARE (sql/0015), and this waits for its commit. The versions are read
-    // by the next statement, whose snapshot then has them. In one statement, the versions
-    // were read from a snapshot taken before the wait, and a version committed meanwhile was
-    // left below the settled start, pending, where nothing looks.
-    await sql`
-      select 1 from keyway.consumer_key
+    // The keys first, in the order ingest and the admin actions take them (byte order): an
+    // ingest still storing versions of one holds it FOR SHARE (sql/0015), and this waits for
+    // its commit. The versions are read by the next statement, whose snapshot then has them.
+    // In one statement, the versions were read from a snapshot taken before the wait, and a
+    // version committed meanwhile was left below the settled start, pending, where nothing
+    // looks. Only the keys locked here are settled: one made provisional after this lock was
+    // taken may have an ingest still open on it.
+    const locked = await sql<{ topic: string; key: string }>`
+      select topic, key from keyway.consumer_key
        where grp = ${group} and baseline_stream_seq <= ${ackFloor} + 1
-       order by topic, key
+       order by topic collate "C", key collate "C"
          for update
     `.execute(trx)
-    return settleBaselines(trx, group, ackFloor)
+    if (locked.rows.length === 0) return 0
+    // The condition on k itself, not only on the rows the start is worked out from: two
+    // workers confirm at once, and the second, once the first has committed, re-checks it on
+    // the row as it now stands and leaves a settled key (and the versions it has run since)
+    // alone.
+    const r = await sql`
+      update keyway.consumer_key k
+         set done_ver = s.ver, start_ver = s.ver, baseline_stream_seq = null
+        from (select c.grp, c.topic, c.key,
+                     least(c.done_ver,
+                           (select min(i.ver) - 1 from keyway.inbox i
+                             where i.grp = c.grp and i.topic = c.topic and i.key = c.key)) as ver
+                from keyway.consumer_key c
+                join unnest(${locked.rows.map((k) => k.topic)}::text[],
+                            ${locked.rows.map((k) => k.key)}::text[]) as l(topic, key)
+                  on l.topic = c.topic and l.key = c.key
+               where c.grp = ${group} and c.baseline_stream_seq is not null) s
+       where k.grp = s.grp and k.topic = s.topic and k.key = s.key
+         and k.baseline_stream_seq is not null
+    `.execute(trx)
+    return Number(r.numAffectedRows ?? 0)
   })
-}
-
-async function settleBaselines(db: Kysely<any>, group: string, ackFloor: number) {
-  // The condition on k itself, not only on the rows the start is worked out from: two workers
-  // confirm at once, and the second, once the first has committed, re-checks it on the row as
-  // it now stands and leaves a settled key (and the versions it has run since) alone.
-  const r = await sql`
-    update keyway.consumer_key k
-       set done_ver = s.ver, start_ver = s.ver, baseline_stream_seq = null
-      from (select c.grp, c.topic, c.key,
-                   least(c.done_ver,
-                         (select min(i.ver) - 1 from keyway.inbox i
-                           where i.grp = c.grp and i.topic = c.topic and i.key = c.key)) as ver
-              from keyway.consumer_key c
-             where c.grp = ${group} and c.baseline_stream_seq <= ${ackFloor} + 1) s
-     where k.grp = s.grp and k.topic = s.topic and k.key = s.key
-       and k.baseline_stream_seq <= ${ackFloor} + 1
-  `.execute(db)
-  return Number(r.numAffectedRows ?? 0)
 }
 
 export async function hasProvisionalBaselines(db: Kysely<any>, group: string): Promise<boolean> {
