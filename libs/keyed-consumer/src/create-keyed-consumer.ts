@@ -1111,23 +1111,25 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       stopping = true
       await Effect.runPromise(Fiber.interruptAll(fibers))
       await flushing
-      const rounds = Promise.allSettled(roundsInHand)
-      let roundsGrace: NodeJS.Timeout | undefined
-      await Promise.race([
-        rounds,
-        new Promise((r) => {
-          roundsGrace = setTimeout(r, graceMs)
-        }),
-      ])
-      clearTimeout(roundsGrace)
       for (const t of retryTimers) clearTimeout(t)
-      // Each key finishes the task in hand; handlers still running after the grace period
-      // are told to give up through their AbortSignal.
+      // Each key finishes the task in hand, and each safety-net round the statements in hand;
+      // handlers still running after the grace period are told to give up through their
+      // AbortSignal. One deadline for both: pm2 kills a process that takes longer than 15 s.
       const grace = setTimeout(() => {
         shutdownReason = new Error("shutting down")
         for (const drain of drainAborts) drain.abort(shutdownReason)
       }, graceMs)
-      await scheduler.stop()
+      let roundsGrace: NodeJS.Timeout | undefined
+      await Promise.all([
+        Promise.race([
+          Promise.allSettled(roundsInHand),
+          new Promise((r) => {
+            roundsGrace = setTimeout(r, graceMs)
+          }),
+        ]),
+        scheduler.stop(),
+      ])
+      clearTimeout(roundsGrace)
       await Promise.all(pendingRechecks)
       clearTimeout(grace)
       // A vacuum of a large inbox can outlast any shutdown budget (pm2 kills after 15 s); the
