@@ -12,8 +12,11 @@
 --
 -- Now the settling locks its keys first and reads their versions in a later statement,
 -- settling only the keys it locked (libs/keyed-consumer confirmBaselines: one transaction,
--- two statements), and ingest reads a provisional key again under a share lock, which that
--- lock waits for. Both take keys in byte order, as the admin actions do. Either the ingest
+-- two statements), and ingest reads a provisional key again under a lock, which that lock
+-- waits for. Both take keys in byte order, as the admin actions do. Ingest locks a key at
+-- the strength the dead-task count's trigger takes whenever it may store a version dead, so
+-- the trigger's update takes no lock out of order (before, since sql/0012, two ingests of
+-- late versions, or an ingest and a skip, could deadlock on it). Either the ingest
 -- commits first, and the settling sees its versions; or the settling commits first, and the
 -- ingest reads the settled start and lists a version below it as dead, with its reason
 -- (sql/0012). Settled keys, the common case, are read without a lock as before (sql/0006).
@@ -40,9 +43,10 @@ declare
   stored_ids text[];
 begin
   -- Sorted, so two ingests that both insert new keys take their locks in the same order; in
-  -- byte order (collate "C"), the order the admin actions and the settling lock keys in, so
-  -- that the share locks below never meet them in a cycle. The database's own collation can
-  -- differ (en_US in the compose image: 'a' < 'B' there, 'B' < 'a' in C).
+  -- byte order (collate "C"), the order the admin actions, the drain's claims and completions
+  -- and the settling lock keys in, so that the locks below never meet theirs in a cycle. The
+  -- database's own collation can differ (en_US in the compose image: 'a' < 'B' there, 'B' <
+  -- 'a' in C).
   for k in
     select i.topic, i.key, min(i.ver) as first_ver,
            (array_agg(i.stream_seq order by i.ver))[1] as first_stream_seq
@@ -66,15 +70,29 @@ begin
       -- Made meanwhile by another ingest, now committed: read below, as a provisional key.
       v_settled := false;
     end if;
+    -- Read again, locked, where this batch may store a version dead: the dead-task count's
+    -- trigger (sql/0005) then updates the key row in the insert below, out of this loop's
+    -- order, and two ingests holding a weaker lock on one key each waited for the other to
+    -- give it up (40P01). Locked here, in byte order, at the strength that update takes (FOR
+    -- NO KEY UPDATE), the trigger needs no lock it does not hold.
     if not v_settled then
-      -- Provisional: read again under a share lock, which the settling's lock on the key
-      -- waits for, so this batch's versions are in the inbox when it reads them;
-      -- or, if it settled the key first, the lock waits for that and reads the settled start.
+      -- Provisional: the settling's lock on the key waits for this one, so this batch's
+      -- versions are in the inbox when it reads them; or, if it settled the key first, this
+      -- waits for that and reads the settled start.
       select c.done_ver, c.start_ver, c.baseline_stream_seq is null
         into v_done, v_start, v_settled
         from keyway.consumer_key c
        where c.grp = p_grp and c.topic = k.topic and c.key = k.key
-         for share;
+         for no key update;
+    elsif k.first_ver <= v_start then
+      -- Settled, with a version at or below where it started: stored dead below. Rare (a
+      -- re-publish after NATS lost messages), so the wait on a completion in flight that
+      -- this lock may meet (sql/0006's reason for reading unlocked) is too.
+      select c.done_ver, c.start_ver, c.baseline_stream_seq is null
+        into v_done, v_start, v_settled
+        from keyway.consumer_key c
+       where c.grp = p_grp and c.topic = k.topic and c.key = k.key
+         for no key update;
     end if;
     if v_settled then
       known_topics := known_topics || k.topic;

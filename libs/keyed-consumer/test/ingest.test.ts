@@ -52,15 +52,32 @@ describe("keyway.ingest", () => {
    * outside the transactions under test: a transaction sees pg_stat_activity as it was at
    * its first look, so polling from one of them never saw the wait begin.
    */
-  const lockWait = (message: string) =>
+  const lockWait = (message: string, waiting = 1) =>
     waitFor(
       async () =>
         (
           await sql`select 1 from pg_stat_activity
                      where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
-        ).rows.length === 1,
+        ).rows.length === waiting,
       { timeoutMs: 10_000, message },
     )
+  /**
+   * The settling of a group's provisional keys at `start`, as confirmBaselines does it, held
+   * open: the keys locked for update, then settled. The caller commits and ends it.
+   */
+  const settleHeldOpen = async (group: string, start: number) => {
+    const settler = await openTransaction()
+    await settler.query(
+      "select 1 from keyway.consumer_key where grp = $1 and baseline_stream_seq is not null for update",
+      [group],
+    )
+    await settler.query(
+      `update keyway.consumer_key set done_ver = $2, start_ver = $2, baseline_stream_seq = null
+        where grp = $1 and baseline_stream_seq is not null`,
+      [group, start],
+    )
+    return settler
+  }
   /** A key's inbox rows, as "ver:state". */
   const inboxOf = async (group: string, key: string) =>
     (
@@ -199,18 +216,8 @@ describe("keyway.ingest", () => {
   test("an ingest that finds its key settled while it waited lists a version below the start as dead", async () => {
     const group = "settled-meanwhile"
     await ingestBatch(t.db, group, [event("m", 5, 100)])
-    // The settling's first step, held open: the key locked for update, then settled.
-    const settler = await openTransaction()
+    const settler = await settleHeldOpen(group, 4)
     try {
-      await settler.query(
-        `select 1 from keyway.consumer_key where grp = $1 and baseline_stream_seq is not null for update`,
-        [group],
-      )
-      await settler.query(
-        `update keyway.consumer_key set done_ver = 4, start_ver = 4, baseline_stream_seq = null
-          where grp = $1`,
-        [group],
-      )
       const ingesting = ingestBatch(t.db, group, [event("m", 3, 105)])
       await lockWait("the ingest waits for the settling")
       await settler.query("commit")
@@ -224,6 +231,27 @@ describe("keyway.ingest", () => {
       ["3:dead", "5:pending"],
     )
     assert.match(rows[0]!.last_error!, /arrived after its key had started above it \(at v5\)/)
+  })
+
+  test("two ingests of late versions that find their key settled meanwhile both store them, dead", async () => {
+    const group = "two-late"
+    await ingestBatch(t.db, group, [event("k", 5, 100)])
+    const settler = await settleHeldOpen(group, 4)
+    try {
+      const first = ingestBatch(t.db, group, [event("k", 3, 105)])
+      const second = ingestBatch(t.db, group, [event("k", 2, 106)])
+      await lockWait("both ingests wait for the settling", 2)
+      await settler.query("commit")
+      // Each stores its version dead, and the dead-task count's trigger updates the key: with
+      // a share lock each, each waited for the other's (40P01).
+      await Promise.all([first, second])
+    } finally {
+      await settler.end()
+    }
+    assert.deepEqual(
+      (await inboxOf(group, "k")).map((r) => `${r.ver}:${r.state}`),
+      ["2:dead", "3:dead", "5:pending"],
+    )
   })
 
   test("the polling loop's pages of runnable keys go round all of them", async () => {
@@ -393,7 +421,7 @@ describe("keyway.ingest", () => {
         "select 1 from keyway.consumer_key where grp = $1 and key = 'B' for update",
         [group],
       )
-      // Late versions of both keys, provisional still: read again FOR SHARE, key by key.
+      // Late versions of both keys, provisional still: read again locked, key by key.
       const ingesting = ingestBatch(db, group, [event("a", 3, 102), event("B", 3, 103)])
       await waitFor(
         async () =>
