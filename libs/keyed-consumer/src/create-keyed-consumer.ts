@@ -20,6 +20,7 @@ import type { Kysely } from "kysely"
 import { Batcher } from "./internal/batcher.ts"
 import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.ts"
 import {
+  boundStatements,
   type Claim,
   type Collision,
   type Completion,
@@ -409,8 +410,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    * completion is tried again in a transaction of its own, so only the one at fault fails.
    */
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
-    const complete = async (q: Kysely<any>) => {
+    const complete = async (q: Kysely<any>, inTransaction: boolean) => {
+      // Every statement of the batch's transaction within a lease. Unbounded, one effect
+      // waiting on a row held elsewhere held every key of its batch: their completions
+      // uncommitted, their lease renewals blocked on the same rows (so no drain noticed),
+      // their Redis locks extended, stop() waiting. Past the bound the batch fails, each
+      // completion is tried alone, and the one at fault fails its attempt and is retried.
+      // Sent with the completion, not awaited before it: no round trip of its own.
+      const bounded = inTransaction ? boundStatements(q, leaseMs) : undefined
+      bounded?.catch(() => {}) // the failure is the transaction's; the completion reports it
       const ok = await completeTasks(q, group, items, leaseMs)
+      await bounded
       const run = async (n: number) => {
         const item = items[n]!
         if (!ok[n]) {
@@ -451,8 +461,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // commit with the completions: keyway.complete_tasks() is one statement, atomic on its
       // own, and BEGIN and COMMIT would be two more round trips per batch.
       return items.some((item) => item.effects)
-        ? await runPipelinedTransaction(db, complete)
-        : await complete(db)
+        ? await runPipelinedTransaction(db, (trx) => complete(trx, true))
+        : await complete(db, false)
     } catch (err) {
       if (items.length === 1) return [{ status: "rejected", reason: err }]
       return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))

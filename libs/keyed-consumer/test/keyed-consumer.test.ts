@@ -369,6 +369,53 @@ describe("keyed consumer", () => {
     })
   })
 
+  test("an effect stuck on a row held elsewhere fails its attempt within a lease, and is retried", async () => {
+    const { t, stream, group } = await setup({
+      leaseMs: 1500,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          await ctx.complete(async (trx) => {
+            await sql`update blocker set n = n + 1 where id = 1`.execute(trx)
+            await sql`insert into effect (topic, key, ver, event_id, worker)
+                      values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+              trx,
+            )
+          })
+        },
+      },
+    })
+    await sql`create table blocker (id int primary key, n int not null)`.execute(t.db)
+    await sql`insert into blocker values (1, 0)`.execute(t.db)
+    const { opened: holding, open: held } = gate()
+    const { opened: releasing, open: release } = gate()
+    const holder = t.db.transaction().execute(async (trx) => {
+      await sql`select 1 from blocker where id = 1 for update`.execute(trx)
+      held()
+      await releasing
+    })
+    try {
+      await holding
+      await publishEvent(nc, stream.site, { key: "stuck", ver: 1, payload: { n: 1 } })
+      // Before, the effect waited for the row as long as it was held: no attempt failed.
+      await waitFor(
+        async () =>
+          (
+            await sql<{ attempts: number; last_error: string | null }>`
+              select attempts, last_error from keyway.inbox
+               where grp = ${group} and key = 'stuck' and ver = 1`.execute(t.db)
+          ).rows.some((r) => r.attempts >= 1 && /statement timeout/.test(r.last_error ?? "")),
+        { timeoutMs: 20_000, message: "the attempt failed on the statement timeout" },
+      )
+    } finally {
+      release()
+      await holder
+    }
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 30_000,
+      message: "the effect, once the row is free",
+    })
+  })
+
   test("a gap closed by a version that dies is counted as a dead task, no longer as a gap", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const scrape = async (name: string) => metricValue((await metrics.render()).body, name)

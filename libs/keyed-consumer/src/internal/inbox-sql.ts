@@ -78,7 +78,7 @@ export async function ingestBatch(
 export async function confirmBaselines(db: Kysely<any>, group: string, ackFloor: number) {
   return db.transaction().execute(async (trx) => {
     // The keys first, in the order ingest and the admin actions take them (byte order): an
-    // ingest still storing versions of one holds it FOR SHARE (sql/0015), and this waits for
+    // ingest still storing versions of one holds it locked (sql/0015), and this waits for
     // its commit. The versions are read by the next statement, whose snapshot then has them.
     // In one statement, the versions were read from a snapshot taken before the wait, and a
     // version committed meanwhile was left below the settled start, pending, where nothing
@@ -238,6 +238,11 @@ export async function completeTasks(
   const ok = completions.map(() => false)
   for (const row of r.rows) ok[from[row.n - 1]!] = true
   return ok
+}
+
+/** Bounds each later statement of the caller's transaction to `ms` (statement_timeout, local). */
+export function boundStatements(trx: Kysely<any>, ms: number) {
+  return sql`select set_config('statement_timeout', ${`${Math.round(ms)}ms`}, true)`.execute(trx)
 }
 
 /**
