@@ -1120,26 +1120,25 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (stopping) return
       stopping = true
       await Effect.runPromise(Fiber.interruptAll(fibers))
-      await flushing
-      for (const t of retryTimers) clearTimeout(t)
-      // Each key finishes the task in hand, and each safety-net round the statements in hand;
-      // handlers still running after the grace period are told to give up through their
-      // AbortSignal. One deadline for both: pm2 kills a process that takes longer than 15 s.
+      // Each key finishes the task in hand, each safety-net round and the ingest its
+      // statements in hand; handlers still running after the grace period are told to give
+      // up through their AbortSignal. One deadline for all: pm2 kills a process that takes
+      // longer than 15 s.
       const grace = setTimeout(() => {
         shutdownReason = new Error("shutting down")
         for (const drain of drainAborts) drain.abort(shutdownReason)
       }, graceMs)
-      let roundsGrace: NodeJS.Timeout | undefined
+      let deadlineTimer: NodeJS.Timeout | undefined
+      const deadline = new Promise((r) => {
+        deadlineTimer = setTimeout(r, graceMs)
+      })
+      await Promise.race([flushing, deadline])
+      for (const t of retryTimers) clearTimeout(t)
       await Promise.all([
-        Promise.race([
-          Promise.allSettled(roundsInHand),
-          new Promise((r) => {
-            roundsGrace = setTimeout(r, graceMs)
-          }),
-        ]),
+        Promise.race([Promise.allSettled(roundsInHand), deadline]),
         scheduler.stop(),
       ])
-      clearTimeout(roundsGrace)
+      clearTimeout(deadlineTimer)
       await Promise.all(pendingRechecks)
       clearTimeout(grace)
       // A vacuum of a large inbox can outlast any shutdown budget (pm2 kills after 15 s); the
