@@ -102,7 +102,11 @@ export interface KeyedConsumerConfig {
    * 20,000; 0 never, for a server whose autovacuum is known to keep up.
    */
   vacuumEvery?: number
-  /** Key lease and lock length; heartbeated at a third of it while a key drains. Default 15 s. */
+  /**
+   * Key lease and lock length; heartbeated at a third of it while a key drains. Also the
+   * longest a statement of a handler's local effects may take (see `ctx.complete`). Default
+   * 15 s.
+   */
   leaseMs?: number
   /**
    * Keys drained at once by this worker. Default 64: a drain mostly waits (on a handler's

@@ -39,6 +39,8 @@ export interface HandlerContext {
    * The transaction may be shared with other keys' completions (one commit for many events).
    * If it fails as a whole, each completion runs again in a transaction of its own, so
    * `effects` may run more than once: it must only write through `trx`, never act outside it.
+   * Each of its statements may take at most the group's `leaseMs` (a statement_timeout): one
+   * waiting longer, on a lock say, fails the attempt, which is retried with backoff.
    */
   complete<T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions): Promise<T>
 }
