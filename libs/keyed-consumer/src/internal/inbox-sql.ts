@@ -418,14 +418,22 @@ export async function expireLeases(
   group: string,
   parks: ParkedTopics,
 ): Promise<KeyRef[]> {
+  // The keys locked first, in byte order, as ingest, claims, completions and the admin
+  // actions lock them; an update alone locked them in its plan's order, and could deadlock
+  // with any of those (a review did, with an ingest, in a database whose collation is not C).
+  // A key locked elsewhere is being worked on: skipped, not waited for.
   const r = await sql<KeyRef>`
     update keyway.consumer_key k
        set owner = null, lease_until = null
-     where k.grp = ${group} and k.lease_until < now()
-       and exists (select 1 from keyway.inbox i
-                    where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                      and i.ver = k.done_ver + 1 and ${notHolding(parks)}
-                      and i.run_after <= now())
+      from (select c.grp, c.topic, c.key from keyway.consumer_key c
+             where c.grp = ${group} and c.lease_until < now()
+               and exists (select 1 from keyway.inbox i
+                            where i.grp = c.grp and i.topic = c.topic and i.key = c.key
+                              and i.ver = c.done_ver + 1 and ${notHolding(parks)}
+                              and i.run_after <= now())
+             order by c.topic collate "C", c.key collate "C"
+               for no key update skip locked) s
+     where k.grp = s.grp and k.topic = s.topic and k.key = s.key
     returning k.topic, k.key
   `.execute(db)
   return r.rows
