@@ -415,15 +415,18 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    */
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
     const complete = async (q: Kysely<any>, inTransaction: boolean) => {
-      // Every statement of the batch's transaction within a lease. Unbounded, one effect
-      // waiting on a row held elsewhere held every key of its batch: their completions
-      // uncommitted, their lease renewals blocked on the same rows (so no drain noticed),
-      // their Redis locks extended, stop() waiting. Past the bound the batch fails, each
-      // completion is tried alone, and the one at fault fails its attempt and is retried.
-      // Sent with the completion, not awaited before it: no round trip of its own.
+      // Every effect's statement within a lease. Unbounded, one effect waiting on a row held
+      // elsewhere held every key of its batch: their completions uncommitted, their lease
+      // renewals blocked on the same rows (so no drain noticed), their Redis locks extended,
+      // stop() waiting. Past the bound the batch fails, each completion is tried alone, and
+      // the one at fault fails its attempt and is retried. Sent right after the completion,
+      // not awaited before the effects: no round trip of its own. After it, not before: the
+      // completion's own wait for its keys is Keyway's, not the handler's, and a timeout
+      // there would count against a task whose handler succeeded.
+      const completing = completeTasks(q, group, items, leaseMs)
       const bounded = inTransaction ? boundStatements(q, leaseMs) : undefined
       bounded?.catch(() => {}) // the failure is the transaction's; the completion reports it
-      const ok = await completeTasks(q, group, items, leaseMs)
+      const ok = await completing
       await bounded
       const run = async (n: number) => {
         const item = items[n]!
@@ -468,7 +471,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         ? await runPipelinedTransaction(db, (trx) => complete(trx, true))
         : await complete(db, false)
     } catch (err) {
-      if (items.length === 1) return [{ status: "rejected", reason: err }]
+      // Not once stopping: the one at fault would take another lease to fail again, past
+      // the grace stop() has. The others are tried again by whoever drains their keys next.
+      if (items.length === 1 || stopping)
+        return items.map(() => ({ status: "rejected", reason: err }))
       return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))
     }
   }
