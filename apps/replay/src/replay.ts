@@ -95,19 +95,14 @@ export async function replay(
   options: ReplayOptions,
   print: (line: ReplayLine) => void,
 ): Promise<number> {
-  const open = (resumeAt?: number) =>
+  const open = (startSeq = options.fromSeq) =>
     js.consumers.get(options.stream, {
       ...(options.subject ? { filter_subjects: options.subject } : {}),
-      ...(resumeAt !== undefined
-        ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: resumeAt }
-        : options.fromSeq !== undefined
-          ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: options.fromSeq }
-          : options.since !== undefined
-            ? {
-                deliver_policy: DeliverPolicy.StartTime,
-                opt_start_time: options.since.toISOString(),
-              }
-            : { deliver_policy: DeliverPolicy.All }),
+      ...(startSeq !== undefined
+        ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: startSeq }
+        : options.since !== undefined
+          ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }
+          : { deliver_policy: DeliverPolicy.All }),
     })
   const progress: Progress = { printed: 0 }
   let consumer = await open()
@@ -129,6 +124,7 @@ export async function replay(
         if (!gone) throw err
         lostInARow = progress.lastSeq === before ? lostInARow + 1 : 1
         if (lostInARow > 3) throw err
+        // From the message after the last delivered; with none yet, from the read's start.
         consumer = await open(progress.lastSeq === undefined ? undefined : progress.lastSeq + 1)
       }
     }

@@ -100,7 +100,9 @@ export class PreparingClient extends pg.Client {
       }
     }
     const result: unknown = super.query(config, values, callback)
-    return result instanceof Promise
+    // pg fails a statement "not queryable" only on a client already lost when it is issued,
+    // and #lostWith is set as pg marks it so: the others go through without a promise more.
+    return this.#lostWith && result instanceof Promise
       ? result.catch((err: unknown) => {
           throw this.#explained(err)
         })

@@ -1039,11 +1039,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const round = (work: () => Promise<void>) =>
     Effect.tryPromise(() => {
       const running = work()
+      const forget = () => roundsInHand.delete(running)
       roundsInHand.add(running)
-      void running.then(
-        () => roundsInHand.delete(running),
-        () => roundsInHand.delete(running),
-      )
+      void running.then(forget, forget)
       return running
     })
   const pollOnce = round(async () => {
