@@ -66,7 +66,8 @@ export interface RelayConfig {
   settleMs?: number
   /**
    * How long a key whose event NATS refuses for good (larger than the server or stream
-   * allows) is left out of claims before the relay tries it again. Default 60 s.
+   * allows) is left out of claims before the relay tries it again; also the longest a held
+   * topic waits between tries (see {@link RelayStatus.heldTopics}). Default 60 s.
    */
   heldRetryMs?: number
   /** How often a standby retries to become active. Default 1000 ms. */
@@ -105,6 +106,12 @@ export interface RelayStatus {
   duplicates: number
   /** Keys held back because NATS refuses one of their events for good. */
   heldKeys: number
+  /**
+   * Topics held back because NATS refuses their subject: no stream takes it, or its stream
+   * refuses messages (full, sealed). Tried again after `retryDelayMs`, then twice as long each
+   * time up to `heldRetryMs`, and at once after a NATS reconnect.
+   */
+  heldTopics: number
   lastError?: string
 }
 
@@ -195,11 +202,19 @@ export function createRelay(config: RelayConfig): Relay {
     timeoutMs: config.publishTimeoutMs ?? 5000,
   }
   const log = config.logger ?? quietLogger
-  const state: Omit<RelayStatus, "heldKeys"> = { role: "stopped", published: 0, duplicates: 0 }
+  const state: Omit<RelayStatus, "heldKeys" | "heldTopics"> = {
+    role: "stopped",
+    published: 0,
+    duplicates: 0,
+  }
   // Keys with an event NATS refuses for good, by `topic \u001f key`: left out of claims
   // until their retryAt, then tried again (the limit may have been raised meanwhile). Their
   // rows stay in the outbox, and KeywayOutboxStuck fires on the oldest of them.
   const held = new Map<string, { topic: string; key: string; retryAt: number }>()
+  // Topics NATS refuses whole (see refusal() in publish-batch.ts), left out of claims until
+  // their retryAt. Kept until one of their events is published, for the back-off: a topic
+  // with no stream for a week is tried once a minute, not twice a second.
+  const heldTopics = new Map<string, { retryAt: number; refusals: number }>()
   const wake = new WakeSignal()
   let fiber: Fiber.Fiber<never, never> | undefined
   let vacuumedAt = 0
@@ -235,6 +250,11 @@ export function createRelay(config: RelayConfig): Relay {
       name: "outbox_held_keys",
       help: "Keys this relay holds back because NATS refuses one of their events for good (too large)",
       collect: () => held.size,
+    })
+    m.collectedGauge({
+      name: "outbox_held_topics",
+      help: "Topics this relay holds back because NATS refuses their subject (no stream takes it, or its stream is full or sealed)",
+      collect: () => heldTopics.size,
     })
     m.collectedGauge({
       name: "relay_active",
@@ -320,7 +340,34 @@ export function createRelay(config: RelayConfig): Relay {
       }
       state.published += result.published.length
       state.duplicates += result.published.filter((r) => r.duplicate).length
-      for (const { row, reason } of result.refused) {
+      if (heldTopics.size > 0) {
+        const sent = new Set(result.published.map((p) => p.seq))
+        for (const r of rows) {
+          if (sent.has(r.seq) && heldTopics.delete(r.topic)) {
+            log.info("a held topic is published again", { topic: r.topic })
+          }
+        }
+      }
+      for (const { row, holds, reason } of result.refused) {
+        if (holds === "topic") {
+          const refusals = (heldTopics.get(row.topic)?.refusals ?? 0) + 1
+          const retryInMs = Math.min(
+            settings.retryDelayMs * 2 ** Math.min(refusals - 1, 20),
+            settings.heldRetryMs,
+          )
+          heldTopics.set(row.topic, { retryAt: Date.now() + retryInMs, refusals })
+          // An error: nothing of this topic moves until someone declares or mends its stream.
+          log.error("NATS refuses a topic; it is held, the other topics go on", {
+            topic: row.topic,
+            seq: row.seq,
+            key: row.key,
+            ver: row.ver,
+            reason,
+            refusals,
+            retryInMs,
+          })
+          continue
+        }
         const id = `${row.topic}\u001f${row.key}`
         if (held.has(id)) continue
         held.set(id, {
@@ -370,6 +417,7 @@ export function createRelay(config: RelayConfig): Relay {
       Effect.sync(() => {
         state.role = "connecting"
         held.clear()
+        heldTopics.clear()
         lostAt = undefined
       }),
     )
@@ -414,6 +462,7 @@ export function createRelay(config: RelayConfig): Relay {
           client,
           settings.batchSize,
           [...held.values()].map(({ topic, key }) => ({ topic, key })),
+          [...heldTopics].filter(([, h]) => now < h.retryAt).map(([topic]) => topic),
         ),
       )
       // A full batch means a backlog: claim again at once, after the upkeep below.
@@ -534,6 +583,9 @@ export function createRelay(config: RelayConfig): Relay {
             if (s.type === "disconnect" && state.role === "active") lostAt ??= new Date()
             if (s.type === "reconnect") {
               republishDue = true
+              // The server may have lost or gained streams meanwhile (a restart with another
+              // configuration): held topics are tried again at once.
+              heldTopics.clear()
               wake.notify()
             }
           }
@@ -562,7 +614,7 @@ export function createRelay(config: RelayConfig): Relay {
         if (stopping === done) stopping = undefined
       }
     },
-    status: () => ({ ...state, heldKeys: held.size }),
+    status: () => ({ ...state, heldKeys: held.size, heldTopics: heldTopics.size }),
     [Symbol.asyncDispose]() {
       return this.stop()
     },

@@ -461,6 +461,57 @@ describe("relay", () => {
     }
   })
 
+  test("a topic no stream takes is held with its keys; the other topics go on, and it follows once a stream takes it", async () => {
+    await fresh()
+    const jsm = await jetstreamManager(nc)
+    const info = await jsm.streams.info(stream)
+    // A service author added demo.command events but not yet a stream for them.
+    await jsm.streams.update(stream, { ...info.config, subjects: [`${site}.demo.item`] })
+    const command = (key: string, n: number) => ({
+      type: "demo.command.sent.v1",
+      key,
+      payload: { n, command: "print" },
+    })
+    // The commands come first in seq order, and more of them than a batch holds: claims
+    // must leave the topic out, or its rows would fill every batch.
+    for (let n = 0; n < 12; n++)
+      await t.db.transaction().execute((trx) => enqueue(trx, command(`c${n % 3}`, n)))
+    await write(t.db, 40, 8)
+    const { lines, logger } = recordingLogger()
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      site,
+      logger,
+      metrics,
+      batchSize: 10,
+      retryDelayMs: 200,
+    })
+    await relay.start()
+    await waitFor(
+      async () => (await streamCount(nc, stream)) === 40 && (await unpublishedCount(t.db)) === 12,
+      { timeoutMs: 10_000, message: "every demo.item event published, every command kept" },
+    )
+    assert.equal(relay.status().heldTopics, 1)
+    assert.equal(relay.status().heldKeys, 0, "the topic is held, not its keys one by one")
+    assert.equal(metricValue((await metrics.render()).body, "outbox_held_topics"), 1)
+    const refusal = lines.find((l) => l.level === "error")
+    assert.equal(refusal?.fields?.topic, "demo.command")
+    assert.match(String(refusal?.fields?.reason), /no stream/)
+    assert.ok(
+      !lines.some((l) => l.message.startsWith("publish failed")),
+      "no pause for the whole outbox: the batch went on",
+    )
+
+    // The stream now takes the topic: the running relay tries it again by itself and its
+    // keys follow in order.
+    await jsm.streams.update(stream, { ...info.config, subjects: [`${site}.>`] })
+    await untilPublished("the held topic published", 20_000)
+    assertExactlyOnceInOrder(await readStream(nc, stream), 52)
+    assert.equal(relay.status().heldTopics, 0)
+  })
+
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
     await fresh()
     await write(t.db, 3000, 30)

@@ -1,6 +1,6 @@
 import { encodeEnvelope } from "@keyway/schemas"
 import { JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream"
-import { InvalidArgumentError, headers as natsHeaders } from "@nats-io/transport-node"
+import { InvalidArgumentError, headers as natsHeaders, RequestError } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
@@ -17,10 +17,11 @@ export interface PublishBatchOptions {
 export interface PublishBatchResult {
   published: PublishedRow[]
   /**
-   * Rows NATS refuses whatever the retry (see {@link refusedForGood}), with the reason. Rows
-   * after one in the same key were not sent; other keys went on.
+   * Rows NATS refused in a way that a retry soon would only repeat (see {@link refusal}),
+   * with what the refusal holds back and why. Rows after one in the same key were not sent;
+   * nor were later keys of a held topic. The others went on.
    */
-  refused: { row: OutboxRow; reason: string }[]
+  refused: { row: OutboxRow; holds: "key" | "topic"; reason: string }[]
   /** The first other failure; the batch stopped taking keys at it. */
   error?: unknown
 }
@@ -29,18 +30,32 @@ export interface PublishBatchResult {
 const STREAM_MESSAGE_TOO_LARGE = 10054
 
 /**
- * Why NATS will never take this message as it is, or undefined for a failure that may pass
- * (a timeout, a lost connection, a stream not there yet). Only the size limits qualify: the
- * server's max_payload, which nats.js checks before sending, and the stream's max_msg_size.
- * Retrying those only repeats the refusal, and stopping the batch at them would hold up
- * every other key behind one event.
+ * What a failed publish says about the rows behind it, or undefined for a failure that may
+ * pass for the whole connection (a timeout, a lost connection): the batch stops there.
+ *
+ * - "key": this event will never fit (the server's max_payload, which nats.js checks before
+ *   sending, or the stream's max_msg_size). Its key's later versions wait behind it; the
+ *   other keys of its topic are not concerned.
+ * - "topic": the server answered for the subject: no stream takes it (no responders), or its
+ *   stream refused the message (full with discard new, sealed, out of storage). Every key of
+ *   the topic would get the same answer; the other topics would not, and stopping the batch
+ *   at it would hold the whole outbox behind one topic's missing stream.
  */
-export function refusedForGood(err: unknown): string | undefined {
+export function refusal(err: unknown): { holds: "key" | "topic"; reason: string } | undefined {
   if (err instanceof InvalidArgumentError && /max_payload/.test(err.message)) {
-    return `larger than the server's max_payload (${err.message})`
+    return { holds: "key", reason: `larger than the server's max_payload (${err.message})` }
   }
   if (err instanceof JetStreamApiError && err.code === STREAM_MESSAGE_TOO_LARGE) {
-    return `larger than the stream's max_msg_size (${err.message})`
+    return { holds: "key", reason: `larger than the stream's max_msg_size (${err.message})` }
+  }
+  // nats.js reports a publish that no stream answers as "jetstream is not enabled", with the
+  // server's no-responders status as its cause.
+  const cause = (err as Error | undefined)?.cause
+  if (cause instanceof RequestError && cause.isNoResponders()) {
+    return { holds: "topic", reason: "no stream takes the subject (no responders)" }
+  }
+  if (err instanceof JetStreamApiError) {
+    return { holds: "topic", reason: `the stream refused it (${err.code}: ${err.message})` }
   }
   return undefined
 }
@@ -105,8 +120,8 @@ async function publishOne(js: JetStreamClient, row: OutboxRow, o: PublishBatchOp
  * within one key strictly one after the other in version order, so the stream holds each
  * key's events in version order. When a publish fails its key stops there: sending version
  * n+1 after n failed would put them in the stream out of order on the retry. A failure that
- * may pass (NATS down, say) also stops the batch from starting more keys; a refusal for good
- * stops its key only.
+ * may pass (NATS down, say) also stops the batch from starting more keys; a refusal stops
+ * its key, or its topic, only.
  */
 export async function publishBatch(
   js: JetStreamClient,
@@ -123,19 +138,26 @@ export async function publishBatch(
   const queue = [...chains.values()]
   const published: PublishedRow[] = []
   const refused: PublishBatchResult["refused"] = []
+  const refusedTopics = new Set<string>()
   let error: unknown
   let next = 0
   const worker = async () => {
     while (error === undefined && next < queue.length) {
       const chain = queue[next++]!
       for (const row of chain) {
+        // Left for the relay's next claim of the topic, which holds it back meanwhile.
+        if (refusedTopics.has(row.topic)) break
         try {
           const ack = await publishOne(js, row, options)
           published.push({ seq: row.seq, streamSeq: ack.seq, duplicate: ack.duplicate })
         } catch (err) {
-          const reason = refusedForGood(err)
-          if (reason === undefined) error ??= err
-          else refused.push({ row, reason })
+          const r = refusal(err)
+          if (r === undefined) error ??= err
+          else if (r.holds === "key") refused.push({ row, ...r })
+          else if (!refusedTopics.has(row.topic)) {
+            refusedTopics.add(row.topic)
+            refused.push({ row, ...r })
+          }
           break
         }
       }

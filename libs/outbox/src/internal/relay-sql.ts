@@ -20,21 +20,23 @@ export async function tryTakeLeadership(client: pg.Client): Promise<boolean> {
 // Claimed by state, never by a `seq > cursor`: a row that commits late with a low seq is
 // still unpublished, so the next claim finds it. Only the active relay reads here, so no
 // row locks are needed. The partial index keeps this cheap however large the table grows.
-// Held keys (an event NATS refuses for good, see publish-batch.ts) are left out whole, so
-// that their rows do not fill every batch while the rest of the outbox waits behind them.
+// Held keys and topics (NATS refuses them, see refusal() in publish-batch.ts) are left out
+// whole, so that their rows do not fill every batch while the rest of the outbox waits.
 export async function claimBatch(
   client: pg.Client,
   limit: number,
-  held: readonly { topic: string; key: string }[],
+  heldKeys: readonly { topic: string; key: string }[],
+  heldTopics: readonly string[],
 ): Promise<OutboxRow[]> {
   const r = await client.query<OutboxRow>(
     `select seq, topic, key, ver, type, payload, trace, created_at
        from keyway.outbox
       where published_at is null
         and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
+        and topic <> all($4::text[])
       order by seq
       limit $1`,
-    [limit, held.map((h) => h.topic), held.map((h) => h.key)],
+    [limit, heldKeys.map((h) => h.topic), heldKeys.map((h) => h.key), heldTopics],
   )
   return r.rows
 }
