@@ -25,11 +25,31 @@ export class InvalidEventError extends Error {
   }
 }
 
+// A topic is the tail of the NATS subject its events are published on (`<site>.<topic>`), so
+// it must be a subject's tokens and never a wildcard: a space, `*` or `>` there would make
+// every publish of the topic fail. Letters, digits, `_` and `-` between dots are what every
+// NATS tool, permission and stream filter reads the same way.
+const TOPIC = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/
+
+/**
+ * Defines an event type. Fails at once, where the module is loaded, on a topic that cannot
+ * be a subject's tail, or a type name that is not `<topic>.<name>`.
+ */
 export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
   type: string
   topic: string
   schema: S
 }): EventType<S["Type"]> {
+  if (!TOPIC.test(definition.topic)) {
+    throw new Error(
+      `event type ${JSON.stringify(definition.type)}: topic ${JSON.stringify(definition.topic)} must be dot-separated tokens of letters, digits, "_" and "-" (it becomes a NATS subject)`,
+    )
+  }
+  if (!definition.type.startsWith(`${definition.topic}.`) || !TOPIC.test(definition.type)) {
+    throw new Error(
+      `event type ${JSON.stringify(definition.type)}: its name must be its topic, a dot, then more tokens of letters, digits, "_" and "-" (such as "${definition.topic}.changed.v1")`,
+    )
+  }
   const decode = Schema.decodeUnknownResult(definition.schema as Schema.Codec<S["Type"], unknown>)
   return {
     type: definition.type,

@@ -1,0 +1,39 @@
+import assert from "node:assert/strict"
+import { describe, test } from "node:test"
+import * as Schema from "effect/Schema"
+import { defineEvent, InvalidEventError } from "../src/index.ts"
+
+const schema = Schema.Struct({ n: Schema.Number })
+
+describe("defineEvent", () => {
+  test("a topic that could not be the tail of a NATS subject is refused where it is defined", () => {
+    for (const topic of ["label changed", "esl.*", "esl.>", "esl..label", ".esl", "esl.", ""]) {
+      assert.throws(
+        () => defineEvent({ type: `${topic}.changed.v1`, topic, schema }),
+        (err: Error) =>
+          err.message.includes(JSON.stringify(topic)) && /NATS subject/.test(err.message),
+        `topic ${JSON.stringify(topic)}`,
+      )
+    }
+  })
+
+  test("a type name must start with its topic", () => {
+    assert.throws(
+      () => defineEvent({ type: "gps.position.v1", topic: "esl.label", schema }),
+      /"gps.position.v1": its name must be its topic/,
+    )
+    assert.throws(
+      () => defineEvent({ type: "esl.label", topic: "esl.label", schema }),
+      /its name must be its topic, a dot/,
+    )
+  })
+
+  test("a well-formed definition decodes and names the bad field", () => {
+    const def = defineEvent({ type: "gps-tracker.position_2.v1", topic: "gps-tracker", schema })
+    assert.deepEqual(def.decode({ n: 1 }), { n: 1 })
+    assert.throws(
+      () => def.decode({ n: "one" }),
+      (err: unknown) => err instanceof InvalidEventError && /\["n"\]/.test(err.message),
+    )
+  })
+})
