@@ -8,7 +8,8 @@ import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
-  dead    [--topic T]                        dead tasks (blocking or parked)
+  dead    [--topic T] [--limit N]            dead tasks (blocking or parked), the first N
+                                             by topic, key and version (default 1000)
   gaps    [--topic T]                        keys waiting for a missing version
   blocked [--topic T]                        keys stopped at a dead task
   rejects [--limit N]                        messages kept instead of run (not events,
@@ -46,7 +47,7 @@ const command = positionals[0]
 // ignored, and an action that ignores part of what the operator asked must not run.
 const flags: Record<string, readonly (keyof typeof options)[]> = {
   summary: ["group"],
-  dead: ["group", "topic"],
+  dead: ["group", "topic", "limit"],
   gaps: ["group", "topic"],
   blocked: ["group", "topic"],
   rejects: ["group", "limit"],
@@ -90,7 +91,20 @@ const selector = (): TaskSelector => {
   return s
 }
 
-const db = createDb({ connectionString: databaseUrl, max: 1, applicationName: "keyway-admin" })
+const limit = () => {
+  const raw = values.limit
+  return raw === undefined
+    ? undefined
+    : (parsePositiveInt(raw, 999_999) ?? fail("--limit must be a whole number from 1 to 999999"))
+}
+
+let db: ReturnType<typeof createDb>
+try {
+  db = createDb({ connectionString: databaseUrl, max: 1, applicationName: "keyway-admin" })
+} catch (err) {
+  // An option of DATABASE_URL that the pool would misread (connect_timeout=10s, say).
+  fail(`DATABASE_URL: ${err instanceof Error ? err.message : String(err)}`)
+}
 const admin = createConsumerAdmin({ db, group: values.group })
 try {
   let result: unknown
@@ -98,25 +112,25 @@ try {
     case "summary":
       result = await admin.summarise()
       break
-    case "dead":
-      result = await admin.listDead(values.topic)
+    case "dead": {
+      const n = limit() ?? 1000
+      const dead = await admin.listDead(values.topic, n)
+      // The list is a JSON document: a note on stdout would break it for jq.
+      if (dead.length === n) {
+        console.error(`admin: the first ${n} dead tasks; --limit for more, or --topic to narrow`)
+      }
+      result = dead
       break
+    }
     case "gaps":
       result = await admin.listGaps(values.topic)
       break
     case "blocked":
       result = await admin.listBlocked(values.topic)
       break
-    case "rejects": {
-      const raw = values.limit
-      const limit =
-        raw === undefined
-          ? undefined
-          : (parsePositiveInt(raw, 999_999) ??
-            fail("--limit must be a whole number from 1 to 999999"))
-      result = await admin.listRejects(limit)
+    case "rejects":
+      result = await admin.listRejects(limit())
       break
-    }
     case "dismiss": {
       const id = (name: "from" | "through") => {
         const raw = values[name]

@@ -132,6 +132,33 @@ test("bad input gets a clear error and exit code 2", async () => {
   const unknown = await run(["explode", "--group", "g"])
   assert.equal(unknown.code, 2)
   assert.match(unknown.err, /unknown command "explode"/)
+  const option = await run(["summary", "--group", "g"], `${t.url}?connect_timeout=10s`)
+  assert.equal(option.code, 2)
+  assert.match(option.err, /^admin: DATABASE_URL: connect_timeout/)
+  assert.doesNotMatch(option.err, /\bat \//, "no stack")
+})
+
+test("dead lists up to --limit tasks, and says on stderr when there may be more", async () => {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'dl', 2)`.execute(
+    t.db,
+  )
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('g', 'demo.item', 'dl', 1, 'dl:1', 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 3),
+           ('g', 'demo.item', 'dl', 2, 'dl:2', 'demo.item.changed.v1', '{"n":2}', now(), 'dead', 3)
+  `.execute(t.db)
+  const all = JSON.parse((await run(["dead", "--group", "g"])).out)
+  assert.ok(all.length >= 2)
+  const first = await run(["dead", "--group", "g", "--limit", "1"])
+  assert.equal(first.code, 0, first.err)
+  assert.deepEqual(JSON.parse(first.out), all.slice(0, 1))
+  assert.match(first.err, /the first 1 dead tasks; --limit for more/)
+  const bad = await run(["dead", "--group", "g", "--limit", "0"])
+  assert.equal(bad.code, 2)
+  assert.match(bad.err, /--limit must be a whole number/)
+  // The tests below count dead tasks of their own.
+  await sql`delete from keyway.inbox where grp = 'g' and key = 'dl'`.execute(t.db)
+  await sql`delete from keyway.consumer_key where grp = 'g' and key = 'dl'`.execute(t.db)
 })
 
 test("a database that is not the group's gets a one-line error naming DATABASE_URL, not a stack", async () => {
@@ -158,7 +185,10 @@ test("a retry that would rewind a key over versions retention deleted is refused
   `.execute(t.db)
   const refused = await run(["retry", "--group", "g", "--topic", "demo.item", "--key", "p"])
   assert.equal(refused.code, 1)
-  assert.match(refused.err, /refused: .*retention already deleted: demo\.item\/p \(v2\.\.v5\)/)
+  assert.match(
+    refused.err,
+    /refused: .*demo\.item\/p \(v2\.\.v5: retention already deleted finished versions\)\. Skip such a version/,
+  )
   const key = await sql<{ done_ver: number }>`
     select done_ver from keyway.consumer_key where grp = 'g' and key = 'p'
   `.execute(t.db)
@@ -212,6 +242,8 @@ test("a group, topic or key never seen is refused by name, not answered with not
       ["dead", "--group", "gg"],
       /^admin: group "gg" has stored no event in this database \(groups here: "g"\)$/m,
     ],
+    // All zeros for a mistyped group would read as "nothing wrong".
+    [["summary", "--group", "gg"], /^admin: group "gg" has stored no event in this database/m],
     [
       ["retry", "--group", "g", "--topic", "demo.itme"],
       /^admin: group "g" has no key in topic "demo\.itme" \(its topics: "demo\.item"\)$/m,
@@ -397,6 +429,8 @@ test("a redrive of a range whose finished versions retention deleted is refused,
   for (const range of [
     ["--from", "1", "--to", "6"],
     ["--from", "1", "--to", "4"],
+    // Open below: from where the key started, v1.
+    ["--to", "4"],
   ]) {
     const refused = await redrive(...range)
     assert.equal(refused.code, 1, range.join(" "))

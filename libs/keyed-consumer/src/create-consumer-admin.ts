@@ -62,7 +62,8 @@ export interface ConsumerAdminConfig {
 export interface ConsumerAdmin {
   /** The counts an operator checks first, the same the group's metrics report. */
   summarise(): Promise<GroupSummary>
-  listDead(topic?: string): Promise<DeadTask[]>
+  /** Dead tasks by topic, key and version: the first `limit` (default 1,000). */
+  listDead(topic?: string, limit?: number): Promise<DeadTask[]>
   listGaps(topic?: string): Promise<KeyGap[]>
   /** Keys stopped at a dead task (policy block). */
   listBlocked(topic?: string): Promise<{ topic: string; key: string; ver: number }[]>
@@ -104,6 +105,13 @@ const where = (s: TaskSelector) => sql`
 `
 
 export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): ConsumerAdmin {
+  // A version range names versions of one key: across a topic it would touch v3 of every key
+  // at once, which no operator means.
+  const refuseRangeWithoutKey = (s: TaskSelector) => {
+    if ((s.fromVer !== undefined || s.toVer !== undefined) && s.key === undefined) {
+      throw new ConsumerAdminError("a version range (fromVer, toVer) selects versions of one key")
+    }
+  }
   // A group, topic or key this database has never seen is refused by name: a typo answered
   // 0, or an empty list, which reads as "nothing to do" when something is. The names that do
   // exist are read by skipping through the key table's primary key (grp, topic, key), so
@@ -151,13 +159,19 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // forward over every version up to where the key stood. If retention already deleted one
   // of those, the key would stop at it for good, so such a rewind is refused up front.
   const refuseRewindOverPruned = async (trx: Kysely<any>, rows: RawBuilder<unknown>) => {
-    const r = await sql<{ topic: string; key: string; ver: number; done_ver: number }>`
+    const r = await sql<{
+      topic: string
+      key: string
+      ver: number
+      done_ver: number
+      start_ver: number
+    }>`
       with lowest as (
         select i.topic, i.key, min(i.ver) as ver from keyway.inbox i
          where ${rows}
          group by i.topic, i.key
       )
-      select l.topic, l.key, l.ver, k.done_ver
+      select l.topic, l.key, l.ver, k.done_ver, k.start_ver
         from lowest l
         join keyway.consumer_key k on k.grp = ${group} and k.topic = l.topic and k.key = l.key
        where k.done_ver > l.ver
@@ -166,9 +180,17 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
                  and i.ver > l.ver and i.ver <= k.done_ver) < k.done_ver - l.ver
     `.execute(trx)
     if (r.rows.length > 0) {
-      const list = r.rows.map((x) => `${x.topic}/${x.key} (v${x.ver}..v${x.done_ver})`).join(", ")
+      // A version at or below where its key started came late (sql/0012): the versions
+      // between it and the start never came here at all.
+      const list = r.rows
+        .map((x) =>
+          x.ver <= x.start_ver
+            ? `${x.topic}/${x.key} (v${x.ver} came after the key had started at v${x.start_ver + 1}; versions between never arrived)`
+            : `${x.topic}/${x.key} (v${x.ver}..v${x.done_ver}: retention already deleted finished versions)`,
+        )
+        .join(", ")
       throw new ConsumerAdminError(
-        `refused: rewinding would cross versions that retention already deleted: ${list}`,
+        `refused: the key would be rewound over versions it does not hold, and stop at them for good: ${list}. Skip such a version (its key and --from/--to) to take it off the dead list; the other keys of a topic-wide action are then free to go.`,
       )
     }
   }
@@ -176,23 +198,25 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // A redrive of a key's range asks for every finished version in it. Those retention has
   // deleted cannot run again; without this the rest ran and the answer only counted them,
   // and a range deleted whole answered 0 as if nothing had matched.
+  // A range open below (only toVer) starts where the key did: the first version it ran.
   const refuseRangeOverPruned = async (trx: Kysely<any>, s: TaskSelector) => {
-    if (s.key === undefined || s.fromVer === undefined) return
-    const r = await sql<{ done_ver: number; held: number }>`
-      select k.done_ver::float8 as done_ver,
+    if (s.key === undefined || (s.fromVer === undefined && s.toVer === undefined)) return
+    const r = await sql<{ done_ver: number; from_ver: number; held: number }>`
+      select k.done_ver::float8 as done_ver, f.ver::float8 as from_ver,
              (select count(*) from keyway.inbox i
                where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                 and i.ver >= ${s.fromVer}
+                 and i.ver >= f.ver
                  and i.ver <= least(${s.toVer ?? null}::bigint, k.done_ver))::float8 as held
-        from keyway.consumer_key k
+        from keyway.consumer_key k,
+             lateral (select coalesce(${s.fromVer ?? null}::bigint, k.start_ver + 1) as ver) f
        where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
     const row = r.rows[0]
     if (!row) return
     const last = Math.min(s.toVer ?? Number.POSITIVE_INFINITY, row.done_ver)
-    const asked = last - s.fromVer + 1
+    const asked = last - row.from_ver + 1
     if (asked > row.held) {
       throw new ConsumerAdminError(
-        `refused: retention already deleted ${asked - row.held} of the finished versions v${s.fromVer}..v${last} of ${s.topic}/${s.key}; they cannot run again (redrive from the lowest still held)`,
+        `refused: retention already deleted ${asked - row.held} of the finished versions v${row.from_ver}..v${last} of ${s.topic}/${s.key}; they cannot run again (redrive from the lowest still held)`,
       )
     }
   }
@@ -202,6 +226,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // so a worker draining it now writes nothing more).
   const resetAndRewind = (s: TaskSelector, states: string[], wholeRange = false) =>
     db.transaction().execute(async (trx) => {
+      refuseRangeWithoutKey(s)
       await refuseUnknown(trx, s.topic, s.key)
       if (wholeRange) await refuseRangeOverPruned(trx, s)
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
@@ -248,10 +273,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   const topicFilter = (topic?: string) =>
     topic === undefined ? sql`` : sql`and k.topic = ${topic}`
   return {
-    // Not refused for an unknown group: a group that has stored nothing yet counts zero, and
-    // `just status` asks right after start.
-    summarise: () => groupSummary(db, group),
-    async listDead(topic) {
+    // Refused for an unknown group like every call here: all zeros for a mistyped name read
+    // as "nothing wrong", on the first command an operator runs.
+    async summarise() {
+      await refuseUnknown(db)
+      return groupSummary(db, group)
+    },
+    async listDead(topic, limit = 1000) {
       await refuseUnknown(db, topic)
       const r = await sql<DeadTask>`
         select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,
@@ -260,6 +288,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
           join keyway.consumer_key k on k.grp = i.grp and k.topic = i.topic and k.key = i.key
          where i.grp = ${group} and i.state = 'dead' ${topicFilter(topic)}
          order by i.topic, i.key, i.ver
+         limit ${limit}
       `.execute(db)
       return r.rows
     },
@@ -330,6 +359,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     retry: (s) => resetAndRewind(s, ["dead"]),
     async skip(s) {
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
+      refuseRangeWithoutKey(s)
       return db.transaction().execute(async (trx) => {
         await refuseUnknown(trx, s.topic, s.key)
         // The keys first, in byte order, as resetAndRewind and the workers take them. The
@@ -392,8 +422,10 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
           skipped as (
             -- Only the keys locked above: a key that gained a matching task since would be
             -- locked here, out of order. It is left for the next action.
+            -- run_after too: a task skipped while it waited out a retry's backoff would
+            -- otherwise keep its key from running until the backoff ended.
             update keyway.inbox i
-               set state = 'skipped', done_at = now()
+               set state = 'skipped', done_at = now(), run_after = '-infinity'
              where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
                and i.key = any(${locked.rows.map((k) => k.key)}::text[])
             returning i.topic, i.key, i.ver

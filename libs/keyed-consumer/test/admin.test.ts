@@ -1,0 +1,84 @@
+// The admin API's answers to what an operator asks of it, on rows set up by hand. How the
+// actions meet running workers is in keyed-consumer.test.ts and admin-locks.test.ts.
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { sql } from "kysely"
+import { ConsumerAdminError, createConsumerAdmin } from "../src/index.ts"
+import { runnableKeys } from "../src/internal/inbox-sql.ts"
+
+let t: TestDatabase
+before(async () => {
+  t = await createTestDatabase({ poolSize: 4 })
+})
+after(() => t.drop())
+
+const admin = () => createConsumerAdmin({ db: t.db, group: "g" })
+const blockAll = { byDefault: false, except: [] }
+
+async function key(name: string, doneVer: number, startVer = 0) {
+  await sql`
+    insert into keyway.consumer_key (grp, topic, key, done_ver, start_ver)
+    values ('g', 'demo.item', ${name}, ${doneVer}, ${startVer})`.execute(t.db)
+}
+async function task(name: string, ver: number, state: string, runAfter = "-infinity") {
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state,
+                              attempts, run_after)
+    values ('g', 'demo.item', ${name}, ${ver}, ${`${name}:${ver}`}, 'demo.item.changed.v1',
+            '{"n":1}', now(), ${state}, 1, ${runAfter}::timestamptz)`.execute(t.db)
+}
+
+test("a task skipped while it waits out a retry's backoff frees its key at once", async () => {
+  await key("w", 1)
+  await task("w", 1, "done")
+  await task("w", 2, "pending", "infinity") // failed, to be tried again much later
+  await task("w", 3, "pending")
+  const runnable = async () =>
+    (await runnableKeys(t.db, "g", blockAll, 100)).filter((k) => k.key === "w")
+  assert.deepEqual(await runnable(), [], "waiting out the backoff")
+  assert.equal(await admin().skip({ topic: "demo.item", key: "w", fromVer: 2, toVer: 2 }), 1)
+  assert.deepEqual(await runnable(), [{ topic: "demo.item", key: "w" }], "v3 may run now")
+})
+
+test("a version range without a key is refused: it would touch that version of every key", async () => {
+  await key("x", 0)
+  await task("x", 1, "dead")
+  for (const action of ["retry", "skip", "redrive"] as const) {
+    await assert.rejects(
+      admin()[action]({ topic: "demo.item", fromVer: 1, toVer: 1 }),
+      (err: unknown) => err instanceof ConsumerAdminError && /of one key/.test(err.message),
+      action,
+    )
+  }
+  const state = await sql<{ state: string }>`
+    select state from keyway.inbox where grp = 'g' and key = 'x'`.execute(t.db)
+  assert.equal(state.rows[0]!.state, "dead", "nothing changed")
+})
+
+test("a retry refused over versions that never arrived says so, not that retention took them", async () => {
+  // First seen at v5 (started at 4); v2 came late and was stored dead (sql/0012).
+  await key("z", 6, 4)
+  await task("z", 2, "dead")
+  await task("z", 5, "done")
+  await task("z", 6, "done")
+  await assert.rejects(
+    admin().retry({ topic: "demo.item", key: "z" }),
+    /demo\.item\/z \(v2 came after the key had started at v5; versions between never arrived\)/,
+  )
+})
+
+test("the summary of a group never seen is refused by name, like every other call", async () => {
+  await assert.rejects(
+    createConsumerAdmin({ db: t.db, group: "gg" }).summarise(),
+    /group "gg" has stored no event in this database/,
+  )
+  assert.equal(typeof (await admin().summarise()).deadTasks, "number")
+})
+
+test("dead tasks are listed up to a limit, by topic, key and version", async () => {
+  const all = await admin().listDead()
+  assert.ok(all.length >= 2, "the tests above left dead tasks")
+  const first = await admin().listDead(undefined, 1)
+  assert.deepEqual(first, all.slice(0, 1))
+})
