@@ -29,8 +29,12 @@ export interface AimsClient {
 }
 
 /**
- * An AIMS call that failed. `retryable` says whether trying again can help: 429, 5xx,
- * timeouts and network errors can; a 4xx means the request itself is wrong.
+ * An AIMS call that failed. `retryable` says whether trying again can help. Only an answer
+ * that says the request itself is malformed (400, 413, 415, 422) cannot: the same bytes get
+ * the same answer. Everything else can, including 403 and 404, which a wrong store setting or
+ * a proxy in front of AIMS during maintenance gives for every label at once: dead at once,
+ * they would drop every update in flight, where retries carry them over once it is mended.
+ * `retryAfterMs` is the answer's Retry-After, which the keyed consumer waits at least.
  */
 export class AimsError extends Error {
   override name = "AimsError"
@@ -38,10 +42,23 @@ export class AimsError extends Error {
     message: string,
     readonly status: number | "timeout" | "network",
     readonly retryable: boolean,
-    options?: ErrorOptions,
+    options?: ErrorOptions & { retryAfterMs?: number },
   ) {
     super(message, options)
+    if (options?.retryAfterMs !== undefined) this.retryAfterMs = options.retryAfterMs
   }
+  readonly retryAfterMs?: number
+}
+
+const MALFORMED = new Set([400, 413, 415, 422])
+
+/** Retry-After as milliseconds: delay-seconds or an HTTP-date (RFC 9110 §10.2.3). */
+export function parseRetryAfter(value: string | undefined, now = Date.now()): number | undefined {
+  if (value === undefined) return undefined
+  const text = value.trim()
+  if (/^\d+$/.test(text)) return Number(text) * 1000
+  const at = Date.parse(text)
+  return Number.isNaN(at) ? undefined : Math.max(0, at - now)
 }
 
 const TOKEN_PATH = "/api/v2/common/token"
@@ -66,7 +83,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     url: URL,
     init: { method: "POST"; headers: Record<string, string>; body: string },
     signal?: AbortSignal,
-  ): Promise<{ status: number; text: string }> => {
+  ): Promise<{ status: number; text: string; retryAfter?: string }> => {
     const timeout = AbortSignal.timeout(config.timeoutMs)
     try {
       const res = await httpRequest(url, {
@@ -74,7 +91,12 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
         signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
       })
       // Read either way, so the keep-alive connection goes back to the pool.
-      return { status: res.statusCode, text: await res.body.text() }
+      const retryAfter = res.headers["retry-after"]
+      return {
+        status: res.statusCode,
+        text: await res.body.text(),
+        retryAfter: Array.isArray(retryAfter) ? retryAfter[0] : retryAfter,
+      }
     } catch (err) {
       if (timeout.aborted) {
         throw new AimsError(
@@ -175,12 +197,11 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
             }
             span.setAttribute("http.response.status_code", r.status)
             if (r.status >= 200 && r.status < 300) return
-            const retryable =
-              r.status === 401 || r.status === 408 || r.status === 429 || r.status >= 500
             throw new AimsError(
               `AIMS answered HTTP ${r.status} for label ${options.labelCode}: ${r.text.slice(0, 200)}`,
               r.status,
-              retryable,
+              !MALFORMED.has(r.status),
+              { retryAfterMs: parseRetryAfter(r.retryAfter) },
             )
           } catch (err) {
             span.recordException(err as Error)

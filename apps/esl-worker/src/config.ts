@@ -8,6 +8,7 @@ import {
   telemetryEnv,
   urlEnv,
 } from "@keyway/app-config"
+import { ESL_LABEL_POLICY } from "./create-esl-worker.ts"
 
 export { ConfigError }
 
@@ -69,9 +70,11 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
       timeoutMs: intEnv(env, "AIMS_TIMEOUT_MS", 5000),
     },
     concurrency: intEnv(env, "ESL_CONCURRENCY", 64),
-    maxAttempts: intEnv(env, "ESL_MAX_ATTEMPTS", 10),
-    backoffMs: intEnv(env, "ESL_BACKOFF_MS", 200),
-    maxBackoffMs: intEnv(env, "ESL_MAX_BACKOFF_MS", 30_000),
+    // The topic's own policy unless told otherwise: defaults written out again here had
+    // drifted from it, and the process ran with those.
+    maxAttempts: intEnv(env, "ESL_MAX_ATTEMPTS", ESL_LABEL_POLICY.maxAttempts),
+    backoffMs: intEnv(env, "ESL_BACKOFF_MS", ESL_LABEL_POLICY.backoffMs),
+    maxBackoffMs: intEnv(env, "ESL_MAX_BACKOFF_MS", ESL_LABEL_POLICY.maxBackoffMs),
     onDead,
     leaseMs: intEnv(env, "LEASE_MS", 15_000),
     pollIntervalMs: intEnv(env, "POLL_MS", 2000),

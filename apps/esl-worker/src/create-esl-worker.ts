@@ -57,13 +57,20 @@ export interface EslWorker {
  * Topic `esl.label`'s policy. `park`, not `block`: every task carries the label's whole
  * content as of its commit, so the next version supersedes a dead one completely; blocking
  * would leave a label showing an old price until an operator acts, for no gain in
- * correctness. The dead task stays listed (admin listDead) and counted. Ten attempts with
- * backoff capped at 30 s ride out a few minutes of AIMS trouble before giving up on one version.
+ * correctness. The dead task stays listed (admin listDead) and counted.
+ *
+ * Dead is for good, though: a label is not written again until its product changes again, so
+ * a version given up during an AIMS outage leaves the old price on the shelf. The attempts
+ * therefore outlast an outage of hours, as graphile-worker's 25 attempts (about 3 days) and
+ * Sidekiq's (about 3 weeks) outlast theirs: 25 attempts, doubling from 200 ms to 10 minutes,
+ * wait between 67 and 134 minutes in all (each wait is drawn between half its cap and the
+ * cap), longer where AIMS sends Retry-After. Ten attempts capped at 30 s, as before, gave up
+ * after 40-80 s: a review's AIMS outage of 75 s left 187 of 200 labels on the old price.
  */
 export const ESL_LABEL_POLICY: Required<TopicPolicy> = {
-  maxAttempts: 10,
+  maxAttempts: 25,
   backoffMs: 200,
-  maxBackoffMs: 30_000,
+  maxBackoffMs: 600_000,
   onDead: "park",
 }
 

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict"
 import { describe, test } from "node:test"
 import { startFakeAims } from "@keyway/testkit"
-import { AimsError, createAimsClient } from "../src/aims-client.ts"
+import { AimsError, createAimsClient, parseRetryAfter } from "../src/aims-client.ts"
 import { renderLabel } from "../src/render-label.ts"
 
 const task = {
@@ -74,7 +74,7 @@ describe("AIMS client", async () => {
     assert.equal(aims.tokensIssued, 1)
   })
 
-  test("429 and 5xx are retryable AimsErrors; a 400 is not", async () => {
+  test("429, 5xx and a wrong store's 404 are retryable AimsErrors; a malformed request's 400 is not", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
     aims.burst(429, 1)
@@ -87,7 +87,24 @@ describe("AIMS client", async () => {
       assert.ok(err instanceof AimsError)
       assert.equal(err.status, status)
       assert.equal(err.retryable, true)
+      // The fake answers its 429s with Retry-After: 1, which the keyed consumer waits.
+      assert.equal(err.retryAfterMs, status === 429 ? 1000 : undefined)
     }
+    // A store setting an operator can mend: dead at once, every label update in flight
+    // would be dropped.
+    const wrongStore = createAimsClient({
+      baseUrl: aims.url,
+      ...aims,
+      store: "S999",
+      timeoutMs: 2000,
+    })
+    const notFound = await wrongStore.pushImage(push("s:1")).then(
+      () => undefined,
+      (e) => e,
+    )
+    assert.ok(notFound instanceof AimsError)
+    assert.equal(notFound.status, 404)
+    assert.equal(notFound.retryable, true)
     const bad = await client.pushImage({ ...push("s:2"), png: Buffer.from("not a png") }).then(
       () => undefined,
       (e) => e,
@@ -125,4 +142,13 @@ describe("AIMS client", async () => {
     assert.equal(aims.pushes(task.labelCode).length, 1)
     assert.equal(aims.requests()[1]!.duplicate, true)
   })
+})
+
+test("Retry-After is read as delay-seconds or as an HTTP-date", () => {
+  const now = Date.parse("2026-12-06T10:00:00Z")
+  assert.equal(parseRetryAfter("120", now), 120_000)
+  assert.equal(parseRetryAfter("Sun, 06 Dec 2026 10:00:30 GMT", now), 30_000)
+  assert.equal(parseRetryAfter("Sun, 06 Dec 2026 09:00:00 GMT", now), 0, "a date past is now")
+  assert.equal(parseRetryAfter("soon", now), undefined)
+  assert.equal(parseRetryAfter(undefined, now), undefined)
 })

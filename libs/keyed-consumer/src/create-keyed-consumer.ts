@@ -862,7 +862,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // Exponential backoff with full jitter: retries of many keys failing together (a vendor
       // outage) spread out instead of arriving in waves.
       const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** task.attempts)
-      const retryInMs = Math.round(cap / 2 + (Math.random() * cap) / 2)
+      const retryInMs = Math.max(Math.round(cap / 2 + (Math.random() * cap) / 2), retryAfterOf(err))
       const reason = poison ? `poison: ${messageOf(err)}` : messageOf(err)
       const ok = await markFailed(db, group, ref, task.ver, epoch, {
         error: reason.slice(0, 2000),
@@ -1163,4 +1163,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       return this.stop()
     },
   }
+}
+
+// A server that says when to come back (HTTP 429 or 503 with Retry-After) is asking every
+// client to wait that long: retrying sooner only spends attempts. Bounded, so that a wrong
+// header cannot park a key for days.
+const MAX_RETRY_AFTER_MS = 3_600_000
+function retryAfterOf(err: unknown): number {
+  const v = (err as { retryAfterMs?: unknown } | null)?.retryAfterMs
+  return typeof v === "number" && Number.isFinite(v) && v > 0 ? Math.min(v, MAX_RETRY_AFTER_MS) : 0
 }

@@ -92,6 +92,9 @@ export class FencedError extends Error {
 /**
  * Throw from a handler for input that no retry can fix: the event is dead at once, with
  * this message as the reason.
+ *
+ * Any other error is retried with the topic's backoff. One that carries a numeric
+ * `retryAfterMs` (a vendor's Retry-After, say) is retried no sooner than that, up to an hour.
  */
 export class PoisonError extends Error {
   override name = "PoisonError"

@@ -292,6 +292,32 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 0)
   })
 
+  test("a failure that says when to come back (retryAfterMs) is not tried again sooner", async () => {
+    const calls: number[] = []
+    const { t, stream, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          calls.push(performance.now())
+          if (calls.length === 1) {
+            // A vendor's 429 with Retry-After: 2.
+            throw Object.assign(new Error("rate limited"), { retryAfterMs: 2000 })
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "ra", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "the effect, after the wait",
+    })
+    assert.equal(calls.length, 2)
+    // Without the floor the backoff of 10-20 ms would have run it again at once.
+    assert.ok(calls[1]! - calls[0]! >= 1990, `tried again after ${calls[1]! - calls[0]!} ms`)
+    assert.equal(consumer.status().retried, 1)
+  })
+
   test("a handler that throws while its completion is in flight: the task is done with its effects, not dead", async () => {
     const { t, stream, admin, consumer } = await setup({
       defaultPolicy: { maxAttempts: 1, onDead: "block" },
