@@ -10,6 +10,7 @@ import { assertMigrated, createDb } from "@keyway/db"
 import { EnqueueError } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createMetricsRegistry, metricsHandler, startTelemetry } from "@keyway/telemetry"
+import { propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import { ConfigError, parseConfig } from "./config.ts"
 import { migrateEslSchema } from "./migrate-esl-schema.ts"
 import { EslWriterError, JobExistsError, writeLabelJob, writePriceChange } from "./write-esl-job.ts"
@@ -88,8 +89,13 @@ const endConnectionIfStopping = (res: ServerResponse) => {
 
 const reply = (res: ServerResponse, status: number, body: unknown) => {
   endConnectionIfStopping(res)
+  const span = trace.getActiveSpan()
+  span?.setAttribute("http.response.status_code", status)
+  if (status >= 500) span?.setStatus({ code: SpanStatusCode.ERROR })
   res.writeHead(status, { "content-type": "application/json" }).end(JSON.stringify(body))
 }
+
+const tracer = trace.getTracer("@keyway/esl-writer")
 
 const server = createServer(async (req, res) => {
   endConnectionIfStopping(res)
@@ -98,6 +104,31 @@ const server = createServer(async (req, res) => {
   const kind =
     path === "/label-jobs" ? "label_job" : path === "/price-changes" ? "price_change" : undefined
   if (req.method !== "POST" || !kind) return reply(res, 404, { error: "not found" })
+  // The caller's trace (an ERP's traceparent) goes on through the job, its outbox rows and
+  // every label push: one trace from the request that changed a price to the shelf.
+  const parent = propagation.extract(ROOT_CONTEXT, req.headers)
+  await tracer.startActiveSpan(
+    `POST ${path}`,
+    {
+      kind: SpanKind.SERVER,
+      attributes: { "http.request.method": "POST", "url.path": path, "http.route": path },
+    },
+    parent,
+    async (span) => {
+      try {
+        await handleJob(req, res, kind)
+      } finally {
+        span.end()
+      }
+    },
+  )
+})
+
+async function handleJob(
+  req: IncomingMessage,
+  res: ServerResponse,
+  kind: "label_job" | "price_change",
+) {
   try {
     // Checked whole by the writer, which names what is wrong.
     const body = await readJson(req)
@@ -123,7 +154,7 @@ const server = createServer(async (req, res) => {
     jobs.inc({ kind, result: bad ? "rejected" : "error" })
     reply(res, bad ? 400 : 500, { error: (err as Error).message })
   }
-})
+}
 // A server error after listen() (a failed accept, say) is logged; unheard, it would end the
 // process and every job in flight. One at listen() (the port taken) still ends it.
 server.once("listening", () =>
