@@ -58,11 +58,23 @@ demo site="cloud":
 # the project's pm2 (.run/pm2). Running it again starts only what is not running.
 # Both sites (or one: cloud, factory) on this machine, with demo traffic both ways.
 up site="":
-    node --import tsx apps/ops-local/src/main.ts up {{site}}
+    @{{just_executable()}} _one-at-a-time up
+    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts up {{site}}
 
 # Stop what `just up` started (both sites, or one); .run/ keeps the data for the next up.
 down site="":
-    node --import tsx apps/ops-local/src/main.ts down {{site}}
+    @{{just_executable()}} _one-at-a-time down
+    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts down {{site}}
+
+# Two `up`s at once each started a pm2 daemon on .run/pm2: one hung for good, and a daemon
+# was left that `down` did not stop. So up and down of one checkout take turns.
+[private]
+_one-at-a-time what:
+    #!/usr/bin/env bash
+    mkdir -p .run
+    if ! flock -n .run/sites.lock true; then
+      echo "just {{what}}: another up or down of this checkout is running; waiting for it" >&2
+    fi
 
 # The consumer group's dead tasks, blocked keys and gaps, and demo effects, too.
 # Per site of `just up`: processes, outbox backlog, stream counts, consumer lag, leaf link.
