@@ -7,6 +7,7 @@ import { createDb, migrateToLatest, migrationsDir } from "@keyway/db"
 import type { Kysely } from "kysely"
 import pg from "pg"
 import { runOnExit } from "./internal/exit-cleanup.ts"
+import { sweepTestDatabases } from "./internal/leftovers.ts"
 
 export interface TestDatabaseOptions {
   /** Start of the database name; lowercase letters, digits and `_`. Defaults to "keyway_test". */
@@ -40,6 +41,7 @@ const applicationName = "keyway-testkit"
 // advisory lock keys are scoped to the maintenance database all of them connect to).
 const templateLockKey = 0x6b657977
 const cloneAttempts = 6
+let swept = false
 
 /**
  * A new, empty, migrated database. It is a copy of a template database built once per
@@ -57,6 +59,12 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
   const dir = options.migrationsDir ?? migrationsDir
   const template = `keyway_tpl_${await hashMigrations(dir)}`
   await withClient(baseUrl, async (client) => {
+    if (!swept) {
+      swept = true
+      const host = new URL(baseUrl).hostname
+      const local = ["", "127.0.0.1", "localhost", "[::1]"].includes(host)
+      await sweepTestDatabases(client, local).catch(() => {})
+    }
     await ensureTemplate(client, baseUrl, template, dir)
     await cloneTemplate(client, template, name)
   })

@@ -28,7 +28,7 @@ export function findPromtool(): Promise<string> {
 async function locate(): Promise<string> {
   if (await works("promtool")) return "promtool"
   if (existsSync(binary)) return binary
-  const download = await createTempDir("keyway-promtool-")
+  const download = await createTempDir("promtool")
   try {
     const cwd = download.path
     try {

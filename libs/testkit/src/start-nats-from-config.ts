@@ -52,7 +52,7 @@ const startAttempts = 3
 export async function startNatsFromConfig(
   options: ConfigNatsServerOptions,
 ): Promise<ConfigNatsServerHandle> {
-  const temp = await createTempDir("keyway-natsconf-")
+  const temp = await createTempDir("natsconf")
   const dir = temp.path
   const storeDir = join(dir, "store")
   const logPath = join(dir, "nats.log")

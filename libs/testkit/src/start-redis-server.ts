@@ -32,7 +32,7 @@ const startAttempts = 3
 export async function startRedisServer(
   options: RedisServerOptions = {},
 ): Promise<RedisServerHandle> {
-  const temp = await createTempDir("keyway-redis-")
+  const temp = await createTempDir("redis")
   const dir = temp.path
   const logPath = join(dir, "redis.log")
   try {

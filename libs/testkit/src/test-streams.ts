@@ -2,6 +2,9 @@ import { randomBytes } from "node:crypto"
 import { decodeEnvelope, type EventEnvelope } from "@keyway/schemas"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
+import { sweepTestStreams } from "./internal/leftovers.ts"
+
+let swept = false
 
 /**
  * A stream `<SITE>` on `<site>.>` of its own for one test, so tests share the machine's NATS
@@ -10,7 +13,12 @@ import type { NatsConnection } from "@nats-io/transport-node"
 export async function createTestStream(nc: NatsConnection) {
   const site = `t${randomBytes(4).toString("hex")}`
   const name = site.toUpperCase()
-  await (await jetstreamManager(nc)).streams.add({
+  const jsm = await jetstreamManager(nc)
+  if (!swept) {
+    swept = true
+    await sweepTestStreams(jsm).catch(() => {})
+  }
+  await jsm.streams.add({
     name,
     subjects: [`${site}.>`],
     duplicate_window: 120e9,

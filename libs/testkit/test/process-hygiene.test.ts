@@ -5,7 +5,9 @@ import { readFile, stat } from "node:fs/promises"
 import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { sql } from "kysely"
+import pg from "pg"
 import { createTestDatabase, type TestDatabase, waitFor } from "../src/index.ts"
+import { sweepTempDirs, sweepTestDatabases } from "../src/internal/leftovers.ts"
 
 let observer: TestDatabase
 before(async () => {
@@ -26,7 +28,7 @@ async function isGone(pid: number): Promise<boolean> {
   }
 }
 
-async function runFixture(how: "throw" | "exit" | "signal"): Promise<void> {
+async function runFixture(how: "throw" | "exit" | "signal" | "kill"): Promise<void> {
   const child = spawn(process.execPath, ["--import", "tsx", fixture, how], {
     stdio: ["ignore", "pipe", "pipe"],
   })
@@ -44,9 +46,9 @@ async function runFixture(how: "throw" | "exit" | "signal"): Promise<void> {
   }
   // nats-server, redis-server and a child started with spawnTs.
   assert.equal(pids.length, 3)
-  if (how === "signal") {
+  if (how === "signal" || how === "kill") {
     for (const pid of pids) assert.equal(await isGone(pid), false)
-    child.kill("SIGTERM")
+    child.kill(how === "kill" ? "SIGKILL" : "SIGTERM")
   }
   const [code, signal] = await exited
   // A process left behind holds the fixture's stderr open; closed here, it cannot keep this
@@ -54,7 +56,24 @@ async function runFixture(how: "throw" | "exit" | "signal"): Promise<void> {
   child.stdout.destroy()
   child.stderr.destroy()
   if (how === "signal") assert.equal(signal, "SIGTERM")
+  else if (how === "kill") assert.equal(signal, "SIGKILL")
   else assert.notEqual(code, 0)
+  if (how === "kill") {
+    // No exit hook ran: what the next test process sweeps is the servers and dirs (found by
+    // the dead pid in their dirs' names) and the database (the pid in its name). The child
+    // started with spawnTs has no dir; it is no server, and is killed below.
+    const swept = await sweepTempDirs()
+    for (const dir of dirs) assert.ok(swept.includes(dir), `${dir} swept`)
+    const client = new pg.Client({ connectionString: observer.url })
+    await client.connect()
+    try {
+      assert.ok((await sweepTestDatabases(client, true)).includes(database), `${database} swept`)
+    } finally {
+      await client.end()
+    }
+    const idle = pids.pop()!
+    process.kill(idle, "SIGKILL")
+  }
   try {
     await waitFor(async () => (await Promise.all(pids.map(isGone))).every(Boolean), {
       timeoutMs: 5000,
@@ -81,3 +100,5 @@ test("servers, dirs and databases go with a test file that calls process.exit", 
   runFixture("exit"))
 test("servers, dirs and databases go with a test file killed by SIGTERM", () =>
   runFixture("signal"))
+test("servers, dirs and databases of a test file killed by SIGKILL are swept by the next", () =>
+  runFixture("kill"))

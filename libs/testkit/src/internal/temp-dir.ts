@@ -2,15 +2,22 @@ import { mkdtemp, rm } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { removeOnExit } from "./exit-cleanup.ts"
+import { once, sweepTempDirs, tempDirPrefix } from "./leftovers.ts"
+
+const sweepOnce = once(() => sweepTempDirs())
 
 export interface TempDir {
   readonly path: string
   remove(): Promise<void>
 }
 
-/** A fresh directory under the OS temp dir, removed by remove() or else when the process exits. */
-export async function createTempDir(prefix: string): Promise<TempDir> {
-  const path = await mkdtemp(join(tmpdir(), prefix))
+/**
+ * A fresh directory under the OS temp dir, `keyway-<what>-<pid>-XXXXXX`, removed by remove()
+ * or else when the process exits; the pid lets a later process sweep it if this one is killed.
+ */
+export async function createTempDir(what: string): Promise<TempDir> {
+  await sweepOnce()
+  const path = await mkdtemp(join(tmpdir(), tempDirPrefix(what)))
   const forget = removeOnExit(path)
   return {
     path,

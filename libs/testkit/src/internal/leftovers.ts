@@ -1,0 +1,114 @@
+import { readdir, readFile, readlink, rm } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import type { JetStreamManager } from "@nats-io/jetstream"
+import type pg from "pg"
+
+// What a test file killed outright (kill -9, or the runner's time limit on a file that hangs)
+// leaves behind: its exit hooks never ran. Private servers keep running with their temp dirs,
+// test databases stay, and streams stay on the shared NATS. The next test process sweeps them,
+// once, each kind where testkit first makes one.
+
+/** Whether a process with this pid exists on this machine. */
+export function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM"
+  }
+}
+
+/** Temp dirs are named `keyway-<what>-<pid of their test process>-XXXXXX`. */
+export const tempDirPrefix = (what: string) => `keyway-${what}-${process.pid}-`
+const TEMP_DIR = /^keyway-[a-z]+-(\d+)-/
+
+/**
+ * Removes the temp dirs of test processes that are gone, after killing what still runs from
+ * them (a server's command line names its config or data dir). Returns the dirs removed.
+ */
+export async function sweepTempDirs(root = tmpdir()): Promise<string[]> {
+  const names = await readdir(root).catch(() => [] as string[])
+  const dead = names
+    .filter((n) => {
+      const m = TEMP_DIR.exec(n)
+      return m !== null && !isRunning(Number(m[1]))
+    })
+    .map((n) => join(root, n))
+  if (dead.length === 0) return []
+  const within = (path: string) => dead.some((d) => path === d || path.startsWith(`${d}/`))
+  for (const entry of await readdir("/proc").catch(() => [] as string[])) {
+    if (!/^\d+$/.test(entry)) continue
+    // Its working directory too: redis-server writes its title over its arguments.
+    const cwd = await readlink(`/proc/${entry}/cwd`).catch(() => "")
+    const args = (await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")).split("\0")
+    if (within(cwd) || args.some(within)) {
+      try {
+        process.kill(Number(entry), "SIGKILL")
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+  }
+  for (const dir of dead) await rm(dir, { recursive: true, force: true })
+  return dead
+}
+
+/** Test databases are named `<prefix>_<pid of their test process>_<8 hex>`. */
+const TEST_DATABASE = /^keyway_[a-z0-9_]*?_(\d+)_[0-9a-f]{8}$/
+
+/**
+ * Drops the test databases of test processes that are gone. Only on this machine's
+ * Postgres: elsewhere a pid tells nothing. Returns the databases dropped.
+ */
+export async function sweepTestDatabases(client: pg.Client, local: boolean): Promise<string[]> {
+  if (!local) return []
+  const r = await client.query<{ datname: string }>(
+    "select datname from pg_database where datname like 'keyway\\_%' and not datistemplate",
+  )
+  const dead = r.rows
+    .map((row) => row.datname)
+    .filter((name) => {
+      const m = TEST_DATABASE.exec(name)
+      return m !== null && !isRunning(Number(m[1]))
+    })
+  for (const name of dead) {
+    await client.query(`drop database if exists "${name}" with (force)`).catch(() => {}) // another process sweeping the same one
+  }
+  return dead
+}
+
+/** Test streams are named `T<8 hex>` (createTestStream, and the outbox tests' sites). */
+const TEST_STREAM = /^T[0-9A-F]{8}$/
+
+/**
+ * Deletes test streams older than `olderThanMs` (default 2 h; no test file runs 10 minutes
+ * without being stopped). Streams carry no pid, so age is the sign. Returns their names.
+ */
+export async function sweepTestStreams(
+  jsm: JetStreamManager,
+  options: { olderThanMs?: number; names?: RegExp } = {},
+): Promise<string[]> {
+  const cutoff = Date.now() - (options.olderThanMs ?? 2 * 3600_000)
+  const names = options.names ?? TEST_STREAM
+  const stale: string[] = []
+  for await (const info of jsm.streams.list()) {
+    if (names.test(info.config.name) && Date.parse(info.created) < cutoff) {
+      stale.push(info.config.name)
+    }
+  }
+  for (const name of stale) await jsm.streams.delete(name).catch(() => {})
+  return stale
+}
+
+/** Runs `sweep` the first time it is asked for in this process; never fails the caller. */
+export function once(sweep: () => Promise<unknown>): () => Promise<void> {
+  let done: Promise<void> | undefined
+  return () => {
+    done ??= sweep().then(
+      () => {},
+      () => {},
+    )
+    return done
+  }
+}
