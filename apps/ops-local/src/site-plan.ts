@@ -160,6 +160,8 @@ export interface ProcessSpec {
 
 function natsEnv(plan: SitePlan, ctx: LaunchContext): Record<string, string> {
   const known: Record<string, string> = {
+    // Both sites run on this machine: nothing of theirs listens beyond it.
+    KEYWAY_NATS_HOST: "127.0.0.1",
     KEYWAY_NATS_PORT: String(plan.natsPort),
     KEYWAY_NATS_HTTP_PORT: String(plan.natsHttpPort),
     KEYWAY_NATS_STORE_DIR: join(ctx.runDir, plan.site, "jetstream"),

@@ -12,6 +12,7 @@ import { configFile, makePasswords, natsDir, passwordEnv } from "./support.ts"
 const passwords = passwordEnv(makePasswords())
 const pick = (...names: string[]) => Object.fromEntries(names.map((n) => [n, passwords[n]!]))
 const common = {
+  KEYWAY_NATS_HOST: "127.0.0.1",
   KEYWAY_NATS_PORT: "14222",
   KEYWAY_NATS_HTTP_PORT: "18222",
   KEYWAY_NATS_STORE_DIR: "/tmp/keyway-config-check",

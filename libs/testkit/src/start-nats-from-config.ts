@@ -61,7 +61,11 @@ export async function startNatsFromConfig(
   try {
     await mkdir(storeDir)
     for (let attempt = 1; ; attempt++) {
-      const env: Record<string, string> = { KEYWAY_NATS_STORE_DIR: storeDir, ...given }
+      const env: Record<string, string> = {
+        KEYWAY_NATS_STORE_DIR: storeDir,
+        KEYWAY_NATS_HOST: "127.0.0.1",
+        ...given,
+      }
       const taken = new Set<number>()
       for (const name of portNames) {
         if (env[name] !== undefined) continue
