@@ -51,6 +51,15 @@ async function ensureRunning(pm2: Pm2Client, specs: ProcessSpec[]) {
       say(`  ${spec.name.padEnd(16)} already online (pid ${current.pid})`)
       continue
     }
+    // Another program on a server's port would answer the readiness checks and the apps in
+    // its place, and up would report success with the site's own server crash-looping.
+    for (const port of spec.ports ?? []) {
+      if (await listening(port)) {
+        throw new Error(
+          `port ${port} of ${spec.name} is taken by another program (\`ss -ltnp 'sport = :${port}'\` names it): stop it, then run up again`,
+        )
+      }
+    }
     // Stopped or errored: start afresh, so it gets this run's environment.
     if (current) await pm2.delete(spec.name)
     await pm2.start(spec, logDir)
@@ -82,6 +91,24 @@ async function stopLeftovers(sites: SiteName[], managed: number[]): Promise<numb
     }
   }
   return orphans.length
+}
+
+/** Whether something accepts connections on 127.0.0.1:port. */
+async function listening(port: number): Promise<boolean> {
+  const { connect } = await import("node:net")
+  return new Promise((resolve) => {
+    const s = connect(port, "127.0.0.1")
+    s.setTimeout(1000)
+    s.once("connect", () => {
+      s.destroy()
+      resolve(true)
+    })
+    s.once("error", () => resolve(false))
+    s.once("timeout", () => {
+      s.destroy()
+      resolve(false)
+    })
+  })
 }
 
 function natsReady(site: SiteName) {

@@ -156,6 +156,8 @@ export interface ProcessSpec {
   env: Record<string, string>
   /** Started in this order, stopped in reverse. */
   tier: "server" | "app"
+  /** The ports a server listens on: another program on one of them would answer in its place. */
+  ports?: number[]
 }
 
 function natsEnv(plan: SitePlan, ctx: LaunchContext): Record<string, string> {
@@ -211,6 +213,7 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       args: ["-c", join(ctx.root, plan.natsConfig)],
       env: natsEnv(plan, ctx),
       tier: "server",
+      ports: [plan.natsPort, plan.natsHttpPort, ...(plan.leafPort ? [plan.leafPort] : [])],
     },
     {
       name: `${site}-redis`,
@@ -234,6 +237,7 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       ],
       env: {},
       tier: "server",
+      ports: [plan.redisPort],
     },
     {
       name: `${site}-relay`,
