@@ -90,6 +90,11 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     }),
     autoDetectResources: false,
     spanProcessors: [processor],
+    // None, said outright: left unset, the SDK reads OTEL_METRICS_EXPORTER and
+    // OTEL_LOGS_EXPORTER, which default to OTLP, and pushed metrics and logs to the trace
+    // endpoint every minute (Jaeger answers 404). Metrics are prom-client's, scraped.
+    metricReaders: [],
+    logRecordProcessors: [],
     textMapPropagator: propagator,
     // No auto-instrumentation: Keyway's spans are made by hand where the messaging
     // conventions need them, and patching pg/http would add a span per query.

@@ -2,7 +2,7 @@ import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { type OtlpReceiver, spawnTs, startOtlpReceiver } from "@keyway/testkit"
-import { context, propagation, SpanKind, trace } from "@opentelemetry/api"
+import { context, metrics, propagation, SpanKind, trace } from "@opentelemetry/api"
 import {
   createMetricsRegistry,
   createMetricsServer,
@@ -18,6 +18,8 @@ describe("startTelemetry", () => {
   let telemetry: Telemetry
   before(async () => {
     receiver = await startOtlpReceiver()
+    // As the apps run: their endpoint comes from this variable, which the SDK reads too.
+    process.env.OTEL_EXPORTER_OTLP_ENDPOINT = receiver.url
     telemetry = startTelemetry({
       serviceName: "telemetry-test",
       serviceVersion: "1.2.3",
@@ -53,6 +55,14 @@ describe("startTelemetry", () => {
     assert.equal(child.attributes.n, 7)
     // W3C propagation is registered: the header names the child span in the same trace.
     assert.equal(traceparent, `00-${child.traceId}-${child.spanId}-01`)
+  })
+
+  test("only traces leave over OTLP: no metrics or logs pushed to the trace endpoint", async () => {
+    // Something in the process using the OpenTelemetry metrics API (a library, say).
+    metrics.getMeter("test").createCounter("things").add(1)
+    // Shutdown flushes every exporter the SDK made; after() shuts down again, a no-op.
+    await telemetry.shutdown()
+    assert.deepEqual(receiver.elsewhere(), [])
   })
 
   test("a second start in one process is refused: the SDK's providers are global", () => {

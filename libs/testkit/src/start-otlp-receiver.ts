@@ -21,6 +21,8 @@ export interface OtlpReceiver {
   /** Base URL: give it to the exporter as the OTLP endpoint; spans arrive at `/v1/traces`. */
   readonly url: string
   spans(): readonly ReceivedSpan[]
+  /** Requests to anything but `POST /v1/traces` (an exporter of metrics or logs, say). */
+  elsewhere(): readonly string[]
   /** Bodies refused (not OTLP JSON), with their content type: a misconfigured exporter. */
   readonly refused: readonly string[]
   stop(): Promise<void>
@@ -62,9 +64,11 @@ const hexId = (id: string | undefined): string => {
 export async function startOtlpReceiver(options: { port?: number } = {}): Promise<OtlpReceiver> {
   const spans: ReceivedSpan[] = []
   const refused: string[] = []
+  const elsewhere: string[] = []
   const http = await listenHttp(options.port ?? 0, async (req, res) => {
     const body = await readBody(req)
     if (req.method !== "POST" || req.url?.split("?")[0] !== "/v1/traces") {
+      elsewhere.push(`${req.method} ${req.url}`)
       return sendJson(res, 404, {})
     }
     const type = req.headers["content-type"] ?? ""
@@ -112,6 +116,7 @@ export async function startOtlpReceiver(options: { port?: number } = {}): Promis
   return {
     url: http.url,
     spans: () => spans,
+    elsewhere: () => elsewhere,
     refused,
     stop: () => http.close(),
     [Symbol.asyncDispose]: () => http.close(),
