@@ -2,7 +2,7 @@
 // pm2's list, the site's database, and the NATS monitoring port (/jsz, /leafz), so it works
 // the same while the apps are down and never handles a password.
 import { createDb } from "@keyway/db"
-import { createConsumerAdmin, type GroupSummary } from "@keyway/keyed-consumer"
+import { ConsumerAdminError, createConsumerAdmin, type GroupSummary } from "@keyway/keyed-consumer"
 import { sql } from "kysely"
 import type { Pm2Process } from "./pm2-client.ts"
 import { type SitePlan, siteDatabaseUrl } from "./site-plan.ts"
@@ -152,7 +152,14 @@ export async function collectStatus(
       streams: await attempt(() => streamFigures(plan)),
       leaf: await attempt(() => leafState(plan)),
       group: await attempt(async () => ({
-        ...(await createConsumerAdmin({ db, group: plan.worker.group }).summarise()),
+        // A group that has stored nothing yet (right after up) counts zero here; an
+        // operator's `admin summary` refuses the name, as a typo there would read as zero.
+        ...(await createConsumerAdmin({ db, group: plan.worker.group })
+          .summarise()
+          .catch((err: unknown) => {
+            if (!(err instanceof ConsumerAdminError)) throw err
+            return { gapKeys: 0, oldestGapSeconds: 0, deadTasks: 0, blockedKeys: 0 }
+          })),
         rejects: (
           await sql<{ n: number }>`
             select count(*)::int as n from keyway.inbox_reject

@@ -1,4 +1,4 @@
-import { readdir, readFile, readlink, rm } from "node:fs/promises"
+import { readdir, readFile, readlink, rm, stat } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import type { JetStreamManager } from "@nats-io/jetstream"
@@ -23,9 +23,14 @@ export function isRunning(pid: number): boolean {
 export const tempDirPrefix = (what: string) => `keyway-${what}-${process.pid}-`
 const TEMP_DIR = /^keyway-[a-z]+-(\d+)-/
 
+// Only the servers testkit starts are killed: a shell cd'd into a leftover dir, or a `tail -f`
+// of its log, is somebody's, not the dead test's.
+const SERVERS = new Set(["nats-server", "redis-server"])
+
 /**
- * Removes the temp dirs of test processes that are gone, after killing what still runs from
- * them (a server's command line names its config or data dir). Returns the dirs removed.
+ * Removes the temp dirs of test processes that are gone, after killing the servers of this
+ * user that still run from them (a server's command line names its config or data dir, or
+ * it runs in it). Returns the dirs removed.
  */
 export async function sweepTempDirs(root = tmpdir()): Promise<string[]> {
   const names = await readdir(root).catch(() => [] as string[])
@@ -39,6 +44,9 @@ export async function sweepTempDirs(root = tmpdir()): Promise<string[]> {
   const within = (path: string) => dead.some((d) => path === d || path.startsWith(`${d}/`))
   for (const entry of await readdir("/proc").catch(() => [] as string[])) {
     if (!/^\d+$/.test(entry)) continue
+    const comm = (await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "")).trim()
+    if (!SERVERS.has(comm)) continue
+    if ((await stat(`/proc/${entry}`).catch(() => undefined))?.uid !== process.getuid?.()) continue
     // Its working directory too: redis-server writes its title over its arguments.
     const cwd = await readlink(`/proc/${entry}/cwd`).catch(() => "")
     const args = (await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")).split("\0")
@@ -58,13 +66,25 @@ export async function sweepTempDirs(root = tmpdir()): Promise<string[]> {
 const TEST_DATABASE = /^keyway_[a-z0-9_]*?_(\d+)_[0-9a-f]{8}$/
 
 /**
- * Drops the test databases of test processes that are gone. Only on this machine's
- * Postgres: elsewhere a pid tells nothing. Returns the databases dropped.
+ * Drops the test databases of test processes that are gone, and made over `olderThanMs`
+ * ago (default 30 min). Only on this machine's Postgres: elsewhere a pid tells nothing. The
+ * age guards what the pid cannot see: a test in another pid namespace (a container) sharing
+ * this Postgres. No test file lives 10 minutes (the runner stops it). Returns the databases
+ * dropped.
  */
-export async function sweepTestDatabases(client: pg.Client, local: boolean): Promise<string[]> {
+export async function sweepTestDatabases(
+  client: pg.Client,
+  local: boolean,
+  olderThanMs = 30 * 60_000,
+): Promise<string[]> {
   if (!local) return []
+  // A database's age is its directory's: PG_VERSION is written once, when it is made.
   const r = await client.query<{ datname: string }>(
-    "select datname from pg_database where datname like 'keyway\\_%' and not datistemplate",
+    `select datname from pg_database
+      where datname like 'keyway\\_%' and not datistemplate
+        and (pg_stat_file('base/' || oid || '/PG_VERSION')).modification
+            < now() - make_interval(secs => $1 / 1000.0)`,
+    [olderThanMs],
   )
   const dead = r.rows
     .map((row) => row.datname)
