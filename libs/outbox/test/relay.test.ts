@@ -479,22 +479,13 @@ describe("relay", () => {
     await write(t.db, 40, 8)
     const { lines, logger } = recordingLogger()
     const metrics = createMetricsRegistry({ defaultMetrics: false })
-    relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site,
-      logger,
-      metrics,
-      batchSize: 10,
-      retryDelayMs: 200,
-    })
-    await relay.start()
+    const running = await startRelay({ logger, metrics, batchSize: 10, retryDelayMs: 200 })
     await waitFor(
       async () => (await streamCount(nc, stream)) === 40 && (await unpublishedCount(t.db)) === 12,
       { timeoutMs: 10_000, message: "every demo.item event published, every command kept" },
     )
-    assert.equal(relay.status().heldTopics, 1)
-    assert.equal(relay.status().heldKeys, 0, "the topic is held, not its keys one by one")
+    assert.equal(running.status().heldTopics, 1)
+    assert.equal(running.status().heldKeys, 0, "the topic is held, not its keys one by one")
     assert.equal(metricValue((await metrics.render()).body, "outbox_held_topics"), 1)
     const refusal = lines.find((l) => l.level === "error")
     assert.equal(refusal?.fields?.topic, "demo.command")
@@ -509,7 +500,7 @@ describe("relay", () => {
     await jsm.streams.update(stream, { ...info.config, subjects: [`${site}.>`] })
     await untilPublished("the held topic published", 20_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 52)
-    assert.equal(relay.status().heldTopics, 0)
+    assert.equal(running.status().heldTopics, 0)
   })
 
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {

@@ -120,15 +120,3 @@ export async function sweepTestStreams(
   for (const name of stale) await jsm.streams.delete(name).catch(() => {})
   return stale
 }
-
-/** Runs `sweep` the first time it is asked for in this process; never fails the caller. */
-export function once(sweep: () => Promise<unknown>): () => Promise<void> {
-  let done: Promise<void> | undefined
-  return () => {
-    done ??= sweep().then(
-      () => {},
-      () => {},
-    )
-    return done
-  }
-}

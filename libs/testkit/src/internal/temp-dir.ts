@@ -2,9 +2,9 @@ import { mkdtemp, rm } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { removeOnExit } from "./exit-cleanup.ts"
-import { once, sweepTempDirs, tempDirPrefix } from "./leftovers.ts"
+import { sweepTempDirs, tempDirPrefix } from "./leftovers.ts"
 
-const sweepOnce = once(() => sweepTempDirs())
+let swept = false
 
 export interface TempDir {
   readonly path: string
@@ -16,7 +16,10 @@ export interface TempDir {
  * or else when the process exits; the pid lets a later process sweep it if this one is killed.
  */
 export async function createTempDir(what: string): Promise<TempDir> {
-  await sweepOnce()
+  if (!swept) {
+    swept = true
+    await sweepTempDirs().catch(() => {})
+  }
   const path = await mkdtemp(join(tmpdir(), tempDirPrefix(what)))
   const forget = removeOnExit(path)
   return {
