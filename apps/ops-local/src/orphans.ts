@@ -60,7 +60,13 @@ export async function findOrphans(pm2Home: string, managed: Iterable<number>): P
     const pid = Number((await readFile(pidFile, "utf8").catch(() => "")).trim())
     if (!name || !Number.isSafeInteger(pid) || pid <= 0 || known.has(pid)) continue
     const proc = await procStat(pid)
-    if (proc && daemon > 0 && proc.ppid === daemon) continue
+    // The live daemon's child is its own. A daemon killed outright can read as a zombie while
+    // its child still names it as parent: the kernel hands children to another thread of the
+    // dying process first, and only when the last thread has gone to init. Fresh-clone CI
+    // met that window: the child was then skipped as the daemon's.
+    if (proc && daemon > 0 && proc.ppid === daemon && (await procStat(daemon)) !== undefined) {
+      continue
+    }
     if (proc && (await pidFileOf(pid)) === resolve(pidFile)) {
       // Read again: the process might have ended, and its pid gone to another, since.
       if ((await startTicks(pid)) === proc.ticks) {
