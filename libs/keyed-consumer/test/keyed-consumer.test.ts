@@ -1026,10 +1026,13 @@ describe("keyed consumer", () => {
     // new pages, and the table and its indexes grow by as much with every wave (the last
     // three waves' largest size was 3.2x the first three's). With it, the size after a wave
     // depends on when the last vacuum ran, but it stops growing after the first waves
-    // (1.05-1.23x).
+    // (1.05-1.23x). The median of the last three, not their largest: on a busy machine one
+    // wave can end before its vacuum has run (a fresh-clone CI run: 2.28x on the last wave
+    // alone, 1.52x for the median), while without vacuums every late wave is about 3x.
     const largest = (xs: number[]) => Math.max(...xs)
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
     assert.ok(
-      largest(sizes.slice(7)) < 2 * largest(sizes.slice(0, 3)),
+      median(sizes.slice(7)) < 2 * largest(sizes.slice(0, 3)),
       `inbox bytes after each wave: ${sizes.join(", ")}`,
     )
   })
