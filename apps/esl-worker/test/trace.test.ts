@@ -1,7 +1,8 @@
 // Must-show 2 of issue 5: one job is one trace. The writer's span, the relay's `send`, the
 // worker's `process esl.label`, its render and its AIMS call all land in the test OTLP
-// receiver under one trace id with the right parents, and the traceparent AIMS received
-// names the client span. Everything runs in this process, exporting to the receiver.
+// receiver under one trace id with the right parents; the traceparent AIMS received names
+// the client span, and the writer's baggage reaches AIMS too. Everything runs in this
+// process, exporting to the receiver.
 import assert from "node:assert/strict"
 import { createRequire } from "node:module"
 import { after, before, test } from "node:test"
@@ -20,6 +21,7 @@ import {
 } from "@keyway/testkit"
 import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
+import { context, propagation } from "@opentelemetry/api"
 import { Redis } from "ioredis"
 import { createEslWorker } from "../src/create-esl-worker.ts"
 import { macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
@@ -106,10 +108,14 @@ test("one job's trace runs writer → send → process esl.label → render and 
     { id: "P1", name: "Rye bread 500 g", priceMinor: 349, currency: "EUR" },
   ])
   const labels = macs(3)
-  const job = await writeLabelJob(t.db, {
-    jobId: "traced-job",
-    labels: labels.map((labelCode) => ({ labelCode, productId: "P1" })),
-  })
+  // The caller's baggage (as an ERP's request would bring it) rides along with the trace.
+  const baggage = propagation.createBaggage({ "erp.order": { value: "SO-1042" } })
+  const job = await context.with(propagation.setBaggage(context.active(), baggage), () =>
+    writeLabelJob(t.db, {
+      jobId: "traced-job",
+      labels: labels.map((labelCode) => ({ labelCode, productId: "P1" })),
+    }),
+  )
   await waitFor(() => labels.every((l) => aims.lastPush(l) !== undefined), {
     timeoutMs: 20_000,
     message: "all three labels pushed",
@@ -176,6 +182,7 @@ test("one job's trace runs writer → send → process esl.label → render and 
       posts.some((p) => p.spanId === spanId),
       "AIMS got the client span as parent",
     )
+    assert.equal(request.baggage, "erp.order=SO-1042", "AIMS got the writer's baggage")
   }
   assert.equal(new Set(trace.map((s) => s.traceId)).size, 1)
   assert.equal(trace.length, 1 + 3 + 4 + 4 + 4, "nothing else in the trace, nothing missing")

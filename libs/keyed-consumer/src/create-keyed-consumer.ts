@@ -176,6 +176,10 @@ export interface KeyedConsumer {
 }
 
 const tracer = trace.getTracer("@keyway/keyed-consumer")
+// The W3C headers the relay copies from the writer's context (@keyway/telemetry registers
+// the trace-context and baggage propagators): a handler sees the writer's baggage (a tenant,
+// an ERP order number) as well as its trace, and passes both on in its own calls.
+const PROPAGATED_HEADERS = ["traceparent", "tracestate", "baggage"] as const
 
 const quiet: KeyedConsumerLogger = {
   info() {},
@@ -521,7 +525,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       try {
         const e = decodeEnvelope(m.data)
         const carrier: Record<string, string> = {}
-        for (const h of ["traceparent", "tracestate"]) {
+        for (const h of PROPAGATED_HEADERS) {
           const v = m.headers?.get(h)
           if (v) carrier[h] = v
         }

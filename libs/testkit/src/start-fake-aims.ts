@@ -54,6 +54,8 @@ export interface FakeAimsPush {
   /** The `X-Fencing-Token` header, if sent. */
   fencingToken: string | undefined
   traceparent: string | undefined
+  /** The W3C `baggage` header, if sent. */
+  baggage: string | undefined
   imageSha256: string
   image: Buffer
   outcome: FakeAimsOutcome
@@ -215,6 +217,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
       idempotencyKey: header("idempotency-key"),
       fencingToken: header("x-fencing-token"),
       traceparent: header("traceparent"),
+      baggage: header("baggage"),
       imageSha256: createHash("sha256").update(png).digest("hex"),
       image: png,
       outcome: decideFailure() ?? 200,
