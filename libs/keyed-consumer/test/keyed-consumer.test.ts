@@ -1023,18 +1023,15 @@ describe("keyed consumer", () => {
       sizes.push(r.rows[0]!.bytes)
     }
     // Without a vacuum the freed space is never handed out again: each wave's rows land in
-    // new pages, and the table and its indexes grow by as much with every wave (the last
-    // three waves' largest size was 3.2x the first three's). With it, the size after a wave
-    // depends on when the last vacuum ran, but it stops growing after the first waves
-    // (1.05-1.23x). The median of the last three, not their largest: on a busy machine one
-    // wave can end before its vacuum has run (a fresh-clone CI run: 2.28x on the last wave
-    // alone, 1.52x for the median), while without vacuums every late wave is about 3x.
-    const largest = (xs: number[]) => Math.max(...xs)
-    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!
-    assert.ok(
-      median(sizes.slice(7)) < 2 * largest(sizes.slice(0, 3)),
-      `inbox bytes after each wave: ${sizes.join(", ")}`,
-    )
+    // new pages, and every wave grows the table and its indexes by about as much (measured:
+    // 524288 bytes after the first wave, then 350,000-385,000 more after each of the nine
+    // others). With it the size stops growing after the first waves, but not every wave: one
+    // that ends before its vacuum has run, or whose vacuum meets a snapshot still holding the
+    // pruned rows, can grow by a wave's worth (a fresh-clone CI run on a busy machine: one
+    // wave of nine grew by 483,328 bytes, the others by 0-155,648). So the check counts the
+    // waves that grew by more than half the first one's size: all nine without a vacuum.
+    const grew = sizes.slice(1).filter((size, i) => size - sizes[i]! > sizes[0]! / 2).length
+    assert.ok(grew <= 2, `inbox bytes after each wave: ${sizes.join(", ")}`)
   })
 
   test("stop() waits for a polling round in hand: nothing of the consumer runs after it returns", async () => {
