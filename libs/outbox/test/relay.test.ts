@@ -503,6 +503,71 @@ describe("relay", () => {
     assert.equal(running.status().heldTopics, 0)
   })
 
+  test("a topic the relay's NATS user may not publish to is held; the other topics go on", async () => {
+    await fresh()
+    // The site's permissions were written before demo.command existed: its relay user may
+    // publish demo.item only (and use the JetStream API for its replies).
+    await using server = await startNatsServer({
+      config: `authorization {
+        users = [
+          { user: admin, password: admin }
+          { user: relay, password: relay, permissions: {
+              publish: { allow: ["${site}.demo.item", "$JS.API.>"] }
+              subscribe: { allow: ["_INBOX.>"] } } }
+        ]
+      }`,
+    })
+    const adminNc = await connectNats({ servers: server.url, user: "admin", pass: "admin" })
+    const relayNc = await connectNats({
+      servers: server.url,
+      user: "relay",
+      pass: "relay",
+      inboxPrefix: "_INBOX",
+    })
+    try {
+      const privateStream = await createSiteStream(adminNc, site)
+      // More commands than a batch holds, first in seq order: the batch must not stop at them.
+      for (let n = 0; n < 12; n++) {
+        await t.db
+          .transaction()
+          .execute((trx) =>
+            enqueue(trx, {
+              type: "demo.command.sent.v1",
+              key: `c${n % 3}`,
+              payload: { n, command: "print" },
+            }),
+          )
+      }
+      await write(t.db, 40, 8)
+      const { lines, logger } = recordingLogger()
+      relay = createRelay({
+        connectionString: t.url,
+        jetstream: jetstream(relayNc),
+        site,
+        logger,
+        batchSize: 10,
+        retryDelayMs: 200,
+        heldRetryMs: 60_000,
+      })
+      await relay.start()
+      await waitFor(
+        async () =>
+          (await streamCount(adminNc, privateStream)) === 40 &&
+          (await unpublishedCount(t.db)) === 12,
+        { timeoutMs: 10_000, message: "every demo.item event published, every command kept" },
+      )
+      assert.equal(relay.status().heldTopics, 1)
+      const refusal = lines.find((l) => l.level === "error")
+      assert.equal(refusal?.fields?.topic, "demo.command")
+      assert.match(String(refusal?.fields?.reason), /may not publish/)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await relayNc.close()
+      await adminNc.close()
+    }
+  })
+
   test("kill -9 between publish and mark, then restart: nothing missing, nothing twice", async () => {
     await fresh()
     await write(t.db, 3000, 30)

@@ -1,6 +1,11 @@
 import { encodeEnvelope } from "@keyway/schemas"
 import { JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream"
-import { InvalidArgumentError, headers as natsHeaders, RequestError } from "@nats-io/transport-node"
+import {
+  InvalidArgumentError,
+  headers as natsHeaders,
+  PermissionViolationError,
+  RequestError,
+} from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
@@ -36,10 +41,11 @@ const STREAM_MESSAGE_TOO_LARGE = 10054
  * - "key": this event will never fit (the server's max_payload, which nats.js checks before
  *   sending, or the stream's max_msg_size). Its key's later versions wait behind it; the
  *   other keys of its topic are not concerned.
- * - "topic": the server answered for the subject: no stream takes it (no responders), or its
- *   stream refused the message (full with discard new, sealed, out of storage). Every key of
- *   the topic would get the same answer; the other topics would not, and stopping the batch
- *   at it would hold the whole outbox behind one topic's missing stream.
+ * - "topic": the server answered for the subject: no stream takes it (no responders), its
+ *   stream refused the message (full with discard new, sealed, out of storage), or the
+ *   relay's NATS user may not publish to it. Every key of the topic would get the same
+ *   answer; the other topics would not, and stopping the batch at it would hold the whole
+ *   outbox behind one topic's missing stream or permission.
  */
 export function refusal(err: unknown): { holds: "key" | "topic"; reason: string } | undefined {
   if (err instanceof InvalidArgumentError && /max_payload/.test(err.message)) {
@@ -56,6 +62,13 @@ export function refusal(err: unknown): { holds: "key" | "topic"; reason: string 
   }
   if (err instanceof JetStreamApiError) {
     return { holds: "topic", reason: `the stream refused it (${err.code}: ${err.message})` }
+  }
+  const denied = [err, cause].find((e) => e instanceof PermissionViolationError)
+  if (denied) {
+    return {
+      holds: "topic",
+      reason: `this relay's NATS user may not publish to the subject (${(denied as Error).message})`,
+    }
   }
   return undefined
 }
