@@ -96,6 +96,19 @@ describe("relay", () => {
   /** Waits until the outbox holds no unpublished row. */
   const untilPublished = (message: string, timeoutMs: number) =>
     waitFor(async () => (await unpublishedCount(t.db)) === 0, { timeoutMs, message })
+  /** Waits until the stream holds `inStream` events and `kept` rows stay unpublished. */
+  const untilSplit = (
+    conn: NatsConnection,
+    name: string,
+    inStream: number,
+    kept: number,
+    message: string,
+  ) =>
+    waitFor(
+      async () =>
+        (await streamCount(conn, name)) === inStream && (await unpublishedCount(t.db)) === kept,
+      { timeoutMs: 10_000, message },
+    )
   /** The flag that tells writers to NOTIFY: the relay is idle and waits for one. */
   const listening = async () =>
     (await sql<{ l: boolean }>`select listening as l from keyway.relay_state`.execute(t.db))
@@ -436,20 +449,14 @@ describe("relay", () => {
       await t.db.transaction().execute((trx) => enqueue(trx, bigItem("big", 1)))
       await write(t.db, 20, 4)
       const { lines, logger } = recordingLogger()
-      relay = createRelay({
-        connectionString: t.url,
-        jetstream: jetstream(privateNc),
-        site,
-        logger,
-        heldRetryMs: 60_000,
-      })
-      await relay.start()
+      await startRelay({ jetstream: jetstream(privateNc), logger, heldRetryMs: 60_000 })
       // Published and marked (see the test above).
-      await waitFor(
-        async () =>
-          (await streamCount(privateNc, privateStream)) === 20 &&
-          (await unpublishedCount(t.db)) === 1,
-        { timeoutMs: 10_000, message: "every other key published, the big event kept" },
+      await untilSplit(
+        privateNc,
+        privateStream,
+        20,
+        1,
+        "every other key published, the big event kept",
       )
       const refusal = lines.find((l) => l.level === "error")
       assert.equal(refusal?.fields?.key, "big")
@@ -480,10 +487,7 @@ describe("relay", () => {
     const { lines, logger } = recordingLogger()
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const running = await startRelay({ logger, metrics, batchSize: 10, retryDelayMs: 200 })
-    await waitFor(
-      async () => (await streamCount(nc, stream)) === 40 && (await unpublishedCount(t.db)) === 12,
-      { timeoutMs: 10_000, message: "every demo.item event published, every command kept" },
-    )
+    await untilSplit(nc, stream, 40, 12, "every demo.item event published, every command kept")
     assert.equal(running.status().heldTopics, 1)
     assert.equal(running.status().heldKeys, 0, "the topic is held, not its keys one by one")
     assert.equal(metricValue((await metrics.render()).body, "outbox_held_topics"), 1)
@@ -528,35 +532,31 @@ describe("relay", () => {
       const privateStream = await createSiteStream(adminNc, site)
       // More commands than a batch holds, first in seq order: the batch must not stop at them.
       for (let n = 0; n < 12; n++) {
-        await t.db
-          .transaction()
-          .execute((trx) =>
-            enqueue(trx, {
-              type: "demo.command.sent.v1",
-              key: `c${n % 3}`,
-              payload: { n, command: "print" },
-            }),
-          )
+        await t.db.transaction().execute((trx) =>
+          enqueue(trx, {
+            type: "demo.command.sent.v1",
+            key: `c${n % 3}`,
+            payload: { n, command: "print" },
+          }),
+        )
       }
       await write(t.db, 40, 8)
       const { lines, logger } = recordingLogger()
-      relay = createRelay({
-        connectionString: t.url,
+      const running = await startRelay({
         jetstream: jetstream(relayNc),
-        site,
         logger,
         batchSize: 10,
         retryDelayMs: 200,
         heldRetryMs: 60_000,
       })
-      await relay.start()
-      await waitFor(
-        async () =>
-          (await streamCount(adminNc, privateStream)) === 40 &&
-          (await unpublishedCount(t.db)) === 12,
-        { timeoutMs: 10_000, message: "every demo.item event published, every command kept" },
+      await untilSplit(
+        adminNc,
+        privateStream,
+        40,
+        12,
+        "every demo.item event published, every command kept",
       )
-      assert.equal(relay.status().heldTopics, 1)
+      assert.equal(running.status().heldTopics, 1)
       const refusal = lines.find((l) => l.level === "error")
       assert.equal(refusal?.fields?.topic, "demo.command")
       assert.match(String(refusal?.fields?.reason), /may not publish/)
