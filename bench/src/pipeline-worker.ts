@@ -58,9 +58,11 @@ if (env.KIND === "keyway") {
   // and throughput is what the target compares.
   const runner = await run({
     connectionString: env.DATABASE_URL!,
-    concurrency: Number(env.CONCURRENCY ?? 16),
+    concurrency: Number(env.BENCH_GRAPHILE_CONCURRENCY ?? env.CONCURRENCY ?? 16),
+    maxPoolSize: Number(env.BENCH_GRAPHILE_POOL ?? 10),
     noHandleSignals: true,
-    pollInterval: 1000,
+    pollInterval: Number(env.BENCH_GRAPHILE_POLL_MS ?? 1000),
+    preset: { worker: { completeJobBatchDelay: Number(env.BENCH_GRAPHILE_BATCH_MS ?? -1) } },
     // The default logger prints a line per job; the benchmark measures the work, not the logs.
     logger: new Logger(() => () => {}),
     taskList: {

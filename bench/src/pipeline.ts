@@ -47,7 +47,7 @@ const workerProcesses = workerProcessCount(WORKER_PROCESSES)
 // as many as with 64 (383-440): past its pool of 10 connections, more jobs at once only wait
 // for a client (see pipeline-worker.ts).
 const CONCURRENCY = process.env.BENCH_CONCURRENCY ?? "256"
-// While working on one side, `BENCH_ONLY=keyway` skips graphile-worker (and the ratio).
+// While working on one side, `BENCH_ONLY=keyway` or `graphile` skips the other (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
 const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
@@ -434,12 +434,6 @@ export async function run() {
     CONCURRENCY,
   }
   try {
-    let workers = await startWorkers({ ...env, KIND: "keyway" })
-    const kThroughput = await throughput(db, keywayBatch, processLabels(db, relay, workers))
-    const stepsBefore = await drainSteps(workers)
-    const kLatency = await latency(db, keywayWrite, processLabels(db, relay, workers))
-    const stepsAfter = await drainSteps(workers)
-    await stopWorkers(workers)
     const skipped = {
       perSecond: Number.NaN,
       writePerSecond: Number.NaN,
@@ -448,8 +442,7 @@ export async function run() {
       cpuMsPerEvent: Number.NaN,
       cpuMsPerEventBy: new Map<string, number>(),
     }
-    let gThroughput = skipped
-    let gLatency = {
+    const skippedLatency = {
       events: 0,
       p50: Number.NaN,
       p99: Number.NaN,
@@ -457,9 +450,24 @@ export async function run() {
       machineBusy: Number.NaN,
       cpuMsPerEvent: Number.NaN,
       cpuMsPerEventBy: new Map<string, number>(),
+      stages: undefined as Awaited<ReturnType<typeof latency>>["stages"],
     }
+    let kThroughput = skipped
+    let kLatency = skippedLatency
+    let stepsBefore: Record<string, HistogramSeries> = {}
+    let stepsAfter: Record<string, HistogramSeries> = {}
+    if (ONLY !== "graphile") {
+      const workers = await startWorkers({ ...env, KIND: "keyway" })
+      kThroughput = await throughput(db, keywayBatch, processLabels(db, relay, workers))
+      stepsBefore = await drainSteps(workers)
+      kLatency = await latency(db, keywayWrite, processLabels(db, relay, workers))
+      stepsAfter = await drainSteps(workers)
+      await stopWorkers(workers)
+    }
+    let gThroughput = skipped
+    let gLatency = skippedLatency
     if (ONLY !== "keyway") {
-      workers = await startWorkers({ ...env, KIND: "graphile" })
+      const workers = await startWorkers({ ...env, KIND: "graphile" })
       gThroughput = await throughput(db, graphileBatch, processLabels(db, relay, workers))
       gLatency = await latency(db, graphileWrite, processLabels(db, relay, workers))
       await stopWorkers(workers)
