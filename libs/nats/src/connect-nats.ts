@@ -22,7 +22,10 @@ export interface NatsConfig {
 /**
  * Connects with the options every Keyway process wants (reference/nats-2.9.md rule 10):
  * never give up reconnecting (the library default stops after 10 attempts, which turns a
- * long NATS outage into a dead process), and wait for a server that is not up yet.
+ * long NATS outage into a dead process), not even after the server refuses the password
+ * twice (the library's other default: a password rotated on the server before the apps
+ * closed their connections for good, and a relay on a closed connection kept its leadership
+ * while publishing nothing), and wait for a server that is not up yet.
  * `noAsyncTraces`: by default every request (each JetStream publish is one) builds two Error
  * objects up front for a nicer stack should it fail; that was 8% of the relay's CPU in
  * `just bench pipeline`. Failures still carry their message and cause.
@@ -37,6 +40,7 @@ export function connectNats(config: NatsConfig): Promise<NatsConnection> {
     // every request times out, and a process waiting for its stream waits for ever.
     inboxPrefix: config.inboxPrefix ?? (config.user ? inboxPrefixFor(config.user) : undefined),
     maxReconnectAttempts: -1,
+    ignoreAuthErrorAbort: true,
     reconnectTimeWait: 250,
     waitOnFirstConnect: config.waitForServer ?? true,
     pingInterval: 10_000,
