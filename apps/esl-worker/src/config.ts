@@ -3,6 +3,8 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsServersEnv,
+  postgresUrlEnv,
   requiredEnv,
   type TelemetryEnv,
   telemetryEnv,
@@ -51,8 +53,8 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
     throw new ConfigError(`ESL_ON_DEAD must be park or block, got ${JSON.stringify(onDead)}`)
   }
   return {
-    databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
-    natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
+    databaseUrl: postgresUrlEnv(env),
+    natsServers: natsServersEnv(env),
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
     redisUrl: env.REDIS_URL?.trim() || "redis://127.0.0.1:6379",

@@ -2,7 +2,7 @@ import {
   ConfigError,
   type Env,
   intEnv,
-  requiredEnv,
+  postgresUrlEnv,
   type TelemetryEnv,
   telemetryEnv,
 } from "@keyway/app-config"
@@ -19,7 +19,7 @@ export interface EslWriterAppConfig extends TelemetryEnv {
 
 export function parseConfig(env: Env): EslWriterAppConfig {
   return {
-    databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
+    databaseUrl: postgresUrlEnv(env),
     port: intEnv(env, "PORT", 8080, { min: 0, max: 65535 }),
     ...telemetryEnv(env, "esl-writer"),
   }

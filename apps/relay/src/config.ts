@@ -3,6 +3,8 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsServersEnv,
+  postgresUrlEnv,
   requiredEnv,
   type TelemetryEnv,
   telemetryEnv,
@@ -40,8 +42,8 @@ export function parseConfig(env: Env): RelayAppConfig {
   }
   return {
     metricsPort: metricsPortEnv(env),
-    databaseUrl: requiredEnv(env, "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/keyway"),
-    natsServers: (env.NATS_URL ?? "nats://127.0.0.1:4222").split(",").map((s) => s.trim()),
+    databaseUrl: postgresUrlEnv(env),
+    natsServers: natsServersEnv(env),
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
     natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
@@ -51,7 +53,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     window: intEnv(env, "RELAY_WINDOW", 256),
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
     busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 3),
-    retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24),
+    retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24, { max: 24 * 365 * 10 }),
     ...telemetryEnv(env, "keyway-relay"),
   }
 }

@@ -25,7 +25,14 @@ export function parsePositiveInt(raw: string, max = Number.MAX_SAFE_INTEGER): nu
   return Number.isSafeInteger(n) && n <= max ? n : undefined
 }
 
-/** An integer within bounds, or `fallback` when unset. */
+// Node's timers take at most 2^31 - 1 ms; a longer one fires after 1 ms (with a warning), so
+// a poll interval of a month would poll a thousand times a second.
+const MAX_TIMER_MS = 2 ** 31 - 1
+
+/**
+ * An integer within bounds written in decimal digits, or `fallback` when unset. The default
+ * upper bound is the longest timer Node can set, since most of these are milliseconds.
+ */
 export function intEnv(
   env: Env,
   name: string,
@@ -34,12 +41,50 @@ export function intEnv(
 ): number {
   const raw = env[name]?.trim()
   if (!raw) return fallback
-  const value = Number(raw)
+  // Not Number(): it also reads "0x10", "1e3" and "" as numbers.
+  const value = /^-?(0|[1-9][0-9]*)$/.test(raw) ? Number(raw) : Number.NaN
   const min = bounds.min ?? 1
-  const max = bounds.max ?? Number.MAX_SAFE_INTEGER
-  if (!Number.isInteger(value) || value < min || value > max) {
-    const range = bounds.max === undefined ? `>= ${min}` : `from ${min} to ${max}`
-    throw new ConfigError(`${name} must be an integer ${range}, got ${JSON.stringify(raw)}`)
+  const max = bounds.max ?? MAX_TIMER_MS
+  if (!Number.isSafeInteger(value) || value < min || value > max) {
+    throw new ConfigError(
+      `${name} must be an integer from ${min} to ${max}, got ${JSON.stringify(raw)}`,
+    )
+  }
+  return value
+}
+
+/**
+ * NATS_URL: one or more servers, comma-separated, each `nats://host:port` or `host:port`;
+ * a default when unset. nats.js takes a bad entry for a server that is down, and waits for
+ * it for ever.
+ */
+export function natsServersEnv(env: Env, fallback = "nats://127.0.0.1:4222"): string[] {
+  const raw = env.NATS_URL?.trim() || fallback
+  const servers = raw.split(",").map((s) => s.trim())
+  for (const server of servers) {
+    let url: URL | undefined
+    try {
+      url = new URL(server.includes("://") ? server : `nats://${server}`)
+    } catch {}
+    if (!url?.hostname || !/^(nats|tls|ws|wss):$/.test(url.protocol)) {
+      throw new ConfigError(
+        `NATS_URL must be comma-separated servers like nats://127.0.0.1:4222, got ${JSON.stringify(raw)}`,
+      )
+    }
+  }
+  return servers
+}
+
+/** DATABASE_URL, required: a postgres:// or postgresql:// URL, as pg reads it. */
+export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
+  const example = "postgres://postgres@127.0.0.1:5432/keyway"
+  const value = requiredEnv(env, name, example)
+  let url: URL | undefined
+  try {
+    url = new URL(value)
+  } catch {}
+  if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
+    throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
   }
   return value
 }

@@ -4,6 +4,8 @@ import {
   ConfigError,
   intEnv,
   metricsPortEnv,
+  natsServersEnv,
+  postgresUrlEnv,
   requiredEnv,
   telemetryEnv,
   urlEnv,
@@ -25,9 +27,47 @@ test("intEnv falls back when unset and rejects non-integers and values out of bo
   assert.equal(intEnv({}, "N", 7), 7)
   assert.equal(intEnv({ N: "12" }, "N", 7), 12)
   assert.equal(intEnv({ N: "0" }, "N", 7, { min: 0 }), 0)
-  assert.throws(() => intEnv({ N: "1.5" }, "N", 7), /N must be an integer >= 1, got "1.5"/)
-  assert.throws(() => intEnv({ N: "0" }, "N", 7), /N must be an integer >= 1/)
+  assert.throws(
+    () => intEnv({ N: "1.5" }, "N", 7),
+    /N must be an integer from 1 to 2147483647, got "1.5"/,
+  )
+  assert.throws(() => intEnv({ N: "0" }, "N", 7), /N must be an integer from 1/)
   assert.throws(() => intEnv({ N: "70000" }, "N", 7, { min: 0, max: 65535 }), /from 0 to 65535/)
+  // What Number() would read as a number, and a timer Node cannot set (it fires after 1 ms).
+  for (const raw of ["0x10", "1e3", "12abc", "+5", "2147483648"]) {
+    assert.throws(() => intEnv({ N: raw }, "N", 7), /N must be an integer/, raw)
+  }
+})
+
+test("natsServersEnv takes servers with or without a scheme, and refuses what nats.js would wait on for ever", () => {
+  assert.deepEqual(natsServersEnv({}), ["nats://127.0.0.1:4222"])
+  assert.deepEqual(natsServersEnv({ NATS_URL: "nats://a:4222, b:4223" }), [
+    "nats://a:4222",
+    "b:4223",
+  ])
+  for (const raw of ["nats://h:4222,", "hello world", "http://h:4222", ","]) {
+    assert.throws(
+      () => natsServersEnv({ NATS_URL: raw }),
+      (err: Error) => err instanceof ConfigError && /NATS_URL must be/.test(err.message),
+      raw,
+    )
+  }
+})
+
+test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (it may hold a password)", () => {
+  const url = "postgres://u:secret@h:5432/db"
+  assert.equal(postgresUrlEnv({ DATABASE_URL: url }), url)
+  assert.throws(() => postgresUrlEnv({}), /DATABASE_URL is required/)
+  for (const raw of ["not a url at all", "mysql://u:secret@h/db"]) {
+    assert.throws(
+      () => postgresUrlEnv({ DATABASE_URL: raw }),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        /DATABASE_URL must be a URL like postgres:/.test(err.message) &&
+        !err.message.includes("secret"),
+      raw,
+    )
+  }
 })
 
 test("urlEnv rejects what is not a URL", () => {
