@@ -517,8 +517,23 @@ export function createRelay(config: RelayConfig): Relay {
       // up publishing for as long. While some are left, the loop comes back at once.
       let pruneBehind = false
       if (settings.retentionMs > 0 && Date.now() >= nextPruneAt) {
+        // Upkeep, not publishing: a prune that fails (a role without DELETE, a damaged index)
+        // is reported and tried again at the next interval. Ending the session for it made
+        // every new session re-publish its window, then fail here again: a loop of
+        // duplicates that never got past the window. A connection that is gone fails the
+        // next claim and ends the session there.
         const pruned = yield* query("prune", () =>
           prunePublished(client, settings.retentionMs, PRUNE_BATCH),
+        ).pipe(
+          Effect.catch((err) =>
+            Effect.sync(() => {
+              log.warn("prune failed; publishing goes on", {
+                error: err.message,
+                retryInMs: settings.pruneIntervalMs,
+              })
+              return 0
+            }),
+          ),
         )
         prunedInRound += pruned
         pruneBehind = pruned >= PRUNE_BATCH

@@ -687,6 +687,29 @@ describe("relay", () => {
     assert.equal(await streamCount(nc, stream), 2600, "pruning takes nothing from the stream")
   })
 
+  test("a prune that fails is reported and publishing goes on, without a new session", async () => {
+    await fresh()
+    // As for a relay whose role may not delete. A statement trigger: every prune fails,
+    // whether or not a row is old enough.
+    await sql`create function refuse_delete() returns trigger language plpgsql as $$
+                begin raise exception 'deletes refused'; end $$`.execute(t.db)
+    await sql`create trigger refuse_delete before delete on keyway.outbox
+                for each statement execute function refuse_delete()`.execute(t.db)
+    await write(t.db, 300, 30)
+    const { lines, logger } = recordingLogger()
+    await startRelay({ logger, retentionMs: 60_000, pruneIntervalMs: 100, batchSize: 100 })
+    await untilPublished("the 300 events published", 20_000)
+    await waitFor(async () => lines.some((l) => l.message.startsWith("prune failed")), {
+      timeoutMs: 10_000,
+      message: "the failed prune reported",
+    })
+    assert.ok(
+      !lines.some((l) => l.message.startsWith("relay session ended")),
+      "the session went on: a new one would re-publish its window first",
+    )
+    assertExactlyOnceInOrder(await readStream(nc, stream), 300)
+  })
+
   test("retention goes on during a backlog that fills every batch", async () => {
     await fresh()
     // Rows published long ago (as far as retention can tell), then a backlog of 3,000 that
