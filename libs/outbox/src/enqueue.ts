@@ -43,7 +43,26 @@ export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 - 8 * 1024
 // Keys end up in logs, the inbox and admin commands; a bound (MAX_KEY_LENGTH) and no control
 // characters keep them printable and indexable. Everything else about a key is the domain's.
 // biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
-const CONTROL = /[\u0000-\u001f\u007f]/
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
+
+// What JSON.stringify writes for a NUL and for half of a surrogate pair (a whole pair it writes
+// as is): Postgres' jsonb stores neither, and refused the whole transaction with a bare
+// 22P05 or 22P02 naming no event. An escape starts at a backslash that is not itself escaped.
+const UNSTORABLE = /(?<!\\)(?:\\\\)*\\u(?:0000|d[89a-f][0-9a-f]{2})/i
+
+/** The path of the first string in `value` (a key or a value) that jsonb cannot store. */
+function unstorablePath(value: unknown, path = "payload"): string | undefined {
+  const bad = (s: string) => s.includes("\u0000") || !s.isWellFormed()
+  if (typeof value === "string") return bad(value) ? path : undefined
+  if (value === null || typeof value !== "object") return undefined
+  for (const [k, v] of Object.entries(value)) {
+    const at = `${path}${Array.isArray(value) ? `[${k}]` : `.${k}`}`
+    if (bad(k)) return at
+    const found = unstorablePath(v, at)
+    if (found) return found
+  }
+  return undefined
+}
 
 function check(
   event: OutboxEvent,
@@ -58,7 +77,8 @@ function check(
   if (typeof event.key !== "string" || event.key.length === 0) {
     throw new EnqueueError(`${where} (${event.type}): key must be a non-empty string`)
   }
-  if (event.key.length > MAX_KEY_LENGTH || CONTROL.test(event.key)) {
+  // An unpaired surrogate becomes U+FFFD in Postgres: two such keys would be one.
+  if (event.key.length > MAX_KEY_LENGTH || CONTROL.test(event.key) || !event.key.isWellFormed()) {
     throw new EnqueueError(
       `${where} (${event.type}): key must be at most ${MAX_KEY_LENGTH} printable characters`,
     )
@@ -66,6 +86,11 @@ function check(
   // Throws InvalidEventError naming the type and every bad field.
   def.decode(event.payload)
   const json = JSON.stringify(event.payload)
+  if (json.includes("\\u") && UNSTORABLE.test(json)) {
+    throw new EnqueueError(
+      `${where} (${event.type}, key ${event.key}): ${unstorablePath(event.payload)} holds a NUL character or half of a surrogate pair, which Postgres cannot store`,
+    )
+  }
   // Byte length only when it could matter: UTF-8 is at most 3 bytes per UTF-16 unit.
   if (json.length * 3 > maxPayloadBytes) {
     const bytes = Buffer.byteLength(json)

@@ -1,7 +1,12 @@
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { runPipelinedTransaction } from "@keyway/db"
-import { DEFAULT_MAX_PAYLOAD_BYTES, EnqueueError, enqueue } from "@keyway/outbox"
+import {
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  EnqueueError,
+  type EnqueueOptions,
+  enqueue,
+} from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
@@ -63,35 +68,64 @@ describe("enqueue", () => {
     assert.equal((await outboxRows(t)).length, before)
   })
 
+  /**
+   * enqueue's error, caught inside a transaction that then commits: a first event written
+   * before a later one was refused would stay, where a rollback would hide it.
+   */
+  const refusal = (events: Parameters<typeof enqueue>[1], options?: EnqueueOptions) =>
+    t.db.transaction().execute(async (trx) => {
+      try {
+        await enqueue(trx, events, options)
+      } catch (err) {
+        return err as Error
+      }
+      assert.fail("enqueue accepted it")
+    })
+
   test("an invalid payload names the type and the field, and nothing of the call is written", async () => {
     const before = await outboxRows(t)
-    await assert.rejects(
-      t.db
-        .transaction()
-        .execute((trx) =>
-          enqueue(trx, [
-            item("d", 1),
-            { type: "demo.item.changed.v1", key: "d", payload: { n: "x" } },
-          ]),
-        ),
-      (err: Error) => {
-        assert.ok(err instanceof InvalidEventError)
-        assert.match(err.message, /demo\.item\.changed\.v1/)
-        assert.match(err.message, /\["n"\]/)
-        return true
-      },
-    )
-    await assert.rejects(
-      t.db
-        .transaction()
-        .execute((trx) => enqueue(trx, { type: "no.such.v1", key: "d", payload: {} })),
+    const invalid = await refusal([
+      item("d", 1),
+      { type: "demo.item.changed.v1", key: "d", payload: { n: "x" } },
+    ])
+    assert.ok(invalid instanceof InvalidEventError)
+    assert.match(invalid.message, /demo\.item\.changed\.v1/)
+    assert.match(invalid.message, /\["n"\]/)
+    assert.match(
+      (await refusal({ type: "no.such.v1", key: "d", payload: {} })).message,
       /unknown event type "no\.such\.v1"/,
     )
-    await assert.rejects(
-      t.db.transaction().execute((trx) => enqueue(trx, item("", 1))),
-      /key must be a non-empty string/,
-    )
+    assert.match((await refusal(item("", 1))).message, /key must be a non-empty string/)
     assert.deepEqual(await outboxRows(t), before)
+    const [first] = await t.db.transaction().execute((trx) => enqueue(trx, item("d", 1)))
+    assert.equal(first!.ver, 1, "the refused calls took no version of key d")
+  })
+
+  test("what Postgres cannot store is refused naming the event and the field, not with a bare 22P05", async () => {
+    const before = await outboxRows(t)
+    const noted = (key: string, note: unknown) => ({
+      type: "demo.item.changed.v1",
+      key,
+      payload: { n: 1, note },
+    })
+    const nul = await refusal([item("u", 1), noted("u", "a\u0000b")])
+    assert.ok(nul instanceof EnqueueError)
+    assert.equal(
+      nul.message,
+      "event #2 (demo.item.changed.v1, key u): payload.note holds a NUL character or half of a surrogate pair, which Postgres cannot store",
+    )
+    assert.match((await refusal(noted("u", "x\ud800"))).message, /key u\): payload\.note holds/)
+    // An unpaired surrogate in a key became U+FFFD in Postgres: two such keys were one.
+    assert.match((await refusal(item("k\udc00", 1))).message, /key must be/)
+    // C1 control characters are not printable either.
+    assert.match((await refusal(item("k\u0085", 1))).message, /key must be/)
+    assert.deepEqual(await outboxRows(t), before)
+    // Text that only looks like an escape, and a whole surrogate pair, are stored as they are.
+    const [ok] = await t.db
+      .transaction()
+      .execute((trx) => enqueue(trx, noted("u", "\\u0000 and \ud83d\ude00")))
+    const [row] = (await outboxRows(t)).filter((r) => r.seq === ok!.seq)
+    assert.deepEqual(row!.payload, { n: 1, note: "\\u0000 and \ud83d\ude00" })
   })
 
   test("issued together with the domain insert in a pipelined transaction: both commit, or neither", async () => {
@@ -145,20 +179,13 @@ describe("enqueue", () => {
     const json = JSON.stringify(noted("€".repeat(40)).payload)
     const bytes = Buffer.byteLength(json)
     assert.ok(json.length < 100 && bytes > 100)
-    await assert.rejects(
-      t.db
-        .transaction()
-        .execute((trx) =>
-          enqueue(trx, [item("big", 1), noted("€".repeat(40))], { maxPayloadBytes: 100 }),
-        ),
-      (err: Error) => {
-        assert.ok(err instanceof EnqueueError)
-        assert.equal(
-          err.message,
-          `event #2 (demo.item.changed.v1, key big): payload is ${bytes} bytes of JSON, over the 100 allowed (a NATS message may not exceed the server's max_payload)`,
-        )
-        return true
-      },
+    const tooLarge = await refusal([item("big", 1), noted("€".repeat(40))], {
+      maxPayloadBytes: 100,
+    })
+    assert.ok(tooLarge instanceof EnqueueError)
+    assert.equal(
+      tooLarge.message,
+      `event #2 (demo.item.changed.v1, key big): payload is ${bytes} bytes of JSON, over the 100 allowed (a NATS message may not exceed the server's max_payload)`,
     )
     assert.deepEqual(await outboxRows(t), before)
     // The default leaves room for everything a 1 MiB NATS message carries besides the payload.
