@@ -130,7 +130,10 @@ const nc = await connectNats({
   process.exit(1)
 })
 const aborter = new AbortController()
+// Ctrl-C at a prompt is SIGINT; through `npx just`, whose wrapper passes it on as SIGTERM, and
+// under a supervisor it is SIGTERM: both end the read the same way, its consumer deleted.
 process.once("SIGINT", () => aborter.abort())
+process.once("SIGTERM", () => aborter.abort())
 // A reader that stops early (`| head`) is no error: stop there, quietly. Not by exiting
 // at once: the read deletes its consumer on the way out, which the server would otherwise
 // keep, with its pending count, for 5 minutes.

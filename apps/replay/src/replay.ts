@@ -4,6 +4,7 @@
 // the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
 import { decodeEnvelope } from "@keyway/schemas"
 import {
+  AckPolicy,
   type Consumer,
   DeliverPolicy,
   JetStreamApiCodes,
@@ -95,14 +96,17 @@ export async function replay(
   options: ReplayOptions,
   print: (line: ReplayLine) => void,
 ): Promise<number> {
-  const open = (startSeq = options.fromSeq) =>
+  const start =
+    options.fromSeq ??
+    (options.since !== undefined
+      ? await firstSeqSince(js, options.stream, options.since)
+      : undefined)
+  const open = (startSeq = start) =>
     js.consumers.get(options.stream, {
       ...(options.subject ? { filter_subjects: options.subject } : {}),
       ...(startSeq !== undefined
         ? { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: startSeq }
-        : options.since !== undefined
-          ? { deliver_policy: DeliverPolicy.StartTime, opt_start_time: options.since.toISOString() }
-          : { deliver_policy: DeliverPolicy.All }),
+        : { deliver_policy: DeliverPolicy.All }),
     })
   const progress: Progress = { printed: 0 }
   let consumer = await open()
@@ -131,6 +135,28 @@ export async function replay(
   } finally {
     await consumer.delete().catch(() => {})
   }
+}
+
+/**
+ * The sequence of the stream's first message stored at or after `since` (the next one to be
+ * stored, if none is). The ordered consumer is never given a time: when nats.js replaces its
+ * server-side consumer after a gap in delivery (a reconnect after the server dropped a slow
+ * reader, say), it keeps opt_start_time beside the new start sequence, which nats-server 2.9
+ * refuses (10094), and the read stalled for good. The server works the time out: a consumer
+ * created to start there reports the sequence before its first message as delivered.
+ */
+async function firstSeqSince(js: JetStreamClient, stream: string, since: Date): Promise<number> {
+  const jsm = await js.jetstreamManager()
+  const probe = await jsm.consumers.add(stream, {
+    deliver_policy: DeliverPolicy.StartTime,
+    opt_start_time: since.toISOString(),
+    ack_policy: AckPolicy.None,
+    mem_storage: true,
+    // Gone by itself (after a minute, in nanoseconds) should the delete below not reach it.
+    inactive_threshold: 60e9,
+  })
+  await jsm.consumers.delete(stream, probe.name).catch(() => {})
+  return probe.delivered.stream_seq + 1
 }
 
 async function readAll(

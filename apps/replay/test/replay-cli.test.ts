@@ -1,11 +1,13 @@
 // `just replay` against the machine's NATS, run as a developer runs it.
 import assert from "node:assert/strict"
 import { spawn } from "node:child_process"
+import { readFile } from "node:fs/promises"
 import { after, before, test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
 import { connectNats } from "@keyway/nats"
 import { encodeEnvelope } from "@keyway/schemas"
-import { createTestStream, waitFor } from "@keyway/testkit"
+import { createTestStream, startNatsServer, waitFor } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { headers, type NatsConnection } from "@nats-io/transport-node"
 
@@ -14,10 +16,10 @@ const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
 let nc: NatsConnection
 let stream: Awaited<ReturnType<typeof createTestStream>>
 
-function start(args: string[]) {
+function start(args: string[], url = natsUrl) {
   const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
     cwd: fileURLToPath(new URL("../../..", import.meta.url)),
-    env: { ...process.env, NATS_URL: natsUrl },
+    env: { ...process.env, NATS_URL: url },
   })
   const result = { out: "", err: "" }
   child.stdout.on("data", (d) => (result.out += d))
@@ -29,6 +31,13 @@ function start(args: string[]) {
       .filter(Boolean)
       .map((l) => JSON.parse(l) as Record<string, any>)
   return { child, result, exited, lines }
+}
+
+/** The names of the test stream's consumers: a read's own is deleted when it ends. */
+async function consumers() {
+  const names: string[] = []
+  for await (const c of (await jetstreamManager(nc)).consumers.list(stream.name)) names.push(c.name)
+  return names
 }
 
 async function run(args: string[]) {
@@ -147,6 +156,58 @@ test("--follow prints what arrives after it started, until interrupted", async (
   assert.equal(await r.exited, 0)
 })
 
+test("SIGTERM ends a --follow read like Ctrl-C: exit 0, its consumer deleted", async () => {
+  const r = start(["--stream", stream.name, "--follow"])
+  await waitFor(async () => r.lines().length >= 6, { timeoutMs: 10_000, message: "the backlog" })
+  r.child.kill("SIGTERM")
+  assert.equal(await r.exited, 0, r.result.err)
+  assert.deepEqual(await consumers(), [])
+})
+
+test("--since survives the server dropping a paused reader: every message once, in order", async () => {
+  // A reader paused longer than the server's write deadline (`| less`, left alone) is dropped
+  // as a slow consumer; nats.js reconnects and replaces its ordered consumer.
+  await using server = await startNatsServer({ config: 'write_deadline: "1s"' })
+  const privateNc = await connectNats({ servers: server.url })
+  try {
+    const name = `SLOW${Date.now()}`
+    await (await jetstreamManager(privateNc)).streams.add({ name, subjects: ["slow.>"] })
+    const js = jetstream(privateNc)
+    const big = "x".repeat(60_000)
+    let published = 0
+    const publishSome = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        published++
+        await js.publish("slow.a", JSON.stringify({ n: published, big }))
+      }
+    }
+    await publishSome(5)
+    const r = start(["--stream", name, "--since", "1h", "--follow"], server.url)
+    await waitFor(async () => r.lines().length === 5, { timeoutMs: 10_000, message: "the first 5" })
+    r.child.kill("SIGSTOP")
+    await publishSome(300)
+    await sleep(4000)
+    r.child.kill("SIGCONT")
+    await waitFor(async () => r.lines().length >= published, {
+      timeoutMs: 30_000,
+      message: () => `${published} printed (${r.lines().length} so far)`,
+    })
+    r.child.kill("SIGINT")
+    assert.equal(await r.exited, 0, r.result.err)
+    assert.deepEqual(
+      r.lines().map((l) => l.streamSeq),
+      Array.from({ length: published }, (_, i) => i + 1),
+    )
+    assert.match(
+      await readFile(server.logPath, "utf8"),
+      /slow consumer/i,
+      "the server did drop the reader",
+    )
+  } finally {
+    await privateNc.close()
+  }
+})
+
 test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is not there", async () => {
   const cases: [string[], RegExp][] = [
     [[], /--stream is required/],
@@ -175,12 +236,6 @@ test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is
 })
 
 test("a reader that stops early (`| head`) ends the read quietly, and its consumer with it", async () => {
-  const jsm = await jetstreamManager(nc)
-  const consumers = async () => {
-    const names: string[] = []
-    for await (const c of jsm.consumers.list(stream.name)) names.push(c.name)
-    return names
-  }
   const r = start(["--stream", stream.name, "--follow"])
   await waitFor(async () => r.lines().length >= 6, { timeoutMs: 10_000, message: "the backlog" })
   assert.equal((await consumers()).length, 1, "the read's consumer")
