@@ -1,19 +1,31 @@
 // `just migrate`: apply sql/ to the database named by DATABASE_URL.
+import { ConfigError, postgresUrlEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 
-const url = process.env.DATABASE_URL
-if (!url) {
-  console.error("DATABASE_URL is not set (e.g. postgres://postgres@127.0.0.1:5432/keyway)")
+let url: string
+try {
+  url = postgresUrlEnv(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  console.error(`migrate: ${err.message}`)
   process.exit(2)
 }
-if (await ensureDatabase(url)) console.log(`created database ${new URL(url).pathname.slice(1)}`)
-const db = createDb({ connectionString: url, max: 1, applicationName: "keyway-migrate" })
+// One line for whatever goes wrong (the server away, a role or option it refuses, a failing
+// migration): an operator reads the reason, not a stack. Node reports a refused connection
+// to every address of a host as an AggregateError with an empty message.
+const reason = (err: unknown) => {
+  const e = err as Error & { code?: string; errors?: Error[] }
+  return e.message || e.errors?.map((x) => x.message).join("; ") || e.code || String(err)
+}
+let db: ReturnType<typeof createDb> | undefined
 try {
+  if (await ensureDatabase(url)) console.log(`created database ${new URL(url).pathname.slice(1)}`)
+  db = createDb({ connectionString: url, max: 1, applicationName: "keyway-migrate" })
   const applied = await migrateToLatest(db)
   console.log(applied.length ? `applied: ${applied.join(", ")}` : "up to date")
 } catch (err) {
-  console.error((err as Error).message)
+  console.error(`migrate: ${reason(err)}`)
   process.exitCode = 1
 } finally {
-  await db.destroy()
+  await db?.destroy().catch(() => {})
 }

@@ -1,23 +1,48 @@
 // `just streams <site>`: create or update the streams declared in nats/streams/<site>.json.
+// Whatever goes wrong ends it with one line naming the cause: 2 for what the operator gave
+// (the file, NATS_URL), 1 for what the server said or did.
+import { ConfigError, natsServersEnv } from "@keyway/app-config"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 
-const file = process.argv[2]
-if (!file) {
-  console.error("usage: streams <nats/streams/SITE.json>")
-  process.exit(2)
+function fail(code: number, message: string): never {
+  console.error(`streams: ${message}`)
+  process.exit(code)
 }
-const definitions = await loadStreamDefinitions(file)
-// A site's admin user when its server has accounts (nats/README.md), as in ops/compose.
+const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
+
+const file = process.argv[2]
+if (!file || process.argv.length > 3 || file.startsWith("-")) {
+  fail(
+    2,
+    "usage: streams <nats/streams/SITE.json> (NATS_URL, NATS_USER, NATS_PASS from the environment)",
+  )
+}
+let servers: string[] = []
+try {
+  servers = natsServersEnv(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  fail(2, err.message)
+}
+const definitions = await loadStreamDefinitions(file).catch((err) =>
+  fail(2, `cannot read ${file}: ${messageOf(err)}`),
+)
+// A site's admin user when its server has accounts (nats/README.md), as in ops/compose. No
+// wait for a server that is not up: an operator at a prompt wants to hear that it is not.
 const nc = await connectNats({
-  servers: (process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(","),
+  servers,
   user: process.env.NATS_USER || undefined,
   pass: process.env.NATS_PASS || undefined,
   inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
-})
+  waitForServer: false,
+}).catch((err) => fail(1, `cannot connect to NATS at ${servers.join(",")}: ${messageOf(err)}`))
 try {
   await applyStreams(await jetstreamManager(nc), definitions)
   console.log(`applied: ${definitions.map((d) => d.name).join(", ")}`)
+} catch (err) {
+  console.error(`streams: ${messageOf(err)}`)
+  process.exitCode = 1
 } finally {
   await nc.close()
 }

@@ -108,6 +108,14 @@ export function unchangeableFields(live: StreamConfig, declared: StreamDefinitio
   const out = clearedNever
     .filter((f) => live[f] === true && declared[f] !== true)
     .map((f) => `${f} is set on the live stream and the server cannot clear it`)
+  // Declared and different: left out, nats.js's update keeps what the stream has.
+  for (const field of ["storage", "retention"] as const) {
+    if (declared[field] !== undefined && declared[field] !== live[field]) {
+      out.push(
+        `${field} ${live[field]} -> ${declared[field]}: the server cannot change it on a live stream`,
+      )
+    }
+  }
   if (republishOf(live.republish) !== republishOf(declared.republish)) {
     out.push(
       `republish ${republishOf(live.republish)} -> ${republishOf(declared.republish)}: the server cannot change it on a live stream`,

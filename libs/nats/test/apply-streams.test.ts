@@ -145,6 +145,15 @@ test("a field left out of a declaration is set back to its default, not kept fro
     new RegExp(`${republished}: republish \\[">","${dest.replace(".>", "\\.>")}",false\\] -> none`),
   )
   assert.equal((await jsm.streams.info(denied)).config.description ?? "", "")
+  // So is a storage or retention other than the live stream's.
+  await assert.rejects(
+    applyStreams(jsm, [
+      { name: denied, subjects: deniedSubjects, deny_purge: true, description: "not applied" },
+      { name: republished, subjects: republishedSubjects, storage: "memory" as never },
+    ]),
+    new RegExp(`${republished}: storage file -> memory: the server cannot change it`),
+  )
+  assert.equal((await jsm.streams.info(denied)).config.description ?? "", "")
   // An empty src is what the server keeps as ">".
   await applyStreams(jsm, [
     { name: republished, subjects: republishedSubjects, republish: { src: "", dest } as never },
