@@ -37,16 +37,28 @@ const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 // same two cores.
 const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
 const workerProcesses = workerProcessCount(WORKER_PROCESSES)
-// Keys (jobs) each worker process handles at once (BENCH_CONCURRENCY), the same for both. 256
+// Keys each Keyway worker process drains at once (BENCH_CONCURRENCY; graphile-worker's
+// settings are its own best, GRAPHILE below). 256
 // rather than the consumer's default of 64: at 1,000 events/s a drain holds its slot for 30-50
 // ms on this machine, mostly waiting on batched round trips, so 64 slots cap the drain rate
 // near the load and a slow spell queues keys for slots (consumer_drain_step_seconds, step
 // "wait": mean 1-137 ms with 64, 0 with 256). Interleaved keyway-only runs, 64 / 128 / 256:
 // p99 607 / 215 / 103, 279 / 271 / 90, 118 / 98 / 140 ms; events/s 1,098 / 1,168 / 1,249,
-// 1,391 / 1,249 / 1,167, 1,446 / 1,643 / 1,510. graphile-worker made 385 events/s with 256,
-// as many as with 64 (383-440): past its pool of 10 connections, more jobs at once only wait
-// for a client (see pipeline-worker.ts).
+// 1,391 / 1,249 / 1,167, 1,446 / 1,643 / 1,510.
 const CONCURRENCY = process.env.BENCH_CONCURRENCY ?? "256"
+// graphile-worker at its best measured settings, not Keyway's: 16 jobs at once on a pool of
+// 20, with its batched completion (completeJobBatchDelay 1 ms). A sweep (BENCH_ONLY=graphile,
+// one run each; events/s, then p50 / p99 ms at 1,000 events/s): 256 jobs on 10 connections,
+// the settings until session 22: 258, 1,512 / 2,691. 16 on 20: 280, 57 / 268. 32 on 40,
+// polling every 100 ms: 247, 1,028 / 2,134. 256 on 10 with batching: 297, 2,606 / 4,915. 16
+// on 20 with batching: 336, 35 / 116. With 256 jobs on 10 connections most jobs waited for a
+// client: that was the seconds of latency. BENCH_GRAPHILE_* override each.
+const GRAPHILE = {
+  GRAPHILE_CONCURRENCY: process.env.BENCH_GRAPHILE_CONCURRENCY ?? "16",
+  GRAPHILE_POOL: process.env.BENCH_GRAPHILE_POOL ?? "20",
+  GRAPHILE_POLL_MS: process.env.BENCH_GRAPHILE_POLL_MS ?? "1000",
+  GRAPHILE_BATCH_MS: process.env.BENCH_GRAPHILE_BATCH_MS ?? "1",
+}
 // While working on one side, `BENCH_ONLY=keyway` or `graphile` skips the other (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
@@ -467,7 +479,7 @@ export async function run() {
     let gThroughput = skipped
     let gLatency = skippedLatency
     if (ONLY !== "keyway") {
-      const workers = await startWorkers({ ...env, KIND: "graphile" })
+      const workers = await startWorkers({ ...env, ...GRAPHILE, KIND: "graphile" })
       gThroughput = await throughput(db, graphileBatch, processLabels(db, relay, workers))
       gLatency = await latency(db, graphileWrite, processLabels(db, relay, workers))
       await stopWorkers(workers)
@@ -488,7 +500,7 @@ export async function run() {
         "events/s end to end",
         result.keyway_per_s,
         result.graphile_keyed_per_s,
-        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${workerProcesses} x ${env.CONCURRENCY}`,
+        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${workerProcesses}: ${CONCURRENCY} keys / ${GRAPHILE.GRAPHILE_CONCURRENCY} jobs at once`,
       ],
       [
         "events written/s meanwhile",
