@@ -41,7 +41,15 @@ const options = {
 } as const
 let values: ReturnType<typeof parseArgs<{ options: typeof options }>>["values"]
 try {
-  values = parseArgs({ options }).values
+  const parsed = parseArgs({ options, tokens: true })
+  values = parsed.values
+  // parseArgs keeps the last of a repeated option: `--key a --key b` would read b alone.
+  const seen = new Set<string>()
+  for (const t of parsed.tokens) {
+    if (t.kind !== "option") continue
+    if (seen.has(t.name)) fail(`--${t.name} is given twice; one read takes one`)
+    seen.add(t.name)
+  }
 } catch (err) {
   fail((err as Error).message)
 }
@@ -60,6 +68,23 @@ const count = (name: "from-seq" | "to-seq" | "limit") => {
 const clamp = (time: Date) =>
   time.getTime() < 0 || Number.isNaN(time.getTime()) ? undefined : time
 
+const ISO_TIME =
+  /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:\d{2})$/
+
+/**
+ * An ISO 8601 time with its zone, if every field names one that exists: Date rolls 02-30 over
+ * to 03-02 and 24:00 to the next day, and the read would start somewhere not asked for.
+ */
+function existingTime(raw: string): Date | undefined {
+  const f = ISO_TIME.exec(raw)
+  if (!f) return undefined
+  const n = (i: number) => Number(f[i] ?? 0)
+  const lastDay = new Date(Date.UTC(n(1), n(2), 0)).getUTCDate()
+  if (n(2) < 1 || n(2) > 12 || n(3) < 1 || n(3) > lastDay) return undefined
+  if (n(4) > 23 || n(5) > 59 || n(6) > 59) return undefined
+  return new Date(raw)
+}
+
 /** `--since`: a span back from now (90s, 10m, 2h, 1d) or an ISO 8601 time with its zone. */
 function since(raw: string | undefined): Date | undefined {
   if (raw === undefined) return undefined
@@ -69,7 +94,7 @@ function since(raw: string | undefined): Date | undefined {
     return clamp(new Date(Date.now() - Number(span[1]) * unit))
   }
   // A zone is required: without one the same text means another instant on another machine.
-  const time = /^\d{4}-\d{2}-\d{2}T[\d:.]+(Z|[+-]\d{2}:\d{2})$/.test(raw) ? new Date(raw) : null
+  const time = existingTime(raw)
   if (!time || Number.isNaN(time.getTime())) {
     fail(`--since must be a span (90s, 10m, 2h, 1d) or a time like 2026-12-06T10:00:00Z`)
   }

@@ -215,6 +215,11 @@ test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is
     [["--stream", stream.name, "--since", "yesterday"], /--since must be a span/],
     [["--stream", stream.name, "--since", "2026-12-06T10:00:00"], /--since must be a span/],
     [["--stream", stream.name, "--since", "2999-01-01T00:00:00Z"], /is in the future/],
+    // Dates that do not exist, which Date would roll over to the next month or day.
+    [["--stream", stream.name, "--since", "2026-02-30T10:00:00Z"], /--since must be a span/],
+    [["--stream", stream.name, "--since", "2026-04-31T10:00Z"], /--since must be a span/],
+    [["--stream", stream.name, "--since", "2026-05-01T24:00:00Z"], /--since must be a span/],
+    [["--stream", stream.name, "--key", "a", "--key", "b"], /--key is given twice/],
     [["--stream", stream.name, "--from-seq", "5", "--to-seq", "2"], /is above --to-seq/],
     [["--stream", stream.name, "--from-seq", "1", "--since", "1h"], /not both/],
     [["--stream", stream.name, "--follow", "--to-seq", "3"], /takes no --to-seq/],
