@@ -58,7 +58,14 @@ if (streams.length > 0) {
   // Connected is not ready: JetStream answers only once it has recovered its store.
   await untilReady("JetStream (applying streams)", async () =>
     applyStreams(await jetstreamManager(nc), streams),
-  )
+  ).catch((err: Error) => {
+    // Refused for good (what waits for a server was retried above): one line, for pm2's log.
+    logger.error("relay cannot start: NATS refuses the stream definitions", {
+      file: config.streamsFile,
+      error: err.message,
+    })
+    process.exit(1)
+  })
 }
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const relay = createRelay({

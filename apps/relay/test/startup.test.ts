@@ -97,7 +97,10 @@ test("a stream definition NATS refuses stops the relay at start instead of waiti
     KEYWAY_STREAMS_FILE: await streamsFile({ name: site.toUpperCase(), subjects: [`${site}.>`] }),
   })
   const { code } = await relay.exited()
-  assert.notEqual(code, 0)
+  assert.equal(code, 1)
+  const refusal = relay.json().find((l) => l.level === "error")
+  assert.match(String(refusal?.message), /NATS refuses the stream definitions/)
+  assert.match(String(refusal?.error), /subjects overlap/)
   assert.equal(
     relay.json().some((l) => l.message === "waiting for JetStream (applying streams)"),
     false,
