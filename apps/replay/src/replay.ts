@@ -2,6 +2,7 @@
 // stream order, from a point in the stream, without disturbing anything. An ordered consumer
 // is the JetStream way to do that: ephemeral, in server memory, unacknowledged, deleted when
 // the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
+import { randomBytes } from "node:crypto"
 import { decodeEnvelope } from "@keyway/schemas"
 import {
   AckPolicy,
@@ -119,8 +120,10 @@ export async function replay(
       try {
         return await readAll(consumer, options, print, progress)
       } catch (err) {
-        // Found gone by a pull request (the API's "not found"), or while one waited (a 409).
+        // Found gone by a pull request (the API's "not found"), or while one waited (a 409);
+        // or messages it sent were lost on the way.
         const gone =
+          err instanceof LostInFlight ||
           (err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound) ||
           (err instanceof JetStreamError &&
             (err as { code?: number }).code === 409 &&
@@ -128,6 +131,7 @@ export async function replay(
         if (!gone) throw err
         lostInARow = progress.lastSeq === before ? lostInARow + 1 : 1
         if (lostInARow > 3) throw err
+        await consumer.delete().catch(() => {})
         // From the message after the last delivered; with none yet, from the read's start.
         consumer = await open(progress.lastSeq === undefined ? undefined : progress.lastSeq + 1)
       }
@@ -148,6 +152,9 @@ export async function replay(
 async function firstSeqSince(js: JetStreamClient, stream: string, since: Date): Promise<number> {
   const jsm = await js.jetstreamManager()
   const probe = await jsm.consumers.add(stream, {
+    // Named, so that it is created on the API subject a user's permissions name
+    // (CONSUMER.CREATE.<stream>.<name>), as the ordered consumer's is.
+    name: `replay_since_${randomBytes(6).toString("hex")}`,
     deliver_policy: DeliverPolicy.StartTime,
     opt_start_time: since.toISOString(),
     ack_policy: AckPolicy.None,
@@ -192,6 +199,17 @@ async function readAll(
       if (options.toSeq !== undefined && m.seq >= options.toSeq) return progress.printed
       if (!options.follow && m.info.pending === 0) return progress.printed
     }
+    if (got === 0 && progress.lastSeq !== undefined) {
+      // Messages the server sent on a connection it then dropped (a reader paused past its
+      // write deadline) are lost in flight. nats.js's ordered consumer notices only when a
+      // later message arrives: with none coming, a read with --follow waited for ever short of
+      // them, and one without ended short of them, both without a word.
+      const info = await consumer.info()
+      if (info.delivered.stream_seq > progress.lastSeq) throw new LostInFlight()
+    }
     if (got === 0 && !options.follow) return progress.printed
   }
 }
+
+/** The server delivered messages past the last one this read received. */
+class LostInFlight extends Error {}
