@@ -192,6 +192,9 @@ async function up(sites: SiteName[], config: OpsConfig) {
       const nc = await connectNats({
         ...siteAdminNats(plan, passwords.admin!),
         name: `keyway-up:${site}`,
+        // The server answers (waited for above): a refused password must fail here, with
+        // its reason, not wait for ever (connectNats keeps trying through refusals).
+        waitForServer: false,
       })
       try {
         const definitions = await loadStreamDefinitions(join(root, plan.streamsFile))

@@ -1,7 +1,7 @@
 // `just streams <site>`: create or update the streams declared in nats/streams/<site>.json.
 // Whatever goes wrong ends it with one line naming the cause: 2 for what the operator gave
-// (the file, NATS_URL), 1 for what the server said or did.
-import { ConfigError, natsServersEnv } from "@keyway/app-config"
+// (the file, NATS_URL), 1 for what the server said or did; a server not up yet is waited for.
+import { ConfigError, natsServersEnv, retryUntilReady } from "@keyway/app-config"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 
@@ -28,15 +28,23 @@ try {
 const definitions = await loadStreamDefinitions(file).catch((err) =>
   fail(2, `cannot read ${file}: ${messageOf(err)}`),
 )
-// A site's admin user when its server has accounts (nats/README.md), as in ops/compose. No
-// wait for a server that is not up: an operator at a prompt wants to hear that it is not.
-const nc = await connectNats({
-  servers,
-  user: process.env.NATS_USER || undefined,
-  pass: process.env.NATS_PASS || undefined,
-  inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
-  waitForServer: false,
-}).catch((err) => fail(1, `cannot connect to NATS at ${servers.join(",")}: ${messageOf(err)}`))
+// A site's admin user when its server has accounts (nats/README.md), as in ops/compose. A
+// server not up yet is waited for (compose starts this beside NATS, which may still be
+// recovering its store), saying so on every try; a refused password ends it at once.
+const nc = await retryUntilReady(
+  () =>
+    connectNats({
+      servers,
+      user: process.env.NATS_USER || undefined,
+      pass: process.env.NATS_PASS || undefined,
+      inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
+      waitForServer: false,
+    }),
+  {
+    what: `NATS at ${servers.length} server(s)`,
+    log: (message, fields) => console.error(`streams: ${message}: ${fields.error}`),
+  },
+).catch((err) => fail(1, `cannot connect to NATS: ${messageOf(err)}`))
 try {
   await applyStreams(await jetstreamManager(nc), definitions)
   console.log(`applied: ${definitions.map((d) => d.name).join(", ")}`)

@@ -1,20 +1,21 @@
-// `just streams` meets what is wrong with one line and an exit code, never a stack or a wait
-// for ever: 2 for what the operator gave (the file, NATS_URL), 1 for a server not there.
+// `just streams` meets what is wrong with one line and an exit code, never a stack or a
+// silent wait: 2 for what the operator gave (the file, NATS_URL), 1 for what the server
+// refused; a server not up yet is waited for, saying so.
 import assert from "node:assert/strict"
-import { execFile } from "node:child_process"
+import { execFile, spawn } from "node:child_process"
 import { test } from "node:test"
 import { fileURLToPath } from "node:url"
-import { freePort } from "@keyway/testkit"
+import { freePort, startNatsServer, waitFor } from "@keyway/testkit"
 
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 const cloud = fileURLToPath(new URL("../../../nats/streams/cloud.json", import.meta.url))
 
-const streams = (args: string[], natsUrl: string) =>
+const streams = (args: string[], natsUrl: string, env: Record<string, string> = {}) =>
   new Promise<{ code: number | null; err: string }>((resolve) => {
     execFile(
       process.execPath,
       ["--import", "tsx", main, ...args],
-      { env: { ...process.env, NATS_URL: natsUrl }, timeout: 20_000 },
+      { env: { ...process.env, NATS_URL: natsUrl, ...env }, timeout: 20_000 },
       (error, _out, err) => resolve({ code: error ? (error.code as number) : 0, err }),
     )
   })
@@ -29,9 +30,26 @@ test("a site file that does not exist, or a NATS_URL that is not one: exit 2, on
   assert.match(badUrl.err, /^streams: NATS_URL must be/)
 })
 
-test("a NATS server that is not there: exit 1 at once, naming it, instead of waiting for ever", async () => {
-  const url = `nats://127.0.0.1:${await freePort()}`
-  const r = await streams([cloud], url)
-  assert.equal(r.code, 1)
-  assert.equal(r.err, `streams: cannot connect to NATS at ${url}: connection refused\n`)
+test("a NATS server that is not up yet is waited for, visibly; a refused password ends it at once", async () => {
+  // Waited for: compose starts this beside a NATS that may still be recovering its store.
+  const port = await freePort()
+  const child = spawn(process.execPath, ["--import", "tsx", main, cloud], {
+    env: { ...process.env, NATS_URL: `nats://127.0.0.1:${port}` },
+  })
+  let err = ""
+  child.stderr.on("data", (d) => (err += d))
+  const exited = new Promise((resolve) => child.on("exit", resolve))
+  await waitFor(() => /streams: waiting for NATS .*: connection refused/.test(err), {
+    timeoutMs: 20_000,
+    message: () => `a line saying it waits (stderr: ${err})`,
+  })
+  child.kill("SIGTERM")
+  await exited
+  await using server = await startNatsServer({
+    config: "authorization { user: admin, password: right }",
+  })
+  const refused = await streams([cloud], server.url, { NATS_USER: "admin", NATS_PASS: "wrong" })
+  assert.equal(refused.code, 1)
+  assert.match(refused.err, /^streams: cannot connect to NATS: .*authorization/i)
+  assert.equal(refused.err.trim().split("\n").length, 1)
 })

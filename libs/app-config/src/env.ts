@@ -42,7 +42,7 @@ export function intEnv(
   const raw = env[name]?.trim()
   if (!raw) return fallback
   // Not Number(): it also reads "0x10", "1e3" and "" as numbers.
-  const value = /^-?(0|[1-9][0-9]*)$/.test(raw) ? Number(raw) : Number.NaN
+  const value = /^-?[0-9]+$/.test(raw) ? Number(raw) : Number.NaN
   const min = bounds.min ?? 1
   const max = bounds.max ?? MAX_TIMER_MS
   if (!Number.isSafeInteger(value) || value < min || value > max) {
@@ -61,14 +61,16 @@ export function intEnv(
 export function natsServersEnv(env: Env, fallback = "nats://127.0.0.1:4222"): string[] {
   const raw = env.NATS_URL?.trim() || fallback
   const servers = raw.split(",").map((s) => s.trim())
-  for (const server of servers) {
+  for (const [i, server] of servers.entries()) {
     let url: URL | undefined
     try {
       url = new URL(server.includes("://") ? server : `nats://${server}`)
     } catch {}
-    if (!url?.hostname || !/^(nats|tls|ws|wss):$/.test(url.protocol)) {
+    // nats.js drops any other scheme (tls://, ws://) and connects in plain TCP. The value is
+    // not repeated: operators of other NATS clients put user:password@ in it.
+    if (!url?.hostname || url.protocol !== "nats:") {
       throw new ConfigError(
-        `NATS_URL must be comma-separated servers like nats://127.0.0.1:4222, got ${JSON.stringify(raw)}`,
+        `NATS_URL must be comma-separated servers like nats://127.0.0.1:4222 or 127.0.0.1:4222; server ${i + 1} of ${servers.length} is not one`,
       )
     }
   }

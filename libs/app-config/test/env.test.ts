@@ -34,6 +34,7 @@ test("intEnv falls back when unset and rejects non-integers and values out of bo
   assert.throws(() => intEnv({ N: "0" }, "N", 7), /N must be an integer from 1/)
   assert.throws(() => intEnv({ N: "70000" }, "N", 7, { min: 0, max: 65535 }), /from 0 to 65535/)
   // What Number() would read as a number, and a timer Node cannot set (it fires after 1 ms).
+  assert.equal(intEnv({ N: "0500" }, "N", 7), 500)
   for (const raw of ["0x10", "1e3", "12abc", "+5", "2147483648"]) {
     assert.throws(() => intEnv({ N: raw }, "N", 7), /N must be an integer/, raw)
   }
@@ -45,13 +46,18 @@ test("natsServersEnv takes servers with or without a scheme, and refuses what na
     "nats://a:4222",
     "b:4223",
   ])
-  for (const raw of ["nats://h:4222,", "hello world", "http://h:4222", ","]) {
+  for (const raw of ["nats://h:4222,", "hello world", "http://h:4222", ",", "tls://h:4222"]) {
     assert.throws(
       () => natsServersEnv({ NATS_URL: raw }),
       (err: Error) => err instanceof ConfigError && /NATS_URL must be/.test(err.message),
       raw,
     )
   }
+  // Which server is wrong, not the value: it may carry user:password@.
+  assert.throws(
+    () => natsServersEnv({ NATS_URL: "nats://u:secret@a:4222,ws://u:secret@b:4223" }),
+    (err: Error) => /server 2 of 2 is not one/.test(err.message) && !err.message.includes("secret"),
+  )
 })
 
 test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (it may hold a password)", () => {
