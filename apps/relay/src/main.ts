@@ -60,7 +60,7 @@ if (streams.length > 0) {
     applyStreams(await jetstreamManager(nc), streams),
   ).catch((err: Error) => {
     // Refused for good (what waits for a server was retried above): one line, for pm2's log.
-    logger.error("relay cannot start: NATS refuses the stream definitions", {
+    logger.error("relay cannot start: its stream definitions cannot be applied", {
       file: config.streamsFile,
       error: err.message,
     })

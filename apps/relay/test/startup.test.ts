@@ -99,7 +99,7 @@ test("a stream definition NATS refuses stops the relay at start instead of waiti
   const { code } = await relay.exited()
   assert.equal(code, 1)
   const refusal = relay.json().find((l) => l.level === "error")
-  assert.match(String(refusal?.message), /NATS refuses the stream definitions/)
+  assert.match(String(refusal?.message), /its stream definitions cannot be applied/)
   assert.match(String(refusal?.error), /subjects overlap/)
   assert.equal(
     relay.json().some((l) => l.message === "waiting for JetStream (applying streams)"),

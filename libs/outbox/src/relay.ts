@@ -253,7 +253,7 @@ export function createRelay(config: RelayConfig): Relay {
     })
     m.collectedGauge({
       name: "outbox_held_topics",
-      help: "Topics this relay holds back because NATS refuses their subject (no stream takes it, or its stream is full or sealed)",
+      help: "Topics this relay holds back because NATS refuses their subject (no stream takes it, its stream is full or sealed, or the relay's user may not publish to it)",
       collect: () => heldTopics.size,
     })
     m.collectedGauge({

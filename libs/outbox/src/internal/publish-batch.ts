@@ -47,7 +47,10 @@ const STREAM_MESSAGE_TOO_LARGE = 10054
  *   answer; the other topics would not, and stopping the batch at it would hold the whole
  *   outbox behind one topic's missing stream or permission.
  */
-export function refusal(err: unknown): { holds: "key" | "topic"; reason: string } | undefined {
+export function refusal(
+  err: unknown,
+  subject: string,
+): { holds: "key" | "topic"; reason: string } | undefined {
   if (err instanceof InvalidArgumentError && /max_payload/.test(err.message)) {
     return { holds: "key", reason: `larger than the server's max_payload (${err.message})` }
   }
@@ -63,11 +66,17 @@ export function refusal(err: unknown): { holds: "key" | "topic"; reason: string 
   if (err instanceof JetStreamApiError) {
     return { holds: "topic", reason: `the stream refused it (${err.code}: ${err.message})` }
   }
-  const denied = [err, cause].find((e) => e instanceof PermissionViolationError)
+  // Only a refusal to publish to the event's own subject. nats.js fails every request in
+  // flight with a PermissionViolationError when the reply inbox's subscription is refused
+  // too; that is the connection's fault, not any topic's.
+  const denied = [err, cause].find(
+    (e): e is PermissionViolationError =>
+      e instanceof PermissionViolationError && e.operation === "publish" && e.subject === subject,
+  )
   if (denied) {
     return {
       holds: "topic",
-      reason: `this relay's NATS user may not publish to the subject (${(denied as Error).message})`,
+      reason: `this relay's NATS user may not publish to the subject (${denied.message})`,
     }
   }
   return undefined
@@ -164,7 +173,7 @@ export async function publishBatch(
           const ack = await publishOne(js, row, options)
           published.push({ seq: row.seq, streamSeq: ack.seq, duplicate: ack.duplicate })
         } catch (err) {
-          const r = refusal(err)
+          const r = refusal(err, subjectOf(options.subjectPrefix, row.topic))
           if (r === undefined) error ??= err
           else if (r.holds === "key") refused.push({ row, ...r })
           else if (!refusedTopics.has(row.topic)) {
