@@ -16,11 +16,16 @@ const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
 let nc: NatsConnection
 let stream: Awaited<ReturnType<typeof createTestStream>>
 
+// Every read this file starts: one a failed test left running (--follow reads for ever)
+// would outlive the file and keep it from exiting.
+const children: ReturnType<typeof spawn>[] = []
+
 function start(args: string[], url = natsUrl) {
   const child = spawn(process.execPath, ["--import", "tsx", cli, ...args], {
     cwd: fileURLToPath(new URL("../../..", import.meta.url)),
     env: { ...process.env, NATS_URL: url },
   })
+  children.push(child)
   const result = { out: "", err: "" }
   child.stdout.on("data", (d) => (result.out += d))
   child.stderr.on("data", (d) => (result.err += d))
@@ -79,6 +84,7 @@ before(async () => {
   await jetstream(nc).publish(`${stream.site}.other`, "elsewhere") // 6
 })
 after(async () => {
+  for (const child of children) if (child.exitCode === null) child.kill("SIGKILL")
   await stream.delete()
   await nc.close()
 })

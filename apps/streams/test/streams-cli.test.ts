@@ -39,12 +39,16 @@ test("a NATS server that is not up yet is waited for, visibly; a refused passwor
   let err = ""
   child.stderr.on("data", (d) => (err += d))
   const exited = new Promise((resolve) => child.on("exit", resolve))
-  await waitFor(() => /streams: waiting for NATS .*: connection refused/.test(err), {
-    timeoutMs: 20_000,
-    message: () => `a line saying it waits (stderr: ${err})`,
-  })
-  child.kill("SIGTERM")
-  await exited
+  try {
+    await waitFor(() => /streams: waiting for NATS .*: connection refused/.test(err), {
+      timeoutMs: 20_000,
+      message: () => `a line saying it waits (stderr: ${err})`,
+    })
+  } finally {
+    // It waits for ever: not left behind, whatever the check found.
+    child.kill("SIGKILL")
+    await exited
+  }
   await using server = await startNatsServer({
     config: "authorization { user: admin, password: right }",
   })
