@@ -1,5 +1,5 @@
 // `just migrate`: apply sql/ to the database named by DATABASE_URL.
-import { ConfigError, postgresUrlEnv } from "@keyway/app-config"
+import { ConfigError, describeError, postgresUrlEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 
 let url: string
@@ -11,12 +11,7 @@ try {
   process.exit(2)
 }
 // One line for whatever goes wrong (the server away, a role or option it refuses, a failing
-// migration): an operator reads the reason, not a stack. Node reports a refused connection
-// to every address of a host as an AggregateError with an empty message.
-const reason = (err: unknown) => {
-  const e = err as Error & { code?: string; errors?: Error[] }
-  return e.message || e.errors?.map((x) => x.message).join("; ") || e.code || String(err)
-}
+// migration): an operator reads the reason, not a stack.
 let db: ReturnType<typeof createDb> | undefined
 try {
   if (await ensureDatabase(url)) console.log(`created database ${new URL(url).pathname.slice(1)}`)
@@ -24,7 +19,7 @@ try {
   const applied = await migrateToLatest(db)
   console.log(applied.length ? `applied: ${applied.join(", ")}` : "up to date")
 } catch (err) {
-  console.error(`migrate: ${reason(err)}`)
+  console.error(`migrate: ${describeError(err)}`)
   process.exitCode = 1
 } finally {
   await db?.destroy().catch(() => {})

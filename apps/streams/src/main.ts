@@ -1,7 +1,7 @@
 // `just streams <site>`: create or update the streams declared in nats/streams/<site>.json.
 // Whatever goes wrong ends it with one line naming the cause: 2 for what the operator gave
 // (the file, NATS_URL), 1 for what the server said or did; a server not up yet is waited for.
-import { ConfigError, natsServersEnv, retryUntilReady } from "@keyway/app-config"
+import { ConfigError, describeError, natsServersEnv, retryUntilReady } from "@keyway/app-config"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 
@@ -9,7 +9,6 @@ function fail(code: number, message: string): never {
   console.error(`streams: ${message}`)
   process.exit(code)
 }
-const messageOf = (err: unknown) => (err instanceof Error ? err.message : String(err))
 
 const file = process.argv[2]
 if (!file || process.argv.length > 3 || file.startsWith("-")) {
@@ -26,7 +25,7 @@ try {
   fail(2, err.message)
 }
 const definitions = await loadStreamDefinitions(file).catch((err) =>
-  fail(2, `cannot read ${file}: ${messageOf(err)}`),
+  fail(2, `cannot read ${file}: ${describeError(err)}`),
 )
 // A site's admin user when its server has accounts (nats/README.md), as in ops/compose. A
 // server not up yet is waited for (compose starts this beside NATS, which may still be
@@ -44,12 +43,12 @@ const nc = await retryUntilReady(
     what: `NATS at ${servers.length} server(s)`,
     log: (message, fields) => console.error(`streams: ${message}: ${fields.error}`),
   },
-).catch((err) => fail(1, `cannot connect to NATS: ${messageOf(err)}`))
+).catch((err) => fail(1, `cannot connect to NATS: ${describeError(err)}`))
 try {
   await applyStreams(await jetstreamManager(nc), definitions)
   console.log(`applied: ${definitions.map((d) => d.name).join(", ")}`)
 } catch (err) {
-  console.error(`streams: ${messageOf(err)}`)
+  console.error(`streams: ${describeError(err)}`)
   process.exitCode = 1
 } finally {
   await nc.close()

@@ -16,4 +16,8 @@ export {
   type StopSignals,
   type StopSignalsOptions,
 } from "./handle-stop-signals.ts"
-export { type RetryUntilReadyOptions, retryUntilReady } from "./retry-until-ready.ts"
+export {
+  describeError,
+  type RetryUntilReadyOptions,
+  retryUntilReady,
+} from "./retry-until-ready.ts"

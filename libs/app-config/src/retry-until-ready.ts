@@ -42,7 +42,7 @@ export async function retryUntilReady<T>(
       options.log(`waiting for ${options.what}`, {
         attempt,
         retryInMs: delayMs,
-        error: describe(err),
+        error: describeError(err),
       })
     }
     await sleep(delayMs)
@@ -74,8 +74,11 @@ function isPermanent(err: unknown): boolean {
   return e.name === "RequestError" && cause?.name === "PermissionViolationError"
 }
 
-/** Node reports a refused `localhost` (both ::1 and 127.0.0.1) as an AggregateError with no message. */
-function describe(err: unknown): string {
+/**
+ * An error as one line for an operator. Node reports a refused `localhost` (both ::1 and
+ * 127.0.0.1) as an AggregateError with no message, and some errors carry only a code.
+ */
+export function describeError(err: unknown): string {
   if (err instanceof AggregateError && !err.message) {
     return err.errors.map((e) => (e instanceof Error ? e.message : String(e))).join("; ")
   }
