@@ -104,7 +104,10 @@ export interface RelayStatus {
   published: number
   /** PubAcks that reported a duplicate (a re-publish after a crash). */
   duplicates: number
-  /** Keys held back because NATS refuses one of their events for good. */
+  /**
+   * Keys held back because NATS refuses one of their events for good, or because the stream
+   * holds one's id for another event (the outbox gave a seq out twice, after a restore).
+   */
   heldKeys: number
   /**
    * Topics held back because NATS refuses their subject: no stream takes it, or its stream
@@ -177,7 +180,9 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
  *
  * Exactly once comes from two halves. Rows are marked only after their PubAck, so a crash
  * re-publishes instead of losing; and the message id `<site>:<seq>` makes JetStream drop the
- * re-publish as a duplicate within the stream's duplicate_window.
+ * re-publish as a duplicate within the stream's duplicate_window. A duplicate for a row the
+ * relay did not know published is read back first: after a restore of the outbox's database
+ * the id can be an earlier event's, and the row is held instead (publish-batch.ts).
  */
 export function createRelay(config: RelayConfig): Relay {
   const settings = {
@@ -376,8 +381,9 @@ export function createRelay(config: RelayConfig): Relay {
           retryAt: Date.now() + settings.heldRetryMs,
         })
         // An error, not a warning: nothing of this key moves until someone raises the limit
-        // (or deletes the row and skips its version in the consumer groups).
-        log.error("NATS refuses an event for good; its key is held, the others go on", {
+        // (or deletes the row and skips its version in the consumer groups), or, for an id
+        // another event holds, until the stream's duplicate window has passed.
+        log.error("an event cannot be published; its key is held, the others go on", {
           seq: row.seq,
           topic: row.topic,
           key: row.key,

@@ -592,6 +592,39 @@ describe("relay", () => {
     assertExactlyOnceInOrder(await readStream(nc, stream), 3000)
   })
 
+  test("an outbox restored from a backup gives seqs out again: those events are held, not taken for published", async () => {
+    await fresh()
+    await write(t.db, 5, 5)
+    await startRelay()
+    await untilPublished("the first events published", 10_000)
+    await relay!.stop()
+    // The database goes back to a backup taken before those five: its sequence and key heads
+    // with it. The next events take seqs 1..5 again, so their ids are the stream's.
+    await sql`delete from keyway.outbox`.execute(t.db)
+    await sql`delete from keyway.outbox_key_head`.execute(t.db)
+    await sql`select setval('keyway.outbox_seq', 1, false)`.execute(t.db)
+    for (let i = 0; i < 7; i++) {
+      await t.db.transaction().execute((trx) => enqueue(trx, item(`after${i}`, 100 + i)))
+    }
+    const { lines, logger } = recordingLogger()
+    await startRelay({ logger, heldRetryMs: 60_000 })
+    // Seqs 6 and 7 are new to the stream; 1..5 are taken by the events before the restore.
+    await untilSplit(nc, stream, 7, 5, "two new events published, five held")
+    assert.equal(relay!.status().heldKeys, 5)
+    const held = lines.filter((l) => l.level === "error")
+    assert.deepEqual(held.map((l) => l.fields!.seq).sort(), [1, 2, 3, 4, 5])
+    for (const l of held) assert.match(String(l.fields!.reason), /gave the seq out twice/)
+    assert.match(String(held[0]!.fields!.reason), /by another event \(demo\.item\/k\d v1/)
+    const events = await readStream(nc, stream)
+    assert.deepEqual(
+      events.slice(5).map((e) => [e.id, e.key]),
+      [
+        [`${site}:6`, "after5"],
+        [`${site}:7`, "after6"],
+      ],
+    )
+  })
+
   test("two relay processes: one publishes, the other stands by and takes over on kill -9", async () => {
     await fresh()
     const env = {

@@ -8,6 +8,8 @@ export interface OutboxRow {
   payload: unknown
   trace: Record<string, string> | null
   created_at: Date
+  /** Where an earlier publish put it: set on rows marked unpublished again to be re-sent. */
+  stream_seq: number | null
 }
 
 export interface PublishedRow {

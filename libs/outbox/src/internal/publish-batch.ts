@@ -1,5 +1,10 @@
-import { encodeEnvelope } from "@keyway/schemas"
-import { JetStreamApiError, type JetStreamClient } from "@nats-io/jetstream"
+import { decodeEnvelope, type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
+import {
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+  type PubAck,
+} from "@nats-io/jetstream"
 import {
   InvalidArgumentError,
   headers as natsHeaders,
@@ -22,8 +27,9 @@ export interface PublishBatchOptions {
 export interface PublishBatchResult {
   published: PublishedRow[]
   /**
-   * Rows NATS refused in a way that a retry soon would only repeat (see {@link refusal}),
-   * with what the refusal holds back and why. Rows after one in the same key were not sent;
+   * Rows NATS refused in a way that a retry soon would only repeat (see {@link refusal}), or
+   * whose id the stream holds for another event (see {@link notThisEvent}), with what the
+   * refusal holds back and why. Rows after one in the same key were not sent;
    * nor were later keys of a held topic. The others went on.
    */
   refused: { row: OutboxRow; holds: "key" | "topic"; reason: string }[]
@@ -86,6 +92,82 @@ export function subjectOf(prefix: string, topic: string): string {
   return `${prefix}.${topic}`
 }
 
+function envelopeOf(row: OutboxRow, site: string): EventEnvelope {
+  return {
+    id: `${site}:${row.seq}`,
+    site,
+    seq: row.seq,
+    topic: row.topic,
+    key: row.key,
+    ver: row.ver,
+    type: row.type,
+    payload: row.payload,
+    createdAt: row.created_at.toISOString(),
+  }
+}
+
+const managers = new WeakMap<JetStreamClient, Promise<JetStreamManager>>()
+
+/**
+ * Why a duplicate PubAck does not mean that the row is published, or undefined when it does.
+ *
+ * A duplicate is the stream saying it holds a message under the row's Nats-Msg-Id already.
+ * For a row marked unpublished to be sent again (a re-publish after a lost connection) the
+ * relay knows where: the stream_seq it marked. For any other row, after a crash between
+ * publish and mark, the message is this very event, and the row is published. But after the
+ * outbox's database is restored from a backup, or fails over to a replica that lagged, its
+ * sequence gives out seqs again, and the message under `<site>:<seq>` is an earlier event.
+ * Marking the row published then loses the new event without a word. So the stored message
+ * is read back (a rare request: crashes and restores only) and compared with the row.
+ */
+async function notThisEvent(
+  js: JetStreamClient,
+  ack: PubAck,
+  row: OutboxRow,
+  site: string,
+): Promise<string | undefined> {
+  if (!ack.duplicate || row.stream_seq === ack.seq) return undefined
+  let managing = managers.get(js)
+  if (!managing) {
+    managing = js.jetstreamManager(false)
+    managers.set(js, managing)
+  }
+  const stored = await (await managing).streams
+    .getMessage(ack.stream, { seq: ack.seq })
+    .catch((err: unknown) => {
+      // A failed read says nothing about the topic or the key (refusal() would take a
+      // JetStreamApiError for the stream's answer to the publish): the batch stops, and the
+      // row is tried again like after a timeout.
+      throw new Error(`reading back message ${ack.seq} of ${ack.stream}: ${errorText(err)}`)
+    })
+  const restored =
+    "its outbox gave the seq out twice: its database restored from a backup, or failed over to a replica that lagged?"
+  if (stored === null) {
+    // Gone from the stream (limits, a purge) while its id is still in the duplicate window.
+    // Held until the window has passed, when the publish stores it: a copy at worst, which
+    // consumers drop by event id.
+    return `the stream holds its id ${site}:${row.seq} from an earlier publish, whose message (${ack.stream} ${ack.seq}) is gone, so it cannot be told apart from another event: if it is not this one, ${restored}`
+  }
+  let earlier: EventEnvelope
+  try {
+    earlier = decodeEnvelope(stored.data)
+  } catch (err) {
+    return `its id ${site}:${row.seq} is taken in ${ack.stream} (at ${ack.seq}) by a message that is not an event (${errorText(err)}): ${restored}`
+  }
+  const mine = envelopeOf(row, site)
+  const same =
+    earlier.topic === mine.topic &&
+    earlier.key === mine.key &&
+    earlier.ver === mine.ver &&
+    earlier.type === mine.type &&
+    earlier.createdAt === mine.createdAt &&
+    JSON.stringify(earlier.payload) === JSON.stringify(mine.payload)
+  if (same) return undefined
+  return `its id ${site}:${row.seq} is taken in ${ack.stream} (at ${ack.seq}) by another event (${earlier.topic}/${earlier.key} v${earlier.ver}, ${earlier.type}, created ${earlier.createdAt}): ${restored}`
+}
+
+const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err))
+
 async function publishOne(js: JetStreamClient, row: OutboxRow, o: PublishBatchOptions) {
   const id = `${o.site}:${row.seq}`
   const subject = subjectOf(o.subjectPrefix, row.topic)
@@ -113,21 +195,11 @@ async function publishOne(js: JetStreamClient, row: OutboxRow, o: PublishBatchOp
   try {
     // Nats-Msg-Id only, never Nats-Expected-* headers: 2.9.10 re-checks those on sourced
     // copies and the source retries forever (reference/nats-2.9.md rule 1).
-    const ack = await js.publish(
-      subject,
-      encodeEnvelope({
-        id,
-        site: o.site,
-        seq: row.seq,
-        topic: row.topic,
-        key: row.key,
-        ver: row.ver,
-        type: row.type,
-        payload: row.payload,
-        createdAt: row.created_at.toISOString(),
-      }),
-      { msgID: id, headers: h, timeout: o.timeoutMs },
-    )
+    const ack = await js.publish(subject, encodeEnvelope(envelopeOf(row, o.site)), {
+      msgID: id,
+      headers: h,
+      timeout: o.timeoutMs,
+    })
     return ack
   } catch (err) {
     span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message })
@@ -171,6 +243,11 @@ export async function publishBatch(
         if (refusedTopics.has(row.topic)) break
         try {
           const ack = await publishOne(js, row, options)
+          const taken = await notThisEvent(js, ack, row, options.site)
+          if (taken !== undefined) {
+            refused.push({ row, holds: "key", reason: taken })
+            break
+          }
           published.push({ seq: row.seq, streamSeq: ack.seq, duplicate: ack.duplicate })
         } catch (err) {
           const r = refusal(err, subjectOf(options.subjectPrefix, row.topic))

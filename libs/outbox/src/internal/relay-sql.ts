@@ -29,7 +29,7 @@ export async function claimBatch(
   heldTopics: readonly string[],
 ): Promise<OutboxRow[]> {
   const r = await client.query<OutboxRow>(
-    `select seq, topic, key, ver, type, payload, trace, created_at
+    `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq
        from keyway.outbox
       where published_at is null
         and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
