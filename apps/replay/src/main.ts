@@ -200,6 +200,7 @@ try {
       limit,
       follow: values.follow ?? false,
       signal: aborter.signal,
+      onWait: (reason) => console.error(`replay: ${reason} (Ctrl-C ends the read)`),
     },
     (line) => {
       if (!outputClosed) process.stdout.write(`${JSON.stringify(line)}\n`)

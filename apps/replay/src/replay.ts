@@ -3,6 +3,7 @@
 // is the JetStream way to do that: ephemeral, in server memory, unacknowledged, deleted when
 // the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
 import { randomBytes } from "node:crypto"
+import { setTimeout as sleep } from "node:timers/promises"
 import { decodeEnvelope } from "@keyway/schemas"
 import {
   AckPolicy,
@@ -14,6 +15,7 @@ import {
   JetStreamError,
   type JsMsg,
 } from "@nats-io/jetstream"
+import { RequestError, TimeoutError } from "@nats-io/transport-node"
 
 export interface ReplayOptions {
   stream: string
@@ -31,6 +33,8 @@ export interface ReplayOptions {
   /** Keep reading new messages as they come, until `signal` aborts. */
   follow?: boolean
   signal?: AbortSignal
+  /** Told when the read waits for a server that shut down to come back. */
+  onWait?: (reason: string) => void
 }
 
 /** One message as printed: the event, or why it is not one. */
@@ -90,7 +94,8 @@ interface Progress {
  * The ordered consumer lives in the server's memory only: the server drops it after 5
  * minutes without a pull (a reader paused on a full pipe, `| less`), or with its own restart.
  * The read then goes on with a new one from the message after the last delivered, so it
- * neither stops nor repeats.
+ * neither stops nor repeats. A server that shuts down (a restart for an upgrade, say) is
+ * waited for, as the connection waits for it, until `signal` aborts.
  */
 export async function replay(
   js: JetStreamClient,
@@ -111,6 +116,8 @@ export async function replay(
     })
   const progress: Progress = { printed: 0 }
   let consumer = await open()
+  /** A new consumer from the message after the last delivered; with none yet, the start. */
+  const reopen = () => open(progress.lastSeq === undefined ? undefined : progress.lastSeq + 1)
   // Consumers lost in a row with nothing delivered between: past a few, it is not the server
   // tidying up but something deleting them as fast as they come.
   let lostInARow = 0
@@ -128,16 +135,64 @@ export async function replay(
           (err instanceof JetStreamError &&
             (err as { code?: number }).code === 409 &&
             /consumer deleted/i.test(err.message))
+        if (isShutdown(err)) {
+          // Its consumers go with it: nothing to delete, and a delete would wait for the
+          // server. The connection reconnects on its own; the new consumer waits for that.
+          options.onWait?.("the server is shutting down; waiting for it to come back")
+          const next = await untilBack(reopen, options.signal)
+          if (next === undefined) return progress.printed
+          consumer = next
+          continue
+        }
         if (!gone) throw err
         lostInARow = progress.lastSeq === before ? lostInARow + 1 : 1
         if (lostInARow > 3) throw err
         await consumer.delete().catch(() => {})
-        // From the message after the last delivered; with none yet, from the read's start.
-        consumer = await open(progress.lastSeq === undefined ? undefined : progress.lastSeq + 1)
+        consumer = await reopen()
       }
     }
   } finally {
     await consumer.delete().catch(() => {})
+  }
+}
+
+/**
+ * The answer a pull gets when its server shuts down cleanly; a crash instead shows as a
+ * missed heartbeat, which nats.js's ordered consumer mends by itself.
+ */
+const isShutdown = (err: unknown) =>
+  err instanceof JetStreamError &&
+  (err as { code?: number }).code === 409 &&
+  /server shutdown/i.test(err.message)
+
+/**
+ * Tries `open` until the server answers, or undefined once `signal` aborts. Only what the
+ * wait explains is tried again: no answer (a request times out while the server is down, and
+ * finds no responders while its JetStream starts). An answer (the stream is gone, say) or a
+ * closed connection ends the read.
+ */
+export async function untilBack(
+  open: () => Promise<Consumer>,
+  signal: AbortSignal | undefined,
+): Promise<Consumer | undefined> {
+  const interrupted = new Promise<undefined>((resolve) => {
+    if (signal?.aborted) resolve(undefined)
+    signal?.addEventListener("abort", () => resolve(undefined), { once: true })
+  })
+  for (;;) {
+    if (signal?.aborted) return undefined
+    // Raced against the interrupt: a try waits up to 5 s for a server that is down. One left
+    // behind creates nothing: the ordered consumer makes its server-side one at its first pull.
+    const opening = open()
+    opening.catch(() => {})
+    try {
+      return await Promise.race([opening, interrupted])
+    } catch (err) {
+      const unanswered =
+        err instanceof TimeoutError || (err instanceof RequestError && err.isNoResponders())
+      if (!unanswered) throw err
+    }
+    await sleep(500, undefined, { signal }).catch(() => {})
   }
 }
 

@@ -1,11 +1,12 @@
 // replay() on its own, where the test can reach the server-side consumer under it.
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { connectNats } from "@keyway/nats"
-import { createTestStream } from "@keyway/testkit"
+import { createTestStream, type NatsServerHandle, startNatsServer, waitFor } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
-import { type ReplayLine, replay } from "../src/replay.ts"
+import { type ReplayLine, replay, untilBack } from "../src/replay.ts"
 
 const MESSAGES = 1000
 let nc: NatsConnection
@@ -79,5 +80,97 @@ test("a read whose consumers keep vanishing fails with the server's reason", asy
     )
   } finally {
     clearInterval(vanishing)
+  }
+})
+
+for (const [how, end] of [
+  ["a clean shutdown", (s: NatsServerHandle) => s.stop()],
+  ["a crash", (s: NatsServerHandle) => s.kill()],
+] as const) {
+  test(`--follow goes on through ${how} and restart of the server: nothing missed, nothing twice`, async () => {
+    await using server = await startNatsServer()
+    const conn = await connectNats({ servers: server.url })
+    try {
+      const js = jetstream(conn)
+      await (await jetstreamManager(conn)).streams.add({ name: "R", subjects: ["r.>"] })
+      const publish = async (from: number, to: number) => {
+        for (let i = from; i <= to; i++) await js.publish("r.x", `m${i}`)
+      }
+      await publish(1, 20)
+      const seqs: number[] = []
+      const aborter = new AbortController()
+      const reading = replay(js, { stream: "R", follow: true, signal: aborter.signal }, (line) =>
+        seqs.push(line.streamSeq),
+      )
+      await waitFor(async () => seqs.length === 20, { timeoutMs: 10_000, message: "20 read" })
+      await end(server)
+      // Down for longer than a JetStream request waits (5 s): the read must wait it out.
+      await sleep(6000)
+      await server.start()
+      await waitFor(async () => !conn.isClosed() && conn.info !== undefined, {
+        timeoutMs: 10_000,
+        message: "reconnected",
+      })
+      // Published once the client is back; a publish while it reconnects may time out.
+      await waitFor(
+        async () =>
+          js.publish("r.x", "m21").then(
+            () => true,
+            () => false,
+          ),
+        { timeoutMs: 10_000, message: "the restarted server takes a publish" },
+      )
+      await publish(22, 40)
+      await waitFor(async () => seqs.length >= 40, {
+        timeoutMs: 15_000,
+        message: `the read went on after the restart (${seqs.length} of 40)`,
+      })
+      aborter.abort()
+      assert.equal(await reading, 40)
+      assert.deepEqual(
+        seqs,
+        Array.from({ length: 40 }, (_, i) => i + 1),
+      )
+    } finally {
+      await conn.close()
+    }
+  })
+}
+
+test("a new consumer waits for a server that is down, and gives up when the read is interrupted", async () => {
+  await using server = await startNatsServer()
+  const conn = await connectNats({ servers: server.url })
+  try {
+    const js = jetstream(conn)
+    await (await jetstreamManager(conn)).streams.add({ name: "R", subjects: ["r.>"] })
+    await server.stop()
+    let tries = 0
+    let trying = false
+    const open = () => {
+      tries++
+      trying = true
+      const opening = js.consumers.get("R", {})
+      opening.then(
+        () => (trying = false),
+        () => (trying = false),
+      )
+      return opening
+    }
+    // Each try times out after 5 s while nothing answers; the server is back after 6.
+    const restarting = sleep(6000).then(() => server.start())
+    const consumer = await untilBack(open, undefined)
+    await restarting
+    assert.ok(tries >= 2, `tried again after a timeout (${tries} tries)`)
+    assert.ok(consumer, "a consumer once the server is back")
+    assert.equal((await consumer.info()).stream_name, "R")
+    await consumer.delete()
+
+    await server.stop()
+    const aborter = new AbortController()
+    setTimeout(() => aborter.abort(), 1000)
+    assert.equal(await untilBack(open, aborter.signal), undefined)
+    assert.ok(trying, "the interrupt ended the wait, not the try's timeout")
+  } finally {
+    await conn.close()
   }
 })
