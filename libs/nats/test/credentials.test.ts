@@ -46,6 +46,14 @@ describe("per-user permissions on the hub and the leaf", () => {
     const js = jetstream(nc)
     const ack = await js.publish("factory.demo.item", "{}", { msgID: "factory:cred-1" })
     assert.equal(ack.stream, "FACTORY")
+    // Reading one message of its own stream back, as it checks a duplicate PubAck for a row
+    // it never marked (libs/outbox publish-batch.ts); no other stream's.
+    const streams = (await js.jetstreamManager(false)).streams
+    assert.equal((await streams.getMessage("FACTORY", { seq: ack.seq }))?.seq, ack.seq)
+    await assert.rejects(streams.getMessage("CLOUD_IN", { seq: 1 }), (err: Error) => {
+      clientErrors.push(String(err))
+      return permissionError.test(err.message)
+    })
     // Another site's subjects.
     await assert.rejects(
       js.publish("cloud.demo.command", "{}", { msgID: "factory:cred-2", timeout: 2000 }),
