@@ -625,6 +625,66 @@ describe("relay", () => {
     )
   })
 
+  test("a relay whose NATS user may not read its stream back holds a duplicate it cannot check, and says what to grant", async () => {
+    await fresh()
+    await using server = await startNatsServer({
+      config: `authorization {
+        users = [
+          { user: admin, password: admin }
+          { user: relay, password: relay, permissions: {
+              publish: { allow: ["${site}.>"] }
+              subscribe: { allow: ["_INBOX.>"] } } }
+        ]
+      }`,
+    })
+    const adminNc = await connectNats({ servers: server.url, user: "admin", pass: "admin" })
+    const relayNc = await connectNats({
+      servers: server.url,
+      user: "relay",
+      pass: "relay",
+      inboxPrefix: "_INBOX",
+    })
+    try {
+      const privateStream = await createSiteStream(adminNc, site)
+      await write(t.db, 4, 4)
+      await startRelay({ jetstream: jetstream(relayNc) })
+      await untilPublished("the first events published", 10_000)
+      await relay!.stop()
+      // As if the relay had crashed after the PubAcks of seqs 1 and 2, before marking them.
+      await sql`update keyway.outbox set published_at = null, stream_seq = null where seq <= 2`.execute(
+        t.db,
+      )
+      const { lines, logger } = recordingLogger()
+      await startRelay({ jetstream: jetstream(relayNc), logger, heldRetryMs: 60_000 })
+      // Seqs 3 and 4 come back in the re-publish of recent rows, with their stream_seq known:
+      // no read, published. 1 and 2 cannot be told from another event's.
+      const held = () => lines.filter((l) => l.level === "error")
+      await waitFor(async () => held().length === 2 && relay!.status().published === 2, {
+        timeoutMs: 10_000,
+        message: "two duplicates held, two re-published",
+      })
+      assert.equal(await streamCount(adminNc, privateStream), 4, "nothing stored twice")
+      assert.equal(await unpublishedCount(t.db), 2)
+      assert.deepEqual(
+        held()
+          .map((l) => l.fields!.seq)
+          .sort(),
+        [1, 2],
+      )
+      assert.match(String(held()[0]!.fields!.reason), /\$JS\.API\.STREAM\.MSG\.GET\./)
+      await relay!.stop()
+
+      // With the right (the admin user here), the read shows the same events: published.
+      await startRelay({ jetstream: jetstream(adminNc) })
+      await untilSplit(adminNc, privateStream, 4, 0, "the duplicates checked and marked")
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await relayNc.close()
+      await adminNc.close()
+    }
+  })
+
   test("two relay processes: one publishes, the other stands by and takes over on kill -9", async () => {
     await fresh()
     const env = {

@@ -4,6 +4,7 @@ import {
   type JetStreamClient,
   type JetStreamManager,
   type PubAck,
+  type StoredMsg,
 } from "@nats-io/jetstream"
 import {
   InvalidArgumentError,
@@ -132,14 +133,22 @@ async function notThisEvent(
     managing = js.jetstreamManager(false)
     managers.set(js, managing)
   }
-  const stored = await (await managing).streams
-    .getMessage(ack.stream, { seq: ack.seq })
-    .catch((err: unknown) => {
-      // A failed read says nothing about the topic or the key (refusal() would take a
-      // JetStreamApiError for the stream's answer to the publish): the batch stops, and the
-      // row is tried again like after a timeout.
-      throw new Error(`reading back message ${ack.seq} of ${ack.stream}: ${errorText(err)}`)
-    })
+  let stored: StoredMsg | null
+  try {
+    stored = await (await managing).streams.getMessage(ack.stream, { seq: ack.seq })
+  } catch (err) {
+    // A user without the right would fail every such read alike: its key is held, with
+    // what to grant, and the other keys go on.
+    if (
+      [err, (err as Error | undefined)?.cause].some((e) => e instanceof PermissionViolationError)
+    ) {
+      return `the stream holds its id ${site}:${row.seq} from an earlier publish, and this relay's NATS user may not read that message back to tell whether it is this event (${errorText(err)}): allow it $JS.API.STREAM.MSG.GET.${ack.stream}`
+    }
+    // Any other failed read says nothing about the topic or the key (refusal() would take a
+    // JetStreamApiError for the stream's answer to the publish): the batch stops, and the
+    // row is tried again like after a timeout.
+    throw new Error(`reading back message ${ack.seq} of ${ack.stream}: ${errorText(err)}`)
+  }
   const restored =
     "its outbox gave the seq out twice: its database restored from a backup, or failed over to a replica that lagged?"
   if (stored === null) {
