@@ -507,16 +507,17 @@ describe("relay", () => {
     assert.equal(running.status().heldTopics, 0)
   })
 
-  test("a topic the relay's NATS user may not publish to is held; the other topics go on", async () => {
-    await fresh()
-    // The site's permissions were written before demo.command existed: its relay user may
-    // publish demo.item only (and use the JetStream API for its replies).
-    await using server = await startNatsServer({
+  /**
+   * A private server with an `admin` user who may do anything and a `relay` user who may
+   * publish only to `allow`, and a connection as each (closed by the test).
+   */
+  const serverWithRelayUser = async (allow: string[]) => {
+    const server = await startNatsServer({
       config: `authorization {
         users = [
           { user: admin, password: admin }
           { user: relay, password: relay, permissions: {
-              publish: { allow: ["${site}.demo.item", "$JS.API.>"] }
+              publish: { allow: ${JSON.stringify(allow)} }
               subscribe: { allow: ["_INBOX.>"] } } }
         ]
       }`,
@@ -528,6 +529,15 @@ describe("relay", () => {
       pass: "relay",
       inboxPrefix: "_INBOX",
     })
+    return Object.assign(server, { adminNc, relayNc })
+  }
+
+  test("a topic the relay's NATS user may not publish to is held; the other topics go on", async () => {
+    await fresh()
+    // The site's permissions were written before demo.command existed: its relay user may
+    // publish demo.item only (and use the JetStream API for its replies).
+    await using server = await serverWithRelayUser([`${site}.demo.item`, "$JS.API.>"])
+    const { adminNc, relayNc } = server
     try {
       const privateStream = await createSiteStream(adminNc, site)
       // More commands than a batch holds, first in seq order: the batch must not stop at them.
@@ -627,23 +637,8 @@ describe("relay", () => {
 
   test("a relay whose NATS user may not read its stream back holds a duplicate it cannot check, and says what to grant", async () => {
     await fresh()
-    await using server = await startNatsServer({
-      config: `authorization {
-        users = [
-          { user: admin, password: admin }
-          { user: relay, password: relay, permissions: {
-              publish: { allow: ["${site}.>"] }
-              subscribe: { allow: ["_INBOX.>"] } } }
-        ]
-      }`,
-    })
-    const adminNc = await connectNats({ servers: server.url, user: "admin", pass: "admin" })
-    const relayNc = await connectNats({
-      servers: server.url,
-      user: "relay",
-      pass: "relay",
-      inboxPrefix: "_INBOX",
-    })
+    await using server = await serverWithRelayUser([`${site}.>`])
+    const { adminNc, relayNc } = server
     try {
       const privateStream = await createSiteStream(adminNc, site)
       await write(t.db, 4, 4)
