@@ -67,7 +67,14 @@ test("lists dead tasks, blocked keys and gaps as JSON", async () => {
   assert.ok(summary.oldestGapSeconds >= 90, `b has waited 90 s: ${summary.oldestGapSeconds}`)
   assert.deepEqual(
     { ...summary, oldestGapSeconds: 90 },
-    { gapKeys: 1, oldestGapSeconds: 90, deadTasks: 1, blockedKeys: 1 },
+    {
+      gapKeys: 1,
+      oldestGapSeconds: 90,
+      deadTasks: 1,
+      blockedKeys: 1,
+      pendingKeys: 0,
+      oldestPendingSeconds: 0,
+    },
   )
 })
 

@@ -158,7 +158,14 @@ export async function collectStatus(
           .summarise()
           .catch((err: unknown) => {
             if (!(err instanceof ConsumerAdminError)) throw err
-            return { gapKeys: 0, oldestGapSeconds: 0, deadTasks: 0, blockedKeys: 0 }
+            return {
+              gapKeys: 0,
+              oldestGapSeconds: 0,
+              deadTasks: 0,
+              blockedKeys: 0,
+              pendingKeys: 0,
+              oldestPendingSeconds: 0,
+            }
           })),
         rejects: (
           await sql<{ n: number }>`
@@ -234,8 +241,12 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
           `${i === 0 ? "; list them: " : ", "}DATABASE_URL=${s.databaseUrl} npx just admin ${what} --group ${group}`,
       )
       .join("")
+    const pending =
+      g.pendingKeys === 0
+        ? "nothing waiting to run"
+        : `${n(g.pendingKeys)} keys with a task waiting to run (the oldest for ${duration(g.oldestPendingSeconds * 1000)})`
     say(
-      `  group       ${group}: ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}, ${n(g.rejects)} messages rejected in the last day${act}`,
+      `  group       ${group}: ${pending}, ${n(g.deadTasks)} dead tasks, ${n(g.blockedKeys)} keys blocked, ${n(g.gapKeys)} keys at a gap${gaps}, ${n(g.rejects)} messages rejected in the last day${act}`,
     )
   }
   if (typeof s.demo === "string") say(`  demo        ${s.demo}`)

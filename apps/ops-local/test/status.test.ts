@@ -19,13 +19,21 @@ test("status shows the group's dead tasks and rejects with the commands that lis
   printStatus(
     {
       ...status,
-      group: { deadTasks: 2, blockedKeys: 1, gapKeys: 3, oldestGapSeconds: 150, rejects: 4 },
+      group: {
+        deadTasks: 2,
+        blockedKeys: 1,
+        gapKeys: 3,
+        oldestGapSeconds: 150,
+        pendingKeys: 5,
+        oldestPendingSeconds: 42,
+        rejects: 4,
+      },
     },
     (line) => lines.push(line),
   )
   assert.ok(
     lines.includes(
-      `  group       cloud-demo: 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most), 4 messages rejected in the last day; list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo, DATABASE_URL=${status.databaseUrl} npx just admin rejects --group cloud-demo`,
+      `  group       cloud-demo: 5 keys with a task waiting to run (the oldest for 42s), 2 dead tasks, 1 keys blocked, 3 keys at a gap (waiting 2m at most), 4 messages rejected in the last day; list them: DATABASE_URL=${status.databaseUrl} npx just admin dead --group cloud-demo, DATABASE_URL=${status.databaseUrl} npx just admin rejects --group cloud-demo`,
     ),
     lines.join("\n"),
   )
@@ -33,13 +41,21 @@ test("status shows the group's dead tasks and rejects with the commands that lis
   printStatus(
     {
       ...status,
-      group: { deadTasks: 0, blockedKeys: 0, gapKeys: 0, oldestGapSeconds: 0, rejects: 0 },
+      group: {
+        deadTasks: 0,
+        blockedKeys: 0,
+        gapKeys: 0,
+        oldestGapSeconds: 0,
+        pendingKeys: 0,
+        oldestPendingSeconds: 0,
+        rejects: 0,
+      },
     },
     (line) => healthy.push(line),
   )
   assert.ok(
     healthy.includes(
-      "  group       cloud-demo: 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected in the last day",
+      "  group       cloud-demo: nothing waiting to run, 0 dead tasks, 0 keys blocked, 0 keys at a gap, 0 messages rejected in the last day",
     ),
   )
 })

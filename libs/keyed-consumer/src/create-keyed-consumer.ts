@@ -319,6 +319,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       help: "Keys of the group stopped at a dead task: nothing later on them runs until an operator acts",
       collect: async () => (await waiting())?.blockedKeys,
     })
+    m.collectedGauge({
+      name: "consumer_pending_keys",
+      help: "Keys of the group whose next task is in the inbox and waits to run, now or at its retry time",
+      collect: async () => (await waiting())?.pendingKeys,
+    })
+    m.collectedGauge({
+      name: "consumer_oldest_pending_seconds",
+      help: "How long the group's oldest waiting next task has been in the inbox, 0 when none waits: grows while handlers fail or fall behind",
+      collect: async () => (await waiting())?.oldestPendingSeconds,
+    })
     // Undefined while there is no durable yet or NATS is unreachable: the gauge keeps its value.
     const lag = perScrape(async () => {
       const info = await (await manager()).consumers.info(config.stream, group)

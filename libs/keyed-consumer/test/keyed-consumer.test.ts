@@ -292,6 +292,47 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().dead, 0)
   })
 
+  test("a task waiting for its retry counts as pending, growing older, until it is done", async () => {
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
+    let failing = true
+    const { t, stream, admin } = await setup({
+      metrics,
+      defaultPolicy: { maxAttempts: 1000, backoffMs: 50, maxBackoffMs: 100 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          // A vendor down: the task is retried and waits between tries, its key behind it.
+          if (event.key === "down" && failing) throw new Error("vendor down")
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 3; ver++)
+      await publishEvent(nc, stream.site, { key: "down", ver, payload: { n: ver } })
+    await publishEvent(nc, stream.site, { key: "up", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).some((e) => e.key === "up"), {
+      timeoutMs: 10_000,
+      message: "the other key done",
+    })
+    await waitFor(async () => (await scrape("consumer_oldest_pending_seconds"))! >= 1, {
+      timeoutMs: 10_000,
+      message: "the waiting task a second old",
+    })
+    // One key, however many of its versions wait: the next is what holds the others.
+    assert.equal(await scrape("consumer_pending_keys"), 1)
+    const summary = await admin.summarise()
+    assert.equal(summary.pendingKeys, 1)
+    assert.ok(summary.oldestPendingSeconds >= 1, `${summary.oldestPendingSeconds} s`)
+    assert.equal(summary.deadTasks, 0, "retried, not dead")
+    failing = false
+    await waitFor(async () => (await effects(t.db)).length === 4, {
+      timeoutMs: 10_000,
+      message: "the key drained once the vendor is back",
+    })
+    assert.equal(await scrape("consumer_pending_keys"), 0)
+    assert.equal(await scrape("consumer_oldest_pending_seconds"), 0)
+  })
+
   test("a failure that says when to come back (retryAfterMs) is not tried again sooner", async () => {
     const calls: number[] = []
     const { t, stream, consumer } = await setup({
@@ -471,6 +512,9 @@ describe("keyed consumer", () => {
       oldestGapSeconds: 0,
       deadTasks: 1,
       blockedKeys: 1,
+      // v3 waits behind the dead v2: blocked, not pending.
+      pendingKeys: 0,
+      oldestPendingSeconds: 0,
     })
     assert.equal(await scrape("consumer_gap_keys"), 0)
   })
@@ -668,7 +712,14 @@ describe("keyed consumer", () => {
     assert.equal(await gauge("consumer_blocked_keys"), 1)
     assert.deepEqual(
       await admin.summarise(),
-      { gapKeys: 0, oldestGapSeconds: 0, deadTasks: 1, blockedKeys: 1 },
+      {
+        gapKeys: 0,
+        oldestGapSeconds: 0,
+        deadTasks: 1,
+        blockedKeys: 1,
+        pendingKeys: 0,
+        oldestPendingSeconds: 0,
+      },
       "the admin's summary says what the metrics say",
     )
     await new Promise((r) => setTimeout(r, 600))

@@ -306,8 +306,11 @@ export async function renewLease(
 /**
  * What waits in the group, for its gauges (DESIGN.md invariant 5): keys held by a missing
  * version and how long the oldest has waited (the partial index of sql/0004), and dead tasks
- * with the keys they block, whose next version is dead (the per-key counts of sql/0005). One
- * round trip; each half reads only the handful of keys its partial index holds.
+ * with the keys they block, whose next version is dead (the per-key counts of sql/0005); and
+ * the backlog, keys whose next task waits to run and the oldest of those tasks. One round
+ * trip. The first two parts read only the handful of keys their partial indexes hold; the
+ * backlog reads every key of the group and its next version by primary key, as the polling
+ * loop does, once per scrape.
  */
 export interface GroupSummary {
   /** Keys waiting for a missing version. */
@@ -318,6 +321,13 @@ export interface GroupSummary {
   deadTasks: number
   /** Keys stopped at a dead task (policy block). */
   blockedKeys: number
+  /** Keys whose next task is stored and waits to run, now or at its retry time. */
+  pendingKeys: number
+  /**
+   * How long the oldest of those next tasks has been in the inbox, 0 when none waits. It
+   * grows while handlers fail or fall behind, where the stream's lag stays 0: ingest keeps up.
+   */
+  oldestPendingSeconds: number
 }
 
 export async function groupSummary(db: Kysely<any>, group: string): Promise<GroupSummary> {
@@ -326,8 +336,11 @@ export async function groupSummary(db: Kysely<any>, group: string): Promise<Grou
     oldest_gap_seconds: number | null
     dead_tasks: number
     blocked_keys: number
+    pending_keys: number
+    oldest_pending_seconds: number | null
   }>`
-    select g.gap_keys, g.oldest_gap_seconds, d.dead_tasks, d.blocked_keys
+    select g.gap_keys, g.oldest_gap_seconds, d.dead_tasks, d.blocked_keys, p.pending_keys,
+           p.oldest_pending_seconds
       from (select count(*)::int as gap_keys,
                    extract(epoch from now() - min(gap_since))::float8 as oldest_gap_seconds
               from keyway.consumer_key
@@ -338,7 +351,13 @@ export async function groupSummary(db: Kysely<any>, group: string): Promise<Grou
                       where i.grp = k.grp and i.topic = k.topic and i.key = k.key
                         and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
               from keyway.consumer_key k
-             where k.grp = ${group} and k.dead_tasks > 0) d
+             where k.grp = ${group} and k.dead_tasks > 0) d,
+           (select count(*)::int as pending_keys,
+                   extract(epoch from now() - min(i.received_at))::float8 as oldest_pending_seconds
+              from keyway.consumer_key k
+              join keyway.inbox i
+                on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
+             where k.grp = ${group} and i.state = 'pending') p
   `.execute(db)
   const row = r.rows[0]!
   return {
@@ -346,6 +365,8 @@ export async function groupSummary(db: Kysely<any>, group: string): Promise<Grou
     oldestGapSeconds: Math.max(0, row.oldest_gap_seconds ?? 0),
     deadTasks: row.dead_tasks,
     blockedKeys: row.blocked_keys,
+    pendingKeys: row.pending_keys,
+    oldestPendingSeconds: Math.max(0, row.oldest_pending_seconds ?? 0),
   }
 }
 
