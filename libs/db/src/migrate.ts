@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto"
 import { readdir, readFile } from "node:fs/promises"
 import { join } from "node:path"
 import { fileURLToPath } from "node:url"
@@ -30,6 +31,41 @@ const DEFAULT_LOCK_TIMEOUT_MS = 2000
 
 const MIGRATION_FILE = /^\d{4}_[a-z0-9_-]+\.sql$/
 
+interface MigrationFile {
+  /** The file name without `.sql`: the name Kysely's bookkeeping records. */
+  name: string
+  file: string
+  text: string
+  /** Of the text with CRLF line ends read as LF: a checkout on Windows is the same text. */
+  sha256: string
+}
+
+async function readMigrationFiles(dir: string): Promise<MigrationFile[]> {
+  const all = await readdir(dir)
+  // A migration named otherwise (`0015_Add_index.sql`, `0015_x.SQL`) would be left out
+  // without a word, here and in every check that the database is up to date.
+  const misnamed = all.filter((f) => /\.sql$/i.test(f) && !MIGRATION_FILE.test(f))
+  if (misnamed.length > 0) {
+    throw new MigrationError(
+      `${dir}: ${misnamed.join(", ")} not named NNNN_slug.sql (four digits, then lower-case letters, digits, _ or -)`,
+    )
+  }
+  const files = all.filter((f) => MIGRATION_FILE.test(f)).sort()
+  return Promise.all(
+    files.map(async (file) => {
+      const text = await readFile(join(dir, file), "utf8")
+      const sha256 = createHash("sha256").update(text.replace(/\r\n/g, "\n")).digest("hex")
+      return { name: file.replace(/\.sql$/, ""), file, text, sha256 }
+    }),
+  )
+}
+
+// What each migration's text was when this database applied it. Kysely records names and
+// times only, so an applied migration edited afterwards went unnoticed: the database reported
+// "up to date" while it ran the earlier text (an earlier body of a function, say), and the
+// code that expected the new one ran against it.
+const CHECKSUMS = sql.table("public.keyway_migration_checksum")
+
 // Migrations are plain SQL files so that they read as what runs in Postgres. Kysely's
 // Migrator supplies the bookkeeping table, the lock against concurrent runs and the
 // transaction each runs in; this provider only turns files into Migration objects.
@@ -40,31 +76,52 @@ class SqlFileMigrationProvider implements MigrationProvider {
   ) {}
 
   async getMigrations(): Promise<Record<string, Migration>> {
-    const all = await readdir(this.dir)
-    // A migration named otherwise (`0015_Add_index.sql`, `0015_x.SQL`) would be left out
-    // without a word, here and in every check that the database is up to date.
-    const misnamed = all.filter((f) => /\.sql$/i.test(f) && !MIGRATION_FILE.test(f))
-    if (misnamed.length > 0) {
-      throw new MigrationError(
-        `${this.dir}: ${misnamed.join(", ")} not named NNNN_slug.sql (four digits, then lower-case letters, digits, _ or -)`,
-      )
-    }
-    const files = all.filter((f) => MIGRATION_FILE.test(f)).sort()
     const migrations: Record<string, Migration> = {}
-    for (const file of files) {
-      const text = await readFile(join(this.dir, file), "utf8")
-      migrations[file.replace(/\.sql$/, "")] = {
+    for (const m of await readMigrationFiles(this.dir)) {
+      migrations[m.name] = {
         up: async (db) => {
           // Local to the migration's transaction; Kysely's own lock is taken before it.
           await sql`select set_config('lock_timeout', ${`${this.lockTimeoutMs}ms`}, true)`.execute(
             db,
           )
-          await sql.raw(text).execute(db)
+          await sql.raw(m.text).execute(db)
+          // In the migration's transaction: recorded if and only if it is applied.
+          await sql`insert into ${CHECKSUMS} (name, sha256) values (${m.name}, ${m.sha256})
+                    on conflict (name) do update set sha256 = excluded.sha256`.execute(db)
         },
       }
     }
     return migrations
   }
+}
+
+/** Whether a table exists: the checks read bookkeeping only where there is some. */
+async function tableExists(db: Kysely<any>, name: string): Promise<boolean> {
+  const r = await sql<{ t: string | null }>`select to_regclass(${name})::text as t`.execute(db)
+  return r.rows[0]!.t !== null
+}
+
+/**
+ * Throws a MigrationError naming every migration whose file is not the text this database
+ * applied. A migration the database applied and the folder lacks is not this check's: a
+ * schema newer than the code is fine (see assertMigrated).
+ */
+async function assertUnchanged(db: Kysely<any>, files: readonly MigrationFile[], dir: string) {
+  if (!(await tableExists(db, "public.keyway_migration_checksum"))) return
+  const applied = await sql<{ name: string; sha256: string }>`
+    select name, sha256 from ${CHECKSUMS}`.execute(db)
+  const recorded = new Map(applied.rows.map((r) => [r.name, r.sha256]))
+  const changed = files.filter((f) => (recorded.get(f.name) ?? f.sha256) !== f.sha256)
+  if (changed.length === 0) return
+  const which = changed
+    .map(
+      (f) =>
+        `${f.file} (sha256 ${recorded.get(f.name)!.slice(0, 12)}… applied, ${f.sha256.slice(0, 12)}… now)`,
+    )
+    .join(", ")
+  throw new MigrationError(
+    `${which} in ${dir}: not the text this database applied. A migration is never edited once applied: restore it from git, and put the change in a new migration`,
+  )
 }
 
 export class MigrationError extends Error {
@@ -103,6 +160,21 @@ export async function migrateToLatest(
   return db.connection().execute(async (conn) => {
     await sql`select pg_advisory_lock(${RUN_LOCK})`.execute(conn)
     try {
+      const dir = options.dir ?? migrationsDir
+      const files = await readMigrationFiles(dir)
+      await sql`create table if not exists ${CHECKSUMS} (
+                  name text primary key, sha256 text not null)`.execute(conn)
+      await assertUnchanged(conn, files, dir)
+      // Migrations applied before their texts were recorded: what they are now is taken as
+      // what was applied, and compared from here on.
+      if (await tableExists(conn, "public.kysely_migration")) {
+        await sql`insert into ${CHECKSUMS} (name, sha256)
+                  select f.name, f.sha256
+                    from unnest(${files.map((f) => f.name)}::text[],
+                                ${files.map((f) => f.sha256)}::text[]) as f(name, sha256)
+                   where f.name in (select name from public.kysely_migration)
+                  on conflict (name) do nothing`.execute(conn)
+      }
       return await migrateOneByOne(conn, options)
     } finally {
       // On a connection that failed the run, the unlock fails too (and the session's end
@@ -161,13 +233,15 @@ export async function pendingMigrations(
 
 /**
  * Throws a MigrationError naming what is missing unless the database has every migration this
- * code ships with. The processes check at start: code newer than its schema would call SQL
+ * code ships with, each as the text it applied. The processes check at start: code newer than its schema would call SQL
  * functions that are not there, or, worse, older versions of them that do something else
  * (a consumer on a schema without 0010 would mark a parked task done and lose it from the
  * dead-letter list). A schema newer than the code is fine: migrations keep what running code
  * calls until every process has moved on.
  */
 export async function assertMigrated(db: Kysely<any>, options: MigrateOptions = {}): Promise<void> {
+  const dir = options.dir ?? migrationsDir
+  await assertUnchanged(db, await readMigrationFiles(dir), dir)
   const pending = await pendingMigrations(db, options)
   if (pending.length > 0) {
     throw new MigrationError(

@@ -167,3 +167,58 @@ test("two runs at once: one applies every pending migration, in order, the other
     await rm(dir, { recursive: true })
   }
 })
+
+test("a migration edited after it was applied is refused by name, by migrate and by the processes' check", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-edited-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);\n")
+  await writeFile(
+    join(dir, "0002_fn.sql"),
+    "create function public.f() returns int as 'select 1' language sql;\n",
+  )
+  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
+  try {
+    assert.deepEqual(await migrateToLatest(t.db, { dir }), ["0001_table", "0002_fn"])
+    // The same text with Windows line ends is the same migration.
+    await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);\r\n")
+    await assertMigrated(t.db, { dir })
+    // f() now returns 2 in the file; the database still runs the body that returns 1.
+    await writeFile(
+      join(dir, "0002_fn.sql"),
+      "create function public.f() returns int as 'select 2' language sql;\n",
+    )
+    await writeFile(join(dir, "0003_more.sql"), "alter table public.t add column c int;\n")
+    const refused = (err: Error) => {
+      assert.ok(err instanceof MigrationError, String(err))
+      assert.match(err.message, /^0002_fn\.sql \(sha256 [0-9a-f]{12}… applied, [0-9a-f]{12}… now\)/)
+      assert.match(err.message, /never edited once applied/)
+      assert.doesNotMatch(err.message, /0001_table/)
+      return true
+    }
+    await assert.rejects(migrateToLatest(t.db, { dir }), refused)
+    await assert.rejects(assertMigrated(t.db, { dir }), refused)
+    assert.deepEqual(await pendingMigrations(t.db, { dir }), ["0003_more"], "nothing applied")
+  } finally {
+    await rm(dir, { recursive: true })
+    await rm(empty, { recursive: true })
+  }
+})
+
+test("migrations applied before their texts were recorded are taken as they are now, then checked", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-unrecorded-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);\n")
+  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
+  try {
+    await migrateToLatest(t.db, { dir })
+    // A database migrated by a release that kept no checksums.
+    await sql`drop table public.keyway_migration_checksum`.execute(t.db)
+    await assertMigrated(t.db, { dir })
+    assert.deepEqual(await migrateToLatest(t.db, { dir }), [], "up to date")
+    await writeFile(join(dir, "0001_table.sql"), "create table public.t (id bigint);\n")
+    await assert.rejects(migrateToLatest(t.db, { dir }), /0001_table\.sql .*not the text/)
+  } finally {
+    await rm(dir, { recursive: true })
+    await rm(empty, { recursive: true })
+  }
+})
