@@ -1,3 +1,4 @@
+import type { Socket } from "node:net"
 import {
   connectTimeoutMillis,
   keepaliveSettings,
@@ -70,6 +71,11 @@ export interface RelayConfig {
    * topic waits between tries (see {@link RelayStatus.heldTopics}). Default 60 s.
    */
   heldRetryMs?: number
+  /**
+   * How long stop() waits for the session to finish what it has in hand before it closes the
+   * session's Postgres connection under it. Default 10 s.
+   */
+  stopTimeoutMs?: number
   /** How often a standby retries to become active. Default 1000 ms. */
   standbyRetryMs?: number
   /** Pause after a failed publish or a lost connection. Default 500 ms. */
@@ -199,6 +205,7 @@ export function createRelay(config: RelayConfig): Relay {
     vacuumEvery: config.vacuumEvery ?? 20_000,
     republishWindowMs: config.republishWindowMs ?? 120_000,
     heldRetryMs: config.heldRetryMs ?? 60_000,
+    stopTimeoutMs: config.stopTimeoutMs ?? 10_000,
   }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
@@ -230,6 +237,8 @@ export function createRelay(config: RelayConfig): Relay {
   let lostAt: Date | undefined
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
+  /** The session's connection while it is open: stop() may have to close it under the session. */
+  let sessionClient: pg.Client | undefined
   let stopStatuses: (() => void) | undefined
   // The backlog gauges read on a connection of their own: on the session's connection a
   // scrape's count(*) would wait in line behind claims and marks, and hold them up in turn,
@@ -323,9 +332,14 @@ export function createRelay(config: RelayConfig): Relay {
         await client.end().catch(() => {})
         throw err
       }
+      sessionClient = client
       return client
     }),
-    (client) => Effect.promise(() => client.end().catch(() => {})),
+    (client) =>
+      Effect.promise(async () => {
+        await client.end().catch(() => {})
+        if (sessionClient === client) sessionClient = undefined
+      }),
   )
 
   const publishAndMark = (client: pg.Client, rows: OutboxRow[]) =>
@@ -619,8 +633,26 @@ export function createRelay(config: RelayConfig): Relay {
       fiber = undefined
       stopStatuses?.()
       stopStatuses = undefined
+      // A statement that never returns (a Postgres overloaded or stalled, a lock someone holds
+      // on the outbox) held the stop for as long, past any supervisor's patience: the batch in
+      // flight finishes uninterrupted, and the session's last statements (the listening flag)
+      // run before its connection closes. Past stopTimeoutMs the connection is closed under
+      // them: they fail, the session ends, and rows published but not marked are re-published
+      // by the next leader, which the stream drops as duplicates.
+      const forcing = setTimeout(() => {
+        const client = sessionClient as
+          | (pg.Client & { connection?: { stream?: Socket } })
+          | undefined
+        if (!client) return
+        log.warn("the relay's stop is waiting on Postgres; closing its connection", {
+          afterMs: settings.stopTimeoutMs,
+        })
+        // pg's end() waits for the server's goodbye, which a stalled server never sends.
+        client.connection?.stream?.destroy()
+      }, settings.stopTimeoutMs)
       const done = (async () => {
         await Effect.runPromise(Fiber.interrupt(running))
+        clearTimeout(forcing)
         state.role = "stopped"
         const pool = metricsPool
         metricsPool = undefined

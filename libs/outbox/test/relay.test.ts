@@ -1131,6 +1131,41 @@ describe("relay", () => {
       await proxy.close()
     }
   })
+  test("stop() with Postgres stalled under a statement: the connection is closed after stopTimeoutMs, and nothing is lost", {
+    // Unbounded, stop() would wait for as long as Postgres does: fail instead.
+    timeout: 60_000,
+  }, async () => {
+    await fresh()
+    const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+    const { lines, logger } = recordingLogger()
+    try {
+      relay = relayThrough(proxy, {}, { logger, stopTimeoutMs: 1000 })
+      await relay.start()
+      await write(t.db, 100, 10)
+      await untilPublished("published", 10_000)
+      // The relay's next statements (its claims) go out and get no answer.
+      proxy.stall()
+      await write(t.db, 10, 10, 100)
+      await sleep(300)
+      await relay.stop()
+      assert.ok(
+        lines.some((l) => l.message.startsWith("the relay's stop is waiting on Postgres")),
+        "the stop said why it closed the connection",
+      )
+      assert.equal(relay.status().role, "stopped")
+      proxy.resume()
+      relay = undefined
+      await startRelay()
+      await untilPublished("the rest published by the next relay", 10_000)
+      assertExactlyOnceInOrder(await readStream(nc, stream), 110)
+    } finally {
+      proxy.resume()
+      await relay?.stop()
+      relay = undefined
+      await proxy.close()
+    }
+  })
+
   test("a Postgres that accepts and never answers: each connect gives up after connect_timeout, and the relay publishes once it answers", {
     // Unbounded, the connect (and stop(), which waits for it) would hang: fail instead.
     timeout: 90_000,
