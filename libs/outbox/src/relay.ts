@@ -262,7 +262,7 @@ export function createRelay(config: RelayConfig): Relay {
     })
     m.collectedGauge({
       name: "outbox_held_keys",
-      help: "Keys this relay holds back because NATS refuses one of their events for good (too large)",
+      help: "Keys this relay holds back: NATS refuses one of their events for good (too large), or the stream holds its id for another event (a seq given out twice, after a restore of the outbox)",
       collect: () => held.size,
     })
     m.collectedGauge({
