@@ -142,6 +142,9 @@ export async function replay(
           const next = await untilBack(reopen, options.signal)
           if (next === undefined) return progress.printed
           consumer = next
+          // Not a loss of the kind counted below: the new consumer may even have been made
+          // by the server on its way down, and be found gone once it is back.
+          lostInARow = 0
           continue
         }
         if (!gone) throw err
@@ -152,7 +155,9 @@ export async function replay(
       }
     }
   } finally {
-    await consumer.delete().catch(() => {})
+    // Bounded: with the server away, the request would wait its whole timeout, and an
+    // interrupted read with it. The server drops an ordered consumer by itself in 5 minutes.
+    await Promise.race([consumer.delete().catch(() => {}), sleep(1000)])
   }
 }
 
@@ -175,24 +180,54 @@ export async function untilBack(
   open: () => Promise<Consumer>,
   signal: AbortSignal | undefined,
 ): Promise<Consumer | undefined> {
-  const interrupted = new Promise<undefined>((resolve) => {
-    if (signal?.aborted) resolve(undefined)
-    signal?.addEventListener("abort", () => resolve(undefined), { once: true })
-  })
   for (;;) {
     if (signal?.aborted) return undefined
-    // Raced against the interrupt: a try waits up to 5 s for a server that is down. One left
-    // behind creates nothing: the ordered consumer makes its server-side one at its first pull.
-    const opening = open()
-    opening.catch(() => {})
     try {
-      return await Promise.race([opening, interrupted])
+      // A try waits up to 5 s for a server that is down: the interrupt does not wait for it.
+      // The ordered consumer creates its server-side consumer as it opens, so one that opens
+      // after the interrupt is deleted.
+      return await unlessAborted(open(), signal, (late) => late.delete())
     } catch (err) {
-      const unanswered =
-        err instanceof TimeoutError || (err instanceof RequestError && err.isNoResponders())
-      if (!unanswered) throw err
+      if (!unanswered(err)) throw err
     }
     await sleep(500, undefined, { signal }).catch(() => {})
+  }
+}
+
+const noResponders = (err: unknown) => err instanceof RequestError && err.isNoResponders()
+
+/**
+ * A request that got no answer: timed out, or found no responders (nats.js reports that on
+ * an API request as "JetStream not enabled", with the RequestError as its cause).
+ */
+const unanswered = (err: unknown) =>
+  err instanceof TimeoutError || noResponders(err) || noResponders((err as Error)?.cause)
+
+/**
+ * `promise`, or undefined as soon as `signal` aborts; what the promise brings after that is
+ * handed to `discard`.
+ */
+async function unlessAborted<T>(
+  promise: Promise<T>,
+  signal: AbortSignal | undefined,
+  discard: (late: T) => unknown,
+): Promise<T | undefined> {
+  if (!signal) return promise
+  let onAbort = () => {}
+  const aborted = new Promise<undefined>((resolve) => {
+    onAbort = () => resolve(undefined)
+  })
+  if (signal.aborted) onAbort()
+  else signal.addEventListener("abort", onAbort, { once: true })
+  try {
+    const value = await Promise.race([promise, aborted])
+    if (signal.aborted) {
+      promise.then(discard).catch(() => {})
+      return undefined
+    }
+    return value
+  } finally {
+    signal.removeEventListener("abort", onAbort)
   }
 }
 
@@ -232,28 +267,39 @@ async function readAll(
     // Short waits: without `follow` a fetch that finds nothing means the filtered view is
     // exhausted (each message also says how many follow it, which ends the read at once);
     // with it, an interrupt is seen within a second.
-    const batch = await consumer.fetch({
-      max_messages: 256,
-      expires: 1000,
-    })
+    // While the server is away, the fetch waits for it (the ordered consumer making a new
+    // server-side consumer), and so does the batch's iteration: an interrupt ends both.
+    const batch = await unlessAborted(
+      consumer.fetch({ max_messages: 256, expires: 1000 }),
+      options.signal,
+      (late) => late.stop(),
+    )
+    if (batch === undefined) return progress.printed
+    const stopBatch = () => batch.stop()
+    options.signal?.addEventListener("abort", stopBatch, { once: true })
     let got = 0
-    for await (const m of batch) {
-      got++
-      // Aborted (an interrupt, or the reader of the output gone): print nothing more.
-      if (options.signal?.aborted) return progress.printed
-      if (options.toSeq !== undefined && m.seq > options.toSeq) return progress.printed
-      progress.lastSeq = m.seq
-      const line = toLine(m)
-      if (options.key === undefined || ("key" in line && line.key === options.key)) {
-        print(line)
-        progress.printed++
-        if (options.limit !== undefined && progress.printed >= options.limit) {
-          return progress.printed
+    try {
+      for await (const m of batch) {
+        got++
+        // Aborted (an interrupt, or the reader of the output gone): print nothing more.
+        if (options.signal?.aborted) return progress.printed
+        if (options.toSeq !== undefined && m.seq > options.toSeq) return progress.printed
+        progress.lastSeq = m.seq
+        const line = toLine(m)
+        if (options.key === undefined || ("key" in line && line.key === options.key)) {
+          print(line)
+          progress.printed++
+          if (options.limit !== undefined && progress.printed >= options.limit) {
+            return progress.printed
+          }
         }
+        if (options.toSeq !== undefined && m.seq >= options.toSeq) return progress.printed
+        if (!options.follow && m.info.pending === 0) return progress.printed
       }
-      if (options.toSeq !== undefined && m.seq >= options.toSeq) return progress.printed
-      if (!options.follow && m.info.pending === 0) return progress.printed
+    } finally {
+      options.signal?.removeEventListener("abort", stopBatch)
     }
+    if (options.signal?.aborted) return progress.printed
     if (got === 0 && progress.lastSeq !== undefined) {
       // Messages the server sent on a connection it then dropped (a reader paused past its
       // write deadline) are lost in flight. nats.js's ordered consumer notices only when a

@@ -51,6 +51,22 @@ const deleteTheConsumer = async () => {
   return 0
 }
 
+/** A private server, to stop and start, with stream R on `r.>`, and a connection to it. */
+async function privateServer() {
+  const server = await startNatsServer()
+  const conn = await connectNats({ servers: server.url })
+  await (await jetstreamManager(conn)).streams.add({ name: "R", subjects: ["r.>"] })
+  return {
+    server,
+    conn,
+    js: jetstream(conn),
+    async [Symbol.asyncDispose]() {
+      await conn.close()
+      await server[Symbol.asyncDispose]()
+    },
+  }
+}
+
 test("a consumer dropped by the server mid-read is replaced: nothing missed, nothing twice", async () => {
   const seqs: number[] = []
   const deleting: Promise<number>[] = []
@@ -88,89 +104,170 @@ for (const [how, end] of [
   ["a crash", (s: NatsServerHandle) => s.kill()],
 ] as const) {
   test(`--follow goes on through ${how} and restart of the server: nothing missed, nothing twice`, async () => {
-    await using server = await startNatsServer()
-    const conn = await connectNats({ servers: server.url })
-    try {
-      const js = jetstream(conn)
-      await (await jetstreamManager(conn)).streams.add({ name: "R", subjects: ["r.>"] })
-      const publish = async (from: number, to: number) => {
-        for (let i = from; i <= to; i++) await js.publish("r.x", `m${i}`)
-      }
-      await publish(1, 20)
-      const seqs: number[] = []
-      const aborter = new AbortController()
-      const reading = replay(js, { stream: "R", follow: true, signal: aborter.signal }, (line) =>
-        seqs.push(line.streamSeq),
-      )
-      await waitFor(async () => seqs.length === 20, { timeoutMs: 10_000, message: "20 read" })
-      await end(server)
-      // Down for longer than a JetStream request waits (5 s): the read must wait it out.
-      await sleep(6000)
-      await server.start()
-      await waitFor(async () => !conn.isClosed() && conn.info !== undefined, {
-        timeoutMs: 10_000,
-        message: "reconnected",
-      })
-      // Published once the client is back; a publish while it reconnects may time out.
-      await waitFor(
-        async () =>
-          js.publish("r.x", "m21").then(
-            () => true,
-            () => false,
-          ),
-        { timeoutMs: 10_000, message: "the restarted server takes a publish" },
-      )
-      await publish(22, 40)
-      await waitFor(async () => seqs.length >= 40, {
-        timeoutMs: 15_000,
-        message: `the read went on after the restart (${seqs.length} of 40)`,
-      })
-      aborter.abort()
-      assert.equal(await reading, 40)
-      assert.deepEqual(
-        seqs,
-        Array.from({ length: 40 }, (_, i) => i + 1),
-      )
-    } finally {
-      await conn.close()
+    await using p = await privateServer()
+    const { server, conn, js } = p
+    const publish = async (from: number, to: number) => {
+      for (let i = from; i <= to; i++) await js.publish("r.x", `m${i}`)
     }
+    await publish(1, 20)
+    const seqs: number[] = []
+    const aborter = new AbortController()
+    const reading = replay(js, { stream: "R", follow: true, signal: aborter.signal }, (line) =>
+      seqs.push(line.streamSeq),
+    )
+    await waitFor(async () => seqs.length === 20, { timeoutMs: 10_000, message: "20 read" })
+    await end(server)
+    // Down for longer than a JetStream request waits (5 s): the read must wait it out.
+    await sleep(6000)
+    await server.start()
+    await waitFor(async () => !conn.isClosed() && conn.info !== undefined, {
+      timeoutMs: 10_000,
+      message: "reconnected",
+    })
+    // Published once the client is back; a publish while it reconnects may time out.
+    await waitFor(
+      async () =>
+        js.publish("r.x", "m21").then(
+          () => true,
+          () => false,
+        ),
+      { timeoutMs: 10_000, message: "the restarted server takes a publish" },
+    )
+    await publish(22, 40)
+    await waitFor(async () => seqs.length >= 40, {
+      timeoutMs: 15_000,
+      message: `the read went on after the restart (${seqs.length} of 40)`,
+    })
+    aborter.abort()
+    assert.equal(await reading, 40)
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: 40 }, (_, i) => i + 1),
+    )
   })
 }
 
 test("a new consumer waits for a server that is down, and gives up when the read is interrupted", async () => {
-  await using server = await startNatsServer()
+  await using p = await privateServer()
+  const { server, conn, js } = p
+  await server.stop()
+  let tries = 0
+  let trying = false
+  const open = () => {
+    tries++
+    trying = true
+    const opening = js.consumers.get("R", {})
+    opening.then(
+      () => (trying = false),
+      () => (trying = false),
+    )
+    return opening
+  }
+  // Each try times out after 5 s while nothing answers; the server is back after 6.
+  const restarting = sleep(6000).then(() => server.start())
+  const consumer = await untilBack(open, undefined)
+  await restarting
+  assert.ok(tries >= 2, `tried again after a timeout (${tries} tries)`)
+  assert.ok(consumer, "a consumer once the server is back")
+  assert.equal((await consumer.info()).stream_name, "R")
+  await consumer.delete()
+
+  await server.stop()
+  const aborter = new AbortController()
+  setTimeout(() => aborter.abort(), 1000)
+  assert.equal(await untilBack(open, aborter.signal), undefined)
+  assert.ok(trying, "the interrupt ended the wait, not the try's timeout")
+  // A try that opens after the interrupt (a slow answer, here made slow on purpose) has
+  // created its consumer on the server by then: deleted, not left there for 5 minutes.
+  await server.start()
+  const slowAborter = new AbortController()
+  setTimeout(() => slowAborter.abort(), 300)
+  const slowOpen = async () => {
+    await sleep(1000)
+    return js.consumers.get("R", {})
+  }
+  assert.equal(await untilBack(slowOpen, slowAborter.signal), undefined)
+  const jsm = await jetstreamManager(conn)
+  const consumers = async () => {
+    const names: string[] = []
+    for await (const c of jsm.consumers.list("R")) names.push(c.name)
+    return names
+  }
+  await sleep(1500)
+  assert.deepEqual(await consumers(), [], "no consumer left behind")
+})
+
+test("a server without JetStream (yet) is waited for too: nats.js calls that no responders", async () => {
+  await using server = await startNatsServer({ jetstream: false })
   const conn = await connectNats({ servers: server.url })
   try {
-    const js = jetstream(conn)
-    await (await jetstreamManager(conn)).streams.add({ name: "R", subjects: ["r.>"] })
-    await server.stop()
-    let tries = 0
-    let trying = false
-    const open = () => {
-      tries++
-      trying = true
-      const opening = js.consumers.get("R", {})
-      opening.then(
-        () => (trying = false),
-        () => (trying = false),
-      )
-      return opening
-    }
-    // Each try times out after 5 s while nothing answers; the server is back after 6.
-    const restarting = sleep(6000).then(() => server.start())
-    const consumer = await untilBack(open, undefined)
-    await restarting
-    assert.ok(tries >= 2, `tried again after a timeout (${tries} tries)`)
-    assert.ok(consumer, "a consumer once the server is back")
-    assert.equal((await consumer.info()).stream_name, "R")
-    await consumer.delete()
-
-    await server.stop()
     const aborter = new AbortController()
-    setTimeout(() => aborter.abort(), 1000)
-    assert.equal(await untilBack(open, aborter.signal), undefined)
-    assert.ok(trying, "the interrupt ended the wait, not the try's timeout")
+    setTimeout(() => aborter.abort(), 1500)
+    let tries = 0
+    const waited = await untilBack(() => {
+      tries++
+      return jetstream(conn).consumers.get("R", {})
+    }, aborter.signal)
+    assert.equal(waited, undefined, "interrupted, not failed")
+    assert.ok(tries >= 2, `tried again (${tries} tries)`)
   } finally {
     await conn.close()
   }
+})
+
+for (const [how, end] of [
+  ["a clean shutdown", (s: NatsServerHandle) => s.stop()],
+  ["a crash", (s: NatsServerHandle) => s.kill()],
+] as const) {
+  // Bounded: the failure this guards against is a read that never ends.
+  test(`an interrupt ends a read waiting for a server gone in ${how}`, {
+    timeout: 30_000,
+  }, async () => {
+    await using p = await privateServer()
+    const { server, js } = p
+    for (let i = 1; i <= 5; i++) await js.publish("r.x", `m${i}`)
+    const seqs: number[] = []
+    const aborter = new AbortController()
+    const reading = replay(js, { stream: "R", follow: true, signal: aborter.signal }, (line) =>
+      seqs.push(line.streamSeq),
+    )
+    await waitFor(async () => seqs.length === 5, { timeoutMs: 10_000, message: "5 read" })
+    await end(server)
+    await sleep(1000)
+    aborter.abort()
+    // The server stays away: the read must end on the interrupt alone.
+    assert.equal(await reading, 5)
+  })
+}
+
+test("--follow goes on through one clean restart after another, with nothing between", async () => {
+  await using p = await privateServer()
+  const { server, js } = p
+  await js.publish("r.x", "m1")
+  const seqs: number[] = []
+  const aborter = new AbortController()
+  const reading = replay(js, { stream: "R", follow: true, signal: aborter.signal }, (line) =>
+    seqs.push(line.streamSeq),
+  )
+  await waitFor(async () => seqs.length === 1, { timeoutMs: 10_000, message: "1 read" })
+  for (let restart = 0; restart < 5; restart++) {
+    await server.stop()
+    await server.start()
+    await sleep(1500)
+  }
+  await waitFor(
+    async () =>
+      js.publish("r.x", "m2").then(
+        () => true,
+        () => false,
+      ),
+    { timeoutMs: 10_000, message: "the server takes a publish" },
+  )
+  await waitFor(async () => seqs.length === 2, {
+    timeoutMs: 15_000,
+    message: `the read went on after five restarts (${seqs.length} of 2)`,
+  })
+  aborter.abort()
+  assert.equal(await reading, 2)
+  assert.deepEqual(seqs, [1, 2])
 })
