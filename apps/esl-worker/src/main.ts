@@ -25,7 +25,12 @@ try {
 }
 
 // Before anything that may wait for a server: a stop during startup ends the process.
-const signals = handleStopSignals({ name: "esl-worker", log: logger.info, stop: shutdown })
+const signals = handleStopSignals({
+  name: "esl-worker",
+  log: logger.info,
+  logError: logger.error,
+  stop: shutdown,
+})
 
 // First, so the libraries' tracers record into it from their first span.
 const telemetry = startTelemetry({

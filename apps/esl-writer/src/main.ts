@@ -48,7 +48,12 @@ const log =
   (message: string, fields: Record<string, unknown> = {}) =>
     console.log(JSON.stringify({ level, message, ...fields }))
 // Before anything that may wait for a server: a stop during startup ends the process.
-const signals = handleStopSignals({ name: "esl-writer", log: log("info"), stop: shutdown })
+const signals = handleStopSignals({
+  name: "esl-writer",
+  log: log("info"),
+  logError: log("error"),
+  stop: shutdown,
+})
 // Ready means reachable and migrated: a schema behind the code waits like a server away.
 await retryUntilReady(
   async () => {

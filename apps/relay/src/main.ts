@@ -24,7 +24,12 @@ try {
 }
 
 // Before anything that may wait for a server: a stop during startup ends the process.
-const signals = handleStopSignals({ name: "relay", log: logger.info, stop: shutdown })
+const signals = handleStopSignals({
+  name: "relay",
+  log: logger.info,
+  logError: logger.error,
+  stop: shutdown,
+})
 // Before the relay's first span: each event's `send` span joins its writer's trace.
 const telemetry = startTelemetry({
   serviceName: config.serviceName,

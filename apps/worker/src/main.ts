@@ -26,7 +26,12 @@ try {
 }
 
 // Before anything that may wait for a server: a stop during startup ends the process.
-const signals = handleStopSignals({ name: "worker", log: logger.info, stop: shutdown })
+const signals = handleStopSignals({
+  name: "worker",
+  log: logger.info,
+  logError: logger.error,
+  stop: shutdown,
+})
 // Before the consumer's first span: each handler's `process` span joins its event's trace.
 const telemetry = startTelemetry({
   serviceName: config.serviceName,

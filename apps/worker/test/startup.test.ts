@@ -33,6 +33,18 @@ after(async () => {
   await t?.drop()
 })
 
+/** A worker of `group` on `stream` (subjects `<stream in lower case>.>`), on the shared NATS. */
+const startWorker = (stream: string, group: string, databaseUrl: string) =>
+  spawnTs(main, {
+    KEYWAY_SITE: "cloud",
+    KEYWAY_STREAM: stream,
+    KEYWAY_GROUP: group,
+    KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
+    DATABASE_URL: databaseUrl,
+    NATS_URL,
+    REDIS_URL,
+  })
+
 const waits = (lines: Record<string, any>[], what: string) =>
   lines.filter((l) => l.level === "warn" && l.message === `waiting for ${what}`).length
 
@@ -130,15 +142,7 @@ test("a worker on a database that lacks a migration waits, naming it, and starts
   const group = `g${randomBytes(4).toString("hex")}`
   const jsm = await jetstreamManager(nc)
   await jsm.streams.add({ name: stream, subjects: [`${stream.toLowerCase()}.>`] })
-  const worker = spawnTs(main, {
-    KEYWAY_SITE: "cloud",
-    KEYWAY_STREAM: stream,
-    KEYWAY_GROUP: group,
-    KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
-    DATABASE_URL: db.url,
-    NATS_URL,
-    REDIS_URL,
-  })
+  const worker = startWorker(stream, group, db.url)
   const printed = () => `it printed ${worker.lines.join("\n")}`
   const schemaWaits = () =>
     worker
@@ -168,4 +172,43 @@ test("a worker on a database that lacks a migration waits, naming it, and starts
     await jsm.streams.delete(stream).catch(() => {})
   }
   assert.equal(worker.exitCode, 0, printed())
+})
+
+test("SIGTERM while Postgres does not answer: the worker exits 1 after its stop's bound, saying why", {
+  // Unbounded, the stop waited for Postgres: more than 40 s, for as long as it is stalled.
+  timeout: 60_000,
+}, async () => {
+  await using pgProxy = await createTcpProxy({
+    host: "127.0.0.1",
+    port: Number(new URL(t.url).port),
+  })
+  const url = new URL(t.url)
+  url.host = `${pgProxy.host}:${pgProxy.port}`
+  const stream = `T${randomBytes(4).toString("hex").toUpperCase()}`
+  const group = `g${randomBytes(4).toString("hex")}`
+  const jsm = await jetstreamManager(nc)
+  await jsm.streams.add({ name: stream, subjects: [`${stream.toLowerCase()}.>`] })
+  const worker = startWorker(stream, group, url.toString())
+  const printed = () => `it printed ${worker.lines.join("\n")}`
+  try {
+    await waitFor(() => worker.json().some((l) => l.message === "worker started"), {
+      timeoutMs: 30_000,
+      message: () => `the worker started; ${printed()}`,
+    })
+    // Its polling and recovery loops send statements that get no answer.
+    pgProxy.stall()
+    await new Promise((r) => setTimeout(r, 2000))
+    worker.kill("SIGTERM")
+    assert.equal((await worker.exited()).code, 1, printed())
+    assert.ok(
+      worker
+        .json()
+        .some((l) => l.level === "error" && /^worker did not stop within \d+ ms/.test(l.message)),
+      printed(),
+    )
+  } finally {
+    pgProxy.resume()
+    worker.kill("SIGKILL")
+    await jsm.streams.delete(stream).catch(() => {})
+  }
 })

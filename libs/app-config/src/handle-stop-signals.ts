@@ -4,8 +4,16 @@ export interface StopSignalsOptions {
   /** The process's name in the log line of a stop during startup: "worker", "relay". */
   name: string
   log: (message: string, fields: Record<string, unknown>) => void
+  /** For the line of a stop that did not finish in time. */
+  logError: (message: string, fields: Record<string, unknown>) => void
   /** The graceful stop: finish what is in hand, release what is held. Then the process exits 0. */
   stop: (signal: string) => Promise<void>
+  /**
+   * How long the graceful stop may take before the process exits 1 without it. Default 14 s:
+   * under pm2's kill_timeout (15 s, apps/ops-local) and compose's stop_grace_period (20 s),
+   * so the log says why before a SIGKILL would end the process without a word.
+   */
+  timeoutMs?: number
 }
 
 export interface StopSignals {
@@ -19,7 +27,10 @@ export interface StopSignals {
  * Registers the handlers before startup, which may wait minutes for a server (see
  * retryUntilReady). Until `started()` a signal ends the process at once with exit 0: nothing
  * is in hand yet. After it, the graceful stop runs once, whatever number of signals arrive,
- * and the process exits 0 when it is done.
+ * and the process exits 0 when it is done, or 1 after `timeoutMs` if it is not: a statement
+ * that Postgres never answers (a stalled link, a lock held elsewhere) holds a stop for as
+ * long, and the pool's end waits for it too. What was in hand is redone by the next process
+ * (tasks by lease expiry, outbox rows by their re-publish, which the stream deduplicates).
  */
 export function handleStopSignals(options: StopSignalsOptions): StopSignals {
   let isStarted = false
@@ -31,6 +42,17 @@ export function handleStopSignals(options: StopSignalsOptions): StopSignals {
     }
     if (stopping) return
     stopping = true
+    const timeoutMs = options.timeoutMs ?? 14_000
+    setTimeout(() => {
+      options.logError(
+        `${options.name} did not stop within ${timeoutMs} ms; exiting without finishing`,
+        {
+          signal,
+          hint: "a server that does not answer (Postgres, NATS, Redis) holds what was in hand; the next process redoes it",
+        },
+      )
+      process.exit(1)
+    }, timeoutMs)
     void options.stop(signal).then(() => process.exit(0))
   }
   process.on("SIGTERM", () => onSignal("SIGTERM"))
