@@ -48,6 +48,7 @@ async function readMigrationFiles(dir: string): Promise<MigrationFile[]> {
   if (misnamed.length > 0) {
     throw new MigrationError(
       `${dir}: ${misnamed.join(", ")} not named NNNN_slug.sql (four digits, then lower-case letters, digits, _ or -)`,
+      { permanent: true },
     )
   }
   const files = all.filter((f) => MIGRATION_FILE.test(f)).sort()
@@ -121,11 +122,22 @@ async function assertUnchanged(db: Kysely<any>, files: readonly MigrationFile[],
     .join(", ")
   throw new MigrationError(
     `${which} in ${dir}: not the text this database applied. A migration is never edited once applied: restore it from git, and put the change in a new migration`,
+    { permanent: true },
   )
 }
 
 export class MigrationError extends Error {
   override name = "MigrationError"
+  /**
+   * Waiting cannot mend it (retryUntilReady reads this): a migration folder that is wrong,
+   * or a migration edited after it was applied. A database behind the code is not: `just
+   * migrate` mends that while the processes wait.
+   */
+  readonly permanent: boolean
+  constructor(message: string, options?: ErrorOptions & { permanent?: boolean }) {
+    super(message, options)
+    this.permanent = options?.permanent ?? false
+  }
 }
 
 const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>

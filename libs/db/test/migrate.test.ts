@@ -33,6 +33,7 @@ test("a database that lacks the newest migration is refused, naming it and the f
   assert.deepEqual(await pendingMigrations(t.db), [newest])
   await assert.rejects(assertMigrated(t.db), (err: Error) => {
     assert.ok(err instanceof MigrationError)
+    assert.equal(err.permanent, false, "`just migrate` mends it while the processes wait")
     assert.match(err.message, new RegExp(`lacks 1 migration\\(s\\).*\\(${newest}\\)`))
     assert.match(err.message, /just migrate/)
     return true
@@ -61,6 +62,7 @@ test("a migration file named otherwise is refused by name, not left out", async 
   try {
     const refused = (err: Error) => {
       assert.ok(err instanceof MigrationError, String(err))
+      assert.equal(err.permanent, true)
       assert.match(err.message, /0002_Add_index\.sql not named NNNN_slug\.sql/)
       return true
     }
@@ -190,6 +192,8 @@ test("a migration edited after it was applied is refused by name, by migrate and
     await writeFile(join(dir, "0003_more.sql"), "alter table public.t add column c int;\n")
     const refused = (err: Error) => {
       assert.ok(err instanceof MigrationError, String(err))
+      // A process waiting for its database to be ready (retryUntilReady) gives up on it.
+      assert.equal(err.permanent, true)
       assert.match(err.message, /^0002_fn\.sql \(sha256 [0-9a-f]{12}… applied, [0-9a-f]{12}… now\)/)
       assert.match(err.message, /never edited once applied/)
       assert.doesNotMatch(err.message, /0001_table/)

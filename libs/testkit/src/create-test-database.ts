@@ -3,6 +3,7 @@ import { createHash, randomBytes } from "node:crypto"
 import { readdir, readFile } from "node:fs/promises"
 import { join } from "node:path"
 import { setTimeout as sleep } from "node:timers/promises"
+import { fileURLToPath } from "node:url"
 import { createDb, migrateToLatest, migrationsDir } from "@keyway/db"
 import type { Kysely } from "kysely"
 import pg from "pg"
@@ -97,9 +98,19 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
   return { name, url, template, db, drop, [Symbol.asyncDispose]: drop }
 }
 
-/** Names and contents of every file in the migrations folder, so any change makes a new template. */
+// The migrator writes bookkeeping of its own into the template (the applied texts' checksums,
+// since sql/ had 0015 files): a change to it makes a new template too, or databases cloned
+// from one an older migrator built would lack what the newer one checks.
+const migratorSource = fileURLToPath(new URL("migrate.ts", import.meta.resolve("@keyway/db")))
+
+/**
+ * Names and contents of every file in the migrations folder, and the migrator's source, so
+ * any change to either makes a new template.
+ */
 async function hashMigrations(dir: string): Promise<string> {
   const hash = createHash("sha256")
+    .update(await readFile(migratorSource))
+    .update("\0")
   const entries = (await readdir(dir, { withFileTypes: true }))
     .filter((e) => e.isFile())
     .map((e) => e.name)
