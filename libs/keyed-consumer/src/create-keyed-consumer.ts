@@ -20,6 +20,7 @@ import type { Kysely } from "kysely"
 import { Batcher } from "./internal/batcher.ts"
 import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.ts"
 import {
+  backlogSummary,
   boundStatements,
   type Claim,
   type Collision,
@@ -29,7 +30,6 @@ import {
   completeTasks,
   confirmBaselines,
   expireLeases,
-  groupSummary,
   hasProvisionalBaselines,
   type IncomingEvent,
   ingestBatch,
@@ -47,6 +47,7 @@ import {
   storableText,
   type TaskRow,
   vacuumInbox,
+  waitingSummary,
 } from "./internal/inbox-sql.ts"
 import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
 import { KeyScheduler } from "./internal/key-scheduler.ts"
@@ -298,7 +299,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // invariant 5: a key that waits on a missing version for long lost an event upstream (or
     // retention removed it); a counter of deaths per worker tells that something died, the
     // dead gauges what still waits for an operator, whichever worker saw it die.
-    const waiting = perScrape(() => groupSummary(db, group))
+    const waiting = perScrape(() => waitingSummary(db, group))
+    const backlog = perScrape(() => backlogSummary(db, group))
     m.collectedGauge({
       name: "consumer_gap_keys",
       help: "Keys of the group waiting on a missing version (the group's, same from every worker)",
@@ -322,12 +324,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     m.collectedGauge({
       name: "consumer_pending_keys",
       help: "Keys of the group whose next task is in the inbox and waits to run, now or at its retry time",
-      collect: async () => (await waiting())?.pendingKeys,
+      collect: async () => (await backlog())?.pendingKeys,
     })
     m.collectedGauge({
       name: "consumer_oldest_pending_seconds",
-      help: "How long the group's oldest waiting next task has been in the inbox, 0 when none waits: grows while handlers fail or fall behind",
-      collect: async () => (await waiting())?.oldestPendingSeconds,
+      help: "How long the group's oldest waiting next task has been in the inbox (since it arrived), 0 when none waits: grows while handlers fail or fall behind",
+      collect: async () => (await backlog())?.oldestPendingSeconds,
     })
     // Undefined while there is no durable yet or NATS is unreachable: the gauge keeps its value.
     const lag = perScrape(async () => {

@@ -307,10 +307,9 @@ export async function renewLease(
  * What waits in the group, for its gauges (DESIGN.md invariant 5): keys held by a missing
  * version and how long the oldest has waited (the partial index of sql/0004), and dead tasks
  * with the keys they block, whose next version is dead (the per-key counts of sql/0005); and
- * the backlog, keys whose next task waits to run and the oldest of those tasks. One round
- * trip. The first two parts read only the handful of keys their partial indexes hold; the
- * backlog reads every key of the group and its next version by primary key, as the polling
- * loop does, once per scrape.
+ * the backlog, keys whose next task waits to run and the oldest of those tasks. The first
+ * two parts read only the handful of keys their partial indexes hold; the backlog reads every
+ * key of the group (see {@link backlogSummary}).
  */
 export interface GroupSummary {
   /** Keys waiting for a missing version. */
@@ -326,21 +325,32 @@ export interface GroupSummary {
   /**
    * How long the oldest of those next tasks has been in the inbox, 0 when none waits. It
    * grows while handlers fail or fall behind, where the stream's lag stays 0: ingest keeps up.
+   * Counted from the task's arrival: a dead task an operator retries, or the version after a
+   * gap skipped late, counts from when it came, not from the operator's action.
    */
   oldestPendingSeconds: number
 }
 
 export async function groupSummary(db: Kysely<any>, group: string): Promise<GroupSummary> {
+  const [waiting, backlog] = await Promise.all([
+    waitingSummary(db, group),
+    backlogSummary(db, group),
+  ])
+  return { ...waiting, ...backlog }
+}
+
+/** The gaps and dead tasks of {@link GroupSummary}: a handful of keys, through partial indexes. */
+export async function waitingSummary(
+  db: Kysely<any>,
+  group: string,
+): Promise<Omit<GroupSummary, "pendingKeys" | "oldestPendingSeconds">> {
   const r = await sql<{
     gap_keys: number
     oldest_gap_seconds: number | null
     dead_tasks: number
     blocked_keys: number
-    pending_keys: number
-    oldest_pending_seconds: number | null
   }>`
-    select g.gap_keys, g.oldest_gap_seconds, d.dead_tasks, d.blocked_keys, p.pending_keys,
-           p.oldest_pending_seconds
+    select g.gap_keys, g.oldest_gap_seconds, d.dead_tasks, d.blocked_keys
       from (select count(*)::int as gap_keys,
                    extract(epoch from now() - min(gap_since))::float8 as oldest_gap_seconds
               from keyway.consumer_key
@@ -351,13 +361,7 @@ export async function groupSummary(db: Kysely<any>, group: string): Promise<Grou
                       where i.grp = k.grp and i.topic = k.topic and i.key = k.key
                         and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
               from keyway.consumer_key k
-             where k.grp = ${group} and k.dead_tasks > 0) d,
-           (select count(*)::int as pending_keys,
-                   extract(epoch from now() - min(i.received_at))::float8 as oldest_pending_seconds
-              from keyway.consumer_key k
-              join keyway.inbox i
-                on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
-             where k.grp = ${group} and i.state = 'pending') p
+             where k.grp = ${group} and k.dead_tasks > 0) d
   `.execute(db)
   const row = r.rows[0]!
   return {
@@ -365,6 +369,29 @@ export async function groupSummary(db: Kysely<any>, group: string): Promise<Grou
     oldestGapSeconds: Math.max(0, row.oldest_gap_seconds ?? 0),
     deadTasks: row.dead_tasks,
     blockedKeys: row.blocked_keys,
+  }
+}
+
+/**
+ * The backlog of {@link GroupSummary}: every key of the group and its next version, by
+ * primary key, as the polling loop reads them. Its own query, so that a group large enough
+ * to make it slow (its keys are never deleted) does not hold up the gap and dead-task figures
+ * that page someone.
+ */
+export async function backlogSummary(
+  db: Kysely<any>,
+  group: string,
+): Promise<Pick<GroupSummary, "pendingKeys" | "oldestPendingSeconds">> {
+  const r = await sql<{ pending_keys: number; oldest_pending_seconds: number | null }>`
+    select count(*)::int as pending_keys,
+           extract(epoch from now() - min(i.received_at))::float8 as oldest_pending_seconds
+      from keyway.consumer_key k
+      join keyway.inbox i
+        on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
+     where k.grp = ${group} and i.state = 'pending'
+  `.execute(db)
+  const row = r.rows[0]!
+  return {
     pendingKeys: row.pending_keys,
     oldestPendingSeconds: Math.max(0, row.oldest_pending_seconds ?? 0),
   }
