@@ -1166,6 +1166,51 @@ describe("relay", () => {
     }
   })
 
+  test("stop() with the relay's statement waiting on a lock: its server session is ended too, leadership and the listening flag with it", {
+    timeout: 60_000,
+  }, async () => {
+    await fresh()
+    const { lines, logger } = recordingLogger()
+    await write(t.db, 20, 5)
+    await startRelay({ logger, stopTimeoutMs: 1000 })
+    await untilPublished("published", 10_000)
+    // Idle, it listens: the flag is up.
+    await waitFor(listening, { timeoutMs: 10_000, message: "the relay listens" })
+    const app = `keyway-relay:${site}`
+    const backends = async () =>
+      (
+        await sql<{ n: number }>`select count(*)::int as n from pg_stat_activity
+                                  where application_name = ${app}`.execute(t.db)
+      ).rows[0]!.n
+    assert.equal(await backends(), 1)
+    // Someone's long transaction holds the outbox: the relay's next claim waits on it.
+    const holder = new pg.Client({ connectionString: t.url })
+    await holder.connect()
+    try {
+      await holder.query("begin")
+      await holder.query("lock table keyway.outbox in access exclusive mode")
+      await sleep(1500)
+      await relay!.stop()
+      relay = undefined
+      assert.ok(lines.some((l) => l.message.startsWith("the relay's stop is waiting on Postgres")))
+      assert.equal(await backends(), 0, "the relay's session is gone from the server")
+      assert.equal(await listening(), false, "writers no longer NOTIFY for a relay that is gone")
+      const leader = await sql<{ n: number }>`
+        select count(*)::int as n from pg_locks where locktype = 'advisory' and granted
+           and database = (select oid from pg_database where datname = current_database())`.execute(
+        t.db,
+      )
+      assert.equal(leader.rows[0]!.n, 0, "no session holds the leadership")
+    } finally {
+      await holder.query("rollback").catch(() => {})
+      await holder.end()
+    }
+    await write(t.db, 5, 5, 20)
+    await startRelay()
+    await untilPublished("the next relay publishes the rest", 10_000)
+    assertExactlyOnceInOrder(await readStream(nc, stream), 25)
+  })
+
   test("a Postgres that accepts and never answers: each connect gives up after connect_timeout, and the relay publishes once it answers", {
     // Unbounded, the connect (and stop(), which waits for it) would hang: fail instead.
     timeout: 90_000,

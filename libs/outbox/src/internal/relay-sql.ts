@@ -17,6 +17,36 @@ export async function tryTakeLeadership(client: pg.Client): Promise<boolean> {
   return r.rows[0]!.ok
 }
 
+/**
+ * Ends a relay's Postgres session from another connection: the one a stop gave up on (see
+ * stopTimeoutMs in relay.ts). Closing its socket does not end it on the server: a session
+ * waiting on a lock keeps waiting, holding the leadership lock so that no standby takes
+ * over, until it next writes to the socket. And its listening flag stays up, so writers
+ * NOTIFY for nobody. Both are mended here; each step bounded by `timeoutMs`, as a stalled
+ * server would hold this connection too.
+ */
+export async function endSession(connectionString: string, pid: number, timeoutMs: number) {
+  const client = new pg.Client({
+    connectionString,
+    connectionTimeoutMillis: timeoutMs,
+    query_timeout: timeoutMs,
+  })
+  client.on("error", () => {}) // a failure shows in the query that meets it
+  try {
+    await client.connect()
+    // Waits (up to the bound) for the session to be gone, with its locks.
+    await client.query("select pg_terminate_backend($1, $2)", [pid, timeoutMs])
+    // Only while no relay leads (this connection takes the lock to know, and lets it go as it
+    // closes): a new leader's flag is its own.
+    await client.query(
+      "update keyway.relay_state set listening = false where id = 1 and pg_try_advisory_lock($1)",
+      [RELAY_LOCK_KEY],
+    )
+  } finally {
+    await client.end().catch(() => {})
+  }
+}
+
 // Claimed by state, never by a `seq > cursor`: a row that commits late with a low seq is
 // still unpublished, so the next claim finds it. Only the active relay reads here, so no
 // row locks are needed. The partial index keeps this cheap however large the table grows.
