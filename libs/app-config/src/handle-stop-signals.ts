@@ -48,7 +48,7 @@ export function handleStopSignals(options: StopSignalsOptions): StopSignals {
         `${options.name} did not stop within ${timeoutMs} ms; exiting without finishing`,
         {
           signal,
-          hint: "a server that does not answer (Postgres, NATS, Redis) holds what was in hand; the next process redoes it",
+          hint: "a server that does not answer (Postgres, NATS, Redis, the OTLP receiver) holds what was in hand; the next process redoes it",
         },
       )
       process.exit(1)

@@ -22,6 +22,12 @@ export interface TelemetryConfig {
   exportDelayMs?: number
   /** Most spans buffered while the receiver is slow or away; beyond it spans are dropped. Default 4096. */
   maxQueueSize?: number
+  /**
+   * How long shutdown() waits for the last spans to go out. Default 2000 ms: the exporter's
+   * own timeout is 10 s, most of a process's stop budget (handleStopSignals), for spans that
+   * a receiver which does not answer would not take anyway.
+   */
+  shutdownTimeoutMs?: number
 }
 
 export interface Telemetry {
@@ -102,10 +108,32 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   })
   sdk.start()
   let stopped: Promise<void> | undefined
+  const shutdownTimeoutMs = config.shutdownTimeoutMs ?? 2000
   const shutdown = () => {
-    stopped ??= sdk.shutdown().catch((cause) => {
-      throw new TelemetryError("telemetry shutdown failed", { cause })
-    })
+    stopped ??= (async () => {
+      let timer: NodeJS.Timeout | undefined
+      const late = new Promise<never>((_, reject) => {
+        timer = setTimeout(
+          () =>
+            reject(
+              new TelemetryError(
+                `telemetry shutdown gave up after ${shutdownTimeoutMs} ms: the OTLP receiver at ${url} did not take the last spans`,
+              ),
+            ),
+          shutdownTimeoutMs,
+        )
+      })
+      try {
+        await Promise.race([
+          sdk.shutdown().catch((cause) => {
+            throw new TelemetryError("telemetry shutdown failed", { cause })
+          }),
+          late,
+        ])
+      } finally {
+        clearTimeout(timer)
+      }
+    })()
     return stopped
   }
   return {

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict"
+import { type AddressInfo, createServer, type Socket } from "node:net"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { type OtlpReceiver, spawnTs, startOtlpReceiver } from "@keyway/testkit"
@@ -188,4 +189,26 @@ test("without an endpoint, a context made active holds across an await, and is p
   assert.deepEqual(child.json(), [
     { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" },
   ])
+})
+
+test("shutdown gives up after shutdownTimeoutMs on a receiver that takes the connection and never answers", async () => {
+  const held: Socket[] = []
+  const silent = createServer((socket) => held.push(socket))
+  await new Promise<void>((r) => silent.listen(0, "127.0.0.1", r))
+  try {
+    const { port } = silent.address() as AddressInfo
+    const child = spawnTs(
+      fileURLToPath(new URL("./fixtures/shutdown-stalled-receiver.ts", import.meta.url)),
+      { OTLP_URL: `http://127.0.0.1:${port}` },
+    )
+    await child.exited()
+    assert.equal(child.exitCode, 0, child.lines.join("\n"))
+    assert.match(
+      String(child.json()[0]?.shutdown),
+      /gave up after 500 ms: the OTLP receiver at http:\/\/127\.0\.0\.1:\d+\/v1\/traces did not take the last spans/,
+    )
+  } finally {
+    for (const socket of held) socket.destroy()
+    silent.close()
+  }
 })
