@@ -134,7 +134,11 @@ export interface KeyedConsumerConfig {
    * Set when the durable is created; an existing durable keeps its own. Default 10 s.
    */
   ackWaitMs?: number
-  /** How long stop() lets running handlers finish before aborting them. Default 10 s. */
+  /**
+   * How long stop() lets running handlers finish before aborting them. Default 8 s: with the
+   * rest of a process's stop (NATS 2 s, telemetry 2 s), within the 14 s a Keyway process
+   * gives its stop (handleStopSignals in @keyway/app-config).
+   */
   shutdownGraceMs?: number
   /** Names this worker in leases and logs. Default random. */
   workerId?: string
@@ -220,7 +224,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const vacuumEvery = config.vacuumEvery ?? 20_000
   const batchSize = config.ingestBatchSize ?? 256
   const lingerMs = config.ingestLingerMs ?? 5
-  const graceMs = config.shutdownGraceMs ?? 10_000
+  const graceMs = config.shutdownGraceMs ?? 8000
   const workerId = config.workerId ?? `w-${randomBytes(4).toString("hex")}`
   const wakeOnIngest = config.wakeOnIngest ?? true
   const keyLock: KeyLock = createRedlockKeyLock(config.redis)
@@ -1146,8 +1150,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       await Effect.runPromise(Fiber.interruptAll(fibers))
       // Each key finishes the task in hand, each safety-net round and the ingest its
       // statements in hand; handlers still running after the grace period are told to give
-      // up through their AbortSignal. One deadline for all: pm2 kills a process that takes
-      // longer than 15 s.
+      // up through their AbortSignal. One deadline for all: the process gives its whole stop
+      // 14 s (handleStopSignals), and pm2 kills one that takes longer than 15 s.
       const grace = setTimeout(() => {
         shutdownReason = new Error("shutting down")
         for (const drain of drainAborts) drain.abort(shutdownReason)

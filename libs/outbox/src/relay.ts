@@ -75,8 +75,9 @@ export interface RelayConfig {
   heldRetryMs?: number
   /**
    * How long stop() waits for the session to finish what it has in hand before it closes the
-   * session's Postgres connection under it and ends its server session. Default 8 s: with
-   * the rest of a stop, within the 14 s a Keyway process gives its stop (handleStopSignals).
+   * session's Postgres connection under it and ends its server session (3 s at most more).
+   * Default 6 s: with the rest of a process's stop (the metrics pool 1 s, NATS 2 s, telemetry
+   * 2 s), within the 14 s a Keyway process gives its stop (handleStopSignals).
    */
   stopTimeoutMs?: number
   /** How often a standby retries to become active. Default 1000 ms. */
@@ -114,8 +115,10 @@ export interface RelayStatus {
   /** PubAcks that reported a duplicate (a re-publish after a crash). */
   duplicates: number
   /**
-   * Keys held back because NATS refuses one of their events for good, or because the stream
-   * holds one's id for another event (the outbox gave a seq out twice, after a restore).
+   * Keys held back because NATS refuses one of their events for good, or because a duplicate
+   * PubAck for one could not be shown to be that event: the stream holds its id for another
+   * (the outbox gave a seq out twice, after a restore), the message under it is gone, or this
+   * relay may not read it back.
    */
   heldKeys: number
   /**
@@ -184,6 +187,11 @@ function openMetricsPool(connectionString: string, site: string): pg.Pool {
   return pool
 }
 
+// What a forced stop spends on ending the stuck session from a second connection: in all,
+// and per step (connect, terminate, the listening flag).
+const END_SESSION_MS = 3000
+const END_SESSION_STEP_MS = 1500
+
 /**
  * The relay: publishes outbox rows to JetStream, each exactly once in the stream.
  *
@@ -208,7 +216,7 @@ export function createRelay(config: RelayConfig): Relay {
     vacuumEvery: config.vacuumEvery ?? 20_000,
     republishWindowMs: config.republishWindowMs ?? 120_000,
     heldRetryMs: config.heldRetryMs ?? 60_000,
-    stopTimeoutMs: config.stopTimeoutMs ?? 8000,
+    stopTimeoutMs: config.stopTimeoutMs ?? 6000,
   }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
@@ -265,7 +273,7 @@ export function createRelay(config: RelayConfig): Relay {
     })
     m.collectedGauge({
       name: "outbox_held_keys",
-      help: "Keys this relay holds back: NATS refuses one of their events for good (too large), or the stream holds its id for another event (a seq given out twice, after a restore of the outbox)",
+      help: "Keys this relay holds back: NATS refuses one of their events for good (too large), or a duplicate PubAck for one could not be shown to be that event (its id held by another after a restore of the outbox, its message gone, or no right to read it back)",
       collect: () => held.size,
     })
     m.collectedGauge({
@@ -401,8 +409,10 @@ export function createRelay(config: RelayConfig): Relay {
           retryAt: Date.now() + settings.heldRetryMs,
         })
         // An error, not a warning: nothing of this key moves until someone raises the limit
-        // (or deletes the row and skips its version in the consumer groups), or, for an id
-        // another event holds, until the stream's duplicate window has passed.
+        // (or deletes the row and skips its version in the consumer groups). An id another
+        // event holds is published once the stream's duplicate window has passed, and the
+        // consumer groups then keep it among their rejects (the same id twice), for an
+        // operator: `just admin rejects`.
         log.error("an event cannot be published; its key is held, the others go on", {
           seq: row.seq,
           topic: row.topic,
@@ -657,11 +667,13 @@ export function createRelay(config: RelayConfig): Relay {
         // pg's end() waits for the server's goodbye, which a stalled server never sends.
         client.connection?.stream?.destroy()
         if (client.processID !== undefined) {
-          ending = endSession(
-            config.connectionString,
-            client.processID,
-            settings.connectTimeoutMs,
-          ).catch((err) =>
+          // Bounded as a whole: a stalled link stalls this connection too.
+          ending = Promise.race([
+            endSession(config.connectionString, client.processID, END_SESSION_STEP_MS),
+            sleep(END_SESSION_MS).then(() => {
+              throw new Error(`no answer within ${END_SESSION_MS} ms`)
+            }),
+          ]).catch((err) =>
             log.warn("could not end the relay's Postgres session", { error: errorMessage(err) }),
           )
         }

@@ -139,10 +139,16 @@ async function notThisEvent(
   } catch (err) {
     // A user without the right would fail every such read alike: its key is held, with
     // what to grant, and the other keys go on.
-    if (
-      [err, (err as Error | undefined)?.cause].some((e) => e instanceof PermissionViolationError)
-    ) {
-      return `the stream holds its id ${site}:${row.seq} from an earlier publish, and this relay's NATS user may not read that message back to tell whether it is this event (${errorText(err)}): allow it $JS.API.STREAM.MSG.GET.${ack.stream}`
+    const readBack = `$JS.API.STREAM.MSG.GET.${ack.stream}`
+    // This request's own refusal only: one of the reply inbox is the connection's (refusal()).
+    const denied = [err, (err as Error | undefined)?.cause].some(
+      (e) =>
+        e instanceof PermissionViolationError &&
+        e.operation === "publish" &&
+        e.subject === readBack,
+    )
+    if (denied) {
+      return `the stream holds its id ${site}:${row.seq} from an earlier publish, and this relay's NATS user may not read that message back to tell whether it is this event (${errorText(err)}): allow it ${readBack}`
     }
     // Any other failed read says nothing about the topic or the key (refusal() would take a
     // JetStreamApiError for the stream's answer to the publish): the batch stops, and the
