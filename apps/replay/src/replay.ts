@@ -157,7 +157,7 @@ export async function replay(
   } finally {
     // Bounded: with the server away, the request would wait its whole timeout, and an
     // interrupted read with it. The server drops an ordered consumer by itself in 5 minutes.
-    await Promise.race([consumer.delete().catch(() => {}), sleep(1000)])
+    await Promise.race([consumer.delete().catch(() => {}), sleep(1000, undefined, { ref: false })])
   }
 }
 

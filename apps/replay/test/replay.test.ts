@@ -182,19 +182,25 @@ test("a new consumer waits for a server that is down, and gives up when the read
   await server.start()
   const slowAborter = new AbortController()
   setTimeout(() => slowAborter.abort(), 300)
-  const slowOpen = async () => {
-    await sleep(1000)
-    return js.consumers.get("R", {})
+  let lateOpen: Promise<unknown> | undefined
+  const slowOpen = () => {
+    const opening = sleep(1000).then(() => js.consumers.get("R", {}))
+    lateOpen = opening
+    return opening
   }
   assert.equal(await untilBack(slowOpen, slowAborter.signal), undefined)
+  // Opened now, after the interrupt: its consumer was on the server.
+  await lateOpen
   const jsm = await jetstreamManager(conn)
   const consumers = async () => {
     const names: string[] = []
     for await (const c of jsm.consumers.list("R")) names.push(c.name)
     return names
   }
-  await sleep(1500)
-  assert.deepEqual(await consumers(), [], "no consumer left behind")
+  await waitFor(async () => (await consumers()).length === 0, {
+    timeoutMs: 5000,
+    message: "no consumer left behind",
+  })
 })
 
 test("a server without JetStream (yet) is waited for too: nats.js calls that no responders", async () => {
