@@ -93,16 +93,17 @@ pm2 *args:
 
 # DATABASE_URL names the group's database; for `just up`'s cloud site:
 # `DATABASE_URL=postgres://postgres@127.0.0.1:5432/keyway_cloud npx just admin dead --group cloud-demo`.
-# A consumer group's summary, dead tasks, gaps, blocked keys and rejects; retry, skip, redrive.
 # Arguments pass through as given ("$@"): pasted into the command line, a key with a space
-# or a * would be split or globbed by the shell.
+# or a * would be split or globbed by the shell. (`--list` shows a recipe's last comment
+# line only; [doc] gives it the summary instead.)
+[doc("A consumer group's summary, dead tasks, gaps, blocked keys and rejects; retry, skip, redrive.")]
 [positional-arguments]
 admin *args:
     node --import tsx apps/admin/src/main.ts "$@"
 
-# A stream's messages, decoded, one JSON line each, in order; reads without touching any
-# consumer group. `npx just replay --site factory --stream FACTORY --key item-3`, or on the
-# server NATS_URL names: `npx just replay --stream S --since 10m --follow`. --help lists all.
+# `npx just replay --site factory --stream FACTORY --key item-3`, or on the server NATS_URL
+# names: `npx just replay --stream S --since 10m --follow`. --help lists all.
+[doc("A stream's messages, decoded, one JSON line each, in order, without touching any consumer group.")]
 [positional-arguments]
 replay *args:
     node --import tsx apps/replay/src/main.ts "$@"
