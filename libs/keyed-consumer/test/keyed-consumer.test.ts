@@ -37,6 +37,16 @@ import {
   unique,
 } from "./support.ts"
 
+/** A group's summary with one key stopped at its one dead task, and nothing else waiting. */
+const ONE_KEY_BLOCKED = {
+  gapKeys: 0,
+  oldestGapSeconds: 0,
+  deadTasks: 1,
+  blockedKeys: 1,
+  pendingKeys: 0,
+  oldestPendingSeconds: 0,
+}
+
 describe("keyed consumer", () => {
   let nc: NatsConnection
   let redis: Redis
@@ -507,15 +517,8 @@ describe("keyed consumer", () => {
       timeoutMs: 10_000,
       message: "v2 dead",
     })
-    assert.deepEqual(await admin.summarise(), {
-      gapKeys: 0,
-      oldestGapSeconds: 0,
-      deadTasks: 1,
-      blockedKeys: 1,
-      // v3 waits behind the dead v2: blocked, not pending.
-      pendingKeys: 0,
-      oldestPendingSeconds: 0,
-    })
+    // v3 waits behind the dead v2: blocked, not pending.
+    assert.deepEqual(await admin.summarise(), ONE_KEY_BLOCKED)
     assert.equal(await scrape("consumer_gap_keys"), 0)
   })
 
@@ -712,14 +715,7 @@ describe("keyed consumer", () => {
     assert.equal(await gauge("consumer_blocked_keys"), 1)
     assert.deepEqual(
       await admin.summarise(),
-      {
-        gapKeys: 0,
-        oldestGapSeconds: 0,
-        deadTasks: 1,
-        blockedKeys: 1,
-        pendingKeys: 0,
-        oldestPendingSeconds: 0,
-      },
+      ONE_KEY_BLOCKED,
       "the admin's summary says what the metrics say",
     )
     await new Promise((r) => setTimeout(r, 600))

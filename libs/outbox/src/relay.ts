@@ -14,6 +14,7 @@ import * as Cause from "effect/Cause"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import pg from "pg"
+import { errorMessage } from "./internal/error-message.ts"
 import type { OutboxRow, PublishedRow } from "./internal/outbox-row.ts"
 import { type PublishBatchOptions, publishBatch } from "./internal/publish-batch.ts"
 import {
@@ -152,7 +153,6 @@ const quietLogger: RelayLogger = {
   },
 }
 
-const errorMessage = (err: unknown) => (err instanceof Error ? err.message : String(err))
 /** Rows per retention delete: few enough locks and little enough time per statement. */
 const PRUNE_BATCH = 1000
 

@@ -13,6 +13,7 @@ import {
   RequestError,
 } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
+import { errorMessage } from "./error-message.ts"
 import type { OutboxRow, PublishedRow } from "./outbox-row.ts"
 
 const tracer = trace.getTracer("@keyway/outbox")
@@ -148,12 +149,12 @@ async function notThisEvent(
         e.subject === readBack,
     )
     if (denied) {
-      return `the stream holds its id ${site}:${row.seq} from an earlier publish, and this relay's NATS user may not read that message back to tell whether it is this event (${errorText(err)}): allow it ${readBack}`
+      return `the stream holds its id ${site}:${row.seq} from an earlier publish, and this relay's NATS user may not read that message back to tell whether it is this event (${errorMessage(err)}): allow it ${readBack}`
     }
     // Any other failed read says nothing about the topic or the key (refusal() would take a
     // JetStreamApiError for the stream's answer to the publish): the batch stops, and the
     // row is tried again like after a timeout.
-    throw new Error(`reading back message ${ack.seq} of ${ack.stream}: ${errorText(err)}`)
+    throw new Error(`reading back message ${ack.seq} of ${ack.stream}: ${errorMessage(err)}`)
   }
   const restored =
     "its outbox gave the seq out twice: its database restored from a backup, or failed over to a replica that lagged?"
@@ -167,7 +168,7 @@ async function notThisEvent(
   try {
     earlier = decodeEnvelope(stored.data)
   } catch (err) {
-    return `its id ${site}:${row.seq} is taken in ${ack.stream} (at ${ack.seq}) by a message that is not an event (${errorText(err)}): ${restored}`
+    return `its id ${site}:${row.seq} is taken in ${ack.stream} (at ${ack.seq}) by a message that is not an event (${errorMessage(err)}): ${restored}`
   }
   const mine = envelopeOf(row, site)
   const same =
@@ -180,8 +181,6 @@ async function notThisEvent(
   if (same) return undefined
   return `its id ${site}:${row.seq} is taken in ${ack.stream} (at ${ack.seq}) by another event (${earlier.topic}/${earlier.key} v${earlier.ver}, ${earlier.type}, created ${earlier.createdAt}): ${restored}`
 }
-
-const errorText = (err: unknown) => (err instanceof Error ? err.message : String(err))
 
 async function publishOne(js: JetStreamClient, row: OutboxRow, o: PublishBatchOptions) {
   const id = `${o.site}:${row.seq}`
