@@ -371,6 +371,53 @@ describe("keyway.ingest", () => {
     assert.deepEqual(await keyRow("busy"), [{ done_ver: 1, baseline_stream_seq: null }])
   })
 
+  test("a completion and an ingest of a redelivered row it is marking done do not deadlock", async () => {
+    // Key "a" is running v1; "b", first seen at v3, settled there (start_ver 2); "c", first
+    // seen at v5, not yet settled.
+    const group = "completing"
+    await ingestBatch(t.db, group, [event("a", 1, 1), event("b", 3, 2)])
+    assert.equal(await confirmBaselines(t.db, group, 2), 1)
+    await ingestBatch(t.db, group, [event("c", 5, 10)])
+    // Holds c, so that the ingest below stops in the middle of its key locks, holding b.
+    const holder = await openTransaction()
+    const completer = await openTransaction()
+    try {
+      await holder.query(
+        "select 1 from keyway.consumer_key where grp = $1 and key = 'c' for update",
+        [group],
+      )
+      // a v1 again (its ack was lost); a late b v2, stored dead, so b is locked first; and c.
+      const ingesting = ingestBatch(t.db, group, [
+        event("a", 1, 1),
+        event("b", 2, 5),
+        event("c", 6, 11),
+      ])
+      await lockWait("the ingest waits for c")
+      // The worker's completion of a v1 and b v3, in one statement as completeTasks sends it.
+      const completing = completer.query(
+        `select n from keyway.complete_tasks($1, '{demo.item,demo.item}', '{a,b}', '{1,3}',
+           '{0,0}', 30000) as n`,
+        [group],
+      )
+      await lockWait("the completion waits for b", 2)
+      await holder.query("commit")
+      // Before sql/0016 the completion had marked a v1 done before it waited for b, and the
+      // ingest, holding b, then waited on that row: 40P01, one of the two rolled back.
+      assert.deepEqual((await ingesting).woken.map((r) => r.key).sort(), ["b", "c"])
+      assert.equal((await completing).rowCount, 2)
+      await completer.query("commit")
+    } finally {
+      await holder.end()
+      await completer.end()
+    }
+    const states = async (key: string) =>
+      (await inboxOf(group, key)).map((r) => `${key}${r.ver}:${r.state}`)
+    assert.deepEqual(
+      [...(await states("a")), ...(await states("b")), ...(await states("c"))],
+      ["a1:done", "b2:dead", "b3:done", "c5:pending", "c6:pending"],
+    )
+  })
+
   test("two ingests that see a new key at once keep one start", async () => {
     const first = await openTransaction()
     try {
