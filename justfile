@@ -82,7 +82,8 @@ status:
     node --import tsx apps/ops-local/src/main.ts status
 
 # `just up` does this itself; ops/compose reads the file with --env-file.
-# Create .run/secrets.env (NATS passwords, mode 600) if missing; never prints them.
+# Create .run/secrets-cloud.env and .run/secrets-factory.env (each site's NATS passwords and
+# the leaf link's, mode 600) if missing; never prints them.
 secrets:
     node --import tsx apps/ops-local/src/main.ts secrets
 

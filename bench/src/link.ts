@@ -27,7 +27,13 @@ const WINDOW = 512
 const CATCHUP_LIMIT_MS = 600_000
 const natsDir = new URL("../../nats/", import.meta.url).pathname
 
-const users = ["cloud-relay", "factory-relay", "admin", "leaf-factory"] as const
+const users = [
+  "cloud-relay",
+  "factory-relay",
+  "cloud-admin",
+  "factory-admin",
+  "leaf-factory",
+] as const
 type User = (typeof users)[number]
 const envName = (u: string) => `KEYWAY_PASS_${u.toUpperCase().replaceAll("-", "_")}`
 
@@ -86,8 +92,8 @@ export async function run() {
     connectNats({ servers: server, user, pass: passwords[user], inboxPrefix: inboxPrefixFor(user) })
   const connections: NatsConnection[] = []
   try {
-    const cloudAdmin = await connect(hub.url, "admin")
-    const factoryAdmin = await connect(leaf.url, "admin")
+    const cloudAdmin = await connect(hub.url, "cloud-admin")
+    const factoryAdmin = await connect(leaf.url, "factory-admin")
     const factoryRelay = await connect(leaf.url, "factory-relay")
     const cloudRelay = await connect(hub.url, "cloud-relay")
     connections.push(cloudAdmin, factoryAdmin, factoryRelay, cloudRelay)

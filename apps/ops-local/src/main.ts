@@ -10,7 +10,7 @@ import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
 import { findOrphans, stopOrphans } from "./orphans.ts"
 import { connectPm2, type Pm2Client } from "./pm2-client.ts"
-import { ensureSecrets } from "./secrets.ts"
+import { ensureSecrets, siteSecretsFile } from "./secrets.ts"
 import {
   type LaunchContext,
   type ProcessSpec,
@@ -28,7 +28,6 @@ const root = repositoryRoot()
 const runDir = join(root, ".run")
 const logDir = join(runDir, "logs")
 const pm2Home = join(runDir, "pm2")
-const secretsFile = join(runDir, "secrets.env")
 
 function say(line: string) {
   process.stdout.write(`${line}\n`)
@@ -142,7 +141,7 @@ function redisReady(site: SiteName) {
 }
 
 async function up(sites: SiteName[], config: OpsConfig) {
-  const passwords = await ensureSecrets(secretsFile)
+  const passwords = await ensureSecrets(runDir)
   const ctx: LaunchContext = {
     root,
     runDir,
@@ -190,7 +189,7 @@ async function up(sites: SiteName[], config: OpsConfig) {
         await db.destroy()
       }
       const nc = await connectNats({
-        ...siteAdminNats(plan, passwords.admin!),
+        ...siteAdminNats(plan, passwords[plan.adminUser]!),
         name: `keyway-up:${site}`,
         // The server answers (waited for above): a refused password must fail here, with
         // its reason, not wait for ever (connectNats keeps trying through refusals).
@@ -325,8 +324,8 @@ try {
       await status(config)
       break
     case "secrets":
-      await ensureSecrets(secretsFile)
-      say(`${secretsFile} (mode 600)`)
+      await ensureSecrets(runDir)
+      for (const site of SITE_NAMES) say(`${siteSecretsFile(runDir, site)} (mode 600)`)
       break
     default:
       throw new Error("usage: ops-local up|down [cloud|factory] | status | secrets")

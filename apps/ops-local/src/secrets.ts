@@ -1,10 +1,13 @@
-// The NATS passwords of a local run: generated once, kept in .run/secrets.env (mode 600,
-// gitignored) and handed to each process through its environment. Never printed: callers
-// get them back only as a map.
+// The NATS passwords of a local run, one file per site: .run/secrets-cloud.env and
+// .run/secrets-factory.env (mode 600, gitignored), each with the passwords of that site's
+// users (site-plan.ts siteUsers), handed to each process through its environment and to
+// ops/compose/<site>.yml as its --env-file. Per site, so that the file copied to a factory
+// host carries no cloud password but the leaf link's. Never printed: callers get them back
+// only as a map.
 import { randomBytes } from "node:crypto"
 import { chmod, mkdir, readFile, writeFile } from "node:fs/promises"
-import { dirname } from "node:path"
-import { NATS_USERS, passwordVariable } from "./site-plan.ts"
+import { join } from "node:path"
+import { passwordVariable, SITE_NAMES, SITES, type SiteName, siteUsers } from "./site-plan.ts"
 
 const PASSWORD_SHAPE = /^[A-Za-z][A-Za-z0-9]{15,}$/
 
@@ -17,52 +20,86 @@ function parseEnvFile(text: string): Record<string, string> {
   return out
 }
 
-/** The secrets file's variables, or undefined if there is none (no `just up` has run here). */
-export async function readSecrets(path: string): Promise<Record<string, string> | undefined> {
+/** The file of a site's secrets in `runDir` (.run/ of the checkout). */
+export function siteSecretsFile(runDir: string, site: SiteName): string {
+  return join(runDir, `secrets-${site}.env`)
+}
+
+async function readText(path: string): Promise<string | undefined> {
   try {
-    return parseEnvFile(await readFile(path, "utf8"))
+    return await readFile(path, "utf8")
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined
     throw err
   }
 }
 
+/** A site's secrets file's variables, or undefined if there is none (no `just up` ran here). */
+export async function readSiteSecrets(
+  runDir: string,
+  site: SiteName,
+): Promise<Record<string, string> | undefined> {
+  const text = await readText(siteSecretsFile(runDir, site))
+  return text === undefined ? undefined : parseEnvFile(text)
+}
+
 /**
- * Reads the secrets file, adding a password for any user that has none yet (a user added
- * later gets one without changing the others), and returns the password of each user.
+ * Reads both sites' secrets files, adding a password for any user that has none yet (a user
+ * added later gets one without changing the others), and returns the password of each user.
+ * The leaf link's user is in both files with one password; two different ones are refused,
+ * not mended, since either may be the one a running server holds.
  * A letter, then hex: nats-server parses a `$VAR` as a config value, so a password that starts
  * with a digit is read as a number and the server refuses the config; letters and digits are
  * also safe in a leaf URL and in a shell-sourced env file without quoting.
  */
-export async function ensureSecrets(path: string): Promise<Record<string, string>> {
-  let text = ""
-  try {
-    text = await readFile(path, "utf8")
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err
-  }
-  const vars = parseEnvFile(text)
-  for (const user of NATS_USERS) {
-    const value = vars[passwordVariable(user)]
-    if (value && !PASSWORD_SHAPE.test(value)) {
-      // Not replaced silently: a compose host may share this file.
-      throw new Error(
-        `${path}: ${passwordVariable(user)} must be a letter followed by letters and digits (nats-server reads other values as numbers or syntax); replace or delete it`,
-      )
+export async function ensureSecrets(runDir: string): Promise<Record<string, string>> {
+  const files = await Promise.all(
+    SITE_NAMES.map(async (site) => {
+      const path = siteSecretsFile(runDir, site)
+      const text = (await readText(path)) ?? ""
+      return { site, path, text, vars: parseEnvFile(text), users: siteUsers(SITES[site]) }
+    }),
+  )
+  const passwords: Record<string, string> = {}
+  const foundIn: Record<string, string> = {}
+  for (const { path, vars, users } of files) {
+    for (const user of users) {
+      const name = passwordVariable(user)
+      const value = vars[name]
+      if (!value) continue
+      if (!PASSWORD_SHAPE.test(value)) {
+        // Not replaced silently: a compose host may share this file.
+        throw new Error(
+          `${path}: ${name} must be a letter followed by letters and digits (nats-server reads other values as numbers or syntax); replace or delete it`,
+        )
+      }
+      if (passwords[user] !== undefined && passwords[user] !== value) {
+        throw new Error(
+          `${foundIn[user]} and ${path} hold different values of ${name}: both sites need the same one; make them equal`,
+        )
+      }
+      passwords[user] = value
+      foundIn[user] = path
     }
   }
-  const missing = NATS_USERS.filter((u) => !vars[passwordVariable(u)])
-  if (missing.length > 0 || text === "") {
-    for (const user of missing) vars[passwordVariable(user)] = `k${randomBytes(16).toString("hex")}`
-    const body = [
-      "# NATS passwords of `just up` (and of ops/compose: --env-file). Generated once; never commit.",
-      ...Object.entries(vars).map(([k, v]) => `${k}=${v}`),
-      "",
-    ].join("\n")
-    await mkdir(dirname(path), { recursive: true })
-    await writeFile(path, body, { mode: 0o600 })
+  for (const { users } of files) {
+    for (const user of users) passwords[user] ??= `k${randomBytes(16).toString("hex")}`
   }
-  // Also when the file existed: a copy made with a looser mode is tightened.
-  await chmod(path, 0o600)
-  return Object.fromEntries(NATS_USERS.map((u) => [u, vars[passwordVariable(u)]!]))
+  await mkdir(runDir, { recursive: true })
+  for (const { site, path, text, vars, users } of files) {
+    const missing = users.filter((u) => !vars[passwordVariable(u)])
+    if (missing.length > 0 || text === "") {
+      for (const user of missing) vars[passwordVariable(user)] = passwords[user]!
+      const body = [
+        `# NATS passwords of the ${site} site: \`just up\`, and ops/compose/${site}.yml's --env-file.`,
+        `# Generated once; copy to the ${site}'s hosts only; never commit.`,
+        ...Object.entries(vars).map(([k, v]) => `${k}=${v}`),
+        "",
+      ].join("\n")
+      await writeFile(path, body, { mode: 0o600 })
+    }
+    // Also when the file existed: a copy made with a looser mode is tightened.
+    await chmod(path, 0o600)
+  }
+  return passwords
 }

@@ -23,6 +23,8 @@ export interface SitePlan {
   streams: { origin: string; inbound: string }
   relayUser: string
   worker: { user: string; group: string; stream: string; filterSubject: string }
+  /** Streams, consumers and tooling (`just up`, `replay --site`): the site's JetStream API. */
+  adminUser: string
 }
 
 // Ports agreed with nats/README.md; none clashes with the machine's shared servers
@@ -39,6 +41,7 @@ export const SITES: Record<SiteName, SitePlan> = {
     streamsFile: "nats/streams/cloud.json",
     streams: { origin: "CLOUD", inbound: "FACTORY_IN" },
     relayUser: "cloud-relay",
+    adminUser: "cloud-admin",
     worker: {
       user: "cloud-worker",
       group: "cloud-demo",
@@ -56,6 +59,7 @@ export const SITES: Record<SiteName, SitePlan> = {
     streamsFile: "nats/streams/factory.json",
     streams: { origin: "FACTORY", inbound: "CLOUD_IN" },
     relayUser: "factory-relay",
+    adminUser: "factory-admin",
     worker: {
       user: "factory-worker",
       group: "factory-demo",
@@ -65,15 +69,22 @@ export const SITES: Record<SiteName, SitePlan> = {
   },
 }
 
-/** Every NATS user of both sites; each gets one random password in .run/secrets.env. */
-export const NATS_USERS = [
-  "cloud-relay",
-  "cloud-worker",
-  "factory-relay",
-  "factory-worker",
-  "leaf-factory",
-  "admin",
-] as const
+/** The factory's leaf link: the cloud checks its password, the factory dials with it. */
+export const LEAF_USER = "leaf-factory"
+
+/**
+ * The NATS users whose passwords a site's hosts hold: its own, and the leaf link's. Each site
+ * has its own secrets file of these (secrets.ts), so a factory host never holds a cloud
+ * password other than the link's, which its leaf has to present anyway.
+ */
+export function siteUsers(plan: SitePlan): string[] {
+  return [plan.relayUser, plan.worker.user, plan.adminUser, LEAF_USER]
+}
+
+/** Every NATS user of both sites. */
+export const NATS_USERS: readonly string[] = [
+  ...new Set(SITE_NAMES.flatMap((site) => siteUsers(SITES[site]))),
+]
 
 /** `cloud-relay` → `KEYWAY_PASS_CLOUD_RELAY`, the variable the NATS configs read. */
 export function passwordVariable(user: string): string {
@@ -96,9 +107,9 @@ export function siteNatsUrl(plan: SitePlan): string {
 export function siteAdminNats(plan: SitePlan, adminPassword: string) {
   return {
     servers: [siteNatsUrl(plan)],
-    user: "admin",
+    user: plan.adminUser,
     pass: adminPassword,
-    inboxPrefix: inboxPrefix("admin"),
+    inboxPrefix: inboxPrefix(plan.adminUser),
   }
 }
 
@@ -168,11 +179,7 @@ function natsEnv(plan: SitePlan, ctx: LaunchContext): Record<string, string> {
     KEYWAY_NATS_HTTP_PORT: String(plan.natsHttpPort),
     KEYWAY_NATS_STORE_DIR: join(ctx.runDir, plan.site, "jetstream"),
     KEYWAY_HUB_LEAF_URL: hubLeafUrl(),
-    KEYWAY_LEAF_REMOTE_URL: leafRemoteUrl(
-      hubLeafUrl(),
-      "leaf-factory",
-      ctx.passwords["leaf-factory"] ?? "",
-    ),
+    KEYWAY_LEAF_REMOTE_URL: leafRemoteUrl(hubLeafUrl(), LEAF_USER, ctx.passwords[LEAF_USER] ?? ""),
   }
   if (plan.leafPort) {
     known.KEYWAY_LEAF_PORT = String(plan.leafPort)

@@ -9,13 +9,13 @@ import { describe, test } from "node:test"
 import { parse } from "yaml"
 import {
   inboxPrefix,
-  NATS_USERS,
   natsConfigVariables,
   passwordVariable,
   repositoryRoot,
   SITE_NAMES,
   SITES,
   type SiteName,
+  siteUsers,
 } from "../src/site-plan.ts"
 
 const root = repositoryRoot()
@@ -121,12 +121,13 @@ for (const site of SITE_NAMES) {
       }
     })
 
-    test("the streams service applies the site's stream file as admin", () => {
+    test("the streams service applies the site's stream file as the site's admin", () => {
       const s = services.streams!
       assert.ok(s.command!.includes(plan.streamsFile))
       assert.ok(existsSync(join(root, plan.streamsFile)))
-      assert.equal(s.environment!.NATS_USER, "admin")
-      assert.equal(s.environment!.NATS_INBOX_PREFIX, inboxPrefix("admin"))
+      assert.equal(s.environment!.NATS_USER, plan.adminUser)
+      assert.deepEqual(variablesIn(s.environment!.NATS_PASS!), [passwordVariable(plan.adminUser)])
+      assert.equal(s.environment!.NATS_INBOX_PREFIX, inboxPrefix(plan.adminUser))
       assert.equal(portOf(s.environment!.NATS_URL!), plan.natsPort)
     })
 
@@ -152,8 +153,9 @@ for (const site of SITE_NAMES) {
       assert.equal(worker.KEYWAY_FILTER_SUBJECT, plan.worker.filterSubject)
     })
 
-    test("every password variable names a known NATS user", () => {
-      const known = new Set(NATS_USERS.map(passwordVariable))
+    test("every password variable is one of the site's own users, in its secrets file", () => {
+      // The env file handed to this site's hosts (secrets.ts) holds these and no other.
+      const known = new Set(siteUsers(plan).map(passwordVariable))
       for (const [name, s] of Object.entries(services)) {
         for (const value of Object.values(s.environment ?? {})) {
           for (const v of variablesIn(String(value)).filter((x) => x.startsWith("KEYWAY_PASS_"))) {

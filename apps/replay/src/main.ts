@@ -132,16 +132,16 @@ async function natsTarget() {
   const { SITES, SITE_NAMES, passwordVariable, repositoryRoot, siteAdminNats } = await import(
     "@keyway/ops-local/site-plan"
   )
-  const { readSecrets } = await import("@keyway/ops-local/secrets")
+  const { readSiteSecrets } = await import("@keyway/ops-local/secrets")
   if (!(SITE_NAMES as readonly string[]).includes(values.site)) {
     fail(`--site must be one of ${SITE_NAMES.join(", ")}`)
   }
-  const secrets = await readSecrets(`${repositoryRoot()}/.run/secrets.env`)
-  if (!secrets) fail("no site has been brought up here: run `npx just up` first")
-  return siteAdminNats(
-    SITES[values.site as keyof typeof SITES],
-    secrets[passwordVariable("admin")]!,
-  )
+  const plan = SITES[values.site as keyof typeof SITES]
+  const secrets = await readSiteSecrets(`${repositoryRoot()}/.run`, plan.site)
+  const password = secrets?.[passwordVariable(plan.adminUser)]
+  if (!password)
+    fail(`the ${plan.site} site has not been brought up here: run \`npx just up\` first`)
+  return siteAdminNats(plan, password)
 }
 
 const target = await natsTarget()

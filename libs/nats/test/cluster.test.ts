@@ -68,7 +68,7 @@ describe("3-node cloud cluster", () => {
   })
 
   test("an R3 stream keeps accepting publishes and a consumer keeps draining while the stream leader is killed", async () => {
-    const admin = await connect("admin")
+    const admin = await connect("cloud-admin")
     const cloud = (await loadStreamDefinitions(configFile("streams/cloud.json"))).find(
       (s) => s.name === "CLOUD",
     )!

@@ -23,7 +23,7 @@ const hubVars = {
   ...pick(
     "KEYWAY_PASS_CLOUD_RELAY",
     "KEYWAY_PASS_CLOUD_WORKER",
-    "KEYWAY_PASS_ADMIN",
+    "KEYWAY_PASS_CLOUD_ADMIN",
     "KEYWAY_PASS_LEAF_FACTORY",
   ),
   KEYWAY_LEAF_PORT: "17422",
@@ -33,7 +33,7 @@ const variables: Record<string, Record<string, string>> = {
   "hub.conf": hubVars,
   "leaf.conf": {
     ...common,
-    ...pick("KEYWAY_PASS_FACTORY_RELAY", "KEYWAY_PASS_FACTORY_WORKER", "KEYWAY_PASS_ADMIN"),
+    ...pick("KEYWAY_PASS_FACTORY_RELAY", "KEYWAY_PASS_FACTORY_WORKER", "KEYWAY_PASS_FACTORY_ADMIN"),
     KEYWAY_LEAF_REMOTE_URL: leafRemoteUrl("nats-leaf://127.0.0.1:17422", "leaf-factory", "p1"),
   },
   ...Object.fromEntries(

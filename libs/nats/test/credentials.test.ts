@@ -63,7 +63,7 @@ describe("per-user permissions on the hub and the leaf", () => {
       },
     )
     // The JetStream API beyond reading its own stream: it cannot delete or purge.
-    const admin = await connect("factory", "admin")
+    const admin = await connect("factory", "factory-admin")
     await assert.rejects(
       nc.request("$JS.API.STREAM.PURGE.FACTORY", "", { timeout: 2000 }),
       (err: Error) => {
@@ -191,15 +191,15 @@ describe("per-user permissions on the hub and the leaf", () => {
       )
     }
     assert.equal(await streamCount(relay, "CLOUD"), before, "nothing purged")
-    const admin = await connect("cloud", "admin")
+    const admin = await connect("cloud", "cloud-admin")
     assert.ok(await (await jetstreamManager(admin)).streams.info("FACTORY_IN"), "not deleted")
   })
 
-  test("the leaf link's user cannot connect as a client; a wrong password is refused", async () => {
+  test("the leaf link's user cannot connect as a client, nor a site's admin to the other site; a wrong password is refused", async () => {
     // nats.js would retry forever on the first connect (waitOnFirstConnect); a plain connect
     // with no retries shows the refusal at once.
-    const once = (user: string, pass: string) =>
-      connectOnce({ servers: sites.hub.url, user, pass, reconnect: false }).then(
+    const once = (user: string, pass: string, servers = sites.hub.url) =>
+      connectOnce({ servers, user, pass, reconnect: false }).then(
         async (nc) => {
           await nc.close()
           return "connected"
@@ -212,5 +212,13 @@ describe("per-user permissions on the hub and the leaf", () => {
     assert.match(await once("leaf-factory", sites.passwords["leaf-factory"]), /authorization/i)
     assert.match(await once("cloud-relay", "not-the-password"), /authorization/i)
     assert.equal(await once("cloud-relay", sites.passwords["cloud-relay"]), "connected")
+    // Each site's admin is a user of that site only: what a factory host holds opens nothing
+    // of the cloud's JetStream, and the reverse.
+    assert.match(await once("factory-admin", sites.passwords["factory-admin"]), /authorization/i)
+    assert.match(
+      await once("cloud-admin", sites.passwords["cloud-admin"], sites.leaf.url),
+      /authorization/i,
+    )
+    assert.equal(await once("cloud-admin", sites.passwords["cloud-admin"]), "connected")
   })
 })

@@ -60,7 +60,7 @@ describe("store and forward across a leaf-link outage", () => {
     cleanups.push(() => inCloud.close())
     const atFactory = await startConsumer(sites, "factory", "FACTORY", factory.db, redis, log)
     cleanups.push(() => atFactory.close())
-    const admin = await sites.connect("cloud", "admin")
+    const admin = await sites.connect("cloud", "cloud-admin")
     cleanups.push(() => admin.close())
 
     // The link works before the cut: a first event crosses.

@@ -41,7 +41,8 @@ export const users = [
   "factory-relay",
   "factory-worker",
   "leaf-factory",
-  "admin",
+  "cloud-admin",
+  "factory-admin",
 ] as const
 export type User = (typeof users)[number]
 
@@ -80,7 +81,7 @@ export interface Sites {
 
 /**
  * The cloud hub (nats/hub.conf) and the factory leaf (nats/leaf.conf) on free ports, their
- * streams applied from nats/streams/*.json as `admin`, the link up.
+ * streams applied from nats/streams/*.json as each site's admin, the link up.
  */
 export async function startSites(options: { proxy?: boolean } = {}): Promise<Sites> {
   const passwords = makePasswords()
@@ -116,7 +117,7 @@ export async function startSites(options: { proxy?: boolean } = {}): Promise<Sit
       inboxPrefix: inboxPrefixFor(user),
     })
   for (const site of ["cloud", "factory"] as const) {
-    const nc = await connect(site, "admin")
+    const nc = await connect(site, `${site}-admin`)
     await applyStreams(
       await jetstreamManager(nc),
       await loadStreamDefinitions(configFile(`streams/${site}.json`)),
