@@ -124,8 +124,12 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     const { status, text } = res
     if (status < 200 || status >= 300) {
       // Bad credentials do not get better with retries, but an operator can fix them while
-      // the task waits: retryable, and the topic's attempts bound it.
-      throw new AimsError(`token request refused: HTTP ${status}`, status, true)
+      // the task waits: retryable, and the topic's attempts bound it. A rate limit on the
+      // token endpoint is waited out as one on the image endpoint: every push waiting for the
+      // token got this answer, and each retrying at its own backoff kept AIMS at its limit.
+      throw new AimsError(`token request refused: HTTP ${status}`, status, true, {
+        retryAfterMs: parseRetryAfter(res.retryAfter),
+      })
     }
     const access = (JSON.parse(text) as { responseMessage?: { access_token?: string } })
       .responseMessage?.access_token

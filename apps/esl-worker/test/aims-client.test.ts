@@ -115,6 +115,26 @@ describe("AIMS client", async () => {
     assert.equal(aims.pushes().length, 0)
   })
 
+  test("a rate limit on the token request carries its Retry-After, as one on the image does", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    aims.burstTokens(429, 1)
+    aims.burstTokens(503, 1)
+    for (const status of [429, 503]) {
+      const err = await client.pushImage(push("s:1")).then(
+        () => undefined,
+        (e) => e,
+      )
+      assert.ok(err instanceof AimsError, String(err))
+      assert.equal(err.status, status)
+      assert.equal(err.retryable, true)
+      assert.equal(err.retryAfterMs, status === 429 ? 1000 : undefined)
+    }
+    await client.pushImage(push("s:1"))
+    assert.equal(aims.tokensIssued, 1)
+    assert.equal(aims.pushes(task.labelCode).length, 1)
+  })
+
   test("no answer within the timeout is a retryable timeout", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 200 })

@@ -84,6 +84,8 @@ export interface FakeAims {
   setFailureRates(rates: FailureRates): void
   /** The next `count` image requests get `status` (429 or a 5xx). */
   burst(status: 429 | 500 | 502 | 503, count: number): void
+  /** The next `count` token requests get `status` (429 or a 5xx), a 429 with Retry-After. */
+  burstTokens(status: 429 | 500 | 502 | 503, count: number): void
   /** The next `count` image requests are never answered. */
   holdNext(count: number): void
   /** Every token issued so far stops working: image requests get 401 until re-auth. */
@@ -120,6 +122,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
   let latencyMs = options.latencyMs ?? 0
   let rates: FailureRates = { ...options.failureRates }
   const bursts: { status: FakeAimsOutcome; left: number }[] = []
+  const tokenBursts: { status: 429 | 500 | 502 | 503; left: number }[] = []
   const tokens = new Map<string, number>() // token → valid until
   const requests: FakeAimsPush[] = []
   const accepted = new Set<string>()
@@ -134,6 +137,16 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
       return sendJson(res, 400, { responseCode: "400", responseMessage: "body is not JSON" })
     }
     if (latencyMs > 0) await sleep(latencyMs)
+    const failure = tokenBursts[0]
+    if (failure) {
+      if (--failure.left <= 0) tokenBursts.shift()
+      return sendJson(
+        res,
+        failure.status,
+        { responseCode: String(failure.status), responseMessage: "injected failure" },
+        failure.status === 429 ? { "retry-after": "1" } : {},
+      )
+    }
     if (body.username !== username || body.password !== password) {
       return sendJson(res, 401, { responseCode: "401", responseMessage: "bad credentials" })
     }
@@ -285,6 +298,9 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     },
     burst(status, count) {
       if (count > 0) bursts.push({ status, left: count })
+    },
+    burstTokens(status, count) {
+      if (count > 0) tokenBursts.push({ status, left: count })
     },
     holdNext(count) {
       if (count > 0) bursts.push({ status: "timeout", left: count })
