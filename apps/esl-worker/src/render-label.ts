@@ -16,6 +16,9 @@ const PRICE_MAX_PX = 44
 // Small enough for the widest price the schema allows ("CHF 10,000,000.00", 1e9 minor units)
 // to fit: a price is never shortened, since a shelf showing part of one shows a wrong price.
 const PRICE_MIN_PX = 20
+// The product and job ids at the bottom, for staff and for tracing a label to its job.
+const FOOTER_MAX_PX = 11
+const FOOTER_MIN_PX = 8
 // DejaVu ships with Debian and is what the test machines have; a font missing on the
 // worker's host would silently fall back to another face, and the images would change.
 const FONT = "DejaVu Sans"
@@ -116,10 +119,17 @@ export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> 
 
   ctx.fillStyle = css(BLACK)
   // Bold: at this size the strokes of the regular face fall between pixels and vanish once
-  // inked (the j of "job" lost its descender).
-  ctx.font = `bold 11px "${FONT}"`
+  // inked (the j of "job" lost its descender). Shrunk to fit, then shortened, as the name:
+  // drawn as it came, the writer's default job id (a UUID) ran off the label's edge.
+  const footer = `${task.productId}  ·  job ${task.jobId}`
   ctx.textAlign = "left"
-  ctx.fillText(`${task.productId}  ·  job ${task.jobId}`, MARGIN, LABEL_HEIGHT - MARGIN - 11)
+  ctx.fillText(
+    fitFont(ctx, footer, FOOTER_MAX_PX, FOOTER_MIN_PX) === undefined
+      ? shorten(ctx, footer)
+      : footer,
+    MARGIN,
+    LABEL_HEIGHT - MARGIN - FOOTER_MAX_PX,
+  )
   return encodeIndexedPng(
     LABEL_WIDTH,
     LABEL_HEIGHT,

@@ -104,3 +104,29 @@ test("every price the schema allows is drawn whole, inside the margins", async (
     assert.ok(last - first > 120, `${priceMinor} ${currency}: red from x ${first} to ${last}`)
   }
 })
+
+/** The rightmost column holding black ink in the footer's rows (the bottom 20 pixels). */
+async function footerRightEdge(png: Buffer): Promise<number> {
+  const { width, height, rgba } = await decodePng(png)
+  let last = -1
+  for (let y = height - 20; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      const q = 4 * (y * width + x)
+      if (rgba[q] === 0 && rgba[q + 1] === 0 && rgba[q + 2] === 0) last = Math.max(last, x)
+    }
+  }
+  return last
+}
+
+test("the product and job ids stay within the label's margin, whole where they fit", async () => {
+  // The writer's default job id is a UUID; the schema allows ids of 64 characters.
+  const uuid = "3f2c9a4e-8b1d-4c7e-9f60-2a5b8c1d7e43"
+  for (const jobId of [uuid, "j".repeat(64)]) {
+    const edge = await footerRightEdge(await renderLabel({ ...task, productId: "P-000123", jobId }))
+    assert.ok(edge >= 0 && edge < LABEL_WIDTH - 8, `job ${jobId}: ink up to column ${edge}`)
+  }
+  // A UUID is drawn whole: two that differ only in their last character give two images.
+  const a = await renderLabel({ ...task, productId: "P-000123", jobId: uuid })
+  const b = await renderLabel({ ...task, productId: "P-000123", jobId: `${uuid.slice(0, -1)}4` })
+  assert.ok(!a.equals(b), "the whole job id is drawn")
+})
