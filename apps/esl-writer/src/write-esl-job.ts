@@ -321,19 +321,49 @@ export async function writePriceChange(
   )
 }
 
-/** Creates or updates products without touching labels (catalogue import, tests). */
+/**
+ * Creates products, or updates those no label shows (catalogue import, tests). A change to a
+ * product that labels show is refused, naming it: written here it would leave those labels
+ * showing the old price, since only writePriceChange enqueues the tasks that redraw them.
+ */
 export async function upsertProducts(
   db: Kysely<any>,
   request: readonly { id: string; name: string; priceMinor: number; currency: string }[],
 ): Promise<void> {
   const products = checked(ProductsRequest, "products", request)
   if (products.length === 0) return
-  const sorted = [...products].sort((a, b) => (a.id < b.id ? -1 : 1))
-  await sql`
-    insert into esl.product (id, name, price_minor, currency)
-    select * from unnest(${sorted.map((p) => p.id)}::text[], ${sorted.map((p) => p.name)}::text[],
-                         ${sorted.map((p) => p.priceMinor)}::bigint[], ${sorted.map((p) => p.currency)}::text[])
-    on conflict (id) do update set name = excluded.name, price_minor = excluded.price_minor,
-                                   currency = excluded.currency, updated_at = now()
-  `.execute(db)
+  // The last of a product's entries counts, as in a price change: one statement cannot
+  // write a row twice.
+  const sorted = [...new Map(products.map((p) => [p.id, p])).values()].sort((a, b) =>
+    a.id < b.id ? -1 : 1,
+  )
+  const columns = sql`unnest(${sorted.map((p) => p.id)}::text[], ${sorted.map((p) => p.name)}::text[],
+                       ${sorted.map((p) => p.priceMinor)}::bigint[], ${sorted.map((p) => p.currency)}::text[])`
+  await db.transaction().execute(async (trx) => {
+    // Locked first, in id order as writeLabelJob's share locks: a label bound meanwhile is
+    // either seen below or binds after this commits, to the new price.
+    await sql`select 1 from esl.product where id = any(${sorted.map((p) => p.id)}::text[])
+               order by id for update`.execute(trx)
+    const shown = await sql<{ id: string; labels: number }>`
+      select p.id, (select count(*)::int from esl.label l where l.product_id = p.id) as labels
+        from esl.product p
+        join ${columns} as n(id, name, price_minor, currency) on n.id = p.id
+       where (p.name, p.price_minor, p.currency) is distinct from (n.name, n.price_minor, n.currency)
+         and exists (select 1 from esl.label l where l.product_id = p.id)
+       order by p.id`.execute(trx)
+    if (shown.rows.length > 0) {
+      const list = shown.rows.map((r) => `${r.id} (${r.labels} labels)`).join(", ")
+      throw new EslWriterError(
+        `products shown on labels change only through a price change, which redraws the labels: ${list}; nothing written`,
+      )
+    }
+    await sql`
+      insert into esl.product (id, name, price_minor, currency)
+      select * from ${columns}
+      on conflict (id) do update set name = excluded.name, price_minor = excluded.price_minor,
+                                     currency = excluded.currency, updated_at = now()
+       where (esl.product.name, esl.product.price_minor, esl.product.currency)
+             is distinct from (excluded.name, excluded.price_minor, excluded.currency)
+    `.execute(trx)
+  })
 }

@@ -82,6 +82,36 @@ test("a catalogue import is checked like a price change; a bad product writes no
   assert.deepEqual(stored.rows, [])
 })
 
+test("a catalogue import may not change a product labels show: refused by name, nothing written", async () => {
+  await upsertProducts(t.db, [{ id: "E", name: "Eggs 10", priceMinor: 299, currency: "EUR" }])
+  await writeLabelJob(t.db, { labels: [{ labelCode: label(50), productId: "E" }] })
+  const tasks = async () =>
+    (await sql`select seq from keyway.outbox where key = ${label(50)}`.execute(t.db)).rows.length
+  const before = await tasks()
+  await assert.rejects(
+    upsertProducts(t.db, [
+      { id: "F", name: "Flour 1 kg", priceMinor: 99, currency: "EUR" },
+      { id: "E", name: "Eggs 10", priceMinor: 349, currency: "EUR" },
+    ]),
+    (err: Error) => err instanceof EslWriterError && /E \(1 labels\)/.test(err.message),
+  )
+  const stored = await sql<{ id: string; price_minor: number }>`
+    select id, price_minor::int from esl.product where id in ('E', 'F') order by id`.execute(t.db)
+  assert.deepEqual(stored.rows, [{ id: "E", price_minor: 299 }])
+  // The same values again change nothing and pass; a price change redraws the label.
+  await upsertProducts(t.db, [
+    { id: "E", name: "Eggs 10", priceMinor: 299, currency: "EUR" },
+    { id: "F", name: "Flour 1 kg", priceMinor: 99, currency: "EUR" },
+    { id: "F", name: "Flour 1 kg", priceMinor: 109, currency: "EUR" },
+  ])
+  await writePriceChange(t.db, { changes: [{ productId: "E", priceMinor: 349 }] })
+  assert.equal(await tasks(), before + 1)
+  const f = await sql<{
+    price_minor: number
+  }>`select price_minor::int from esl.product where id = 'F'`.execute(t.db)
+  assert.deepEqual(f.rows, [{ price_minor: 109 }])
+})
+
 test("overlapping jobs and price changes: every label's newest task matches the tables", async () => {
   const products = Array.from({ length: 4 }, (_, i) => `Q${i}`)
   await upsertProducts(
