@@ -59,6 +59,10 @@ export interface EslWorker {
  * would leave a label showing an old price until an operator acts, for no gain in
  * correctness. The dead task stays listed (admin listDead) and counted.
  *
+ * An operator's retry of a dead task (admin retry) pushes it only if no later version of the
+ * label was pushed meanwhile (KeyedEvent.supersededBy): otherwise its older image would
+ * replace the newer one.
+ *
  * Dead is for good, though: a label is not written again until its product changes again, so
  * a version given up during an AIMS outage leaves the old price on the shelf. The attempts
  * therefore outlast an outage of hours, as graphile-worker's 25 attempts (about 3 days) and
@@ -97,6 +101,13 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     // wrong label in the right order, or the right label out of its order.
     if (task.labelCode !== event.key) {
       throw new PoisonError(`payload labelCode ${task.labelCode} is not the event key ${event.key}`)
+    }
+    if (event.supersededBy !== undefined) {
+      // An operator's retry or redrive of an older version, after the label had been drawn
+      // from a later one: pushing this image would put the older price back on the shelf.
+      // Done without a push; the label keeps the later image.
+      trace.getActiveSpan()?.setAttribute("esl.superseded_by", event.supersededBy)
+      return
     }
     const png = await tracer.startActiveSpan("render label", async (span) => {
       try {

@@ -78,7 +78,11 @@ export interface ConsumerAdmin {
    * returns how many. Workers delete them anyway once past the group's reject retention.
    */
   dismissRejects(fromId: number, throughId: number): Promise<number>
-  /** Dead tasks back to pending with a fresh attempt count; returns how many. */
+  /**
+   * Dead tasks back to pending with a fresh attempt count; returns how many. Each key is
+   * rewound to the lowest; a handler told the newest version already done above its task
+   * (KeyedEvent.supersededBy), as after redrive.
+   */
   retry(selector: TaskSelector): Promise<number>
   /**
    * Marks dead or pending tasks skipped, and moves keys past skipped versions; a missing
@@ -88,7 +92,11 @@ export interface ConsumerAdmin {
    * versions skipped.
    */
   skip(selector: TaskSelector): Promise<number>
-  /** Runs finished tasks again (done, skipped or dead): rewinds each key to the lowest. */
+  /**
+   * Runs finished tasks again (done, skipped or dead): rewinds each key to the lowest. Their
+   * handlers are told the newest version already done above them (KeyedEvent.supersededBy),
+   * so that one whose tasks carry the key's whole state does not put an older state back.
+   */
   redrive(selector: TaskSelector): Promise<number>
 }
 
@@ -261,8 +269,17 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       ),
       lowest as (select topic, key, min(ver) as ver from reset group by topic, key),
       rewound as (
+        -- superseded_by: the newest version already done above the rewound tasks, which
+        -- their handlers are told of (sql/0017). Read from this statement's snapshot, where
+        -- the rows being reset still show done: those are left out by name.
         update keyway.consumer_key k
-           set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1
+           set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
+               superseded_by = greatest(k.superseded_by, (
+                 select max(i.ver) from keyway.inbox i
+                  where i.grp = k.grp and i.topic = k.topic and i.key = k.key
+                    and i.ver > l.ver and i.ver <= k.done_ver and i.state = 'done'
+                    and not exists (select 1 from reset x
+                                     where x.topic = i.topic and x.key = i.key and x.ver = i.ver)))
           from lowest l
          where k.grp = ${group} and k.topic = l.topic and k.key = l.key
       )

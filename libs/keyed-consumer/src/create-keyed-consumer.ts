@@ -774,9 +774,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const runTask = async (
     ref: KeyRef,
     task: TaskRow,
-    epoch: number,
+    claim: Claim,
     signal: AbortSignal,
   ): Promise<Outcome> => {
+    const epoch = claim.epoch
     const policy = policyOf(ref.topic)
     const parent = task.trace ? propagation.extract(context.active(), task.trace) : context.active()
     const span = tracer.startSpan(
@@ -850,6 +851,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         payload,
         createdAt: task.created_at,
         attempt: task.attempts + 1,
+      }
+      if (claim.supersededBy !== undefined && claim.supersededBy > task.ver) {
+        event.supersededBy = claim.supersededBy
       }
       await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
       await (completion ?? completions.submit({ ...ref, ver: task.ver, epoch }))
@@ -989,7 +993,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             wakeLater(ref, Number(task.wait_ms))
             break drain
           }
-          const outcome = await timeStep("run", () => runTask(ref, task, claimed.epoch, signal))
+          const outcome = await timeStep("run", () => runTask(ref, task, claimed, signal))
           if (outcome === "done") {
             commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
           }

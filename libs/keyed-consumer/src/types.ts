@@ -14,6 +14,15 @@ export interface KeyedEvent<P = unknown> {
   createdAt: Date
   /** 1 on the first try. */
   attempt: number
+  /**
+   * Set when a later version of this key had already run to done before this one ran: an
+   * operator's retry of a dead task (on a `park` topic the key moved past it) or redrive of
+   * a range rewound the key below that version, which is then stepped over, not run again. A
+   * handler whose every task carries the key's whole state (a label's image, a device's
+   * settings) can return without acting, so as not to put an older state back over a newer
+   * one; a handler of changes (a stock movement) acts as usual.
+   */
+  supersededBy?: number
 }
 
 /** The fencing token: external systems that can compare it reject a stale worker. */

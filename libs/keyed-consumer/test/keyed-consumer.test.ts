@@ -804,6 +804,8 @@ describe("keyed consumer", () => {
   test("policy park, after a retry of one dead version: the key walks past the others still dead", async () => {
     const failing = new Set([2, 4])
     const metrics = createMetricsRegistry({ defaultMetrics: false })
+    // What each run was told of later versions already done: [ver, supersededBy].
+    const told: [number, number | undefined][] = []
     const { t, stream, group, admin } = await setup({
       metrics,
       // The policy comes from the default, with another topic listed as the exception: the
@@ -812,6 +814,7 @@ describe("keyed consumer", () => {
       policies: { "other.topic": { onDead: "block" } },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
+          told.push([event.ver, event.supersededBy])
           if (failing.has(event.ver)) throw new Error(`v${event.ver} fails`)
           await recordEffect("w1")(event, ctx)
         },
@@ -846,6 +849,17 @@ describe("keyed consumer", () => {
       [1, 2, 3, 5, 6],
       "v2 ran once, nothing else ran again",
     )
+    // The first runs were told of nothing; the retried v2 that v6 had run after it (v4, still
+    // dead, never ran). A handler whose tasks each carry the key's whole state skips it.
+    assert.deepEqual(told, [
+      [1, undefined],
+      [2, undefined],
+      [3, undefined],
+      [4, undefined],
+      [5, undefined],
+      [6, undefined],
+      [2, 6],
+    ])
     const dead = await admin.listDead()
     assert.deepEqual(
       dead.map((d) => [Number(d.ver), d.attempts, d.blocking]),
@@ -876,11 +890,13 @@ describe("keyed consumer", () => {
     let v2Failed = false
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const gauge = async (name: string) => metricValue((await metrics.render()).body, name)
+    const told: (number | undefined)[] = []
     const { t, stream, admin } = await setup({
       metrics,
       defaultPolicy: { maxAttempts: 1, onDead: "block" },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
+          told.push(event.supersededBy)
           if (event.ver === 2 && !v2Failed) {
             v2Failed = true
             throw new Error("v2 fails once")
@@ -918,6 +934,14 @@ describe("keyed consumer", () => {
       (await effects(t.db)).map((e) => e.ver),
       [1, 3, 4, 2, 3, 4],
     )
+    // Up to the newest version, nothing done lies above the range. Below it, v4 does.
+    assert.deepEqual(new Set(told), new Set([undefined]))
+    assert.equal(await admin.redrive({ topic: "demo.item", key: "s", fromVer: 2, toVer: 3 }), 2)
+    await waitFor(async () => (await effects(t.db)).length === 8, {
+      timeoutMs: 10_000,
+      message: "redriven below the newest",
+    })
+    assert.deepEqual(told.slice(-2), [4, 4])
   })
 
   test("retention deletes finished inbox rows past their age and keeps dead and pending ones", async () => {

@@ -124,6 +124,11 @@ export async function hasProvisionalBaselines(db: Kysely<any>, group: string): P
 export interface Claim {
   epoch: number
   doneVer: number
+  /**
+   * The newest version that had run to done above the tasks an operator's retry or redrive
+   * rewound (sql/0017); the tasks below it run again after it. Undefined if never rewound.
+   */
+  supersededBy: number | undefined
   /** Up to `limit` tasks above doneVer, in version order (a gap shows as a skipped number). */
   tasks: TaskRow[]
 }
@@ -176,7 +181,9 @@ export async function claimKeys(
   limit: number,
 ): Promise<(Claim | undefined)[]> {
   const { sorted, from } = sortedRefs(refs)
-  const r = await sql<{ i: number; epoch: number; done_ver: number } & TaskRow>`
+  const r = await sql<
+    { i: number; epoch: number; done_ver: number; superseded_by: number | null } & TaskRow
+  >`
     select * from keyway.claim_keys(${group}, ${sorted.map((k) => k.topic)}::text[],
                                     ${sorted.map((k) => k.key)}::text[], ${owner},
                                     ${Math.round(leaseMs)}::int, ${limit}::int)
@@ -184,7 +191,12 @@ export async function claimKeys(
   const claims: (Claim | undefined)[] = refs.map(() => undefined)
   for (const row of r.rows) {
     const n = from[row.i - 1]!
-    claims[n] ??= { epoch: row.epoch, doneVer: row.done_ver, tasks: [] }
+    claims[n] ??= {
+      epoch: row.epoch,
+      doneVer: row.done_ver,
+      supersededBy: row.superseded_by ?? undefined,
+      tasks: [],
+    }
     if (row.ver !== null) claims[n].tasks.push(row)
   }
   return claims
