@@ -16,7 +16,7 @@ const usage = `usage: admin <command> --group G [options]
                                              refused values, collisions), newest first
   dismiss --from ID --through ID             forget the rejects numbered ID..ID (read)
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
-  skip    --topic T [--key K] [--from N] [--to M]   pending/dead (or missing, with a range) skipped
+  skip    --topic T [--key K] [--from N] [--to M]   dead skipped (pending or missing too, with a range)
   redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
 environment: DATABASE_URL (the group's database)`
 

@@ -85,11 +85,12 @@ export interface ConsumerAdmin {
    */
   retry(selector: TaskSelector): Promise<number>
   /**
-   * Marks dead or pending tasks skipped, and moves keys past skipped versions; a missing
-   * version named by a range is skipped too (closing a gap), between where the key stands
-   * and the highest version it has received (an open end runs to it). A range that reaches
-   * past that is refused: the versions would be dropped when they came. Returns the
-   * versions skipped.
+   * Marks dead tasks skipped, and moves keys past skipped versions. Pending tasks only where a
+   * range of one key names them: without one, a skip meant to unblock a topic's dead tasks
+   * dropped every event queued behind them. A missing version named by a range is skipped
+   * too (closing a gap), between where the key stands and the highest version it has
+   * received (an open end runs to it). A range that reaches past that is refused: the
+   * versions would be dropped when they came. Returns the versions skipped.
    */
   skip(selector: TaskSelector): Promise<number>
   /**
@@ -377,6 +378,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     async skip(s) {
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       refuseRangeWithoutKey(s)
+      const states = sql.join(ranged ? ["pending", "dead"] : ["dead"])
       return db.transaction().execute(async (trx) => {
         await refuseUnknown(trx, s.topic, s.key)
         // The keys first, in byte order, as resetAndRewind and the workers take them. The
@@ -388,7 +390,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
            where k.grp = ${group} and k.topic = ${s.topic}
              and ((${ranged} and k.key = ${s.key ?? null})
                   or k.key in (select i.key from keyway.inbox i
-                                where i.grp = ${group} and i.state in ('pending', 'dead')
+                                where i.grp = ${group} and i.state in (${states})
                                   and ${where(s)}))
            order by k.topic collate "C", k.key collate "C"
            for update of k`.execute(trx)
@@ -443,7 +445,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             -- otherwise keep its key from running until the backoff ended.
             update keyway.inbox i
                set state = 'skipped', done_at = now(), run_after = '-infinity'
-             where i.grp = ${group} and i.state in ('pending', 'dead') and ${where(s)}
+             where i.grp = ${group} and i.state in (${states}) and ${where(s)}
                and i.key = any(${locked.rows.map((k) => k.key)}::text[])
             returning i.topic, i.key, i.ver
           ),

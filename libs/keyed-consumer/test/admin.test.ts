@@ -41,6 +41,42 @@ test("a task skipped while it waits out a retry's backoff frees its key at once"
   assert.deepEqual(await runnable(), [{ topic: "demo.item", key: "w" }], "v3 may run now")
 })
 
+test("a skip without a range takes dead tasks only; the events queued behind them stay", async () => {
+  // A topic of its own: the skip below is topic-wide.
+  for (const [k, rows] of [
+    [
+      "q",
+      [
+        ["dead", 1],
+        ["pending", 2],
+        ["pending", 3],
+      ],
+    ],
+    ["r", [["pending", 1]]],
+  ] as const) {
+    await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'skip.topic', ${k}, 0)`.execute(
+      t.db,
+    )
+    for (const [state, ver] of rows) {
+      await sql`
+        insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state)
+        values ('g', 'skip.topic', ${k}, ${ver}, ${`skip:${k}:${ver}`}, 'demo.item.changed.v1',
+                '{"n":1}', now(), ${state})`.execute(t.db)
+    }
+  }
+  assert.equal(await admin().skip({ topic: "skip.topic" }), 1)
+  assert.equal(await admin().skip({ topic: "skip.topic", key: "q" }), 0)
+  const states = await sql<{ key: string; ver: number; state: string }>`
+    select key, ver::int, state from keyway.inbox where grp = 'g' and topic = 'skip.topic'
+     order by key, ver`.execute(t.db)
+  assert.deepEqual(
+    states.rows.map((r) => `${r.key}${r.ver}:${r.state}`),
+    ["q1:skipped", "q2:pending", "q3:pending", "r1:pending"],
+  )
+  // Named by a range, a pending task is skipped.
+  assert.equal(await admin().skip({ topic: "skip.topic", key: "q", fromVer: 2, toVer: 2 }), 1)
+})
+
 test("a version range without a key is refused: it would touch that version of every key", async () => {
   await key("x", 0)
   await task("x", 1, "dead")
