@@ -237,18 +237,24 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     db.transaction().execute(async (trx) => {
       refuseRangeWithoutKey(s)
       await refuseUnknown(trx, s.topic, s.key)
-      if (wholeRange) await refuseRangeOverPruned(trx, s)
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
-      // rows, so none can go between the check below and the rewind. In byte order, the order
-      // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs).
+      // rows, so none can go between the checks below and the rewind. In byte order, the order
+      // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs). A key
+      // named with a range is locked whatever its rows: the range check counts them after.
+      const ranged = s.key !== undefined && (s.fromVer !== undefined || s.toVer !== undefined)
       const locked = await sql<{ topic: string; key: string }>`
         select k.topic, k.key from keyway.consumer_key k
-         where k.grp = ${group} and (k.topic, k.key) in (
-           select i.topic, i.key from keyway.inbox i
-            where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)})
+         where k.grp = ${group}
+           and ((${ranged} and k.topic = ${s.topic} and k.key = ${s.key ?? null})
+                or (k.topic, k.key) in (
+                  select i.topic, i.key from keyway.inbox i
+                   where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}))
          order by k.topic collate "C", k.key collate "C"
          for update of k
       `.execute(trx)
+      // Counted before the lock, rows retention deleted meanwhile went unseen, and the rest of
+      // the range ran.
+      if (wholeRange) await refuseRangeOverPruned(trx, s)
       if (locked.rows.length === 0) return 0
       // Each statement below reads afresh, and a key can gain a matching task meanwhile (one
       // that dies now). Only the keys locked above are touched: another would be rewound

@@ -4,7 +4,7 @@ import { after, before, test } from "node:test"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
-import { createConsumerAdmin } from "../src/index.ts"
+import { ConsumerAdminError, createConsumerAdmin } from "../src/index.ts"
 import { sortedRefs } from "../src/internal/inbox-sql.ts"
 
 let t: TestDatabase
@@ -64,5 +64,55 @@ test('workers order keys as the admin actions lock them: code points, Postgres\'
   assert.deepEqual(
     ours,
     theirs.rows.map((r) => r.k),
+  )
+})
+
+test("a redrive counts its range once its key is locked: rows retention deletes meanwhile are seen", async () => {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'rr', 6)`.execute(
+    t.db,
+  )
+  for (let ver = 1; ver <= 6; ver++) {
+    await sql`
+      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+      values ('g', 'demo.item', 'rr', ${ver}, ${`rr:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), 'done', 1)
+    `.execute(t.db)
+  }
+  // Retention, as pruneInbox goes: the key taken FOR KEY SHARE, then its oldest row deleted.
+  const retention = new pg.Client({ connectionString: t.url })
+  await retention.connect()
+  try {
+    await retention.query("begin")
+    await retention.query(
+      "select 1 from keyway.consumer_key where grp = 'g' and key = 'rr' for key share",
+    )
+    await retention.query("delete from keyway.inbox where grp = 'g' and key = 'rr' and ver = 1")
+    const redrive = createConsumerAdmin({ db: t.db, group: "g" })
+      .redrive({ topic: "demo.item", key: "rr", fromVer: 1, toVer: 6 })
+      .then(
+        (n) => n,
+        (err: Error) => err,
+      )
+    await waitFor(
+      async () =>
+        (
+          await sql`select 1 from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+        ).rows.length === 1,
+      { timeoutMs: 10_000, message: "the redrive waits for retention" },
+    )
+    await retention.query("commit")
+    // Counted before the lock, v1 was still there: v2..v6 ran again and the answer was 5.
+    const answer = await redrive
+    assert.ok(answer instanceof ConsumerAdminError, `answered ${answer}`)
+    assert.match(answer.message, /retention already deleted 1 of the finished versions v1\.\.v6/)
+  } finally {
+    await retention.end()
+  }
+  const states = await sql<{ state: string }>`
+    select distinct state from keyway.inbox where grp = 'g' and key = 'rr'`.execute(t.db)
+  assert.deepEqual(
+    states.rows.map((r) => r.state),
+    ["done"],
+    "nothing redriven",
   )
 })
