@@ -106,6 +106,40 @@ export class ConsumerAdminError extends Error {
   override name = "ConsumerAdminError"
 }
 
+// Versions are bigints in Postgres; past 2^53 a JavaScript number no longer names one.
+const isVersion = (n: unknown): n is number => Number.isSafeInteger(n) && (n as number) >= 1
+
+/**
+ * What the callers pass, checked before any statement: a fraction, NaN or 0 reached Postgres
+ * as a bare 22P02 or 2201W, and a range upside down (from above to) answered 0 as if nothing
+ * matched.
+ */
+function refuseBadInput(what: string, values: Record<string, unknown>, range?: [string, string]) {
+  for (const [name, value] of Object.entries(values)) {
+    if (value !== undefined && !isVersion(value)) {
+      throw new ConsumerAdminError(`${what}: ${name} must be a whole number from 1, not ${value}`)
+    }
+  }
+  if (range) {
+    const [from, to] = range.map((name) => values[name]) as [number | undefined, number | undefined]
+    if (from !== undefined && to !== undefined && from > to) {
+      throw new ConsumerAdminError(`${what}: ${range[0]} ${from} is above ${range[1]} ${to}`)
+    }
+  }
+}
+
+const refuseBadSelector = (action: string, s: TaskSelector) => {
+  if (typeof s.topic !== "string" || s.topic === "") {
+    throw new ConsumerAdminError(`${action}: a topic is required`)
+  }
+  refuseBadInput(action, { fromVer: s.fromVer, toVer: s.toVer }, ["fromVer", "toVer"])
+}
+
+// The most versions one skip may record as missing. A stray event at v10^15 (the envelope
+// takes any version from 1) made an open-ended skip insert that many placeholders, holding
+// the key's lock until the disk filled.
+const MAX_SKIPPED_MISSING = 100_000
+
 const where = (s: TaskSelector) => sql`
   i.topic = ${s.topic}
   ${s.key === undefined ? sql`` : sql`and i.key = ${s.key}`}
@@ -235,6 +269,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // so a worker draining it now writes nothing more).
   const resetAndRewind = (s: TaskSelector, states: string[], wholeRange = false) =>
     db.transaction().execute(async (trx) => {
+      refuseBadSelector(wholeRange ? "redrive" : "retry", s)
       refuseRangeWithoutKey(s)
       await refuseUnknown(trx, s.topic, s.key)
       // The keys first: retention takes them FOR KEY SHARE before it deletes any of their
@@ -304,6 +339,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return groupSummary(db, group)
     },
     async listDead(topic, limit = 1000) {
+      refuseBadInput("listDead", { limit })
       await refuseUnknown(db, topic)
       const r = await sql<DeadTask>`
         select i.topic, i.key, i.ver, i.event_id as "eventId", i.type, i.attempts,
@@ -348,6 +384,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return r.rows
     },
     async listRejects(limit = 100) {
+      refuseBadInput("listRejects", { limit })
       // Bytes, decoded here: a message need not be UTF-8 (Postgres' convert_from would fail
       // the whole list on one), and Node puts U+FFFD where it is not.
       const r = await sql<Omit<RejectedMessage, "data"> & { data: Buffer }>`
@@ -364,6 +401,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       return r.rows.map((x) => ({ ...x, data: text(x.data) }))
     },
     async dismissRejects(fromId, throughId) {
+      refuseBadInput("dismissRejects", { fromId, throughId }, ["fromId", "throughId"])
       const r = await sql`
         delete from keyway.inbox_reject
          where grp = ${group} and id between ${fromId} and ${throughId}`.execute(db)
@@ -382,6 +420,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
     // finished (they do not run again; redrive is for that) and over those still parked.
     retry: (s) => resetAndRewind(s, ["dead"]),
     async skip(s) {
+      refuseBadSelector("skip", s)
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       refuseRangeWithoutKey(s)
       const states = sql.join(ranged ? ["pending", "dead"] : ["dead"])
@@ -417,21 +456,39 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             )
           }
         }
+        // The versions a range names that may be missing: between where the key stands (below
+        // it they ran, and retention may have deleted them) and the highest version it
+        // received (an open end runs to it). No range, no placeholders.
+        let span: { lo: number; hi: number } | undefined
+        if (ranged && s.key !== undefined) {
+          const b = await sql<{ lo: number; hi: number | null; missing: number | null }>`
+            select u.lo::float8 as lo, u.hi::float8 as hi,
+                   (u.hi - u.lo + 1 - (select count(*) from keyway.inbox i
+                                        where i.grp = k.grp and i.topic = k.topic
+                                          and i.key = k.key and i.ver between u.lo and u.hi)
+                   )::float8 as missing
+              from keyway.consumer_key k,
+                   lateral (select greatest(coalesce(${s.fromVer ?? null}::bigint, 0),
+                                            k.done_ver + 1) as lo,
+                                   coalesce(${s.toVer ?? null}::bigint,
+                                            (select max(i.ver) from keyway.inbox i
+                                              where i.grp = k.grp and i.topic = k.topic
+                                                and i.key = k.key)) as hi) u
+             where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
+          const row = b.rows[0]
+          if (row && row.hi !== null && row.hi >= row.lo) {
+            if ((row.missing ?? 0) > MAX_SKIPPED_MISSING) {
+              throw new ConsumerAdminError(
+                `refused: v${row.lo}..v${row.hi} of ${s.topic}/${s.key} would record ${row.missing} missing versions as skipped, over ${MAX_SKIPPED_MISSING}: a version that high is more likely a stray event than a gap to close (skip it alone with --from ${row.hi} --to ${row.hi})`,
+              )
+            }
+            span = { lo: row.lo, hi: row.hi }
+          }
+        }
         const r = await sql`
           with range as (
-            -- The missing versions a range names, between where the key stands (below it they
-            -- ran, and retention may have deleted them) and the highest version it received
-            -- (an open end runs to it). No range, no placeholders.
-            select k.topic, k.key, v.ver
-              from keyway.consumer_key k,
-                   generate_series(
-                     greatest(coalesce(${s.fromVer ?? null}::bigint, 0), k.done_ver + 1),
-                     coalesce(${s.toVer ?? null}::bigint,
-                              (select max(i.ver) from keyway.inbox i
-                                where i.grp = k.grp and i.topic = k.topic and i.key = k.key))
-                   ) as v(ver)
-             where ${ranged} and k.grp = ${group} and k.topic = ${s.topic}
-               and k.key = ${s.key ?? null}
+            select ${s.topic}::text as topic, ${s.key ?? null}::text as key, v.ver
+              from generate_series(${span?.lo ?? 1}::bigint, ${span?.hi ?? 0}::bigint) as v(ver)
           ),
           placeholders as (
             -- A missing version named explicitly is recorded as skipped, which closes the gap.

@@ -118,3 +118,68 @@ test("dead tasks are listed up to a limit, by topic, key and version", async () 
   const first = await admin().listDead(undefined, 1)
   assert.deepEqual(first, all.slice(0, 1))
 })
+
+test("versions, limits and ids that are not whole numbers from 1, or a range upside down, are refused by name", async () => {
+  await key("v", 0)
+  await task("v", 1, "dead")
+  const refused = async (call: Promise<unknown>, pattern: RegExp) =>
+    assert.rejects(
+      call,
+      (err: unknown) => err instanceof ConsumerAdminError && pattern.test(err.message),
+    )
+  for (const action of ["retry", "skip", "redrive"] as const) {
+    await refused(
+      admin()[action]({ topic: "demo.item", key: "v", fromVer: 1.5 }),
+      /fromVer must be a whole number from 1, not 1\.5/,
+    )
+    await refused(
+      admin()[action]({ topic: "demo.item", key: "v", toVer: Number.NaN }),
+      /toVer .* not NaN/,
+    )
+    await refused(admin()[action]({ topic: "demo.item", key: "v", fromVer: 0 }), /fromVer .* not 0/)
+    await refused(
+      admin()[action]({ topic: "demo.item", key: "v", fromVer: 3, toVer: 2 }),
+      /fromVer 3 is above toVer 2/,
+    )
+    await refused(admin()[action]({ topic: "" }), /a topic is required/)
+  }
+  await refused(admin().listDead("demo.item", 0), /limit must be a whole number from 1, not 0/)
+  await refused(admin().listRejects(-1), /limit .* not -1/)
+  await refused(admin().dismissRejects(9, 3), /fromId 9 is above throughId 3/)
+  const state = await sql<{ state: string }>`
+    select state from keyway.inbox where grp = 'g' and key = 'v'`.execute(t.db)
+  assert.equal(state.rows[0]!.state, "dead", "nothing changed")
+})
+
+test("a skip that would record more than 100,000 missing versions is refused; the stray version alone is not", async () => {
+  // A stray event far above the rest: an open-ended skip from v2 would write a placeholder
+  // for every version up to it.
+  await key("far", 1)
+  await task("far", 1, "done")
+  await task("far", 1_000_000_000, "pending")
+  await assert.rejects(
+    admin().skip({ topic: "demo.item", key: "far", fromVer: 2 }),
+    (err: unknown) =>
+      err instanceof ConsumerAdminError &&
+      /v2\.\.v1000000000 of demo\.item\/far would record 999999998 missing versions/.test(
+        err.message,
+      ),
+  )
+  const rows = async () =>
+    (
+      await sql<{
+        n: number
+      }>`select count(*)::int as n from keyway.inbox where grp = 'g' and key = 'far'`.execute(t.db)
+    ).rows[0]!.n
+  assert.equal(await rows(), 2, "no placeholder written")
+  assert.equal(
+    await admin().skip({
+      topic: "demo.item",
+      key: "far",
+      fromVer: 1_000_000_000,
+      toVer: 1_000_000_000,
+    }),
+    1,
+  )
+  assert.equal(await rows(), 2)
+})
