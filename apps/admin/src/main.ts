@@ -34,14 +34,23 @@ const options = {
   limit: { type: "string" },
   through: { type: "string" },
 } as const
-let parsed: ReturnType<typeof parseArgs<{ allowPositionals: true; options: typeof options }>>
+let parsed: ReturnType<
+  typeof parseArgs<{ allowPositionals: true; options: typeof options; tokens: true }>
+>
 try {
-  parsed = parseArgs({ allowPositionals: true, options })
+  parsed = parseArgs({ allowPositionals: true, options, tokens: true })
 } catch (err) {
   // An unknown flag (a typo) or one without its value: said plainly, with the usage.
   fail((err as Error).message)
 }
 const { positionals, values } = parsed
+// parseArgs keeps the last of a repeated flag: `retry --key a --key b` retried b alone.
+const given = new Set<string>()
+for (const token of parsed.tokens ?? []) {
+  if (token.kind !== "option") continue
+  if (given.has(token.name)) fail(`--${token.name} given twice: one action takes one of each`)
+  given.add(token.name)
+}
 const command = positionals[0]
 // Each command with the flags it reads: any other was meant for something and would be
 // ignored, and an action that ignores part of what the operator asked must not run.

@@ -215,6 +215,11 @@ test("what the CLI would otherwise misread or ignore is refused with exit code 2
     // A version as a positional: only the command was read, and every task of the key skipped.
     [["skip", "--group", "g", "--topic", "demo.item", "--key", "a", "5"], /unexpected "5"/],
     [["dead", "--group", "g", "--topc", "demo.item"], /Unknown option '--topc'/],
+    // The last of a repeated flag was taken: key "b" retried alone.
+    [
+      ["retry", "--group", "g", "--topic", "demo.item", "--key", "a", "--key", "b"],
+      /--key given twice/,
+    ],
     [["dead", "--group", "g", "--key", "a"], /dead does not take --key/],
     [["summary", "--group", "g", "--topic", "demo.item"], /summary does not take --topic/],
     [
