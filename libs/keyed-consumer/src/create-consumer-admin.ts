@@ -161,7 +161,10 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // listing a handful costs a handful of index probes, not a scan of every key.
   const refuseUnknown = async (q: Kysely<any>, topic?: string, key?: string) => {
     const r = await sql<{ grp: boolean; topic: boolean; key: boolean }>`
-      select exists (select 1 from keyway.consumer_key where grp = ${group}) as grp,
+      -- A group whose every message was rejected has keys nowhere but is not a typo: its
+      -- summary and its rejects are what the operator needs first.
+      select exists (select 1 from keyway.consumer_key where grp = ${group})
+             or exists (select 1 from keyway.inbox_reject where grp = ${group}) as grp,
              exists (select 1 from keyway.consumer_key
                       where grp = ${group} and topic = ${topic ?? null}) as topic,
              exists (select 1 from keyway.consumer_key

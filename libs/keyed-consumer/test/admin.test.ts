@@ -5,7 +5,7 @@ import { after, before, test } from "node:test"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
 import { ConsumerAdminError, createConsumerAdmin } from "../src/index.ts"
-import { runnableKeys } from "../src/internal/inbox-sql.ts"
+import { recordReject, runnableKeys } from "../src/internal/inbox-sql.ts"
 
 let t: TestDatabase
 before(async () => {
@@ -182,4 +182,24 @@ test("a skip that would record more than 100,000 missing versions is refused; th
     1,
   )
   assert.equal(await rows(), 2)
+})
+
+test("a group whose every message was rejected is known: its summary and rejects answer", async () => {
+  await recordReject(t.db, "rejects-only", {
+    streamSeq: 7,
+    subject: "s.demo.item",
+    reason: "not an event",
+    data: Buffer.from("{"),
+  })
+  const only = createConsumerAdmin({ db: t.db, group: "rejects-only" })
+  assert.equal((await only.summarise()).deadTasks, 0)
+  assert.deepEqual(await only.listDead(), [])
+  assert.deepEqual(
+    (await only.listRejects()).map((r) => r.reason),
+    ["not an event"],
+  )
+  await assert.rejects(
+    only.listDead("demo.item"),
+    (err: unknown) => err instanceof ConsumerAdminError && /no key in topic/.test(err.message),
+  )
 })
