@@ -135,6 +135,27 @@ describe("keyed consumer", () => {
     return { config, running, release }
   }
 
+  test("a task an operator skips while its handler runs writes nothing when the handler returns", async () => {
+    const v1 = holdV1()
+    const { t, stream, group, consumer, admin } = await setup(v1.config)
+    await publishEvent(nc, stream.site, { key: "sk", ver: 1, payload: { n: 1 } })
+    await v1.running
+    assert.equal(await admin.skip({ topic: "demo.item", key: "sk", fromVer: 1, toVer: 1 }), 1)
+    v1.release()
+    // The skip bumped the key's epoch: the completion is fenced, and its effect rolls back
+    // with it. Without the bump the completion found done_ver where it left it and committed
+    // the effect of a task the operator had skipped.
+    await waitFor(() => consumer.status().fenced === 1, {
+      timeoutMs: 10_000,
+      message: "the completion fenced",
+    })
+    assert.deepEqual(await effects(t.db), [])
+    // Still skipped (the polling loop, an hour away here, moves the key past it).
+    const row = await sql<{ state: string }>`
+      select state from keyway.inbox where grp = ${group} and key = 'sk'`.execute(t.db)
+    assert.deepEqual(row.rows, [{ state: "skipped" }])
+  })
+
   test("lost wake-ups: with ingest wake-ups off, the polling loop completes every task", async () => {
     const { t, stream, consumer } = await setup({ wakeOnIngest: false })
     for (let ver = 1; ver <= 20; ver++) {
