@@ -6,12 +6,15 @@
 -- label's full image) then put the older state back over the newer one, for good: retrying
 -- the dead tasks of an AIMS outage left labels showing the price of before a later change.
 --
--- The rewind now records, per key, the newest version that had run to done above the tasks
--- it rewound (superseded_by); the claim returns it, and the handler sees it on each rewound
--- task below it (KeyedEvent.supersededBy). It only grows: a later rewind keeps the higher of
--- the two, since a version that was done either still is or runs again before the key passes
--- it. Recorded by the admin action once, not by every completion: the drain's hot path writes
--- nothing more.
+-- The rewind now records, per key, the newest version done above the tasks it rewound
+-- (superseded_by); the claim returns it, and the handler sees it on each rewound task below
+-- it (KeyedEvent.supersededBy). Each rewind works it out afresh (libs/keyed-consumer
+-- create-consumer-admin.ts). Recorded by the admin action once, not by every completion: the
+-- drain's hot path writes nothing more.
+--
+-- Upgrade order: a rewind made by the previous release's admin CLI records nothing, and a
+-- worker of that release tells its handlers nothing. Retry or redrive topics whose tasks carry
+-- a key's whole state (esl.label) once the workers and the admin CLI run this release.
 
 alter table keyway.consumer_key add column superseded_by bigint;
 

@@ -60,8 +60,9 @@ export interface EslWorker {
  * correctness. The dead task stays listed (admin listDead) and counted.
  *
  * An operator's retry of a dead task (admin retry) pushes it only if no later version of the
- * label was pushed meanwhile (KeyedEvent.supersededBy): otherwise its older image would
- * replace the newer one.
+ * label is done (KeyedEvent.supersededBy): otherwise its older image would replace the newer
+ * one. Done, not pushed: a later version skipped by an operator, or dead after AIMS took a
+ * push whose answer timed out, may be on the shelf and does not count.
  *
  * Dead is for good, though: a label is not written again until its product changes again, so
  * a version given up during an AIMS outage leaves the old price on the shelf. The attempts

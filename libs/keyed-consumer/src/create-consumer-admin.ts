@@ -314,17 +314,20 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       ),
       lowest as (select topic, key, min(ver) as ver from reset group by topic, key),
       rewound as (
-        -- superseded_by: the newest version already done above the rewound tasks, which
-        -- their handlers are told of (sql/0017). Read from this statement's snapshot, where
-        -- the rows being reset still show done: those are left out by name.
+        -- superseded_by: the newest version done above the rewound tasks, which their
+        -- handlers are told of (sql/0017). Worked out afresh each time: a version an earlier
+        -- rewind recorded may be among those this one runs again. Done rows above done_ver
+        -- count too (an earlier rewind not yet walked): the drain steps over them all, and
+        -- retention never deletes them. Read from this statement's snapshot, where the rows
+        -- being reset still show done: those are left out by name.
         update keyway.consumer_key k
            set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
-               superseded_by = greatest(k.superseded_by, (
+               superseded_by = (
                  select max(i.ver) from keyway.inbox i
                   where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                    and i.ver > l.ver and i.ver <= k.done_ver and i.state = 'done'
+                    and i.ver > l.ver and i.state = 'done'
                     and not exists (select 1 from reset x
-                                     where x.topic = i.topic and x.key = i.key and x.ver = i.ver)))
+                                     where x.topic = i.topic and x.key = i.key and x.ver = i.ver))
           from lowest l
          where k.grp = ${group} and k.topic = l.topic and k.key = l.key
       )
@@ -482,7 +485,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
           if (row && row.hi !== null && row.hi >= row.lo) {
             if ((row.missing ?? 0) > MAX_SKIPPED_MISSING) {
               throw new ConsumerAdminError(
-                `refused: v${row.lo}..v${row.hi} of ${s.topic}/${s.key} would record ${row.missing} missing versions as skipped, over ${MAX_SKIPPED_MISSING}: a version that high is more likely a stray event than a gap to close (skip it alone with --from ${row.hi} --to ${row.hi})`,
+                `refused: v${row.lo}..v${row.hi} of ${s.topic}/${s.key} would record ${row.missing} missing versions as skipped, over ${MAX_SKIPPED_MISSING}${s.toVer === undefined ? `: a version that high is more likely a stray event than a gap to close (skip it alone with --from ${row.hi} --to ${row.hi})` : ": skip a narrower range"}`,
               )
             }
             span = { lo: row.lo, hi: row.hi }

@@ -963,6 +963,14 @@ describe("keyed consumer", () => {
       message: "redriven below the newest",
     })
     assert.deepEqual(told.slice(-2), [4, 4])
+    // Up to the newest again: v4 runs after v2 and v3, so nothing supersedes them, whatever
+    // the redrive before recorded.
+    assert.equal(await admin.redrive({ topic: "demo.item", key: "s", fromVer: 2, toVer: 4 }), 3)
+    await waitFor(async () => (await effects(t.db)).length === 11, {
+      timeoutMs: 10_000,
+      message: "redriven to the newest again",
+    })
+    assert.deepEqual(told.slice(-3), [undefined, undefined, undefined])
   })
 
   test("retention deletes finished inbox rows past their age and keeps dead and pending ones", async () => {
