@@ -1,6 +1,7 @@
 // `just up [site]`, `just down [site]`, `just status`: the cloud and the factory side by side
 // on one machine, each with its own NATS (JetStream domain), Redis and database, under the
 // project's pm2 daemon. Every step is idempotent, so `just up` also repairs a half-up run.
+import { existsSync } from "node:fs"
 import { mkdir } from "node:fs/promises"
 import { join } from "node:path"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
@@ -10,7 +11,7 @@ import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
 import { findOrphans, stopOrphans } from "./orphans.ts"
 import { connectPm2, type Pm2Client } from "./pm2-client.ts"
-import { ensureSecrets, siteSecretsFile } from "./secrets.ts"
+import { ensureSecrets, legacySecretsFile, siteSecretsFile } from "./secrets.ts"
 import {
   type LaunchContext,
   type ProcessSpec,
@@ -140,8 +141,20 @@ function redisReady(site: SiteName) {
   }
 }
 
-async function up(sites: SiteName[], config: OpsConfig) {
+/** Both sites' files, made or completed; a word on the file they replace, if it is still here. */
+async function siteSecrets(): Promise<Record<string, string>> {
   const passwords = await ensureSecrets(runDir)
+  const legacy = legacySecretsFile(runDir)
+  if (existsSync(legacy)) {
+    say(
+      `${legacy} is no longer read: its passwords went on in ${SITE_NAMES.map((site) => siteSecretsFile(runDir, site)).join(" and ")}. Give each site's hosts their own file, then delete it here and there (it holds both sites' passwords).`,
+    )
+  }
+  return passwords
+}
+
+async function up(sites: SiteName[], config: OpsConfig) {
+  const passwords = await siteSecrets()
   const ctx: LaunchContext = {
     root,
     runDir,
@@ -324,7 +337,7 @@ try {
       await status(config)
       break
     case "secrets":
-      await ensureSecrets(runDir)
+      await siteSecrets()
       for (const site of SITE_NAMES) say(`${siteSecretsFile(runDir, site)} (mode 600)`)
       break
     default:

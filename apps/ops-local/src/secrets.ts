@@ -20,6 +20,15 @@ function parseEnvFile(text: string): Record<string, string> {
   return out
 }
 
+/**
+ * Where both sites' passwords were kept before each site had its own file. Read only to carry
+ * its passwords over, so that a host updated alone still matches the other (the leaf link's
+ * password above all); never written.
+ */
+export function legacySecretsFile(runDir: string): string {
+  return join(runDir, "secrets.env")
+}
+
 /** The file of a site's secrets in `runDir` (.run/ of the checkout). */
 export function siteSecretsFile(runDir: string, site: SiteName): string {
   return join(runDir, `secrets-${site}.env`)
@@ -62,6 +71,7 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
   )
   const passwords: Record<string, string> = {}
   const foundIn: Record<string, string> = {}
+  const legacy = parseEnvFile((await readText(legacySecretsFile(runDir))) ?? "")
   for (const { path, vars, users } of files) {
     for (const user of users) {
       const name = passwordVariable(user)
@@ -83,7 +93,11 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
     }
   }
   for (const { users } of files) {
-    for (const user of users) passwords[user] ??= `k${randomBytes(16).toString("hex")}`
+    for (const user of users) {
+      const carried = legacy[passwordVariable(user)]
+      passwords[user] ??=
+        carried && PASSWORD_SHAPE.test(carried) ? carried : `k${randomBytes(16).toString("hex")}`
+    }
   }
   await mkdir(runDir, { recursive: true })
   for (const { site, path, text, vars, users } of files) {

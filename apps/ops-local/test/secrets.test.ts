@@ -2,11 +2,16 @@
 // passwords and the leaf link's, so that the file a factory host is given opens nothing of the
 // cloud's but the link.
 import assert from "node:assert/strict"
-import { mkdtemp, readFile, rm, stat, unlink, writeFile } from "node:fs/promises"
+import { mkdir, mkdtemp, readFile, rm, stat, unlink, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { after, before, test } from "node:test"
-import { ensureSecrets, readSiteSecrets, siteSecretsFile } from "../src/secrets.ts"
+import {
+  ensureSecrets,
+  legacySecretsFile,
+  readSiteSecrets,
+  siteSecretsFile,
+} from "../src/secrets.ts"
 import { LEAF_USER, NATS_USERS, passwordVariable, SITES, siteUsers } from "../src/site-plan.ts"
 
 let dir: string
@@ -93,4 +98,31 @@ test("two different passwords of the leaf link are refused, naming both files", 
       err.message.includes(factory) &&
       err.message.includes(leaf),
   )
+})
+
+test("the passwords of the one file both sites shared before are carried over, so a host updated alone still matches", async () => {
+  const runDir = join(dir, "legacy")
+  await mkdir(runDir)
+  const old = {
+    KEYWAY_PASS_CLOUD_RELAY: "kold0cloud0relay00",
+    KEYWAY_PASS_FACTORY_WORKER: "kold0factory0worker",
+    KEYWAY_PASS_LEAF_FACTORY: "kold0leaf0factory00",
+    KEYWAY_PASS_ADMIN: "kold0admin0both0000",
+  }
+  await writeFile(
+    legacySecretsFile(runDir),
+    Object.entries(old)
+      .map(([k, v]) => `${k}=${v}`)
+      .join("\n"),
+  )
+  const passwords = await ensureSecrets(runDir)
+  assert.equal(passwords["cloud-relay"], old.KEYWAY_PASS_CLOUD_RELAY)
+  assert.equal(passwords["factory-worker"], old.KEYWAY_PASS_FACTORY_WORKER)
+  for (const site of ["cloud", "factory"] as const) {
+    const vars = (await readSiteSecrets(runDir, site))!
+    assert.equal(vars.KEYWAY_PASS_LEAF_FACTORY, old.KEYWAY_PASS_LEAF_FACTORY, site)
+  }
+  // The one admin becomes two users, each with a password of its own.
+  assert.notEqual(passwords["cloud-admin"], old.KEYWAY_PASS_ADMIN)
+  assert.notEqual(passwords["cloud-admin"], passwords["factory-admin"])
 })
