@@ -2,7 +2,6 @@
 // a handler's transaction (sql/0006_ingest_without_waiting.sql).
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { createDb, migrateToLatest } from "@keyway/db"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import pg from "pg"
@@ -445,20 +444,11 @@ describe("keyway.ingest", () => {
   test("in a database whose collation is not C, ingest and an operator's skip lock keys in one order", async () => {
     // Every database here is C.UTF-8, where byte order and the database's order agree. The
     // compose image's Postgres is en_US: 'a' < 'B' there, 'B' < 'a' in byte order.
-    const name = `keyway_collation_${process.pid}_${Date.now()}`
-    const server = new URL(t.url)
-    server.pathname = "/postgres"
-    const admin = new pg.Client({ connectionString: server.toString() })
-    await admin.connect()
-    await admin.query(
-      `create database ${name} template template0 locale_provider icu icu_locale 'en-US' locale 'C.UTF-8'`,
-    )
-    const url = new URL(t.url)
-    url.pathname = `/${name}`
-    const db = createDb({ connectionString: url.toString(), max: 2 })
-    const skip = new pg.Client({ connectionString: url.toString() })
+    const en = await createTestDatabase({ icuLocale: "en-US", poolSize: 2 })
+    const db = en.db
+    const name = en.name
+    const skip = new pg.Client({ connectionString: en.url })
     try {
-      await migrateToLatest(db)
       const group = "collation"
       await ingestBatch(db, group, [event("a", 5, 100), event("B", 5, 101)])
       await skip.connect()
@@ -499,9 +489,7 @@ describe("keyway.ingest", () => {
       )
     } finally {
       await skip.end().catch(() => {})
-      await db.destroy()
-      await admin.query(`drop database if exists ${name} with (force)`)
-      await admin.end()
+      await en.drop()
     }
   })
 })

@@ -22,6 +22,13 @@ export interface TestDatabaseOptions {
   poolSize?: number
   /** Defaults to the repository's `sql/` folder. */
   migrationsDir?: string
+  /**
+   * A database whose default collation is this ICU locale (e.g. `en-US`) instead of the
+   * server's. The machine's databases are C.UTF-8, where the database's order is byte order;
+   * the compose image's Postgres sorts en_US ('a' < 'B', where byte order has 'B' < 'a').
+   * For tests of the order in which statements lock keys. Its template is built on first use.
+   */
+  icuLocale?: string
 }
 
 export interface TestDatabase {
@@ -58,7 +65,18 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
   if (name.length > 63) throw new Error(`database name "${name}" is longer than 63 bytes`)
 
   const dir = options.migrationsDir ?? migrationsDir
-  const template = `keyway_tpl_${await hashMigrations(dir)}`
+  const locale = options.icuLocale
+  if (locale !== undefined && !/^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$/.test(locale)) {
+    throw new Error(`icuLocale ${JSON.stringify(locale)} is not a locale tag such as en-US`)
+  }
+  const template = `keyway_tpl_${await hashMigrations(dir)}${
+    locale === undefined ? "" : `_icu_${locale.toLowerCase().replaceAll("-", "_")}`
+  }`
+  // CREATE DATABASE takes another collation only from template0.
+  const createClause =
+    locale === undefined
+      ? ""
+      : ` template template0 locale_provider icu icu_locale '${locale}' locale 'C.UTF-8'`
   await withClient(baseUrl, async (client) => {
     if (!swept) {
       swept = true
@@ -66,7 +84,7 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
       const local = ["", "127.0.0.1", "localhost", "[::1]"].includes(host)
       await sweepTestDatabases(client, local).catch(() => {})
     }
-    await ensureTemplate(client, baseUrl, template, dir)
+    await ensureTemplate(client, baseUrl, template, dir, createClause)
     await cloneTemplate(client, template, name)
   })
 
@@ -144,6 +162,7 @@ async function ensureTemplate(
   baseUrl: string,
   template: string,
   dir: string,
+  createClause: string,
 ): Promise<void> {
   if (await isReadyTemplate(client, template)) return
   await client.query("select pg_advisory_lock($1)", [templateLockKey])
@@ -151,7 +170,7 @@ async function ensureTemplate(
     if (await isReadyTemplate(client, template)) return
     const ident = quoteIdent(template)
     await client.query(`drop database if exists ${ident} with (force)`)
-    await client.query(`create database ${ident}`)
+    await client.query(`create database ${ident}${createClause}`)
     try {
       const db = createDb({
         connectionString: databaseUrl(baseUrl, template),
