@@ -491,23 +491,28 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             span = { lo: row.lo, hi: row.hi }
           }
         }
+        // The placeholders first, in a statement of their own: an ingest storing one of
+        // those versions, come late, is waited for here before this marks any of the key's
+        // rows. In one statement the marking went first, and an ingest of [v2 late, v3
+        // again] waited on the v3 marked while this waited on its v2: 40P01.
+        const placed = span
+          ? (
+              await sql`
+                -- A missing version named explicitly is recorded as skipped, which closes
+                -- the gap.
+                insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload,
+                                          created_at, state, last_error, done_at)
+                select ${group}, ${s.topic}, ${s.key ?? null}, v.ver,
+                       concat('skipped:', ${s.topic}::text, ':', ${s.key ?? null}::text, ':', v.ver),
+                       'keyway.skipped', 'null', now(), 'skipped',
+                       'skipped by an operator while missing', now()
+                  from generate_series(${span.lo}::bigint, ${span.hi}::bigint) as v(ver)
+                on conflict do nothing
+                returning 1`.execute(trx)
+            ).rows.length
+          : 0
         const r = await sql`
-          with range as (
-            select ${s.topic}::text as topic, ${s.key ?? null}::text as key, v.ver
-              from generate_series(${span?.lo ?? 1}::bigint, ${span?.hi ?? 0}::bigint) as v(ver)
-          ),
-          placeholders as (
-            -- A missing version named explicitly is recorded as skipped, which closes the gap.
-            insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at,
-                                      state, last_error, done_at)
-            select ${group}, topic, key, ver, concat('skipped:', topic, ':', key, ':', ver),
-                   'keyway.skipped', 'null', now(), 'skipped', 'skipped by an operator while missing',
-                   now()
-              from range
-            on conflict do nothing
-            returning topic, key, ver
-          ),
-          skipped as (
+          with skipped as (
             -- Only the keys locked above: a key that gained a matching task since would be
             -- locked here, out of order. It is left for the next action.
             -- run_after too: a task skipped while it waited out a retry's backoff would
@@ -523,14 +528,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             update keyway.consumer_key k
                set epoch = k.epoch + 1
              where k.grp = ${group}
-               and (k.topic, k.key) in (select topic, key from skipped
-                                        union select topic, key from placeholders)
+               and ((k.topic, k.key) in (select topic, key from skipped)
+                    or (${placed > 0} and k.topic = ${s.topic} and k.key = ${s.key ?? null}))
             returning 1
           )
-          select (select count(*) from skipped) + (select count(*) from placeholders) as n,
-                 (select count(*) from bumped) as keys
+          select (select count(*) from skipped) as n, (select count(*) from bumped) as keys
         `.execute(trx)
-        return Number((r.rows[0] as { n: number }).n)
+        return Number((r.rows[0] as { n: number }).n) + placed
       })
     },
     redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"], true),

@@ -126,3 +126,67 @@ test("a redrive counts its range once its key is locked: rows retention deletes 
     "nothing redriven",
   )
 })
+
+test("a skip closing a gap and an ingest bringing the missing version late do not deadlock", async () => {
+  // Key "gk" ran v1; v3 is here, v2 missing. The operator skips v2..v3 just as v2 arrives,
+  // in a batch with v3 delivered again.
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'gk', 1)`.execute(
+    t.db,
+  )
+  for (const [ver, state] of [
+    [1, "done"],
+    [3, "pending"],
+  ] as const) {
+    await sql`
+      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state)
+      values ('g', 'demo.item', 'gk', ${ver}, ${`gk:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), ${state})
+    `.execute(t.db)
+  }
+  // The ingest's batch, one version a statement so that the skip can come in between: v2 stored
+  // and not yet committed when the skip starts.
+  const ingest = new pg.Client({ connectionString: t.url })
+  await ingest.connect()
+  const store = (ver: number) =>
+    ingest.query(
+      `select * from keyway.ingest('g', '{demo.item}', '{gk}', array[$1::bigint], array[$2],
+         '{demo.item.changed.v1}', '{"{\\"n\\":1}"}', '{null}', array[now()], array[$3::bigint])`,
+      [ver, `gk:${ver}`, 1000 + ver],
+    )
+  try {
+    await ingest.query("begin")
+    await store(2)
+    const skip = createConsumerAdmin({ db: t.db, group: "g" })
+      .skip({ topic: "demo.item", key: "gk", fromVer: 2, toVer: 3 })
+      .then(
+        (n) => n,
+        (err: Error) => err,
+      )
+    await waitFor(
+      async () =>
+        (
+          await sql`select 1 from pg_stat_activity
+                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
+        ).rows.length === 1,
+      { timeoutMs: 10_000, message: "the skip waits for the ingest's v2" },
+    )
+    // When the skip marked v3 before it stored v2's placeholder, this waited on v3 while the
+    // skip waited on v2: 40P01.
+    await store(3)
+    await ingest.query("commit")
+    assert.equal(await skip, 2)
+  } finally {
+    await ingest.end()
+  }
+  const states = await sql<{ ver: number; state: string; type: string }>`
+    select ver::int, state, type from keyway.inbox where grp = 'g' and key = 'gk' order by ver`.execute(
+    t.db,
+  )
+  assert.deepEqual(
+    states.rows.map((r) => `${r.ver}:${r.state}:${r.type}`),
+    [
+      "1:done:demo.item.changed.v1",
+      "2:skipped:demo.item.changed.v1",
+      "3:skipped:demo.item.changed.v1",
+    ],
+  )
+})
