@@ -13,6 +13,20 @@ before(async () => {
 })
 after(() => t.drop())
 
+/**
+ * Until one statement in `database` (the test's own by default) waits on a lock. Asked on a
+ * connection of its own: a transaction under test sees pg_stat_activity as at its first look.
+ */
+const lockWait = (message: string, database?: string) =>
+  waitFor(
+    async () =>
+      (
+        await sql`select 1 from pg_stat_activity
+                   where datname = ${database ?? t.name} and wait_event_type = 'Lock'`.execute(t.db)
+      ).rows.length === 1,
+    { timeoutMs: 10_000, message },
+  )
+
 for (const action of ["skip", "retry"] as const) {
   test(`a topic-wide ${action} takes its keys in byte order, so a worker holding one cannot deadlock it`, async () => {
     // In en-US order 'a' < 'B'; in byte order, the workers' order, 'B' < 'a'. On this
@@ -37,14 +51,7 @@ for (const action of ["skip", "retry"] as const) {
         "select 1 from keyway.consumer_key where grp = 'g' and key = 'B' for update",
       )
       const acting = createConsumerAdmin({ db: en.db, group: "g" })[action]({ topic: "demo.item" })
-      await waitFor(
-        async () =>
-          (
-            await sql`select 1 from pg_stat_activity
-                       where datname = ${en.name} and wait_event_type = 'Lock'`.execute(t.db)
-          ).rows.length === 1,
-        { timeoutMs: 10_000, message: `the ${action} waits for the worker` },
-      )
+      await lockWait(`the ${action} waits for the worker`, en.name)
       // Holding "a" here, the action would wait for "B" while the worker waits for "a".
       await worker.query(
         "select 1 from keyway.consumer_key where grp = 'g' and key = 'a' for update",
@@ -102,14 +109,7 @@ test("a redrive counts its range once its key is locked: rows retention deletes 
         (n) => n,
         (err: Error) => err,
       )
-    await waitFor(
-      async () =>
-        (
-          await sql`select 1 from pg_stat_activity
-                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
-        ).rows.length === 1,
-      { timeoutMs: 10_000, message: "the redrive waits for retention" },
-    )
+    await lockWait("the redrive waits for retention")
     await retention.query("commit")
     // Counted before the lock, v1 was still there: v2..v6 ran again and the answer was 5.
     const answer = await redrive
@@ -161,14 +161,7 @@ test("a skip closing a gap and an ingest bringing the missing version late do no
         (n) => n,
         (err: Error) => err,
       )
-    await waitFor(
-      async () =>
-        (
-          await sql`select 1 from pg_stat_activity
-                     where datname = current_database() and wait_event_type = 'Lock'`.execute(t.db)
-        ).rows.length === 1,
-      { timeoutMs: 10_000, message: "the skip waits for the ingest's v2" },
-    )
+    await lockWait("the skip waits for the ingest's v2")
     // When the skip marked v3 before it stored v2's placeholder, this waited on v3 while the
     // skip waited on v2: 40P01.
     await store(3)
