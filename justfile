@@ -85,7 +85,8 @@ status:
 # Create .run/secrets-cloud.env and .run/secrets-factory.env (each site's NATS passwords and
 # the leaf link's, mode 600) if missing; never prints them.
 secrets:
-    node --import tsx apps/ops-local/src/main.ts secrets
+    @{{just_executable()}} _one-at-a-time secrets
+    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
 
 # pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.
 [positional-arguments]

@@ -19,7 +19,10 @@ export function parseOpsConfig(env: Record<string, string | undefined>): OpsConf
   try {
     new URL(postgresUrl)
   } catch {
-    throw new ConfigError(`KEYWAY_POSTGRES_URL is not a URL: ${JSON.stringify(postgresUrl)}`)
+    // Not repeated: it may hold a password (one with a `/` in it is what breaks the URL).
+    throw new ConfigError(
+      "KEYWAY_POSTGRES_URL is not a URL (postgres://user:password@host:port/db; a password with / or @ in it must be percent-encoded)",
+    )
   }
   const rawRate = env.DEMO_RATE?.trim() || "10"
   const demoRate = Number(rawRate)

@@ -114,8 +114,11 @@ async function listening(port: number): Promise<boolean> {
 function natsReady(site: SiteName) {
   // JetStream answers, not just the port: streams are applied right after.
   return async () => {
+    // Bounded: a server that takes the connection and never answers held up (with the lock)
+    // for undici's five minutes, past the 30 s waitUntil gives it.
     const res = await fetch(
       `http://127.0.0.1:${SITES[site].natsHttpPort}/healthz?js-enabled-only=1`,
+      { signal: AbortSignal.timeout(2000) },
     )
     return res.ok
   }

@@ -49,6 +49,14 @@ export async function connectPm2(
   spawnDaemon: boolean,
 ): Promise<Pm2Client | undefined> {
   process.env.PM2_HOME = pm2Home
+  // The daemon writes every process's environment, NATS passwords included, to dump.pm2
+  // when it is stopped by a signal (a reboot) or `pm2 save`, with the default mode: 0644.
+  // Its home is kept to its owner, whatever mode the files in it get.
+  if (spawnDaemon) {
+    const { chmod, mkdir } = await import("node:fs/promises")
+    await mkdir(pm2Home, { recursive: true, mode: 0o700 })
+    await chmod(pm2Home, 0o700)
+  }
   process.env.PM2_KILL_SIGNAL = "SIGTERM"
   process.env.PM2_DISCRETE_MODE = "true"
   // CommonJS: the namespace object of a dynamic import is under `default`.

@@ -110,6 +110,8 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
         ...Object.entries(vars).map(([k, v]) => `${k}=${v}`),
         "",
       ].join("\n")
+      // Tightened before the write: writeFile's mode applies only to a file it creates.
+      await chmod(path, 0o600).catch(() => {})
       await writeFile(path, body, { mode: 0o600 })
     }
     // Also when the file existed: a copy made with a looser mode is tightened.

@@ -2,7 +2,17 @@
 // that cannot stay up, and what is left when the daemon itself dies.
 import assert from "node:assert/strict"
 import { type ChildProcess, spawn } from "node:child_process"
-import { mkdir, mkdtemp, readdir, readFile, rm, utimes, writeFile } from "node:fs/promises"
+import {
+  chmod,
+  mkdir,
+  mkdtemp,
+  readdir,
+  readFile,
+  rm,
+  stat,
+  utimes,
+  writeFile,
+} from "node:fs/promises"
 import { connect } from "node:net"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
@@ -22,8 +32,9 @@ import {
 const fixture = fileURLToPath(new URL("./fixtures/pm2-start.ts", import.meta.url))
 
 /** Runs the fixture on a fresh PM2_HOME; returns what it printed and the home. */
-async function underPm2(spec: ProcessSpec, watchMs: number, keepDaemon = false) {
+async function underPm2(spec: ProcessSpec, watchMs: number, keepDaemon = false, homeMode = 0o700) {
   const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  await chmod(home, homeMode)
   const child = spawnTs(fixture, {
     KEYWAY_TEST_PM2_HOME: home,
     KEYWAY_TEST_PM2_SPEC: JSON.stringify(spec),
@@ -88,6 +99,22 @@ async function running(pid: number) {
   const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "")
   return stat !== "" && stat.slice(stat.lastIndexOf(")") + 2)[0] !== "Z"
 }
+
+test("the daemon's home, where it dumps every process's environment, is kept to its owner", async () => {
+  // As `.run/pm2` under a umask of 022: the dump.pm2 a signal or `pm2 save` writes there
+  // holds the NATS passwords, with mode 0644.
+  const { home } = await underPm2(
+    { name: "idle", script: process.execPath, args: ["-e", ""], env: {}, tier: "app" },
+    500,
+    false,
+    0o755,
+  )
+  try {
+    assert.equal((await stat(home)).mode & 0o777, 0o700)
+  } finally {
+    await cleanUp(home)
+  }
+})
 
 test("a process that keeps dying ends errored, and is no longer restarted", async () => {
   // 18 s of pm2's view: a process that exits at once, restarted a second later each time, is
