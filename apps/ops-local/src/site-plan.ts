@@ -208,7 +208,10 @@ function natsClientEnv(plan: SitePlan, ctx: LaunchContext, user: string) {
   }
 }
 
-/** The processes of one site, servers first. Names are `<site>-<role>`. */
+/** What runs for each site, as `<site>-<role>`: the processes siteProcesses starts. */
+export const SITE_ROLES = ["nats", "redis", "relay", "worker", "demo"] as const
+
+/** The processes of one site, servers first. Names are `<site>-<role>` ({@link SITE_ROLES}). */
 export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[] {
   const site = plan.site
   const databaseUrl = siteDatabaseUrl(plan, ctx.postgresUrl)

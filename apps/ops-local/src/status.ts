@@ -5,7 +5,7 @@ import { createDb } from "@keyway/db"
 import { ConsumerAdminError, createConsumerAdmin, type GroupSummary } from "@keyway/keyed-consumer"
 import { sql } from "kysely"
 import type { Pm2Process } from "./pm2-client.ts"
-import { type SitePlan, siteDatabaseUrl } from "./site-plan.ts"
+import { SITE_ROLES, type SitePlan, siteDatabaseUrl } from "./site-plan.ts"
 
 export interface StreamFigures {
   name: string
@@ -204,10 +204,25 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
     `${p.site.toUpperCase()}  nats :${p.natsPort} (monitor :${p.natsHttpPort}${p.leafPort ? `, leafnodes :${p.leafPort}` : ""})  redis :${p.redisPort}  postgres ${p.database}`,
   )
   if (s.processes.length === 0) say("  processes   none (npx just up)")
-  for (const proc of s.processes) {
-    say(
-      `  ${proc.name.padEnd(16)} ${proc.status.padEnd(8)} pid ${String(proc.pid).padEnd(7)} up ${duration(proc.uptimeMs).padEnd(5)} restarts ${String(proc.restarts).padEnd(3)} ${(proc.memoryBytes / 2 ** 20).toFixed(0)} MB`,
-    )
+  else {
+    // Each process the site should have, by name: one deleted from pm2 (`just pm2 delete
+    // cloud-relay`) was simply not listed, and the site looked whole.
+    const expected = SITE_ROLES.map((role) => `${p.site}-${role}`)
+    const byName = new Map(s.processes.map((proc) => [proc.name, proc]))
+    for (const name of [...expected, ...byName.keys()].filter(
+      (x, i, all) => all.indexOf(x) === i,
+    )) {
+      const proc = byName.get(name)
+      if (!proc) {
+        say(`  ${name.padEnd(16)} missing  (npx just up ${p.site} starts it)`)
+        continue
+      }
+      // pm_uptime is the last start: for a process not running it is no uptime at all.
+      const up = proc.status === "online" ? `up ${duration(proc.uptimeMs).padEnd(5)}` : "        "
+      say(
+        `  ${proc.name.padEnd(16)} ${proc.status.padEnd(8)} pid ${String(proc.pid).padEnd(7)} ${up} restarts ${String(proc.restarts).padEnd(3)} ${(proc.memoryBytes / 2 ** 20).toFixed(0)} MB`,
+      )
+    }
   }
   if (typeof s.outbox === "string") say(`  outbox      ${s.outbox}`)
   else {

@@ -76,3 +76,38 @@ test("out of order counts versions that go down or repeat, not versions skipped"
     (await sql<{ n: number }>`select ${outOfOrderSql} as n`.execute(t.db)).rows[0]!.n
   assert.equal(await count(), 2)
 })
+
+test("status names a process the site should have and pm2 does not list", async () => {
+  const status = await collectStatus(SITES.cloud, "postgres://postgres@127.0.0.1:5432/postgres", [])
+  const proc = (name: string, state: "online" | "errored") => ({
+    name,
+    status: state,
+    pid: state === "online" ? 100 : 0,
+    restarts: 0,
+    uptimeMs: 180_000,
+    memoryBytes: 0,
+    cpu: 0,
+  })
+  const lines: string[] = []
+  printStatus(
+    {
+      ...status,
+      // The relay deleted from pm2 by hand; the worker given up on.
+      processes: [
+        proc("cloud-nats", "online"),
+        proc("cloud-redis", "online"),
+        proc("cloud-worker", "errored"),
+        proc("cloud-demo", "online"),
+      ],
+    },
+    (line) => lines.push(line),
+  )
+  assert.ok(
+    lines.includes("  cloud-relay      missing  (npx just up cloud starts it)"),
+    lines.join("\n"),
+  )
+  const worker = lines.find((l) => l.startsWith("  cloud-worker"))!
+  assert.match(worker, /errored/)
+  assert.doesNotMatch(worker, /up 3m/, "no uptime for a process that is not running")
+  assert.match(lines.find((l) => l.startsWith("  cloud-nats"))!, /up 3m/)
+})
