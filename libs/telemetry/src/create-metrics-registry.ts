@@ -179,25 +179,34 @@ export const SCRAPE_READ_TIMEOUT_MS = 2000
  * query ask `read` once while a call is in flight, and a later scrape reads afresh. A failed
  * read gives undefined, which leaves each gauge as it was.
  *
- * A scrape waits for the read at most `timeoutMs`, then gives undefined too. A read that
- * waits on a busy database (a worker's pool taken by its drains, a locked table) otherwise
- * held the whole /metrics answer, counters included, until Prometheus gave up and reported
- * the process down. The read goes on, and the next scrape joins it rather than start another.
+ * A scrape waits for the read at most `timeoutMs`, then gives what the last read to finish
+ * gave (undefined if none has, or it failed). A read that waits on a busy database (a
+ * worker's pool taken by its drains, a locked table) otherwise held the whole /metrics
+ * answer, counters included, until Prometheus gave up and reported the process down. The read
+ * goes on, and the next scrape joins it rather than start another. Its answer, however late,
+ * is what the next scrape that times out shows: a read that always takes longer than the
+ * timeout (a count over an outbox of millions after an outage) was otherwise never shown,
+ * and its gauge read 0 while the backlog grew.
  */
 export function perScrape<T>(
   read: () => Promise<T>,
   timeoutMs = SCRAPE_READ_TIMEOUT_MS,
 ): () => Promise<T | undefined> {
   let current: Promise<T | undefined> | undefined
+  let finished: T | undefined
   return () => {
     current ??= read()
       .catch(() => undefined)
+      .then((value) => {
+        finished = value
+        return value
+      })
       .finally(() => {
         current = undefined
       })
     let timer: NodeJS.Timeout | undefined
-    const late = new Promise<undefined>((resolve) => {
-      timer = setTimeout(() => resolve(undefined), timeoutMs)
+    const late = new Promise<T | undefined>((resolve) => {
+      timer = setTimeout(() => resolve(finished), timeoutMs)
     })
     return Promise.race([current, late]).finally(() => clearTimeout(timer))
   }

@@ -159,6 +159,23 @@ describe("metrics", () => {
     assert.equal(reads, 3)
   })
 
+  test("a read slower than every scrape's wait is still shown, one scrape late", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    let reads = 0
+    // Always 100 ms, the scrape waits 30: a count over millions of unpublished rows, say.
+    const read = perScrape(async () => {
+      const n = ++reads
+      await new Promise((r) => setTimeout(r, 100))
+      return n * 1000
+    }, 30)
+    m.collectedGauge({ name: "pending", help: "p", collect: read })
+    assert.match((await m.render()).body, /^pending 0$/m, "nothing has answered yet")
+    await new Promise((r) => setTimeout(r, 120))
+    // The first read answered between the scrapes: shown now, while the second is on its way.
+    assert.match((await m.render()).body, /^pending 1000$/m)
+    assert.equal(reads, 2)
+  })
+
   test("/metrics serves the registry in the Prometheus text format", async () => {
     const m = createMetricsRegistry({ prefix: "keyway_" })
     m.counter({ name: "tasks_total", help: "tasks", labels: { outcome: ["done"] } }).inc(
