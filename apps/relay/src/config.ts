@@ -49,8 +49,10 @@ export function parseConfig(env: Env): RelayAppConfig {
     natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
     site,
     streamsFile: env.KEYWAY_STREAMS_FILE || undefined,
-    batchSize: intEnv(env, "RELAY_BATCH_SIZE", 500),
-    window: intEnv(env, "RELAY_WINDOW", 256),
+    // Bounded: a batch is claimed into memory whole, and a window of PubAcks is as many
+    // messages in flight.
+    batchSize: intEnv(env, "RELAY_BATCH_SIZE", 500, { max: 10_000 }),
+    window: intEnv(env, "RELAY_WINDOW", 256, { max: 10_000 }),
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
     busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 3),
     retentionHours: intEnv(env, "RELAY_RETENTION_HOURS", 24, { max: 24 * 365 * 10 }),

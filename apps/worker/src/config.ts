@@ -59,6 +59,18 @@ export function parseConfig(env: Env): WorkerAppConfig {
       `KEYWAY_STREAM and KEYWAY_GROUP are required for site ${site} (defaults exist only for ${Object.keys(siteDefaults).join(", ")})`,
     )
   }
+  // nats.js refuses such a name before any request leaves, with an error the start's wait
+  // takes for a passing one: `KEYWAY_GROUP=cloud.billing` waited for its stream for ever.
+  for (const [name, value] of [
+    ["KEYWAY_STREAM", stream],
+    ["KEYWAY_GROUP", group],
+  ] as const) {
+    if (!/^[A-Za-z0-9_-]+$/.test(value)) {
+      throw new ConfigError(
+        `${name} must be letters, digits, - and _ (a JetStream name), got ${JSON.stringify(value)}`,
+      )
+    }
+  }
   return {
     metricsPort: metricsPortEnv(env),
     site,
@@ -78,7 +90,8 @@ export function parseConfig(env: Env): WorkerAppConfig {
       (stream === defaults?.stream && group === defaults?.group
         ? defaults.filterSubject
         : undefined),
-    concurrency: intEnv(env, "WORKER_CONCURRENCY", 64),
+    // Bounded: each slot may hold a key's tasks and a connection's worth of work.
+    concurrency: intEnv(env, "WORKER_CONCURRENCY", 64, { max: 10_000 }),
     pgPoolSize: intEnv(env, "WORKER_PG_POOL_SIZE", 20, { max: 1000 }),
     ...telemetryEnv(env, "keyway-worker"),
   }

@@ -29,3 +29,21 @@ test("the Postgres pool is sized on its own, not by the concurrency", () => {
   assert.equal(parseConfig({ ...base, WORKER_PG_POOL_SIZE: "8" }).pgPoolSize, 8)
   assert.throws(() => parseConfig({ ...base, WORKER_PG_POOL_SIZE: "0" }), /WORKER_PG_POOL_SIZE/)
 })
+
+test("a stream or group name JetStream cannot take is refused at start, by name", () => {
+  for (const [name, value] of [
+    ["KEYWAY_GROUP", "cloud.billing"],
+    ["KEYWAY_GROUP", "cloud billing"],
+    ["KEYWAY_STREAM", "FACTORY_IN.>"],
+  ] as const) {
+    assert.throws(
+      () => parseConfig({ ...base, KEYWAY_STREAM: "FACTORY_IN", KEYWAY_GROUP: "g", [name]: value }),
+      (err: Error) => err.message.startsWith(`${name} must be letters, digits`),
+      value,
+    )
+  }
+  assert.throws(
+    () => parseConfig({ ...base, WORKER_CONCURRENCY: "10000000" }),
+    /WORKER_CONCURRENCY/,
+  )
+})
