@@ -6,7 +6,10 @@ export interface StopSignalsOptions {
   log: (message: string, fields: Record<string, unknown>) => void
   /** For the line of a stop that did not finish in time. */
   logError: (message: string, fields: Record<string, unknown>) => void
-  /** The graceful stop: finish what is in hand, release what is held. Then the process exits 0. */
+  /**
+   * The graceful stop: finish what is in hand, release what is held. Then the process exits
+   * 0; if it throws, 1 with a line on `logError`.
+   */
   stop: (signal: string) => Promise<void>
   /**
    * How long the graceful stop may take before the process exits 1 without it. Default 14 s:
@@ -53,7 +56,18 @@ export function handleStopSignals(options: StopSignalsOptions): StopSignals {
       )
       process.exit(1)
     }, timeoutMs)
-    void options.stop(signal).then(() => process.exit(0))
+    void options.stop(signal).then(
+      () => process.exit(0),
+      // A stop that throws is a failed stop, said as one: unhandled, it was Node's stack trace
+      // and exit 1, with no line in the process's own log format.
+      (err: unknown) => {
+        options.logError(`${options.name} stop failed`, {
+          signal,
+          error: err instanceof Error ? err.message : String(err),
+        })
+        process.exit(1)
+      },
+    )
   }
   process.on("SIGTERM", () => onSignal("SIGTERM"))
   process.on("SIGINT", () => onSignal("SIGINT"))
