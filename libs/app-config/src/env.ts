@@ -121,10 +121,26 @@ export interface TelemetryEnv {
 }
 
 export function telemetryEnv(env: Env, defaultServiceName: string): TelemetryEnv {
+  const name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+  const endpoint = env[name]?.trim() ? urlEnv(env, name, "http://localhost:4318") : undefined
+  if (endpoint !== undefined) {
+    // `jaeger:4318` parses as a URL of scheme "jaeger:", and the exporter then failed at start
+    // with a stack trace; `…/v1/traces` sent every span to …/v1/traces/v1/traces, a 404 that
+    // nothing logs. The variable is the base URL, as OpenTelemetry defines it.
+    const url = new URL(endpoint)
+    if (url.protocol !== "http:" && url.protocol !== "https:") {
+      throw new ConfigError(
+        `${name} must be an http(s) URL such as http://jaeger:4318, got ${JSON.stringify(endpoint)}`,
+      )
+    }
+    if (/\/v1\/traces\/?$/.test(url.pathname)) {
+      throw new ConfigError(
+        `${name} is the receiver's base URL (http://jaeger:4318): /v1/traces is added to it, got ${JSON.stringify(endpoint)}`,
+      )
+    }
+  }
   return {
-    otlpEndpoint: env.OTEL_EXPORTER_OTLP_ENDPOINT?.trim()
-      ? urlEnv(env, "OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318")
-      : undefined,
+    otlpEndpoint: endpoint,
     serviceName: env.OTEL_SERVICE_NAME?.trim() || defaultServiceName,
   }
 }

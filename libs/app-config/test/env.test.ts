@@ -108,3 +108,24 @@ test("telemetryEnv: no endpoint means no export; a malformed one is a config err
       err instanceof ConfigError && /OTEL_EXPORTER_OTLP_ENDPOINT must be a URL/.test(err.message),
   )
 })
+
+test("an OTLP endpoint that is no http(s) base URL is refused at start, saying what is meant", () => {
+  const refused = (value: string, pattern: RegExp) =>
+    assert.throws(
+      () => telemetryEnv({ OTEL_EXPORTER_OTLP_ENDPOINT: value }, "keyway-relay"),
+      (err: unknown) => err instanceof ConfigError && pattern.test(err.message),
+      value,
+    )
+  // A URL to the parser, of scheme "jaeger:" or "localhost:".
+  refused("jaeger:4318", /must be an http\(s\) URL such as http:\/\/jaeger:4318/)
+  refused("localhost:4318", /must be an http\(s\) URL/)
+  refused(
+    "http://jaeger:4318/v1/traces",
+    /base URL \(http:\/\/jaeger:4318\): \/v1\/traces is added/,
+  )
+  assert.equal(
+    telemetryEnv({ OTEL_EXPORTER_OTLP_ENDPOINT: "https://otel.example/collector" }, "x")
+      .otlpEndpoint,
+    "https://otel.example/collector",
+  )
+})
