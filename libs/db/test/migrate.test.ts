@@ -1,5 +1,5 @@
 import assert from "node:assert/strict"
-import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises"
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
@@ -77,6 +77,50 @@ test("a migration file named otherwise is refused by name, not left out", async 
   } finally {
     await rm(dir, { recursive: true })
     await rm(empty, { recursive: true })
+  }
+})
+
+test("two migrations sharing a number are refused by name, before either runs", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-twin-number-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  await writeFile(join(dir, "0002_a.sql"), "create index on public.t (id);")
+  await writeFile(join(dir, "0002_b.sql"), "alter table public.t add column b int;")
+  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
+  try {
+    await assert.rejects(migrateToLatest(t.db, { dir }), (err: Error) => {
+      assert.ok(err instanceof MigrationError, String(err))
+      assert.equal(err.permanent, true, "not something the processes wait out")
+      assert.match(err.message, /0002_a\.sql and 0002_b\.sql share a number/)
+      return true
+    })
+    assert.equal(
+      (await sql<{ t: string | null }>`select to_regclass('public.t')::text as t`.execute(t.db))
+        .rows[0]!.t,
+      null,
+      "nothing applied",
+    )
+  } finally {
+    await rm(dir, { recursive: true })
+    await rm(empty, { recursive: true })
+  }
+})
+
+test("a database a newer checkout migrated is up to date for an older one, not corrupted", async () => {
+  // The older checkout: the shipped migrations but the newest.
+  const older = await mkdtemp(join(tmpdir(), "keyway-older-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig" })
+  try {
+    for (const name of shipped.slice(0, -1)) {
+      await writeFile(
+        join(older, `${name}.sql`),
+        await readFile(join(migrationsDir, `${name}.sql`)),
+      )
+    }
+    assert.deepEqual(await migrateToLatest(t.db, { dir: older }), [])
+    await assertMigrated(t.db, { dir: older })
+  } finally {
+    await rm(older, { recursive: true })
   }
 })
 
