@@ -52,18 +52,20 @@ test("a database never migrated has every migration pending", async () => {
   }
 })
 
-test("a migration file named otherwise is refused by name, not left out", async () => {
-  const dir = await mkdtemp(join(tmpdir(), "keyway-misnamed-migrations-"))
-  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
-  await writeFile(join(dir, "0002_Add_index.sql"), "create index on public.t (id);")
-  await writeFile(join(dir, "README.md"), "not a migration")
+/**
+ * A migrations folder of `files` is refused, permanently and with a message matching
+ * `message`, by migrate and by the pending check alike, before anything runs.
+ */
+async function refusedBeforeAnyRuns(files: Record<string, string>, message: RegExp) {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-refused-migrations-"))
+  for (const [name, text] of Object.entries(files)) await writeFile(join(dir, name), text)
   const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
   await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
   try {
     const refused = (err: Error) => {
       assert.ok(err instanceof MigrationError, String(err))
-      assert.equal(err.permanent, true)
-      assert.match(err.message, /0002_Add_index\.sql not named NNNN_slug\.sql/)
+      assert.equal(err.permanent, true, "not something the processes wait out")
+      assert.match(err.message, message)
       return true
     }
     await assert.rejects(migrateToLatest(t.db, { dir }), refused)
@@ -78,32 +80,29 @@ test("a migration file named otherwise is refused by name, not left out", async 
     await rm(dir, { recursive: true })
     await rm(empty, { recursive: true })
   }
+}
+
+test("a migration file named otherwise is refused by name, not left out", async () => {
+  await refusedBeforeAnyRuns(
+    {
+      "0001_table.sql": "create table public.t (id int);",
+      "0002_Add_index.sql": "create index on public.t (id);",
+      "README.md": "not a migration",
+    },
+    /0002_Add_index\.sql not named NNNN_slug\.sql/,
+  )
 })
 
 test("two migrations sharing a number are refused by name, before either runs", async () => {
-  const dir = await mkdtemp(join(tmpdir(), "keyway-twin-number-migrations-"))
-  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
-  await writeFile(join(dir, "0002_a.sql"), "create index on public.t (id);")
-  await writeFile(join(dir, "0002_b.sql"), "alter table public.t add column b int;")
-  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
-  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
-  try {
-    await assert.rejects(migrateToLatest(t.db, { dir }), (err: Error) => {
-      assert.ok(err instanceof MigrationError, String(err))
-      assert.equal(err.permanent, true, "not something the processes wait out")
-      assert.match(err.message, /0002_a\.sql and 0002_b\.sql share a number/)
-      return true
-    })
-    assert.equal(
-      (await sql<{ t: string | null }>`select to_regclass('public.t')::text as t`.execute(t.db))
-        .rows[0]!.t,
-      null,
-      "nothing applied",
-    )
-  } finally {
-    await rm(dir, { recursive: true })
-    await rm(empty, { recursive: true })
-  }
+  // Two branches that each added a 0002.
+  await refusedBeforeAnyRuns(
+    {
+      "0001_table.sql": "create table public.t (id int);",
+      "0002_a.sql": "create index on public.t (id);",
+      "0002_b.sql": "alter table public.t add column b int;",
+    },
+    /0002_a\.sql and 0002_b\.sql share a number/,
+  )
 })
 
 test("a database a newer checkout migrated is up to date for an older one, not corrupted", async () => {
