@@ -312,6 +312,16 @@ async function status(config: OpsConfig) {
   const pm2 = await connectPm2(pm2Home, false)
   try {
     const processes = pm2 ? await pm2.list() : []
+    // Left running by a daemon that died: "processes none" alone read as nothing running.
+    const orphans = await findOrphans(
+      pm2Home,
+      processes.map((p) => p.pid),
+    )
+    if (orphans.length > 0) {
+      say(
+        `${orphans.length} processes left running by a pm2 daemon that died: ${orphans.map((o) => `${o.name} (pid ${o.pid})`).join(", ")}; \`npx just down\` stops them`,
+      )
+    }
     for (const site of SITE_NAMES) {
       printStatus(await collectStatus(SITES[site], config.postgresUrl, processes), say)
     }

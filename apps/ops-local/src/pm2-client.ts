@@ -62,9 +62,18 @@ export async function connectPm2(
   // CommonJS: the namespace object of a dynamic import is under `default`.
   const pm2 = ((await import("pm2")) as unknown as { default: Pm2 }).default
   if (!spawnDaemon) {
-    const { existsSync } = await import("node:fs")
-    // No socket: no daemon, nothing running; don't start one just to say so.
+    const { existsSync, readFileSync } = await import("node:fs")
+    // No socket: no daemon, nothing running; don't start one just to say so. A socket left by
+    // a daemon that was killed (-9, the OOM killer) is no daemon either: connecting then
+    // started one, outside up's lock, which nothing stopped.
     if (!existsSync(`${pm2Home}/rpc.sock`)) return undefined
+    let pid = 0
+    try {
+      pid = Number(readFileSync(`${pm2Home}/pm2.pid`, "utf8"))
+    } catch {
+      // No pid file: no daemon.
+    }
+    if (!Number.isInteger(pid) || pid <= 0 || !isAlive(pid)) return undefined
   }
   await call<void>((cb) => pm2.connect((err: Error | null) => cb(err, undefined)))
   return {
@@ -130,5 +139,15 @@ export async function connectPm2(
       await call<unknown>((cb) => pm2.killDaemon(cb))
     },
     disconnect: () => pm2.disconnect(),
+  }
+}
+
+/** Whether `pid` is a live process of this user (EPERM: another user's, reusing the pid). */
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch {
+    return false
   }
 }

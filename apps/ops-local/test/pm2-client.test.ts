@@ -116,6 +116,27 @@ test("the daemon's home, where it dumps every process's environment, is kept to 
   }
 })
 
+test("a socket left by a daemon that was killed is no daemon: status and down start none", async () => {
+  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  try {
+    // What a daemon killed with -9 leaves: its socket, and the pid of a process now gone.
+    await writeFile(join(home, "rpc.sock"), "")
+    await writeFile(join(home, "pm2.pid"), "999999")
+    const child = spawnTs(fileURLToPath(new URL("./fixtures/pm2-connect.ts", import.meta.url)), {
+      KEYWAY_TEST_PM2_HOME: home,
+    })
+    await child.exited()
+    assert.deepEqual(child.json(), [{ daemon: "none" }])
+    assert.equal(
+      (await readFile(join(home, "pm2.pid"), "utf8")).trim(),
+      "999999",
+      "no daemon started",
+    )
+  } finally {
+    await cleanUp(home)
+  }
+})
+
 test("a process that keeps dying ends errored, and is no longer restarted", async () => {
   // 18 s of pm2's view: a process that exits at once, restarted a second later each time, is
   // given up on after its tenth restart, in about 11 s.
