@@ -246,17 +246,22 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
     "nothing dead",
   )
   // A 429's Retry-After (1 s from the fake) is waited out before the same push comes again.
+  // Not every time: a worker killed between the 429 and recording it, or whose lease another
+  // took meanwhile, leaves the task to another worker with no wait recorded. Without
+  // Retry-After the retries come 100-200 ms later (the policy's first backoff), nearly all.
   const requests = aims.requests()
+  const waits: number[] = []
   for (const [n, r] of requests.entries()) {
     if (r.outcome !== 429 || r.answeredAt === undefined) continue
     const again = requests.slice(n + 1).find((x) => x.idempotencyKey === r.idempotencyKey)
-    if (again) {
-      assert.ok(
-        again.receivedAt - r.answeredAt >= 950,
-        `${r.idempotencyKey} sent again ${Math.round(again.receivedAt - r.answeredAt)} ms after its 429`,
-      )
-    }
+    if (again) waits.push(again.receivedAt - r.answeredAt)
   }
+  const early = waits.filter((ms) => ms < 950)
+  assert.ok(waits.length >= 5, `pushes sent again after a 429: ${waits.length}`)
+  assert.ok(
+    early.length <= waits.length / 10,
+    `${early.length} of ${waits.length} pushes sent again sooner than 950 ms after their 429: ${early.map(Math.round).join(", ")} ms`,
+  )
   console.log(
     JSON.stringify({
       enqueued,
