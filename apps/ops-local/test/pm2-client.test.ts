@@ -2,6 +2,7 @@
 // that cannot stay up, and what is left when the daemon itself dies.
 import assert from "node:assert/strict"
 import { type ChildProcess, spawn } from "node:child_process"
+import { once } from "node:events"
 import {
   chmod,
   mkdir,
@@ -120,8 +121,10 @@ test("a socket left by a daemon that was killed is no daemon: status and down st
   const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
   try {
     // What a daemon killed with -9 leaves: its socket, and the pid of a process now gone.
+    const gone = spawn(process.execPath, ["-e", ""])
+    await once(gone, "exit")
     await writeFile(join(home, "rpc.sock"), "")
-    await writeFile(join(home, "pm2.pid"), "999999")
+    await writeFile(join(home, "pm2.pid"), String(gone.pid))
     const child = spawnTs(fileURLToPath(new URL("./fixtures/pm2-connect.ts", import.meta.url)), {
       KEYWAY_TEST_PM2_HOME: home,
     })
@@ -129,7 +132,7 @@ test("a socket left by a daemon that was killed is no daemon: status and down st
     assert.deepEqual(child.json(), [{ daemon: "none" }])
     assert.equal(
       (await readFile(join(home, "pm2.pid"), "utf8")).trim(),
-      "999999",
+      String(gone.pid),
       "no daemon started",
     )
   } finally {

@@ -30,8 +30,8 @@ export interface StopSignals {
  * Registers the handlers before startup, which may wait minutes for a server (see
  * retryUntilReady). Until `started()` a signal ends the process at once with exit 0: nothing
  * is in hand yet. After it, the graceful stop runs once, whatever number of signals arrive,
- * and the process exits 0 when it is done, or 1 after `timeoutMs` if it is not: a statement
- * that Postgres never answers (a stalled link, a lock held elsewhere) holds a stop for as
+ * and the process exits 0 when it is done, 1 if it throws (with a line on `logError`), or 1
+ * after `timeoutMs` if it is not done by then: a statement that Postgres never answers (a stalled link, a lock held elsewhere) holds a stop for as
  * long, and the pool's end waits for it too. What was in hand is redone by the next process
  * (tasks by lease expiry, outbox rows by their re-publish, which the stream deduplicates).
  */

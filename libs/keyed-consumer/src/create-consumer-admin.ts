@@ -466,6 +466,10 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         // it they ran, and retention may have deleted them) and the highest version it
         // received (an open end runs to it). No range, no placeholders.
         let span: { lo: number; hi: number } | undefined
+        // Where an open-ended range ends: the highest version received when the skip began.
+        // The marking below runs after the placeholders, which may wait for an ingest; what
+        // that ingest brings above this (v4, v5 beside a late v2) the operator never saw.
+        let upTo = s.toVer
         if (ranged && s.key !== undefined) {
           const b = await sql<{ lo: number; hi: number | null; missing: number | null }>`
             select u.lo::float8 as lo, u.hi::float8 as hi,
@@ -482,6 +486,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
                                                 and i.key = k.key)) as hi) u
              where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
           const row = b.rows[0]
+          upTo ??= row?.hi ?? 0
           if (row && row.hi !== null && row.hi >= row.lo) {
             if ((row.missing ?? 0) > MAX_SKIPPED_MISSING) {
               throw new ConsumerAdminError(
@@ -494,7 +499,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         // The placeholders first, in a statement of their own: an ingest storing one of
         // those versions, come late, is waited for here before this marks any of the key's
         // rows. In one statement the marking went first, and an ingest of [v2 late, v3
-        // again] waited on the v3 marked while this waited on its v2: 40P01.
+        // again] waited on the v3 marked while this waited on its v2: 40P01. (With two or more
+        // versions missing, a batch that brings them in another order than ascending still
+        // can: ingest inserts in batch order.)
         const placed = span
           ? (
               await sql`
@@ -520,6 +527,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
             update keyway.inbox i
                set state = 'skipped', done_at = now(), run_after = '-infinity'
              where i.grp = ${group} and i.state in (${states}) and ${where(s)}
+               ${upTo === undefined ? sql`` : sql`and i.ver <= ${upTo}`}
                and i.key = any(${locked.rows.map((k) => k.key)}::text[])
             returning i.topic, i.key, i.ver
           ),

@@ -127,10 +127,12 @@ test("a redrive counts its range once its key is locked: rows retention deletes 
   )
 })
 
-test("a skip closing a gap and an ingest bringing the missing version late do not deadlock", async () => {
-  // Key "gk" ran v1; v3 is here, v2 missing. The operator skips v2..v3 just as v2 arrives,
-  // in a batch with v3 delivered again.
-  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'gk', 1)`.execute(
+/**
+ * Key `key` of group "g" that ran v1 and holds v3 (pending), v2 missing; and an ingest on a
+ * connection of its own, storing one version a statement, so that a skip can come in between.
+ */
+async function gapAndIngest(key: string) {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', ${key}, 1)`.execute(
     t.db,
   )
   for (const [ver, state] of [
@@ -139,19 +141,30 @@ test("a skip closing a gap and an ingest bringing the missing version late do no
   ] as const) {
     await sql`
       insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state)
-      values ('g', 'demo.item', 'gk', ${ver}, ${`gk:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), ${state})
+      values ('g', 'demo.item', ${key}, ${ver}, ${`${key}:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), ${state})
     `.execute(t.db)
   }
-  // The ingest's batch, one version a statement so that the skip can come in between: v2 stored
-  // and not yet committed when the skip starts.
   const ingest = new pg.Client({ connectionString: t.url })
   await ingest.connect()
   const store = (ver: number) =>
     ingest.query(
-      `select * from keyway.ingest('g', '{demo.item}', '{gk}', array[$1::bigint], array[$2],
+      `select * from keyway.ingest('g', '{demo.item}', array[$4], array[$1::bigint], array[$2],
          '{demo.item.changed.v1}', '{"{\\"n\\":1}"}', '{null}', array[now()], array[$3::bigint])`,
-      [ver, `gk:${ver}`, 1000 + ver],
+      [ver, `${key}:${ver}`, 1000 + ver, key],
     )
+  const states = async () =>
+    (
+      await sql<{ ver: number; state: string; type: string }>`
+        select ver::int, state, type from keyway.inbox where grp = 'g' and key = ${key} order by ver`.execute(
+        t.db,
+      )
+    ).rows.map((r) => `${r.ver}:${r.state}:${r.type}`)
+  return { ingest, store, states }
+}
+
+test("a skip closing a gap and an ingest bringing the missing version late do not deadlock", async () => {
+  // The operator skips v2..v3 just as v2 arrives, in a batch with v3 delivered again.
+  const { ingest, store, states } = await gapAndIngest("gk")
   try {
     await ingest.query("begin")
     await store(2)
@@ -170,16 +183,38 @@ test("a skip closing a gap and an ingest bringing the missing version late do no
   } finally {
     await ingest.end()
   }
-  const states = await sql<{ ver: number; state: string; type: string }>`
-    select ver::int, state, type from keyway.inbox where grp = 'g' and key = 'gk' order by ver`.execute(
-    t.db,
-  )
-  assert.deepEqual(
-    states.rows.map((r) => `${r.ver}:${r.state}:${r.type}`),
-    [
-      "1:done:demo.item.changed.v1",
-      "2:skipped:demo.item.changed.v1",
-      "3:skipped:demo.item.changed.v1",
-    ],
-  )
+  assert.deepEqual(await states(), [
+    "1:done:demo.item.changed.v1",
+    "2:skipped:demo.item.changed.v1",
+    "3:skipped:demo.item.changed.v1",
+  ])
+})
+
+test("an open-ended skip that waited for an ingest leaves what the ingest brought above its end", async () => {
+  // `skip --from 2` ends at v3, the highest received when it began; the ingest it waits for
+  // brings v4 beside the late v2.
+  const { ingest, store, states } = await gapAndIngest("open")
+  try {
+    await ingest.query("begin")
+    await store(2)
+    await store(4)
+    const skip = createConsumerAdmin({ db: t.db, group: "g" })
+      .skip({ topic: "demo.item", key: "open", fromVer: 2 })
+      .then(
+        (n) => n,
+        (err: Error) => err,
+      )
+    await lockWait("the skip waits for the ingest's v2")
+    await ingest.query("commit")
+    assert.equal(await skip, 2)
+  } finally {
+    await ingest.end()
+  }
+  // v4 the operator never saw: skipped with the rest, it would never run.
+  assert.deepEqual(await states(), [
+    "1:done:demo.item.changed.v1",
+    "2:skipped:demo.item.changed.v1",
+    "3:skipped:demo.item.changed.v1",
+    "4:pending:demo.item.changed.v1",
+  ])
 })

@@ -34,7 +34,7 @@ export interface TestDatabaseOptions {
 export interface TestDatabase {
   readonly name: string
   readonly url: string
-  /** The template it was cloned from: `keyway_tpl_<hash of the migrations>`. */
+  /** The template it was cloned from: `keyway_tpl_<hash of the migrations>[_icu_<locale>]`. */
   readonly template: string
   /** Owned by the TestDatabase: drop() destroys it. */
   readonly db: Kysely<any>
