@@ -67,13 +67,14 @@ down site="":
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts down {{site}}
 
 # Two `up`s at once each started a pm2 daemon on .run/pm2: one hung for good, and a daemon
-# was left that `down` did not stop. So up and down of one checkout take turns.
+# was left that `down` did not stop. So up, down and secrets of one checkout take turns (two
+# first runs writing the secrets files at once could each leave a different leaf password).
 [private]
 _one-at-a-time what:
     #!/usr/bin/env bash
     mkdir -p .run
     if ! flock -n .run/sites.lock true; then
-      echo "just {{what}}: another up or down of this checkout is running; waiting for it" >&2
+      echo "just {{what}}: another up, down or secrets of this checkout is running; waiting for it" >&2
     fi
 
 # The consumer group's dead tasks, blocked keys and gaps, and demo effects, too.
