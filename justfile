@@ -85,6 +85,7 @@ status:
 # `just up` does this itself; ops/compose reads the file with --env-file.
 # Create .run/secrets-cloud.env and .run/secrets-factory.env (each site's NATS passwords and
 # the leaf link's, mode 600) if missing; never prints them.
+[doc("Create each site's NATS secrets file (.run/secrets-<site>.env, mode 600) if missing.")]
 secrets:
     @{{just_executable()}} _one-at-a-time secrets
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
