@@ -499,9 +499,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         // The placeholders first, in a statement of their own: an ingest storing one of
         // those versions, come late, is waited for here before this marks any of the key's
         // rows. In one statement the marking went first, and an ingest of [v2 late, v3
-        // again] waited on the v3 marked while this waited on its v2: 40P01. (With two or more
-        // versions missing, a batch that brings them in another order than ascending still
-        // can: ingest inserts in batch order.)
+        // again] waited on the v3 marked while this waited on its v2: 40P01. The placeholders
+        // go in ascending order, as ingest stores a batch's rows (sql/0018): with two missing
+        // versions, neither waits for the other holding one the other needs.
         const placed = span
           ? (
               await sql`

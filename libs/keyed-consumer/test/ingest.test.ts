@@ -417,6 +417,22 @@ describe("keyway.ingest", () => {
     )
   })
 
+  test("a batch's new rows are stored in byte order of key, then version, whatever order they came in", async () => {
+    // The order in which rows are stored is the order in which a transaction that inserts the
+    // same versions meets them (sql/0018): a skip's placeholders go in ascending order, and
+    // a batch stored in another (v3 before v2) deadlocked with it. A fresh table fills its
+    // first page in insertion order, which ctid shows: a database of its own.
+    await using fresh = await createTestDatabase({ poolSize: 1 })
+    const group = "stored-order"
+    await ingestBatch(fresh.db, group, [event("b", 1, 401), event("a", 2, 402), event("a", 1, 403)])
+    const stored = await sql<{ key: string; ver: number }>`
+      select key, ver::int from keyway.inbox where grp = ${group} order by ctid`.execute(fresh.db)
+    assert.deepEqual(
+      stored.rows.map((r) => `${r.key}${r.ver}`),
+      ["a1", "a2", "b1"],
+    )
+  })
+
   test("two ingests that see a new key at once keep one start", async () => {
     const first = await openTransaction()
     try {
