@@ -5,7 +5,6 @@
 // for the label is shortened, so the price it travels with still reaches the shelf.
 import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
-import { createDb } from "@keyway/db"
 import {
   EslWriterError,
   migrateEslSchema,
@@ -14,23 +13,13 @@ import {
 } from "@keyway/esl-writer-app"
 import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import { createRelay, enqueue } from "@keyway/outbox"
+import { enqueue } from "@keyway/outbox"
 import { canonicalLabelCode, EslLabelRender, InvalidEventError } from "@keyway/schemas"
 import { createMetricsRegistry } from "@keyway/telemetry"
-import {
-  createTestDatabase,
-  createTestStream,
-  metricValue,
-  startFakeAims,
-  type TestDatabase,
-  waitFor,
-} from "@keyway/testkit"
-import { jetstream } from "@nats-io/jetstream"
+import { createTestDatabase, metricValue, type TestDatabase, waitFor } from "@keyway/testkit"
 import type { NatsConnection } from "@nats-io/transport-node"
-import { Redis } from "ioredis"
 import { sql } from "kysely"
-import { createEslWorker } from "../src/create-esl-worker.ts"
-import { imageHashOf, macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+import { imageHashOf, macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
 const payload = {
   labelCode: "0A1B2C3D4E5F",
@@ -117,38 +106,10 @@ describe("bad ESL input", () => {
   })
 
   test("a task the worker cannot draw is dead at once with the reason; other labels go on", async () => {
-    const stream = await createTestStream(nc)
-    cleanups.push(() => stream.delete())
-    const aims = await startFakeAims()
-    cleanups.push(() => aims.stop())
-    const relay = createRelay({
-      connectionString: t.url,
-      jetstream: jetstream(nc),
-      site: stream.site,
-    })
-    cleanups.push(() => relay.stop())
-    await relay.start()
-    const redis = new Redis(SHARED_REDIS)
-    cleanups.push(async () => redis.disconnect())
-    const db = createDb({ connectionString: t.url, max: 4 })
-    cleanups.push(() => db.destroy())
-    const group = unique("esl")
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     // Block, the stricter policy, would stop the label at a dead task; the check that the
     // same label's next task still runs below holds only because the topic parks.
-    const worker = createEslWorker({
-      db,
-      nats: nc,
-      redis,
-      stream: stream.name,
-      group,
-      filterSubject: `${stream.site}.esl.label`,
-      aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
-      pollIntervalMs: 300,
-      metrics,
-    })
-    cleanups.push(() => worker.stop())
-    await worker.start()
+    const { stream, aims, group } = await startEslPipeline(nc, t, cleanups, { metrics })
 
     const longName = "Extra ".repeat(30).trim()
     await upsertProducts(t.db, [

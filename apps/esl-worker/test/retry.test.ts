@@ -3,7 +3,6 @@
 // pushing the retried one would put its older price back, for good.
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
-import { createDb } from "@keyway/db"
 import {
   migrateEslSchema,
   upsertProducts,
@@ -12,20 +11,11 @@ import {
 } from "@keyway/esl-writer-app"
 import { createConsumerAdmin } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import { createRelay } from "@keyway/outbox"
-import {
-  createTestDatabase,
-  createTestStream,
-  startFakeAims,
-  type TestDatabase,
-  waitFor,
-} from "@keyway/testkit"
-import { jetstream } from "@nats-io/jetstream"
+import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import type { NatsConnection } from "@nats-io/transport-node"
-import { Redis } from "ioredis"
 import { sql } from "kysely"
-import { createEslWorker, ESL_LABEL_POLICY } from "../src/create-esl-worker.ts"
-import { macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+import { ESL_LABEL_POLICY } from "../src/create-esl-worker.ts"
+import { macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
 let nc: NatsConnection
 let t: TestDatabase
@@ -42,37 +32,11 @@ after(async () => {
 })
 
 test("a retried dead version is not pushed over a later one the label already shows", async () => {
-  const stream = await createTestStream(nc)
-  cleanups.push(() => stream.delete())
-  const aims = await startFakeAims()
-  cleanups.push(() => aims.stop())
-  const relay = createRelay({
-    connectionString: t.url,
-    jetstream: jetstream(nc),
-    site: stream.site,
-  })
-  cleanups.push(() => relay.stop())
-  await relay.start()
-  const redis = new Redis(SHARED_REDIS)
-  cleanups.push(async () => redis.disconnect())
-  const db = createDb({ connectionString: t.url, max: 4 })
-  cleanups.push(() => db.destroy())
-  const group = unique("esl")
-  const worker = createEslWorker({
-    db,
-    nats: nc,
-    redis,
-    stream: stream.name,
-    group,
-    filterSubject: `${stream.site}.esl.label`,
-    aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
-    // One attempt: the 503 below makes v2 dead at once, as an outage longer than the
-    // policy's attempts would.
+  // One attempt: the 503 below makes v2 dead at once, as an outage longer than the policy's
+  // attempts would.
+  const { stream, aims, group } = await startEslPipeline(nc, t, cleanups, {
     policy: { ...ESL_LABEL_POLICY, maxAttempts: 1 },
-    pollIntervalMs: 300,
   })
-  cleanups.push(() => worker.stop())
-  await worker.start()
   const admin = createConsumerAdmin({ db: t.db, group })
   const [label] = macs(1)
   const eventId = (seq: number) => `${stream.site}:${seq}`

@@ -1,7 +1,14 @@
 import { createHash, randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
+import { createDb } from "@keyway/db"
+import { createRelay } from "@keyway/outbox"
+import { createTestStream, startFakeAims, type TestDatabase } from "@keyway/testkit"
 import { createCanvas, loadImage } from "@napi-rs/canvas"
+import { jetstream } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { Redis } from "ioredis"
 import { type Kysely, sql } from "kysely"
+import { createEslWorker, type EslWorkerConfig } from "../src/create-esl-worker.ts"
 import { renderLabel } from "../src/render-label.ts"
 
 export const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
@@ -69,4 +76,47 @@ export async function decodePng(
     height: image.height,
     rgba: ctx.getImageData(0, 0, image.width, image.height).data,
   }
+}
+
+/**
+ * The label path in this process, on `t`'s database: a stream of its own, a fake AIMS, a
+ * relay and an ESL worker (`worker` overrides its settings), each stopped by `cleanups`,
+ * which the caller runs in reverse.
+ */
+export async function startEslPipeline(
+  nc: NatsConnection,
+  t: TestDatabase,
+  cleanups: (() => Promise<unknown>)[],
+  worker: Partial<EslWorkerConfig> = {},
+) {
+  const stream = await createTestStream(nc)
+  cleanups.push(() => stream.delete())
+  const aims = await startFakeAims()
+  cleanups.push(() => aims.stop())
+  const relay = createRelay({
+    connectionString: t.url,
+    jetstream: jetstream(nc),
+    site: stream.site,
+  })
+  cleanups.push(() => relay.stop())
+  await relay.start()
+  const redis = new Redis(SHARED_REDIS)
+  cleanups.push(async () => redis.disconnect())
+  const db = createDb({ connectionString: t.url, max: 4 })
+  cleanups.push(() => db.destroy())
+  const group = unique("esl")
+  const esl = createEslWorker({
+    db,
+    nats: nc,
+    redis,
+    stream: stream.name,
+    group,
+    filterSubject: `${stream.site}.esl.label`,
+    aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
+    pollIntervalMs: 300,
+    ...worker,
+  })
+  cleanups.push(() => esl.stop())
+  await esl.start()
+  return { stream, aims, group }
 }

@@ -6,25 +6,13 @@
 import assert from "node:assert/strict"
 import { createRequire } from "node:module"
 import { after, before, test } from "node:test"
-import { createDb } from "@keyway/db"
 import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
 import { connectNats } from "@keyway/nats"
-import { createRelay } from "@keyway/outbox"
 import { startTelemetry, type Telemetry } from "@keyway/telemetry"
-import {
-  createTestDatabase,
-  createTestStream,
-  type OtlpReceiver,
-  startFakeAims,
-  startOtlpReceiver,
-  waitFor,
-} from "@keyway/testkit"
-import { jetstream } from "@nats-io/jetstream"
+import { createTestDatabase, type OtlpReceiver, startOtlpReceiver, waitFor } from "@keyway/testkit"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { context, propagation } from "@opentelemetry/api"
-import { Redis } from "ioredis"
-import { createEslWorker } from "../src/create-esl-worker.ts"
-import { macs, SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+import { macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
 let receiver: OtlpReceiver
 let telemetry: Telemetry
@@ -73,36 +61,11 @@ test("one job's trace runs writer → send → process esl.label → render and 
   const t = await createTestDatabase()
   cleanups.push(() => t.drop())
   await migrateEslSchema(t.db)
-  const stream = await createTestStream(nc)
-  cleanups.push(() => stream.delete())
-  const aims = await startFakeAims()
-  cleanups.push(() => aims.stop())
+  const { stream, aims } = await startEslPipeline(nc, t, cleanups, {
+    policy: { backoffMs: 20 },
+  })
   // One 503 first: the retry's spans must join the same trace too.
   aims.burst(503, 1)
-  const relay = createRelay({
-    connectionString: t.url,
-    jetstream: jetstream(nc),
-    site: stream.site,
-  })
-  cleanups.push(() => relay.stop())
-  await relay.start()
-  const redis = new Redis(SHARED_REDIS)
-  cleanups.push(async () => redis.disconnect())
-  const workerDb = createDb({ connectionString: t.url, max: 4 })
-  cleanups.push(() => workerDb.destroy())
-  const worker = createEslWorker({
-    db: workerDb,
-    nats: nc,
-    redis,
-    stream: stream.name,
-    group: unique("esl"),
-    filterSubject: `${stream.site}.esl.label`,
-    aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
-    policy: { backoffMs: 20 },
-    pollIntervalMs: 300,
-  })
-  cleanups.push(() => worker.stop())
-  await worker.start()
 
   await upsertProducts(t.db, [
     { id: "P1", name: "Rye bread 500 g", priceMinor: 349, currency: "EUR" },

@@ -209,9 +209,7 @@ export function printStatus(s: SiteStatus, say: (line: string) => void): void {
     // cloud-relay`) was simply not listed, and the site looked whole.
     const expected = SITE_ROLES.map((role) => `${p.site}-${role}`)
     const byName = new Map(s.processes.map((proc) => [proc.name, proc]))
-    for (const name of [...expected, ...byName.keys()].filter(
-      (x, i, all) => all.indexOf(x) === i,
-    )) {
+    for (const name of new Set([...expected, ...byName.keys()])) {
       const proc = byName.get(name)
       if (!proc) {
         say(`  ${name.padEnd(16)} missing  (npx just up ${p.site} starts it)`)
