@@ -2,7 +2,7 @@
 // stream order, for a developer following a flow (src/replay.ts). It reads without touching
 // any consumer group. What it read, and from where, goes to stderr; stdout is for jq.
 import { parseArgs } from "node:util"
-import { parsePositiveInt } from "@keyway/app-config"
+import { ConfigError, natsServersEnv, parsePositiveInt } from "@keyway/app-config"
 import { connectNats } from "@keyway/nats"
 import {
   JetStreamApiCodes,
@@ -122,8 +122,15 @@ if (values.follow && toSeq !== undefined) fail("--follow reads on for ever: it t
 /** Where to connect: a site of `just up` (its admin user), or the environment's server. */
 async function natsTarget() {
   if (values.site === undefined) {
+    let servers: string[] = []
+    try {
+      servers = natsServersEnv(process.env)
+    } catch (err) {
+      if (err instanceof ConfigError) fail(err.message)
+      throw err
+    }
     return {
-      servers: (process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(","),
+      servers,
       user: process.env.NATS_USER || undefined,
       pass: process.env.NATS_PASS || undefined,
       inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,

@@ -245,6 +245,11 @@ test("bad input gets a clear error: exit 2 for arguments, 1 for a stream that is
     assert.match(r.err, message, args.join(" "))
     assert.deepEqual(r.lines, [])
   }
+  // A password in the URL is refused (nats.js would drop it), and not repeated.
+  const inUrl = start(["--stream", stream.name], "nats://u:secret@127.0.0.1:1")
+  assert.equal(await inUrl.exited, 2)
+  assert.match(inUrl.result.err, /carries a user or password.*NATS_USER and NATS_PASS/)
+  assert.doesNotMatch(inUrl.result.err, /secret/)
   const missing = await run(["--stream", `${stream.name}X`])
   assert.equal(missing.code, 1)
   assert.match(

@@ -54,8 +54,8 @@ export function intEnv(
 }
 
 /**
- * NATS_URL: one or more servers, comma-separated, each `nats://host:port` or `host:port`;
- * a default when unset. nats.js takes a bad entry for a server that is down, and waits for
+ * NATS_URL: one or more servers, comma-separated, each `nats://host:port` or `host:port`,
+ * without credentials (NATS_USER, NATS_PASS); a default when unset. nats.js takes a bad entry for a server that is down, and waits for
  * it for ever.
  */
 export function natsServersEnv(env: Env, fallback = "nats://127.0.0.1:4222"): string[] {
@@ -71,6 +71,13 @@ export function natsServersEnv(env: Env, fallback = "nats://127.0.0.1:4222"): st
     if (!url?.hostname || url.protocol !== "nats:") {
       throw new ConfigError(
         `NATS_URL must be comma-separated servers like nats://127.0.0.1:4222 or 127.0.0.1:4222; server ${i + 1} of ${servers.length} is not one`,
+      )
+    }
+    // nats.js reads only host and port from a server URL: a user and password written into
+    // it were dropped, and the process connected as nobody and was refused, or waited.
+    if (url.username || url.password) {
+      throw new ConfigError(
+        `NATS_URL server ${i + 1} of ${servers.length} carries a user or password, which the NATS client ignores: give them in NATS_USER and NATS_PASS`,
       )
     }
   }

@@ -55,9 +55,26 @@ test("natsServersEnv takes servers with or without a scheme, and refuses what na
   }
   // Which server is wrong, not the value: it may carry user:password@.
   assert.throws(
-    () => natsServersEnv({ NATS_URL: "nats://u:secret@a:4222,ws://u:secret@b:4223" }),
+    () => natsServersEnv({ NATS_URL: "nats://a:4222,ws://u:secret@b:4223" }),
     (err: Error) => /server 2 of 2 is not one/.test(err.message) && !err.message.includes("secret"),
   )
+})
+
+test("natsServersEnv refuses a user or password in NATS_URL, which nats.js would drop, without repeating it", () => {
+  for (const raw of [
+    "nats://u:secret@a:4222",
+    "a:4222, u:secret@b:4223",
+    "nats://:secret@a:4222",
+  ]) {
+    assert.throws(
+      () => natsServersEnv({ NATS_URL: raw }),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        /carries a user or password.*NATS_USER and NATS_PASS/.test(err.message) &&
+        !err.message.includes("secret"),
+      raw,
+    )
+  }
 })
 
 test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (it may hold a password)", () => {
