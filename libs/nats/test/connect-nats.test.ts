@@ -6,8 +6,10 @@
 import assert from "node:assert/strict"
 import { readFile, writeFile } from "node:fs/promises"
 import { test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { connectNats } from "@keyway/nats"
 import { startNatsServer, waitFor } from "@keyway/testkit"
+import { errors } from "@nats-io/transport-node"
 
 test("a password refused for a while does not close the connection: it is back once the server takes it again", {
   timeout: 60_000,
@@ -39,6 +41,34 @@ test("a password refused for a while does not close the connection: it is back o
     // A closed connection never reconnects.
     await waitFor(() => reconnected, { timeoutMs: 10_000, message: "reconnected" })
     assert.equal(nc.isClosed(), false)
+    await nc.flush()
+  } finally {
+    await nc.close()
+  }
+})
+
+test("with its defaults, connectNats waits for a server that is not up yet, but not through a refused password", {
+  timeout: 60_000,
+}, async () => {
+  await using server = await startNatsServer({
+    jetstream: false,
+    config: "authorization { user: app, password: right }",
+  })
+  // nats.js's own wait for a first connect retried this for ever, without a word.
+  await assert.rejects(
+    connectNats({ servers: server.url, user: "app", pass: "wrong" }),
+    errors.AuthorizationError,
+  )
+  await server.stop()
+  let settled = false
+  const pending = connectNats({ servers: server.url, user: "app", pass: "right" }).finally(() => {
+    settled = true
+  })
+  await sleep(1500)
+  assert.equal(settled, false, "still waiting while no server answers")
+  await server.start()
+  const nc = await pending
+  try {
     await nc.flush()
   } finally {
     await nc.close()
