@@ -9,12 +9,12 @@ import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
+import { ensureRunning } from "./ensure-running.ts"
 import { findOrphans, stopOrphans } from "./orphans.ts"
-import { connectPm2, type Pm2Client } from "./pm2-client.ts"
+import { connectPm2 } from "./pm2-client.ts"
 import { ensureSecrets, legacySecretsFile, siteSecretsFile } from "./secrets.ts"
 import {
   type LaunchContext,
-  type ProcessSpec,
   repositoryRoot,
   SITE_NAMES,
   SITES,
@@ -43,30 +43,6 @@ async function waitUntil(what: string, check: () => Promise<boolean>, timeoutMs:
   throw new Error(`${what} not ready after ${timeoutMs / 1000} s`)
 }
 
-async function ensureRunning(pm2: Pm2Client, specs: ProcessSpec[]) {
-  const running = new Map((await pm2.list()).map((p) => [p.name, p]))
-  for (const spec of specs) {
-    const current = running.get(spec.name)
-    if (current?.status === "online") {
-      say(`  ${spec.name.padEnd(16)} already online (pid ${current.pid})`)
-      continue
-    }
-    // Another program on a server's port would answer the readiness checks and the apps in
-    // its place, and up would report success with the site's own server crash-looping.
-    for (const port of spec.ports ?? []) {
-      if (await listening(port)) {
-        throw new Error(
-          `port ${port} of ${spec.name} is taken by another program (\`ss -ltnp 'sport = :${port}'\` names it): stop it, then run up again`,
-        )
-      }
-    }
-    // Stopped or errored: start afresh, so it gets this run's environment.
-    if (current) await pm2.delete(spec.name)
-    await pm2.start(spec, logDir)
-    say(`  ${spec.name.padEnd(16)} started`)
-  }
-}
-
 // Apps before servers, so the relay and the worker drain against live servers.
 const STOP_ORDER = ["demo", "worker", "relay", "redis", "nats"]
 
@@ -91,24 +67,6 @@ async function stopLeftovers(sites: SiteName[], managed: number[]): Promise<numb
     }
   }
   return orphans.length
-}
-
-/** Whether something accepts connections on 127.0.0.1:port. */
-async function listening(port: number): Promise<boolean> {
-  const { connect } = await import("node:net")
-  return new Promise((resolve) => {
-    const s = connect(port, "127.0.0.1")
-    s.setTimeout(1000)
-    s.once("connect", () => {
-      s.destroy()
-      resolve(true)
-    })
-    s.once("error", () => resolve(false))
-    s.once("timeout", () => {
-      s.destroy()
-      resolve(false)
-    })
-  })
 }
 
 function natsReady(site: SiteName) {
@@ -183,6 +141,8 @@ async function up(sites: SiteName[], config: OpsConfig) {
     await ensureRunning(
       pm2,
       plans.flatMap((p) => p.specs.filter((s) => s.tier === "server")),
+      logDir,
+      say,
     )
     for (const site of sites) {
       const log = `.run/logs/${site}-nats.log`
@@ -224,6 +184,8 @@ async function up(sites: SiteName[], config: OpsConfig) {
     await ensureRunning(
       pm2,
       plans.flatMap((p) => p.specs.filter((s) => s.tier === "app")),
+      logDir,
+      say,
     )
   } finally {
     pm2.disconnect()

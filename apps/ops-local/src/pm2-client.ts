@@ -1,7 +1,10 @@
 // The project's own pm2 daemon, through pm2's programmatic API: PM2_HOME under .run/ so
 // `just up` never touches a pm2 that the machine's user runs for other things.
 import type { ProcessDescription, StartOptions } from "pm2"
-import type { ProcessSpec } from "./site-plan.ts"
+import { type ProcessSpec, specDigest } from "./site-plan.ts"
+
+/** The variable that carries a process's {@link specDigest}, so a later `up` can compare. */
+const DIGEST_VARIABLE = "KEYWAY_SPEC_DIGEST"
 
 export interface Pm2Process {
   name: string
@@ -11,6 +14,8 @@ export interface Pm2Process {
   uptimeMs: number
   memoryBytes: number
   cpu: number
+  /** The {@link specDigest} it was started with; "" for one started without. */
+  digest: string
 }
 
 export interface Pm2Client {
@@ -87,6 +92,10 @@ export async function connectPm2(
         uptimeMs: p.pm2_env?.pm_uptime ? Date.now() - p.pm2_env.pm_uptime : 0,
         memoryBytes: p.monit?.memory ?? 0,
         cpu: p.monit?.cpu ?? 0,
+        digest: String(
+          (p.pm2_env as { env?: Record<string, unknown> } | undefined)?.env?.[DIGEST_VARIABLE] ??
+            "",
+        ),
       }))
     },
     async start(spec, logDir) {
@@ -95,7 +104,7 @@ export async function connectPm2(
         script: spec.script,
         args: spec.args,
         interpreter: "none",
-        env: spec.env,
+        env: { ...spec.env, [DIGEST_VARIABLE]: specDigest(spec) },
         // Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for
         // the shared servers, say) must not leak into a site's process; pm2 drops every
         // variable whose name contains one of these. METRICS_PORT exported once would have

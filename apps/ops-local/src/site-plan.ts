@@ -1,6 +1,7 @@
 // What `just up` runs for each site on one machine: ports, databases, users and the pm2
 // process list. Pure data and functions, so the compose test can hold ops/compose/ to the
 // same numbers and names instead of a second copy of them.
+import { createHash } from "node:crypto"
 import { readFileSync } from "node:fs"
 import { dirname, join, resolve } from "node:path"
 import { inboxPrefixFor, leafRemoteUrl } from "@keyway/nats"
@@ -125,23 +126,36 @@ export function siteDatabaseUrl(plan: SitePlan, postgresUrl: string): string {
 }
 
 /**
+ * A config file and every file it `include`s (nats-server and redis-server both write
+ * `include <path>`), by path, each with its text less `#` comments and blank lines.
+ */
+function configTexts(configPath: string): Map<string, string> {
+  const texts = new Map<string, string>()
+  const visit = (path: string) => {
+    const text = readFileSync(path, "utf8")
+      .split("\n")
+      .map((line) => line.replace(/#.*$/, "").trim())
+      .filter(Boolean)
+      .join("\n")
+    texts.set(path, text)
+    for (const m of text.matchAll(/^\s*include\s+["']?([^"'\s]+)["']?/gm)) {
+      visit(resolve(dirname(path), m[1]!))
+    }
+  }
+  visit(configPath)
+  return texts
+}
+
+/**
  * The `$KEYWAY_…` variables a NATS config reads, following its `include`s. The launcher
  * hands each server exactly these, so a leaf never holds the hub's passwords, and a config
  * that starts to need a new variable fails here by name rather than in nats-server.
  */
 export function natsConfigVariables(configPath: string): Set<string> {
   const found = new Set<string>()
-  const visit = (path: string) => {
-    const text = readFileSync(path, "utf8")
-      .split("\n")
-      .map((line) => line.replace(/#.*$/, ""))
-      .join("\n")
+  for (const text of configTexts(configPath).values()) {
     for (const m of text.matchAll(/\$(KEYWAY_[A-Z0-9_]+)/g)) found.add(m[1]!)
-    for (const m of text.matchAll(/^\s*include\s+["']?([^"'\s]+)["']?/gm)) {
-      visit(resolve(dirname(path), m[1]!))
-    }
   }
-  visit(configPath)
   return found
 }
 
@@ -169,6 +183,25 @@ export interface ProcessSpec {
   tier: "server" | "app"
   /** The ports a server listens on: another program on one of them would answer in its place. */
   ports?: number[]
+  /** Config files the process reads once, at start, with the files they include. */
+  configFiles?: string[]
+}
+
+/**
+ * A digest of everything a process takes in at start: its command, its environment
+ * (passwords included, so the digest is not shown) and its config files. `up` restarts a
+ * running process whose digest differs from the plan's, the way compose recreates a service
+ * whose definition changed: a password rotated in .run/secrets-*.env, a DEMO_RATE, an edited
+ * nats/*.conf. Not the code: an app started before a `git pull` runs on until restarted.
+ */
+export function specDigest(spec: ProcessSpec): string {
+  const hash = createHash("sha256")
+  const env = Object.entries(spec.env).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+  hash.update(JSON.stringify([spec.script, spec.args, env]))
+  for (const file of spec.configFiles ?? []) {
+    for (const [path, text] of configTexts(file)) hash.update(JSON.stringify([path, text]))
+  }
+  return hash.digest("hex")
 }
 
 function natsEnv(plan: SitePlan, ctx: LaunchContext): Record<string, string> {
@@ -222,6 +255,7 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       script: ctx.natsServerBinary,
       args: ["-c", join(ctx.root, plan.natsConfig)],
       env: natsEnv(plan, ctx),
+      configFiles: [join(ctx.root, plan.natsConfig)],
       tier: "server",
       ports: [plan.natsPort, plan.natsHttpPort, ...(plan.leafPort ? [plan.leafPort] : [])],
     },

@@ -28,6 +28,7 @@ import {
   repositoryRoot,
   SITES,
   siteProcesses,
+  specDigest,
 } from "../src/site-plan.ts"
 
 const fixture = fileURLToPath(new URL("./fixtures/pm2-start.ts", import.meta.url))
@@ -292,5 +293,62 @@ test("a site's redis-server started as the plan says keeps the environment that 
     redis.kill("SIGKILL")
     await rm(home, { recursive: true, force: true })
     await rm(ctx.runDir, { recursive: true, force: true })
+  }
+})
+
+test("up restarts a process whose settings changed, and leaves one alone whose did not", {
+  timeout: 60_000,
+}, async () => {
+  const port = await freePort()
+  const dir = await mkdtemp(join(tmpdir(), "keyway-ensure-"))
+  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  await chmod(home, 0o700)
+  const redis: ProcessSpec = {
+    name: "cloud-redis",
+    script: "redis-server",
+    args: ["--set-proc-title", "no", "--port", String(port), "--bind", "127.0.0.1", "--dir", dir],
+    env: {},
+    tier: "server",
+    ports: [port],
+  }
+  // A password rotated, say: only the environment differs.
+  const changed = { ...redis, env: { KEYWAY_SOME_PASSWORD: "new" } }
+  try {
+    const child = spawnTs(fileURLToPath(new URL("./fixtures/ensure-running.ts", import.meta.url)), {
+      KEYWAY_TEST_PM2_HOME: home,
+      KEYWAY_TEST_ROUNDS: JSON.stringify([[redis], [redis], [changed], [changed]]),
+    })
+    const { code } = await child.exited()
+    assert.equal(code, 0)
+    const rounds = child.json() as {
+      said: string[]
+      listed: { name: string; status: string; pid: number; digest: string }[]
+    }[]
+    assert.deepEqual(
+      rounds.map((r) =>
+        r.said
+          .join("|")
+          .replace(/\s+/g, " ")
+          .replace(/\(pid \d+\)/, "(pid)"),
+      ),
+      [
+        "cloud-redis started",
+        "cloud-redis already online (pid)",
+        "cloud-redis restarted: its settings changed",
+        "cloud-redis already online (pid)",
+      ],
+    )
+    const pids = rounds.map((r) => r.listed[0]!.pid)
+    assert.equal(pids[1], pids[0])
+    assert.notEqual(pids[2], pids[1])
+    assert.equal(pids[3], pids[2])
+    assert.deepEqual(
+      rounds.map((r) => r.listed[0]!.digest),
+      [redis, redis, changed, changed].map(specDigest),
+    )
+    assert.ok(rounds.every((r) => r.listed[0]!.status === "online"))
+  } finally {
+    await cleanUp(home)
+    await rm(dir, { recursive: true, force: true })
   }
 })

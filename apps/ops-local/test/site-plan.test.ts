@@ -1,6 +1,9 @@
 // `just up`'s plan without starting anything: ports clear of the machine's shared servers,
 // and each process given exactly the secrets its role needs.
 import assert from "node:assert/strict"
+import { mkdtemp, rm, writeFile } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
 import { test } from "node:test"
 import {
   type LaunchContext,
@@ -10,6 +13,7 @@ import {
   SITE_NAMES,
   SITES,
   siteProcesses,
+  specDigest,
 } from "../src/site-plan.ts"
 
 const passwords = Object.fromEntries(NATS_USERS.map((u) => [u, `k${u.replaceAll("-", "")}0secret`]))
@@ -65,5 +69,44 @@ test("apps get only their own user's password, and the demo writer none", () => 
       const secrets = Object.entries(p.env).filter(([k]) => k.includes("PASS"))
       if (!p.name.endsWith("-nats")) assert.ok(secrets.length <= 1, p.name)
     }
+  }
+})
+
+test("a process's digest changes with its settings: a password, the demo rate, a config file it includes", async () => {
+  const digests = (c: LaunchContext) =>
+    new Map(siteProcesses(SITES.cloud, c).map((p) => [p.name, specDigest(p)]))
+  const before = digests(ctx)
+  assert.deepEqual(digests({ ...ctx }), before, "the same plan, the same digests")
+  // The relay's password rotated: the relay and the server that checks it, not the worker.
+  const rotated = digests({
+    ...ctx,
+    passwords: { ...passwords, [SITES.cloud.relayUser]: "k0rotated0secret" },
+  })
+  const changed = (after: Map<string, string>) =>
+    [...after].filter(([name, d]) => before.get(name) !== d).map(([name]) => name)
+  assert.deepEqual(changed(rotated), ["cloud-nats", "cloud-relay"])
+  assert.deepEqual(changed(digests({ ...ctx, demoRate: 11 })), ["cloud-demo"])
+
+  const dir = await mkdtemp(join(tmpdir(), "keyway-digest-"))
+  try {
+    const main = join(dir, "server.conf")
+    await writeFile(main, "port: 4222\ninclude accounts.conf\n")
+    await writeFile(join(dir, "accounts.conf"), "accounts { A { users: [] } }\n")
+    const spec = { name: "s", script: "nats-server", args: [], env: {}, tier: "server" as const }
+    const withFile = { ...spec, configFiles: [main] }
+    const first = specDigest(withFile)
+    assert.notEqual(first, specDigest(spec))
+    // A comment is not a setting; the included file's text is.
+    await writeFile(join(dir, "accounts.conf"), "# who may connect\naccounts { A { users: [] } }\n")
+    assert.equal(specDigest(withFile), first)
+    await writeFile(join(dir, "accounts.conf"), "accounts { B { users: [] } }\n")
+    assert.notEqual(specDigest(withFile), first)
+    // The order an environment is written in is not a setting either.
+    assert.equal(
+      specDigest({ ...spec, env: { A: "1", B: "2" } }),
+      specDigest({ ...spec, env: { B: "2", A: "1" } }),
+    )
+  } finally {
+    await rm(dir, { recursive: true, force: true })
   }
 })

@@ -87,6 +87,7 @@ test("status names a process the site should have and pm2 does not list", async 
     uptimeMs: 180_000,
     memoryBytes: 0,
     cpu: 0,
+    digest: "",
   })
   const lines: string[] = []
   printStatus(
