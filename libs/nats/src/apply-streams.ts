@@ -4,6 +4,7 @@ import {
   JetStreamApiError,
   type JetStreamManager,
   type StreamConfig,
+  type StreamSource,
 } from "@nats-io/jetstream"
 
 /**
@@ -163,13 +164,67 @@ export function declaredConfig(live: StreamConfig, declared: StreamDefinition): 
   return out as StreamDefinition
 }
 
+/** A source as the server reports one declared by domain: by that domain's API prefix. */
+function sourceAsReported(source: StreamSource): StreamSource {
+  if (!source.domain) return source
+  const { domain, ...rest } = source
+  return { ...rest, external: { api: `$JS.${domain}.API`, deliver: "" } }
+}
+
+/**
+ * An empty value: declared, it asks for the server's default, which the server writes its own
+ * way (a republish `src` of "" comes back as ">"), so it is not compared.
+ */
+const unset = (v: unknown) =>
+  v === undefined ||
+  v === null ||
+  v === false ||
+  v === "" ||
+  v === 0 ||
+  (typeof v === "object" && Object.keys(v as object).length === 0)
+
+/** Whether `got` holds everything `want` says (the server adds fields of its own). */
+function holds(want: unknown, got: unknown): boolean {
+  if (unset(want)) return true
+  if (Array.isArray(want)) {
+    return (
+      Array.isArray(got) && got.length === want.length && want.every((w, i) => holds(w, got[i]))
+    )
+  }
+  if (want !== null && typeof want === "object") {
+    if (got === null || typeof got !== "object") return false
+    const fields = got as Record<string, unknown>
+    return Object.entries(want).every(([k, w]) => holds(w, fields[k]))
+  }
+  // A start time comes back in the server's own writing of the same instant.
+  if (typeof want === "string" && typeof got === "string" && /^\d{4}-\d\d-\d\dT/.test(want)) {
+    return Date.parse(want) === Date.parse(got)
+  }
+  return want === got
+}
+
+/**
+ * The declared fields that the config the server answered with does not hold as declared.
+ * nats-server drops a field it does not know without a word: a typo (`max_agee`) or one newer
+ * than it (2.11's `allow_msg_ttl` on 2.9.10; nats.js checks the 2.10 ones itself).
+ */
+export function fieldsNotKept(declared: StreamDefinition, applied: StreamConfig): string[] {
+  const live = applied as unknown as Record<string, unknown>
+  const wanted: Record<string, unknown> = { ...declared }
+  if (declared.sources) wanted.sources = declared.sources.map(sourceAsReported)
+  return Object.entries(wanted)
+    .filter(([field, want]) => !holds(want, live[field]))
+    .map(([field]) => field)
+}
+
 /**
  * Creates missing streams and updates existing ones to their declared config (what it leaves
  * out at its default: STREAM_DEFAULTS). Never deletes
  * a stream: deleting and recreating an origin stream loses its messages and resets the
  * sequence numbers its sourced copies track. Nor does it make a change that would destroy
  * or re-fetch what a stream holds (see destructiveChanges): that is refused, whole, before
- * any stream is touched.
+ * any stream is touched. What the server then reports is read back: a declared field it did
+ * not keep (fieldsNotKept) is refused too, once every stream is applied.
  */
 export async function applyStreams(
   jsm: JetStreamManager,
@@ -207,12 +262,17 @@ export async function applyStreams(
       `refused to apply stream changes that would destroy or re-fetch stored messages, or that the server cannot make (make them by hand if meant): ${refused.join("; ")}`,
     )
   }
+  const notKept: string[] = []
   for (const { definition, exists } of planned) {
-    if (exists) {
-      const { name, ...rest } = definition
-      await jsm.streams.update(name, rest)
-    } else {
-      await jsm.streams.add(definition)
-    }
+    const { name, ...rest } = definition
+    const info = exists ? await jsm.streams.update(name, rest) : await jsm.streams.add(definition)
+    const fields = fieldsNotKept(definition, info.config)
+    if (fields.length > 0) notKept.push(`${name}: ${fields.join(", ")}`)
+  }
+  // Applied without them, as the server would run it: said, so the declaration is mended.
+  if (notKept.length > 0) {
+    throw new StreamChangeRefusedError(
+      `the NATS server did not keep these declared stream fields, which it does not know (a misspelling, or a field of a later server version): ${notKept.join("; ")}`,
+    )
   }
 }

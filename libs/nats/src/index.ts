@@ -1,6 +1,7 @@
 export {
   applyStreams,
   destructiveChanges,
+  fieldsNotKept,
   loadStreamDefinitions,
   parseDuration,
   StreamChangeRefusedError,

@@ -14,6 +14,7 @@ import {
   applyStreams,
   connectNats,
   destructiveChanges,
+  fieldsNotKept,
   StreamChangeRefusedError,
   type StreamDefinition,
 } from "../src/index.ts"
@@ -192,4 +193,43 @@ test("a source declared by domain is the same source the server reports by API p
     }),
     ["source CLOUD changed: the copy would fetch it again from its start"],
   )
+})
+
+test("a declared field the server does not know is refused by name once applied; one it keeps is not", async () => {
+  const name = uniqueName()
+  const declared = {
+    name,
+    subjects: [`${name.toLowerCase()}.>`],
+    max_age: hours(1),
+    duplicate_window: "90s",
+    deny_delete: false,
+    // Misspelt, and a field of nats-server 2.11: 2.9.10 drops both without a word.
+    max_agee: hours(2),
+    allow_msg_ttl: true,
+    sources: [
+      { name: "FAR", domain: "far" },
+      { name: "NEAR", external: { api: "$JS.near.API", deliver: "" }, opt_start_seq: 0 },
+    ],
+  } as unknown as StreamDefinition
+  await assert.rejects(
+    applyStreams(jsm, [declared]),
+    (err: Error) =>
+      err instanceof StreamChangeRefusedError &&
+      err.message.includes(`${name}: max_agee, allow_msg_ttl`) &&
+      /did not keep/.test(err.message),
+  )
+  // Applied as the server runs it; without the two fields, the same declaration is whole.
+  const { max_agee, allow_msg_ttl, ...kept } = declared as unknown as Record<string, unknown>
+  await applyStreams(jsm, [kept as StreamDefinition])
+  assert.equal((await jsm.streams.info(name)).config.max_age, hours(1))
+  // What the server reports holds each declared field, written as the server writes it.
+  const live = (await jsm.streams.info(name)).config
+  assert.deepEqual(
+    fieldsNotKept({ ...(kept as StreamDefinition), duplicate_window: 90e9 }, live),
+    [],
+  )
+  assert.deepEqual(fieldsNotKept({ name, max_age: hours(3), subjects: ["other.>"] }, live), [
+    "max_age",
+    "subjects",
+  ])
 })
