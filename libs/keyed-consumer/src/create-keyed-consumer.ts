@@ -34,6 +34,7 @@ import {
   type IncomingEvent,
   ingestBatch,
   type KeyRef,
+  keyId,
   markFailed,
   markGap,
   nextTasks,
@@ -60,6 +61,7 @@ import {
   type KeyedEvent,
   PoisonError,
   type TopicPolicy,
+  UncommittedError,
 } from "./types.ts"
 
 export interface KeyedConsumerLogger {
@@ -373,7 +375,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // per wake-up.
   const drainAborts = new Set<AbortController>()
   let shutdownReason: Error | undefined
-  const retryTimers = new Set<NodeJS.Timeout>()
+  const retryTimers = new Map<string, { timer: NodeJS.Timeout; at: number }>()
   const scheduler = new KeyScheduler(
     config.concurrency ?? 64,
     (ref, waitedMs) => {
@@ -401,15 +403,23 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     ),
   }
 
+  // One timer per key, the soonest asked for: each wake-up of a key whose task waits out its
+  // retry (a later version arriving, say) drains it and asks again, and a timer per ask piled
+  // up by the thousand behind an hour's Retry-After.
   const wakeLater = (ref: KeyRef, ms: number) => {
     // Once stopping, a timer would outlive stop(); the task's run_after is in the inbox, and
     // the polling loop of whichever worker runs next finds it.
     if (stopping) return
+    const id = keyId(ref)
+    const at = Date.now() + ms
+    const pending = retryTimers.get(id)
+    if (pending && pending.at <= at) return
+    if (pending) clearTimeout(pending.timer)
     const timer = setTimeout(() => {
-      retryTimers.delete(timer)
+      retryTimers.delete(id)
       scheduler.wake(ref)
     }, ms)
-    retryTimers.add(timer)
+    retryTimers.set(id, { timer, at })
   }
 
   // ---- batched round trips ----------------------------------------------------------------
@@ -491,10 +501,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         ? await runPipelinedTransaction(db, (trx) => complete(trx, true))
         : await complete(db, false)
     } catch (err) {
+      if (items.length === 1) return [{ status: "rejected", reason: err }]
       // Not once stopping: the one at fault would take another lease to fail again, past
-      // the grace stop() has. The others are tried again by whoever drains their keys next.
-      if (items.length === 1 || stopping)
-        return items.map(() => ({ status: "rejected", reason: err }))
+      // the grace stop() has. Which one it was is not known, so none is charged an attempt:
+      // all are tried again by whoever drains their keys next.
+      if (stopping) {
+        const reason = new UncommittedError(
+          `not completed: the batch it shared failed while the worker stopped (${messageOf(err)})`,
+          { cause: err },
+        )
+        return items.map(() => ({ status: "rejected", reason }))
+      }
       return Promise.all(items.map(async (item) => (await completeBatch([item]))[0]!))
     }
   }
@@ -798,10 +815,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // task is done: a handler that throws (or returns) while it is in flight, one that did not
     // await it, must not have the task marked failed, or completed a second time, meanwhile.
     let completion: Promise<unknown> | undefined
+    let returned = false
     const committed = async () =>
       (await completion?.then(
         () => true,
         () => false,
+      )) ?? false
+    const abandoned = async () =>
+      (await completion?.then(
+        () => false,
+        (err) => err instanceof UncommittedError,
       )) ?? false
     const ctx: HandlerContext = {
       eventId: task.event_id,
@@ -811,6 +834,19 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       complete: <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
         if (completion) {
           return Promise.reject(new Error("complete() was already called for this event"))
+        }
+        if (returned) {
+          // The task was completed, or failed, without these effects; it cannot take them
+          // now. Said in the log as well: a handler that did not await complete() may not
+          // look at its rejection either.
+          const err = new Error(
+            `complete() was called after the handler for ${ref.topic}/${ref.key} v${task.ver} had returned: its effects were not written (await complete() in the handler)`,
+          )
+          log.error("effects not written: complete() after the handler returned", {
+            ...ref,
+            ver: task.ver,
+          })
+          return Promise.reject(err)
         }
         completion = completions.submit({
           ...ref,
@@ -855,7 +891,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (claim.supersededBy !== undefined && claim.supersededBy > task.ver) {
         event.supersededBy = claim.supersededBy
       }
-      await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
+      try {
+        await context.with(trace.setSpan(parent, span), () => handler(event, ctx))
+      } finally {
+        returned = true
+      }
       await (completion ?? completions.submit({ ...ref, ver: task.ver, epoch }))
       stats.done++
       return "done"
@@ -866,10 +906,15 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
         return "fenced"
       }
-      if (!completed && signal.aborted && signal.reason === shutdownReason) {
-        // Cut short by stop(), not failed: the task stays pending with its attempts as they
-        // were, for whichever worker takes the key next. Counting it would let a handler
-        // slower than the grace period die after enough restarts.
+      if (
+        !completed &&
+        (signal.aborted || err instanceof UncommittedError || (await abandoned()))
+      ) {
+        // Cut short, not failed: by stop(), by the loss of the key's lock or lease (a Redis or
+        // Postgres blip, another worker now holding the key), or in a batch given up while
+        // stopping. The task stays pending with its attempts as they were, for whichever
+        // worker takes the key next. Counting it would let a handler slower than the grace
+        // period, or one running through a flapping Redis, die for what was not its failure.
         span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
         return "stopped"
       }
@@ -957,8 +1002,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       }
       if (epoch !== undefined && !renewing) {
         renewing = true
+        // A renewal that failed (Postgres busy or away) has not lost the lease: the next beat
+        // tries again, and a completion after another worker took the key is fenced anyway.
+        // Counted as lost, a blip aborted every handler in flight, vendor calls halfway.
         void renewLease(db, group, ref, epoch, leaseMs)
-          .catch(() => false)
+          .catch(() => true)
           .then((leased) => {
             renewing = false
             if (!leased) lose("lease")
@@ -1165,7 +1213,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         deadlineTimer = setTimeout(r, graceMs)
       })
       await Promise.race([flushing, deadline])
-      for (const t of retryTimers) clearTimeout(t)
+      for (const { timer } of retryTimers.values()) clearTimeout(timer)
       await Promise.all([
         Promise.race([Promise.allSettled(roundsInHand), deadline]),
         scheduler.stop(),

@@ -26,4 +26,5 @@ export {
   type KeyedEvent,
   PoisonError,
   type TopicPolicy,
+  UncommittedError,
 } from "./types.ts"

@@ -99,6 +99,14 @@ export class FencedError extends Error {
 }
 
 /**
+ * Thrown by `ctx.complete` when the worker, stopping, gave up the completion batch the task
+ * shared with other keys: nothing of it was written, and the task is not charged an attempt.
+ */
+export class UncommittedError extends Error {
+  override name = "UncommittedError"
+}
+
+/**
  * Throw from a handler for input that no retry can fix: the event is dead at once, with
  * this message as the reason.
  *

@@ -390,6 +390,163 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().retried, 1)
   })
 
+  test("a key whose task waits out a long Retry-After keeps one timer, however often it is woken", async () => {
+    const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length
+    const { t, stream, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) {
+            throw Object.assign(new Error("rate limited"), { retryAfterMs: 3600_000 })
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "wait", ver: 1, payload: { n: 1 } })
+    await waitFor(() => consumer.status().retried === 1, {
+      timeoutMs: 10_000,
+      message: "v1 failed",
+    })
+    const before = timers()
+    // Each later version wakes the key, and each drain finds v1 still waiting.
+    for (let ver = 2; ver <= 41; ver++) {
+      await publishEvent(nc, stream.site, { key: "wait", ver, payload: { n: ver } })
+      await new Promise((r) => setTimeout(r, 25))
+    }
+    await waitFor(
+      async () =>
+        (
+          await sql<{
+            n: number
+          }>`select count(*)::int as n from keyway.inbox where key = 'wait'`.execute(t.db)
+        ).rows[0]!.n === 41,
+      { timeoutMs: 10_000, message: "all 41 versions stored" },
+    )
+    await new Promise((r) => setTimeout(r, 500))
+    // A timer per wake-up piled up here, one for each of the 40 versions.
+    assert.ok(timers() - before <= 3, `${timers() - before} more timers`)
+    assert.equal(consumer.status().retried, 1)
+    assert.deepEqual(await effects(t.db), [])
+  })
+
+  test("complete() called after the handler returned is refused with that reason, and writes nothing", async () => {
+    let late: Error | undefined
+    const { t, stream, consumer } = await setup({
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          // A handler that forgot to await work that completes later.
+          setTimeout(() => {
+            recordEffect("w1")(event, ctx).catch((err: Error) => {
+              late = err
+            })
+          }, 50)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "late", ver: 1, payload: { n: 1 } })
+    await waitFor(() => late !== undefined, { timeoutMs: 10_000, message: "the late complete()" })
+    // It was blamed on another worker taking the key, which nobody had.
+    assert.match(late!.message, /complete\(\) was called after the handler .* had returned/)
+    assert.equal(consumer.status().fenced, 0)
+    assert.equal(consumer.status().done, 1)
+    assert.deepEqual(await effects(t.db), [])
+  })
+
+  test("a handler cut short because the key's Redis lock was lost is not charged an attempt", async () => {
+    let runs = 0
+    const { opened: running, open: entered } = gate()
+    const { t, stream, group, consumer } = await setup({
+      defaultPolicy: { maxAttempts: 1, onDead: "block" },
+      leaseMs: 1500,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (++runs === 1) {
+            entered()
+            await new Promise<void>((resolve) => {
+              ctx.signal.addEventListener("abort", () => resolve(), { once: true })
+            })
+            throw ctx.signal.reason
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "lost", ver: 1, payload: { n: 1 } })
+    await running
+    // The lock gone from Redis (a failover, an eviction): the next extension fails.
+    assert.equal(await redis.del(`keyway:${group}:demo.item:lost`), 1)
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 15_000,
+      message: "run again, and done",
+    })
+    // With one attempt allowed, counting the lost lock as a failure made the task dead.
+    assert.equal(runs, 2)
+    assert.equal(consumer.status().dead, 0)
+  })
+
+  test("a completion batch that fails while stopping charges none of its keys an attempt", {
+    timeout: 30_000,
+  }, async () => {
+    // c1 and c2 hold both completion batches in flight, so that a and b, completing next,
+    // share the third. a's effects throw once stop() has been called.
+    const { opened: holdersIn, open: holdersSent } = gate()
+    const { opened: released, open: release } = gate()
+    let holders = 0
+    const { opened: pairIn, open: pairSent } = gate()
+    let pair = 0
+    const { t, stream, group, consumer } = await setup({
+      shutdownGraceMs: 10_000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.key.startsWith("c")) {
+            const done = ctx.complete(async (trx) => {
+              await released
+              await sql`insert into effect (topic, key, ver, event_id, worker)
+                        values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+                trx,
+              )
+            })
+            if (++holders === 2) holdersSent()
+            await done
+            return
+          }
+          await holdersIn
+          const done = ctx.complete(
+            async (trx) => {
+              if (event.key === "a") throw new Error("a broke")
+              await sql`insert into effect (topic, key, ver, event_id, worker)
+                        values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+                trx,
+              )
+            },
+            { interleave: true },
+          )
+          if (++pair === 2) pairSent()
+          await done
+        },
+      },
+    })
+    for (const key of ["c1", "c2"])
+      await publishEvent(nc, stream.site, { key, ver: 1, payload: { n: 1 } })
+    await holdersIn
+    for (const key of ["a", "b"])
+      await publishEvent(nc, stream.site, { key, ver: 1, payload: { n: 1 } })
+    await pairIn
+    const stopped = consumer.stop()
+    release()
+    await stopped
+    const rows = await sql<{ key: string; state: string; attempts: number; error: string | null }>`
+      select key, state, attempts, last_error as error from keyway.inbox
+       where grp = ${group} and key in ('a', 'b') order by key`.execute(t.db)
+    // b was charged a's failure, with a's message; a was charged with nobody knowing it was a.
+    assert.deepEqual(rows.rows, [
+      { key: "a", state: "pending", attempts: 0, error: null },
+      { key: "b", state: "pending", attempts: 0, error: null },
+    ])
+    assert.deepEqual((await effects(t.db)).map((e) => e.key).sort(), ["c1", "c2"])
+  })
+
   test("a handler that throws while its completion is in flight: the task is done with its effects, not dead", async () => {
     const { t, stream, admin, consumer } = await setup({
       defaultPolicy: { maxAttempts: 1, onDead: "block" },

@@ -37,6 +37,9 @@ export interface KeyRef {
   key: string
 }
 
+/** A key as one string, for maps and sets of keys. */
+export const keyId = (ref: KeyRef) => `${ref.topic}\u0000${ref.key}`
+
 /** An event the inbox refused because another event holds its version or its id. */
 export interface Collision {
   streamSeq: number

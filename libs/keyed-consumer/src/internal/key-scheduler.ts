@@ -1,6 +1,4 @@
-import type { KeyRef } from "./inbox-sql.ts"
-
-const id = (ref: KeyRef) => `${ref.topic}\u0000${ref.key}`
+import { keyId as id, type KeyRef } from "./inbox-sql.ts"
 
 /**
  * Runs `drain` for woken keys, at most `concurrency` at once and never twice at once for one
