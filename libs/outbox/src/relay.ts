@@ -552,7 +552,10 @@ export function createRelay(config: RelayConfig): Relay {
       // rows past retention can be hundreds of thousands, and deleting them all at once held
       // up publishing for as long. While some are left, the loop comes back at once.
       let pruneBehind = false
-      if (settings.retentionMs > 0 && Date.now() >= nextPruneAt) {
+      // Not while NATS is lost: the re-publish after it takes the rows published just before
+      // the loss (the server may not have synced them), and an outage longer than retention
+      // had them pruned first, lost for good.
+      if (settings.retentionMs > 0 && Date.now() >= nextPruneAt && lostAt === undefined) {
         // Upkeep, not publishing: a prune that fails (a role without DELETE, a damaged index)
         // is reported and tried again at the next interval. Ending the session for it made
         // every new session re-publish its window, then fail here again: a loop of
