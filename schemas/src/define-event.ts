@@ -16,12 +16,15 @@ export interface EventType<P = unknown> {
 /** A payload that does not satisfy its event type's schema. */
 export class InvalidEventError extends Error {
   override name = "InvalidEventError"
+  /**
+   * @param options.at which event of several, for the message: `#2 (key b)`.
+   */
   constructor(
     readonly type: string,
     readonly reason: string,
-    options?: ErrorOptions,
+    options?: ErrorOptions & { at?: string },
   ) {
-    super(`invalid ${type} event: ${reason}`, options)
+    super(`invalid ${type} event${options?.at ? ` ${options.at}` : ""}: ${reason}`, options)
   }
 }
 

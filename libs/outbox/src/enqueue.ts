@@ -1,4 +1,4 @@
-import { type EventType, findEventType, MAX_KEY_LENGTH } from "@keyway/schemas"
+import { type EventType, findEventType, InvalidEventError, MAX_KEY_LENGTH } from "@keyway/schemas"
 import { context, propagation } from "@opentelemetry/api"
 import { type Kysely, sql } from "kysely"
 
@@ -83,8 +83,17 @@ function check(
       `${where} (${event.type}): key must be at most ${MAX_KEY_LENGTH} printable characters`,
     )
   }
-  // Throws InvalidEventError naming the type and every bad field.
-  def.decode(event.payload)
+  // InvalidEventError names the type and every bad field; said here which event of the
+  // call it is, one among hundreds of the same type perhaps.
+  try {
+    def.decode(event.payload)
+  } catch (err) {
+    if (!(err instanceof InvalidEventError)) throw err
+    throw new InvalidEventError(err.type, err.reason, {
+      cause: err,
+      at: `#${index + 1} (key ${event.key})`,
+    })
+  }
   const json = JSON.stringify(event.payload)
   if (json.includes("\\u") && UNSTORABLE.test(json)) {
     throw new EnqueueError(
@@ -154,7 +163,16 @@ export async function enqueue(
   if (checked.length === 1) {
     const { event, def, json } = checked[0]!
     const [row] = await enqueueOne(trx, def, event, json, trace)
-    return [{ seq: row!.seq, ver: row!.ver, topic: def.topic, key: event.key, type: def.type }]
+    // Number(): int8 comes back as a string from a Kysely whose pool createDb did not make.
+    return [
+      {
+        seq: Number(row!.seq),
+        ver: Number(row!.ver),
+        topic: def.topic,
+        key: event.key,
+        type: def.type,
+      },
+    ]
   }
   // The distinct (topic, key) pairs, sorted: keyway.enqueue() locks their heads in this
   // order, so writers touching overlapping keys never deadlock.
@@ -183,7 +201,9 @@ export async function enqueue(
     )
   `.execute(trx)
   // Rows come back in no particular order; the i-th event holds the i-th smallest seq.
-  const assigned = result.rows.sort((a, b) => a.seq - b.seq)
+  const assigned = result.rows
+    .map((r) => ({ seq: Number(r.seq), ver: Number(r.ver) }))
+    .sort((a, b) => a.seq - b.seq)
   return checked.map(({ event, def }, i) => ({
     seq: assigned[i]!.seq,
     ver: assigned[i]!.ver,

@@ -9,7 +9,8 @@ import {
 } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
-import { sql } from "kysely"
+import { Kysely, PostgresDialect, sql } from "kysely"
+import pg from "pg"
 
 const item = (key: string, n: number) => ({ type: "demo.item.changed.v1", key, payload: { n } })
 
@@ -82,6 +83,24 @@ describe("enqueue", () => {
       assert.fail("enqueue accepted it")
     })
 
+  test("seq and ver are numbers from any Kysely, not only from one createDb made", async () => {
+    // pg reads int8 as a string unless told otherwise, as createDb's pool is.
+    const plain = new Kysely<any>({
+      dialect: new PostgresDialect({ pool: new pg.Pool({ connectionString: t.url, max: 1 }) }),
+    })
+    try {
+      for (const events of [item("plain", 1), [item("plain", 2), item("plain2", 1)]]) {
+        const got = await plain.transaction().execute((trx) => enqueue(trx, events))
+        for (const e of got) {
+          assert.equal(typeof e.seq, "number")
+          assert.equal(typeof e.ver, "number")
+        }
+      }
+    } finally {
+      await plain.destroy()
+    }
+  })
+
   test("an invalid payload names the type and the field, and nothing of the call is written", async () => {
     const before = await outboxRows(t)
     const invalid = await refusal([
@@ -91,6 +110,8 @@ describe("enqueue", () => {
     assert.ok(invalid instanceof InvalidEventError)
     assert.match(invalid.message, /demo\.item\.changed\.v1/)
     assert.match(invalid.message, /\["n"\]/)
+    // Which of the call's events it is.
+    assert.match(invalid.message, /event #2 \(key d\)/)
     assert.match(
       (await refusal({ type: "no.such.v1", key: "d", payload: {} })).message,
       /unknown event type "no\.such\.v1"/,
