@@ -9,7 +9,7 @@ export interface TsChild extends ChildProcess {
   readonly lines: string[]
   /** Lines that parse as JSON objects, parsed. */
   json(): Record<string, any>[]
-  /** Resolves when the child has exited (at once if it already has). */
+  /** Resolves when the child has exited and its output has been read (at once if so). */
   exited(): Promise<{ code: number | null; signal: NodeJS.Signals | null }>
 }
 
@@ -46,13 +46,28 @@ export function spawnTs(
     partial = parts.pop() ?? ""
     lines.push(...parts)
   })
+  // A last line without its newline is a line too.
+  const drained = new Promise<void>((resolve) =>
+    child.stdout!.once("close", () => {
+      if (partial) lines.push(partial)
+      partial = ""
+      resolve()
+    }),
+  )
   // Killed with the test process however it ends, a signal included: a child left behind
   // (a relay, a worker) would go on using the shared NATS and Postgres.
   const forget = killOnExit(child)
+  // 'exit' can come before the child's last output has been read: exited() waits for its
+  // stdout to close too, so lines and json() hold everything it printed. Not for ever: a
+  // process the child started may hold the pipe open after the child is gone.
   const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once("exit", (code, signal) => {
       forget()
-      resolve({ code, signal })
+      let timer: NodeJS.Timeout | undefined
+      void Promise.race([drained, new Promise((r) => (timer = setTimeout(r, 2000)))]).then(() => {
+        clearTimeout(timer)
+        resolve({ code, signal })
+      })
     }),
   )
   return Object.assign(child, {
