@@ -5,6 +5,7 @@ import {
   metricsPortEnv,
   natsServersEnv,
   postgresUrlEnv,
+  redisUrlEnv,
   requiredEnv,
   type TelemetryEnv,
   telemetryEnv,
@@ -57,7 +58,7 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
     natsServers: natsServersEnv(env),
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
-    redisUrl: env.REDIS_URL?.trim() || "redis://127.0.0.1:6379",
+    redisUrl: redisUrlEnv(env),
     stream: requiredEnv(env, "ESL_STREAM", "CLOUD"),
     group: env.ESL_GROUP?.trim() || "esl-worker",
     // esl.label's origin site is the cloud; relays publish `<site>.<topic>`.

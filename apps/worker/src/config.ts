@@ -5,6 +5,7 @@ import {
   metricsPortEnv,
   natsServersEnv,
   postgresUrlEnv,
+  redisUrlEnv,
   requiredEnv,
   type TelemetryEnv,
   telemetryEnv,
@@ -79,7 +80,7 @@ export function parseConfig(env: Env): WorkerAppConfig {
     natsUser: env.NATS_USER || undefined,
     natsPass: env.NATS_PASS || undefined,
     natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
-    redisUrl: env.REDIS_URL?.trim() || "redis://127.0.0.1:6379",
+    redisUrl: redisUrlEnv(env),
     stream,
     group,
     // The demo's filter belongs to the demo's stream and group: applied to a group named

@@ -47,3 +47,11 @@ test("a stream or group name JetStream cannot take is refused at start, by name"
     /WORKER_CONCURRENCY/,
   )
 })
+
+test("a REDIS_URL that ioredis could not read is refused at start, without repeating it", () => {
+  assert.equal(parseConfig(base).redisUrl, "redis://127.0.0.1:6379")
+  assert.throws(
+    () => parseConfig({ ...base, REDIS_URL: "redis://:pa/ss@127.0.0.1:6379" }),
+    (err: Error) => /^REDIS_URL must be/.test(err.message) && !err.message.includes("pa/ss"),
+  )
+})

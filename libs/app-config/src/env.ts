@@ -54,6 +54,24 @@ export function intEnv(
 }
 
 /**
+ * A rate per second written as a decimal number ("50", "0.5"), or `fallback` when unset. At
+ * least 0.01 (one every 100 s): the pause between two events is a Node timer, and one longer
+ * than Node can set fires after 1 ms, so a tiny rate ran flat out.
+ */
+export function perSecondEnv(env: Env, name: string, fallback: number, max: number): number {
+  const raw = env[name]?.trim()
+  if (!raw) return fallback
+  // Not Number(): it also reads "1e3" and "0x10".
+  const value = /^[0-9]+(\.[0-9]+)?$/.test(raw) ? Number(raw) : Number.NaN
+  if (!(value >= 0.01 && value <= max)) {
+    throw new ConfigError(
+      `${name} must be a number of events per second from 0.01 to ${max}, got ${JSON.stringify(raw)}`,
+    )
+  }
+  return value
+}
+
+/**
  * NATS_URL: one or more servers, comma-separated, each `nats://host:port` or `host:port`,
  * without credentials (NATS_USER, NATS_PASS); a default when unset. nats.js takes a bad entry for a server that is down, and waits for
  * it for ever.
@@ -94,6 +112,25 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   } catch {}
   if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
     throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
+  }
+  return value
+}
+
+/**
+ * REDIS_URL: `redis://[[user]:password@]host[:port][/db]` (or `rediss://`), a default when
+ * unset. ioredis parses it only when the client is made, after the other servers are waited
+ * for, and its error carries the value, password and all.
+ */
+export function redisUrlEnv(env: Env, fallback = "redis://127.0.0.1:6379"): string {
+  const value = env.REDIS_URL?.trim() || fallback
+  let url: URL | undefined
+  try {
+    url = new URL(value)
+  } catch {}
+  if (!url?.hostname || !/^rediss?:$/.test(url.protocol)) {
+    throw new ConfigError(
+      "REDIS_URL must be a URL like redis://127.0.0.1:6379 or redis://:password@host:6379/0, got a value that is not one (a password with / ? # @ or % in it must be percent-encoded)",
+    )
   }
   return value
 }

@@ -5,7 +5,9 @@ import {
   intEnv,
   metricsPortEnv,
   natsServersEnv,
+  perSecondEnv,
   postgresUrlEnv,
+  redisUrlEnv,
   requiredEnv,
   telemetryEnv,
   urlEnv,
@@ -145,4 +147,35 @@ test("an OTLP endpoint that is no http(s) base URL is refused at start, saying w
       .otlpEndpoint,
     "https://otel.example/collector",
   )
+})
+
+test("redisUrlEnv takes redis:// and rediss:// URLs, and refuses others without repeating them", () => {
+  assert.equal(redisUrlEnv({}), "redis://127.0.0.1:6379")
+  for (const url of ["redis://:p%2Fss@h:6379/1", "rediss://u:p@h:6380"]) {
+    assert.equal(redisUrlEnv({ REDIS_URL: url }), url)
+  }
+  // A password with a slash: ioredis threw ERR_INVALID_URL with the value in it, late.
+  for (const raw of ["redis://:pa/ss@127.0.0.1:6379", "127.0.0.1:6379", "http://h:6379"]) {
+    assert.throws(
+      () => redisUrlEnv({ REDIS_URL: raw }),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        /REDIS_URL must be/.test(err.message) &&
+        !err.message.includes("pa/ss"),
+      raw,
+    )
+  }
+})
+
+test("perSecondEnv takes decimal rates from 0.01 up to its bound, and nothing a timer could not pace", () => {
+  assert.equal(perSecondEnv({}, "RATE", 10, 1000), 10)
+  assert.equal(perSecondEnv({ RATE: "0.5" }, "RATE", 10, 1000), 0.5)
+  assert.equal(perSecondEnv({ RATE: "1000" }, "RATE", 10, 1000), 1000)
+  for (const raw of ["0", "0.001", "1001", "1e3", "0x10", "-1", "abc", "NaN"]) {
+    assert.throws(
+      () => perSecondEnv({ RATE: raw }, "RATE", 10, 1000),
+      /RATE must be a number of events per second from 0.01 to 1000/,
+      raw,
+    )
+  }
 })
