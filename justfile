@@ -55,7 +55,8 @@ demo site="cloud":
     node --import tsx apps/demo/src/main.ts {{site}}
 
 # Each site's NATS, Redis, migrated database, streams, relay, worker and demo writer, under
-# the project's pm2 (.run/pm2). Running it again starts only what is not running.
+# the project's pm2 (.run/pm2). Running it again starts what is not running and restarts
+# what runs with other settings than now (a rotated password, DEMO_RATE, an edited config).
 # Both sites (or one: cloud, factory) on this machine, with demo traffic both ways.
 up site="":
     @{{just_executable()}} _one-at-a-time up

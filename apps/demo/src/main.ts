@@ -3,6 +3,7 @@
 // every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
 // the writing and the report; the relay catches up when it is back.
 import { readdirSync } from "node:fs"
+import { ConfigError, natsServersEnv, perSecondEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
@@ -23,15 +24,20 @@ const sites = readdirSync(streamsDir)
 const site = process.argv[2] ?? "cloud"
 if (!sites.includes(site)) fail(`the site must be one of ${sites.join(", ")}, not ${site}`)
 const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/keyway"
-const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
 // Checked before anything starts: a rate of 0 or "abc" made the pacing delay Infinity or NaN,
 // which Node runs as 1 ms, and the demo wrote flat out with a warning per write.
-const rate = Number(process.env.DEMO_RATE?.trim() || 50)
-if (!Number.isFinite(rate) || rate <= 0 || rate > 100_000) {
-  fail(
-    `DEMO_RATE must be a number of events per second above 0, up to 100000, got ${JSON.stringify(process.env.DEMO_RATE)}`,
-  )
-}
+const settings = (() => {
+  try {
+    return {
+      natsServers: natsServersEnv(process.env),
+      rate: perSecondEnv(process.env, "DEMO_RATE", 50, 100_000),
+    }
+  } catch (err) {
+    if (err instanceof ConfigError) fail(err.message)
+    throw err
+  }
+})()
+const rate = settings.rate
 const secondsRaw = process.env.DEMO_SECONDS?.trim() || "0"
 const seconds = /^[0-9]+$/.test(secondsRaw) ? Number(secondsRaw) : Number.NaN
 if (!Number.isSafeInteger(seconds) || seconds > 2_000_000) {
@@ -43,7 +49,7 @@ if (!Number.isSafeInteger(seconds) || seconds > 2_000_000) {
 await ensureDatabase(databaseUrl)
 const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "keyway-demo" })
 await migrateToLatest(db)
-const nc = await connectNats({ servers: natsUrl.split(","), name: `keyway-demo:${site}` })
+const nc = await connectNats({ servers: settings.natsServers, name: `keyway-demo:${site}` })
 const jsm = await jetstreamManager(nc)
 // Only the site's origin stream: its cross-site copies source from another JetStream domain,
 // which the machine's single shared server does not have (`just up` runs both sites).

@@ -2,6 +2,7 @@
 // transaction at DEMO_RATE per second, the way a service writes its domain changes. The
 // relay publishes them; the other site's worker handles them. SIGTERM stops between
 // transactions, so nothing is left half-written, and exits 0.
+import { perSecondEnv } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
 import { demoEvent } from "./demo-event.ts"
@@ -15,8 +16,13 @@ const env = process.env
 const site = env.KEYWAY_SITE?.trim() || fail("KEYWAY_SITE is required (e.g. KEYWAY_SITE=factory)")
 const databaseUrl =
   env.DATABASE_URL?.trim() || fail("DATABASE_URL is required (e.g. postgres://…/keyway_factory)")
-const rate = Number(env.DEMO_RATE ?? 10)
-if (!Number.isFinite(rate) || rate <= 0) fail(`DEMO_RATE must be a positive number, got ${rate}`)
+const rate = (() => {
+  try {
+    return perSecondEnv(env, "DEMO_RATE", 10, 100_000)
+  } catch (err) {
+    return fail((err as Error).message)
+  }
+})()
 const keys = Number(env.DEMO_KEYS ?? 20)
 if (!Number.isInteger(keys) || keys <= 0) fail(`DEMO_KEYS must be a positive integer, got ${keys}`)
 

@@ -2,7 +2,7 @@
 // (the compose files and nats/README.md agree with them); only what differs between
 // machines is read here.
 import { existsSync } from "node:fs"
-import { ConfigError } from "@keyway/app-config"
+import { ConfigError, perSecondEnv } from "@keyway/app-config"
 
 export interface OpsConfig {
   /** The Postgres server; each site gets its own database on it (keyway_cloud, keyway_factory). */
@@ -24,12 +24,7 @@ export function parseOpsConfig(env: Record<string, string | undefined>): OpsConf
       "KEYWAY_POSTGRES_URL is not a URL (postgres://user:password@host:port/db; a password with / or @ in it must be percent-encoded)",
     )
   }
-  const rawRate = env.DEMO_RATE?.trim() || "10"
-  const demoRate = Number(rawRate)
-  if (!Number.isFinite(demoRate) || demoRate <= 0 || demoRate > 1000) {
-    throw new ConfigError(`DEMO_RATE must be events per second in (0, 1000], got ${rawRate}`)
-  }
-  return { postgresUrl, demoRate }
+  return { postgresUrl, demoRate: perSecondEnv(env, "DEMO_RATE", 10, 1000) }
 }
 
 // Debian installs nats-server under /usr/sbin, which is not on every user's PATH.
