@@ -46,9 +46,17 @@ export interface RelayConfig {
   jetstream: JetStreamClient
   /**
    * The connection under `jetstream`. When given, every reconnect re-publishes the rows of the
-   * last `republishWindowMs`: the server may have restarted and lost recent writes.
+   * last `republishWindowMs`: the server may have restarted and lost recent writes. And the
+   * relay leads only while it reaches NATS (see `stepDownAfterMs`).
    */
   connection?: NatsConnection
+  /**
+   * How long the active relay goes on without NATS (its `connection` disconnected) before it
+   * gives up leadership, so that a standby that reaches NATS can publish; a relay without NATS
+   * does not compete for leadership until it is back. Default 30 s: a blip is cheaper to ride
+   * out than a change of leader, which re-publishes its window.
+   */
+  stepDownAfterMs?: number
   /** How far back to re-publish on becoming active and after a reconnect. Default 2 min; 0 never. */
   republishWindowMs?: number
   /** This site's name: message ids are `<site>:<seq>`. */
@@ -217,6 +225,7 @@ export function createRelay(config: RelayConfig): Relay {
     republishWindowMs: config.republishWindowMs ?? 120_000,
     heldRetryMs: config.heldRetryMs ?? 60_000,
     stopTimeoutMs: config.stopTimeoutMs ?? 6000,
+    stepDownAfterMs: config.stepDownAfterMs ?? 30_000,
   }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
@@ -246,6 +255,8 @@ export function createRelay(config: RelayConfig): Relay {
   let republishDue = true
   /** When the NATS connection was lost, until the re-publish after it has run. */
   let lostAt: Date | undefined
+  /** Since when `config.connection` has been disconnected; undefined while it is connected. */
+  let natsDownSince: number | undefined
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
   /** The session's connection while it is open: stop() may have to close it under the session. */
@@ -439,7 +450,11 @@ export function createRelay(config: RelayConfig): Relay {
     state.role = "connecting"
     const client = yield* connection
     state.role = "standby"
-    while (!(yield* query("take leadership", () => tryTakeLeadership(client)))) {
+    // Not without NATS: leading, it would hold off a standby that can publish.
+    while (
+      natsDownSince !== undefined ||
+      !(yield* query("take leadership", () => tryTakeLeadership(client)))
+    ) {
       yield* Effect.sleep(settings.standbyRetryMs)
     }
     state.role = "active"
@@ -477,6 +492,15 @@ export function createRelay(config: RelayConfig): Relay {
     let prunedInRound = 0
     republishDue = true
     for (;;) {
+      // Ends the session, and leadership with it (the lock goes with the connection): relays
+      // whose NATS is up compete for it, and this one waits until its own is back.
+      if (natsDownSince !== undefined && Date.now() - natsDownSince >= settings.stepDownAfterMs) {
+        return yield* Effect.fail(
+          new RelayError(
+            `no NATS for ${Math.round((Date.now() - natsDownSince) / 1000)} s: leadership given up until it is back`,
+          ),
+        )
+      }
       if (republishDue && settings.republishWindowMs > 0) {
         republishDue = false
         const lost = lostAt
@@ -622,6 +646,8 @@ export function createRelay(config: RelayConfig): Relay {
     async start() {
       await stopping
       if (fiber) return
+      // What an earlier run saw of NATS is no news of it now.
+      natsDownSince = undefined
       fiber = Effect.runFork(program)
       if (config.connection) {
         // nats.js hands out a queued iterator that stop() ends; without that, each start()
@@ -634,8 +660,12 @@ export function createRelay(config: RelayConfig): Relay {
           for await (const s of statuses) {
             // Only a leader's loss anchors a re-publish: a standby's would be stale by the
             // time it leads, and a new leader re-publishes from the newest publish anyway.
-            if (s.type === "disconnect" && state.role === "active") lostAt ??= new Date()
+            if (s.type === "disconnect") {
+              natsDownSince ??= Date.now()
+              if (state.role === "active") lostAt ??= new Date()
+            }
             if (s.type === "reconnect") {
+              natsDownSince = undefined
               republishDue = true
               // The server may have lost or gained streams meanwhile (a restart with another
               // configuration): held topics are tried again at once.

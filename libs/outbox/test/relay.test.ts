@@ -988,6 +988,53 @@ describe("relay", () => {
     }
   })
 
+  test("a leader cut off from NATS gives way to a standby that reaches it, and does not take the lead back until its NATS is back", async () => {
+    await fresh()
+    const shared = new URL(SHARED_NATS)
+    await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
+    const cutNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
+    const common = {
+      connectionString: t.url,
+      site,
+      standbyRetryMs: 100,
+      retryDelayMs: 100,
+      publishTimeoutMs: 1000,
+      stepDownAfterMs: 1500,
+    }
+    const a = createRelay({ ...common, jetstream: jetstream(cutNc), connection: cutNc })
+    const b = createRelay({ ...common, jetstream: jetstream(nc), connection: nc })
+    try {
+      await a.start()
+      await waitFor(() => a.status().role === "active", { timeoutMs: 10_000, message: "A leads" })
+      await b.start()
+      await waitFor(() => b.status().role === "standby", { timeoutMs: 10_000, message: "B waits" })
+      await write(t.db, 10, 10)
+      await untilPublished("A published the first 10", 10_000)
+      // A's link to NATS is gone; Postgres is fine, so A kept the lock, and B never published.
+      proxy.cut()
+      await write(t.db, 20, 10, 10)
+      await untilPublished("B took over and published the 20", 30_000)
+      assert.equal(b.status().role, "active")
+      // A, without NATS, stays out of the way even with the lock free: leading, it would
+      // publish nothing. Back on NATS, it leads again.
+      await b.stop()
+      await sleep(1000)
+      assert.notEqual(a.status().role, "active")
+      proxy.restore()
+      await waitFor(() => a.status().role === "active", {
+        timeoutMs: 15_000,
+        message: "A leads once its NATS is back",
+      })
+      await write(t.db, 5, 5, 30)
+      await untilPublished("A published 5 more", 10_000)
+      assertExactlyOnceInOrder(await readStream(nc, stream), 35)
+    } finally {
+      await a.stop()
+      await b.stop()
+      await cutNc.close()
+    }
+  })
+
   test("NATS down for a while: the outbox keeps the backlog and a relay catches up", async () => {
     await fresh()
     await using server = await startNatsServer()
