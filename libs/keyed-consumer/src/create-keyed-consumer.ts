@@ -1,6 +1,11 @@
 import { randomBytes } from "node:crypto"
 import { runPipelinedTransaction } from "@keyway/db"
-import { decodeEnvelope, findEventType, InvalidEventError } from "@keyway/schemas"
+import {
+  decodeEnvelope,
+  type EventEnvelope,
+  findEventType,
+  InvalidEventError,
+} from "@keyway/schemas"
 import { LATENCY_BUCKETS, type MetricsRegistry, perScrape } from "@keyway/telemetry"
 import {
   JetStreamApiCodes,
@@ -199,6 +204,25 @@ const messageOf = (err: unknown) => (err instanceof Error ? err.message : String
  * the key's order in place, and dies at once with its reason, under the topic's policy.
  */
 const REFUSED_TYPE = "keyway.refused-at-ingest"
+
+// What the relay writes (Date.toISOString()), and any ISO 8601 time with its zone. Postgres
+// also reads "infinity", "now" and times without a zone (in the session's): the handler got
+// Infinity for a date, or an hour's error.
+const ISO_INSTANT = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)$/
+
+/** Why an envelope that parses must still not reach a handler, if it must not. */
+function wrongInEnvelope(e: EventEnvelope): string | undefined {
+  if (!ISO_INSTANT.test(e.createdAt)) {
+    return `createdAt ${JSON.stringify(e.createdAt.slice(0, 40))} is not an ISO 8601 time with its zone`
+  }
+  // Order is per topic and key: an event under another topic than its type's would be
+  // ordered with the wrong events, and handled as its type.
+  const def = findEventType(e.type)
+  if (def && def.topic !== e.topic) {
+    return `type ${e.type} belongs to topic ${def.topic}, not ${JSON.stringify(e.topic)}`
+  }
+  return undefined
+}
 /** Postgres' class 22, data exception: the statement's values, not the server, are at fault. */
 const refusesData = (err: unknown) =>
   typeof (err as { code?: unknown })?.code === "string" &&
@@ -537,6 +561,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     startPosition: config.startPosition ?? "all",
     ackWaitMs: config.ackWaitMs ?? 10_000,
     maxAckPending: config.maxAckPending ?? 2048,
+    pullBatch: batchSize * 2,
   }
 
   // By stream sequence: a message the server redelivers while its first copy still waits here
@@ -546,6 +571,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const buffer = new Map<number, JsMsg>()
   // The batch being stored: out of the buffer, not yet acked.
   let ingesting = 0
+  let inFlight: JsMsg[] = []
+  // Messages of a durable that was deleted while they were being stored: their acks would go
+  // to the new durable of the same name, and nats-server 2.9.10 takes an ack whose delivery
+  // sequence is next after its ack floor as its own, moving the floor to the old message's
+  // stream sequence, which the settling of where keys start trusts (confirmBaselines).
+  const unackable = new WeakSet<JsMsg>()
   let flushing: Promise<void> | undefined
 
   type Reject = { streamSeq: number; subject: string; reason: string; data: Uint8Array }
@@ -562,7 +593,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           const v = m.headers?.get(h)
           if (v) carrier[h] = v
         }
-        events.push({
+        const incoming: IncomingEvent = {
           topic: e.topic,
           key: e.key,
           ver: e.ver,
@@ -572,7 +603,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           trace: carrier.traceparent ? JSON.stringify(carrier) : null,
           createdAt: e.createdAt,
           streamSeq: m.seq,
-        })
+        }
+        const wrong = wrongInEnvelope(e)
+        if (!wrong) {
+          events.push(incoming)
+          continue
+        }
+        // An event of its key and version, with a value no handler should be given: its
+        // version's place is held, dead with the reason, as for a value Postgres refuses.
+        events.push(placeholderFor(incoming, wrong))
+        rejects.push({ streamSeq: m.seq, subject: m.subject, reason: wrong, data: m.data })
+        log.warn("rejected an event", { subject: m.subject, seq: m.seq, reason: wrong })
       } catch (err) {
         // Kept for an operator; the rest of the batch goes through.
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason: messageOf(err), data: m.data })
@@ -597,6 +638,20 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // By identity, not by type: an event that arrives with the placeholder's type name is
   // still an event, and its refusal is recorded like any other's.
   const placeholders = new WeakSet<IncomingEvent>()
+
+  /** What holds a refused event's version in its key: dead at its first run, with `reason`. */
+  const placeholderFor = (e: IncomingEvent, reason: string): IncomingEvent => {
+    const placeholder: IncomingEvent = {
+      ...e,
+      eventId: storableText(e.eventId),
+      type: REFUSED_TYPE,
+      payload: JSON.stringify({ type: storableText(e.type), reason }),
+      trace: null,
+      createdAt: new Date().toISOString(),
+    }
+    placeholders.add(placeholder)
+    return placeholder
+  }
   const storeEvents = async (
     events: IncomingEvent[],
     rejects: Reject[],
@@ -652,16 +707,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // had come first. The placeholder replaces the event in `events`, and is tried next:
         // a retry after a lost connection stores it then, and records the reject once. It
         // carries none of the event's own text that may hold the refused value.
-        const placeholder: IncomingEvent = {
-          ...e,
-          eventId: storableText(e.eventId),
-          type: REFUSED_TYPE,
-          payload: JSON.stringify({ type: storableText(e.type), reason }),
-          trace: null,
-          createdAt: new Date().toISOString(),
-        }
-        placeholders.add(placeholder)
-        events[n--] = placeholder
+        events[n--] = placeholderFor(e, reason)
       }
     }
     return woken
@@ -682,7 +728,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         }
         // Acked only after the inbox commit: a crash before this point means redelivery,
         // and the inbox drops what it already has.
-        for (const m of msgs) m.ack()
+        for (const m of msgs) if (!unackable.has(m)) m.ack()
         stats.ingested += events.filter(
           (e) => !placeholders.has(e) && !rejected.has(e.streamSeq),
         ).length
@@ -700,26 +746,52 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     }
   }
 
+  /** Stores what the buffer holds, a batch at a time, until it is empty. */
+  const flush = async () => {
+    // Linger a moment before the first commit of a burst. Without it a consumer that keeps
+    // up commits nearly every message on its own, and an inbox commit costs far more than a
+    // row: at 1,000 events/s a few ms of linger turns hundreds of commits into dozens.
+    if (lingerMs > 0 && buffer.size < batchSize) await new Promise((r) => setTimeout(r, lingerMs))
+    while (buffer.size > 0) {
+      const batch: JsMsg[] = []
+      for (const [seq, msg] of buffer) {
+        if (batch.length === batchSize) break
+        batch.push(msg)
+        buffer.delete(seq)
+      }
+      ingesting = batch.length
+      inFlight = batch
+      // Alive but slow (waiting on a key's lock, or a batch stored one event at a time),
+      // this worker asks for more time before ack_wait: otherwise the server hands the
+      // batch and everything behind it to other workers, whose inserts then wait on this
+      // one's uncommitted rows.
+      const keepAlive = setInterval(() => {
+        for (const m of batch) m.working()
+        for (const m of buffer.values()) m.working()
+      }, durable.ackWaitMs / 2)
+      try {
+        await ingest(batch)
+      } finally {
+        clearInterval(keepAlive)
+        ingesting = 0
+        inFlight = []
+      }
+    }
+  }
+
   const onMessage = (m: JsMsg) => {
     buffer.set(m.seq, m)
     flushing ??= (async () => {
-      // Linger a moment before the first commit of a burst. Without it a consumer that keeps
-      // up commits nearly every message on its own, and an inbox commit costs far more than a
-      // row: at 1,000 events/s a few ms of linger turns hundreds of commits into dozens.
-      if (lingerMs > 0 && buffer.size < batchSize) await new Promise((r) => setTimeout(r, lingerMs))
-      while (buffer.size > 0) {
-        const batch: JsMsg[] = []
-        for (const [seq, msg] of buffer) {
-          if (batch.length === batchSize) break
-          batch.push(msg)
-          buffer.delete(seq)
-        }
-        ingesting = batch.length
-        await ingest(batch)
-        ingesting = 0
+      try {
+        await flush()
+      } catch (err) {
+        // Not the inbox's (ingest retries those): unacked, the batch comes back after
+        // ack_wait, and the next message starts a new flush.
+        log.error("ingest stopped on an unexpected error", { error: messageOf(err) })
+      } finally {
+        flushing = undefined
       }
-      flushing = undefined
-    })()
+    })().catch(() => {}) // a logger that throws must not become an unhandled rejection
   }
 
   // One consume() session; resolves when it ends (stopped, heartbeats missed, consumer gone).
@@ -749,7 +821,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         }
         throw err
       })
-      return consumer.consume({ max_messages: batchSize * 2, callback: onMessage })
+      return consumer.consume({ max_messages: durable.pullBatch, callback: onMessage })
     }),
     (messages) =>
       Effect.promise(async () => {
@@ -757,21 +829,28 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // server restart recovers faster (reference/nats-2.9.md rule 10).
         void (async () => {
           for await (const s of messages.status()) {
-            if (s.type === "heartbeats_missed" && s.count >= 2) messages.stop()
+            if (s.type === "heartbeats_missed" && s.count >= 2) {
+              log.warn("no heartbeat from the server for two intervals; consuming afresh", {
+                group,
+              })
+              messages.stop()
+            }
             // nats.js goes on pulling from a durable that is gone; the next session makes it
             // again. Not-found once may be a server still loading its state.
             if (s.type === "consumer_deleted") {
-              // Their acks would go to the new durable of the same name, which delivers them
-              // again anyway. nats-server 2.9.10 ignores such acks (tried by hand: acks of
-              // seqs 6-10 from the old durable, sent after the new one had delivered 1-3, left
-              // its ack floor at 3, and it went on to deliver 4-20); sending none is surer.
+              // Their acks would go to the new durable of the same name (see unackable),
+              // which delivers them again anyway: none are sent, for those in the buffer and
+              // for the batch being stored alike.
               buffer.clear()
+              for (const m of inFlight) unackable.add(m)
               messages.stop()
             }
             if (s.type === "consumer_not_found" && s.count >= 2) messages.stop()
           }
         })()
-        await messages.closed()
+        // The reason nats.js gave up, if it did: said by the loop below, not dropped.
+        const ended = await messages.closed()
+        if (ended instanceof Error) throw ended
       }),
     (messages) => Effect.sync(() => messages.stop()),
   )

@@ -20,7 +20,7 @@ import {
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
-import { jetstreamManager } from "@nats-io/jetstream"
+import { AckPolicy, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
@@ -1527,7 +1527,7 @@ describe("keyed consumer", () => {
     // envelope's schema; Postgres refuses a value in each (22007, 22021, 22P05).
     await Promise.all([
       raw({ key: "g1", ver: 1 }, 1),
-      raw({ key: "when", ver: 1, createdAt: "not a time" }, 2),
+      raw({ key: "when", ver: 1, createdAt: "2026-02-30T10:00:00Z" }, 2),
       raw({ key: "g2", ver: 1 }, 3),
       raw({ key: "nul\u0000key", ver: 1 }, 4),
       raw({ key: "g3", ver: 1 }, 5),
@@ -1547,7 +1547,7 @@ describe("keyed consumer", () => {
       [2, 4, 6, 8, 9],
     )
     for (const r of refused) assert.match(r.reason, /^Postgres refuses a value in it: /)
-    assert.match(refused[0]!.reason, /time zone: "not a time"/)
+    assert.match(refused[0]!.reason, /out of range: "2026-02-30T10:00:00Z"/)
     // The group goes on; the refused version holds its key's place, dead with its reason.
     await raw({ key: "g1", ver: 2 }, 10)
     await raw({ key: "when", ver: 2 }, 11)
@@ -1570,6 +1570,46 @@ describe("keyed consumer", () => {
       "when@2 waits behind its dead version 1 (policy block)",
     )
   })
+  test("an envelope whose time has no zone, or whose topic is not its type's, holds its version dead with the reason", async () => {
+    const { t, stream, admin } = await setup()
+    const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) =>
+      publishEvent(nc, stream.site, { payload: { n: e.ver }, seq, ...e, raw: e })
+    // Postgres takes each of the first three: a handler got Infinity for a date, or a time
+    // read in the session's zone.
+    await raw({ key: "inf", ver: 1, createdAt: "infinity" }, 1)
+    await raw({ key: "now", ver: 1, createdAt: "now" }, 2)
+    await raw({ key: "local", ver: 1, createdAt: "2026-12-07 10:00:00" }, 3)
+    await raw({ key: "topic", ver: 1, topic: "demo.command" }, 4)
+    await raw({ key: "fine", ver: 1, createdAt: "2026-12-07T10:00:00.123+01:00" }, 5)
+    await waitFor(async () => (await admin.listDead()).length === 4, {
+      timeoutMs: 10_000,
+      message: "four dead",
+    })
+    const dead = new Map((await admin.listDead()).map((d) => [d.key, d.lastError!]))
+    for (const key of ["inf", "now", "local"]) {
+      assert.match(
+        dead.get(key)!,
+        /^poison: refused at ingest: createdAt .* is not an ISO 8601 time with its zone/,
+      )
+    }
+    assert.match(
+      dead.get("topic")!,
+      /type demo\.item\.changed\.v1 belongs to topic demo\.item, not "demo\.command"/,
+    )
+    assert.deepEqual(
+      (await rejects(t.db)).map((r) => Number(r.stream_seq)),
+      [1, 2, 3, 4],
+    )
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "the good one handled",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.key),
+      ["fine"],
+    )
+  })
+
   test("names longer than an envelope allows are rejected, saying which; the rest goes in", async () => {
     const { t, stream } = await setup()
     const raw = (e: Partial<EventEnvelope> & { key: string }, seq: number) =>
@@ -1596,6 +1636,61 @@ describe("keyed consumer", () => {
     assert.match(refused[0]!.reason, /at most 256[\s\S]*\["key"\]/)
     assert.match(refused[1]!.reason, /at most 256[\s\S]*\["id"\]/)
   })
+  test("an ingest held up past ack_wait asks for more time: nothing is redelivered meanwhile", async () => {
+    const { t, stream, group } = await setup({ ackWaitMs: 2000 })
+    // Another session keeps the inbox from taking rows for two and a half ack_waits.
+    const blocker = new pg.Client({ connectionString: t.url })
+    await blocker.connect()
+    try {
+      await blocker.query("begin")
+      await blocker.query("lock table keyway.inbox in share row exclusive mode")
+      await publishEvent(nc, stream.site, { key: "slow", ver: 1, payload: { n: 1 } })
+      await new Promise((r) => setTimeout(r, 5000))
+      // Without working() the server handed the message out again after each ack_wait.
+      const info = await (await jetstreamManager(nc)).consumers.info(stream.name, group)
+      assert.equal(info.delivered.consumer_seq, 1, "delivered once")
+      await blocker.query("commit")
+    } finally {
+      await blocker.end()
+    }
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "stored and handled once the lock went",
+    })
+  })
+
+  test("an existing durable the group cannot work with is refused at start, saying what is wrong", async () => {
+    const t = await createTestDatabase()
+    cleanups.push(() => t.drop())
+    const stream = await createTestStream(nc)
+    cleanups.push(() => stream.delete())
+    const jsm = await jetstreamManager(nc)
+    const cases: [Record<string, unknown>, RegExp][] = [
+      // One worker's ack would cover what another had not stored.
+      [{ ack_policy: AckPolicy.All }, /its ack policy is all, not explicit/],
+      // The server refuses every pull of 512 and nats.js waits on: nothing ingested, unsaid.
+      [{ max_batch: 100 }, /its max_batch 100 is below the 512 a pull asks for/],
+    ]
+    for (const [made, message] of cases) {
+      const group = unique("g")
+      await jsm.consumers.add(stream.name, {
+        durable_name: group,
+        ack_policy: AckPolicy.Explicit,
+        ...made,
+      })
+      const consumer = createKeyedConsumer({
+        group,
+        stream: stream.name,
+        nats: nc,
+        db: t.db,
+        redis,
+        handlers: { "demo.item.changed.v1": recordEffect("w1") },
+      })
+      await assert.rejects(consumer.start(), message)
+      await consumer.stop()
+    }
+  })
+
   test("the group's durable deleted under it is created again; every effect once, in order", async () => {
     const { t, stream, group } = await setup()
     for (let ver = 1; ver <= 3; ver++)

@@ -14,18 +14,54 @@ export interface DurableOptions {
   startPosition: "all" | "new"
   ackWaitMs: number
   maxAckPending: number
+  /** The most messages one pull asks for: consume()'s max_messages. */
+  pullBatch: number
+}
+
+/**
+ * A group's durable that exists already and that the group cannot work with, made by hand or
+ * by another tool. Permanent: waiting does not mend it.
+ */
+export class DurableRefusedError extends Error {
+  override name = "DurableRefusedError"
+  readonly permanent = true
+}
+
+/** What in an existing durable's config keeps the group from ingesting right, one line each. */
+export function unusableDurable(config: ConsumerConfig, o: DurableOptions): string[] {
+  const out: string[] = []
+  // With `all`, one worker's ack would cover what another has not stored yet; with `none`
+  // nothing is redelivered after a crash.
+  if (config.ack_policy !== AckPolicy.Explicit) {
+    out.push(`its ack policy is ${config.ack_policy}, not explicit`)
+  }
+  if (config.deliver_subject) out.push("it is a push consumer, not a pull one")
+  // nats-server answers every larger pull with 409 Exceeded MaxRequestBatch, and nats.js
+  // waits on: nothing is ingested, and no error says why.
+  if ((config.max_batch ?? 0) > 0 && config.max_batch! < o.pullBatch) {
+    out.push(`its max_batch ${config.max_batch} is below the ${o.pullBatch} a pull asks for`)
+  }
+  return out
 }
 
 /**
  * Creates the group's durable pull consumer if it does not exist, and says whether it did. An
  * existing one is left as it is: its deliver policy only means something at creation, and
- * changing its filter would silently change what the group sees.
+ * changing its filter would silently change what the group sees. One the group cannot work
+ * with (unusableDurable) is refused, by name.
  */
 export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): Promise<boolean> {
   try {
-    await jsm.consumers.info(o.stream, o.group)
+    const info = await jsm.consumers.info(o.stream, o.group)
+    const unusable = unusableDurable(info.config, o)
+    if (unusable.length > 0) {
+      throw new DurableRefusedError(
+        `the group's durable consumer ${o.group} on stream ${o.stream} exists, but ${unusable.join("; ")}: delete it (nats consumer rm) so the worker makes it afresh, or fix it by hand`,
+      )
+    }
     return false
   } catch (err) {
+    if (err instanceof DurableRefusedError) throw err
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) {
       throw err
     }
