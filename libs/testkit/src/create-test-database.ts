@@ -8,7 +8,7 @@ import { createDb, migrateToLatest, migrationsDir } from "@keyway/db"
 import type { Kysely } from "kysely"
 import pg from "pg"
 import { runOnExit } from "./internal/exit-cleanup.ts"
-import { sweepTestDatabases } from "./internal/leftovers.ts"
+import { sweepOldTemplates, sweepTestDatabases } from "./internal/leftovers.ts"
 
 export interface TestDatabaseOptions {
   /** Start of the database name; lowercase letters, digits and `_`. Defaults to "keyway_test". */
@@ -69,7 +69,8 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
   if (locale !== undefined && !/^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$/.test(locale)) {
     throw new Error(`icuLocale ${JSON.stringify(locale)} is not a locale tag such as en-US`)
   }
-  const template = `keyway_tpl_${await hashMigrations(dir)}${
+  const hash = await hashMigrations(dir)
+  const template = `keyway_tpl_${hash}${
     locale === undefined ? "" : `_icu_${locale.toLowerCase().replaceAll("-", "_")}`
   }`
   // CREATE DATABASE takes another collation only from template0.
@@ -83,9 +84,15 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
       const host = new URL(baseUrl).hostname
       const local = ["", "127.0.0.1", "localhost", "[::1]"].includes(host)
       await sweepTestDatabases(client, local).catch(() => {})
+      await sweepOldTemplates(client, local, hash).catch(() => {})
     }
     await ensureTemplate(client, baseUrl, template, dir, createClause)
-    await cloneTemplate(client, template, name)
+    await cloneTemplate(client, template, name).catch(async (err) => {
+      // 3D000: dropped since, by another checkout's sweep of old templates: made again.
+      if ((err as { code?: string }).code !== "3D000") throw err
+      await ensureTemplate(client, baseUrl, template, dir, createClause)
+      await cloneTemplate(client, template, name)
+    })
   })
 
   const url = databaseUrl(baseUrl, name)

@@ -7,6 +7,7 @@ import { migrationsDir } from "@keyway/db"
 import { type Kysely, sql } from "kysely"
 import pg from "pg"
 import { createTestDatabase, type TestDatabase } from "../src/index.ts"
+import { sweepOldTemplates } from "../src/internal/leftovers.ts"
 
 // Catalog queries work from any database of the server, so one test database watches the others.
 let observer: TestDatabase
@@ -97,4 +98,37 @@ test("a new migrations folder builds its template once under concurrent callers"
 
 test("rejects a prefix that would need quoting", async () => {
   await assert.rejects(createTestDatabase({ prefix: "Bad-Name" }), /not a valid database name/)
+})
+
+test("templates of other migrations are dropped once a day old; those of these migrations stay", async () => {
+  // A family of the test's own: a sweep of any age here leaves the real templates alone.
+  const family = "keyway_tplsweep"
+  const names = [
+    `${family}_0000000000aa`,
+    `${family}_0000000000aa_icu_en_us`,
+    `${family}_0000000000bb`,
+    `${family}_0000000000bb_icu_en_us`,
+  ]
+  const client = new pg.Client({ connectionString: observer.url })
+  await client.connect()
+  try {
+    for (const name of names) {
+      await client.query(`create database "${name}"`)
+      await client.query(`alter database "${name}" is_template true`)
+    }
+    // Made a moment ago: a run of another checkout may be using them.
+    assert.deepEqual(await sweepOldTemplates(client, true, "0000000000bb", { family }), [])
+    const dropped = await sweepOldTemplates(client, true, "0000000000bb", {
+      family,
+      olderThanMs: 0,
+    })
+    assert.deepEqual(dropped.sort(), names.slice(0, 2))
+    for (const name of names) assert.equal(await databaseExists(name), !dropped.includes(name))
+  } finally {
+    for (const name of names) {
+      await client.query(`alter database "${name}" is_template false`).catch(() => {})
+      await client.query(`drop database if exists "${name}"`)
+    }
+    await client.end()
+  }
 })

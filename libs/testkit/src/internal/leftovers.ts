@@ -98,6 +98,53 @@ export async function sweepTestDatabases(
   return dead
 }
 
+/**
+ * Drops the template databases (`keyway_tpl_<hash>[_icu_…]`) of other migrations than
+ * `hash` that were made over `olderThanMs` ago (default a day): every change to sql/ or the
+ * migrator makes new ones, and the old ones stayed on the shared Postgres for good. Not
+ * younger ones: a test run of another checkout may be using one now, and dropping each
+ * other's templates, two runs would rebuild them in turn. One in use by a clone at the
+ * moment is left (the drop fails). Only on this machine's Postgres. Returns those dropped.
+ */
+export async function sweepOldTemplates(
+  client: pg.Client,
+  local: boolean,
+  hash: string,
+  options: { olderThanMs?: number; family?: string } = {},
+): Promise<string[]> {
+  if (!local) return []
+  // The family is a test's own, so that a sweep of any age leaves the real templates alone.
+  const family = options.family ?? "keyway_tpl"
+  if (!/^[a-z_]+$/.test(family)) throw new Error(`not a template family: ${family}`)
+  const like = (s: string) => s.replaceAll("_", "\\_")
+  const r = await client.query<{ datname: string }>(
+    `select datname from pg_database
+      where datname like $2 || '%'
+        and datname <> $3 and datname not like $4 || '%'
+        and (pg_stat_file('base/' || oid || '/PG_VERSION')).modification
+            < now() - make_interval(secs => $1 / 1000.0)`,
+    [
+      options.olderThanMs ?? 24 * 3600_000,
+      like(`${family}_`),
+      `${family}_${hash}`,
+      like(`${family}_${hash}_`),
+    ],
+  )
+  const dropped: string[] = []
+  for (const { datname } of r.rows) {
+    if (!/^[a-z0-9_]+$/.test(datname)) continue
+    try {
+      // A template cannot be dropped; nor, without FORCE, one another session is cloning.
+      await client.query(`alter database "${datname}" is_template false`)
+      await client.query(`drop database if exists "${datname}"`)
+      dropped.push(datname)
+    } catch {
+      // In use, or swept by another process meanwhile.
+    }
+  }
+  return dropped
+}
+
 /** Test streams are named `T<8 hex>` (createTestStream, and the outbox tests' sites). */
 const TEST_STREAM = /^T[0-9A-F]{8}$/
 
