@@ -255,8 +255,13 @@ export function createRelay(config: RelayConfig): Relay {
   let republishDue = true
   /** When the NATS connection was lost, until the re-publish after it has run. */
   let lostAt: Date | undefined
-  /** Since when `config.connection` has been disconnected; undefined while it is connected. */
+  /**
+   * Since when `config.connection` has been disconnected, or not yet known to be connected;
+   * undefined while it is connected. `natsLosses` counts disconnects, so that a flush sent
+   * before one cannot report the connection up after it.
+   */
   let natsDownSince: number | undefined
+  let natsLosses = 0
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
   /** The session's connection while it is open: stop() may have to close it under the session. */
@@ -298,16 +303,20 @@ export function createRelay(config: RelayConfig): Relay {
       collect: () => (state.role === "active" ? 1 : 0),
     })
     // One query per scrape, shared by the two gauges below (the registry collects them
-    // together). Only the active relay reads the backlog; any other reports none, so a relay
+    // together). The active relay reads the backlog; a standby reports none, so a relay
     // that lost leadership does not keep its last figure (KeywayOutboxStuck takes the max).
+    // So does a relay without NATS: none leads while NATS is down everywhere, and the
+    // backlog of the outage must still show.
     const pending = perScrape(async () => {
-      if (state.role !== "active") return { pending: 0, oldestSeconds: 0 }
+      if (state.role !== "active" && natsDownSince === undefined) {
+        return { pending: 0, oldestSeconds: 0 }
+      }
       metricsPool ??= openMetricsPool(config.connectionString, config.site)
       return pendingSummary(metricsPool)
     })
     m.collectedGauge({
       name: "outbox_pending",
-      help: "Outbox rows not yet published (read by the active relay; 0 on a standby)",
+      help: "Outbox rows not yet published (read by the active relay and by any without NATS; 0 on a standby)",
       collect: async () => (await pending())?.pending,
     })
     m.collectedGauge({
@@ -576,10 +585,15 @@ export function createRelay(config: RelayConfig): Relay {
       // rows past retention can be hundreds of thousands, and deleting them all at once held
       // up publishing for as long. While some are left, the loop comes back at once.
       let pruneBehind = false
-      // Not while NATS is lost: the re-publish after it takes the rows published just before
-      // the loss (the server may not have synced them), and an outage longer than retention
-      // had them pruned first, lost for good.
-      if (settings.retentionMs > 0 && Date.now() >= nextPruneAt && lostAt === undefined) {
+      // Not while NATS is lost, nor before the re-publish after it: that takes the rows
+      // published just before the loss (the server may not have synced them), and an outage
+      // longer than retention had them pruned first, lost for good.
+      if (
+        settings.retentionMs > 0 &&
+        Date.now() >= nextPruneAt &&
+        lostAt === undefined &&
+        natsDownSince === undefined
+      ) {
         // Upkeep, not publishing: a prune that fails (a role without DELETE, a damaged index)
         // is reported and tried again at the next interval. Ending the session for it made
         // every new session re-publish its window, then fail here again: a loop of
@@ -646,10 +660,19 @@ export function createRelay(config: RelayConfig): Relay {
     async start() {
       await stopping
       if (fiber) return
-      // What an earlier run saw of NATS is no news of it now.
-      natsDownSince = undefined
       fiber = Effect.runFork(program)
       if (config.connection) {
+        // Down until a round trip says otherwise: the statuses below tell only of what
+        // happens from now on, and a connection that dropped before (while the app waited
+        // for JetStream, or between a stop() and this start()) would otherwise count as up.
+        natsDownSince = Date.now()
+        const losses = natsLosses
+        void config.connection.flush().then(
+          () => {
+            if (natsLosses === losses) natsDownSince = undefined
+          },
+          () => {},
+        )
         // nats.js hands out a queued iterator that stop() ends; without that, each start()
         // after a stop() would add one more listener for the connection's lifetime.
         const statuses = config.connection.status() as AsyncIterable<{ type: string }> & {
@@ -661,6 +684,7 @@ export function createRelay(config: RelayConfig): Relay {
             // Only a leader's loss anchors a re-publish: a standby's would be stale by the
             // time it leads, and a new leader re-publishes from the newest publish anyway.
             if (s.type === "disconnect") {
+              natsLosses++
               natsDownSince ??= Date.now()
               if (state.role === "active") lostAt ??= new Date()
             }

@@ -1035,6 +1035,47 @@ describe("relay", () => {
     }
   })
 
+  test("a relay started while its NATS is down does not lead, and shows the backlog meanwhile", async () => {
+    await fresh()
+    const shared = new URL(SHARED_NATS)
+    await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
+    const cutNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
+    // Dropped before the relay starts: it hears of no disconnect.
+    proxy.cut()
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const value = async (name: string) => metricValue((await metrics.render()).body, name)
+    const a = createRelay({
+      connectionString: t.url,
+      site,
+      jetstream: jetstream(cutNc),
+      connection: cutNc,
+      standbyRetryMs: 100,
+      retryDelayMs: 100,
+      publishTimeoutMs: 1000,
+      metrics,
+    })
+    try {
+      await a.start()
+      await write(t.db, 5, 5)
+      await waitFor(async () => (await value("outbox_pending")) === 5, {
+        timeoutMs: 10_000,
+        message: "the backlog shown by a relay without NATS",
+      })
+      // Leading, it would hold the lock and publish nothing.
+      assert.notEqual(a.status().role, "active")
+      proxy.restore()
+      await waitFor(() => a.status().role === "active", {
+        timeoutMs: 15_000,
+        message: "A leads once its NATS is back",
+      })
+      await untilPublished("published once back", 10_000)
+      assertExactlyOnceInOrder(await readStream(nc, stream), 5)
+    } finally {
+      await a.stop()
+      await cutNc.close()
+    }
+  })
+
   test("NATS down for a while: the outbox keeps the backlog and a relay catches up", async () => {
     await fresh()
     await using server = await startNatsServer()
