@@ -177,6 +177,8 @@ export interface KeyedConsumerStatus {
   drainingKeys: number
   /** Messages received from the stream and not yet in the inbox (nor rejected). */
   ingestBuffered: number
+  /** Keys this worker will wake when their task's retry is due (one timer each). */
+  retriesDue: number
 }
 
 export interface KeyedConsumer {
@@ -204,6 +206,14 @@ const messageOf = (err: unknown) => (err instanceof Error ? err.message : String
  * the key's order in place, and dies at once with its reason, under the topic's policy.
  */
 const REFUSED_TYPE = "keyway.refused-at-ingest"
+
+/** Whether `err` is the abort `reason`, or an AbortError, or caused by either. */
+function isAbort(err: unknown, reason: unknown): boolean {
+  for (let e = err, depth = 0; e && depth < 8; e = (e as Error).cause, depth++) {
+    if (e === reason || (e as Error).name === "AbortError") return true
+  }
+  return false
+}
 
 // What the relay writes (Date.toISOString()), and any ISO 8601 time with its zone. Postgres
 // also reads "infinity", "now" and times without a zone (in the session's): the handler got
@@ -254,7 +264,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const workerId = config.workerId ?? `w-${randomBytes(4).toString("hex")}`
   const wakeOnIngest = config.wakeOnIngest ?? true
   const keyLock: KeyLock = createRedlockKeyLock(config.redis)
-  const stats: Omit<KeyedConsumerStatus, "drainingKeys" | "ingestBuffered"> = {
+  const stats: Omit<KeyedConsumerStatus, "drainingKeys" | "ingestBuffered" | "retriesDue"> = {
     ingested: 0,
     rejected: 0,
     done: 0,
@@ -563,6 +573,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     maxAckPending: config.maxAckPending ?? 2048,
     pullBatch: batchSize * 2,
   }
+  // The live durable's, read each time it is ensured: one made earlier keeps its own.
+  let ackWaitMs = durable.ackWaitMs
 
   // By stream sequence: a message the server redelivers while its first copy still waits here
   // (Postgres away for longer than ack_wait) replaces that copy instead of queueing beside it,
@@ -768,7 +780,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const keepAlive = setInterval(() => {
         for (const m of batch) m.working()
         for (const m of buffer.values()) m.working()
-      }, durable.ackWaitMs / 2)
+      }, ackWaitMs / 2)
       try {
         await ingest(batch)
       } finally {
@@ -805,7 +817,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // had not delivered, nor from the start without running history it chose to skip:
       // that is an operator's call, so it stays down and says so.
       if (durable.startPosition === "all") {
-        if (await ensureDurable(await manager(), durable)) {
+        const ensured = await ensureDurable(await manager(), durable)
+        ackWaitMs = ensured.ackWaitMs
+        if (ensured.created) {
           log.warn("the group's durable consumer was gone; created it again", { group })
         }
       }
@@ -854,12 +868,28 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       }),
     (messages) => Effect.sync(() => messages.stop()),
   )
+  // Sessions that fail one after another (a durable refused, NATS away) are started again
+  // after 0.5, 1, 2, 4, then every 5 s: a line a second or two for as long as it lasts was
+  // noise, and 5 s is as long as a server that is back waits for us.
+  let sessionFailures = 0
   const ingestLoop = Effect.forever(
     consumeSession.pipe(
-      Effect.catchCause((cause) =>
-        Effect.sync(() => log.warn("consume ended; restarting", { error: String(cause) })),
+      Effect.andThen(
+        Effect.sync(() => {
+          sessionFailures = 0
+        }),
       ),
-      Effect.andThen(Effect.sleep(500)),
+      Effect.catchCause((cause) =>
+        Effect.sync(() => {
+          sessionFailures++
+          log.warn("consume ended; restarting", { error: String(cause) })
+        }),
+      ),
+      Effect.andThen(
+        Effect.suspend(() =>
+          Effect.sleep(Math.min(5000, 500 * 2 ** Math.max(0, sessionFailures - 1))),
+        ),
+      ),
     ),
   )
 
@@ -985,10 +1015,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
         return "fenced"
       }
-      if (
-        !completed &&
-        (signal.aborted || err instanceof UncommittedError || (await abandoned()))
-      ) {
+      // By stop(): whatever the handler threw once told to give up. By the loss of the key:
+      // only the abort itself; a handler that failed on its own meanwhile (a poison payload
+      // that blocked the event loop past the lease) is charged as ever.
+      const cutShort =
+        signal.aborted && (signal.reason === shutdownReason || isAbort(err, signal.reason))
+      if (!completed && (cutShort || err instanceof UncommittedError || (await abandoned()))) {
         // Cut short, not failed: by stop(), by the loss of the key's lock or lease (a Redis or
         // Postgres blip, another worker now holding the key), or in a batch given up while
         // stopping. The task stays pending with its attempts as they were, for whichever
@@ -1267,7 +1299,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   return {
     async start() {
       if (fibers.length > 0) return
-      await ensureDurable(await manager(), durable)
+      ackWaitMs = (await ensureDurable(await manager(), durable)).ackWaitMs
       fibers = [
         Effect.runFork(ingestLoop),
         Effect.runFork(every(pollIntervalMs, "polling loop", pollOnce)),
@@ -1309,6 +1341,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       ...stats,
       drainingKeys: scheduler.active,
       ingestBuffered: buffer.size + ingesting,
+      retriesDue: retryTimers.size,
     }),
     [Symbol.asyncDispose]() {
       return this.stop()

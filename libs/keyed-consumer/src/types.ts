@@ -34,7 +34,11 @@ export interface FencingToken {
 export interface HandlerContext {
   eventId: string
   fencing: FencingToken
-  /** Fires when this worker lost the key (lock or lease) or is shutting down. */
+  /**
+   * Fires when this worker lost the key (lock or lease) or is shutting down. Throwing the
+   * abort (its reason, or an AbortError) then costs the event no attempt; throwing an error
+   * of the handler's own counts as a failure.
+   */
   signal: AbortSignal
   /** The `process <topic>` span, child of the writer's and the relay's. */
   span: Span
@@ -50,6 +54,10 @@ export interface HandlerContext {
    * `effects` may run more than once: it must only write through `trx`, never act outside it.
    * Each of its statements may take at most the group's `leaseMs` (a statement_timeout): one
    * waiting longer, on a lock say, fails the attempt, which is retried with backoff.
+   *
+   * It throws {@link UncommittedError} when a stopping worker gave up the shared transaction
+   * (nothing written, no attempt counted), and an Error when called after the handler
+   * returned: await it in the handler.
    */
   complete<T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions): Promise<T>
 }

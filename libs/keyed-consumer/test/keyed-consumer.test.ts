@@ -68,7 +68,7 @@ describe("keyed consumer", () => {
       | Partial<KeyedConsumerConfig>
       | ((t: TestDatabase) => Partial<KeyedConsumerConfig>) = {},
     /** Runs before the consumer starts: what it publishes is all there for the first drain. */
-    beforeStart?: (stream: { site: string }) => Promise<void>,
+    beforeStart?: (stream: { site: string; name: string }) => Promise<void>,
   ) {
     const t: TestDatabase = await createTestDatabase()
     cleanups.push(() => t.drop())
@@ -391,11 +391,12 @@ describe("keyed consumer", () => {
   })
 
   test("a key whose task waits out a long Retry-After keeps one timer, however often it is woken", async () => {
-    const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length
+    let runs = 0
     const { t, stream, consumer } = await setup({
       defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
+          runs++
           if (event.ver === 1) {
             throw Object.assign(new Error("rate limited"), { retryAfterMs: 3600_000 })
           }
@@ -404,11 +405,9 @@ describe("keyed consumer", () => {
       },
     })
     await publishEvent(nc, stream.site, { key: "wait", ver: 1, payload: { n: 1 } })
-    await waitFor(() => consumer.status().retried === 1, {
-      timeoutMs: 10_000,
-      message: "v1 failed",
-    })
-    const before = timers()
+    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+    await waitFor(() => consumer.status().retried === 2, { timeoutMs: 10_000, message: "failed" })
+    assert.equal(consumer.status().retriesDue, 2)
     // Each later version wakes the key, and each drain finds v1 still waiting.
     for (let ver = 2; ver <= 41; ver++) {
       await publishEvent(nc, stream.site, { key: "wait", ver, payload: { n: ver } })
@@ -424,9 +423,9 @@ describe("keyed consumer", () => {
       { timeoutMs: 10_000, message: "all 41 versions stored" },
     )
     await new Promise((r) => setTimeout(r, 500))
-    // A timer per wake-up piled up here, one for each of the 40 versions.
-    assert.ok(timers() - before <= 3, `${timers() - before} more timers`)
-    assert.equal(consumer.status().retried, 1)
+    // A timer per wake-up piled up here, one for each drain of the waiting key.
+    assert.equal(consumer.status().retriesDue, 2)
+    assert.equal(runs, 2, "v1 of each key ran once; the later versions wait behind it")
     assert.deepEqual(await effects(t.db), [])
   })
 
@@ -453,37 +452,46 @@ describe("keyed consumer", () => {
     assert.deepEqual(await effects(t.db), [])
   })
 
-  test("a handler cut short because the key's Redis lock was lost is not charged an attempt", async () => {
-    let runs = 0
-    const { opened: running, open: entered } = gate()
-    const { t, stream, group, consumer } = await setup({
-      defaultPolicy: { maxAttempts: 1, onDead: "block" },
-      leaseMs: 1500,
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          if (++runs === 1) {
-            entered()
-            await new Promise<void>((resolve) => {
-              ctx.signal.addEventListener("abort", () => resolve(), { once: true })
-            })
-            throw ctx.signal.reason
-          }
-          await recordEffect("w1")(event, ctx)
+  for (const thrown of ["the abort", "an error of its own"]) {
+    test(`a handler whose key's Redis lock was lost and that throws ${thrown} is ${thrown === "the abort" ? "not charged an attempt" : "charged as ever"}`, async () => {
+      let runs = 0
+      const { opened: running, open: entered } = gate()
+      const { t, stream, group, consumer, admin } = await setup({
+        defaultPolicy: { maxAttempts: 1, onDead: "block" },
+        leaseMs: 1500,
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            if (++runs === 1) {
+              entered()
+              await new Promise<void>((resolve) => {
+                ctx.signal.addEventListener("abort", () => resolve(), { once: true })
+              })
+              // A poison payload that blocked the event loop past the lease fails like this.
+              throw thrown === "the abort" ? ctx.signal.reason : new Error("failed on its own")
+            }
+            await recordEffect("w1")(event, ctx)
+          },
         },
-      },
+      })
+      await publishEvent(nc, stream.site, { key: "lost", ver: 1, payload: { n: 1 } })
+      await running
+      // The lock gone from Redis (a failover, an eviction): the next extension fails.
+      assert.equal(await redis.del(`keyway:${group}:demo.item:lost`), 1)
+      if (thrown === "the abort") {
+        await waitFor(async () => (await effects(t.db)).length === 1, {
+          timeoutMs: 15_000,
+          message: "run again, and done",
+        })
+        // With one attempt allowed, counting the lost lock as a failure made the task dead.
+        assert.equal(runs, 2)
+        assert.equal(consumer.status().dead, 0)
+      } else {
+        await waitFor(() => consumer.status().dead === 1, { timeoutMs: 15_000, message: "dead" })
+        assert.match((await admin.listDead())[0]!.lastError!, /failed on its own/)
+        assert.equal(runs, 1)
+      }
     })
-    await publishEvent(nc, stream.site, { key: "lost", ver: 1, payload: { n: 1 } })
-    await running
-    // The lock gone from Redis (a failover, an eviction): the next extension fails.
-    assert.equal(await redis.del(`keyway:${group}:demo.item:lost`), 1)
-    await waitFor(async () => (await effects(t.db)).length === 1, {
-      timeoutMs: 15_000,
-      message: "run again, and done",
-    })
-    // With one attempt allowed, counting the lost lock as a failure made the task dead.
-    assert.equal(runs, 2)
-    assert.equal(consumer.status().dead, 0)
-  })
+  }
 
   test("a completion batch that fails while stopping charges none of its keys an attempt", {
     timeout: 30_000,
@@ -1636,28 +1644,43 @@ describe("keyed consumer", () => {
     assert.match(refused[0]!.reason, /at most 256[\s\S]*\["key"\]/)
     assert.match(refused[1]!.reason, /at most 256[\s\S]*\["id"\]/)
   })
-  test("an ingest held up past ack_wait asks for more time: nothing is redelivered meanwhile", async () => {
-    const { t, stream, group } = await setup({ ackWaitMs: 2000 })
-    // Another session keeps the inbox from taking rows for two and a half ack_waits.
-    const blocker = new pg.Client({ connectionString: t.url })
-    await blocker.connect()
-    try {
-      await blocker.query("begin")
-      await blocker.query("lock table keyway.inbox in share row exclusive mode")
-      await publishEvent(nc, stream.site, { key: "slow", ver: 1, payload: { n: 1 } })
-      await new Promise((r) => setTimeout(r, 5000))
-      // Without working() the server handed the message out again after each ack_wait.
-      const info = await (await jetstreamManager(nc)).consumers.info(stream.name, group)
-      assert.equal(info.delivered.consumer_seq, 1, "delivered once")
-      await blocker.query("commit")
-    } finally {
-      await blocker.end()
-    }
-    await waitFor(async () => (await effects(t.db)).length === 1, {
-      timeoutMs: 10_000,
-      message: "stored and handled once the lock went",
+  for (const made of ["by the worker", "earlier, with an ack_wait of its own"]) {
+    test(`an ingest held up past ack_wait asks for more time: nothing is redelivered meanwhile (durable made ${made})`, async () => {
+      const group = unique("g")
+      const earlier = made !== "by the worker"
+      const { t, stream } = await setup(
+        // The durable's own ack_wait is what counts, not the one the worker would have used.
+        { group, ackWaitMs: earlier ? 30_000 : 2000 },
+        async (s) => {
+          if (!earlier) return
+          await (await jetstreamManager(nc)).consumers.add(s.name, {
+            durable_name: group,
+            ack_policy: AckPolicy.Explicit,
+            ack_wait: 2000 * 1e6,
+          })
+        },
+      )
+      // Another session keeps the inbox from taking rows for two and a half ack_waits.
+      const blocker = new pg.Client({ connectionString: t.url })
+      await blocker.connect()
+      try {
+        await blocker.query("begin")
+        await blocker.query("lock table keyway.inbox in share row exclusive mode")
+        await publishEvent(nc, stream.site, { key: "slow", ver: 1, payload: { n: 1 } })
+        await new Promise((r) => setTimeout(r, 5000))
+        // Without working() the server handed the message out again after each ack_wait.
+        const info = await (await jetstreamManager(nc)).consumers.info(stream.name, group)
+        assert.equal(info.delivered.consumer_seq, 1, "delivered once")
+        await blocker.query("commit")
+      } finally {
+        await blocker.end()
+      }
+      await waitFor(async () => (await effects(t.db)).length === 1, {
+        timeoutMs: 10_000,
+        message: "stored and handled once the lock went",
+      })
     })
-  })
+  }
 
   test("an existing durable the group cannot work with is refused at start, saying what is wrong", async () => {
     const t = await createTestDatabase()

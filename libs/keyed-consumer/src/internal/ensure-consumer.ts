@@ -45,12 +45,16 @@ export function unusableDurable(config: ConsumerConfig, o: DurableOptions): stri
 }
 
 /**
- * Creates the group's durable pull consumer if it does not exist, and says whether it did. An
+ * Creates the group's durable pull consumer if it does not exist, and says whether it did, and
+ * the durable's ack_wait. An
  * existing one is left as it is: its deliver policy only means something at creation, and
  * changing its filter would silently change what the group sees. One the group cannot work
  * with (unusableDurable) is refused, by name.
  */
-export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): Promise<boolean> {
+export async function ensureDurable(
+  jsm: JetStreamManager,
+  o: DurableOptions,
+): Promise<{ created: boolean; ackWaitMs: number }> {
   try {
     const info = await jsm.consumers.info(o.stream, o.group)
     const unusable = unusableDurable(info.config, o)
@@ -59,7 +63,8 @@ export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): P
         `the group's durable consumer ${o.group} on stream ${o.stream} exists, but ${unusable.join("; ")}: delete it (nats consumer rm) so the worker makes it afresh, or fix it by hand`,
       )
     }
-    return false
+    // Its own, which may not be the one this worker would have made it with.
+    return { created: false, ackWaitMs: (info.config.ack_wait ?? 0) / 1e6 || o.ackWaitMs }
   } catch (err) {
     if (err instanceof DurableRefusedError) throw err
     if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) {
@@ -76,5 +81,5 @@ export async function ensureDurable(jsm: JetStreamManager, o: DurableOptions): P
   }
   if (o.filterSubject) config.filter_subject = o.filterSubject
   await jsm.consumers.add(o.stream, config)
-  return true
+  return { created: true, ackWaitMs: o.ackWaitMs }
 }
