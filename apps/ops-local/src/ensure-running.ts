@@ -36,9 +36,12 @@ export async function ensureRunning(
       }
     }
     await pm2.start(spec, logDir)
-    say(
-      `  ${spec.name.padEnd(16)} ${current?.status === "online" ? "restarted: its settings changed" : "started"}`,
-    )
+    // A process an `up` before digests started has none: its settings are not known.
+    const restarted =
+      current?.digest === ""
+        ? "restarted: started by an earlier up, which kept no record of its settings"
+        : "restarted: its settings changed"
+    say(`  ${spec.name.padEnd(16)} ${current?.status === "online" ? restarted : "started"}`)
   }
 }
 

@@ -84,7 +84,12 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
       const host = new URL(baseUrl).hostname
       const local = ["", "127.0.0.1", "localhost", "[::1]"].includes(host)
       await sweepTestDatabases(client, local).catch(() => {})
-      await sweepOldTemplates(client, local, hash).catch(() => {})
+      await client.query("select pg_advisory_lock($1)", [templateLockKey])
+      try {
+        await sweepOldTemplates(client, local, hash).catch(() => {})
+      } finally {
+        await client.query("select pg_advisory_unlock($1)", [templateLockKey])
+      }
     }
     await ensureTemplate(client, baseUrl, template, dir, createClause)
     await cloneTemplate(client, template, name).catch(async (err) => {

@@ -103,8 +103,9 @@ export async function sweepTestDatabases(
  * `hash` that were made over `olderThanMs` ago (default a day): every change to sql/ or the
  * migrator makes new ones, and the old ones stayed on the shared Postgres for good. Not
  * younger ones: a test run of another checkout may be using one now, and dropping each
- * other's templates, two runs would rebuild them in turn. One in use by a clone at the
- * moment is left (the drop fails). Only on this machine's Postgres. Returns those dropped.
+ * other's templates, two runs would rebuild them in turn. One with a session on it is left.
+ * The caller holds the lock that template builds take, so that a build does
+ * not meet one half dropped. Only on this machine's Postgres. Returns those dropped.
  */
 export async function sweepOldTemplates(
   client: pg.Client,
@@ -134,12 +135,14 @@ export async function sweepOldTemplates(
   for (const { datname } of r.rows) {
     if (!/^[a-z0-9_]+$/.test(datname)) continue
     try {
-      // A template cannot be dropped; nor, without FORCE, one another session is cloning.
+      // A template cannot be dropped. Without FORCE a drop is refused while anyone is
+      // connected to it, and waits for a clone in progress to finish.
       await client.query(`alter database "${datname}" is_template false`)
       await client.query(`drop database if exists "${datname}"`)
       dropped.push(datname)
     } catch {
-      // In use, or swept by another process meanwhile.
+      // In use, or swept by another process meanwhile: left a template, as it was.
+      await client.query(`alter database "${datname}" is_template true`).catch(() => {})
     }
   }
   return dropped
