@@ -706,6 +706,8 @@ export function createRelay(config: RelayConfig): Relay {
       fiber = undefined
       stopStatuses?.()
       stopStatuses = undefined
+      // Stopped, it reports no backlog (nor opens a pool for one after stop() closed it).
+      natsDownSince = undefined
       // A statement that never returns (a Postgres overloaded or stalled, a lock someone holds
       // on the outbox) held the stop for as long, past any supervisor's patience: the batch in
       // flight finishes uninterrupted, and the session's last statements (the listening flag)

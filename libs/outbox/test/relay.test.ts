@@ -1040,8 +1040,10 @@ describe("relay", () => {
     const shared = new URL(SHARED_NATS)
     await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
     const cutNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
-    // Dropped before the relay starts: it hears of no disconnect.
+    // Dropped before the relay starts, and known to the client by then: the relay, which
+    // listens from its start, hears of no disconnect.
     proxy.cut()
+    await assert.rejects(cutNc.flush())
     const metrics = createMetricsRegistry({ defaultMetrics: false })
     const value = async (name: string) => metricValue((await metrics.render()).body, name)
     const a = createRelay({
@@ -1062,6 +1064,12 @@ describe("relay", () => {
         message: "the backlog shown by a relay without NATS",
       })
       // Leading, it would hold the lock and publish nothing.
+      assert.notEqual(a.status().role, "active")
+      // Stopped, it reports no backlog; started again, still without NATS, it waits again.
+      await a.stop()
+      assert.equal(await value("outbox_pending"), 0)
+      await a.start()
+      await sleep(500)
       assert.notEqual(a.status().role, "active")
       proxy.restore()
       await waitFor(() => a.status().role === "active", {
