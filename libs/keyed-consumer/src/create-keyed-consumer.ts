@@ -206,6 +206,8 @@ const messageOf = (err: unknown) => (err instanceof Error ? err.message : String
  * the key's order in place, and dies at once with its reason, under the topic's policy.
  */
 const REFUSED_TYPE = "keyway.refused-at-ingest"
+// Node fires a longer timer after 1 ms.
+const MAX_TIMER_MS = 2 ** 31 - 1
 
 /** Whether `err` is the abort `reason`, or an AbortError, or caused by either. */
 function isAbort(err: unknown, reason: unknown): boolean {
@@ -447,7 +449,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const id = keyId(ref)
     const at = Date.now() + ms
     const pending = retryTimers.get(id)
-    if (pending && pending.at <= at) return
+    // Not set again for a second or less: each drain asks anew, a moment sooner each time as
+    // the wait runs down (and the clocks of Postgres and this process differ).
+    if (pending && pending.at <= at + 1000) return
     if (pending) clearTimeout(pending.timer)
     const timer = setTimeout(() => {
       retryTimers.delete(id)
@@ -777,10 +781,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // this worker asks for more time before ack_wait: otherwise the server hands the
       // batch and everything behind it to other workers, whose inserts then wait on this
       // one's uncommitted rows.
-      const keepAlive = setInterval(() => {
-        for (const m of batch) m.working()
-        for (const m of buffer.values()) m.working()
-      }, ackWaitMs / 2)
+      const keepAlive = setInterval(
+        () => {
+          for (const m of batch) m.working()
+          for (const m of buffer.values()) m.working()
+        },
+        Math.min(ackWaitMs / 2, MAX_TIMER_MS),
+      )
       try {
         await ingest(batch)
       } finally {
@@ -872,8 +879,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // after 0.5, 1, 2, 4, then every 5 s: a line a second or two for as long as it lasts was
   // noise, and 5 s is as long as a server that is back waits for us.
   let sessionFailures = 0
+  let sessionStartedAt = 0
   const ingestLoop = Effect.forever(
-    consumeSession.pipe(
+    Effect.sync(() => {
+      sessionStartedAt = Date.now()
+    }).pipe(
+      Effect.andThen(consumeSession),
       Effect.andThen(
         Effect.sync(() => {
           sessionFailures = 0
@@ -881,6 +892,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       ),
       Effect.catchCause((cause) =>
         Effect.sync(() => {
+          // One that ran a while failed on its own: its restart is not one of a series.
+          if (Date.now() - sessionStartedAt > 10_000) sessionFailures = 0
           sessionFailures++
           log.warn("consume ended; restarting", { error: String(cause) })
         }),
@@ -1019,7 +1032,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // only the abort itself; a handler that failed on its own meanwhile (a poison payload
       // that blocked the event loop past the lease) is charged as ever.
       const cutShort =
-        signal.aborted && (signal.reason === shutdownReason || isAbort(err, signal.reason))
+        signal.aborted && (shutdownReason !== undefined || isAbort(err, signal.reason))
       if (!completed && (cutShort || err instanceof UncommittedError || (await abandoned()))) {
         // Cut short, not failed: by stop(), by the loss of the key's lock or lease (a Redis or
         // Postgres blip, another worker now holding the key), or in a batch given up while

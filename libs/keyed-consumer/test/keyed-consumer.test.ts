@@ -391,42 +391,61 @@ describe("keyed consumer", () => {
   })
 
   test("a key whose task waits out a long Retry-After keeps one timer, however often it is woken", async () => {
-    let runs = 0
-    const { t, stream, consumer } = await setup({
-      defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          runs++
-          if (event.ver === 1) {
-            throw Object.assign(new Error("rate limited"), { retryAfterMs: 3600_000 })
-          }
-          await recordEffect("w1")(event, ctx)
+    // The hour-long timers the consumer has set and not cleared, followed where they are made.
+    const long = new Set<unknown>()
+    const realSetTimeout = globalThis.setTimeout
+    const realClearTimeout = globalThis.clearTimeout
+    const arm = realSetTimeout as (...args: unknown[]) => NodeJS.Timeout
+    globalThis.setTimeout = ((fn: unknown, ms?: unknown, ...rest: unknown[]) => {
+      const timer = arm(fn, ms, ...rest)
+      if (typeof ms === "number" && ms > 1_000_000) long.add(timer)
+      return timer
+    }) as typeof setTimeout
+    globalThis.clearTimeout = ((timer: NodeJS.Timeout | undefined) => {
+      long.delete(timer)
+      realClearTimeout(timer)
+    }) as typeof clearTimeout
+    try {
+      let runs = 0
+      const { t, stream, consumer } = await setup({
+        defaultPolicy: { maxAttempts: 5, backoffMs: 20 },
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            runs++
+            if (event.ver === 1) {
+              throw Object.assign(new Error("rate limited"), { retryAfterMs: 3600_000 })
+            }
+            await recordEffect("w1")(event, ctx)
+          },
         },
-      },
-    })
-    await publishEvent(nc, stream.site, { key: "wait", ver: 1, payload: { n: 1 } })
-    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
-    await waitFor(() => consumer.status().retried === 2, { timeoutMs: 10_000, message: "failed" })
-    assert.equal(consumer.status().retriesDue, 2)
-    // Each later version wakes the key, and each drain finds v1 still waiting.
-    for (let ver = 2; ver <= 41; ver++) {
-      await publishEvent(nc, stream.site, { key: "wait", ver, payload: { n: ver } })
-      await new Promise((r) => setTimeout(r, 25))
+      })
+      await publishEvent(nc, stream.site, { key: "wait", ver: 1, payload: { n: 1 } })
+      await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+      await waitFor(() => consumer.status().retried === 2, { timeoutMs: 10_000, message: "failed" })
+      // Each later version wakes the key, and each drain finds v1 still waiting.
+      for (let ver = 2; ver <= 41; ver++) {
+        await publishEvent(nc, stream.site, { key: "wait", ver, payload: { n: ver } })
+        await new Promise((r) => setTimeout(r, 25))
+      }
+      await waitFor(
+        async () =>
+          (
+            await sql<{
+              n: number
+            }>`select count(*)::int as n from keyway.inbox where key = 'wait'`.execute(t.db)
+          ).rows[0]!.n === 41,
+        { timeoutMs: 10_000, message: "all 41 versions stored" },
+      )
+      await new Promise((r) => setTimeout(r, 500))
+      // A timer per drain of the waiting key piled up here: 40 more.
+      assert.equal(long.size, 2, `${long.size} hour-long timers`)
+      assert.equal(consumer.status().retriesDue, 2)
+      assert.equal(runs, 2, "v1 of each key ran once; the later versions wait behind it")
+      assert.deepEqual(await effects(t.db), [])
+    } finally {
+      globalThis.setTimeout = realSetTimeout
+      globalThis.clearTimeout = realClearTimeout
     }
-    await waitFor(
-      async () =>
-        (
-          await sql<{
-            n: number
-          }>`select count(*)::int as n from keyway.inbox where key = 'wait'`.execute(t.db)
-        ).rows[0]!.n === 41,
-      { timeoutMs: 10_000, message: "all 41 versions stored" },
-    )
-    await new Promise((r) => setTimeout(r, 500))
-    // A timer per wake-up piled up here, one for each drain of the waiting key.
-    assert.equal(consumer.status().retriesDue, 2)
-    assert.equal(runs, 2, "v1 of each key ran once; the later versions wait behind it")
-    assert.deepEqual(await effects(t.db), [])
   })
 
   test("complete() called after the handler returned is refused with that reason, and writes nothing", async () => {
