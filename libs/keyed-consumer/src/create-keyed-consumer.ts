@@ -938,16 +938,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // await it, must not have the task marked failed, or completed a second time, meanwhile.
     let completion: Promise<unknown> | undefined
     let returned = false
-    const committed = async () =>
+    /** How the completion that complete() sent ended, once it has; "none" if none was sent. */
+    const completionOutcome = async () =>
       (await completion?.then(
-        () => true,
-        () => false,
-      )) ?? false
-    const abandoned = async () =>
-      (await completion?.then(
-        () => false,
-        (err) => err instanceof UncommittedError,
-      )) ?? false
+        () => "committed" as const,
+        (err) => (err instanceof UncommittedError ? ("abandoned" as const) : ("failed" as const)),
+      )) ?? "none"
     const ctx: HandlerContext = {
       eventId: task.event_id,
       fencing: { epoch, version: task.ver },
@@ -1022,7 +1018,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       stats.done++
       return "done"
     } catch (err) {
-      const completed = await committed()
+      const outcome = await completionOutcome()
+      const completed = outcome === "committed"
       if (err instanceof FencedError) {
         stats.fenced++
         span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
@@ -1033,7 +1030,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // that blocked the event loop past the lease) is charged as ever.
       const cutShort =
         signal.aborted && (shutdownReason !== undefined || isAbort(err, signal.reason))
-      if (!completed && (cutShort || err instanceof UncommittedError || (await abandoned()))) {
+      if (!completed && (cutShort || err instanceof UncommittedError || outcome === "abandoned")) {
         // Cut short, not failed: by stop(), by the loss of the key's lock or lease (a Redis or
         // Postgres blip, another worker now holding the key), or in a batch given up while
         // stopping. The task stays pending with its attempts as they were, for whichever

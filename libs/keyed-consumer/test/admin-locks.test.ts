@@ -27,21 +27,30 @@ const lockWait = (message: string, database?: string) =>
     { timeoutMs: 10_000, message },
   )
 
+/** Key `key` of group "g" in topic demo.item, done up to `doneVer`, with these tasks. */
+async function storeKey(
+  db: TestDatabase["db"],
+  key: string,
+  doneVer: number,
+  tasks: readonly (readonly [ver: number, state: string, attempts: number])[],
+) {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver)
+            values ('g', 'demo.item', ${key}, ${doneVer})`.execute(db)
+  for (const [ver, state, attempts] of tasks) {
+    await sql`
+      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+      values ('g', 'demo.item', ${key}, ${ver}, ${`${key}:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), ${state}, ${attempts})
+    `.execute(db)
+  }
+}
+
 for (const action of ["skip", "retry"] as const) {
   test(`a topic-wide ${action} takes its keys in byte order, so a worker holding one cannot deadlock it`, async () => {
     // In en-US order 'a' < 'B'; in byte order, the workers' order, 'B' < 'a'. On this
     // machine's C.UTF-8 databases the two agree, and a missing collate "C" would pass.
     await using en = await createTestDatabase({ icuLocale: "en-US", poolSize: 2 })
     // Stored "a" before "B", so a statement that locks keys as it finds them takes "a" first.
-    for (const key of ["a", "B"]) {
-      await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', ${key}, 0)`.execute(
-        en.db,
-      )
-      await sql`
-        insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
-        values ('g', 'demo.item', ${key}, 1, ${`s:${key}`}, 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 3)
-      `.execute(en.db)
-    }
+    for (const key of ["a", "B"]) await storeKey(en.db, key, 0, [[1, "dead", 3]])
     // A worker's completion of both: it locks them in byte order, "B" first.
     const worker = new pg.Client({ connectionString: en.url })
     await worker.connect()
@@ -85,15 +94,12 @@ test('workers order keys as the admin actions lock them: code points, Postgres\'
 })
 
 test("a redrive counts its range once its key is locked: rows retention deletes meanwhile are seen", async () => {
-  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', 'rr', 6)`.execute(
+  await storeKey(
     t.db,
+    "rr",
+    6,
+    [1, 2, 3, 4, 5, 6].map((ver) => [ver, "done", 1] as const),
   )
-  for (let ver = 1; ver <= 6; ver++) {
-    await sql`
-      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
-      values ('g', 'demo.item', 'rr', ${ver}, ${`rr:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), 'done', 1)
-    `.execute(t.db)
-  }
   // Retention, as pruneInbox goes: the key taken FOR KEY SHARE, then its oldest row deleted.
   const retention = new pg.Client({ connectionString: t.url })
   await retention.connect()
@@ -132,18 +138,10 @@ test("a redrive counts its range once its key is locked: rows retention deletes 
  * connection of its own, storing one version a statement, so that a skip can come in between.
  */
 async function gapAndIngest(key: string) {
-  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('g', 'demo.item', ${key}, 1)`.execute(
-    t.db,
-  )
-  for (const [ver, state] of [
-    [1, "done"],
-    [3, "pending"],
-  ] as const) {
-    await sql`
-      insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state)
-      values ('g', 'demo.item', ${key}, ${ver}, ${`${key}:${ver}`}, 'demo.item.changed.v1', '{"n":1}', now(), ${state})
-    `.execute(t.db)
-  }
+  await storeKey(t.db, key, 1, [
+    [1, "done", 0],
+    [3, "pending", 0],
+  ])
   const ingest = new pg.Client({ connectionString: t.url })
   await ingest.connect()
   const store = (ver: number) =>
