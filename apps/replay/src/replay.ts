@@ -15,7 +15,7 @@ import {
   JetStreamError,
   type JsMsg,
 } from "@nats-io/jetstream"
-import { RequestError, TimeoutError } from "@nats-io/transport-node"
+import { Match, RequestError, TimeoutError } from "@nats-io/transport-node"
 
 export interface ReplayOptions {
   stream: string
@@ -61,7 +61,8 @@ function toLine(m: JsMsg): ReplayLine {
   const head = { streamSeq: m.seq, time: m.time.toISOString(), subject: m.subject }
   try {
     const e = decodeEnvelope(m.data)
-    const traceparent = m.headers?.get("traceparent") || undefined
+    // Header names are matched as HTTP's are, whatever case a publisher wrote.
+    const traceparent = m.headers?.get("traceparent", Match.IgnoreCase) || undefined
     return {
       ...head,
       id: e.id,
@@ -85,6 +86,8 @@ interface Progress {
   printed: number
   /** The last stream sequence delivered, printed or not. */
   lastSeq?: number
+  /** The server-side consumer that delivered it, and its delivery count then. */
+  lastDelivery?: { consumer: string; seq: number }
 }
 
 /**
@@ -285,6 +288,7 @@ async function readAll(
         if (options.signal?.aborted) return progress.printed
         if (options.toSeq !== undefined && m.seq > options.toSeq) return progress.printed
         progress.lastSeq = m.seq
+        progress.lastDelivery = { consumer: m.info.consumer, seq: m.info.deliverySequence }
         const line = toLine(m)
         if (options.key === undefined || ("key" in line && line.key === options.key)) {
           print(line)
@@ -300,17 +304,27 @@ async function readAll(
       options.signal?.removeEventListener("abort", stopBatch)
     }
     if (options.signal?.aborted) return progress.printed
-    if (got === 0 && progress.lastSeq !== undefined) {
+    if (got === 0) {
       // Messages the server sent on a connection it then dropped (a reader paused past its
       // write deadline) are lost in flight. nats.js's ordered consumer notices only when a
       // later message arrives: with none coming, a read with --follow waited for ever short of
       // them, and one without ended short of them, both without a word.
+      // Counted in deliveries, not stream sequences: a filtered consumer's delivered stream
+      // sequence also moves past the other subjects' messages it steps over, and reading one
+      // subject of a busy stream was taken for a loss at every empty fetch.
       const info = await consumer.info()
-      if (info.delivered.stream_seq > progress.lastSeq) throw new LostInFlight()
+      const received = progress.lastDelivery?.consumer === info.name ? progress.lastDelivery.seq : 0
+      if (info.delivered.consumer_seq > received) throw new LostInFlight(info.name)
     }
     if (got === 0 && !options.follow) return progress.printed
   }
 }
 
 /** The server delivered messages past the last one this read received. */
-class LostInFlight extends Error {}
+class LostInFlight extends Error {
+  constructor(consumer: string) {
+    super(
+      `consumer ${consumer} delivered messages that never arrived, and its replacements lost theirs too`,
+    )
+  }
+}

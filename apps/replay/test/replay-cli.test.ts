@@ -51,9 +51,9 @@ async function run(args: string[]) {
   return { code, err: r.result.err, lines: r.lines() }
 }
 
-async function publish(key: string, ver: number, trace?: string) {
+async function publish(key: string, ver: number, trace?: string, header = "traceparent") {
   const h = headers()
-  if (trace) h.set("traceparent", trace)
+  if (trace) h.set(header, trace)
   await jetstream(nc).publish(
     `${stream.site}.demo.item`,
     encodeEnvelope({
@@ -77,7 +77,8 @@ before(async () => {
   nc = await connectNats({ servers: natsUrl })
   stream = await createTestStream(nc)
   await publish("a", 1, TRACE) // seq 1
-  await publish("b", 1) // 2
+  // Header names match whatever their case, as HTTP's do.
+  await publish("b", 1, TRACE, "Traceparent") // 2
   await publish("a", 2) // 3
   await jetstream(nc).publish(`${stream.site}.demo.item`, "this is not json") // 4
   await publish("a", 3) // 5
@@ -113,6 +114,7 @@ test("prints every message in stream order, events decoded, the rest with the re
       payload: { n: 1 },
     },
   )
+  assert.equal((lines[1] as { traceparent?: string }).traceparent, TRACE)
   assert.equal(lines[3]!.data, "this is not json")
   assert.match(lines[3]!.error, /JSON/)
   assert.match(err, new RegExp(`${stream.name} holds 6 messages, seq 1\\.\\.6`))

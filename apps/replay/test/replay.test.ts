@@ -87,6 +87,38 @@ test("a consumer dropped by the server mid-read is replaced: nothing missed, not
   assert.equal(await deleteConsumers(), 0, "none left behind")
 })
 
+test("--follow on one subject waits past the other subjects' messages, and prints the next", async () => {
+  // The filtered consumer's delivered stream sequence moves past r.b, which it never sends:
+  // taken for messages lost in flight, the read failed after four empty fetches.
+  const own = await createTestStream(nc)
+  try {
+    const js = jetstream(nc)
+    await js.publish(`${own.site}.a`, "1")
+    await js.publish(`${own.site}.b`, "2")
+    const seqs: number[] = []
+    const stop = new AbortController()
+    let failed: unknown
+    const reading = replay(
+      js,
+      { stream: own.name, subject: `${own.site}.a`, follow: true, signal: stop.signal },
+      (line) => seqs.push(line.streamSeq),
+    ).catch((err) => {
+      failed = err
+      return -1
+    })
+    // Six empty fetches of a second each: the old read had given up after four.
+    await sleep(6500)
+    assert.equal(failed, undefined)
+    await js.publish(`${own.site}.a`, "3")
+    await waitFor(async () => seqs.length === 2, { timeoutMs: 5000, message: "seq 3 printed" })
+    stop.abort()
+    assert.equal(await reading, 2)
+    assert.deepEqual(seqs, [1, 3])
+  } finally {
+    await own.delete()
+  }
+})
+
 test("a read whose consumers keep vanishing fails with the server's reason", async () => {
   const vanishing = setInterval(() => void deleteConsumers().catch(() => {}), 5)
   try {

@@ -15,7 +15,7 @@ import {
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream"
-import type { NatsConnection } from "@nats-io/transport-node"
+import { Match, type NatsConnection } from "@nats-io/transport-node"
 import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
@@ -606,7 +606,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         const e = decodeEnvelope(m.data)
         const carrier: Record<string, string> = {}
         for (const h of PROPAGATED_HEADERS) {
-          const v = m.headers?.get(h)
+          // Matched as HTTP's header names are: a publisher may write `Traceparent`.
+          const v = m.headers?.get(h, Match.IgnoreCase)
           if (v) carrier[h] = v
         }
         const incoming: IncomingEvent = {
