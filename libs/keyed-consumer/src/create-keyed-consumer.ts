@@ -16,7 +16,14 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream"
 import { Match, type NatsConnection } from "@nats-io/transport-node"
-import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
+import {
+  context,
+  propagation,
+  ROOT_CONTEXT,
+  SpanKind,
+  SpanStatusCode,
+  trace,
+} from "@opentelemetry/api"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
 import * as Schedule from "effect/Schedule"
@@ -919,7 +926,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   ): Promise<Outcome> => {
     const epoch = claim.epoch
     const policy = policyOf(ref.topic)
-    const parent = task.trace ? propagation.extract(context.active(), task.trace) : context.active()
+    // From the root, not from whatever context the drain runs in: a task carries its own
+    // trace or starts one.
+    const parent = task.trace ? propagation.extract(ROOT_CONTEXT, task.trace) : ROOT_CONTEXT
     const span = tracer.startSpan(
       `process ${ref.topic}`,
       {
@@ -971,7 +980,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           ...ref,
           ver: task.ver,
           epoch,
-          effects,
+          // Bound to this task's span: the batch runs every key's effects from whichever
+          // caller pumped it, and a follow-up event enqueued here stores the active trace.
+          effects: context.bind(trace.setSpan(parent, span), effects),
           interleave: options?.interleave ?? false,
         })
         const result = completion as Promise<T>

@@ -1,0 +1,92 @@
+// The trace a handler works in is its own event's, in ctx.complete's effects too: that is
+// where a handler enqueues its follow-up events, and enqueue stores the active trace with
+// them. Completions of many keys share one transaction, run by whichever caller the batcher
+// was pumped from; the effects must not borrow that caller's context.
+import assert from "node:assert/strict"
+import { randomBytes } from "node:crypto"
+import { after, before, test } from "node:test"
+import { createKeyedConsumer } from "@keyway/keyed-consumer"
+import { connectNats } from "@keyway/nats"
+import { encodeEnvelope } from "@keyway/schemas"
+import { startTelemetry } from "@keyway/telemetry"
+import { createTestDatabase, createTestStream, type TestDatabase, waitFor } from "@keyway/testkit"
+import { jetstream } from "@nats-io/jetstream"
+import { headers, type NatsConnection } from "@nats-io/transport-node"
+import { trace } from "@opentelemetry/api"
+import { Redis } from "ioredis"
+import { sql } from "kysely"
+import { SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
+
+let nc: NatsConnection
+let redis: Redis
+let t: TestDatabase
+before(async () => {
+  // No exporter: the API's spans then carry the incoming context, which is all this needs.
+  startTelemetry({ serviceName: "keyed-consumer-trace-test" })
+  nc = await connectNats({ servers: SHARED_NATS })
+  redis = new Redis(SHARED_REDIS)
+  t = await createTestDatabase()
+})
+after(async () => {
+  redis.disconnect()
+  await nc.close()
+  await t.drop()
+})
+
+test("effects passed to ctx.complete run in their own event's trace, not in a batch-mate's", async () => {
+  const stream = await createTestStream(nc)
+  const keys = ["k1", "k2", "k3", "k4", "k5", "k6"]
+  const traceOf = new Map(keys.map((k) => [k, randomBytes(16).toString("hex")]))
+  const seen = new Map<string, string | undefined>()
+  const consumer = createKeyedConsumer({
+    group: unique("g"),
+    stream: stream.name,
+    nats: nc,
+    db: t.db,
+    redis,
+    handlers: {
+      "demo.item.changed.v1": async (event, ctx) => {
+        await ctx.complete(async (trx) => {
+          seen.set(event.key, trace.getActiveSpan()?.spanContext().traceId)
+          // Holds its completion in flight, so the others gather into the next batch.
+          if (event.key === "k1") await sql`select pg_sleep(1)`.execute(trx)
+        })
+      },
+    },
+  })
+  try {
+    await consumer.start()
+    const js = jetstream(nc)
+    let seq = 0
+    for (const key of keys) {
+      const h = headers()
+      h.set("traceparent", `00-${traceOf.get(key)}-${randomBytes(8).toString("hex")}-01`)
+      seq++
+      const envelope = {
+        id: `${stream.site}:${seq}`,
+        site: stream.site,
+        seq,
+        topic: "demo.item",
+        key,
+        ver: 1,
+        type: "demo.item.changed.v1",
+        payload: { n: seq },
+        createdAt: new Date().toISOString(),
+      }
+      await js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
+        msgID: envelope.id,
+        headers: h,
+      })
+      // k1 first and alone, so that the rest arrive while its completion is in flight.
+      if (key === "k1") await waitFor(async () => seen.has("k1"), { message: "k1 handled" })
+    }
+    await waitFor(async () => seen.size === keys.length, {
+      timeoutMs: 20_000,
+      message: () => `every key handled; seen ${[...seen.keys()]}`,
+    })
+    assert.deepEqual(new Map([...seen].sort()), traceOf)
+  } finally {
+    await consumer.stop()
+    await stream.delete()
+  }
+})
