@@ -329,6 +329,26 @@ describe("relay", () => {
     assert.equal(await value("outbox_publish_seconds_count"), 30)
   })
 
+  test("metrics: a new leader's re-publish of recent rows counts duplicates, not publishes or latency", async () => {
+    await fresh()
+    await write(t.db, 20, 4)
+    await startRelay()
+    await untilPublished("the first relay published all", 10_000)
+    await relay!.stop()
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const value = async (name: string) => metricValue((await metrics.render()).body, name)
+    // The next leader sends the last 2 minutes again, in case its predecessor's marks outran
+    // what the server synced: every one a duplicate.
+    await startRelay({ metrics })
+    await waitFor(async () => (await value("outbox_duplicates_total")) === 20, {
+      timeoutMs: 10_000,
+      message: "20 duplicates",
+    })
+    assert.equal(await value("outbox_published_total"), 0)
+    assert.equal(await value("outbox_publish_seconds_count"), 0)
+    assert.equal(await streamCount(nc, stream), 20)
+  })
+
   /** A relay logger that keeps what it was told. */
   const recordingLogger = () => {
     const lines: { level: string; message: string; fields?: Record<string, unknown> }[] = []
@@ -654,7 +674,7 @@ describe("relay", () => {
       // Seqs 3 and 4 come back in the re-publish of recent rows, with their stream_seq known:
       // no read, published. 1 and 2 cannot be told from another event's.
       const held = () => lines.filter((l) => l.level === "error")
-      await waitFor(async () => held().length === 2 && relay!.status().published === 2, {
+      await waitFor(async () => held().length === 2 && relay!.status().duplicates === 2, {
         timeoutMs: 10_000,
         message: "two duplicates held, two re-published",
       })
