@@ -75,7 +75,12 @@ export async function runPipelinedTransaction<DB, T>(
   return executor.provideConnection(async (connection) => {
     let open = true
     const inFlight = new Set<Promise<unknown>>()
-    let firstFailure: { error: unknown } | undefined
+    // First in the order sent, not in the order settled: a named statement's failure settles
+    // a turn after an unnamed one's (the client catches it on the way), and Postgres' answers
+    // to a pipeline arrive together, so the knock-on "transaction is aborted" of a statement
+    // sent later could settle first.
+    let sent = 0
+    let firstFailure: { error: unknown; n: number } | undefined
     // The statements' own errors, to tell them from an error of the work's.
     const failures = new WeakSet<object>()
     const trx = new Transaction<DB>({
@@ -87,13 +92,14 @@ export async function runPipelinedTransaction<DB, T>(
           // Once the work has settled, a statement would run after COMMIT, outside the
           // transaction, or on a connection back in the pool inside somebody else's.
           if (!open) return Promise.reject(new Error("the transaction has already ended"))
+          const n = sent++
           const statement = consume(connection)
           inFlight.add(statement)
           statement.then(
             () => inFlight.delete(statement),
             (error) => {
               inFlight.delete(statement)
-              firstFailure ??= { error }
+              if (!firstFailure || n < firstFailure.n) firstFailure = { error, n }
               if (typeof error === "object" && error !== null) failures.add(error)
             },
           )

@@ -159,6 +159,38 @@ test("the first failure is thrown even when the work rejects with a knock-on one
   assert.deepEqual(await items(), before)
 })
 
+test("the first failure sent is thrown, whichever failure settles first", async () => {
+  // One connection, on which the insert's text has run often enough to be a named statement.
+  // A named statement's failure reaches the transaction a turn later than an unnamed one's
+  // (the client's own catch is in between), and Postgres' answers to a pipeline arrive in
+  // one read: the knock-on 25P02 of the `select 1` sent after it settled first.
+  const one = createDb({ connectionString: t.url, max: 1 })
+  try {
+    for (let i = 0; i < 5; i++) {
+      await one
+        .insertInto("item")
+        .values({ id: -100 - i, n: 1 })
+        .execute()
+    }
+    const before = await items()
+    for (let round = 0; round < 20; round++) {
+      await assert.rejects(
+        runPipelinedTransaction(one, async (trx) => {
+          await Promise.allSettled([
+            trx.insertInto("item").values({ id: -100, n: 2 }).execute(), // id -100 exists
+            sql`select 1`.execute(trx),
+          ])
+        }),
+        { code: "23505" },
+        `round ${round}`,
+      )
+    }
+    assert.deepEqual(await items(), before)
+  } finally {
+    await one.destroy()
+  }
+})
+
 test("statements still in flight when the work returns are waited for, failures and all", async () => {
   const before = await items()
   const left: Promise<unknown>[] = []
