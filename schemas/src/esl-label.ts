@@ -19,13 +19,26 @@ const LabelCode = Schema.String.pipe(
 )
 
 /**
- * The canonical form of a label MAC written with or without `:`/`-` separators and in any
- * case; `undefined` when it is not a MAC at all. Writers fold their input through this and
- * let the schema refuse what stays malformed, so the rejection names the field.
+ * The ways a MAC is written: bare, six pairs with one separator throughout (`:` or `-`), or
+ * three groups of four with dots (as Cisco prints them). Only these: stripping separators
+ * wherever they stand turned a 7-group typo ("0:1b:2c:3d:4e:5f:0") into another, valid MAC,
+ * a label that is not the one meant.
+ */
+const MAC_FORMS = [
+  /^[0-9A-F]{12}$/,
+  /^[0-9A-F]{2}([:-])(?:[0-9A-F]{2}\1){4}[0-9A-F]{2}$/,
+  /^[0-9A-F]{4}\.[0-9A-F]{4}\.[0-9A-F]{4}$/,
+]
+
+/**
+ * The canonical form of a label MAC written in one of the usual ways, in any case, with
+ * blanks around it (a CSV cell); `undefined` when it is not a MAC. Writers fold their input
+ * through this and let the schema refuse what stays malformed, so the rejection names the
+ * field.
  */
 export function canonicalLabelCode(input: string): string | undefined {
-  const folded = input.replace(/[:-]/g, "").toUpperCase()
-  return LABEL_CODE_PATTERN.test(folded) ? folded : undefined
+  const upper = input.trim().toUpperCase()
+  return MAC_FORMS.some((form) => form.test(upper)) ? upper.replace(/[:.-]/g, "") : undefined
 }
 
 /**

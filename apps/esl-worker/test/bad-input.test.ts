@@ -52,11 +52,25 @@ describe("bad ESL input", () => {
     await nc.close()
   })
 
-  test("MACs: separators and case are folded; anything else is not a MAC", () => {
+  test("MACs: the usual ways of writing one are folded; anything else is not a MAC", () => {
     assert.equal(canonicalLabelCode("0a:1b:2c:3d:4e:5f"), "0A1B2C3D4E5F")
     assert.equal(canonicalLabelCode("0a-1b-2c-3d-4e-5f"), "0A1B2C3D4E5F")
     assert.equal(canonicalLabelCode("0A1B2C3D4E5F"), "0A1B2C3D4E5F")
-    for (const bad of ["0A1B2C3D4E", "0A1B2C3D4E5F00", "0A1B2C3D4E5G", "", "0A 1B 2C 3D 4E 5F"]) {
+    assert.equal(canonicalLabelCode("0a1b.2c3d.4e5f"), "0A1B2C3D4E5F")
+    assert.equal(canonicalLabelCode(" 0a:1b:2c:3d:4e:5f\t"), "0A1B2C3D4E5F")
+    for (const bad of [
+      "0A1B2C3D4E",
+      "0A1B2C3D4E5F00",
+      "0A1B2C3D4E5G",
+      "",
+      "0A 1B 2C 3D 4E 5F",
+      // Separators stripped wherever they stood made these MACs, some of other labels.
+      "0:1b:2c:3d:4e:5f:0",
+      "0A1B2C3D4E5F--",
+      "0-A-1-B-2-C-3-D-4-E-5-F",
+      "0a:1b-2c:3d-4e:5f",
+      "0a1b2c.3d4e5f",
+    ]) {
       assert.equal(canonicalLabelCode(bad), undefined, bad)
     }
   })
