@@ -14,4 +14,4 @@ export {
   type EslLabelRenderPayload,
   LABEL_CODE_PATTERN,
 } from "./esl-label.ts"
-export { eventTypes, findEventType } from "./registry.ts"
+export { eventTypes, findEventType, registryOf } from "./registry.ts"

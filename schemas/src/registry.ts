@@ -6,7 +6,21 @@ import { EslLabelRender } from "./esl-label.ts"
 // outbox refuses names that are not listed, so a typo fails at the writer, not downstream.
 const all: readonly EventType<any>[] = [DemoItemChanged, DemoCommandSent, EslLabelRender]
 
-export const eventTypes: ReadonlyMap<string, EventType<any>> = new Map(all.map((e) => [e.type, e]))
+/**
+ * The types by name. Two of one name are refused: a module copied to start a v2 that kept
+ * its v1 name would otherwise replace the first schema without a word, and events already
+ * written would be read with the other one.
+ */
+export function registryOf(types: readonly EventType<any>[]): ReadonlyMap<string, EventType<any>> {
+  const byName = new Map<string, EventType<any>>()
+  for (const e of types) {
+    if (byName.has(e.type)) throw new Error(`event type ${e.type} is defined twice`)
+    byName.set(e.type, e)
+  }
+  return byName
+}
+
+export const eventTypes = registryOf(all)
 
 export function findEventType(type: string): EventType<any> | undefined {
   return eventTypes.get(type)

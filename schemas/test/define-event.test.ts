@@ -1,7 +1,7 @@
 import assert from "node:assert/strict"
 import { describe, test } from "node:test"
 import * as Schema from "effect/Schema"
-import { defineEvent, InvalidEventError } from "../src/index.ts"
+import { defineEvent, InvalidEventError, registryOf } from "../src/index.ts"
 
 const schema = Schema.Struct({ n: Schema.Number })
 
@@ -35,5 +35,12 @@ describe("defineEvent", () => {
       () => def.decode({ n: "one" }),
       (err: unknown) => err instanceof InvalidEventError && /\["n"\]/.test(err.message),
     )
+  })
+
+  test("the registry refuses two types of one name", () => {
+    const a = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })
+    const copy = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })
+    assert.throws(() => registryOf([a, copy]), /event type t.item.changed.v1 is defined twice/)
+    assert.equal(registryOf([a]).get("t.item.changed.v1"), a)
   })
 })
