@@ -82,6 +82,26 @@ test("a catalogue import is checked like a price change; a bad product writes no
   assert.deepEqual(stored.rows, [])
 })
 
+test("a bad request is told every problem; a huge one its first, at once", async () => {
+  await assert.rejects(
+    writeLabelJob(t.db, { labels: [{ labelCode: 1 }, { labelCode: label(1), productId: "" }] }),
+    (err: Error) =>
+      err instanceof EslWriterError &&
+      /\["labels"\]\[0\]\["labelCode"\]/.test(err.message) &&
+      /\["labels"\]\[1\]\["productId"\]/.test(err.message),
+  )
+  // Every problem of 100,000 bad labels made a message of some 10 MB, for the HTTP answer.
+  const huge = { labels: Array.from({ length: 100_000 }, () => ({ labelCode: 1 })) }
+  await assert.rejects(
+    writeLabelJob(t.db, huge as never),
+    (err: Error) =>
+      err instanceof EslWriterError &&
+      err.message.length < 1000 &&
+      /first problem found/.test(err.message) &&
+      /\["labels"\]\[0\]/.test(err.message),
+  )
+})
+
 test("a catalogue import may not change a product labels show: refused by name, nothing written", async () => {
   await upsertProducts(t.db, [{ id: "E", name: "Eggs 10", priceMinor: 299, currency: "EUR" }])
   await writeLabelJob(t.db, { labels: [{ labelCode: label(50), productId: "E" }] })
