@@ -84,7 +84,9 @@ test("a catalogue import is checked like a price change; a bad product writes no
 
 test("a bad request is told every problem; a huge one its first, at once", async () => {
   await assert.rejects(
-    writeLabelJob(t.db, { labels: [{ labelCode: 1 }, { labelCode: label(1), productId: "" }] }),
+    writeLabelJob(t.db, {
+      labels: [{ labelCode: 1 } as never, { labelCode: label(1), productId: "" }],
+    }),
     (err: Error) =>
       err instanceof EslWriterError &&
       /\["labels"\]\[0\]\["labelCode"\]/.test(err.message) &&

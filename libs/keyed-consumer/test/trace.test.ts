@@ -78,7 +78,8 @@ test("effects passed to ctx.complete run in their own event's trace, not in a ba
         headers: h,
       })
       // k1 first and alone, so that the rest arrive while its completion is in flight.
-      if (key === "k1") await waitFor(async () => seen.has("k1"), { message: "k1 handled" })
+      if (key === "k1")
+        await waitFor(async () => seen.has("k1"), { timeoutMs: 10_000, message: "k1 handled" })
     }
     await waitFor(async () => seen.size === keys.length, {
       timeoutMs: 20_000,
