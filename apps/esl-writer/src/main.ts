@@ -24,9 +24,14 @@ try {
   process.exit(2)
 }
 
+const log =
+  (level: string) =>
+  (message: string, fields: Record<string, unknown> = {}) =>
+    console.log(JSON.stringify({ level, message, ...fields }))
 const telemetry = startTelemetry({
   serviceName: config.serviceName,
   otlpEndpoint: config.otlpEndpoint,
+  logger: { warn: log("warn") },
 })
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const jobs = metrics.counter({
@@ -43,10 +48,6 @@ const db = createDb({
   max: 10,
   applicationName: "keyway-esl-writer",
 })
-const log =
-  (level: string) =>
-  (message: string, fields: Record<string, unknown> = {}) =>
-    console.log(JSON.stringify({ level, message, ...fields }))
 // Before anything that may wait for a server: a stop during startup ends the process.
 const signals = handleStopSignals({
   name: "esl-writer",

@@ -34,6 +34,7 @@ const signals = handleStopSignals({
 const telemetry = startTelemetry({
   serviceName: config.serviceName,
   otlpEndpoint: config.otlpEndpoint,
+  logger,
   resourceAttributes: { "keyway.site": config.site },
 })
 

@@ -36,6 +36,7 @@ const signals = handleStopSignals({
 const telemetry = startTelemetry({
   serviceName: config.serviceName,
   otlpEndpoint: config.otlpEndpoint,
+  logger,
   resourceAttributes: { "keyway.site": config.site },
 })
 const untilReady = <T>(what: string, step: () => Promise<T>) =>

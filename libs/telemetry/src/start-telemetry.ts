@@ -1,4 +1,4 @@
-import { context, propagation } from "@opentelemetry/api"
+import { context, DiagLogLevel, diag, propagation } from "@opentelemetry/api"
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks"
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
 import { resourceFromAttributes } from "@opentelemetry/resources"
@@ -28,6 +28,13 @@ export interface TelemetryConfig {
    * a receiver which does not answer would not take anyway.
    */
   shutdownTimeoutMs?: number
+  /**
+   * Told what the SDK reports of its own trouble: a failed export (the receiver down, or
+   * the wrong port), spans dropped from a full queue. Without it these go nowhere, and an
+   * SRE finds traces missing with nothing saying why. The same report is passed on once a
+   * minute at most, with how many were held back.
+   */
+  logger?: { warn(message: string, fields?: Record<string, unknown>): void }
 }
 
 export interface Telemetry {
@@ -61,6 +68,7 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   if (started) throw new TelemetryError("startTelemetry was already called in this process")
   if (!config.serviceName) throw new TelemetryError("serviceName is required")
   started = true
+  if (config.logger) diag.setLogger(sdkTroubleTo(config.logger), DiagLogLevel.WARN)
   const propagator = new core.CompositePropagator({
     propagators: [new core.W3CTraceContextPropagator(), new core.W3CBaggagePropagator()],
   })
@@ -142,4 +150,31 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     shutdown,
     [Symbol.asyncDispose]: shutdown,
   }
+}
+
+const QUIET_MS = 60_000
+
+/**
+ * A diag logger passing warnings and errors on, each text once a minute: an export that
+ * fails fails at every scheduled export, every second. A failed export's text is the error
+ * as JSON, the same each time for one cause.
+ */
+function sdkTroubleTo(logger: NonNullable<TelemetryConfig["logger"]>) {
+  const last = new Map<string, { at: number; held: number }>()
+  const pass = (message: string) => {
+    const now = Date.now()
+    const seen = last.get(message)
+    if (seen && now - seen.at < QUIET_MS) {
+      seen.held++
+      return
+    }
+    if (last.size > 100) last.clear()
+    last.set(message, { at: now, held: 0 })
+    logger.warn("telemetry: the OpenTelemetry SDK reports trouble", {
+      report: message.slice(0, 2000),
+      ...(seen?.held ? { heldBackSinceLast: seen.held } : {}),
+    })
+  }
+  const none = () => {}
+  return { error: pass, warn: pass, info: none, debug: none, verbose: none }
 }

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict"
+import { createServer as createHttpServer } from "node:http"
 import { type AddressInfo, createServer, type Socket } from "node:net"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
@@ -227,5 +228,31 @@ test("shutdown gives up after shutdownTimeoutMs on a receiver that takes the con
   } finally {
     for (const socket of held) socket.destroy()
     silent.close()
+  }
+})
+
+test("a failing export is reported to the logger given, once however often it fails", async () => {
+  let requests = 0
+  const refusing = createHttpServer((req, res) => {
+    requests++
+    req.resume()
+    req.on("end", () => res.writeHead(500).end("receiver broken"))
+  })
+  await new Promise<void>((r) => refusing.listen(0, "127.0.0.1", r))
+  try {
+    const { port } = refusing.address() as AddressInfo
+    const child = spawnTs(fileURLToPath(new URL("./fixtures/export-fails.ts", import.meta.url)), {
+      OTLP_URL: `http://127.0.0.1:${port}`,
+    })
+    await child.exited()
+    assert.equal(child.exitCode, 0, child.lines.join("\n"))
+    const reports = child
+      .json()
+      .filter((l) => l.message === "telemetry: the OpenTelemetry SDK reports trouble")
+    assert.ok(requests >= 3, `${requests} exports tried`)
+    assert.equal(reports.length, 1, child.lines.join("\n"))
+    assert.match(String(reports[0]!.report), /500|receiver broken/)
+  } finally {
+    refusing.close()
   }
 })
