@@ -3,6 +3,7 @@
 // every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
 // the writing and the report; the relay catches up when it is back.
 import { readdirSync } from "node:fs"
+import { setTimeout as sleep } from "node:timers/promises"
 import { ConfigError, natsServersEnv, perSecondEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
@@ -62,6 +63,9 @@ await relay.start()
 
 let written = 0
 let running = true
+// Ends the writer's pauses at once: at the slowest rate a pause is 100 s.
+const stopped = new AbortController()
+const pause = (ms: number) => sleep(ms, undefined, { signal: stopped.signal }).catch(() => {})
 // The writer: each transaction writes the site's demo event for a random key out of 20, at
 // `rate` per second.
 const writer = (async () => {
@@ -71,12 +75,12 @@ const writer = (async () => {
       await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, 20)))
     } catch (err) {
       console.log(`write failed, retrying in 1 s: ${(err as Error).message}`)
-      await new Promise((r) => setTimeout(r, 1000))
+      await pause(1000)
       continue
     }
     written++
     const due = started + (written * 1000) / rate
-    await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))
+    await pause(Math.max(0, due - Date.now()))
   }
 })()
 
@@ -107,6 +111,7 @@ async function shutdown() {
   if (stopping) return
   stopping = true
   running = false
+  stopped.abort()
   clearInterval(report)
   await writer
   await relay.stop()

@@ -2,6 +2,7 @@
 // transaction at DEMO_RATE per second, the way a service writes its domain changes. The
 // relay publishes them; the other site's worker handles them. SIGTERM stops between
 // transactions, so nothing is left half-written, and exits 0.
+import { setTimeout as sleep } from "node:timers/promises"
 import { perSecondEnv } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
@@ -36,6 +37,10 @@ const db = createDb({
 
 let running = true
 let written = 0
+// Ends the pauses at once: at the slowest rate a pause is 100 s, far past the grace pm2 and
+// compose give a stop before they kill.
+const stopped = new AbortController()
+const pause = (ms: number) => sleep(ms, undefined, { signal: stopped.signal }).catch(() => {})
 const loop = (async () => {
   let due = Date.now()
   while (running) {
@@ -45,13 +50,13 @@ const loop = (async () => {
     } catch (err) {
       // Postgres restarting: keep the process and its pace; the transaction left nothing.
       log("write failed; retrying", { error: (err as Error).message })
-      await new Promise((r) => setTimeout(r, 1000))
+      await pause(1000)
       continue
     }
     if (written % Math.max(1, Math.round(rate * 60)) === 0) log("demo traffic", { site, written })
     // A fixed pace, without a burst to catch up after an outage: demo traffic, not a backlog.
     due = Math.max(due + 1000 / rate, Date.now() - 1000)
-    await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())))
+    await pause(Math.max(0, due - Date.now()))
   }
 })()
 log("demo writer started", { site, rate, keys })
@@ -59,6 +64,7 @@ log("demo writer started", { site, rate, keys })
 async function shutdown(signal: string) {
   if (!running) return
   running = false
+  stopped.abort()
   await loop
   await db.destroy()
   log("demo writer stopped", { signal, written })

@@ -1,0 +1,42 @@
+// The demo writer `just up` runs: SIGTERM ends it between transactions and it exits 0, at
+// once even in the middle of a long pause between writes (pm2 kills after 15 s, compose
+// after 20).
+import assert from "node:assert/strict"
+import { after, before, test } from "node:test"
+import { fileURLToPath } from "node:url"
+import { createTestDatabase, spawnTs, type TestDatabase, waitFor } from "@keyway/testkit"
+import { sql } from "kysely"
+
+const writer = fileURLToPath(new URL("../src/writer.ts", import.meta.url))
+let t: TestDatabase
+before(async () => {
+  t = await createTestDatabase()
+})
+after(() => t.drop())
+
+test("SIGTERM in a pause between writes stops the writer then and there, exit 0", async () => {
+  // One event, then a pause of 100 s before the next.
+  const child = spawnTs(writer, { KEYWAY_SITE: "factory", DATABASE_URL: t.url, DEMO_RATE: "0.01" })
+  try {
+    const written = async () =>
+      Number(
+        (await sql<{ n: string }>`select count(*) as n from keyway.outbox`.execute(t.db)).rows[0]!
+          .n,
+      )
+    await waitFor(async () => (await written()) === 1, {
+      timeoutMs: 20_000,
+      message: () => `the first event written; the writer printed ${child.lines.join("\n")}`,
+    })
+    child.kill("SIGTERM")
+    // Far short of the pause: the old writer slept it out before it looked at the signal.
+    await waitFor(() => child.exitCode !== null, {
+      timeoutMs: 30_000,
+      message: "the writer stopped within its stop's grace",
+    })
+    assert.equal(child.exitCode, 0, child.lines.join("\n"))
+    assert.ok(child.json().some((l) => l.message === "demo writer stopped" && l.written === 1))
+    assert.equal(await written(), 1)
+  } finally {
+    child.kill("SIGKILL")
+  }
+})
