@@ -113,6 +113,14 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
     throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
   }
+  // Read by @keyway/db's connectTimeoutMillis as libpq reads it; a bad one failed there, as
+  // the pool was made, with a stack trace instead of this message and exit 2.
+  const timeout = url.searchParams.get("connect_timeout")
+  if (timeout !== null && timeout !== "" && !/^\s*[-+]?\d+\s*$/.test(timeout)) {
+    throw new ConfigError(
+      `${name}'s connect_timeout must be a whole number of seconds (0 for no limit), not ${JSON.stringify(timeout)}`,
+    )
+  }
   return value
 }
 

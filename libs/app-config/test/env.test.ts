@@ -93,6 +93,17 @@ test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (i
       raw,
     )
   }
+  assert.equal(
+    postgresUrlEnv({ DATABASE_URL: `${url}?connect_timeout=5` }),
+    `${url}?connect_timeout=5`,
+  )
+  assert.throws(
+    () => postgresUrlEnv({ DATABASE_URL: `${url}?connect_timeout=abc` }),
+    (err: Error) =>
+      err instanceof ConfigError &&
+      /DATABASE_URL's connect_timeout must be a whole number of seconds/.test(err.message) &&
+      !err.message.includes("secret"),
+  )
 })
 
 test("urlEnv rejects what is not a URL", () => {
