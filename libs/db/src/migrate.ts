@@ -201,7 +201,9 @@ export async function migrateToLatest(
       // Nothing to apply: a database migrated by a newer checkout (bisecting, with its data
       // kept) is fine, as assertMigrated says. Kysely's migrateUp refused it, naming the newer
       // migrations as "missing".
-      if ((await pendingMigrations(conn, options)).length === 0) return []
+      const pending = await pendingMigrations(conn, options)
+      if (pending.length === 0) return []
+      await assertNotDiverged(conn, files, pending)
       return await migrateOneByOne(conn, options)
     } finally {
       // On a connection that failed the run, the unlock fails too (and the session's end
@@ -248,6 +250,38 @@ async function migrateOneByOne(conn: Kysely<any>, options: MigrateOptions): Prom
   }
 }
 
+/**
+ * Refuses, for good, a database whose history and this checkout's part ways: it applied a
+ * migration this checkout does not have, or one sorting after a migration still pending
+ * here (another branch's 0019 applied, this branch's 0019 not). Migrations apply in order
+ * only, so no `just migrate` can mend it; told "apply with just migrate", the processes
+ * waited for ever. A database a newer checkout migrated has nothing pending here and is
+ * not refused: it is ahead, not apart.
+ */
+async function assertNotDiverged(
+  db: Kysely<any>,
+  files: readonly { name: string }[],
+  pending: readonly string[],
+): Promise<void> {
+  if (!(await tableExists(db, "public.kysely_migration"))) return
+  const known = new Set(files.map((f) => f.name))
+  const applied = (
+    await sql<{ name: string }>`select name from public.kysely_migration order by name`.execute(db)
+  ).rows.map((r) => r.name)
+  const foreign = applied.filter((name) => !known.has(name))
+  const last = applied.at(-1)
+  const behind = last === undefined ? [] : pending.filter((name) => name < last)
+  if (foreign.length === 0 && behind.length === 0) return
+  const applies =
+    foreign.length > 0
+      ? `it applied ${foreign.join(", ")}, which this checkout does not have`
+      : `it applied up to ${last}, past ${behind.join(", ")}`
+  throw new MigrationError(
+    `the database's migrations and this checkout's part ways: ${applies}, while ${pending.join(", ")} ${pending.length > 1 ? "are" : "is"} pending here. Migrations apply in order only: migrate it with the checkout that applied them, or restore it from before them`,
+    { permanent: true },
+  )
+}
+
 /** The migrations of `sql/` (or `options.dir`) that the database has not applied, in order. */
 export async function pendingMigrations(
   db: Kysely<any>,
@@ -268,9 +302,11 @@ export async function pendingMigrations(
  */
 export async function assertMigrated(db: Kysely<any>, options: MigrateOptions = {}): Promise<void> {
   const dir = options.dir ?? migrationsDir
-  await assertUnchanged(db, await readMigrationFiles(dir), dir)
+  const files = await readMigrationFiles(dir)
+  await assertUnchanged(db, files, dir)
   const pending = await pendingMigrations(db, options)
   if (pending.length > 0) {
+    await assertNotDiverged(db, files, pending)
     throw new MigrationError(
       `the database lacks ${pending.length} migration(s) this code needs (${pending.join(", ")}): apply them with \`just migrate\` (DATABASE_URL naming this database)`,
     )

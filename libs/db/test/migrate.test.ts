@@ -123,6 +123,44 @@ test("a database a newer checkout migrated is up to date for an older one, not c
   }
 })
 
+test("a database another branch migrated is refused for good, by migrate and by the check", async () => {
+  // One branch applied its 0002; this one has another 0002, still pending here.
+  const dir = await mkdtemp(join(tmpdir(), "keyway-branch-migrations-"))
+  const empty = await mkdtemp(join(tmpdir(), "keyway-no-migrations-"))
+  await using t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: empty })
+  try {
+    await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+    await writeFile(join(dir, "0002_a.sql"), "alter table public.t add column a int;")
+    assert.deepEqual(await migrateToLatest(t.db, { dir }), ["0001_table", "0002_a"])
+    await rm(join(dir, "0002_a.sql"))
+    await writeFile(join(dir, "0002_b.sql"), "alter table public.t add column b int;")
+    const refused = (err: Error) => {
+      assert.ok(err instanceof MigrationError, String(err))
+      assert.equal(err.permanent, true, "not something the processes wait out")
+      assert.match(
+        err.message,
+        /applied 0002_a, which this checkout does not have, while 0002_b is pending here/,
+      )
+      return true
+    }
+    await assert.rejects(migrateToLatest(t.db, { dir }), refused)
+    await assert.rejects(assertMigrated(t.db, { dir }), refused)
+    // Merged the other way: both 0002s here, and a 0000 that sorts before what was applied.
+    await writeFile(join(dir, "0002_a.sql"), "alter table public.t add column a int;")
+    await rm(join(dir, "0002_b.sql"))
+    await writeFile(join(dir, "0000_early.sql"), "alter table public.t add column early int;")
+    const behind = (err: Error) =>
+      err instanceof MigrationError &&
+      err.permanent &&
+      /it applied up to 0002_a, past 0000_early, while 0000_early is pending here/.test(err.message)
+    await assert.rejects(migrateToLatest(t.db, { dir }), behind)
+    await assert.rejects(assertMigrated(t.db, { dir }), behind)
+  } finally {
+    await rm(dir, { recursive: true })
+    await rm(empty, { recursive: true })
+  }
+})
+
 test("a migration waiting for a table lock gives way to the table's readers, and applies once it is free", async () => {
   const dir = await mkdtemp(join(tmpdir(), "keyway-lock-migrations-"))
   await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
