@@ -34,11 +34,14 @@ if (env.KIND === "keyway") {
     concurrency: Number(env.CONCURRENCY ?? 16),
     handlers: {
       "demo.item.changed.v1": async (event, ctx) => {
+        // Handled when the handler is called, as graphile-worker's task below stamps it: not
+        // when its completion batch gets round to the insert, later.
+        const handledAt = now()
         // One insert that stands alone: it may share round trips with other keys' effects.
         await ctx.complete(
           (trx) =>
             sql`insert into effect (key, ver, event_id, handled_at)
-                values (${event.key}, ${event.ver}, ${event.id}, ${now()})`.execute(trx),
+                values (${event.key}, ${event.ver}, ${event.id}, ${handledAt})`.execute(trx),
           { interleave: true },
         )
       },

@@ -80,13 +80,27 @@ async function effectCount(db: Kysely<any>) {
   return (await sql<{ n: number }>`select count(*)::int as n from effect`.execute(db)).rows[0]!.n
 }
 
+/**
+ * Waits until `n` effects exist. Only when the wait ends depends on how often it looks (the
+ * figures come from the effects' own timestamps), and each look scans the table: every 250 ms
+ * rather than 50, which put some 1,200 scans of up to 20,000 rows into graphile-worker's
+ * longer tail.
+ */
 async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number) {
   const deadline = Date.now() + timeoutMs
   while ((await effectCount(db)) < n) {
     if (Date.now() > deadline) throw new Error(`only ${await effectCount(db)} of ${n} effects`)
-    await sleep(50)
+    await sleep(250)
   }
 }
+
+// Neither side's tables are vacuumed or analysed between phases, although this machine's
+// Postgres runs with autovacuum off (conf.d/90-ci.conf) and any other would analyse them as
+// they fill. Tried: a VACUUM ANALYZE before each phase, when the tables are empty, gave both
+// sides the plans of empty tables for the whole phase: Keyway 437 events/s (its worker's
+// Postgres 2.4 ms per event: seq scans of inbox and consumer_key, 7,486 and 866 rows each),
+// graphile-worker p50 862 ms at 1,000/s, not keeping up. Unanalysed tables are planned from
+// their size as it is, which is nearer what autovacuum would give.
 
 /** Events/s from the first commit to the last handler, over EVENTS events. */
 async function commits(db: Kysely<any>) {
@@ -272,8 +286,11 @@ async function latency(db: Kysely<any>, write: Write, labels: () => Promise<Map<
     .map((e) => e.latency)
   // The first second warms connections and caches; it is not the steady state.
   const steady = latencies.slice(LATENCY_RATE)
+  // What the writers offered: a writer held up by a slow commit starts its next one late.
+  const lastCommit = Math.max(...committed.values())
   return {
     events: committed.size,
+    offered: committed.size / ((lastCommit - start) / 1000),
     p50: percentile(steady, 50),
     p99: percentile(steady, 99),
     samples: steady.length,
@@ -456,6 +473,7 @@ export async function run() {
     }
     const skippedLatency = {
       events: 0,
+      offered: Number.NaN,
       p50: Number.NaN,
       p99: Number.NaN,
       samples: 0,
@@ -512,7 +530,7 @@ export async function run() {
         "commit-to-handler p50 ms",
         result.keyway_p50_ms,
         result.graphile_p50_ms,
-        `${LATENCY_RATE} events/s`,
+        `${LATENCY_RATE} events/s asked, ${Math.round(kLatency.offered)} / ${Math.round(gLatency.offered)} offered; to the handler's call`,
       ],
       [
         "commit-to-handler p99 ms",
