@@ -9,8 +9,18 @@ export interface EventType<P = unknown> {
   readonly type: string
   readonly topic: string
   readonly schema: Schema.Codec<P, unknown>
-  /** Returns the decoded payload or throws {@link InvalidEventError}. */
+  /**
+   * Returns the decoded payload or throws {@link InvalidEventError}. A reader's decode:
+   * fields the schema does not name are dropped, so an event a newer writer sent with an
+   * added field still reads.
+   */
   decode(payload: unknown): P
+  /**
+   * A writer's check: as {@link decode}, and a field the schema does not name is refused.
+   * Stored, it would travel unchecked in the stream for as long as the stream keeps it, and
+   * a later version of the schema that gives the name a meaning would find it there.
+   */
+  check(payload: unknown): P
 }
 
 /** A payload that does not satisfy its event type's schema. */
@@ -54,18 +64,20 @@ export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
     )
   }
   const decode = Schema.decodeUnknownResult(definition.schema as Schema.Codec<S["Type"], unknown>)
+  const decoded = (payload: unknown, onExcessProperty: "ignore" | "error") => {
+    // errors: "all" reports every bad field at once, which is what a writer fixing a
+    // rejected event wants to read.
+    const result = decode(payload, { errors: "all", onExcessProperty })
+    if (Result.isSuccess(result)) return result.success
+    throw new InvalidEventError(definition.type, result.failure.message, {
+      cause: result.failure,
+    })
+  }
   return {
     type: definition.type,
     topic: definition.topic,
     schema: definition.schema,
-    decode(payload) {
-      // errors: "all" reports every bad field at once, which is what a writer fixing a
-      // rejected event wants to read.
-      const result = decode(payload, { errors: "all" })
-      if (Result.isSuccess(result)) return result.success
-      throw new InvalidEventError(definition.type, result.failure.message, {
-        cause: result.failure,
-      })
-    },
+    decode: (payload) => decoded(payload, "ignore"),
+    check: (payload) => decoded(payload, "error"),
   }
 }

@@ -37,6 +37,16 @@ describe("defineEvent", () => {
     )
   })
 
+  test("a writer's check refuses a field the schema does not name; a reader's decode drops it", () => {
+    const def = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })
+    assert.throws(
+      () => def.check({ n: 1, promo: 1.5 }),
+      (err: unknown) => err instanceof InvalidEventError && /\["promo"\]/.test(err.message),
+    )
+    assert.deepEqual(def.check({ n: 1 }), { n: 1 })
+    assert.deepEqual(def.decode({ n: 1, promo: 1.5 }), { n: 1 })
+  })
+
   test("the registry refuses two types of one name", () => {
     const a = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })
     const copy = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })

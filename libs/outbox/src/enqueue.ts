@@ -86,7 +86,7 @@ function check(
   // InvalidEventError names the type and every bad field; said here which event of the
   // call it is, one among hundreds of the same type perhaps.
   try {
-    def.decode(event.payload)
+    def.check(event.payload)
   } catch (err) {
     if (!(err instanceof InvalidEventError)) throw err
     throw new InvalidEventError(err.type, err.reason, {

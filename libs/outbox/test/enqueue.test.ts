@@ -117,6 +117,15 @@ describe("enqueue", () => {
       /unknown event type "no\.such\.v1"/,
     )
     assert.match((await refusal(item("", 1))).message, /key must be a non-empty string/)
+    // A field no schema names: stored, it would wait in the stream for a later schema to
+    // give its name a meaning.
+    const excess = await refusal({
+      type: "demo.item.changed.v1",
+      key: "d",
+      payload: { n: 1, m: 2 },
+    })
+    assert.ok(excess instanceof InvalidEventError)
+    assert.match(excess.message, /\["m"\]/)
     assert.deepEqual(await outboxRows(t), before)
     const [first] = await t.db.transaction().execute((trx) => enqueue(trx, item("d", 1)))
     assert.equal(first!.ver, 1, "the refused calls took no version of key d")
