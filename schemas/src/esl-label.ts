@@ -42,6 +42,35 @@ export function canonicalLabelCode(input: string): string | undefined {
 }
 
 /**
+ * ISO 4217's minor units, where they are not 2. `priceMinor` counts these, as an ERP keeps
+ * prices (Odoo's decimal places are ISO's). Intl's own digits (Unicode CLDR's) are how a
+ * price is usually shown, and differ for 17 currencies: for IQD, 3 by ISO and 0 by CLDR,
+ * dividing by CLDR's put 250 dinars on the shelf as 250,000.
+ */
+const ISO_MINOR_DIGITS: Readonly<Record<string, number>> = {
+  ...Object.fromEntries(
+    "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"
+      .split(" ")
+      .map((c) => [c, 0]),
+  ),
+  ...Object.fromEntries("BHD IQD JOD KWD LYD OMR TND".split(" ").map((c) => [c, 3])),
+  CLF: 4,
+  UYW: 4,
+}
+
+/** How many digits of `priceMinor` are the fraction, for a currency code. */
+export function currencyMinorDigits(currency: string): number {
+  return ISO_MINOR_DIGITS[currency] ?? 2
+}
+
+// The codes this runtime can format. A code outside it ("ABC", a typo) would reach the shelf
+// as itself, with two decimals guessed.
+const KNOWN_CURRENCIES = new Set(Intl.supportedValuesOf("currency"))
+const isKnownCurrency = Schema.makeFilter<string>((c) =>
+  KNOWN_CURRENCIES.has(c) ? true : `${JSON.stringify(c)} is not an ISO 4217 currency code`,
+)
+
+/**
  * The fields of a label's render task, each with its bounds. The writer checks its requests
  * against the same ones: a value it stored unchecked would fail a later job that shows it,
  * naming a field that job does not contain.
@@ -59,12 +88,15 @@ export const EslFields = {
   // The schema bounds the name for storage; the renderer shrinks a long one, then shortens
   // it with an ellipsis: the price it travels with must reach the shelf.
   productName: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(200))),
-  /** Price in minor units (cents): no binary fractions on a price tag. */
+  /**
+   * Price in the currency's minor units by ISO 4217 (cents; fils for IQD, 1000 to the dinar;
+   * yen for JPY): no binary fractions on a price tag. See {@link currencyMinorDigits}.
+   */
   priceMinor: Schema.Number.pipe(
     Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 0, maximum: 1e9 })),
   ),
   /** ISO 4217. */
-  currency: Schema.String.pipe(Schema.check(Schema.isPattern(/^[A-Z]{3}$/))),
+  currency: Schema.String.pipe(Schema.check(Schema.isPattern(/^[A-Z]{3}$/), isKnownCurrency)),
 }
 
 /**

@@ -9,6 +9,7 @@ export {
 } from "./envelope.ts"
 export {
   canonicalLabelCode,
+  currencyMinorDigits,
   EslFields,
   EslLabelRender,
   type EslLabelRenderPayload,

@@ -1,4 +1,4 @@
-import type { EslLabelRenderPayload } from "@keyway/schemas"
+import { currencyMinorDigits, type EslLabelRenderPayload } from "@keyway/schemas"
 import { createCanvas, type SKRSContext2D } from "@napi-rs/canvas"
 import { encodeIndexedPng, type Rgb } from "./encode-indexed-png.ts"
 
@@ -74,13 +74,26 @@ function shorten(ctx: SKRSContext2D, text: string): string {
 // Building an Intl.NumberFormat loads locale data: one per currency, not one per label.
 const formats = new Map<string, { format: Intl.NumberFormat; digits: number }>()
 
-/** The price as the shelf shows it, e.g. "€ 12.99" → formatted for the currency. */
+/**
+ * The price as the shelf shows it, e.g. 1299 EUR → "€12.99". `priceMinor` counts ISO 4217
+ * minor units; the fraction is shown as the currency is usually written (CLDR: none for
+ * HUF), unless dropping it would change the price (199999 HUF is 1,999.99, never 2,000).
+ */
 export function formatPrice(priceMinor: number, currency: string): string {
   let f = formats.get(currency)
   if (!f) {
+    const digits = currencyMinorDigits(currency)
     try {
-      const format = new Intl.NumberFormat("en-GB", { style: "currency", currency })
-      f = { format, digits: format.resolvedOptions().maximumFractionDigits ?? 2 }
+      const usual =
+        new Intl.NumberFormat("en-GB", { style: "currency", currency }).resolvedOptions()
+          .maximumFractionDigits ?? digits
+      const format = new Intl.NumberFormat("en-GB", {
+        style: "currency",
+        currency,
+        minimumFractionDigits: Math.min(usual, digits),
+        maximumFractionDigits: digits,
+      })
+      f = { format, digits }
     } catch (cause) {
       throw new RenderError(`unknown currency ${currency}`, { cause })
     }

@@ -1,6 +1,11 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { LABEL_HEIGHT, LABEL_WIDTH, renderLabel } from "../src/render-label.ts"
+import {
+  formatPrice as formatted,
+  LABEL_HEIGHT,
+  LABEL_WIDTH,
+  renderLabel,
+} from "../src/render-label.ts"
 import { decodePng } from "./support.ts"
 
 const task = {
@@ -88,6 +93,20 @@ test("a name too long for the label is shortened to fit inside its margins", asy
   )
 })
 
+test("prices count ISO 4217 minor units, shown as the currency is written, never rounded", () => {
+  // Intl's digits are CLDR's: 0 for IQD and HUF, where ISO has 3 and 2. Divided by those,
+  // 250 dinars were "IQD 250,000".
+  const formatPrice = (priceMinor: number, currency: string) =>
+    formatted(priceMinor, currency).replace(/\u00a0/g, " ") // Intl puts a no-break space there
+  assert.equal(formatPrice(250_000, "IQD"), "IQD 250")
+  assert.equal(formatPrice(250_500, "IQD"), "IQD 250.5")
+  assert.equal(formatPrice(199_900, "HUF"), "HUF 1,999")
+  assert.equal(formatPrice(199_999, "HUF"), "HUF 1,999.99")
+  assert.equal(formatPrice(1299, "EUR"), "€12.99")
+  assert.equal(formatPrice(500, "JPY"), "JP¥500")
+  assert.equal(formatPrice(12_345, "KWD"), "KWD 12.345")
+})
+
 test("every price the schema allows is drawn whole, inside the margins", async () => {
   for (const [priceMinor, currency] of [
     [123_456, "CHF"],
@@ -95,7 +114,8 @@ test("every price the schema allows is drawn whole, inside the margins", async (
     [1e9, "KWD"],
     [1e9, "JPY"],
     [1e9, "EUR"],
-    [1e9, "ZZZ"],
+    [1e9, "CLF"],
+    [1e9, "HUF"],
   ] as const) {
     const png = await renderLabel({ ...task, priceMinor, currency })
     assert.deepEqual(await inkNearEdges(png), [], `${priceMinor} ${currency}`)

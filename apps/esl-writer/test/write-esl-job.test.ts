@@ -68,6 +68,7 @@ test("a catalogue import is checked like a price change; a bad product writes no
   const bad = [
     [{ id: "C", name: "", priceMinor: 100, currency: "EUR" }, /\["name"\]/],
     [{ id: "C", name: "Cherries", priceMinor: 100, currency: "eur" }, /\["currency"\]/],
+    [{ id: "C", name: "Cherries", priceMinor: 100, currency: "ABC" }, /"ABC" is not an ISO 4217/],
     [{ id: "C\u0000", name: "Cherries", priceMinor: 100, currency: "EUR" }, /\["id"\]/],
     [{ id: "C", name: "Cherries", priceMinor: -1, currency: "EUR" }, /\["priceMinor"\]/],
   ] as const
