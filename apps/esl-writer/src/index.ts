@@ -7,6 +7,7 @@ export {
   type LabelJobOptions,
   type PriceChange,
   type PriceChangeOptions,
+  StoredProductError,
   upsertProducts,
   writeLabelJob,
   writePriceChange,

@@ -13,7 +13,13 @@ import { createMetricsRegistry, metricsHandler, startTelemetry } from "@keyway/t
 import { propagation, ROOT_CONTEXT, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api"
 import { ConfigError, parseConfig } from "./config.ts"
 import { migrateEslSchema } from "./migrate-esl-schema.ts"
-import { EslWriterError, JobExistsError, writeLabelJob, writePriceChange } from "./write-esl-job.ts"
+import {
+  EslWriterError,
+  JobExistsError,
+  StoredProductError,
+  writeLabelJob,
+  writePriceChange,
+} from "./write-esl-job.ts"
 
 let config: ReturnType<typeof parseConfig>
 try {
@@ -148,7 +154,7 @@ async function handleJob(
       jobs.inc({ kind, result: "rejected" })
       return reply(res, 413, { error: err.message })
     }
-    if (err instanceof JobExistsError) {
+    if (err instanceof JobExistsError || err instanceof StoredProductError) {
       jobs.inc({ kind, result: "rejected" })
       return reply(res, 409, { error: err.message })
     }

@@ -5,6 +5,7 @@ import {
   EslFields,
   EslLabelRender,
   type EslLabelRenderPayload,
+  InvalidEventError,
 } from "@keyway/schemas"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
 import * as Result from "effect/Result"
@@ -47,6 +48,16 @@ export interface EslJobResult {
 
 export class EslWriterError extends Error {
   override name = "EslWriterError"
+}
+
+/**
+ * A product as stored cannot be shown on a label: a value written before the writer checked
+ * it (an older release), or one a check added since refuses (a currency code that is not
+ * ISO 4217). Not the request's fault, and no retry of it mends it: a price change of the
+ * product, with the value put right, does.
+ */
+export class StoredProductError extends EslWriterError {
+  override name = "StoredProductError"
 }
 
 /** A job id that was written before: the job committed then, and is not written again. */
@@ -226,7 +237,28 @@ async function enqueueTasks(
       currency: r.currency,
     },
   }))
-  const tasks = await enqueue(trx, events)
+  let tasks: EnqueuedEvent[]
+  try {
+    tasks = await enqueue(trx, events)
+  } catch (err) {
+    if (!(err instanceof InvalidEventError)) throw err
+    // Every field of a task comes from the tables, which the requests are checked against:
+    // the stored row is at fault. Said by name, the first such product (looked for only
+    // now, on the way out: a job of thousands of labels is not checked twice).
+    for (const [i, e] of events.entries()) {
+      try {
+        EslLabelRender.check(e.payload)
+      } catch (bad) {
+        if (!(bad instanceof InvalidEventError)) throw bad
+        const productId = rows.rows[i]!.product_id
+        throw new StoredProductError(
+          `product ${productId} as stored cannot be shown on a label (${bad.reason}); put it right with a price change of ${productId}`,
+          { cause: bad },
+        )
+      }
+    }
+    throw err
+  }
   await sql`
     insert into esl.job_label (job_id, label_code, ver)
     select ${jobId}, * from unnest(${tasks.map((t) => t.key)}::text[], ${tasks.map((t) => t.ver)}::bigint[])

@@ -8,6 +8,7 @@ import { sql } from "kysely"
 import {
   EslWriterError,
   migrateEslSchema,
+  StoredProductError,
   upsertProducts,
   writeLabelJob,
   writePriceChange,
@@ -102,6 +103,37 @@ test("a bad request is told every problem; a huge one its first, at once", async
       err.message.length < 1000 &&
       /first problem found/.test(err.message) &&
       /\["labels"\]\[0\]/.test(err.message),
+  )
+})
+
+test("a product stored with a value no label can show is named, and a price change mends it", async () => {
+  // As an older release stored it, before currencies were checked against ISO 4217.
+  await upsertProducts(t.db, [{ id: "NEW", name: "New stock", priceMinor: 100, currency: "EUR" }])
+  await sql`insert into esl.product (id, name, price_minor, currency)
+            values ('OLD', 'Old stock', 100, 'ABC')`.execute(t.db)
+  const refused = (err: Error) =>
+    err instanceof StoredProductError &&
+    /product OLD as stored cannot be shown on a label/.test(err.message) &&
+    /currency/.test(err.message) &&
+    /price change of OLD/.test(err.message)
+  await assert.rejects(
+    writeLabelJob(t.db, {
+      labels: [
+        { labelCode: label(60), productId: "NEW" },
+        { labelCode: label(61), productId: "OLD" },
+      ],
+    }),
+    refused,
+  )
+  const bound = await sql`select 1 from esl.label where label_code = ${label(61)}`.execute(t.db)
+  assert.equal(bound.rows.length, 0, "nothing of the refused job written")
+  await writePriceChange(t.db, {
+    changes: [{ productId: "OLD", priceMinor: 100, currency: "EUR" }],
+  })
+  const job = await writeLabelJob(t.db, { labels: [{ labelCode: label(61), productId: "OLD" }] })
+  assert.deepEqual(
+    job.tasks.map((task) => task.key),
+    [label(61)],
   )
 })
 
