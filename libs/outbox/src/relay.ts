@@ -119,7 +119,10 @@ export type RelayRole = "stopped" | "connecting" | "standby" | "active"
 
 export interface RelayStatus {
   role: RelayRole
-  /** Rows this process stored in the stream, and marked, since start. */
+  /**
+   * Rows this process published and marked since start, each once: a row sent again after
+   * it was marked (the re-publish of recent rows) is not counted again.
+   */
   published: number
   /**
    * Rows this process published and marked that the stream already held (a duplicate
@@ -276,13 +279,13 @@ export function createRelay(config: RelayConfig): Relay {
   let metricsPool: pg.Pool | undefined
   const publishSeconds = config.metrics?.histogram({
     name: "outbox_publish_seconds",
-    help: "From the writer's enqueue to the stream's PubAck, per event stored (duplicates not timed)",
+    help: "From the writer's enqueue to the stream's PubAck, per event, when first marked (a re-publish of rows already marked is not timed)",
   })
   if (config.metrics) {
     const m = config.metrics
     m.collectedCounter({
       name: "outbox_published_total",
-      help: "Outbox rows this relay stored in the stream and marked (duplicates not counted)",
+      help: "Outbox rows this relay published and marked, each once (a re-publish of rows already marked is not counted)",
       collect: () => state.published,
     })
     m.collectedCounter({
@@ -387,18 +390,21 @@ export function createRelay(config: RelayConfig): Relay {
       if (config.beforeMark)
         yield* Effect.promise(async () => config.beforeMark?.(result.published))
       yield* query("mark published", () => markPublished(client, result.published))
-      // A duplicate PubAck is an event the stream had already: the re-publish of recent rows
-      // that every new leader and every reconnect makes. Counted as published and timed from
-      // its commit, each of those doubled the published rate and put minutes into the
-      // latency's p99.
-      const stored = result.published.filter((r) => !r.duplicate)
+      // A row sent again by the re-publish of recent rows (every new leader, every reconnect
+      // makes one) was counted and timed when first marked; it keeps its stream_seq. Counted
+      // again, each doubled the published rate and put minutes into the latency's p99. A row
+      // never marked is counted now even if its PubAck says duplicate: an earlier send that
+      // was stored but whose PubAck never came (a NATS stall past publishTimeoutMs, a crash
+      // before the mark), and its latency is the incident's.
+      const resent = new Set(rows.filter((r) => r.stream_seq !== null).map((r) => r.seq))
+      const stored = result.published.filter((r) => !resent.has(r.seq))
       if (publishSeconds) {
         const now = Date.now()
         const createdAt = new Map(rows.map((r) => [r.seq, r.created_at.getTime()]))
         for (const r of stored) publishSeconds.observe((now - createdAt.get(r.seq)!) / 1000)
       }
       state.published += stored.length
-      state.duplicates += result.published.length - stored.length
+      state.duplicates += result.published.filter((r) => r.duplicate).length
       if (heldTopics.size > 0) {
         const sent = new Set(result.published.map((p) => p.seq))
         for (const r of rows) {
