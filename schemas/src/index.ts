@@ -13,6 +13,7 @@ export {
   EslFields,
   EslLabelRender,
   type EslLabelRenderPayload,
+  isKnownCurrency,
   LABEL_CODE_PATTERN,
 } from "./esl-label.ts"
 export { eventTypes, findEventType, registryOf } from "./registry.ts"

@@ -71,35 +71,41 @@ function shorten(ctx: SKRSContext2D, text: string): string {
   return `${chars.slice(0, fits).join("").trimEnd()}…`
 }
 
-// Building an Intl.NumberFormat loads locale data: one per currency, not one per label.
-const formats = new Map<string, { format: Intl.NumberFormat; digits: number }>()
+// Building an Intl.NumberFormat loads locale data: two per currency, not one per label.
+const formats = new Map<
+  string,
+  { digits: number; usual: number; short: Intl.NumberFormat; full: Intl.NumberFormat }
+>()
 
 /**
  * The price as the shelf shows it, e.g. 1299 EUR → "€12.99". `priceMinor` counts ISO 4217
- * minor units; the fraction is shown as the currency is usually written (CLDR: none for
- * HUF), unless dropping it would change the price (199999 HUF is 1,999.99, never 2,000).
+ * minor units. Shown with the digits the currency is usually written with (CLDR's: none for
+ * HUF) when that loses nothing, else with all of ISO's: 199900 HUF is "HUF 1,999", 199990
+ * is "HUF 1,999.90", never 2,000 nor 1,999.9.
  */
 export function formatPrice(priceMinor: number, currency: string): string {
   let f = formats.get(currency)
   if (!f) {
     const digits = currencyMinorDigits(currency)
-    try {
-      const usual =
-        new Intl.NumberFormat("en-GB", { style: "currency", currency }).resolvedOptions()
-          .maximumFractionDigits ?? digits
-      const format = new Intl.NumberFormat("en-GB", {
+    const fixed = (n: number) =>
+      new Intl.NumberFormat("en-GB", {
         style: "currency",
         currency,
-        minimumFractionDigits: Math.min(usual, digits),
-        maximumFractionDigits: digits,
+        minimumFractionDigits: n,
+        maximumFractionDigits: n,
       })
-      f = { format, digits }
+    try {
+      const cldr = new Intl.NumberFormat("en-GB", { style: "currency", currency }).resolvedOptions()
+        .maximumFractionDigits
+      const usual = Math.min(cldr ?? digits, digits)
+      f = { digits, usual, short: fixed(usual), full: fixed(digits) }
     } catch (cause) {
       throw new RenderError(`unknown currency ${currency}`, { cause })
     }
     formats.set(currency, f)
   }
-  return f.format.format(priceMinor / 10 ** f.digits)
+  const format = priceMinor % 10 ** (f.digits - f.usual) === 0 ? f.short : f.full
+  return format.format(priceMinor / 10 ** f.digits)
 }
 
 /**

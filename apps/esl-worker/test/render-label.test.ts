@@ -93,15 +93,17 @@ test("a name too long for the label is shortened to fit inside its margins", asy
   )
 })
 
-test("prices count ISO 4217 minor units, shown as the currency is written, never rounded", () => {
+test("prices count ISO 4217 minor units, shown as the currency is written when that loses nothing", () => {
   // Intl's digits are CLDR's: 0 for IQD and HUF, where ISO has 3 and 2. Divided by those,
   // 250 dinars were "IQD 250,000".
   const formatPrice = (priceMinor: number, currency: string) =>
     formatted(priceMinor, currency).replace(/\u00a0/g, " ") // Intl puts a no-break space there
   assert.equal(formatPrice(250_000, "IQD"), "IQD 250")
-  assert.equal(formatPrice(250_500, "IQD"), "IQD 250.5")
+  assert.equal(formatPrice(250_500, "IQD"), "IQD 250.500")
   assert.equal(formatPrice(199_900, "HUF"), "HUF 1,999")
+  assert.equal(formatPrice(199_990, "HUF"), "HUF 1,999.90")
   assert.equal(formatPrice(199_999, "HUF"), "HUF 1,999.99")
+  assert.equal(formatPrice(1200, "EUR"), "€12.00")
   assert.equal(formatPrice(1299, "EUR"), "€12.99")
   assert.equal(formatPrice(500, "JPY"), "JP¥500")
   assert.equal(formatPrice(12_345, "KWD"), "KWD 12.345")

@@ -6,6 +6,7 @@ import {
   EslLabelRender,
   type EslLabelRenderPayload,
   InvalidEventError,
+  isKnownCurrency,
 } from "@keyway/schemas"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
 import * as Result from "effect/Result"
@@ -13,7 +14,10 @@ import * as Schema from "effect/Schema"
 import { type Kysely, sql } from "kysely"
 
 export interface LabelAssignment {
-  /** With or without `:`/`-` separators, any case; stored canonical (12 uppercase hex). */
+  /**
+   * 12 hex digits in any case: bare, six pairs with one separator throughout (`:` or `-`), or
+   * three dotted groups of four; stored canonical (12 uppercase hex).
+   */
   labelCode: string
   productId: string
   /** Default 1. */
@@ -74,6 +78,7 @@ const isPrintable = Schema.makeFilter<string>((s) =>
     : true,
 )
 const JobId = EslFields.jobId.pipe(Schema.check(isPrintable))
+const Currency = EslFields.currency.pipe(Schema.check(isKnownCurrency))
 const ProductId = EslFields.productId.pipe(Schema.check(isPrintable))
 const ProductName = EslFields.productName.pipe(Schema.check(isPrintable))
 // A job with nothing in it would still take its id, and the client's real job under the same
@@ -100,7 +105,7 @@ const PriceChangeRequest = Schema.Struct({
     Schema.Struct({
       productId: ProductId,
       priceMinor: EslFields.priceMinor,
-      currency: Schema.optional(EslFields.currency),
+      currency: Schema.optional(Currency),
       name: Schema.optional(ProductName),
     }),
   ).pipe(Schema.check(isNotEmpty)),
@@ -112,7 +117,7 @@ const ProductsRequest = Schema.Array(
     id: ProductId,
     name: ProductName,
     priceMinor: EslFields.priceMinor,
-    currency: EslFields.currency,
+    currency: Currency,
   }),
 )
 
@@ -284,7 +289,7 @@ export async function writeLabelJob(
     if (code === undefined) {
       const shown = a.labelCode.length > 40 ? `${a.labelCode.slice(0, 40)}…` : a.labelCode
       throw new EslWriterError(
-        `invalid label job: labels[${i}].labelCode ${JSON.stringify(shown)} is not a label MAC (12 hex digits, optionally separated by : or -)`,
+        `invalid label job: labels[${i}].labelCode ${JSON.stringify(shown)} is not a label MAC (12 hex digits: bare, in pairs separated by : or - throughout, or in dotted fours)`,
       )
     }
     byCode.set(code, { ...a, labelCode: code })

@@ -107,14 +107,14 @@ test("a bad request is told every problem; a huge one its first, at once", async
 })
 
 test("a product stored with a value no label can show is named, and a price change mends it", async () => {
-  // As an older release stored it, before currencies were checked against ISO 4217.
+  // As an older release stored it, before prices were bounded.
   await upsertProducts(t.db, [{ id: "NEW", name: "New stock", priceMinor: 100, currency: "EUR" }])
   await sql`insert into esl.product (id, name, price_minor, currency)
-            values ('OLD', 'Old stock', 100, 'ABC')`.execute(t.db)
+            values ('OLD', 'Old stock', 5000000000, 'EUR')`.execute(t.db)
   const refused = (err: Error) =>
     err instanceof StoredProductError &&
     /product OLD as stored cannot be shown on a label/.test(err.message) &&
-    /currency/.test(err.message) &&
+    /priceMinor/.test(err.message) &&
     /price change of OLD/.test(err.message)
   await assert.rejects(
     writeLabelJob(t.db, {
