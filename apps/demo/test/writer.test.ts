@@ -33,6 +33,7 @@ test("SIGTERM in a pause between writes stops the writer then and there, exit 0"
       timeoutMs: 30_000,
       message: "the writer stopped within its stop's grace",
     })
+    await child.exited() // and its last output read
     assert.equal(child.exitCode, 0, child.lines.join("\n"))
     assert.ok(child.json().some((l) => l.message === "demo writer stopped" && l.written === 1))
     assert.equal(await written(), 1)

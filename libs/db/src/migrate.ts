@@ -277,7 +277,7 @@ async function assertNotDiverged(
       ? `it applied ${foreign.join(", ")}, which this checkout does not have`
       : `it applied up to ${last}, past ${behind.join(", ")}`
   throw new MigrationError(
-    `the database's migrations and this checkout's part ways: ${applies}, while ${pending.join(", ")} ${pending.length > 1 ? "are" : "is"} pending here. Migrations apply in order only: migrate it with the checkout that applied them, or restore it from before them`,
+    `the database's migrations and this checkout's part ways: ${applies}, while ${pending.join(", ")} ${pending.length > 1 ? "are" : "is"} pending here. Migrations apply in order only: if a migration was merged under a number below those already applied, renumber it above them; else migrate the database with the checkout that applied them, or restore it from before them`,
     { permanent: true },
   )
 }

@@ -145,7 +145,7 @@ test("a database another branch migrated is refused for good, by migrate and by 
     }
     await assert.rejects(migrateToLatest(t.db, { dir }), refused)
     await assert.rejects(assertMigrated(t.db, { dir }), refused)
-    // Merged the other way: both 0002s here, and a 0000 that sorts before what was applied.
+    // 0002_a back, and a 0000 merged late, which sorts below what was applied.
     await writeFile(join(dir, "0002_a.sql"), "alter table public.t add column a int;")
     await rm(join(dir, "0002_b.sql"))
     await writeFile(join(dir, "0000_early.sql"), "alter table public.t add column early int;")

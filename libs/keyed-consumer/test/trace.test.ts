@@ -48,7 +48,8 @@ test("effects passed to ctx.complete run in their own event's trace, not in a ba
       "demo.item.changed.v1": async (event, ctx) => {
         await ctx.complete(async (trx) => {
           seen.set(event.key, trace.getActiveSpan()?.spanContext().traceId)
-          // Holds its completion in flight, so the others gather into the next batch.
+          // Holds its completion in flight, so the others queue: the next to submit gets a
+          // batch of its own (two may be in flight), the rest gather behind it.
           if (event.key === "k1") await sql`select pg_sleep(1)`.execute(trx)
         })
       },

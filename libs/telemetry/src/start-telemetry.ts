@@ -155,21 +155,26 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
 const QUIET_MS = 60_000
 
 /**
- * A diag logger passing warnings and errors on, each text once a minute: an export that
- * fails fails at every scheduled export, every second. A failed export's text is the error
- * as JSON, the same each time for one cause.
+ * A diag logger passing warnings and errors on, each kind once a minute (texts alike but
+ * for their numbers are one kind): an export that fails fails at every scheduled export,
+ * every second, and a full queue reports every batch it drops.
  */
 function sdkTroubleTo(logger: NonNullable<TelemetryConfig["logger"]>) {
   const last = new Map<string, { at: number; held: number }>()
   const pass = (message: string) => {
     const now = Date.now()
-    const seen = last.get(message)
+    // Numbers aside: "Dropped 512 spans because maxQueueSize reached" is one report, whatever
+    // the count.
+    const kind = message.replace(/\d+/g, "#")
+    const seen = last.get(kind)
     if (seen && now - seen.at < QUIET_MS) {
       seen.held++
       return
     }
-    if (last.size > 100) last.clear()
-    last.set(message, { at: now, held: 0 })
+    // Bounded, the oldest forgotten first.
+    if (!seen && last.size >= 100) last.delete(last.keys().next().value!)
+    last.delete(kind)
+    last.set(kind, { at: now, held: 0 })
     logger.warn("telemetry: the OpenTelemetry SDK reports trouble", {
       report: message.slice(0, 2000),
       ...(seen?.held ? { heldBackSinceLast: seen.held } : {}),
