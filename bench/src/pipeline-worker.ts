@@ -34,7 +34,7 @@ if (env.KIND === "keyway") {
     concurrency: Number(env.CONCURRENCY ?? 16),
     handlers: {
       "demo.item.changed.v1": async (event, ctx) => {
-        // Handled when the handler is called, as graphile-worker's task below stamps it: not
+        // Handled when the handler is called, as graphile-worker's task below is stamped: not
         // when its completion batch gets round to the insert, later.
         const handledAt = now()
         // One insert that stands alone: it may share round trips with other keys' effects.
@@ -74,10 +74,12 @@ if (env.KIND === "keyway") {
     taskList: {
       item: async (payload, helpers) => {
         const p = payload as { key: string; id: string }
+        // At the task's call, as Keyway's handler above: not after the pool's checkout.
+        const handledAt = now()
         await helpers.withPgClient((client) =>
           client.query(
             "insert into effect (key, ver, event_id, handled_at) values ($1, 0, $2, $3)",
-            [p.key, p.id, now()],
+            [p.key, p.id, handledAt],
           ),
         )
       },
