@@ -70,7 +70,7 @@ describe("server configs", () => {
 })
 
 describe("stream definitions", () => {
-  test("origin streams keep limits retention, a week's age and a dedupe window; copies source the other domain", async () => {
+  test("streams keep limits retention and a week's age; origins a dedupe window, copies almost none; copies source the other domain", async () => {
     const cloud = await loadStreamDefinitions(configFile("streams/cloud.json"))
     const factory = await loadStreamDefinitions(configFile("streams/factory.json"))
     const byName = new Map([...cloud, ...factory].map((s) => [s.name, s]))
@@ -79,8 +79,18 @@ describe("stream definitions", () => {
       assert.equal(s.retention, "limits", `${s.name}: limits retention (rule 3)`)
       // Twice the longest outage planned for (3.5 days).
       assert.ok((s.max_age ?? 0) >= parseDuration("168h"), `${s.name}: max_age`)
-      assert.ok((s.duplicate_window ?? 0) >= parseDuration("10m"), `${s.name}: duplicate_window`)
       assert.ok((s.duplicate_window ?? 0) <= (s.max_age ?? 0))
+    }
+    // An origin dedupes a relay's re-sends by event id. A copy dedupes next to nothing (its
+    // source resumes by sequence) and must not: an id its origin holds twice stalled it for
+    // its whole window (copies.test.ts).
+    for (const name of ["CLOUD", "FACTORY"]) {
+      const window = byName.get(name)!.duplicate_window ?? 0
+      assert.ok(window >= parseDuration("10m"), `${name}: duplicate_window`)
+    }
+    for (const name of ["CLOUD_IN", "FACTORY_IN"]) {
+      const window = byName.get(name)!.duplicate_window ?? 0
+      assert.ok(window > 0 && window <= parseDuration("1s"), `${name}: duplicate_window`)
     }
     assert.deepEqual(byName.get("CLOUD")!.subjects, ["cloud.>"])
     assert.deepEqual(byName.get("FACTORY")!.subjects, ["factory.>"])
