@@ -93,13 +93,15 @@ console.log(
 async function shutdown(signal: string) {
   logger.info("esl-worker stopping", { signal })
   await worker.stop()
+  // The last spans out first, once nothing makes more: the closes below have no bound of
+  // their own (a pool waits for a connection in use), and a stop cut short at its limit
+  // lost them. Lost too if the receiver is away; the stop is still clean.
+  await telemetry
+    .shutdown()
+    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   await metricsServer?.stop()
   await closeNats(nc)
   await db.destroy()
   redis.disconnect()
-  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
-  await telemetry
-    .shutdown()
-    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   console.log(JSON.stringify({ stopped: worker.status() }))
 }

@@ -190,9 +190,11 @@ async function shutdown() {
   const grace = setTimeout(() => server.closeAllConnections(), 10_000)
   await closed
   clearTimeout(grace)
-  await db.destroy()
-  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
+  // The last spans out first, once nothing makes more: the closes below have no bound of
+  // their own (a pool waits for a connection in use), and a stop cut short at its limit
+  // lost them. Lost too if the receiver is away; the stop is still clean.
   await telemetry
     .shutdown()
     .catch((err) => log("warn")("telemetry shutdown failed", { error: String(err) }))
+  await db.destroy()
 }

@@ -95,11 +95,13 @@ logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 async function shutdown(signal: string) {
   logger.info("relay stopping", { signal })
   await relay.stop()
-  await metricsServer?.stop()
-  await closeNats(nc)
-  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
+  // The last spans out first, once nothing makes more: the closes below have no bound of
+  // their own (a pool waits for a connection in use), and a stop cut short at its limit
+  // lost them. Lost too if the receiver is away; the stop is still clean.
   await telemetry
     .shutdown()
     .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
+  await metricsServer?.stop()
+  await closeNats(nc)
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
 }

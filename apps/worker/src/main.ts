@@ -92,13 +92,15 @@ logger.info("worker started", {
 async function shutdown(signal: string) {
   logger.info("worker stopping", { signal })
   await consumer.stop()
+  // The last spans out first, once nothing makes more: the closes below have no bound of
+  // their own (a pool waits for a connection in use), and a stop cut short at its limit
+  // lost them. Lost too if the receiver is away; the stop is still clean.
+  await telemetry
+    .shutdown()
+    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   await metricsServer?.stop()
   await closeNats(nc)
   redis.disconnect()
   await db.destroy()
-  // The spans not yet exported are lost if the receiver is away; the stop is still clean.
-  await telemetry
-    .shutdown()
-    .catch((err) => logger.warn("telemetry shutdown failed", { error: String(err) }))
   logger.info("worker stopped", consumer.status() as unknown as Record<string, unknown>)
 }
