@@ -3,9 +3,11 @@
 // relay publishes them; the other site's worker handles them. SIGTERM stops between
 // transactions, so nothing is left half-written, and exits 0.
 import { setTimeout as sleep } from "node:timers/promises"
-import { perSecondEnv } from "@keyway/app-config"
+import { perSecondEnv, telemetryEnv } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
+import { startTelemetry } from "@keyway/telemetry"
+import { SpanStatusCode, trace } from "@opentelemetry/api"
 import { demoEvent } from "./demo-event.ts"
 
 function fail(message: string): never {
@@ -27,8 +29,25 @@ const rate = (() => {
 const keys = Number(env.DEMO_KEYS ?? 20)
 if (!Number.isInteger(keys) || keys <= 0) fail(`DEMO_KEYS must be a positive integer, got ${keys}`)
 
+const tracing = (() => {
+  try {
+    return telemetryEnv(env, `keyway-demo-${site}`)
+  } catch (err) {
+    return fail((err as Error).message)
+  }
+})()
+
 const log = (message: string, fields?: Record<string, unknown>) =>
   console.log(JSON.stringify({ level: "info", message, ...fields }))
+// Each write in a span of its own, as a service's request would be: an event's trace then
+// starts at the writer, and the relay's send and the worker's process continue it.
+const telemetry = startTelemetry({
+  ...tracing,
+  logger: {
+    warn: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
+  },
+})
+const tracer = trace.getTracer("@keyway/demo")
 const db = createDb({
   connectionString: databaseUrl,
   max: 1,
@@ -45,7 +64,16 @@ const loop = (async () => {
   let due = Date.now()
   while (running) {
     try {
-      await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, keys)))
+      await tracer.startActiveSpan("demo write", async (span) => {
+        try {
+          await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, keys)))
+        } catch (err) {
+          span.setStatus({ code: SpanStatusCode.ERROR, message: (err as Error).message })
+          throw err
+        } finally {
+          span.end()
+        }
+      })
       written++
     } catch (err) {
       // Postgres restarting: keep the process and its pace; the transaction left nothing.
@@ -66,6 +94,9 @@ async function shutdown(signal: string) {
   running = false
   stopped.abort()
   await loop
+  await telemetry
+    .shutdown()
+    .catch((err) => log("telemetry shutdown failed", { error: String(err) }))
   await db.destroy()
   log("demo writer stopped", { signal, written })
   process.exit(0)

@@ -4,15 +4,27 @@
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
-import { createTestDatabase, spawnTs, type TestDatabase, waitFor } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  type OtlpReceiver,
+  spawnTs,
+  startOtlpReceiver,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
 import { sql } from "kysely"
 
 const writer = fileURLToPath(new URL("../src/writer.ts", import.meta.url))
 let t: TestDatabase
+let receiver: OtlpReceiver
 before(async () => {
   t = await createTestDatabase()
+  receiver = await startOtlpReceiver()
 })
-after(() => t.drop())
+after(async () => {
+  await receiver.stop()
+  await t.drop()
+})
 
 test("SIGTERM in a pause between writes stops the writer then and there, exit 0", async () => {
   // One event, then a pause of 100 s before the next.
@@ -39,5 +51,32 @@ test("SIGTERM in a pause between writes stops the writer then and there, exit 0"
     assert.equal(await written(), 1)
   } finally {
     child.kill("SIGKILL")
+  }
+})
+
+test("each write is a span, and its event carries the span's trace: an event's trace starts at the writer", async () => {
+  const child = spawnTs(writer, {
+    KEYWAY_SITE: "cloud",
+    DATABASE_URL: t.url,
+    DEMO_RATE: "20",
+    OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url,
+  })
+  try {
+    const written = () =>
+      receiver
+        .spans()
+        .filter((s) => s.serviceName === "keyway-demo-cloud" && s.name === "demo write")
+    await waitFor(() => written().length >= 3, {
+      timeoutMs: 30_000,
+      message: () => `three write spans; the writer printed ${child.lines.join("\n")}`,
+    })
+    const traces = await sql<{ trace: { traceparent: string } | null }>`
+      select trace from keyway.outbox`.execute(t.db)
+    const stored = new Set(traces.rows.map((r) => r.trace?.traceparent.split("-")[1]))
+    for (const span of written())
+      assert.ok(stored.has(span.traceId), `span ${span.traceId} has its event`)
+  } finally {
+    child.kill("SIGTERM")
+    await child.exited()
   }
 })

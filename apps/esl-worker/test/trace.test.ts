@@ -48,7 +48,13 @@ test("outbox, keyed consumer and the telemetry SDK share one @opentelemetry/api"
       "@opentelemetry/sdk-node",
     ),
   ).resolve("@opentelemetry/api")
-  for (const pkg of ["libs/outbox", "libs/keyed-consumer", "apps/esl-worker", "apps/esl-writer"]) {
+  for (const pkg of [
+    "libs/outbox",
+    "libs/keyed-consumer",
+    "apps/esl-worker",
+    "apps/esl-writer",
+    "apps/demo",
+  ]) {
     assert.equal(
       apiOf(pkg),
       sdk,

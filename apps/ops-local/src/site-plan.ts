@@ -315,7 +315,12 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
       name: `${site}-demo`,
       script: ctx.nodeBinary,
       args: ts("apps/demo/src/writer.ts"),
-      env: { KEYWAY_SITE: site, DATABASE_URL: databaseUrl, DEMO_RATE: String(ctx.demoRate) },
+      env: {
+        KEYWAY_SITE: site,
+        DATABASE_URL: databaseUrl,
+        DEMO_RATE: String(ctx.demoRate),
+        OTEL_SERVICE_NAME: `keyway-demo-${site}`,
+      },
       tier: "app",
     },
   ]
