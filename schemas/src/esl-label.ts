@@ -77,8 +77,13 @@ const KNOWN_CURRENCIES = new Set([
  * hold dead what the writer accepted.
  */
 export const isKnownCurrency = Schema.makeFilter<string>((c) =>
-  KNOWN_CURRENCIES.has(c) ? true : `${JSON.stringify(c)} is not an ISO 4217 currency code`,
+  knownCurrency(c) ? true : `${JSON.stringify(c)} is not an ISO 4217 currency code`,
 )
+
+/** Whether a currency code is known: see {@link isKnownCurrency}. */
+export function knownCurrency(code: string): boolean {
+  return KNOWN_CURRENCIES.has(code)
+}
 
 /**
  * The fields of a label's render task, each with its bounds. The writer checks its requests

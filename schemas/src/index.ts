@@ -14,6 +14,7 @@ export {
   EslLabelRender,
   type EslLabelRenderPayload,
   isKnownCurrency,
+  knownCurrency,
   LABEL_CODE_PATTERN,
 } from "./esl-label.ts"
 export { eventTypes, findEventType, registryOf } from "./registry.ts"

@@ -7,6 +7,7 @@ import {
   type EslLabelRenderPayload,
   InvalidEventError,
   isKnownCurrency,
+  knownCurrency,
 } from "@keyway/schemas"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
 import * as Result from "effect/Result"
@@ -242,6 +243,14 @@ async function enqueueTasks(
       currency: r.currency,
     },
   }))
+  // The writer's own check, which the event schema leaves out (it depends on the runtime):
+  // a code stored before it existed would reach the shelf as itself, two decimals guessed.
+  const unknown = rows.rows.find((r) => !knownCurrency(r.currency))
+  if (unknown) {
+    throw new StoredProductError(
+      `product ${unknown.product_id} as stored cannot be shown on a label (currency ${JSON.stringify(unknown.currency)} is not an ISO 4217 code); put it right with a price change of ${unknown.product_id}`,
+    )
+  }
   let tasks: EnqueuedEvent[]
   try {
     tasks = await enqueue(trx, events)

@@ -127,6 +127,17 @@ test("a product stored with a value no label can show is named, and a price chan
   )
   const bound = await sql`select 1 from esl.label where label_code = ${label(61)}`.execute(t.db)
   assert.equal(bound.rows.length, 0, "nothing of the refused job written")
+  // A currency stored before codes were checked: the writer's own check, not the schema's.
+  await sql`insert into esl.product (id, name, price_minor, currency)
+            values ('ODD', 'Odd stock', 100, 'ABC')`.execute(t.db)
+  await assert.rejects(
+    writeLabelJob(t.db, { labels: [{ labelCode: label(62), productId: "ODD" }] }),
+    (err: Error) =>
+      err instanceof StoredProductError &&
+      /product ODD as stored cannot be shown on a label \(currency "ABC" is not an ISO 4217 code\)/.test(
+        err.message,
+      ),
+  )
   await writePriceChange(t.db, {
     changes: [{ productId: "OLD", priceMinor: 100, currency: "EUR" }],
   })
