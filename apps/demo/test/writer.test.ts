@@ -70,10 +70,12 @@ test("each write is a span, and its event carries the span's trace: an event's t
       timeoutMs: 30_000,
       message: () => `three write spans; the writer printed ${child.lines.join("\n")}`,
     })
+    // The spans first: one exported after the query could be of an event it did not see.
+    const spans = written()
     const traces = await sql<{ trace: { traceparent: string } | null }>`
       select trace from keyway.outbox`.execute(t.db)
     const stored = new Set(traces.rows.map((r) => r.trace?.traceparent.split("-")[1]))
-    for (const span of written())
+    for (const span of spans)
       assert.ok(stored.has(span.traceId), `span ${span.traceId} has its event`)
   } finally {
     child.kill("SIGTERM")

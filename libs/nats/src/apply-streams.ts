@@ -75,7 +75,8 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
     out.push(`num_replicas ${live.num_replicas} -> ${declared.num_replicas} drops copies`)
   }
   // A source is tracked by its name and API prefix: changed, the copy starts it over from
-  // its first message, and what is older than the duplicate window is stored twice.
+  // its first message, and stores again what is older than its duplicate window (all but
+  // the last second, for Keyway's copies).
   if (declared.sources !== undefined) {
     const same = (a: unknown, b: unknown) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null)
     // A source may be declared by domain; nats.js sends it as that domain's API prefix.
