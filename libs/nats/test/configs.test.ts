@@ -81,9 +81,9 @@ describe("stream definitions", () => {
       assert.ok((s.max_age ?? 0) >= parseDuration("168h"), `${s.name}: max_age`)
       assert.ok((s.duplicate_window ?? 0) <= (s.max_age ?? 0))
     }
-    // An origin dedupes a relay's re-sends by event id. A copy dedupes next to nothing (its
-    // source resumes by sequence) and must not: an id its origin holds twice stalled it for
-    // its whole window (copies.test.ts).
+    // An origin dedupes a relay's re-sends by event id. A copy's window must stay short: an
+    // id its origin holds twice stalled it for its whole window (copies.test.ts). What a copy
+    // then holds twice, the consumer groups' inboxes drop by event id.
     for (const name of ["CLOUD", "FACTORY"]) {
       const window = byName.get(name)!.duplicate_window ?? 0
       assert.ok(window >= parseDuration("10m"), `${name}: duplicate_window`)
