@@ -253,13 +253,29 @@ const KEYS_PER_BATCH = 64
 const POLL_PAGE = 1000
 
 /**
+ * The logger given, with its throws kept to itself: a log line is written from inside the
+ * safety nets' loops, where a throw was a defect their repeat does not survive. A logger
+ * that failed on a failed poll round (a full disk, a closed pipe) stopped the polling loop
+ * for good, and lost wake-ups were never caught again.
+ */
+function neverThrows(logger: KeyedConsumerLogger): KeyedConsumerLogger {
+  const guarded =
+    (line: KeyedConsumerLogger["info"]) => (message: string, fields?: Record<string, unknown>) => {
+      try {
+        line.call(logger, message, fields)
+      } catch {}
+    }
+  return { info: guarded(logger.info), warn: guarded(logger.warn), error: guarded(logger.error) }
+}
+
+/**
  * A keyed consumer group worker (DESIGN.md §5). Start as many as you like on one group: they
  * share the durable consumer, the inbox and the keys.
  */
 export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer {
   const group = config.group
   const db = config.db
-  const log = config.logger ?? quiet
+  const log = neverThrows(config.logger ?? quiet)
   const leaseMs = config.leaseMs ?? 15_000
   const pollIntervalMs = config.pollIntervalMs ?? 2000
   const recoveryIntervalMs = config.recoveryIntervalMs ?? 5000
