@@ -12,6 +12,7 @@ import { enqueue } from "@keyway/outbox"
 import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
+import { relayEntry } from "./relay-process.ts"
 import { printTable, round } from "./stats.ts"
 
 const SMALL = Number(process.env.BENCH_MEMORY_SMALL ?? 2_000)
@@ -27,7 +28,6 @@ const WRITERS = 2
 const MAX_GROWTH = 1.2
 const DEADLINE_MS = 600_000
 
-const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
 const probe = {
   nodeArgs: [

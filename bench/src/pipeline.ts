@@ -9,6 +9,7 @@ import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
+import { startRelayProcess } from "./relay-process.ts"
 import {
   bucketPercentile,
   CpuByLabel,
@@ -62,7 +63,6 @@ const GRAPHILE = {
 // While working on one side, `BENCH_ONLY=keyway` or `graphile` skips the other (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
-const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
 const randomKey = () => `k${Math.floor(Math.random() * KEYS)}`
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -393,17 +393,11 @@ export async function run() {
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
   await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
-  // The relay in its own process, as deployed: in this one it would share an event loop
-  // with the eight writers.
-  const relay = spawnTs(relayEntry, {
+  const relay = await startRelayProcess({
     DATABASE_URL: withApplicationName(t.url, RELAY_APP),
     NATS_URL: natsUrl,
     KEYWAY_SITE: site,
   })
-  while (!relay.json().some((l) => l.message === "relay active")) {
-    if (relay.exitCode !== null) throw new Error("the relay died at start")
-    await sleep(50)
-  }
 
   const keywayWrite: Write = async (key, n) => {
     const [e] = await db.transaction().execute(async (trx) => {

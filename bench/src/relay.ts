@@ -1,13 +1,13 @@
 // The relay benchmark (issue 2): what the outbox costs a writer, and how long an event takes
 // from its writer's COMMIT to the stream.
 import { randomBytes } from "node:crypto"
-import { fileURLToPath } from "node:url"
 import { runPipelinedTransaction } from "@keyway/db"
 import { applyStreams, connectNats } from "@keyway/nats"
 import { enqueue } from "@keyway/outbox"
-import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
+import { createTestDatabase, type TsChild } from "@keyway/testkit"
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
+import { startRelayProcess } from "./relay-process.ts"
 import { percentile, printTable, rate, round } from "./stats.ts"
 
 // Writers committing as fast as they can (BENCH_WRITERS); 8 saturate this machine's two cores.
@@ -20,7 +20,6 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3)
 const LATENCY_RATE = 1000
 const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
 const KEYS = 1000
-const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 
 /** Wall-clock ms at performance.now() 0, read on a tick of Date.now() (to a few µs). */
 function wallClockOffset(): number {
@@ -42,22 +41,11 @@ export async function run() {
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
   await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
-  // The relay runs in its own process, as deployed (apps/relay), started once the throughput
-  // phases are done. In this one it shared an event loop with the eight writers and the
-  // consumer that times arrivals, and waited behind their callbacks.
+  // The relay runs in its own process (startRelayProcess), started once the throughput phases
+  // are done: in this one it also shared an event loop with the consumer that times arrivals.
   let relay: TsChild | undefined
   const startRelay = async () => {
-    const child = spawnTs(relayEntry, {
-      DATABASE_URL: t.url,
-      NATS_URL: natsUrl,
-      KEYWAY_SITE: site,
-    })
-    relay = child
-    while (!child.json().some((l) => l.message === "relay active")) {
-      if (child.exitCode !== null)
-        throw new Error(`the relay died at start: ${child.lines.join("\n")}`)
-      await new Promise((r) => setTimeout(r, 20))
-    }
+    relay = await startRelayProcess({ DATABASE_URL: t.url, NATS_URL: natsUrl, KEYWAY_SITE: site })
   }
 
   const pending = async () =>

@@ -834,7 +834,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       } finally {
         flushing = undefined
       }
-    })().catch(() => {}) // a logger that throws must not become an unhandled rejection
+    })()
   }
 
   // One consume() session; resolves when it ends (stopped, heartbeats missed, consumer gone).
@@ -1220,19 +1220,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // re-checks after its own, so it sees whatever this re-check would: waking the key for
     // it again would only add an empty drain.
     if (finished && !stopping && !scheduler.isDue(ref)) {
-      const check = rechecks
-        .submit(ref)
-        .then(
-          (runnable) => {
-            if (runnable) scheduler.wakeIfIdle(ref)
-          },
-          (err) =>
-            log.warn("re-check failed; the polling loop will retry", {
-              ...ref,
-              error: messageOf(err),
-            }),
-        )
-        .catch(() => {}) // a logger that throws must not become an unhandled rejection
+      const check = rechecks.submit(ref).then(
+        (runnable) => {
+          if (runnable) scheduler.wakeIfIdle(ref)
+        },
+        (err) =>
+          log.warn("re-check failed; the polling loop will retry", {
+            ...ref,
+            error: messageOf(err),
+          }),
+      )
       pendingRechecks.add(check)
       void check.finally(() => pendingRechecks.delete(check))
     }

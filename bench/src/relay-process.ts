@@ -1,0 +1,18 @@
+// The relay as the benchmarks run it: its own process (apps/relay), as deployed. In the
+// benchmark's process it would share an event loop with the writers and wait behind their
+// callbacks.
+import { fileURLToPath } from "node:url"
+import { spawnTs, type TsChild } from "@keyway/testkit"
+
+export const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
+
+/** Starts a relay process and returns once it has taken the lead. */
+export async function startRelayProcess(env: Record<string, string>): Promise<TsChild> {
+  const relay = spawnTs(relayEntry, env)
+  while (!relay.json().some((l) => l.message === "relay active")) {
+    if (relay.exitCode !== null)
+      throw new Error(`the relay died at start: ${relay.lines.join("\n")}`)
+    await new Promise((r) => setTimeout(r, 20))
+  }
+  return relay
+}
