@@ -39,6 +39,7 @@ import {
   type Completion,
   cancelVacuum,
   claimKeys,
+  closeRun,
   completeTasks,
   confirmBaselines,
   expireLeases,
@@ -64,6 +65,7 @@ import {
 } from "./internal/inbox-sql.ts"
 import { createRedlockKeyLock, type KeyLock } from "./internal/key-lock.ts"
 import { KeyScheduler } from "./internal/key-scheduler.ts"
+import { RunGate } from "./internal/run-gate.ts"
 import { summariseSources } from "./internal/summarise-sources.ts"
 import {
   type CompleteOptions,
@@ -181,6 +183,11 @@ export interface KeyedConsumerStatus {
   fenced: number
   /** Keys whose lock or lease was lost while draining. */
   lostKeys: number
+  /**
+   * Runs of a task an earlier run of which was lost with its worker (dead, or frozen past its
+   * lease), each run alone in this worker.
+   */
+  suspectRuns: number
   drainingKeys: number
   /** Messages received from the stream and not yet in the inbox (nor rejected). */
   ingestBuffered: number
@@ -194,6 +201,11 @@ export interface KeyedConsumer {
   stop(): Promise<void>
   status(): KeyedConsumerStatus
   [Symbol.asyncDispose](): Promise<void>
+}
+
+/** A task dead because its runs were lost with their workers (sql/0019). */
+class LostRunsError extends Error {
+  override name = "LostRunsError"
 }
 
 const tracer = trace.getTracer("@keyway/keyed-consumer")
@@ -297,6 +309,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     dead: 0,
     fenced: 0,
     lostKeys: 0,
+    suspectRuns: 0,
   }
   // Created once, when first needed: jetstreamManager() makes an API round trip to check
   // JetStream is there.
@@ -341,6 +354,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       dead: ["dead_total", "Tasks dead: attempts used up, or a poison payload"],
       fenced: ["fenced_total", "Tasks refused because another worker took the key"],
       lostKeys: ["lost_keys_total", "Drains stopped because the lock or lease was lost"],
+      suspectRuns: [
+        "suspect_runs_total",
+        "Runs of tasks an earlier run of which was lost with its worker, each run alone",
+      ],
     }
     for (const [stat, [name, help]] of Object.entries(totals)) {
       m.collectedCounter({
@@ -435,6 +452,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const drainAborts = new Set<AbortController>()
   let shutdownReason: Error | undefined
   const retryTimers = new Map<string, { timer: NodeJS.Timeout; at: number }>()
+  const gate = new RunGate()
   const scheduler = new KeyScheduler(
     config.concurrency ?? 64,
     (ref, waitedMs) => {
@@ -939,9 +957,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     task: TaskRow,
     claim: Claim,
     signal: AbortSignal,
+    runsLost: number,
   ): Promise<Outcome> => {
     const epoch = claim.epoch
     const policy = policyOf(ref.topic)
+    // A run lost with its worker counts as an attempt that failed.
+    const runsBefore = task.attempts + runsLost
     // From the root, not from whatever context the drain runs in: a task carries its own
     // trace or starts one.
     const parent = task.trace ? propagation.extract(ROOT_CONTEXT, task.trace) : ROOT_CONTEXT
@@ -1009,6 +1030,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       },
     }
     try {
+      if (runsLost > 0 && runsBefore >= policy.maxAttempts) {
+        throw new LostRunsError(
+          `${runsLost} of its ${runsBefore} runs were lost with their worker, which died or froze past its lease while running it (a payload that crashes its worker?); dead rather than run again`,
+        )
+      }
       if (task.type === REFUSED_TYPE) {
         throw new PoisonError(`refused at ingest: ${(task.payload as { reason: string }).reason}`)
       }
@@ -1032,7 +1058,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         type: task.type,
         payload,
         createdAt: task.created_at,
-        attempt: task.attempts + 1,
+        attempt: runsBefore + 1,
       }
       if (claim.supersededBy !== undefined && claim.supersededBy > task.ver) {
         event.supersededBy = claim.supersededBy
@@ -1076,10 +1102,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       span.recordException(err as Error)
       span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
       const poison = err instanceof PoisonError
-      const dead = poison || task.attempts + 1 >= policy.maxAttempts
+      const dead = poison || err instanceof LostRunsError || runsBefore + 1 >= policy.maxAttempts
       // Exponential backoff with full jitter: retries of many keys failing together (a vendor
       // outage) spread out instead of arriving in waves.
-      const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** task.attempts)
+      const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** runsBefore)
       const retryInMs = Math.max(Math.round(cap / 2 + (Math.random() * cap) / 2), retryAfterOf(err))
       const reason = poison ? `poison: ${messageOf(err)}` : messageOf(err)
       const ok = await markFailed(db, group, ref, task.ver, epoch, {
@@ -1120,6 +1146,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       return
     }
     let epoch: number | undefined
+    // The version of which the claim opened a run (sql/0019), while this drain still owes the
+    // run an end that says nothing of the task: until it starts, and for good if it is cut
+    // short. Left open, the next claim would count it lost and run the task as a suspect.
+    let owed: number | undefined
     let finished = false
     const aborter = new AbortController()
     const signal = aborter.signal
@@ -1168,6 +1198,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       epoch = claimed.epoch
       let next = claimed.doneVer + 1
       let tasks = claimed.tasks
+      const first = tasks[0]
+      if (first?.ver === next && first.state === "pending" && first.wait_ms <= 0) owed = next
       drain: while (!stopping && !signal.aborted && tasks.length > 0) {
         for (const task of tasks) {
           if (task.ver !== next) {
@@ -1190,7 +1222,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             wakeLater(ref, Number(task.wait_ms))
             break drain
           }
-          const outcome = await timeStep("run", () => runTask(ref, task, claimed, signal))
+          // Earlier runs of this task lost with their worker, dead or frozen while running
+          // it. Such a task runs alone (internal/run-gate.ts).
+          const runsLost = task.ver === owed ? claimed.runsLost : 0
+          if (runsLost > 0) stats.suspectRuns++
+          const outcome = await timeStep("run", () =>
+            gate.run(
+              runsLost > 0,
+              async (): Promise<Outcome> =>
+                // The wait for the gate may have outlasted the key, or the worker.
+                stopping || signal.aborted
+                  ? "stopped"
+                  : runTask(ref, task, claimed, signal, runsLost),
+            ),
+          )
+          if (task.ver === owed && outcome !== "stopped") owed = undefined
           if (outcome === "done") {
             commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
           }
@@ -1211,6 +1257,15 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       closed = true
       drainAborts.delete(aborter)
       clearInterval(heartbeat)
+      if (owed !== undefined && epoch !== undefined) {
+        await closeRun(db, group, ref, owed, epoch).catch((err) =>
+          log.warn("closing a run cut short failed; the next claim counts it lost", {
+            ...ref,
+            ver: owed,
+            error: messageOf(err),
+          }),
+        )
+      }
       await timeStep("release", () => lock.release())
     }
     // A wake-up that found the key locked while we held it is ours to honour. The re-check

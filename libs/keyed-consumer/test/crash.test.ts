@@ -5,7 +5,7 @@ import assert from "node:assert/strict"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { createDb } from "@keyway/db"
-import { createKeyedConsumer } from "@keyway/keyed-consumer"
+import { createConsumerAdmin, createKeyedConsumer } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import {
@@ -255,6 +255,127 @@ describe("keyed consumer under crashes", () => {
       "one effect, by the worker that took over",
     )
     await other.stop()
+  })
+
+  test("a payload that kills its worker is dead after max attempts runs; the keys in flight beside it are not charged", {
+    timeout: 150_000,
+  }, async () => {
+    const { t, stream, group } = await site()
+    const maxAttempts = 3
+    const env = {
+      DATABASE_URL: t.url,
+      NATS_URL: SHARED_NATS,
+      REDIS_URL: SHARED_REDIS,
+      STREAM: stream.name,
+      GROUP: group,
+      LEASE_MS: "1000",
+      POLL_MS: "200",
+      RECOVERY_MS: "200",
+      CRASH_KEY: "doom",
+      MAX_ATTEMPTS: String(maxAttempts),
+      // Slow enough that other keys' tasks are in flight whenever the doomed one runs.
+      HANDLER_MS: "150",
+    }
+    const bystanders = Array.from({ length: 10 }, (_, n) => `b${n}`)
+    const rounds = 12
+    let published = 0
+    const publishRound = async () => {
+      published++
+      await Promise.all(
+        bystanders.map((key) =>
+          publishEvent(nc, stream.site, { key, ver: published, payload: { n: published } }),
+        ),
+      )
+    }
+    await publishRound()
+    await publishEvent(nc, stream.site, { key: "doom", ver: 1, payload: { n: 1, note: "crash" } })
+    await publishEvent(nc, stream.site, { key: "doom", ver: 2, payload: { n: 2 } })
+    // Two workers at all times: one that dies is replaced, as a supervisor would.
+    let deaths = 0
+    let generation = 0
+    let supervising = true
+    const live = new Set<TsChild>()
+    const slots = [0, 1].map(async () => {
+      while (supervising) {
+        const child = startWorker({ ...env, WORKER_ID: `w${++generation}` })
+        live.add(child)
+        const { signal } = await child.exited()
+        live.delete(child)
+        if (signal === "SIGKILL" && supervising) deaths++
+      }
+    })
+    const doomV1 = async () =>
+      (
+        await sql<{ state: string; last_error: string | null }>`
+          select state, last_error from keyway.inbox
+           where grp = ${group} and key = 'doom' and ver = 1`.execute(t.db)
+      ).rows[0]
+    try {
+      // More of the other keys' tasks arrive while the doomed one takes workers down.
+      while ((await doomV1())?.state !== "dead") {
+        if (published < rounds) await publishRound()
+        await sleep(500)
+        assert.ok(deaths <= maxAttempts, `the doomed task stopped killing (${deaths} deaths)`)
+        assert.ok(generation < 40, "the doomed task died within 40 worker starts")
+      }
+      while (published < rounds) await publishRound()
+      await waitFor(async () => (await effectCount(t.db)) === bystanders.length * rounds, {
+        timeoutMs: 60_000,
+        message: "every other key's tasks handled",
+      })
+    } finally {
+      supervising = false
+      for (const child of live) child.kill("SIGKILL")
+      await Promise.all(slots)
+    }
+    assert.equal(deaths, maxAttempts, "one worker killed per run of the doomed task")
+    assert.match((await doomV1())!.last_error ?? "", /3 of its 3 runs were lost with their worker/)
+    const rows = await effects(t.db)
+    assert.equal(rows.length, bystanders.length * rounds, "no other key's effect twice")
+    assert.deepEqual(checkEffects(rows).problems, [])
+    const dead = await sql<{ key: string; ver: number }>`
+      select key, ver::int from keyway.inbox where grp = ${group} and state = 'dead'`.execute(t.db)
+    assert.deepEqual(dead.rows, [{ key: "doom", ver: 1 }], "the doomed task alone is dead")
+    assert.deepEqual(
+      rows.filter((r) => r.key === "doom"),
+      [],
+      "policy block: v2 waits behind the dead v1",
+    )
+
+    // Fixed (here: a worker that does not crash on it), an operator's retry runs it again
+    // from a fresh count, and v2 after it.
+    const redis = new Redis(SHARED_REDIS)
+    cleanups.push(async () => redis.disconnect())
+    const fixed = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      handlers: { "demo.item.changed.v1": recordEffect("fixed") },
+      defaultPolicy: { maxAttempts },
+      leaseMs: 1000,
+      pollIntervalMs: 200,
+      recoveryIntervalMs: 200,
+    })
+    cleanups.push(() => fixed.stop())
+    await fixed.start()
+    assert.equal(
+      await createConsumerAdmin({ db: t.db, group }).retry({ topic: "demo.item", key: "doom" }),
+      1,
+    )
+    await waitFor(async () => (await effects(t.db)).filter((r) => r.key === "doom").length === 2, {
+      timeoutMs: 15_000,
+      message: "doom v1 and v2 handled after the retry",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).filter((r) => r.key === "doom").map((r) => [r.ver, r.worker]),
+      [
+        [1, "fixed"],
+        [2, "fixed"],
+      ],
+    )
+    await fixed.stop()
   })
 
   /** A database handle that reaches `t`'s Postgres through a proxy the test can cut. */

@@ -132,6 +132,11 @@ export interface Claim {
    * rewound (sql/0017); the tasks below it run again after it. Undefined if never rewound.
    */
   supersededBy: number | undefined
+  /**
+   * Runs of the task at doneVer + 1 that were lost, their worker gone without a word (sql/0019),
+   * when that task is pending and due; otherwise meaningless.
+   */
+  runsLost: number
   /** Up to `limit` tasks above doneVer, in version order (a gap shows as a skipped number). */
   tasks: TaskRow[]
 }
@@ -185,7 +190,13 @@ export async function claimKeys(
 ): Promise<(Claim | undefined)[]> {
   const { sorted, from } = sortedRefs(refs)
   const r = await sql<
-    { i: number; epoch: number; done_ver: number; superseded_by: number | null } & TaskRow
+    {
+      i: number
+      epoch: number
+      done_ver: number
+      superseded_by: number | null
+      runs_lost: number
+    } & TaskRow
   >`
     select * from keyway.claim_keys(${group}, ${sorted.map((k) => k.topic)}::text[],
                                     ${sorted.map((k) => k.key)}::text[], ${owner},
@@ -198,6 +209,7 @@ export async function claimKeys(
       epoch: row.epoch,
       doneVer: row.done_ver,
       supersededBy: row.superseded_by ?? undefined,
+      runsLost: row.runs_lost,
       tasks: [],
     }
     if (row.ver !== null) claims[n].tasks.push(row)
@@ -285,7 +297,12 @@ export async function markFailed(
          set done_ver = case when ${failure.dead && failure.park} then ${ver} else done_ver end,
              -- The version after done_ver is here (it just ran): whatever gap the key had is
              -- closed, dead or not.
-             gap_since = null
+             gap_since = null,
+             -- The run ended (sql/0019). One the claim did not open (a later version in the
+             -- same drain) is the first of its version to count.
+             run_open = false,
+             runs_lost = case when run_ver = ${ver} then runs_lost else 0 end,
+             run_ver = ${ver}
        where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
          and epoch = ${epoch} and done_ver = ${ver - 1}
       returning 1
@@ -300,6 +317,26 @@ export async function markFailed(
     returning 1 as ok
   `.execute(db)
   return r.rows.length === 1
+}
+
+/**
+ * Closes the run the claim opened (sql/0019) that ended without an outcome to record: the
+ * drain never started it, or stop() or the loss of the key cut it short. Nothing when fenced:
+ * the claim that took the key over has judged the run already.
+ */
+export async function closeRun(
+  db: Kysely<any>,
+  group: string,
+  ref: KeyRef,
+  ver: number,
+  epoch: number,
+): Promise<void> {
+  await sql`
+    update keyway.consumer_key
+       set run_open = false
+     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
+       and run_ver = ${ver}
+  `.execute(db)
 }
 
 /** Keeps the lease alive while a handler runs; false when another worker took the key. */
