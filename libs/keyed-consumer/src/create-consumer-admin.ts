@@ -322,8 +322,8 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         -- being reset still show done: those are left out by name.
         update keyway.consumer_key k
            set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
-               -- Its lost runs start again from none, as its attempts do (sql/0019).
-               run_ver = null, run_open = false, runs_lost = 0,
+               -- No longer a suspect: its attempts, lost runs included, start again (sql/0019).
+               run_ver = null, run_state = null, run_suspect = false,
                superseded_by = (
                  select max(i.ver) from keyway.inbox i
                   where i.grp = k.grp and i.topic = k.topic and i.key = k.key

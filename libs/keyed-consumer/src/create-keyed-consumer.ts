@@ -50,6 +50,7 @@ import {
   keyId,
   markFailed,
   markGap,
+  markRunAlone,
   nextTasks,
   type ParkedTopics,
   pruneInbox,
@@ -203,7 +204,7 @@ export interface KeyedConsumer {
   [Symbol.asyncDispose](): Promise<void>
 }
 
-/** A task dead because its runs were lost with their workers (sql/0019). */
+/** A task dead because its runs alone were lost with their workers (sql/0019). */
 class LostRunsError extends Error {
   override name = "LostRunsError"
 }
@@ -950,19 +951,19 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   // ---- drain -------------------------------------------------------------------------------
 
-  type Outcome = "done" | "retry" | "dead" | "fenced" | "stopped"
+  // deferred: not started, and the key is to be tried again later (runInTurn).
+  type Outcome = "done" | "retry" | "dead" | "fenced" | "stopped" | "deferred"
 
   const runTask = async (
     ref: KeyRef,
     task: TaskRow,
     claim: Claim,
     signal: AbortSignal,
-    runsLost: number,
+    /** Its runs alone were lost until its attempts ran out: dead without running. */
+    exhausted: boolean,
   ): Promise<Outcome> => {
     const epoch = claim.epoch
     const policy = policyOf(ref.topic)
-    // A run lost with its worker counts as an attempt that failed.
-    const runsBefore = task.attempts + runsLost
     // From the root, not from whatever context the drain runs in: a task carries its own
     // trace or starts one.
     const parent = task.trace ? propagation.extract(ROOT_CONTEXT, task.trace) : ROOT_CONTEXT
@@ -1030,9 +1031,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       },
     }
     try {
-      if (runsLost > 0 && runsBefore >= policy.maxAttempts) {
+      if (exhausted) {
         throw new LostRunsError(
-          `${runsLost} of its ${runsBefore} runs were lost with their worker, which died or froze past its lease while running it (a payload that crashes its worker?); dead rather than run again`,
+          `its runs alone were lost with their worker until its ${task.attempts} attempts ran out (a payload that crashes its worker, or freezes it past its lease?); dead rather than run again`,
         )
       }
       if (task.type === REFUSED_TYPE) {
@@ -1058,7 +1059,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         type: task.type,
         payload,
         createdAt: task.created_at,
-        attempt: runsBefore + 1,
+        attempt: task.attempts + 1,
       }
       if (claim.supersededBy !== undefined && claim.supersededBy > task.ver) {
         event.supersededBy = claim.supersededBy
@@ -1102,10 +1103,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       span.recordException(err as Error)
       span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
       const poison = err instanceof PoisonError
-      const dead = poison || err instanceof LostRunsError || runsBefore + 1 >= policy.maxAttempts
+      const lost = err instanceof LostRunsError
+      const dead = poison || lost || task.attempts + 1 >= policy.maxAttempts
       // Exponential backoff with full jitter: retries of many keys failing together (a vendor
       // outage) spread out instead of arriving in waves.
-      const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** runsBefore)
+      const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** task.attempts)
       const retryInMs = Math.max(Math.round(cap / 2 + (Math.random() * cap) / 2), retryAfterOf(err))
       const reason = poison ? `poison: ${messageOf(err)}` : messageOf(err)
       const ok = await markFailed(db, group, ref, task.ver, epoch, {
@@ -1113,6 +1115,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         retryInMs: dead ? 0 : retryInMs,
         dead,
         park: policy.onDead === "park",
+        // The claim charged its lost runs already.
+        charge: !lost,
       })
       if (!ok) {
         stats.fenced++
@@ -1128,6 +1132,42 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       return "retry"
     } finally {
       span.end()
+    }
+  }
+
+  /**
+   * Runs a task in its turn at the gate (internal/run-gate.ts): a suspect, one of whose runs
+   * was lost with its worker (sql/0019), alone and marked so, or dead at once if runs lost
+   * alone used up its attempts. "stopped" when it did not start.
+   */
+  const runInTurn = async (
+    ref: KeyRef,
+    task: TaskRow,
+    claim: Claim,
+    signal: AbortSignal,
+    suspect: boolean,
+  ): Promise<Outcome> => {
+    if (suspect && task.attempts >= policyOf(ref.topic).maxAttempts) {
+      return runTask(ref, task, claim, signal, true)
+    }
+    const leave = await gate.enter(suspect, signal, leaseMs)
+    if (!leave) {
+      // The runs ahead outlasted a lease (a handler that hangs): the key is given back and
+      // tried again after another, rather than hold every run behind it meanwhile.
+      if (signal.aborted) return "stopped"
+      wakeLater(ref, leaseMs)
+      return "deferred"
+    }
+    try {
+      // The wait may have outlasted the worker, or the key.
+      if (stopping || signal.aborted) return "stopped"
+      if (suspect) {
+        if (!(await markRunAlone(db, group, ref, task.ver, claim.epoch))) return "fenced"
+        stats.suspectRuns++
+      }
+      return await timeStep("run", () => runTask(ref, task, claim, signal, false))
+    } finally {
+      leave()
     }
   }
 
@@ -1151,6 +1191,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // short. Left open, the next claim would count it lost and run the task as a suspect.
     let owed: number | undefined
     let finished = false
+    // Put off for a lease by the gate: no re-check wakes it before then.
+    let deferred = false
     const aborter = new AbortController()
     const signal = aborter.signal
     drainAborts.add(aborter)
@@ -1198,8 +1240,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       epoch = claimed.epoch
       let next = claimed.doneVer + 1
       let tasks = claimed.tasks
-      const first = tasks[0]
-      if (first?.ver === next && first.state === "pending" && first.wait_ms <= 0) owed = next
+      if (claimed.runOpened) owed = next
       drain: while (!stopping && !signal.aborted && tasks.length > 0) {
         for (const task of tasks) {
           if (task.ver !== next) {
@@ -1222,21 +1263,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             wakeLater(ref, Number(task.wait_ms))
             break drain
           }
-          // Earlier runs of this task lost with their worker, dead or frozen while running
-          // it. Such a task runs alone (internal/run-gate.ts).
-          const runsLost = task.ver === owed ? claimed.runsLost : 0
-          if (runsLost > 0) stats.suspectRuns++
-          const outcome = await timeStep("run", () =>
-            gate.run(
-              runsLost > 0,
-              async (): Promise<Outcome> =>
-                // The wait for the gate may have outlasted the key, or the worker.
-                stopping || signal.aborted
-                  ? "stopped"
-                  : runTask(ref, task, claimed, signal, runsLost),
-            ),
-          )
-          if (task.ver === owed && outcome !== "stopped") owed = undefined
+          const suspect = task.ver === owed && claimed.suspect
+          const outcome = await runInTurn(ref, task, claimed, signal, suspect)
+          if (outcome === "stopped" || outcome === "deferred") {
+            deferred = outcome === "deferred"
+            break drain
+          }
+          if (task.ver === owed) owed = undefined
           if (outcome === "done") {
             commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
           }
@@ -1274,7 +1307,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // that is due, or that starts before the answer comes, claims after our release and
     // re-checks after its own, so it sees whatever this re-check would: waking the key for
     // it again would only add an empty drain.
-    if (finished && !stopping && !scheduler.isDue(ref)) {
+    if (finished && !deferred && !stopping && !scheduler.isDue(ref)) {
       const check = rechecks.submit(ref).then(
         (runnable) => {
           if (runnable) scheduler.wakeIfIdle(ref)

@@ -12,7 +12,7 @@ export interface KeyedEvent<P = unknown> {
   payload: P
   /** When the writer enqueued it. */
   createdAt: Date
-  /** 1 on the first try. A run lost with its worker (it died or froze) counts as a try. */
+  /** 1 on the first try. A run lost with its worker while it ran alone counts as a try. */
   attempt: number
   /**
    * Set when a later version of this key had already run to done before this one ran: an
@@ -85,12 +85,13 @@ export type DeadPolicy = "block" | "park"
 
 export interface TopicPolicy {
   /**
-   * Tries before an event is dead. Default 5. A run lost with its worker counts as a try: a
-   * payload that kills the process running it (out of memory, a native crash, an event loop
-   * blocked past the lease) is dead after this many, instead of taking every worker down in
-   * turn. A task with a lost run runs alone in its worker, so that the tasks in flight beside
-   * a killer are not charged for it (sql/0019). A run cut short by stop() or by the loss of
-   * the key from a live worker is not a try.
+   * Tries before an event is dead. Default 5. A run lost with its worker while it ran alone
+   * counts as a try: a payload that kills the process running it (out of memory, a native
+   * crash, an event loop blocked past the lease) is dead after this many such deaths, plus
+   * the first, instead of taking every worker down in turn. A task whose run was lost runs
+   * alone in its worker from then on, so that a death is known to be its own: the tasks in
+   * flight beside a killer are never charged for it (sql/0019). A run cut short by stop() or
+   * by the loss of the key from a live worker is not a try.
    */
   maxAttempts?: number
   /** First retry delay; doubles each time, with jitter. Default 200 ms. */

@@ -808,10 +808,10 @@ describe("keyed consumer", () => {
     assert.deepEqual(slow.rows, [{ state: "pending", attempts: 0, error: null }])
     // Nor a run lost with its worker: the run its claim opened is closed (sql/0019), so the
     // next worker neither counts it nor runs the task as a suspect, alone.
-    const run = await sql<{ run_ver: number; run_open: boolean }>`
-      select run_ver::int, run_open from keyway.consumer_key
+    const run = await sql<{ run_ver: number; run_state: string | null }>`
+      select run_ver::int, run_state from keyway.consumer_key
        where grp = ${group} and key = 'slow'`.execute(t.db)
-    assert.deepEqual(run.rows, [{ run_ver: 1, run_open: false }])
+    assert.deepEqual(run.rows, [{ run_ver: 1, run_state: null }])
   })
 
   for (const interleave of [false, true]) {

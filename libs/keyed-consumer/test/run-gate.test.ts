@@ -1,64 +1,70 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { gate } from "@keyway/testkit"
 import { RunGate } from "../src/internal/run-gate.ts"
 
-/** A run that records when it starts and ends, and lasts until the test ends it. */
-function runs(runGate: RunGate, log: string[]) {
-  return (name: string, alone: boolean) => {
-    const { opened, open } = gate()
-    const done = runGate.run(alone, async () => {
-      log.push(`${name} starts`)
-      await opened
+const settle = () => new Promise((r) => setImmediate(r))
+
+/** Enters `g`, logging when the run starts; `end()` ends it once it has started. */
+function arrive(g: RunGate, log: string[], name: string, alone: boolean, signal?: AbortSignal) {
+  const entered = g.enter(alone, signal).then((leave) => {
+    log.push(leave ? `${name} starts` : `${name} gave up`)
+    return leave
+  })
+  return {
+    entered,
+    end: async () => {
+      ;(await entered)?.()
       log.push(`${name} ends`)
-    })
-    return { end: open, done }
+      await settle()
+    },
   }
 }
-
-const settle = () => new Promise((r) => setImmediate(r))
 
 test("a run alone waits for the runs in progress, and those after it wait for it", async () => {
   const log: string[] = []
   const g = new RunGate()
-  const start = runs(g, log)
-  const a = start("a", false)
-  const b = start("b", false)
-  const suspect = start("suspect", true)
-  const c = start("c", false)
+  const a = arrive(g, log, "a", false)
+  const b = arrive(g, log, "b", false)
+  const suspect = arrive(g, log, "suspect", true)
+  const c = arrive(g, log, "c", false)
   await settle()
   assert.deepEqual(log, ["a starts", "b starts"])
   assert.deepEqual(g.size, { running: 2, waiting: 2 })
-  a.end()
-  await a.done
-  await settle()
+  await a.end()
   assert.deepEqual(log.slice(2), ["a ends"], "one run still in progress: the suspect waits")
-  b.end()
-  await b.done
-  await settle()
+  await b.end()
   assert.deepEqual(log.slice(3), ["b ends", "suspect starts"], "c, behind it, waits too")
-  suspect.end()
-  await suspect.done
-  await settle()
+  await suspect.end()
   assert.deepEqual(log.slice(5), ["suspect ends", "c starts"])
-  c.end()
-  await c.done
+  await c.end()
   assert.deepEqual(g.size, { running: 0, waiting: 0 })
 })
 
-test("runs not alone go side by side; a run alone that throws gives its place back", async () => {
-  const g = new RunGate()
+test("a run alone that gives up (its signal, or its longest wait) lets those behind it in", async () => {
   const log: string[] = []
-  const start = runs(g, log)
-  const many = Array.from({ length: 5 }, (_, n) => start(`r${n}`, false))
+  const g = new RunGate()
+  const hung = arrive(g, log, "hung", false)
+  const aborter = new AbortController()
+  arrive(g, log, "aborted", true, aborter.signal)
+  const behind = arrive(g, log, "behind", false)
   await settle()
-  assert.equal(log.length, 5, "all five started at once")
-  const failing = g.run(true, async () => {
-    throw new Error("boom")
-  })
-  for (const r of many) r.end()
-  await Promise.all(many.map((r) => r.done))
-  await assert.rejects(failing, /boom/)
-  await g.run(false, async () => {})
+  assert.deepEqual(log, ["hung starts"])
+  aborter.abort()
+  await settle()
+  assert.deepEqual(log, ["hung starts", "aborted gave up", "behind starts"])
+
+  const timedOut = g.enter(true, undefined, 50)
+  const later = arrive(g, log, "later", false)
+  await settle()
+  assert.equal(log.includes("later starts"), false, "held back while the lone run waits")
+  assert.equal(await timedOut, undefined, "gave up after its longest wait")
+  await later.entered
+  assert.equal(log.at(-1), "later starts")
+  await Promise.all([hung.end(), behind.end(), later.end()])
   assert.deepEqual(g.size, { running: 0, waiting: 0 })
+  assert.equal(
+    await g.enter(true, AbortSignal.abort()),
+    undefined,
+    "an aborted signal: not even queued",
+  )
 })

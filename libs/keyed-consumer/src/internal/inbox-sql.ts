@@ -133,10 +133,15 @@ export interface Claim {
    */
   supersededBy: number | undefined
   /**
-   * Runs of the task at doneVer + 1 that were lost, their worker gone without a word (sql/0019),
-   * when that task is pending and due; otherwise meaningless.
+   * The claim opened a run of the task at doneVer + 1 (sql/0019): it is pending and due, and
+   * the drain owes the run an end. False when there is nothing to run now.
    */
-  runsLost: number
+  runOpened: boolean
+  /**
+   * A run of that task was lost with its worker: it runs alone, and a run lost alone was
+   * charged as an attempt. False unless runOpened.
+   */
+  suspect: boolean
   /** Up to `limit` tasks above doneVer, in version order (a gap shows as a skipped number). */
   tasks: TaskRow[]
 }
@@ -177,7 +182,7 @@ export function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[];
 }
 
 /**
- * Takes keys for this worker and reads their next tasks (keyway.claim_keys), in one round
+ * Takes keys for this worker and reads their next tasks (keyway.claim_runs), in one round
  * trip. Undefined for a key whose starting point is still provisional.
  */
 export async function claimKeys(
@@ -195,12 +200,13 @@ export async function claimKeys(
       epoch: number
       done_ver: number
       superseded_by: number | null
-      runs_lost: number
+      run_opened: boolean
+      suspect: boolean
     } & TaskRow
   >`
-    select * from keyway.claim_keys(${group}, ${sorted.map((k) => k.topic)}::text[],
-                                    ${sorted.map((k) => k.key)}::text[], ${owner},
-                                    ${Math.round(leaseMs)}::int, ${limit}::int)
+    select * from keyway.claim_runs(${group}, ${sorted.map((k) => k.topic)}::text[],
+                                   ${sorted.map((k) => k.key)}::text[], ${owner},
+                                   ${Math.round(leaseMs)}::int, ${limit}::int)
   `.execute(db)
   const claims: (Claim | undefined)[] = refs.map(() => undefined)
   for (const row of r.rows) {
@@ -209,7 +215,8 @@ export async function claimKeys(
       epoch: row.epoch,
       doneVer: row.done_ver,
       supersededBy: row.superseded_by ?? undefined,
-      runsLost: row.runs_lost,
+      runOpened: row.run_opened,
+      suspect: row.suspect,
       tasks: [],
     }
     if (row.ver !== null) claims[n].tasks.push(row)
@@ -289,7 +296,14 @@ export async function markFailed(
   ref: KeyRef,
   ver: number,
   epoch: number,
-  failure: { error: string; retryInMs: number; dead: boolean; park: boolean },
+  failure: {
+    error: string
+    retryInMs: number
+    dead: boolean
+    park: boolean
+    /** Counts an attempt: false for a task whose lost runs were charged by the claim. */
+    charge: boolean
+  },
 ): Promise<boolean> {
   const r = await sql<{ ok: number }>`
     with fenced as (
@@ -298,17 +312,14 @@ export async function markFailed(
              -- The version after done_ver is here (it just ran): whatever gap the key had is
              -- closed, dead or not.
              gap_since = null,
-             -- The run ended (sql/0019). One the claim did not open (a later version in the
-             -- same drain) is the first of its version to count.
-             run_open = false,
-             runs_lost = case when run_ver = ${ver} then runs_lost else 0 end,
-             run_ver = ${ver}
+             -- The run ended (sql/0019).
+             run_state = null
        where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
          and epoch = ${epoch} and done_ver = ${ver - 1}
       returning 1
     )
     update keyway.inbox
-       set attempts = attempts + 1,
+       set attempts = attempts + ${failure.charge ? 1 : 0},
            last_error = ${storableText(failure.error)},
            state = case when ${failure.dead} then 'dead' else 'pending' end,
            run_after = now() + make_interval(secs => ${failure.retryInMs / 1000})
@@ -333,10 +344,30 @@ export async function closeRun(
 ): Promise<void> {
   await sql`
     update keyway.consumer_key
-       set run_open = false
+       set run_state = null
      where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
        and run_ver = ${ver}
   `.execute(db)
+}
+
+/**
+ * Marks the run of a suspect as running alone (sql/0019): lost now, it is charged to the task.
+ * False when fenced.
+ */
+export async function markRunAlone(
+  db: Kysely<any>,
+  group: string,
+  ref: KeyRef,
+  ver: number,
+  epoch: number,
+): Promise<boolean> {
+  const r = await sql`
+    update keyway.consumer_key
+       set run_state = 'alone'
+     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
+       and run_ver = ${ver} and run_state is not null
+  `.execute(db)
+  return Number(r.numAffectedRows ?? 0) === 1
 }
 
 /** Keeps the lease alive while a handler runs; false when another worker took the key. */

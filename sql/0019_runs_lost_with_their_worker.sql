@@ -1,0 +1,117 @@
+-- A run lost with its worker is charged to its task, once the task is known to be the cause.
+--
+-- Attempts were counted only when a run ended: markFailed, or done. A payload that kills its
+-- worker (an out-of-memory abort, a native crash, an event loop blocked past the lease) ended
+-- no run. Its task stayed pending with its attempts at 0, the recovery loop handed it to the
+-- next worker, which died in turn: the key never moved, and every worker of the group was
+-- taken down once per lease length, with every other key's task in flight on it.
+--
+-- A claim of a key whose next task is due opens a run of that task (run_ver, run_state
+-- 'open'), and every end the worker sees closes it: done (the key moves on), a failure
+-- (markFailed), or the worker giving the run back unstarted or cut short (by stop(), or by the
+-- loss of the key, which costs no attempt). A claim that finds the run before it still open
+-- asks whether its worker is alive: one that renews its lease every third of it shows more
+-- than a third left. If not, the run was lost with its worker, dead or frozen.
+--
+-- Whose fault a death was is not known: every task in flight on that worker lost its run. So
+-- a lost run makes its task a suspect (run_suspect), and a suspect runs alone in its worker
+-- (libs/keyed-consumer internal/run-gate.ts), marked 'alone' when it starts. A run lost while
+-- alone was the cause, and is charged as an attempt, with the reason: the task's attempts
+-- reach the topic's maximum, and the worker makes it dead instead of running it again. The
+-- tasks in flight beside a killer, or waiting behind it, are suspects for a run, never charged.
+-- A killer is dead after maxAttempts + 1 deaths (the first one, among others, is not its own).
+--
+-- A function of its own, keyway.claim_runs: a worker of the previous release calls
+-- keyway.claim_keys, which is left as it was and opens no run, so workers can be upgraded one
+-- by one. Upgrade order: this migration, then the workers and the admin CLI (an older CLI's retry
+-- leaves the suspect flag, and the task runs alone once).
+--
+-- The three columns live on consumer_key, which the claim updates anyway (fillfactor 50 keeps
+-- the update HOT): the hot path gains a read of the key's row and a probe of the inbox row the
+-- claim then reads; the charge is an update of the inbox row on the rare path only.
+alter table keyway.consumer_key
+  add column run_ver bigint,
+  add column run_state text check (run_state in ('open', 'alone')),
+  add column run_suspect boolean not null default false;
+
+-- keyway.claim_keys (sql/0017), and the runs it opens.
+create function keyway.claim_runs(
+  p_grp text, p_topics text[], p_keys text[], p_owner text, p_lease_ms int, p_limit int
+) returns table (i int, epoch bigint, done_ver bigint, ver bigint, event_id text, type text,
+                 payload jsonb, trace jsonb, created_at timestamptz, state text, attempts int,
+                 wait_ms double precision, superseded_by bigint, run_opened boolean,
+                 suspect boolean)
+language plpgsql
+as $$
+#variable_conflict use_column
+declare
+  v_epoch bigint;
+  v_done bigint;
+  v_superseded bigint;
+  v_run_ver bigint;
+  v_run_state text;
+  v_suspect boolean;
+  v_lapsed boolean;
+  v_due boolean;
+begin
+  for n in 1 .. coalesce(array_length(p_keys, 1), 0) loop
+    -- Locked as every claim locks it (the update below would); read first, for the run the
+    -- previous holder left and its lease.
+    select c.done_ver, c.run_ver, c.run_state, c.run_suspect,
+           coalesce(c.lease_until, '-infinity')
+             <= now() + make_interval(secs => p_lease_ms / 3000.0)
+      into v_done, v_run_ver, v_run_state, v_suspect, v_lapsed
+      from keyway.consumer_key c
+     where c.grp = p_grp and c.topic = p_topics[n] and c.key = p_keys[n]
+       and c.baseline_stream_seq is null
+       for no key update;
+    if not found then
+      continue;
+    end if;
+    -- "Due" as the drain runs it: pending, run_after passed. Anything else (a gap, a retry's
+    -- backoff, a dead or skipped task) opens no run.
+    v_due := exists (
+      select 1 from keyway.inbox y
+       where y.grp = p_grp and y.topic = p_topics[n] and y.key = p_keys[n]
+         and y.ver = v_done + 1 and y.state = 'pending' and y.run_after <= now());
+    if v_due then
+      if v_run_ver is distinct from v_done + 1 then
+        v_suspect := false; -- a new version's first run
+      elsif v_run_state is not null and v_lapsed then
+        v_suspect := true;
+        if v_run_state = 'alone' then
+          update keyway.inbox y
+             set attempts = y.attempts + 1,
+                 last_error = 'lost with its worker: the process died or froze past its lease while running this task alone'
+           where y.grp = p_grp and y.topic = p_topics[n] and y.key = p_keys[n]
+             and y.ver = v_done + 1;
+        end if;
+      end if;
+    end if;
+    update keyway.consumer_key c
+       set epoch = c.epoch + 1, owner = p_owner,
+           lease_until = now() + make_interval(secs => p_lease_ms / 1000.0),
+           run_ver = case when v_due then v_done + 1 else c.run_ver end,
+           run_state = case when v_due then 'open' else c.run_state end,
+           run_suspect = case when v_due then v_suspect else c.run_suspect end
+     where c.grp = p_grp and c.topic = p_topics[n] and c.key = p_keys[n]
+    returning c.epoch, c.superseded_by into v_epoch, v_superseded;
+    -- The left join keeps one row (with a null version) for a key with nothing to run: the
+    -- caller still learns the epoch it claimed.
+    return query
+    select n, v_epoch, v_done, x.ver, x.event_id, x.type, x.payload, x.trace, x.created_at,
+           x.state, x.attempts,
+           extract(epoch from greatest(x.run_after, now()) - now())::float8 * 1000,
+           v_superseded, v_due, v_due and v_suspect
+      from (select 1) one
+      left join lateral (
+        select * from keyway.inbox y
+         where y.grp = p_grp and y.topic = p_topics[n] and y.key = p_keys[n]
+           and y.ver > v_done
+         order by y.ver
+         limit p_limit
+      ) x on true
+     order by x.ver;
+  end loop;
+end
+$$;
