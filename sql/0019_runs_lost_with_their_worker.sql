@@ -19,7 +19,13 @@
 -- alone was the cause, and is charged as an attempt, with the reason: the task's attempts
 -- reach the topic's maximum, and the worker makes it dead instead of running it again. The
 -- tasks in flight beside a killer, or waiting behind it, are suspects for a run, never charged.
--- A killer is dead after maxAttempts + 1 deaths (the first one, among others, is not its own).
+-- A killer is dead after maxAttempts + 1 deaths (the first one, among others, is not its own),
+-- or + 2 when it first ran after another task of its key in the same drain: only the first
+-- task a claim finds opens a run (the drain's later ones would cost a write each).
+--
+-- "Less than a third left" holds for a worker that died before its first heartbeat as long
+-- as its claim answered within a third of the lease: the Redis lock, which the next worker
+-- must wait out, runs from before the claim and the lease from the claim.
 --
 -- A function of its own, keyway.claim_runs: a worker of the previous release calls
 -- keyway.claim_keys, which is left as it was and opens no run, so workers can be upgraded one
@@ -46,17 +52,27 @@ as $$
 #variable_conflict use_column
 declare
   v_epoch bigint;
-  v_done bigint;
   v_superseded bigint;
+  v_done bigint;
   v_run_ver bigint;
   v_run_state text;
   v_suspect boolean;
   v_lapsed boolean;
   v_due boolean;
+  -- Per key claimed (null epoch: not claimed, its start still provisional).
+  a_epoch bigint[] := '{}';
+  a_done bigint[] := '{}';
+  a_superseded bigint[] := '{}';
+  a_due boolean[] := '{}';
+  a_suspect boolean[] := '{}';
+  -- The tasks charged a run lost alone.
+  c_topics text[] := '{}';
+  c_keys text[] := '{}';
+  c_vers bigint[] := '{}';
 begin
   for n in 1 .. coalesce(array_length(p_keys, 1), 0) loop
-    -- Locked as every claim locks it (the update below would); read first, for the run the
-    -- previous holder left and its lease.
+    -- Locked as the update below would lock it; read first, for the run the previous holder
+    -- left and its lease.
     select c.done_ver, c.run_ver, c.run_state, c.run_suspect,
            coalesce(c.lease_until, '-infinity')
              <= now() + make_interval(secs => p_lease_ms / 3000.0)
@@ -80,11 +96,9 @@ begin
       elsif v_run_state is not null and v_lapsed then
         v_suspect := true;
         if v_run_state = 'alone' then
-          update keyway.inbox y
-             set attempts = y.attempts + 1,
-                 last_error = 'lost with its worker: the process died or froze past its lease while running this task alone'
-           where y.grp = p_grp and y.topic = p_topics[n] and y.key = p_keys[n]
-             and y.ver = v_done + 1;
+          c_topics := c_topics || p_topics[n];
+          c_keys := c_keys || p_keys[n];
+          c_vers := c_vers || (v_done + 1);
         end if;
       end if;
     end if;
@@ -96,22 +110,80 @@ begin
            run_suspect = case when v_due then v_suspect else c.run_suspect end
      where c.grp = p_grp and c.topic = p_topics[n] and c.key = p_keys[n]
     returning c.epoch, c.superseded_by into v_epoch, v_superseded;
+    a_epoch[n] := v_epoch;
+    a_superseded[n] := v_superseded;
+    a_done[n] := v_done;
+    a_due[n] := v_due;
+    a_suspect[n] := v_due and v_suspect;
+  end loop;
+  -- Charged once every key is locked, as keyway.complete_tasks marks its rows (sql/0016): a
+  -- task's row updated before the next key is locked could wait on an ingest that holds that
+  -- key while it stores the task's version again, and the ingest on the row.
+  if array_length(c_keys, 1) > 0 then
+    update keyway.inbox y
+       set attempts = y.attempts + 1,
+           last_error = 'lost with its worker: the process died or froze past its lease while running this task alone'
+      from unnest(c_topics, c_keys, c_vers) as c(topic, key, ver)
+     where y.grp = p_grp and y.topic = c.topic and y.key = c.key and y.ver = c.ver;
+  end if;
+  for n in 1 .. coalesce(array_length(p_keys, 1), 0) loop
+    continue when a_epoch[n] is null;
     -- The left join keeps one row (with a null version) for a key with nothing to run: the
     -- caller still learns the epoch it claimed.
     return query
-    select n, v_epoch, v_done, x.ver, x.event_id, x.type, x.payload, x.trace, x.created_at,
-           x.state, x.attempts,
+    select n, a_epoch[n], a_done[n], x.ver, x.event_id, x.type, x.payload, x.trace,
+           x.created_at, x.state, x.attempts,
            extract(epoch from greatest(x.run_after, now()) - now())::float8 * 1000,
-           v_superseded, v_due, v_due and v_suspect
+           a_superseded[n], a_due[n], a_suspect[n]
       from (select 1) one
       left join lateral (
         select * from keyway.inbox y
          where y.grp = p_grp and y.topic = p_topics[n] and y.key = p_keys[n]
-           and y.ver > v_done
+           and y.ver > a_done[n]
          order by y.ver
          limit p_limit
       ) x on true
      order by x.ver;
+  end loop;
+end
+$$;
+
+-- Done ends the run as well: the run's state no longer outlives the task, and a rewind to it
+-- (an operator's redrive) finds no run left open. keyway.complete_tasks of sql/0016, with
+-- run_state in the update it makes anyway.
+create or replace function keyway.complete_tasks(
+  p_grp text, p_topics text[], p_keys text[], p_vers bigint[], p_epochs bigint[],
+  p_lease_ms int
+) returns setof int
+language plpgsql
+as $$
+declare
+  advanced int[] := '{}';
+  n int;
+begin
+  for n in 1 .. coalesce(array_length(p_keys, 1), 0) loop
+    update keyway.consumer_key
+       set done_ver = p_vers[n], gap_since = null, run_state = null,
+           lease_until = now() + make_interval(secs => p_lease_ms / 1000.0)
+     where grp = p_grp and topic = p_topics[n] and key = p_keys[n]
+       and epoch = p_epochs[n] and done_ver = p_vers[n] - 1;
+    if found then
+      advanced := advanced || n;
+    end if;
+  end loop;
+  -- Stepping over a dead or skipped task leaves it as it is (sql/0010).
+  foreach n in array advanced loop
+    update keyway.inbox
+       set state = case when state in ('skipped', 'dead') then state else 'done' end,
+           done_at = case when state = 'dead' then done_at else coalesce(done_at, now()) end,
+           attempts = attempts + case when state = 'pending' then 1 else 0 end
+     where grp = p_grp and topic = p_topics[n] and key = p_keys[n] and ver = p_vers[n];
+    if not found then
+      -- The worker completes only tasks it read; without the row the key must not move.
+      raise exception 'keyway.complete_tasks: %/% has no inbox row v%',
+        p_topics[n], p_keys[n], p_vers[n];
+    end if;
+    return next n;
   end loop;
 end
 $$;

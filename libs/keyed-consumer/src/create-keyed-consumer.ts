@@ -1150,14 +1150,18 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     if (suspect && task.attempts >= policyOf(ref.topic).maxAttempts) {
       return runTask(ref, task, claim, signal, true)
     }
-    const leave = await gate.enter(suspect, signal, leaseMs)
-    if (!leave) {
+    const turn = await gate.enter(suspect, signal, leaseMs)
+    if (!turn) {
+      if (signal.aborted || stopping) return "stopped"
       // The runs ahead outlasted a lease (a handler that hangs): the key is given back and
       // tried again after another, rather than hold every run behind it meanwhile.
-      if (signal.aborted) return "stopped"
       wakeLater(ref, leaseMs)
       return "deferred"
     }
+    // Alone for a lease at most: a suspect whose handler hangs must not hold the worker's
+    // every other run back. Its run stays marked alone: a death after that is still charged
+    // to it, and the tasks that joined it are suspects, never charged.
+    const sharing = suspect ? setTimeout(() => turn.share(), leaseMs) : undefined
     try {
       // The wait may have outlasted the worker, or the key.
       if (stopping || signal.aborted) return "stopped"
@@ -1167,7 +1171,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       }
       return await timeStep("run", () => runTask(ref, task, claim, signal, false))
     } finally {
-      leave()
+      clearTimeout(sharing)
+      turn.end()
     }
   }
 
@@ -1433,6 +1438,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     async stop() {
       if (stopping) return
       stopping = true
+      // Runs waiting for their turn were not started: they end now, not after the grace.
+      gate.close()
       await Effect.runPromise(Fiber.interruptAll(fibers))
       // Each key finishes the task in hand, each safety-net round and the ingest its
       // statements in hand; handlers still running after the grace period are told to give

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
-import { after, before, describe, test } from "node:test"
+import { after, afterEach, before, describe, test } from "node:test"
 import { createDb } from "@keyway/db"
 import {
   createConsumerAdmin,
@@ -56,8 +56,13 @@ describe("keyed consumer", () => {
     nc = await connectNats({ servers: SHARED_NATS })
     redis = new Redis(SHARED_REDIS)
   })
+  // After each test, not once at the end: a test's consumer left running polls its database
+  // until then, and with the file's forty-odd tests their connections passed Postgres'
+  // max_connections (100) while another test file ran beside this one.
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c().catch(() => {})
+  })
   after(async () => {
-    for (const c of cleanups.reverse()) await c().catch(() => {})
     redis.disconnect()
     await nc.close()
   })
@@ -469,6 +474,86 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().fenced, 0)
     assert.equal(consumer.status().done, 1)
     assert.deepEqual(await effects(t.db), [])
+  })
+
+  test("a suspect that loses its key while it runs alone, its worker alive, is not charged for it", async () => {
+    // The task is a suspect from the start: a worker that died running it left its run open
+    // (sql/0019). It runs alone; its Redis lock goes, another worker claims the key while the
+    // first run still goes on, and the first then gives up. With one attempt allowed, taking
+    // the first run for lost with its worker would make the task dead.
+    const group = unique("g")
+    let db: TestDatabase["db"] | undefined
+    let runs = 0
+    const { opened: running, open: entered } = gate()
+    const { opened: reclaimed, open: reclaim } = gate()
+    const handlers: KeyedConsumerConfig["handlers"] = {
+      "demo.item.changed.v1": async (event, ctx) => {
+        if (++runs === 1) {
+          entered()
+          await reclaimed
+          if (!ctx.signal.aborted) {
+            await new Promise((r) => ctx.signal.addEventListener("abort", r, { once: true }))
+          }
+          throw ctx.signal.reason
+        }
+        await recordEffect("w2")(event, ctx)
+      },
+    }
+    const policy = { group, defaultPolicy: { maxAttempts: 1 }, leaseMs: 1500, handlers }
+    const { t, stream, consumer } = await setup(
+      (t) => {
+        db = t.db
+        return policy
+      },
+      async (stream) => {
+        await ingestElsewhere(db!, group, stream.site, "lost", 1)
+        await sql`update keyway.consumer_key
+                     set run_ver = 1, run_state = 'open', lease_until = now() - interval '1 second'
+                   where grp = ${group}`.execute(db!)
+      },
+    )
+    await running
+    const epochNow = async () =>
+      Number(
+        (
+          await sql<{ epoch: string }>`
+            select epoch from keyway.consumer_key where grp = ${group}`.execute(t.db)
+        ).rows[0]!.epoch,
+      )
+    const first = await epochNow()
+    const other = createKeyedConsumer({
+      ...policy,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      workerId: "w2",
+      pollIntervalMs: 200,
+      recoveryIntervalMs: 200,
+    })
+    cleanups.push(() => other.stop())
+    await other.start()
+    assert.equal(await redis.del(`keyway:${group}:demo.item:lost`), 1)
+    await waitFor(async () => (await epochNow()) > first, {
+      timeoutMs: 10_000,
+      message: "the other worker claimed the key",
+    })
+    reclaim()
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 15_000,
+      message: "run again, and done",
+    })
+    assert.equal(runs, 2)
+    assert.equal(consumer.status().dead + other.status().dead, 0)
+    assert.deepEqual(
+      [consumer.status().suspectRuns, other.status().suspectRuns],
+      [1, 1],
+      "alone both times",
+    )
+    const task = await sql<{ attempts: number }>`
+      select attempts from keyway.inbox where grp = ${group} and key = 'lost'`.execute(t.db)
+    assert.deepEqual(task.rows, [{ attempts: 1 }], "the run that completed, alone")
+    await other.stop()
   })
 
   for (const thrown of ["the abort", "an error of its own"]) {

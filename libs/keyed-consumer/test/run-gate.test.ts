@@ -6,14 +6,14 @@ const settle = () => new Promise((r) => setImmediate(r))
 
 /** Enters `g`, logging when the run starts; `end()` ends it once it has started. */
 function arrive(g: RunGate, log: string[], name: string, alone: boolean, signal?: AbortSignal) {
-  const entered = g.enter(alone, signal).then((leave) => {
-    log.push(leave ? `${name} starts` : `${name} gave up`)
-    return leave
+  const entered = g.enter(alone, signal).then((turn) => {
+    log.push(turn ? `${name} starts` : `${name} gave up`)
+    return turn
   })
   return {
     entered,
     end: async () => {
-      ;(await entered)?.()
+      ;(await entered)?.end()
       log.push(`${name} ends`)
       await settle()
     },
@@ -67,4 +67,25 @@ test("a run alone that gives up (its signal, or its longest wait) lets those beh
     undefined,
     "an aborted signal: not even queued",
   )
+})
+
+test("a lone run that shares its turn lets the others in; closing the gate sends waiting runs away", async () => {
+  const log: string[] = []
+  const g = new RunGate()
+  const suspect = arrive(g, log, "suspect", true)
+  const a = arrive(g, log, "a", false)
+  await settle()
+  assert.deepEqual(log, ["suspect starts"])
+  ;(await suspect.entered)!.share()
+  await settle()
+  assert.deepEqual(log, ["suspect starts", "a starts"], "beside the suspect, once it shares")
+  const lone = arrive(g, log, "lone", true)
+  const b = arrive(g, log, "b", false)
+  await settle()
+  g.close()
+  await settle()
+  assert.deepEqual(log.slice(2), ["lone gave up", "b gave up"])
+  assert.equal(await g.enter(false), undefined, "closed: no run starts")
+  await Promise.all([suspect.end(), a.end(), lone.end(), b.end()])
+  assert.deepEqual(g.size, { running: 0, waiting: 0 })
 })
