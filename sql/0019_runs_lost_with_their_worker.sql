@@ -8,17 +8,20 @@
 --
 -- A claim of a key whose next task is due opens a run of that task (run_ver, run_state
 -- 'open'), and every end the worker sees closes it: done (the key moves on), a failure
--- (markFailed), or the worker giving the run back unstarted or cut short (by stop(), or by the
--- loss of the key, which costs no attempt). A claim that finds the run before it still open
--- asks whether its worker is alive: one that renews its lease every third of it shows more
--- than a third left. If not, the run was lost with its worker, dead or frozen.
+-- (markFailed), or the drain closing it (closeRun) because it never started or was cut short
+-- by stop(). A run cut short by the loss of the key is left to the claim that took the key
+-- over. A claim that finds the run before it still open asks whether its worker is alive: one
+-- that renews its lease every third of it shows more than a third left. If so, the key only
+-- changed hands, which costs no attempt. If not, the run was lost with its worker, dead or
+-- frozen.
 --
 -- Whose fault a death was is not known: every task in flight on that worker lost its run. So
 -- a lost run makes its task a suspect (run_suspect), and a suspect runs alone in its worker
 -- (libs/keyed-consumer internal/run-gate.ts), marked 'alone' when it starts. A run lost while
 -- alone was the cause, and is charged as an attempt, with the reason: the task's attempts
 -- reach the topic's maximum, and the worker makes it dead instead of running it again. The
--- tasks in flight beside a killer, or waiting behind it, are suspects for a run, never charged.
+-- tasks in flight beside a killer, or waiting behind it, become suspects, never charged. A
+-- suspect stays one until its version is done or an operator retries it.
 -- A killer is dead after maxAttempts + 1 deaths (the first one, among others, is not its own),
 -- or + 2 when it first ran after another task of its key in the same drain: only the first
 -- task a claim finds opens a run (the drain's later ones would cost a write each).
@@ -29,8 +32,10 @@
 --
 -- A function of its own, keyway.claim_runs: a worker of the previous release calls
 -- keyway.claim_keys, which is left as it was and opens no run, so workers can be upgraded one
--- by one. Upgrade order: this migration, then the workers and the admin CLI (an older CLI's retry
--- leaves the suspect flag, and the task runs alone once).
+-- by one. Upgrade order: this migration, then the workers and the admin CLI. In between, an
+-- older CLI's retry leaves the suspect flag (the task runs alone), and a task that a new worker
+-- lost to an old one, which failed it, may be charged a lost run beside that failure: an old
+-- worker's markFailed leaves the run's state as it was.
 --
 -- The three columns live on consumer_key, which the claim updates anyway (fillfactor 50 keeps
 -- the update HOT): the hot path gains a read of the key's row and a probe of the inbox row the

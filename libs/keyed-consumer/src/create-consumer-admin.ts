@@ -322,7 +322,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
         -- being reset still show done: those are left out by name.
         update keyway.consumer_key k
            set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
-               -- No longer a suspect: its attempts, lost runs included, start again (sql/0019).
+               -- No longer a suspect (sql/0019), as its reset tasks' attempts start again.
                run_ver = null, run_state = null, run_suspect = false,
                superseded_by = (
                  select max(i.ver) from keyway.inbox i

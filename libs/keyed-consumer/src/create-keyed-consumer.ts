@@ -38,7 +38,7 @@ import {
   type Collision,
   type Completion,
   cancelVacuum,
-  claimKeys,
+  claimRuns,
   closeRun,
   completeTasks,
   confirmBaselines,
@@ -185,8 +185,8 @@ export interface KeyedConsumerStatus {
   /** Keys whose lock or lease was lost while draining. */
   lostKeys: number
   /**
-   * Runs of a task an earlier run of which was lost with its worker (dead, or frozen past its
-   * lease), each run alone in this worker.
+   * Runs of a suspect, a task an earlier run of which was lost with its worker (dead, or
+   * frozen past its lease), each started alone in this worker.
    */
   suspectRuns: number
   drainingKeys: number
@@ -357,7 +357,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       lostKeys: ["lost_keys_total", "Drains stopped because the lock or lease was lost"],
       suspectRuns: [
         "suspect_runs_total",
-        "Runs of tasks an earlier run of which was lost with its worker, each run alone",
+        "Runs of tasks an earlier run of which was lost with its worker, each started alone",
       ],
     }
     for (const [stat, [name, help]] of Object.entries(totals)) {
@@ -509,7 +509,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const fulfilled = <T>(values: T[]) =>
     values.map((value): PromiseSettledResult<T> => ({ status: "fulfilled", value }))
   const claims = new Batcher<KeyRef, Claim | undefined>(
-    async (refs) => fulfilled(await claimKeys(db, group, refs, workerId, leaseMs, TASKS_PER_READ)),
+    async (refs) => fulfilled(await claimRuns(db, group, refs, workerId, leaseMs, TASKS_PER_READ)),
     KEYS_PER_BATCH,
   )
 
@@ -959,7 +959,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     task: TaskRow,
     claim: Claim,
     signal: AbortSignal,
-    /** Its runs alone were lost until its attempts ran out: dead without running. */
+    /**
+     * A run lost alone used up its attempts: dead without running, through here so that its
+     * span, markFailed and the counts are those of any other death.
+     */
     exhausted: boolean,
   ): Promise<Outcome> => {
     const epoch = claim.epoch
@@ -1033,7 +1036,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     try {
       if (exhausted) {
         throw new LostRunsError(
-          `its runs alone were lost with their worker until its ${task.attempts} attempts ran out (a payload that crashes its worker, or freezes it past its lease?); dead rather than run again`,
+          `its attempts (${task.attempts} of ${policy.maxAttempts}) are used up, the last by a run alone lost with its worker, which died or froze past its lease (a payload that crashes its worker?); dead rather than run again`,
         )
       }
       if (task.type === REFUSED_TYPE) {
@@ -1137,8 +1140,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
 
   /**
    * Runs a task in its turn at the gate (internal/run-gate.ts): a suspect, one of whose runs
-   * was lost with its worker (sql/0019), alone and marked so, or dead at once if runs lost
-   * alone used up its attempts. "stopped" when it did not start.
+   * was lost with its worker (sql/0019), alone and marked so, or dead at once if a run lost
+   * alone used up its attempts. "stopped" when it did not start or was cut short, "deferred"
+   * when the wait for its turn ran out.
    */
   const runInTurn = async (
     ref: KeyRef,
@@ -1150,11 +1154,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     if (suspect && task.attempts >= policyOf(ref.topic).maxAttempts) {
       return runTask(ref, task, claim, signal, true)
     }
-    const turn = await gate.enter(suspect, signal, leaseMs)
+    // A suspect waits a lease at most for the runs in progress to end, and then runs alone for
+    // a lease at most: a run queued behind it waits up to both.
+    const turn = await gate.enter(suspect, signal, suspect ? leaseMs : 2 * leaseMs)
     if (!turn) {
       if (signal.aborted || stopping) return "stopped"
-      // The runs ahead outlasted a lease (a handler that hangs): the key is given back and
-      // tried again after another, rather than hold every run behind it meanwhile.
+      // The runs ahead outlasted the wait (a handler that hangs): the key is given back and
+      // tried again after another lease, rather than hold every run behind it meanwhile.
       wakeLater(ref, leaseMs)
       return "deferred"
     }
@@ -1166,7 +1172,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // The wait may have outlasted the worker, or the key.
       if (stopping || signal.aborted) return "stopped"
       if (suspect) {
-        if (!(await markRunAlone(db, group, ref, task.ver, claim.epoch))) return "fenced"
+        if (!(await markRunAlone(db, group, ref, task.ver, claim.epoch))) {
+          stats.fenced++
+          return "fenced"
+        }
         stats.suspectRuns++
       }
       return await timeStep("run", () => runTask(ref, task, claim, signal, false))
@@ -1191,9 +1200,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       return
     }
     let epoch: number | undefined
-    // The version of which the claim opened a run (sql/0019), while this drain still owes the
-    // run an end that says nothing of the task: until it starts, and for good if it is cut
-    // short. Left open, the next claim would count it lost and run the task as a suspect.
+    // The version of which the claim opened a run (sql/0019), until an outcome (done, a
+    // failure, fenced) ends that run. If it never starts, or is cut short, the drain closes
+    // it at its end: left open, the next claim would take it for lost with its worker.
     let owed: number | undefined
     let finished = false
     // Put off for a lease by the gate: no re-check wakes it before then.

@@ -85,13 +85,14 @@ export type DeadPolicy = "block" | "park"
 
 export interface TopicPolicy {
   /**
-   * Tries before an event is dead. Default 5. A run lost with its worker while it ran alone
-   * counts as a try: a payload that kills the process running it (out of memory, a native
-   * crash, an event loop blocked past the lease) is dead after this many such deaths, plus
-   * the first, instead of taking every worker down in turn. A task whose run was lost runs
-   * alone in its worker from then on, so that a death is known to be its own: the tasks in
-   * flight beside a killer are never charged for it (sql/0019). A run cut short by stop() or
-   * by the loss of the key from a live worker is not a try.
+   * Tries before an event is dead. Default 5. A failure of the handler is a try, and so is a
+   * run lost with its worker while it ran alone: a payload that kills the process running it
+   * (out of memory, a native crash, an event loop blocked past the lease) is dead after this
+   * many such deaths, plus the first (plus two if a task of its key ran before it in the same
+   * drain), instead of taking every worker down in turn. A task whose run was lost runs alone
+   * in its worker until it is done or an operator retries it, so that a death is known to be
+   * its own: the tasks in flight beside a killer are never charged for it (sql/0019). A run
+   * cut short by stop() or by the loss of the key from a live worker is not a try.
    */
   maxAttempts?: number
   /** First retry delay; doubles each time, with jitter. Default 200 ms. */

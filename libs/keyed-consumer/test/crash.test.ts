@@ -336,7 +336,7 @@ describe("keyed consumer under crashes", () => {
     assert.equal(deaths, maxAttempts + 1, "one worker killed per run of the doomed task")
     assert.match(
       (await doomV1())!.last_error ?? "",
-      /its runs alone were lost with their worker until its 2 attempts ran out/,
+      /its attempts \(2 of 2\) are used up, the last by a run alone lost with its worker/,
     )
     const rows = await effects(t.db)
     assert.equal(rows.length, bystanders.length * rounds, "no other key's effect twice")

@@ -185,7 +185,7 @@ export function sortedRefs<T extends KeyRef>(refs: readonly T[]): { sorted: T[];
  * Takes keys for this worker and reads their next tasks (keyway.claim_runs), in one round
  * trip. Undefined for a key whose starting point is still provisional.
  */
-export async function claimKeys(
+export async function claimRuns(
   db: Kysely<any>,
   group: string,
   refs: readonly KeyRef[],
