@@ -8,7 +8,7 @@
 --
 -- A claim of a key whose next task is due opens a run of that task (run_ver, run_state
 -- 'open'), and every end the worker sees closes it: done (the key moves on), a failure
--- (markFailed), or the drain closing it (closeRun) because it never started or was cut short
+-- (markFailed), or the drain closing it (setRunState) because it never started or was cut short
 -- by stop(). A run cut short by the loss of the key is left to the claim that took the key
 -- over. A claim that finds the run before it still open asks whether its worker is alive: one
 -- that renews its lease every third of it shows more than a third left. If so, the key only

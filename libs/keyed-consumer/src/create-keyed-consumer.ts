@@ -39,7 +39,6 @@ import {
   type Completion,
   cancelVacuum,
   claimRuns,
-  closeRun,
   completeTasks,
   confirmBaselines,
   expireLeases,
@@ -50,7 +49,6 @@ import {
   keyId,
   markFailed,
   markGap,
-  markRunAlone,
   nextTasks,
   type ParkedTopics,
   pruneInbox,
@@ -59,6 +57,7 @@ import {
   renewLease,
   runnableKeys,
   runnableKeysOf,
+  setRunState,
   storableText,
   type TaskRow,
   vacuumInbox,
@@ -1172,7 +1171,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // The wait may have outlasted the worker, or the key.
       if (stopping || signal.aborted) return "stopped"
       if (suspect) {
-        if (!(await markRunAlone(db, group, ref, task.ver, claim.epoch))) {
+        if (!(await setRunState(db, group, ref, task.ver, claim.epoch, "alone"))) {
           stats.fenced++
           return "fenced"
         }
@@ -1305,7 +1304,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       drainAborts.delete(aborter)
       clearInterval(heartbeat)
       if (owed !== undefined && epoch !== undefined) {
-        await closeRun(db, group, ref, owed, epoch).catch((err) =>
+        await setRunState(db, group, ref, owed, epoch, null).catch((err) =>
           log.warn("closing a run cut short failed; the next claim counts it lost", {
             ...ref,
             ver: owed,

@@ -331,39 +331,22 @@ export async function markFailed(
 }
 
 /**
- * Closes the run the claim opened (sql/0019) that ended without an outcome to record: the
- * drain never started it, or stop() or the loss of the key cut it short. Nothing when fenced:
+ * Moves the run the claim opened (sql/0019) on: to "alone" when a suspect starts (lost now, it
+ * is charged to the task), or closed (null) when it ended without an outcome to record: the
+ * drain never started it, or stop() or the loss of the key cut it short. False when fenced:
  * the claim that took the key over has judged the run already.
  */
-export async function closeRun(
+export async function setRunState(
   db: Kysely<any>,
   group: string,
   ref: KeyRef,
   ver: number,
   epoch: number,
-): Promise<void> {
-  await sql`
-    update keyway.consumer_key
-       set run_state = null
-     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
-       and run_ver = ${ver}
-  `.execute(db)
-}
-
-/**
- * Marks the run of a suspect as running alone (sql/0019): lost now, it is charged to the task.
- * False when fenced.
- */
-export async function markRunAlone(
-  db: Kysely<any>,
-  group: string,
-  ref: KeyRef,
-  ver: number,
-  epoch: number,
+  state: "alone" | null,
 ): Promise<boolean> {
   const r = await sql`
     update keyway.consumer_key
-       set run_state = 'alone'
+       set run_state = ${state}
      where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
        and run_ver = ${ver} and run_state is not null
   `.execute(db)
