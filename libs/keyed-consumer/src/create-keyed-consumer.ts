@@ -196,8 +196,16 @@ export interface KeyedConsumerStatus {
 }
 
 export interface KeyedConsumer {
+  /**
+   * Makes or checks the group's durable, then starts ingesting, polling and recovering. Calls
+   * made while one is in flight share it; one that failed may be made again. A consumer once
+   * stopped cannot start again: make a new one.
+   */
   start(): Promise<void>
-  /** Stops taking work, lets each key finish its current task, releases every key. */
+  /**
+   * Stops taking work, lets each key finish its current task, releases every key. Called
+   * while start() is in flight, it stops at once, and that start() starts nothing.
+   */
   stop(): Promise<void>
   status(): KeyedConsumerStatus
   [Symbol.asyncDispose](): Promise<void>
@@ -1431,17 +1439,37 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     )
 
   let fibers: Fiber.Fiber<unknown, unknown>[] = []
+  let starting: Promise<void> | undefined
 
   return {
-    async start() {
-      if (fibers.length > 0) return
-      ackWaitMs = (await ensureDurable(await manager(), durable)).ackWaitMs
-      fibers = [
-        Effect.runFork(ingestLoop),
-        Effect.runFork(every(pollIntervalMs, "polling loop", pollOnce)),
-        Effect.runFork(every(recoveryIntervalMs, "recovery loop", recoverOnce)),
-      ]
-      log.info("keyed consumer started", { group, workerId })
+    start() {
+      // Its drains, timers and gate are done with for good once stop() has run.
+      if (stopping) {
+        return Promise.reject(
+          new Error(`keyed consumer ${group}: start() after stop(); make a new consumer`),
+        )
+      }
+      starting ??= (async () => {
+        try {
+          const durableInfo = await ensureDurable(await manager(), durable)
+          // stop() came while the durable was on its way (NATS slow, the process told to go):
+          // it found nothing running, and returned. Forked now, the loops would run on after
+          // it, on a database and connections the caller is closing.
+          if (stopping) return
+          ackWaitMs = durableInfo.ackWaitMs
+        } catch (err) {
+          if (stopping) return // the caller's stop() closed what the start was waiting on
+          starting = undefined
+          throw err
+        }
+        fibers = [
+          Effect.runFork(ingestLoop),
+          Effect.runFork(every(pollIntervalMs, "polling loop", pollOnce)),
+          Effect.runFork(every(recoveryIntervalMs, "recovery loop", recoverOnce)),
+        ]
+        log.info("keyed consumer started", { group, workerId })
+      })()
+      return starting
     },
     async stop() {
       if (stopping) return

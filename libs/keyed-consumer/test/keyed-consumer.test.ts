@@ -75,6 +75,18 @@ describe("keyed consumer", () => {
     /** Runs before the consumer starts: what it publishes is all there for the first drain. */
     beforeStart?: (stream: { site: string; name: string }) => Promise<void>,
   ) {
+    const made = await unstarted(overrides)
+    await beforeStart?.(made.stream)
+    await made.consumer.start()
+    return made
+  }
+
+  /** As {@link setup}, the consumer not started. */
+  async function unstarted(
+    overrides:
+      | Partial<KeyedConsumerConfig>
+      | ((t: TestDatabase) => Partial<KeyedConsumerConfig>) = {},
+  ) {
     const t: TestDatabase = await createTestDatabase()
     cleanups.push(() => t.drop())
     await createEffectTable(t.db)
@@ -94,8 +106,6 @@ describe("keyed consumer", () => {
       ...(typeof overrides === "function" ? overrides(t) : overrides),
     })
     cleanups.push(() => consumer.stop())
-    await beforeStart?.(stream)
-    await consumer.start()
     return { t, stream, group, consumer, admin: createConsumerAdmin({ db: t.db, group }) }
   }
 
@@ -1454,6 +1464,39 @@ describe("keyed consumer", () => {
       t.db,
     )
     assert.deepEqual(key.rows, [{ baseline_stream_seq: null }])
+  })
+
+  test("stop() while start() is on its way: nothing of the consumer runs after both return, and it cannot start again", async () => {
+    const { t, stream, consumer } = await unstarted({ pollIntervalMs: 100 })
+    const starting = consumer.start()
+    await consumer.stop()
+    await starting
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    // Ten polling intervals: a loop forked by the start() would have stored and run it.
+    await new Promise((r) => setTimeout(r, 1000))
+    const inbox = await sql<{ n: number }>`select count(*)::int as n from keyway.inbox`.execute(
+      t.db,
+    )
+    assert.equal(inbox.rows[0]!.n, 0, "nothing ingested after stop()")
+    assert.deepEqual(await effects(t.db), [])
+    await assert.rejects(consumer.start(), /start\(\) after stop\(\); make a new consumer/)
+  })
+
+  test("start() called twice at once starts one set of loops, which stop() stops", async () => {
+    const { t, stream, consumer } = await unstarted({ pollIntervalMs: 100 })
+    await Promise.all([consumer.start(), consumer.start()])
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "the first effect",
+    })
+    await consumer.stop()
+    await publishEvent(nc, stream.site, { key: "a", ver: 2, payload: { n: 2 } })
+    await new Promise((r) => setTimeout(r, 1000))
+    const inbox = await sql<{ n: number }>`select count(*)::int as n from keyway.inbox`.execute(
+      t.db,
+    )
+    assert.equal(inbox.rows[0]!.n, 1, "nothing ingested after stop()")
   })
 
   test("stop() cancels an inbox vacuum in progress instead of waiting for it", async () => {
