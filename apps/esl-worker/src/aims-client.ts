@@ -2,7 +2,10 @@ import { context, propagation, SpanKind, SpanStatusCode, trace } from "@opentele
 import { request as httpRequest } from "undici"
 
 export interface AimsClientConfig {
-  /** e.g. `https://eu.common.solumesl.com`; the fake's url in tests. */
+  /**
+   * e.g. `https://eu.common.solumesl.com`; the fake's url in tests. A path in it is kept:
+   * `https://host/common` calls `https://host/common/api/v2/…`.
+   */
   baseUrl: string
   company: string
   store: string
@@ -17,7 +20,10 @@ export interface PushImageOptions {
   page: number
   frontPage: boolean
   png: Buffer
-  /** The event id: AIMS (and the fake) drop a repeat of an accepted key. */
+  /**
+   * The event id. The fake drops a repeat of an accepted key; nothing here relies on AIMS
+   * doing so: a repeat of a version (a crash between the push and done) draws the same image.
+   */
   idempotencyKey: string
   /** `<epoch>.<version>`: lets a server that compares it refuse a fenced-off worker. */
   fencingToken: string
@@ -61,8 +67,19 @@ export function parseRetryAfter(value: string | undefined, now = Date.now()): nu
   return Number.isNaN(at) ? undefined : Math.max(0, at - now)
 }
 
-const TOKEN_PATH = "/api/v2/common/token"
-const IMAGE_PATH = "/api/v2/common/labels/image"
+const TOKEN_PATH = "api/v2/common/token"
+const IMAGE_PATH = "api/v2/common/labels/image"
+
+/**
+ * `path` below the base URL's own path. `new URL("/api/…", base)` replaced the base's path,
+ * so an AIMS behind a path prefix (a gateway, a tenant's `/common`) could not be reached
+ * whatever AIMS_URL said.
+ */
+function below(baseUrl: string, path: string): URL {
+  const base = new URL(baseUrl)
+  if (!base.pathname.endsWith("/")) base.pathname += "/"
+  return new URL(path, base)
+}
 const tracer = trace.getTracer("@keyway/esl-worker")
 
 /**
@@ -73,7 +90,8 @@ const tracer = trace.getTracer("@keyway/esl-worker")
  */
 export function createAimsClient(config: AimsClientConfig): AimsClient {
   let token: Promise<string> | undefined
-  const imageUrl = new URL(IMAGE_PATH, config.baseUrl)
+  const imageUrl = below(config.baseUrl, IMAGE_PATH)
+  const tokenUrl = below(config.baseUrl, TOKEN_PATH)
   imageUrl.searchParams.set("company", config.company)
   imageUrl.searchParams.set("store", config.store)
 
@@ -116,7 +134,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
   }
 
   const fetchToken = async (): Promise<string> => {
-    const res = await request(new URL(TOKEN_PATH, config.baseUrl), {
+    const res = await request(tokenUrl, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify({ username: config.username, password: config.password }),
@@ -183,7 +201,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
           attributes: {
             "http.request.method": "POST",
             "url.full": imageUrl.toString(),
-            "url.path": IMAGE_PATH,
+            "url.path": imageUrl.pathname,
             "server.address": imageUrl.hostname,
             "server.port": Number(imageUrl.port || (imageUrl.protocol === "https:" ? 443 : 80)),
           },
@@ -194,8 +212,17 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
             let r = await post(options, bearer)
             if (r.status === 401) {
               // Expired or revoked: one fresh token, unless another push already got one.
+              // Compared with the fetch awaited, and cleared only if it is still the current
+              // one: a fresh fetch another push started meanwhile is left to finish.
               const stale = bearer
-              if ((await token?.catch(() => undefined)) === stale) token = undefined
+              const current = token
+              if (
+                current &&
+                (await current.catch(() => undefined)) === stale &&
+                token === current
+              ) {
+                token = undefined
+              }
               bearer = await currentToken()
               r = await post(options, bearer)
             }

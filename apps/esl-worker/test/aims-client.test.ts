@@ -42,6 +42,16 @@ describe("AIMS client", async () => {
     assert.ok(first!.image.equals(png), "the fake got the PNG bytes")
   })
 
+  test("an AIMS_URL with a path keeps it: token and image are asked for below it", async () => {
+    await using aims = await startFakeAims({ basePath: "/common" })
+    for (const baseUrl of [aims.url, `${aims.url}/`]) {
+      const client = createAimsClient({ ...aims, baseUrl, timeoutMs: 2000 })
+      await client.pushImage(push(`p:${baseUrl}`))
+    }
+    assert.equal(aims.pushes(task.labelCode).length, 2)
+    assert.equal(aims.tokensIssued, 2, "one token per client")
+  })
+
   test("a 401 (token expired) re-authenticates once and the push goes through", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })

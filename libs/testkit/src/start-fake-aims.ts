@@ -16,6 +16,8 @@ import { listenHttp, readBody, sendJson } from "./internal/http-server.ts"
 export interface FakeAimsOptions {
   /** Default 0: a port the OS picks. */
   port?: number
+  /** Serves its routes below this path, e.g. `/common` (an AIMS behind a gateway). Default none. */
+  basePath?: string
   company?: string
   store?: string
   username?: string
@@ -66,7 +68,7 @@ export interface FakeAimsPush {
 }
 
 export interface FakeAims {
-  /** Base URL, e.g. `http://127.0.0.1:43123`. */
+  /** Base URL, e.g. `http://127.0.0.1:43123`, with the base path if one was given. */
   readonly url: string
   readonly company: string
   readonly store: string
@@ -113,6 +115,7 @@ function seeded(seed: number) {
 
 /** Starts a fake SoluM AIMS server on 127.0.0.1. */
 export async function startFakeAims(options: FakeAimsOptions = {}): Promise<FakeAims> {
+  const basePath = (options.basePath ?? "").replace(/\/+$/, "")
   const company = options.company ?? "KEYWAY"
   const store = options.store ?? "S001"
   const username = options.username ?? "esl@keyway.test"
@@ -266,8 +269,10 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
 
   const http = await listenHttp(options.port ?? 0, async (req, res) => {
     const url = new URL(req.url ?? "/", "http://fake")
-    if (req.method === "POST" && url.pathname === TOKEN_PATH) return token(req, res)
-    if (req.method === "POST" && url.pathname === IMAGE_PATH) return image(req, res, url)
+    if (req.method === "POST" && url.pathname === basePath + TOKEN_PATH) return token(req, res)
+    if (req.method === "POST" && url.pathname === basePath + IMAGE_PATH) {
+      return image(req, res, url)
+    }
     await readBody(req)
     sendJson(res, 404, {
       responseCode: "404",
@@ -276,7 +281,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
   })
 
   return {
-    url: http.url,
+    url: http.url + basePath,
     company,
     store,
     username,
