@@ -280,13 +280,21 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // in which workers' claims and completions lock keys (inbox-sql.ts sortedRefs). A key
       // named with a range is locked whatever its rows: the range check counts them after.
       const ranged = s.key !== undefined && (s.fromVer !== undefined || s.toVer !== undefined)
+      // A redrive runs again what ran. A version at or below where its key started came late
+      // and never ran (sql/0012): taken in, it rewound the key over versions that never
+      // arrived, and the redrive was refused, skipped or not, until retention deleted it.
+      const ran = wholeRange
+        ? sql`and i.ver > (select ks.start_ver from keyway.consumer_key ks
+                            where ks.grp = i.grp and ks.topic = i.topic and ks.key = i.key)`
+        : sql``
       const locked = await sql<{ topic: string; key: string }>`
         select k.topic, k.key from keyway.consumer_key k
          where k.grp = ${group}
            and ((${ranged} and k.topic = ${s.topic} and k.key = ${s.key ?? null})
                 or (k.topic, k.key) in (
                   select i.topic, i.key from keyway.inbox i
-                   where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}))
+                   where i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+                     ${ran}))
          order by k.topic collate "C", k.key collate "C"
          for update of k
       `.execute(trx)
@@ -297,8 +305,12 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // Each statement below reads afresh, and a key can gain a matching task meanwhile (one
       // that dies now). Only the keys locked above are touched: another would be rewound
       // without the lock that keeps retention off it. It is left for the next action.
+      // Not the placeholders a skip wrote for versions that never came (keyway.skipped): none
+      // is run again, so none is where a key is rewound to. Counted in, one whose older
+      // neighbours retention had deleted had the redrive refused over them.
       const rows = sql`
-        i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)}
+        i.grp = ${group} and i.state in (${sql.join(states)}) and ${where(s)} ${ran}
+        and i.type <> 'keyway.skipped'
         and (i.topic, i.key) in (
           select * from unnest(${locked.rows.map((k) => k.topic)}::text[],
                                ${locked.rows.map((k) => k.key)}::text[]))`
@@ -309,7 +321,6 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
            set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
                done_at = null
          where ${rows}
-           and i.type <> 'keyway.skipped'
         returning i.topic, i.key, i.ver
       ),
       lowest as (select topic, key, min(ver) as ver from reset group by topic, key),

@@ -104,6 +104,48 @@ test("a retry refused over versions that never arrived says so, not that retenti
   )
 })
 
+test("a redrive runs again what ran: a version that came late, dead or skipped, neither stops it nor runs", async () => {
+  // First seen at v5 (started at 4); v2 came late and was stored dead (sql/0012).
+  for (const name of ["late-dead", "late-skipped"]) {
+    await key(name, 6, 4)
+    await task(name, 2, "dead")
+    await task(name, 5, "done")
+    await task(name, 6, "done")
+  }
+  await admin().skip({ topic: "demo.item", key: "late-skipped", fromVer: 2, toVer: 2 })
+  for (const name of ["late-dead", "late-skipped"]) {
+    assert.equal(await admin().redrive({ topic: "demo.item", key: name }), 2, name)
+    const rows = await sql<{ ver: number; state: string }>`
+      select ver::int as ver, state from keyway.inbox
+       where grp = 'g' and key = ${name} order by ver`.execute(t.db)
+    assert.deepEqual(
+      rows.rows.map((r) => `v${r.ver} ${r.state}`),
+      [`v2 ${name === "late-dead" ? "dead" : "skipped"}`, "v5 pending", "v6 pending"],
+    )
+    const k = await sql<{ done_ver: number }>`
+      select done_ver::int as done_ver from keyway.consumer_key
+       where grp = 'g' and key = ${name}`.execute(t.db)
+    assert.equal(k.rows[0]!.done_ver, 4, "rewound to where the key started")
+  }
+})
+
+test("a redrive is not refused over a skip's placeholder whose older neighbours retention deleted", async () => {
+  // v4 never came, and a skip stood in for it. The placeholder, written at the skip, is
+  // younger than v5..v7 done after it: retention deleted them (and v1..v3), and kept it.
+  await key("holey", 8)
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state,
+                              attempts, run_after)
+    values ('g', 'demo.item', 'holey', 4, 'skipped:holey:4', 'keyway.skipped', '{}', now(),
+            'skipped', 0, '-infinity')`.execute(t.db)
+  await task("holey", 8, "done")
+  assert.equal(await admin().redrive({ topic: "demo.item", key: "holey" }), 1)
+  const k = await sql<{ done_ver: number }>`
+    select done_ver::int as done_ver from keyway.consumer_key
+     where grp = 'g' and key = 'holey'`.execute(t.db)
+  assert.equal(k.rows[0]!.done_ver, 7, "rewound to v8, the one version it holds")
+})
+
 test("the summary of a group never seen is refused by name, like every other call", async () => {
   await assert.rejects(
     createConsumerAdmin({ db: t.db, group: "gg" }).summarise(),
