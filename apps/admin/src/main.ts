@@ -162,6 +162,25 @@ try {
       result = { redriven: await admin.redrive(selector()) }
       break
   }
+  // A typo'd version or a task in another state than thought changes nothing: said on stderr
+  // (stdout stays the JSON), or `{"retried": 0}` at 3 a.m. reads as done.
+  const [count] = Object.values(result as object)
+  if (["retry", "skip", "redrive"].includes(command) && count === 0) {
+    const s = selector()
+    const range =
+      s.fromVer === undefined && s.toVer === undefined
+        ? ""
+        : ` v${s.fromVer ?? 1}..${s.toVer === undefined ? "" : `v${s.toVer}`}`
+    const what = `${s.topic}${s.key === undefined ? "" : `/${s.key}`}${range}`
+    const none = {
+      retry: "no dead task",
+      skip: "no dead task, nor a version missing before one that arrived",
+      redrive: "no version that ran (done, skipped or dead since)",
+    }[command as "retry" | "skip" | "redrive"]
+    console.error(
+      `admin: nothing changed: ${none} in ${what}; \`dead\`, \`gaps\` and \`blocked\` show where keys stand`,
+    )
+  }
   console.log(JSON.stringify(result, null, 2))
 } catch (err) {
   // An operator reads this, not a developer: the message, not a stack. A database that does

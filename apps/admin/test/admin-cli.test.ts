@@ -119,6 +119,29 @@ test("skip closes a gap named by a range and unblocks a dead task", async () => 
   assert.deepEqual(JSON.parse((await run(["dead", "--group", "g"])).out), [])
 })
 
+test("an action that matches nothing says so on stderr, and changes nothing", async () => {
+  // Key "a": v3 is pending behind the dead v2, not dead itself.
+  const retry = await run([
+    "retry",
+    "--group",
+    "g",
+    "--topic",
+    "demo.item",
+    "--key",
+    "a",
+    "--from",
+    "3",
+    "--to",
+    "3",
+  ])
+  assert.equal(retry.code, 0, retry.err)
+  assert.deepEqual(JSON.parse(retry.out), { retried: 0 })
+  assert.match(retry.err, /^admin: nothing changed: no dead task in demo\.item\/a v3\.\.v3;/)
+  const state = await sql<{ state: string }>`
+    select state from keyway.inbox where grp = 'g' and key = 'a' and ver = 3`.execute(t.db)
+  assert.equal(state.rows[0]!.state, "pending")
+})
+
 test("bad input gets a clear error and exit code 2", async () => {
   const noGroup = await run(["dead"])
   assert.equal(noGroup.code, 2)
