@@ -5,6 +5,7 @@ import { parseArgs } from "node:util"
 import { parsePositiveInt } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
+import { sql } from "kysely"
 
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
@@ -17,7 +18,9 @@ const usage = `usage: admin <command> --group G [options]
   dismiss --from ID --through ID             forget the rejects numbered ID..ID (read)
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
   skip    --topic T [--key K] [--from N] [--to M]   dead skipped (pending or missing too, with a range)
-  redrive --topic T [--key K] [--from N] [--to M]   finished tasks run again
+  redrive --topic T (--key K [--from N] [--to M] | --all-keys)
+                                             finished tasks run again: one key's, or
+                                             every key's of the topic
 environment: DATABASE_URL (the group's database)`
 
 function fail(message: string): never {
@@ -33,6 +36,7 @@ const options = {
   to: { type: "string" },
   limit: { type: "string" },
   through: { type: "string" },
+  "all-keys": { type: "boolean" },
 } as const
 let parsed: ReturnType<
   typeof parseArgs<{ allowPositionals: true; options: typeof options; tokens: true }>
@@ -63,7 +67,7 @@ const flags: Record<string, readonly (keyof typeof options)[]> = {
   dismiss: ["group", "from", "through"],
   retry: ["group", "topic", "key", "from", "to"],
   skip: ["group", "topic", "key", "from", "to"],
-  redrive: ["group", "topic", "key", "from", "to"],
+  redrive: ["group", "topic", "key", "from", "to", "all-keys"],
 }
 if (!command) fail("no command")
 if (!(command in flags)) fail(`unknown command ${JSON.stringify(command)}`)
@@ -85,6 +89,11 @@ const version = (name: "from" | "to") => {
 }
 const selector = (): TaskSelector => {
   if (!values.topic) fail(`${command} needs --topic`)
+  // Every key of a topic runs again whatever it ran in the retention period (a day of vendor
+  // calls, say): asked for in so many words, not by a --key left out.
+  if (command === "redrive" && (values.key === undefined) !== (values["all-keys"] === true)) {
+    fail("redrive needs --key, or --all-keys for every key of the topic (not both)")
+  }
   const s: TaskSelector = { topic: values.topic }
   if (values.key !== undefined) s.key = values.key
   const from = version("from")
@@ -115,7 +124,13 @@ try {
   fail(`DATABASE_URL: ${err instanceof Error ? err.message : String(err)}`)
 }
 const admin = createConsumerAdmin({ db, group: values.group })
+// An action locks the keys it touches, and waits for a worker's claim or completion holding
+// one to commit, normally milliseconds. One stuck (a session idle in a transaction) held the
+// command without a word until the operator gave up.
+const LOCK_TIMEOUT_MS = 5000
 try {
+  // One connection (max 1), so the setting holds for every statement of the command.
+  await sql`select set_config('lock_timeout', ${`${LOCK_TIMEOUT_MS}ms`}, false)`.execute(db)
   let result: unknown
   switch (command) {
     case "summary":
@@ -190,7 +205,9 @@ try {
   const wrongDatabase = code === "3D000" || code === "42P01" || code === "42883"
   const hint = wrongDatabase
     ? ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
-    : ""
+    : code === "55P03"
+      ? ` (a key it must lock stayed held for ${LOCK_TIMEOUT_MS / 1000} s; nothing changed: try again, and if it persists pg_locks and pg_stat_activity show which session holds it)`
+      : ""
   console.error(`admin: ${message}${hint}`)
   process.exitCode = 1
 } finally {

@@ -4,6 +4,7 @@ import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
+import pg from "pg"
 
 const cli = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 let t: TestDatabase
@@ -140,6 +141,56 @@ test("an action that matches nothing says so on stderr, and changes nothing", as
   const state = await sql<{ state: string }>`
     select state from keyway.inbox where grp = 'g' and key = 'a' and ver = 3`.execute(t.db)
   assert.equal(state.rows[0]!.state, "pending")
+})
+
+test("a redrive of every key of a topic is asked for with --all-keys, not by leaving --key out", async () => {
+  const redrive = (...more: string[]) =>
+    run(["redrive", "--group", "g", "--topic", "demo.item", ...more])
+  const without = await redrive()
+  assert.equal(without.code, 2)
+  assert.match(without.err, /redrive needs --key, or --all-keys for every key of the topic/)
+  const both = await redrive("--key", "a", "--all-keys")
+  assert.equal(both.code, 2)
+  const states = async () =>
+    (
+      await sql<{ state: string }>`
+        select state from keyway.inbox where grp = 'g' and key = 'b' and ver = 1`.execute(t.db)
+    ).rows[0]!.state
+  assert.equal(await states(), "done", "refused: nothing redriven")
+  const all = await redrive("--all-keys")
+  assert.equal(all.code, 0, all.err)
+  assert.ok(JSON.parse(all.out).redriven > 0)
+  assert.equal(await states(), "pending")
+})
+
+test("a key held by another session for longer than the lock timeout fails the action, saying so", async () => {
+  // A group of its own, deleted at the end: group g's dead list is asserted whole elsewhere.
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('lk', 'demo.item', 'held', 0)`.execute(
+    t.db,
+  )
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values ('lk', 'demo.item', 'held', 1, 'h:1', 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 5)
+  `.execute(t.db)
+  const holder = new pg.Client({ connectionString: t.url })
+  await holder.connect()
+  try {
+    await holder.query("begin")
+    await holder.query(
+      "select 1 from keyway.consumer_key where grp = 'lk' and key = 'held' for update",
+    )
+    const retry = await run(["retry", "--group", "lk", "--topic", "demo.item", "--key", "held"])
+    assert.equal(retry.code, 1)
+    assert.match(retry.err, /a key it must lock stayed held for 5 s; nothing changed: try again/)
+  } finally {
+    await holder.end()
+  }
+  const state = await sql<{ state: string }>`
+    select state from keyway.inbox where grp = 'lk' and key = 'held'`.execute(t.db)
+  assert.equal(state.rows[0]!.state, "dead")
+  // Gone again: the database's groups are listed whole elsewhere.
+  await sql`delete from keyway.inbox where grp = 'lk'`.execute(t.db)
+  await sql`delete from keyway.consumer_key where grp = 'lk'`.execute(t.db)
 })
 
 test("bad input gets a clear error and exit code 2", async () => {
