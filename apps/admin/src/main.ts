@@ -5,7 +5,6 @@ import { parseArgs } from "node:util"
 import { parsePositiveInt } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
-import { sql } from "kysely"
 
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
@@ -109,6 +108,10 @@ const selector = (): TaskSelector => {
   return s
 }
 
+// The actions' flags, checked before connecting: a usage error is said as one, not as the
+// database's failure to answer.
+const action = ["retry", "skip", "redrive"].includes(command) ? selector() : undefined
+
 const limit = () => {
   const raw = values.limit
   return raw === undefined
@@ -123,14 +126,12 @@ try {
   // An option of DATABASE_URL that the pool would misread (connect_timeout=10s, say).
   fail(`DATABASE_URL: ${err instanceof Error ? err.message : String(err)}`)
 }
-const admin = createConsumerAdmin({ db, group: values.group })
 // An action locks the keys it touches, and waits for a worker's claim or completion holding
 // one to commit, normally milliseconds. One stuck (a session idle in a transaction) held the
 // command without a word until the operator gave up.
 const LOCK_TIMEOUT_MS = 5000
+const admin = createConsumerAdmin({ db, group: values.group, lockTimeoutMs: LOCK_TIMEOUT_MS })
 try {
-  // One connection (max 1), so the setting holds for every statement of the command.
-  await sql`select set_config('lock_timeout', ${`${LOCK_TIMEOUT_MS}ms`}, false)`.execute(db)
   let result: unknown
   switch (command) {
     case "summary":
@@ -168,20 +169,20 @@ try {
       break
     }
     case "retry":
-      result = { retried: await admin.retry(selector()) }
+      result = { retried: await admin.retry(action!) }
       break
     case "skip":
-      result = { skipped: await admin.skip(selector()) }
+      result = { skipped: await admin.skip(action!) }
       break
     case "redrive":
-      result = { redriven: await admin.redrive(selector()) }
+      result = { redriven: await admin.redrive(action!) }
       break
   }
   // A typo'd version or a task in another state than thought changes nothing: said on stderr
   // (stdout stays the JSON), or `{"retried": 0}` at 3 a.m. reads as done.
   const [count] = Object.values(result as object)
-  if (["retry", "skip", "redrive"].includes(command) && count === 0) {
-    const s = selector()
+  if (action && count === 0) {
+    const s = action
     const range =
       s.fromVer === undefined && s.toVer === undefined
         ? ""
@@ -189,7 +190,10 @@ try {
     const what = `${s.topic}${s.key === undefined ? "" : `/${s.key}`}${range}`
     const none = {
       retry: "no dead task",
-      skip: "no dead task, nor a version missing before one that arrived",
+      skip:
+        s.fromVer === undefined && s.toVer === undefined
+          ? "no dead task"
+          : "no dead or pending task, nor a version missing before one that arrived",
       redrive: "no version that ran (done, skipped or dead since)",
     }[command as "retry" | "skip" | "redrive"]
     console.error(
@@ -206,7 +210,7 @@ try {
   const hint = wrongDatabase
     ? ` (DATABASE_URL must name the migrated database of group ${JSON.stringify(values.group)}, e.g. keyway_cloud for cloud-demo under \`just up\`)`
     : code === "55P03"
-      ? ` (a key it must lock stayed held for ${LOCK_TIMEOUT_MS / 1000} s; nothing changed: try again, and if it persists pg_locks and pg_stat_activity show which session holds it)`
+      ? ` (a key or row it must lock stayed held by another session for ${LOCK_TIMEOUT_MS / 1000} s; nothing changed: try again, and if it persists pg_locks and pg_stat_activity show which session holds it)`
       : ""
   console.error(`admin: ${message}${hint}`)
   process.exitCode = 1

@@ -121,7 +121,7 @@ test("skip closes a gap named by a range and unblocks a dead task", async () => 
 })
 
 test("an action that matches nothing says so on stderr, and changes nothing", async () => {
-  // Key "a": v3 is pending behind the dead v2, not dead itself.
+  // Key "a": v3 is pending, not dead.
   const retry = await run([
     "retry",
     "--group",
@@ -163,7 +163,10 @@ test("a redrive of every key of a topic is asked for with --all-keys, not by lea
   assert.equal(await states(), "pending")
 })
 
-test("a key held by another session for longer than the lock timeout fails the action, saying so", async () => {
+// Bounded: without the lock timeout the command waits for the holder, which waits for it.
+test("a key held by another session for longer than the lock timeout fails the action, saying so", {
+  timeout: 30_000,
+}, async () => {
   // A group of its own, deleted at the end: group g's dead list is asserted whole elsewhere.
   await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('lk', 'demo.item', 'held', 0)`.execute(
     t.db,
@@ -181,7 +184,10 @@ test("a key held by another session for longer than the lock timeout fails the a
     )
     const retry = await run(["retry", "--group", "lk", "--topic", "demo.item", "--key", "held"])
     assert.equal(retry.code, 1)
-    assert.match(retry.err, /a key it must lock stayed held for 5 s; nothing changed: try again/)
+    assert.match(
+      retry.err,
+      /a key or row it must lock stayed held by another session for 5 s; nothing changed: try again/,
+    )
   } finally {
     await holder.end()
   }

@@ -49,6 +49,13 @@ export interface RejectedMessage {
 export interface ConsumerAdminConfig {
   db: Kysely<any>
   group: string
+  /**
+   * How long an action waits for a key or row it must lock (a worker's claim or completion
+   * holds one for milliseconds; a session idle in a transaction, for ever) before it fails
+   * with Postgres' 55P03 and changes nothing. Default: no bound. Set per transaction, so it
+   * holds on any connection of the pool and leaves a pooler's shared sessions alone.
+   */
+  lockTimeoutMs?: number
 }
 
 /**
@@ -147,7 +154,19 @@ const where = (s: TaskSelector) => sql`
   ${s.toVer === undefined ? sql`` : sql`and i.ver <= ${s.toVer}`}
 `
 
-export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): ConsumerAdmin {
+export function createConsumerAdmin({
+  db,
+  group,
+  lockTimeoutMs,
+}: ConsumerAdminConfig): ConsumerAdmin {
+  /** One action's transaction, its lock waits bounded by lockTimeoutMs. */
+  const action = <T>(work: (trx: Kysely<any>) => Promise<T>) =>
+    db.transaction().execute(async (trx) => {
+      if (lockTimeoutMs !== undefined) {
+        await sql`select set_config('lock_timeout', ${`${lockTimeoutMs}ms`}, true)`.execute(trx)
+      }
+      return work(trx)
+    })
   // A version range names versions of one key: across a topic it would touch v3 of every key
   // at once, which no operator means.
   const refuseRangeWithoutKey = (s: TaskSelector) => {
@@ -244,7 +263,9 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // A redrive of a key's range asks for every finished version in it. Those retention has
   // deleted cannot run again; without this the rest ran and the answer only counted them,
   // and a range deleted whole answered 0 as if nothing had matched.
-  // A range open below (only toVer) starts where the key did: the first version it ran.
+  // Counted from where the key started, whatever the range says: the versions below never
+  // arrived or came late, and retention has nothing to do with those (the rewind check says
+  // what a late one that ran since would rewind over).
   const refuseRangeOverPruned = async (trx: Kysely<any>, s: TaskSelector) => {
     if (s.key === undefined || (s.fromVer === undefined && s.toVer === undefined)) return
     const r = await sql<{ done_ver: number; from_ver: number; held: number }>`
@@ -254,7 +275,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
                  and i.ver >= f.ver
                  and i.ver <= least(${s.toVer ?? null}::bigint, k.done_ver))::float8 as held
         from keyway.consumer_key k,
-             lateral (select coalesce(${s.fromVer ?? null}::bigint, k.start_ver + 1) as ver) f
+             lateral (select greatest(${s.fromVer ?? null}::bigint, k.start_ver + 1) as ver) f
        where k.grp = ${group} and k.topic = ${s.topic} and k.key = ${s.key}`.execute(trx)
     const row = r.rows[0]
     if (!row) return
@@ -271,7 +292,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
   // attempt count, and each key rewound to the lowest version touched (with an epoch bump,
   // so a worker draining it now writes nothing more).
   const resetAndRewind = (s: TaskSelector, states: string[], wholeRange = false) =>
-    db.transaction().execute(async (trx) => {
+    action(async (trx) => {
       refuseBadSelector(wholeRange ? "redrive" : "retry", s)
       refuseRangeWithoutKey(s)
       await refuseUnknown(trx, s.topic, s.key)
@@ -281,11 +302,13 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       // named with a range is locked whatever its rows: the range check counts them after.
       const ranged = s.key !== undefined && (s.fromVer !== undefined || s.toVer !== undefined)
       // A redrive runs again what ran. A version at or below where its key started came late
-      // and never ran (sql/0012): taken in, it rewound the key over versions that never
-      // arrived, and the redrive was refused, skipped or not, until retention deleted it.
+      // and was stored dead (sql/0012): unless an operator retried it since (done), it never
+      // ran. Taken in, it rewound the key over versions that never arrived, and the redrive
+      // was refused, skipped or not, until retention deleted it.
       const ran = wholeRange
-        ? sql`and i.ver > (select ks.start_ver from keyway.consumer_key ks
-                            where ks.grp = i.grp and ks.topic = i.topic and ks.key = i.key)`
+        ? sql`and (i.state = 'done'
+                   or i.ver > (select ks.start_ver from keyway.consumer_key ks
+                                where ks.grp = i.grp and ks.topic = i.topic and ks.key = i.key))`
         : sql``
       const locked = await sql<{ topic: string; key: string }>`
         select k.topic, k.key from keyway.consumer_key k
@@ -443,7 +466,7 @@ export function createConsumerAdmin({ db, group }: ConsumerAdminConfig): Consume
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       refuseRangeWithoutKey(s)
       const states = sql.join(ranged ? ["pending", "dead"] : ["dead"])
-      return db.transaction().execute(async (trx) => {
+      return action(async (trx) => {
         await refuseUnknown(trx, s.topic, s.key)
         // The keys first, in byte order, as resetAndRewind and the workers take them. The
         // statement below locks them in whatever order its plan meets them; against a worker

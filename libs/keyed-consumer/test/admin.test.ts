@@ -127,6 +127,16 @@ test("a redrive runs again what ran: a version that came late, dead or skipped, 
        where grp = 'g' and key = ${name}`.execute(t.db)
     assert.equal(k.rows[0]!.done_ver, 4, "rewound to where the key started")
   }
+  // A range from below the start: the versions below never arrived, which is no refusal.
+  await key("late-range", 6, 4)
+  await task("late-range", 5, "done")
+  await task("late-range", 6, "done")
+  assert.equal(await admin().redrive({ topic: "demo.item", key: "late-range", fromVer: 1 }), 2)
+  // Late versions that an operator's retry ran since (v2..v4, all of them there) ran: they
+  // run again.
+  await key("late-ran", 6, 4)
+  for (const ver of [2, 3, 4, 5, 6]) await task("late-ran", ver, "done")
+  assert.equal(await admin().redrive({ topic: "demo.item", key: "late-ran" }), 5)
 })
 
 test("a redrive is not refused over a skip's placeholder whose older neighbours retention deleted", async () => {

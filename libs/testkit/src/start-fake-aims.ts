@@ -115,7 +115,8 @@ function seeded(seed: number) {
 
 /** Starts a fake SoluM AIMS server on 127.0.0.1. */
 export async function startFakeAims(options: FakeAimsOptions = {}): Promise<FakeAims> {
-  const basePath = (options.basePath ?? "").replace(/\/+$/, "")
+  // "common", "/common/" and "/common" alike: one leading slash, none at the end.
+  const basePath = (options.basePath ?? "").replace(/^\/*/, "/").replace(/\/+$/, "")
   const company = options.company ?? "KEYWAY"
   const store = options.store ?? "S001"
   const username = options.username ?? "esl@keyway.test"
