@@ -356,8 +356,10 @@ export function createConsumerAdmin({
         -- being reset still show done: those are left out by name.
         update keyway.consumer_key k
            set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
-               -- No longer a suspect (sql/0019), as its reset tasks' attempts start again.
-               run_ver = null, run_state = null, run_suspect = false,
+               -- The run in hand is over, but a suspect (sql/0019) stays one: retried without
+               -- a fix, a task that killed its worker runs alone first, and the tasks in
+               -- flight beside it do not die with it again. Its attempts start again.
+               run_state = null,
                superseded_by = (
                  select max(i.ver) from keyway.inbox i
                   where i.grp = k.grp and i.topic = k.topic and i.key = k.key
