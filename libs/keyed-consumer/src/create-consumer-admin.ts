@@ -570,11 +570,15 @@ export function createConsumerAdmin({
             returning i.topic, i.key, i.ver
           ),
           bumped as (
-            -- The key's worker reads done_ver afresh after the epoch bump.
+            -- The key's worker reads done_ver afresh after the epoch bump. Only where the
+            -- skip changes what comes next: a parked task below where the key stands is
+            -- nothing its worker holds, and a bump there fenced the task in hand, whose
+            -- effects rolled back and ran again, vendor calls and all.
             update keyway.consumer_key k
                set epoch = k.epoch + 1
              where k.grp = ${group}
-               and ((k.topic, k.key) in (select topic, key from skipped)
+               and ((k.topic, k.key) in (select topic, key from skipped x
+                                          where x.ver > k.done_ver)
                     or (${placed > 0} and k.topic = ${s.topic} and k.key = ${s.key ?? null}))
             returning 1
           )

@@ -150,6 +150,42 @@ describe("keyed consumer", () => {
     return { config, running, release }
   }
 
+  test("a skip of a parked task below where its key stands leaves the task in hand alone", async () => {
+    const { opened: running, open: entered } = gate()
+    const { opened: released, open: release } = gate()
+    const { t, stream, consumer, admin } = await setup({
+      pollIntervalMs: 3600_000,
+      recoveryIntervalMs: 3600_000,
+      policies: { "demo.item": { maxAttempts: 1, onDead: "park" } },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) throw new Error("always fails")
+          if (event.ver === 3) {
+            entered()
+            await released
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    for (let ver = 1; ver <= 3; ver++) {
+      await publishEvent(nc, stream.site, { key: "pk", ver, payload: { n: ver } })
+    }
+    // v1 dead and parked, v2 done: the key stands at v2, and v3 runs.
+    await running
+    assert.equal(await admin.skip({ topic: "demo.item", key: "pk" }), 1)
+    release()
+    await waitFor(async () => (await effects(t.db)).length === 2, {
+      timeoutMs: 10_000,
+      message: "v2 and v3 handled",
+    })
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.ver),
+      [2, 3],
+    )
+    assert.equal(consumer.status().fenced, 0, "v3's completion was not fenced")
+  })
+
   test("a task an operator skips while its handler runs writes nothing when the handler returns", async () => {
     const v1 = holdV1()
     const { t, stream, group, consumer, admin } = await setup(v1.config)
