@@ -13,7 +13,23 @@ export interface AimsClientConfig {
   password: string
   /** Per request; a request without an answer by then counts as a retryable timeout. */
   timeoutMs: number
+  /**
+   * How long AIMS may still apply a request this client gave up on (no answer in time, or the
+   * connection lost once it was sent). The label's next push, of this version or a later
+   * one, waits at least this long: sooner, a newer image could be drawn and then the older
+   * one, applied late, drawn over it. Default {@link DEFAULT_SETTLE_MS}.
+   */
+  settleMs?: number
 }
+
+/**
+ * A guess, for want of a documented bound: a request that long in a server or its gateway has
+ * been given up by them too (60 s is a common gateway timeout).
+ */
+export const DEFAULT_SETTLE_MS = 60_000
+
+// Failures of a request that never reached the server: nothing of it can be applied late.
+const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "UND_ERR_CONNECT_TIMEOUT"])
 
 export interface PushImageOptions {
   labelCode: string
@@ -101,6 +117,8 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     url: URL,
     init: { method: "POST"; headers: Record<string, string>; body: string },
     signal?: AbortSignal,
+    /** An image, which AIMS may apply after this client has given up on it; not a token. */
+    appliesLate = false,
   ): Promise<{ status: number; text: string; retryAfter?: string }> => {
     const timeout = AbortSignal.timeout(config.timeoutMs)
     try {
@@ -116,19 +134,20 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
         retryAfter: Array.isArray(retryAfter) ? retryAfter[0] : retryAfter,
       }
     } catch (err) {
+      const settleMs = config.settleMs ?? DEFAULT_SETTLE_MS
       if (timeout.aborted) {
         throw new AimsError(
-          `${url.pathname}: no answer within ${config.timeoutMs} ms`,
+          `${url.pathname}: no answer within ${config.timeoutMs} ms${appliesLate ? ` (the next push waits ${settleMs} ms, in case AIMS applies it yet)` : ""}`,
           "timeout",
           true,
-          {
-            cause: err,
-          },
+          { cause: err, ...(appliesLate ? { retryAfterMs: settleMs } : {}) },
         )
       }
       if (signal?.aborted) throw err
+      const sent = !NOT_SENT.has((err as { code?: string }).code ?? "")
       throw new AimsError(`${url.pathname}: ${(err as Error).message}`, "network", true, {
         cause: err,
+        ...(appliesLate && sent ? { retryAfterMs: settleMs } : {}),
       })
     }
   }
@@ -187,6 +206,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
         }),
       },
       options.signal,
+      true,
     )
   }
 

@@ -11,6 +11,7 @@ import {
   telemetryEnv,
   urlEnv,
 } from "@keyway/app-config"
+import { DEFAULT_SETTLE_MS } from "./aims-client.ts"
 import { ESL_LABEL_POLICY } from "./create-esl-worker.ts"
 
 export { ConfigError }
@@ -35,6 +36,7 @@ export interface EslWorkerAppConfig extends TelemetryEnv {
     username: string
     password: string
     timeoutMs: number
+    settleMs: number
   }
   concurrency: number
   maxAttempts: number
@@ -71,6 +73,7 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
       username: requiredEnv(env, "AIMS_USERNAME", "esl@acme.example"),
       password: requiredEnv(env, "AIMS_PASSWORD", "…"),
       timeoutMs: intEnv(env, "AIMS_TIMEOUT_MS", 5000),
+      settleMs: intEnv(env, "AIMS_SETTLE_MS", DEFAULT_SETTLE_MS),
     },
     concurrency: intEnv(env, "ESL_CONCURRENCY", 64),
     // The topic's own policy unless told otherwise: defaults written out again here had

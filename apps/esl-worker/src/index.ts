@@ -3,6 +3,7 @@ export {
   type AimsClientConfig,
   AimsError,
   createAimsClient,
+  DEFAULT_SETTLE_MS,
   type PushImageOptions,
 } from "./aims-client.ts"
 export {

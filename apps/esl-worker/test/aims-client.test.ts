@@ -145,9 +145,14 @@ describe("AIMS client", async () => {
     assert.equal(aims.pushes(task.labelCode).length, 1)
   })
 
-  test("no answer within the timeout is a retryable timeout", async () => {
+  test("no answer within the timeout is a retryable timeout, retried once AIMS cannot apply it late", async () => {
     await using aims = await startFakeAims()
-    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 200 })
+    const client = createAimsClient({
+      baseUrl: aims.url,
+      ...aims,
+      timeoutMs: 200,
+      settleMs: 1500,
+    })
     aims.holdNext(1)
     const err = await client.pushImage(push("s:1")).then(
       () => undefined,
@@ -156,6 +161,7 @@ describe("AIMS client", async () => {
     assert.ok(err instanceof AimsError, String(err))
     assert.equal(err.status, "timeout")
     assert.equal(err.retryable, true)
+    assert.equal(err.retryAfterMs, 1500)
     await client.pushImage(push("s:1"))
     assert.deepEqual(
       aims.requests().map((r) => r.outcome),

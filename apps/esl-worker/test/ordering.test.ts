@@ -100,6 +100,8 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
       AIMS_USERNAME: aims.username,
       AIMS_PASSWORD: aims.password,
       AIMS_TIMEOUT_MS: "300",
+      // The fake never applies a request it held: no wait is needed, beyond the timeout.
+      AIMS_SETTLE_MS: "300",
       ESL_BACKOFF_MS: "50",
       ESL_MAX_BACKOFF_MS: "1000",
       ESL_MAX_ATTEMPTS: "10",

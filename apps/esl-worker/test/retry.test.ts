@@ -79,3 +79,40 @@ test("a retried dead version is not pushed over a later one the label already sh
   assert.equal(aims.lastPush(label!)?.idempotencyKey, eventId(v3.tasks[0]!.seq))
   assert.deepEqual(await admin.listDead("esl.label"), [])
 })
+
+test("a push AIMS applies after the worker gave up on it is not drawn over the label's next version", async () => {
+  // Retries at once, but for the wait after a push given up on: without it, v2 was pushed
+  // again and v3 after it before AIMS applied the v2 it had held, last.
+  // A database of its own: the first test's relay leads this one's outbox otherwise.
+  const own = await createTestDatabase()
+  cleanups.push(() => own.drop())
+  await migrateEslSchema(own.db)
+  const { stream, aims } = await startEslPipeline(
+    nc,
+    own,
+    cleanups,
+    { policy: { ...ESL_LABEL_POLICY, backoffMs: 10, maxBackoffMs: 50 } },
+    { timeoutMs: 300, settleMs: 1500 },
+  )
+  const label = macs(2)[1]!
+  const eventId = (seq: number) => `${stream.site}:${seq}`
+  await upsertProducts(own.db, [{ id: "Q", name: "Rye bread", priceMinor: 249, currency: "EUR" }])
+  const v1 = await writeLabelJob(own.db, { labels: [{ labelCode: label, productId: "Q" }] })
+  await waitFor(() => aims.lastPush(label)?.idempotencyKey === eventId(v1.tasks[0]!.seq), {
+    timeoutMs: 20_000,
+    message: "v1 on the label",
+  })
+  // v2's first push: no answer within the client's 300 ms, applied 800 ms after it came.
+  aims.holdNext(1, 800)
+  await writePriceChange(own.db, { changes: [{ productId: "Q", priceMinor: 269 }] })
+  const v3 = await writePriceChange(own.db, { changes: [{ productId: "Q", priceMinor: 289 }] })
+  await waitFor(
+    () =>
+      aims.requests().some((r) => r.outcome === "late" && r.appliedAt !== undefined) &&
+      aims.lastPush(label)?.idempotencyKey === eventId(v3.tasks[0]!.seq),
+    { timeoutMs: 20_000, message: "the held v2 applied, and v3 pushed" },
+  )
+  const late = aims.requests().find((r) => r.outcome === "late")!
+  const v3Push = aims.lastPush(label)!
+  assert.ok(v3Push.appliedAt! > late.appliedAt!, "v3 drawn after the late v2, and shown")
+})

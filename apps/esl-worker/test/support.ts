@@ -8,6 +8,7 @@ import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { type Kysely, sql } from "kysely"
+import type { AimsClientConfig } from "../src/aims-client.ts"
 import { createEslWorker, type EslWorkerConfig } from "../src/create-esl-worker.ts"
 import { renderLabel } from "../src/render-label.ts"
 
@@ -88,6 +89,7 @@ export async function startEslPipeline(
   t: TestDatabase,
   cleanups: (() => Promise<unknown>)[],
   worker: Partial<EslWorkerConfig> = {},
+  client: Partial<AimsClientConfig> = {},
 ) {
   const stream = await createTestStream(nc)
   cleanups.push(() => stream.delete())
@@ -112,7 +114,7 @@ export async function startEslPipeline(
     stream: stream.name,
     group,
     filterSubject: `${stream.site}.esl.label`,
-    aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000 },
+    aims: { baseUrl: aims.url, ...aims, timeoutMs: 2000, ...client },
     pollIntervalMs: 300,
     ...worker,
   })

@@ -41,7 +41,13 @@ export interface FailureRates {
   timeout?: number
 }
 
-export type FakeAimsOutcome = 200 | 400 | 401 | 404 | 429 | 500 | 502 | 503 | "timeout"
+/**
+ * "timeout": never answered, never applied. "late": not answered until after the client has
+ * given up, and applied then, as a server under load may still do with a request whose
+ * client timed out (see holdNext): whatever was applied since, its idempotency key included,
+ * as by an AIMS that does not honour the header (nothing says it does).
+ */
+export type FakeAimsOutcome = 200 | 400 | 401 | 404 | 429 | 500 | 502 | 503 | "timeout" | "late"
 
 /** One image request as the fake saw it. */
 export interface FakeAimsPush {
@@ -65,6 +71,8 @@ export interface FakeAimsPush {
   answeredAt: number | undefined
   /** Accepted, but its idempotency key had been accepted before: not applied again. */
   duplicate: boolean
+  /** When it was applied (a 200 at arrival; a "late" one after its hold), else undefined. */
+  appliedAt: number | undefined
 }
 
 export interface FakeAims {
@@ -88,8 +96,11 @@ export interface FakeAims {
   burst(status: 429 | 500 | 502 | 503, count: number): void
   /** The next `count` token requests get `status` (429 or a 5xx), a 429 with Retry-After. */
   burstTokens(status: 429 | 500 | 502 | 503, count: number): void
-  /** The next `count` image requests are never answered. */
-  holdNext(count: number): void
+  /**
+   * The next `count` image requests are never answered; with `applyAfterMs`, they are
+   * applied that long after they arrived (and answered then, to a client long gone).
+   */
+  holdNext(count: number, applyAfterMs?: number): void
   /** Every token issued so far stops working: image requests get 401 until re-auth. */
   expireTokens(): void
   stop(): Promise<void>
@@ -125,7 +136,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
   const random = seeded(options.seed ?? Date.now())
   let latencyMs = options.latencyMs ?? 0
   let rates: FailureRates = { ...options.failureRates }
-  const bursts: { status: FakeAimsOutcome; left: number }[] = []
+  const bursts: { status: FakeAimsOutcome; left: number; applyAfterMs?: number }[] = []
   const tokenBursts: { status: 429 | 500 | 502 | 503; left: number }[] = []
   const tokens = new Map<string, number>() // token → valid until
   const requests: FakeAimsPush[] = []
@@ -168,20 +179,33 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     })
   }
 
-  const decideFailure = (): FakeAimsOutcome | undefined => {
+  const decideFailure = (): { outcome: FakeAimsOutcome; applyAfterMs?: number } | undefined => {
     const b = bursts[0]
     if (b) {
       if (--b.left <= 0) bursts.shift()
-      return b.status
+      return { outcome: b.status, applyAfterMs: b.applyAfterMs }
     }
     const roll = random()
     let edge = rates.rateLimited ?? 0
-    if (roll < edge) return 429
+    if (roll < edge) return { outcome: 429 }
     edge += rates.serverError ?? 0
-    if (roll < edge) return 503
+    if (roll < edge) return { outcome: 503 }
     edge += rates.timeout ?? 0
-    if (roll < edge) return "timeout"
+    if (roll < edge) return { outcome: "timeout" }
     return undefined
+  }
+
+  // Applied in the order applied, which for a late one is not its arrival's.
+  const apply = (push: FakeAimsPush, late = false) => {
+    push.appliedAt = now()
+    if (!late && push.idempotencyKey !== undefined && accepted.has(push.idempotencyKey)) {
+      push.duplicate = true
+      return
+    }
+    if (push.idempotencyKey !== undefined) accepted.add(push.idempotencyKey)
+    const list = byLabel.get(push.labelCode) ?? []
+    list.push(push)
+    byLabel.set(push.labelCode, list)
   }
 
   const image = async (req: IncomingMessage, res: ServerResponse, url: URL) => {
@@ -237,24 +261,26 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
       baggage: header("baggage"),
       imageSha256: createHash("sha256").update(png).digest("hex"),
       image: png,
-      outcome: decideFailure() ?? 200,
+      outcome: 200,
       answeredAt: undefined,
       duplicate: false,
+      appliedAt: undefined,
     }
+    const failure = decideFailure()
+    if (failure) push.outcome = failure.outcome
     requests.push(push)
     if (push.outcome === "timeout") return // held until the client gives up or stop()
-    if (push.outcome === 200) {
-      // Applied at arrival: the client sends a label's next version only after this one's
-      // answer, so arrival order is the order the label was drawn in.
-      if (push.idempotencyKey !== undefined && accepted.has(push.idempotencyKey)) {
-        push.duplicate = true
-      } else {
-        if (push.idempotencyKey !== undefined) accepted.add(push.idempotencyKey)
-        const list = byLabel.get(push.labelCode) ?? []
-        list.push(push)
-        byLabel.set(push.labelCode, list)
-      }
+    if (push.outcome === "late") {
+      await sleep(failure?.applyAfterMs ?? 0)
+      apply(push, true)
+      push.answeredAt = now()
+      // To a client that has given up: its socket may be gone.
+      if (!res.destroyed) sendJson(res, 200, { responseCode: "200", responseMessage: "SUCCESS" })
+      return
     }
+    // Applied at arrival: the client sends a label's next version only after this one's
+    // answer, so arrival order is the order the label was drawn in.
+    if (push.outcome === 200) apply(push)
     if (latencyMs > 0) await sleep(latencyMs)
     push.answeredAt = now()
     if (push.outcome === 200) {
@@ -290,7 +316,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     requests: () => requests,
     pushes: (labelCode) =>
       labelCode === undefined
-        ? requests.filter((p) => p.outcome === 200 && !p.duplicate)
+        ? requests.filter((p) => p.appliedAt !== undefined && !p.duplicate)
         : [...(byLabel.get(labelCode) ?? [])],
     lastPush: (labelCode) => byLabel.get(labelCode)?.at(-1),
     get tokensIssued() {
@@ -308,8 +334,13 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     burstTokens(status, count) {
       if (count > 0) tokenBursts.push({ status, left: count })
     },
-    holdNext(count) {
-      if (count > 0) bursts.push({ status: "timeout", left: count })
+    holdNext(count, applyAfterMs) {
+      if (count <= 0) return
+      bursts.push(
+        applyAfterMs === undefined
+          ? { status: "timeout", left: count }
+          : { status: "late", left: count, applyAfterMs },
+      )
     },
     expireTokens() {
       tokens.clear()
