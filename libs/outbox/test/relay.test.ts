@@ -959,6 +959,26 @@ describe("relay", () => {
     )
   })
 
+  test("a loss after a quiet spell re-publishes nothing from before it: those rows were on disk", async () => {
+    await fresh()
+    await write(t.db, 2, 2)
+    // The last publishes ten and nine and a half minutes before the loss, then nothing.
+    const lostAt = new Date(Date.now() - 1000)
+    const at = (offsetMs: number) => new Date(lostAt.getTime() + offsetMs).toISOString()
+    await sql`update keyway.outbox
+                 set published_at = (array[${at(-600_000)}, ${at(-570_000)}]::timestamptz[])[seq],
+                     stream_seq = seq`.execute(t.db)
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    try {
+      assert.equal(await unmarkRecent(client, 30_000, lostAt), 0)
+      // Not knowing the loss (a relay starting), the window ends at the newest publish.
+      assert.equal(await unmarkRecent(client, 60_000), 2)
+    } finally {
+      await client.end()
+    }
+  })
+
   test("a standby's NATS blip does not anchor the re-publish it makes once it leads", async () => {
     await fresh()
     const shared = new URL(SHARED_NATS)

@@ -170,13 +170,16 @@ export async function vacuumOutbox(
  * The window is anchored where the connection was lost (`lostAt`), or, not knowing that (a
  * relay starting), at the newest publish; never at now: nothing is published while NATS is
  * away, so after an outage longer than the window a window before now would hold none of the
- * messages the crash took. Rows published before a loss long after them were on disk by
- * then, and the window leaves them out. Rows marked after the loss are all in it: those of
- * the batch in flight, acked just before the crash and marked only once the rest of the
- * batch had timed out (a relay clock and Postgres' now() need not agree either), and those
- * the restarted server acked, which it drops as duplicates. The price, when the newest
- * publish is older than the stream's duplicate_window (a relay restarted after a quiet
- * spell), is copies the stream keeps twice; consumers drop them by event id and version.
+ * messages the crash took. The loss is placed on Postgres' clock, which published_at is on,
+ * by how long ago it was on this process's: the two clocks need not agree. Rows published
+ * before a loss long after them (a quiet spell, then a blip) were on disk by then, and the
+ * window leaves them out; anchored at the newest publish, it sent them again, and the stream
+ * kept them twice once they were older than its duplicate_window. Rows marked after the loss
+ * are all in it: those of the batch in flight, acked just before the crash and marked only
+ * once the rest of the batch had timed out, and those the restarted server acked, which it
+ * drops as duplicates. The price, when the newest publish is older than the stream's
+ * duplicate_window (a relay restarted after a quiet spell), is copies the stream keeps twice;
+ * consumers drop them by event id and version.
  * The restored messages land after later versions of their keys (stream order is lost with
  * the data); consumers order by version.
  */
@@ -185,11 +188,13 @@ export async function unmarkRecent(
   windowMs: number,
   lostAt?: Date,
 ): Promise<number> {
+  const lostAgoMs = lostAt === undefined ? null : Math.max(0, Date.now() - lostAt.getTime())
   const r = await client.query(
     `update keyway.outbox set published_at = null
-      where published_at > least($2::timestamptz, (select max(published_at) from keyway.outbox))
+      where published_at > coalesce(now() - make_interval(secs => $2::double precision / 1000),
+                                    (select max(published_at) from keyway.outbox))
                            - make_interval(secs => $1::double precision / 1000)`,
-    [windowMs, lostAt ?? null],
+    [windowMs, lostAgoMs],
   )
   return r.rowCount ?? 0
 }
