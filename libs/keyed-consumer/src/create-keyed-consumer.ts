@@ -818,33 +818,39 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // up commits nearly every message on its own, and an inbox commit costs far more than a
     // row: at 1,000 events/s a few ms of linger turns hundreds of commits into dozens.
     if (lingerMs > 0 && buffer.size < batchSize) await new Promise((r) => setTimeout(r, lingerMs))
-    while (buffer.size > 0) {
-      const batch: JsMsg[] = []
-      for (const [seq, msg] of buffer) {
-        if (batch.length === batchSize) break
-        batch.push(msg)
-        buffer.delete(seq)
+    // Alive but slow (waiting on a key's lock, or a batch stored one event at a time), this
+    // worker asks for more time before ack_wait: otherwise the server hands the batch and
+    // everything behind it to other workers, whose inserts then wait on this one's
+    // uncommitted rows. One timer for the whole flush, not one per batch: batches each quicker
+    // than half an ack_wait never let theirs fire, while the messages behind several of them
+    // waited longer than an ack_wait (a catch-up on a loaded Postgres) and were handed out
+    // again.
+    const keepAlive = setInterval(
+      () => {
+        for (const m of inFlight) m.working()
+        for (const m of buffer.values()) m.working()
+      },
+      Math.min(ackWaitMs / 2, MAX_TIMER_MS),
+    )
+    try {
+      while (buffer.size > 0) {
+        const batch: JsMsg[] = []
+        for (const [seq, msg] of buffer) {
+          if (batch.length === batchSize) break
+          batch.push(msg)
+          buffer.delete(seq)
+        }
+        ingesting = batch.length
+        inFlight = batch
+        try {
+          await ingest(batch)
+        } finally {
+          ingesting = 0
+          inFlight = []
+        }
       }
-      ingesting = batch.length
-      inFlight = batch
-      // Alive but slow (waiting on a key's lock, or a batch stored one event at a time),
-      // this worker asks for more time before ack_wait: otherwise the server hands the
-      // batch and everything behind it to other workers, whose inserts then wait on this
-      // one's uncommitted rows.
-      const keepAlive = setInterval(
-        () => {
-          for (const m of batch) m.working()
-          for (const m of buffer.values()) m.working()
-        },
-        Math.min(ackWaitMs / 2, MAX_TIMER_MS),
-      )
-      try {
-        await ingest(batch)
-      } finally {
-        clearInterval(keepAlive)
-        ingesting = 0
-        inFlight = []
-      }
+    } finally {
+      clearInterval(keepAlive)
     }
   }
 

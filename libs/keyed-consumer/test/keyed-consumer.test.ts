@@ -1871,6 +1871,32 @@ describe("keyed consumer", () => {
     })
   }
 
+  test("messages behind several quick batches, together longer than ack_wait, are not handed out again", async () => {
+    const { t, stream, group, consumer } = await unstarted({
+      ackWaitMs: 2000,
+      ingestBatchSize: 1,
+    })
+    // Each batch (one event) takes 0.4 s: under half an ack_wait, while the eighth waits
+    // behind seven of them, 2.8 s.
+    await sql`
+      create function slow_inbox() returns trigger language plpgsql
+      as $$ begin perform pg_sleep(0.4); return new; end $$`.execute(t.db)
+    await sql`
+      create trigger slow before insert on keyway.inbox
+      for each row execute function slow_inbox()`.execute(t.db)
+    for (let ver = 1; ver <= 8; ver++) {
+      await publishEvent(nc, stream.site, { key: `q${ver}`, ver: 1, payload: { n: ver } })
+    }
+    await consumer.start()
+    await waitFor(async () => (await effects(t.db)).length === 8, {
+      timeoutMs: 20_000,
+      message: "8 effects",
+    })
+    const info = await (await jetstreamManager(nc)).consumers.info(stream.name, group)
+    // Handed out again after ack_wait, the last ones were delivered twice: 12 in all.
+    assert.equal(info.delivered.consumer_seq, 8, "delivered once each")
+  })
+
   test("an existing durable the group cannot work with is refused at start, saying what is wrong", async () => {
     const t = await createTestDatabase()
     cleanups.push(() => t.drop())
