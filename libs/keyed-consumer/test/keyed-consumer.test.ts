@@ -1688,6 +1688,21 @@ describe("keyed consumer", () => {
     assert.equal(refused.length, 1)
     assert.match(refused[0]!.reason, /not JSON/)
   })
+  test("a message whose subject holds a NUL is kept as a reject, its NUL written out; the rest flows", async () => {
+    const { t, stream } = await setup()
+    // The stream takes it (its filter is `site.>`); Postgres cannot store the NUL.
+    await nc.publish(`${stream.site}.demo.item\u0000x`, "this is not json")
+    for (let ver = 1; ver <= 3; ver++)
+      await publishEvent(nc, stream.site, { key: "good", ver, payload: { n: ver } })
+    await waitFor(async () => (await effects(t.db)).length === 3, {
+      timeoutMs: 10_000,
+      message: "the events behind it stored and handled",
+    })
+    const kept = await sql<{ subject: string }>`
+      select subject from keyway.inbox_reject`.execute(t.db)
+    assert.deepEqual(kept.rows, [{ subject: `${stream.site}.demo.item\\u0000x` }])
+  })
+
   test("an event that collides with another at its version is rejected with the reason", async () => {
     const { t, stream } = await setup()
     await publishEvent(nc, stream.site, { key: "c", ver: 1, payload: { n: 1 }, seq: 1 })

@@ -575,9 +575,13 @@ export async function recordReject(
   group: string,
   reject: { streamSeq: number; subject: string; reason: string; data: Uint8Array },
 ): Promise<void> {
+  // The subject too: nats-server 2.9.10 takes a NUL in one, which Postgres' text refuses (as
+  // it would in a reason quoting the message). Refused, the reject was retried for ever, and
+  // the batch and every message behind it with it: the group stopped.
   await sql`
     insert into keyway.inbox_reject (grp, stream_seq, subject, reason, data)
-    values (${group}, ${reject.streamSeq}, ${reject.subject}, ${reject.reason}, ${Buffer.from(reject.data)})
+    values (${group}, ${reject.streamSeq}, ${storableText(reject.subject)},
+            ${storableText(reject.reason)}, ${Buffer.from(reject.data)})
     on conflict (grp, stream_seq) do nothing
   `.execute(db)
 }
