@@ -1923,6 +1923,10 @@ describe("keyed consumer", () => {
       [{ ack_policy: AckPolicy.All }, /its ack policy is all, not explicit/],
       // The server refuses every pull of 512 and nats.js waits on: nothing ingested, unsaid.
       [{ max_batch: 100 }, /its max_batch 100 is below the 512 a pull asks for/],
+      // A message unacked five times (Postgres away) would never come again: a gap for good.
+      [{ max_deliver: 5 }, /its max_deliver 5 gives up on a message the group has not stored/],
+      // Postgres away, a worker would buffer the whole stream.
+      [{ max_ack_pending: -1 }, /its max_ack_pending is unlimited/],
     ]
     for (const [made, message] of cases) {
       const group = unique("g")

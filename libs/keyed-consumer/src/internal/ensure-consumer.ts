@@ -41,6 +41,20 @@ export function unusableDurable(config: ConsumerConfig, o: DurableOptions): stri
   if ((config.max_batch ?? 0) > 0 && config.max_batch! < o.pullBatch) {
     out.push(`its max_batch ${config.max_batch} is below the ${o.pullBatch} a pull asks for`)
   }
+  // A message delivered that often without an ack (Postgres away, workers crashing) is never
+  // delivered again: never stored, its version is a gap its key waits on for good.
+  if ((config.max_deliver ?? -1) > 0) {
+    out.push(
+      `its max_deliver ${config.max_deliver} gives up on a message the group has not stored yet: its key would wait on it for ever`,
+    )
+  }
+  // A worker takes what it is given into its buffer while Postgres is away: the durable's
+  // bound on unacked messages is the bound on that buffer.
+  if ((config.max_ack_pending ?? 1) <= 0) {
+    out.push(
+      "its max_ack_pending is unlimited: a worker would buffer everything the stream holds while Postgres is away",
+    )
+  }
   return out
 }
 
