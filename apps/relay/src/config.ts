@@ -26,6 +26,7 @@ export interface RelayAppConfig extends TelemetryEnv {
   /** Stream definitions to apply at start (nats/streams/<site>.json); none if unset. */
   streamsFile?: string
   batchSize: number
+  batchBytes: number
   window: number
   pollIntervalMs: number
   /** The pause between claims while events flow (createRelay's busyPollMs). */
@@ -52,6 +53,7 @@ export function parseConfig(env: Env): RelayAppConfig {
     // Bounded: a batch is claimed into memory whole, and a window of PubAcks is as many
     // messages in flight.
     batchSize: intEnv(env, "RELAY_BATCH_SIZE", 500, { max: 10_000 }),
+    batchBytes: intEnv(env, "RELAY_BATCH_BYTES", 16 * 1024 * 1024),
     window: intEnv(env, "RELAY_WINDOW", 256, { max: 10_000 }),
     pollIntervalMs: intEnv(env, "RELAY_POLL_MS", 1000),
     busyPollMs: intEnv(env, "RELAY_BUSY_POLL_MS", 3),

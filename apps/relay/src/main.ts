@@ -80,6 +80,7 @@ const relay = createRelay({
   connection: nc,
   site: config.site,
   batchSize: config.batchSize,
+  batchBytes: config.batchBytes,
   window: config.window,
   pollIntervalMs: config.pollIntervalMs,
   busyPollMs: config.busyPollMs,

@@ -21,7 +21,7 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
 import pg from "pg"
-import { unmarkRecent } from "../src/internal/relay-sql.ts"
+import { claimBatch, unmarkRecent } from "../src/internal/relay-sql.ts"
 import {
   createSiteStream,
   deleteStream,
@@ -159,6 +159,38 @@ describe("relay", () => {
     }
     await untilPublished("relay published the backlog", 60_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 10_000)
+  })
+
+  test("a batch ends at its payload bytes as well as its rows, one row at least; all go, in order", async () => {
+    await fresh()
+    await write(t.db, 3, 1)
+    // 32 KB of hex each: stored compressed, which is what the bound counts.
+    await sql`update keyway.outbox
+                 set payload = jsonb_build_object('n', seq, 'blob',
+                       (select string_agg(md5(random()::text || i), '')
+                          from generate_series(1, 1000) i))`.execute(t.db)
+    const sizes = (
+      await sql<{ size: number }>`
+        select pg_column_size(payload) as size from keyway.outbox order by seq`.execute(t.db)
+    ).rows.map((r) => Number(r.size))
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    try {
+      const claim = async (maxBytes: number) => {
+        const { rows, full } = await claimBatch(client, 500, maxBytes, [], [])
+        return [rows.map((r) => Number(r.seq)), full]
+      }
+      assert.deepEqual(await claim(10 * 1024 * 1024), [[1, 2, 3], false])
+      // The second row starts under the bound, the third past it.
+      assert.deepEqual(await claim(sizes[0]! + 1), [[1, 2], true])
+      assert.deepEqual(await claim(1), [[1], true], "one row, whatever its size")
+    } finally {
+      await client.end()
+    }
+    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, batchBytes: 1 })
+    await relay.start()
+    await untilPublished("published a row at a time", 10_000)
+    assertExactlyOnceInOrder(await readStream(nc, stream), 3)
   })
 
   test("the sequence trap: a low seq that commits after a higher one is still published", async () => {

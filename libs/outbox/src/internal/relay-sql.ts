@@ -52,23 +52,39 @@ export async function endSession(connectionString: string, pid: number, timeoutM
 // row locks are needed. The partial index keeps this cheap however large the table grows.
 // Held keys and topics (NATS refuses them, see refusal() in publish-batch.ts) are left out
 // whole, so that their rows do not fill every batch while the rest of the outbox waits.
+// A batch ends at `limit` rows or at the row that takes its payloads past `maxBytes` (as
+// stored), whichever comes first, and has one row at least: rows alone bounded the relay's
+// memory at 500 payloads of up to 1 MiB each, parsed and encoded again, and a relay that ran
+// out of it claimed the same batch after its restart. `full` says that rows were left for
+// the next claim.
 export async function claimBatch(
   client: pg.Client,
   limit: number,
+  maxBytes: number,
   heldKeys: readonly { topic: string; key: string }[],
   heldTopics: readonly string[],
-): Promise<OutboxRow[]> {
-  const r = await client.query<OutboxRow>(
-    `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq
-       from keyway.outbox
-      where published_at is null
-        and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
-        and topic <> all($4::text[])
-      order by seq
-      limit $1`,
-    [limit, heldKeys.map((h) => h.topic), heldKeys.map((h) => h.key), heldTopics],
+): Promise<{ rows: OutboxRow[]; full: boolean }> {
+  const r = await client.query<OutboxRow & { candidates: number }>(
+    `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
+            candidates::int as candidates
+       from (select o.*,
+                    sum(pg_column_size(o.payload)) over (order by o.seq)
+                      - pg_column_size(o.payload) as before,
+                    count(*) over () as candidates
+               from (select seq, topic, key, ver, type, payload, trace, created_at, stream_seq
+                       from keyway.outbox
+                      where published_at is null
+                        and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
+                        and topic <> all($4::text[])
+                      order by seq
+                      limit $1) o) c
+      where c.before < $5
+      order by seq`,
+    [limit, heldKeys.map((h) => h.topic), heldKeys.map((h) => h.key), heldTopics, maxBytes],
   )
-  return r.rows
+  const candidates = r.rows[0]?.candidates ?? 0
+  const rows = r.rows.map(({ candidates: _, ...row }) => row)
+  return { rows, full: rows.length >= limit || rows.length < candidates }
 }
 
 /** The backlog and the age of its oldest row, both through the unpublished partial index. */
