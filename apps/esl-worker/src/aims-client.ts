@@ -15,9 +15,12 @@ export interface AimsClientConfig {
   timeoutMs: number
   /**
    * How long AIMS may still apply a request this client gave up on (no answer in time, or the
-   * connection lost once it was sent). The label's next push, of this version or a later
-   * one, waits at least this long: sooner, a newer image could be drawn and then the older
-   * one, applied late, drawn over it. Default {@link DEFAULT_SETTLE_MS}.
+   * connection lost once it was sent). The failure asks for a retry no sooner (retryAfterMs),
+   * and the label's later versions wait behind the retry: sooner, a newer image could be
+   * drawn and then the older one, applied late, drawn over it. Not covered: a version whose
+   * last attempt this was (parked, the next one is pushed at once), and a push cut short by
+   * stop() or a lost lease (the next holder retries it after its own wait for the key).
+   * Default {@link DEFAULT_SETTLE_MS}.
    */
   settleMs?: number
 }
@@ -29,6 +32,8 @@ export interface AimsClientConfig {
 export const DEFAULT_SETTLE_MS = 60_000
 
 // Failures of a request that never reached the server: nothing of it can be applied late.
+// Any other counts as sent, an idle keep-alive socket closed under a new request
+// (UND_ERR_SOCKET) included: waiting when it was not costs a label a minute, not its price.
 const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "UND_ERR_CONNECT_TIMEOUT"])
 
 export interface PushImageOptions {
@@ -137,7 +142,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
       const settleMs = config.settleMs ?? DEFAULT_SETTLE_MS
       if (timeout.aborted) {
         throw new AimsError(
-          `${url.pathname}: no answer within ${config.timeoutMs} ms${appliesLate ? ` (the next push waits ${settleMs} ms, in case AIMS applies it yet)` : ""}`,
+          `${url.pathname}: no answer within ${config.timeoutMs} ms${appliesLate ? ` (retried after ${settleMs} ms at the soonest, in case AIMS applies it yet)` : ""}`,
           "timeout",
           true,
           { cause: err, ...(appliesLate ? { retryAfterMs: settleMs } : {}) },

@@ -570,10 +570,11 @@ export function createConsumerAdmin({
             returning i.topic, i.key, i.ver
           ),
           bumped as (
-            -- The key's worker reads done_ver afresh after the epoch bump. Only where the
-            -- skip changes what comes next: a parked task below where the key stands is
-            -- nothing its worker holds, and a bump there fenced the task in hand, whose
-            -- effects rolled back and ran again, vendor calls and all.
+            -- The key's worker reads done_ver afresh after the epoch bump. Only where a skipped
+            -- version is above where the key stands (its worker may hold it, read ahead) or
+            -- placeholders went in: a parked task below is nothing its worker holds, and a
+            -- bump there fenced the task in hand, whose effects rolled back and ran again,
+            -- vendor calls and all.
             update keyway.consumer_key k
                set epoch = k.epoch + 1
              where k.grp = ${group}

@@ -66,9 +66,9 @@ export interface RelayConfig {
   /** Rows claimed per batch. Default 500. */
   batchSize?: number
   /**
-   * Payload bytes (as Postgres stores them) claimed per batch, at least one row whatever its
-   * size. Default 16 MiB: with payloads of up to 1 MiB, rows alone would let a batch hold
-   * hundreds of megabytes.
+   * Payload bytes (of JSON text) claimed per batch, at least one row whatever its size.
+   * Default 16 MiB: with payloads of up to 1 MiB, rows alone would let a batch hold hundreds
+   * of megabytes.
    */
   batchBytes?: number
   /** Publishes awaiting their PubAck at once. Default 256. */
@@ -266,8 +266,11 @@ export function createRelay(config: RelayConfig): Relay {
   // Set on start (a new leader does not know what the previous one's server kept) and by
   // every NATS reconnect; consumed by the session loop before its next claim.
   let republishDue = true
-  /** When the NATS connection was lost, until the re-publish after it has run. */
-  let lostAt: Date | undefined
+  /**
+   * When the NATS connection was lost (performance.now(): a wall clock stepped back meanwhile
+   * would move the re-publish's window), until the re-publish after it has run.
+   */
+  let lostAt: number | undefined
   /**
    * Since when `config.connection` has been disconnected, or not yet known to be connected;
    * undefined while it is connected. `natsLosses` counts disconnects, so that a flush sent
@@ -531,10 +534,10 @@ export function createRelay(config: RelayConfig): Relay {
       }
       if (republishDue && settings.republishWindowMs > 0) {
         republishDue = false
-        const lost = lostAt
+        const lostAgoMs = lostAt === undefined ? undefined : performance.now() - lostAt
         lostAt = undefined
         const n = yield* query("re-publish recent rows", () =>
-          unmarkRecent(client, settings.republishWindowMs, lost),
+          unmarkRecent(client, settings.republishWindowMs, lostAgoMs),
         )
         if (n > 0) log.info("re-publishing recent rows", { rows: n })
       }
@@ -706,7 +709,7 @@ export function createRelay(config: RelayConfig): Relay {
             if (s.type === "disconnect") {
               natsLosses++
               natsDownSince ??= Date.now()
-              if (state.role === "active") lostAt ??= new Date()
+              if (state.role === "active") lostAt ??= performance.now()
             }
             if (s.type === "reconnect") {
               natsDownSince = undefined

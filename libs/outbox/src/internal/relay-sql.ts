@@ -52,8 +52,8 @@ export async function endSession(connectionString: string, pid: number, timeoutM
 // row locks are needed. The partial index keeps this cheap however large the table grows.
 // Held keys and topics (NATS refuses them, see refusal() in publish-batch.ts) are left out
 // whole, so that their rows do not fill every batch while the rest of the outbox waits.
-// A batch ends at `limit` rows or at the row that takes its payloads past `maxBytes` (as
-// stored), whichever comes first, and has one row at least: rows alone bounded the relay's
+// A batch ends at `limit` rows or at the row that takes its payloads past `maxBytes` (of
+// JSON text), whichever comes first, and has one row at least: rows alone bounded the relay's
 // memory at 500 payloads of up to 1 MiB each, parsed and encoded again, and a relay that ran
 // out of it claimed the same batch after its restart. `full` says that rows were left for
 // the next claim.
@@ -68,17 +68,22 @@ export async function claimBatch(
     `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
             candidates::int as candidates
        from (select o.*,
-                    sum(pg_column_size(o.payload)) over (order by o.seq)
-                      - pg_column_size(o.payload) as before,
+                    sum(o.bytes) over (order by o.seq) - o.bytes as before,
                     count(*) over () as candidates
-               from (select seq, topic, key, ver, type, payload, trace, created_at, stream_seq
+               from (select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
+                            -- A compressed one by its text's length, which is what the relay
+                            -- holds, parsed and encoded again; compressed, its stored size
+                            -- can be a hundredth of that.
+                            case when pg_column_compression(payload) is null
+                                 then pg_column_size(payload)
+                                 else octet_length(payload::text) end as bytes
                        from keyway.outbox
                       where published_at is null
                         and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
                         and topic <> all($4::text[])
                       order by seq
                       limit $1) o) c
-      where c.before < $5
+      where c.before < $5 or c.before = 0
       order by seq`,
     [limit, heldKeys.map((h) => h.topic), heldKeys.map((h) => h.key), heldTopics, maxBytes],
   )
@@ -187,7 +192,10 @@ export async function vacuumOutbox(
  * relay starting), at the newest publish; never at now: nothing is published while NATS is
  * away, so after an outage longer than the window a window before now would hold none of the
  * messages the crash took. The loss is placed on Postgres' clock, which published_at is on,
- * by how long ago it was on this process's: the two clocks need not agree. Rows published
+ * by how long ago it was (`lostAgoMs`, on this process's monotonic clock): the two wall
+ * clocks need not agree, and either may be stepped. The loss is when nats.js noticed it: a
+ * host gone without a word is noticed after its missed pings (20 s with connectNats'
+ * settings), well inside the default window of 2 minutes. Rows published
  * before a loss long after them (a quiet spell, then a blip) were on disk by then, and the
  * window leaves them out; anchored at the newest publish, it sent them again, and the stream
  * kept them twice once they were older than its duplicate_window. Rows marked after the loss
@@ -202,15 +210,14 @@ export async function vacuumOutbox(
 export async function unmarkRecent(
   client: pg.Client,
   windowMs: number,
-  lostAt?: Date,
+  lostAgoMs?: number,
 ): Promise<number> {
-  const lostAgoMs = lostAt === undefined ? null : Math.max(0, Date.now() - lostAt.getTime())
   const r = await client.query(
     `update keyway.outbox set published_at = null
       where published_at > coalesce(now() - make_interval(secs => $2::double precision / 1000),
                                     (select max(published_at) from keyway.outbox))
                            - make_interval(secs => $1::double precision / 1000)`,
-    [windowMs, lostAgoMs],
+    [windowMs, lostAgoMs === undefined ? null : Math.max(0, lostAgoMs)],
   )
   return r.rowCount ?? 0
 }
