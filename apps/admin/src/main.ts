@@ -133,6 +133,8 @@ const LOCK_TIMEOUT_MS = 5000
 const admin = createConsumerAdmin({ db, group: values.group, lockTimeoutMs: LOCK_TIMEOUT_MS })
 try {
   let result: unknown
+  // What an action changed: retry, skip and redrive count it.
+  let changed: number | undefined
   switch (command) {
     case "summary":
       result = await admin.summarise()
@@ -169,31 +171,30 @@ try {
       break
     }
     case "retry":
-      result = { retried: await admin.retry(action!) }
+      changed = await admin.retry(action!)
+      result = { retried: changed }
       break
     case "skip":
-      result = { skipped: await admin.skip(action!) }
+      changed = await admin.skip(action!)
+      result = { skipped: changed }
       break
     case "redrive":
-      result = { redriven: await admin.redrive(action!) }
+      changed = await admin.redrive(action!)
+      result = { redriven: changed }
       break
   }
   // A typo'd version or a task in another state than thought changes nothing: said on stderr
   // (stdout stays the JSON), or `{"retried": 0}` at 3 a.m. reads as done.
-  const [count] = Object.values(result as object)
-  if (action && count === 0) {
+  if (action && changed === 0) {
     const s = action
-    const range =
-      s.fromVer === undefined && s.toVer === undefined
-        ? ""
-        : ` v${s.fromVer ?? 1}..${s.toVer === undefined ? "" : `v${s.toVer}`}`
+    const ranged = s.fromVer !== undefined || s.toVer !== undefined
+    const range = ranged ? ` v${s.fromVer ?? 1}..${s.toVer === undefined ? "" : `v${s.toVer}`}` : ""
     const what = `${s.topic}${s.key === undefined ? "" : `/${s.key}`}${range}`
     const none = {
       retry: "no dead task",
-      skip:
-        s.fromVer === undefined && s.toVer === undefined
-          ? "no dead task"
-          : "no dead or pending task, nor a version missing before one that arrived",
+      skip: ranged
+        ? "no dead or pending task, nor a version missing before one that arrived"
+        : "no dead task",
       redrive: "no version that ran (done, skipped or dead since)",
     }[command as "retry" | "skip" | "redrive"]
     console.error(

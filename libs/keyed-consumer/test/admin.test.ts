@@ -21,11 +21,17 @@ async function key(name: string, doneVer: number, startVer = 0) {
     insert into keyway.consumer_key (grp, topic, key, done_ver, start_ver)
     values ('g', 'demo.item', ${name}, ${doneVer}, ${startVer})`.execute(t.db)
 }
-async function task(name: string, ver: number, state: string, runAfter = "-infinity") {
+async function task(
+  name: string,
+  ver: number,
+  state: string,
+  runAfter = "-infinity",
+  type = "demo.item.changed.v1",
+) {
   await sql`
     insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state,
                               attempts, run_after)
-    values ('g', 'demo.item', ${name}, ${ver}, ${`${name}:${ver}`}, 'demo.item.changed.v1',
+    values ('g', 'demo.item', ${name}, ${ver}, ${`${name}:${ver}`}, ${type},
             '{"n":1}', now(), ${state}, 1, ${runAfter}::timestamptz)`.execute(t.db)
 }
 
@@ -143,11 +149,7 @@ test("a redrive is not refused over a skip's placeholder whose older neighbours 
   // v4 never came, and a skip stood in for it. The placeholder, written at the skip, is
   // younger than v5..v7 done after it: retention deleted them (and v1..v3), and kept it.
   await key("holey", 8)
-  await sql`
-    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state,
-                              attempts, run_after)
-    values ('g', 'demo.item', 'holey', 4, 'skipped:holey:4', 'keyway.skipped', '{}', now(),
-            'skipped', 0, '-infinity')`.execute(t.db)
+  await task("holey", 4, "skipped", "-infinity", "keyway.skipped")
   await task("holey", 8, "done")
   assert.equal(await admin().redrive({ topic: "demo.item", key: "holey" }), 1)
   const k = await sql<{ done_ver: number }>`
