@@ -17,9 +17,10 @@ export interface AimsClientConfig {
    * How long AIMS may still apply a request this client gave up on (no answer in time, or the
    * connection lost once it was sent). The failure asks for a retry no sooner (retryAfterMs),
    * and the label's later versions wait behind the retry: sooner, a newer image could be
-   * drawn and then the older one, applied late, drawn over it. Not covered: a version whose
-   * last attempt this was (parked, the next one is pushed at once), and a push cut short by
-   * stop() or a lost lease (the next holder retries it after its own wait for the key).
+   * drawn and then the older one, applied late, drawn over it. A version whose last attempt
+   * this was holds the label as long, parked (the keyed consumer's policy). Not covered: a
+   * push cut short by stop() or a lost lease (the next holder retries it after its own wait
+   * for the key).
    * Default {@link DEFAULT_SETTLE_MS}.
    */
   settleMs?: number

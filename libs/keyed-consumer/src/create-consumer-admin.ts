@@ -20,7 +20,10 @@ export interface DeadTask {
   type: string
   attempts: number
   lastError: string | null
-  /** True when the key waits on it (policy block); false when the key moved on (park). */
+  /**
+   * True when the key waits on it: policy block, or park while the task holds its key until
+   * the time its failure asked for (a Retry-After). False when the key moved on.
+   */
   blocking: boolean
 }
 
@@ -423,6 +426,8 @@ export function createConsumerAdmin({
           join keyway.inbox i
             on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
          where k.grp = ${group} and i.state = 'dead' ${topicFilter(topic)}
+           -- Not one held for a while (a parked task's Retry-After): that key moves on alone.
+           and i.run_after <= now()
          order by k.topic, k.key
       `.execute(db)
       return r.rows

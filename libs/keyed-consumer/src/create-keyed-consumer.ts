@@ -965,7 +965,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // ---- drain -------------------------------------------------------------------------------
 
   // deferred: not started, and the key is to be tried again later (runInTurn).
-  type Outcome = "done" | "retry" | "dead" | "fenced" | "stopped" | "deferred"
+  // held: dead, parked, and its key waits until the time its failure asked for.
+  type Outcome = "done" | "retry" | "dead" | "held" | "fenced" | "stopped" | "deferred"
 
   const runTask = async (
     ref: KeyRef,
@@ -1126,11 +1127,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const cap = Math.min(policy.maxBackoffMs, policy.backoffMs * 2 ** task.attempts)
       const retryInMs = Math.max(Math.round(cap / 2 + (Math.random() * cap) / 2), retryAfterOf(err))
       const reason = poison ? `poison: ${messageOf(err)}` : messageOf(err)
+      // A failure that says when to come back says it of the key, not only of this version: a
+      // vendor's Retry-After holds for the next version's call too, and a request given up
+      // without an answer may still be applied until then (the ESL worker's AIMS push), over
+      // a next version sent sooner. So a task that dies parked with it holds its key until
+      // then, and the key moves past it after.
+      const holdMs = dead && policy.onDead === "park" ? retryAfterOf(err) : 0
       const ok = await markFailed(db, group, ref, task.ver, epoch, {
         error: reason.slice(0, 2000),
-        retryInMs: dead ? 0 : retryInMs,
+        retryInMs: dead ? holdMs : retryInMs,
         dead,
-        park: policy.onDead === "park",
+        moveOn: policy.onDead === "park" && holdMs === 0,
         // The claim charged its lost runs already.
         charge: !lost,
       })
@@ -1141,7 +1148,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (dead) {
         stats.dead++
         log.warn("event dead", { ...ref, ver: task.ver, policy: policy.onDead, reason })
-        return "dead"
+        if (holdMs === 0) return "dead"
+        wakeLater(ref, holdMs)
+        return "held"
       }
       stats.retried++
       wakeLater(ref, retryInMs)
@@ -1278,6 +1287,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           }
           // Dead under `block`: the key waits until an operator acts.
           if (task.state === "dead" && policyOf(ref.topic).onDead !== "park") break drain
+          // Dead parked, and held until the time its failure asked for (runTask).
+          if (task.state === "dead" && task.wait_ms > 0) {
+            wakeLater(ref, Number(task.wait_ms))
+            break drain
+          }
           if (task.state !== "pending") {
             // Finished already and met again because an operator rewound the key (a retry or
             // a redrive below it), or skipped ahead of time: consume it without running. A

@@ -102,7 +102,9 @@ export interface TopicPolicy {
   /**
    * `block` (default): the key stops at the dead event until an operator retries or skips it.
    * `park`: the key moves on; the dead event stays listed. It is never in the way again: a
-   * retry of an earlier version rewinds the key, and the drain passes it still dead.
+   * retry of an earlier version rewinds the key, and the drain passes it still dead. A last
+   * failure that carries `retryAfterMs` holds the key until then, and it moves on after: the
+   * next version's call must not come sooner either (see {@link PoisonError}).
    * A dead task does not record the policy it died under: changing a topic from `block` to
    * `park` (in any one worker of the group) lets the keys already stopped at its dead tasks
    * move on, with those tasks left dead and listed, as if they had died parked.
@@ -129,6 +131,7 @@ export class UncommittedError extends Error {
  *
  * Any other error is retried with the topic's backoff. One that carries a numeric
  * `retryAfterMs` (a vendor's Retry-After, say) is retried no sooner than that, up to an hour.
+ * If it was the last attempt, under policy `park`, the key's next version waits as long.
  */
 export class PoisonError extends Error {
   override name = "PoisonError"

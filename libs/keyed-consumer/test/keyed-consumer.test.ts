@@ -1143,6 +1143,45 @@ describe("keyed consumer", () => {
     assert.equal(metricValue((await metrics.render()).body, "consumer_dead_tasks"), 0)
   })
 
+  test("policy park: a last failure that says when to come back holds its key until then", async () => {
+    // A push given up without an answer may still be applied until then (the ESL worker's
+    // AIMS), and a Retry-After is the vendor's for the next version's call as well.
+    const ran: { ver: number; at: number }[] = []
+    let diedAt = 0
+    const { t, stream, admin, consumer } = await setup({
+      policies: { "demo.item": { maxAttempts: 1, onDead: "park" } },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          ran.push({ ver: event.ver, at: performance.now() })
+          if (event.ver === 1) {
+            diedAt = performance.now()
+            throw Object.assign(new Error("no answer in time"), { retryAfterMs: 2500 })
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "h", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "h", ver: 2, payload: { n: 2 } })
+    await waitFor(() => consumer.status().dead === 1, { timeoutMs: 10_000, message: "v1 dead" })
+    // Held: listed as in the key's way, and not as blocked for good.
+    const [dead] = await admin.listDead()
+    assert.equal(Number(dead!.ver), 1)
+    assert.equal(dead!.blocking, true)
+    assert.deepEqual(await admin.listBlocked(), [])
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "v2 done once the hold is over",
+    })
+    assert.deepEqual(
+      ran.map((r) => r.ver),
+      [1, 2],
+    )
+    const waited = ran[1]!.at - diedAt
+    assert.ok(waited >= 2450, `v2 ran ${Math.round(waited)} ms after v1 died`)
+    assert.equal((await admin.listDead())[0]!.blocking, false, "the key moved past it, still dead")
+  })
+
   test("policy park, after a retry of one dead version: the key walks past the others still dead", async () => {
     const failing = new Set([2, 4])
     const metrics = createMetricsRegistry({ defaultMetrics: false })

@@ -288,7 +288,9 @@ export const storableText = (text: string) => text.replaceAll("\u0000", "\\u0000
 
 /**
  * Records a failed attempt. With `dead` the task is dead now (attempts exhausted or
- * poison); with `park` as well, the key moves past it. Returns false when fenced.
+ * poison); with `moveOn` as well, the key moves past it (policy `park`). The task's
+ * run_after is `retryInMs` from now: when it is retried, or, dead and parked without moving
+ * on, until when it holds its key. Returns false when fenced.
  */
 export async function markFailed(
   db: Kysely<any>,
@@ -300,7 +302,7 @@ export async function markFailed(
     error: string
     retryInMs: number
     dead: boolean
-    park: boolean
+    moveOn: boolean
     /** Counts an attempt: false for a task whose lost runs were charged by the claim. */
     charge: boolean
   },
@@ -308,7 +310,7 @@ export async function markFailed(
   const r = await sql<{ ok: number }>`
     with fenced as (
       update keyway.consumer_key
-         set done_ver = case when ${failure.dead && failure.park} then ${ver} else done_ver end,
+         set done_ver = case when ${failure.dead && failure.moveOn} then ${ver} else done_ver end,
              -- The version after done_ver is here (it just ran): whatever gap the key had is
              -- closed, dead or not.
              gap_since = null,
@@ -425,7 +427,9 @@ export async function waitingSummary(
                    count(*) filter (where exists (
                      select 1 from keyway.inbox i
                       where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                        and i.ver = k.done_ver + 1 and i.state = 'dead'))::int as blocked_keys
+                        and i.ver = k.done_ver + 1 and i.state = 'dead'
+                        -- Not one held for a while (runTask's holdMs): that key moves on alone.
+                        and i.run_after <= now()))::int as blocked_keys
               from keyway.consumer_key k
              where k.grp = ${group} and k.dead_tasks > 0) d
   `.execute(db)
