@@ -6,7 +6,12 @@ import {
   findEventType,
   InvalidEventError,
 } from "@keyway/schemas"
-import { LATENCY_BUCKETS, type MetricsRegistry, perScrape } from "@keyway/telemetry"
+import {
+  type CollectedOptions,
+  LATENCY_BUCKETS,
+  type MetricsRegistry,
+  perScrape,
+} from "@keyway/telemetry"
 import {
   JetStreamApiCodes,
   JetStreamApiError,
@@ -352,8 +357,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         }
       }
     : <T>(_step: string, work: () => Promise<T>) => work()
+  // Taken off the registry by stop(): a stopped consumer cannot start again, and the one made
+  // to replace it registers the same names.
+  const unregisterMetrics: (() => void)[] = []
   if (config.metrics) {
     const m = config.metrics
+    const collectedCounter = (o: CollectedOptions) => unregisterMetrics.push(m.collectedCounter(o))
+    const collectedGauge = (o: CollectedOptions) => unregisterMetrics.push(m.collectedGauge(o))
     const totals: Record<keyof typeof stats, [name: string, help: string]> = {
       ingested: ["ingested_total", "Events stored in the inbox by this worker"],
       rejected: ["rejected_total", "Messages that were not events, recorded and acked"],
@@ -368,18 +378,18 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       ],
     }
     for (const [stat, [name, help]] of Object.entries(totals)) {
-      m.collectedCounter({
+      collectedCounter({
         name: `consumer_${name}`,
         help,
         collect: () => stats[stat as keyof typeof stats],
       })
     }
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_draining_keys",
       help: "Keys this worker is draining now",
       collect: () => scheduler.active,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_ingest_buffered",
       help: "Messages this worker received and has not yet stored in the inbox (grows while Postgres is away, up to max_ack_pending)",
       collect: () => buffer.size + ingesting,
@@ -391,32 +401,32 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // dead gauges what still waits for an operator, whichever worker saw it die.
     const waiting = perScrape(() => waitingSummary(db, group))
     const backlog = perScrape(() => backlogSummary(db, group))
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_gap_keys",
       help: "Keys of the group waiting on a missing version (the group's, same from every worker)",
       collect: async () => (await waiting())?.gapKeys,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_oldest_gap_seconds",
       help: "How long the group's longest-waiting gap has waited, 0 when there is none",
       collect: async () => (await waiting())?.oldestGapSeconds,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_dead_tasks",
       help: "Dead tasks of the group waiting for an operator's retry or skip (the group's, same from every worker)",
       collect: async () => (await waiting())?.deadTasks,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_blocked_keys",
       help: "Keys of the group stopped at a dead task: nothing later on them runs until an operator acts",
       collect: async () => (await waiting())?.blockedKeys,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_pending_keys",
       help: "Keys of the group whose next task is in the inbox and waits to run, now or at its retry time",
       collect: async () => (await backlog())?.pendingKeys,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_oldest_pending_seconds",
       help: "How long the group's oldest waiting next task has been in the inbox (since it arrived), 0 when none waits: grows while handlers fail or fall behind",
       collect: async () => (await backlog())?.oldestPendingSeconds,
@@ -426,7 +436,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const info = await (await manager()).consumers.info(config.stream, group)
       return info.num_pending + info.num_ack_pending
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "consumer_lag_messages",
       help: "Stream messages the group has not stored in its inbox yet: undelivered plus unacked",
       collect: lag,
@@ -439,12 +449,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const sources = perScrape(async () =>
       summariseSources((await (await manager()).streams.info(config.stream)).sources ?? []),
     )
-    m.collectedGauge({
+    collectedGauge({
       name: "stream_source_idle_seconds",
       help: "Longest time since the group's stream last heard from one of its sources (another site, over the leaf link); +Inf for a source never heard from; 0 for a stream without sources",
       collect: async () => (await sources())?.idleSeconds,
     })
-    m.collectedGauge({
+    collectedGauge({
       name: "stream_source_lag_messages",
       help: "Messages the group's stream has yet to copy from its sources, as far as it can see them",
       collect: async () => (await sources())?.lag,
@@ -677,7 +687,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         }
         // An event of its key and version, with a value no handler should be given: its
         // version's place is held, dead with the reason, as for a value Postgres refuses.
-        events.push(placeholderFor(incoming, wrong))
+        events.push(placeholderFor(incoming, wrong, true))
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason: wrong, data: m.data })
         log.warn("rejected an event", { subject: m.subject, seq: m.seq, reason: wrong })
       } catch (err) {
@@ -705,14 +715,19 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // still an event, and its refusal is recorded like any other's.
   const placeholders = new WeakSet<IncomingEvent>()
 
-  /** What holds a refused event's version in its key: dead at its first run, with `reason`. */
-  const placeholderFor = (e: IncomingEvent, reason: string): IncomingEvent => {
+  /**
+   * What holds a refused event's version in its key: dead at its first run, with `reason`.
+   * With `keepTrace`, in the event's trace, where an SRE following the writer finds why it
+   * died: for a refusal of the envelope, not of Postgres, which may have been of the trace.
+   */
+  const placeholderFor = (e: IncomingEvent, reason: string, keepTrace = false): IncomingEvent => {
     const placeholder: IncomingEvent = {
       ...e,
       eventId: storableText(e.eventId),
       type: REFUSED_TYPE,
       payload: JSON.stringify({ type: storableText(e.type), reason }),
-      trace: null,
+      // A NUL in a header would have Postgres refuse the placeholder too.
+      trace: keepTrace && !e.trace?.includes("\\u0000") ? e.trace : null,
       createdAt: new Date().toISOString(),
     }
     placeholders.add(placeholder)
@@ -1522,6 +1537,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // next one picks up where this one stopped.
       if (vacuumPid !== undefined) await cancelVacuum(db, vacuumPid).catch(() => {})
       await vacuuming
+      for (const unregister of unregisterMetrics.splice(0)) unregister()
     },
     status: () => ({
       ...stats,

@@ -1557,6 +1557,23 @@ describe("keyed consumer", () => {
     await assert.rejects(consumer.start(), /start\(\) after stop\(\); make a new consumer/)
   })
 
+  test("the consumer made to replace a stopped one reports on the same metrics registry", async () => {
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const { t, stream, consumer } = await setup({ metrics })
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "the first effect",
+    })
+    await consumer.stop()
+    // Its names were refused as registered already: "make a new consumer" could not be done.
+    const { consumer: next } = await setup({ metrics, group: unique("g2") })
+    assert.equal(next.status().done, 0)
+    const body = (await metrics.render()).body
+    assert.match(body, /^consumer_done_total 0$/m, "the new one's count, not the stopped one's")
+    assert.match(body, /^consumer_commit_to_done_seconds_count 1$/m, "the histogram goes on")
+  })
+
   test("start() called twice at once starts one set of loops, which stop() stops", async () => {
     const { t, stream, consumer } = await unstarted({ pollIntervalMs: 100 })
     await Promise.all([consumer.start(), consumer.start()])

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
 import { after, before, test } from "node:test"
-import { createKeyedConsumer } from "@keyway/keyed-consumer"
+import { createKeyedConsumer, type KeyedConsumerConfig } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { encodeEnvelope } from "@keyway/schemas"
 import { startTelemetry } from "@keyway/telemetry"
@@ -33,26 +33,22 @@ after(async () => {
   await t.drop()
 })
 
+const consumerOf = (stream: string, handlers: KeyedConsumerConfig["handlers"]) =>
+  createKeyedConsumer({ group: unique("g"), stream, nats: nc, db: t.db, redis, handlers })
+
 test("effects passed to ctx.complete run in their own event's trace, not in a batch-mate's", async () => {
   const stream = await createTestStream(nc)
   const keys = ["k1", "k2", "k3", "k4", "k5", "k6"]
   const traceOf = new Map(keys.map((k) => [k, randomBytes(16).toString("hex")]))
   const seen = new Map<string, string | undefined>()
-  const consumer = createKeyedConsumer({
-    group: unique("g"),
-    stream: stream.name,
-    nats: nc,
-    db: t.db,
-    redis,
-    handlers: {
-      "demo.item.changed.v1": async (event, ctx) => {
-        await ctx.complete(async (trx) => {
-          seen.set(event.key, trace.getActiveSpan()?.spanContext().traceId)
-          // Holds its completion in flight, so the others queue: the next to submit gets a
-          // batch of its own (two may be in flight), the rest gather behind it.
-          if (event.key === "k1") await sql`select pg_sleep(1)`.execute(trx)
-        })
-      },
+  const consumer = consumerOf(stream.name, {
+    "demo.item.changed.v1": async (event, ctx) => {
+      await ctx.complete(async (trx) => {
+        seen.set(event.key, trace.getActiveSpan()?.spanContext().traceId)
+        // Holds its completion in flight, so the others queue: the next to submit gets a
+        // batch of its own (two may be in flight), the rest gather behind it.
+        if (event.key === "k1") await sql`select pg_sleep(1)`.execute(trx)
+      })
     },
   })
   try {
@@ -87,6 +83,40 @@ test("effects passed to ctx.complete run in their own event's trace, not in a ba
       message: () => `every key handled; seen ${[...seen.keys()]}`,
     })
     assert.deepEqual(new Map([...seen].sort()), traceOf)
+  } finally {
+    await consumer.stop()
+    await stream.delete()
+  }
+})
+
+test("an event refused for its envelope dies in its writer's trace", async () => {
+  const stream = await createTestStream(nc)
+  const consumer = consumerOf(stream.name, { "demo.item.changed.v1": async () => {} })
+  try {
+    await consumer.start()
+    const traceparent = `00-${randomBytes(16).toString("hex")}-${randomBytes(8).toString("hex")}-01`
+    const h = headers()
+    h.set("traceparent", traceparent)
+    const envelope = {
+      id: `${stream.site}:1`,
+      site: stream.site,
+      seq: 1,
+      topic: "demo.item",
+      key: "refused",
+      ver: 1,
+      type: "demo.item.changed.v1",
+      payload: { n: 1 },
+      // No zone: refused at ingest, its version held by a placeholder that dies.
+      createdAt: "2026-12-07T10:00:00",
+    }
+    await jetstream(nc).publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
+      msgID: envelope.id,
+      headers: h,
+    })
+    await waitFor(() => consumer.status().dead === 1, { timeoutMs: 10_000, message: "dead" })
+    const row = await sql<{ trace: { traceparent?: string } | null }>`
+      select trace from keyway.inbox where key = 'refused'`.execute(t.db)
+    assert.equal(row.rows[0]?.trace?.traceparent, traceparent)
   } finally {
     await consumer.stop()
     await stream.delete()

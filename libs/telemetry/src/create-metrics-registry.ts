@@ -60,10 +60,15 @@ export interface MetricsRegistry {
   histogram<const L extends BoundedLabels = NoLabels>(
     options: HistogramOptions<L>,
   ): HistogramMetric<L>
-  /** A counter fed by a running total; `collect` returning undefined leaves it as it was. */
-  collectedCounter(options: CollectedOptions): void
-  /** A gauge set at each scrape; `collect` returning undefined leaves it as it was. */
-  collectedGauge(options: CollectedOptions): void
+  /**
+   * A counter fed by a running total; `collect` returning undefined leaves it as it was.
+   * Returns what takes it off the registry: its owner's values must not outlive the owner, and
+   * an owner made again after it (a consumer after stop()) registers the name anew. A name
+   * that another owner still reports is refused.
+   */
+  collectedCounter(options: CollectedOptions): () => void
+  /** A gauge set at each scrape; otherwise as {@link collectedCounter}. */
+  collectedGauge(options: CollectedOptions): () => void
   /** The exposition text and its content type, for a `/metrics` response. */
   render(): Promise<{ contentType: string; body: string }>
 }
@@ -72,9 +77,14 @@ export class MetricsError extends Error {
   override name = "MetricsError"
 }
 
-/** Latency buckets in seconds, 1 ms to 30 s: a vendor call and a whole pipeline both fit. */
+/**
+ * Latency buckets in seconds, 1 ms to 4 h: a vendor call, and a whole pipeline through a leaf
+ * link cut for hours or a task retried for two. Topped at 30 s, every such value fell in
+ * +Inf, and histogram_quantile() reported 30 s for an outage's p99 of hours.
+ */
 export const LATENCY_BUCKETS = [
-  0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+  0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600,
+  14400,
 ]
 
 /** A Prometheus registry of its own (never prom-client's global one) with bounded labels. */
@@ -100,27 +110,73 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
     }
   }
 
+  // Metrics updated as things happen are shared by name: a second owner of the same kind (a
+  // consumer made again after stop(), two in one process) adds to the series the first began.
+  // Made anew, the name was refused as registered already.
+  const shared = new Map<string, { kind: string; labels: string; metric: unknown }>()
+  const sharedMetric = <M>(
+    kind: string,
+    name: string,
+    labels: BoundedLabels | undefined,
+    make: () => M,
+  ): M => {
+    const labelNames = JSON.stringify(Object.keys(labels ?? {}).sort())
+    const known = shared.get(name)
+    if (known) {
+      if (known.kind !== kind || known.labels !== labelNames) {
+        throw new MetricsError(
+          `${name} is registered already as a ${known.kind} with labels ${known.labels}; asked for a ${kind} with ${labelNames}`,
+        )
+      }
+      return known.metric as M
+    }
+    const metric = make()
+    shared.set(name, { kind, labels: labelNames, metric })
+    return metric
+  }
+  const collected = (name: string, make: () => void) => {
+    if (registry.getSingleMetric(name)) {
+      throw new MetricsError(
+        `${name} is reported by another owner on this registry: stop that one first, or give each a registry (or prefix) of its own`,
+      )
+    }
+    make()
+    return () => registry.removeSingleMetric(name)
+  }
+
   return {
     counter(options) {
       const name = prefix + options.name
       const check = checker(name, options.labels)
-      const c = new Counter({
+      const c = sharedMetric(
+        "counter",
         name,
-        help: options.help,
-        labelNames: Object.keys(options.labels ?? {}),
-        registers: [registry],
-      })
+        options.labels,
+        () =>
+          new Counter({
+            name,
+            help: options.help,
+            labelNames: Object.keys(options.labels ?? {}),
+            registers: [registry],
+          }),
+      )
       return { inc: (labels, by = 1) => c.inc(check(labels as any), by) }
     },
     gauge(options) {
       const name = prefix + options.name
       const check = checker(name, options.labels)
-      const g = new Gauge({
+      const g = sharedMetric(
+        "gauge",
         name,
-        help: options.help,
-        labelNames: Object.keys(options.labels ?? {}),
-        registers: [registry],
-      })
+        options.labels,
+        () =>
+          new Gauge({
+            name,
+            help: options.help,
+            labelNames: Object.keys(options.labels ?? {}),
+            registers: [registry],
+          }),
+      )
       return {
         set: (value, labels) => g.set(check(labels as any), value),
         inc: (labels, by = 1) => g.inc(check(labels as any), by),
@@ -130,39 +186,51 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
     histogram(options) {
       const name = prefix + options.name
       const check = checker(name, options.labels)
-      const h = new Histogram({
+      const h = sharedMetric(
+        "histogram",
         name,
-        help: options.help,
-        labelNames: Object.keys(options.labels ?? {}),
-        buckets: options.buckets ?? LATENCY_BUCKETS,
-        registers: [registry],
-      })
+        options.labels,
+        () =>
+          new Histogram({
+            name,
+            help: options.help,
+            labelNames: Object.keys(options.labels ?? {}),
+            buckets: options.buckets ?? LATENCY_BUCKETS,
+            registers: [registry],
+          }),
+      )
       return { observe: (value, labels) => h.observe(check(labels as any), value) }
     },
     collectedCounter(options) {
+      const name = prefix + options.name
       let last = 0
-      new Counter({
-        name: prefix + options.name,
-        help: options.help,
-        registers: [registry],
-        async collect() {
-          const total = await options.collect()
-          // A total that went down belongs to an owner that started again: count it afresh.
-          if (total === undefined) return
-          this.inc(total >= last ? total - last : total)
-          last = total
-        },
+      return collected(name, () => {
+        new Counter({
+          name,
+          help: options.help,
+          registers: [registry],
+          async collect() {
+            const total = await options.collect()
+            // A total that went down belongs to an owner that started again: count it afresh.
+            if (total === undefined) return
+            this.inc(total >= last ? total - last : total)
+            last = total
+          },
+        })
       })
     },
     collectedGauge(options) {
-      new Gauge({
-        name: prefix + options.name,
-        help: options.help,
-        registers: [registry],
-        async collect() {
-          const value = await options.collect()
-          if (value !== undefined) this.set(value)
-        },
+      const name = prefix + options.name
+      return collected(name, () => {
+        new Gauge({
+          name,
+          help: options.help,
+          registers: [registry],
+          async collect() {
+            const value = await options.collect()
+            if (value !== undefined) this.set(value)
+          },
+        })
       })
     },
     async render() {

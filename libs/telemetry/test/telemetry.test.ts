@@ -106,6 +106,45 @@ describe("metrics", () => {
     assert.match(await scrape(), /^done_total 10$/m)
   })
 
+  test("a collected metric leaves with its owner; its name is refused while another reports it", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    const remove = m.collectedGauge({ name: "draining", help: "d", collect: () => 3 })
+    assert.throws(
+      () => m.collectedGauge({ name: "draining", help: "d", collect: () => 4 }),
+      (err: Error) => err instanceof MetricsError && /reported by another owner/.test(err.message),
+    )
+    assert.match((await m.render()).body, /^draining 3$/m)
+    remove()
+    assert.doesNotMatch((await m.render()).body, /draining/, "gone with its owner")
+    // The owner made again after it registers the name anew.
+    m.collectedGauge({ name: "draining", help: "d", collect: () => 4 })
+    assert.match((await m.render()).body, /^draining 4$/m)
+  })
+
+  test("a metric asked for again by name is the same series, and of the same kind only", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    const first = m.histogram({ name: "wait_seconds", help: "w" })
+    const second = m.histogram({ name: "wait_seconds", help: "w" })
+    first.observe(0.2)
+    second.observe(0.3)
+    assert.match((await m.render()).body, /^wait_seconds_count 2$/m)
+    assert.throws(
+      () => m.counter({ name: "wait_seconds", help: "w" }),
+      (err: Error) =>
+        err instanceof MetricsError && /registered already as a histogram/.test(err.message),
+    )
+  })
+
+  test("latencies of hours (a leaf link cut, a task retried for two) fall in a bucket, not +Inf", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    const h = m.histogram({ name: "commit_to_done_seconds", help: "c" })
+    h.observe(600)
+    h.observe(7200)
+    const body = (await m.render()).body
+    assert.match(body, /^commit_to_done_seconds_bucket\{le="3600"\} 1$/m)
+    assert.match(body, /^commit_to_done_seconds_bucket\{le="14400"\} 2$/m)
+  })
+
   test("gauges fed by one query ask it once per scrape; a failed read keeps their values", async () => {
     const m = createMetricsRegistry({ defaultMetrics: false })
     let reads = 0
