@@ -4,6 +4,7 @@
 // the writing and the report; the relay catches up when it is back.
 import { readdirSync } from "node:fs"
 import { setTimeout as sleep } from "node:timers/promises"
+import { fileURLToPath } from "node:url"
 import { ConfigError, natsServersEnv, perSecondEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
@@ -54,9 +55,9 @@ const nc = await connectNats({ servers: settings.natsServers, name: `keyway-demo
 const jsm = await jetstreamManager(nc)
 // Only the site's origin stream: its cross-site copies source from another JetStream domain,
 // which the machine's single shared server does not have (`just up` runs both sites).
-const streams = (await loadStreamDefinitions(new URL(`${site}.json`, streamsDir).pathname)).filter(
-  (s) => s.subjects?.length,
-)
+const streams = (
+  await loadStreamDefinitions(fileURLToPath(new URL(`${site}.json`, streamsDir)))
+).filter((s) => s.subjects?.length)
 await applyStreams(jsm, streams)
 const relay = createRelay({ connectionString: databaseUrl, jetstream: jetstream(nc), site })
 await relay.start()

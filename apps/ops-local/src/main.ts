@@ -5,7 +5,12 @@ import { existsSync } from "node:fs"
 import { mkdir } from "node:fs/promises"
 import { join } from "node:path"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
-import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
+import {
+  applyStreams,
+  connectNats,
+  loadStreamDefinitions,
+  type StreamDefinition,
+} from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
@@ -125,6 +130,18 @@ async function up(sites: SiteName[], config: OpsConfig) {
     demoRate: config.demoRate,
   }
   const plans = sites.map((site) => ({ site, specs: siteProcesses(SITES[site], ctx) }))
+  // Read before anything starts: a stray comma there failed `up` after the servers had
+  // started and a database was migrated, with a JSON error that named no file.
+  const streams = new Map<SiteName, StreamDefinition[]>()
+  for (const site of sites) {
+    const file = join(root, SITES[site].streamsFile)
+    streams.set(
+      site,
+      await loadStreamDefinitions(file).catch((err) => {
+        throw new Error(`cannot read ${file}: ${(err as Error).message}`)
+      }),
+    )
+  }
   for (const site of sites) {
     await mkdir(join(runDir, site, "jetstream"), { recursive: true })
     await mkdir(join(runDir, site, "redis"), { recursive: true })
@@ -172,7 +189,7 @@ async function up(sites: SiteName[], config: OpsConfig) {
         waitForServer: false,
       })
       try {
-        const definitions = await loadStreamDefinitions(join(root, plan.streamsFile))
+        const definitions = streams.get(site)!
         await applyStreams(await jetstreamManager(nc), definitions)
         say(`  ${`${site} streams`.padEnd(16)} ${definitions.map((d) => d.name).join(", ")}`)
       } finally {
@@ -300,16 +317,18 @@ function parseSites(arg: string | undefined): SiteName[] {
 
 const [command, siteArg] = process.argv.slice(2)
 try {
-  const config = parseOpsConfig(process.env)
+  // Read by the commands that use it only: a bad DEMO_RATE in the environment must not keep
+  // `down` from stopping the sites.
+  const config = () => parseOpsConfig(process.env)
   switch (command) {
     case "up":
-      await up(parseSites(siteArg), config)
+      await up(parseSites(siteArg), config())
       break
     case "down":
       await down(parseSites(siteArg))
       break
     case "status":
-      await status(config)
+      await status(config())
       break
     case "secrets":
       await siteSecrets()

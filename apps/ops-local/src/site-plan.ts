@@ -4,6 +4,7 @@
 import { createHash } from "node:crypto"
 import { readFileSync } from "node:fs"
 import { dirname, join, resolve } from "node:path"
+import { fileURLToPath } from "node:url"
 import { inboxPrefixFor, leafRemoteUrl } from "@keyway/nats"
 
 export type SiteName = "cloud" | "factory"
@@ -326,7 +327,11 @@ export function siteProcesses(plan: SitePlan, ctx: LaunchContext): ProcessSpec[]
   ]
 }
 
-/** The repository root, from this file's place in it. */
-export function repositoryRoot(): string {
-  return resolve(dirname(new URL(import.meta.url).pathname), "../../..")
+/**
+ * The repository root, from this file's place in it. Not the URL's pathname: that keeps its
+ * percent-escapes, and a checkout under `/tmp/a b` became `/tmp/a%20b`, a tree that `up`
+ * wrote its secrets into before failing to read the NATS config there.
+ */
+export function repositoryRoot(moduleUrl = import.meta.url): string {
+  return resolve(dirname(fileURLToPath(moduleUrl)), "../../..")
 }

@@ -110,3 +110,12 @@ test("a process's digest changes with its settings: a password, the demo rate, a
     await rm(dir, { recursive: true, force: true })
   }
 })
+
+test("the repository root of a checkout whose path has a space is that path, unescaped", () => {
+  // The module URL escapes the space; the root it names must not (`up` wrote its secrets
+  // under /tmp/a%20b and then failed there).
+  assert.equal(
+    repositoryRoot("file:///tmp/a%20b/keyway/apps/ops-local/src/site-plan.ts"),
+    "/tmp/a b/keyway",
+  )
+})
