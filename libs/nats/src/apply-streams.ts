@@ -145,6 +145,10 @@ export const STREAM_DEFAULTS = {
   discard: "old",
   duplicate_window: 120e9,
   num_replicas: 1,
+  // None: a stream that only copies others (sources) listens on no subject. Kept from before,
+  // an origin turned into a copy went on taking its subjects too, and stored events twice.
+  // (One declared with neither gets the server's default, its own name.)
+  subjects: [],
   sources: [],
   allow_rollup_hdrs: false,
   allow_direct: false,

@@ -175,6 +175,22 @@ test("a field left out of a declaration is set back to its default, not kept fro
   assert.equal((await jsm.streams.info(copy)).config.sources?.length, 1)
 })
 
+test("subjects left out of a declaration are not kept: an origin made a copy stops taking them", async () => {
+  const name = uniqueName()
+  const subjects = [`${name.toLowerCase()}.>`]
+  await applyStreams(jsm, [{ name, subjects }])
+  const source = { name: "ELSEWHERE", external: { api: "$JS.elsewhere.API", deliver: "" } }
+  await applyStreams(jsm, [{ name, sources: [source] }])
+  const config = (await jsm.streams.info(name)).config
+  assert.deepEqual(config.subjects ?? [], [], "a copy listens on no subject")
+  assert.equal(config.sources?.length, 1)
+  await assert.rejects(
+    jetstream(nc).publish(`${name.toLowerCase()}.x`, "written to the copy"),
+    // No stream takes the subject: nats.js reads the server's 503 so.
+    /no responders|jetstream is not enabled/,
+  )
+})
+
 test("a source declared by domain is the same source the server reports by API prefix", () => {
   const live = {
     name: "CLOUD_IN",
