@@ -68,20 +68,25 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   if (started) throw new TelemetryError("startTelemetry was already called in this process")
   if (!config.serviceName) throw new TelemetryError("serviceName is required")
   started = true
-  if (config.logger) diag.setLogger(sdkTroubleTo(config.logger), DiagLogLevel.WARN)
+  const troubleTo = config.logger && sdkTroubleTo(config.logger)
+  const reportTrouble = () => troubleTo && diag.setLogger(troubleTo, DiagLogLevel.WARN)
   const propagator = new core.CompositePropagator({
     propagators: [new core.W3CTraceContextPropagator(), new core.W3CBaggagePropagator()],
   })
-  if (!config.otlpEndpoint) {
-    // No SDK: the API's no-op tracer creates non-recording spans that still carry the
-    // incoming context, and this propagator writes it on, so the trace survives a hop
-    // through a process that does not export. The context manager makes context.with()
-    // hold across awaits, as the SDK's does: without it a handler that enqueues follow-up
-    // events saw no active context, and stored none.
+  // No SDK: the API's no-op tracer creates non-recording spans that still carry the incoming
+  // context, and this propagator writes it on, so the trace survives a hop through a process
+  // that does not export. The context manager makes context.with() hold across awaits, as
+  // the SDK's does: without it a handler that enqueues follow-up events saw no active
+  // context, and stored none.
+  const propagateOnly = (): Telemetry => {
     context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable())
     propagation.setGlobalPropagator(propagator)
     const noop = async () => {}
     return { exporting: false, forceFlush: noop, shutdown: noop, [Symbol.asyncDispose]: noop }
+  }
+  if (!config.otlpEndpoint) {
+    reportTrouble()
+    return propagateOnly()
   }
   let url: URL
   try {
@@ -114,7 +119,14 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     // conventions need them, and patching pg/http would add a span per query.
     instrumentations: [],
   })
+  // The SDK reads two variables of the environment itself. OTEL_LOG_LEVEL has its constructor
+  // put a console logger in place: set before it, the one given was replaced, and the SDK's
+  // trouble went to the console unthrottled.
+  reportTrouble()
   sdk.start()
+  // OTEL_SDK_DISABLED=true makes start() do nothing: no propagator and no context manager
+  // either, and every outbox row stored a null trace while this said it exported.
+  if (propagation.fields().length === 0) return propagateOnly()
   let stopped: Promise<void> | undefined
   const shutdownTimeoutMs = config.shutdownTimeoutMs ?? 2000
   const shutdown = () => {

@@ -244,7 +244,20 @@ test("without an endpoint, a context made active holds across an await, and is p
   await child.exited()
   assert.equal(child.exitCode, 0, child.lines.join("\n"))
   assert.deepEqual(child.json(), [
-    { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" },
+    { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", exporting: false },
+  ])
+})
+
+test("with the SDK disabled from the environment, context is still propagated, and nothing said to export", async () => {
+  // OTEL_SDK_DISABLED is read by the SDK itself; its start() then registered nothing.
+  const child = spawnTs(
+    fileURLToPath(new URL("./fixtures/context-across-await.ts", import.meta.url)),
+    { OTLP_URL: "http://127.0.0.1:9", OTEL_SDK_DISABLED: "true" },
+  )
+  await child.exited()
+  assert.equal(child.exitCode, 0, child.lines.join("\n"))
+  assert.deepEqual(child.json(), [
+    { traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", exporting: false },
   ])
 })
 
@@ -270,28 +283,41 @@ test("shutdown gives up after shutdownTimeoutMs on a receiver that takes the con
   }
 })
 
-test("a failing export is reported to the logger given, once however often it fails", async () => {
-  let requests = 0
-  const refusing = createHttpServer((req, res) => {
-    requests++
-    req.resume()
-    req.on("end", () => res.writeHead(500).end("receiver broken"))
-  })
-  await new Promise<void>((r) => refusing.listen(0, "127.0.0.1", r))
-  try {
-    const { port } = refusing.address() as AddressInfo
-    const child = spawnTs(fileURLToPath(new URL("./fixtures/export-fails.ts", import.meta.url)), {
-      OTLP_URL: `http://127.0.0.1:${port}`,
+for (const [env, why] of [
+  [{}, ""],
+  [{ OTEL_LOG_LEVEL: "debug" }, ", OTEL_LOG_LEVEL set or not"],
+] as const)
+  test(`a failing export is reported to the logger given, once however often it fails${why}`, async () => {
+    let requests = 0
+    const refusing = createHttpServer((req, res) => {
+      requests++
+      req.resume()
+      req.on("end", () => res.writeHead(500).end("receiver broken"))
     })
-    await child.exited()
-    assert.equal(child.exitCode, 0, child.lines.join("\n"))
-    const reports = child
-      .json()
-      .filter((l) => l.message === "telemetry: the OpenTelemetry SDK reports trouble")
-    assert.ok(requests >= 3, `${requests} exports tried`)
-    assert.equal(reports.length, 1, child.lines.join("\n"))
-    assert.match(String(reports[0]!.report), /500|receiver broken/)
-  } finally {
-    refusing.close()
-  }
-})
+    await new Promise<void>((r) => refusing.listen(0, "127.0.0.1", r))
+    try {
+      const { port } = refusing.address() as AddressInfo
+      const child = spawnTs(fileURLToPath(new URL("./fixtures/export-fails.ts", import.meta.url)), {
+        OTLP_URL: `http://127.0.0.1:${port}`,
+        ...env,
+      })
+      await child.exited()
+      assert.equal(child.exitCode, 0, child.lines.join("\n"))
+      // The SDK reads OTEL_LOG_LEVEL itself, and put a console logger of its own in place of
+      // the one given: its reports went to the console, each export's. (That logger still
+      // writes one line, of its own registration, before it is replaced.)
+      assert.deepEqual(
+        child.lines.filter((l) => !l.startsWith("{") && /receiver broken|OTLPExporter/.test(l)),
+        [],
+        "no report to the console",
+      )
+      const reports = child
+        .json()
+        .filter((l) => l.message === "telemetry: the OpenTelemetry SDK reports trouble")
+        .filter((l) => /receiver broken/.test(String(l.report)))
+      assert.ok(requests >= 3, `${requests} exports tried`)
+      assert.equal(reports.length, 1, child.lines.join("\n"))
+    } finally {
+      refusing.close()
+    }
+  })
