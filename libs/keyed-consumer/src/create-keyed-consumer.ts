@@ -35,6 +35,7 @@ import * as Schedule from "effect/Schedule"
 import type { Redis } from "ioredis"
 import type { Kysely } from "kysely"
 import { Batcher } from "./internal/batcher.ts"
+import { checkSettings } from "./internal/check-settings.ts"
 import { type DurableOptions, ensureDurable } from "./internal/ensure-consumer.ts"
 import {
   backlogSummary,
@@ -298,6 +299,7 @@ function neverThrows(logger: KeyedConsumerLogger): KeyedConsumerLogger {
  * share the durable consumer, the inbox and the keys.
  */
 export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer {
+  checkSettings(config)
   const group = config.group
   const db = config.db
   const log = neverThrows(config.logger ?? quiet)
@@ -462,6 +464,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   }
   const js = jetstream(config.nats)
   let stopping = false
+  let stopped: Promise<void> | undefined
   // Each drain's own controller, aborted when its key is lost or when stop()'s grace runs out.
   // Not AbortSignal.any([lost, shutdown]): on Node 20 a signal made from a long-lived one stays
   // referenced by it for good (nodejs/node#55351). Measured in a loop: 4 million calls kept
@@ -1506,38 +1509,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       })()
       return starting
     },
-    async stop() {
-      if (stopping) return
-      stopping = true
-      // Runs waiting for their turn were not started: they end now, not after the grace.
-      gate.close()
-      await Effect.runPromise(Fiber.interruptAll(fibers))
-      // Each key finishes the task in hand, each safety-net round and the ingest its
-      // statements in hand; handlers still running after the grace period are told to give
-      // up through their AbortSignal. One deadline for all: the process gives its whole stop
-      // 14 s (handleStopSignals), and pm2 kills one that takes longer than 15 s.
-      const grace = setTimeout(() => {
-        shutdownReason = new Error("shutting down")
-        for (const drain of drainAborts) drain.abort(shutdownReason)
-      }, graceMs)
-      let deadlineTimer: NodeJS.Timeout | undefined
-      const deadline = new Promise((r) => {
-        deadlineTimer = setTimeout(r, graceMs)
-      })
-      await Promise.race([flushing, deadline])
-      for (const { timer } of retryTimers.values()) clearTimeout(timer)
-      await Promise.all([
-        Promise.race([Promise.allSettled(roundsInHand), deadline]),
-        scheduler.stop(),
-      ])
-      clearTimeout(deadlineTimer)
-      await Promise.all(pendingRechecks)
-      clearTimeout(grace)
-      // A vacuum of a large inbox can outlast any shutdown budget (pm2 kills after 15 s); the
-      // next one picks up where this one stopped.
-      if (vacuumPid !== undefined) await cancelVacuum(db, vacuumPid).catch(() => {})
-      await vacuuming
-      for (const unregister of unregisterMetrics.splice(0)) unregister()
+    stop() {
+      // One stop, shared: a second call (a signal handler's, then `await using`'s dispose)
+      // returned at once, and its caller closed the pool and Redis under drains still
+      // finishing: their completions failed, and their locks were left to expire.
+      stopped ??= stopOnce()
+      return stopped
     },
     status: () => ({
       ...stats,
@@ -1548,6 +1525,39 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     [Symbol.asyncDispose]() {
       return this.stop()
     },
+  }
+
+  async function stopOnce(): Promise<void> {
+    stopping = true
+    // Runs waiting for their turn were not started: they end now, not after the grace.
+    gate.close()
+    await Effect.runPromise(Fiber.interruptAll(fibers))
+    // Each key finishes the task in hand, each safety-net round and the ingest its
+    // statements in hand; handlers still running after the grace period are told to give
+    // up through their AbortSignal. One deadline for all: the process gives its whole stop
+    // 14 s (handleStopSignals), and pm2 kills one that takes longer than 15 s.
+    const grace = setTimeout(() => {
+      shutdownReason = new Error("shutting down")
+      for (const drain of drainAborts) drain.abort(shutdownReason)
+    }, graceMs)
+    let deadlineTimer: NodeJS.Timeout | undefined
+    const deadline = new Promise((r) => {
+      deadlineTimer = setTimeout(r, graceMs)
+    })
+    await Promise.race([flushing, deadline])
+    for (const { timer } of retryTimers.values()) clearTimeout(timer)
+    await Promise.all([
+      Promise.race([Promise.allSettled(roundsInHand), deadline]),
+      scheduler.stop(),
+    ])
+    clearTimeout(deadlineTimer)
+    await Promise.all(pendingRechecks)
+    clearTimeout(grace)
+    // A vacuum of a large inbox can outlast any shutdown budget (pm2 kills after 15 s); the
+    // next one picks up where this one stopped.
+    if (vacuumPid !== undefined) await cancelVacuum(db, vacuumPid).catch(() => {})
+    await vacuuming
+    for (const unregister of unregisterMetrics.splice(0)) unregister()
   }
 }
 

@@ -16,6 +16,7 @@ export {
   type KeyedConsumerLogger,
   type KeyedConsumerStatus,
 } from "./create-keyed-consumer.ts"
+export { KeyedConsumerConfigError } from "./internal/check-settings.ts"
 export {
   type CompleteOptions,
   type DeadPolicy,

@@ -7,6 +7,7 @@ import {
   createKeyedConsumer,
   type KeyedConsumer,
   type KeyedConsumerConfig,
+  KeyedConsumerConfigError,
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
@@ -1572,6 +1573,56 @@ describe("keyed consumer", () => {
     const body = (await metrics.render()).body
     assert.match(body, /^consumer_done_total 0$/m, "the new one's count, not the stopped one's")
     assert.match(body, /^consumer_commit_to_done_seconds_count 1$/m, "the histogram goes on")
+  })
+
+  test("a setting out of range is refused by name: a lease with a fraction used to stop every drain", async () => {
+    const t = await createTestDatabase()
+    cleanups.push(() => t.drop())
+    const make = (overrides: Partial<KeyedConsumerConfig>) => () =>
+      createKeyedConsumer({
+        group: "g",
+        stream: "S",
+        nats: nc,
+        db: t.db,
+        redis,
+        handlers: {},
+        ...overrides,
+      })
+    // redlock refuses a duration with a fraction, and the refusal read as a key held elsewhere.
+    assert.throws(
+      make({ leaseMs: 10_000 / 3 }),
+      (err: Error) =>
+        err instanceof KeyedConsumerConfigError &&
+        /leaseMs must be an integer of at least 100, not 3333\.3/.test(err.message),
+    )
+    assert.throws(
+      make({ concurrency: 0, policies: { "demo.item": { maxAttempts: 0 } } }),
+      /concurrency must be an integer of at least 1, not 0; policies\["demo.item"\]\.maxAttempts must be an integer of at least 1, not 0/,
+    )
+    assert.throws(make({ pollIntervalMs: Number.NaN }), /pollIntervalMs must be a number/)
+  })
+
+  test("a second stop() (a dispose after a signal's) waits for the first to finish", async () => {
+    let started = false
+    let finished = false
+    const { t, stream, consumer } = await setup({
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          started = true
+          await new Promise((r) => setTimeout(r, 500))
+          await recordEffect("w1")(event, ctx)
+          finished = true
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await waitFor(() => started, { timeoutMs: 10_000, message: "the handler started" })
+    const first = consumer.stop()
+    await consumer[Symbol.asyncDispose]()
+    assert.ok(finished, "the task in hand finished before the second stop returned")
+    assert.equal(consumer.status().drainingKeys, 0)
+    assert.equal((await effects(t.db)).length, 1)
+    await first
   })
 
   test("start() called twice at once starts one set of loops, which stop() stops", async () => {
