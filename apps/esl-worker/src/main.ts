@@ -60,6 +60,13 @@ await untilReady("Postgres", () => assertMigrated(db))
 // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
 const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1, enableAutoPipelining: true })
 redis.on("error", (err) => logger.warn("redis error", { error: err.message }))
+// Reached before the worker says it started: the key locks are Redis', and without them no
+// task runs, while ingest goes on as if all were well. A refused password ends the process.
+await retryUntilReady(() => redis.ping(), {
+  what: "Redis",
+  log: logger.warn,
+  attemptTimeoutMs: 5000,
+})
 
 const worker = createEslWorker({
   db,

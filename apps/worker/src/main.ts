@@ -56,6 +56,13 @@ await untilReady("Postgres", async () => {
 const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
 // ioredis reconnects by itself; without a listener an outage would print a stack per retry.
 redis.on("error", (err) => logger.warn("redis", { error: err.message }))
+// Reached before the worker says it started: the key locks are Redis', and without them no
+// task runs, while ingest goes on as if all were well. A refused password ends the process.
+await retryUntilReady(() => redis.ping(), {
+  what: "Redis",
+  log: logger.warn,
+  attemptTimeoutMs: 5000,
+})
 const nc = await untilReady("NATS", () =>
   connectNats({
     servers: config.natsServers,

@@ -48,8 +48,14 @@ const startWorker = (stream: string, group: string, databaseUrl: string) =>
 const waits = (lines: Record<string, any>[], what: string) =>
   lines.filter((l) => l.level === "warn" && l.message === `waiting for ${what}`).length
 
-test("a worker waits for Postgres, NATS, then its stream, then starts; SIGTERM exits 0", async () => {
+test("a worker waits for Postgres, Redis, NATS, then its stream, then starts; SIGTERM exits 0", async () => {
   const natsUrl = new URL(NATS_URL)
+  const redisUrl = new URL(REDIS_URL)
+  // Its key locks: a worker started without Redis ingested and ran nothing, looking healthy.
+  await using redisProxy = await createTcpProxy({
+    host: redisUrl.hostname,
+    port: Number(redisUrl.port || 6379),
+  })
   await using pgProxy = await createTcpProxy({
     host: "127.0.0.1",
     port: Number(new URL(t.url).port),
@@ -59,6 +65,7 @@ test("a worker waits for Postgres, NATS, then its stream, then starts; SIGTERM e
     port: Number(natsUrl.port),
   })
   pgProxy.cut()
+  redisProxy.cut()
   natsProxy.cut()
   const url = new URL(t.url)
   url.host = `${pgProxy.host}:${pgProxy.port}`
@@ -72,7 +79,7 @@ test("a worker waits for Postgres, NATS, then its stream, then starts; SIGTERM e
     KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
     DATABASE_URL: url.toString(),
     NATS_URL: `nats://127.0.0.1:${natsProxy.port}`,
-    REDIS_URL,
+    REDIS_URL: `redis://127.0.0.1:${redisProxy.port}`,
   })
   const printed = () => `it printed ${worker.lines.join("\n")}`
   try {
@@ -82,6 +89,13 @@ test("a worker waits for Postgres, NATS, then its stream, then starts; SIGTERM e
     })
     assert.equal(worker.exitCode, null, "still running while Postgres is away")
     pgProxy.restore()
+    await waitFor(() => waits(worker.json(), "Redis") >= 2, {
+      timeoutMs: 30_000,
+      message: () => `two waits for Redis; ${printed()}`,
+    })
+    assert.ok(!worker.json().some((l) => l.message === "worker started"), printed())
+    assert.equal(worker.exitCode, null, "still running while Redis is away")
+    redisProxy.restore()
     await waitFor(() => waits(worker.json(), "NATS") >= 2, {
       timeoutMs: 30_000,
       message: () => `two waits for NATS; ${printed()}`,

@@ -20,6 +20,13 @@ export interface RetryUntilReadyOptions {
    * operating system's connect timeout to fail.
    */
   maxDelayMs?: number
+  /**
+   * Gives a try up after this long, as a failure: for a client that waits for its server
+   * itself, without a bound (ioredis re-sends a command at every reconnect, and one through
+   * a link that accepts and drops each connection was never answered nor refused). None by
+   * default.
+   */
+  attemptTimeoutMs?: number
 }
 
 /**
@@ -36,7 +43,9 @@ export async function retryUntilReady<T>(
   let delayMs = options.firstDelayMs ?? 250
   for (let attempt = 1; ; attempt++) {
     try {
-      return await step()
+      return await (options.attemptTimeoutMs === undefined
+        ? step()
+        : within(step(), options.attemptTimeoutMs))
     } catch (err) {
       if (isPermanent(err)) throw err
       options.log(`waiting for ${options.what}`, {
@@ -61,6 +70,7 @@ export async function retryUntilReady<T>(
  * - A JetStream API answer with status 400: a stream configuration the server refuses, a
  *   consumer filter outside its stream. Its absence (404) or JetStream still starting (503)
  *   may mend.
+ * - Redis refusing the credentials (an ioredis ReplyError of WRONGPASS, NOAUTH or NOPERM).
  * - An error that says so itself (`permanent: true`): a refusal that waiting cannot mend.
  */
 function isPermanent(err: unknown): boolean {
@@ -70,6 +80,8 @@ function isPermanent(err: unknown): boolean {
   if (typeof e.code === "string" && (e.code.startsWith("28") || e.code === "42501")) return true
   if (e.name === "AuthorizationError" || e.name === "PermissionViolationError") return true
   if (e.status === 400 && typeof e.code === "number") return true
+  if (e.name === "ReplyError" && /^(WRONGPASS|NOAUTH|NOPERM)\b/.test(String((e as Error).message)))
+    return true
   const cause = (err as { cause?: { name?: unknown } | null }).cause
   return e.name === "RequestError" && cause?.name === "PermissionViolationError"
 }
@@ -84,4 +96,14 @@ export function describeError(err: unknown): string {
   }
   if (err instanceof Error) return err.message || String((err as { code?: unknown }).code ?? err)
   return String(err)
+}
+
+/** The step's answer, or a failure once `ms` have passed; the step itself goes on unheard. */
+function within<T>(step: Promise<T>, ms: number): Promise<T> {
+  step.catch(() => {})
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms)
+  })
+  return Promise.race([step, late]).finally(() => clearTimeout(timer))
 }

@@ -31,6 +31,8 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
   const pgError = (code: string) => Object.assign(new Error(`pg ${code}`), { code })
   const jsError = (status: number, code: number) =>
     Object.assign(new Error(`js ${status}`), { name: "JetStreamApiError", status, code })
+  // As ioredis reports a Redis error reply.
+  const redisError = (message: string) => Object.assign(new Error(message), { name: "ReplyError" })
   const authError = Object.assign(new Error("Authorization Violation"), {
     name: "AuthorizationError",
   })
@@ -79,6 +81,9 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "server starting up": await outcome(pgError("57P03")),
       "stream not found": await outcome(jsError(404, 10059)),
       "jetstream not ready": await outcome(jsError(503, 10008)),
+      "redis password": await outcome(redisError("WRONGPASS invalid username-password pair")),
+      "redis without a password": await outcome(redisError("NOAUTH Authentication required.")),
+      "redis loading": await outcome(redisError("LOADING Redis is loading the dataset")),
     },
     {
       "wrong password": "thrown (1 calls)",
@@ -94,6 +99,9 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "server starting up": "retried (2 calls)",
       "stream not found": "retried (2 calls)",
       "jetstream not ready": "retried (2 calls)",
+      "redis password": "thrown (1 calls)",
+      "redis without a password": "thrown (1 calls)",
+      "redis loading": "retried (2 calls)",
     },
   )
 })
@@ -113,4 +121,23 @@ test("retryUntilReady logs what a refused localhost says (an AggregateError with
     { what: "Postgres", log: (_m, fields) => logged.push(fields.error), firstDelayMs: 1 },
   )
   assert.deepEqual(logged, ["connect ECONNREFUSED ::1:5432; connect ECONNREFUSED 127.0.0.1:5432"])
+})
+
+test("retryUntilReady gives a try up after attemptTimeoutMs, as a failure, and tries again", async () => {
+  const logged: Record<string, unknown>[] = []
+  let calls = 0
+  const value = await retryUntilReady(
+    () => (++calls === 1 ? new Promise<string>(() => {}) : Promise.resolve("ready")),
+    {
+      what: "Redis",
+      log: (message, fields) => logged.push({ message, ...fields }),
+      firstDelayMs: 1,
+      attemptTimeoutMs: 20,
+    },
+  )
+  assert.equal(value, "ready")
+  assert.equal(calls, 2)
+  assert.deepEqual(logged, [
+    { message: "waiting for Redis", attempt: 1, retryInMs: 1, error: "no answer within 20 ms" },
+  ])
 })
