@@ -113,6 +113,21 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
     throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
   }
+  // pg decodes the user and password with decodeURIComponent when a client is made: a
+  // malformed escape (`%E9`, a Latin-1 é encoded by hand) threw there, and the process waited
+  // for Postgres for ever, logging "URI malformed" with no word of DATABASE_URL.
+  for (const [part, text] of [
+    ["user", url.username],
+    ["password", url.password],
+  ] as const) {
+    try {
+      decodeURIComponent(text)
+    } catch {
+      throw new ConfigError(
+        `${name}'s ${part} holds a % that does not start an escape of UTF-8: write a % itself as %25`,
+      )
+    }
+  }
   // Read by @keyway/db's connectTimeoutMillis as libpq reads it; a bad one failed there, as
   // the pool was made, with a stack trace instead of this message and exit 2.
   const timeout = url.searchParams.get("connect_timeout")

@@ -93,6 +93,18 @@ test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (i
       raw,
     )
   }
+  // A password pg cannot decode, said without repeating it.
+  assert.throws(
+    () => postgresUrlEnv({ DATABASE_URL: "postgres://u:secret%E9@h/db" }),
+    (err: Error) =>
+      err instanceof ConfigError &&
+      /DATABASE_URL's password holds a % that does not start an escape/.test(err.message) &&
+      !err.message.includes("secret"),
+  )
+  assert.equal(
+    postgresUrlEnv({ DATABASE_URL: "postgres://u:s%25cret%C3%A9@h/db" }),
+    "postgres://u:s%25cret%C3%A9@h/db",
+  )
   assert.equal(
     postgresUrlEnv({ DATABASE_URL: `${url}?connect_timeout=5` }),
     `${url}?connect_timeout=5`,

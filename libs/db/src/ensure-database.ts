@@ -1,14 +1,37 @@
 import pg from "pg"
 import { connectTimeoutMillis } from "./create-db.ts"
 
+/** Whether the database can be opened: false if it does not exist; other failures thrown. */
+async function opens(connectionString: string): Promise<boolean> {
+  const client = new pg.Client({
+    connectionString,
+    connectionTimeoutMillis: connectTimeoutMillis(connectionString),
+  })
+  client.on("error", () => {})
+  try {
+    await client.connect()
+    return true
+  } catch (err) {
+    if ((err as { code?: unknown }).code === "3D000") return false
+    throw err
+  } finally {
+    await client.end().catch(() => {})
+  }
+}
+
 /**
  * Creates the database named in `connectionString` if it does not exist, connecting to the
  * server's `postgres` database to do so. For first runs on a new machine.
  */
 export async function ensureDatabase(connectionString: string): Promise<boolean> {
   const url = new URL(connectionString)
-  const name = decodeURIComponent(url.pathname.slice(1))
+  // Decoded as pg decodes it (decodeURI, which leaves %23 as it is): decodeURIComponent made
+  // `keyway%23a` a database "keyway#a", which no client of the same URL opened.
+  const name = decodeURI(url.pathname.slice(1))
   if (!name) throw new Error(`no database name in ${url.protocol}//${url.host}/`)
+  // The database itself first: a role may open its own database and not `postgres` (pg_hba,
+  // REVOKE CONNECT, a hosted server), and an existing one needs nothing of `postgres`.
+  if (await opens(connectionString)) return false
   url.pathname = "/postgres"
   const client = new pg.Client({
     connectionString: url.toString(),
