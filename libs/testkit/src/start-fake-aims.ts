@@ -82,7 +82,12 @@ export interface FakeAims {
   readonly store: string
   readonly username: string
   readonly password: string
-  /** Every image request in arrival order, failed ones included. */
+  /**
+   * Every well-formed image request in arrival order, the ones failed by injection included.
+   * Not those refused before (a bad or expired token: 401; another company or store: 404; a
+   * malformed body: 400), which carry no label to record them by: `tokensIssued` tells of
+   * the first.
+   */
   requests(): readonly FakeAimsPush[]
   /** Accepted, first-time pushes (what the labels showed), in arrival order; one label's if given. */
   pushes(labelCode?: string): FakeAimsPush[]

@@ -59,13 +59,10 @@ export async function startRedisServer(
         logPath,
         cwd: dir,
         readyTimeoutMs: options.readyTimeoutMs ?? 10_000,
-        // While it loads the AOF the server answers -LOADING, so only +PONG means ready.
-        probe: () =>
-          tcpProbe({
-            port,
-            send: "PING\r\n",
-            expect: (data) => (data.includes("\r\n") ? data.startsWith("+PONG") : undefined),
-          }),
+        // While it loads the AOF the server answers -LOADING, so only +PONG means ready; and
+        // INFO's process_id says the answer is this server's.
+        probe: (pid) =>
+          tcpProbe({ port, send: "PING\r\nINFO server\r\n", expect: redisReadyAs(pid) }),
       })
       try {
         await server.start()
@@ -87,5 +84,22 @@ export async function startRedisServer(
     // A ServerStartError already carries the log's tail, so the directory can go.
     await temp.remove()
     throw err
+  }
+}
+
+/**
+ * The verdict on the answers to PING and INFO: undefined until they are whole. Read as
+ * latin1, one character a byte, as the bulk string's length counts them.
+ */
+export function redisReadyAs(pid: number) {
+  return (data: string): boolean | undefined => {
+    const pong = data.indexOf("\r\n")
+    if (pong < 0) return undefined
+    if (!data.startsWith("+PONG")) return false
+    const info = /^\$(\d+)\r\n/.exec(data.slice(pong + 2))
+    if (!info) return data.length > pong + 2 && data[pong + 2] !== "$" ? false : undefined
+    const body = data.slice(pong + 2 + info[0].length)
+    if (body.length < Number(info[1])) return undefined
+    return body.includes(`\r\nprocess_id:${pid}\r\n`)
   }
 }

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { stat } from "node:fs/promises"
-import { connect } from "node:net"
+import { connect, createServer } from "node:net"
 import { test } from "node:test"
 import { startRedisServer } from "../src/index.ts"
 
@@ -49,4 +49,18 @@ test("aof persistence keeps writes across a kill", async () => {
   assert.equal(await command(redis.port, "GET k"), "kept")
   await redis[Symbol.asyncDispose]()
   await assert.rejects(stat(redis.dir), { code: "ENOENT" })
+})
+
+test("a restart onto a port another server took while it was down fails, not takes that server for its own", async () => {
+  await using redis = await startRedisServer()
+  await redis.stop()
+  // What answers PING as any Redis does: another test's server, say.
+  const squatter = createServer((s) => s.on("data", () => s.write("+PONG\r\n")))
+  await new Promise<void>((r) => squatter.listen(redis.port, "127.0.0.1", r))
+  try {
+    await assert.rejects(redis.start(), /address already in use/i)
+    assert.equal(redis.pid, undefined)
+  } finally {
+    squatter.close()
+  }
 })

@@ -10,8 +10,13 @@ export interface ManagedServerSpec {
   args: string[]
   logPath: string
   cwd?: string
-  /** One readiness check; must not throw. */
-  probe: () => Promise<boolean>
+  /**
+   * One readiness check; must not throw. Whether the server answers, and is this process
+   * (`pid`) where the server can tell: a server of another test that
+   * took the port while this one was down answered a probe as well, and a restart took it
+   * for its own, while its own exited on the port in use.
+   */
+  probe: (pid: number) => Promise<boolean>
   readyTimeoutMs: number
 }
 
@@ -48,7 +53,7 @@ export class ManagedServer {
         const how = await child.exited
         throw await this.startError(`${spec.label} exited during startup (${how})`, logStart)
       }
-      if (await spec.probe()) return
+      if (await spec.probe(child.pid)) return
       if (Date.now() >= deadline) {
         await terminate(child, "SIGKILL")
         throw await this.startError(
