@@ -139,7 +139,14 @@ const itemsIn = (input: unknown): number =>
 
 function checked<T>(schema: Schema.Codec<T, unknown>, what: string, input: unknown): T {
   const all = itemsIn(input) <= ALL_PROBLEMS_UP_TO
-  const result = Schema.decodeUnknownResult(schema)(input, { errors: all ? "all" : "first" })
+  // A field the request does not know is refused, not dropped: Effect Schema drops it by
+  // default, and a typo (`currency_code`, `front_page`, `job_id`) fell back to the default
+  // without a word: a price shown in another currency, a label switched to its page at once,
+  // a resent job made twice.
+  const result = Schema.decodeUnknownResult(schema)(input, {
+    errors: all ? "all" : "first",
+    onExcessProperty: "error",
+  })
   if (Result.isSuccess(result)) return result.success
   const more = all
     ? ""

@@ -75,6 +75,25 @@ test("a body of the wrong shape gets 400 naming the field, a repeated job 409; n
       /\["page"\]/,
     ],
     ["/price-changes", JSON.stringify({ changes: {} }), /\["changes"\]/],
+    // A field it does not know, refused: dropped, each fell back to its default without a
+    // word (a price shown in the product's currency, not JPY; a label switched to its page).
+    [
+      "/price-changes",
+      JSON.stringify({ changes: [{ productId: "A", priceMinor: 1500, currency_code: "JPY" }] }),
+      /\["changes"\]\[0\]\["currency_code"\]/,
+    ],
+    [
+      "/label-jobs",
+      JSON.stringify({
+        labels: [{ labelCode: "C0FFEE000009", productId: "A", front_page: false }],
+      }),
+      /\["labels"\]\[0\]\["front_page"\]/,
+    ],
+    [
+      "/label-jobs",
+      JSON.stringify({ job_id: "J1", labels: [{ labelCode: "C0FFEE000009", productId: "A" }] }),
+      /\["job_id"\]/,
+    ],
     // Checked even though no label shows the product: stored, each value would fail the
     // first label job that binds a label to it.
     [
