@@ -330,7 +330,7 @@ describe("keyed consumer", () => {
 
   test("consumer lag on /metrics: what the stream holds for the group and its inbox does not", async () => {
     const metrics = createMetricsRegistry({ defaultMetrics: false })
-    const { t, stream, consumer } = await setup({ metrics })
+    const { t, stream, group, consumer } = await setup({ metrics })
     const lag = async () => metricValue((await metrics.render()).body, "consumer_lag_messages")
     await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
     await waitFor(async () => (await effects(t.db)).length === 1, {
@@ -338,8 +338,19 @@ describe("keyed consumer", () => {
       message: "v1 done",
     })
     await waitFor(async () => (await lag()) === 0, { timeoutMs: 10_000, message: "lag back to 0" })
-    // A stopped group falls behind by exactly what is published meanwhile.
+    // A stopped group falls behind by exactly what is published meanwhile: as its replacement,
+    // not started yet, reports (a stopped consumer's metrics leave the registry with it).
     await consumer.stop()
+    const idle = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      handlers: {},
+      metrics,
+    })
+    cleanups.push(() => idle.stop())
     for (let ver = 2; ver <= 6; ver++)
       await publishEvent(nc, stream.site, { key: "a", ver, payload: { n: ver } })
     assert.equal(await lag(), 5)
