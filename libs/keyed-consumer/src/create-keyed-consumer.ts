@@ -474,6 +474,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   let shutdownReason: Error | undefined
   const retryTimers = new Map<string, { timer: NodeJS.Timeout; at: number }>()
   const gate = new RunGate()
+  // Keys whose run this worker put off, by key: how many times in a row (runInTurn).
+  const putOff = new Map<string, number>()
   const scheduler = new KeyScheduler(
     config.concurrency ?? 64,
     (ref, waitedMs) => {
@@ -517,6 +519,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     if (pending) clearTimeout(pending.timer)
     const timer = setTimeout(() => {
       retryTimers.delete(id)
+      scheduler.release(ref)
       scheduler.wake(ref)
     }, ms)
     retryTimers.set(id, { timer, at })
@@ -1197,13 +1200,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // A suspect waits a lease at most for the runs in progress to end, and then runs alone for
     // a lease at most: a run queued behind it waits up to both.
     const turn = await gate.enter(suspect, signal, suspect ? leaseMs : 2 * leaseMs)
+    const k = keyId(ref)
     if (!turn) {
       if (signal.aborted || stopping) return "stopped"
-      // The runs ahead outlasted the wait (a handler that hangs): the key is given back and
-      // tried again after another lease, rather than hold every run behind it meanwhile.
-      wakeLater(ref, leaseMs)
+      // The runs ahead outlasted the wait (a handler that hangs): the key is given back, rather
+      // than hold every run behind it meanwhile, and this worker leaves it alone for a lease,
+      // then two, four, up to 32 while its turn does not come. Woken by the next poll, a
+      // suspect stood at the head of the gate again at once, and a hung run kept the worker
+      // from starting any other for as long as it hung. Other workers take the key meanwhile.
+      const times = Math.min((putOff.get(k) ?? 0) + 1, 6)
+      putOff.set(k, times)
+      scheduler.hold(ref)
+      wakeLater(ref, leaseMs * 2 ** (times - 1))
       return "deferred"
     }
+    putOff.delete(k)
     // Alone for a lease at most: a suspect whose handler hangs must not hold the worker's
     // every other run back. Its run stays marked alone: a death after that is still charged
     // to it, and the tasks that joined it are suspects, never charged.

@@ -89,3 +89,24 @@ test("an onError that throws neither ends the process nor stops the scheduler", 
   while (drained.length < 3) await sleep(1)
   assert.deepEqual(drained, ["a", "b", "a"])
 })
+
+test("a key held is not drained until released, by a wake-up taken in before the hold or after", async () => {
+  const { scheduler, started } = oneSlot()
+  scheduler.wake(a)
+  const a1 = await started(1)
+  scheduler.wake(a) // a poll while it drains: again, once it ends
+  scheduler.hold(a) // the drain puts the key off
+  a1.end()
+  scheduler.wake(a) // the next poll
+  scheduler.wake(b)
+  const b1 = await started(2)
+  assert.equal(b1.key, "b", "a was not drained again")
+  b1.end()
+  await sleep(5)
+  scheduler.release(a)
+  scheduler.wake(a) // the put-off's timer
+  const a2 = await started(3)
+  assert.equal(a2.key, "a")
+  a2.end()
+  await scheduler.stop()
+})

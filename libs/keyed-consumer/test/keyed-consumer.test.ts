@@ -614,6 +614,51 @@ describe("keyed consumer", () => {
     await other.stop()
   })
 
+  test("a suspect whose turn does not come, behind a run that hangs, is put off longer each time", async () => {
+    // A suspect runs alone, so it waits for the runs in progress, and those that come after
+    // it wait behind it. Behind a run that hangs it gives up after a lease; woken again by
+    // the next poll, it stood at the head of the gate again at once, and the worker started
+    // no other run for as long as the hang lasted.
+    const { opened: hanging, open: hangs } = gate()
+    const { opened: released, open: release } = gate()
+    const { t, stream, group, consumer } = await setup({
+      leaseMs: 600,
+      pollIntervalMs: 50,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.key === "hang") {
+            hangs()
+            await released // its signal unheard, as a vendor call without a timeout
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    // Run first (cleanups run last first): stop() waits for the hung handler.
+    cleanups.push(async () => release())
+    await publishEvent(nc, stream.site, { key: "hang", ver: 1, payload: { n: 1 } })
+    await hanging
+    // "s" v1, a run of which was lost with its worker (sql/0019): a suspect.
+    await ingestElsewhere(t.db, group, stream.site, "s", 1)
+    await sql`update keyway.consumer_key
+                 set run_ver = 1, run_state = 'open', lease_until = now() - interval '1 second'
+               where grp = ${group} and key = 's'`.execute(t.db)
+    await new Promise((r) => setTimeout(r, 8000))
+    // Claimed at once, then after 600 ms of waiting and 600, 1200, 2400 ms put off: four or
+    // five claims in 8 s. Put off no longer than a poll, it was claimed every 650 ms or so.
+    const { epoch } = (
+      await sql<{ epoch: string }>`
+        select epoch from keyway.consumer_key where grp = ${group} and key = 's'`.execute(t.db)
+    ).rows[0]!
+    assert.ok(Number(epoch) <= 6, `claimed ${epoch} times in 8 s`)
+    release()
+    await waitFor(async () => (await effects(t.db)).length === 2, {
+      timeoutMs: 15_000,
+      message: "both done once the hang ends",
+    })
+    assert.equal(consumer.status().suspectRuns, 1)
+  })
+
   for (const thrown of ["the abort", "an error of its own"]) {
     test(`a handler whose key's Redis lock was lost and that throws ${thrown} is ${thrown === "the abort" ? "not charged an attempt" : "charged as ever"}`, async () => {
       let runs = 0

@@ -11,6 +11,7 @@ export class KeyScheduler {
   private readonly queued = new Map<string, { ref: KeyRef; since: number }>()
   private readonly running = new Map<string, Promise<void>>()
   private readonly again = new Set<string>()
+  private readonly held = new Set<string>()
   private stopped = false
 
   constructor(
@@ -22,11 +23,27 @@ export class KeyScheduler {
   ) {}
 
   wake(ref: KeyRef): void {
-    if (this.stopped) return
     const k = id(ref)
+    if (this.stopped || this.held.has(k)) return
     if (this.running.has(k)) this.again.add(k)
     else if (!this.queued.has(k)) this.queued.set(k, { ref, since: this.now() })
     this.pump()
+  }
+
+  /**
+   * Drops the key's wake-ups until release(), those already taken in too: a key put off for a
+   * while must not be drained by the next poll or ingest that wakes it, nor again right after
+   * the drain running now because a poll woke it meanwhile.
+   */
+  hold(ref: KeyRef): void {
+    const k = id(ref)
+    this.held.add(k)
+    this.again.delete(k)
+    this.queued.delete(k)
+  }
+
+  release(ref: KeyRef): void {
+    this.held.delete(id(ref))
   }
 
   /** Whether a drain of the key will start after the one running now: it was woken meanwhile. */
