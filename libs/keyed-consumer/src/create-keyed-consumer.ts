@@ -159,7 +159,8 @@ export interface KeyedConsumerConfig {
   /**
    * How long stop() lets running handlers finish before aborting them. Default 8 s: with the
    * rest of a process's stop (NATS 2 s, telemetry 2 s), within the 14 s a Keyway process
-   * gives its stop (handleStopSignals in @keyway/app-config).
+   * gives its stop (handleStopSignals in @keyway/app-config). A handler that has not ended a
+   * second after its abort is left running, and stop() returns.
    */
   shutdownGraceMs?: number
   /** Names this worker in leases and logs. Default random. */
@@ -273,6 +274,8 @@ const refusesData = (err: unknown) =>
   typeof (err as { code?: unknown })?.code === "string" &&
   (err as { code: string }).code.startsWith("22")
 const TASKS_PER_READ = 32
+/** How long stop() waits, past its grace, for handlers it aborted to end. */
+const AFTER_ABORT_MS = 1000
 /** Most keys in one claim, completion or re-check round trip. */
 const KEYS_PER_BATCH = 64
 // Keys the polling loop wakes per poll, at most; the next poll goes on from the last one.
@@ -1557,10 +1560,25 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     })
     await Promise.race([flushing, deadline])
     for (const { timer } of retryTimers.values()) clearTimeout(timer)
-    await Promise.all([
+    // A handler that does not end once aborted (a vendor call without a timeout, its signal
+    // unheard) held stop() for as long as it ran, and its caller's shutdown with it: given a
+    // moment after the abort, then left to run unheard. Its completion, if it comes, fails on
+    // the database its caller closes; its key's lock and lease run out.
+    let lateTimer: NodeJS.Timeout | undefined
+    const late = new Promise<"late">((r) => {
+      lateTimer = setTimeout(() => r("late"), graceMs + AFTER_ABORT_MS)
+    })
+    const [, drained] = await Promise.all([
       Promise.race([Promise.allSettled(roundsInHand), deadline]),
-      scheduler.stop(),
+      Promise.race([scheduler.stop(), late]),
     ])
+    clearTimeout(lateTimer)
+    if (drained === "late") {
+      log.error("stopped with handlers still running: they did not end when aborted", {
+        drainingKeys: scheduler.active,
+        afterMs: graceMs + AFTER_ABORT_MS,
+      })
+    }
     clearTimeout(deadlineTimer)
     await Promise.all(pendingRechecks)
     clearTimeout(grace)

@@ -1681,6 +1681,30 @@ describe("keyed consumer", () => {
     await first
   })
 
+  test("stop() returns a moment after its grace though a handler does not end when aborted", async () => {
+    const { opened: running, open: runs } = gate()
+    const { opened: released, open: release } = gate()
+    const errors: string[] = []
+    const { stream, consumer } = await setup({
+      shutdownGraceMs: 300,
+      logger: { info() {}, warn() {}, error: (message) => errors.push(message) },
+      handlers: {
+        "demo.item.changed.v1": async () => {
+          runs()
+          await released // its signal unheard
+        },
+      },
+    })
+    // Run first (cleanups run last first): the handler ends, and its drain with it.
+    cleanups.push(async () => release())
+    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+    await running
+    // It waited for the handler for as long as it ran: here, for ever.
+    await consumer.stop()
+    assert.deepEqual(errors, ["stopped with handlers still running: they did not end when aborted"])
+    assert.equal(consumer.status().drainingKeys, 1, "left running")
+  })
+
   test("start() called twice at once starts one set of loops, which stop() stops", async () => {
     const { t, stream, consumer } = await unstarted({ pollIntervalMs: 100 })
     await Promise.all([consumer.start(), consumer.start()])
