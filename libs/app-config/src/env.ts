@@ -113,15 +113,17 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
     throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
   }
-  // pg decodes the user and password with decodeURIComponent when a client is made: a
+  // pg decodes the user, password and database when a client is made: a
   // malformed escape (`%E9`, a Latin-1 é encoded by hand) threw there, and the process waited
   // for Postgres for ever, logging "URI malformed" with no word of DATABASE_URL.
-  for (const [part, text] of [
-    ["user", url.username],
-    ["password", url.password],
+  for (const [part, text, decode] of [
+    ["user", url.username, decodeURIComponent],
+    ["password", url.password, decodeURIComponent],
+    // The database name, as pg decodes it.
+    ["database name", url.pathname, decodeURI],
   ] as const) {
     try {
-      decodeURIComponent(text)
+      decode(text)
     } catch {
       throw new ConfigError(
         `${name}'s ${part} holds a % that does not start an escape of UTF-8: write a % itself as %25`,

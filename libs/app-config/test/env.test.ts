@@ -101,6 +101,10 @@ test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (i
       /DATABASE_URL's password holds a % that does not start an escape/.test(err.message) &&
       !err.message.includes("secret"),
   )
+  assert.throws(
+    () => postgresUrlEnv({ DATABASE_URL: "postgres://u@h/keyway%E9" }),
+    /DATABASE_URL's database name holds a % that does not start an escape/,
+  )
   assert.equal(
     postgresUrlEnv({ DATABASE_URL: "postgres://u:s%25cret%C3%A9@h/db" }),
     "postgres://u:s%25cret%C3%A9@h/db",

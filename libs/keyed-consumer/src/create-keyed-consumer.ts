@@ -160,7 +160,8 @@ export interface KeyedConsumerConfig {
    * How long stop() lets running handlers finish before aborting them. Default 8 s: with the
    * rest of a process's stop (NATS 2 s, telemetry 2 s), within the 14 s a Keyway process
    * gives its stop (handleStopSignals in @keyway/app-config). A handler that has not ended a
-   * second after its abort is left running, and stop() returns.
+   * second after its abort is left running, and stop() returns: its key's lock and lease are
+   * no longer renewed, and its completion, if it comes, writes nothing.
    */
   shutdownGraceMs?: number
   /** Names this worker in leases and logs. Default random. */
@@ -468,6 +469,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const js = jetstream(config.nats)
   let stopping = false
   let stopped: Promise<void> | undefined
+  // Set when stop() returns with drains still running (a handler that ignored its abort):
+  // they may keep neither their keys nor a say on the database once stop() has returned.
+  let abandoned = false
   // Each drain's own controller, aborted when its key is lost or when stop()'s grace runs out.
   // Not AbortSignal.any([lost, shutdown]): on Node 20 a signal made from a long-lived one stays
   // referenced by it for good (nodejs/node#55351). Measured in a loop: 4 million calls kept
@@ -550,6 +554,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    * completion is tried again in a transaction of its own, so only the one at fault fails.
    */
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
+    if (abandoned) {
+      const reason = new UncommittedError("not completed: the worker stopped without it")
+      return items.map(() => ({ status: "rejected", reason }))
+    }
     const complete = async (q: Kysely<any>, inTransaction: boolean) => {
       // Every effect's statement within a lease. Unbounded, one effect waiting on a row held
       // elsewhere held every key of its batch: their completions uncommitted, their lease
@@ -1208,10 +1216,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (signal.aborted || stopping) return "stopped"
       // The runs ahead outlasted the wait (a handler that hangs): the key is given back, rather
       // than hold every run behind it meanwhile, and this worker leaves it alone for a lease,
-      // then two, four, up to 32 while its turn does not come. Woken by the next poll, a
+      // then two, four, up to eight while its turn does not come (at most that long, on a
+      // worker alone in its group, after the hang ends). Woken by the next poll, a
       // suspect stood at the head of the gate again at once, and a hung run kept the worker
       // from starting any other for as long as it hung. Other workers take the key meanwhile.
-      const times = Math.min((putOff.get(k) ?? 0) + 1, 6)
+      const times = Math.min((putOff.get(k) ?? 0) + 1, 4)
       putOff.set(k, times)
       scheduler.hold(ref)
       wakeLater(ref, leaseMs * 2 ** (times - 1))
@@ -1281,7 +1290,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     let extending = false
     let renewing = false
     const heartbeat = setInterval(() => {
-      if (closed) return
+      if (closed || abandoned) return
       if (!extending) {
         extending = true
         void lock.extend(leaseMs).then((locked) => {
@@ -1306,6 +1315,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const claimed = await timeStep("claim", () => claims.submit(ref))
       if (!claimed) return
       epoch = claimed.epoch
+      // No longer a suspect (done elsewhere, or retried): a later put-off starts afresh.
+      if (putOff.size > 0 && !claimed.suspect) putOff.delete(keyId(ref))
       let next = claimed.doneVer + 1
       let tasks = claimed.tasks
       if (claimed.runOpened) owed = next
@@ -1558,22 +1569,23 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const deadline = new Promise((r) => {
       deadlineTimer = setTimeout(r, graceMs)
     })
-    await Promise.race([flushing, deadline])
-    for (const { timer } of retryTimers.values()) clearTimeout(timer)
     // A handler that does not end once aborted (a vendor call without a timeout, its signal
     // unheard) held stop() for as long as it ran, and its caller's shutdown with it: given a
-    // moment after the abort, then left to run unheard. Its completion, if it comes, fails on
-    // the database its caller closes; its key's lock and lease run out.
+    // moment after the abort, then abandoned (see `abandoned`): its lock and lease are no
+    // longer renewed, and its completion, if it comes, writes nothing.
     let lateTimer: NodeJS.Timeout | undefined
     const late = new Promise<"late">((r) => {
       lateTimer = setTimeout(() => r("late"), graceMs + AFTER_ABORT_MS)
     })
+    await Promise.race([flushing, deadline])
+    for (const { timer } of retryTimers.values()) clearTimeout(timer)
     const [, drained] = await Promise.all([
       Promise.race([Promise.allSettled(roundsInHand), deadline]),
       Promise.race([scheduler.stop(), late]),
     ])
     clearTimeout(lateTimer)
     if (drained === "late") {
+      abandoned = true
       log.error("stopped with handlers still running: they did not end when aborted", {
         drainingKeys: scheduler.active,
         afterMs: graceMs + AFTER_ABORT_MS,

@@ -1226,6 +1226,8 @@ describe("keyed consumer", () => {
     assert.equal(Number(dead!.ver), 1)
     assert.equal(dead!.blocking, true)
     assert.deepEqual(await admin.listBlocked(), [])
+    // And its later versions wait, as behind a pending task.
+    assert.equal((await admin.summarise()).pendingKeys, 1)
     await waitFor(async () => (await effects(t.db)).length === 1, {
       timeoutMs: 10_000,
       message: "v2 done once the hold is over",
@@ -1681,17 +1683,19 @@ describe("keyed consumer", () => {
     await first
   })
 
-  test("stop() returns a moment after its grace though a handler does not end when aborted", async () => {
+  test("stop() returns a moment after its grace though a handler does not end when aborted; that handler keeps neither its key nor its effects", async () => {
     const { opened: running, open: runs } = gate()
     const { opened: released, open: release } = gate()
     const errors: string[] = []
-    const { stream, consumer } = await setup({
+    const { t, stream, group, consumer } = await setup({
       shutdownGraceMs: 300,
+      leaseMs: 1000,
       logger: { info() {}, warn() {}, error: (message) => errors.push(message) },
       handlers: {
-        "demo.item.changed.v1": async () => {
+        "demo.item.changed.v1": async (event, ctx) => {
           runs()
           await released // its signal unheard
+          await recordEffect("w1")(event, ctx)
         },
       },
     })
@@ -1703,6 +1707,17 @@ describe("keyed consumer", () => {
     await consumer.stop()
     assert.deepEqual(errors, ["stopped with handlers still running: they did not end when aborted"])
     assert.equal(consumer.status().drainingKeys, 1, "left running")
+    // The caller keeps its pool and Redis (for the consumer that replaces this one, say): the
+    // lock was extended for as long as the handler hung, and its effects written once it
+    // returned, after stop().
+    await new Promise((r) => setTimeout(r, 1500))
+    assert.equal(await redis.exists(`keyway:${group}:demo.item:a`), 0, "its lock ran out")
+    release()
+    await waitFor(() => consumer.status().drainingKeys === 0, {
+      timeoutMs: 5000,
+      message: "the handler ended",
+    })
+    assert.deepEqual(await effects(t.db), [], "nothing written after stop()")
   })
 
   test("start() called twice at once starts one set of loops, which stop() stops", async () => {

@@ -69,7 +69,11 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   if (!config.serviceName) throw new TelemetryError("serviceName is required")
   started = true
   const troubleTo = config.logger && sdkTroubleTo(config.logger)
-  const reportTrouble = () => troubleTo && diag.setLogger(troubleTo, DiagLogLevel.WARN)
+  // Without suppressOverrideMessage, replacing the SDK's console logger (below) was itself
+  // reported, to the logger given, as trouble.
+  const reportTrouble = () =>
+    troubleTo &&
+    diag.setLogger(troubleTo, { logLevel: DiagLogLevel.WARN, suppressOverrideMessage: true })
   const propagator = new core.CompositePropagator({
     propagators: [new core.W3CTraceContextPropagator(), new core.W3CBaggagePropagator()],
   })

@@ -458,7 +458,10 @@ export async function backlogSummary(
       from keyway.consumer_key k
       join keyway.inbox i
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
-     where k.grp = ${group} and i.state = 'pending'
+     where k.grp = ${group}
+       -- A parked dead task held until its Retry-After (runTask's holdMs) holds the key's
+       -- later versions: they wait as a pending task's would.
+       and (i.state = 'pending' or (i.state = 'dead' and i.run_after > now()))
   `.execute(db)
   const row = r.rows[0]!
   return {
