@@ -211,7 +211,9 @@ function natsEnv(plan: SitePlan, ctx: LaunchContext): Record<string, string> {
     KEYWAY_NATS_HOST: "127.0.0.1",
     KEYWAY_NATS_PORT: String(plan.natsPort),
     KEYWAY_NATS_HTTP_PORT: String(plan.natsHttpPort),
-    KEYWAY_NATS_STORE_DIR: join(ctx.runDir, plan.site, "jetstream"),
+    // Quoted: nats-server parses a variable's value as a config value, and a checkout path
+    // with a space in it failed to parse, the server restarted by pm2 over and over.
+    KEYWAY_NATS_STORE_DIR: JSON.stringify(join(ctx.runDir, plan.site, "jetstream")),
     KEYWAY_HUB_LEAF_URL: hubLeafUrl(),
     KEYWAY_LEAF_REMOTE_URL: leafRemoteUrl(hubLeafUrl(), LEAF_USER, ctx.passwords[LEAF_USER] ?? ""),
   }

@@ -5,6 +5,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
+import { checkNatsConfigWith } from "@keyway/testkit"
 import {
   type LaunchContext,
   NATS_USERS,
@@ -118,4 +119,15 @@ test("the repository root of a checkout whose path has a space is that path, une
     repositoryRoot("file:///tmp/a%20b/keyway/apps/ops-local/src/site-plan.ts"),
     "/tmp/a b/keyway",
   )
+})
+
+test("each site's NATS config parses with its store under a path with a space", async () => {
+  // nats-server parses a variable's value as a config value: unquoted, `/tmp/a b/…` failed,
+  // and pm2 restarted the server over and over.
+  const spaced: LaunchContext = { ...ctx, runDir: "/tmp/a b/keyway/.run" }
+  for (const site of SITE_NAMES) {
+    const nats = siteProcesses(SITES[site], spaced)[0]!
+    const checked = await checkNatsConfigWith(join(ctx.root, SITES[site].natsConfig), nats.env)
+    assert.ok(checked.ok, `${site}: ${checked.output}`)
+  }
 })
