@@ -59,12 +59,12 @@ demo site="cloud":
 # what runs with other settings than now (a rotated password, DEMO_RATE, an edited config).
 # Both sites (or one: cloud, factory) on this machine, with demo traffic both ways.
 up site="":
-    @"{{just_executable()}}" _one-at-a-time up
+    @{{quote(just_executable())}} _one-at-a-time up
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts up {{site}}
 
 # Stop what `just up` started (both sites, or one); .run/ keeps the data for the next up.
 down site="":
-    @"{{just_executable()}}" _one-at-a-time down
+    @{{quote(just_executable())}} _one-at-a-time down
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts down {{site}}
 
 # Two `up`s at once each started a pm2 daemon on .run/pm2: one hung for good, and a daemon
@@ -88,7 +88,7 @@ status:
 # the leaf link's, mode 600) if missing; never prints them.
 [doc("Create each site's NATS secrets file (.run/secrets-<site>.env, mode 600) if missing.")]
 secrets:
-    @"{{just_executable()}}" _one-at-a-time secrets
+    @{{quote(just_executable())}} _one-at-a-time secrets
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
 
 # pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.

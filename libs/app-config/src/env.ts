@@ -119,6 +119,7 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   for (const [part, text, decode] of [
     ["user", url.username, decodeURIComponent],
     ["password", url.password, decodeURIComponent],
+    ["host", url.hostname, decodeURIComponent],
     // The database name, as pg decodes it.
     ["database name", url.pathname, decodeURI],
   ] as const) {

@@ -102,6 +102,10 @@ test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (i
       !err.message.includes("secret"),
   )
   assert.throws(
+    () => postgresUrlEnv({ DATABASE_URL: "postgres://u@h%E9/keyway" }),
+    /DATABASE_URL's host holds a % that does not start an escape/,
+  )
+  assert.throws(
     () => postgresUrlEnv({ DATABASE_URL: "postgres://u@h/keyway%E9" }),
     /DATABASE_URL's database name holds a % that does not start an escape/,
   )

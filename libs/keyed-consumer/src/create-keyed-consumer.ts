@@ -161,7 +161,8 @@ export interface KeyedConsumerConfig {
    * rest of a process's stop (NATS 2 s, telemetry 2 s), within the 14 s a Keyway process
    * gives its stop (handleStopSignals in @keyway/app-config). A handler that has not ended a
    * second after its abort is left running, and stop() returns: its key's lock and lease are
-   * no longer renewed, and its completion, if it comes, writes nothing.
+   * no longer renewed, and its completion, if it comes, writes nothing. Once they run out,
+   * another worker may run that key's task again while the abandoned handler still runs.
    */
   shutdownGraceMs?: number
   /** Names this worker in leases and logs. Default random. */
@@ -470,7 +471,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   let stopping = false
   let stopped: Promise<void> | undefined
   // Set when stop() returns with drains still running (a handler that ignored its abort):
-  // they may keep neither their keys nor a say on the database once stop() has returned.
+  // they renew their keys no more, and commit nothing, once stop() has returned. (Their
+  // ends still close their run and release their lock, both fenced by their epoch and token.)
   let abandoned = false
   // Each drain's own controller, aborted when its key is lost or when stop()'s grace runs out.
   // Not AbortSignal.any([lost, shutdown]): on Node 20 a signal made from a long-lived one stays
@@ -539,7 +541,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   const fulfilled = <T>(values: T[]) =>
     values.map((value): PromiseSettledResult<T> => ({ status: "fulfilled", value }))
   const claims = new Batcher<KeyRef, Claim | undefined>(
-    async (refs) => fulfilled(await claimRuns(db, group, refs, workerId, leaseMs, TASKS_PER_READ)),
+    async (refs) =>
+      fulfilled(
+        // Claims queued behind a Postgres slower than stop()'s bound take no key after it.
+        abandoned
+          ? refs.map(() => undefined)
+          : await claimRuns(db, group, refs, workerId, leaseMs, TASKS_PER_READ),
+      ),
     KEYS_PER_BATCH,
   )
 
@@ -605,6 +613,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         if (!item.interleave) await settle(n)
       }
       if (failure) throw failure.reason
+      // Effects that outlasted stop() (a row lock, a wait of their own): rolled back, not
+      // committed behind the caller's back. (Without effects, complete_tasks committed alone.)
+      if (abandoned) throw new UncommittedError("not completed: the worker stopped without it")
       return results
     }
     try {
@@ -1575,7 +1586,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // longer renewed, and its completion, if it comes, writes nothing.
     let lateTimer: NodeJS.Timeout | undefined
     const late = new Promise<"late">((r) => {
-      lateTimer = setTimeout(() => r("late"), graceMs + AFTER_ABORT_MS)
+      lateTimer = setTimeout(() => {
+        abandoned = true
+        r("late")
+      }, graceMs + AFTER_ABORT_MS)
     })
     await Promise.race([flushing, deadline])
     for (const { timer } of retryTimers.values()) clearTimeout(timer)
@@ -1585,7 +1599,6 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     ])
     clearTimeout(lateTimer)
     if (drained === "late") {
-      abandoned = true
       log.error("stopped with handlers still running: they did not end when aborted", {
         drainingKeys: scheduler.active,
         afterMs: graceMs + AFTER_ABORT_MS,

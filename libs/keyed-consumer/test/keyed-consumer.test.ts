@@ -1209,9 +1209,9 @@ describe("keyed consumer", () => {
       policies: { "demo.item": { maxAttempts: 1, onDead: "park" } },
       handlers: {
         "demo.item.changed.v1": async (event, ctx) => {
-          ran.push({ ver: event.ver, at: performance.now() })
+          if (event.key === "h") ran.push({ ver: event.ver, at: performance.now() })
           if (event.ver === 1) {
-            diedAt = performance.now()
+            if (event.key === "h") diedAt = performance.now()
             throw Object.assign(new Error("no answer in time"), { retryAfterMs: 2500 })
           }
           await recordEffect("w1")(event, ctx)
@@ -1220,13 +1220,15 @@ describe("keyed consumer", () => {
     })
     await publishEvent(nc, stream.site, { key: "h", ver: 1, payload: { n: 1 } })
     await publishEvent(nc, stream.site, { key: "h", ver: 2, payload: { n: 2 } })
-    await waitFor(() => consumer.status().dead === 1, { timeoutMs: 10_000, message: "v1 dead" })
+    // Held as well, with nothing behind it: nothing of "solo" waits.
+    await publishEvent(nc, stream.site, { key: "solo", ver: 1, payload: { n: 1 } })
+    await waitFor(() => consumer.status().dead === 2, { timeoutMs: 10_000, message: "v1s dead" })
     // Held: listed as in the key's way, and not as blocked for good.
     const [dead] = await admin.listDead()
     assert.equal(Number(dead!.ver), 1)
     assert.equal(dead!.blocking, true)
     assert.deepEqual(await admin.listBlocked(), [])
-    // And its later versions wait, as behind a pending task.
+    // And its later versions wait, as behind a pending task: h's v2, not solo.
     assert.equal((await admin.summarise()).pendingKeys, 1)
     await waitFor(async () => (await effects(t.db)).length === 1, {
       timeoutMs: 10_000,
@@ -1683,42 +1685,57 @@ describe("keyed consumer", () => {
     await first
   })
 
-  test("stop() returns a moment after its grace though a handler does not end when aborted; that handler keeps neither its key nor its effects", async () => {
-    const { opened: running, open: runs } = gate()
-    const { opened: released, open: release } = gate()
-    const errors: string[] = []
-    const { t, stream, group, consumer } = await setup({
-      shutdownGraceMs: 300,
-      leaseMs: 1000,
-      logger: { info() {}, warn() {}, error: (message) => errors.push(message) },
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          runs()
-          await released // its signal unheard
-          await recordEffect("w1")(event, ctx)
+  for (const where of ["before its effects", "in its effects"]) {
+    test(`stop() returns a moment after its grace though a handler hangs ${where}, unheard; that handler keeps neither its key nor its effects`, async () => {
+      const { opened: running, open: runs } = gate()
+      const { opened: released, open: release } = gate()
+      const errors: string[] = []
+      const { t, stream, group, consumer } = await setup({
+        shutdownGraceMs: 300,
+        leaseMs: 1000,
+        logger: { info() {}, warn() {}, error: (message) => errors.push(message) },
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            runs()
+            if (where === "before its effects") {
+              await released // its signal unheard
+              await recordEffect("w1")(event, ctx)
+            } else {
+              // The completion sent, its transaction open: a commit after stop() returned.
+              await ctx.complete(async (trx) => {
+                await released
+                await sql`insert into effect (topic, key, ver, event_id, worker)
+                        values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+                  trx,
+                )
+              })
+            }
+          },
         },
-      },
+      })
+      // Run first (cleanups run last first): the handler ends, and its drain with it.
+      cleanups.push(async () => release())
+      await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
+      await running
+      // It waited for the handler for as long as it ran: here, for ever.
+      await consumer.stop()
+      assert.deepEqual(errors, [
+        "stopped with handlers still running: they did not end when aborted",
+      ])
+      assert.equal(consumer.status().drainingKeys, 1, "left running")
+      // The caller keeps its pool and Redis (for the consumer that replaces this one, say). The
+      // abandoned drain had its lock extended for as long as the handler hung, and its effects
+      // written once it returned, after stop(): no more.
+      await new Promise((r) => setTimeout(r, 1500))
+      assert.equal(await redis.exists(`keyway:${group}:demo.item:a`), 0, "its lock ran out")
+      release()
+      await waitFor(() => consumer.status().drainingKeys === 0, {
+        timeoutMs: 5000,
+        message: "the handler ended",
+      })
+      assert.deepEqual(await effects(t.db), [], "nothing written after stop()")
     })
-    // Run first (cleanups run last first): the handler ends, and its drain with it.
-    cleanups.push(async () => release())
-    await publishEvent(nc, stream.site, { key: "a", ver: 1, payload: { n: 1 } })
-    await running
-    // It waited for the handler for as long as it ran: here, for ever.
-    await consumer.stop()
-    assert.deepEqual(errors, ["stopped with handlers still running: they did not end when aborted"])
-    assert.equal(consumer.status().drainingKeys, 1, "left running")
-    // The caller keeps its pool and Redis (for the consumer that replaces this one, say): the
-    // lock was extended for as long as the handler hung, and its effects written once it
-    // returned, after stop().
-    await new Promise((r) => setTimeout(r, 1500))
-    assert.equal(await redis.exists(`keyway:${group}:demo.item:a`), 0, "its lock ran out")
-    release()
-    await waitFor(() => consumer.status().drainingKeys === 0, {
-      timeoutMs: 5000,
-      message: "the handler ended",
-    })
-    assert.deepEqual(await effects(t.db), [], "nothing written after stop()")
-  })
+  }
 
   test("start() called twice at once starts one set of loops, which stop() stops", async () => {
     const { t, stream, consumer } = await unstarted({ pollIntervalMs: 100 })

@@ -62,7 +62,8 @@ export async function startNatsFromConfig(
     await mkdir(storeDir)
     for (let attempt = 1; ; attempt++) {
       const env: Record<string, string> = {
-        KEYWAY_NATS_STORE_DIR: storeDir,
+        // Quoted: nats-server parses the value as a config value (a space in TMPDIR).
+        KEYWAY_NATS_STORE_DIR: JSON.stringify(storeDir),
         KEYWAY_NATS_HOST: "127.0.0.1",
         ...given,
       }

@@ -454,14 +454,20 @@ export async function backlogSummary(
 ): Promise<Pick<GroupSummary, "pendingKeys" | "oldestPendingSeconds">> {
   const r = await sql<{ pending_keys: number; oldest_pending_seconds: number | null }>`
     select count(*)::int as pending_keys,
-           extract(epoch from now() - min(i.received_at))::float8 as oldest_pending_seconds
+           extract(epoch from now() - min(w.received_at))::float8 as oldest_pending_seconds
       from keyway.consumer_key k
       join keyway.inbox i
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
+      -- A parked dead task held until its Retry-After (runTask's holdMs) holds the key's next
+      -- version, if one has come: that one waits as behind a pending task, since it came.
+      join lateral (
+        select i.received_at where i.state = 'pending'
+        union all
+        select n.received_at from keyway.inbox n
+         where i.state = 'dead' and i.run_after > now()
+           and n.grp = i.grp and n.topic = i.topic and n.key = i.key and n.ver = i.ver + 1
+      ) w on true
      where k.grp = ${group}
-       -- A parked dead task held until its Retry-After (runTask's holdMs) holds the key's
-       -- later versions: they wait as a pending task's would.
-       and (i.state = 'pending' or (i.state = 'dead' and i.run_after > now()))
   `.execute(db)
   const row = r.rows[0]!
   return {
