@@ -1,13 +1,21 @@
 import pg from "pg"
 import { connectTimeoutMillis } from "./create-db.ts"
 
-/** Whether the database can be opened: false if it does not exist; other failures thrown. */
-async function opens(connectionString: string): Promise<boolean> {
+/** A client of `connectionString`, not connected; its failures reach the caller's calls. */
+function clientOf(connectionString: string): pg.Client {
   const client = new pg.Client({
     connectionString,
     connectionTimeoutMillis: connectTimeoutMillis(connectionString),
   })
+  // Failures reach the caller through connect() and the queries; pg's 'error' event would be
+  // uncaught.
   client.on("error", () => {})
+  return client
+}
+
+/** Whether the database can be opened: false if it does not exist; other failures thrown. */
+async function opens(connectionString: string): Promise<boolean> {
+  const client = clientOf(connectionString)
   try {
     await client.connect()
     return true
@@ -33,12 +41,7 @@ export async function ensureDatabase(connectionString: string): Promise<boolean>
   // REVOKE CONNECT, a hosted server), and an existing one needs nothing of `postgres`.
   if (await opens(connectionString)) return false
   url.pathname = "/postgres"
-  const client = new pg.Client({
-    connectionString: url.toString(),
-    connectionTimeoutMillis: connectTimeoutMillis(connectionString),
-  })
-  // Failures reach the caller through the queries; pg's 'error' event would be uncaught.
-  client.on("error", () => {})
+  const client = clientOf(url.toString())
   await client.connect()
   const exists = async () =>
     ((await client.query("select 1 from pg_database where datname = $1", [name])).rowCount ?? 0) > 0

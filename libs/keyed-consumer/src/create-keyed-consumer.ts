@@ -474,6 +474,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // they renew their keys no more, and commit nothing, once stop() has returned. (Their
   // ends still close their run and release their lock, both fenced by their epoch and token.)
   let abandoned = false
+  const notCompletedAtStop = () =>
+    new UncommittedError("not completed: the worker stopped without it")
   // Each drain's own controller, aborted when its key is lost or when stop()'s grace runs out.
   // Not AbortSignal.any([lost, shutdown]): on Node 20 a signal made from a long-lived one stays
   // referenced by it for good (nodejs/node#55351). Measured in a loop: 4 million calls kept
@@ -563,7 +565,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
    */
   const completeBatch = async (items: Pending[]): Promise<PromiseSettledResult<unknown>[]> => {
     if (abandoned) {
-      const reason = new UncommittedError("not completed: the worker stopped without it")
+      const reason = notCompletedAtStop()
       return items.map(() => ({ status: "rejected", reason }))
     }
     const complete = async (q: Kysely<any>, inTransaction: boolean) => {
@@ -615,7 +617,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (failure) throw failure.reason
       // Effects that outlasted stop() (a row lock, a wait of their own): rolled back, not
       // committed behind the caller's back. (Without effects, complete_tasks committed alone.)
-      if (abandoned) throw new UncommittedError("not completed: the worker stopped without it")
+      if (abandoned) throw notCompletedAtStop()
       return results
     }
     try {
@@ -1222,7 +1224,6 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // A suspect waits a lease at most for the runs in progress to end, and then runs alone for
     // a lease at most: a run queued behind it waits up to both.
     const turn = await gate.enter(suspect, signal, suspect ? leaseMs : 2 * leaseMs)
-    const k = keyId(ref)
     if (!turn) {
       if (signal.aborted || stopping) return "stopped"
       // The runs ahead outlasted the wait (a handler that hangs): the key is given back, rather
@@ -1231,13 +1232,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       // worker alone in its group, after the hang ends). Woken by the next poll, a
       // suspect stood at the head of the gate again at once, and a hung run kept the worker
       // from starting any other for as long as it hung. Other workers take the key meanwhile.
+      const k = keyId(ref)
       const times = Math.min((putOff.get(k) ?? 0) + 1, 4)
       putOff.set(k, times)
       scheduler.hold(ref)
       wakeLater(ref, leaseMs * 2 ** (times - 1))
       return "deferred"
     }
-    putOff.delete(k)
+    if (putOff.size > 0) putOff.delete(keyId(ref))
     // Alone for a lease at most: a suspect whose handler hangs must not hold the worker's
     // every other run back. Its run stays marked alone: a death after that is still charged
     // to it, and the tasks that joined it are suspects, never charged.

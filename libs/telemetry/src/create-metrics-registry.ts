@@ -115,23 +115,31 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
   // Made anew, the name was refused as registered already.
   const shared = new Map<string, { kind: string; labels: string; metric: unknown }>()
   const sharedMetric = <M>(
-    kind: string,
-    name: string,
-    labels: BoundedLabels | undefined,
-    make: () => M,
+    Kind: new (config: any) => M,
+    options: MetricOptions<BoundedLabels>,
+    extra: Record<string, unknown> = {},
   ): M => {
-    const labelNames = JSON.stringify(Object.keys(labels ?? {}).sort())
+    const name = prefix + options.name
+    const kind = Kind.name.toLowerCase()
+    const labelNames = Object.keys(options.labels ?? {})
+    const labels = JSON.stringify([...labelNames].sort())
     const known = shared.get(name)
     if (known) {
-      if (known.kind !== kind || known.labels !== labelNames) {
+      if (known.kind !== kind || known.labels !== labels) {
         throw new MetricsError(
-          `${name} is registered already as a ${known.kind} with labels ${known.labels}; asked for a ${kind} with ${labelNames}`,
+          `${name} is registered already as a ${known.kind} with labels ${known.labels}; asked for a ${kind} with ${labels}`,
         )
       }
       return known.metric as M
     }
-    const metric = make()
-    shared.set(name, { kind, labels: labelNames, metric })
+    const metric = new Kind({
+      name,
+      help: options.help,
+      labelNames,
+      registers: [registry],
+      ...extra,
+    })
+    shared.set(name, { kind, labels, metric })
     return metric
   }
   const collected = (name: string, make: () => void) => {
@@ -146,37 +154,13 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
 
   return {
     counter(options) {
-      const name = prefix + options.name
-      const check = checker(name, options.labels)
-      const c = sharedMetric(
-        "counter",
-        name,
-        options.labels,
-        () =>
-          new Counter({
-            name,
-            help: options.help,
-            labelNames: Object.keys(options.labels ?? {}),
-            registers: [registry],
-          }),
-      )
+      const check = checker(prefix + options.name, options.labels)
+      const c = sharedMetric(Counter, options)
       return { inc: (labels, by = 1) => c.inc(check(labels as any), by) }
     },
     gauge(options) {
-      const name = prefix + options.name
-      const check = checker(name, options.labels)
-      const g = sharedMetric(
-        "gauge",
-        name,
-        options.labels,
-        () =>
-          new Gauge({
-            name,
-            help: options.help,
-            labelNames: Object.keys(options.labels ?? {}),
-            registers: [registry],
-          }),
-      )
+      const check = checker(prefix + options.name, options.labels)
+      const g = sharedMetric(Gauge, options)
       return {
         set: (value, labels) => g.set(check(labels as any), value),
         inc: (labels, by = 1) => g.inc(check(labels as any), by),
@@ -184,21 +168,8 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
       }
     },
     histogram(options) {
-      const name = prefix + options.name
-      const check = checker(name, options.labels)
-      const h = sharedMetric(
-        "histogram",
-        name,
-        options.labels,
-        () =>
-          new Histogram({
-            name,
-            help: options.help,
-            labelNames: Object.keys(options.labels ?? {}),
-            buckets: options.buckets ?? LATENCY_BUCKETS,
-            registers: [registry],
-          }),
-      )
+      const check = checker(prefix + options.name, options.labels)
+      const h = sharedMetric(Histogram, options, { buckets: options.buckets ?? LATENCY_BUCKETS })
       return { observe: (value, labels) => h.observe(check(labels as any), value) }
     },
     collectedCounter(options) {

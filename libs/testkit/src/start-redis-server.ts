@@ -91,7 +91,7 @@ export async function startRedisServer(
  * The verdict on the answers to PING and INFO: undefined until they are whole. Read as
  * latin1, one character a byte, as the bulk string's length counts them.
  */
-export function redisReadyAs(pid: number) {
+function redisReadyAs(pid: number) {
   return (data: string): boolean | undefined => {
     const pong = data.indexOf("\r\n")
     if (pong < 0) return undefined

@@ -12,9 +12,9 @@ export interface ManagedServerSpec {
   cwd?: string
   /**
    * One readiness check; must not throw. Whether the server answers, and is this process
-   * (`pid`) where the server can tell: a server of another test that
-   * took the port while this one was down answered a probe as well, and a restart took it
-   * for its own, while its own exited on the port in use.
+   * (`pid`) where the server can tell: a server of another test that took the port while this
+   * one was down answered a probe as well, and a restart took it for its own, while its own
+   * exited on the port in use.
    */
   probe: (pid: number) => Promise<boolean>
   readyTimeoutMs: number
