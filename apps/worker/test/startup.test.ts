@@ -209,9 +209,11 @@ test("SIGTERM while Postgres does not answer: the worker exits 1 after its stop'
       timeoutMs: 30_000,
       message: () => `the worker started; ${printed()}`,
     })
-    // Its polling and recovery loops send statements that get no answer.
+    // Its polling and recovery loops send statements that get no answer. Longer than the
+    // polling loop's 2 s spacing: after 2 s exactly, a round that had ended just before the
+    // stall had not yet sent its next statement, and the worker stopped cleanly (one CI run).
     pgProxy.stall()
-    await new Promise((r) => setTimeout(r, 2000))
+    await new Promise((r) => setTimeout(r, 3000))
     worker.kill("SIGTERM")
     assert.equal((await worker.exited()).code, 1, printed())
     assert.ok(
