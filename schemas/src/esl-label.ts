@@ -97,7 +97,10 @@ export const EslFields = {
   page: Schema.Number.pipe(
     Schema.check(Schema.isInt(), Schema.isBetween({ minimum: 1, maximum: 7 })),
   ),
-  /** Whether the label shows this page at once (AIMS `frontPage`). */
+  /**
+   * Whether the label shows this page once it is drawn. AIMS takes a page number instead (see
+   * `shownPage` of the render task): false keeps the page the label showed before.
+   */
   frontPage: Schema.Boolean,
   productId: Schema.String.pipe(Schema.check(Schema.isMinLength(1), Schema.isMaxLength(64))),
   // The schema bounds the name for storage; the renderer shrinks a long one, then shortens
@@ -123,7 +126,18 @@ export const EslFields = {
 export const EslLabelRender = defineEvent({
   type: "esl.label.render.v1",
   topic: "esl.label",
-  schema: Schema.Struct({ labelCode: LabelCode, ...EslFields }),
+  schema: Schema.Struct({
+    labelCode: LabelCode,
+    ...EslFields,
+    /**
+     * The page the label shows once this task is drawn: AIMS's `frontPage`, a page number
+     * that the image request must carry. `page` when `frontPage` is true; otherwise the page
+     * the writer last brought to the front for this label, 1 (a label's first page) when it
+     * never did. Events of writers before it was added lack it; the worker then works it out
+     * from `page` and `frontPage` alone.
+     */
+    shownPage: Schema.optional(EslFields.page),
+  }),
 })
 
 export type EslLabelRenderPayload = typeof EslLabelRender.schema.Type

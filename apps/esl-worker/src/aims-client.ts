@@ -3,8 +3,9 @@ import { request as httpRequest } from "undici"
 
 export interface AimsClientConfig {
   /**
-   * e.g. `https://eu.common.solumesl.com`; the fake's url in tests. A path in it is kept:
-   * `https://host/common` calls `https://host/common/api/v2/…`.
+   * The AIMS host, e.g. `https://eu.common.solumesl.com`; the fake's url in tests. A path in
+   * it is kept as a prefix (a tenant's cluster, `https://host/c1`, or a gateway's): the calls
+   * go to `<baseUrl>/common/api/v2/…`.
    */
   baseUrl: string
   company: string
@@ -40,7 +41,8 @@ const NOT_SENT = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "UND_ERR_CON
 export interface PushImageOptions {
   labelCode: string
   page: number
-  frontPage: boolean
+  /** The page the label shows once this image is applied (AIMS takes a number, 1-based). */
+  frontPage: number
   png: Buffer
   /**
    * The event id. The fake drops a repeat of an accepted key; nothing here relies on AIMS
@@ -79,6 +81,10 @@ export class AimsError extends Error {
 }
 
 const MALFORMED = new Set([400, 413, 415, 422])
+// A gateway's answers for an AIMS that did not answer it in time (504) or broke off its answer
+// (502): the request may have reached AIMS, which may still apply it, as one this client gave
+// up on itself. 503 is not among them: a gateway says it when no AIMS took the request at all.
+const GATEWAY_GAVE_UP = new Set([502, 504])
 
 /** Retry-After as milliseconds: delay-seconds or an HTTP-date (RFC 9110 §10.2.3). */
 export function parseRetryAfter(value: string | undefined, now = Date.now()): number | undefined {
@@ -89,8 +95,10 @@ export function parseRetryAfter(value: string | undefined, now = Date.now()): nu
   return Number.isNaN(at) ? undefined : Math.max(0, at - now)
 }
 
-const TOKEN_PATH = "api/v2/common/token"
-const IMAGE_PATH = "api/v2/common/labels/image"
+// SoluM's own paths, as every public AIMS client we could read calls them: the token below
+// `common/api/v2`, the label endpoints below `common/api/v2/common`.
+const TOKEN_PATH = "common/api/v2/token"
+const IMAGE_PATH = "common/api/v2/common/labels/image"
 
 /**
  * `path` below the base URL's own path. `new URL("/api/…", base)` replaced the base's path,
@@ -254,11 +262,15 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
             }
             span.setAttribute("http.response.status_code", r.status)
             if (r.status >= 200 && r.status < 300) return
+            let retryAfterMs = parseRetryAfter(r.retryAfter)
+            if (GATEWAY_GAVE_UP.has(r.status)) {
+              retryAfterMs = Math.max(retryAfterMs ?? 0, config.settleMs ?? DEFAULT_SETTLE_MS)
+            }
             throw new AimsError(
               `AIMS answered HTTP ${r.status} for label ${options.labelCode}: ${r.text.slice(0, 200)}`,
               r.status,
               !MALFORMED.has(r.status),
-              { retryAfterMs: parseRetryAfter(r.retryAfter) },
+              { retryAfterMs },
             )
           } catch (err) {
             span.recordException(err as Error)

@@ -126,7 +126,9 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
       await aims.pushImage({
         labelCode: task.labelCode,
         page: task.page,
-        frontPage: task.frontPage,
+        // An event of a writer before shownPage knows only whether its own page comes to
+        // the front; otherwise the label's first page is the best guess there is.
+        frontPage: task.shownPage ?? (task.frontPage ? task.page : 1),
         png,
         idempotencyKey: ctx.eventId,
         fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,

@@ -1,5 +1,7 @@
 // The AIMS client against the fake: token handling and how each failure is classified.
 import assert from "node:assert/strict"
+import { createServer } from "node:http"
+import type { AddressInfo } from "node:net"
 import { describe, test } from "node:test"
 import { startFakeAims } from "@keyway/testkit"
 import { AimsError, createAimsClient, parseRetryAfter } from "../src/aims-client.ts"
@@ -21,7 +23,7 @@ describe("AIMS client", async () => {
   const push = (id: string) => ({
     labelCode: task.labelCode,
     page: 2,
-    frontPage: false,
+    frontPage: 1,
     png,
     idempotencyKey: id,
     fencingToken: "3.7",
@@ -37,13 +39,13 @@ describe("AIMS client", async () => {
     assert.equal(first!.idempotencyKey, "s:1")
     assert.equal(second!.idempotencyKey, "s:2")
     assert.equal(first!.page, 2)
-    assert.equal(first!.frontPage, false)
+    assert.equal(first!.frontPage, 1)
     assert.equal(first!.fencingToken, "3.7")
     assert.ok(first!.image.equals(png), "the fake got the PNG bytes")
   })
 
   test("an AIMS_URL with a path keeps it: token and image are asked for below it", async () => {
-    await using aims = await startFakeAims({ basePath: "/common" })
+    await using aims = await startFakeAims({ basePath: "/c1" })
     for (const baseUrl of [aims.url, `${aims.url}/`]) {
       const client = createAimsClient({ ...aims, baseUrl, timeoutMs: 2000 })
       await client.pushImage(push(`p:${baseUrl}`))
@@ -169,6 +171,22 @@ describe("AIMS client", async () => {
     )
   })
 
+  test("a gateway's 502 or 504 waits as a timeout does: AIMS may have the request and apply it late", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000, settleMs: 1500 })
+    for (const status of [502, 504, 503] as const) {
+      aims.burst(status, 1)
+      const err = await client.pushImage(push(`g:${status}`)).then(
+        () => undefined,
+        (e) => e,
+      )
+      assert.ok(err instanceof AimsError, String(err))
+      assert.equal(err.status, status)
+      assert.equal(err.retryable, true)
+      assert.equal(err.retryAfterMs, status === 503 ? undefined : 1500, `HTTP ${status}`)
+    }
+  })
+
   test("a repeated idempotency key is accepted but not applied twice", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
@@ -187,4 +205,61 @@ test("Retry-After is read as delay-seconds or as an HTTP-date", () => {
   assert.equal(parseRetryAfter("Sun, 06 Dec 2026 09:00:00 GMT", now), 0, "a date past is now")
   assert.equal(parseRetryAfter("soon", now), undefined)
   assert.equal(parseRetryAfter(undefined, now), undefined)
+})
+
+// Not against the fake, which follows the client's idea of AIMS: what goes on the wire, as the
+// public SoluM clients send it.
+test("the requests AIMS gets: its token and image paths, page numbers, a base64 PNG", async () => {
+  const seen: { path: string; body: any }[] = []
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = []
+    req.on("data", (c) => chunks.push(c))
+    req.on("end", () => {
+      const url = new URL(req.url ?? "/", "http://x")
+      seen.push({
+        path: `${req.method} ${url.pathname}${url.search}`,
+        body: JSON.parse(Buffer.concat(chunks).toString()),
+      })
+      res.setHeader("content-type", "application/json")
+      res.end(
+        url.pathname.endsWith("/token")
+          ? JSON.stringify({ responseCode: "200", responseMessage: { access_token: "t" } })
+          : JSON.stringify({ responseCode: "200", responseMessage: "SUCCESS" }),
+      )
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve))
+  try {
+    const { port } = server.address() as AddressInfo
+    const png = await renderLabel(task)
+    const client = createAimsClient({
+      baseUrl: `http://127.0.0.1:${port}`,
+      company: "ACME",
+      store: "S7",
+      username: "u",
+      password: "p",
+      timeoutMs: 2000,
+    })
+    await client.pushImage({
+      labelCode: task.labelCode,
+      page: 3,
+      frontPage: 1,
+      png,
+      idempotencyKey: "k",
+      fencingToken: "1.1",
+    })
+    assert.deepEqual(
+      seen.map((r) => r.path),
+      [
+        "POST /common/api/v2/token",
+        "POST /common/api/v2/common/labels/image?company=ACME&store=S7",
+      ],
+    )
+    assert.deepEqual(seen[0]!.body, { username: "u", password: "p" })
+    const { image, ...rest } = seen[1]!.body
+    assert.deepEqual(rest, { labelCode: task.labelCode, page: 3, frontPage: 1 })
+    assert.ok(Buffer.from(image, "base64").equals(png))
+  } finally {
+    server.close()
+  }
 })

@@ -31,6 +31,9 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
         last_job_id text,
         updated_at  timestamptz not null default now()
       );
+      -- The page the label was last told to show (AIMS frontPage), null until a job brought
+      -- one to the front. Added after the table: a writer's start adds it to an older one.
+      alter table esl.label add column if not exists shown_page int;
       create index if not exists label_product_idx on esl.label (product_id);
       create table if not exists esl.job (
         id         text        primary key,

@@ -219,6 +219,7 @@ interface LabelRow {
   product_id: string
   page: number
   front_page: boolean
+  shown_page: number | null
   name: string
   price_minor: number
   currency: string
@@ -231,7 +232,8 @@ async function enqueueTasks(
 ): Promise<EnqueuedEvent[]> {
   if (codes.length === 0) return []
   const rows = await sql<LabelRow>`
-    select l.label_code, l.product_id, l.page, l.front_page, p.name, p.price_minor, p.currency
+    select l.label_code, l.product_id, l.page, l.front_page, l.shown_page, p.name, p.price_minor,
+           p.currency
       from esl.label l join esl.product p on p.id = l.product_id
      where l.label_code = any(${codes}::text[])
      order by l.label_code
@@ -244,6 +246,8 @@ async function enqueueTasks(
       jobId,
       page: r.page,
       frontPage: r.front_page,
+      // A row stored before shown_page was added has none; its front_page still tells.
+      shownPage: r.front_page ? r.page : (r.shown_page ?? 1),
       productId: r.product_id,
       productName: r.name,
       priceMinor: Number(r.price_minor),
@@ -331,13 +335,14 @@ export async function writeLabelJob(
         trx,
       )
       await sql`
-      insert into esl.label (label_code, product_id, page, front_page, last_job_id)
-      select code, product, page, front, ${jobId}
+      insert into esl.label (label_code, product_id, page, front_page, shown_page, last_job_id)
+      select code, product, page, front, case when front then page end, ${jobId}
         from unnest(${codes}::text[], ${labels.map((l) => l.productId)}::text[],
                     ${labels.map((l) => l.page ?? 1)}::int[], ${labels.map((l) => l.frontPage ?? true)}::boolean[])
           as t(code, product, page, front)
       on conflict (label_code) do update
         set product_id = excluded.product_id, page = excluded.page, front_page = excluded.front_page,
+            shown_page = coalesce(excluded.shown_page, esl.label.shown_page),
             last_job_id = excluded.last_job_id, updated_at = now()
     `.execute(trx)
       await insertJob(trx, jobId, "label_job", labels.length)

@@ -65,6 +65,40 @@ test("a price change enqueues one task per label showing the products, with the 
   )
 })
 
+test("each task names the page the label shows then: its own at the front, else the last one brought there", async () => {
+  await upsertProducts(t.db, [{ id: "S", name: "Salt 500 g", priceMinor: 89, currency: "EUR" }])
+  const shown = async (jobId: string) => {
+    const r = await sql<{ key: string; payload: any }>`
+      select key, payload from keyway.outbox where payload->>'jobId' = ${jobId} order by key`.execute(
+      t.db,
+    )
+    return r.rows.map((row) => [row.key, row.payload.page, row.payload.shownPage])
+  }
+  // Label 20 was never brought to a page: its first page is what it shows.
+  await writeLabelJob(t.db, {
+    jobId: "sp1",
+    labels: [
+      { labelCode: label(20), productId: "S", page: 2, frontPage: false },
+      { labelCode: label(21), productId: "S", page: 3 },
+    ],
+  })
+  assert.deepEqual(await shown("sp1"), [
+    [label(20), 2, 1],
+    [label(21), 3, 3],
+  ])
+  // Label 21 moves its product to page 5 in the background: it keeps showing page 3.
+  await writeLabelJob(t.db, {
+    jobId: "sp2",
+    labels: [{ labelCode: label(21), productId: "S", page: 5, frontPage: false }],
+  })
+  await writePriceChange(t.db, { jobId: "sp3", changes: [{ productId: "S", priceMinor: 95 }] })
+  assert.deepEqual(await shown("sp2"), [[label(21), 5, 3]])
+  assert.deepEqual(await shown("sp3"), [
+    [label(20), 2, 1],
+    [label(21), 5, 3],
+  ])
+})
+
 test("a catalogue import is checked like a price change; a bad product writes nothing", async () => {
   const bad = [
     [{ id: "C", name: "", priceMinor: 100, currency: "EUR" }, /\["name"\]/],

@@ -6,17 +6,19 @@ import { listenHttp, readBody, sendJson } from "./internal/http-server.ts"
 /**
  * A fake of the SoluM AIMS endpoints Keyway's ESL worker uses, with failure injection.
  *
- * Paths (SoluM-like; check them against the tenant's AIMS API before going live):
- * - `POST /api/v2/common/token` with `{"username","password"}` answers
+ * Paths and bodies as public SoluM AIMS clients call them (no AIMS reference was at hand; check
+ * them against the tenant's before going live):
+ * - `POST /common/api/v2/token` with `{"username","password"}` answers
  *   `{"responseCode":"200","responseMessage":{"access_token","refresh_token","token_type":"Bearer","expires_in"}}`.
- * - `POST /api/v2/common/labels/image?company=…&store=…` with a bearer token and
- *   `{"labelCode","page","frontPage","image"}` (image: base64 PNG). It honours an
+ * - `POST /common/api/v2/common/labels/image?company=…&store=…` with a bearer token and
+ *   `{"labelCode","page","frontPage","image"}`: page and frontPage are page numbers (1-7),
+ *   the page drawn and the page the label shows then; image a base64 PNG. It honours an
  *   `Idempotency-Key` header: a repeat of an accepted key is answered 200 and not applied again.
  */
 export interface FakeAimsOptions {
   /** Default 0: a port the OS picks. */
   port?: number
-  /** Serves its routes below this path, e.g. `/common` (an AIMS behind a gateway). Default none. */
+  /** Serves its routes below this path, e.g. `/c1` (a tenant's cluster, or a gateway). Default none. */
   basePath?: string
   company?: string
   store?: string
@@ -47,7 +49,18 @@ export interface FailureRates {
  * client timed out (see holdNext): whatever was applied since, its idempotency key included,
  * as by an AIMS that does not honour the header (nothing says it does).
  */
-export type FakeAimsOutcome = 200 | 400 | 401 | 404 | 429 | 500 | 502 | 503 | "timeout" | "late"
+export type FakeAimsOutcome =
+  | 200
+  | 400
+  | 401
+  | 404
+  | 429
+  | 500
+  | 502
+  | 503
+  | 504
+  | "timeout"
+  | "late"
 
 /** One image request as the fake saw it. */
 export interface FakeAimsPush {
@@ -57,7 +70,8 @@ export interface FakeAimsPush {
   receivedAt: number
   labelCode: string
   page: number
-  frontPage: boolean
+  /** The page the label shows once this is applied. */
+  frontPage: number
   idempotencyKey: string | undefined
   /** The `X-Fencing-Token` header, if sent. */
   fencingToken: string | undefined
@@ -97,8 +111,8 @@ export interface FakeAims {
   readonly tokensIssued: number
   setLatency(ms: number): void
   setFailureRates(rates: FailureRates): void
-  /** The next `count` image requests get `status` (429 or a 5xx). */
-  burst(status: 429 | 500 | 502 | 503, count: number): void
+  /** The next `count` image requests get `status` (429 or a 5xx); none is applied. */
+  burst(status: 429 | 500 | 502 | 503 | 504, count: number): void
   /** The next `count` token requests get `status` (429 or a 5xx), a 429 with Retry-After. */
   burstTokens(status: 429 | 500 | 502 | 503, count: number): void
   /**
@@ -112,8 +126,8 @@ export interface FakeAims {
   [Symbol.asyncDispose](): Promise<void>
 }
 
-const IMAGE_PATH = "/api/v2/common/labels/image"
-const TOKEN_PATH = "/api/v2/common/token"
+const IMAGE_PATH = "/common/api/v2/common/labels/image"
+const TOKEN_PATH = "/common/api/v2/token"
 const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])
 const now = () => performance.timeOrigin + performance.now()
 
@@ -238,16 +252,18 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
       return sendJson(res, 400, { responseCode: "400", responseMessage: "body is not JSON" })
     }
     const png = typeof body.image === "string" ? Buffer.from(body.image, "base64") : Buffer.alloc(0)
+    const isPage = (v: unknown): v is number =>
+      Number.isInteger(v) && Number(v) >= 1 && Number(v) <= 7
     if (
       typeof body.labelCode !== "string" ||
-      typeof body.page !== "number" ||
-      typeof body.frontPage !== "boolean" ||
+      !isPage(body.page) ||
+      !isPage(body.frontPage) ||
       !png.subarray(0, 8).equals(PNG_SIGNATURE)
     ) {
       return sendJson(res, 400, {
         responseCode: "400",
         responseMessage:
-          "labelCode (string), page (number), frontPage (boolean) and a base64 PNG image are required",
+          "labelCode (string), page and frontPage (page numbers, 1-7) and a base64 PNG image are required",
       })
     }
     const header = (name: string) => {
