@@ -5,9 +5,11 @@ import { DemoCommandSent, DemoItemChanged } from "@keyway/schemas"
 import { type Kysely, sql } from "kysely"
 
 /**
- * The effect table. The unique event id turns a second effect for one event (an
- * exactly-once failure) into an error instead of a silent extra row; `id` gives the order
- * in which a key's events were handled.
+ * The effect table: one row per event (its id unique), `runs` the times it was handled, and
+ * `id` the order in which a key's events were first handled. A second run is counted, not
+ * refused: an operator's redrive runs done events again on purpose, and refused (a unique
+ * violation), each such event failed until it died and, under the default policy `block`,
+ * held its key for good. Outside a redrive, runs > 1 is an exactly-once failure.
  */
 export async function ensureDemoEffectTable(db: Kysely<any>): Promise<void> {
   try {
@@ -24,6 +26,10 @@ export async function ensureDemoEffectTable(db: Kysely<any>): Promise<void> {
         handled_at timestamptz not null default now()
       )
     `.execute(db)
+    // After the table: a worker's start adds it to a table an older release made.
+    await sql`alter table demo_effect add column if not exists runs int not null default 1`.execute(
+      db,
+    )
   } catch (err) {
     // Two workers starting at once: "if not exists" is not atomic in Postgres, and the
     // loser of the race sees the winner's type or relation.
@@ -40,6 +46,7 @@ async function recordEffect(event: KeyedEvent<{ n: number }>, ctx: HandlerContex
         insert into demo_effect (event_id, topic, key, ver, type, n, created_at)
         values (${event.id}, ${event.topic}, ${event.key}, ${event.ver}, ${event.type},
                 ${event.payload.n}, ${event.createdAt})
+        on conflict (event_id) do update set runs = demo_effect.runs + 1
       `.execute(trx),
     { interleave: true },
   )
