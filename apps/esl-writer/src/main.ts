@@ -2,7 +2,9 @@
 //   POST /label-jobs     {"jobId"?, "labels": [{"labelCode","productId","page"?,"frontPage"?}]}
 //   POST /price-changes  {"jobId"?, "changes": [{"productId","priceMinor","currency"?,"name"?}]}
 //   GET  /metrics
-// Answers 201 {"jobId","tasks"} or 400 {"error"} naming what is wrong with the request.
+// Answers 201 {"jobId","tasks"}; or {"error"} naming what is wrong: 400 a request that is
+// not UTF-8 JSON or not a valid job, 404 another path, 409 a job id used before or a product
+// stored with a value no label can show, 413 a body over 4 MiB, 500 anything else.
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http"
 import type { AddressInfo } from "node:net"
 import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
@@ -91,7 +93,24 @@ const readJson = async (req: IncomingMessage): Promise<any> => {
   if (size > MAX_BODY_BYTES) {
     throw new BodyTooLargeError(`request body over ${MAX_BODY_BYTES} bytes; split the job`)
   }
-  return JSON.parse(Buffer.concat(chunks).toString("utf8"))
+  let text: string
+  try {
+    // Fatal: a body in another encoding (an ERP's Latin-1 "Crème") was decoded with U+FFFD in
+    // place of each byte it could not read, accepted, and drawn so on the shelf. A BOM is
+    // dropped.
+    text = utf8.decode(Buffer.concat(chunks))
+  } catch {
+    throw new BadBodyError("request body is not UTF-8 text; send the JSON as UTF-8")
+  }
+  try {
+    return JSON.parse(text)
+  } catch (err) {
+    throw new BadBodyError(`request body is not JSON: ${(err as Error).message}`)
+  }
+}
+const utf8 = new TextDecoder("utf-8", { fatal: true })
+class BadBodyError extends Error {
+  override name = "BadBodyError"
 }
 // Once stopping, every answer ends its connection: a keep-alive client would otherwise go on
 // sending requests over it, and the grace period would cut one of them short.
@@ -159,7 +178,7 @@ async function handleJob(
       return reply(res, 409, { error: err.message })
     }
     const bad =
-      err instanceof SyntaxError ||
+      err instanceof BadBodyError ||
       err instanceof InvalidEventError ||
       err instanceof EnqueueError ||
       err instanceof EslWriterError

@@ -39,7 +39,7 @@ after(async () => {
   await t.drop()
 })
 
-const post = (path: string, body: string) =>
+const post = (path: string, body: string | Buffer) =>
   fetch(`${base}${path}`, { method: "POST", body, headers: { "content-type": "application/json" } })
 
 test("a body over the limit gets 413, malformed JSON 400; the next good job is written", async () => {
@@ -48,6 +48,23 @@ test("a body over the limit gets 413, malformed JSON 400; the next good job is w
   assert.match(((await huge.json()) as { error: string }).error, /request body over 4194304 bytes/)
   const garbled = await post("/label-jobs", "{not json")
   assert.equal(garbled.status, 400)
+  assert.match(((await garbled.json()) as { error: string }).error, /^request body is not JSON/)
+  // Latin-1, as an ERP might send it: read as UTF-8, the è became U+FFFD and reached the shelf.
+  const latin1 = await post(
+    "/price-changes",
+    Buffer.from(
+      JSON.stringify({ changes: [{ productId: "A", priceMinor: 1, name: "Crème" }] }),
+      "latin1",
+    ),
+  )
+  assert.equal(latin1.status, 400)
+  assert.match(((await latin1.json()) as { error: string }).error, /not UTF-8/)
+  // A byte order mark is no reason to refuse UTF-8.
+  const bom = await post(
+    "/label-jobs",
+    `\ufeff${JSON.stringify({ jobId: "bom", labels: [{ labelCode: "C0FFEE000002", productId: "A" }] })}`,
+  )
+  assert.equal(bom.status, 201)
   const good = await post(
     "/label-jobs",
     JSON.stringify({ jobId: "j1", labels: [{ labelCode: "C0FFEE000001", productId: "A" }] }),
