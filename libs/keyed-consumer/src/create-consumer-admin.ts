@@ -351,12 +351,15 @@ export function createConsumerAdmin({
       ),
       lowest as (select topic, key, min(ver) as ver from reset group by topic, key),
       rewound as (
-        -- superseded_by: the newest version done above the rewound tasks, which their
-        -- handlers are told of (sql/0017). Worked out afresh each time: a version an earlier
-        -- rewind recorded may be among those this one runs again. Done rows above done_ver
-        -- count too (an earlier rewind not yet walked): the drain steps over them all, and
-        -- retention never deletes them. Read from this statement's snapshot, where the rows
-        -- being reset still show done: those are left out by name.
+        -- superseded_by: the newest version done above where the key now stands, which the
+        -- handlers of the tasks it runs again are told of (sql/0017). Worked out afresh each
+        -- time: a version an earlier rewind recorded may be among those this one runs again.
+        -- Done rows above done_ver count too (an earlier rewind not yet walked): the drain
+        -- steps over them all, and retention never deletes them. Above the key's new
+        -- done_ver, not this action's lowest version: a retry of v10 while an earlier retry's
+        -- v3 still waited counted only done rows above v10, none, and v3 then ran told of no
+        -- later version. Read from this statement's snapshot, where the rows being reset
+        -- still show done (and k.done_ver the old value): those are left out by name.
         update keyway.consumer_key k
            set done_ver = least(k.done_ver, l.ver - 1), epoch = k.epoch + 1,
                -- The run in hand is over, but a suspect (sql/0019) stays one: retried without
@@ -366,7 +369,7 @@ export function createConsumerAdmin({
                superseded_by = (
                  select max(i.ver) from keyway.inbox i
                   where i.grp = k.grp and i.topic = k.topic and i.key = k.key
-                    and i.ver > l.ver and i.state = 'done'
+                    and i.ver > least(k.done_ver, l.ver - 1) and i.state = 'done'
                     and not exists (select 1 from reset x
                                      where x.topic = i.topic and x.key = i.key and x.ver = i.ver))
           from lowest l
@@ -579,9 +582,12 @@ export function createConsumerAdmin({
             -- version is above where the key stands (its worker may hold it, read ahead) or
             -- placeholders went in: a parked task below is nothing its worker holds, and a
             -- bump there fenced the task in hand, whose effects rolled back and ran again,
-            -- vendor calls and all.
+            -- vendor calls and all. The bump ends the run in hand, as a rewind's does: its
+            -- worker, fenced, can no longer close it, and left open past its lease it was taken
+            -- for a run lost with its worker (sql/0019): the task made a suspect, or charged
+            -- an attempt for a death that never happened.
             update keyway.consumer_key k
-               set epoch = k.epoch + 1
+               set epoch = k.epoch + 1, run_state = null
              where k.grp = ${group}
                and ((k.topic, k.key) in (select topic, key from skipped x
                                           where x.ver > k.done_ver)

@@ -83,6 +83,47 @@ test("a skip without a range takes dead tasks only; the events queued behind the
   assert.equal(await admin().skip({ topic: "skip.topic", key: "q", fromVer: 2, toVer: 2 }), 1)
 })
 
+test("a second retry keeps the later version the first one's task is told of", async () => {
+  // v3 and v10 dead on a park topic, v4-v9 done: the key stands at 10.
+  await key("sb", 10)
+  await task("sb", 3, "dead")
+  for (let v = 4; v <= 9; v++) await task("sb", v, "done")
+  await task("sb", 10, "dead")
+  const standing = async () =>
+    (
+      await sql<{ done_ver: number; superseded_by: number | null }>`
+        select done_ver::int, superseded_by::int from keyway.consumer_key
+         where grp = 'g' and key = 'sb'`.execute(t.db)
+    ).rows[0]
+  assert.equal(await admin().retry({ topic: "demo.item", key: "sb", fromVer: 3, toVer: 3 }), 1)
+  assert.deepEqual(await standing(), { done_ver: 2, superseded_by: 9 })
+  // v3 has not run again yet when v10 is retried: v3 must still learn of v9.
+  assert.equal(await admin().retry({ topic: "demo.item", key: "sb", fromVer: 10, toVer: 10 }), 1)
+  assert.deepEqual(await standing(), { done_ver: 2, superseded_by: 9 })
+})
+
+test("a skip's epoch bump ends the run in hand: the next claim charges its task no lost run", async () => {
+  // v3 runs alone (a suspect) when an operator skips v5; its worker, fenced, cannot close the
+  // run, and its lease has lapsed by the time another worker claims the key.
+  await key("sr", 2)
+  await task("sr", 3, "pending")
+  await task("sr", 5, "pending")
+  await sql`
+    update keyway.consumer_key
+       set run_ver = 3, run_state = 'alone', run_suspect = true,
+           lease_until = now() - interval '1 second'
+     where grp = 'g' and key = 'sr'`.execute(t.db)
+  assert.equal(await admin().skip({ topic: "demo.item", key: "sr", fromVer: 5, toVer: 5 }), 1)
+  await sql`select * from keyway.claim_runs('g', array['demo.item'], array['sr'], 'w2', 15000, 10)`.execute(
+    t.db,
+  )
+  const v3 = await sql<{ attempts: number; last_error: string | null }>`
+    select attempts, last_error from keyway.inbox where grp = 'g' and key = 'sr' and ver = 3`.execute(
+    t.db,
+  )
+  assert.deepEqual(v3.rows[0], { attempts: 1, last_error: null })
+})
+
 test("a version range without a key is refused: it would touch that version of every key", async () => {
   await key("x", 0)
   await task("x", 1, "dead")
