@@ -1013,6 +1013,32 @@ describe("relay", () => {
     }
   })
 
+  test("sessions that end before re-sending their window do not walk it back: the next one unmarks nothing older", async () => {
+    await fresh()
+    await write(t.db, 3, 3)
+    // Published ten, six and two minutes ago, then nothing: relays starting one after another
+    // (NATS away, each stepping down before it sends anything) each re-publish from the newest.
+    const ago = (minutes: number) => new Date(Date.now() - minutes * 60_000).toISOString()
+    await sql`update keyway.outbox
+                 set published_at = (array[${ago(10)}, ${ago(6)}, ${ago(2)}]::timestamptz[])[seq],
+                     stream_seq = seq`.execute(t.db)
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    try {
+      assert.equal(await unmarkRecent(client, 180_000), 1, "the newest, once")
+      assert.equal(await unmarkRecent(client, 180_000), 0, "the next session: nothing older")
+      assert.equal(await unmarkRecent(client, 180_000), 0)
+    } finally {
+      await client.end()
+    }
+    const rows = await sql<{ published: boolean }>`
+      select published_at is not null as published from keyway.outbox order by seq`.execute(t.db)
+    assert.deepEqual(
+      rows.rows.map((r) => r.published),
+      [true, true, false],
+    )
+  })
+
   test("a standby's NATS blip does not anchor the re-publish it makes once it leads", async () => {
     await fresh()
     const shared = new URL(SHARED_NATS)

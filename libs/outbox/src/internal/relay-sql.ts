@@ -212,11 +212,22 @@ export async function unmarkRecent(
   windowMs: number,
   lostAgoMs?: number,
 ): Promise<number> {
+  // Not knowing the loss, the newest publish is read with the anchor the last window had
+  // (sql/0020): the rows that window unmarked and no session has sent again since no longer
+  // show it, and each session ended before it sent them moved the window back by its length.
   const r = await client.query(
-    `update keyway.outbox set published_at = null
-      where published_at > coalesce(now() - make_interval(secs => $2::double precision / 1000),
-                                    (select max(published_at) from keyway.outbox))
-                           - make_interval(secs => $1::double precision / 1000)`,
+    `with a as (
+       select coalesce(now() - make_interval(secs => $2::double precision / 1000),
+                       greatest((select max(published_at) from keyway.outbox),
+                                (select republish_anchor from keyway.relay_state where id = 1)))
+                as at
+     ),
+     remembered as (
+       update keyway.relay_state set republish_anchor = greatest(republish_anchor, (select at from a))
+        where id = 1 and $2::double precision is null
+     )
+     update keyway.outbox set published_at = null
+      where published_at > (select at from a) - make_interval(secs => $1::double precision / 1000)`,
     [windowMs, lostAgoMs === undefined ? null : Math.max(0, lostAgoMs)],
   )
   return r.rowCount ?? 0

@@ -1,0 +1,14 @@
+-- Where the relay's last re-publish window was anchored (libs/outbox relay-sql.ts
+-- unmarkRecent), so that the next one, not knowing of a loss, starts no earlier.
+--
+-- Not knowing of a loss (a relay starting), the window ends at the newest publish,
+-- max(published_at). The rows in it are unmarked (published_at null) to be sent again; a session
+-- that ended before sending any of them left the newest publish two minutes further back, and
+-- the next session unmarked the two minutes before those. Relays stepping down one after
+-- another through a NATS outage walked the window back that way over the outbox's history,
+-- and the stream kept the copies older than its duplicate_window twice.
+--
+-- Also: keyway.enqueue() is not the one way rows get in, as sql/0001 says beside relay_state:
+-- the single-event path of @keyway/outbox (enqueue.ts) inserts its row itself, with the same
+-- check of the listening flag.
+alter table keyway.relay_state add column republish_anchor timestamptz;
