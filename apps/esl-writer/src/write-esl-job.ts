@@ -342,7 +342,9 @@ export async function writeLabelJob(
           as t(code, product, page, front)
       on conflict (label_code) do update
         set product_id = excluded.product_id, page = excluded.page, front_page = excluded.front_page,
-            shown_page = coalesce(excluded.shown_page, esl.label.shown_page),
+            -- A row stored before shown_page was added has none; its front_page still tells.
+            shown_page = coalesce(excluded.shown_page, esl.label.shown_page,
+                                  case when esl.label.front_page then esl.label.page end),
             last_job_id = excluded.last_job_id, updated_at = now()
     `.execute(trx)
       await insertJob(trx, jobId, "label_job", labels.length)

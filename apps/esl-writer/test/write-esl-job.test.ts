@@ -97,6 +97,18 @@ test("each task names the page the label shows then: its own at the front, else 
     [label(20), 2, 1],
     [label(21), 5, 3],
   ])
+  // A label stored before shown_page existed: its page at the front, the column empty. Moved
+  // to another page in the background, it still shows that one.
+  await writeLabelJob(t.db, {
+    jobId: "sp4",
+    labels: [{ labelCode: label(22), productId: "S", page: 6 }],
+  })
+  await sql`update esl.label set shown_page = null where label_code = ${label(22)}`.execute(t.db)
+  await writeLabelJob(t.db, {
+    jobId: "sp5",
+    labels: [{ labelCode: label(22), productId: "S", page: 7, frontPage: false }],
+  })
+  assert.deepEqual(await shown("sp5"), [[label(22), 7, 6]])
 })
 
 test("a catalogue import is checked like a price change; a bad product writes nothing", async () => {
