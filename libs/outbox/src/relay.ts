@@ -473,8 +473,8 @@ export function createRelay(config: RelayConfig): Relay {
           published: result.published.length,
           pending: rows.length - result.published.length,
         })
-        yield* Effect.sleep(settings.retryDelayMs)
       }
+      return result.error !== undefined
     })
 
   const session = Effect.gen(function* () {
@@ -566,7 +566,10 @@ export function createRelay(config: RelayConfig): Relay {
         }
         // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
         // now spares a re-publish after the restart.
-        yield* Effect.uninterruptible(publishAndMark(client, rows))
+        const failed = yield* Effect.uninterruptible(publishAndMark(client, rows))
+        // The pause after a failure is not part of the batch: stop() ends it, where inside
+        // the uninterruptible batch it held the stop past stopTimeoutMs for as long as it is.
+        if (failed) yield* Effect.sleep(settings.retryDelayMs)
         // Counted from the batch's end: one whose PubAcks took longer than settleMs must not
         // make the pause below raise the listening flag in the middle of a steady flow.
         lastWorkAt = Date.now()

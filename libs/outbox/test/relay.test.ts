@@ -1264,6 +1264,47 @@ describe("relay", () => {
       ...options,
     })
   }
+  test("stop() during the pause after a failed publish ends the pause, and the next relay publishes the rest", {
+    // The pause below is ten minutes: a stop() that waited it out fails the test instead.
+    timeout: 60_000,
+  }, async () => {
+    await fresh()
+    await using server = await startNatsServer()
+    const privateNc = await connectNats({ servers: server.url })
+    try {
+      const privateStream = await createSiteStream(privateNc, site)
+      const config = {
+        connectionString: t.url,
+        jetstream: jetstream(privateNc),
+        site,
+        pollIntervalMs: 100,
+        publishTimeoutMs: 300,
+        stopTimeoutMs: 1000,
+      }
+      relay = createRelay({ ...config, retryDelayMs: 600_000 })
+      await relay.start()
+      await write(t.db, 20, 5)
+      await untilPublished("first events published", 10_000)
+      await server.stop()
+      await write(t.db, 30, 5, 20)
+      await waitFor(() => relay!.status().lastError !== undefined, {
+        timeoutMs: 10_000,
+        message: "a publish against the stopped server failed",
+      })
+      await relay.stop()
+      assert.equal(relay.status().role, "stopped")
+      relay = createRelay({ ...config, retryDelayMs: 100 })
+      await relay.start()
+      await server.start()
+      await untilPublished("the next relay published the rest", 30_000)
+      assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 50)
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await privateNc.close()
+    }
+  })
+
   test("start() while a stop() is finishing: the new session leads and says so", async () => {
     await fresh()
     const r = await startRelay()
