@@ -159,15 +159,20 @@ const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
       options.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS,
     ),
     migrationTableSchema: "public",
+    // Kysely orders the applied migrations by the stamps their hosts' clocks gave them, and
+    // took one host's clock running behind another's for migrations applied out of order:
+    // every later run failed with "corrupted migrations", and the processes waited for a
+    // `just migrate` that could not mend it. Names give the order here; assertNotDiverged
+    // refuses a pending migration named before one already applied.
+    allowUnorderedMigrations: true,
   })
 
 // Safe to try again: the migration's transaction rolled back.
 const RETRYABLE = new Set([LOCK_NOT_AVAILABLE, "40P01"]) // and deadlock_detected
 
 // Held for a whole run. Kysely's own lock is taken and released per migrateUp(), so two runs
-// at once would take turns, each stamping its migrations with its own clock; Kysely checks
-// the order of applied migrations by those stamps, and one a few ms behind made every later
-// run fail with "corrupted migrations". (An arbitrary constant, "kwmi".)
+// at once would take turns, and each would find its pending list changed under it by the
+// other. (An arbitrary constant, "kwmi".)
 const RUN_LOCK = 0x6b776d69
 
 /**

@@ -251,6 +251,27 @@ test("two runs at once: one applies every pending migration, in order, the other
   }
 })
 
+test("a migration stamped later by a host whose clock ran ahead does not stop the next one", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-skewed-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  await writeFile(join(dir, "0002_a.sql"), "alter table public.t add column a int;")
+  const t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: dir })
+  try {
+    // 0002 applied by a host an hour ahead of the one that applies 0003.
+    await sql`update public.kysely_migration set timestamp = ${new Date(Date.now() + 3600_000).toISOString()}
+               where name = '0002_a'`.execute(t.db)
+    await writeFile(join(dir, "0003_b.sql"), "alter table public.t add column b int;")
+    assert.deepEqual(await pendingMigrations(t.db, { dir }), ["0003_b"])
+    assert.deepEqual(await migrateToLatest(t.db, { dir }), ["0003_b"])
+    await writeFile(join(dir, "0004_c.sql"), "alter table public.t add column c int;")
+    assert.deepEqual(await migrateToLatest(t.db, { dir }), ["0004_c"])
+    await assertMigrated(t.db, { dir })
+  } finally {
+    await t.drop()
+    await rm(dir, { recursive: true })
+  }
+})
+
 test("a migration edited after it was applied is refused by name, by migrate and by the processes' check", async () => {
   const dir = await mkdtemp(join(tmpdir(), "keyway-edited-migrations-"))
   await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);\n")
