@@ -32,10 +32,18 @@ export function parseDuration(value: string | number): number {
   return Math.round(Number(match[1]) * units[match[2]!]!)
 }
 
-function normalise(definition: StreamDefinition): StreamDefinition {
+function normalise(definition: StreamDefinition, path?: string): StreamDefinition {
   const out: Record<string, unknown> = { ...definition }
   for (const field of durationFields) {
-    if (out[field] !== undefined) out[field] = parseDuration(out[field] as string | number)
+    const value = out[field]
+    // Under a second is never meant: a "max_age": 604800 written as seconds is 0.6 ms, and
+    // the server takes it and deletes each event before the other site can copy it.
+    if (typeof value === "number" && value > 0 && value < 1e9) {
+      throw new Error(
+        `${path ? `${path}: ` : ""}${definition.name}.${field} ${value} is a number of nanoseconds (${value / 1e6} ms): write a duration such as "90s" or "72h"`,
+      )
+    }
+    if (value !== undefined) out[field] = parseDuration(value as string | number)
   }
   return out as StreamDefinition
 }
@@ -43,7 +51,7 @@ function normalise(definition: StreamDefinition): StreamDefinition {
 export async function loadStreamDefinitions(path: string): Promise<StreamDefinition[]> {
   const parsed = JSON.parse(await readFile(path, "utf8")) as { streams?: StreamDefinition[] }
   if (!Array.isArray(parsed.streams)) throw new Error(`${path}: expected {"streams": [...]}`)
-  return parsed.streams.map(normalise)
+  return parsed.streams.map((s) => normalise(s, path))
 }
 
 /**
@@ -82,14 +90,21 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
     // A source may be declared by domain; nats.js sends it as that domain's API prefix.
     const apiOf = (s: { external?: { api?: string }; domain?: string }) =>
       s.external?.api ?? (s.domain ? `$JS.${s.domain}.API` : undefined)
-    for (const source of live.sources ?? []) {
-      const kept = declared.sources.find((d) => d.name === source.name)
-      if (!kept) out.push(`source ${source.name} removed`)
-      else if (
-        !same(apiOf(kept), apiOf(source)) ||
-        !same(kept.filter_subject, source.filter_subject)
-      ) {
+    // By both: a cloud stream sources one FACTORY stream from each factory's domain, and a
+    // match by name alone paired the second factory's with the first's declaration.
+    const sameSource = (a: StreamSource, b: StreamSource) =>
+      a.name === b.name && same(apiOf(a), apiOf(b))
+    const liveSources = live.sources ?? []
+    for (const source of liveSources) {
+      const kept = declared.sources.find((d) => sameSource(d, source))
+      // A declared source of this name that matches no live one: its API prefix changed.
+      const moved = declared.sources.some(
+        (d) => d.name === source.name && !liveSources.some((l) => sameSource(d, l)),
+      )
+      if (kept ? !same(kept.filter_subject, source.filter_subject) : moved) {
         out.push(`source ${source.name} changed: the copy would fetch it again from its start`)
+      } else if (!kept) {
+        out.push(`source ${source.name} removed`)
       }
     }
   }

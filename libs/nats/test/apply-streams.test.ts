@@ -211,6 +211,30 @@ test("a source declared by domain is the same source the server reports by API p
   )
 })
 
+test("a copy of one stream name from two domains is applied again as it is, and each source is told apart", async () => {
+  const copy = uniqueName()
+  const from = (domain: string) => ({
+    name: "FACTORY",
+    external: { api: `$JS.${domain}.API`, deliver: "" },
+  })
+  await applyStreams(jsm, [{ name: copy, sources: [from("factory-1"), from("factory-2")] }])
+  await applyStreams(jsm, [{ name: copy, sources: [from("factory-1"), from("factory-2")] }])
+  assert.equal((await jsm.streams.info(copy)).config.sources?.length, 2)
+  const live = (await jsm.streams.info(copy)).config
+  assert.deepEqual(
+    destructiveChanges(live, { name: copy, sources: [from("factory-2"), from("factory-1")] }),
+    [],
+    "in another order",
+  )
+  assert.deepEqual(destructiveChanges(live, { name: copy, sources: [from("factory-1")] }), [
+    "source FACTORY removed",
+  ])
+  assert.deepEqual(
+    destructiveChanges(live, { name: copy, sources: [from("factory-1"), from("factory-3")] }),
+    ["source FACTORY changed: the copy would fetch it again from its start"],
+  )
+})
+
 test("a declared field the server does not know is refused by name once applied; one it keeps is not", async () => {
   const name = uniqueName()
   const declared = {

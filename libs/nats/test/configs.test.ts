@@ -3,7 +3,9 @@
 // launcher that forgets one must hear about it before the server starts. The stream
 // definitions keep the topology's rules (reference/nats-2.9.md rules 3 and 4).
 import assert from "node:assert/strict"
-import { readdir } from "node:fs/promises"
+import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
 import { describe, test } from "node:test"
 import { checkNatsConfigWith } from "@keyway/testkit"
 import { leafRemoteUrl, loadStreamDefinitions, parseDuration } from "../src/index.ts"
@@ -104,6 +106,26 @@ describe("stream definitions", () => {
     assert.deepEqual(byName.get("CLOUD_IN")!.sources, [
       { name: "CLOUD", external: { api: "$JS.cloud.API", deliver: "" } },
     ])
+  })
+  test("a duration written as a bare number under a second is refused, naming the stream and field", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "keyway-streams-"))
+    try {
+      const file = join(dir, "streams.json")
+      const write = (stream: object) => writeFile(file, JSON.stringify({ streams: [stream] }))
+      // Seconds meant, nanoseconds read: 0.6 ms.
+      await write({ name: "ORIGIN", subjects: ["o.>"], max_age: 604800 })
+      await assert.rejects(
+        loadStreamDefinitions(file),
+        /ORIGIN\.max_age 604800 is a number of nanoseconds \(0\.6048 ms\): write a duration/,
+      )
+      // A week in nanoseconds, as `nats stream info --json` prints it, and 0 (no limit) are kept.
+      await write({ name: "ORIGIN", subjects: ["o.>"], max_age: 604800e9, duplicate_window: 0 })
+      const [stream] = await loadStreamDefinitions(file)
+      assert.equal(stream!.max_age, 604800e9)
+      assert.equal(stream!.duplicate_window, 0)
+    } finally {
+      await rm(dir, { recursive: true })
+    }
   })
 })
 
