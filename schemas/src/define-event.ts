@@ -10,6 +10,12 @@ export interface EventType<P = unknown> {
   readonly topic: string
   readonly schema: Schema.Codec<P, unknown>
   /**
+   * The payload field that must equal the event's key, where the payload names what it is
+   * keyed by (a label's MAC). An event keyed otherwise would take its place in another key's
+   * order; enqueue refuses it, in the writer's transaction.
+   */
+  readonly keyField?: string
+  /**
    * Returns the decoded payload or throws {@link InvalidEventError}. A reader's decode:
    * fields the schema does not name are dropped, so an event a newer writer sent with an
    * added field still reads.
@@ -52,6 +58,7 @@ export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
   type: string
   topic: string
   schema: S
+  keyField?: keyof S["Type"] & string
 }): EventType<S["Type"]> {
   if (!TOPIC.test(definition.topic)) {
     throw new Error(
@@ -77,6 +84,7 @@ export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
     type: definition.type,
     topic: definition.topic,
     schema: definition.schema,
+    ...(definition.keyField === undefined ? {} : { keyField: definition.keyField }),
     decode: (payload) => decoded(payload, "ignore"),
     check: (payload) => decoded(payload, "error"),
   }

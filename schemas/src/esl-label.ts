@@ -137,7 +137,21 @@ export const EslLabelRender = defineEvent({
      * from `page` and `frontPage` alone.
      */
     shownPage: Schema.optional(EslFields.page),
-  }),
+  }).pipe(
+    // A task that brings its page to the front and names another as shown contradicts
+    // itself; the worker, which reads shownPage, would show the other page.
+    Schema.check(
+      Schema.makeFilter((task) =>
+        task.frontPage && task.shownPage !== undefined && task.shownPage !== task.page
+          ? {
+              path: ["shownPage"],
+              issue: `${task.shownPage} contradicts frontPage true for page ${task.page}: it must be ${task.page} or left out`,
+            }
+          : true,
+      ),
+    ),
+  ),
+  keyField: "labelCode",
 })
 
 export type EslLabelRenderPayload = typeof EslLabelRender.schema.Type

@@ -131,15 +131,13 @@ describe("bad ESL input", () => {
       { id: "OK", name: "Sea salt 500 g", priceMinor: 99, currency: "EUR" },
     ])
     const [poisoned, long, ...others] = macs(6)
-    // A task whose payload is for another label, as only a writer that bypassed writeLabelJob
-    // could send: drawn, it would put one label's image on another.
-    await t.db.transaction().execute((trx) =>
-      enqueue(trx, {
-        type: EslLabelRender.type,
-        key: poisoned!,
-        payload: { ...payload, labelCode: others[0]!, productId: "OK" },
-      }),
-    )
+    // A task whose payload is for another label, as only a writer that bypassed
+    // @keyway/outbox (which refuses it) could send, calling keyway.enqueue() in SQL: drawn,
+    // it would put one label's image on another.
+    const misdirected = { ...payload, labelCode: others[0]!, productId: "OK" }
+    await sql`select keyway.enqueue(array['esl.label'], array[${poisoned!}::text], array[1],
+                array[1], array[1], array[${EslLabelRender.type}::text],
+                array[${JSON.stringify(misdirected)}::jsonb], null)`.execute(t.db)
     // One job: a product whose name is far too long for the label, and fine ones.
     await writeLabelJob(t.db, {
       jobId: "mixed",

@@ -85,14 +85,25 @@ function check(
   }
   // InvalidEventError names the type and every bad field; said here which event of the
   // call it is, one among hundreds of the same type perhaps.
+  let payload: unknown
   try {
-    def.check(event.payload)
+    payload = def.check(event.payload)
   } catch (err) {
     if (!(err instanceof InvalidEventError)) throw err
     throw new InvalidEventError(err.type, err.reason, {
       cause: err,
       at: `#${index + 1} (key ${event.key})`,
     })
+  }
+  if (def.keyField !== undefined) {
+    const keyed = (payload as Record<string, unknown>)[def.keyField]
+    if (keyed !== event.key) {
+      throw new InvalidEventError(
+        def.type,
+        `its key must be its ${def.keyField}, ${JSON.stringify(keyed)}: an event keyed otherwise would take its place in another key's order`,
+        { at: `#${index + 1} (key ${event.key})` },
+      )
+    }
   }
   const json = JSON.stringify(event.payload)
   if (json.includes("\\u") && UNSTORABLE.test(json)) {

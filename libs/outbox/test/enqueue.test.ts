@@ -131,6 +131,36 @@ describe("enqueue", () => {
     assert.equal(first!.ver, 1, "the refused calls took no version of key d")
   })
 
+  test("an event keyed otherwise than its payload names is refused, and nothing of the call is written", async () => {
+    const before = await outboxRows(t)
+    const label = (key: string, labelCode: string) => ({
+      type: "esl.label.render.v1",
+      key,
+      payload: {
+        labelCode,
+        jobId: "j1",
+        page: 1,
+        frontPage: true,
+        productId: "P1",
+        productName: "Butter 250 g",
+        priceMinor: 279,
+        currency: "EUR",
+      },
+    })
+    const refused = await refusal([
+      label("0A1B2C3D4E5F", "0A1B2C3D4E5F"),
+      label("0A1B2C3D4E5F", "FFFFFFFFFFFF"),
+    ])
+    assert.ok(refused instanceof InvalidEventError)
+    assert.match(refused.message, /esl\.label\.render\.v1 event #2 \(key 0A1B2C3D4E5F\)/)
+    assert.match(refused.message, /its key must be its labelCode, "FFFFFFFFFFFF"/)
+    assert.deepEqual(await outboxRows(t), before)
+    const [first] = await t.db
+      .transaction()
+      .execute((trx) => enqueue(trx, label("FFFFFFFFFFFF", "FFFFFFFFFFFF")))
+    assert.equal(first!.ver, 1, "keyed by its label, it is taken")
+  })
+
   test("what Postgres cannot store is refused naming the event and the field, not with a bare 22P05", async () => {
     const before = await outboxRows(t)
     const noted = (key: string, note: unknown) => ({
