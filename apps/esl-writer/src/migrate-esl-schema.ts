@@ -11,6 +11,11 @@ const LOCK_KEY = 0x65736c31
  */
 export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
   await db.transaction().execute(async (trx) => {
+    // Every writer runs this at start, with the tables in use. A statement that must lock a
+    // busy table waits behind whatever transaction holds it, and every reader and writer of
+    // the table queues behind that wait: given up after a while instead, and the start's
+    // retry comes back to it.
+    await sql`set local lock_timeout = '5s'`.execute(trx)
     await sql`select pg_advisory_xact_lock(${LOCK_KEY})`.execute(trx)
     await sql`
       create schema if not exists esl;
@@ -33,8 +38,20 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
       );
       -- The page the label was last told to show (AIMS frontPage), null until a job brought
       -- one to the front. Added after the table: a writer's start adds it to an older one.
-      alter table esl.label add column if not exists shown_page int;
-      create index if not exists label_product_idx on esl.label (product_id);
+      -- Both statements below lock esl.label before they look whether there is anything to
+      -- do ("if not exists" included), so they run only when there is.
+      do $$
+      begin
+        if not exists (select from pg_attribute
+                        where attrelid = 'esl.label'::regclass and attname = 'shown_page'
+                          and not attisdropped) then
+          alter table esl.label add column shown_page int;
+        end if;
+        if to_regclass('esl.label_product_idx') is null then
+          create index label_product_idx on esl.label (product_id);
+        end if;
+      end
+      $$;
       create table if not exists esl.job (
         id         text        primary key,
         kind       text        not null check (kind in ('price_change', 'label_job')),

@@ -24,6 +24,24 @@ after(() => t.drop())
 
 const label = (i: number) => `C0FFEE${String(i).padStart(6, "0")}`
 
+test("a writer starting while a long transaction reads the labels takes no lock that would queue the others", {
+  // A start that waited for the reader would wait for ever here: the reader ends after it.
+  timeout: 30_000,
+}, async () => {
+  await t.db.transaction().execute(async (reader) => {
+    await sql`select count(*) from esl.label`.execute(reader)
+    await migrateEslSchema(t.db)
+    const holders = await sql<{ mode: string }>`
+      select mode from pg_locks
+       where relation = 'esl.label'::regclass and pid <> pg_backend_pid()`.execute(t.db)
+    assert.deepEqual(
+      holders.rows.map((r) => r.mode),
+      ["AccessShareLock"],
+      "only the reader's lock: nothing waits on the table",
+    )
+  })
+})
+
 test("a price change enqueues one task per label showing the products, with the new price", async () => {
   await upsertProducts(t.db, [
     { id: "A", name: "Apples 1 kg", priceMinor: 199, currency: "EUR" },
