@@ -3,19 +3,31 @@
 //  1. commit-to-AIMS latency at a steady 200 label updates/s, one label per job;
 //  2. label throughput: one job over 1,000 labels, from its commit to the last AIMS answer.
 // Knobs: BENCH_ESL_RATE (200), BENCH_ESL_SECONDS (15), BENCH_ESL_WORKERS (1 process).
-import { randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
-import { applyStreams, connectNats } from "@keyway/nats"
+import { connectNats } from "@keyway/nats"
 import { createRelay } from "@keyway/outbox"
-import { createTestDatabase, spawnTs, startFakeAims, type TsChild } from "@keyway/testkit"
+import {
+  createTestDatabase,
+  createTestStream,
+  spawnTs,
+  startFakeAims,
+  type TsChild,
+} from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
-import { machineBusyMs, percentile, printTable, round, workerProcessCount } from "./stats.ts"
+import {
+  benchKnob,
+  machineBusyMs,
+  percentile,
+  printTable,
+  round,
+  workerProcessCount,
+} from "./stats.ts"
 
 const LABELS = 1000
-const RATE = Number(process.env.BENCH_ESL_RATE ?? 200)
-const LATENCY_SECONDS = Number(process.env.BENCH_ESL_SECONDS ?? 15)
+const RATE = benchKnob("BENCH_ESL_RATE", 200)
+const LATENCY_SECONDS = benchKnob("BENCH_ESL_SECONDS", 15)
 const WARMUP_SECONDS = 2
 const WRITERS = 8
 const AIMS_LATENCY_MS = 20
@@ -25,9 +37,9 @@ const AIMS_LATENCY_MS = 20
 // (5 runs), 7.6 ms of machine CPU a label, 734-769 labels/s on the 1,000-label job; with
 // two, p99 96 and 149 ms, 8.9 ms a label, 943 labels/s. The second process buys throughput
 // on a big job with latency at a steady rate; BENCH_ESL_WORKERS=2 measures that side.
-const WORKER_PROCESSES = Number(process.env.BENCH_ESL_WORKERS ?? 1)
+const WORKER_PROCESSES = benchKnob("BENCH_ESL_WORKERS", 1)
 const workerProcesses = workerProcessCount(WORKER_PROCESSES)
-const CONCURRENCY = Number(process.env.BENCH_ESL_CONCURRENCY ?? 64)
+const CONCURRENCY = benchKnob("BENCH_ESL_CONCURRENCY", 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
@@ -64,12 +76,11 @@ export async function run() {
   const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
   const db = t.db
   await migrateEslSchema(db)
-  const site = `bench${randomBytes(3).toString("hex")}`
-  const streamName = site.toUpperCase()
   const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
-  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  // testkit's, so that a run stopped before its cleanup leaves a stream the next sweeps.
+  const { site, name: streamName } = await createTestStream(nc)
   const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
   await relay.start()
   const aims = await startFakeAims({ latencyMs: AIMS_LATENCY_MS })

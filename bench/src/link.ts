@@ -19,9 +19,9 @@ import { decodeEnvelope, encodeEnvelope } from "@keyway/schemas"
 import { createTcpProxy, freePort, startNatsFromConfig } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
-import { printTable, round } from "./stats.ts"
+import { benchKnob, printTable, round } from "./stats.ts"
 
-const EVENTS = Number(process.env.BENCH_LINK_EVENTS ?? 100_000)
+const EVENTS = benchKnob("BENCH_LINK_EVENTS", 100_000)
 const KEYS = 1000
 const WINDOW = 512
 const CATCHUP_LIMIT_MS = 600_000

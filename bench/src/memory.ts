@@ -13,10 +13,10 @@ import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
 import { relayEntry } from "./relay-process.ts"
-import { printTable, round } from "./stats.ts"
+import { benchKnob, printTable, round } from "./stats.ts"
 
-const SMALL = Number(process.env.BENCH_MEMORY_SMALL ?? 2_000)
-const LARGE = Number(process.env.BENCH_MEMORY_LARGE ?? 50_000)
+const SMALL = benchKnob("BENCH_MEMORY_SMALL", 2_000)
+const LARGE = benchKnob("BENCH_MEMORY_LARGE", 50_000)
 const KEYS = 1000
 // The backlog is written the fast way (many events per transaction): what is measured is
 // what the relay and the worker hold while they work through it, not how it came to be.

@@ -1,42 +1,45 @@
 // The pipeline benchmark (issue 3): writers → outbox → relay → JetStream → keyed consumer →
 // handler, next to graphile-worker with queue_name = key doing the same work from the same
 // writer pattern, on the same Postgres.
-import { randomBytes } from "node:crypto"
+import { availableParallelism } from "node:os"
 import { fileURLToPath } from "node:url"
-import { applyStreams, connectNats } from "@keyway/nats"
+import { connectNats } from "@keyway/nats"
 import { enqueue } from "@keyway/outbox"
-import { createTestDatabase, spawnTs, type TsChild } from "@keyway/testkit"
+import { createTestDatabase, createTestStream, spawnTs, type TsChild } from "@keyway/testkit"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
 import { startRelayProcess } from "./relay-process.ts"
 import {
+  benchKnob,
   bucketPercentile,
   CpuByLabel,
   type HistogramSeries,
   histogramDelta,
   histogramTotal,
+  offeredNote,
   percentile,
   pidsNamed,
   printTable,
   processName,
   readHistogram,
   round,
+  wallClock,
   workerProcessCount,
 } from "./stats.ts"
 
 const KEYS = 1000
 const WRITERS = 8
-const EVENTS = Number(process.env.BENCH_EVENTS ?? 20_000)
-const LATENCY_RATE = Number(process.env.BENCH_RATE ?? 1000)
-const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
+const EVENTS = benchKnob("BENCH_EVENTS", 20_000)
+const LATENCY_RATE = benchKnob("BENCH_RATE", 1000)
+const LATENCY_MS = benchKnob("BENCH_LATENCY_MS", 10_000)
 // Worker processes per side (BENCH_WORKERS), the same for both. One, on two cores shared with
 // the writers, the relay and the servers: back to back, Keyway alone made 1,564 / 1,360
 // events/s with one process against 1,126 / 1,179 with two (p99 at 1,000/s 89 / 60 ms against
 // 212 / 88), and graphile-worker 407 against 267: a second process of the same group only
 // splits the batches that make each round trip serve many keys, and adds a scheduler to the
 // same two cores.
-const WORKER_PROCESSES = Number(process.env.BENCH_WORKERS ?? 1)
+const WORKER_PROCESSES = benchKnob("BENCH_WORKERS", 1)
 const workerProcesses = workerProcessCount(WORKER_PROCESSES)
 // Keys each Keyway worker process drains at once (BENCH_CONCURRENCY; graphile-worker's
 // settings are its own best, GRAPHILE below). 256
@@ -63,7 +66,8 @@ const GRAPHILE = {
 // While working on one side, `BENCH_ONLY=keyway` or `graphile` skips the other (and the ratio).
 const ONLY = process.env.BENCH_ONLY
 const workerEntry = fileURLToPath(new URL("./pipeline-worker.ts", import.meta.url))
-const now = () => performance.timeOrigin + performance.now()
+// Compared with the workers' handled_at, stamped by the same clock in their processes.
+const now = wallClock()
 const randomKey = () => `k${Math.floor(Math.random() * KEYS)}`
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
 
@@ -74,7 +78,7 @@ type WriteBatch = (keys: string[], n: number) => Promise<void>
 // Events per writer transaction in the throughput run (BENCH_PER_TX), the same for both
 // sides. One is the default and the JSON line's figure; the ESL flow's jobs write one task
 // per affected label in a transaction, which is the case that a larger value measures.
-const PER_TX = Number(process.env.BENCH_PER_TX ?? 1)
+const PER_TX = benchKnob("BENCH_PER_TX", 1)
 
 async function effectCount(db: Kysely<any>) {
   return (await sql<{ n: number }>`select count(*)::int as n from effect`.execute(db)).rows[0]!.n
@@ -86,14 +90,24 @@ async function effectCount(db: Kysely<any>) {
  * rather than 50, which put some 1,200 scans of up to 20,000 rows into graphile-worker's
  * longer tail.
  */
-async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number, workers: TsChild[]) {
+async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number, processes: TsChild[]) {
   const deadline = Date.now() + timeoutMs
-  while ((await effectCount(db)) < n) {
-    const dead = workers.find((w) => w.exitCode !== null)
+  const handled = async () => {
+    // A count of rows first, which is cheap: a distinct count sorts the table at every look.
+    if ((await effectCount(db)) < n) return false
+    // graphile-worker's effect commits apart from its job's completion: a job run again
+    // after a lost completion writes a second row, which must not stand in for an event
+    // not yet handled.
+    const r = await sql<{ n: number }>`select count(distinct event_id)::int as n from effect`
+    return (await r.execute(db)).rows[0]!.n >= n
+  }
+  while (!(await handled())) {
+    // The relay among them: without it nothing more is handled, and the wait ran out its time.
+    const dead = processes.find((w) => w.exitCode !== null)
     if (dead) {
       // Its last lines may still be on their way: 'exit' can come before them.
       await dead.exited()
-      throw new WorkerStopped(dead)
+      throw new BenchProcessStoppedError(dead)
     }
     if (Date.now() > deadline) throw new Error(`only ${await effectCount(db)} of ${n} effects`)
     await sleep(250)
@@ -108,15 +122,18 @@ async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number, wor
 // graphile-worker p50 862 ms at 1,000/s, not keeping up. Unanalysed tables are planned from
 // their size as it is, which is nearer what autovacuum would give.
 
-/** A benchmark worker that exited in the middle of a phase, with what it said on its way out. */
-class WorkerStopped extends Error {
-  override name = "WorkerStopped"
+/**
+ * A benchmark worker, or the relay, that exited in the middle of a phase, with what it said
+ * on its way out.
+ */
+class BenchProcessStoppedError extends Error {
+  override name = "BenchProcessStoppedError"
   /** graphile/worker#636 stopped it: see pipeline-worker.ts. */
   readonly issue636: boolean
-  constructor(worker: TsChild) {
-    const last = worker.json().findLast((l) => typeof l.fatal === "string")
+  constructor(child: TsChild) {
+    const last = child.json().findLast((l) => typeof l.fatal === "string")
     super(
-      `a benchmark worker stopped (exit code ${worker.exitCode}): ${last?.fatal ?? "no reason given"}`,
+      `a benchmark process stopped (exit code ${child.exitCode}): ${last?.fatal ?? (child.lines.slice(-5).join(" | ") || "no reason given")}`,
     )
     this.issue636 = last?.issue636 === true
   }
@@ -238,7 +255,7 @@ async function throughput(db: Kysely<any>, write: WriteBatch, relay: TsChild, wo
       }),
     )
     writtenIn = now() - start
-    await waitForEffects(db, EVENTS, 600_000, workers)
+    await waitForEffects(db, EVENTS, 600_000, [relay, ...workers])
   } finally {
     // On failure too: its sampling queries must not outlive the database. The figures are
     // read again below, and a failed sample throws there.
@@ -285,7 +302,9 @@ async function latency(db: Kysely<any>, write: Write, relay: TsChild, workers: T
         }
       }),
     )
-    await waitForEffects(db, total, 120_000, workers)
+    // What was written: with BENCH_RATE x BENCH_LATENCY_MS not a multiple of the writers,
+    // each wrote its share rounded up, and the slowest of those would drop out of the sample.
+    await waitForEffects(db, committed.size, 120_000, [relay, ...workers])
   } finally {
     await cpu.stop().catch(() => {})
   }
@@ -312,10 +331,10 @@ async function latency(db: Kysely<any>, write: Write, relay: TsChild, workers: T
     p50: percentile(steady, 50),
     p99: percentile(steady, 99),
     samples: steady.length,
-    // Of both cores, from the first commit until the last effect exists.
-    machineBusy: machineMs / (2 * elapsedMs),
-    cpuMsPerEvent: machineMs / total,
-    cpuMsPerEventBy: new Map([...byLabel].map(([label, ms]) => [label, ms / total])),
+    // Of every core, from the first commit until the last effect exists.
+    machineBusy: machineMs / (availableParallelism() * elapsedMs),
+    cpuMsPerEvent: machineMs / committed.size,
+    cpuMsPerEventBy: new Map([...byLabel].map(([label, ms]) => [label, ms / committed.size])),
     stages: await stages(db, committed),
   }
 }
@@ -405,12 +424,11 @@ export async function run() {
     db,
   )
   await runMigrations({ connectionString: t.url, logger: undefined })
-  const site = `bench${randomBytes(3).toString("hex")}`
-  const streamName = site.toUpperCase()
   const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
-  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  // testkit's, so that a run stopped before its cleanup leaves a stream the next sweeps.
+  const { site, name: streamName } = await createTestStream(nc)
   const relay = await startRelayProcess({
     DATABASE_URL: withApplicationName(t.url, RELAY_APP),
     NATS_URL: natsUrl,
@@ -523,7 +541,10 @@ export async function run() {
       if (failure === undefined) break
       // Two runs in eight met graphile/worker#636 in session 27. Run again, from empty
       // queues: the jobs of the lost batch stay locked, and their effects exist already.
-      if (!(failure instanceof WorkerStopped && failure.issue636) || graphileReruns === 2) {
+      if (
+        !(failure instanceof BenchProcessStoppedError && failure.issue636) ||
+        graphileReruns === 2
+      ) {
         throw failure
       }
       graphileReruns++
@@ -561,7 +582,10 @@ export async function run() {
         "commit-to-handler p50 ms",
         result.keyway_p50_ms,
         result.graphile_p50_ms,
-        `${LATENCY_RATE} events/s asked, ${Math.round(kLatency.offered)} / ${Math.round(gLatency.offered)} offered; to the handler's call`,
+        `${offeredNote(
+          LATENCY_RATE,
+          [kLatency.offered, gLatency.offered].filter((o) => !Number.isNaN(o)),
+        )}; to the handler's call`,
       ],
       [
         "commit-to-handler p99 ms",

@@ -9,9 +9,15 @@ export const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", 
 /** Starts a relay process and returns once it has taken the lead. */
 export async function startRelayProcess(env: Record<string, string>): Promise<TsChild> {
   const relay = spawnTs(relayEntry, env)
+  // A relay that waits for ever (NATS or Postgres away) held the benchmark as long.
+  const deadline = Date.now() + 60_000
   while (!relay.json().some((l) => l.message === "relay active")) {
     if (relay.exitCode !== null)
       throw new Error(`the relay died at start: ${relay.lines.join("\n")}`)
+    if (Date.now() > deadline) {
+      relay.kill("SIGKILL")
+      throw new Error(`the relay did not lead within 60 s: ${relay.lines.join("\n")}`)
+    }
     await new Promise((r) => setTimeout(r, 20))
   }
   return relay

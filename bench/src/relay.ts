@@ -1,33 +1,32 @@
 // The relay benchmark (issue 2): what the outbox costs a writer, and how long an event takes
 // from its writer's COMMIT to the stream.
-import { randomBytes } from "node:crypto"
 import { runPipelinedTransaction } from "@keyway/db"
-import { applyStreams, connectNats } from "@keyway/nats"
+import { connectNats } from "@keyway/nats"
 import { enqueue } from "@keyway/outbox"
-import { createTestDatabase, type TsChild } from "@keyway/testkit"
+import { createTestDatabase, createTestStream, type TsChild } from "@keyway/testkit"
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
 import { startRelayProcess } from "./relay-process.ts"
-import { percentile, printTable, rate, round } from "./stats.ts"
+import {
+  benchKnob,
+  offeredNote,
+  percentile,
+  printTable,
+  rate,
+  round,
+  wallClockOffset,
+} from "./stats.ts"
 
 // Writers committing as fast as they can (BENCH_WRITERS); 8 saturate this machine's two cores.
-const WRITERS = Number(process.env.BENCH_WRITERS ?? 8)
+const WRITERS = benchKnob("BENCH_WRITERS", 8)
 // Each throughput figure is the median of ROUNDS phases of PHASE_MS, the six patterns taking
 // turns: on this VM the same phase run twice in a row varied by up to 2x (steal, autovacuum,
 // checkpoints), and back-to-back single phases put all of that on whichever ran second.
-const PHASE_MS = Number(process.env.BENCH_PHASE_MS ?? 2500)
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3)
+const PHASE_MS = benchKnob("BENCH_PHASE_MS", 2500)
+const ROUNDS = benchKnob("BENCH_ROUNDS", 3)
 const LATENCY_RATE = 1000
-const LATENCY_MS = Number(process.env.BENCH_LATENCY_MS ?? 10_000)
+const LATENCY_MS = benchKnob("BENCH_LATENCY_MS", 10_000)
 const KEYS = 1000
-
-/** Wall-clock ms at performance.now() 0, read on a tick of Date.now() (to a few µs). */
-function wallClockOffset(): number {
-  const last = Date.now()
-  let now = last
-  while (now === last) now = Date.now()
-  return now - performance.now()
-}
 
 export async function run() {
   const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
@@ -35,12 +34,11 @@ export async function run() {
   await sql`create table bench_order (id bigserial primary key, key text not null, amount int not null)`.execute(
     db,
   )
-  const site = `bench${randomBytes(3).toString("hex")}`
-  const streamName = site.toUpperCase()
   const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
   const nc = await connectNats({ servers: natsUrl })
   const jsm = await jetstreamManager(nc)
-  await applyStreams(jsm, [{ name: streamName, subjects: [`${site}.>`], duplicate_window: 120e9 }])
+  // testkit's, so that a run stopped before its cleanup leaves a stream the next sweeps.
+  const { site, name: streamName } = await createTestStream(nc)
   // The relay runs in its own process (startRelayProcess), started once the throughput phases
   // are done: in this one it also shared an event loop with the consumer that times arrivals.
   let relay: TsChild | undefined
@@ -259,11 +257,7 @@ export async function run() {
         `${round((100 * enq1Live) / bare1)}% of bare`,
       ],
       ["relay drain of the backlog, events/s", Math.round(drainRate), `${backlog} events`],
-      [
-        "commit-to-stream p50 ms",
-        result.latency_p50_ms,
-        `${LATENCY_RATE} events/s asked, ${Math.round(offered)} offered`,
-      ],
+      ["commit-to-stream p50 ms", result.latency_p50_ms, offeredNote(LATENCY_RATE, [offered])],
       [
         "commit-to-stream p99 ms",
         result.latency_p99_ms,

@@ -8,6 +8,49 @@ export function percentile(sample: readonly number[], p: number): number {
   return sorted[rank]!
 }
 
+/** Wall-clock ms at performance.now() 0, read on a tick of Date.now() (to a few µs). */
+export function wallClockOffset(): number {
+  const last = Date.now()
+  let now = last
+  while (now === last) now = Date.now()
+  return now - performance.now()
+}
+
+/**
+ * Wall-clock ms, for times that two processes compare (a commit in one, its handling in
+ * another). performance.timeOrigin places the monotonic clock on the wall clock to a ms or two
+ * only, differently in each process (measured: 1.0-1.6 ms off), against latencies of a few ms.
+ */
+export function wallClock(): () => number {
+  const offset = wallClockOffset()
+  return () => offset + performance.now()
+}
+
+/**
+ * A benchmark's knob from the environment, or its default. A value that is not a positive
+ * number is refused by name: read with Number(), BENCH_EVENTS=abc wrote nothing, found its
+ * NaN effects at once, and printed a table of nulls.
+ */
+export function benchKnob(name: string, fallback: number): number {
+  const raw = process.env[name]
+  if (raw === undefined || raw === "") return fallback
+  const value = Number(raw)
+  if (!Number.isFinite(value) || value <= 0) {
+    throw new Error(`${name}=${JSON.stringify(raw)}: expected a positive number`)
+  }
+  return value
+}
+
+/**
+ * A note for a latency measured at a steady rate: the rate the writers reached, and a
+ * warning when they fell short of it (each waits for its own commit, so a slow one delays
+ * the next), since a tail measured at a lower rate than asked is not the one asked for.
+ */
+export function offeredNote(asked: number, offered: readonly number[]): string {
+  const short = offered.some((o) => o < 0.97 * asked)
+  return `${asked} events/s asked, ${offered.map((o) => Math.round(o)).join(" / ")} offered${short ? " (SHORT of the rate asked: that tail is at the rate offered)" : ""}`
+}
+
 export const round = (n: number, digits = 1) => Math.round(n * 10 ** digits) / 10 ** digits
 
 /** "1 worker process", "2 worker processes": for the tables' notes. */

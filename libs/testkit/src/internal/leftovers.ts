@@ -148,8 +148,11 @@ export async function sweepOldTemplates(
   return dropped
 }
 
-/** Test streams are named `T<8 hex>` (createTestStream, and the outbox tests' sites). */
-const TEST_STREAM = /^T[0-9A-F]{8}$/
+/**
+ * Test streams are named `T<8 hex>` (createTestStream, which the benches use too, and the
+ * outbox tests' sites); `BENCH<6 hex>` are the benches' from before they used it.
+ */
+const TEST_STREAM = /^(T[0-9A-F]{8}|BENCH[0-9A-F]{6})$/
 
 /**
  * Deletes test streams older than `olderThanMs` (default 2 h; no test file runs 10 minutes
