@@ -29,12 +29,16 @@ export interface EventEnvelope {
  */
 export const MAX_KEY_LENGTH = 256
 
-const Name = Schema.String.pipe(Schema.check(Schema.isMaxLength(MAX_KEY_LENGTH)))
+// Never empty: an empty id is every such event's dedupe key at once, and an empty key one
+// order for whatever publisher left it out.
+const Name = Schema.String.pipe(
+  Schema.check(Schema.isMinLength(1), Schema.isMaxLength(MAX_KEY_LENGTH)),
+)
 
 const Envelope = Schema.Struct({
   id: Name,
   site: Name,
-  seq: Schema.Number,
+  seq: Schema.Number.pipe(Schema.check(Schema.isInt(), Schema.isGreaterThanOrEqualTo(1))),
   topic: Name,
   key: Name,
   ver: Schema.Number.pipe(Schema.check(Schema.isInt(), Schema.isGreaterThanOrEqualTo(1))),

@@ -2041,7 +2041,7 @@ describe("keyed consumer", () => {
     )
   })
 
-  test("names longer than an envelope allows are rejected, saying which; the rest goes in", async () => {
+  test("names longer than an envelope allows, or empty, are rejected, saying which; the rest goes in", async () => {
     const { t, stream } = await setup()
     const raw = (e: Partial<EventEnvelope> & { key: string }, seq: number) =>
       publishEvent(nc, stream.site, { ver: 1, payload: { n: 1 }, seq, ...e, raw: e })
@@ -2054,18 +2054,28 @@ describe("keyed consumer", () => {
       raw({ key: "g2" }, 3),
       raw({ key: "longid", id: long }, 4),
       raw({ key: "g3" }, 5),
+      raw({ key: "" }, 6),
+      raw({ key: "noid", id: "" }, 7),
+      raw({ key: "badseq", seq: 1.5 } as never, 8),
     ])
     await waitFor(async () => (await effects(t.db)).length === 3, {
       timeoutMs: 10_000,
       message: "the good events handled",
     })
+    await waitFor(async () => (await rejects(t.db)).length === 5, {
+      timeoutMs: 10_000,
+      message: "five rejected",
+    })
     const refused = await rejects(t.db)
     assert.deepEqual(
       refused.map((r) => Number(r.stream_seq)),
-      [2, 4],
+      [2, 4, 6, 7, 8],
     )
     assert.match(refused[0]!.reason, /at most 256[\s\S]*\["key"\]/)
     assert.match(refused[1]!.reason, /at most 256[\s\S]*\["id"\]/)
+    assert.match(refused[2]!.reason, /at least 1[\s\S]*\["key"\]/)
+    assert.match(refused[3]!.reason, /at least 1[\s\S]*\["id"\]/)
+    assert.match(refused[4]!.reason, /integer[\s\S]*\["seq"\]/)
   })
   for (const made of ["by the worker", "earlier, with an ack_wait of its own"]) {
     test(`an ingest held up past ack_wait asks for more time: nothing is redelivered meanwhile (durable made ${made})`, async () => {
