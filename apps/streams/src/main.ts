@@ -45,7 +45,13 @@ const nc = await retryUntilReady(
   },
 ).catch((err) => fail(1, `cannot connect to NATS: ${describeError(err)}`))
 try {
-  await applyStreams(await jetstreamManager(nc), definitions)
+  // Connected is not ready: JetStream answers only once it has recovered its store, or
+  // elected its leaders in a cluster (503 meanwhile). Waited for as the relay does; what the
+  // server refuses ends it at once.
+  await retryUntilReady(async () => applyStreams(await jetstreamManager(nc), definitions), {
+    what: "JetStream",
+    log: (message, fields) => console.error(`streams: ${message}: ${fields.error}`),
+  })
   console.log(`applied: ${definitions.map((d) => d.name).join(", ")}`)
 } catch (err) {
   console.error(`streams: ${describeError(err)}`)

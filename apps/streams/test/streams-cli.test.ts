@@ -3,6 +3,9 @@
 // refused; a server not up yet is waited for, saying so.
 import assert from "node:assert/strict"
 import { execFile, spawn } from "node:child_process"
+import { mkdtemp, rm, writeFile } from "node:fs/promises"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
 import { test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { freePort, startNatsServer, waitFor } from "@keyway/testkit"
@@ -30,6 +33,24 @@ test("a site file that does not exist, or a NATS_URL that is not one: exit 2, on
   assert.match(badUrl.err, /^streams: NATS_URL must be/)
 })
 
+test("a stream without a name, or declared twice: exit 2, naming it, before NATS is asked", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-streams-"))
+  try {
+    const file = join(dir, "site.json")
+    await writeFile(file, JSON.stringify({ streams: [{ name: "A" }, { subjects: ["b.>"] }] }))
+    // No server there: the file is refused before any connection is tried.
+    const unnamed = await streams([file], "nats://127.0.0.1:1")
+    assert.equal(unnamed.code, 2)
+    assert.match(unnamed.err, /^streams: cannot read .*: .*streams\[1\] has no name/)
+    await writeFile(file, JSON.stringify({ streams: [{ name: "A" }, { name: "A" }] }))
+    const twice = await streams([file], "nats://127.0.0.1:1")
+    assert.equal(twice.code, 2)
+    assert.match(twice.err, /stream A is declared twice/)
+  } finally {
+    await rm(dir, { recursive: true })
+  }
+})
+
 test("a NATS server that is not up yet is waited for, visibly; a refused password ends it at once", async () => {
   // Waited for: compose starts this beside a NATS that may still be recovering its store.
   const port = await freePort()
@@ -48,6 +69,24 @@ test("a NATS server that is not up yet is waited for, visibly; a refused passwor
     // It waits for ever: not left behind, whatever the check found.
     child.kill("SIGKILL")
     await exited
+  }
+  // Connected, but JetStream does not answer (yet): waited for too, not a failure.
+  await using bare = await startNatsServer({ jetstream: false })
+  const early = spawn(process.execPath, ["--import", "tsx", main, cloud], {
+    env: { ...process.env, NATS_URL: bare.url },
+  })
+  let earlyErr = ""
+  early.stderr.on("data", (d) => (earlyErr += d))
+  const earlyExited = new Promise((resolve) => early.on("exit", resolve))
+  try {
+    await waitFor(() => /streams: waiting for JetStream: /.test(earlyErr), {
+      timeoutMs: 20_000,
+      message: () => `a line saying it waits for JetStream (stderr: ${earlyErr})`,
+    })
+    assert.equal(early.exitCode, null, "still waiting")
+  } finally {
+    early.kill("SIGKILL")
+    await earlyExited
   }
   await using server = await startNatsServer({
     config: "authorization { user: admin, password: right }",

@@ -51,6 +51,15 @@ function normalise(definition: StreamDefinition, path?: string): StreamDefinitio
 export async function loadStreamDefinitions(path: string): Promise<StreamDefinition[]> {
   const parsed = JSON.parse(await readFile(path, "utf8")) as { streams?: StreamDefinition[] }
   if (!Array.isArray(parsed.streams)) throw new Error(`${path}: expected {"streams": [...]}`)
+  // The file's mistakes, said as the file's: found by the server, they read as its refusals.
+  const seen = new Set<string>()
+  parsed.streams.forEach((s, i) => {
+    if (s === null || typeof s !== "object" || typeof s.name !== "string" || s.name === "") {
+      throw new Error(`${path}: streams[${i}] has no name`)
+    }
+    if (seen.has(s.name)) throw new Error(`${path}: stream ${s.name} is declared twice`)
+    seen.add(s.name)
+  })
   return parsed.streams.map((s) => normalise(s, path))
 }
 
@@ -167,6 +176,8 @@ export const STREAM_DEFAULTS = {
   sources: [],
   allow_rollup_hdrs: false,
   allow_direct: false,
+  // Set by hand and kept, the stream sends no PubAck, and every publish of the relay times out.
+  no_ack: false,
 } as const satisfies Partial<StreamConfig>
 
 /** The declaration with the fields it leaves out at their defaults, where `live` has others. */

@@ -106,8 +106,9 @@ test("a field left out of a declaration is set back to its default, not kept fro
     description: "with limits",
     allow_rollup_hdrs: true,
   }
-  await applyStreams(jsm, [{ ...full, allow_direct: true }])
+  await applyStreams(jsm, [{ ...full, allow_direct: true, no_ack: true }])
   assert.equal((await jsm.streams.info(name)).config.allow_direct, true)
+  assert.equal((await jsm.streams.info(name)).config.no_ack, true)
   // The limits deleted from the declaration: no limit. nats.js merges an update into the
   // live config, which kept all of them.
   await applyStreams(jsm, [{ name, subjects: [`${subject}.>`] }])
@@ -117,6 +118,8 @@ test("a field left out of a declaration is set back to its default, not kept fro
   assert.equal(config.description ?? "", "")
   assert.equal(config.allow_rollup_hdrs ?? false, false)
   assert.equal(config.allow_direct ?? false, false)
+  // Kept, a stream that sends no PubAck timed out every publish of the relay.
+  assert.equal(config.no_ack ?? false, false)
 
   // What the server cannot undo on a live stream is refused when left out, not kept unseen.
   const denied = uniqueName()
