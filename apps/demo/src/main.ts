@@ -107,8 +107,8 @@ const report = setInterval(async () => {
 
 let stopping = false
 async function shutdown() {
-  // Ctrl-C twice, or a signal as DEMO_SECONDS runs out: the second call would destroy the
-  // pool again, and reject.
+  // A signal as DEMO_SECONDS runs out: the second call would destroy the pool again, and
+  // reject.
   if (stopping) return
   stopping = true
   running = false
@@ -120,6 +120,15 @@ async function shutdown() {
   await db.destroy()
   process.exit(0)
 }
-process.on("SIGINT", shutdown)
-process.on("SIGTERM", shutdown)
+// A second signal while the stop waits (on a Postgres that does not answer, say) means now.
+// Nothing is lost by it: what was written is in the outbox, and the next relay publishes it.
+const onSignal = () => {
+  if (stopping) {
+    console.error("keyway demo: stopped at once, its stop unfinished")
+    process.exit(130)
+  }
+  void shutdown()
+}
+process.on("SIGINT", onSignal)
+process.on("SIGTERM", onSignal)
 if (seconds > 0) setTimeout(shutdown, seconds * 1000)

@@ -1,8 +1,17 @@
-// `just demo` refuses bad settings before it touches Postgres or NATS.
+// `just demo` refuses bad settings before it touches Postgres or NATS, and a second Ctrl-C
+// ends it whatever its stop waits for.
 import assert from "node:assert/strict"
 import { spawnSync } from "node:child_process"
 import { test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
+import {
+  createTcpProxy,
+  createTestDatabase,
+  spawnTs,
+  startNatsServer,
+  waitFor,
+} from "@keyway/testkit"
 
 const main = fileURLToPath(new URL("../src/main.ts", import.meta.url))
 
@@ -33,5 +42,39 @@ test("bad settings exit 2 naming what is wrong, before anything starts", () => {
     const what = `${args.join(" ")} ${JSON.stringify(env)}`
     assert.equal(r.status, 2, `${what}: ${r.stderr}`)
     assert.match(r.stderr, message, what)
+  }
+})
+
+test("a second Ctrl-C while the stop waits on a Postgres that does not answer ends the demo at once", {
+  timeout: 120_000,
+}, async () => {
+  const t = await createTestDatabase()
+  const proxy = await createTcpProxy({ host: "127.0.0.1", port: 5432 })
+  await using nats = await startNatsServer()
+  const url = new URL(t.url)
+  url.host = `${proxy.host}:${proxy.port}`
+  const child = spawnTs(main, {
+    DATABASE_URL: url.toString(),
+    NATS_URL: nats.url,
+    DEMO_RATE: "20",
+  })
+  try {
+    await waitFor(() => child.lines.some((l) => /^written [1-9]/.test(l)), {
+      timeoutMs: 60_000,
+      message: () => `the demo writes (it printed ${child.lines.join("\n")})`,
+    })
+    proxy.stall()
+    child.kill("SIGINT")
+    // The stop waits on the writer's transaction, which gets no answer.
+    await sleep(1500)
+    assert.equal(child.exitCode, null, "the first Ctrl-C's stop still waits")
+    child.kill("SIGINT")
+    const { code } = await child.exited()
+    assert.equal(code, 130)
+  } finally {
+    child.kill("SIGKILL")
+    proxy.resume()
+    await proxy.close()
+    await t.drop()
   }
 })
