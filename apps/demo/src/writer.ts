@@ -3,7 +3,7 @@
 // relay publishes them; the other site's worker handles them. SIGTERM stops between
 // transactions, so nothing is left half-written, and exits 0.
 import { setTimeout as sleep } from "node:timers/promises"
-import { perSecondEnv, telemetryEnv } from "@keyway/app-config"
+import { intEnv, perSecondEnv, telemetryEnv } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
 import { startTelemetry } from "@keyway/telemetry"
@@ -26,8 +26,13 @@ const rate = (() => {
     return fail((err as Error).message)
   }
 })()
-const keys = Number(env.DEMO_KEYS ?? 20)
-if (!Number.isInteger(keys) || keys <= 0) fail(`DEMO_KEYS must be a positive integer, got ${keys}`)
+const keys = (() => {
+  try {
+    return intEnv(env, "DEMO_KEYS", 20, { min: 1, max: 1_000_000 })
+  } catch (err) {
+    return fail((err as Error).message)
+  }
+})()
 
 const tracing = (() => {
   try {

@@ -2,6 +2,7 @@
 // once even in the middle of a long pause between writes (pm2 kills after 15 s, compose
 // after 20).
 import assert from "node:assert/strict"
+import { execFile } from "node:child_process"
 import { after, before, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import {
@@ -80,5 +81,27 @@ test("each write is a span, and its event carries the span's trace: an event's t
   } finally {
     child.kill("SIGTERM")
     await child.exited()
+  }
+})
+
+test("a DEMO_KEYS that is not a whole number is refused by name, exit 2", async () => {
+  for (const raw of ["0x10", "abc", "0"]) {
+    const { code, err } = await new Promise<{ code: number | null; err: string }>((resolve) =>
+      execFile(
+        process.execPath,
+        ["--import", "tsx", writer],
+        {
+          env: { ...process.env, KEYWAY_SITE: "factory", DATABASE_URL: t.url, DEMO_KEYS: raw },
+          timeout: 20_000,
+        },
+        (error, _out, stderr) => resolve({ code: error ? (error.code as number) : 0, err: stderr }),
+      ),
+    )
+    assert.equal(code, 2, `${raw}: ${err}`)
+    assert.match(
+      err,
+      new RegExp(`DEMO_KEYS must be an integer from 1 to 1000000, got "${raw}"`),
+      `${raw}`,
+    )
   }
 })
