@@ -69,7 +69,7 @@ describe("3-node cloud cluster", () => {
 
   test("an R3 stream keeps accepting publishes and a consumer keeps draining while the stream leader is killed", async () => {
     const admin = await connect("cloud-admin")
-    const cloud = (await loadStreamDefinitions(configFile("streams/cloud.json"))).find(
+    const cloud = (await loadStreamDefinitions(configFile("streams/cluster/cloud.json"))).find(
       (s) => s.name === "CLOUD",
     )!
     // Until the cluster has elected its meta leader, JetStream API requests time out.
@@ -77,7 +77,7 @@ describe("3-node cloud cluster", () => {
     for (let attempt = 0; ; attempt++) {
       try {
         jsm = await jetstreamManager(admin, { timeout: 2000 })
-        await applyStreams(jsm, [{ ...cloud, num_replicas: 3 }])
+        await applyStreams(jsm, [cloud])
         break
       } catch (err) {
         if (attempt > 60) throw err

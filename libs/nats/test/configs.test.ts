@@ -107,6 +107,30 @@ describe("stream definitions", () => {
       { name: "CLOUD", external: { api: "$JS.cloud.API", deliver: "" } },
     ])
   })
+  test("the cluster's cloud streams are the single node's with three replicas, and a copy window that spares the inboxes", async () => {
+    const single = await loadStreamDefinitions(configFile("streams/cloud.json"))
+    const cluster = await loadStreamDefinitions(configFile("streams/cluster/cloud.json"))
+    assert.deepEqual(
+      cluster.map((s) => s.name),
+      single.map((s) => s.name),
+    )
+    for (const s of cluster) {
+      const { description: _a, num_replicas, duplicate_window, ...rest } = s
+      const {
+        description: _b,
+        duplicate_window: singleWindow,
+        ...singleRest
+      } = single.find((x) => x.name === s.name)!
+      delete (singleRest as { num_replicas?: number }).num_replicas
+      assert.equal(num_replicas, 3, `${s.name}: survives a node`)
+      assert.deepEqual(rest, singleRest, `${s.name}: otherwise the same`)
+      assert.equal(
+        duplicate_window,
+        s.name === "FACTORY_IN" ? parseDuration("10m") : singleWindow,
+        `${s.name}: duplicate_window`,
+      )
+    }
+  })
   test("a duration written as a bare number under a second is refused, naming the stream and field", async () => {
     const dir = await mkdtemp(join(tmpdir(), "keyway-streams-"))
     try {
