@@ -70,7 +70,7 @@ export class AimsError extends Error {
   override name = "AimsError"
   constructor(
     message: string,
-    readonly status: number | "timeout" | "network",
+    readonly status: number | "timeout" | "network" | "aborted",
     readonly retryable: boolean,
     options?: ErrorOptions & { retryAfterMs?: number },
   ) {
@@ -157,7 +157,17 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
           { cause: err, ...(appliesLate ? { retryAfterMs: settleMs } : {}) },
         )
       }
-      if (signal?.aborted) throw err
+      if (signal?.aborted) {
+        if (!appliesLate) throw err
+        // Given up by its worker (stopping, or its label taken by another), the push perhaps
+        // on its way: said as a timeout says it, so that the label's next push waits as long.
+        throw new AimsError(
+          `${url.pathname}: given up by its worker while AIMS may have it (retried after ${settleMs} ms at the soonest)`,
+          "aborted",
+          true,
+          { cause: err, retryAfterMs: settleMs },
+        )
+      }
       const sent = !NOT_SENT.has((err as { code?: string }).code ?? "")
       throw new AimsError(`${url.pathname}: ${(err as Error).message}`, "network", true, {
         cause: err,

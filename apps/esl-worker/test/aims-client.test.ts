@@ -3,7 +3,7 @@ import assert from "node:assert/strict"
 import { createServer } from "node:http"
 import type { AddressInfo } from "node:net"
 import { describe, test } from "node:test"
-import { startFakeAims } from "@keyway/testkit"
+import { startFakeAims, waitFor } from "@keyway/testkit"
 import { AimsError, createAimsClient, parseRetryAfter } from "../src/aims-client.ts"
 import { renderLabel } from "../src/render-label.ts"
 
@@ -169,6 +169,27 @@ describe("AIMS client", async () => {
       aims.requests().map((r) => r.outcome),
       ["timeout", 200],
     )
+  })
+
+  test("a push its worker gives up (stop, or its label lost) waits as a timeout does", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 5000, settleMs: 1500 })
+    await client.pushImage(push("a:0")) // a token in hand: the hold below takes the image
+    aims.holdNext(1)
+    const aborter = new AbortController()
+    const pushing = client.pushImage({ ...push("a:1"), signal: aborter.signal })
+    await waitFor(() => aims.requests().length === 2, { timeoutMs: 5000, message: "sent" })
+    aborter.abort(new Error("shutting down"))
+    const err = await pushing.then(
+      () => undefined,
+      (e) => e,
+    )
+    assert.ok(err instanceof AimsError, String(err))
+    assert.equal(err.status, "aborted")
+    assert.equal(err.retryAfterMs, 1500)
+    // The consumer finds the abort in the cause chain: cut short, not failed.
+    const cause = err.cause as Error
+    assert.ok(cause === aborter.signal.reason || cause.name === "AbortError", String(cause))
   })
 
   test("a gateway's 502 or 504 waits as a timeout does: AIMS may have the request and apply it late", async () => {

@@ -1154,6 +1154,27 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // worker takes the key next. Counting it would let a handler slower than the grace
         // period, or one running through a flapping Redis, die for what was not its failure.
         span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+        // Unless it says when to come back (retryAfterMs): a vendor call it had sent and gave
+        // up on, which the vendor may still apply (the ESL worker's AIMS push). Taken at once
+        // by the next worker, the next version's call could land first, and this one over it.
+        // Held until then, still uncharged. Fenced, and nothing, when another worker holds
+        // the key already.
+        const holdMs = retryAfterOf(err)
+        if (holdMs > 0) {
+          await markFailed(db, group, ref, task.ver, epoch, {
+            error: `cut short, held for what it sent: ${messageOf(err)}`.slice(0, 2000),
+            retryInMs: holdMs,
+            dead: false,
+            moveOn: false,
+            charge: false,
+          }).catch((e) =>
+            log.warn("could not hold a task cut short; the next worker may run it at once", {
+              ...ref,
+              ver: task.ver,
+              error: messageOf(e),
+            }),
+          )
+        }
         return "stopped"
       }
       if (completed) {

@@ -1002,6 +1002,42 @@ describe("keyed consumer", () => {
     assert.deepEqual(run.rows, [{ run_ver: 1, run_state: null }])
   })
 
+  test("a handler cut short by stop() that says when its call may still land holds its task until then, uncharged", {
+    timeout: 30_000,
+  }, async () => {
+    const { opened: running, open: started } = gate()
+    const { t, stream, consumer, group } = await setup({
+      shutdownGraceMs: 200,
+      handlers: {
+        "demo.item.changed.v1": async (_event, ctx) => {
+          started()
+          await new Promise<void>((resolve) => {
+            ctx.signal.addEventListener("abort", () => resolve(), { once: true })
+          })
+          // As the ESL worker's AIMS client says of a push it had sent when aborted.
+          throw Object.assign(
+            new Error("push given up, maybe sent", { cause: ctx.signal.reason }),
+            {
+              retryAfterMs: 60_000,
+            },
+          )
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "sent", ver: 1, payload: { n: 1 } })
+    await running
+    await consumer.stop()
+    const row = await sql<{ state: string; attempts: number; error: string; held_s: number }>`
+      select state, attempts, last_error as error,
+             extract(epoch from run_after - now())::float8 as held_s
+        from keyway.inbox where grp = ${group} and key = 'sent' and ver = 1`.execute(t.db)
+    const task = row.rows[0]!
+    assert.equal(task.state, "pending")
+    assert.equal(task.attempts, 0, "being stopped is not a failure")
+    assert.match(task.error, /^cut short, held for what it sent: push given up, maybe sent/)
+    assert.ok(task.held_s > 30 && task.held_s <= 60, `held for the minute asked (${task.held_s} s)`)
+  })
+
   for (const interleave of [false, true]) {
     test(`effects that fail inside a shared completion transaction fail alone; the rest commit once (interleave: ${interleave})`, async () => {
       // Completions of keys that finish together share one transaction. Here one handler's
