@@ -1290,6 +1290,24 @@ describe("relay", () => {
     }
   })
 
+  /** A relay that reaches the test's database through `proxy`; writers and checks go direct. */
+  const relayThrough = (
+    proxy: { host: string; port: number },
+    params = {},
+    options: Partial<RelayConfig> = {},
+  ) => {
+    const url = new URL(t.url)
+    url.host = `${proxy.host}:${proxy.port}`
+    for (const [name, value] of Object.entries(params)) url.searchParams.set(name, String(value))
+    return createRelay({
+      connectionString: url.toString(),
+      jetstream: jetstream(nc),
+      site,
+      pollIntervalMs: 100,
+      retryDelayMs: 100,
+      ...options,
+    })
+  }
   test("stop() during the pause after a failed publish ends the pause, and the next relay publishes the rest", {
     // The pause below is ten minutes: a stop() that waited it out fails the test instead.
     timeout: 60_000,
