@@ -1,6 +1,7 @@
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
 import { after, afterEach, before, describe, test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { createDb } from "@keyway/db"
 import {
   createConsumerAdmin,
@@ -209,11 +210,35 @@ describe("keyed consumer", () => {
   })
 
   test("lost wake-ups: with ingest wake-ups off, the polling loop completes every task", async () => {
-    const { t, stream, consumer } = await setup({ wakeOnIngest: false })
+    // First without polling (nor recovery): the ingested tasks must wait, which shows the
+    // wake-ups are off. A consumer that woke on ingest anyway would drain them at once.
+    const quiet = { wakeOnIngest: false, pollIntervalMs: 3600_000, recoveryIntervalMs: 3600_000 }
+    const { t, stream, group, consumer } = await setup(quiet)
     for (let ver = 1; ver <= 20; ver++) {
       for (const key of ["a", "b", "c"])
         await publishEvent(nc, stream.site, { key, ver, payload: { n: ver } })
     }
+    await waitFor(() => consumer.status().ingested === 60, {
+      timeoutMs: 20_000,
+      message: "all 60 in the inbox",
+    })
+    await sleep(1000)
+    assert.equal((await effects(t.db)).length, 0, "nothing ran: no wake-up, no poll yet")
+    await consumer.stop()
+    // Then the same group with its polling loop running: it alone finds the tasks.
+    const polling = createKeyedConsumer({
+      group,
+      stream: stream.name,
+      nats: nc,
+      db: t.db,
+      redis,
+      handlers: { "demo.item.changed.v1": recordEffect("w1") },
+      leaseMs: 3000,
+      ...quiet,
+      pollIntervalMs: 200,
+    })
+    cleanups.push(() => polling.stop())
+    await polling.start()
     await waitFor(async () => (await effects(t.db)).length === 60, {
       timeoutMs: 20_000,
       message: "all 60 effects through polling",
@@ -221,7 +246,8 @@ describe("keyed consumer", () => {
     const { byKey, problems } = checkEffects(await effects(t.db))
     assert.deepEqual(problems, [])
     assert.equal(byKey.size, 3)
-    assert.equal(consumer.status().done, 60)
+    assert.equal(polling.status().ingested, 0, "nothing was left to ingest: polling ran them")
+    assert.equal(polling.status().done, 60)
   })
 
   test("a task stored by another worker while this one drains the key runs after the drain, without waiting for polling", async () => {
