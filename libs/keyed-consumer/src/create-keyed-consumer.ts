@@ -1257,7 +1257,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const times = Math.min((putOff.get(k) ?? 0) + 1, 4)
       putOff.set(k, times)
       scheduler.hold(ref)
-      wakeLater(ref, leaseMs * 2 ** (times - 1))
+      const forMs = leaseMs * 2 ** (times - 1)
+      // A run that hangs is worth an operator's look: said each time the key is put off.
+      log.warn("a key's turn did not come behind a run in progress; put off", {
+        ...ref,
+        ver: task.ver,
+        forMs,
+      })
+      wakeLater(ref, forMs)
       return "deferred"
     }
     if (putOff.size > 0) putOff.delete(keyId(ref))
