@@ -2,7 +2,7 @@
 // worker (2), and a Redis restart in the middle of draining (6). Workers are child
 // processes; the checker reads only the effect rows the handlers wrote.
 import assert from "node:assert/strict"
-import { after, before, describe, test } from "node:test"
+import { after, afterEach, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
 import { createDb } from "@keyway/db"
 import { createConsumerAdmin, createKeyedConsumer } from "@keyway/keyed-consumer"
@@ -64,8 +64,12 @@ describe("keyed consumer under crashes", () => {
   before(async () => {
     nc = await connectNats({ servers: SHARED_NATS })
   })
+  // After each test: a test's workers and relay left running held connections and CPU
+  // through the tests after it, whose leases and windows are a few seconds.
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c().catch(() => {})
+  })
   after(async () => {
-    for (const c of cleanups.reverse()) await c().catch(() => {})
     await nc.close()
   })
 
@@ -430,6 +434,10 @@ describe("keyed consumer under crashes", () => {
     end(): Promise<void>
   }) {
     const { t, group } = o
+    // k0's v30 waits for the outage to have begun: the server goes away under a drain in
+    // progress, its key locked and its handler running, not only with work queued.
+    const { opened: midDrain, open: enteredMidDrain } = gate()
+    const { opened: outageBegun, open: beginOutage } = gate()
     const consumers = o.redis.map((redis, i) =>
       createKeyedConsumer({
         group,
@@ -440,6 +448,10 @@ describe("keyed consumer under crashes", () => {
         workerId: `w${i}`,
         handlers: {
           "demo.item.changed.v1": async (event, ctx) => {
+            if (event.key === "k0" && event.ver === 30) {
+              enteredMidDrain()
+              await outageBegun
+            }
             await sleep(1) // keep the drain going long enough to take a server away under it
             await recordEffect(`w${i}`)(event, ctx)
           },
@@ -465,19 +477,15 @@ describe("keyed consumer under crashes", () => {
       }
     }
     await publish(1, 60)
-    await waitFor(async () => (await effectCount(t.db)) >= 600, {
-      timeoutMs: 30_000,
-      message: "draining",
-    })
+    await midDrain
     await o.begin()
+    beginOutage()
     // The rest arrives while the server is away: a fast machine had drained all 3,000 events
     // before a Redis kill, and the restart then tested nothing.
     await publish(61, perKey)
     await sleep(1000)
-    const atOutage = await effectCount(t.db)
-    await o.during(atOutage)
+    await o.during(await effectCount(t.db))
     await o.end()
-    assert.ok(atOutage < keys * perKey, `${o.what}: the server went away while work was left`)
     // What the group looked like at the last check, for the timeout's message: which keys
     // are behind, who holds them, and what each worker is doing.
     let lastSeen = ""
