@@ -15,24 +15,26 @@ const b: KeyRef = { topic: "t", key: "b" }
 function oneSlot() {
   const clock = { ms: 0 }
   const drains: { key: string; waitedMs: number; end: () => void }[] = []
+  // What the scheduler reported failing; a throw from here would be swallowed by it.
+  const errors: unknown[] = []
   const scheduler = new KeyScheduler(
     1,
     (ref, waitedMs) =>
       new Promise<void>((end) => {
         drains.push({ key: ref.key, waitedMs, end })
       }),
-    (err) => assert.fail(String(err)),
+    (err) => errors.push(err),
     () => clock.ms,
   )
   const started = async (n: number) => {
     while (drains.length < n) await sleep(1)
     return drains[n - 1]!
   }
-  return { scheduler, clock, started }
+  return { scheduler, clock, started, drains, errors }
 }
 
 test("a key that finds the slots taken reports how long it waited for one", async () => {
-  const { scheduler, clock, started } = oneSlot()
+  const { scheduler, clock, started, errors } = oneSlot()
   scheduler.wake(a)
   clock.ms = 10
   scheduler.wake(b)
@@ -44,10 +46,11 @@ test("a key that finds the slots taken reports how long it waited for one", asyn
   assert.deepEqual([second.key, second.waitedMs], ["b", 15], "b waited from its wake to a's end")
   second.end()
   await scheduler.stop()
+  assert.deepEqual(errors, [], "no drain failed")
 })
 
 test("a key woken while it drains waits from that drain's end; a second wake keeps the first's time", async () => {
-  const { scheduler, clock, started } = oneSlot()
+  const { scheduler, clock, started, errors } = oneSlot()
   scheduler.wake(a)
   const a1 = await started(1)
   clock.ms = 5
@@ -66,6 +69,7 @@ test("a key woken while it drains waits from that drain's end; a second wake kee
   assert.deepEqual([a2.key, a2.waitedMs], ["a", 30], "a counts from its drain's end")
   a2.end()
   await scheduler.stop()
+  assert.deepEqual(errors, [], "no drain failed")
 })
 
 test("an onError that throws neither ends the process nor stops the scheduler", async () => {
@@ -91,7 +95,7 @@ test("an onError that throws neither ends the process nor stops the scheduler", 
 })
 
 test("a key held is not drained until released, by a wake-up taken in before the hold or after", async () => {
-  const { scheduler, started } = oneSlot()
+  const { scheduler, started, drains, errors } = oneSlot()
   scheduler.wake(a)
   const a1 = await started(1)
   scheduler.wake(a) // a poll while it drains: again, once it ends
@@ -103,10 +107,12 @@ test("a key held is not drained until released, by a wake-up taken in before the
   assert.equal(b1.key, "b", "a was not drained again")
   b1.end()
   await sleep(5)
+  assert.equal(drains.length, 2, "the slot free, a still held: not drained")
   scheduler.release(a)
   scheduler.wake(a) // the put-off's timer
   const a2 = await started(3)
   assert.equal(a2.key, "a")
   a2.end()
   await scheduler.stop()
+  assert.deepEqual(errors, [], "no drain failed")
 })
