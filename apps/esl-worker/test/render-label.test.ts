@@ -124,6 +124,12 @@ test("every price the schema allows is drawn whole, inside the margins", async (
     // Drawn, and as wide as a price of ten or more characters at 20 px at least.
     const { first, last } = await redColumns(png)
     assert.ok(last - first > 120, `${priceMinor} ${currency}: red from x ${first} to ${last}`)
+    // Whole, not shortened: two of the longest prices, apart in their last digit only, are
+    // two images. Cut short ("CHF 9,999,999.9…"), they would be drawn alike.
+    const [nines, eight] = await Promise.all(
+      [999_999_999, 999_999_998].map((p) => renderLabel({ ...task, priceMinor: p, currency })),
+    )
+    assert.notDeepEqual(nines, eight, `${currency}: the last digit drawn`)
   }
 })
 
