@@ -52,6 +52,8 @@ describe("startTelemetry", () => {
     const child = receiver.spans().find((s) => s.name === "child")
     assert.ok(parent && child)
     assert.equal(parent.serviceName, "telemetry-test")
+    assert.equal(parent.resource["service.version"], "1.2.3")
+    assert.equal(parent.resource["keyway.site"], "cloud", "the app's own resource attributes")
     assert.equal(child.traceId, parent.traceId)
     assert.equal(child.parentSpanId, parent.spanId)
     assert.equal(child.kind, 4)

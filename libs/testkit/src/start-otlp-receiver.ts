@@ -12,6 +12,8 @@ export interface ReceivedSpan {
   attributes: Record<string, string | number | boolean>
   /** The resource's `service.name`. */
   serviceName: string
+  /** Every attribute of the resource, `service.name` among them. */
+  resource: Record<string, string | number | boolean>
   scope: string
   /** 0 unset, 1 ok, 2 error. */
   statusCode: number
@@ -94,7 +96,8 @@ export async function startOtlpReceiver(options: { port?: number } = {}): Promis
       }[]
     }
     for (const rs of doc.resourceSpans ?? []) {
-      const serviceName = String(attributes(rs.resource?.attributes)["service.name"] ?? "")
+      const resource = attributes(rs.resource?.attributes)
+      const serviceName = String(resource["service.name"] ?? "")
       for (const ss of rs.scopeSpans ?? []) {
         for (const s of ss.spans ?? []) {
           spans.push({
@@ -105,6 +108,7 @@ export async function startOtlpReceiver(options: { port?: number } = {}): Promis
             kind: s.kind ?? 0,
             attributes: attributes(s.attributes),
             serviceName,
+            resource,
             scope: ss.scope?.name ?? "",
             statusCode: s.status?.code ?? 0,
           })
