@@ -209,11 +209,15 @@ test("SIGTERM while Postgres does not answer: the worker exits 1 after its stop'
       timeoutMs: 30_000,
       message: () => `the worker started; ${printed()}`,
     })
-    // Its polling and recovery loops send statements that get no answer. Longer than the
-    // polling loop's 2 s spacing: after 2 s exactly, a round that had ended just before the
-    // stall had not yet sent its next statement, and the worker stopped cleanly (one CI run).
+    // Its polling and recovery loops send statements that get no answer. Stopped once one is
+    // in the stall: after a fixed 2 s, a round that had ended just before the stall had not
+    // yet sent its next statement, and the worker stopped cleanly (one CI run).
     pgProxy.stall()
-    await new Promise((r) => setTimeout(r, 3000))
+    const sent = pgProxy.bytesToTarget
+    await waitFor(() => pgProxy.bytesToTarget > sent, {
+      timeoutMs: 20_000,
+      message: () => `a statement sent into the stall; ${printed()}`,
+    })
     worker.kill("SIGTERM")
     assert.equal((await worker.exited()).code, 1, printed())
     assert.ok(

@@ -11,8 +11,9 @@ export interface TcpProxy {
   /** Connections currently forwarded. */
   readonly connections: number
   /**
-   * Bytes the clients have sent towards the target so far: a test can see that a request
-   * left before the answer to the one ahead of it came back.
+   * Bytes the clients have sent towards the target so far, those a stall holds included: a
+   * test can see that a request left before the answer to the one ahead of it came back, or
+   * that one is waiting in a stall.
    */
   readonly bytesToTarget: number
   /**
@@ -22,10 +23,9 @@ export interface TcpProxy {
   cut(): void
   restore(): void
   /**
-   * Stops forwarding without closing anything: what either side sends waits in the proxy (and
-   * then in the kernel's buffers) until resume(), as on a link that stops delivering packets
-   * without a reset. Neither end sees an error, only no answer. New connections are accepted
-   * and held the same way.
+   * Stops forwarding without closing anything: what either side sends waits in the proxy
+   * until resume(), as on a link that stops delivering packets without a reset. Neither end
+   * sees an error, only no answer. New connections are accepted and held the same way.
    */
   stall(): void
   /** Delivers what waited, in order, and forwards again. */
@@ -36,21 +36,38 @@ export interface TcpProxy {
 
 /** A TCP forwarder on a free 127.0.0.1 port, to cut and restore a link (a NATS leaf, say). */
 export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
-  const pairs = new Set<[Socket, Socket]>()
+  // What each direction of a stalled pair has read and holds, in order; undefined while the
+  // pair forwards.
+  interface Pair {
+    client: Socket
+    upstream: Socket
+    toUpstream?: Buffer[]
+    toClient?: Buffer[]
+  }
+  const pairs = new Set<Pair>()
   let bytesToTarget = 0
   let isCut = false
   let isStalled = false
-  const forward = ([client, upstream]: [Socket, Socket]) => {
-    client.pipe(upstream)
-    upstream.pipe(client)
+  const forward = (p: Pair) => {
+    // What was held goes first, in the same tick as the pipes are set up: nothing read
+    // meanwhile can pass it.
+    for (const chunk of p.toUpstream ?? []) p.upstream.write(chunk)
+    for (const chunk of p.toClient ?? []) p.client.write(chunk)
+    p.toUpstream = undefined
+    p.toClient = undefined
+    p.client.pipe(p.upstream)
+    p.upstream.pipe(p.client)
   }
-  // Unpiped and paused, a socket keeps what it has read and reads no more: the kernel's
-  // buffers fill and TCP's flow control holds the sender, as a dead link would.
-  const hold = ([client, upstream]: [Socket, Socket]) => {
-    client.unpipe(upstream)
-    upstream.unpipe(client)
-    client.pause()
-    upstream.pause()
+  // Read on and kept here, rather than left unread in the kernel's buffers: the proxy can
+  // then count what a client sent into the stall.
+  const hold = (p: Pair) => {
+    p.client.unpipe(p.upstream)
+    p.upstream.unpipe(p.client)
+    p.toUpstream ??= []
+    p.toClient ??= []
+    // unpipe() pauses a source left without a destination; the 'data' listeners read on.
+    p.client.resume()
+    p.upstream.resume()
   }
 
   const server = createServer((client) => {
@@ -59,7 +76,7 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
       return
     }
     const upstream = connect({ host: target.host, port: target.port })
-    const pair: [Socket, Socket] = [client, upstream]
+    const pair: Pair = { client, upstream }
     pairs.add(pair)
     // Either side failing or closing ends both: a half-dead pair would hide the cut.
     const teardown = () => {
@@ -68,10 +85,12 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
       upstream.destroy()
     }
     client.on("error", teardown).on("close", teardown)
-    // A 'data' listener resumes the socket; hold() pauses it in the same tick it unpipes, so
-    // a stall still holds what the client sends.
     client.on("data", (chunk: Buffer) => {
       bytesToTarget += chunk.length
+      pair.toUpstream?.push(chunk)
+    })
+    upstream.on("data", (chunk: Buffer) => {
+      pair.toClient?.push(chunk)
     })
     upstream.on("error", teardown).on("close", teardown)
     if (isStalled) hold(pair)
@@ -79,7 +98,7 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
   })
 
   const destroyAll = () => {
-    for (const [client, upstream] of pairs) {
+    for (const { client, upstream } of pairs) {
       client.destroy()
       upstream.destroy()
     }

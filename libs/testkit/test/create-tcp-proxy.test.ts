@@ -128,8 +128,14 @@ test("a stalled proxy holds what both sides send, connections open, and delivers
     s.on("error", () => {})
     s.on("data", (chunk) => got.set(s, (got.get(s) ?? "") + chunk))
   }
+  const sentBefore = proxy.bytesToTarget
   a.write("held")
   b.write("new")
+  // Counted as sent, though held: a test can wait for a request to be in the stall.
+  await waitFor(() => proxy.bytesToTarget === sentBefore + 7, {
+    timeoutMs: 5000,
+    message: () => `the held bytes counted (${proxy.bytesToTarget - sentBefore})`,
+  })
   // Nothing comes back and nothing closes while stalled: a silent link, not a broken one.
   assert.equal(await closesWithin(a, 300), false)
   assert.deepEqual([got.get(a), got.get(b)], ["", ""])
