@@ -34,7 +34,14 @@ import {
 const fixture = fileURLToPath(new URL("./fixtures/pm2-start.ts", import.meta.url))
 
 /** Runs the fixture on a fresh PM2_HOME; returns what it printed and the home. */
-async function underPm2(spec: ProcessSpec, watchMs: number, keepDaemon = false, homeMode = 0o700) {
+async function underPm2(
+  spec: ProcessSpec,
+  watchMs: number,
+  keepDaemon = false,
+  homeMode = 0o700,
+  /** Watch until three reports after this status first shows, `watchMs` at most. */
+  watchAfter?: string,
+) {
   const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
   await chmod(home, homeMode)
   const child = spawnTs(fixture, {
@@ -42,6 +49,7 @@ async function underPm2(spec: ProcessSpec, watchMs: number, keepDaemon = false, 
     KEYWAY_TEST_PM2_SPEC: JSON.stringify(spec),
     KEYWAY_TEST_WATCH_MS: String(watchMs),
     ...(keepDaemon ? { KEYWAY_TEST_PM2_KEEP: "1" } : {}),
+    ...(watchAfter ? { KEYWAY_TEST_WATCH_AFTER: watchAfter } : {}),
   })
   const { code } = await child.exited()
   assert.equal(code, 0)
@@ -141,9 +149,12 @@ test("a socket left by a daemon that was killed is no daemon: status and down st
   }
 })
 
-test("a process that keeps dying ends errored, and is no longer restarted", async () => {
-  // 18 s of pm2's view: a process that exits at once, restarted a second later each time, is
-  // given up on after its tenth restart, in about 11 s.
+test("a process that keeps dying ends errored, and is no longer restarted", {
+  timeout: 120_000,
+}, async () => {
+  // A process that exits at once, restarted a second later each time, is given up on after
+  // its tenth restart, in about 11 s (later on a busy machine: 18 s of watching were once
+  // too few); watched for three reports more after that.
   const { home, seen } = await underPm2(
     {
       name: "dies",
@@ -152,7 +163,10 @@ test("a process that keeps dying ends errored, and is no longer restarted", asyn
       env: {},
       tier: "app",
     },
-    18_000,
+    90_000,
+    false,
+    0o700,
+    "errored",
   )
   try {
     const first = seen.findIndex((s) => s.status === "errored")
