@@ -612,7 +612,9 @@ describe("keyed consumer under crashes", () => {
     const stream = await createTestStream(privateNc)
     const redis = new Redis(SHARED_REDIS)
     cleanups.push(async () => redis.disconnect())
-    // Wake-ups off: only the polling loop, every 5 s after its first run at start, moves keys.
+    // Wake-ups off: only the polling loop, every 8 s after its first run at start, moves keys.
+    // Its next run must come after NATS is gone, with two test files on two cores: 8 s, of
+    // which getting both events into the inbox may take 6.
     const consumer = createKeyedConsumer({
       group,
       stream: stream.name,
@@ -621,8 +623,8 @@ describe("keyed consumer under crashes", () => {
       redis,
       handlers: { "demo.item.changed.v1": recordEffect("w") },
       wakeOnIngest: false,
-      pollIntervalMs: 5000,
-      recoveryIntervalMs: 5000,
+      pollIntervalMs: 8000,
+      recoveryIntervalMs: 8000,
     })
     cleanups.push(() => consumer.stop())
     await consumer.start()
@@ -633,12 +635,12 @@ describe("keyed consumer under crashes", () => {
       async () =>
         (await sql<{ n: number }>`select count(*)::int as n from keyway.inbox`.execute(t.db))
           .rows[0]!.n === 2,
-      { timeoutMs: 2000, intervalMs: 20, message: "both in the inbox" },
+      { timeoutMs: 6000, intervalMs: 20, message: "both in the inbox" },
     )
     await server.stop()
     assert.equal(await effectCount(t.db), 0, "nothing ran before NATS went away")
     await waitFor(async () => (await effectCount(t.db)) === 1, {
-      timeoutMs: 15_000,
+      timeoutMs: 25_000,
       message: "y ran on a poll while NATS was away",
     })
     assert.deepEqual(

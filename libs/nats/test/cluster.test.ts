@@ -93,7 +93,6 @@ describe("3-node cloud cluster", () => {
     // The consumer: cloud-worker, fetching in a loop that survives the failover.
     const worker = await connect("cloud-worker")
     const received = new Set<string>()
-    let deliveries = 0
     let draining = true
     const drain = (async () => {
       const consumer = await jetstream(worker).consumers.get("CLOUD", "drain")
@@ -101,7 +100,6 @@ describe("3-node cloud cluster", () => {
         try {
           const batch = await consumer.fetch({ max_messages: 200, expires: 1000 })
           for await (const m of batch) {
-            deliveries++
             received.add(m.headers!.get("Nats-Msg-Id"))
             m.ack()
           }
@@ -163,6 +161,5 @@ describe("3-node cloud cluster", () => {
     const info = await jsm.streams.info("CLOUD")
     assert.equal(info.state.messages, MESSAGES, "each message once in the stream")
     assert.notEqual(info.cluster!.leader, leaderName, "a new leader took over")
-    assert.ok(deliveries >= MESSAGES)
   })
 })
