@@ -88,6 +88,8 @@ test("a worker waits for Postgres, Redis, NATS, then its stream, then starts; SI
       message: () => `two waits for Postgres; ${printed()}`,
     })
     assert.equal(worker.exitCode, null, "still running while Postgres is away")
+    // One after the other, in that order: not yet a word of the others.
+    assert.deepEqual([waits(worker.json(), "Redis"), waits(worker.json(), "NATS")], [0, 0])
     pgProxy.restore()
     await waitFor(() => waits(worker.json(), "Redis") >= 2, {
       timeoutMs: 30_000,
@@ -95,6 +97,7 @@ test("a worker waits for Postgres, Redis, NATS, then its stream, then starts; SI
     })
     assert.ok(!worker.json().some((l) => l.message === "worker started"), printed())
     assert.equal(worker.exitCode, null, "still running while Redis is away")
+    assert.equal(waits(worker.json(), "NATS"), 0)
     redisProxy.restore()
     await waitFor(() => waits(worker.json(), "NATS") >= 2, {
       timeoutMs: 30_000,
