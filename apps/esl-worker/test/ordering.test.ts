@@ -170,9 +170,16 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
     timeoutMs: 60_000,
     message: "a third of the labels pushed",
   })
+  // It took part: it had claimed keys of its own (a key keeps its last owner until the
+  // recovery loop clears a lapsed lease).
+  const ownedByW0 = await sql<{ n: number }>`
+    select count(*)::int as n from keyway.consumer_key where grp = ${group} and owner = 'w0'`.execute(
+    t.db,
+  )
   workers[0]!.kill("SIGKILL")
   await workers[0]!.exited()
   const pushedAtKill = aims.pushes().length
+  assert.ok(ownedByW0.rows[0]!.n > 0, "the worker killed had drained labels")
   assert.ok(pushedAtKill < enqueued, "the worker died with work left")
 
   await waitFor(async () => (await unfinishedLabels(t.db, group)) === 0, {
@@ -247,8 +254,9 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
     assert.ok((outcomes.get(o) ?? 0) > 0, `AIMS injected ${o} (${JSON.stringify([...outcomes])})`)
   }
   assert.ok(aims.tokensIssued > 2, "tokens were revoked and fetched again")
-  // Every failure injected here is one to ride out, and ESL_LABEL_POLICY's 25 attempts take
-  // over an hour to spend: a dead task means a transient answer taken for a permanent one.
+  // Every failure injected here is one to ride out. With this test's 10 attempts at most 1 s
+  // apart, a task can die of bad luck alone (ten injected failures in a row, about 1e-6 at
+  // these rates), but far more likely of a transient answer taken for a permanent one.
   assert.deepEqual(
     dead.map((d) => `${d.key}/${d.ver} after ${d.attempts}: ${d.lastError}`),
     [],
