@@ -316,38 +316,42 @@ test("a writer started while Postgres is unreachable waits for it, then serves",
 
 test("a request's traceparent is carried on: the job, its outbox rows and the labels join the caller's trace", async () => {
   await using receiver = await startOtlpReceiver()
+  const callerTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
+  const callerSpan = "00f067aa0ba902b7"
   const traced = spawnTs(main, {
     DATABASE_URL: t.url,
     PORT: "0",
     OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url,
   })
-  await waitFor(() => traced.json().some((l) => l.started === "esl-writer"), {
-    timeoutMs: 20_000,
-    message: "the traced writer started",
-  })
-  const callerTrace = "4bf92f3577b34da6a3ce929d0e0e4736"
-  const callerSpan = "00f067aa0ba902b7"
-  const res = await fetch(
-    `http://127.0.0.1:${traced.json().find((l) => l.started)!.port}/label-jobs`,
-    {
-      method: "POST",
-      headers: {
-        "content-type": "application/json",
-        traceparent: `00-${callerTrace}-${callerSpan}-01`,
+  try {
+    await waitFor(() => traced.json().some((l) => l.started === "esl-writer"), {
+      timeoutMs: 20_000,
+      message: "the traced writer started",
+    })
+    const res = await fetch(
+      `http://127.0.0.1:${traced.json().find((l) => l.started)!.port}/label-jobs`,
+      {
+        method: "POST",
+        headers: {
+          "content-type": "application/json",
+          traceparent: `00-${callerTrace}-${callerSpan}-01`,
+        },
+        body: JSON.stringify({
+          jobId: "traced",
+          labels: [{ labelCode: "C0FFEE0000BB", productId: "A" }],
+        }),
       },
-      body: JSON.stringify({
-        jobId: "traced",
-        labels: [{ labelCode: "C0FFEE0000BB", productId: "A" }],
-      }),
-    },
-  )
-  assert.equal(res.status, 201)
-  const row = await sql<{ trace: { traceparent: string } }>`
-    select trace from keyway.outbox where payload->>'jobId' = 'traced'`.execute(t.db)
-  assert.equal(row.rows[0]!.trace.traceparent.split("-")[1], callerTrace, "the outbox row")
-  // Spans are exported at the latest when the process stops.
-  traced.kill("SIGTERM")
-  await traced.exited()
+    )
+    assert.equal(res.status, 201)
+    const row = await sql<{ trace: { traceparent: string } }>`
+      select trace from keyway.outbox where payload->>'jobId' = 'traced'`.execute(t.db)
+    assert.equal(row.rows[0]!.trace.traceparent.split("-")[1], callerTrace, "the outbox row")
+    // Spans are exported at the latest when the process stops (below).
+  } finally {
+    // On a failed assertion too: not left running until the file ends.
+    traced.kill("SIGTERM")
+    await traced.exited()
+  }
   const server = receiver.spans().find((x) => x.name === "POST /label-jobs")
   assert.ok(server, "the request's span was exported")
   assert.equal(server.kind, 2, "a SERVER span")
