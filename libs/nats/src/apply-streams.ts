@@ -32,21 +32,17 @@ export function parseDuration(value: string | number): number {
   return Math.round(Number(match[1]) * units[match[2]!]!)
 }
 
-function normalise(definition: StreamDefinition, path?: string): StreamDefinition {
+function normalise(definition: StreamDefinition): StreamDefinition {
   const out: Record<string, unknown> = { ...definition }
   for (const field of durationFields) {
-    const value = out[field]
-    // Under a second is never meant: a "max_age": 604800 written as seconds is 0.6 ms, and
-    // the server takes it and deletes each event before the other site can copy it.
-    if (typeof value === "number" && value > 0 && value < 1e9) {
-      throw new Error(
-        `${path ? `${path}: ` : ""}${definition.name}.${field} ${value} is a number of nanoseconds (${value / 1e6} ms): write a duration such as "90s" or "72h"`,
-      )
-    }
-    if (value !== undefined) out[field] = parseDuration(value as string | number)
+    if (out[field] !== undefined) out[field] = parseDuration(out[field] as string | number)
   }
   return out as StreamDefinition
 }
+
+// What nats.js refuses in a stream name before it asks the server (a subject token, and no
+// path separator): refused here as the file's, rather than met at apply as a plain Error.
+const STREAM_NAME = /^[^.*>/\\\s\p{Cc}]+$/u
 
 export async function loadStreamDefinitions(path: string): Promise<StreamDefinition[]> {
   const parsed = JSON.parse(await readFile(path, "utf8")) as { streams?: StreamDefinition[] }
@@ -57,10 +53,26 @@ export async function loadStreamDefinitions(path: string): Promise<StreamDefinit
     if (s === null || typeof s !== "object" || typeof s.name !== "string" || s.name === "") {
       throw new Error(`${path}: streams[${i}] has no name`)
     }
+    if (!STREAM_NAME.test(s.name)) {
+      throw new Error(
+        `${path}: stream name ${JSON.stringify(s.name)} may not hold ".", "*", ">", "/", "\\" or white space`,
+      )
+    }
     if (seen.has(s.name)) throw new Error(`${path}: stream ${s.name} is declared twice`)
     seen.add(s.name)
+    for (const field of durationFields) {
+      const value = s[field] as unknown
+      // Under a second is never meant of a number in a file: a "max_age": 604800 written as
+      // seconds is 0.6 ms, which the server takes, and then deletes each event before the
+      // other site can copy it. A string says its unit ("500ms").
+      if (typeof value === "number" && value > 0 && value < 1e9) {
+        throw new Error(
+          `${path}: ${s.name}.${field} ${value} is a number of nanoseconds (${value / 1e6} ms): write a duration such as "90s" or "72h"`,
+        )
+      }
+    }
   })
-  return parsed.streams.map((s) => normalise(s, path))
+  return parsed.streams.map(normalise)
 }
 
 /**

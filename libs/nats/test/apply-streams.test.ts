@@ -15,6 +15,7 @@ import {
   connectNats,
   destructiveChanges,
   fieldsNotKept,
+  parseDuration,
   StreamChangeRefusedError,
   type StreamDefinition,
 } from "../src/index.ts"
@@ -212,6 +213,14 @@ test("a source declared by domain is the same source the server reports by API p
     }),
     ["source CLOUD changed: the copy would fetch it again from its start"],
   )
+})
+
+test("a window under a second, as loaded from a file, is applied", async () => {
+  const name = uniqueName()
+  await applyStreams(jsm, [
+    { name, subjects: [`${name.toLowerCase()}.>`], duplicate_window: parseDuration("500ms") },
+  ])
+  assert.equal((await jsm.streams.info(name)).config.duplicate_window, 500e6)
 })
 
 test("a copy of one stream name from two domains is applied again as it is, and each source is told apart", async () => {

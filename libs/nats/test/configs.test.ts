@@ -147,6 +147,14 @@ describe("stream definitions", () => {
       const [stream] = await loadStreamDefinitions(file)
       assert.equal(stream!.max_age, 604800e9)
       assert.equal(stream!.duplicate_window, 0)
+      // Under a second with its unit is meant: loaded, and applied as it is (applyStreams
+      // reads the loaded numbers again).
+      await write({ name: "ORIGIN", subjects: ["o.>"], duplicate_window: "500ms" })
+      const [short] = await loadStreamDefinitions(file)
+      assert.equal(short!.duplicate_window, 500e6)
+      // A name nats.js would refuse before asking the server.
+      await write({ name: "factory.in", subjects: ["o.>"] })
+      await assert.rejects(loadStreamDefinitions(file), /stream name "factory\.in" may not hold/)
     } finally {
       await rm(dir, { recursive: true })
     }
