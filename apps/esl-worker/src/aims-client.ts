@@ -134,6 +134,9 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
     /** An image, which AIMS may apply after this client has given up on it; not a token. */
     appliesLate = false,
   ): Promise<{ status: number; text: string; retryAfter?: string }> => {
+    // Given up before it left (while the token was fetched, say): nothing for AIMS to apply
+    // late, so the abort as it is, which holds nothing.
+    signal?.throwIfAborted()
     const timeout = AbortSignal.timeout(config.timeoutMs)
     try {
       const res = await httpRequest(url, {

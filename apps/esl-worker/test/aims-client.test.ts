@@ -192,6 +192,20 @@ describe("AIMS client", async () => {
     assert.ok(cause === aborter.signal.reason || cause.name === "AbortError", String(cause))
   })
 
+  test("a push given up before it was sent is the abort itself, holding nothing", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 5000, settleMs: 1500 })
+    const aborter = new AbortController()
+    const reason = new Error("shutting down")
+    aborter.abort(reason)
+    const err = await client.pushImage({ ...push("n:1"), signal: aborter.signal }).then(
+      () => undefined,
+      (e) => e,
+    )
+    assert.equal(err, reason)
+    assert.equal(aims.requests().length, 0)
+  })
+
   test("a gateway's 502 or 504 waits as a timeout does: AIMS may have the request and apply it late", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000, settleMs: 1500 })
