@@ -43,6 +43,9 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
     upstream: Socket
     toUpstream?: Buffer[]
     toClient?: Buffer[]
+    // An end (FIN) read during a stall, passed on after what was held, on resume.
+    clientEnded?: boolean
+    upstreamEnded?: boolean
   }
   const pairs = new Set<Pair>()
   let bytesToTarget = 0
@@ -55,8 +58,11 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
     for (const chunk of p.toClient ?? []) p.client.write(chunk)
     p.toUpstream = undefined
     p.toClient = undefined
-    p.client.pipe(p.upstream)
-    p.upstream.pipe(p.client)
+    // An end read during the stall, after what came before it; pipe() passes on later ones.
+    if (p.clientEnded) p.upstream.end()
+    else p.client.pipe(p.upstream)
+    if (p.upstreamEnded) p.client.end()
+    else p.upstream.pipe(p.client)
   }
   // Read on and kept here, rather than left unread in the kernel's buffers: the proxy can
   // then count what a client sent into the stall.
@@ -70,12 +76,14 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
     p.upstream.resume()
   }
 
-  const server = createServer((client) => {
+  // Half-open, both sockets: an end read during a stall must not close the other side before
+  // the bytes held ahead of it (Node's default answers a FIN with its own at once).
+  const server = createServer({ allowHalfOpen: true }, (client) => {
     if (isCut) {
       client.destroy()
       return
     }
-    const upstream = connect({ host: target.host, port: target.port })
+    const upstream = connect({ host: target.host, port: target.port, allowHalfOpen: true })
     const pair: Pair = { client, upstream }
     pairs.add(pair)
     // Either side failing or closing ends both: a half-dead pair would hide the cut.
@@ -91,6 +99,12 @@ export function createTcpProxy(target: TcpProxyTarget): Promise<TcpProxy> {
     })
     upstream.on("data", (chunk: Buffer) => {
       pair.toClient?.push(chunk)
+    })
+    client.on("end", () => {
+      if (pair.toUpstream) pair.clientEnded = true
+    })
+    upstream.on("end", () => {
+      if (pair.toClient) pair.upstreamEnded = true
     })
     upstream.on("error", teardown).on("close", teardown)
     if (isStalled) hold(pair)

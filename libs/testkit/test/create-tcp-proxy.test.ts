@@ -149,6 +149,38 @@ test("a stalled proxy holds what both sides send, connections open, and delivers
   b.destroy()
 })
 
+test("an end sent into a stall is held behind the bytes before it, and passed on at resume", async () => {
+  await using upstream = await startEchoServer()
+  await using proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(upstream) })
+  const a = await open(proxy.port)
+  assert.equal(await echo(a, "before"), "before")
+  proxy.stall()
+  let got = ""
+  let ended = false
+  a.on("data", (chunk: string) => {
+    got += chunk
+  })
+  a.on("end", () => {
+    ended = true
+  })
+  const sent = proxy.bytesToTarget
+  a.end("last words")
+  await waitFor(() => proxy.bytesToTarget === sent + 10, {
+    timeoutMs: 5000,
+    message: "the last words read into the stall",
+  })
+  // Neither the words nor the end have reached the echo: nothing comes back, nothing closes.
+  assert.equal(await closesWithin(a, 300), false)
+  assert.equal(proxy.connections, 1)
+  proxy.resume()
+  // The echo server got the words, then the end: it echoed them, then ended too.
+  await waitFor(() => got === "last words" && ended, {
+    timeoutMs: 5000,
+    message: () => `echoed and ended (got ${JSON.stringify(got)}, ended ${ended})`,
+  })
+  await waitFor(() => proxy.connections === 0, { timeoutMs: 5000, message: "pair gone" })
+})
+
 test("resume without a stall, or twice, forwards everything once", async () => {
   await using target = await startEchoServer()
   await using proxy = await createTcpProxy({ host: "127.0.0.1", port: portOf(target) })
