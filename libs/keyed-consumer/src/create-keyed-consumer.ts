@@ -1158,9 +1158,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // up on, which the vendor may still apply (the ESL worker's AIMS push). Taken at once
         // by the next worker, the next version's call could land first, and this one over it.
         // Held until then, still uncharged. Fenced, and nothing, when another worker holds
-        // the key already.
+        // the key already; nor once stop() has returned without this drain (its caller may
+        // have closed the pool).
         const holdMs = retryAfterOf(err)
-        if (holdMs > 0) {
+        if (holdMs > 0 && !abandoned) {
           await markFailed(db, group, ref, task.ver, epoch, {
             error: `cut short, held for what it sent: ${messageOf(err)}`.slice(0, 2000),
             retryInMs: holdMs,
