@@ -28,15 +28,16 @@ export function wallClock(): () => number {
 
 /**
  * A benchmark's knob from the environment, or its default. A value that is not a positive
- * number is refused by name: read with Number(), BENCH_EVENTS=abc wrote nothing, found its
+ * whole number is refused by name: read with Number(), BENCH_EVENTS=abc wrote nothing, found its
  * NaN effects at once, and printed a table of nulls.
  */
 export function benchKnob(name: string, fallback: number): number {
   const raw = process.env[name]
   if (raw === undefined || raw === "") return fallback
-  const value = Number(raw)
-  if (!Number.isFinite(value) || value <= 0) {
-    throw new Error(`${name}=${JSON.stringify(raw)}: expected a positive number`)
+  // Every knob is a count or milliseconds: whole numbers, in decimal digits.
+  const value = /^[0-9]+$/.test(raw) ? Number(raw) : Number.NaN
+  if (!Number.isSafeInteger(value) || value <= 0) {
+    throw new Error(`${name}=${JSON.stringify(raw)}: expected a positive whole number`)
   }
   return value
 }

@@ -3,6 +3,7 @@
 // every two seconds until Ctrl-C (or DEMO_SECONDS). A server that goes away meanwhile pauses
 // the writing and the report; the relay catches up when it is back.
 import { readdirSync } from "node:fs"
+import { constants } from "node:os"
 import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
 import { ConfigError, natsServersEnv, perSecondEnv } from "@keyway/app-config"
@@ -122,10 +123,11 @@ async function shutdown() {
 }
 // A second signal while the stop waits (on a Postgres that does not answer, say) means now.
 // Nothing is lost by it: what was written is in the outbox, and the next relay publishes it.
-const onSignal = () => {
+const onSignal = (signal: NodeJS.Signals) => {
   if (stopping) {
     console.error("keyway demo: stopped at once, its stop unfinished")
-    process.exit(130)
+    // As a shell reports a process that a signal ended: 130 for SIGINT, 143 for SIGTERM.
+    process.exit(128 + constants.signals[signal])
   }
   void shutdown()
 }

@@ -14,7 +14,8 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
     // Every writer runs this at start, with the tables in use. A statement that must lock a
     // busy table waits behind whatever transaction holds it, and every reader and writer of
     // the table queues behind that wait: given up after a while instead, and the start's
-    // retry comes back to it.
+    // retry comes back to it. (The advisory lock below waits under it too: writers starting
+    // together, one held up by a busy table, may take a retry each.)
     await sql`set local lock_timeout = '5s'`.execute(trx)
     await sql`select pg_advisory_xact_lock(${LOCK_KEY})`.execute(trx)
     await sql`
