@@ -222,6 +222,13 @@ const END_SESSION_STEP_MS = 1500
  * the id can be an earlier event's, and the row is held instead (publish-batch.ts).
  */
 export function createRelay(config: RelayConfig): Relay {
+  // The site names every event (`<site>:<seq>`) and, unless told otherwise, its subjects: an
+  // empty one, or one with a dot or a wildcard, made events every consumer group rejects.
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(config.site ?? "")) {
+    throw new RelayError(
+      `site ${JSON.stringify(config.site)} must be 1-64 letters, digits, "_" or "-"`,
+    )
+  }
   const settings = {
     // Read here, so that a bad connect_timeout fails createRelay() rather than every session.
     connectTimeoutMs: connectTimeoutMillis(config.connectionString),

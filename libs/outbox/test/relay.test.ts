@@ -161,6 +161,21 @@ describe("relay", () => {
     assertExactlyOnceInOrder(await readStream(nc, stream), 10_000)
   })
 
+  test("a site that could not name events or subjects is refused at creation", () => {
+    for (const bad of ["", "cloud.eu", "*", "a b", "x".repeat(65)]) {
+      assert.throws(
+        () =>
+          createRelay({
+            connectionString: "postgres://u@127.0.0.1/db",
+            jetstream: jetstream(nc),
+            site: bad,
+          }),
+        /site .* must be 1-64 letters, digits/,
+        JSON.stringify(bad),
+      )
+    }
+  })
+
   test("a batch ends at its payload bytes as well as its rows, one row at least; all go, in order", async () => {
     await fresh()
     await write(t.db, 3, 1)
