@@ -85,11 +85,17 @@ class SqlFileMigrationProvider implements MigrationProvider {
   constructor(
     private readonly dir: string,
     private readonly lockTimeoutMs: number,
+    /**
+     * The files a run checked, when it has: read again at each step, a file that appeared
+     * meanwhile (a checkout during `just migrate`), numbered below one just applied, was
+     * applied after it.
+     */
+    private readonly files?: readonly MigrationFile[],
   ) {}
 
   async getMigrations(): Promise<Record<string, Migration>> {
     const migrations: Record<string, Migration> = {}
-    for (const m of await readMigrationFiles(this.dir)) {
+    for (const m of this.files ?? (await readMigrationFiles(this.dir))) {
       migrations[m.name] = {
         up: async (db) => {
           // Local to the migration's transaction; Kysely's own lock is taken before it.
@@ -151,12 +157,13 @@ export class MigrationError extends Error {
   }
 }
 
-const migratorFor = (db: Kysely<any>, options: MigrateOptions) =>
+const migratorFor = (db: Kysely<any>, options: MigrateOptions, files?: readonly MigrationFile[]) =>
   new Migrator({
     db,
     provider: new SqlFileMigrationProvider(
       options.dir ?? migrationsDir,
       options.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS,
+      files,
     ),
     migrationTableSchema: "public",
     // Kysely orders the applied migrations by the stamps their hosts' clocks gave them, and
@@ -209,7 +216,7 @@ export async function migrateToLatest(
       const pending = await pendingMigrations(conn, options)
       if (pending.length === 0) return []
       await assertNotDiverged(conn, files, pending)
-      return await migrateOneByOne(conn, options)
+      return await migrateOneByOne(conn, options, files)
     } finally {
       // On a connection that failed the run, the unlock fails too (and the session's end
       // frees the lock): the run's own error is the one to report.
@@ -218,8 +225,12 @@ export async function migrateToLatest(
   })
 }
 
-async function migrateOneByOne(conn: Kysely<any>, options: MigrateOptions): Promise<string[]> {
-  const migrator = migratorFor(conn, options)
+async function migrateOneByOne(
+  conn: Kysely<any>,
+  options: MigrateOptions,
+  files: readonly MigrationFile[],
+): Promise<string[]> {
+  const migrator = migratorFor(conn, options, files)
   const attempts = options.lockAttempts ?? 30
   const applied: string[] = []
   let attempt = 1

@@ -272,6 +272,44 @@ test("a migration stamped later by a host whose clock ran ahead does not stop th
   }
 })
 
+test("a migration file that appears during a run, numbered below one it applies, is left for the next run to refuse", {
+  timeout: 60_000,
+}, async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-appearing-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  const t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: dir })
+  const holder = new pg.Client({ connectionString: t.url })
+  await holder.connect()
+  try {
+    await writeFile(join(dir, "0003_c.sql"), "alter table public.t add column c int;")
+    // 0003 waits for a reader of the table; meanwhile a checkout brings 0002.
+    await holder.query("begin")
+    await holder.query("select * from public.t")
+    const running = migrateToLatest(t.db, { dir, lockTimeoutMs: 30_000 })
+    await waitFor(
+      async () =>
+        (
+          await sql<{ n: number }>`select count(*)::int as n from pg_locks
+                                    where relation = 'public.t'::regclass and not granted`.execute(
+            t.db,
+          )
+        ).rows[0]!.n > 0,
+      { timeoutMs: 20_000, message: "0003 waits for the table" },
+    )
+    await writeFile(join(dir, "0002_b.sql"), "alter table public.t add column b int;")
+    await holder.query("commit")
+    assert.deepEqual(await running, ["0003_c"], "only what the run had checked")
+    const b = await sql<{ n: number }>`select count(*)::int as n from information_schema.columns
+                                        where table_name = 't' and column_name = 'b'`.execute(t.db)
+    assert.equal(b.rows[0]!.n, 0, "0002 not applied after 0003")
+    await assert.rejects(migrateToLatest(t.db, { dir }), /past 0002_b, while 0002_b is pending/)
+  } finally {
+    await holder.end()
+    await t.drop()
+    await rm(dir, { recursive: true })
+  }
+})
+
 test("a migration edited after it was applied is refused by name, by migrate and by the processes' check", async () => {
   const dir = await mkdtemp(join(tmpdir(), "keyway-edited-migrations-"))
   await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);\n")
