@@ -69,6 +69,14 @@ describe("keyed consumer", () => {
     await nc.close()
   })
 
+  /** When a task may run again, as the inbox holds it: epoch milliseconds, as Date.now(). */
+  const runAfterMs = async (db: TestDatabase["db"], key: string, ver: number) =>
+    (
+      await sql<{ at: number }>`
+        select extract(epoch from run_after)::float8 * 1000 as at
+          from keyway.inbox where key = ${key} and ver = ${ver}`.execute(db)
+    ).rows[0]!.at
+
   /** A database, a stream and a started consumer for one test. */
   async function setup(
     overrides:
@@ -474,10 +482,7 @@ describe("keyed consumer", () => {
     await waitFor(() => consumer.status().retried === 1, { timeoutMs: 10_000, message: "failed" })
     // Without the floor the backoff of 10-20 ms would have put it back at once.
     // Measured from the failure, not from this read, which a busy machine may delay.
-    const held = await sql<{ at: number }>`
-      select extract(epoch from run_after)::float8 * 1000 as at
-        from keyway.inbox where key = 'ra' and ver = 1`.execute(t.db)
-    const heldMs = held.rows[0]!.at - failedAt
+    const heldMs = (await runAfterMs(t.db, "ra", 1)) - failedAt
     assert.ok(heldMs >= 1900 && heldMs <= 3000, `held ${Math.round(heldMs)} ms from the failure`)
     await waitFor(async () => (await effects(t.db)).length === 1, {
       timeoutMs: 10_000,
@@ -1302,10 +1307,7 @@ describe("keyed consumer", () => {
     await publishEvent(nc, stream.site, { key: "solo", ver: 1, payload: { n: 1 } })
     await waitFor(() => consumer.status().dead === 2, { timeoutMs: 10_000, message: "v1s dead" })
     // Held until the time asked, 2.5 s from its death: v2 waits for that.
-    const held = await sql<{ at: number }>`
-      select extract(epoch from run_after)::float8 * 1000 as at
-        from keyway.inbox where key = 'h' and ver = 1`.execute(t.db)
-    const heldMs = held.rows[0]!.at - diedAt
+    const heldMs = (await runAfterMs(t.db, "h", 1)) - diedAt
     assert.ok(heldMs >= 2400 && heldMs <= 3500, `held ${Math.round(heldMs)} ms from its death`)
     // Held: listed as in the key's way, and not as blocked for good.
     const [dead] = await admin.listDead()

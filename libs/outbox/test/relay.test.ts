@@ -10,6 +10,7 @@ import {
   createTestDatabase,
   gate,
   metricValue,
+  type NatsServerHandle,
   readStream,
   spawnTs,
   startNatsServer,
@@ -92,6 +93,23 @@ describe("relay", () => {
     })
     await relay.start()
     return relay
+  }
+  /**
+   * Runs `body` with a private NATS server (for tests that stop it) holding the test's site
+   * stream; the test's relay is stopped, and the connection closed, however it ends.
+   */
+  const withPrivateNats = async (
+    body: (p: { server: NatsServerHandle; nc: NatsConnection; stream: string }) => Promise<void>,
+  ) => {
+    await using server = await startNatsServer()
+    const nc = await connectNats({ servers: server.url })
+    try {
+      await body({ server, nc, stream: await createSiteStream(nc, site) })
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await nc.close()
+    }
   }
   /** Waits until the outbox holds no unpublished row. */
   const untilPublished = (message: string, timeoutMs: number) =>
@@ -936,10 +954,7 @@ describe("relay", () => {
   ]) {
     test(`NATS lost acked messages in an unclean restart after a ${outage} outage: the relay re-publishes them`, async () => {
       await fresh()
-      await using server = await startNatsServer()
-      const privateNc = await connectNats({ servers: server.url })
-      try {
-        const privateStream = await createSiteStream(privateNc, site)
+      await withPrivateNats(async ({ server, nc: privateNc, stream: privateStream }) => {
         relay = createRelay({
           connectionString: t.url,
           jetstream: jetstream(privateNc),
@@ -978,11 +993,7 @@ describe("relay", () => {
         const events = await readStream(privateNc, privateStream)
         assert.equal(new Set(events.map((e) => e.id)).size, 300, "every event")
         assert.equal(events.length, 300, "none twice")
-      } finally {
-        await relay?.stop()
-        relay = undefined
-        await privateNc.close()
-      }
+      })
     })
   }
 
@@ -1213,10 +1224,7 @@ describe("relay", () => {
 
   test("NATS down for a while: the outbox keeps the backlog and the same relay catches up, once", async () => {
     await fresh()
-    await using server = await startNatsServer()
-    const privateNc = await connectNats({ servers: server.url })
-    try {
-      const privateStream = await createSiteStream(privateNc, site)
+    await withPrivateNats(async ({ server, nc: privateNc, stream: privateStream }) => {
       relay = createRelay({
         connectionString: t.url,
         jetstream: jetstream(privateNc),
@@ -1240,19 +1248,12 @@ describe("relay", () => {
       await untilPublished("the relay caught up after NATS came back", 30_000)
       assert.equal(relay.status().role, "active")
       assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 1200)
-    } finally {
-      await relay?.stop()
-      relay = undefined
-      await privateNc.close()
-    }
+    })
   })
 
   test("while NATS is down the backlog is on /metrics, read on a connection of its own; a relay stopped meanwhile reports none", async () => {
     await fresh()
-    await using server = await startNatsServer()
-    const privateNc = await connectNats({ servers: server.url })
-    try {
-      const privateStream = await createSiteStream(privateNc, site)
+    await withPrivateNats(async ({ server, nc: privateNc, stream: privateStream }) => {
       const metrics = createMetricsRegistry({ defaultMetrics: false })
       const value = async (name: string) => metricValue((await metrics.render()).body, name)
       const config = {
@@ -1304,11 +1305,7 @@ describe("relay", () => {
       await server.start()
       await untilPublished("the next relay caught up after NATS came back", 30_000)
       assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 1200)
-    } finally {
-      await relay?.stop()
-      relay = undefined
-      await privateNc.close()
-    }
+    })
   })
 
   /** A relay that reaches the test's database through `proxy`; writers and checks go direct. */
@@ -1334,10 +1331,7 @@ describe("relay", () => {
     timeout: 60_000,
   }, async () => {
     await fresh()
-    await using server = await startNatsServer()
-    const privateNc = await connectNats({ servers: server.url })
-    try {
-      const privateStream = await createSiteStream(privateNc, site)
+    await withPrivateNats(async ({ server, nc: privateNc, stream: privateStream }) => {
       const config = {
         connectionString: t.url,
         jetstream: jetstream(privateNc),
@@ -1363,11 +1357,7 @@ describe("relay", () => {
       await server.start()
       await untilPublished("the next relay published the rest", 30_000)
       assertExactlyOnceInOrder(await readStream(privateNc, privateStream), 50)
-    } finally {
-      await relay?.stop()
-      relay = undefined
-      await privateNc.close()
-    }
+    })
   })
 
   test("start() while a stop() is finishing: the new session leads and says so", async () => {
