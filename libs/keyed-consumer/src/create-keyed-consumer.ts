@@ -1012,18 +1012,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // deferred: not started, and the key is to be tried again later (runInTurn).
   // held: dead, parked, and its key waits until the time its failure asked for.
   type Outcome = "done" | "retry" | "dead" | "held" | "fenced" | "stopped" | "deferred"
+  /** A drain's hold on its key, as its handlers see it (HandlerContext). */
+  type KeyHold = Pick<HandlerContext, "signal" | "throwIfLost">
 
   const runTask = async (
     ref: KeyRef,
     task: TaskRow,
     claim: Claim,
-    signal: AbortSignal,
+    hold: KeyHold,
     /**
      * A run lost alone used up its attempts: dead without running, through here so that its
      * span, markFailed and the counts are those of any other death.
      */
     exhausted: boolean,
   ): Promise<Outcome> => {
+    const { signal } = hold
     const epoch = claim.epoch
     const policy = policyOf(ref.topic)
     // From the root, not from whatever context the drain runs in: a task carries its own
@@ -1058,6 +1061,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       eventId: task.event_id,
       fencing: { epoch, version: task.ver },
       signal,
+      throwIfLost: hold.throwIfLost,
       span,
       complete: <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
         if (completion) {
@@ -1237,11 +1241,12 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     ref: KeyRef,
     task: TaskRow,
     claim: Claim,
-    signal: AbortSignal,
+    hold: KeyHold,
     suspect: boolean,
   ): Promise<Outcome> => {
+    const { signal } = hold
     if (suspect && task.attempts >= policyOf(ref.topic).maxAttempts) {
-      return runTask(ref, task, claim, signal, true)
+      return runTask(ref, task, claim, hold, true)
     }
     // A suspect waits a lease at most for the runs in progress to end, and then runs alone for
     // a lease at most: a run queued behind it waits up to both.
@@ -1283,7 +1288,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         }
         stats.suspectRuns++
       }
-      return await timeStep("run", () => runTask(ref, task, claim, signal, false))
+      return await timeStep("run", () => runTask(ref, task, claim, hold, false))
     } finally {
       clearTimeout(sharing)
       turn.end()
@@ -1323,6 +1328,21 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       if (closed || signal.aborted) return
       stats.lostKeys++
       aborter.abort(new Error(`${what} lost`))
+    }
+    // The heartbeat finds a lost lock only when it runs. A handler stalled in its own code past
+    // the lock's expiry (a long render, a GC pause, the process stopped or its VM paused)
+    // resumes where it was, before any timer: it would send its vendor call after the key's
+    // next holder had sent a later version's. The lock's own reckoning knows at once
+    // (HeldLock.timeLeft). The Postgres lease need not be asked: the Redis lock alone keeps
+    // other workers off the key (a claim does not wait for the lease).
+    const hold: KeyHold = {
+      signal,
+      throwIfLost: () => {
+        if (lock.timeLeft() <= 0) lose("lock")
+        signal.throwIfAborted()
+        // The drain is over (a handler that did not await its call): the lock is released.
+        if (closed) throw new Error(`the key ${ref.topic}/${ref.key} is no longer held`)
+      },
     }
     // The Redis lock and the Postgres lease are renewed each on its own, one renewal of each
     // in flight at a time. Awaited together, a lease renewal stuck on a busy pool or a row
@@ -1390,7 +1410,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             break drain
           }
           const suspect = task.ver === owed && claimed.suspect
-          const outcome = await runInTurn(ref, task, claimed, signal, suspect)
+          const outcome = await runInTurn(ref, task, claimed, hold, suspect)
           if (outcome === "stopped" || outcome === "deferred") {
             deferred = outcome === "deferred"
             break drain

@@ -40,6 +40,19 @@ export interface HandlerContext {
    * of the handler's own counts as a failure.
    */
   signal: AbortSignal
+  /**
+   * Throws, at once, if this worker may no longer hold the key: the signal fired, or the
+   * lock's expiry has passed by this process's clock though no heartbeat has noticed yet (the
+   * event loop stalled: a long render, a GC pause, the process stopped). Call it right before an
+   * external call whose late arrival would do harm, one that overwrites what a later version
+   * sets (a label's image): the key's next holder may have sent that version's call already.
+   * It throws the signal's reason, which costs the event no attempt.
+   *
+   * It narrows the window to the call itself; it cannot close it. A request already on its way
+   * when the process froze, or delayed in the network past the lease, can still arrive after
+   * the next holder's: only a vendor that checks the fencing token can refuse it.
+   */
+  throwIfLost(): void
   /** The `process <topic>` span, child of the writer's and the relay's. */
   span: Span
   /**

@@ -199,7 +199,7 @@ describe("keyed consumer under crashes", () => {
     assert.ok(workersSeen.size >= 4, "effects came from workers of several generations")
   })
 
-  test("fencing: a worker frozen past its lock's expiry writes nothing when it resumes", async () => {
+  test("fencing: a worker frozen past its lock's expiry finds the key lost before its vendor call, and writes nothing", async () => {
     const { t, stream, group } = await site()
     const frozen = startWorker({
       DATABASE_URL: t.url,
@@ -251,6 +251,12 @@ describe("keyed consumer under crashes", () => {
     })
     const failure = frozen.json().find((l) => l.completeFailed === 1)!
     assert.equal(failure.error, "FencedError")
+    // Frozen in the middle of its own code, it resumes there, before any timer: only the
+    // lock's own clock can tell it, before a call that the other worker's may have overtaken.
+    assert.deepEqual(
+      frozen.json().filter((l) => l.stillHeld !== undefined || l.lost !== undefined),
+      [{ lost: 1, error: "lock lost" }],
+    )
     await sleep(500)
     const rows = await effects(t.db)
     assert.deepEqual(

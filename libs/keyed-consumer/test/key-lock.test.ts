@@ -39,9 +39,28 @@ test("extend keeps a live lock past its first expiry", async () => {
   await sleep(1200)
   assert.equal(await a.extend(2000), true)
   await sleep(1200) // 2.4 s after acquiring: alive only because of the extension
+  assert.ok(
+    a.timeLeft() > 0,
+    `the lock's own reckoning counts from the extension (${a.timeLeft()})`,
+  )
   assert.equal(await locks.tryAcquire("k2", 2000), null)
   // extend() returns a new Lock in redlock 5; extending twice must use the new one.
   assert.equal(await a.extend(2000), true)
+  assert.ok(
+    a.timeLeft() > 1900 && a.timeLeft() <= 2000 - 22,
+    `a fresh ttl, drift deducted (${a.timeLeft()})`,
+  )
+  await a.release()
+  assert.ok(a.timeLeft() <= 0, "released: held no longer")
+})
+
+test("the lock's own reckoning runs out with its ttl, without asking Redis", async () => {
+  const a = await locks.tryAcquire("k2b", 500)
+  assert.ok(a)
+  assert.ok(a.timeLeft() > 0)
+  // Redis is not asked: a frozen process must know the moment it resumes.
+  await sleep(600)
+  assert.ok(a.timeLeft() <= 0, `expired by its own clock (${a.timeLeft()})`)
   await a.release()
 })
 

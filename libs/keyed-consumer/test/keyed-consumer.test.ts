@@ -6,6 +6,7 @@ import { createDb } from "@keyway/db"
 import {
   createConsumerAdmin,
   createKeyedConsumer,
+  type HandlerContext,
   type KeyedConsumer,
   type KeyedConsumerConfig,
   KeyedConsumerConfigError,
@@ -884,6 +885,46 @@ describe("keyed consumer", () => {
       timeoutMs: 10_000,
       message: "the effect, once",
     })
+  })
+
+  test("throwIfLost() passes while heartbeats extend the lock past its first ttl, and throws once the handler has returned", async () => {
+    let kept: HandlerContext | undefined
+    let during: unknown = "not called"
+    const { t, stream } = await setup({
+      leaseMs: 1000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          kept = ctx
+          // Two and a half leases: held only through the heartbeat's extensions.
+          await new Promise((r) => setTimeout(r, 2500))
+          try {
+            ctx.throwIfLost()
+            during = undefined
+          } catch (err) {
+            during = err
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "held", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 15_000,
+      message: "the effect",
+    })
+    assert.equal(during, undefined, "the key was still held 2.5 leases in")
+    // The drain has ended and released the lock: a call the handler left behind is refused.
+    await waitFor(
+      () => {
+        try {
+          kept!.throwIfLost()
+          return false
+        } catch (err) {
+          return /no longer held/.test((err as Error).message)
+        }
+      },
+      { timeoutMs: 5000, message: "throwIfLost() after the drain ended" },
+    )
   })
 
   test("an effect stuck on a row held elsewhere fails its attempt within a lease, and is retried", async () => {

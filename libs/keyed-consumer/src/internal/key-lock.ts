@@ -22,6 +22,14 @@ export interface HeldLock {
   extend(ttlMs: number): Promise<boolean>
   /** Best effort: an expired or lost lock releases nothing and does not throw. */
   release(): Promise<void>
+  /**
+   * Milliseconds until the lock expires by this process's monotonic clock, counted from when
+   * its last successful acquire or extension was sent, less redlock's allowance for clock
+   * drift; 0 or less once it may have expired, and after release(). Known without asking
+   * Redis: a process that was frozen (a stopped VM, heavy swapping) reads it correctly the
+   * moment it resumes, before any timer or answer.
+   */
+  timeLeft(): number
 }
 
 // Every call gives up once its answer could no longer help, whatever the ioredis client's
@@ -39,16 +47,23 @@ const within = <T>(ms: number, promise: Promise<T>, onTimeout: T): Promise<T> =>
   return Promise.race([promise, late]).finally(() => clearTimeout(timer))
 }
 
+// redlock's own allowance (driftFactor 0.01, plus 2 ms), deducted from our reckoning too.
+const DRIFT_FACTOR = 0.01
+const validUntil = (sentAt: number, ttlMs: number) =>
+  sentAt + ttlMs - Math.round(DRIFT_FACTOR * ttlMs) - 2
+
 export function createRedlockKeyLock(redis: Redis): KeyLock {
   // retryCount 0: a held key means another worker is draining it, and waiting would only
   // tie up one of our drain slots. That worker re-checks the key after releasing it, when its
   // drain finished; one that ended early (its lock or lease lost, fenced, stopped) leaves the
   // key to the polling loop.
-  const redlock = new Redlock([redis], { retryCount: 0, driftFactor: 0.01 })
+  const redlock = new Redlock([redis], { retryCount: 0, driftFactor: DRIFT_FACTOR })
   // redlock emits 'error' for failed votes; without a listener node would throw them.
   redlock.on("error", () => {})
   return {
     async tryAcquire(resource, ttlMs) {
+      // Taken before the request: Redis starts the ttl when the request arrives, later.
+      const sentAt = performance.now()
       const acquiring = redlock.acquire([resource], ttlMs).catch(() => null)
       const lock = await within(ttlMs / 3, acquiring, null)
       if (!lock) {
@@ -58,10 +73,13 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
         return null
       }
       let held = lock
-      // redlock's own reckoning of when the lock expires, drift included.
-      const timeLeft = () => held.expiration - Date.now()
+      // Not redlock's `expiration`, which is reckoned on the wall clock (Date.now()), which
+      // can step.
+      let until = validUntil(sentAt, ttlMs)
+      const timeLeft = () => until - performance.now()
       return {
         async extend(ttl) {
+          const sent = performance.now()
           // extend() returns a new Lock and leaves the old one's expiration stale, so keep the
           // new one; it throws on a lock that has expired even if nobody else took it.
           const extended = await within(
@@ -71,18 +89,21 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
           )
           if (!extended) return false
           held = extended
+          until = validUntil(sent, ttl)
           return true
         },
         async release() {
           // Expired or taken over, or Redis gone: nothing of ours to release, and the key's
-          // lock expires with its ttl. (release() zeroes the expiration: read it first.)
+          // lock expires with its ttl.
           const left = timeLeft()
+          until = Number.NEGATIVE_INFINITY
           await within(
             left,
             held.release().catch(() => {}),
             undefined,
           )
         },
+        timeLeft,
       }
     },
   }
