@@ -21,7 +21,7 @@ export interface AimsClientConfig {
    * drawn and then the older one, applied late, drawn over it. A version whose last attempt
    * this was holds the label as long, parked (the keyed consumer's policy). Not covered: a
    * push cut short by stop() or a lost lease (the next holder retries it after its own wait
-   * for the key).
+   * for the key), nor one sent by a worker that froze with it in flight (see `beforeSend`).
    * Default {@link DEFAULT_SETTLE_MS}.
    */
   settleMs?: number
@@ -52,6 +52,13 @@ export interface PushImageOptions {
   /** `<epoch>.<version>`: lets a server that compares it refuse a fenced-off worker. */
   fencingToken: string
   signal?: AbortSignal
+  /**
+   * Called right before each image request goes out, the re-send after a 401 included: what it
+   * throws ends the push, raw, with nothing sent. The ESL worker passes the keyed consumer's
+   * `throwIfLost`: a worker frozen while it fetched a token or drew the image resumes, its
+   * lock gone, and must not draw its older image over the one the label's next holder sent.
+   */
+  beforeSend?: () => void
 }
 
 export interface AimsClient {
@@ -213,6 +220,7 @@ export function createAimsClient(config: AimsClientConfig): AimsClient {
   }
 
   const post = async (options: PushImageOptions, bearer: string) => {
+    options.beforeSend?.()
     const headers: Record<string, string> = {
       "content-type": "application/json",
       authorization: `Bearer ${bearer}`,

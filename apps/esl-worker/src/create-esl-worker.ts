@@ -1,5 +1,6 @@
 import {
   createKeyedConsumer,
+  type HandlerContext,
   type KeyedConsumer,
   type KeyedConsumerLogger,
   type KeyedConsumerStatus,
@@ -95,7 +96,7 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
 
   const handle = async (
     event: KeyedEvent<EslLabelRenderPayload>,
-    ctx: { eventId: string; fencing: { epoch: number; version: number }; signal: AbortSignal },
+    ctx: Pick<HandlerContext, "eventId" | "fencing" | "signal" | "throwIfLost">,
   ) => {
     const task = event.payload
     // The key orders the label's tasks; a payload for another label would draw on the
@@ -133,6 +134,7 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
         idempotencyKey: ctx.eventId,
         fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
         signal: ctx.signal,
+        beforeSend: ctx.throwIfLost,
       })
       pushSeconds?.observe((performance.now() - started) / 1000, { result: "ok" })
     } catch (err) {

@@ -69,6 +69,36 @@ describe("AIMS client", async () => {
     assert.equal(aims.pushes(task.labelCode).length, 2)
   })
 
+  test("beforeSend runs before each image request, the re-send after a 401 too; what it throws ends the push unsent", async () => {
+    await using aims = await startFakeAims()
+    const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+    let calls = 0
+    await client.pushImage({ ...push("b:1"), beforeSend: () => void calls++ })
+    assert.equal(calls, 1)
+    aims.expireTokens()
+    const lost = new Error("lock lost")
+    calls = 0
+    const err = await client
+      .pushImage({
+        ...push("b:2"),
+        beforeSend: () => {
+          // The first send is answered 401; the key is lost while the token is renewed.
+          if (++calls === 2) throw lost
+        },
+      })
+      .then(
+        () => undefined,
+        (e) => e,
+      )
+    assert.equal(err, lost, "the throw itself, not an AimsError")
+    assert.equal(calls, 2)
+    assert.equal(aims.tokensIssued, 2, "re-authenticated, then refused to send")
+    assert.deepEqual(
+      aims.pushes(task.labelCode).map((p) => p.idempotencyKey),
+      ["b:1"],
+    )
+  })
+
   test("a push aborted while the token is fetched fails alone; the push waiting beside it goes through", async () => {
     await using aims = await startFakeAims({ latencyMs: 300 })
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })

@@ -1,6 +1,7 @@
-// An operator's retry of a label version that died, after a later version of the label was
-// pushed: the later image stays on the shelf. Each task carries the label's whole content, so
-// pushing the retried one would put its older price back, for good.
+// Pushes that must not draw an older image over a newer one: an operator's retry of a label
+// version that died, after a later version of the label was pushed; a push AIMS applies late;
+// a push from a worker that lost the label's lock while it stalled. Each task carries the
+// label's whole content, so an older image drawn last puts its older price back, for good.
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
 import {
@@ -14,6 +15,7 @@ import { connectNats } from "@keyway/nats"
 import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
+import { type AimsClient, createAimsClient } from "../src/aims-client.ts"
 import { ESL_LABEL_POLICY } from "../src/create-esl-worker.ts"
 import { macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
@@ -115,4 +117,70 @@ test("a push AIMS applies after the worker gave up on it is not drawn over the l
   const late = aims.requests().find((r) => r.outcome === "late")!
   const v3Push = aims.lastPush(label)!
   assert.ok(v3Push.appliedAt! > late.appliedAt!, "v3 drawn after the late v2, and shown")
+})
+
+test("a worker that stalls past its lock before a push sends nothing when it resumes; the next drain pushes", async () => {
+  // The stall is the event loop kept busy (a long render, a GC pause, a frozen process):
+  // no heartbeat runs, and nothing but the lock's own clock tells the push it lost the key.
+  // After the label's first push, so that the token is at hand and nothing waits on the
+  // network between the stall and the send.
+  let real: AimsClient | undefined
+  let stallNext = false
+  const attempts: { key: string; error?: string }[] = []
+  const stalling: AimsClient = {
+    async pushImage(options) {
+      if (stallNext) {
+        stallNext = false
+        const until = performance.now() + 1500
+        while (performance.now() < until) {}
+      }
+      try {
+        await real!.pushImage(options)
+        attempts.push({ key: options.idempotencyKey })
+      } catch (err) {
+        attempts.push({ key: options.idempotencyKey, error: (err as Error).message })
+        throw err
+      }
+    },
+  }
+  const own = await createTestDatabase()
+  cleanups.push(() => own.drop())
+  await migrateEslSchema(own.db)
+  const { stream, aims } = await startEslPipeline(nc, own, cleanups, {
+    aims: stalling,
+    leaseMs: 1000,
+  })
+  real = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
+  const [label] = macs(1)
+  const eventId = (seq: number) => `${stream.site}:${seq}`
+
+  await upsertProducts(own.db, [{ id: "Q", name: "Rye bread", priceMinor: 349, currency: "EUR" }])
+  const v1 = await writeLabelJob(own.db, { labels: [{ labelCode: label!, productId: "Q" }] })
+  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === eventId(v1.tasks[0]!.seq), {
+    timeoutMs: 20_000,
+    message: "v1 on the label",
+  })
+  stallNext = true
+  const v2 = await writePriceChange(own.db, { changes: [{ productId: "Q", priceMinor: 379 }] })
+  const v2Id = eventId(v2.tasks[0]!.seq)
+  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === v2Id, {
+    timeoutMs: 20_000,
+    message: "v2 on the label",
+  })
+  assert.deepEqual(
+    attempts.filter((a) => a.key === v2Id),
+    [{ key: v2Id, error: "lock lost" }, { key: v2Id }],
+    "the stalled push was refused before it went out; the next drain's went through",
+  )
+  assert.deepEqual(
+    aims.requests().map((r) => r.idempotencyKey),
+    [eventId(v1.tasks[0]!.seq), v2Id],
+    "AIMS got v2's image once",
+  )
+  const [row] = (
+    await sql<{ attempts: number }>`
+      select attempts from keyway.inbox where key = ${label!} and ver = 2`.execute(own.db)
+  ).rows
+  // Counted when a run ends, done included: the push that went through, not the one refused.
+  assert.equal(row!.attempts, 1, "a push cut short by a lost key costs no attempt")
 })
