@@ -528,11 +528,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // the wait runs down (and the clocks of Postgres and this process differ).
     if (pending && pending.at <= at + 1000) return
     if (pending) clearTimeout(pending.timer)
-    const timer = setTimeout(() => {
-      retryTimers.delete(id)
-      scheduler.release(ref)
-      scheduler.wake(ref)
-    }, ms)
+    // Capped as Node caps it: a longer wait fired after 1 ms, and the drain it woke asked
+    // again, without a pause. Woken early, the key is only held again.
+    const timer = setTimeout(
+      () => {
+        retryTimers.delete(id)
+        scheduler.release(ref)
+        scheduler.wake(ref)
+      },
+      Math.min(ms, MAX_TIMER_MS),
+    )
     retryTimers.set(id, { timer, at })
   }
 
@@ -1329,16 +1334,30 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       stats.lostKeys++
       aborter.abort(new Error(`${what} lost`))
     }
+    // When the heartbeat last ran. Late by more than a third of the lease, with the lock run
+    // out, it says that this process stalled: its event loop blocked (a long render, a GC
+    // pause) or the process stopped.
+    let lastBeat = performance.now()
+    // The key was lost to such a stall. Its run is then left open and the lease no longer
+    // renewed, so that the next claim counts the run lost with its worker (sql/0019), as a
+    // worker's death: closed, a handler that stalled its worker past the lease every time ran
+    // again at each poll, cut short and never charged, and its key never moved.
+    let stalled = false
+    const loseIfStalled = () => {
+      if (closed || lock.timeLeft() > 0) return false
+      if (performance.now() - lastBeat > (2 * leaseMs) / 3) stalled = true
+      lose("lock")
+      return true
+    }
     // The heartbeat finds a lost lock only when it runs. A handler stalled in its own code past
-    // the lock's expiry (a long render, a GC pause, the process stopped or its VM paused)
-    // resumes where it was, before any timer: it would send its vendor call after the key's
-    // next holder had sent a later version's. The lock's own reckoning knows at once
-    // (HeldLock.timeLeft). The Postgres lease need not be asked: the Redis lock alone keeps
-    // other workers off the key (a claim does not wait for the lease).
+    // the lock's expiry resumes where it was, before any timer: it would send its vendor call
+    // after the key's next holder had sent a later version's. The lock's own reckoning knows
+    // at once (HeldLock.timeLeft). The Postgres lease need not be asked: the Redis lock alone
+    // keeps other workers off the key (a claim does not wait for the lease).
     const hold: KeyHold = {
       signal,
       throwIfLost: () => {
-        if (lock.timeLeft() <= 0) lose("lock")
+        loseIfStalled()
         signal.throwIfAborted()
         // The drain is over (a handler that did not await its call): the lock is released.
         if (closed) throw new Error(`the key ${ref.topic}/${ref.key} is no longer held`)
@@ -1352,7 +1371,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     let extending = false
     let renewing = false
     const heartbeat = setInterval(() => {
-      if (closed || abandoned) return
+      if (closed || abandoned || stalled) return
+      // A process that stalled resumes with this beat due: the lock has run out meanwhile.
+      if (!signal.aborted && loseIfStalled()) return
+      lastBeat = performance.now()
       if (!extending) {
         extending = true
         void lock.extend(leaseMs).then((locked) => {
@@ -1436,7 +1458,15 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       closed = true
       drainAborts.delete(aborter)
       clearInterval(heartbeat)
-      if (owed !== undefined && epoch !== undefined) {
+      if (stalled) {
+        log.warn(
+          "this worker stalled past the key's lease; the key's next claim counts the run lost with its worker",
+          {
+            ...ref,
+            ver: owed,
+          },
+        )
+      } else if (owed !== undefined && epoch !== undefined) {
         await setRunState(db, group, ref, owed, epoch, null).catch((err) =>
           log.warn("closing a run cut short failed; the next claim counts it lost", {
             ...ref,

@@ -50,7 +50,11 @@ export interface HandlerContext {
    *
    * It narrows the window to the call itself; it cannot close it. A request already on its way
    * when the process froze, or delayed in the network past the lease, can still arrive after
-   * the next holder's: only a vendor that checks the fencing token can refuse it.
+   * the next holder's, and a virtual machine paused whole may resume with its clock where it
+   * was: only a vendor that checks the fencing token can refuse those.
+   *
+   * A worker that stalled past the lease treats the key as lost with it (sql/0019): the task
+   * that was running then runs alone next time, and a stall while alone is charged.
    */
   throwIfLost(): void
   /** The `process <topic>` span, child of the writer's and the relay's. */

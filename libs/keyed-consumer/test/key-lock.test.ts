@@ -156,3 +156,23 @@ test("a lock granted after tryAcquire gave up on it is handed back", {
   )
   assert.equal(await redis.exists("k8"), 0)
 })
+
+test("an extension answered after release() was sent does not count the lock held again", {
+  timeout: 20_000,
+}, async (t) => {
+  const { proxy, client } = await clientThroughProxy(t)
+  const viaLink = createRedlockKeyLock(client)
+  const held = await viaLink.tryAcquire("k8", 5000)
+  assert.ok(held)
+  // The heartbeat's extension goes out, then the drain ends and releases; Redis answers them
+  // in order, the extension first.
+  proxy.stall()
+  const extending = held.extend(5000)
+  const releasing = held.release()
+  proxy.resume()
+  await Promise.all([extending, releasing])
+  assert.ok(held.timeLeft() <= 0, `released, whatever the extension said (${held.timeLeft()})`)
+  const next = await locks.tryAcquire("k8", 5000)
+  assert.ok(next, "released in Redis too")
+  await next.release()
+})

@@ -493,6 +493,36 @@ describe("keyed consumer", () => {
     assert.equal(consumer.status().retried, 1)
   })
 
+  test("a retry further off than a timer can wait (24.8 days) is not woken at once", async () => {
+    // Node fires a longer timeout after 1 ms: the drain it woke found the task still waiting
+    // and asked again, and the key was claimed without a pause.
+    const { t, stream, group } = await setup({
+      defaultPolicy: { backoffMs: 5e9, maxBackoffMs: 5e9 },
+      handlers: {
+        "demo.item.changed.v1": async () => {
+          throw new Error("not yet")
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "far", ver: 1, payload: { n: 1 } })
+    const epoch = async () =>
+      Number(
+        (
+          await sql<{ epoch: string }>`
+            select epoch from keyway.consumer_key where grp = ${group} and key = 'far'`.execute(
+            t.db,
+          )
+        ).rows[0]?.epoch ?? 0,
+      )
+    await waitFor(async () => (await runAfterMs(t.db, "far", 1)) > Date.now() + 86_400_000, {
+      timeoutMs: 10_000,
+      message: "the failure recorded, its retry days away",
+    })
+    const before = await epoch()
+    await sleep(1500)
+    assert.ok((await epoch()) - before <= 1, `claimed ${(await epoch()) - before} times in 1.5 s`)
+  })
+
   test("a key whose task waits out a long Retry-After keeps one timer, however often it is woken", async () => {
     // The hour-long timers the consumer has set and not cleared, followed where they are made.
     const long = new Set<unknown>()
@@ -925,6 +955,91 @@ describe("keyed consumer", () => {
       },
       { timeoutMs: 5000, message: "throwIfLost() after the drain ended" },
     )
+  })
+
+  test("a handler that stalls its worker past the lease every time is charged for it, alone, and dies", {
+    timeout: 60_000,
+  }, async () => {
+    // The event loop blocked (a render far too long, say): the lock runs out meanwhile, and
+    // throwIfLost() finds it lost. Cut short and uncharged each time, it ran again at every
+    // poll for ever. As a stall, its run is left to the next claim, which counts it lost with
+    // its worker (sql/0019): a suspect, then alone, then charged.
+    let runs = 0
+    const { t, stream, admin } = await setup({
+      leaseMs: 1000,
+      defaultPolicy: { maxAttempts: 2 },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.key === "stall") {
+            runs++
+            const until = performance.now() + 1500
+            while (performance.now() < until) {}
+            ctx.throwIfLost()
+          }
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "stall", ver: 1, payload: { n: 1 } })
+    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+    await waitFor(async () => (await admin.listDead()).length === 1, {
+      timeoutMs: 40_000,
+      message: "the stalling task dead",
+    })
+    const [dead] = await admin.listDead()
+    assert.equal(dead!.key, "stall")
+    assert.match(dead!.lastError ?? "", /lost with its worker/)
+    // Uncharged until it ran alone: the first stall, then alone twice (2 attempts).
+    assert.ok(runs >= 3 && runs <= 4, `ran ${runs} times`)
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => e.key),
+      ["other"],
+      "the other key ran; the stalling one wrote nothing",
+    )
+  })
+
+  test("a completion left idle in its transaction past the lease gives its keys' rows back", async () => {
+    // An effect idle in the shared transaction holds every row the completion locked: a
+    // worker stopped there held them for as long as it stayed stopped, and every other
+    // worker's claim of those keys waited. Here the effect sleeps instead (on its first
+    // attempt only), which Postgres sees the same way.
+    const { opened: idling, open: idle } = gate()
+    const { t, stream, group } = await setup({
+      leaseMs: 1000,
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          await ctx.complete(async (trx) => {
+            await sql`insert into effect (topic, key, ver, event_id, worker)
+                      values (${event.topic}, ${event.key}, ${event.ver}, ${event.id}, 'w1')`.execute(
+              trx,
+            )
+            if (event.attempt === 1) {
+              idle()
+              await new Promise((r) => setTimeout(r, 4000))
+            }
+          })
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "idle", ver: 1, payload: { n: 1 } })
+    await idling
+    // Another session, as another worker's claim: it gets the key's row well before the
+    // effect wakes.
+    const got = await t.db.transaction().execute(async (trx) => {
+      await sql`select set_config('lock_timeout', '3000ms', true)`.execute(trx)
+      return sql`select 1 from keyway.consumer_key
+                  where grp = ${group} and key = 'idle' for update`
+        .execute(trx)
+        .then(
+          (r) => r.rows.length,
+          (err: Error & { code?: string }) => err.code,
+        )
+    })
+    assert.equal(got, 1, "the row was given back (55P03: still held past 3 s)")
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 20_000,
+      message: "done on a later attempt, its effect once",
+    })
   })
 
   test("an effect stuck on a row held elsewhere fails its attempt within a lease, and is retried", async () => {

@@ -274,9 +274,18 @@ export async function completeTasks(
   return ok
 }
 
-/** Bounds each later statement of the caller's transaction to `ms` (statement_timeout, local). */
+/**
+ * Bounds each later statement of the caller's transaction to `ms` (statement_timeout, local),
+ * and the transaction's idle time between statements as well: a worker that stalls, or is
+ * stopped, with a completion open held its keys' rows, and every other worker's claim of
+ * those keys waited on them, for as long as it stayed stopped. Past the bound Postgres ends
+ * the session, and the locks with it.
+ */
 export function boundStatements(trx: Kysely<any>, ms: number) {
-  return sql`select set_config('statement_timeout', ${`${Math.round(ms)}ms`}, true)`.execute(trx)
+  const bound = `${Math.round(ms)}ms`
+  return sql`
+    select set_config('statement_timeout', ${bound}, true),
+           set_config('idle_in_transaction_session_timeout', ${bound}, true)`.execute(trx)
 }
 
 /**

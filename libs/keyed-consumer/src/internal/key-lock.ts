@@ -26,8 +26,9 @@ export interface HeldLock {
    * Milliseconds until the lock expires by this process's monotonic clock, counted from when
    * its last successful acquire or extension was sent, less redlock's allowance for clock
    * drift; 0 or less once it may have expired, and after release(). Known without asking
-   * Redis: a process that was frozen (a stopped VM, heavy swapping) reads it correctly the
-   * moment it resumes, before any timer or answer.
+   * Redis: a process whose event loop stalled, or that was stopped, reads it correctly the
+   * moment it resumes, before any timer or answer. Not a virtual machine paused whole: its
+   * monotonic clock may not count the pause, and only the fencing epoch covers that.
    */
   timeLeft(): number
 }
@@ -76,6 +77,7 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
       // Not redlock's `expiration`, which is reckoned on the wall clock (Date.now()), which
       // can step.
       let until = validUntil(sentAt, ttlMs)
+      let released = false
       const timeLeft = () => until - performance.now()
       return {
         async extend(ttl) {
@@ -87,7 +89,8 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
             held.extend(ttl).catch(() => null),
             null,
           )
-          if (!extended) return false
+          // Released meanwhile (an extension's answer after release() was sent): not ours.
+          if (!extended || released) return false
           held = extended
           until = validUntil(sent, ttl)
           return true
@@ -96,6 +99,7 @@ export function createRedlockKeyLock(redis: Redis): KeyLock {
           // Expired or taken over, or Redis gone: nothing of ours to release, and the key's
           // lock expires with its ttl.
           const left = timeLeft()
+          released = true
           until = Number.NEGATIVE_INFINITY
           await within(
             left,
