@@ -2,9 +2,10 @@
 // admin API (createConsumerAdmin). Output is one JSON document on stdout, so it can be read
 // by people and piped to jq alike.
 import { parseArgs } from "node:util"
-import { parsePositiveInt } from "@keyway/app-config"
+import { describeError, parsePositiveInt } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
+import { ConfigError, parseAdminConfig } from "./config.ts"
 
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
@@ -13,10 +14,13 @@ const usage = `usage: admin <command> --group G [options]
   gaps    [--topic T]                        keys waiting for a missing version
   blocked [--topic T]                        keys stopped at a dead task
   rejects [--limit N]                        messages kept instead of run (not events,
-                                             refused values, collisions), newest first
+                                             refused values, collisions), newest first,
+                                             the first N (default 100)
   dismiss --from ID --through ID             forget the rejects numbered ID..ID (read)
   retry   --topic T [--key K] [--from N] [--to M]   dead tasks back to pending
-  skip    --topic T [--key K] [--from N] [--to M]   dead skipped (pending or missing too, with a range)
+  skip    --topic T (--key K [--from N] [--to M] | --all-keys)
+                                             dead skipped (pending or missing too, with
+                                             a range): one key's, or every key's
   redrive --topic T (--key K [--from N] [--to M] | --all-keys)
                                              finished tasks run again: one key's, or
                                              every key's of the topic
@@ -65,7 +69,7 @@ const flags: Record<string, readonly (keyof typeof options)[]> = {
   rejects: ["group", "limit"],
   dismiss: ["group", "from", "through"],
   retry: ["group", "topic", "key", "from", "to"],
-  skip: ["group", "topic", "key", "from", "to"],
+  skip: ["group", "topic", "key", "from", "to", "all-keys"],
   redrive: ["group", "topic", "key", "from", "to", "all-keys"],
 }
 if (!command) fail("no command")
@@ -78,8 +82,14 @@ for (const name of Object.keys(values)) {
     fail(`${command} does not take --${name}`)
   }
 }
-const databaseUrl = process.env.DATABASE_URL
-if (!databaseUrl) fail("DATABASE_URL is not set")
+const databaseUrl = (() => {
+  try {
+    return parseAdminConfig(process.env).databaseUrl
+  } catch (err) {
+    if (err instanceof ConfigError) fail(err.message)
+    throw err
+  }
+})()
 if (!values.group) fail("--group is required")
 const version = (name: "from" | "to") => {
   const raw = values[name]
@@ -89,9 +99,13 @@ const version = (name: "from" | "to") => {
 const selector = (): TaskSelector => {
   if (!values.topic) fail(`${command} needs --topic`)
   // Every key of a topic runs again whatever it ran in the retention period (a day of vendor
-  // calls, say): asked for in so many words, not by a --key left out.
-  if (command === "redrive" && (values.key === undefined) !== (values["all-keys"] === true)) {
-    fail("redrive needs --key, or --all-keys for every key of the topic (not both)")
+  // calls, say), or moves past every dead task of the topic, whose events are then never
+  // handled: asked for in so many words, not by a --key left out.
+  if (
+    (command === "redrive" || command === "skip") &&
+    (values.key === undefined) !== (values["all-keys"] === true)
+  ) {
+    fail(`${command} needs --key, or --all-keys for every key of the topic (not both)`)
   }
   const s: TaskSelector = { topic: values.topic }
   if (values.key !== undefined) s.key = values.key
@@ -155,9 +169,15 @@ try {
     case "blocked":
       result = await admin.listBlocked(values.topic)
       break
-    case "rejects":
-      result = await admin.listRejects(limit())
+    case "rejects": {
+      const n = limit() ?? 100
+      const rejects = await admin.listRejects(n)
+      if (rejects.length === n) {
+        console.error(`admin: the newest ${n} rejects; --limit for more`)
+      }
+      result = rejects
       break
+    }
     case "dismiss": {
       const id = (name: "from" | "through") => {
         const raw = values[name]
@@ -205,7 +225,9 @@ try {
 } catch (err) {
   // An operator reads this, not a developer: the message, not a stack. A database that does
   // not exist or lacks Keyway's tables is most often DATABASE_URL naming the wrong one.
-  const message = err instanceof Error ? err.message : String(err)
+  // describeError: Postgres refusing on `localhost` (::1 and 127.0.0.1 both tried) is an
+  // AggregateError of no message.
+  const message = describeError(err)
   const code = (err as { code?: string }).code
   const wrongDatabase = code === "3D000" || code === "42P01" || code === "42883"
   const hint = wrongDatabase

@@ -46,6 +46,16 @@ before(async () => {
 })
 after(() => t.drop())
 
+/** A group of its own with one key, stopped at its v1, dead after 5 attempts. */
+async function insertDeadTask(group: string, key: string) {
+  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver)
+            values (${group}, 'demo.item', ${key}, 0)`.execute(t.db)
+  await sql`
+    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
+    values (${group}, 'demo.item', ${key}, 1, ${`${group}:1`}, 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 5)
+  `.execute(t.db)
+}
+
 test("lists dead tasks, blocked keys and gaps as JSON", async () => {
   const dead = await run(["dead", "--group", "g"])
   assert.equal(dead.code, 0, dead.err)
@@ -143,6 +153,29 @@ test("an action that matches nothing says so on stderr, and changes nothing", as
   assert.equal(state.rows[0]!.state, "pending")
 })
 
+test("a skip of every key of a topic is asked for with --all-keys, not by leaving --key out", async () => {
+  await insertDeadTask("sk", "x")
+  const skip = (...more: string[]) =>
+    run(["skip", "--group", "sk", "--topic", "demo.item", ...more])
+  const state = async () =>
+    (
+      await sql<{ state: string }>`
+        select state from keyway.inbox where grp = 'sk' and key = 'x' and ver = 1`.execute(t.db)
+    ).rows[0]!.state
+  const without = await skip()
+  assert.equal(without.code, 2)
+  assert.match(without.err, /skip needs --key, or --all-keys for every key of the topic/)
+  assert.equal((await skip("--key", "x", "--all-keys")).code, 2)
+  assert.equal(await state(), "dead", "refused: nothing skipped")
+  const all = await skip("--all-keys")
+  assert.equal(all.code, 0, all.err)
+  assert.deepEqual(JSON.parse(all.out), { skipped: 1 })
+  assert.equal(await state(), "skipped")
+  // The tests below list the database's groups.
+  await sql`delete from keyway.inbox where grp = 'sk'`.execute(t.db)
+  await sql`delete from keyway.consumer_key where grp = 'sk'`.execute(t.db)
+})
+
 test("a redrive of every key of a topic is asked for with --all-keys, not by leaving --key out", async () => {
   const redrive = (...more: string[]) =>
     run(["redrive", "--group", "g", "--topic", "demo.item", ...more])
@@ -168,13 +201,7 @@ test("a key held by another session for longer than the lock timeout fails the a
   timeout: 30_000,
 }, async () => {
   // A group of its own, deleted at the end: group g's dead list is asserted whole elsewhere.
-  await sql`insert into keyway.consumer_key (grp, topic, key, done_ver) values ('lk', 'demo.item', 'held', 0)`.execute(
-    t.db,
-  )
-  await sql`
-    insert into keyway.inbox (grp, topic, key, ver, event_id, type, payload, created_at, state, attempts)
-    values ('lk', 'demo.item', 'held', 1, 'h:1', 'demo.item.changed.v1', '{"n":1}', now(), 'dead', 5)
-  `.execute(t.db)
+  await insertDeadTask("lk", "held")
   const holder = new pg.Client({ connectionString: t.url })
   await holder.connect()
   try {
@@ -221,7 +248,7 @@ test("bad input gets a clear error and exit code 2", async () => {
   assert.match(unknown.err, /unknown command "explode"/)
   const option = await run(["summary", "--group", "g"], `${t.url}?connect_timeout=10s`)
   assert.equal(option.code, 2)
-  assert.match(option.err, /^admin: DATABASE_URL: connect_timeout/)
+  assert.match(option.err, /^admin: DATABASE_URL's connect_timeout/)
   assert.doesNotMatch(option.err, /\bat \//, "no stack")
 })
 
@@ -246,6 +273,21 @@ test("dead lists up to --limit tasks, and says on stderr when there may be more"
   // The tests below count dead tasks of their own.
   await sql`delete from keyway.inbox where grp = 'g' and key = 'dl'`.execute(t.db)
   await sql`delete from keyway.consumer_key where grp = 'g' and key = 'dl'`.execute(t.db)
+})
+
+test("a DATABASE_URL pg would misread is refused with exit 2 before connecting, its password unrepeated", async () => {
+  for (const [raw, said] of [
+    // pg took a bare name for a host: "getaddrinfo ENOTFOUND base".
+    ["keyway_cloud", /DATABASE_URL must be a URL like postgres:/],
+    ["mysql://u:secret@127.0.0.1/db", /DATABASE_URL must be a URL like postgres:/],
+    ["postgres://u:secret%E9@127.0.0.1/db", /DATABASE_URL's password holds a %/],
+    ["postgres://postgres@127.0.0.1:5432", /DATABASE_URL names no database/],
+  ] as const) {
+    const r = await run(["summary", "--group", "g"], raw)
+    assert.equal(r.code, 2, `${raw}: ${r.err}`)
+    assert.match(r.err, said, raw)
+    assert.doesNotMatch(r.err, /secret/)
+  }
 })
 
 test("a database that is not the group's gets a one-line error naming DATABASE_URL, not a stack", async () => {
@@ -389,6 +431,11 @@ test("rejects lists the messages kept instead of run, newest first, whatever the
   const unknown = await run(["rejects", "--group", "nothere"])
   assert.equal(unknown.code, 1)
   assert.match(unknown.err, /group "nothere" has stored no event/)
+  // A full page says there may be more, on stderr: stdout stays the JSON.
+  const page = await run(["rejects", "--group", "g", "--limit", "3"])
+  assert.equal(JSON.parse(page.out).length, 3)
+  assert.match(page.err, /the newest 3 rejects; --limit for more/)
+  assert.doesNotMatch(all.err, /--limit for more/, "3 of the default 100: the whole list")
   const badLimit = await run(["rejects", "--group", "g", "--limit", "0"])
   assert.equal(badLimit.code, 2)
   assert.match(badLimit.err, /--limit must be a whole number/)

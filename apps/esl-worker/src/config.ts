@@ -3,6 +3,7 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsAuthEnv,
   natsServersEnv,
   postgresUrlEnv,
   redisUrlEnv,
@@ -55,11 +56,12 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
   if (onDead !== "park" && onDead !== "block") {
     throw new ConfigError(`ESL_ON_DEAD must be park or block, got ${JSON.stringify(onDead)}`)
   }
+  const nats = natsAuthEnv(env)
   return {
     databaseUrl: postgresUrlEnv(env),
     natsServers: natsServersEnv(env),
-    natsUser: env.NATS_USER || undefined,
-    natsPass: env.NATS_PASS || undefined,
+    natsUser: nats.user,
+    natsPass: nats.pass,
     redisUrl: redisUrlEnv(env),
     stream: requiredEnv(env, "ESL_STREAM", "CLOUD"),
     group: env.ESL_GROUP?.trim() || "esl-worker",

@@ -2,7 +2,7 @@
 // (the compose files and nats/README.md agree with them); only what differs between
 // machines is read here.
 import { existsSync } from "node:fs"
-import { ConfigError, perSecondEnv } from "@keyway/app-config"
+import { ConfigError, perSecondEnv, postgresUrlEnv } from "@keyway/app-config"
 
 export interface OpsConfig {
   /** The Postgres server; each site gets its own database on it (keyway_cloud, keyway_factory). */
@@ -14,17 +14,21 @@ export interface OpsConfig {
 export { ConfigError }
 
 export function parseOpsConfig(env: Record<string, string | undefined>): OpsConfig {
-  const postgresUrl =
-    env.KEYWAY_POSTGRES_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres"
-  try {
-    new URL(postgresUrl)
-  } catch {
-    // Not repeated: it may hold a password (one with a `/` in it is what breaks the URL).
-    throw new ConfigError(
-      "KEYWAY_POSTGRES_URL is not a URL (postgres://user:password@host:port/db; a password with / or @ in it must be percent-encoded)",
-    )
-  }
-  return { postgresUrl, demoRate: perSecondEnv(env, "DEMO_RATE", 10, 1000) }
+  return { postgresUrl: parsePostgresUrl(env), demoRate: perSecondEnv(env, "DEMO_RATE", 10, 1000) }
+}
+
+/** KEYWAY_POSTGRES_URL alone: what `status` reads, which a bad DEMO_RATE must not stop. */
+export function parsePostgresUrl(env: Record<string, string | undefined>): string {
+  // Checked as every app checks DATABASE_URL: a value pg would misread (`localhost:5432` is a
+  // URL of scheme "localhost:") failed only once both sites' servers were up, or went to a
+  // database nobody meant.
+  return postgresUrlEnv(
+    {
+      KEYWAY_POSTGRES_URL:
+        env.KEYWAY_POSTGRES_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres",
+    },
+    "KEYWAY_POSTGRES_URL",
+  )
 }
 
 // Debian installs nats-server under /usr/sbin, which is not on every user's PATH.

@@ -4,6 +4,7 @@
 import { existsSync } from "node:fs"
 import { mkdir } from "node:fs/promises"
 import { join } from "node:path"
+import { describeError } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import {
   applyStreams,
@@ -13,7 +14,7 @@ import {
 } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
-import { binaries, type OpsConfig, parseOpsConfig } from "./config.ts"
+import { binaries, type OpsConfig, parseOpsConfig, parsePostgresUrl } from "./config.ts"
 import { ensureRunning } from "./ensure-running.ts"
 import { findOrphans, stopOrphans } from "./orphans.ts"
 import { connectPm2 } from "./pm2-client.ts"
@@ -287,7 +288,7 @@ async function down(sites: SiteName[]) {
   }
 }
 
-async function status(config: OpsConfig) {
+async function status(postgresUrl: string) {
   const pm2 = await connectPm2(pm2Home, false)
   try {
     const processes = pm2 ? await pm2.list() : []
@@ -302,7 +303,7 @@ async function status(config: OpsConfig) {
       )
     }
     for (const site of SITE_NAMES) {
-      printStatus(await collectStatus(SITES[site], config.postgresUrl, processes), say)
+      printStatus(await collectStatus(SITES[site], postgresUrl, processes), say)
     }
   } finally {
     pm2?.disconnect()
@@ -328,7 +329,7 @@ try {
       await down(parseSites(siteArg))
       break
     case "status":
-      await status(config())
+      await status(parsePostgresUrl(process.env))
       break
     case "secrets":
       await siteSecrets()
@@ -338,7 +339,8 @@ try {
       throw new Error("usage: ops-local up|down [cloud|factory] | status | secrets")
   }
 } catch (err) {
-  console.error(`just ${command ?? ""}: ${(err as Error).message}`)
+  // describeError: Postgres refusing on `localhost` is an AggregateError of no message.
+  console.error(`just ${command ?? ""}: ${describeError(err)}`)
   process.exitCode = 1
 }
 // pm2's client keeps sockets (and after killDaemon, a reconnect timer) that would hold the

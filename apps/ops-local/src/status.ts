@@ -1,6 +1,7 @@
 // `just status`: what an operator asks first about a site. Reads only what needs no secret:
 // pm2's list, the site's database, and the NATS monitoring port (/jsz, /leafz), so it works
 // the same while the apps are down and never handles a password.
+import { describeError } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { ConsumerAdminError, createConsumerAdmin, type GroupSummary } from "@keyway/keyed-consumer"
 import { sql } from "kysely"
@@ -40,8 +41,9 @@ export interface SiteStatus {
   demo: DemoFigures | string
 }
 
-const messageOf = (err: unknown) =>
-  err instanceof Error ? err.message || err.constructor.name : String(err)
+// Postgres refusing on `localhost` (both ::1 and 127.0.0.1 tried) is an AggregateError of no
+// message: its errors say what happened.
+const messageOf = describeError
 
 async function monitor(plan: SitePlan, path: string): Promise<any> {
   const res = await fetch(`http://127.0.0.1:${plan.natsHttpPort}${path}`, {

@@ -3,6 +3,7 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsAuthEnv,
   natsServersEnv,
   postgresUrlEnv,
   requiredEnv,
@@ -41,13 +42,14 @@ export function parseConfig(env: Env): RelayAppConfig {
   if (!/^[a-z][a-z0-9-]*$/.test(site)) {
     throw new ConfigError(`KEYWAY_SITE must be lowercase letters, digits and dashes, got ${site}`)
   }
+  const nats = natsAuthEnv(env)
   return {
     metricsPort: metricsPortEnv(env),
     databaseUrl: postgresUrlEnv(env),
     natsServers: natsServersEnv(env),
-    natsUser: env.NATS_USER || undefined,
-    natsPass: env.NATS_PASS || undefined,
-    natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
+    natsUser: nats.user,
+    natsPass: nats.pass,
+    natsInboxPrefix: nats.inboxPrefix,
     site,
     streamsFile: env.KEYWAY_STREAMS_FILE || undefined,
     // Bounded: a batch is claimed into memory whole, and a window of PubAcks is as many

@@ -2,7 +2,13 @@
 // stream order, for a developer following a flow (src/replay.ts). It reads without touching
 // any consumer group. What it read, and from where, goes to stderr; stdout is for jq.
 import { parseArgs } from "node:util"
-import { ConfigError, natsServersEnv, parsePositiveInt } from "@keyway/app-config"
+import {
+  ConfigError,
+  describeError,
+  natsAuthEnv,
+  natsServersEnv,
+  parsePositiveInt,
+} from "@keyway/app-config"
 import { connectNats } from "@keyway/nats"
 import {
   JetStreamApiCodes,
@@ -122,18 +128,11 @@ if (values.follow && toSeq !== undefined) fail("--follow reads on for ever: it t
 /** Where to connect: a site of `just up` (its admin user), or the environment's server. */
 async function natsTarget() {
   if (values.site === undefined) {
-    let servers: string[] = []
     try {
-      servers = natsServersEnv(process.env)
+      return { servers: natsServersEnv(process.env), ...natsAuthEnv(process.env) }
     } catch (err) {
       if (err instanceof ConfigError) fail(err.message)
       throw err
-    }
-    return {
-      servers,
-      user: process.env.NATS_USER || undefined,
-      pass: process.env.NATS_PASS || undefined,
-      inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
     }
   }
   const { SITES, SITE_NAMES, passwordVariable, repositoryRoot, siteAdminNats } = await import(
@@ -144,7 +143,15 @@ async function natsTarget() {
     fail(`--site must be one of ${SITE_NAMES.join(", ")}`)
   }
   const plan = SITES[values.site as keyof typeof SITES]
-  const secrets = await readSiteSecrets(`${repositoryRoot()}/.run`, plan.site)
+  const runDir = `${repositoryRoot()}/.run`
+  // Another user's file (`just up` run as root), or a directory in its place: said in a line,
+  // not as a stack trace.
+  const secrets = await readSiteSecrets(runDir, plan.site).catch((err) => {
+    console.error(
+      `replay: cannot read the ${plan.site} site's secrets under ${runDir}: ${describeError(err)}`,
+    )
+    process.exit(1)
+  })
   const password = secrets?.[passwordVariable(plan.adminUser)]
   if (!password)
     fail(`the ${plan.site} site has not been brought up here: run \`npx just up\` first`)

@@ -1,7 +1,13 @@
 // `just streams <site>`: create or update the streams declared in nats/streams/<site>.json.
 // Whatever goes wrong ends it with one line naming the cause: 2 for what the operator gave
 // (the file, NATS_URL), 1 for what the server said or did; a server not up yet is waited for.
-import { ConfigError, describeError, natsServersEnv, retryUntilReady } from "@keyway/app-config"
+import {
+  ConfigError,
+  describeError,
+  natsAuthEnv,
+  natsServersEnv,
+  retryUntilReady,
+} from "@keyway/app-config"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
 
@@ -18,8 +24,10 @@ if (!file || process.argv.length > 3 || file.startsWith("-")) {
   )
 }
 let servers: string[] = []
+let auth: ReturnType<typeof natsAuthEnv> = {}
 try {
   servers = natsServersEnv(process.env)
+  auth = natsAuthEnv(process.env)
 } catch (err) {
   if (!(err instanceof ConfigError)) throw err
   fail(2, err.message)
@@ -34,9 +42,7 @@ const nc = await retryUntilReady(
   () =>
     connectNats({
       servers,
-      user: process.env.NATS_USER || undefined,
-      pass: process.env.NATS_PASS || undefined,
-      inboxPrefix: process.env.NATS_INBOX_PREFIX || undefined,
+      ...auth,
       waitForServer: false,
     }),
   {

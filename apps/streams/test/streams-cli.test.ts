@@ -1,5 +1,5 @@
 // `just streams` meets what is wrong with one line and an exit code, never a stack or a
-// silent wait: 2 for what the operator gave (the file, NATS_URL), 1 for what the server
+// silent wait: 2 for what the operator gave (the file, NATS_URL, NATS_USER), 1 for what the server
 // refused; a server not up yet is waited for, saying so.
 import assert from "node:assert/strict"
 import { execFile, spawn } from "node:child_process"
@@ -31,6 +31,14 @@ test("a site file that does not exist, or a NATS_URL that is not one: exit 2, on
   const badUrl = await streams([cloud], "nats://127.0.0.1:4222,")
   assert.equal(badUrl.code, 2)
   assert.match(badUrl.err, /^streams: NATS_URL must be/)
+  // nats.js sends a password only beside a user: the server's "Authorization Violation"
+  // said nothing of NATS_USER.
+  const passOnly = await streams([cloud], "nats://127.0.0.1:4222", {
+    NATS_USER: "",
+    NATS_PASS: "x",
+  })
+  assert.equal(passOnly.code, 2)
+  assert.match(passOnly.err, /^streams: NATS_PASS is set without NATS_USER/)
 })
 
 test("a stream without a name, or declared twice: exit 2, naming it, before NATS is asked", async () => {

@@ -3,6 +3,7 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsAuthEnv,
   natsServersEnv,
   postgresUrlEnv,
   redisUrlEnv,
@@ -72,14 +73,15 @@ export function parseConfig(env: Env): WorkerAppConfig {
       )
     }
   }
+  const nats = natsAuthEnv(env)
   return {
     metricsPort: metricsPortEnv(env),
     site,
     databaseUrl: postgresUrlEnv(env),
     natsServers: natsServersEnv(env),
-    natsUser: env.NATS_USER || undefined,
-    natsPass: env.NATS_PASS || undefined,
-    natsInboxPrefix: env.NATS_INBOX_PREFIX || undefined,
+    natsUser: nats.user,
+    natsPass: nats.pass,
+    natsInboxPrefix: nats.inboxPrefix,
     redisUrl: redisUrlEnv(env),
     stream,
     group,

@@ -102,6 +102,20 @@ export function natsServersEnv(env: Env, fallback = "nats://127.0.0.1:4222"): st
   return servers
 }
 
+/**
+ * NATS_USER, NATS_PASS and NATS_INBOX_PREFIX, each unset when empty. A password without a
+ * user is refused: nats.js sends a password only beside a user, so the process connected as
+ * nobody and the server's "Authorization Violation" said nothing of NATS_USER.
+ */
+export function natsAuthEnv(env: Env): { user?: string; pass?: string; inboxPrefix?: string } {
+  const user = env.NATS_USER || undefined
+  const pass = env.NATS_PASS || undefined
+  if (pass !== undefined && user === undefined) {
+    throw new ConfigError("NATS_PASS is set without NATS_USER: the NATS client sends neither")
+  }
+  return { user, pass, inboxPrefix: env.NATS_INBOX_PREFIX || undefined }
+}
+
 /** DATABASE_URL, required: a postgres:// or postgresql:// URL, as pg reads it. */
 export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
   const example = "postgres://postgres@127.0.0.1:5432/keyway"
@@ -111,7 +125,11 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
     url = new URL(value)
   } catch {}
   if (!url || !/^postgres(ql)?:$/.test(url.protocol)) {
-    throw new ConfigError(`${name} must be a URL like ${example}, got a value that is not one`)
+    // Not repeated: it may hold a password, and one with a / in it (as base64 ones have) is
+    // the usual reason it does not parse.
+    throw new ConfigError(
+      `${name} must be a URL like ${example}, got a value that is not one${url ? "" : " (a password with / or @ in it must be percent-encoded)"}`,
+    )
   }
   // pg decodes the user, password and database when a client is made: a
   // malformed escape (`%E9`, a Latin-1 é encoded by hand) threw there, and the process waited
@@ -130,6 +148,11 @@ export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {
         `${name}'s ${part} holds a % that does not start an escape of UTF-8: write a % itself as %25`,
       )
     }
+  }
+  // pg falls back on a database named as the user: `migrate` created Keyway's tables in
+  // `postgres`, and the apps ran on them, or failed there with "relation does not exist".
+  if (url.pathname === "" || url.pathname === "/") {
+    throw new ConfigError(`${name} names no database: end it with one, as in ${example}`)
   }
   // Read by @keyway/db's connectTimeoutMillis as libpq reads it; a bad one failed there, as
   // the pool was made, with a stack trace instead of this message and exit 2.

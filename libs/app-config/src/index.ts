@@ -3,6 +3,7 @@ export {
   type Env,
   intEnv,
   metricsPortEnv,
+  natsAuthEnv,
   natsServersEnv,
   parsePositiveInt,
   perSecondEnv,

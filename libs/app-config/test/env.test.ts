@@ -4,6 +4,7 @@ import {
   ConfigError,
   intEnv,
   metricsPortEnv,
+  natsAuthEnv,
   natsServersEnv,
   perSecondEnv,
   postgresUrlEnv,
@@ -79,6 +80,22 @@ test("natsServersEnv refuses a user or password in NATS_URL, which nats.js would
   }
 })
 
+test("natsAuthEnv: empty means unset; a password without a user is refused", () => {
+  assert.deepEqual(natsAuthEnv({}), { user: undefined, pass: undefined, inboxPrefix: undefined })
+  assert.deepEqual(natsAuthEnv({ NATS_USER: "relay", NATS_PASS: "p", NATS_INBOX_PREFIX: "_I.r" }), {
+    user: "relay",
+    pass: "p",
+    inboxPrefix: "_I.r",
+  })
+  assert.throws(
+    () => natsAuthEnv({ NATS_USER: "", NATS_PASS: "secret" }),
+    (err: Error) =>
+      err instanceof ConfigError &&
+      /NATS_PASS is set without NATS_USER/.test(err.message) &&
+      !err.message.includes("secret"),
+  )
+})
+
 test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (it may hold a password)", () => {
   const url = "postgres://u:secret@h:5432/db"
   assert.equal(postgresUrlEnv({ DATABASE_URL: url }), url)
@@ -113,6 +130,17 @@ test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (i
     postgresUrlEnv({ DATABASE_URL: "postgres://u:s%25cret%C3%A9@h/db" }),
     "postgres://u:s%25cret%C3%A9@h/db",
   )
+  // pg would use the database named as the user.
+  for (const raw of ["postgres://u:secret@h:5432", "postgres://u:secret@h:5432/"]) {
+    assert.throws(
+      () => postgresUrlEnv({ DATABASE_URL: raw }),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        /DATABASE_URL names no database/.test(err.message) &&
+        !err.message.includes("secret"),
+      raw,
+    )
+  }
   assert.equal(
     postgresUrlEnv({ DATABASE_URL: `${url}?connect_timeout=5` }),
     `${url}?connect_timeout=5`,

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict"
 import { test } from "node:test"
-import { retryUntilReady } from "@keyway/app-config"
+import { describeError, retryUntilReady } from "@keyway/app-config"
 
 test("retryUntilReady retries a failing step, logging each failure, until it succeeds", async () => {
   const logged: Record<string, unknown>[] = []
@@ -140,4 +140,18 @@ test("retryUntilReady gives a try up after attemptTimeoutMs, as a failure, and t
   assert.deepEqual(logged, [
     { message: "waiting for Redis", attempt: 1, retryInMs: 1, error: "no answer within 20 ms" },
   ])
+})
+
+test("describeError says what an AggregateError of no message holds: a refusal on localhost", () => {
+  // Node tries ::1 and 127.0.0.1 for localhost where both are listed, and reports the two
+  // refusals together with an empty message; `admin:` and `just up:` printed nothing else.
+  const refused = (address: string) =>
+    Object.assign(new Error(`connect ECONNREFUSED ${address}:5432`), { code: "ECONNREFUSED" })
+  const both = new AggregateError([refused("::1"), refused("127.0.0.1")])
+  assert.equal(
+    describeError(both),
+    "connect ECONNREFUSED ::1:5432; connect ECONNREFUSED 127.0.0.1:5432",
+  )
+  assert.equal(describeError(Object.assign(new Error(""), { code: "ECONNRESET" })), "ECONNRESET")
+  assert.equal(describeError("plain"), "plain")
 })
