@@ -137,6 +137,31 @@ const itemsIn = (input: unknown): number =>
       ? Object.values(input).reduce<number>((n, v) => n + (Array.isArray(v) ? v.length : 0), 0)
       : 0
 
+/**
+ * The entries of a request, one per `key`: a repeat of an entry is dropped, and two entries
+ * of one key that differ are refused, naming both. Taken as "the last one wins", a caller's
+ * slip (a price typed twice, a label given two products) went to the shelf without a word.
+ */
+function onceEach<T extends object, K extends keyof T & string>(
+  what: string,
+  field: string,
+  key: K,
+  entries: readonly T[],
+): T[] {
+  const seen = new Map<T[K], { entry: T; at: number; json: string }>()
+  for (const [at, entry] of entries.entries()) {
+    const json = JSON.stringify(entry, Object.keys(entry).sort())
+    const first = seen.get(entry[key])
+    if (!first) seen.set(entry[key], { entry, at, json })
+    else if (first.json !== json) {
+      throw new EslWriterError(
+        `invalid ${what}: ${field}[${first.at}] and ${field}[${at}] both give ${key} ${JSON.stringify(entry[key])}, differently: give each once`,
+      )
+    }
+  }
+  return [...seen.values()].map((s) => s.entry)
+}
+
 function checked<T>(schema: Schema.Codec<T, unknown>, what: string, input: unknown): T {
   const all = itemsIn(input) <= ALL_PROBLEMS_UP_TO
   // A field the request does not know is refused, not dropped: Effect Schema drops it by
@@ -302,9 +327,7 @@ export async function writeLabelJob(
 ): Promise<EslJobResult> {
   const options = checked(LabelJobRequest, "label job", request)
   const jobId = options.jobId ?? randomUUID()
-  // One assignment per label, the last one given winning: a job draws each label once.
-  const byCode = new Map<string, LabelAssignment>()
-  for (const [i, a] of options.labels.entries()) {
+  const canonical = options.labels.map((a, i) => {
     const code = canonicalLabelCode(a.labelCode)
     if (code === undefined) {
       const shown = a.labelCode.length > 40 ? `${a.labelCode.slice(0, 40)}…` : a.labelCode
@@ -312,9 +335,12 @@ export async function writeLabelJob(
         `invalid label job: labels[${i}].labelCode ${JSON.stringify(shown)} is not a label MAC (12 hex digits: bare, in pairs separated by : or - throughout, or in dotted fours)`,
       )
     }
-    byCode.set(code, { ...a, labelCode: code })
-  }
-  const labels = [...byCode.values()].sort((a, b) => (a.labelCode < b.labelCode ? -1 : 1))
+    return { ...a, page: a.page ?? 1, frontPage: a.frontPage ?? true, labelCode: code }
+  })
+  // A job draws each label once.
+  const labels = onceEach("label job", "labels", "labelCode", canonical).sort((a, b) =>
+    a.labelCode < b.labelCode ? -1 : 1,
+  )
   const productIds = [...new Set(labels.map((l) => l.productId))].sort()
   return transaction(
     db,
@@ -363,8 +389,8 @@ export async function writePriceChange(
 ): Promise<EslJobResult> {
   const options = checked(PriceChangeRequest, "price change", request)
   const jobId = options.jobId ?? randomUUID()
-  const changes = [...new Map(options.changes.map((c) => [c.productId, c])).values()].sort(
-    (a, b) => (a.productId < b.productId ? -1 : 1),
+  const changes = onceEach("price change", "changes", "productId", options.changes).sort((a, b) =>
+    a.productId < b.productId ? -1 : 1,
   )
   const ids = changes.map((c) => c.productId)
   return transaction(
@@ -413,8 +439,9 @@ export async function upsertProducts(
 ): Promise<void> {
   const products = checked(ProductsRequest, "products", request)
   if (products.length === 0) return
-  // The last of a product's entries counts, as in a price change: one statement cannot
-  // write a row twice.
+  // The last of a product's entries counts, unlike a price change's or a label job's: a
+  // catalogue feed repeats a product when a later row corrects an earlier one. (One
+  // statement cannot write a row twice.)
   const sorted = [...new Map(products.map((p) => [p.id, p])).values()].sort((a, b) =>
     a.id < b.id ? -1 : 1,
   )

@@ -171,6 +171,49 @@ test("a bad request is told every problem; a huge one its first, at once", async
   )
 })
 
+test("a price change or label job giving an entry twice, differently, is refused naming both; a plain repeat is one entry", async () => {
+  await upsertProducts(t.db, [{ id: "TW", name: "Tea", priceMinor: 250, currency: "EUR" }])
+  const taskCount = async () =>
+    Number(
+      (await sql<{ n: string }>`select count(*) as n from keyway.outbox`.execute(t.db)).rows[0]!.n,
+    )
+  const before = await taskCount()
+  await assert.rejects(
+    writePriceChange(t.db, {
+      changes: [
+        { productId: "TW", priceMinor: 260 },
+        { productId: "TW", priceMinor: 270 },
+      ],
+    }),
+    (err: Error) =>
+      err instanceof EslWriterError &&
+      /changes\[0\] and changes\[1\] both give productId "TW", differently/.test(err.message),
+  )
+  // The same label, once bare and once in pairs: one label, given two products.
+  await assert.rejects(
+    writeLabelJob(t.db, {
+      labels: [
+        { labelCode: label(900), productId: "TW" },
+        { labelCode: "c0:ff:ee:00:09:00", productId: "D" },
+      ],
+    }),
+    /labels\[0\] and labels\[1\] both give labelCode "C0FFEE000900", differently/,
+  )
+  assert.equal(await taskCount(), before, "nothing enqueued")
+  assert.equal(
+    (await sql`select 1 from esl.label where label_code = ${label(900)}`.execute(t.db)).rows.length,
+    0,
+  )
+  // Page 1 at the front is what an entry without them means: the same entry, drawn once.
+  const job = await writeLabelJob(t.db, {
+    labels: [
+      { labelCode: label(901), productId: "TW" },
+      { labelCode: label(901), productId: "TW", page: 1, frontPage: true },
+    ],
+  })
+  assert.equal(job.tasks.length, 1)
+})
+
 test("a product stored with a value no label can show is named, and a price change mends it", async () => {
   // As an older release stored it, before prices were bounded.
   await upsertProducts(t.db, [{ id: "NEW", name: "New stock", priceMinor: 100, currency: "EUR" }])
@@ -264,10 +307,10 @@ test("overlapping jobs and price changes: every label's newest task matches the 
           })
         } else {
           await writeLabelJob(t.db, {
-            labels: Array.from({ length: 3 }, () => ({
-              labelCode: labels[rand(8)]!,
-              productId: products[rand(4)]!,
-            })),
+            // Three labels of the eight, each once: a job giving a label two products is refused.
+            labels: [...new Set(Array.from({ length: 3 }, () => labels[rand(8)]!))].map(
+              (labelCode) => ({ labelCode, productId: products[rand(4)]! }),
+            ),
           })
         }
       }
