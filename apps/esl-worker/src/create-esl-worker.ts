@@ -20,7 +20,7 @@ import {
   AimsError,
   createAimsClient,
 } from "./aims-client.ts"
-import { RenderError, renderLabel } from "./render-label.ts"
+import { RenderError, renderLabel, requireFont } from "./render-label.ts"
 
 export interface EslWorkerConfig {
   db: Kysely<any>
@@ -84,6 +84,7 @@ const tracer = trace.getTracer("@keyway/esl-worker")
 
 /** The ESL worker: a keyed consumer on `esl.label` that renders each task and pushes it to AIMS. */
 export function createEslWorker(config: EslWorkerConfig): EslWorker {
+  requireFont()
   const aims = "pushImage" in config.aims ? config.aims : createAimsClient(config.aims)
   const m = config.metrics
   // Tasks by outcome and commit-to-done latency are the consumer's own metrics, on the same

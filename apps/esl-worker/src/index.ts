@@ -12,4 +12,11 @@ export {
   type EslWorker,
   type EslWorkerConfig,
 } from "./create-esl-worker.ts"
-export { formatPrice, LABEL_HEIGHT, LABEL_WIDTH, RenderError, renderLabel } from "./render-label.ts"
+export {
+  formatPrice,
+  LABEL_HEIGHT,
+  LABEL_WIDTH,
+  RenderError,
+  renderLabel,
+  requireFont,
+} from "./render-label.ts"

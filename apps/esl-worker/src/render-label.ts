@@ -1,5 +1,5 @@
 import { currencyMinorDigits, type EslLabelRenderPayload } from "@keyway/schemas"
-import { createCanvas, type SKRSContext2D } from "@napi-rs/canvas"
+import { createCanvas, GlobalFonts, type SKRSContext2D } from "@napi-rs/canvas"
 import { encodeIndexedPng, type Rgb } from "./encode-indexed-png.ts"
 
 /** A 2.9" SoluM Newton label: 296 × 128 pixels. */
@@ -30,6 +30,19 @@ const BLACK: Rgb = [0, 0, 0]
 const RED: Rgb = [208, 0, 0]
 const INKS = [WHITE, BLACK, RED] as const
 const css = ([r, g, b]: Rgb) => `rgb(${r}, ${g}, ${b})`
+
+/**
+ * Throws unless `family` (the labels' font by default) is installed where this process runs.
+ * Without it Skia draws in whatever face the host has, or in none: a label pushed without its
+ * price, since a price measured in no font fits any width. Checked when a worker is made.
+ */
+export function requireFont(family = FONT): void {
+  if (!GlobalFonts.has(family)) {
+    throw new Error(
+      `the labels' font ${JSON.stringify(family)} is not installed on this host (Debian: apt-get install fonts-dejavu-core); without it labels would be drawn in another face, or without their text`,
+    )
+  }
+}
 
 /** The task cannot be drawn: no retry changes that, so the worker treats it as poison. */
 export class RenderError extends Error {

@@ -5,6 +5,7 @@ import {
   LABEL_HEIGHT,
   LABEL_WIDTH,
   renderLabel,
+  requireFont,
 } from "../src/render-label.ts"
 import { decodePng } from "./support.ts"
 
@@ -157,4 +158,13 @@ test("the product and job ids stay within the label's margin, whole where they f
   const a = await renderLabel({ ...task, productId: "P-000123", jobId: uuid })
   const b = await renderLabel({ ...task, productId: "P-000123", jobId: `${uuid.slice(0, -1)}4` })
   assert.ok(!a.equals(b), "the whole job id is drawn")
+})
+
+test("a worker's host without the labels' font is refused, saying which package brings it", () => {
+  // Installed here: the labels' font passes.
+  requireFont()
+  assert.throws(
+    () => requireFont("No Such Face Keyway"),
+    /font "No Such Face Keyway" is not installed on this host \(Debian: apt-get install fonts-dejavu-core\)/,
+  )
 })
