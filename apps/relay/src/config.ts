@@ -39,8 +39,12 @@ export interface RelayAppConfig extends TelemetryEnv {
 
 export function parseConfig(env: Env): RelayAppConfig {
   const site = requiredEnv(env, "KEYWAY_SITE", "cloud")
-  if (!/^[a-z][a-z0-9-]*$/.test(site)) {
-    throw new ConfigError(`KEYWAY_SITE must be lowercase letters, digits and dashes, got ${site}`)
+  // At most 64, as createRelay takes it: longer, it was refused only once Postgres and NATS
+  // had been waited for, as a crash instead of this line and exit 2.
+  if (!/^[a-z][a-z0-9-]{0,63}$/.test(site)) {
+    throw new ConfigError(
+      `KEYWAY_SITE must be 1-64 lowercase letters, digits and dashes, starting with a letter, got ${site}`,
+    )
   }
   const nats = natsAuthEnv(env)
   return {

@@ -68,6 +68,8 @@ function check(
   event: OutboxEvent,
   index: number,
   maxPayloadBytes: number,
+  /** The stored trace context's bytes: the relay sends them as the message's headers. */
+  traceBytes: number,
 ): { def: EventType; json: string } {
   const where = `event #${index + 1}`
   if (event === null || typeof event !== "object")
@@ -112,11 +114,15 @@ function check(
     )
   }
   // Byte length only when it could matter: UTF-8 is at most 3 bytes per UTF-16 unit.
-  if (json.length * 3 > maxPayloadBytes) {
+  if (json.length * 3 + traceBytes > maxPayloadBytes) {
     const bytes = Buffer.byteLength(json)
-    if (bytes > maxPayloadBytes) {
+    if (bytes + traceBytes > maxPayloadBytes) {
+      // The trace context counts too: W3C baggage, which a caller's request brings, may reach
+      // 8 KiB, and a message over max_payload with it held its key for good at the relay.
+      const trace =
+        traceBytes > 0 ? ` and ${traceBytes} of trace context (W3C baggage included)` : ""
       throw new EnqueueError(
-        `${where} (${event.type}, key ${event.key}): payload is ${bytes} bytes of JSON, over the ${maxPayloadBytes} allowed (a NATS message may not exceed the server's max_payload)`,
+        `${where} (${event.type}, key ${event.key}): payload is ${bytes} bytes of JSON${trace}, over the ${maxPayloadBytes} allowed (a NATS message may not exceed the server's max_payload)`,
       )
     }
   }
@@ -169,8 +175,12 @@ export async function enqueue(
   const list = Array.isArray(events) ? events : [events as OutboxEvent]
   if (list.length === 0) return []
   const maxPayloadBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES
-  const checked = list.map((event, i) => ({ event, ...check(event, i, maxPayloadBytes) }))
   const trace = activeTraceContext()
+  const traceBytes = trace === null ? 0 : Buffer.byteLength(trace)
+  const checked = list.map((event, i) => ({
+    event,
+    ...check(event, i, maxPayloadBytes, traceBytes),
+  }))
   if (checked.length === 1) {
     const { event, def, json } = checked[0]!
     const [row] = await enqueueOne(trx, def, event, json, trace)

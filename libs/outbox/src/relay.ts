@@ -247,10 +247,39 @@ export function createRelay(config: RelayConfig): Relay {
     stopTimeoutMs: config.stopTimeoutMs ?? 6000,
     stepDownAfterMs: config.stepDownAfterMs ?? 30_000,
   }
+  // Refused by name: a batch of 0 claimed nothing and the relay polled for ever without a
+  // word, a poll of 0 spun, a fraction of a row or a window of 0 published nothing.
+  const counts = { batchSize: settings.batchSize, window: config.window ?? 256 }
+  for (const [name, value] of Object.entries(counts)) {
+    if (!Number.isInteger(value) || value < 1) {
+      throw new RelayError(`${name} must be a whole number of at least 1, not ${value}`)
+    }
+  }
+  const positive = {
+    batchBytes: settings.batchBytes,
+    pollIntervalMs: settings.pollIntervalMs,
+    busyPollMs: settings.busyPollMs,
+    standbyRetryMs: settings.standbyRetryMs,
+    retryDelayMs: settings.retryDelayMs,
+    publishTimeoutMs: config.publishTimeoutMs ?? 5000,
+  }
+  for (const [name, value] of Object.entries(positive)) {
+    if (!(value > 0) || !Number.isFinite(value)) {
+      throw new RelayError(`${name} must be a number above 0, not ${value}`)
+    }
+  }
+  // A subject token each: empty, or with a wildcard or a space, every publish failed with
+  // nothing but "publish failed; will retry". Dots are allowed: a prefix may be a path.
+  const prefix = config.subjectPrefix ?? config.site
+  if (!/^[^\s.*>]+(\.[^\s.*>]+)*$/.test(prefix)) {
+    throw new RelayError(
+      `subjectPrefix ${JSON.stringify(prefix)} must be NATS subject tokens joined by dots, without spaces, "*" or ">"`,
+    )
+  }
   const publishOptions: PublishBatchOptions = {
     site: config.site,
-    subjectPrefix: config.subjectPrefix ?? config.site,
-    window: config.window ?? 256,
+    subjectPrefix: prefix,
+    window: counts.window,
     timeoutMs: config.publishTimeoutMs ?? 5000,
   }
   const log = config.logger ?? quietLogger
@@ -285,6 +314,9 @@ export function createRelay(config: RelayConfig): Relay {
    */
   let natsDownSince: number | undefined
   let natsLosses = 0
+  // Every time kept here is on the monotonic clock (performance.now()), as lostAt is: a wall
+  // clock stepped back an hour during an outage kept the leader on for that hour past
+  // stepDownAfterMs, and one stepped back while idle kept it claiming every busyPollMs.
   let vacuuming: Promise<void> | undefined
   let vacuumAborter: AbortController | undefined
   /** The session's connection while it is open: stop() may have to close it under the session. */
@@ -437,7 +469,7 @@ export function createRelay(config: RelayConfig): Relay {
             settings.retryDelayMs * 2 ** Math.min(refusals - 1, 20),
             settings.heldRetryMs,
           )
-          heldTopics.set(row.topic, { retryAt: Date.now() + retryInMs, refusals })
+          heldTopics.set(row.topic, { retryAt: performance.now() + retryInMs, refusals })
           // An error: nothing of this topic moves until someone declares or mends its stream.
           log.error("NATS refuses a topic; it is held, the other topics go on", {
             topic: row.topic,
@@ -455,7 +487,7 @@ export function createRelay(config: RelayConfig): Relay {
         held.set(id, {
           topic: row.topic,
           key: row.key,
-          retryAt: Date.now() + settings.heldRetryMs,
+          retryAt: performance.now() + settings.heldRetryMs,
         })
         // An error, not a warning: nothing of this key moves until someone raises the limit
         // (or deletes the row and skips its version in the consumer groups). An id another
@@ -525,17 +557,20 @@ export function createRelay(config: RelayConfig): Relay {
     // "not listening" and committed just after. A writer slower than that is caught by the
     // fallback poll (DESIGN.md invariant 5).
     let listening: boolean | undefined
-    let lastWorkAt = Date.now()
+    let lastWorkAt = performance.now()
     let nextPruneAt = 0
     let prunedInRound = 0
     republishDue = true
     for (;;) {
       // Ends the session, and leadership with it (the lock goes with the connection): relays
       // whose NATS is up compete for it, and this one waits until its own is back.
-      if (natsDownSince !== undefined && Date.now() - natsDownSince >= settings.stepDownAfterMs) {
+      if (
+        natsDownSince !== undefined &&
+        performance.now() - natsDownSince >= settings.stepDownAfterMs
+      ) {
         return yield* Effect.fail(
           new RelayError(
-            `no NATS for ${Math.round((Date.now() - natsDownSince) / 1000)} s: leadership given up until it is back`,
+            `no NATS for ${Math.round((performance.now() - natsDownSince) / 1000)} s: leadership given up until it is back`,
           ),
         )
       }
@@ -549,7 +584,7 @@ export function createRelay(config: RelayConfig): Relay {
         if (n > 0) log.info("re-publishing recent rows", { rows: n })
       }
       // Each key for its own time: one held an hour after another is not tried again early.
-      const now = Date.now()
+      const now = performance.now()
       for (const [id, h] of held) {
         if (now < h.retryAt) continue
         held.delete(id)
@@ -579,7 +614,7 @@ export function createRelay(config: RelayConfig): Relay {
         if (failed) yield* Effect.sleep(settings.retryDelayMs)
         // Counted from the batch's end: one whose PubAcks took longer than settleMs must not
         // make the pause below raise the listening flag in the middle of a steady flow.
-        lastWorkAt = Date.now()
+        lastWorkAt = performance.now()
         // A backlog claims again at once. Otherwise pause busyPollMs like after an empty
         // claim. Claiming again at once kept a steady flow in batches of two or three rows,
         // each with its own claim, mark and commit, and those round trips took the CPU that
@@ -623,7 +658,7 @@ export function createRelay(config: RelayConfig): Relay {
       // longer than retention had them pruned first, lost for good.
       if (
         settings.retentionMs > 0 &&
-        Date.now() >= nextPruneAt &&
+        performance.now() >= nextPruneAt &&
         lostAt === undefined &&
         natsDownSince === undefined
       ) {
@@ -648,7 +683,7 @@ export function createRelay(config: RelayConfig): Relay {
         prunedInRound += pruned
         pruneBehind = pruned >= PRUNE_BATCH
         if (!pruneBehind) {
-          nextPruneAt = Date.now() + settings.pruneIntervalMs
+          nextPruneAt = performance.now() + settings.pruneIntervalMs
           if (prunedInRound > 0) log.info("pruned published rows", { pruned: prunedInRound })
           prunedInRound = 0
         }
@@ -656,7 +691,7 @@ export function createRelay(config: RelayConfig): Relay {
       if (backlog) continue
       let pause = settings.pollIntervalMs
       if (pruneBehind) pause = 0
-      else if (Date.now() - lastWorkAt < settings.settleMs) pause = settings.busyPollMs
+      else if (performance.now() - lastWorkAt < settings.settleMs) pause = settings.busyPollMs
       else if (listening !== true) {
         listening = true
         yield* query("start listening", () => setListening(client, true))
@@ -698,7 +733,7 @@ export function createRelay(config: RelayConfig): Relay {
         // Down until a round trip says otherwise: the statuses below tell only of what
         // happens from now on, and a connection that dropped before (while the app waited
         // for JetStream, or between a stop() and this start()) would otherwise count as up.
-        natsDownSince = Date.now()
+        natsDownSince = performance.now()
         const losses = natsLosses
         void config.connection.flush().then(
           () => {
@@ -718,7 +753,7 @@ export function createRelay(config: RelayConfig): Relay {
             // time it leads, and a new leader re-publishes from the newest publish anyway.
             if (s.type === "disconnect") {
               natsLosses++
-              natsDownSince ??= Date.now()
+              natsDownSince ??= performance.now()
               if (state.role === "active") lostAt ??= performance.now()
             }
             if (s.type === "reconnect") {

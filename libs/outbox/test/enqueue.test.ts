@@ -9,6 +9,7 @@ import {
 } from "@keyway/outbox"
 import { InvalidEventError } from "@keyway/schemas"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { propagation } from "@opentelemetry/api"
 import { Kysely, PostgresDialect, sql } from "kysely"
 import pg from "pg"
 
@@ -254,6 +255,44 @@ describe("enqueue", () => {
       .transaction()
       .execute((trx) => enqueue(trx, noted("e".repeat(60)), { maxPayloadBytes: 100 }))
     assert.equal(accepted!.key, "big", "under the limit it is accepted")
+  })
+
+  test("the trace context stored with an event counts toward its size: baggage cannot push it past NATS", async () => {
+    // What the W3C propagators inject under a caller's request that brought 1,000 bytes of
+    // baggage; the relay sends it as the message's headers, which max_payload counts.
+    propagation.setGlobalPropagator({
+      inject: (_context, carrier, setter) => {
+        setter.set(
+          carrier,
+          "traceparent",
+          "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        setter.set(carrier, "baggage", `erp.note=${"b".repeat(1000)}`)
+      },
+      extract: (context) => context,
+      fields: () => ["traceparent", "baggage"],
+    })
+    try {
+      const event = {
+        type: "demo.item.changed.v1",
+        key: "bag",
+        payload: { n: 1, note: "n".repeat(900) },
+      }
+      const options = { maxPayloadBytes: 1500 }
+      const before = await outboxRows(t)
+      const refused = await refusal([event], options)
+      assert.ok(refused instanceof EnqueueError)
+      assert.match(
+        refused.message,
+        /payload is 9\d\d bytes of JSON and 1\d{3} of trace context \(W3C baggage included\), over the 1500 allowed/,
+      )
+      assert.deepEqual(await outboxRows(t), before)
+      propagation.disable()
+      const [accepted] = await t.db.transaction().execute((trx) => enqueue(trx, event, options))
+      assert.equal(accepted!.key, "bag", "without the baggage it fits")
+    } finally {
+      propagation.disable()
+    }
   })
 
   test("concurrent writers of overlapping keys get gapless versions whose seq order is version order", async () => {

@@ -194,6 +194,31 @@ describe("relay", () => {
     }
   })
 
+  test("settings that would publish nothing, or spin, are refused at creation by name", () => {
+    const make = (more: Partial<RelayConfig>) =>
+      createRelay({
+        connectionString: "postgres://u@127.0.0.1/db",
+        jetstream: jetstream(nc),
+        site: "s",
+        ...more,
+      })
+    for (const [more, said] of [
+      [{ batchSize: 0 }, /batchSize must be a whole number of at least 1, not 0/],
+      [{ batchSize: 2.5 }, /batchSize must be a whole number/],
+      [{ window: 0 }, /window must be a whole number of at least 1/],
+      [{ pollIntervalMs: 0 }, /pollIntervalMs must be a number above 0, not 0/],
+      [{ busyPollMs: Number.NaN }, /busyPollMs must be a number above 0/],
+      [{ subjectPrefix: "" }, /subjectPrefix "" must be NATS subject tokens/],
+      [{ subjectPrefix: "cloud.*" }, /subjectPrefix "cloud\.\*" must be/],
+      [{ subjectPrefix: "a b" }, /subjectPrefix "a b" must be/],
+      [{ subjectPrefix: "cloud." }, /subjectPrefix "cloud\." must be/],
+    ] as const) {
+      assert.throws(() => make(more), said, JSON.stringify(more))
+    }
+    // A prefix may be a path of tokens.
+    assert.ok(make({ subjectPrefix: "eu.cloud" }))
+  })
+
   test("a batch ends at its payload bytes as well as its rows, one row at least; all go, in order", async () => {
     await fresh()
     await write(t.db, 3, 1)
@@ -1038,8 +1063,8 @@ describe("relay", () => {
     await client.connect()
     try {
       assert.equal(await unmarkRecent(client, 30_000, Date.now() - lostAt.getTime()), 0)
-      // Not knowing the loss (a relay starting), the window ends at the newest publish.
-      assert.equal(await unmarkRecent(client, 60_000), 2)
+      // A relay starting next, not knowing the loss, starts where that window did: no earlier.
+      assert.equal(await unmarkRecent(client, 60_000), 0)
     } finally {
       await client.end()
     }
@@ -1068,6 +1093,31 @@ describe("relay", () => {
     assert.deepEqual(
       rows.rows.map((r) => r.published),
       [true, true, false],
+    )
+  })
+
+  test("a window anchored at a loss, its rows not yet sent again, is where the next session's starts", async () => {
+    await fresh()
+    await write(t.db, 4, 4)
+    // Published four, three, one and a half and half a minute ago; the loss just now.
+    const ago = (s: number) => new Date(Date.now() - s * 1000).toISOString()
+    await sql`update keyway.outbox
+                 set published_at = (array[${ago(240)}, ${ago(180)}, ${ago(90)}, ${ago(30)}]::timestamptz[])[seq],
+                     stream_seq = seq`.execute(t.db)
+    const client = new pg.Client({ connectionString: t.url })
+    await client.connect()
+    try {
+      assert.equal(await unmarkRecent(client, 120_000, 0), 2, "the two minutes before the loss")
+      // The session ends before sending them again; the next one knows of no loss.
+      assert.equal(await unmarkRecent(client, 120_000), 0, "nothing from before that window")
+    } finally {
+      await client.end()
+    }
+    const rows = await sql<{ published: boolean }>`
+      select published_at is not null as published from keyway.outbox order by seq`.execute(t.db)
+    assert.deepEqual(
+      rows.rows.map((r) => r.published),
+      [true, true, false, false],
     )
   })
 
@@ -1126,10 +1176,13 @@ describe("relay", () => {
     }
   })
 
-  test("a leader cut off from NATS gives way to a standby that reaches it, and does not take the lead back until its NATS is back", async () => {
-    await fresh()
+  /**
+   * Relay A on a link to NATS the test can cut (a TCP proxy), relay B on the shared
+   * connection; start() makes A lead and B wait. Disposing stops both and closes A's link.
+   */
+  async function leaderAndStandby() {
     const shared = new URL(SHARED_NATS)
-    await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
+    const proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
     const cutNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
     const common = {
       connectionString: t.url,
@@ -1141,35 +1194,82 @@ describe("relay", () => {
     }
     const a = createRelay({ ...common, jetstream: jetstream(cutNc), connection: cutNc })
     const b = createRelay({ ...common, jetstream: jetstream(nc), connection: nc })
+    return {
+      proxy,
+      cutNc,
+      a,
+      b,
+      async start() {
+        await a.start()
+        await waitFor(() => a.status().role === "active", { timeoutMs: 10_000, message: "A leads" })
+        await b.start()
+        await waitFor(() => b.status().role === "standby", {
+          timeoutMs: 10_000,
+          message: "B waits",
+        })
+      },
+      async [Symbol.asyncDispose]() {
+        await a.stop()
+        await b.stop()
+        await cutNc.close()
+        await proxy.close()
+      },
+    }
+  }
+
+  test("a leader cut off from NATS gives way to a standby that reaches it, and does not take the lead back until its NATS is back", async () => {
+    await fresh()
+    await using pair = await leaderAndStandby()
+    const { proxy, cutNc, a, b } = pair
+    await pair.start()
+    await write(t.db, 10, 10)
+    await untilPublished("A published the first 10", 10_000)
+    // A's link to NATS is gone; Postgres is fine, so A kept the lock, and B never published.
+    proxy.cut()
+    await write(t.db, 20, 10, 10)
+    await untilPublished("B took over and published the 20", 30_000)
+    assert.equal(b.status().role, "active")
+    // A, without NATS, stays out of the way even with the lock free: leading, it would
+    // publish nothing. Back on NATS, it leads again.
+    await b.stop()
+    await sleep(1000)
+    assert.notEqual(a.status().role, "active")
+    proxy.restore()
+    await waitFor(() => a.status().role === "active", {
+      timeoutMs: 15_000,
+      message: "A leads once its NATS is back",
+    })
+    await write(t.db, 5, 5, 30)
+    await untilPublished("A published 5 more", 10_000)
+    assertExactlyOnceInOrder(await readStream(nc, stream), 35)
+  })
+
+  test("a leader cut off from NATS steps down on time though the wall clock is stepped back meanwhile", {
+    timeout: 90_000,
+  }, async () => {
+    await fresh()
+    await using pair = await leaderAndStandby()
+    const { proxy, cutNc, a, b } = pair
+    const wallClock = Date.now
     try {
-      await a.start()
-      await waitFor(() => a.status().role === "active", { timeoutMs: 10_000, message: "A leads" })
-      await b.start()
-      await waitFor(() => b.status().role === "standby", { timeoutMs: 10_000, message: "B waits" })
-      await write(t.db, 10, 10)
-      await untilPublished("A published the first 10", 10_000)
-      // A's link to NATS is gone; Postgres is fine, so A kept the lock, and B never published.
+      await pair.start()
+      const disconnected = (async () => {
+        for await (const status of cutNc.status()) if (status.type === "disconnect") return
+      })()
       proxy.cut()
-      await write(t.db, 20, 10, 10)
-      await untilPublished("B took over and published the 20", 30_000)
-      assert.equal(b.status().role, "active")
-      // A, without NATS, stays out of the way even with the lock free: leading, it would
-      // publish nothing. Back on NATS, it leads again.
-      await b.stop()
-      await sleep(1000)
-      assert.notEqual(a.status().role, "active")
-      proxy.restore()
-      await waitFor(() => a.status().role === "active", {
-        timeoutMs: 15_000,
-        message: "A leads once its NATS is back",
-      })
-      await write(t.db, 5, 5, 30)
-      await untilPublished("A published 5 more", 10_000)
-      assertExactlyOnceInOrder(await readStream(nc, stream), 35)
+      await write(t.db, 10, 10)
+      // NTP steps the clock back an hour just after A has seen NATS go (its pings unanswered).
+      // Measured on that clock, A's outage stayed below stepDownAfterMs for the hour.
+      await disconnected
+      await sleep(200)
+      Date.now = () => wallClock() - 3_600_000
+      const deadline = performance.now() + 45_000
+      while (b.status().role !== "active" && performance.now() < deadline) await sleep(100)
+      Date.now = wallClock
+      assert.equal(b.status().role, "active", "B leads: A gave way on the monotonic clock")
+      await untilPublished("B published the 10", 20_000)
     } finally {
-      await a.stop()
-      await b.stop()
-      await cutNc.close()
+      Date.now = wallClock
     }
   })
 

@@ -215,6 +215,8 @@ export async function unmarkRecent(
   // Not knowing the loss, the newest publish is read with the anchor the last window had
   // (sql/0020): the rows that window unmarked and no session has sent again since no longer
   // show it, and each session ended before it sent them moved the window back by its length.
+  // Recorded whichever way the window was anchored: a window anchored at a loss, whose session
+  // ended before it sent the rows again, left the next one to start a window further back.
   const r = await client.query(
     `with a as (
        select coalesce(now() - make_interval(secs => $2::double precision / 1000),
@@ -224,7 +226,7 @@ export async function unmarkRecent(
      ),
      remembered as (
        update keyway.relay_state set republish_anchor = greatest(republish_anchor, (select at from a))
-        where id = 1 and $2::double precision is null
+        where id = 1
      )
      update keyway.outbox set published_at = null
       where published_at > (select at from a) - make_interval(secs => $1::double precision / 1000)`,
