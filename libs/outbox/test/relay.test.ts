@@ -1220,7 +1220,7 @@ describe("relay", () => {
   test("a leader cut off from NATS gives way to a standby that reaches it, and does not take the lead back until its NATS is back", async () => {
     await fresh()
     await using pair = await leaderAndStandby()
-    const { proxy, cutNc, a, b } = pair
+    const { proxy, a, b } = pair
     await pair.start()
     await write(t.db, 10, 10)
     await untilPublished("A published the first 10", 10_000)
@@ -1249,7 +1249,7 @@ describe("relay", () => {
   }, async () => {
     await fresh()
     await using pair = await leaderAndStandby()
-    const { proxy, cutNc, a, b } = pair
+    const { proxy, cutNc, b } = pair
     const wallClock = Date.now
     try {
       await pair.start()
