@@ -22,13 +22,17 @@ export function parsePostgresUrl(env: Record<string, string | undefined>): strin
   // Checked as every app checks DATABASE_URL: a value pg would misread (`localhost:5432` is a
   // URL of scheme "localhost:") failed only once both sites' servers were up, or went to a
   // database nobody meant.
-  return postgresUrlEnv(
-    {
-      KEYWAY_POSTGRES_URL:
-        env.KEYWAY_POSTGRES_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres",
-    },
-    "KEYWAY_POSTGRES_URL",
-  )
+  let value = env.KEYWAY_POSTGRES_URL?.trim() || "postgres://postgres@127.0.0.1:5432/postgres"
+  // A server's URL: each site's database replaces its path, so one without a database is
+  // fine here, and names the maintenance database for the steps that need one.
+  try {
+    const url = new URL(value)
+    if (url.host && (url.pathname === "" || url.pathname === "/")) {
+      url.pathname = "/postgres"
+      value = url.toString()
+    }
+  } catch {} // not a URL: postgresUrlEnv says so, without repeating it
+  return postgresUrlEnv({ KEYWAY_POSTGRES_URL: value }, "KEYWAY_POSTGRES_URL")
 }
 
 // Debian installs nats-server under /usr/sbin, which is not on every user's PATH.

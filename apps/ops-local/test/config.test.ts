@@ -29,7 +29,6 @@ test("a KEYWAY_POSTGRES_URL pg would misread is refused by name, before anything
       "postgres://postgres@127.0.0.1:5432/postgres?connect_timeout=10s",
       /KEYWAY_POSTGRES_URL's connect_timeout/,
     ],
-    ["postgres://postgres@127.0.0.1:5432", /KEYWAY_POSTGRES_URL names no database/],
   ] as const) {
     assert.throws(
       () => parseOpsConfig({ KEYWAY_POSTGRES_URL: raw }),
@@ -37,6 +36,15 @@ test("a KEYWAY_POSTGRES_URL pg would misread is refused by name, before anything
       raw,
     )
   }
+  // A server's URL without a database is what it is for: each site's database replaces it.
+  assert.equal(
+    parseOpsConfig({ KEYWAY_POSTGRES_URL: "postgres://postgres@127.0.0.1:5432" }).postgresUrl,
+    "postgres://postgres@127.0.0.1:5432/postgres",
+  )
+  assert.equal(
+    parsePostgresUrl({ KEYWAY_POSTGRES_URL: "postgres://u:p%2Fw@db:5432/?sslmode=require" }),
+    "postgres://u:p%2Fw@db:5432/postgres?sslmode=require",
+  )
   // What status reads alone: a DEMO_RATE it does not use does not stop it.
   assert.equal(
     parsePostgresUrl({ KEYWAY_POSTGRES_URL: "", DEMO_RATE: "0" }),

@@ -53,6 +53,7 @@ import {
   ingestBatch,
   type KeyRef,
   keyId,
+  lapseLease,
   markFailed,
   markGap,
   nextTasks,
@@ -99,7 +100,12 @@ export interface KeyedConsumerConfig {
   /** Where a new group starts in the stream: every stored event, or only new ones. Default all. */
   startPosition?: "all" | "new"
   nats: NatsConnection
-  /** The group's database (migrated with sql/). */
+  /**
+   * The group's database (migrated with sql/), made with @keyway/db's createDb. Its clients
+   * survive Postgres ending their session while none of their statements runs (a completion
+   * idle past the lease, see HandlerContext.complete); a plain pg pool's checked-out client
+   * then emits an 'error' nobody listens for, which ends the process.
+   */
   db: Kysely<any>
   redis: Redis
   /** By event type name. An event with no handler is dead at once. */
@@ -1018,7 +1024,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // held: dead, parked, and its key waits until the time its failure asked for.
   type Outcome = "done" | "retry" | "dead" | "held" | "fenced" | "stopped" | "deferred"
   /** A drain's hold on its key, as its handlers see it (HandlerContext). */
-  type KeyHold = Pick<HandlerContext, "signal" | "throwIfLost">
+  type KeyHold = Pick<HandlerContext, "signal" | "throwIfLost"> & {
+    /** Whether this worker stalled past the key's lease (asked now, as throwIfLost does). */
+    stalled(): boolean
+  }
 
   const runTask = async (
     ref: KeyRef,
@@ -1066,7 +1075,16 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       eventId: task.event_id,
       fencing: { epoch, version: task.ver },
       signal,
-      throwIfLost: hold.throwIfLost,
+      // The hold is the drain's, which may have gone on to a later version: a call this
+      // handler left running after it returned must not count the key as still its own.
+      throwIfLost: () => {
+        if (returned) {
+          throw new Error(
+            `the handler for ${ref.topic}/${ref.key} v${task.ver} has returned: the key is no longer held for it`,
+          )
+        }
+        hold.throwIfLost()
+      },
       span,
       complete: <T>(effects: (trx: Kysely<any>) => Promise<T>, options?: CompleteOptions) => {
         if (completion) {
@@ -1152,10 +1170,14 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         return "fenced"
       }
       // By stop(): whatever the handler threw once told to give up. By the loss of the key:
-      // only the abort itself; a handler that failed on its own meanwhile (a poison payload
-      // that blocked the event loop past the lease) is charged as ever.
+      // only the abort itself; a handler that failed on its own meanwhile is charged as ever.
+      // By a stall of this worker past the lease, whatever failed then (a completion whose
+      // session Postgres ended, idle past the lease; the stalling handler's own failure): the
+      // run is left open, and its next claim charges it only if it ran alone (sql/0019),
+      // never the tasks beside the cause.
       const cutShort =
-        signal.aborted && (shutdownReason !== undefined || isAbort(err, signal.reason))
+        hold.stalled() ||
+        (signal.aborted && (shutdownReason !== undefined || isAbort(err, signal.reason)))
       if (!completed && (cutShort || err instanceof UncommittedError || outcome === "abandoned")) {
         // Cut short, not failed: by stop(), by the loss of the key's lock or lease (a Redis or
         // Postgres blip, another worker now holding the key), or in a batch given up while
@@ -1317,7 +1339,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     let epoch: number | undefined
     // The version of which the claim opened a run (sql/0019), until an outcome (done, a
     // failure, fenced) ends that run. If it never starts, or is cut short, the drain closes
-    // it at its end: left open, the next claim would take it for lost with its worker.
+    // it at its end: left open, the next claim would take it for lost with its worker. Unless
+    // this worker stalled past the lease meanwhile: then it is left open on purpose, run or
+    // not (as a death would leave it).
     let owed: number | undefined
     let finished = false
     // Put off for a lease by the gate: no re-check wakes it before then.
@@ -1356,6 +1380,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // keeps other workers off the key (a claim does not wait for the lease).
     const hold: KeyHold = {
       signal,
+      stalled: () => {
+        loseIfStalled()
+        return stalled
+      },
       throwIfLost: () => {
         loseIfStalled()
         signal.throwIfAborted()
@@ -1369,7 +1397,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // took the key while this one still ran its handler. The lock is extended from the start,
     // not only once the claim has answered: a slow claim must not outlast it either.
     let extending = false
-    let renewing = false
+    let renewing: Promise<unknown> | undefined
     const heartbeat = setInterval(() => {
       if (closed || abandoned || stalled) return
       // A process that stalled resumes with this beat due: the lock has run out meanwhile.
@@ -1383,14 +1411,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         })
       }
       if (epoch !== undefined && !renewing) {
-        renewing = true
         // A renewal that failed (Postgres busy or away) has not lost the lease: the next beat
         // tries again, and a completion after another worker took the key is fenced anyway.
         // Counted as lost, a blip aborted every handler in flight, vendor calls halfway.
-        void renewLease(db, group, ref, epoch, leaseMs)
+        renewing = renewLease(db, group, ref, epoch, leaseMs)
           .catch(() => true)
           .then((leased) => {
-            renewing = false
+            renewing = undefined
             if (!leased) lose("lease")
           })
       }
@@ -1458,14 +1485,17 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       closed = true
       drainAborts.delete(aborter)
       clearInterval(heartbeat)
-      if (stalled) {
-        log.warn(
-          "this worker stalled past the key's lease; the key's next claim counts the run lost with its worker",
-          {
-            ...ref,
-            ver: owed,
-          },
-        )
+      if (stalled && epoch !== undefined) {
+        // A renewal sent before the stall and answered after it would make the lease look
+        // alive to the next claim, which would then take the key for only changed hands.
+        await renewing
+        await lapseLease(db, group, ref, epoch).catch(() => {})
+        if (owed !== undefined) {
+          log.warn(
+            "this worker stalled past the key's lease; the key's next claim counts the run lost with its worker",
+            { ...ref, ver: owed },
+          )
+        }
       } else if (owed !== undefined && epoch !== undefined) {
         await setRunState(db, group, ref, owed, epoch, null).catch((err) =>
           log.warn("closing a run cut short failed; the next claim counts it lost", {

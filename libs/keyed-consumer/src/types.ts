@@ -70,7 +70,9 @@ export interface HandlerContext {
    * If it fails as a whole, each completion runs again in a transaction of its own, so
    * `effects` may run more than once: it must only write through `trx`, never act outside it.
    * Each of its statements may take at most the group's `leaseMs` (a statement_timeout): one
-   * waiting longer, on a lock say, fails the attempt, which is retried with backoff.
+   * waiting longer, on a lock say, fails the attempt, which is retried with backoff. Nor may
+   * the transaction sit idle between them that long (idle_in_transaction_session_timeout):
+   * Postgres then ends its session, and the rows it locked go with it.
    *
    * It throws {@link UncommittedError} when a stopping worker gave up the shared transaction
    * (nothing written, no attempt counted), and an Error when called after the handler

@@ -46,8 +46,9 @@ test("extend keeps a live lock past its first expiry", async () => {
   assert.equal(await locks.tryAcquire("k2", 2000), null)
   // extend() returns a new Lock in redlock 5; extending twice must use the new one.
   assert.equal(await a.extend(2000), true)
+  // Counted from the extension's send: its round trip, on a busy machine, is already gone.
   assert.ok(
-    a.timeLeft() > 1900 && a.timeLeft() <= 2000 - 22,
+    a.timeLeft() > 1500 && a.timeLeft() <= 2000 - 22,
     `a fresh ttl, drift deducted (${a.timeLeft()})`,
   )
   await a.release()
