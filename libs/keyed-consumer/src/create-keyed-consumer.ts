@@ -53,7 +53,6 @@ import {
   ingestBatch,
   type KeyRef,
   keyId,
-  lapseLease,
   markFailed,
   markGap,
   nextTasks,
@@ -1489,7 +1488,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // A renewal sent before the stall and answered after it would make the lease look
         // alive to the next claim, which would then take the key for only changed hands.
         await renewing
-        await lapseLease(db, group, ref, epoch).catch(() => {})
+        // Ended now, epoch-fenced: the next claim finds it lapsed.
+        await renewLease(db, group, ref, epoch, 0).catch(() => {})
         if (owed !== undefined) {
           log.warn(
             "this worker stalled past the key's lease; the key's next claim counts the run lost with its worker",

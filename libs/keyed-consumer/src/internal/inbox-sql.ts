@@ -365,18 +365,9 @@ export async function setRunState(
 }
 
 /**
- * Ends the lease of a drain whose worker stalled past it (the drain's run left open): the
- * next claim then counts that run lost with its worker (sql/0019) however late a renewal sent
- * before the stall was answered.
+ * Keeps the lease alive while a handler runs; false when another worker took the key. With
+ * `leaseMs` 0 it ends the lease now (a drain whose worker stalled past it).
  */
-export async function lapseLease(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
-  await sql`
-    update keyway.consumer_key set lease_until = now()
-     where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and epoch = ${epoch}
-  `.execute(db)
-}
-
-/** Keeps the lease alive while a handler runs; false when another worker took the key. */
 export async function renewLease(
   db: Kysely<any>,
   group: string,
