@@ -154,7 +154,8 @@ export async function run() {
     const toAnswer: number[] = []
     const toArrival: number[] = []
     for (const p of aims.pushes()) {
-      const c = committed.get(p.idempotencyKey ?? "")
+      // Keyed by event id; a push's idempotency key adds the page it draws.
+      const c = committed.get(p.idempotencyKey?.replace(/:\d+$/, "") ?? "")
       if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
       toArrival.push(p.receivedAt - c)
       toAnswer.push(p.answeredAt! - c)

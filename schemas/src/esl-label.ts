@@ -118,10 +118,11 @@ export const EslFields = {
 }
 
 /**
- * Topic `esl.label`, keyed by label MAC: draw this label's page and push it to the ESL
- * server. Each event carries everything the renderer needs, as of the writer's commit, so
- * a task never reads the writer's tables and the newest version alone decides what the label
- * shows (a parked, dead task is superseded by the next one).
+ * Topic `esl.label`, keyed by label MAC, as writers before {@link EslLabelPages} wrote it:
+ * draw one page of the label and push it. A label of several pages was told only of the page
+ * its job named, so a price change of a page bound before it, the page the label showed
+ * included, never reached the shelf. Workers still read it: the stream keeps what older
+ * writers sent.
  */
 export const EslLabelRender = defineEvent({
   type: "esl.label.render.v1",
@@ -155,3 +156,55 @@ export const EslLabelRender = defineEvent({
 })
 
 export type EslLabelRenderPayload = typeof EslLabelRender.schema.Type
+
+/** What one page of a label shows, as its writer last set it. */
+const EslPage = Schema.Struct({
+  page: EslFields.page,
+  /**
+   * The job that last set this page: bound it to its product, or changed that product. It is
+   * drawn in the page's footer, and a page is drawn again only when what it shows changed.
+   */
+  jobId: EslFields.jobId,
+  productId: EslFields.productId,
+  productName: EslFields.productName,
+  priceMinor: EslFields.priceMinor,
+  currency: EslFields.currency,
+})
+
+export type EslPageContent = typeof EslPage.Type
+
+/**
+ * Topic `esl.label`, keyed by label MAC: the whole label as of the writer's commit, every page
+ * bound and the page shown. The newest version alone decides what the label shows: a worker
+ * pushes each page that differs from what it last pushed for the label, so a page a dead
+ * (parked) task left undrawn is drawn by the next task, whatever page that one changed.
+ */
+export const EslLabelPages = defineEvent({
+  type: "esl.label.pages.v2",
+  topic: "esl.label",
+  schema: Schema.Struct({
+    labelCode: LabelCode,
+    /** The job that produced this task. */
+    jobId: EslFields.jobId,
+    /**
+     * The page the label shows, AIMS's `frontPage`: the page a job last brought to the front,
+     * 1 (a label's first page) when none did, bound or not.
+     */
+    shownPage: EslFields.page,
+    /** Every page bound, in page order. */
+    pages: Schema.Array(EslPage).pipe(
+      Schema.check(
+        Schema.isMinLength(1, { message: "a label task draws at least one page" }),
+        Schema.makeFilter((pages) => {
+          const at = pages.findIndex((p, i) => i > 0 && p.page <= pages[i - 1]!.page)
+          return at < 0
+            ? true
+            : { path: [at, "page"], issue: "pages must be in page order, each once" }
+        }),
+      ),
+    ),
+  }),
+  keyField: "labelCode",
+})
+
+export type EslLabelPagesPayload = typeof EslLabelPages.schema.Type

@@ -1,10 +1,15 @@
 import type { EventType } from "./define-event.ts"
 import { DemoCommandSent, DemoItemChanged } from "./demo.ts"
-import { EslLabelRender } from "./esl-label.ts"
+import { EslLabelPages, EslLabelRender } from "./esl-label.ts"
 
 // Every event type Keyway knows, by name. Adding a topic module means adding it here; the
 // outbox refuses names that are not listed, so a typo fails at the writer, not downstream.
-const all: readonly EventType<any>[] = [DemoItemChanged, DemoCommandSent, EslLabelRender]
+const all: readonly EventType<any>[] = [
+  DemoItemChanged,
+  DemoCommandSent,
+  EslLabelRender,
+  EslLabelPages,
+]
 
 /**
  * The types by name. Two of one name are refused: a module copied to start a v2 that kept

@@ -8,7 +8,12 @@ import {
   PoisonError,
   type TopicPolicy,
 } from "@keyway/keyed-consumer"
-import { EslLabelRender, type EslLabelRenderPayload } from "@keyway/schemas"
+import {
+  EslLabelPages,
+  type EslLabelPagesPayload,
+  EslLabelRender,
+  type EslLabelRenderPayload,
+} from "@keyway/schemas"
 import type { MetricsRegistry } from "@keyway/telemetry"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { trace } from "@opentelemetry/api"
@@ -20,6 +25,13 @@ import {
   AimsError,
   createAimsClient,
 } from "./aims-client.ts"
+import {
+  type DrawnLabel,
+  imageDigest,
+  migrateDrawnPages,
+  readDrawn,
+  recordDrawn,
+} from "./drawn-pages.ts"
 import { RenderError, renderLabel, requireFont } from "./render-label.ts"
 
 export interface EslWorkerConfig {
@@ -56,7 +68,8 @@ export interface EslWorker {
 
 /**
  * Topic `esl.label`'s policy. `park`, not `block`: every task carries the label's whole
- * content as of its commit, so the next version supersedes a dead one completely; blocking
+ * content as of its commit, and draws every page that differs from what was last drawn, so
+ * the next version supersedes a dead one completely; blocking
  * would leave a label showing an old price until an operator acts, for no gain in
  * correctness. The dead task stays listed (admin listDead) and counted.
  *
@@ -95,9 +108,11 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     labels: { result: ["ok", "error"] },
   })
 
+  const group = config.group ?? "esl-worker"
+
   const handle = async (
-    event: KeyedEvent<EslLabelRenderPayload>,
-    ctx: Pick<HandlerContext, "eventId" | "fencing" | "signal" | "throwIfLost">,
+    event: KeyedEvent<EslLabelPagesPayload>,
+    ctx: Pick<HandlerContext, "eventId" | "fencing" | "signal" | "throwIfLost" | "complete">,
   ) => {
     const task = event.payload
     // The key orders the label's tasks; a payload for another label would draw on the
@@ -112,9 +127,17 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
       trace.getActiveSpan()?.setAttribute("esl.superseded_by", event.supersededBy)
       return
     }
-    const png = await tracer.startActiveSpan("render label", async (span) => {
+    // Every page is drawn, and compared with what was pushed by its image: what the label
+    // would show is what decides, whatever changed it (the product, the job in the footer,
+    // the renderer or its font).
+    const images = await tracer.startActiveSpan("render label", async (span) => {
       try {
-        return await renderLabel(task)
+        return await Promise.all(
+          task.pages.map(async (page) => {
+            const png = await renderLabel(page)
+            return { page: page.page, png, digest: imageDigest(png) }
+          }),
+        )
       } catch (err) {
         if (err instanceof RenderError)
           throw new PoisonError(`cannot render: ${err.message}`, { cause: err })
@@ -123,32 +146,72 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
         span.end()
       }
     })
-    const started = performance.now()
-    try {
-      await aims.pushImage({
-        labelCode: task.labelCode,
-        page: task.page,
-        // An event of a writer before shownPage knows only whether its own page comes to
-        // the front; otherwise the label's first page is the best guess there is.
-        frontPage: task.shownPage ?? (task.frontPage ? task.page : 1),
-        png,
-        idempotencyKey: ctx.eventId,
-        fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
-        signal: ctx.signal,
-        beforeSend: ctx.throwIfLost,
-      })
-      pushSeconds?.observe((performance.now() - started) / 1000, { result: "ok" })
-    } catch (err) {
-      pushSeconds?.observe((performance.now() - started) / 1000, { result: "error" })
-      if (err instanceof AimsError && !err.retryable) {
-        throw new PoisonError(err.message, { cause: err })
-      }
-      throw err
+    const drawn = await readDrawn(config.db, group, task.labelCode)
+    const changed = images.filter((i) => drawn?.pages[i.page] !== i.digest)
+    // AIMS turns a label to another page only with an image request: the shown page's, sent
+    // again if nothing else is. (A shown page no job bound has no image to send; the label
+    // turns with the next push.)
+    const shown = images.find((i) => i.page === task.shownPage)
+    if (shown && drawn?.shownPage !== task.shownPage && !changed.includes(shown)) {
+      changed.push(shown)
     }
+    // The page in view first: it is the one a shopper reads.
+    changed.sort((a, b) => Number(b.page === task.shownPage) - Number(a.page === task.shownPage))
+    trace.getActiveSpan()?.setAttribute("esl.pages_pushed", changed.length)
+    for (const image of changed) {
+      const started = performance.now()
+      try {
+        await aims.pushImage({
+          labelCode: task.labelCode,
+          page: image.page,
+          frontPage: task.shownPage,
+          png: image.png,
+          idempotencyKey: `${ctx.eventId}:${image.page}`,
+          fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
+          signal: ctx.signal,
+          beforeSend: ctx.throwIfLost,
+        })
+        pushSeconds?.observe((performance.now() - started) / 1000, { result: "ok" })
+      } catch (err) {
+        pushSeconds?.observe((performance.now() - started) / 1000, { result: "error" })
+        if (err instanceof AimsError && !err.retryable) {
+          throw new PoisonError(err.message, { cause: err })
+        }
+        throw err
+      }
+    }
+    if (changed.length === 0) return
+    const record: DrawnLabel = {
+      shownPage: task.shownPage,
+      pages: Object.fromEntries(changed.map((i) => [i.page, i.digest])),
+    }
+    // Only this label's row, and computed in SQL: safe beside other keys' effects.
+    await ctx.complete((trx) => recordDrawn(trx, group, task.labelCode, record), {
+      interleave: true,
+    })
   }
 
+  /** A task of a writer before pages: the one page it names. */
+  const asPages = (v1: EslLabelRenderPayload): EslLabelPagesPayload => ({
+    labelCode: v1.labelCode,
+    jobId: v1.jobId,
+    // A task of a writer before shownPage knows only whether its own page comes to the
+    // front; otherwise the label's first page is the best guess there is.
+    shownPage: v1.shownPage ?? (v1.frontPage ? v1.page : 1),
+    pages: [
+      {
+        page: v1.page,
+        jobId: v1.jobId,
+        productId: v1.productId,
+        productName: v1.productName,
+        priceMinor: v1.priceMinor,
+        currency: v1.currency,
+      },
+    ],
+  })
+
   const consumer: KeyedConsumer = createKeyedConsumer({
-    group: config.group ?? "esl-worker",
+    group,
     stream: config.stream,
     filterSubject: config.filterSubject,
     nats: config.nats,
@@ -156,8 +219,9 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     redis: config.redis,
     metrics: config.metrics,
     handlers: {
+      [EslLabelPages.type]: (event, ctx) => handle(event as KeyedEvent<EslLabelPagesPayload>, ctx),
       [EslLabelRender.type]: (event, ctx) =>
-        handle(event as KeyedEvent<EslLabelRenderPayload>, ctx),
+        handle({ ...event, payload: asPages(event.payload as EslLabelRenderPayload) }, ctx),
     },
     policies: { [EslLabelRender.topic]: { ...ESL_LABEL_POLICY, ...config.policy } },
     concurrency: config.concurrency,
@@ -168,7 +232,10 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     logger: config.logger,
   })
   return {
-    start: () => consumer.start(),
+    start: async () => {
+      await migrateDrawnPages(config.db)
+      await consumer.start()
+    },
     stop: () => consumer.stop(),
     status: () => consumer.status(),
     [Symbol.asyncDispose]: () => consumer.stop(),

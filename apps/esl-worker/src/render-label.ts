@@ -1,4 +1,4 @@
-import { currencyMinorDigits, type EslLabelRenderPayload } from "@keyway/schemas"
+import { currencyMinorDigits, type EslPageContent } from "@keyway/schemas"
 import { createCanvas, GlobalFonts, type SKRSContext2D } from "@napi-rs/canvas"
 import { encodeIndexedPng, type Rgb } from "./encode-indexed-png.ts"
 
@@ -121,13 +121,19 @@ export function formatPrice(priceMinor: number, currency: string): string {
   return format.format(priceMinor / 10 ** f.digits)
 }
 
+/** What a page shows: a page of a label task, or a task of a writer before pages. */
+export type LabelPage = Pick<
+  EslPageContent,
+  "jobId" | "productId" | "productName" | "priceMinor" | "currency"
+>
+
 /**
  * Draws one label page as a 3-ink indexed PNG: product name on top (shrunk to fit, then
  * shortened), the price large (shrunk to fit), the product id and job id small at the
  * bottom. Deterministic: the same payload gives the same bytes, which is how the tests tell
  * which task a label's image came from.
  */
-export async function renderLabel(task: EslLabelRenderPayload): Promise<Buffer> {
+export async function renderLabel(task: LabelPage): Promise<Buffer> {
   const canvas = createCanvas(LABEL_WIDTH, LABEL_HEIGHT)
   const ctx = canvas.getContext("2d")
   ctx.fillStyle = css(WHITE)

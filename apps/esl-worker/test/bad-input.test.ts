@@ -165,7 +165,7 @@ describe("bad ESL input", () => {
     assert.match(dead[0]!.lastError ?? "", /^poison: payload labelCode .* is not the event key/)
     assert.deepEqual(
       aims.pushes(poisoned!).map((p) => p.idempotencyKey),
-      [`${stream.site}:${fixed.tasks[0]!.seq}`],
+      [`${stream.site}:${fixed.tasks[0]!.seq}:1`],
       "the undrawable version was never pushed; the fixed one was",
     )
     const shown = aims.lastPush(poisoned!)!.imageSha256

@@ -26,6 +26,7 @@ import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
 import {
   committedTasks,
+  eventIdOf,
   imageHashOf,
   macs,
   SHARED_NATS,
@@ -215,7 +216,7 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
     // pushed again right after itself (the worker killed between its push and done) is the
     // same image again.
     const versions = accepted
-      .map((p) => byEventId.get(p.idempotencyKey ?? "")?.ver ?? -1)
+      .map((p) => byEventId.get(eventIdOf(p))?.ver ?? -1)
       .filter((v, i, all) => i === 0 || v !== all[i - 1])
     const expected = tasks.map((t) => t.ver).filter((v) => !deadSet.has(`${code}/${v}`))
     if (JSON.stringify(versions) !== JSON.stringify(expected)) {

@@ -2,7 +2,12 @@ import { createHash, randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { createDb } from "@keyway/db"
 import { createRelay } from "@keyway/outbox"
-import { createTestStream, startFakeAims, type TestDatabase } from "@keyway/testkit"
+import {
+  createTestStream,
+  type FakeAimsPush,
+  startFakeAims,
+  type TestDatabase,
+} from "@keyway/testkit"
 import { createCanvas, loadImage } from "@napi-rs/canvas"
 import { jetstream } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -58,9 +63,16 @@ export async function committedTasks(db: Kysely<any>, site: string) {
   return { byLabel, byEventId }
 }
 
+/** The event a push was made for: its idempotency key is the event's id, then the page. */
+export const eventIdOf = (push: FakeAimsPush) => push.idempotencyKey?.replace(/:\d+$/, "") ?? ""
+
+/** The image of the page a task shows (a task of a writer before pages: its one page). */
 export async function imageHashOf(payload: any): Promise<string> {
+  const page = payload.pages
+    ? payload.pages.find((p: { page: number }) => p.page === payload.shownPage)
+    : payload
   return createHash("sha256")
-    .update(await renderLabel(payload))
+    .update(await renderLabel(page))
     .digest("hex")
 }
 

@@ -27,8 +27,8 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
         currency    text        not null,
         updated_at  timestamptz not null default now()
       );
-      -- A label shows one product on one page. last_job_id is the job whose task was
-      -- enqueued last for the label: what the label must end up showing.
+      -- A label. last_job_id is the job whose task was enqueued last for the label: what the
+      -- label must end up showing. What its pages show is in esl.label_page, below.
       create table if not exists esl.label (
         label_code  text        primary key,
         product_id  text        not null references esl.product (id),
@@ -50,6 +50,24 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
         end if;
         if to_regclass('esl.label_product_idx') is null then
           create index label_product_idx on esl.label (product_id);
+        end if;
+        -- What each page of a label shows (SoluM labels have up to 7). esl.label's product_id,
+        -- page and front_page held one binding per label: a label job for another page
+        -- replaced it, and the page bound before, the one shown included, was never drawn
+        -- again. They stay, set as before, for writers of older releases; this table is what
+        -- tasks are made from, filled from them when it is created. job_id is the job that
+        -- last set what the page shows, drawn in its footer.
+        if to_regclass('esl.label_page') is null then
+          create table esl.label_page (
+            label_code text not null references esl.label (label_code),
+            page       int  not null check (page between 1 and 7),
+            product_id text not null references esl.product (id),
+            job_id     text not null,
+            primary key (label_code, page)
+          );
+          create index label_page_product_idx on esl.label_page (product_id);
+          insert into esl.label_page (label_code, page, product_id, job_id)
+          select label_code, page, product_id, coalesce(last_job_id, 'before-pages') from esl.label;
         end if;
       end
       $$;

@@ -3,8 +3,8 @@ import { type EnqueuedEvent, enqueue, type OutboxEvent } from "@keyway/outbox"
 import {
   canonicalLabelCode,
   EslFields,
-  EslLabelRender,
-  type EslLabelRenderPayload,
+  EslLabelPages,
+  type EslLabelPagesPayload,
   InvalidEventError,
   isKnownCurrency,
   knownCurrency,
@@ -14,6 +14,10 @@ import * as Result from "effect/Result"
 import * as Schema from "effect/Schema"
 import { type Kysely, sql } from "kysely"
 
+/**
+ * One page of a label bound to a product. The label's other pages keep what they show; a job
+ * may bind several pages of one label, one entry each, and bring at most one to the front.
+ */
 export interface LabelAssignment {
   /**
    * 12 hex digits in any case: bare, six pairs with one separator throughout (`:` or `-`), or
@@ -23,7 +27,7 @@ export interface LabelAssignment {
   productId: string
   /** Default 1. */
   page?: number
-  /** Default true. */
+  /** Whether the label shows this page from now on. Default true. */
   frontPage?: boolean
 }
 
@@ -138,24 +142,26 @@ const itemsIn = (input: unknown): number =>
       : 0
 
 /**
- * The entries of a request, one per `key`: a repeat of an entry is dropped, and two entries
- * of one key that differ are refused, naming both. Taken as "the last one wins", a caller's
- * slip (a price typed twice, a label given two products) went to the shelf without a word.
+ * The entries of a request, one per key (`keyOf` names it: "productId \"A\""): a repeat of an
+ * entry is dropped, and two entries of one key that differ are refused, naming both. Taken as
+ * "the last one wins", a caller's slip (a price typed twice, a label page given two
+ * products) went to the shelf without a word.
  */
-function onceEach<T extends object, K extends keyof T & string>(
+function onceEach<T extends object>(
   what: string,
   field: string,
-  key: K,
+  keyOf: (entry: T) => string,
   entries: readonly T[],
 ): T[] {
-  const seen = new Map<T[K], { entry: T; at: number; json: string }>()
+  const seen = new Map<string, { entry: T; at: number; json: string }>()
   for (const [at, entry] of entries.entries()) {
     const json = JSON.stringify(entry, Object.keys(entry).sort())
-    const first = seen.get(entry[key])
-    if (!first) seen.set(entry[key], { entry, at, json })
+    const key = keyOf(entry)
+    const first = seen.get(key)
+    if (!first) seen.set(key, { entry, at, json })
     else if (first.json !== json) {
       throw new EslWriterError(
-        `invalid ${what}: ${field}[${first.at}] and ${field}[${at}] both give ${key} ${JSON.stringify(entry[key])}, differently: give each once`,
+        `invalid ${what}: ${field}[${first.at}] and ${field}[${at}] both give ${key}, differently: give each once`,
       )
     }
   }
@@ -239,46 +245,34 @@ async function transaction<T>(
   })
 }
 
-interface LabelRow {
+interface PageRow {
   label_code: string
-  product_id: string
+  shown_page: number
   page: number
-  front_page: boolean
-  shown_page: number | null
+  job_id: string
+  product_id: string
   name: string
   price_minor: number
   currency: string
 }
 
+/** One task per label: every page it has, as the tables hold them now. */
 async function enqueueTasks(
   trx: Kysely<any>,
   jobId: string,
   codes: string[],
 ): Promise<EnqueuedEvent[]> {
   if (codes.length === 0) return []
-  const rows = await sql<LabelRow>`
-    select l.label_code, l.product_id, l.page, l.front_page, l.shown_page, p.name, p.price_minor,
-           p.currency
-      from esl.label l join esl.product p on p.id = l.product_id
-     where l.label_code = any(${codes}::text[])
-     order by l.label_code
+  // A row stored before shown_page was added has none; its front_page still tells.
+  const rows = await sql<PageRow>`
+    select lp.label_code, lp.page, lp.job_id, lp.product_id, p.name, p.price_minor, p.currency,
+           coalesce(l.shown_page, case when l.front_page then l.page end, 1) as shown_page
+      from esl.label_page lp
+      join esl.label l on l.label_code = lp.label_code
+      join esl.product p on p.id = lp.product_id
+     where lp.label_code = any(${codes}::text[])
+     order by lp.label_code, lp.page
   `.execute(trx)
-  const events: OutboxEvent<EslLabelRenderPayload>[] = rows.rows.map((r) => ({
-    type: EslLabelRender.type,
-    key: r.label_code,
-    payload: {
-      labelCode: r.label_code,
-      jobId,
-      page: r.page,
-      frontPage: r.front_page,
-      // A row stored before shown_page was added has none; its front_page still tells.
-      shownPage: r.front_page ? r.page : (r.shown_page ?? 1),
-      productId: r.product_id,
-      productName: r.name,
-      priceMinor: Number(r.price_minor),
-      currency: r.currency,
-    },
-  }))
   // The writer's own check, which the event schema leaves out (it depends on the runtime):
   // a code stored before it existed would reach the shelf as itself, two decimals guessed.
   const unknown = rows.rows.find((r) => !knownCurrency(r.currency))
@@ -287,6 +281,27 @@ async function enqueueTasks(
       `product ${unknown.product_id} as stored cannot be shown on a label (currency ${JSON.stringify(unknown.currency)} is not an ISO 4217 code); put it right with a price change of ${unknown.product_id}`,
     )
   }
+  const byLabel = new Map<string, EslLabelPagesPayload>()
+  for (const r of rows.rows) {
+    let task = byLabel.get(r.label_code)
+    if (!task) {
+      task = { labelCode: r.label_code, jobId, shownPage: r.shown_page, pages: [] }
+      byLabel.set(r.label_code, task)
+    }
+    ;(task.pages as EslLabelPagesPayload["pages"][number][]).push({
+      page: r.page,
+      jobId: r.job_id,
+      productId: r.product_id,
+      productName: r.name,
+      priceMinor: Number(r.price_minor),
+      currency: r.currency,
+    })
+  }
+  const events: OutboxEvent<EslLabelPagesPayload>[] = [...byLabel.values()].map((payload) => ({
+    type: EslLabelPages.type,
+    key: payload.labelCode,
+    payload,
+  }))
   let tasks: EnqueuedEvent[]
   try {
     tasks = await enqueue(trx, events)
@@ -294,17 +309,19 @@ async function enqueueTasks(
     if (!(err instanceof InvalidEventError)) throw err
     // Every field of a task comes from the tables, which the requests are checked against:
     // the stored row is at fault. Said by name, the first such product (looked for only
-    // now, on the way out: a job of thousands of labels is not checked twice).
-    for (const [i, e] of events.entries()) {
-      try {
-        EslLabelRender.check(e.payload)
-      } catch (bad) {
-        if (!(bad instanceof InvalidEventError)) throw bad
-        const productId = rows.rows[i]!.product_id
-        throw new StoredProductError(
-          `product ${productId} as stored cannot be shown on a label (${bad.reason}); put it right with a price change of ${productId}`,
-          { cause: bad },
-        )
+    // now, on the way out: a job of thousands of labels is not checked twice), each page
+    // checked as a task of its own.
+    for (const { payload } of events) {
+      for (const page of payload.pages) {
+        try {
+          EslLabelPages.check({ ...payload, pages: [page] })
+        } catch (bad) {
+          if (!(bad instanceof InvalidEventError)) throw bad
+          throw new StoredProductError(
+            `product ${page.productId} as stored cannot be shown on a label (${bad.reason}); put it right with a price change of ${page.productId}`,
+            { cause: bad },
+          )
+        }
       }
     }
     throw err
@@ -317,9 +334,9 @@ async function enqueueTasks(
 }
 
 /**
- * A job over a set of labels: binds each label to a product (creating the label if new) and
- * enqueues one render task per label, all in one transaction with the domain rows. A label
- * code that is not a MAC is refused before anything is written, naming the label.
+ * A job over a set of labels: binds each label page named to a product (creating the label if
+ * new) and enqueues one render task per label, all in one transaction with the domain rows. A
+ * label code that is not a MAC is refused before anything is written, naming the label.
  */
 export async function writeLabelJob(
   db: Kysely<any>,
@@ -337,11 +354,33 @@ export async function writeLabelJob(
     }
     return { ...a, page: a.page ?? 1, frontPage: a.frontPage ?? true, labelCode: code }
   })
-  // A job draws each label once.
-  const labels = onceEach("label job", "labels", "labelCode", canonical).sort((a, b) =>
-    a.labelCode < b.labelCode ? -1 : 1,
+  const entries = onceEach(
+    "label job",
+    "labels",
+    (l) => `label ${l.labelCode} page ${l.page}`,
+    canonical,
+  ).sort((a, b) =>
+    a.labelCode === b.labelCode ? a.page - b.page : a.labelCode < b.labelCode ? -1 : 1,
   )
-  const productIds = [...new Set(labels.map((l) => l.productId))].sort()
+  // Per label, the page it shows from now on, if the job brings one to the front (at most
+  // one: frontPage defaults to true, so a job binding two pages of a label says which).
+  const front = new Map<string, number>()
+  for (const e of entries) {
+    if (!e.frontPage) continue
+    const other = front.get(e.labelCode)
+    if (other !== undefined) {
+      throw new EslWriterError(
+        `invalid label job: label ${e.labelCode} is to show page ${other} and page ${e.page} (frontPage defaults to true): give frontPage false to all its pages but one`,
+      )
+    }
+    front.set(e.labelCode, e.page)
+  }
+  // One row per label. Its product_id and page are for writers of older releases, which know
+  // one page per label: the page brought to the front, else the job's first for the label.
+  const first = new Map<string, (typeof entries)[number]>()
+  for (const e of entries) if (!first.has(e.labelCode) || e.frontPage) first.set(e.labelCode, e)
+  const labels = [...first.values()]
+  const productIds = [...new Set(entries.map((l) => l.productId))].sort()
   return transaction(
     db,
     "esl label job",
@@ -364,7 +403,7 @@ export async function writeLabelJob(
       insert into esl.label (label_code, product_id, page, front_page, shown_page, last_job_id)
       select code, product, page, front, case when front then page end, ${jobId}
         from unnest(${codes}::text[], ${labels.map((l) => l.productId)}::text[],
-                    ${labels.map((l) => l.page ?? 1)}::int[], ${labels.map((l) => l.frontPage ?? true)}::boolean[])
+                    ${labels.map((l) => l.page)}::int[], ${labels.map((l) => l.frontPage)}::boolean[])
           as t(code, product, page, front)
       on conflict (label_code) do update
         set product_id = excluded.product_id, page = excluded.page, front_page = excluded.front_page,
@@ -372,6 +411,14 @@ export async function writeLabelJob(
             shown_page = coalesce(excluded.shown_page, esl.label.shown_page,
                                   case when esl.label.front_page then esl.label.page end),
             last_job_id = excluded.last_job_id, updated_at = now()
+    `.execute(trx)
+      await sql`
+      insert into esl.label_page (label_code, page, product_id, job_id)
+      select code, page, product, ${jobId}
+        from unnest(${entries.map((e) => e.labelCode)}::text[], ${entries.map((e) => e.page)}::int[],
+                    ${entries.map((e) => e.productId)}::text[]) as t(code, page, product)
+      on conflict (label_code, page) do update
+        set product_id = excluded.product_id, job_id = excluded.job_id
     `.execute(trx)
       await insertJob(trx, jobId, "label_job", labels.length)
       return { jobId, tasks: await enqueueTasks(trx, jobId, codes) }
@@ -381,7 +428,7 @@ export async function writeLabelJob(
 
 /**
  * A price edit over many products: updates them and enqueues one render task for every
- * label showing one of them, in one transaction.
+ * label with a page showing one of them, in one transaction.
  */
 export async function writePriceChange(
   db: Kysely<any>,
@@ -389,9 +436,12 @@ export async function writePriceChange(
 ): Promise<EslJobResult> {
   const options = checked(PriceChangeRequest, "price change", request)
   const jobId = options.jobId ?? randomUUID()
-  const changes = onceEach("price change", "changes", "productId", options.changes).sort((a, b) =>
-    a.productId < b.productId ? -1 : 1,
-  )
+  const changes = onceEach(
+    "price change",
+    "changes",
+    (c) => `productId ${JSON.stringify(c.productId)}`,
+    options.changes,
+  ).sort((a, b) => (a.productId < b.productId ? -1 : 1))
   const ids = changes.map((c) => c.productId)
   return transaction(
     db,
@@ -415,11 +465,15 @@ export async function writePriceChange(
        where p.id = c.id
     `.execute(trx)
       const labels = await sql<{ label_code: string }>`
-      select label_code from esl.label where product_id = any(${ids}::text[])
+      select label_code from esl.label
+       where label_code in (select label_code from esl.label_page where product_id = any(${ids}::text[]))
        order by label_code for update
     `.execute(trx)
       const codes = labels.rows.map((r) => r.label_code)
       await sql`update esl.label set last_job_id = ${jobId}, updated_at = now() where label_code = any(${codes}::text[])`.execute(
+        trx,
+      )
+      await sql`update esl.label_page set job_id = ${jobId} where product_id = any(${ids}::text[])`.execute(
         trx,
       )
       await insertJob(trx, jobId, "price_change", codes.length)
@@ -453,11 +507,13 @@ export async function upsertProducts(
     await sql`select 1 from esl.product where id = any(${sorted.map((p) => p.id)}::text[])
                order by id for update`.execute(trx)
     const shown = await sql<{ id: string; labels: number }>`
-      select p.id, (select count(*)::int from esl.label l where l.product_id = p.id) as labels
+      select p.id,
+             (select count(distinct l.label_code)::int from esl.label_page l
+               where l.product_id = p.id) as labels
         from esl.product p
         join ${columns} as n(id, name, price_minor, currency) on n.id = p.id
        where (p.name, p.price_minor, p.currency) is distinct from (n.name, n.price_minor, n.currency)
-         and exists (select 1 from esl.label l where l.product_id = p.id)
+         and exists (select 1 from esl.label_page l where l.product_id = p.id)
        order by p.id`.execute(trx)
     if (shown.rows.length > 0) {
       const list = shown.rows.map((r) => `${r.id} (${r.labels} labels)`).join(", ")

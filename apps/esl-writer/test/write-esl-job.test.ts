@@ -72,7 +72,7 @@ test("a price change enqueues one task per label showing the products, with the 
     t.db,
   )
   assert.deepEqual(
-    rows.rows.map((r) => [r.key, r.payload.priceMinor, r.payload.productName]),
+    rows.rows.map((r) => [r.key, r.payload.pages[0].priceMinor, r.payload.pages[0].productName]),
     [
       [label(1), 219, "Apples 1 kg"],
       [label(2), 219, "Apples 1 kg"],
@@ -91,7 +91,11 @@ test("each task names the page the label shows then: its own at the front, else 
       select key, payload from keyway.outbox where payload->>'jobId' = ${jobId} order by key`.execute(
       t.db,
     )
-    return r.rows.map((row) => [row.key, row.payload.page, row.payload.shownPage])
+    return r.rows.map((row) => [
+      row.key,
+      row.payload.pages.map((p: { page: number }) => p.page),
+      row.payload.shownPage,
+    ])
   }
   // Label 20 was never brought to a page: its first page is what it shows.
   await writeLabelJob(t.db, {
@@ -102,22 +106,22 @@ test("each task names the page the label shows then: its own at the front, else 
     ],
   })
   assert.deepEqual(await shown("sp1"), [
-    [label(20), 2, 1],
-    [label(21), 3, 3],
+    [label(20), [2], 1],
+    [label(21), [3], 3],
   ])
-  // Label 21 moves its product to page 5 in the background: it keeps showing page 3.
+  // Label 21 binds page 5 in the background: it keeps showing page 3, which keeps its product.
   await writeLabelJob(t.db, {
     jobId: "sp2",
     labels: [{ labelCode: label(21), productId: "S", page: 5, frontPage: false }],
   })
   await writePriceChange(t.db, { jobId: "sp3", changes: [{ productId: "S", priceMinor: 95 }] })
-  assert.deepEqual(await shown("sp2"), [[label(21), 5, 3]])
+  assert.deepEqual(await shown("sp2"), [[label(21), [3, 5], 3]])
   assert.deepEqual(await shown("sp3"), [
-    [label(20), 2, 1],
-    [label(21), 5, 3],
+    [label(20), [2], 1],
+    [label(21), [3, 5], 3],
   ])
-  // A label stored before shown_page existed: its page at the front, the column empty. Moved
-  // to another page in the background, it still shows that one.
+  // A label stored before shown_page existed: its page at the front, the column empty. With
+  // another page bound in the background, it still shows that one.
   await writeLabelJob(t.db, {
     jobId: "sp4",
     labels: [{ labelCode: label(22), productId: "S", page: 6 }],
@@ -127,7 +131,128 @@ test("each task names the page the label shows then: its own at the front, else 
     jobId: "sp5",
     labels: [{ labelCode: label(22), productId: "S", page: 7, frontPage: false }],
   })
-  assert.deepEqual(await shown("sp5"), [[label(22), 7, 6]])
+  assert.deepEqual(await shown("sp5"), [[label(22), [6, 7], 6]])
+})
+
+test("a label's pages each keep their product: a change of any one sends the whole label", async () => {
+  await upsertProducts(t.db, [
+    { id: "MILK", name: "Milk 1 l", priceMinor: 119, currency: "EUR" },
+    { id: "OATS", name: "Oats 500 g", priceMinor: 159, currency: "EUR" },
+  ])
+  const pagesOf = async (jobId: string) => {
+    const r = await sql<{ payload: any }>`
+      select payload from keyway.outbox where key = ${label(30)} and payload->>'jobId' = ${jobId}`.execute(
+      t.db,
+    )
+    assert.equal(r.rows.length, 1, `one task of ${jobId} for the label`)
+    const { shownPage, pages } = r.rows[0]!.payload
+    return {
+      shownPage,
+      pages: pages.map((p: any) => [p.page, p.productId, p.priceMinor, p.jobId]),
+    }
+  }
+  await writeLabelJob(t.db, {
+    jobId: "pg1",
+    labels: [{ labelCode: label(30), productId: "MILK", page: 2 }],
+  })
+  // Page 4 bound in the background: page 2 keeps its product, and stays in view.
+  await writeLabelJob(t.db, {
+    jobId: "pg2",
+    labels: [{ labelCode: label(30), productId: "OATS", page: 4, frontPage: false }],
+  })
+  assert.deepEqual(await pagesOf("pg2"), {
+    shownPage: 2,
+    pages: [
+      [2, "MILK", 119, "pg1"],
+      [4, "OATS", 159, "pg2"],
+    ],
+  })
+  // A price change of the page in view reaches it; each page names the job that set it.
+  await writePriceChange(t.db, { jobId: "pg3", changes: [{ productId: "MILK", priceMinor: 125 }] })
+  assert.deepEqual(await pagesOf("pg3"), {
+    shownPage: 2,
+    pages: [
+      [2, "MILK", 125, "pg3"],
+      [4, "OATS", 159, "pg2"],
+    ],
+  })
+  // Two pages in one job, one brought to the front.
+  await writeLabelJob(t.db, {
+    jobId: "pg4",
+    labels: [
+      { labelCode: label(30), productId: "OATS", page: 1, frontPage: false },
+      { labelCode: label(30), productId: "MILK", page: 4 },
+    ],
+  })
+  assert.deepEqual(await pagesOf("pg4"), {
+    shownPage: 4,
+    pages: [
+      [1, "OATS", 159, "pg4"],
+      [2, "MILK", 125, "pg3"],
+      [4, "MILK", 125, "pg4"],
+    ],
+  })
+  // A catalogue import may not change OATS: a label's background page shows it.
+  await assert.rejects(
+    upsertProducts(t.db, [{ id: "OATS", name: "Oats 500 g", priceMinor: 1, currency: "EUR" }]),
+    /OATS \(1 labels\)/,
+  )
+  // Two pages of a label to the front at once (frontPage defaults to true): refused.
+  await assert.rejects(
+    writeLabelJob(t.db, {
+      jobId: "pg5",
+      labels: [
+        { labelCode: label(30), productId: "OATS", page: 1 },
+        { labelCode: label(30), productId: "MILK", page: 3 },
+      ],
+    }),
+    /label C0FFEE000030 is to show page 1 and page 3 .*: give frontPage false to all its pages but one/,
+  )
+  assert.equal((await sql`select 1 from esl.job where id = 'pg5'`.execute(t.db)).rows.length, 0)
+})
+
+test("labels stored before pages had their own table keep their page and product", async () => {
+  const old = await createTestDatabase()
+  try {
+    await migrateEslSchema(old.db)
+    await upsertProducts(old.db, [{ id: "E", name: "Eggs x6", priceMinor: 239, currency: "EUR" }])
+    // As a writer before esl.label_page left them.
+    await sql`drop table esl.label_page`.execute(old.db)
+    await sql`insert into esl.label (label_code, product_id, page, front_page, shown_page, last_job_id)
+              values (${label(40)}, 'E', 3, false, 1, 'old-job'), (${label(41)}, 'E', 5, true, null, null)`.execute(
+      old.db,
+    )
+    await migrateEslSchema(old.db)
+    const pages =
+      await sql`select label_code, page, product_id, job_id from esl.label_page order by label_code`.execute(
+        old.db,
+      )
+    assert.deepEqual(pages.rows, [
+      { label_code: label(40), page: 3, product_id: "E", job_id: "old-job" },
+      { label_code: label(41), page: 5, product_id: "E", job_id: "before-pages" },
+    ])
+    const job = await writePriceChange(old.db, {
+      jobId: "after",
+      changes: [{ productId: "E", priceMinor: 249 }],
+    })
+    assert.deepEqual(
+      job.tasks.map((task) => task.key),
+      [label(40), label(41)],
+    )
+    const shown = await sql<{ key: string; shown: number }>`
+      select key, (payload->>'shownPage')::int as shown from keyway.outbox order by key`.execute(
+      old.db,
+    )
+    assert.deepEqual(
+      shown.rows.map((r) => [r.key, r.shown]),
+      [
+        [label(40), 1],
+        [label(41), 5],
+      ],
+    )
+  } finally {
+    await old.drop()
+  }
 })
 
 test("a catalogue import is checked like a price change; a bad product writes nothing", async () => {
@@ -197,7 +322,7 @@ test("a price change or label job giving an entry twice, differently, is refused
         { labelCode: "c0:ff:ee:00:09:00", productId: "D" },
       ],
     }),
-    /labels\[0\] and labels\[1\] both give labelCode "C0FFEE000900", differently/,
+    /labels\[0\] and labels\[1\] both give label C0FFEE000900 page 1, differently/,
   )
   assert.equal(await taskCount(), before, "nothing enqueued")
   assert.equal(
@@ -325,14 +450,14 @@ test("overlapping jobs and price changes: every label's newest task matches the 
     price_minor: number
     last_job_id: string
   }>`
-    select l.label_code, l.product_id, p.price_minor::int, l.last_job_id
-      from esl.label l join esl.product p on p.id = l.product_id
+    select l.label_code, lp.product_id, p.price_minor::int, l.last_job_id
+      from esl.label l join esl.label_page lp using (label_code) join esl.product p on p.id = lp.product_id
      where l.label_code = any(${labels}::text[])`.execute(t.db)
   const byLabel = new Map(truth.rows.map((r) => [r.label_code, r]))
   for (const { key, payload } of newest.rows) {
     const now = byLabel.get(key)!
     assert.deepEqual(
-      [payload.productId, payload.priceMinor, payload.jobId],
+      [payload.pages[0].productId, payload.pages[0].priceMinor, payload.jobId],
       [now.product_id, now.price_minor, now.last_job_id],
       `${key}: the newest task shows what the tables say`,
     )

@@ -105,8 +105,14 @@ export interface FakeAims {
   requests(): readonly FakeAimsPush[]
   /** Accepted, first-time pushes (what the labels showed), in arrival order; one label's if given. */
   pushes(labelCode?: string): FakeAimsPush[]
-  /** What the label shows now: its last accepted push. */
-  lastPush(labelCode: string): FakeAimsPush | undefined
+  /** The label's last accepted push; of one page if given. */
+  lastPush(labelCode: string, page?: number): FakeAimsPush | undefined
+  /**
+   * What the label shows now: the page its last accepted push turned it to, and the last
+   * image accepted for that page, which may be older than that push (undefined when that
+   * page was never drawn). Undefined for a label never drawn.
+   */
+  shown(labelCode: string): { page: number; push: FakeAimsPush | undefined } | undefined
   /** Token requests answered with a token. */
   readonly tokensIssued: number
   setLatency(ms: number): void
@@ -339,7 +345,14 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
       labelCode === undefined
         ? requests.filter((p) => p.appliedAt !== undefined && !p.duplicate)
         : [...(byLabel.get(labelCode) ?? [])],
-    lastPush: (labelCode) => byLabel.get(labelCode)?.at(-1),
+    lastPush: (labelCode, page) =>
+      (byLabel.get(labelCode) ?? []).findLast((p) => page === undefined || p.page === page),
+    shown: (labelCode) => {
+      const last = byLabel.get(labelCode)?.at(-1)
+      if (!last) return undefined
+      const page = last.frontPage
+      return { page, push: byLabel.get(labelCode)!.findLast((p) => p.page === page) }
+    },
     get tokensIssued() {
       return tokensIssued
     },
