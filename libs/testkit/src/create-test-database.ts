@@ -38,7 +38,11 @@ export interface TestDatabase {
   readonly template: string
   /** Owned by the TestDatabase: drop() destroys it. */
   readonly db: Kysely<any>
-  /** Closes the pool and drops the database, kicking out any session still in it. */
+  /**
+   * Closes the pool and drops the database, kicking out any session still in it. Returns
+   * even while a connection of `db` is still checked out (a transaction a failed test left
+   * open): its session ends, and its statements fail.
+   */
   drop(): Promise<void>
   [Symbol.asyncDispose](): Promise<void>
 }
@@ -49,6 +53,8 @@ const applicationName = "keyway-testkit"
 // advisory lock keys are scoped to the maintenance database all of them connect to).
 const templateLockKey = 0x6b657977
 const cloneAttempts = 6
+// How long drop() lets the pool finish closing once the database is gone.
+const poolCloseGraceMs = 2000
 let swept = false
 
 /**
@@ -117,11 +123,22 @@ export async function createTestDatabase(options: TestDatabaseOptions = {}): Pro
   let dropped: Promise<void> | undefined
   const drop = () => {
     dropped ??= (async () => {
-      await db.destroy()
+      // The pool's end waits for every connection checked out to come back. A test that failed
+      // half-way may hold one for good (a transaction parked at a gate nobody opens), so
+      // waiting for the pool before the drop hung the file until the runner's timeout. Begun
+      // first, the end still closes the idle connections cleanly and refuses new checkouts;
+      // the forced drop then ends the sessions still in use, which fails the statements
+      // waiting on them and hands their connections back.
+      const closed = db.destroy()
+      // Left unawaited when the drop fails.
+      closed.catch(() => {})
       await withClient(baseUrl, (client) =>
         client.query(`drop database if exists ${quoteIdent(name)} with (force)`),
       )
       forget()
+      // A connection held by code that never releases it keeps the end pending for ever,
+      // though its session is gone and its socket closed: nothing is left to wait for.
+      await settleWithin(closed, poolCloseGraceMs)
     })()
     return dropped
   }
@@ -225,6 +242,17 @@ async function cloneTemplate(client: pg.Client, template: string, name: string):
       await sleep(100 * attempt)
     }
   }
+}
+
+async function settleWithin(promise: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined
+  await Promise.race([
+    promise.catch(() => {}),
+    new Promise<void>((resolve) => {
+      timer = setTimeout(resolve, ms)
+    }),
+  ])
+  clearTimeout(timer)
 }
 
 async function withClient<T>(url: string, use: (client: pg.Client) => Promise<T>): Promise<T> {

@@ -41,8 +41,11 @@ export function spawnTs(
   }) as ChildProcess & { lines: string[] }
   const lines: string[] = []
   let partial = ""
-  child.stdout!.on("data", (chunk: Buffer) => {
-    const parts = (partial + chunk.toString()).split("\n")
+  // Decoded by the stream, which keeps a character that a read cut in two for the next chunk;
+  // each chunk decoded alone turned both halves into U+FFFD and broke that JSON line.
+  child.stdout!.setEncoding("utf8")
+  child.stdout!.on("data", (chunk: string) => {
+    const parts = (partial + chunk).split("\n")
     partial = parts.pop() ?? ""
     lines.push(...parts)
   })

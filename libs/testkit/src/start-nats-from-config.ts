@@ -5,14 +5,16 @@ import { setTimeout as sleep } from "node:timers/promises"
 import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
 import { type RunningChild, readLogTail, spawnChild, terminate } from "./internal/child-process.ts"
-import { httpGet } from "./internal/http-get.ts"
 import { isAddressInUse, lifecycleOf, type ServerLifecycle } from "./internal/managed-server.ts"
-import { tcpProbe } from "./internal/tcp-probe.ts"
+import { natsReady } from "./internal/nats-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 import { ServerStartError } from "./server-start-error.ts"
 
 export interface ConfigNatsServerOptions {
-  /** A config file of the repository (nats/hub.conf, say), used as it is. */
+  /**
+   * A config file of the repository (nats/hub.conf, say), used as it is. It must leave the
+   * log on stderr (no `log_file`): readiness reads the server's ID there.
+   */
   configPath: string
   /**
    * The variables the config reads: passwords, KEYWAY_LEAF_REMOTE_URL, routes. Values given
@@ -178,7 +180,7 @@ class EnvServer {
         const how = await child.exited
         throw await this.startError(`${label} exited during startup (${how})`, logStart)
       }
-      if (await this.ready()) return
+      if (await natsReady(spec, child.pid, logStart)) return
       if (Date.now() >= deadline) {
         await terminate(child, "SIGKILL")
         throw await this.startError(
@@ -196,19 +198,6 @@ class EnvServer {
 
   async kill(): Promise<void> {
     if (this.child) await terminate(this.child, "SIGKILL")
-  }
-
-  // The monitor starts listening before the client port does, so a healthy /healthz alone
-  // does not mean clients can connect yet.
-  private async ready(): Promise<boolean> {
-    const { httpPort, port, jetstream } = this.spec
-    const path = jetstream ? "/healthz?js-enabled-only=1" : "/healthz"
-    const health = await httpGet(`http://127.0.0.1:${httpPort}${path}`).catch(() => undefined)
-    if (health?.status !== 200) return false
-    return tcpProbe({
-      port,
-      expect: (data) => (data.includes("\n") ? data.startsWith("INFO ") : undefined),
-    })
   }
 
   private async startError(message: string, logStart: number): Promise<ServerStartError> {

@@ -4,14 +4,13 @@ import { mkdir, writeFile } from "node:fs/promises"
 import { join } from "node:path"
 import { freePort } from "./free-port.ts"
 import { natsServerBinary } from "./internal/binaries.ts"
-import { httpGet } from "./internal/http-get.ts"
 import {
   isAddressInUse,
   lifecycleOf,
   ManagedServer,
   type ServerLifecycle,
 } from "./internal/managed-server.ts"
-import { tcpProbe } from "./internal/tcp-probe.ts"
+import { natsReady } from "./internal/nats-probe.ts"
 import { createTempDir } from "./internal/temp-dir.ts"
 
 export interface NatsServerOptions {
@@ -62,7 +61,6 @@ export async function startNatsServer(options: NatsServerOptions = {}): Promise<
         renderConfig({ name, port, httpPort, jetstream, storeDir, options }),
         "utf8",
       )
-      const healthPath = jetstream ? "/healthz?js-enabled-only=1" : "/healthz"
       const server = new ManagedServer({
         label: `nats-server ${name}`,
         command: natsServerBinary,
@@ -70,18 +68,7 @@ export async function startNatsServer(options: NatsServerOptions = {}): Promise<
         logPath,
         cwd: dir,
         readyTimeoutMs: options.readyTimeoutMs ?? 10_000,
-        // The monitor starts listening before the client port does, so a healthy /healthz
-        // alone does not mean clients can connect yet.
-        probe: async () => {
-          const health = await httpGet(`http://127.0.0.1:${httpPort}${healthPath}`).catch(
-            () => undefined,
-          )
-          if (health?.status !== 200) return false
-          return tcpProbe({
-            port,
-            expect: (data) => (data.includes("\n") ? data.startsWith("INFO ") : undefined),
-          })
-        },
+        probe: (pid, logStart) => natsReady({ port, httpPort, jetstream, logPath }, pid, logStart),
       })
       try {
         await server.start()

@@ -3,10 +3,11 @@ import { cp, mkdtemp, rm, writeFile } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { after, before, test } from "node:test"
+import { setTimeout as sleep } from "node:timers/promises"
 import { migrationsDir } from "@keyway/db"
 import { type Kysely, sql } from "kysely"
 import pg from "pg"
-import { createTestDatabase, type TestDatabase } from "../src/index.ts"
+import { createTestDatabase, type TestDatabase, waitFor } from "../src/index.ts"
 import { sweepOldTemplates } from "../src/internal/leftovers.ts"
 
 // Catalog queries work from any database of the server, so one test database watches the others.
@@ -66,6 +67,49 @@ test("drop is idempotent and kicks out other sessions", async () => {
   await t[Symbol.asyncDispose]()
   assert.equal(await databaseExists(t.name), false)
   await other.end().catch(() => {})
+})
+
+test("drop returns while the test still holds connections of the pool", async () => {
+  const t = await createTestDatabase({ prefix: "keyway_testkit", poolSize: 2 })
+  try {
+    // What a test that failed half-way leaves: a transaction parked at a gate nobody opens,
+    // which never gives its connection back, and a statement waiting on the server.
+    let began!: () => void
+    const inTransaction = new Promise<void>((resolve) => {
+      began = resolve
+    })
+    void t.db
+      .transaction()
+      .execute(() => {
+        began()
+        return new Promise(() => {})
+      })
+      .catch(() => {})
+    const sleeping = sql`select pg_sleep(600)`.execute(t.db)
+    sleeping.catch(() => {})
+    await inTransaction
+    await waitFor(
+      async () =>
+        (
+          await sql`select 1 from pg_stat_activity where datname = ${t.name} and query like 'select pg_sleep%'`.execute(
+            observer.db,
+          )
+        ).rows.length === 1,
+      { timeoutMs: 10_000, message: "pg_sleep running" },
+    )
+    // A bound on liveness only: before the fix drop() waited for ever.
+    await Promise.race([
+      t.drop(),
+      sleep(20_000, undefined, { ref: false }).then(() => {
+        throw new Error("drop() did not return within 20 s")
+      }),
+    ])
+    assert.equal(await databaseExists(t.name), false)
+    await assert.rejects(sleeping)
+  } finally {
+    // Kicks out the held sessions if drop() hung, so that this file can still end.
+    await sql.raw(`drop database if exists "${t.name}" with (force)`).execute(observer.db)
+  }
 })
 
 test("a new migrations folder builds its template once under concurrent callers", async () => {

@@ -1,9 +1,19 @@
 import assert from "node:assert/strict"
-import { readFile, stat, writeFile } from "node:fs/promises"
+import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises"
 import { connect, type Socket } from "node:net"
+import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { test } from "node:test"
-import { checkNatsConfig, startNatsServer, waitFor } from "../src/index.ts"
+import {
+  checkNatsConfig,
+  freePort,
+  ServerStartError,
+  startNatsFromConfig,
+  startNatsServer,
+  waitFor,
+} from "../src/index.ts"
+import { natsServerBinary } from "../src/internal/binaries.ts"
+import { type RunningChild, spawnChild, terminate } from "../src/internal/child-process.ts"
 
 // Just enough of the NATS wire protocol to make JetStream API requests, so testkit's own
 // tests need no client library.
@@ -157,4 +167,107 @@ test("checkNatsConfig accepts a 2.9 config and rejects 2.10+ keys", async () => 
 
   const missing = await checkNatsConfig(join(nats.dir, "missing.conf"))
   assert.equal(missing.ok, false)
+})
+
+/** Another test's server, on ports that were ours. */
+async function startForeignNats(
+  port: number,
+  httpPort: number,
+  logPath: string,
+): Promise<RunningChild> {
+  const args = ["-a", "127.0.0.1", "-p", String(port), "-m", String(httpPort), "-n", "foreign"]
+  const child = await spawnChild({ command: natsServerBinary, args, logPath })
+  try {
+    await waitFor(
+      async () => {
+        if ((await fetch(`http://127.0.0.1:${httpPort}/healthz`)).status !== 200) return false
+        ;(await RawNats.connect(port)).close()
+        return true
+      },
+      { timeoutMs: 10_000, message: "foreign nats-server ready" },
+    )
+  } catch (err) {
+    await terminate(child, "SIGKILL")
+    throw err
+  }
+  return child
+}
+
+/**
+ * SIGSTOPs the process `pid()` names as soon as it exists. That stands for a server slow to
+ * start (a loaded machine): stopped before it gets to its ports, it leaves whoever holds them
+ * to answer the launcher's probes for as long as the start waits, where otherwise the window
+ * lasts until it fails on the port in use, a few milliseconds.
+ */
+async function stopOnceSpawned(
+  pid: () => number | undefined | Promise<number | undefined>,
+  starting: Promise<unknown>,
+): Promise<void> {
+  let settled = false
+  void starting.then(
+    () => (settled = true),
+    () => (settled = true),
+  )
+  while (!settled) {
+    const found = await pid()
+    if (found !== undefined) {
+      process.kill(found, "SIGSTOP")
+      return
+    }
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+}
+
+async function children(): Promise<number[]> {
+  const list = await readFile(`/proc/self/task/${process.pid}/children`, "utf8")
+  return list
+    .split(" ")
+    .filter((pid) => pid !== "")
+    .map(Number)
+}
+
+test("a restart onto ports another nats-server took while it was down fails, not takes that server for its own", async () => {
+  await using nats = await startNatsServer({ jetstream: false, readyTimeoutMs: 3000 })
+  await nats.stop()
+  const foreign = await startForeignNats(nats.port, nats.httpPort, join(nats.dir, "foreign.log"))
+  try {
+    const starting = nats.start()
+    await stopOnceSpawned(() => nats.pid, starting)
+    await assert.rejects(starting, ServerStartError)
+    assert.equal(nats.pid, undefined)
+  } finally {
+    await terminate(foreign, "SIGKILL")
+  }
+})
+
+test("startNatsFromConfig does not take a server already on its ports for its own", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-natsconf-test-"))
+  const port = await freePort()
+  let httpPort = await freePort()
+  while (httpPort === port) httpPort = await freePort()
+  const configPath = join(dir, "plain.conf")
+  await writeFile(
+    configPath,
+    "host: $KEYWAY_NATS_HOST\nport: $KEYWAY_NATS_PORT\nhttp_port: $KEYWAY_NATS_HTTP_PORT\n",
+  )
+  const foreign = await startForeignNats(port, httpPort, join(dir, "foreign.log"))
+  const known = new Set(await children())
+  const starting = startNatsFromConfig({
+    configPath,
+    env: { KEYWAY_NATS_PORT: String(port), KEYWAY_NATS_HTTP_PORT: String(httpPort) },
+    jetstream: false,
+    readyTimeoutMs: 3000,
+  })
+  try {
+    // From /proc: this launcher names no pid before its start has returned.
+    await stopOnceSpawned(async () => (await children()).find((pid) => !known.has(pid)), starting)
+    await assert.rejects(starting, ServerStartError)
+  } finally {
+    await starting.then(
+      (nats) => nats[Symbol.asyncDispose](),
+      () => {},
+    )
+    await terminate(foreign, "SIGKILL")
+    await rm(dir, { recursive: true, force: true })
+  }
 })

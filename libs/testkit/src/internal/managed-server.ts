@@ -14,9 +14,9 @@ export interface ManagedServerSpec {
    * One readiness check; must not throw. Whether the server answers, and is this process
    * (`pid`) where the server can tell: a server of another test that took the port while this
    * one was down answered a probe as well, and a restart took it for its own, while its own
-   * exited on the port in use.
+   * exited on the port in use. `logStart` is where this start's part of the log begins.
    */
-  probe: (pid: number) => Promise<boolean>
+  probe: (pid: number, logStart: number) => Promise<boolean>
   readyTimeoutMs: number
 }
 
@@ -53,7 +53,7 @@ export class ManagedServer {
         const how = await child.exited
         throw await this.startError(`${spec.label} exited during startup (${how})`, logStart)
       }
-      if (await spec.probe(child.pid)) return
+      if (await spec.probe(child.pid, logStart)) return
       if (Date.now() >= deadline) {
         await terminate(child, "SIGKILL")
         throw await this.startError(
