@@ -3,7 +3,11 @@ import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-ho
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http"
 import { resourceFromAttributes } from "@opentelemetry/resources"
 import { core, NodeSDK } from "@opentelemetry/sdk-node"
-import { BatchSpanProcessor } from "@opentelemetry/sdk-trace-base"
+import {
+  AlwaysOnSampler,
+  BatchSpanProcessor,
+  ParentBasedSampler,
+} from "@opentelemetry/sdk-trace-base"
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from "@opentelemetry/semantic-conventions"
 
 export interface TelemetryConfig {
@@ -119,13 +123,29 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     metricReaders: [],
     logRecordProcessors: [],
     textMapPropagator: propagator,
+    // Both said outright: left unset, the SDK reads OTEL_TRACES_SAMPLER and the
+    // OTEL_*_LIMIT variables, and a shell's `always_off` recorded nothing while this said it
+    // exported. A trace follows its writer's decision (parent-based), so a hop never cuts a
+    // sampled trace in two, as `traceidratio` would, deciding again at every process.
+    sampler: new ParentBasedSampler({ root: new AlwaysOnSampler() }),
+    // The SDK's defaults, whatever the environment says.
+    spanLimits: {
+      attributeCountLimit: 128,
+      attributeValueLengthLimit: Number.POSITIVE_INFINITY,
+      eventCountLimit: 128,
+      linkCountLimit: 128,
+      attributePerEventCountLimit: 128,
+      attributePerLinkCountLimit: 128,
+    },
     // No auto-instrumentation: Keyway's spans are made by hand where the messaging
     // conventions need them, and patching pg/http would add a span per query.
     instrumentations: [],
   })
-  // The SDK reads two variables of the environment itself. OTEL_LOG_LEVEL has its constructor
-  // put a console logger in place: set before it, the one given was replaced, and the SDK's
-  // trouble went to the console unthrottled.
+  // The SDK still reads some variables of the environment itself: OTEL_SDK_DISABLED (below),
+  // the exporter's OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT and _COMPRESSION (a collector's
+  // credentials belong there), and OTEL_LOG_LEVEL, which has its constructor put a console
+  // logger in place: set before it, the one given was replaced, and the SDK's trouble went
+  // to the console unthrottled.
   reportTrouble()
   sdk.start()
   // OTEL_SDK_DISABLED=true makes start() do nothing: no propagator and no context manager

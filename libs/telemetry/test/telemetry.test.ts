@@ -22,6 +22,11 @@ describe("startTelemetry", () => {
     receiver = await startOtlpReceiver()
     // As the apps run: their endpoint comes from this variable, which the SDK reads too.
     process.env.OTEL_EXPORTER_OTLP_ENDPOINT = receiver.url
+    // Left in a shell, these told the SDK to sample nothing and keep no attribute, while
+    // startTelemetry said it exported: what is recorded is the config's to say.
+    process.env.OTEL_TRACES_SAMPLER = "always_off"
+    process.env.OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT = "0"
+    process.env.OTEL_ATTRIBUTE_COUNT_LIMIT = "0"
     telemetry = startTelemetry({
       serviceName: "telemetry-test",
       serviceVersion: "1.2.3",
@@ -33,6 +38,9 @@ describe("startTelemetry", () => {
     await telemetry.shutdown()
     await receiver.stop()
     delete process.env.OTEL_EXPORTER_OTLP_ENDPOINT
+    delete process.env.OTEL_TRACES_SAMPLER
+    delete process.env.OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT
+    delete process.env.OTEL_ATTRIBUTE_COUNT_LIMIT
   })
 
   test("exports spans over OTLP/HTTP JSON with the service's resource and parent links", async () => {
