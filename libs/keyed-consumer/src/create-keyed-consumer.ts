@@ -10,6 +10,7 @@ import {
   type CollectedOptions,
   LATENCY_BUCKETS,
   type MetricsRegistry,
+  oldestAnswerSeconds,
   perScrape,
 } from "@keyway/telemetry"
 import {
@@ -470,6 +471,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       name: "stream_source_lag_messages",
       help: "Messages the group's stream has yet to copy from its sources, as far as it can see them",
       collect: async () => (await sources())?.lag,
+    })
+    collectedGauge({
+      name: "consumer_metrics_read_age_seconds",
+      help: "Since this worker's reads for the group's gauges (gaps, dead, backlog, lag, sources) last all answered: while Postgres or NATS is away from it they keep their last values, and alerts on them see nothing",
+      collect: () => oldestAnswerSeconds([waiting, backlog, lag, sources]),
     })
   }
   const js = jetstream(config.nats)
@@ -1465,7 +1471,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           }
           if (task.ver === owed) owed = undefined
           if (outcome === "done") {
-            commitToDone?.observe((Date.now() - task.created_at.getTime()) / 1000)
+            // The origin's clock and this host's: see the relay's publish time.
+            commitToDone?.observe(Math.max(0, Date.now() - task.created_at.getTime()) / 1000)
           }
           if (outcome === "done" || (outcome === "dead" && policyOf(ref.topic).onDead === "park")) {
             next++

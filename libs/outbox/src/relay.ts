@@ -7,7 +7,7 @@ import {
   PreparingClient,
   pgTypes,
 } from "@keyway/db"
-import { type MetricsRegistry, perScrape } from "@keyway/telemetry"
+import { type MetricsRegistry, oldestAnswerSeconds, perScrape } from "@keyway/telemetry"
 import type { JetStreamClient } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import * as Cause from "effect/Cause"
@@ -379,6 +379,11 @@ export function createRelay(config: RelayConfig): Relay {
       help: "Age of the oldest unpublished outbox row, 0 when there is none",
       collect: async () => (await pending())?.oldestSeconds,
     })
+    m.collectedGauge({
+      name: "outbox_metrics_read_age_seconds",
+      help: "Since this relay's read of the backlog last answered: while Postgres is away from it the two gauges above keep their last values, and alerts on them see nothing",
+      collect: () => oldestAnswerSeconds([pending]),
+    })
   }
 
   const query = <A>(what: string, run: () => Promise<A>) =>
@@ -450,7 +455,11 @@ export function createRelay(config: RelayConfig): Relay {
       if (publishSeconds) {
         const now = Date.now()
         const createdAt = new Map(rows.map((r) => [r.seq, r.created_at.getTime()]))
-        for (const r of stored) publishSeconds.observe((now - createdAt.get(r.seq)!) / 1000)
+        // Two clocks, the writer's database's and this host's: one ahead of the other by more
+        // than the latency made a negative time, which lowered every quantile. Counted as none.
+        for (const r of stored) {
+          publishSeconds.observe(Math.max(0, now - createdAt.get(r.seq)!) / 1000)
+        }
       }
       state.published += stored.length
       state.duplicates += result.published.filter((r) => r.duplicate).length

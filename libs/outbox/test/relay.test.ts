@@ -453,6 +453,20 @@ describe("relay", () => {
     assert.equal(await streamCount(nc, stream), 20)
   })
 
+  test("metrics: rows from a writer whose clock runs ahead of the relay's are timed as no time", async () => {
+    await fresh()
+    await write(t.db, 5, 1)
+    // The database's clock an hour ahead of this host's, as far as these rows tell.
+    await sql`update keyway.outbox set created_at = created_at + interval '1 hour'`.execute(t.db)
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const value = async (name: string) => metricValue((await metrics.render()).body, name)
+    await startRelay({ metrics })
+    await untilPublished("all published", 10_000)
+    assert.equal(await value("outbox_publish_seconds_count"), 5)
+    // Not an hour less each, which pulled every quantile down.
+    assert.equal(await value("outbox_publish_seconds_sum"), 0)
+  })
+
   /** A relay logger that keeps what it was told. */
   const recordingLogger = () => {
     const lines: { level: string; message: string; fields?: Record<string, unknown> }[] = []

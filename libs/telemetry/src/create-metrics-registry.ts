@@ -213,6 +213,18 @@ export function createMetricsRegistry(config: MetricsRegistryConfig = {}): Metri
 /** How long a scrape waits for a read by default: well inside Prometheus' 10 s timeout. */
 export const SCRAPE_READ_TIMEOUT_MS = 2000
 
+/** A read for collected metrics: see {@link perScrape}. */
+export interface ScrapeRead<T> {
+  (): Promise<T | undefined>
+  /**
+   * Seconds since a read last answered (since the read was made, before any has). A failed
+   * read leaves the gauges fed by it as they were, with no sign of it on /metrics: the alerts
+   * on them were blind through an outage of the database or NATS they read, while the
+   * process still answered scrapes. Reported as a gauge of its own, it can be alerted on.
+   */
+  secondsSinceAnswer(): number
+}
+
 /**
  * One read shared by the collected metrics of a scrape: several gauges that come from one
  * query ask `read` once while a call is in flight, and a later scrape reads afresh. A failed
@@ -230,11 +242,16 @@ export const SCRAPE_READ_TIMEOUT_MS = 2000
 export function perScrape<T>(
   read: () => Promise<T>,
   timeoutMs = SCRAPE_READ_TIMEOUT_MS,
-): () => Promise<T | undefined> {
+): ScrapeRead<T> {
   let current: Promise<T | undefined> | undefined
   let finished: T | undefined
-  return () => {
+  let answeredAt = performance.now()
+  const scrapeRead = () => {
     current ??= read()
+      .then((value) => {
+        answeredAt = performance.now()
+        return value
+      })
       .catch(() => undefined)
       .then((value) => {
         finished = value
@@ -249,4 +266,17 @@ export function perScrape<T>(
     })
     return Promise.race([current, late]).finally(() => clearTimeout(timer))
   }
+  return Object.assign(scrapeRead, {
+    secondsSinceAnswer: () => (performance.now() - answeredAt) / 1000,
+  })
+}
+
+/**
+ * Collects the age of the oldest answer among `reads` (see
+ * {@link ScrapeRead.secondsSinceAnswer}), after asking each for this scrape: they are
+ * shared, so the gauges fed by them read nothing twice.
+ */
+export async function oldestAnswerSeconds(reads: readonly ScrapeRead<unknown>[]): Promise<number> {
+  await Promise.all(reads.map((r) => r()))
+  return Math.max(...reads.map((r) => r.secondsSinceAnswer()))
 }

@@ -12,8 +12,10 @@ export {
   type MetricsRegistry,
   type MetricsRegistryConfig,
   type NoLabels,
+  oldestAnswerSeconds,
   perScrape,
   SCRAPE_READ_TIMEOUT_MS,
+  type ScrapeRead,
 } from "./create-metrics-registry.ts"
 export {
   createMetricsServer,

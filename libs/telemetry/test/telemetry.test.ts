@@ -3,12 +3,13 @@ import { createServer as createHttpServer } from "node:http"
 import { type AddressInfo, createServer, type Socket } from "node:net"
 import { after, before, describe, test } from "node:test"
 import { fileURLToPath } from "node:url"
-import { type OtlpReceiver, spawnTs, startOtlpReceiver } from "@keyway/testkit"
+import { metricValue, type OtlpReceiver, spawnTs, startOtlpReceiver } from "@keyway/testkit"
 import { context, metrics, propagation, SpanKind, trace } from "@opentelemetry/api"
 import {
   createMetricsRegistry,
   createMetricsServer,
   MetricsError,
+  oldestAnswerSeconds,
   perScrape,
   startTelemetry,
   type Telemetry,
@@ -179,6 +180,36 @@ describe("metrics", () => {
     const third = await scrape()
     assert.match(third, /^pending 20$/m)
     assert.match(third, /^oldest 2$/m)
+  })
+
+  test("how long ago a read last answered is a gauge: it grows while reads fail, and starts again", async () => {
+    const m = createMetricsRegistry({ defaultMetrics: false })
+    let reads = 0
+    let fail = false
+    const read = perScrape(async () => {
+      reads++
+      if (fail) throw new Error("database gone")
+      return 1
+    })
+    m.collectedGauge({ name: "pending", help: "p", collect: read })
+    m.collectedGauge({
+      name: "read_age_seconds",
+      help: "a",
+      collect: () => oldestAnswerSeconds([read]),
+    })
+    const age = async () => metricValue((await m.render()).body, "read_age_seconds")!
+    await age()
+    assert.equal(reads, 1, "the age gauge shares the scrape's read")
+    fail = true
+    const failing = [await age()]
+    for (let i = 0; i < 2; i++) {
+      await new Promise((r) => setTimeout(r, 20))
+      failing.push(await age())
+    }
+    assert.ok(failing[1]! > failing[0]! && failing[2]! > failing[1]!, `grows: ${failing}`)
+    fail = false
+    assert.ok((await age()) < failing[2]!, "an answer starts it again")
+    assert.equal(reads, 5)
   })
 
   test("a read that does not answer holds up no scrape: its gauges keep their values, the rest is served", async () => {
