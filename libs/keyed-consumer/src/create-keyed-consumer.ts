@@ -26,6 +26,7 @@ import {
   context,
   propagation,
   ROOT_CONTEXT,
+  type Span,
   SpanKind,
   SpanStatusCode,
   trace,
@@ -485,6 +486,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
   // they renew their keys no more, and commit nothing, once stop() has returned. (Their
   // ends still close their run and release their lock, both fenced by their epoch and token.)
   let abandoned = false
+  // The `process` span of each task running now. One whose handler stop() abandons would
+  // otherwise end only when that handler does, after the process has exported its last spans
+  // and exited: the trace an SRE looks at for the hung call had no consumer span at all.
+  const runningSpans = new Set<Span>()
   const notCompletedAtStop = () =>
     new UncommittedError("not completed: the worker stopped without it")
   // Each drain's own controller, aborted when its key is lost or when stop()'s grace runs out.
@@ -1065,6 +1070,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       },
       parent,
     )
+    runningSpans.add(span)
     // The completion once complete() has sent it. Until it settles nobody knows whether the
     // task is done: a handler that throws (or returns) while it is in flight, one that did not
     // await it, must not have the task marked failed, or completed a second time, meanwhile.
@@ -1259,7 +1265,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       wakeLater(ref, retryInMs)
       return "retry"
     } finally {
-      span.end()
+      // Ended already if stop() abandoned this run.
+      if (runningSpans.delete(span)) span.end()
     }
   }
 
@@ -1721,6 +1728,15 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         drainingKeys: scheduler.active,
         afterMs: graceMs + AFTER_ABORT_MS,
       })
+      for (const span of runningSpans) {
+        span.setAttribute("keyway.abandoned", true)
+        span.setStatus({
+          code: SpanStatusCode.ERROR,
+          message: "abandoned at stop: the handler did not end when aborted",
+        })
+        span.end()
+      }
+      runningSpans.clear()
     }
     clearTimeout(deadlineTimer)
     await Promise.all(pendingRechecks)

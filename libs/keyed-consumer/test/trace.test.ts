@@ -8,8 +8,16 @@ import { after, before, test } from "node:test"
 import { createKeyedConsumer, type KeyedConsumerConfig } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
 import { encodeEnvelope } from "@keyway/schemas"
-import { startTelemetry } from "@keyway/telemetry"
-import { createTestDatabase, createTestStream, type TestDatabase, waitFor } from "@keyway/testkit"
+import { startTelemetry, type Telemetry } from "@keyway/telemetry"
+import {
+  createTestDatabase,
+  createTestStream,
+  gate,
+  type OtlpReceiver,
+  startOtlpReceiver,
+  type TestDatabase,
+  waitFor,
+} from "@keyway/testkit"
 import { jetstream } from "@nats-io/jetstream"
 import { headers, type NatsConnection } from "@nats-io/transport-node"
 import { trace } from "@opentelemetry/api"
@@ -20,14 +28,22 @@ import { SHARED_NATS, SHARED_REDIS, unique } from "./support.ts"
 let nc: NatsConnection
 let redis: Redis
 let t: TestDatabase
+let receiver: OtlpReceiver
+let telemetry: Telemetry
 before(async () => {
-  // No exporter: the API's spans then carry the incoming context, which is all this needs.
-  startTelemetry({ serviceName: "keyed-consumer-trace-test" })
+  receiver = await startOtlpReceiver()
+  telemetry = startTelemetry({
+    serviceName: "keyed-consumer-trace-test",
+    otlpEndpoint: receiver.url,
+    exportDelayMs: 50,
+  })
   nc = await connectNats({ servers: SHARED_NATS })
   redis = new Redis(SHARED_REDIS)
   t = await createTestDatabase()
 })
 after(async () => {
+  await telemetry.shutdown()
+  await receiver.stop()
   redis.disconnect()
   await nc.close()
   await t.drop()
@@ -121,4 +137,70 @@ test("an event refused for its envelope dies in its writer's trace", async () =>
     await consumer.stop()
     await stream.delete()
   }
+})
+
+test("a handler abandoned at stop has its span ended, exported and marked, once", async () => {
+  const stream = await createTestStream(nc)
+  const { opened: running, open: runs } = gate()
+  const { opened: released, open: release } = gate()
+  const consumer = createKeyedConsumer({
+    group: unique("g"),
+    stream: stream.name,
+    nats: nc,
+    db: t.db,
+    redis,
+    shutdownGraceMs: 300,
+    leaseMs: 1000,
+    logger: { info() {}, warn() {}, error() {} },
+    handlers: {
+      "demo.item.changed.v1": async () => {
+        runs()
+        await released // its signal unheard: a vendor call without a timeout
+      },
+    },
+  })
+  const traceId = randomBytes(16).toString("hex")
+  try {
+    await consumer.start()
+    const h = headers()
+    h.set("traceparent", `00-${traceId}-${randomBytes(8).toString("hex")}-01`)
+    const envelope = {
+      id: `${stream.site}:1`,
+      site: stream.site,
+      seq: 1,
+      topic: "demo.item",
+      key: "hung",
+      ver: 1,
+      type: "demo.item.changed.v1",
+      payload: { n: 1 },
+      createdAt: new Date().toISOString(),
+    }
+    await jetstream(nc).publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
+      msgID: envelope.id,
+      headers: h,
+    })
+    await running
+    await consumer.stop()
+    assert.equal(consumer.status().drainingKeys, 1, "the handler still runs")
+    // What an app's shutdown does next, before it exits.
+    await telemetry.forceFlush()
+    const spans = () => receiver.spans().filter((s) => s.traceId === traceId)
+    assert.deepEqual(
+      spans().map((s) => [s.name, s.attributes["keyway.abandoned"], s.statusCode]),
+      [["process demo.item", true, 2]],
+    )
+  } finally {
+    release()
+    await waitFor(() => consumer.status().drainingKeys === 0, {
+      timeoutMs: 5000,
+      message: "the handler ended",
+    })
+    await telemetry.forceFlush()
+    await stream.delete()
+  }
+  assert.equal(
+    receiver.spans().filter((s) => s.traceId === traceId).length,
+    1,
+    "not ended again when the handler returned",
+  )
 })
