@@ -52,6 +52,30 @@ after(async () => {
 const consumerOf = (stream: string, handlers: KeyedConsumerConfig["handlers"]) =>
   createKeyedConsumer({ group: unique("g"), stream, nats: nc, db: t.db, redis, handlers })
 
+/** Publishes version 1 of `key` as seq `seq` of `site`, in the trace `traceparent` names. */
+async function publishTraced(
+  site: string,
+  e: { seq: number; key: string; traceparent: string; createdAt?: string },
+) {
+  const h = headers()
+  h.set("traceparent", e.traceparent)
+  const envelope = {
+    id: `${site}:${e.seq}`,
+    site,
+    seq: e.seq,
+    topic: "demo.item",
+    key: e.key,
+    ver: 1,
+    type: "demo.item.changed.v1",
+    payload: { n: e.seq },
+    createdAt: e.createdAt ?? new Date().toISOString(),
+  }
+  await jetstream(nc).publish(`${site}.demo.item`, encodeEnvelope(envelope), {
+    msgID: envelope.id,
+    headers: h,
+  })
+}
+
 test("effects passed to ctx.complete run in their own event's trace, not in a batch-mate's", async () => {
   const stream = await createTestStream(nc)
   const keys = ["k1", "k2", "k3", "k4", "k5", "k6"]
@@ -69,26 +93,13 @@ test("effects passed to ctx.complete run in their own event's trace, not in a ba
   })
   try {
     await consumer.start()
-    const js = jetstream(nc)
     let seq = 0
     for (const key of keys) {
-      const h = headers()
-      h.set("traceparent", `00-${traceOf.get(key)}-${randomBytes(8).toString("hex")}-01`)
       seq++
-      const envelope = {
-        id: `${stream.site}:${seq}`,
-        site: stream.site,
+      await publishTraced(stream.site, {
         seq,
-        topic: "demo.item",
         key,
-        ver: 1,
-        type: "demo.item.changed.v1",
-        payload: { n: seq },
-        createdAt: new Date().toISOString(),
-      }
-      await js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
-        msgID: envelope.id,
-        headers: h,
+        traceparent: `00-${traceOf.get(key)}-${randomBytes(8).toString("hex")}-01`,
       })
       // k1 first and alone, so that the rest arrive while its completion is in flight.
       if (key === "k1")
@@ -111,23 +122,12 @@ test("an event refused for its envelope dies in its writer's trace", async () =>
   try {
     await consumer.start()
     const traceparent = `00-${randomBytes(16).toString("hex")}-${randomBytes(8).toString("hex")}-01`
-    const h = headers()
-    h.set("traceparent", traceparent)
-    const envelope = {
-      id: `${stream.site}:1`,
-      site: stream.site,
+    // No zone: refused at ingest, its version held by a placeholder that dies.
+    await publishTraced(stream.site, {
       seq: 1,
-      topic: "demo.item",
       key: "refused",
-      ver: 1,
-      type: "demo.item.changed.v1",
-      payload: { n: 1 },
-      // No zone: refused at ingest, its version held by a placeholder that dies.
+      traceparent,
       createdAt: "2026-12-07T10:00:00",
-    }
-    await jetstream(nc).publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
-      msgID: envelope.id,
-      headers: h,
     })
     await waitFor(() => consumer.status().dead === 1, { timeoutMs: 10_000, message: "dead" })
     const row = await sql<{ trace: { traceparent?: string } | null }>`
@@ -162,22 +162,10 @@ test("a handler abandoned at stop has its span ended, exported and marked, once"
   const traceId = randomBytes(16).toString("hex")
   try {
     await consumer.start()
-    const h = headers()
-    h.set("traceparent", `00-${traceId}-${randomBytes(8).toString("hex")}-01`)
-    const envelope = {
-      id: `${stream.site}:1`,
-      site: stream.site,
+    await publishTraced(stream.site, {
       seq: 1,
-      topic: "demo.item",
       key: "hung",
-      ver: 1,
-      type: "demo.item.changed.v1",
-      payload: { n: 1 },
-      createdAt: new Date().toISOString(),
-    }
-    await jetstream(nc).publish(`${stream.site}.demo.item`, encodeEnvelope(envelope), {
-      msgID: envelope.id,
-      headers: h,
+      traceparent: `00-${traceId}-${randomBytes(8).toString("hex")}-01`,
     })
     await running
     await consumer.stop()
