@@ -1,13 +1,14 @@
 // `up`'s step that starts a site's processes: servers, then (after their databases and
 // streams) apps.
 import { connect } from "node:net"
-import type { Pm2Client } from "./pm2-client.ts"
+import { CALLER_ENV_FILTER, DIGEST_VARIABLE, type Pm2Client } from "./pm2-client.ts"
 import { type ProcessSpec, specDigest } from "./site-plan.ts"
 
 /**
  * Brings each of `specs` online under pm2, in order, and says what it did, one line each. A
- * process online with the plan's settings is left alone; one stopped, errored, or started
- * with other settings ({@link specDigest}) is started afresh.
+ * process online with the plan's settings is left alone; one stopped, errored, started with
+ * other settings ({@link specDigest}), or whose environment was changed since ({@link envDrift})
+ * is started afresh.
  */
 export async function ensureRunning(
   pm2: Pm2Client,
@@ -19,7 +20,8 @@ export async function ensureRunning(
   for (const spec of specs) {
     const current = running.get(spec.name)
     const changed = current !== undefined && current.digest !== specDigest(spec)
-    if (current?.status === "online" && !changed) {
+    const drifted = current === undefined ? [] : envDrift(spec, current.env)
+    if (current?.status === "online" && !changed && drifted.length === 0) {
       say(`  ${spec.name.padEnd(16)} already online (pid ${current.pid})`)
       continue
     }
@@ -36,13 +38,34 @@ export async function ensureRunning(
       }
     }
     await pm2.start(spec, logDir)
-    // A process an `up` before digests started has none: its settings are not known.
+    // A process an `up` before digests started has none: its settings are not known. Of an
+    // environment changed since, the names only: the values may be passwords.
     const restarted =
       current?.digest === ""
         ? "restarted: started by an earlier up, which kept no record of its settings"
-        : "restarted: its settings changed"
+        : changed
+          ? "restarted: its settings changed"
+          : `restarted: its environment was changed outside up (${drifted.join(", ")})`
     say(`  ${spec.name.padEnd(16)} ${current?.status === "online" ? restarted : "started"}`)
   }
+}
+
+/**
+ * The variables whose value pm2 holds for a process differs from the plan's, by name. The
+ * digest alone missed this: `pm2 restart --update-env` copies the caller's environment over
+ * the stored one (the shared servers' DATABASE_URL and NATS_URL that the justfile exports)
+ * and leaves the digest variable as it was, so up said "already online" of a relay writing to
+ * the wrong database. A variable the plan does not set counts if start would have filtered it
+ * out of the caller's environment ({@link CALLER_ENV_FILTER}); PATH and the like may differ.
+ */
+export function envDrift(spec: ProcessSpec, held: Record<string, string>): string[] {
+  const names = new Set<string>()
+  for (const [name, value] of Object.entries(spec.env)) if (held[name] !== value) names.add(name)
+  for (const name of Object.keys(held)) {
+    if (name === DIGEST_VARIABLE || name in spec.env) continue
+    if (CALLER_ENV_FILTER.some((part) => name.includes(part))) names.add(name)
+  }
+  return [...names].sort()
 }
 
 /** Whether something accepts connections on 127.0.0.1:port. */

@@ -4,7 +4,27 @@ import type { ProcessDescription, StartOptions } from "pm2"
 import { type ProcessSpec, specDigest } from "./site-plan.ts"
 
 /** The variable that carries a process's {@link specDigest}, so a later `up` can compare. */
-const DIGEST_VARIABLE = "KEYWAY_SPEC_DIGEST"
+export const DIGEST_VARIABLE = "KEYWAY_SPEC_DIGEST"
+
+/**
+ * Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for the
+ * shared servers, say) must not leak into a site's process; pm2 drops every variable whose
+ * name contains one of these. METRICS_PORT exported once would have every relay and worker
+ * bind the same port, and all but one crash-loop. The plan's own env is applied after the
+ * filter. OTEL_EXPORTER_OTLP_ENDPOINT passes: exported, it sends every site's spans to that
+ * Jaeger, each process under the name the plan gives it.
+ */
+export const CALLER_ENV_FILTER: readonly string[] = [
+  "DATABASE_URL",
+  "NATS_",
+  "REDIS_URL",
+  "KEYWAY_",
+  "DEMO_",
+  "RELAY_",
+  "WORKER_",
+  "METRICS_PORT",
+  "OTEL_SERVICE_NAME",
+]
 
 export interface Pm2Process {
   name: string
@@ -16,6 +36,11 @@ export interface Pm2Process {
   cpu: number
   /** The {@link specDigest} it was started with; "" for one started without. */
   digest: string
+  /**
+   * The environment pm2 holds for it and hands it at each (re)start. Not always the one it
+   * was started with: `pm2 restart --update-env` copies the caller's environment over it.
+   */
+  env: Record<string, string>
 }
 
 export interface Pm2Client {
@@ -84,19 +109,20 @@ export async function connectPm2(
   return {
     async list() {
       const all = await call<ProcessDescription[]>((cb) => pm2.list(cb))
-      return all.map((p) => ({
-        name: p.name ?? "?",
-        status: statusOf(p.pm2_env),
-        pid: p.pid ?? 0,
-        restarts: p.pm2_env?.restart_time ?? 0,
-        uptimeMs: p.pm2_env?.pm_uptime ? Date.now() - p.pm2_env.pm_uptime : 0,
-        memoryBytes: p.monit?.memory ?? 0,
-        cpu: p.monit?.cpu ?? 0,
-        digest: String(
-          (p.pm2_env as { env?: Record<string, unknown> } | undefined)?.env?.[DIGEST_VARIABLE] ??
-            "",
-        ),
-      }))
+      return all.map((p) => {
+        const env = heldEnv(p.pm2_env)
+        return {
+          name: p.name ?? "?",
+          status: statusOf(p.pm2_env),
+          pid: p.pid ?? 0,
+          restarts: p.pm2_env?.restart_time ?? 0,
+          uptimeMs: p.pm2_env?.pm_uptime ? Date.now() - p.pm2_env.pm_uptime : 0,
+          memoryBytes: p.monit?.memory ?? 0,
+          cpu: p.monit?.cpu ?? 0,
+          digest: env[DIGEST_VARIABLE] ?? "",
+          env,
+        }
+      })
     },
     async start(spec, logDir) {
       const options: StartOptions & { filter_env: string[] } = {
@@ -105,24 +131,7 @@ export async function connectPm2(
         args: spec.args,
         interpreter: "none",
         env: { ...spec.env, [DIGEST_VARIABLE]: specDigest(spec) },
-        // Whatever the caller's shell exported (the justfile's DATABASE_URL and NATS_URL for
-        // the shared servers, say) must not leak into a site's process; pm2 drops every
-        // variable whose name contains one of these. METRICS_PORT exported once would have
-        // every relay and worker bind the same port, and all but one crash-loop. The plan's
-        // own env is applied after the filter. OTEL_EXPORTER_OTLP_ENDPOINT passes: exported,
-        // it sends every site's spans to that Jaeger, each process under the name the plan
-        // gives it.
-        filter_env: [
-          "DATABASE_URL",
-          "NATS_",
-          "REDIS_URL",
-          "KEYWAY_",
-          "DEMO_",
-          "RELAY_",
-          "WORKER_",
-          "METRICS_PORT",
-          "OTEL_SERVICE_NAME",
-        ],
+        filter_env: [...CALLER_ENV_FILTER],
         autorestart: true,
         // A process that keeps dying (a port taken, a bad config) stops being restarted
         // and shows as errored in `just status`; `just up` starts it afresh. pm2 counts a
@@ -149,6 +158,21 @@ export async function connectPm2(
     },
     disconnect: () => pm2.disconnect(),
   }
+}
+
+/**
+ * pm2_env.env's plain values, as strings: what pm2 hands the process. `pm2 restart
+ * --update-env` from the command line also merges its own options in (an object under
+ * current_conf), which pm2 does not pass on.
+ */
+function heldEnv(pm2Env: ProcessDescription["pm2_env"]): Record<string, string> {
+  const env = (pm2Env as { env?: Record<string, unknown> } | undefined)?.env ?? {}
+  const out: Record<string, string> = {}
+  for (const [name, value] of Object.entries(env)) {
+    if (value !== null && value !== undefined && typeof value !== "object")
+      out[name] = String(value)
+  }
+  return out
 }
 
 /** Whether `pid` is a live process of this user (EPERM: another user's, reusing the pid). */

@@ -372,3 +372,87 @@ test("up restarts a process whose settings changed, and leaves one alone whose d
     await rm(dir, { recursive: true, force: true })
   }
 })
+
+test("up restarts a process whose environment `pm2 restart --update-env` changed, though its digest did not", {
+  timeout: 90_000,
+}, async () => {
+  const home = await mkdtemp(join(tmpdir(), "keyway-pm2-"))
+  await chmod(home, 0o700)
+  const plan = {
+    DATABASE_URL: "postgres://postgres@127.0.0.1:5432/keyway_cloud",
+    NATS_URL: "nats://127.0.0.1:14222",
+  }
+  const relay: ProcessSpec = {
+    name: "cloud-relay",
+    script: "/bin/sleep",
+    args: ["300"],
+    env: plan,
+    tier: "app",
+  }
+  const restart = (env: Record<string, string>) => ({
+    pm2: ["restart", "cloud-relay", "--update-env"],
+    env,
+  })
+  // What `npx just pm2 restart cloud-relay --update-env` passed when the justfile exported
+  // the shared servers' URLs to every recipe.
+  const shared = {
+    DATABASE_URL: "postgres://postgres@127.0.0.1:5432/keyway",
+    NATS_URL: "nats://127.0.0.1:4222",
+  }
+  try {
+    const child = spawnTs(fileURLToPath(new URL("./fixtures/ensure-running.ts", import.meta.url)), {
+      KEYWAY_TEST_PM2_HOME: home,
+      KEYWAY_TEST_SHOW_ENV: "DATABASE_URL,NATS_URL,METRICS_PORT",
+      KEYWAY_TEST_ROUNDS: JSON.stringify([
+        [relay],
+        restart(shared),
+        [relay],
+        // One the plan does not set, but start keeps out of every site process.
+        restart({ METRICS_PORT: "9464" }),
+        [relay],
+        // Nothing up cares about: no restart.
+        restart({ EDITOR: "vi" }),
+        [relay],
+      ]),
+    })
+    const { code } = await child.exited()
+    assert.equal(code, 0)
+    const rounds = child.json() as {
+      said: string[]
+      listed: { pid: number; status: string; env: Record<string, string | null> }[]
+    }[]
+    assert.deepEqual(
+      rounds.map((r) =>
+        r.said
+          .join("|")
+          .replace(/\s+/g, " ")
+          .replace(/\(pid \d+\)/, "(pid)"),
+      ),
+      [
+        "cloud-relay started",
+        "",
+        "cloud-relay restarted: its environment was changed outside up (DATABASE_URL, NATS_URL)",
+        "",
+        "cloud-relay restarted: its environment was changed outside up (METRICS_PORT)",
+        "",
+        "cloud-relay already online (pid)",
+      ],
+    )
+    const held = rounds.map((r) => r.listed[0]!.env)
+    const planned = { ...plan, METRICS_PORT: null }
+    assert.deepEqual(held, [
+      planned,
+      { ...shared, METRICS_PORT: null },
+      planned,
+      { ...plan, METRICS_PORT: "9464" },
+      planned,
+      planned,
+      planned,
+    ])
+    const pids = rounds.map((r) => r.listed[0]!.pid)
+    assert.equal(pids[6], pids[5], "left alone after a restart that changed nothing of the plan's")
+    assert.ok(rounds.every((r) => r.listed[0]!.status === "online"))
+  } finally {
+    await cleanUp(home)
+  }
+})

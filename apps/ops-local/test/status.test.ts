@@ -88,6 +88,7 @@ test("status names a process the site should have and pm2 does not list", async 
     memoryBytes: 0,
     cpu: 0,
     digest: "",
+    env: {},
   })
   const lines: string[] = []
   printStatus(
