@@ -11,11 +11,23 @@ import { passwordVariable, SITE_NAMES, SITES, type SiteName, siteUsers } from ".
 
 const PASSWORD_SHAPE = /^[A-Za-z][A-Za-z0-9]{15,}$/
 
-function parseEnvFile(text: string): Record<string, string> {
+/**
+ * NAME=value lines, # comments and blank lines; any other line is refused. Skipped, an
+ * `export KEYWAY_PASS_…=…` line read as a password missing: a new one was written in its
+ * place and the line dropped, and the site's servers no longer matched its other hosts. The
+ * error gives the line's number, not its text, which may hold a password.
+ */
+function parseEnvFile(text: string, path: string): Record<string, string> {
   const out: Record<string, string> = {}
-  for (const line of text.split("\n")) {
-    const m = /^\s*([A-Z0-9_]+)=(.*)$/.exec(line)
-    if (m) out[m[1]!] = m[2]!.trim()
+  for (const [i, line] of text.split("\n").entries()) {
+    if (/^\s*(#.*)?$/.test(line)) continue
+    const m = /^\s*([A-Za-z_][A-Za-z0-9_]*)=(.*)$/.exec(line)
+    if (!m) {
+      throw new Error(
+        `${path}:${i + 1}: not NAME=value, a # comment or a blank line (no \`export\`, no spaces around =); fix or delete the line`,
+      )
+    }
+    out[m[1]!] = m[2]!.trim()
   }
   return out
 }
@@ -48,8 +60,9 @@ export async function readSiteSecrets(
   runDir: string,
   site: SiteName,
 ): Promise<Record<string, string> | undefined> {
-  const text = await readText(siteSecretsFile(runDir, site))
-  return text === undefined ? undefined : parseEnvFile(text)
+  const path = siteSecretsFile(runDir, site)
+  const text = await readText(path)
+  return text === undefined ? undefined : parseEnvFile(text, path)
 }
 
 /**
@@ -66,12 +79,13 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
     SITE_NAMES.map(async (site) => {
       const path = siteSecretsFile(runDir, site)
       const text = (await readText(path)) ?? ""
-      return { site, path, text, vars: parseEnvFile(text), users: siteUsers(SITES[site]) }
+      return { site, path, text, vars: parseEnvFile(text, path), users: siteUsers(SITES[site]) }
     }),
   )
   const passwords: Record<string, string> = {}
   const foundIn: Record<string, string> = {}
-  const legacy = parseEnvFile((await readText(legacySecretsFile(runDir))) ?? "")
+  const legacyPath = legacySecretsFile(runDir)
+  const legacy = parseEnvFile((await readText(legacyPath)) ?? "", legacyPath)
   for (const { path, vars, users } of files) {
     for (const user of users) {
       const name = passwordVariable(user)
@@ -103,13 +117,18 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
   for (const { site, path, text, vars, users } of files) {
     const missing = users.filter((u) => !vars[passwordVariable(u)])
     if (missing.length > 0 || text === "") {
-      for (const user of missing) vars[passwordVariable(user)] = passwords[user]!
-      const body = [
-        `# NATS passwords of the ${site} site: \`just up\`, and ops/compose/${site}.yml's --env-file.`,
-        `# Generated once; copy to the ${site}'s hosts only; never commit.`,
-        ...Object.entries(vars).map(([k, v]) => `${k}=${v}`),
-        "",
-      ].join("\n")
+      const body =
+        text === ""
+          ? [
+              `# NATS passwords of the ${site} site: \`just up\`, and ops/compose/${site}.yml's --env-file.`,
+              `# Generated once; copy to the ${site}'s hosts only; never commit.`,
+              ...missing.map((user) => `${passwordVariable(user)}=${passwords[user]}`),
+              "",
+            ].join("\n")
+          : withPasswords(
+              text,
+              missing.map((user) => [passwordVariable(user), passwords[user]!]),
+            )
       // Tightened before the write: writeFile's mode applies only to a file it creates.
       await chmod(path, 0o600).catch(() => {})
       await writeFile(path, body, { mode: 0o600 })
@@ -118,4 +137,21 @@ export async function ensureSecrets(runDir: string): Promise<Record<string, stri
     await chmod(path, 0o600)
   }
   return passwords
+}
+
+/**
+ * `text` with each name set: a `NAME=` line left empty is filled in place, other names are
+ * added at the end. The rest stays as the operator wrote it, comments included.
+ */
+function withPasswords(text: string, set: [name: string, value: string][]): string {
+  const left = new Map(set)
+  const lines = text.replace(/\n$/, "").split("\n")
+  for (const [i, line] of lines.entries()) {
+    const name = /^\s*([A-Za-z0-9_]+)=\s*$/.exec(line)?.[1]
+    if (name === undefined || !left.has(name)) continue
+    lines[i] = `${name}=${left.get(name)}`
+    left.delete(name)
+  }
+  for (const [name, value] of left) lines.push(`${name}=${value}`)
+  return `${lines.join("\n")}\n`
 }

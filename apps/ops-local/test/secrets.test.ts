@@ -126,3 +126,44 @@ test("the passwords of the one file both sites shared before are carried over, s
   assert.notEqual(passwords["cloud-admin"], old.KEYWAY_PASS_ADMIN)
   assert.notEqual(passwords["cloud-admin"], passwords["factory-admin"])
 })
+
+test("a line that is not NAME=value is refused by its file and number, never read as a password missing", async () => {
+  const runDir = join(dir, "export")
+  const first = await ensureSecrets(runDir)
+  const cloud = siteSecretsFile(runDir, "cloud")
+  const relay = passwordVariable("cloud-relay")
+  // Made sourceable by hand: the password is still the one the site's servers hold.
+  const edited = (await readFile(cloud, "utf8")).replace(
+    new RegExp(`^${relay}=`, "m"),
+    `export ${relay}=`,
+  )
+  await writeFile(cloud, edited)
+  const line = edited.split("\n").findIndex((l) => l.startsWith("export ")) + 1
+  for (const attempt of [ensureSecrets(runDir), readSiteSecrets(runDir, "cloud")]) {
+    await assert.rejects(attempt, (err: Error) => {
+      assert.ok(err.message.startsWith(`${cloud}:${line}: not NAME=value`), err.message)
+      assert.ok(!err.message.includes(first["cloud-relay"]!), "the password is not shown")
+      return true
+    })
+  }
+  assert.equal(await readFile(cloud, "utf8"), edited, "the file left as it was")
+})
+
+test("a user added back keeps the file's comments and lines as they were; an empty NAME= is filled in place", async () => {
+  const runDir = join(dir, "comments")
+  await ensureSecrets(runDir)
+  const cloud = siteSecretsFile(runDir, "cloud")
+  const admin = passwordVariable("cloud-admin")
+  const worker = passwordVariable("cloud-worker")
+  const kept = (await readFile(cloud, "utf8"))
+    .replace(new RegExp(`^${admin}=.*\\n`, "m"), "")
+    .replace(new RegExp(`^${worker}=.*$`, "m"), `# rotated on the 3rd\n${worker}=`)
+  await writeFile(cloud, `${kept}# the operator's own\nKEYWAY_PG_PASSWORD=pg0secret\n`)
+  const passwords = await ensureSecrets(runDir)
+  const after = await readFile(cloud, "utf8")
+  assert.equal(
+    after,
+    `${kept.replace(new RegExp(`^${worker}=$`, "m"), `${worker}=${passwords["cloud-worker"]}`)}# the operator's own\nKEYWAY_PG_PASSWORD=pg0secret\n${admin}=${passwords["cloud-admin"]}\n`,
+  )
+  assert.match(passwords["cloud-worker"]!, /^k[0-9a-f]{32}$/)
+})
