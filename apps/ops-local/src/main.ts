@@ -13,7 +13,6 @@ import {
   type StreamDefinition,
 } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
-import { sql } from "kysely"
 import { binaries, type OpsConfig, parseOpsConfig, parsePostgresUrl } from "./config.ts"
 import { ensureRunning } from "./ensure-running.ts"
 import { findOrphans, stopOrphans } from "./orphans.ts"
@@ -30,6 +29,8 @@ import {
   siteProcesses,
 } from "./site-plan.ts"
 import { collectStatus, printStatus } from "./status.ts"
+import { waitForCrossing } from "./wait-for-crossing.ts"
+import { waitUntil } from "./wait-until.ts"
 
 const root = repositoryRoot()
 const runDir = join(root, ".run")
@@ -38,15 +39,6 @@ const pm2Home = join(runDir, "pm2")
 
 function say(line: string) {
   process.stdout.write(`${line}\n`)
-}
-
-async function waitUntil(what: string, check: () => Promise<boolean>, timeoutMs: number) {
-  const deadline = Date.now() + timeoutMs
-  while (Date.now() < deadline) {
-    if (await check().catch(() => false)) return
-    await new Promise((r) => setTimeout(r, 250))
-  }
-  throw new Error(`${what} not ready after ${timeoutMs / 1000} s`)
 }
 
 // Apps before servers, so the relay and the worker drain against live servers.
@@ -83,8 +75,10 @@ function natsReady(site: SiteName) {
     const res = await fetch(
       `http://127.0.0.1:${SITES[site].natsHttpPort}/healthz?js-enabled-only=1`,
       { signal: AbortSignal.timeout(2000) },
-    )
-    return res.ok
+    ).catch(() => undefined)
+    // No answer (refused, reset, timed out) is "not yet": the server pm2 just started is
+    // still starting, or restarting; one that never comes up ends the wait with its log named.
+    return res?.ok === true
   }
 }
 
@@ -209,53 +203,33 @@ async function up(sites: SiteName[], config: OpsConfig) {
     pm2.disconnect()
   }
 
-  if (sites.length === SITE_NAMES.length) await waitForCrossing(config)
+  if (sites.length === SITE_NAMES.length) await awaitCrossing(config)
   say("`npx just status` shows each site; `npx just pm2 logs <name>` follows a process's log.")
 }
 
-/**
- * Both directions handled something new since this `up`: what "the demo works" means to
- * someone watching. Counts from an earlier run (data stays in .run/) do not count.
- */
-async function waitForCrossing(config: OpsConfig) {
+/** Both directions handled something new since this `up` (wait-for-crossing.ts). */
+async function awaitCrossing(config: OpsConfig) {
   say("waiting for events to cross (factory → cloud, cloud → factory)…")
   const started = Date.now()
-  const dbs = SITE_NAMES.map((site) =>
-    createDb({
+  const sites = SITE_NAMES.map((site) => ({
+    name: SITES[site].database,
+    db: createDb({
       connectionString: siteDatabaseUrl(SITES[site], config.postgresUrl),
       max: 1,
       applicationName: "keyway-up",
     }),
-  )
-  const handled = async (i: number) => {
-    try {
-      const r = await sql<{ n: number }>`select count(*)::int as n from demo_effect`.execute(
-        dbs[i]!,
-      )
-      return r.rows[0]!.n
-    } catch (err) {
-      // The worker creates demo_effect when it starts, which may be a moment from now.
-      if ((err as { code?: string }).code === "42P01") return 0
-      throw err
-    }
-  }
+  }))
   try {
-    const before = [await handled(0), await handled(1)]
-    await waitUntil(
-      "cross-site demo traffic",
-      async () => (await handled(0)) > before[0]! && (await handled(1)) > before[1]!,
-      90_000,
-    )
+    const [cloud, factory] = await waitForCrossing(sites, 90_000)
     say(
       `  crossing after ${((Date.now() - started) / 1000).toFixed(1)} s: ` +
-        `cloud handled ${(await handled(0)) - before[0]!} new factory events, ` +
-        `factory handled ${(await handled(1)) - before[1]!} new cloud commands`,
+        `cloud handled ${cloud} new factory events, factory handled ${factory} new cloud commands`,
     )
   } catch (err) {
-    say(`  ${(err as Error).message}: see \`npx just status\` and .run/logs/`)
+    say(`  ${describeError(err)}: see \`npx just status\` and .run/logs/`)
     process.exitCode = 1
   } finally {
-    await Promise.all(dbs.map((db) => db.destroy()))
+    await Promise.all(sites.map(({ db }) => db.destroy()))
   }
 }
 
