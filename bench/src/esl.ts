@@ -154,8 +154,8 @@ export async function run() {
     const toAnswer: number[] = []
     const toArrival: number[] = []
     for (const p of aims.pushes()) {
-      // Keyed by event id; a push's idempotency key adds the page it draws.
-      const c = committed.get(p.idempotencyKey?.replace(/:\d+$/, "") ?? "")
+      // Keyed by event id; a push's idempotency key adds the page and its image's digest.
+      const c = committed.get(p.idempotencyKey?.replace(/:\d+:[0-9a-f]{16}$/, "") ?? "")
       if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
       toArrival.push(p.receivedAt - c)
       toAnswer.push(p.answeredAt! - c)

@@ -95,7 +95,17 @@ export const ESL_LABEL_POLICY: Required<TopicPolicy> = {
 
 const tracer = trace.getTracer("@keyway/esl-worker")
 
-/** The ESL worker: a keyed consumer on `esl.label` that renders each task and pushes it to AIMS. */
+/**
+ * The ESL worker: a keyed consumer on `esl.label` that renders each task's pages and pushes
+ * those that changed to AIMS.
+ *
+ * Upgrade the workers before the writers: a worker of a release before pages has no handler
+ * for `esl.label.pages.v2`, and each such task would be dead at once.
+ *
+ * A page is pushed when its image differs from the one this group last pushed for it. A
+ * label whose images AIMS lost (replaced, reset, another store's) is drawn again by a label
+ * job binding its pages again: the new job id in their footers makes new images.
+ */
 export function createEslWorker(config: EslWorkerConfig): EslWorker {
   requireFont()
   const aims = "pushImage" in config.aims ? config.aims : createAimsClient(config.aims)
@@ -130,18 +140,28 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     // Every page is drawn, and compared with what was pushed by its image: what the label
     // would show is what decides, whatever changed it (the product, the job in the footer,
     // the renderer or its font).
+    //
+    // A page that cannot be drawn, or that AIMS refuses for good, fails the task (dead at
+    // once, with the pages and reasons), but only once the label's other pages are pushed:
+    // failing at the first, a background page whose price does not fit kept every later
+    // price of the page in view off the shelf, each task carrying that page again. Pushed by
+    // a dead task, they are not recorded, and the next task pushes them again.
+    const refused: string[] = []
     const images = await tracer.startActiveSpan("render label", async (span) => {
       try {
-        return await Promise.all(
+        const drawnPages = await Promise.all(
           task.pages.map(async (page) => {
-            const png = await renderLabel(page)
-            return { page: page.page, png, digest: imageDigest(png) }
+            try {
+              const png = await renderLabel(page)
+              return { page: page.page, png, digest: imageDigest(png) }
+            } catch (err) {
+              if (!(err instanceof RenderError)) throw err
+              refused.push(`page ${page.page} cannot be drawn: ${err.message}`)
+              return undefined
+            }
           }),
         )
-      } catch (err) {
-        if (err instanceof RenderError)
-          throw new PoisonError(`cannot render: ${err.message}`, { cause: err })
-        throw err
+        return drawnPages.filter((i) => i !== undefined)
       } finally {
         span.end()
       }
@@ -158,6 +178,7 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     // The page in view first: it is the one a shopper reads.
     changed.sort((a, b) => Number(b.page === task.shownPage) - Number(a.page === task.shownPage))
     trace.getActiveSpan()?.setAttribute("esl.pages_pushed", changed.length)
+    const pushed: typeof changed = []
     for (const image of changed) {
       const started = performance.now()
       try {
@@ -166,24 +187,27 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
           page: image.page,
           frontPage: task.shownPage,
           png: image.png,
-          idempotencyKey: `${ctx.eventId}:${image.page}`,
+          // The image's digest too: a task run again after a crash between its push and its
+          // done, by a release that draws the page otherwise, sends another image, which an
+          // AIMS that honours the key would drop as a repeat while its digest is recorded.
+          idempotencyKey: `${ctx.eventId}:${image.page}:${image.digest.slice(0, 16)}`,
           fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
           signal: ctx.signal,
           beforeSend: ctx.throwIfLost,
         })
         pushSeconds?.observe((performance.now() - started) / 1000, { result: "ok" })
+        pushed.push(image)
       } catch (err) {
         pushSeconds?.observe((performance.now() - started) / 1000, { result: "error" })
-        if (err instanceof AimsError && !err.retryable) {
-          throw new PoisonError(err.message, { cause: err })
-        }
-        throw err
+        if (!(err instanceof AimsError) || err.retryable) throw err
+        refused.push(`page ${image.page}: ${err.message}`)
       }
     }
-    if (changed.length === 0) return
+    if (refused.length > 0) throw new PoisonError(refused.join("; "))
+    if (pushed.length === 0) return
     const record: DrawnLabel = {
       shownPage: task.shownPage,
-      pages: Object.fromEntries(changed.map((i) => [i.page, i.digest])),
+      pages: Object.fromEntries(pushed.map((i) => [i.page, i.digest])),
     }
     // Only this label's row, and computed in SQL: safe beside other keys' effects.
     await ctx.complete((trx) => recordDrawn(trx, group, task.labelCode, record), {

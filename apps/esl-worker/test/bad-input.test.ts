@@ -19,7 +19,7 @@ import { createMetricsRegistry } from "@keyway/telemetry"
 import { createTestDatabase, metricValue, type TestDatabase, waitFor } from "@keyway/testkit"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
-import { imageHashOf, macs, SHARED_NATS, startEslPipeline } from "./support.ts"
+import { eventIdOf, imageHashOf, macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
 const payload = {
   labelCode: "0A1B2C3D4E5F",
@@ -164,8 +164,8 @@ describe("bad ESL input", () => {
     assert.equal(dead[0]!.blocking, false, "parked: the label moved on")
     assert.match(dead[0]!.lastError ?? "", /^poison: payload labelCode .* is not the event key/)
     assert.deepEqual(
-      aims.pushes(poisoned!).map((p) => p.idempotencyKey),
-      [`${stream.site}:${fixed.tasks[0]!.seq}:1`],
+      aims.pushes(poisoned!).map(eventIdOf),
+      [`${stream.site}:${fixed.tasks[0]!.seq}`],
       "the undrawable version was never pushed; the fixed one was",
     )
     const shown = aims.lastPush(poisoned!)!.imageSha256

@@ -218,3 +218,46 @@ test("a page a dead task left undrawn is drawn by the next task, whatever page t
     "the shelf shows the price the dead task carried",
   )
 })
+
+test("a page AIMS refuses for good fails its task once the label's other pages are pushed", async () => {
+  const group = `refused-${process.pid}`
+  const { aims, db } = await ownPipeline({ group })
+  const admin = createConsumerAdmin({ db, group })
+  const [label] = macs(1)
+  await upsertProducts(db, [
+    { id: "FIG", name: "Dried figs", priceMinor: 429, currency: "EUR" },
+    { id: "NUT", name: "Walnuts", priceMinor: 519, currency: "EUR" },
+  ])
+  // The page in view goes first, and is refused.
+  aims.burst(400, 1)
+  await writeLabelJob(db, {
+    jobId: "bind",
+    labels: [
+      { labelCode: label!, productId: "NUT", page: 1, frontPage: false },
+      { labelCode: label!, productId: "FIG", page: 3 },
+    ],
+  })
+  await waitFor(async () => (await admin.listDead("esl.label")).length === 1, {
+    timeoutMs: 20_000,
+    message: "the task dead",
+  })
+  const [dead] = await admin.listDead("esl.label")
+  assert.match(dead!.lastError ?? "", /^poison: page 3: .*400/)
+  assert.deepEqual(
+    aims.pushes(label!).map((p) => [p.page, p.frontPage]),
+    [[1, 3]],
+    "the other page pushed all the same",
+  )
+  // Next time the page in view is taken: both pages go again, nothing having been recorded.
+  await writePriceChange(db, { jobId: "fig-up", changes: [{ productId: "FIG", priceMinor: 449 }] })
+  await waitFor(() => aims.pushes(label!).length === 3, { timeoutMs: 20_000, message: "redrawn" })
+  assert.deepEqual(
+    aims.pushes(label!).map((p) => [p.page, p.frontPage]),
+    [
+      [1, 3],
+      [3, 3],
+      [1, 3],
+    ],
+  )
+  assert.equal(aims.shown(label!)?.push?.page, 3)
+})

@@ -17,7 +17,7 @@ import type { NatsConnection } from "@nats-io/transport-node"
 import { sql } from "kysely"
 import { type AimsClient, createAimsClient } from "../src/aims-client.ts"
 import { ESL_LABEL_POLICY } from "../src/create-esl-worker.ts"
-import { macs, SHARED_NATS, startEslPipeline } from "./support.ts"
+import { eventIdOf, eventIdOfKey, macs, SHARED_NATS, startEslPipeline } from "./support.ts"
 
 let nc: NatsConnection
 let t: TestDatabase
@@ -41,12 +41,11 @@ test("a retried dead version is not pushed over a later one the label already sh
   })
   const admin = createConsumerAdmin({ db: t.db, group })
   const [label] = macs(1)
-  // A push's idempotency key: its event's id, then the page drawn (1, the default).
-  const pushKey = (seq: number) => `${stream.site}:${seq}:1`
+  const eventId = (seq: number) => `${stream.site}:${seq}`
 
   await upsertProducts(t.db, [{ id: "P", name: "Oat milk 1 l", priceMinor: 149, currency: "EUR" }])
   const v1 = await writeLabelJob(t.db, { labels: [{ labelCode: label!, productId: "P" }] })
-  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === pushKey(v1.tasks[0]!.seq), {
+  await waitFor(() => eventIdOf(aims.lastPush(label!)) === eventId(v1.tasks[0]!.seq), {
     timeoutMs: 20_000,
     message: "v1 on the label",
   })
@@ -57,7 +56,7 @@ test("a retried dead version is not pushed over a later one the label already sh
     message: "v2 dead",
   })
   const v3 = await writePriceChange(t.db, { changes: [{ productId: "P", priceMinor: 189 }] })
-  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === pushKey(v3.tasks[0]!.seq), {
+  await waitFor(() => eventIdOf(aims.lastPush(label!)) === eventId(v3.tasks[0]!.seq), {
     timeoutMs: 20_000,
     message: "v3 on the label",
   })
@@ -75,11 +74,11 @@ test("a retried dead version is not pushed over a later one the label already sh
     message: "the retried v2 done",
   })
   // Before the retry learnt of v3 (KeyedEvent.supersededBy), v2's 1.69 went out last.
-  assert.deepEqual(
-    aims.pushes(label!).map((p) => p.idempotencyKey),
-    [pushKey(v1.tasks[0]!.seq), pushKey(v3.tasks[0]!.seq)],
-  )
-  assert.equal(aims.lastPush(label!)?.idempotencyKey, pushKey(v3.tasks[0]!.seq))
+  assert.deepEqual(aims.pushes(label!).map(eventIdOf), [
+    eventId(v1.tasks[0]!.seq),
+    eventId(v3.tasks[0]!.seq),
+  ])
+  assert.equal(eventIdOf(aims.lastPush(label!)), eventId(v3.tasks[0]!.seq))
   assert.deepEqual(await admin.listDead("esl.label"), [])
 })
 
@@ -98,11 +97,10 @@ test("a push AIMS applies after the worker gave up on it is not drawn over the l
     { timeoutMs: 300, settleMs: 1500 },
   )
   const label = macs(2)[1]!
-  // A push's idempotency key: its event's id, then the page drawn (1, the default).
-  const pushKey = (seq: number) => `${stream.site}:${seq}:1`
+  const eventId = (seq: number) => `${stream.site}:${seq}`
   await upsertProducts(own.db, [{ id: "Q", name: "Rye bread", priceMinor: 249, currency: "EUR" }])
   const v1 = await writeLabelJob(own.db, { labels: [{ labelCode: label, productId: "Q" }] })
-  await waitFor(() => aims.lastPush(label)?.idempotencyKey === pushKey(v1.tasks[0]!.seq), {
+  await waitFor(() => eventIdOf(aims.lastPush(label)) === eventId(v1.tasks[0]!.seq), {
     timeoutMs: 20_000,
     message: "v1 on the label",
   })
@@ -113,7 +111,7 @@ test("a push AIMS applies after the worker gave up on it is not drawn over the l
   await waitFor(
     () =>
       aims.requests().some((r) => r.outcome === "late" && r.appliedAt !== undefined) &&
-      aims.lastPush(label)?.idempotencyKey === pushKey(v3.tasks[0]!.seq),
+      eventIdOf(aims.lastPush(label)) === eventId(v3.tasks[0]!.seq),
     { timeoutMs: 20_000, message: "the held v2 applied, and v3 pushed" },
   )
   const late = aims.requests().find((r) => r.outcome === "late")!
@@ -138,9 +136,9 @@ test("a worker that stalls past its lock before a push sends nothing when it res
       }
       try {
         await real!.pushImage(options)
-        attempts.push({ key: options.idempotencyKey })
+        attempts.push({ key: eventIdOfKey(options.idempotencyKey) })
       } catch (err) {
-        attempts.push({ key: options.idempotencyKey, error: (err as Error).message })
+        attempts.push({ key: eventIdOfKey(options.idempotencyKey), error: (err as Error).message })
         throw err
       }
     },
@@ -154,19 +152,18 @@ test("a worker that stalls past its lock before a push sends nothing when it res
   })
   real = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
   const [label] = macs(1)
-  // A push's idempotency key: its event's id, then the page drawn (1, the default).
-  const pushKey = (seq: number) => `${stream.site}:${seq}:1`
+  const eventId = (seq: number) => `${stream.site}:${seq}`
 
   await upsertProducts(own.db, [{ id: "Q", name: "Rye bread", priceMinor: 349, currency: "EUR" }])
   const v1 = await writeLabelJob(own.db, { labels: [{ labelCode: label!, productId: "Q" }] })
-  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === pushKey(v1.tasks[0]!.seq), {
+  await waitFor(() => eventIdOf(aims.lastPush(label!)) === eventId(v1.tasks[0]!.seq), {
     timeoutMs: 20_000,
     message: "v1 on the label",
   })
   stallNext = true
   const v2 = await writePriceChange(own.db, { changes: [{ productId: "Q", priceMinor: 379 }] })
-  const v2Id = pushKey(v2.tasks[0]!.seq)
-  await waitFor(() => aims.lastPush(label!)?.idempotencyKey === v2Id, {
+  const v2Id = eventId(v2.tasks[0]!.seq)
+  await waitFor(() => eventIdOf(aims.lastPush(label!)) === v2Id, {
     timeoutMs: 20_000,
     message: "v2 on the label",
   })
@@ -176,8 +173,8 @@ test("a worker that stalls past its lock before a push sends nothing when it res
     "the stalled push was refused before it went out; the next drain's went through",
   )
   assert.deepEqual(
-    aims.requests().map((r) => r.idempotencyKey),
-    [pushKey(v1.tasks[0]!.seq), v2Id],
+    aims.requests().map(eventIdOf),
+    [eventId(v1.tasks[0]!.seq), v2Id],
     "AIMS got v2's image once",
   )
   const [row] = (

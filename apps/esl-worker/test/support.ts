@@ -63,8 +63,12 @@ export async function committedTasks(db: Kysely<any>, site: string) {
   return { byLabel, byEventId }
 }
 
-/** The event a push was made for: its idempotency key is the event's id, then the page. */
-export const eventIdOf = (push: FakeAimsPush) => push.idempotencyKey?.replace(/:\d+$/, "") ?? ""
+/** The event an idempotency key was made for: the event's id, then the page and image. */
+export const eventIdOfKey = (key: string | undefined) =>
+  key?.replace(/:\d+:[0-9a-f]{16}$/, "") ?? ""
+
+/** The event a push was made for. */
+export const eventIdOf = (push: FakeAimsPush | undefined) => eventIdOfKey(push?.idempotencyKey)
 
 /** The image of the page a task shows (a task of a writer before pages: its one page). */
 export async function imageHashOf(payload: any): Promise<string> {

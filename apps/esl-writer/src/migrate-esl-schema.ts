@@ -55,8 +55,9 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
         -- page and front_page held one binding per label: a label job for another page
         -- replaced it, and the page bound before, the one shown included, was never drawn
         -- again. They stay, set as before, for writers of older releases; this table is what
-        -- tasks are made from, filled from them when it is created. job_id is the job that
-        -- last set what the page shows, drawn in its footer.
+        -- tasks are made from, filled from them when it is created and kept in step with
+        -- them after (the trigger below). job_id is the job that last set what the page
+        -- shows, drawn in its footer.
         if to_regclass('esl.label_page') is null then
           create table esl.label_page (
             label_code text not null references esl.label (label_code),
@@ -68,6 +69,25 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
           create index label_page_product_idx on esl.label_page (product_id);
           insert into esl.label_page (label_code, page, product_id, job_id)
           select label_code, page, product_id, coalesce(last_job_id, 'before-pages') from esl.label;
+        end if;
+        -- A binding written to esl.label alone (a writer of an older release, running beside
+        -- this one during an upgrade; a script) is a page's binding all the same: filled in
+        -- only once, esl.label_page missed it, and this writer's tasks drew the page's old
+        -- product, or none. This writer's own label jobs write the same row again.
+        create or replace function esl.label_page_from_label() returns trigger
+          language plpgsql as $f$
+        begin
+          insert into esl.label_page (label_code, page, product_id, job_id)
+          values (new.label_code, new.page, new.product_id, coalesce(new.last_job_id, 'before-pages'))
+          on conflict (label_code, page) do update
+            set product_id = excluded.product_id, job_id = excluded.job_id;
+          return null;
+        end
+        $f$;
+        if not exists (select from pg_trigger
+                        where tgrelid = 'esl.label'::regclass and tgname = 'label_page_from_label') then
+          create trigger label_page_from_label after insert or update of product_id, page on esl.label
+            for each row execute function esl.label_page_from_label();
         end if;
       end
       $$;

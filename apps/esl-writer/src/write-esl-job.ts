@@ -193,10 +193,13 @@ const DEADLOCK = "40P01"
 // The locking discipline that makes overlapping jobs safe, in one place:
 //  1. products before labels, each set in sorted order (ORDER BY … FOR SHARE/UPDATE locks
 //     rows in the sorted order), so two jobs never wait on each other in a cycle;
-//  2. a task's payload is read only after its label's row lock is held, and a label job
-//     holds its products FOR SHARE, so no price change can commit between the read and the
-//     commit. Within a label, the outbox version order is commit order (the key-head lock),
-//     hence a later version always carries newer data, and the last version is the truth.
+//  2. a task's payload (every page of its label) is read only after its label's row lock is
+//     held, and a price change takes the lock of every label showing its products before it
+//     reads them: a change either committed before the read, which sees it, or commits after
+//     this job, with a later version of the label. A label job holds the products it binds
+//     FOR SHARE, so a price change of one waits for the binding and then finds the label.
+//     Within a label, the outbox version order is commit order (the key-head lock), hence a
+//     later version always carries newer data, and the last version is the truth.
 // Without 2, a job could read a price, lose the race for the label to a price change, and
 // enqueue the stale price as the label's newest version.
 

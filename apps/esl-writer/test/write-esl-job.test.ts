@@ -217,7 +217,9 @@ test("labels stored before pages had their own table keep their page and product
     await migrateEslSchema(old.db)
     await upsertProducts(old.db, [{ id: "E", name: "Eggs x6", priceMinor: 239, currency: "EUR" }])
     // As a writer before esl.label_page left them.
-    await sql`drop table esl.label_page`.execute(old.db)
+    await sql`drop trigger label_page_from_label on esl.label; drop table esl.label_page`.execute(
+      old.db,
+    )
     await sql`insert into esl.label (label_code, product_id, page, front_page, shown_page, last_job_id)
               values (${label(40)}, 'E', 3, false, 1, 'old-job'), (${label(41)}, 'E', 5, true, null, null)`.execute(
       old.db,
@@ -253,6 +255,40 @@ test("labels stored before pages had their own table keep their page and product
   } finally {
     await old.drop()
   }
+})
+
+test("a binding an older writer writes to esl.label alone is a page's binding: later tasks draw it", async () => {
+  await upsertProducts(t.db, [
+    { id: "KALE", name: "Kale 250 g", priceMinor: 189, currency: "EUR" },
+    { id: "LEEK", name: "Leeks", priceMinor: 149, currency: "EUR" },
+  ])
+  await writeLabelJob(t.db, {
+    jobId: "new-1",
+    labels: [{ labelCode: label(50), productId: "KALE", page: 2 }],
+  })
+  // An older writer, running beside this one during an upgrade: one binding per label.
+  await sql`update esl.label set product_id = 'LEEK', page = 2, last_job_id = 'old-1'
+             where label_code = ${label(50)}`.execute(t.db)
+  await sql`insert into esl.label (label_code, product_id, page, front_page, shown_page, last_job_id)
+            values (${label(51)}, 'LEEK', 1, true, 1, 'old-2')`.execute(t.db)
+  const job = await writePriceChange(t.db, {
+    jobId: "leek-up",
+    changes: [{ productId: "LEEK", priceMinor: 159 }],
+  })
+  assert.deepEqual(
+    job.tasks.map((task) => task.key),
+    [label(50), label(51)],
+  )
+  const pages = await sql<{ key: string; pages: any[] }>`
+    select key, payload->'pages' as pages from keyway.outbox
+     where payload->>'jobId' = 'leek-up' order by key`.execute(t.db)
+  assert.deepEqual(
+    pages.rows.map((r) => [r.key, r.pages.map((p) => [p.page, p.productId, p.priceMinor])]),
+    [
+      [label(50), [[2, "LEEK", 159]]],
+      [label(51), [[1, "LEEK", 159]]],
+    ],
+  )
 })
 
 test("a catalogue import is checked like a price change; a bad product writes nothing", async () => {
@@ -432,9 +468,13 @@ test("overlapping jobs and price changes: every label's newest task matches the 
           })
         } else {
           await writeLabelJob(t.db, {
-            // Three labels of the eight, each once: a job giving a label two products is refused.
+            // Three labels of the eight, each once, on one of three pages (in the background
+            // but for page 1): a label comes to show up to three products.
             labels: [...new Set(Array.from({ length: 3 }, () => labels[rand(8)]!))].map(
-              (labelCode) => ({ labelCode, productId: products[rand(4)]! }),
+              (labelCode) => {
+                const page = 1 + rand(3)
+                return { labelCode, productId: products[rand(4)]!, page, frontPage: page === 1 }
+              },
             ),
           })
         }
@@ -444,24 +484,25 @@ test("overlapping jobs and price changes: every label's newest task matches the 
   const newest = await sql<{ key: string; payload: any }>`
     select distinct on (key) key, payload from keyway.outbox
      where key = any(${labels}::text[]) order by key, ver desc`.execute(t.db)
-  const truth = await sql<{
-    label_code: string
-    product_id: string
-    price_minor: number
-    last_job_id: string
-  }>`
-    select l.label_code, lp.product_id, p.price_minor::int, l.last_job_id
+  const truth = await sql<{ label_code: string; last_job_id: string; pages: unknown[] }>`
+    select l.label_code, l.last_job_id,
+           json_agg(json_build_array(lp.page, lp.product_id, p.price_minor::int, lp.job_id)
+                    order by lp.page) as pages
       from esl.label l join esl.label_page lp using (label_code) join esl.product p on p.id = lp.product_id
-     where l.label_code = any(${labels}::text[])`.execute(t.db)
+     where l.label_code = any(${labels}::text[])
+     group by l.label_code, l.last_job_id`.execute(t.db)
   const byLabel = new Map(truth.rows.map((r) => [r.label_code, r]))
+  let pagesSeen = 0
   for (const { key, payload } of newest.rows) {
     const now = byLabel.get(key)!
+    pagesSeen += payload.pages.length
     assert.deepEqual(
-      [payload.pages[0].productId, payload.pages[0].priceMinor, payload.jobId],
-      [now.product_id, now.price_minor, now.last_job_id],
-      `${key}: the newest task shows what the tables say`,
+      [payload.jobId, payload.pages.map((p: any) => [p.page, p.productId, p.priceMinor, p.jobId])],
+      [now.last_job_id, now.pages],
+      `${key}: the newest task shows what the tables say, every page`,
     )
   }
+  assert.ok(pagesSeen > labels.length, `labels came to show several pages (${pagesSeen})`)
   // Versions are gapless per label and every task is recorded against its job.
   const gaps = await sql<{ n: number }>`
     select count(*)::int as n from (

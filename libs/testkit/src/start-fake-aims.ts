@@ -117,8 +117,11 @@ export interface FakeAims {
   readonly tokensIssued: number
   setLatency(ms: number): void
   setFailureRates(rates: FailureRates): void
-  /** The next `count` image requests get `status` (429 or a 5xx); none is applied. */
-  burst(status: 429 | 500 | 502 | 503 | 504, count: number): void
+  /**
+   * The next `count` image requests get `status` (429 or a 5xx; 400 as for an image the label
+   * cannot take, which no retry mends); none is applied.
+   */
+  burst(status: 400 | 429 | 500 | 502 | 503 | 504, count: number): void
   /** The next `count` token requests get `status` (429 or a 5xx), a 429 with Retry-After. */
   burstTokens(status: 429 | 500 | 502 | 503, count: number): void
   /**
