@@ -91,13 +91,14 @@ secrets:
     @{{quote(just_executable())}} _one-at-a-time secrets
     flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
 
-# Without the shared servers' DATABASE_URL and NATS_URL exported above: `pm2 restart
-# --update-env` copies the pm2 command's environment over the process's, and a site's relay
-# went on to write into database keyway and NATS 4222.
 # pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.
+# With no more of the caller's environment than it needs to run: `pm2 restart --update-env`
+# copies the pm2 command's environment over the process's, and with the shared servers'
+# DATABASE_URL and NATS_URL exported above a site's relay went on to write into database
+# keyway and NATS 4222 (a shell's METRICS_PORT or REDIS_URL would do as much harm).
 [positional-arguments]
 pm2 *args:
-    env -u DATABASE_URL -u NATS_URL PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 "$@"
+    env -i PATH="$PATH" HOME="$HOME" TERM="${TERM:-dumb}" LANG="${LANG:-C.UTF-8}" PM2_HOME="{{justfile_directory()}}/.run/pm2" PM2_KILL_SIGNAL=SIGTERM npx pm2 "$@"
 
 # DATABASE_URL names the group's database; for `just up`'s cloud site:
 # `DATABASE_URL=postgres://postgres@127.0.0.1:5432/keyway_cloud npx just admin dead --group cloud-demo`.
