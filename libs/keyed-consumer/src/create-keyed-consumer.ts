@@ -475,7 +475,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     })
     collectedGauge({
       name: "consumer_metrics_read_age_seconds",
-      help: "Since this worker's reads for the group's gauges (gaps, dead, backlog, lag, sources) last all answered: while Postgres or NATS is away from it they keep their last values, and alerts on them see nothing",
+      help: "Since this worker's reads for the group's gauges (gaps, dead, backlog, lag, sources) last all answered: while one fails (Postgres or NATS away, the durable missing) they keep their last values, and alerts on them see nothing",
       collect: () => oldestAnswerSeconds([waiting, backlog, lag, sources]),
     })
   }
@@ -1071,6 +1071,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       parent,
     )
     runningSpans.add(span)
+    // Once stop() has ended it (a run abandoned), the span takes nothing more: the SDK would
+    // report each call on an ended span as trouble, in every late shutdown.
+    const markSpan = (mark: (live: Span) => void) => {
+      if (runningSpans.has(span)) mark(span)
+    }
     // The completion once complete() has sent it. Until it settles nobody knows whether the
     // task is done: a handler that throws (or returns) while it is in flight, one that did not
     // await it, must not have the task marked failed, or completed a second time, meanwhile.
@@ -1177,7 +1182,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const completed = outcome === "committed"
       if (err instanceof FencedError) {
         stats.fenced++
-        span.setStatus({ code: SpanStatusCode.ERROR, message: err.message })
+        markSpan((live) => live.setStatus({ code: SpanStatusCode.ERROR, message: err.message }))
         return "fenced"
       }
       // By stop(): whatever the handler threw once told to give up. By the loss of the key:
@@ -1195,7 +1200,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         // stopping. The task stays pending with its attempts as they were, for whichever
         // worker takes the key next. Counting it would let a handler slower than the grace
         // period, or one running through a flapping Redis, die for what was not its failure.
-        span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+        markSpan((live) => live.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) }))
         // Unless it says when to come back (retryAfterMs): a vendor call it had sent and gave
         // up on, which the vendor may still apply (the ESL worker's AIMS push). Taken at once
         // by the next worker, the next version's call could land first, and this one over it.
@@ -1226,8 +1231,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         stats.done++
         return "done"
       }
-      span.recordException(err as Error)
-      span.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+      markSpan((live) => {
+        live.recordException(err as Error)
+        live.setStatus({ code: SpanStatusCode.ERROR, message: messageOf(err) })
+      })
       const poison = err instanceof PoisonError
       const lost = err instanceof LostRunsError
       const dead = poison || lost || task.attempts + 1 >= policy.maxAttempts
