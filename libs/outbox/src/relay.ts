@@ -381,7 +381,7 @@ export function createRelay(config: RelayConfig): Relay {
     })
     m.collectedGauge({
       name: "outbox_metrics_read_age_seconds",
-      help: "Since this relay's read of the backlog last answered: while Postgres is away from it the two gauges above keep their last values, and alerts on them see nothing",
+      help: "Since this relay's read of the backlog last answered: while it fails (Postgres away, a count past its statement timeout) the two gauges above keep their last values, and alerts on them see nothing",
       collect: () => oldestAnswerSeconds([pending]),
     })
   }

@@ -18,7 +18,10 @@ export interface NatsServerOptions {
   jetstream?: boolean
   /** JetStream domain (reference/nats-2.9.md rule 4: one per site). */
   domain?: string
-  /** Appended to the generated config: leafnodes, accounts, cluster and so on. */
+  /**
+   * Appended to the generated config: leafnodes, accounts, cluster and so on. Not the log's
+   * destination (`log_file`, `syslog`): readiness reads the server's ID from its output.
+   */
   config?: string
   /** `server_name`; defaults to a random one. */
   name?: string
