@@ -54,7 +54,16 @@ export type ReplayLine = {
       traceparent?: string
       payload: unknown
     }
-  | { error: string; data: string }
+  | {
+      error: string
+      /** Its bytes: as text when they are UTF-8, else in base64; at most the first 1,000. */
+      data?: string
+      dataBase64?: string
+      /** How many bytes it has. */
+      size: number
+      /** Whether `data` or `dataBase64` holds only the first of them. */
+      truncated: boolean
+    }
 )
 
 function toLine(m: JsMsg): ReplayLine {
@@ -77,8 +86,38 @@ function toLine(m: JsMsg): ReplayLine {
     }
   } catch (err) {
     // Printed, not skipped: a message that is not an event is often what one is looking for.
-    return { ...head, error: (err as Error).message, data: m.string().slice(0, 1000) }
+    return { ...head, error: (err as Error).message, ...bytesOf(m.data) }
   }
+}
+
+const SHOWN_BYTES = 1000
+const utf8 = new TextDecoder("utf-8", { fatal: true })
+
+/**
+ * A body as it is: decoded leniently, bytes that are not UTF-8 (protobuf, gzip, Latin-1)
+ * printed as U+FFFD, which gave neither the bytes back nor a sign that they were lost.
+ */
+function bytesOf(data: Uint8Array) {
+  const shown = data.subarray(0, SHOWN_BYTES)
+  const truncated = data.length > SHOWN_BYTES
+  try {
+    // A cut may split a character: its start is dropped, not turned into U+FFFD.
+    return { data: utf8.decode(truncated ? whole(shown) : shown), size: data.length, truncated }
+  } catch {
+    return { dataBase64: Buffer.from(shown).toString("base64"), size: data.length, truncated }
+  }
+}
+
+/** `bytes` without a UTF-8 character cut at its end (at most 3 bytes of one). */
+function whole(bytes: Uint8Array): Uint8Array {
+  for (let back = 1; back <= Math.min(3, bytes.length); back++) {
+    const b = bytes[bytes.length - back]!
+    if ((b & 0xc0) === 0x80) continue // a continuation byte: look further back
+    // A lead byte: keep it only if its character is complete.
+    const need = b >= 0xf0 ? 4 : b >= 0xe0 ? 3 : b >= 0xc0 ? 2 : 1
+    return need > back ? bytes.subarray(0, bytes.length - back) : bytes
+  }
+  return bytes
 }
 
 /** What a read has done so far, kept across the consumers it may take. */
@@ -290,7 +329,11 @@ async function readAll(
         progress.lastSeq = m.seq
         progress.lastDelivery = { consumer: m.info.consumer, seq: m.info.deliverySequence }
         const line = toLine(m)
-        if (options.key === undefined || ("key" in line && line.key === options.key)) {
+        // A start past the stream's last message is taken by the server as its next one (the
+        // first, on a stream never written): `--from-seq 1000 --follow` on one at 500 printed
+        // 501-999.
+        const asked = options.fromSeq === undefined || m.seq >= options.fromSeq
+        if (asked && (options.key === undefined || ("key" in line && line.key === options.key))) {
           print(line)
           progress.printed++
           if (options.limit !== undefined && progress.printed >= options.limit) {

@@ -309,3 +309,64 @@ test("--follow goes on through one clean restart after another, with nothing bet
   assert.equal(await reading, 2)
   assert.deepEqual(seqs, [1, 2])
 })
+
+test("--from-seq past the stream's end with --follow prints from that seq on, nothing before", async () => {
+  const own = await createTestStream(nc)
+  try {
+    const js = jetstream(nc)
+    for (let i = 1; i <= 3; i++) await js.publish(`${own.site}.a`, `${i}`)
+    const seqs: number[] = []
+    const stop = new AbortController()
+    // The server starts a consumer asked for seq 6 at seq 4, the stream's next.
+    const reading = replay(
+      js,
+      { stream: own.name, fromSeq: 6, follow: true, signal: stop.signal },
+      (line) => seqs.push(line.streamSeq),
+    )
+    // Its consumer made first, while the stream ends at 3.
+    const jsm = await jetstreamManager(nc)
+    await waitFor(async () => (await jsm.consumers.list(own.name).next()).length > 0, {
+      timeoutMs: 5000,
+      message: "the read's consumer",
+    })
+    for (let i = 4; i <= 7; i++) await js.publish(`${own.site}.a`, `${i}`)
+    await waitFor(async () => seqs.length === 2, { timeoutMs: 5000, message: "seqs 6 and 7" })
+    stop.abort()
+    assert.equal(await reading, 2)
+    assert.deepEqual(seqs, [6, 7])
+  } finally {
+    await own.delete()
+  }
+})
+
+test("a message that is not an event is printed with its bytes: text if UTF-8, else base64, cut and sized", async () => {
+  const own = await createTestStream(nc)
+  try {
+    const js = jetstream(nc)
+    const binary = Uint8Array.from([0x0a, 0x03, 0xff, 0xfe, 0x00, 0x80])
+    // 999 bytes of ASCII, then a 2-byte character across the 1,000-byte cut.
+    const long = `${"x".repeat(999)}é and more`
+    await js.publish(`${own.site}.a`, binary)
+    await js.publish(`${own.site}.a`, long)
+    const lines: ReplayLine[] = []
+    await replay(js, { stream: own.name }, (line) => lines.push(line))
+    const [bin, text] = lines.map((l) => {
+      const { streamSeq: _s, time: _t, subject: _u, ...rest } = l
+      return rest
+    })
+    assert.deepEqual(bin, {
+      error: "message body is not UTF-8",
+      dataBase64: Buffer.from(binary).toString("base64"),
+      size: 6,
+      truncated: false,
+    })
+    assert.deepEqual(text, {
+      error: "message body is not JSON",
+      data: "x".repeat(999),
+      size: Buffer.byteLength(long),
+      truncated: true,
+    })
+  } finally {
+    await own.delete()
+  }
+})
