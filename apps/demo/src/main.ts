@@ -12,7 +12,7 @@ import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@ke
 import { createRelay, enqueue } from "@keyway/outbox"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
-import { demoEvent } from "./demo-event.ts"
+import { demoEvent, nextDue } from "./demo-event.ts"
 
 function fail(message: string): never {
   console.error(`keyway demo: ${message}`)
@@ -71,7 +71,7 @@ const pause = (ms: number) => sleep(ms, undefined, { signal: stopped.signal }).c
 // The writer: each transaction writes the site's demo event for a random key out of 20, at
 // `rate` per second.
 const writer = (async () => {
-  const started = Date.now()
+  let due = Date.now()
   while (running) {
     try {
       await db.transaction().execute((trx) => enqueue(trx, demoEvent(site, written, 20)))
@@ -81,7 +81,7 @@ const writer = (async () => {
       continue
     }
     written++
-    const due = started + (written * 1000) / rate
+    due = nextDue(due, rate)
     await pause(Math.max(0, due - Date.now()))
   }
 })()

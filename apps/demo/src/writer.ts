@@ -8,7 +8,7 @@ import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
 import { startTelemetry } from "@keyway/telemetry"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
-import { demoEvent } from "./demo-event.ts"
+import { demoEvent, nextDue } from "./demo-event.ts"
 
 function fail(message: string): never {
   console.error(`demo writer: ${message}`)
@@ -87,8 +87,7 @@ const loop = (async () => {
       continue
     }
     if (written % Math.max(1, Math.round(rate * 60)) === 0) log("demo traffic", { site, written })
-    // A fixed pace, without a burst to catch up after an outage: demo traffic, not a backlog.
-    due = Math.max(due + 1000 / rate, Date.now() - 1000)
+    due = nextDue(due, rate)
     await pause(Math.max(0, due - Date.now()))
   }
 })()
