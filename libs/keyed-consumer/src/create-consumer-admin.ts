@@ -429,6 +429,9 @@ export function createConsumerAdmin({
           join keyway.inbox i
             on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
          where k.grp = ${group} and i.state = 'dead' ${topicFilter(topic)}
+           -- Only keys counting a dead task (consumer_key_dead_idx), as the metric reads them:
+           -- otherwise every key of the group, which are never deleted, was probed.
+           and k.dead_tasks > 0
            -- Not one held for a while (a parked task's Retry-After): that key moves on alone.
            and i.run_after <= now()
          order by k.topic, k.key
