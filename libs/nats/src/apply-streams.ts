@@ -103,6 +103,15 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
   if (declared.num_replicas !== undefined && declared.num_replicas < live.num_replicas) {
     out.push(`num_replicas ${live.num_replicas} -> ${declared.num_replicas} drops copies`)
   }
+  // Subjects a stream takes no more: every publish to them then finds no stream (each relay
+  // holds the topic), and a declaration that misspelt "subjects" took them all away. Unless
+  // the stream becomes a copy (sources declared), which listens on none; and a stream declared
+  // with neither gets its own name from the server.
+  const after = declared.subjects?.length ? declared.subjects : [declared.name]
+  const removed = (live.subjects ?? []).filter((s) => !after.includes(s))
+  if (removed.length > 0 && !declared.sources?.length) {
+    out.push(`subjects ${removed.join(", ")} removed: publishes to them would find no stream`)
+  }
   // A source is tracked by its name and API prefix: changed, the copy starts it over from
   // its first message, and stores again what is older than its duplicate window (all but
   // the last second, for Keyway's copies).

@@ -215,6 +215,40 @@ test("a source declared by domain is the same source the server reports by API p
   )
 })
 
+test('subjects a stream would take no more are refused, a misspelt "subjects" among them; a copy takes none', () => {
+  const live = {
+    name: "FACTORY",
+    num_replicas: 1,
+    max_age: hours(168),
+    subjects: ["factory.>"],
+  } as unknown as StreamConfig
+  const removed = ["subjects factory.> removed: publishes to them would find no stream"]
+  assert.deepEqual(destructiveChanges(live, { name: "FACTORY", subjects: ["factory.>"] }), [])
+  assert.deepEqual(
+    destructiveChanges(live, { name: "FACTORY", subjects: ["factory.>", "more.>"] }),
+    [],
+    "added",
+  )
+  assert.deepEqual(
+    destructiveChanges(live, { name: "FACTORY", subjects: ["factory.demo.>"] }),
+    removed,
+  )
+  assert.deepEqual(
+    destructiveChanges(live, {
+      name: "FACTORY",
+      subject: ["factory.>"],
+    } as unknown as StreamDefinition),
+    removed,
+  )
+  assert.deepEqual(
+    destructiveChanges(live, { name: "FACTORY", sources: [{ name: "F", domain: "far" }] }),
+    [],
+    "an origin made a copy",
+  )
+  const named = { ...live, subjects: ["PLAIN"], name: "PLAIN" } as StreamConfig
+  assert.deepEqual(destructiveChanges(named, { name: "PLAIN" }), [], "the server's own default")
+})
+
 test("a window under a second, as loaded from a file, is applied", async () => {
   const name = uniqueName()
   await applyStreams(jsm, [
