@@ -109,6 +109,7 @@ const selector = (): TaskSelector => {
   }
   const s: TaskSelector = { topic: values.topic }
   if (values.key !== undefined) s.key = values.key
+  if (values["all-keys"] === true) s.allKeys = true
   const from = version("from")
   const to = version("to")
   if ((from !== undefined || to !== undefined) && values.key === undefined) {

@@ -7,6 +7,12 @@ export type { GroupSummary }
 export interface TaskSelector {
   topic: string
   key?: string
+  /**
+   * Every key of the topic, for skip and redrive, which must be asked for so (as the CLI's
+   * --all-keys): a `key` left undefined by a caller's slip (`key: req.key`) skipped every
+   * dead task of the topic, or ran the topic's retention period of work again.
+   */
+  allKeys?: boolean
   /** Inclusive version range within `key`. */
   fromVer?: number
   toVer?: number
@@ -142,7 +148,19 @@ const refuseBadSelector = (action: string, s: TaskSelector) => {
   if (typeof s.topic !== "string" || s.topic === "") {
     throw new ConsumerAdminError(`${action}: a topic is required`)
   }
+  if (s.key !== undefined && s.allKeys) {
+    throw new ConsumerAdminError(`${action}: a key and allKeys: give one`)
+  }
   refuseBadInput(action, { fromVer: s.fromVer, toVer: s.toVer }, ["fromVer", "toVer"])
+}
+
+/** Skip and redrive of every key of a topic are asked for by name (TaskSelector.allKeys). */
+const refuseWholeTopicUnasked = (action: string, s: TaskSelector) => {
+  if (s.key === undefined && s.allKeys !== true) {
+    throw new ConsumerAdminError(
+      `${action}: a key, or allKeys: true for every key of topic ${s.topic}`,
+    )
+  }
 }
 
 // The most versions one skip may record as missing. A stray event at v10^15 (the envelope
@@ -478,6 +496,7 @@ export function createConsumerAdmin({
       refuseBadSelector("skip", s)
       const ranged = s.fromVer !== undefined || s.toVer !== undefined
       refuseRangeWithoutKey(s)
+      refuseWholeTopicUnasked("skip", s)
       const states = sql.join(ranged ? ["pending", "dead"] : ["dead"])
       return action(async (trx) => {
         await refuseUnknown(trx, s.topic, s.key)
@@ -602,6 +621,11 @@ export function createConsumerAdmin({
         return Number((r.rows[0] as { n: number }).n) + placed
       })
     },
-    redrive: (s) => resetAndRewind(s, ["done", "skipped", "dead"], true),
+    async redrive(s) {
+      refuseBadSelector("redrive", s)
+      refuseRangeWithoutKey(s)
+      refuseWholeTopicUnasked("redrive", s)
+      return resetAndRewind(s, ["done", "skipped", "dead"], true)
+    },
   }
 }

@@ -59,7 +59,10 @@ for (const action of ["skip", "retry"] as const) {
       await worker.query(
         "select 1 from keyway.consumer_key where grp = 'g' and key = 'B' for update",
       )
-      const acting = createConsumerAdmin({ db: en.db, group: "g" })[action]({ topic: "demo.item" })
+      const acting = createConsumerAdmin({ db: en.db, group: "g" })[action]({
+        topic: "demo.item",
+        allKeys: true,
+      })
       await lockWait(`the ${action} waits for the worker`, en.name)
       // Holding "a" here, the action would wait for "B" while the worker waits for "a".
       await worker.query(

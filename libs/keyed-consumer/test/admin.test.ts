@@ -70,7 +70,17 @@ test("a skip without a range takes dead tasks only; the events queued behind the
                 '{"n":1}', now(), ${state})`.execute(t.db)
     }
   }
-  assert.equal(await admin().skip({ topic: "skip.topic" }), 1)
+  // Every key of the topic, asked for so: a key left out by a slip is not "every key".
+  for (const act of ["skip", "redrive"] as const) {
+    await assert.rejects(
+      admin()[act]({ topic: "skip.topic" }),
+      new RegExp(
+        `^ConsumerAdminError: ${act}: a key, or allKeys: true for every key of topic skip.topic$`,
+      ),
+    )
+    await assert.rejects(admin()[act]({ topic: "skip.topic", key: "q", allKeys: true }), /give one/)
+  }
+  assert.equal(await admin().skip({ topic: "skip.topic", allKeys: true }), 1)
   assert.equal(await admin().skip({ topic: "skip.topic", key: "q" }), 0)
   const states = await sql<{ key: string; ver: number; state: string }>`
     select key, ver::int, state from keyway.inbox where grp = 'g' and topic = 'skip.topic'
