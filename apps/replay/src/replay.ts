@@ -2,6 +2,7 @@
 // stream order, from a point in the stream, without disturbing anything. An ordered consumer
 // is the JetStream way to do that: ephemeral, in server memory, unacknowledged, deleted when
 // the read ends (else the server drops it 5 minutes after); the groups' durables never see it.
+import { isUtf8 } from "node:buffer"
 import { randomBytes } from "node:crypto"
 import { setTimeout as sleep } from "node:timers/promises"
 import { decodeEnvelope } from "@keyway/schemas"
@@ -91,7 +92,7 @@ function toLine(m: JsMsg): ReplayLine {
 }
 
 const SHOWN_BYTES = 1000
-const utf8 = new TextDecoder("utf-8", { fatal: true })
+const utf8 = new TextDecoder("utf-8")
 
 /**
  * A body as it is: decoded leniently, bytes that are not UTF-8 (protobuf, gzip, Latin-1)
@@ -100,12 +101,13 @@ const utf8 = new TextDecoder("utf-8", { fatal: true })
 function bytesOf(data: Uint8Array) {
   const shown = data.subarray(0, SHOWN_BYTES)
   const truncated = data.length > SHOWN_BYTES
-  try {
-    // A cut may split a character: its start is dropped, not turned into U+FFFD.
-    return { data: utf8.decode(truncated ? whole(shown) : shown), size: data.length, truncated }
-  } catch {
+  // The whole body decides, not its first bytes: a Latin-1 body whose first non-ASCII byte
+  // came past the cut read as text.
+  if (!isUtf8(data)) {
     return { dataBase64: Buffer.from(shown).toString("base64"), size: data.length, truncated }
   }
+  // A cut may split a character: its start is dropped, not turned into U+FFFD.
+  return { data: utf8.decode(truncated ? whole(shown) : shown), size: data.length, truncated }
 }
 
 /** `bytes` without a UTF-8 character cut at its end (at most 3 bytes of one). */

@@ -344,15 +344,20 @@ test("a message that is not an event is printed with its bytes: text if UTF-8, e
   try {
     const js = jetstream(nc)
     const binary = Uint8Array.from([0x0a, 0x03, 0xff, 0xfe, 0x00, 0x80])
-    // 999 bytes of ASCII, then a 2-byte character across the 1,000-byte cut.
-    const long = `${"x".repeat(999)}é and more`
+    const x = (n: number) => "x".repeat(n)
+    // Around the 1,000-byte cut: a 2-byte character across it; a 4-byte one ending at it;
+    // one cut after 3 of its 4 bytes; plain ASCII.
+    const texts = [`${x(999)}é and more`, `${x(996)}😀 and more`, `${x(997)}😀 and more`, x(1200)]
+    // Latin-1, its first byte that is no UTF-8 past the cut: not text.
+    const latin1 = Buffer.concat([Buffer.from(x(1100)), Buffer.from([0xe9, 0x20])])
     await js.publish(`${own.site}.a`, binary)
-    await js.publish(`${own.site}.a`, long)
+    for (const t of texts) await js.publish(`${own.site}.a`, t)
+    await js.publish(`${own.site}.a`, latin1)
     const lines: ReplayLine[] = []
     await replay(js, { stream: own.name }, (line) => lines.push(line))
-    const [bin, text] = lines.map((l) => {
-      const { streamSeq: _s, time: _t, subject: _u, ...rest } = l
-      return rest
+    const [bin, ...rest] = lines.map((l) => {
+      const { streamSeq: _s, time: _t, subject: _u, ...body } = l
+      return body
     })
     assert.deepEqual(bin, {
       error: "message body is not UTF-8",
@@ -360,10 +365,22 @@ test("a message that is not an event is printed with its bytes: text if UTF-8, e
       size: 6,
       truncated: false,
     })
-    assert.deepEqual(text, {
+    const asText = (data: string, size: number) => ({
       error: "message body is not JSON",
-      data: "x".repeat(999),
-      size: Buffer.byteLength(long),
+      data,
+      size,
+      truncated: true,
+    })
+    assert.deepEqual(rest.slice(0, 4), [
+      asText(x(999), Buffer.byteLength(texts[0]!)),
+      asText(`${x(996)}😀`, Buffer.byteLength(texts[1]!)),
+      asText(x(997), Buffer.byteLength(texts[2]!)),
+      asText(x(1000), 1200),
+    ])
+    assert.deepEqual(rest[4], {
+      error: "message body is not UTF-8",
+      dataBase64: Buffer.from(x(1000)).toString("base64"),
+      size: 1102,
       truncated: true,
     })
   } finally {

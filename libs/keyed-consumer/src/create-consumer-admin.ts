@@ -10,7 +10,9 @@ export interface TaskSelector {
   /**
    * Every key of the topic, for skip and redrive, which must be asked for so (as the CLI's
    * --all-keys): a `key` left undefined by a caller's slip (`key: req.key`) skipped every
-   * dead task of the topic, or ran the topic's retention period of work again.
+   * dead task of the topic, or ran the topic's retention period of work again. Not for
+   * retry, whose topic-wide use (after a vendor's outage) loses nothing and runs no task that
+   * ran: dead tasks go back to pending, in their keys' order.
    */
   allKeys?: boolean
   /** Inclusive version range within `key`. */

@@ -105,11 +105,12 @@ export function destructiveChanges(live: StreamConfig, declared: StreamDefinitio
   }
   // Subjects a stream takes no more: every publish to them then finds no stream (each relay
   // holds the topic), and a declaration that misspelt "subjects" took them all away. Unless
-  // the stream becomes a copy (sources declared), which listens on none; and a stream declared
-  // with neither gets its own name from the server.
+  // the stream becomes a copy (sources declared, no subjects), which listens on none; and a
+  // stream declared with neither gets its own name from the server.
+  const becomesCopy = !declared.subjects?.length && !!declared.sources?.length
   const after = declared.subjects?.length ? declared.subjects : [declared.name]
   const removed = (live.subjects ?? []).filter((s) => !after.includes(s))
-  if (removed.length > 0 && !declared.sources?.length) {
+  if (removed.length > 0 && !becomesCopy) {
     out.push(`subjects ${removed.join(", ")} removed: publishes to them would find no stream`)
   }
   // A source is tracked by its name and API prefix: changed, the copy starts it over from

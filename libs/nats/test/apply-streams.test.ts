@@ -245,6 +245,15 @@ test('subjects a stream would take no more are refused, a misspelt "subjects" am
     [],
     "an origin made a copy",
   )
+  assert.deepEqual(
+    destructiveChanges(live, {
+      name: "FACTORY",
+      subjects: ["factory.demo.>"],
+      sources: [{ name: "F", domain: "far" }],
+    }),
+    removed,
+    "sources added beside narrowed subjects: no copy, subjects lost all the same",
+  )
   const named = { ...live, subjects: ["PLAIN"], name: "PLAIN" } as StreamConfig
   assert.deepEqual(destructiveChanges(named, { name: "PLAIN" }), [], "the server's own default")
 })
