@@ -4,6 +4,7 @@
 //  2. label throughput: one job over 1,000 labels, from its commit to the last AIMS answer.
 // Knobs: BENCH_ESL_RATE (200), BENCH_ESL_SECONDS (15), BENCH_ESL_WORKERS (1 process).
 import { fileURLToPath } from "node:url"
+import { eventIdOfPushKey } from "@keyway/esl-worker-app"
 import { migrateEslSchema, upsertProducts, writeLabelJob } from "@keyway/esl-writer-app"
 import { connectNats } from "@keyway/nats"
 import { createRelay } from "@keyway/outbox"
@@ -154,8 +155,7 @@ export async function run() {
     const toAnswer: number[] = []
     const toArrival: number[] = []
     for (const p of aims.pushes()) {
-      // Keyed by event id; a push's idempotency key adds the page and its image's digest.
-      const c = committed.get(p.idempotencyKey?.replace(/:\d+:[0-9a-f]{16}$/, "") ?? "")
+      const c = committed.get(eventIdOfPushKey(p.idempotencyKey ?? ""))
       if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
       toArrival.push(p.receivedAt - c)
       toAnswer.push(p.answeredAt! - c)

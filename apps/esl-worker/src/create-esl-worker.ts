@@ -29,6 +29,7 @@ import {
   type DrawnLabel,
   imageDigest,
   migrateDrawnPages,
+  pushKey,
   readDrawn,
   recordDrawn,
 } from "./drawn-pages.ts"
@@ -187,10 +188,7 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
           page: image.page,
           frontPage: task.shownPage,
           png: image.png,
-          // The image's digest too: a task run again after a crash between its push and its
-          // done, by a release that draws the page otherwise, sends another image, which an
-          // AIMS that honours the key would drop as a repeat while its digest is recorded.
-          idempotencyKey: `${ctx.eventId}:${image.page}:${image.digest.slice(0, 16)}`,
+          idempotencyKey: pushKey(ctx.eventId, image.page, image.digest),
           fencingToken: `${ctx.fencing.epoch}.${ctx.fencing.version}`,
           signal: ctx.signal,
           beforeSend: ctx.throwIfLost,

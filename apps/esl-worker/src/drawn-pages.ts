@@ -1,8 +1,8 @@
 import { createHash } from "node:crypto"
+import { applyAppSchema } from "@keyway/db"
 import { type Kysely, sql } from "kysely"
 
-// An arbitrary constant: workers starting together create the table in turns (concurrent
-// `create … if not exists` of one table can collide on the catalog's unique index).
+/** The advisory lock workers starting together take turns on (applyAppSchema). */
 const LOCK_KEY = 0x65736c32
 
 /**
@@ -13,12 +13,10 @@ const LOCK_KEY = 0x65736c32
  * task that failed halfway drew pages it did not record, and its retry draws them again.
  */
 export async function migrateDrawnPages(db: Kysely<any>): Promise<void> {
-  await db.transaction().execute(async (trx) => {
-    // At start, with the table in use by other workers: given up after a while, as the ESL
-    // writer's start does, and retried by the start's caller.
-    await sql`set local lock_timeout = '5s'`.execute(trx)
-    await sql`select pg_advisory_xact_lock(${LOCK_KEY})`.execute(trx)
-    await sql`
+  await applyAppSchema(
+    db,
+    LOCK_KEY,
+    sql`
       create schema if not exists esl_worker;
       create table if not exists esl_worker.drawn_label (
         group_name text        not null,
@@ -29,8 +27,8 @@ export async function migrateDrawnPages(db: Kysely<any>): Promise<void> {
         updated_at timestamptz not null default now(),
         primary key (group_name, label_code)
       );
-    `.execute(trx)
-  })
+    `,
+  )
 }
 
 export interface DrawnLabel {
@@ -67,3 +65,15 @@ export async function recordDrawn(
           pages = esl_worker.drawn_label.pages || excluded.pages, updated_at = now()
   `.execute(trx)
 }
+
+/**
+ * The idempotency key of a page's push: its event, the page, and the image's digest. The
+ * digest too: a task run again after a crash between its push and its done, by a release
+ * that draws the page otherwise, sends another image, which an AIMS that honours the key
+ * would drop as a repeat while its digest is recorded.
+ */
+export const pushKey = (eventId: string, page: number, digest: string) =>
+  `${eventId}:${page}:${digest.slice(0, 16)}`
+
+/** The event a {@link pushKey} was made for. */
+export const eventIdOfPushKey = (key: string) => key.replace(/:\d+:[0-9a-f]{16}$/, "")

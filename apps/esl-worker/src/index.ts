@@ -12,6 +12,7 @@ export {
   type EslWorker,
   type EslWorkerConfig,
 } from "./create-esl-worker.ts"
+export { eventIdOfPushKey, pushKey } from "./drawn-pages.ts"
 export {
   formatPrice,
   LABEL_HEIGHT,

@@ -15,6 +15,7 @@ import { Redis } from "ioredis"
 import { type Kysely, sql } from "kysely"
 import type { AimsClientConfig } from "../src/aims-client.ts"
 import { createEslWorker, type EslWorkerConfig } from "../src/create-esl-worker.ts"
+import { eventIdOfPushKey } from "../src/drawn-pages.ts"
 import { renderLabel } from "../src/render-label.ts"
 
 export const SHARED_NATS = process.env.KEYWAY_TEST_NATS_URL ?? "nats://127.0.0.1:4222"
@@ -63,9 +64,9 @@ export async function committedTasks(db: Kysely<any>, site: string) {
   return { byLabel, byEventId }
 }
 
-/** The event an idempotency key was made for: the event's id, then the page and image. */
+/** The event an idempotency key was made for (pushKey). */
 export const eventIdOfKey = (key: string | undefined) =>
-  key?.replace(/:\d+:[0-9a-f]{16}$/, "") ?? ""
+  key === undefined ? "" : eventIdOfPushKey(key)
 
 /** The event a push was made for. */
 export const eventIdOf = (push: FakeAimsPush | undefined) => eventIdOfKey(push?.idempotencyKey)

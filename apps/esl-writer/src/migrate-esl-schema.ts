@@ -1,7 +1,7 @@
+import { applyAppSchema } from "@keyway/db"
 import { type Kysely, sql } from "kysely"
 
-// An arbitrary constant: concurrent `create … if not exists` of one table can still collide
-// on the catalog's unique index, so processes starting together take turns.
+/** The advisory lock writers starting together take turns on (applyAppSchema). */
 const LOCK_KEY = 0x65736c31
 
 /**
@@ -10,15 +10,10 @@ const LOCK_KEY = 0x65736c31
  * with the app.
  */
 export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
-  await db.transaction().execute(async (trx) => {
-    // Every writer runs this at start, with the tables in use. A statement that must lock a
-    // busy table waits behind whatever transaction holds it, and every reader and writer of
-    // the table queues behind that wait: given up after a while instead, and the start's
-    // retry comes back to it. (The advisory lock below waits under it too: writers starting
-    // together, one held up by a busy table, may take a retry each.)
-    await sql`set local lock_timeout = '5s'`.execute(trx)
-    await sql`select pg_advisory_xact_lock(${LOCK_KEY})`.execute(trx)
-    await sql`
+  await applyAppSchema(
+    db,
+    LOCK_KEY,
+    sql`
       create schema if not exists esl;
       create table if not exists esl.product (
         id          text        primary key,
@@ -105,6 +100,6 @@ export async function migrateEslSchema(db: Kysely<any>): Promise<void> {
         ver        bigint not null,
         primary key (job_id, label_code)
       );
-    `.execute(trx)
-  })
+    `,
+  )
 }

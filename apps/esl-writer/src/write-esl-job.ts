@@ -284,26 +284,28 @@ async function enqueueTasks(
       `product ${unknown.product_id} as stored cannot be shown on a label (currency ${JSON.stringify(unknown.currency)} is not an ISO 4217 code); put it right with a price change of ${unknown.product_id}`,
     )
   }
-  const byLabel = new Map<string, EslLabelPagesPayload>()
+  const byLabel = new Map<string, PageRow[]>()
   for (const r of rows.rows) {
-    let task = byLabel.get(r.label_code)
-    if (!task) {
-      task = { labelCode: r.label_code, jobId, shownPage: r.shown_page, pages: [] }
-      byLabel.set(r.label_code, task)
-    }
-    ;(task.pages as EslLabelPagesPayload["pages"][number][]).push({
-      page: r.page,
-      jobId: r.job_id,
-      productId: r.product_id,
-      productName: r.name,
-      priceMinor: Number(r.price_minor),
-      currency: r.currency,
-    })
+    const pages = byLabel.get(r.label_code)
+    if (pages) pages.push(r)
+    else byLabel.set(r.label_code, [r])
   }
-  const events: OutboxEvent<EslLabelPagesPayload>[] = [...byLabel.values()].map((payload) => ({
+  const events: OutboxEvent<EslLabelPagesPayload>[] = [...byLabel].map(([labelCode, pages]) => ({
     type: EslLabelPages.type,
-    key: payload.labelCode,
-    payload,
+    key: labelCode,
+    payload: {
+      labelCode,
+      jobId,
+      shownPage: pages[0]!.shown_page,
+      pages: pages.map((r) => ({
+        page: r.page,
+        jobId: r.job_id,
+        productId: r.product_id,
+        productName: r.name,
+        priceMinor: Number(r.price_minor),
+        currency: r.currency,
+      })),
+    },
   }))
   let tasks: EnqueuedEvent[]
   try {

@@ -1,3 +1,4 @@
+export { applyAppSchema } from "./apply-app-schema.ts"
 export {
   connectTimeoutMillis,
   createDb,
