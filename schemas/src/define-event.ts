@@ -27,6 +27,13 @@ export interface EventType<P = unknown> {
    * a later version of the schema that gives the name a meaning would find it there.
    */
   check(payload: unknown): P
+  /**
+   * Why a decoded (or checked) payload cannot travel under `key`, or undefined if it can: its
+   * {@link keyField} names another. The writer refuses such an event, and a consumer holds
+   * one that reached it anyway (another publisher, an older writer) dead rather than run it
+   * in the order of a key it does not belong to.
+   */
+  wrongKey(key: string, payload: P): string | undefined
 }
 
 /** A payload that does not satisfy its event type's schema. */
@@ -49,6 +56,8 @@ export class InvalidEventError extends Error {
 // every publish of the topic fail. Letters, digits, `_` and `-` between dots are what every
 // NATS tool, permission and stream filter reads the same way.
 const TOPIC = /^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$/
+// What follows the topic in a type's name: at least one token, then `.v<n>`.
+const VERSIONED = /^(\.[A-Za-z0-9_-]+)+\.v[1-9][0-9]*$/
 
 /**
  * Defines an event type. Fails at once, where the module is loaded, on a topic that cannot
@@ -65,9 +74,14 @@ export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
       `event type ${JSON.stringify(definition.type)}: topic ${JSON.stringify(definition.topic)} must be dot-separated tokens of letters, digits, "_" and "-" (it becomes a NATS subject)`,
     )
   }
-  if (!definition.type.startsWith(`${definition.topic}.`) || !TOPIC.test(definition.type)) {
+  // The version suffix is what tells a v2 from its v1 (registryOf keeps their topics one).
+  if (
+    !definition.type.startsWith(`${definition.topic}.`) ||
+    !TOPIC.test(definition.type) ||
+    !VERSIONED.test(definition.type.slice(definition.topic.length))
+  ) {
     throw new Error(
-      `event type ${JSON.stringify(definition.type)}: its name must be its topic, a dot, then more tokens of letters, digits, "_" and "-" (such as "${definition.topic}.changed.v1")`,
+      `event type ${JSON.stringify(definition.type)}: its name must be its topic, a dot, more tokens of letters, digits, "_" and "-", then its version (such as "${definition.topic}.changed.v1")`,
     )
   }
   const decode = Schema.decodeUnknownResult(definition.schema as Schema.Codec<S["Type"], unknown>)
@@ -80,12 +94,19 @@ export function defineEvent<S extends Schema.Codec<any, any>>(definition: {
       cause: result.failure,
     })
   }
+  const keyField = definition.keyField
   return {
     type: definition.type,
     topic: definition.topic,
     schema: definition.schema,
-    ...(definition.keyField === undefined ? {} : { keyField: definition.keyField }),
+    ...(keyField === undefined ? {} : { keyField }),
     decode: (payload) => decoded(payload, "ignore"),
     check: (payload) => decoded(payload, "error"),
+    wrongKey: (key, payload) => {
+      if (keyField === undefined) return undefined
+      const keyed = (payload as Record<string, unknown>)[keyField]
+      if (keyed === key) return undefined
+      return `its key must be its ${keyField}, ${JSON.stringify(keyed)}: an event keyed otherwise would take its place in another key's order`
+    },
   }
 }

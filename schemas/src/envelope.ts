@@ -29,11 +29,27 @@ export interface EventEnvelope {
  */
 export const MAX_KEY_LENGTH = 256
 
-// Never empty: an empty id is every such event's dedupe key at once, and an empty key one
-// order for whatever publisher left it out.
-const Name = Schema.String.pipe(
-  Schema.check(Schema.isMinLength(1), Schema.isMaxLength(MAX_KEY_LENGTH)),
-)
+// biome-ignore lint/suspicious/noControlCharactersInRegex: refusing control characters is the point
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
+
+/**
+ * Why `name` cannot be an event's key (or id, site, topic, type), or undefined if it can.
+ * Never empty: an empty id is every such event's dedupe key at once, and an empty key one
+ * order for whatever publisher left it out. No control characters: names end up in logs and
+ * admin commands, and Postgres text holds no NUL. Well-formed: the pg driver writes half of a
+ * surrogate pair as U+FFFD, so two such keys would be stored as one, and their events would
+ * share one order. The writer (enqueue) and the reader (decodeEnvelope) apply the same rule.
+ */
+export function nameProblem(name: string): string | undefined {
+  if (name.length === 0) return "must not be empty"
+  if (name.length > MAX_KEY_LENGTH) return `must be at most ${MAX_KEY_LENGTH} characters`
+  if (CONTROL.test(name)) return "must not hold control characters"
+  if (!name.isWellFormed()) return "must not hold half of a surrogate pair"
+  return undefined
+}
+
+const isName = Schema.makeFilter<string>((s) => nameProblem(s) ?? true)
+const Name = Schema.String.pipe(Schema.check(isName))
 
 // Up to 2^53 - 1: beyond it a JSON number is not the integer that was written, and Postgres'
 // bigint comes back through Number(). A version of 2^60 was taken, and its key held a gap for

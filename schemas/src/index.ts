@@ -6,6 +6,7 @@ export {
   type EventEnvelope,
   encodeEnvelope,
   MAX_KEY_LENGTH,
+  nameProblem,
 } from "./envelope.ts"
 export {
   canonicalLabelCode,

@@ -26,6 +26,14 @@ describe("defineEvent", () => {
       () => defineEvent({ type: "esl.label", topic: "esl.label", schema }),
       /its name must be its topic, a dot/,
     )
+    // Without its version nothing tells it from the v2 that will follow it.
+    for (const type of ["esl.label.changed", "esl.label.changed.v0", "esl.label.v1"]) {
+      assert.throws(
+        () => defineEvent({ type, topic: "esl.label", schema }),
+        /then its version/,
+        type,
+      )
+    }
   })
 
   test("a well-formed definition decodes and names the bad field", () => {
@@ -52,5 +60,16 @@ describe("defineEvent", () => {
     const copy = defineEvent({ type: "t.item.changed.v1", topic: "t.item", schema })
     assert.throws(() => registryOf([a, copy]), /event type t.item.changed.v1 is defined twice/)
     assert.equal(registryOf([a]).get("t.item.changed.v1"), a)
+  })
+
+  test("the registry refuses versions of one event under two topics", () => {
+    const v1 = defineEvent({ type: "esl.label.render.v1", topic: "esl.label", schema })
+    const v2 = defineEvent({ type: "esl.label.render.v2", topic: "esl", schema })
+    assert.throws(
+      () => registryOf([v1, v2]),
+      /esl\.label\.render\.v1 and esl\.label\.render\.v2 are versions of one event under two topics, esl\.label and esl/,
+    )
+    const v3 = defineEvent({ type: "esl.label.render.v3", topic: "esl.label", schema })
+    assert.equal(registryOf([v1, v3]).size, 2)
   })
 })

@@ -47,3 +47,36 @@ test("a body that is not UTF-8 is refused, not read with its bytes replaced", ()
     (err: unknown) => err instanceof EnvelopeError && /not UTF-8/.test(err.message),
   )
 })
+
+test("a name Postgres would store as another, or not at all, is refused naming the field", () => {
+  // Escaped in the JSON, so the body is valid UTF-8: only the name check sees them. Half of a
+  // surrogate pair was stored as U+FFFD, and "\ud800" and "\udbff" became one key.
+  const cases: [field: string, json: string, reason: RegExp][] = [
+    ["key", '"\\ud800"', /half of a surrogate pair/],
+    ["key", '"a\\u0000"', /control characters/],
+    ["id", '"cloud:\\u0085"', /control characters/],
+    ["key", '""', /must not be empty/],
+    ["topic", JSON.stringify("t".repeat(257)), /at most 256/],
+  ]
+  for (const [field, json, reason] of cases) {
+    const body = new TextEncoder().encode(
+      JSON.stringify(envelope).replace(
+        `"${field}":${JSON.stringify(envelope[field as keyof typeof envelope])}`,
+        `"${field}":${json}`,
+      ),
+    )
+    assert.throws(
+      () => decodeEnvelope(body),
+      (err: unknown) =>
+        err instanceof EnvelopeError &&
+        err.message.includes(`["${field}"]`) &&
+        reason.test(err.message),
+      `${field} ${json}`,
+    )
+  }
+  // A whole pair is a character like any other.
+  assert.equal(
+    decodeEnvelope(encodeEnvelope({ ...envelope, key: "\ud83d\ude00" })).key,
+    "\ud83d\ude00",
+  )
+})

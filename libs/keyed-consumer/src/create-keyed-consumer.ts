@@ -1156,6 +1156,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         if (err instanceof InvalidEventError) throw new PoisonError(err.message, { cause: err })
         throw err
       }
+      const wrongKey = def.wrongKey(ref.key, payload)
+      if (wrongKey) throw new PoisonError(`invalid ${task.type} event: ${wrongKey}`)
       const event: KeyedEvent = {
         id: task.event_id,
         topic: ref.topic,

@@ -2308,6 +2308,50 @@ describe("keyed consumer", () => {
       "when@2 waits behind its dead version 1 (policy block)",
     )
   })
+  test("an event whose payload names another key than its own is dead with the reason; its key's next runs", async () => {
+    // The writer refuses such an event; one that reached the stream anyway (another
+    // publisher, a writer from before the check) ran in the order of a key it did not belong
+    // to, and pushed the other label's image out of that label's order.
+    const { t, stream, admin } = await setup({
+      defaultPolicy: { maxAttempts: 5, onDead: "park" },
+      handlers: { "esl.label.render.v1": recordEffect("w1") },
+    })
+    const label = (key: string, ver: number, labelCode: string) =>
+      publishEvent(nc, stream.site, {
+        key,
+        ver,
+        topic: "esl.label",
+        type: "esl.label.render.v1",
+        payload: {
+          labelCode,
+          jobId: `j${ver}`,
+          page: 1,
+          frontPage: true,
+          productId: "P1",
+          productName: "Butter 250 g",
+          priceMinor: 279,
+          currency: "EUR",
+        },
+      })
+    await label("AAAAAAAAAAAA", 1, "BBBBBBBBBBBB")
+    await label("AAAAAAAAAAAA", 2, "AAAAAAAAAAAA")
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "version 2 handled past the parked version 1",
+    })
+    const [dead] = await admin.listDead()
+    assert.equal(dead?.ver, 1)
+    assert.match(
+      dead!.lastError!,
+      /^poison: invalid esl\.label\.render\.v1 event: its key must be its labelCode, "BBBBBBBBBBBB"/,
+    )
+    assert.equal(dead!.attempts, 1, "dead at once, not retried")
+    assert.deepEqual(
+      (await effects(t.db)).map((e) => [e.key, e.ver]),
+      [["AAAAAAAAAAAA", 2]],
+    )
+  })
+
   test("an envelope whose time has no zone, or whose topic is not its type's, holds its version dead with the reason", async () => {
     const { t, stream, admin } = await setup()
     const raw = (e: Partial<EventEnvelope> & { key: string; ver: number }, seq: number) =>

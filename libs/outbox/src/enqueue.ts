@@ -1,4 +1,4 @@
-import { type EventType, findEventType, InvalidEventError, MAX_KEY_LENGTH } from "@keyway/schemas"
+import { type EventType, findEventType, InvalidEventError, nameProblem } from "@keyway/schemas"
 import { context, propagation } from "@opentelemetry/api"
 import { type Kysely, sql } from "kysely"
 
@@ -40,11 +40,6 @@ export class EnqueueError extends Error {
  */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024 - 8 * 1024
 
-// Keys end up in logs, the inbox and admin commands; a bound (MAX_KEY_LENGTH) and no control
-// characters keep them printable and indexable. Everything else about a key is the domain's.
-// biome-ignore lint/suspicious/noControlCharactersInRegex: rejecting control characters is the point
-const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
-
 // What JSON.stringify writes for a NUL and for half of a surrogate pair (a whole pair it writes
 // as is): Postgres' jsonb stores neither, and refused the whole transaction with a bare
 // 22P05 or 22P02 naming no event. An escape starts at a backslash that is not itself escaped.
@@ -76,15 +71,12 @@ function check(
     throw new EnqueueError(`${where} is not an object`)
   const def = findEventType(event.type)
   if (!def) throw new EnqueueError(`${where}: unknown event type ${JSON.stringify(event.type)}`)
-  if (typeof event.key !== "string" || event.key.length === 0) {
-    throw new EnqueueError(`${where} (${event.type}): key must be a non-empty string`)
+  if (typeof event.key !== "string") {
+    throw new EnqueueError(`${where} (${event.type}): key must be a string`)
   }
-  // An unpaired surrogate becomes U+FFFD in Postgres: two such keys would be one.
-  if (event.key.length > MAX_KEY_LENGTH || CONTROL.test(event.key) || !event.key.isWellFormed()) {
-    throw new EnqueueError(
-      `${where} (${event.type}): key must be at most ${MAX_KEY_LENGTH} printable characters`,
-    )
-  }
+  // The consumers' envelope check: a key written here that they refused would be lost.
+  const badKey = nameProblem(event.key)
+  if (badKey) throw new EnqueueError(`${where} (${event.type}): key ${badKey}`)
   // InvalidEventError names the type and every bad field; said here which event of the
   // call it is, one among hundreds of the same type perhaps.
   let payload: unknown
@@ -97,15 +89,9 @@ function check(
       at: `#${index + 1} (key ${event.key})`,
     })
   }
-  if (def.keyField !== undefined) {
-    const keyed = (payload as Record<string, unknown>)[def.keyField]
-    if (keyed !== event.key) {
-      throw new InvalidEventError(
-        def.type,
-        `its key must be its ${def.keyField}, ${JSON.stringify(keyed)}: an event keyed otherwise would take its place in another key's order`,
-        { at: `#${index + 1} (key ${event.key})` },
-      )
-    }
+  const wrongKey = def.wrongKey(event.key, payload)
+  if (wrongKey) {
+    throw new InvalidEventError(def.type, wrongKey, { at: `#${index + 1} (key ${event.key})` })
   }
   const json = JSON.stringify(event.payload)
   if (json.includes("\\u") && UNSTORABLE.test(json)) {
