@@ -113,8 +113,25 @@ export function natsAuthEnv(env: Env): { user?: string; pass?: string; inboxPref
   if (pass !== undefined && user === undefined) {
     throw new ConfigError("NATS_PASS is set without NATS_USER: the NATS client sends neither")
   }
-  return { user, pass, inboxPrefix: env.NATS_INBOX_PREFIX || undefined }
+  // A stray "\r" (a file saved on Windows) is part of the user, and of the inbox prefix
+  // derived from it: the server's refusal would not say why.
+  if (user !== undefined && /[\s\p{Cc}]/u.test(user)) {
+    throw new ConfigError("NATS_USER holds a space or a control character")
+  }
+  const inboxPrefix = env.NATS_INBOX_PREFIX || undefined
+  // Refused by nats.js only once connecting, where waiting for the server retried it for
+  // ever; a space it sends on, breaking the protocol line. `_INBOX_cloud-worker.>`, copied
+  // from a permission in nats/, is the likely mistake: the prefix is that without `.>`.
+  if (inboxPrefix !== undefined && !SUBJECT_PREFIX.test(inboxPrefix)) {
+    throw new ConfigError(
+      `NATS_INBOX_PREFIX ${JSON.stringify(inboxPrefix)} must be subject tokens without wildcards (such as "_INBOX_cloud-worker", not "_INBOX_cloud-worker.>")`,
+    )
+  }
+  return { user, pass, inboxPrefix }
 }
+
+/** Dot-separated subject tokens: no wildcard, no whitespace, no empty token. */
+const SUBJECT_PREFIX = /^[^\s.*>]+(\.[^\s.*>]+)*$/
 
 /** DATABASE_URL, required: a postgres:// or postgresql:// URL, as pg reads it. */
 export function postgresUrlEnv(env: Env, name = "DATABASE_URL"): string {

@@ -64,7 +64,8 @@ export async function retryUntilReady<T>(
  * that this package needs neither driver:
  * - Postgres SQLSTATE class 28 (a wrong password or role) and 42501 (no privilege). Other
  *   errors, such as a database not created yet (3D000), may mend.
- * - NATS refusing the credentials (nats.js AuthorizationError), or a subject the user may not
+ * - NATS refusing the credentials (nats.js AuthorizationError), the client refusing its options
+ *   (InvalidArgumentError), or a subject the user may not
  *   use (PermissionViolationError, as itself or as the cause of a RequestError): a stream
  *   outside the user's permissions, or a reply prefix other than its own.
  * - A JetStream API answer with status 400: a stream configuration the server refuses, a
@@ -79,6 +80,8 @@ function isPermanent(err: unknown): boolean {
   if (e.permanent === true) return true
   if (typeof e.code === "string" && (e.code.startsWith("28") || e.code === "42501")) return true
   if (e.name === "AuthorizationError" || e.name === "PermissionViolationError") return true
+  // nats.js refusing its own options (an inbox prefix with a wildcard): the same every try.
+  if (e.name === "InvalidArgumentError") return true
   if (e.status === 400 && typeof e.code === "number") return true
   if (e.name === "ReplyError" && /^(WRONGPASS|NOAUTH|NOPERM)\b/.test(String((e as Error).message)))
     return true

@@ -94,6 +94,22 @@ test("natsAuthEnv: empty means unset; a password without a user is refused", () 
       /NATS_PASS is set without NATS_USER/.test(err.message) &&
       !err.message.includes("secret"),
   )
+  // Refused by nats.js only when connecting, and retried there for ever; a space it sent on.
+  for (const prefix of ["_INBOX_cloud-worker.>", "_I.*.r", "_I r", "_I..r", "_I."]) {
+    assert.throws(
+      () => natsAuthEnv({ NATS_INBOX_PREFIX: prefix }),
+      (err: Error) =>
+        err instanceof ConfigError &&
+        err.message.startsWith(
+          `NATS_INBOX_PREFIX ${JSON.stringify(prefix)} must be subject tokens`,
+        ),
+      prefix,
+    )
+  }
+  assert.throws(
+    () => natsAuthEnv({ NATS_USER: "relay\r", NATS_PASS: "p" }),
+    /NATS_USER holds a space or a control character/,
+  )
 })
 
 test("postgresUrlEnv refuses what is not a postgres URL, without repeating it (it may hold a password)", () => {

@@ -72,6 +72,12 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "no privilege": await outcome(pgError("42501")),
       "nats credentials": await outcome(authError),
       "nats permissions": await outcome(violation),
+      // As nats.js refuses an inbox prefix with a wildcard, before it connects.
+      "nats options": await outcome(
+        Object.assign(new Error("'prefix' cannot have wildcards ('_I.>')"), {
+          name: "InvalidArgumentError",
+        }),
+      ),
       "a request refused for permissions": await outcome(requestRefused),
       "a request timed out": await outcome(requestTimedOut),
       "bad stream config": await outcome(jsError(400, 10052)),
@@ -90,6 +96,7 @@ test("retryUntilReady throws at once what waiting cannot mend, and retries the r
       "no privilege": "thrown (1 calls)",
       "nats credentials": "thrown (1 calls)",
       "nats permissions": "thrown (1 calls)",
+      "nats options": "thrown (1 calls)",
       "a request refused for permissions": "thrown (1 calls)",
       "a request timed out": "retried (2 calls)",
       "bad stream config": "thrown (1 calls)",
