@@ -60,12 +60,12 @@ demo site="cloud":
 # Both sites (or one: cloud, factory) on this machine, with demo traffic both ways.
 up site="":
     @{{quote(just_executable())}} _one-at-a-time up
-    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts up {{site}}
+    flock -o .run/sites.lock node --import tsx apps/ops-local/src/main.ts up {{site}}
 
 # Stop what `just up` started (both sites, or one); .run/ keeps the data for the next up.
 down site="":
     @{{quote(just_executable())}} _one-at-a-time down
-    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts down {{site}}
+    flock -o .run/sites.lock node --import tsx apps/ops-local/src/main.ts down {{site}}
 
 # Two `up`s at once each started a pm2 daemon on .run/pm2: one hung for good, and a daemon
 # was left that `down` did not stop. So up, down and secrets of one checkout take turns (two
@@ -89,7 +89,7 @@ status:
 [doc("Create each site's NATS secrets file (.run/secrets-<site>.env, mode 600) if missing.")]
 secrets:
     @{{quote(just_executable())}} _one-at-a-time secrets
-    flock .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
+    flock -o .run/sites.lock node --import tsx apps/ops-local/src/main.ts secrets
 
 # pm2 on the project's own daemon (never a global one): `just pm2 logs factory-worker`.
 # With no more of the caller's environment than it needs to run: `pm2 restart --update-env`

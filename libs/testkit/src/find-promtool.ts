@@ -27,7 +27,9 @@ export function findPromtool(): Promise<string> {
 
 async function locate(): Promise<string> {
   if (await works("promtool")) return "promtool"
-  if (existsSync(binary)) return binary
+  // Run, not only found: an unpack cut short (a killed test run) left a file that failed every
+  // later run until .tmp/ was deleted by hand. Unpacked again, it is overwritten.
+  if (existsSync(binary) && (await works(binary))) return binary
   const download = await createTempDir("promtool")
   try {
     const cwd = download.path
