@@ -33,23 +33,35 @@ export const MAX_KEY_LENGTH = 256
 const CONTROL = /[\u0000-\u001f\u007f-\u009f]/
 
 /**
- * Why `name` cannot be an event's key (or id, site, topic, type), or undefined if it can.
- * Never empty: an empty id is every such event's dedupe key at once, and an empty key one
- * order for whatever publisher left it out. No control characters: names end up in logs and
- * admin commands, and Postgres text holds no NUL. Well-formed: the pg driver writes half of a
- * surrogate pair as U+FFFD, so two such keys would be stored as one, and their events would
- * share one order. The writer (enqueue) and the reader (decodeEnvelope) apply the same rule.
+ * Why `name` cannot be an event's key (or topic), or undefined if it can. The writer
+ * (enqueue) and the reader (decodeEnvelope) apply the same rule. Never empty: an empty key is
+ * one order for whatever publisher left it out. No control characters: keys end up in logs
+ * and admin commands, and Postgres text holds no NUL. Well-formed: the pg driver writes half
+ * of a surrogate pair as U+FFFD, so two such keys were stored as one, and their events
+ * shared one order.
  */
 export function nameProblem(name: string): string | undefined {
+  return (
+    lengthProblem(name) ?? (CONTROL.test(name) ? "must not hold control characters" : undefined)
+  )
+}
+
+// The other names (id, site, type) only keep their bounds and stay themselves in Postgres.
+// A NUL there Postgres refuses, and the consumer holds the version's place with the refusal;
+// refused here, the version would be a gap.
+function lengthProblem(name: string): string | undefined {
   if (name.length === 0) return "must not be empty"
   if (name.length > MAX_KEY_LENGTH) return `must be at most ${MAX_KEY_LENGTH} characters`
-  if (CONTROL.test(name)) return "must not hold control characters"
   if (!name.isWellFormed()) return "must not hold half of a surrogate pair"
   return undefined
 }
 
-const isName = Schema.makeFilter<string>((s) => nameProblem(s) ?? true)
-const Name = Schema.String.pipe(Schema.check(isName))
+const Key = Schema.String.pipe(
+  Schema.check(Schema.makeFilter((s: string) => nameProblem(s) ?? true)),
+)
+const Name = Schema.String.pipe(
+  Schema.check(Schema.makeFilter((s: string) => lengthProblem(s) ?? true)),
+)
 
 // Up to 2^53 - 1: beyond it a JSON number is not the integer that was written, and Postgres'
 // bigint comes back through Number(). A version of 2^60 was taken, and its key held a gap for
@@ -65,8 +77,8 @@ const Envelope = Schema.Struct({
   id: Name,
   site: Name,
   seq: Counter,
-  topic: Name,
-  key: Name,
+  topic: Key,
+  key: Key,
   ver: Counter,
   type: Name,
   payload: Schema.Unknown,
@@ -74,14 +86,32 @@ const Envelope = Schema.Struct({
 })
 const decodeStruct = Schema.decodeUnknownResult(Envelope)
 
+/** The parts of an envelope that place an event in its key's order. */
+export type EnvelopePlace = Pick<
+  EventEnvelope,
+  "id" | "site" | "seq" | "topic" | "key" | "ver" | "type"
+>
+
 export class EnvelopeError extends Error {
   override name = "EnvelopeError"
+  /**
+   * For a body refused only because some of its bytes are not UTF-8 (in the payload, say),
+   * where its names read whole: the version's place, which a consumer holds with the refusal
+   * rather than leave its key waiting on a gap an operator must skip.
+   */
+  readonly place?: EnvelopePlace
+
+  constructor(message: string, options?: ErrorOptions & { place?: EnvelopePlace }) {
+    super(message, options)
+    if (options?.place) this.place = options.place
+  }
 }
 
 const encoder = new TextEncoder()
 // Fatal: replaced with U+FFFD, a byte that is not UTF-8 inside a key made another key, and
 // the event took its place in that key's order.
 const decoder = new TextDecoder("utf-8", { fatal: true })
+const lenient = new TextDecoder("utf-8")
 
 export function encodeEnvelope(envelope: EventEnvelope): Uint8Array {
   return encoder.encode(JSON.stringify(envelope))
@@ -94,7 +124,8 @@ export function decodeEnvelope(data: Uint8Array): EventEnvelope {
   try {
     text = decoder.decode(data)
   } catch (cause) {
-    throw new EnvelopeError("message body is not UTF-8", { cause })
+    const place = placeOf(lenient.decode(data))
+    throw new EnvelopeError("message body is not UTF-8", { cause, ...(place && { place }) })
   }
   try {
     json = JSON.parse(text)
@@ -108,4 +139,22 @@ export function decodeEnvelope(data: Uint8Array): EventEnvelope {
     })
   }
   return result.success as EventEnvelope
+}
+
+/**
+ * The place of an envelope read with its bad bytes replaced, if none of its names holds a
+ * replacement: a replaced byte inside a key would make it another key.
+ */
+function placeOf(text: string): EnvelopePlace | undefined {
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {
+    return undefined
+  }
+  const result = decodeStruct(json)
+  if (Result.isFailure(result)) return undefined
+  const { id, site, seq, topic, key, ver, type } = result.success
+  if ([id, site, topic, key, type].some((name) => name.includes("\uFFFD"))) return undefined
+  return { id, site, seq, topic, key, ver, type }
 }

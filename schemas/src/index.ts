@@ -3,6 +3,7 @@ export { DemoCommandSent, DemoItemChanged } from "./demo.ts"
 export {
   decodeEnvelope,
   EnvelopeError,
+  type EnvelopePlace,
   type EventEnvelope,
   encodeEnvelope,
   MAX_KEY_LENGTH,

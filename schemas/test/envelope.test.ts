@@ -44,7 +44,31 @@ test("a body that is not UTF-8 is refused, not read with its bytes replaced", ()
   json[json.indexOf(0x3f)] = 0xff
   assert.throws(
     () => decodeEnvelope(json),
-    (err: unknown) => err instanceof EnvelopeError && /not UTF-8/.test(err.message),
+    (err: unknown) =>
+      err instanceof EnvelopeError && /not UTF-8/.test(err.message) && err.place === undefined,
+  )
+})
+
+test("a body whose bad bytes are all outside its names says the event's place", () => {
+  const json = new TextEncoder().encode(
+    JSON.stringify({ ...envelope, payload: { n: 1, note: "caf?" } }),
+  )
+  json[json.lastIndexOf(0x3f)] = 0xe9
+  assert.throws(
+    () => decodeEnvelope(json),
+    (err: unknown) =>
+      err instanceof EnvelopeError &&
+      /not UTF-8/.test(err.message) &&
+      JSON.stringify(err.place) ===
+        JSON.stringify({
+          id: "cloud:7",
+          site: "cloud",
+          seq: 7,
+          topic: "demo.item",
+          key: "a",
+          ver: 3,
+          type: "demo.item.changed.v1",
+        }),
   )
 })
 
@@ -54,7 +78,8 @@ test("a name Postgres would store as another, or not at all, is refused naming t
   const cases: [field: string, json: string, reason: RegExp][] = [
     ["key", '"\\ud800"', /half of a surrogate pair/],
     ["key", '"a\\u0000"', /control characters/],
-    ["id", '"cloud:\\u0085"', /control characters/],
+    ["key", '"a\\u0085"', /control characters/],
+    ["id", '"cloud:\\udfff"', /half of a surrogate pair/],
     ["key", '""', /must not be empty/],
     ["topic", JSON.stringify("t".repeat(257)), /at most 256/],
   ]

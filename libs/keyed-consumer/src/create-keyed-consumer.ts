@@ -2,6 +2,7 @@ import { randomBytes } from "node:crypto"
 import { runPipelinedTransaction } from "@keyway/db"
 import {
   decodeEnvelope,
+  EnvelopeError,
   type EventEnvelope,
   findEventType,
   InvalidEventError,
@@ -744,7 +745,25 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       } catch (err) {
         // Kept for an operator; the rest of the batch goes through.
         rejects.push({ streamSeq: m.seq, subject: m.subject, reason: messageOf(err), data: m.data })
-        log.warn("rejected a message that is not an event", {
+        // An event whose place is known (only its payload's bytes are bad) holds it, dead with
+        // the reason: its key's next version then waits behind a dead task its policy
+        // governs, listed with why, not behind a gap no listing explains.
+        const place = err instanceof EnvelopeError ? err.place : undefined
+        if (place) {
+          const incoming: IncomingEvent = {
+            topic: place.topic,
+            key: place.key,
+            ver: place.ver,
+            eventId: place.id,
+            type: place.type,
+            payload: "null",
+            trace: null,
+            createdAt: "",
+            streamSeq: m.seq,
+          }
+          events.push(placeholderFor(incoming, messageOf(err)))
+        }
+        log.warn(place ? "rejected an event" : "rejected a message that is not an event", {
           subject: m.subject,
           seq: m.seq,
           error: messageOf(err),

@@ -13,7 +13,7 @@ import {
   PoisonError,
 } from "@keyway/keyed-consumer"
 import { connectNats } from "@keyway/nats"
-import type { EventEnvelope } from "@keyway/schemas"
+import { type EventEnvelope, encodeEnvelope } from "@keyway/schemas"
 import { createMetricsRegistry } from "@keyway/telemetry"
 import {
   createTestDatabase,
@@ -23,7 +23,7 @@ import {
   type TestDatabase,
   waitFor,
 } from "@keyway/testkit"
-import { AckPolicy, jetstreamManager } from "@nats-io/jetstream"
+import { AckPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
 import { Redis } from "ioredis"
 import { sql } from "kysely"
@@ -2284,7 +2284,10 @@ describe("keyed consumer", () => {
       refused.map((r) => Number(r.stream_seq)),
       [2, 4, 6, 8, 9],
     )
-    for (const r of refused) assert.match(r.reason, /^Postgres refuses a value in it: /)
+    // A NUL in the key the envelope refuses, as the writer does: no key to hold a place in.
+    for (const r of refused.filter((r) => Number(r.stream_seq) !== 4))
+      assert.match(r.reason, /^Postgres refuses a value in it: /)
+    assert.match(refused[1]!.reason, /must not hold control characters[\s\S]*\["key"\]/)
     assert.match(refused[0]!.reason, /out of range: "2026-02-30T10:00:00Z"/)
     // The group goes on; the refused version holds its key's place, dead with its reason.
     await raw({ key: "g1", ver: 2 }, 10)
@@ -2349,6 +2352,43 @@ describe("keyed consumer", () => {
     assert.deepEqual(
       (await effects(t.db)).map((e) => [e.key, e.ver]),
       [["AAAAAAAAAAAA", 2]],
+    )
+  })
+
+  test("an event whose payload is not UTF-8 holds its version dead with the reason, not a gap", async () => {
+    const { t, stream, admin } = await setup({ defaultPolicy: { maxAttempts: 5, onDead: "park" } })
+    const envelope = (ver: number, note: string): EventEnvelope => ({
+      id: `${stream.site}:${ver}`,
+      site: stream.site,
+      seq: ver,
+      topic: "demo.item",
+      key: "k",
+      ver,
+      type: "demo.item.changed.v1",
+      payload: { n: ver, note },
+      createdAt: new Date().toISOString(),
+    })
+    const body = encodeEnvelope(envelope(1, "caf?"))
+    // A Latin-1 "é" where UTF-8 wanted two bytes, in the payload: the key reads whole.
+    body[body.lastIndexOf(0x3f)] = 0xe9
+    const js = jetstream(nc)
+    await js.publish(`${stream.site}.demo.item`, body, { msgID: `${stream.site}:1` })
+    await js.publish(`${stream.site}.demo.item`, encodeEnvelope(envelope(2, "ok")), {
+      msgID: `${stream.site}:2`,
+    })
+    // Rejected with no place kept, version 1 was a gap, and version 2 waited behind it until
+    // an operator skipped it.
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "version 2 handled past the dead version 1",
+    })
+    const [dead] = await admin.listDead()
+    assert.equal(dead?.ver, 1)
+    assert.match(dead!.lastError!, /^poison: refused at ingest: message body is not UTF-8/)
+    assert.deepEqual(await admin.listGaps(), [])
+    assert.deepEqual(
+      (await rejects(t.db)).map((r) => [Number(r.stream_seq), r.reason]),
+      [[1, "message body is not UTF-8"]],
     )
   })
 
@@ -2424,8 +2464,8 @@ describe("keyed consumer", () => {
     )
     assert.match(refused[0]!.reason, /at most 256[\s\S]*\["key"\]/)
     assert.match(refused[1]!.reason, /at most 256[\s\S]*\["id"\]/)
-    assert.match(refused[2]!.reason, /at least 1[\s\S]*\["key"\]/)
-    assert.match(refused[3]!.reason, /at least 1[\s\S]*\["id"\]/)
+    assert.match(refused[2]!.reason, /must not be empty[\s\S]*\["key"\]/)
+    assert.match(refused[3]!.reason, /must not be empty[\s\S]*\["id"\]/)
     assert.match(refused[4]!.reason, /integer[\s\S]*\["seq"\]/)
   })
   for (const made of ["by the worker", "earlier, with an ack_wait of its own"]) {
