@@ -51,7 +51,7 @@ if (!Number.isSafeInteger(seconds) || seconds > 2_000_000) {
 
 await ensureDatabase(databaseUrl)
 const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "keyway-demo" })
-await migrateToLatest(db)
+await migrateToLatest(db, { log: (message) => console.error(`keyway demo: ${message}`) })
 const nc = await connectNats({ servers: settings.natsServers, name: `keyway-demo:${site}` })
 const jsm = await jetstreamManager(nc)
 // Only the site's origin stream: its cross-site copies source from another JetStream domain,

@@ -1,10 +1,11 @@
 // `just migrate`: apply sql/ to the database named by DATABASE_URL.
-import { ConfigError, describeError, postgresUrlEnv } from "@keyway/app-config"
+import { describeError } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
+import { ConfigError, parseConfig } from "./config.ts"
 
 let url: string
 try {
-  url = postgresUrlEnv(process.env)
+  url = parseConfig(process.env).databaseUrl
 } catch (err) {
   if (!(err instanceof ConfigError)) throw err
   console.error(`migrate: ${err.message}`)
@@ -16,7 +17,10 @@ let db: ReturnType<typeof createDb> | undefined
 try {
   if (await ensureDatabase(url)) console.log(`created database ${new URL(url).pathname.slice(1)}`)
   db = createDb({ connectionString: url, max: 1, applicationName: "keyway-migrate" })
-  const applied = await migrateToLatest(db)
+  // A wait is no outcome: on stderr, with the errors; stdout says what was done.
+  const applied = await migrateToLatest(db, {
+    log: (message) => console.error(`migrate: ${message}`),
+  })
   console.log(applied.length ? `applied: ${applied.join(", ")}` : "up to date")
 } catch (err) {
   console.error(`migrate: ${describeError(err)}`)

@@ -169,7 +169,7 @@ async function up(sites: SiteName[], config: OpsConfig) {
       const created = await ensureDatabase(url)
       const db = createDb({ connectionString: url, max: 1, applicationName: "keyway-up" })
       try {
-        const applied = await migrateToLatest(db)
+        const applied = await migrateToLatest(db, { log: (message) => say(`  ${message}`) })
         say(
           `  ${plan.database.padEnd(16)} ${created ? "created, " : ""}${applied.length ? `migrated: ${applied.join(", ")}` : "up to date"}`,
         )

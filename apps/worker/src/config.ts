@@ -11,6 +11,7 @@ import {
   type TelemetryEnv,
   telemetryEnv,
 } from "@keyway/app-config"
+import { demoHandlers } from "./handlers/demo-handlers.ts"
 
 export { ConfigError }
 
@@ -27,7 +28,8 @@ export interface WorkerAppConfig extends TelemetryEnv {
   redisUrl: string
   stream: string
   group: string
-  filterSubject?: string
+  /** Always set: the worker's handlers are the demo's, and it takes no other events. */
+  filterSubject: string
   concurrency: number
   /**
    * Postgres connections at most (WORKER_PG_POOL_SIZE, default 20). Not tied to the
@@ -42,7 +44,7 @@ export interface WorkerAppConfig extends TelemetryEnv {
 }
 
 // The demo's two directions (DESIGN.md §1): the cloud handles what factories write, a
-// factory handles the cloud's commands. Other sites name their stream and group explicitly.
+// factory handles the cloud's commands. Other sites name their stream, group and filter.
 const siteDefaults: Record<string, { stream: string; group: string; filterSubject: string }> = {
   cloud: { stream: "FACTORY_IN", group: "cloud-demo", filterSubject: "factory.demo.item" },
   factory: { stream: "CLOUD_IN", group: "factory-demo", filterSubject: "cloud.demo.command" },
@@ -73,6 +75,20 @@ export function parseConfig(env: Env): WorkerAppConfig {
       )
     }
   }
+  // The demo's filter belongs to the demo's stream and group: given to a group named
+  // explicitly, its new durable would see only demo events, and for good (a durable's filter
+  // is not changed afterwards). But this worker runs the demo's handlers only, and a group
+  // without a filter takes every event of its stream: each of another topic was dead at once
+  // as having no handler, holding its key under the default policy (block), with no word at
+  // start. So such a group names its subjects itself.
+  const isDemoGroup = stream === defaults?.stream && group === defaults?.group
+  const filterSubject =
+    env.KEYWAY_FILTER_SUBJECT?.trim() || (isDemoGroup ? defaults.filterSubject : undefined)
+  if (!filterSubject) {
+    throw new ConfigError(
+      `KEYWAY_FILTER_SUBJECT is required for group ${group} on stream ${stream}: this worker handles the demo's events only (${Object.keys(demoHandlers).join(", ")}), and without a filter every other event of the stream would go dead as having no handler. Set it to the demo events' subject on that stream (such as factory.demo.item)${defaults ? `, or leave KEYWAY_STREAM and KEYWAY_GROUP unset for site ${site}'s demo group (${defaults.group} on ${defaults.stream})` : ""}`,
+    )
+  }
   const nats = natsAuthEnv(env)
   return {
     metricsPort: metricsPortEnv(env),
@@ -85,14 +101,7 @@ export function parseConfig(env: Env): WorkerAppConfig {
     redisUrl: redisUrlEnv(env),
     stream,
     group,
-    // The demo's filter belongs to the demo's stream and group: applied to a group named
-    // explicitly, its new durable would see only demo events, and for good (a durable's
-    // filter is not changed afterwards).
-    filterSubject:
-      env.KEYWAY_FILTER_SUBJECT?.trim() ||
-      (stream === defaults?.stream && group === defaults?.group
-        ? defaults.filterSubject
-        : undefined),
+    filterSubject,
     // Bounded: each slot may hold a key's tasks and a connection's worth of work.
     concurrency: intEnv(env, "WORKER_CONCURRENCY", 64, { max: 10_000 }),
     pgPoolSize: intEnv(env, "WORKER_PG_POOL_SIZE", 20, { max: 1000 }),

@@ -1,7 +1,7 @@
 // A site's worker process: one member of its consumer group on the site's copy of the other
 // site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
 // the event in hand, then exits 0.
-import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -42,52 +42,14 @@ const telemetry = startTelemetry({
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
 
-const db = createDb({
-  connectionString: config.databaseUrl,
-  max: config.pgPoolSize,
-  applicationName: `keyway-worker:${config.site}`,
+// What waiting cannot mend (a refused password, a migration edited after it was applied, a
+// metrics port in use) ends the start. Thrown out of the top-level await, it was Node's stack
+// trace, in no log format of the worker's: one line in its own, then exit 1, as the relay
+// meets stream definitions the server refuses.
+const { db, redis, nc, consumer, metricsServer } = await start().catch((err: unknown) => {
+  logger.error("worker failed to start", { error: describeError(err) })
+  process.exit(1)
 })
-// Ready means reachable and migrated: a schema behind the code waits like a server away.
-await untilReady("Postgres", async () => {
-  await assertMigrated(db)
-  await ensureDemoEffectTable(db)
-})
-// Auto-pipelining: the lock commands of the keys draining at once share socket writes.
-const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
-// ioredis reconnects by itself; without a listener an outage would print a stack per retry.
-redis.on("error", (err) => logger.warn("redis", { error: err.message }))
-// Reached before the worker says it started: the key locks are Redis', and without them no
-// task runs, while ingest goes on as if all were well. A refused password ends the process.
-await retryUntilReady(() => redis.ping(), {
-  what: "Redis",
-  log: logger.warn,
-  attemptTimeoutMs: 5000,
-})
-const nc = await untilReady("NATS", () =>
-  connectNats({
-    servers: config.natsServers,
-    name: `keyway-worker:${config.site}:${config.group}`,
-    user: config.natsUser,
-    pass: config.natsPass,
-    inboxPrefix: config.natsInboxPrefix,
-    waitForServer: false,
-  }),
-)
-const metrics = createMetricsRegistry({ prefix: "keyway_" })
-const consumer = createKeyedConsumer({
-  group: config.group,
-  stream: config.stream,
-  filterSubject: config.filterSubject,
-  nats: nc,
-  db,
-  redis,
-  handlers: demoHandlers,
-  concurrency: config.concurrency,
-  logger,
-  metrics,
-})
-const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await untilReady(`stream ${config.stream} on NATS`, () => consumer.start())
 signals.started()
 logger.info("worker started", {
   site: config.site,
@@ -95,6 +57,56 @@ logger.info("worker started", {
   group: config.group,
   metrics: metricsServer?.url,
 })
+
+async function start() {
+  const db = createDb({
+    connectionString: config.databaseUrl,
+    max: config.pgPoolSize,
+    applicationName: `keyway-worker:${config.site}`,
+  })
+  // Ready means reachable and migrated: a schema behind the code waits like a server away.
+  await untilReady("Postgres", async () => {
+    await assertMigrated(db)
+    await ensureDemoEffectTable(db)
+  })
+  // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
+  const redis = new Redis(config.redisUrl, { enableAutoPipelining: true })
+  // ioredis reconnects by itself; without a listener an outage would print a stack per retry.
+  redis.on("error", (err) => logger.warn("redis", { error: err.message }))
+  // Reached before the worker says it started: the key locks are Redis', and without them no
+  // task runs, while ingest goes on as if all were well. A refused password ends the process.
+  await retryUntilReady(() => redis.ping(), {
+    what: "Redis",
+    log: logger.warn,
+    attemptTimeoutMs: 5000,
+  })
+  const nc = await untilReady("NATS", () =>
+    connectNats({
+      servers: config.natsServers,
+      name: `keyway-worker:${config.site}:${config.group}`,
+      user: config.natsUser,
+      pass: config.natsPass,
+      inboxPrefix: config.natsInboxPrefix,
+      waitForServer: false,
+    }),
+  )
+  const metrics = createMetricsRegistry({ prefix: "keyway_" })
+  const consumer = createKeyedConsumer({
+    group: config.group,
+    stream: config.stream,
+    filterSubject: config.filterSubject,
+    nats: nc,
+    db,
+    redis,
+    handlers: demoHandlers,
+    concurrency: config.concurrency,
+    logger,
+    metrics,
+  })
+  const metricsServer = await serveMetrics(metrics, config.metricsPort)
+  await untilReady(`stream ${config.stream} on NATS`, () => consumer.start())
+  return { db, redis, nc, consumer, metricsServer }
+}
 
 async function shutdown(signal: string) {
   logger.info("worker stopping", { signal })

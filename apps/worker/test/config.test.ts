@@ -6,14 +6,10 @@ const base = { KEYWAY_SITE: "cloud", DATABASE_URL: "postgres://postgres@127.0.0.
 
 test("the demo's filter goes with the demo's stream and group only", () => {
   assert.equal(parseConfig(base).filterSubject, "factory.demo.item")
-  // A group of its own on the same stream sees all of it: a filter given to its new durable
-  // would stay for good.
-  const billing = parseConfig({
-    ...base,
-    KEYWAY_STREAM: "FACTORY_IN",
-    KEYWAY_GROUP: "cloud-billing",
-  })
-  assert.equal(billing.filterSubject, undefined)
+  assert.equal(
+    parseConfig({ ...base, KEYWAY_STREAM: "FACTORY_IN", KEYWAY_GROUP: "cloud-demo" }).filterSubject,
+    "factory.demo.item",
+  )
   assert.equal(
     parseConfig({
       ...base,
@@ -22,6 +18,28 @@ test("the demo's filter goes with the demo's stream and group only", () => {
     }).filterSubject,
     "factory.billing.>",
   )
+})
+
+test("a group named explicitly without KEYWAY_FILTER_SUBJECT is refused: it would take every event", () => {
+  // The worker's handlers are the demo's: every other event of an unfiltered durable went dead
+  // at once as having no handler, and blocked its key. Not given the demo's filter either: a
+  // durable's filter stays for good.
+  for (const env of [
+    { ...base, KEYWAY_GROUP: "cloud-billing" },
+    { ...base, KEYWAY_STREAM: "FACTORY_IN", KEYWAY_GROUP: "cloud-billing" },
+    { ...base, KEYWAY_STREAM: "OTHER_IN" },
+    { ...base, KEYWAY_SITE: "plant-7", KEYWAY_STREAM: "CLOUD_IN", KEYWAY_GROUP: "plant-demo" },
+    { ...base, KEYWAY_GROUP: "cloud-billing", KEYWAY_FILTER_SUBJECT: "  " },
+  ]) {
+    assert.throws(
+      () => parseConfig(env),
+      (err: Error) =>
+        err.name === "ConfigError" &&
+        err.message.startsWith("KEYWAY_FILTER_SUBJECT is required for group ") &&
+        err.message.includes("demo.item.changed.v1"),
+      JSON.stringify(env),
+    )
+  }
 })
 
 test("the Postgres pool is sized on its own, not by the concurrency", () => {

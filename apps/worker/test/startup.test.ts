@@ -132,6 +132,7 @@ test("SIGTERM while a worker waits to start ends it at once with exit 0", async 
     KEYWAY_SITE: "cloud",
     KEYWAY_STREAM: stream,
     KEYWAY_GROUP: "g",
+    KEYWAY_FILTER_SUBJECT: `${stream.toLowerCase()}.>`,
     DATABASE_URL: t.url,
     NATS_URL,
     REDIS_URL,

@@ -19,6 +19,11 @@ export interface MigrateOptions {
   lockAttempts?: number
   /** The pause between those tries. Default 1000 ms. */
   lockRetryDelayMs?: number
+  /**
+   * What an operator should hear while the run waits (another run holds the run lock). Not
+   * called for a run that goes ahead at once. Default: nothing said.
+   */
+  log?: (message: string) => void
 }
 
 // A migration that alters a table asks for a lock that conflicts with every read and write of
@@ -193,7 +198,15 @@ export async function migrateToLatest(
   options: MigrateOptions = {},
 ): Promise<string[]> {
   return db.connection().execute(async (conn) => {
-    await sql`select pg_advisory_lock(${RUN_LOCK})`.execute(conn)
+    // Tried first: a second `just migrate` (or `just up`) waiting on the lock said nothing
+    // and looked hung, for as long as the first run took.
+    const free = await sql<{ ok: boolean }>`select pg_try_advisory_lock(${RUN_LOCK}) as ok`.execute(
+      conn,
+    )
+    if (!free.rows[0]!.ok) {
+      options.log?.("another migrate holds the run lock; waiting")
+      await sql`select pg_advisory_lock(${RUN_LOCK})`.execute(conn)
+    }
     try {
       const dir = options.dir ?? migrationsDir
       const files = await readMigrationFiles(dir)

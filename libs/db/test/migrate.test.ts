@@ -251,6 +251,43 @@ test("two runs at once: one applies every pending migration, in order, the other
   }
 })
 
+test("a run that finds another holding the run lock says so once, waits, then runs", async () => {
+  const dir = await mkdtemp(join(tmpdir(), "keyway-waiting-migrations-"))
+  await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
+  const t = await createTestDatabase({ prefix: "keyway_mig", migrationsDir: dir })
+  // As a run in progress holds it: migrate.ts's RUN_LOCK ("kwmi"), on its session.
+  const holder = new pg.Client({ connectionString: t.url })
+  try {
+    await writeFile(join(dir, "0002_c.sql"), "alter table public.t add column c int;")
+    const uncontended: string[] = []
+    assert.deepEqual(await migrateToLatest(t.db, { dir, log: (m) => uncontended.push(m) }), [
+      "0002_c",
+    ])
+    assert.deepEqual(uncontended, [], "a run that goes ahead at once says nothing")
+
+    await writeFile(join(dir, "0003_d.sql"), "alter table public.t add column d int;")
+    await holder.connect()
+    await holder.query("select pg_advisory_lock($1)", [0x6b776d69])
+    const said: string[] = []
+    let done = false
+    const migrating = migrateToLatest(t.db, { dir, log: (m) => said.push(m) }).finally(() => {
+      done = true
+    })
+    await waitFor(() => said.length > 0, { timeoutMs: 10_000, message: "the wait said" })
+    assert.deepEqual(said, ["another migrate holds the run lock; waiting"])
+    // Still waiting, not failed: the lock is the other run's until it ends.
+    await new Promise((r) => setTimeout(r, 500))
+    assert.equal(done, false)
+    await holder.query("select pg_advisory_unlock($1)", [0x6b776d69])
+    assert.deepEqual(await migrating, ["0003_d"])
+    assert.equal(said.length, 1, "said once, not once per poll")
+  } finally {
+    await holder.end().catch(() => {})
+    await t.drop()
+    await rm(dir, { recursive: true })
+  }
+})
+
 test("a migration stamped later by a host whose clock ran ahead does not stop the next one", async () => {
   const dir = await mkdtemp(join(tmpdir(), "keyway-skewed-migrations-"))
   await writeFile(join(dir, "0001_table.sql"), "create table public.t (id int);")
