@@ -17,6 +17,7 @@ import {
 } from "@keyway/testkit"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { type Kysely, sql } from "kysely"
+import { Cleanups, hasExited, stopChild } from "./cleanups.ts"
 import {
   benchKnob,
   machineBusyMs,
@@ -44,6 +45,9 @@ const CONCURRENCY = benchKnob("BENCH_ESL_CONCURRENCY", 64)
 const workerMain = fileURLToPath(new URL("../../apps/esl-worker/src/main.ts", import.meta.url))
 const now = () => performance.timeOrigin + performance.now()
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+// An esl-worker is up in a few seconds (loading code, connecting, its first AIMS login); one
+// that is not by then is stuck, and waiting held the benchmark for ever.
+const WORKER_START_TIMEOUT_MS = 120_000
 
 /**
  * Where the latency goes: the outbox's published_at, the inbox's received_at and done_at
@@ -74,17 +78,30 @@ async function stagesOf(db: Kysely<any>, committed: Map<string, number>, after: 
 }
 
 export async function run() {
+  // Each resource is handed to `cleanups` as soon as it exists, released in reverse order
+  // however the run ends: the workers, the fake AIMS, the relay, then the stream (over the
+  // connection, still open: after it, the delete failed unheard and every run left its stream
+  // on the shared server), the connection, the database.
+  await using cleanups = new Cleanups()
   const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
+  cleanups.defer(`database ${t.name}`, () => t.drop())
   const db = t.db
   await migrateEslSchema(db)
   const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
   const nc = await connectNats({ servers: natsUrl })
+  cleanups.defer("the NATS connection", () => nc.close())
   const jsm = await jetstreamManager(nc)
   // testkit's, so that a run stopped before its cleanup leaves a stream the next sweeps.
   const { site, name: streamName } = await createTestStream(nc)
+  // Not swallowed: a stream that outlives the run stays on the shared server.
+  cleanups.defer(`stream ${streamName}`, () => jsm.streams.delete(streamName))
   const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+  // Registered before start(), so that whatever start() had begun is stopped if it throws;
+  // stop() of a relay that never started returns at once.
+  cleanups.defer("the relay", () => relay.stop())
   await relay.start()
   const aims = await startFakeAims({ latencyMs: AIMS_LATENCY_MS })
+  cleanups.defer("the fake AIMS", () => aims.stop())
 
   const labels = Array.from(
     { length: LABELS },
@@ -100,8 +117,8 @@ export async function run() {
     })),
   )
 
-  const workers: TsChild[] = Array.from({ length: WORKER_PROCESSES }, (_, i) =>
-    spawnTs(workerMain, {
+  const workers: TsChild[] = Array.from({ length: WORKER_PROCESSES }, (_, i) => {
+    const worker = spawnTs(workerMain, {
       DATABASE_URL: t.url,
       NATS_URL: natsUrl,
       REDIS_URL: process.env.REDIS_URL ?? "redis://127.0.0.1:6379",
@@ -115,125 +132,115 @@ export async function run() {
       AIMS_USERNAME: aims.username,
       AIMS_PASSWORD: aims.password,
       ESL_CONCURRENCY: String(CONCURRENCY),
-    }),
-  )
-  try {
-    for (const w of workers) {
-      while (!w.json().some((l) => l.started)) {
-        if (w.exitCode !== null) throw new Error("an esl-worker died at start")
-        await sleep(50)
+    })
+    cleanups.defer(`esl-worker bench-${i}`, () => stopChild(worker, `esl-worker bench-${i}`))
+    return worker
+  })
+  const startDeadline = Date.now() + WORKER_START_TIMEOUT_MS
+  for (const w of workers) {
+    while (!w.json().some((l) => l.started)) {
+      if (hasExited(w)) throw new Error("an esl-worker died at start")
+      if (Date.now() > startDeadline) {
+        throw new Error(`an esl-worker did not start within ${WORKER_START_TIMEOUT_MS / 1000} s`)
       }
-    }
-
-    // 1. Latency: open loop, each writer on its own schedule, so a slow commit does not
-    // lower the offered rate. One label job per update: price, name and binding as of commit.
-    const committed = new Map<string, number>()
-    const total = RATE * LATENCY_SECONDS
-    const busyBefore = machineBusyMs()
-    const start = now()
-    await Promise.all(
-      Array.from({ length: WRITERS }, async (_, w) => {
-        for (let i = w; i < total; i += WRITERS) {
-          const due = start + (i * 1000) / RATE
-          if (due > now()) await sleep(due - now())
-          const n = Math.floor(Math.random() * LABELS)
-          const { tasks } = await writeLabelJob(db, {
-            jobId: `l${i}`,
-            labels: [{ labelCode: labels[n]!, productId: `P${n}` }],
-          })
-          committed.set(`${site}:${tasks[0]!.seq}`, now())
-        }
-      }),
-    )
-    const offeredRate = total / ((now() - start) / 1000)
-    const deadline = Date.now() + 60_000
-    while (aims.pushes().length < total || aims.pushes().some((p) => p.answeredAt === undefined)) {
-      if (Date.now() > deadline) throw new Error(`only ${aims.pushes().length} of ${total} pushes`)
       await sleep(50)
     }
-    const cpuPerLabel = (machineBusyMs() - busyBefore) / total
-    const toAnswer: number[] = []
-    const toArrival: number[] = []
-    for (const p of aims.pushes()) {
-      const c = committed.get(eventIdOfPushKey(p.idempotencyKey ?? ""))
-      if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
-      toArrival.push(p.receivedAt - c)
-      toAnswer.push(p.answeredAt! - c)
-    }
-
-    const stages = await stagesOf(db, committed, start + WARMUP_SECONDS * 1000)
-
-    // 2. Throughput: one job over every label.
-    const before = aims.pushes().length
-    const job = await writeLabelJob(db, {
-      jobId: "all",
-      labels: labels.map((labelCode, n) => ({ labelCode, productId: `P${n}` })),
-    })
-    const committedAt = now()
-    const until = Date.now() + 120_000
-    // Counted at arrival, answered LATENCY ms later: wait for the answers too.
-    while (
-      aims.pushes().length < before + job.tasks.length ||
-      aims.pushes().some((p) => p.answeredAt === undefined)
-    ) {
-      if (Date.now() > until) throw new Error("the 1,000-label job did not finish in 120 s")
-      await sleep(20)
-    }
-    const last = Math.max(
-      ...aims
-        .pushes()
-        .slice(before)
-        .map((p) => p.answeredAt!),
-    )
-    const labelsPerSecond = job.tasks.length / ((last - committedAt) / 1000)
-
-    const result = {
-      bench: "esl",
-      labels_per_s: Math.round(labelsPerSecond),
-      commit_to_push_p50_ms: round(percentile(toAnswer, 50), 1),
-      commit_to_push_p99_ms: round(percentile(toAnswer, 99), 1),
-    }
-    printTable([
-      ["measure", "value", "note"],
-      [
-        "offered label updates/s",
-        round(offeredRate, 1),
-        `${total} single-label jobs, ${WRITERS} writers`,
-      ],
-      [
-        "commit → AIMS answer p50 ms",
-        result.commit_to_push_p50_ms,
-        `fake AIMS answers after ${AIMS_LATENCY_MS} ms`,
-      ],
-      [
-        "commit → AIMS answer p99 ms",
-        result.commit_to_push_p99_ms,
-        `${toAnswer.length} samples after ${WARMUP_SECONDS} s warm-up`,
-      ],
-      [
-        "commit → AIMS arrival p50 ms",
-        round(percentile(toArrival, 50), 1),
-        "the image reaches AIMS",
-      ],
-      ["commit → AIMS arrival p99 ms", round(percentile(toArrival, 99), 1), ""],
-      ["stages p50 / p99 ms", stages, "commit→relay PubAck / →inbox / →done"],
-      ["machine CPU ms per label update", round(cpuPerLabel, 2), "every process, all cores"],
-      [
-        "labels/s, one 1,000-label job",
-        result.labels_per_s,
-        `${workerProcesses} x ${CONCURRENCY} keys`,
-      ],
-    ])
-    console.log(JSON.stringify(result))
-  } finally {
-    for (const w of workers) w.kill("SIGTERM")
-    await Promise.all(workers.map((w) => w.exited()))
-    await relay.stop()
-    await aims.stop()
-    // Before closing the connection the delete goes over: after it, the delete failed
-    // unheard and every run left its stream on the shared server.
-    await jsm.streams.delete(streamName).catch(() => {})
-    await nc.close()
-    await t.drop()
   }
+
+  // 1. Latency: open loop, each writer on its own schedule, so a slow commit does not
+  // lower the offered rate. One label job per update: price, name and binding as of commit.
+  const committed = new Map<string, number>()
+  const total = RATE * LATENCY_SECONDS
+  const busyBefore = machineBusyMs()
+  const start = now()
+  await Promise.all(
+    Array.from({ length: WRITERS }, async (_, w) => {
+      for (let i = w; i < total; i += WRITERS) {
+        const due = start + (i * 1000) / RATE
+        if (due > now()) await sleep(due - now())
+        const n = Math.floor(Math.random() * LABELS)
+        const { tasks } = await writeLabelJob(db, {
+          jobId: `l${i}`,
+          labels: [{ labelCode: labels[n]!, productId: `P${n}` }],
+        })
+        committed.set(`${site}:${tasks[0]!.seq}`, now())
+      }
+    }),
+  )
+  const offeredRate = total / ((now() - start) / 1000)
+  const deadline = Date.now() + 60_000
+  while (aims.pushes().length < total || aims.pushes().some((p) => p.answeredAt === undefined)) {
+    if (Date.now() > deadline) throw new Error(`only ${aims.pushes().length} of ${total} pushes`)
+    await sleep(50)
+  }
+  const cpuPerLabel = (machineBusyMs() - busyBefore) / total
+  const toAnswer: number[] = []
+  const toArrival: number[] = []
+  for (const p of aims.pushes()) {
+    const c = committed.get(eventIdOfPushKey(p.idempotencyKey ?? ""))
+    if (c === undefined || c < start + WARMUP_SECONDS * 1000) continue
+    toArrival.push(p.receivedAt - c)
+    toAnswer.push(p.answeredAt! - c)
+  }
+
+  const stages = await stagesOf(db, committed, start + WARMUP_SECONDS * 1000)
+
+  // 2. Throughput: one job over every label.
+  const before = aims.pushes().length
+  const job = await writeLabelJob(db, {
+    jobId: "all",
+    labels: labels.map((labelCode, n) => ({ labelCode, productId: `P${n}` })),
+  })
+  const committedAt = now()
+  const until = Date.now() + 120_000
+  // Counted at arrival, answered LATENCY ms later: wait for the answers too.
+  while (
+    aims.pushes().length < before + job.tasks.length ||
+    aims.pushes().some((p) => p.answeredAt === undefined)
+  ) {
+    if (Date.now() > until) throw new Error("the 1,000-label job did not finish in 120 s")
+    await sleep(20)
+  }
+  const last = Math.max(
+    ...aims
+      .pushes()
+      .slice(before)
+      .map((p) => p.answeredAt!),
+  )
+  const labelsPerSecond = job.tasks.length / ((last - committedAt) / 1000)
+
+  const result = {
+    bench: "esl",
+    labels_per_s: Math.round(labelsPerSecond),
+    commit_to_push_p50_ms: round(percentile(toAnswer, 50), 1),
+    commit_to_push_p99_ms: round(percentile(toAnswer, 99), 1),
+  }
+  printTable([
+    ["measure", "value", "note"],
+    [
+      "offered label updates/s",
+      round(offeredRate, 1),
+      `${total} single-label jobs, ${WRITERS} writers`,
+    ],
+    [
+      "commit → AIMS answer p50 ms",
+      result.commit_to_push_p50_ms,
+      `fake AIMS answers after ${AIMS_LATENCY_MS} ms`,
+    ],
+    [
+      "commit → AIMS answer p99 ms",
+      result.commit_to_push_p99_ms,
+      `${toAnswer.length} samples after ${WARMUP_SECONDS} s warm-up`,
+    ],
+    ["commit → AIMS arrival p50 ms", round(percentile(toArrival, 50), 1), "the image reaches AIMS"],
+    ["commit → AIMS arrival p99 ms", round(percentile(toArrival, 99), 1), ""],
+    ["stages p50 / p99 ms", stages, "commit→relay PubAck / →inbox / →done"],
+    ["machine CPU ms per label update", round(cpuPerLabel, 2), "every process, all cores"],
+    [
+      "labels/s, one 1,000-label job",
+      result.labels_per_s,
+      `${workerProcesses} x ${CONCURRENCY} keys`,
+    ],
+  ])
+  console.log(JSON.stringify(result))
 }

@@ -9,6 +9,7 @@ import { createTestDatabase, createTestStream, spawnTs, type TsChild } from "@ke
 import { jetstreamManager } from "@nats-io/jetstream"
 import { runMigrations } from "graphile-worker"
 import { type Kysely, sql } from "kysely"
+import { Cleanups, hasExited, stopChild } from "./cleanups.ts"
 import { startRelayProcess } from "./relay-process.ts"
 import {
   benchKnob,
@@ -30,7 +31,10 @@ import {
 
 const KEYS = 1000
 const WRITERS = 8
-const EVENTS = benchKnob("BENCH_EVENTS", 20_000)
+// The spec's throughput figure is over 20,000 events at least. Fewer are accepted, for a quick
+// run while working, and the table says so, so that such a run is not taken for the figure.
+const SPEC_EVENTS = 20_000
+const EVENTS = benchKnob("BENCH_EVENTS", SPEC_EVENTS)
 const LATENCY_RATE = benchKnob("BENCH_RATE", 1000)
 const LATENCY_MS = benchKnob("BENCH_LATENCY_MS", 10_000)
 // Worker processes per side (BENCH_WORKERS), the same for both. One, on two cores shared with
@@ -85,31 +89,41 @@ async function effectCount(db: Kysely<any>) {
 }
 
 /**
- * Waits until `n` effects exist. Only when the wait ends depends on how often it looks (the
- * figures come from the effects' own timestamps), and each look scans the table: every 250 ms
- * rather than 50, which put some 1,200 scans of up to 20,000 rows into graphile-worker's
- * longer tail.
+ * Waits until `n` effects exist, of `ids` only when given. Only when the wait ends depends on
+ * how often it looks (the figures come from the effects' own timestamps), and each look scans
+ * the table: every 250 ms rather than 50, which put some 1,200 scans of up to 20,000 rows into
+ * graphile-worker's longer tail.
  */
-async function waitForEffects(db: Kysely<any>, n: number, timeoutMs: number, processes: TsChild[]) {
+async function waitForEffects(
+  db: Kysely<any>,
+  n: number,
+  timeoutMs: number,
+  processes: TsChild[],
+  ids?: readonly string[],
+) {
   const deadline = Date.now() + timeoutMs
-  const handled = async () => {
-    // A count of rows first, which is cheap: a distinct count sorts the table at every look.
-    if ((await effectCount(db)) < n) return false
-    // graphile-worker's effect commits apart from its job's completion: a job run again
-    // after a lost completion writes a second row, which must not stand in for an event
-    // not yet handled.
-    const r = await sql<{ n: number }>`select count(distinct event_id)::int as n from effect`
-    return (await r.execute(db)).rows[0]!.n >= n
+  // graphile-worker's effect commits apart from its job's completion: a job run again after a
+  // lost completion writes a second row, which must not stand in for an event not yet
+  // handled. Nor may a job of the throughput phase run again during the latency phase: its
+  // row is of an event the latency phase did not write, so that phase counts its own ids only.
+  const distinct = async () => {
+    const r = ids
+      ? sql<{ n: number }>`select count(distinct event_id)::int as n from effect
+                             where event_id = any(${ids}::text[])`
+      : sql<{ n: number }>`select count(distinct event_id)::int as n from effect`
+    return (await r.execute(db)).rows[0]!.n
   }
+  // A count of rows first, which is cheap: a distinct count sorts the table at every look.
+  const handled = async () => (await effectCount(db)) >= n && (await distinct()) >= n
   while (!(await handled())) {
     // The relay among them: without it nothing more is handled, and the wait ran out its time.
-    const dead = processes.find((w) => w.exitCode !== null)
+    const dead = processes.find(hasExited)
     if (dead) {
       // Its last lines may still be on their way: 'exit' can come before them.
       await dead.exited()
       throw new BenchProcessStoppedError(dead)
     }
-    if (Date.now() > deadline) throw new Error(`only ${await effectCount(db)} of ${n} effects`)
+    if (Date.now() > deadline) throw new Error(`only ${await distinct()} of ${n} effects`)
     await sleep(250)
   }
 }
@@ -133,7 +147,7 @@ class BenchProcessStoppedError extends Error {
   constructor(child: TsChild) {
     const last = child.json().findLast((l) => typeof l.fatal === "string")
     super(
-      `a benchmark process stopped (exit code ${child.exitCode}): ${last?.fatal ?? (child.lines.slice(-5).join(" | ") || "no reason given")}`,
+      `a benchmark process stopped (exit ${child.exitCode ?? child.signalCode}): ${last?.fatal ?? (child.lines.slice(-5).join(" | ") || "no reason given")}`,
     )
     this.issue636 = last?.issue636 === true
   }
@@ -304,27 +318,40 @@ async function latency(db: Kysely<any>, write: Write, relay: TsChild, workers: T
     )
     // What was written: with BENCH_RATE x BENCH_LATENCY_MS not a multiple of the writers,
     // each wrote its share rounded up, and the slowest of those would drop out of the sample.
-    await waitForEffects(db, committed.size, 120_000, [relay, ...workers])
+    await waitForEffects(db, committed.size, 120_000, [relay, ...workers], [...committed.keys()])
   } finally {
     await cpu.stop().catch(() => {})
   }
   const elapsedMs = now() - start
   const { byLabel, machineMs } = await cpu.stop()
+  // An event's first handling is its latency: a graphile-worker job run again after a lost
+  // completion leaves a second, later row for the same event.
   const rows = await sql<{ event_id: string; handled_at: number }>`
-    select event_id, handled_at from effect
+    select event_id, min(handled_at) as handled_at from effect
+     where event_id = any(${[...committed.keys()]}::text[])
+     group by event_id
   `.execute(db)
+  // One sample per event written, or the figures are not of the phase: an event without its
+  // sample would drop out of the tail unseen (the wait counts these ids, so this is a bug).
+  if (rows.rows.length !== committed.size) {
+    throw new Error(
+      `latency phase: ${rows.rows.length} of ${committed.size} events written have an effect`,
+    )
+  }
   // In commit order: the rows come back in whatever order the table holds them.
   const latencies = rows.rows
-    .flatMap((r) => {
-      const c = committed.get(r.event_id)
-      return c === undefined ? [] : [{ c, latency: r.handled_at - c }]
+    .map((r) => {
+      const c = committed.get(r.event_id)!
+      return { c, latency: r.handled_at - c }
     })
     .sort((a, b) => a.c - b.c)
     .map((e) => e.latency)
   // The first second warms connections and caches; it is not the steady state.
   const steady = latencies.slice(LATENCY_RATE)
-  // What the writers offered: a writer held up by a slow commit starts its next one late.
-  const lastCommit = Math.max(...committed.values())
+  // What the writers offered: a writer held up by a slow commit starts its next one late. A
+  // loop, not Math.max(...): spreading a run's worth of arguments overflows the stack.
+  let lastCommit = Number.NEGATIVE_INFINITY
+  for (const at of committed.values()) if (at > lastCommit) lastCommit = at
   return {
     events: committed.size,
     offered: committed.size / ((lastCommit - start) / 1000),
@@ -373,15 +400,51 @@ async function stages(db: Kysely<any>, committed: Map<string, number>) {
   return { relay: p(relay), ingest: p(ingest), drain: p(drain) }
 }
 
+// A worker is ready in a few seconds (loading code, connecting); one that is not by then is
+// stuck, on a server or a lock, and would have held the benchmark for ever.
+const WORKER_START_TIMEOUT_MS = 120_000
+
 async function startWorkers(env: Record<string, string>): Promise<TsChild[]> {
   const children = Array.from({ length: WORKER_PROCESSES }, () => spawnTs(workerEntry, env))
-  for (const c of children) {
-    while (!c.json().some((l) => l.ready)) {
-      if (c.exitCode !== null) throw new Error("a benchmark worker died at start")
-      await sleep(50)
+  const deadline = Date.now() + WORKER_START_TIMEOUT_MS
+  try {
+    for (const c of children) {
+      while (!c.json().some((l) => l.ready)) {
+        if (hasExited(c)) throw new Error("a benchmark worker died at start")
+        if (Date.now() > deadline) {
+          throw new Error(
+            `a benchmark worker was not ready within ${WORKER_START_TIMEOUT_MS / 1000} s`,
+          )
+        }
+        await sleep(50)
+      }
     }
+  } catch (err) {
+    // The caller gets no handle to stop them with: the ones started go now.
+    await stopWorkers(children).catch(() => {})
+    throw err
   }
   return children
+}
+
+/**
+ * Runs `body` with worker processes started from `env`, and stops them however it ends. The
+ * phase's failure is the one thrown: a stop that fails after it is only reported.
+ */
+async function withWorkers<T>(
+  env: Record<string, string>,
+  body: (workers: TsChild[]) => Promise<T>,
+): Promise<T> {
+  const workers = await startWorkers(env)
+  let result: T
+  try {
+    result = await body(workers)
+  } catch (err) {
+    await stopWorkers(workers).catch((stopErr) => console.error(stopErr))
+    throw err
+  }
+  await stopWorkers(workers)
+  return result
 }
 
 /**
@@ -394,7 +457,7 @@ async function drainSteps(children: TsChild[]): Promise<Record<string, Histogram
   for (const c of children) c.kill("SIGUSR2")
   const deadline = now() + 10_000
   while (children.some((c, i) => printed(c).length === before[i])) {
-    if (children.some((c) => c.exitCode !== null)) throw new Error("a benchmark worker died")
+    if (children.some(hasExited)) throw new Error("a benchmark worker died")
     if (now() > deadline) throw new Error("a benchmark worker did not print its metrics")
     await sleep(20)
   }
@@ -408,13 +471,20 @@ async function drainSteps(children: TsChild[]): Promise<Record<string, Histogram
   )
 }
 
+/** Stops every worker, each within stopChild's deadline, then throws the first failure. */
 async function stopWorkers(children: TsChild[]) {
-  for (const c of children) c.kill("SIGTERM")
-  await Promise.all(children.map((c) => c.exited()))
+  const stops = await Promise.allSettled(children.map((c) => stopChild(c, "a benchmark worker")))
+  const failed = stops.find((s) => s.status === "rejected")
+  if (failed) throw failed.reason
 }
 
 export async function run() {
+  // Each resource is handed to `cleanups` as soon as it exists, released in reverse order
+  // however the run ends: the relay, then the stream (over the connection, still open), the
+  // connection, the database.
+  await using cleanups = new Cleanups()
   const t = await createTestDatabase({ prefix: "keyway_bench", poolSize: WRITERS + 2 })
+  cleanups.defer(`database ${t.name}`, () => t.drop())
   const db = t.db
   await sql`create table bench_order (id bigserial primary key, key text not null, n int not null)`.execute(
     db,
@@ -426,14 +496,18 @@ export async function run() {
   await runMigrations({ connectionString: t.url, logger: undefined })
   const natsUrl = process.env.NATS_URL ?? "nats://127.0.0.1:4222"
   const nc = await connectNats({ servers: natsUrl })
+  cleanups.defer("the NATS connection", () => nc.close())
   const jsm = await jetstreamManager(nc)
   // testkit's, so that a run stopped before its cleanup leaves a stream the next sweeps.
   const { site, name: streamName } = await createTestStream(nc)
+  // Not swallowed: a stream that outlives the run stays on the shared server.
+  cleanups.defer(`stream ${streamName}`, () => jsm.streams.delete(streamName))
   const relay = await startRelayProcess({
     DATABASE_URL: withApplicationName(t.url, RELAY_APP),
     NATS_URL: natsUrl,
     KEYWAY_SITE: site,
   })
+  cleanups.defer("the relay", () => stopChild(relay, "the relay"))
 
   const keywayWrite: Write = async (key, n) => {
     const [e] = await db.transaction().execute(async (trx) => {
@@ -492,227 +566,218 @@ export async function run() {
     GROUP: `bench_${site}`,
     CONCURRENCY,
   }
-  try {
-    const skipped = {
-      perSecond: Number.NaN,
-      writePerSecond: Number.NaN,
-      commitsPerEvent: Number.NaN,
-      rowsPerEvent: Number.NaN,
-      cpuMsPerEvent: Number.NaN,
-      cpuMsPerEventBy: new Map<string, number>(),
-    }
-    const skippedLatency = {
-      events: 0,
-      offered: Number.NaN,
-      p50: Number.NaN,
-      p99: Number.NaN,
-      samples: 0,
-      machineBusy: Number.NaN,
-      cpuMsPerEvent: Number.NaN,
-      cpuMsPerEventBy: new Map<string, number>(),
-      stages: undefined as Awaited<ReturnType<typeof latency>>["stages"],
-    }
-    let kThroughput = skipped
-    let kLatency = skippedLatency
-    let stepsBefore: Record<string, HistogramSeries> = {}
-    let stepsAfter: Record<string, HistogramSeries> = {}
-    if (ONLY !== "graphile") {
-      const workers = await startWorkers({ ...env, KIND: "keyway" })
+  const skipped = {
+    perSecond: Number.NaN,
+    writePerSecond: Number.NaN,
+    commitsPerEvent: Number.NaN,
+    rowsPerEvent: Number.NaN,
+    cpuMsPerEvent: Number.NaN,
+    cpuMsPerEventBy: new Map<string, number>(),
+  }
+  const skippedLatency = {
+    events: 0,
+    offered: Number.NaN,
+    p50: Number.NaN,
+    p99: Number.NaN,
+    samples: 0,
+    machineBusy: Number.NaN,
+    cpuMsPerEvent: Number.NaN,
+    cpuMsPerEventBy: new Map<string, number>(),
+    stages: undefined as Awaited<ReturnType<typeof latency>>["stages"],
+  }
+  let kThroughput = skipped
+  let kLatency = skippedLatency
+  let stepsBefore: Record<string, HistogramSeries> = {}
+  let stepsAfter: Record<string, HistogramSeries> = {}
+  if (ONLY !== "graphile") {
+    await withWorkers({ ...env, KIND: "keyway" }, async (workers) => {
       kThroughput = await throughput(db, keywayBatch, relay, workers)
       stepsBefore = await drainSteps(workers)
       kLatency = await latency(db, keywayWrite, relay, workers)
       stepsAfter = await drainSteps(workers)
-      await stopWorkers(workers)
-    }
-    let gThroughput = skipped
-    let gLatency = skippedLatency
-    let graphileReruns = 0
-    while (ONLY !== "keyway") {
-      const workers = await startWorkers({ ...env, ...GRAPHILE, KIND: "graphile" })
-      let failure: unknown
-      try {
+    })
+  }
+  let gThroughput = skipped
+  let gLatency = skippedLatency
+  let graphileReruns = 0
+  while (ONLY !== "keyway") {
+    let failure: unknown
+    try {
+      await withWorkers({ ...env, ...GRAPHILE, KIND: "graphile" }, async (workers) => {
         gThroughput = await throughput(db, graphileBatch, relay, workers)
         gLatency = await latency(db, graphileWrite, relay, workers)
-      } catch (err) {
-        failure = err
-      } finally {
-        await stopWorkers(workers)
-      }
-      if (failure === undefined) break
-      // Two runs in eight met graphile/worker#636 in session 27. Run again, from empty
-      // queues: the jobs of the lost batch stay locked, and their effects exist already.
-      if (
-        !(failure instanceof BenchProcessStoppedError && failure.issue636) ||
-        graphileReruns === 2
-      ) {
-        throw failure
-      }
-      graphileReruns++
-      console.error(`${failure.message}: graphile/worker#636; its phase runs again`)
-      await sql`delete from graphile_worker._private_jobs`.execute(db)
-      await sql`delete from graphile_worker._private_job_queues`.execute(db)
-      // pg_stat_database, which the commits per event come from, lags by up to a second.
-      await sleep(1000)
+      })
+    } catch (err) {
+      failure = err
     }
-
-    const result = {
-      bench: "pipeline",
-      keyway_per_s: Math.round(kThroughput.perSecond),
-      graphile_keyed_per_s: Math.round(gThroughput.perSecond),
-      keyway_p50_ms: round(kLatency.p50, 2),
-      keyway_p99_ms: round(kLatency.p99, 2),
-      graphile_p50_ms: round(gLatency.p50, 2),
-      graphile_p99_ms: round(gLatency.p99, 2),
+    if (failure === undefined) break
+    // Two runs in eight met graphile/worker#636 in session 27. Run again, from empty
+    // queues: the jobs of the lost batch stay locked, and their effects exist already.
+    if (
+      !(failure instanceof BenchProcessStoppedError && failure.issue636) ||
+      graphileReruns === 2
+    ) {
+      throw failure
     }
-    printTable([
-      ["measure", "keyway", "graphile-worker", "note"],
-      [
-        "events/s end to end",
-        result.keyway_per_s,
-        result.graphile_keyed_per_s,
-        `${EVENTS} events, ${KEYS} keys, ${WRITERS} writers, ${workerProcesses}: ${CONCURRENCY} keys / ${GRAPHILE.GRAPHILE_CONCURRENCY} jobs at once${graphileReruns ? `; graphile-worker's phase run ${graphileReruns + 1} times (graphile/worker#636)` : ""}`,
-      ],
-      [
-        "events written/s meanwhile",
-        Math.round(kThroughput.writePerSecond),
-        Math.round(gThroughput.writePerSecond),
-        `${PER_TX} row(s) + ${PER_TX} event(s) per tx`,
-      ],
-      [
-        "commit-to-handler p50 ms",
-        result.keyway_p50_ms,
-        result.graphile_p50_ms,
-        `${offeredNote(
-          LATENCY_RATE,
-          [kLatency.offered, gLatency.offered].filter((o) => !Number.isNaN(o)),
-        )}; to the handler's call`,
-      ],
-      [
-        "commit-to-handler p99 ms",
-        result.keyway_p99_ms,
-        result.graphile_p99_ms,
-        `${kLatency.samples} / ${gLatency.samples} samples`,
-      ],
-      [
-        `machine busy at ${LATENCY_RATE} events/s, %`,
-        round(100 * kLatency.machineBusy),
-        round(100 * gLatency.machineBusy),
-        "both cores, every process, latency run",
-      ],
-      [
-        "Postgres commits per event",
-        round(kThroughput.commitsPerEvent, 2),
-        round(gThroughput.commitsPerEvent, 2),
-        "all processes",
-      ],
-      [
-        "Postgres rows touched per event",
-        round(kThroughput.rowsPerEvent, 1),
-        round(gThroughput.rowsPerEvent, 1),
-        "inserted, updated, deleted, fetched",
-      ],
-      [
-        "machine CPU ms per event",
-        round(kThroughput.cpuMsPerEvent, 2),
-        round(gThroughput.cpuMsPerEvent, 2),
-        "both cores, every process, throughput run",
-      ],
-      ["  commit → published (relay) p50 / p99", kLatency.stages?.relay ?? "", "", "ms"],
-      ["  published → in inbox (ingest) p50 / p99", kLatency.stages?.ingest ?? "", "", "ms"],
-      ["  in inbox → handled (drain) p50 / p99", kLatency.stages?.drain ?? "", "", "ms"],
-      [
-        "ratio keyway / graphile",
-        round(kThroughput.perSecond / gThroughput.perSecond, 2),
-        "",
-        "target >= 5",
-      ],
-    ])
-    // The steps of each key's drain in the latency run, warm-up second included, as the
-    // consumer's consumer_drain_step_seconds histogram saw them. Not all of the drain stage:
-    // reading more tasks, marking a gap and the time between steps are not among them.
-    const bound = (d: HistogramSeries, p: number) => {
-      const le = bucketPercentile(d, p)
-      const lastFinite = d.buckets.at(-2)?.[0] ?? 0
-      return le === Number.POSITIVE_INFINITY ? `> ${lastFinite * 1000}` : `≤ ${le * 1000}`
-    }
-    const stepNames: Record<string, string> = {
-      wait: "wait for a drain slot",
-      lock: "Redis lock",
-      claim: "claim (epoch, lease, tasks)",
-      run: "run a task (handler + completion)",
-      release: "release the lock",
-    }
-    printTable([
-      [
-        `drain steps at ${LATENCY_RATE} events/s, whole run`,
-        "per event",
-        "mean ms",
-        "p50 ms",
-        "p99 ms",
-      ],
-      ...Object.entries(stepNames).flatMap(([step, name]) => {
-        const after = stepsAfter[step]
-        if (!after) return []
-        const d = histogramDelta(stepsBefore[step], after)
-        if (d.count === 0) return []
-        return [
-          [
-            name,
-            round(d.count / kLatency.events, 2),
-            round((1000 * d.sum) / d.count, 2),
-            bound(d, 50),
-            bound(d, 99),
-          ],
-        ]
-      }),
-    ])
-    // Where the CPU went, by process: with every part on the same two cores, events/s is about
-    // the CPU there is over the CPU each event costs. At the latency run's steady rate batches
-    // are smaller than in the throughput run, so each event costs more; the last column shows
-    // how much of the machine that left (the tail grows as it nears none).
-    const cpuRow = (label: string, k: number, g: number, kAtRate: number) => [
-      label,
-      round(k, 3),
-      round(g, 3),
-      `${Math.round((100 * k) / kThroughput.cpuMsPerEvent)}%`,
-      round(kAtRate, 3),
-    ]
-    const labelled = (by: Map<string, number>) => [...by.values()].reduce((a, b) => a + b, 0)
-    printTable([
-      [
-        "CPU ms per event, throughput run",
-        "keyway",
-        "graphile-worker",
-        "share of keyway's",
-        `keyway at ${LATENCY_RATE}/s`,
-      ],
-      ...CPU_LABELS.map((label) =>
-        cpuRow(
-          label,
-          kThroughput.cpuMsPerEventBy.get(label) ?? 0,
-          gThroughput.cpuMsPerEventBy.get(label) ?? Number.NaN,
-          kLatency.cpuMsPerEventBy.get(label) ?? 0,
-        ),
-      ),
-      cpuRow(
-        "everything else (kernel threads, …)",
-        kThroughput.cpuMsPerEvent - labelled(kThroughput.cpuMsPerEventBy),
-        gThroughput.cpuMsPerEvent - labelled(gThroughput.cpuMsPerEventBy),
-        kLatency.cpuMsPerEvent - labelled(kLatency.cpuMsPerEventBy),
-      ),
-      cpuRow(
-        "the whole machine",
-        kThroughput.cpuMsPerEvent,
-        gThroughput.cpuMsPerEvent,
-        kLatency.cpuMsPerEvent,
-      ),
-    ])
-    console.log(JSON.stringify(result))
-  } finally {
-    relay.kill("SIGTERM")
-    await relay.exited()
-    await jsm.streams.delete(streamName).catch(() => {})
-    await nc.close()
-    await t.drop()
+    graphileReruns++
+    console.error(`${failure.message}: graphile/worker#636; its phase runs again`)
+    await sql`delete from graphile_worker._private_jobs`.execute(db)
+    await sql`delete from graphile_worker._private_job_queues`.execute(db)
+    // pg_stat_database, which the commits per event come from, lags by up to a second.
+    await sleep(1000)
   }
+
+  const result = {
+    bench: "pipeline",
+    keyway_per_s: Math.round(kThroughput.perSecond),
+    graphile_keyed_per_s: Math.round(gThroughput.perSecond),
+    keyway_p50_ms: round(kLatency.p50, 2),
+    keyway_p99_ms: round(kLatency.p99, 2),
+    graphile_p50_ms: round(gLatency.p50, 2),
+    graphile_p99_ms: round(gLatency.p99, 2),
+  }
+  printTable([
+    ["measure", "keyway", "graphile-worker", "note"],
+    [
+      "events/s end to end",
+      result.keyway_per_s,
+      result.graphile_keyed_per_s,
+      `${EVENTS} events${EVENTS < SPEC_EVENTS ? ` (BELOW the spec's ${SPEC_EVENTS}: not the figure)` : ""}, ${KEYS} keys, ${WRITERS} writers, ${workerProcesses}: ${CONCURRENCY} keys / ${GRAPHILE.GRAPHILE_CONCURRENCY} jobs at once${graphileReruns ? `; graphile-worker's phase run ${graphileReruns + 1} times (graphile/worker#636)` : ""}`,
+    ],
+    [
+      "events written/s meanwhile",
+      Math.round(kThroughput.writePerSecond),
+      Math.round(gThroughput.writePerSecond),
+      `${PER_TX} row(s) + ${PER_TX} event(s) per tx`,
+    ],
+    [
+      "commit-to-handler p50 ms",
+      result.keyway_p50_ms,
+      result.graphile_p50_ms,
+      `${offeredNote(
+        LATENCY_RATE,
+        [kLatency.offered, gLatency.offered].filter((o) => !Number.isNaN(o)),
+      )}; to the handler's call`,
+    ],
+    [
+      "commit-to-handler p99 ms",
+      result.keyway_p99_ms,
+      result.graphile_p99_ms,
+      `${kLatency.samples} / ${gLatency.samples} samples`,
+    ],
+    [
+      `machine busy at ${LATENCY_RATE} events/s, %`,
+      round(100 * kLatency.machineBusy),
+      round(100 * gLatency.machineBusy),
+      "both cores, every process, latency run",
+    ],
+    [
+      "Postgres commits per event",
+      round(kThroughput.commitsPerEvent, 2),
+      round(gThroughput.commitsPerEvent, 2),
+      "all processes",
+    ],
+    [
+      "Postgres rows touched per event",
+      round(kThroughput.rowsPerEvent, 1),
+      round(gThroughput.rowsPerEvent, 1),
+      "inserted, updated, deleted, fetched",
+    ],
+    [
+      "machine CPU ms per event",
+      round(kThroughput.cpuMsPerEvent, 2),
+      round(gThroughput.cpuMsPerEvent, 2),
+      "both cores, every process, throughput run",
+    ],
+    ["  commit → published (relay) p50 / p99", kLatency.stages?.relay ?? "", "", "ms"],
+    ["  published → in inbox (ingest) p50 / p99", kLatency.stages?.ingest ?? "", "", "ms"],
+    ["  in inbox → handled (drain) p50 / p99", kLatency.stages?.drain ?? "", "", "ms"],
+    [
+      "ratio keyway / graphile",
+      round(kThroughput.perSecond / gThroughput.perSecond, 2),
+      "",
+      "target >= 5",
+    ],
+  ])
+  // The steps of each key's drain in the latency run, warm-up second included, as the
+  // consumer's consumer_drain_step_seconds histogram saw them. Not all of the drain stage:
+  // reading more tasks, marking a gap and the time between steps are not among them.
+  const bound = (d: HistogramSeries, p: number) => {
+    const le = bucketPercentile(d, p)
+    const lastFinite = d.buckets.at(-2)?.[0] ?? 0
+    return le === Number.POSITIVE_INFINITY ? `> ${lastFinite * 1000}` : `≤ ${le * 1000}`
+  }
+  const stepNames: Record<string, string> = {
+    wait: "wait for a drain slot",
+    lock: "Redis lock",
+    claim: "claim (epoch, lease, tasks)",
+    run: "run a task (handler + completion)",
+    release: "release the lock",
+  }
+  printTable([
+    [
+      `drain steps at ${LATENCY_RATE} events/s, whole run`,
+      "per event",
+      "mean ms",
+      "p50 ms",
+      "p99 ms",
+    ],
+    ...Object.entries(stepNames).flatMap(([step, name]) => {
+      const after = stepsAfter[step]
+      if (!after) return []
+      const d = histogramDelta(stepsBefore[step], after)
+      if (d.count === 0) return []
+      return [
+        [
+          name,
+          round(d.count / kLatency.events, 2),
+          round((1000 * d.sum) / d.count, 2),
+          bound(d, 50),
+          bound(d, 99),
+        ],
+      ]
+    }),
+  ])
+  // Where the CPU went, by process: with every part on the same two cores, events/s is about
+  // the CPU there is over the CPU each event costs. At the latency run's steady rate batches
+  // are smaller than in the throughput run, so each event costs more; the last column shows
+  // how much of the machine that left (the tail grows as it nears none).
+  const cpuRow = (label: string, k: number, g: number, kAtRate: number) => [
+    label,
+    round(k, 3),
+    round(g, 3),
+    `${Math.round((100 * k) / kThroughput.cpuMsPerEvent)}%`,
+    round(kAtRate, 3),
+  ]
+  const labelled = (by: Map<string, number>) => [...by.values()].reduce((a, b) => a + b, 0)
+  printTable([
+    [
+      "CPU ms per event, throughput run",
+      "keyway",
+      "graphile-worker",
+      "share of keyway's",
+      `keyway at ${LATENCY_RATE}/s`,
+    ],
+    ...CPU_LABELS.map((label) =>
+      cpuRow(
+        label,
+        kThroughput.cpuMsPerEventBy.get(label) ?? 0,
+        gThroughput.cpuMsPerEventBy.get(label) ?? Number.NaN,
+        kLatency.cpuMsPerEventBy.get(label) ?? 0,
+      ),
+    ),
+    cpuRow(
+      "everything else (kernel threads, …)",
+      kThroughput.cpuMsPerEvent - labelled(kThroughput.cpuMsPerEventBy),
+      gThroughput.cpuMsPerEvent - labelled(gThroughput.cpuMsPerEventBy),
+      kLatency.cpuMsPerEvent - labelled(kLatency.cpuMsPerEventBy),
+    ),
+    cpuRow(
+      "the whole machine",
+      kThroughput.cpuMsPerEvent,
+      gThroughput.cpuMsPerEvent,
+      kLatency.cpuMsPerEvent,
+    ),
+  ])
+  console.log(JSON.stringify(result))
 }

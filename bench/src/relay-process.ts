@@ -3,6 +3,7 @@
 // callbacks.
 import { fileURLToPath } from "node:url"
 import { spawnTs, type TsChild } from "@keyway/testkit"
+import { hasExited } from "./cleanups.ts"
 
 export const relayEntry = fileURLToPath(new URL("../../apps/relay/src/main.ts", import.meta.url))
 
@@ -12,8 +13,7 @@ export async function startRelayProcess(env: Record<string, string>): Promise<Ts
   // A relay that waits for ever (NATS or Postgres away) held the benchmark as long.
   const deadline = Date.now() + 60_000
   while (!relay.json().some((l) => l.message === "relay active")) {
-    if (relay.exitCode !== null)
-      throw new Error(`the relay died at start: ${relay.lines.join("\n")}`)
+    if (hasExited(relay)) throw new Error(`the relay died at start: ${relay.lines.join("\n")}`)
     if (Date.now() > deadline) {
       relay.kill("SIGKILL")
       throw new Error(`the relay did not lead within 60 s: ${relay.lines.join("\n")}`)
