@@ -25,6 +25,8 @@ export interface EslWorkerAppConfig extends TelemetryEnv {
   natsServers: string[]
   natsUser?: string
   natsPass?: string
+  /** NATS_INBOX_PREFIX; unset: the user's own (inboxPrefixFor). */
+  natsInboxPrefix?: string
   redisUrl: string
   stream: string
   group: string
@@ -62,6 +64,7 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
     natsServers: natsServersEnv(env),
     natsUser: nats.user,
     natsPass: nats.pass,
+    natsInboxPrefix: nats.inboxPrefix,
     redisUrl: redisUrlEnv(env),
     stream: requiredEnv(env, "ESL_STREAM", "CLOUD"),
     group: env.ESL_GROUP?.trim() || "esl-worker",

@@ -1,6 +1,6 @@
 // The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
 // label finish its task in hand, then exits 0. Prints one JSON line per event of note.
-import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -41,57 +41,12 @@ const telemetry = startTelemetry({
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
-const nc = await untilReady("NATS", () =>
-  connectNats({
-    servers: config.natsServers,
-    name: `keyway-esl-worker:${config.workerId ?? process.pid}`,
-    user: config.natsUser,
-    pass: config.natsPass,
-    waitForServer: false,
-  }),
-)
-const db = createDb({
-  connectionString: config.databaseUrl,
-  max: Math.min(32, config.concurrency + 4),
-  applicationName: "keyway-esl-worker",
+// What waiting cannot mend (a refused password, a metrics port in use) ends the start: one
+// line in the worker's log format, then exit 1, not Node's stack trace out of a top-level await.
+const { nc, db, redis, worker, metricsServer } = await start().catch((err: unknown) => {
+  logger.error("esl-worker failed to start", { error: describeError(err) })
+  process.exit(1)
 })
-// Ready means reachable and migrated: a schema behind the code waits like a server away.
-await untilReady("Postgres", () => assertMigrated(db))
-// Auto-pipelining: the lock commands of the keys draining at once share socket writes.
-const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1, enableAutoPipelining: true })
-redis.on("error", (err) => logger.warn("redis error", { error: err.message }))
-// Reached before the worker says it started: the key locks are Redis', and without them no
-// task runs, while ingest goes on as if all were well. A refused password ends the process.
-await retryUntilReady(() => redis.ping(), {
-  what: "Redis",
-  log: logger.warn,
-  attemptTimeoutMs: 5000,
-})
-
-const worker = createEslWorker({
-  db,
-  nats: nc,
-  redis,
-  stream: config.stream,
-  group: config.group,
-  filterSubject: config.filterSubject,
-  workerId: config.workerId,
-  aims: config.aims,
-  policy: {
-    maxAttempts: config.maxAttempts,
-    backoffMs: config.backoffMs,
-    maxBackoffMs: config.maxBackoffMs,
-    onDead: config.onDead,
-  },
-  concurrency: config.concurrency,
-  leaseMs: config.leaseMs,
-  pollIntervalMs: config.pollIntervalMs,
-  recoveryIntervalMs: config.recoveryIntervalMs,
-  metrics,
-  logger,
-})
-const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await untilReady(`stream ${config.stream} on NATS`, () => worker.start())
 signals.started()
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),
@@ -111,4 +66,60 @@ async function shutdown(signal: string) {
   await db.destroy()
   redis.disconnect()
   console.log(JSON.stringify({ stopped: worker.status() }))
+}
+
+async function start() {
+  const nc = await untilReady("NATS", () =>
+    connectNats({
+      servers: config.natsServers,
+      name: `keyway-esl-worker:${config.workerId ?? process.pid}`,
+      user: config.natsUser,
+      pass: config.natsPass,
+      inboxPrefix: config.natsInboxPrefix,
+      waitForServer: false,
+    }),
+  )
+  const db = createDb({
+    connectionString: config.databaseUrl,
+    max: Math.min(32, config.concurrency + 4),
+    applicationName: "keyway-esl-worker",
+  })
+  // Ready means reachable and migrated: a schema behind the code waits like a server away.
+  await untilReady("Postgres", () => assertMigrated(db))
+  // Auto-pipelining: the lock commands of the keys draining at once share socket writes.
+  const redis = new Redis(config.redisUrl, { maxRetriesPerRequest: 1, enableAutoPipelining: true })
+  redis.on("error", (err) => logger.warn("redis error", { error: err.message }))
+  // Reached before the worker says it started: the key locks are Redis', and without them no
+  // task runs, while ingest goes on as if all were well. A refused password ends the process.
+  await retryUntilReady(() => redis.ping(), {
+    what: "Redis",
+    log: logger.warn,
+    attemptTimeoutMs: 5000,
+  })
+
+  const worker = createEslWorker({
+    db,
+    nats: nc,
+    redis,
+    stream: config.stream,
+    group: config.group,
+    filterSubject: config.filterSubject,
+    workerId: config.workerId,
+    aims: config.aims,
+    policy: {
+      maxAttempts: config.maxAttempts,
+      backoffMs: config.backoffMs,
+      maxBackoffMs: config.maxBackoffMs,
+      onDead: config.onDead,
+    },
+    concurrency: config.concurrency,
+    leaseMs: config.leaseMs,
+    pollIntervalMs: config.pollIntervalMs,
+    recoveryIntervalMs: config.recoveryIntervalMs,
+    metrics,
+    logger,
+  })
+  const metricsServer = await serveMetrics(metrics, config.metricsPort)
+  await untilReady(`stream ${config.stream} on NATS`, () => worker.start())
+  return { nc, db, redis, worker, metricsServer }
 }

@@ -1,6 +1,6 @@
 // The relay process: one per outbox database; start several and one is active while the
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
-import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
@@ -40,56 +40,12 @@ const telemetry = startTelemetry({
 
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
-// Read before connecting: a bad file is reported at once, with NATS up or not.
-const streams = config.streamsFile ? await loadStreamDefinitions(config.streamsFile) : []
-// Ready means reachable and migrated: a schema behind the code waits like a server away. The
-// relay's sessions are pg connections of its own; the check needs a Kysely for a moment.
-const schemaCheck = createDb({
-  connectionString: config.databaseUrl,
-  max: 1,
-  applicationName: "keyway-relay",
+// What waiting cannot mend (a refused password, a metrics port in use) ends the start: one
+// line in the relay's log format, then exit 1, not Node's stack trace out of a top-level await.
+const { nc, relay, metricsServer } = await start().catch((err: unknown) => {
+  logger.error("relay failed to start", { error: describeError(err) })
+  process.exit(1)
 })
-await untilReady("Postgres", () => assertMigrated(schemaCheck)).finally(() => schemaCheck.destroy())
-const nc = await untilReady("NATS", () =>
-  connectNats({
-    servers: config.natsServers,
-    name: `keyway-relay:${config.site}`,
-    user: config.natsUser,
-    pass: config.natsPass,
-    inboxPrefix: config.natsInboxPrefix,
-    waitForServer: false,
-  }),
-)
-if (streams.length > 0) {
-  // Connected is not ready: JetStream answers only once it has recovered its store.
-  await untilReady("JetStream (applying streams)", async () =>
-    applyStreams(await jetstreamManager(nc), streams),
-  ).catch((err: Error) => {
-    // Refused for good (what waits for a server was retried above): one line, for pm2's log.
-    logger.error("relay cannot start: its stream definitions cannot be applied", {
-      file: config.streamsFile,
-      error: err.message,
-    })
-    process.exit(1)
-  })
-}
-const metrics = createMetricsRegistry({ prefix: "keyway_" })
-const relay = createRelay({
-  connectionString: config.databaseUrl,
-  jetstream: jetstream(nc),
-  connection: nc,
-  site: config.site,
-  batchSize: config.batchSize,
-  batchBytes: config.batchBytes,
-  window: config.window,
-  pollIntervalMs: config.pollIntervalMs,
-  busyPollMs: config.busyPollMs,
-  retentionMs: config.retentionHours * 3600_000,
-  logger,
-  metrics,
-})
-const metricsServer = await serveMetrics(metrics, config.metricsPort)
-await relay.start()
 signals.started()
 logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 
@@ -105,4 +61,60 @@ async function shutdown(signal: string) {
   await metricsServer?.stop()
   await closeNats(nc)
   logger.info("relay stopped", relay.status() as unknown as Record<string, unknown>)
+}
+
+async function start() {
+  // Read before connecting: a bad file is reported at once, with NATS up or not.
+  const streams = config.streamsFile ? await loadStreamDefinitions(config.streamsFile) : []
+  // Ready means reachable and migrated: a schema behind the code waits like a server away. The
+  // relay's sessions are pg connections of its own; the check needs a Kysely for a moment.
+  const schemaCheck = createDb({
+    connectionString: config.databaseUrl,
+    max: 1,
+    applicationName: "keyway-relay",
+  })
+  await untilReady("Postgres", () => assertMigrated(schemaCheck)).finally(() =>
+    schemaCheck.destroy(),
+  )
+  const nc = await untilReady("NATS", () =>
+    connectNats({
+      servers: config.natsServers,
+      name: `keyway-relay:${config.site}`,
+      user: config.natsUser,
+      pass: config.natsPass,
+      inboxPrefix: config.natsInboxPrefix,
+      waitForServer: false,
+    }),
+  )
+  if (streams.length > 0) {
+    // Connected is not ready: JetStream answers only once it has recovered its store.
+    await untilReady("JetStream (applying streams)", async () =>
+      applyStreams(await jetstreamManager(nc), streams),
+    ).catch((err: Error) => {
+      // Refused for good (what waits for a server was retried above): one line, for pm2's log.
+      logger.error("relay cannot start: its stream definitions cannot be applied", {
+        file: config.streamsFile,
+        error: err.message,
+      })
+      process.exit(1)
+    })
+  }
+  const metrics = createMetricsRegistry({ prefix: "keyway_" })
+  const relay = createRelay({
+    connectionString: config.databaseUrl,
+    jetstream: jetstream(nc),
+    connection: nc,
+    site: config.site,
+    batchSize: config.batchSize,
+    batchBytes: config.batchBytes,
+    window: config.window,
+    pollIntervalMs: config.pollIntervalMs,
+    busyPollMs: config.busyPollMs,
+    retentionMs: config.retentionHours * 3600_000,
+    logger,
+    metrics,
+  })
+  const metricsServer = await serveMetrics(metrics, config.metricsPort)
+  await relay.start()
+  return { nc, relay, metricsServer }
 }

@@ -3,6 +3,7 @@
 import assert from "node:assert/strict"
 import { randomBytes } from "node:crypto"
 import { mkdtemp, rm, writeFile } from "node:fs/promises"
+import { type AddressInfo, createServer, type Server } from "node:net"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { after, before, test } from "node:test"
@@ -106,4 +107,27 @@ test("a stream definition NATS refuses stops the relay at start instead of waiti
     false,
     "refused for good, not waited on",
   )
+})
+
+test("a metrics port in use stops the relay at start with one JSON line in its log format", async () => {
+  // Held on all addresses, as the relay's metrics server asks for it.
+  const holder: Server = createServer()
+  await new Promise<void>((resolve) => holder.listen(0, "0.0.0.0", resolve))
+  try {
+    const relay = spawnTs(main, {
+      KEYWAY_SITE: `t${randomBytes(4).toString("hex")}`,
+      DATABASE_URL: t.url,
+      NATS_URL,
+      METRICS_PORT: String((holder.address() as AddressInfo).port),
+    })
+    const { code } = await relay.exited()
+    const printed = relay.lines.join("\n")
+    assert.equal(code, 1, printed)
+    const failed = relay.json().filter((l) => l.message === "relay failed to start")
+    assert.equal(failed.length, 1, printed)
+    assert.equal(failed[0]!.level, "error")
+    assert.match(String(failed[0]!.error), /EADDRINUSE/)
+  } finally {
+    await new Promise((resolve) => holder.close(resolve))
+  }
 })
