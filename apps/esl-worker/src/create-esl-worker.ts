@@ -125,12 +125,9 @@ export function createEslWorker(config: EslWorkerConfig): EslWorker {
     event: KeyedEvent<EslLabelPagesPayload>,
     ctx: Pick<HandlerContext, "eventId" | "fencing" | "signal" | "throwIfLost" | "complete">,
   ) => {
+    // Its labelCode is its key: the consumer holds an event keyed otherwise dead before any
+    // handler sees it (EventType.wrongKey), as the writer refuses one.
     const task = event.payload
-    // The key orders the label's tasks; a payload for another label would draw on the
-    // wrong label in the right order, or the right label out of its order.
-    if (task.labelCode !== event.key) {
-      throw new PoisonError(`payload labelCode ${task.labelCode} is not the event key ${event.key}`)
-    }
     if (event.supersededBy !== undefined) {
       // An operator's retry or redrive of an older version, after the label had been drawn
       // from a later one: pushing this image would put the older price back on the shelf.

@@ -162,7 +162,10 @@ describe("bad ESL input", () => {
     assert.equal(dead[0]!.ver, 1)
     assert.equal(dead[0]!.attempts, 1, "dead at once: no retry can draw it")
     assert.equal(dead[0]!.blocking, false, "parked: the label moved on")
-    assert.match(dead[0]!.lastError ?? "", /^poison: payload labelCode .* is not the event key/)
+    assert.match(
+      dead[0]!.lastError ?? "",
+      /^poison: invalid esl\.label\.render\.v1 event: its key must be its labelCode, "/,
+    )
     assert.deepEqual(
       aims.pushes(poisoned!).map(eventIdOf),
       [`${stream.site}:${fixed.tasks[0]!.seq}`],
