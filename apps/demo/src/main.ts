@@ -6,12 +6,12 @@ import { readdirSync } from "node:fs"
 import { constants } from "node:os"
 import { setTimeout as sleep } from "node:timers/promises"
 import { fileURLToPath } from "node:url"
-import { ConfigError, natsServersEnv, perSecondEnv } from "@keyway/app-config"
 import { createDb, ensureDatabase, migrateToLatest } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, enqueue } from "@keyway/outbox"
 import { jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { sql } from "kysely"
+import { ConfigError, type DemoAppConfig, parseConfig } from "./config.ts"
 import { demoEvent, nextDue } from "./demo-event.ts"
 
 function fail(message: string): never {
@@ -26,33 +26,19 @@ const sites = readdirSync(streamsDir)
   .sort()
 const site = process.argv[2] ?? "cloud"
 if (!sites.includes(site)) fail(`the site must be one of ${sites.join(", ")}, not ${site}`)
-const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/keyway"
-// Checked before anything starts: a rate of 0 or "abc" made the pacing delay Infinity or NaN,
-// which Node runs as 1 ms, and the demo wrote flat out with a warning per write.
-const settings = (() => {
-  try {
-    return {
-      natsServers: natsServersEnv(process.env),
-      rate: perSecondEnv(process.env, "DEMO_RATE", 50, 100_000),
-    }
-  } catch (err) {
-    if (err instanceof ConfigError) fail(err.message)
-    throw err
-  }
-})()
-const rate = settings.rate
-const secondsRaw = process.env.DEMO_SECONDS?.trim() || "0"
-const seconds = /^[0-9]+$/.test(secondsRaw) ? Number(secondsRaw) : Number.NaN
-if (!Number.isSafeInteger(seconds) || seconds > 2_000_000) {
-  fail(
-    `DEMO_SECONDS must be a whole number of seconds (0: until Ctrl-C), got ${JSON.stringify(secondsRaw)}`,
-  )
+let config: DemoAppConfig
+try {
+  config = parseConfig(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  fail(err.message)
 }
+const { databaseUrl, rate, seconds } = config
 
 await ensureDatabase(databaseUrl)
 const db = createDb({ connectionString: databaseUrl, max: 4, applicationName: "keyway-demo" })
 await migrateToLatest(db, { log: (message) => console.error(`keyway demo: ${message}`) })
-const nc = await connectNats({ servers: settings.natsServers, name: `keyway-demo:${site}` })
+const nc = await connectNats({ servers: config.natsServers, name: `keyway-demo:${site}` })
 const jsm = await jetstreamManager(nc)
 // Only the site's origin stream: its cross-site copies source from another JetStream domain,
 // which the machine's single shared server does not have (`just up` runs both sites).

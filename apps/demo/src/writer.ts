@@ -3,11 +3,11 @@
 // relay publishes them; the other site's worker handles them. SIGTERM stops between
 // transactions, so nothing is left half-written, and exits 0.
 import { setTimeout as sleep } from "node:timers/promises"
-import { intEnv, perSecondEnv, telemetryEnv } from "@keyway/app-config"
 import { createDb } from "@keyway/db"
 import { enqueue } from "@keyway/outbox"
 import { startTelemetry } from "@keyway/telemetry"
 import { SpanStatusCode, trace } from "@opentelemetry/api"
+import { ConfigError, type DemoWriterConfig, parseWriterConfig } from "./config.ts"
 import { demoEvent, nextDue } from "./demo-event.ts"
 
 function fail(message: string): never {
@@ -15,39 +15,22 @@ function fail(message: string): never {
   process.exit(2)
 }
 
-const env = process.env
-const site = env.KEYWAY_SITE?.trim() || fail("KEYWAY_SITE is required (e.g. KEYWAY_SITE=factory)")
-const databaseUrl =
-  env.DATABASE_URL?.trim() || fail("DATABASE_URL is required (e.g. postgres://…/keyway_factory)")
-const rate = (() => {
-  try {
-    return perSecondEnv(env, "DEMO_RATE", 10, 100_000)
-  } catch (err) {
-    return fail((err as Error).message)
-  }
-})()
-const keys = (() => {
-  try {
-    return intEnv(env, "DEMO_KEYS", 20, { min: 1, max: 1_000_000 })
-  } catch (err) {
-    return fail((err as Error).message)
-  }
-})()
-
-const tracing = (() => {
-  try {
-    return telemetryEnv(env, `keyway-demo-${site}`)
-  } catch (err) {
-    return fail((err as Error).message)
-  }
-})()
+let config: DemoWriterConfig
+try {
+  config = parseWriterConfig(process.env)
+} catch (err) {
+  if (!(err instanceof ConfigError)) throw err
+  fail(err.message)
+}
+const { site, databaseUrl, rate, keys } = config
 
 const log = (message: string, fields?: Record<string, unknown>) =>
   console.log(JSON.stringify({ level: "info", message, ...fields }))
 // Each write in a span of its own, as a service's request would be: an event's trace then
 // starts at the writer, and the relay's send and the worker's process continue it.
 const telemetry = startTelemetry({
-  ...tracing,
+  otlpEndpoint: config.otlpEndpoint,
+  serviceName: config.serviceName,
   logger: {
     warn: (message, fields) => console.log(JSON.stringify({ level: "warn", message, ...fields })),
   },

@@ -2,13 +2,7 @@
 // stream order, for a developer following a flow (src/replay.ts). It reads without touching
 // any consumer group. What it read, and from where, goes to stderr; stdout is for jq.
 import { parseArgs } from "node:util"
-import {
-  ConfigError,
-  describeError,
-  natsAuthEnv,
-  natsServersEnv,
-  parsePositiveInt,
-} from "@keyway/app-config"
+import { describeError, parsePositiveInt } from "@keyway/app-config"
 import { connectNats } from "@keyway/nats"
 import {
   JetStreamApiCodes,
@@ -16,6 +10,7 @@ import {
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream"
+import { ConfigError, parseConfig } from "./config.ts"
 import { replay } from "./replay.ts"
 
 const usage = `usage: replay --stream S [--site cloud|factory] [--subject SUBJ] [--key K]
@@ -129,7 +124,13 @@ if (values.follow && toSeq !== undefined) fail("--follow reads on for ever: it t
 async function natsTarget() {
   if (values.site === undefined) {
     try {
-      return { servers: natsServersEnv(process.env), ...natsAuthEnv(process.env) }
+      const config = parseConfig(process.env)
+      return {
+        servers: config.natsServers,
+        user: config.natsUser,
+        pass: config.natsPass,
+        inboxPrefix: config.natsInboxPrefix,
+      }
     } catch (err) {
       if (err instanceof ConfigError) fail(err.message)
       throw err

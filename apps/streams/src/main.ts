@@ -1,15 +1,10 @@
 // `just streams <site>`: create or update the streams declared in nats/streams/<site>.json.
 // Whatever goes wrong ends it with one line naming the cause: 2 for what the operator gave
 // (the file, NATS_URL), 1 for what the server said or did; a server not up yet is waited for.
-import {
-  ConfigError,
-  describeError,
-  natsAuthEnv,
-  natsServersEnv,
-  retryUntilReady,
-} from "@keyway/app-config"
+import { describeError, retryUntilReady } from "@keyway/app-config"
 import { applyStreams, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { jetstreamManager } from "@nats-io/jetstream"
+import { ConfigError, parseConfig, type StreamsAppConfig } from "./config.ts"
 
 function fail(code: number, message: string): never {
   console.error(`streams: ${message}`)
@@ -23,15 +18,14 @@ if (!file || process.argv.length > 3 || file.startsWith("-")) {
     "usage: streams <nats/streams/SITE.json> (NATS_URL, NATS_USER, NATS_PASS from the environment)",
   )
 }
-let servers: string[] = []
-let auth: ReturnType<typeof natsAuthEnv> = {}
+let config: StreamsAppConfig
 try {
-  servers = natsServersEnv(process.env)
-  auth = natsAuthEnv(process.env)
+  config = parseConfig(process.env)
 } catch (err) {
   if (!(err instanceof ConfigError)) throw err
   fail(2, err.message)
 }
+const servers = config.natsServers
 const definitions = await loadStreamDefinitions(file).catch((err) =>
   fail(2, `cannot read ${file}: ${describeError(err)}`),
 )
@@ -42,7 +36,9 @@ const nc = await retryUntilReady(
   () =>
     connectNats({
       servers,
-      ...auth,
+      user: config.natsUser,
+      pass: config.natsPass,
+      inboxPrefix: config.natsInboxPrefix,
       waitForServer: false,
     }),
   {
