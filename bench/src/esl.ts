@@ -95,7 +95,12 @@ export async function run() {
   const { site, name: streamName } = await createTestStream(nc)
   // Not swallowed: a stream that outlives the run stays on the shared server.
   cleanups.defer(`stream ${streamName}`, () => jsm.streams.delete(streamName))
-  const relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+  const relay = createRelay({
+    connectionString: t.url,
+    jetstream: jetstream(nc),
+    connection: nc,
+    site,
+  })
   // Registered before start(), so that whatever start() had begun is stopped if it throws;
   // stop() of a relay that never started returns at once.
   cleanups.defer("the relay", () => relay.stop())

@@ -46,7 +46,12 @@ const streams = (
   await loadStreamDefinitions(fileURLToPath(new URL(`${site}.json`, streamsDir)))
 ).filter((s) => s.subjects?.length)
 await applyStreams(jsm, streams)
-const relay = createRelay({ connectionString: databaseUrl, jetstream: jetstream(nc), site })
+const relay = createRelay({
+  connectionString: databaseUrl,
+  jetstream: jetstream(nc),
+  connection: nc,
+  site,
+})
 await relay.start()
 
 let written = 0

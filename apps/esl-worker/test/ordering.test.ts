@@ -69,6 +69,7 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
   const relay = createRelay({
     connectionString: t.url,
     jetstream: jetstream(nc),
+    connection: nc,
     site: stream.site,
   })
   cleanups.push(() => relay.stop())

@@ -115,6 +115,7 @@ export async function startEslPipeline(
   const relay = createRelay({
     connectionString: t.url,
     jetstream: jetstream(nc),
+    connection: nc,
     site: stream.site,
   })
   cleanups.push(() => relay.stop())

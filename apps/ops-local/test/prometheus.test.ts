@@ -92,7 +92,13 @@ test("every metric an alert or a dashboard panel reads is one that the relay or 
   try {
     // The processes' own registrations, with the prefix the apps give their registry.
     const metrics = createMetricsRegistry({ prefix: "keyway_", defaultMetrics: false })
-    createRelay({ connectionString: t.url, jetstream: jetstream(nc), site: "ops", metrics })
+    createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      connection: nc,
+      site: "ops",
+      metrics,
+    })
     createKeyedConsumer({
       group: "ops",
       stream: "OPS",

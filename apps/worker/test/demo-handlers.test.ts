@@ -36,6 +36,7 @@ test("a redrive of done demo events runs them again, counted; nothing dies, the 
   const relay = createRelay({
     connectionString: t.url,
     jetstream: jetstream(nc),
+    connection: nc,
     site: stream.site,
   })
   cleanups.push(() => relay.stop())

@@ -96,6 +96,7 @@ describe("keyed consumer under crashes", () => {
     const relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site: stream.site,
     })
     cleanups.push(() => relay.stop())

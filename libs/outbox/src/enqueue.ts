@@ -22,8 +22,10 @@ export interface EnqueuedEvent {
 
 export interface EnqueueOptions {
   /**
-   * The largest payload accepted, in bytes of its JSON. Default {@link DEFAULT_MAX_PAYLOAD_BYTES};
-   * lower it for a NATS server whose max_payload is below the default 1 MiB.
+   * The largest payload accepted, in bytes of its JSON. Default {@link DEFAULT_MAX_PAYLOAD_BYTES}.
+   * For a NATS server whose max_payload is below the default 1 MiB: its max_payload less 8 KiB,
+   * the room the envelope and the message headers take; at max_payload itself an event near
+   * the limit is accepted here and can never be published.
    */
   maxPayloadBytes?: number
 }
@@ -161,6 +163,13 @@ export async function enqueue(
   const list = Array.isArray(events) ? events : [events as OutboxEvent]
   if (list.length === 0) return []
   const maxPayloadBytes = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES
+  // NaN (an unset variable read as a number) made every size check false: any payload went
+  // in, and one past the server's max_payload held its key in the relay for good.
+  if (!Number.isSafeInteger(maxPayloadBytes) || maxPayloadBytes < 1) {
+    throw new EnqueueError(
+      `maxPayloadBytes must be a whole number of at least 1, not ${maxPayloadBytes}`,
+    )
+  }
   const trace = activeTraceContext()
   const traceBytes = trace === null ? 0 : Buffer.byteLength(trace)
   const checked = list.map((event, i) => ({

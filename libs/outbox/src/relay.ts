@@ -45,11 +45,13 @@ export interface RelayConfig {
   /** A JetStream client on a connection the caller owns (see `connectNats`). */
   jetstream: JetStreamClient
   /**
-   * The connection under `jetstream`. When given, every reconnect re-publishes the rows of the
-   * last `republishWindowMs`: the server may have restarted and lost recent writes. And the
-   * relay leads only while it reaches NATS (see `stepDownAfterMs`).
+   * The connection under `jetstream` (a JetStreamClient does not expose it). Every reconnect
+   * re-publishes the rows of the last `republishWindowMs`: the server may have restarted and
+   * lost recent writes. And the relay leads only while it reaches NATS (see
+   * `stepDownAfterMs`). Required: left out, a server that lost acked writes had them pruned
+   * from the outbox as published, and a leader without NATS never gave way.
    */
-  connection?: NatsConnection
+  connection: NatsConnection
   /**
    * How long the active relay goes on without NATS (its `connection` disconnected) before it
    * gives up leadership, so that a standby that reaches NATS can publish; a relay without NATS
@@ -266,6 +268,24 @@ export function createRelay(config: RelayConfig): Relay {
   for (const [name, value] of Object.entries(positive)) {
     if (!(value > 0) || !Number.isFinite(value)) {
       throw new RelayError(`${name} must be a number above 0, not ${value}`)
+    }
+  }
+  // 0 is meaningful for these (never prune, never re-publish, …); NaN, from an unset variable
+  // read as a number, turned each check of it false: pruning and re-publishing off without a
+  // word, a leader without NATS never stepping down.
+  const durations = {
+    settleMs: settings.settleMs,
+    retentionMs: settings.retentionMs,
+    pruneIntervalMs: settings.pruneIntervalMs,
+    vacuumEvery: settings.vacuumEvery,
+    republishWindowMs: settings.republishWindowMs,
+    heldRetryMs: settings.heldRetryMs,
+    stopTimeoutMs: settings.stopTimeoutMs,
+    stepDownAfterMs: settings.stepDownAfterMs,
+  }
+  for (const [name, value] of Object.entries(durations)) {
+    if (!(value >= 0) || !Number.isFinite(value)) {
+      throw new RelayError(`${name} must be a number of at least 0, not ${value}`)
     }
   }
   // A subject token each: empty, or with a wildcard or a space, every publish failed with
@@ -583,14 +603,18 @@ export function createRelay(config: RelayConfig): Relay {
           ),
         )
       }
-      if (republishDue && settings.republishWindowMs > 0) {
+      if (republishDue) {
         republishDue = false
         const lostAgoMs = lostAt === undefined ? undefined : performance.now() - lostAt
+        // Cleared with a window of 0 too: pruning waits for lostAt to clear, and stopped for
+        // the rest of the session after the first NATS blip.
         lostAt = undefined
-        const n = yield* query("re-publish recent rows", () =>
-          unmarkRecent(client, settings.republishWindowMs, lostAgoMs),
-        )
-        if (n > 0) log.info("re-publishing recent rows", { rows: n })
+        if (settings.republishWindowMs > 0) {
+          const n = yield* query("re-publish recent rows", () =>
+            unmarkRecent(client, settings.republishWindowMs, lostAgoMs),
+          )
+          if (n > 0) log.info("re-publishing recent rows", { rows: n })
+        }
       }
       // Each key for its own time: one held an hour after another is not tried again early.
       const now = performance.now()

@@ -258,6 +258,14 @@ describe("enqueue", () => {
       .transaction()
       .execute((trx) => enqueue(trx, noted("e".repeat(60)), { maxPayloadBytes: 100 }))
     assert.equal(accepted!.key, "big", "under the limit it is accepted")
+    // NaN made every size check false, and any payload went in.
+    for (const maxPayloadBytes of [Number.NaN, 0, 1.5]) {
+      assert.match(
+        (await refusal(noted("x"), { maxPayloadBytes })).message,
+        /^maxPayloadBytes must be a whole number of at least 1/,
+        String(maxPayloadBytes),
+      )
+    }
   })
 
   test("the trace context stored with an event counts toward its size: baggage cannot push it past NATS", async () => {

@@ -90,6 +90,7 @@ describe("relay", () => {
       site,
       pollIntervalMs: 100,
       ...options,
+      connection: options.connection ?? nc,
     })
     await relay.start()
     return relay
@@ -140,7 +141,13 @@ describe("relay", () => {
 
   test("20 concurrent writers x 500 events over 50 keys: every event once, in version order per key", async () => {
     await fresh()
-    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, window: 64 })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      connection: nc,
+      site,
+      window: 64,
+    })
     await relay.start()
     // Writers mix single-event transactions with batches of several keys.
     await Promise.all(
@@ -186,6 +193,7 @@ describe("relay", () => {
           createRelay({
             connectionString: "postgres://u@127.0.0.1/db",
             jetstream: jetstream(nc),
+            connection: nc,
             site: bad,
           }),
         /site .* must be 1-64 letters, digits/,
@@ -199,6 +207,7 @@ describe("relay", () => {
       createRelay({
         connectionString: "postgres://u@127.0.0.1/db",
         jetstream: jetstream(nc),
+        connection: nc,
         site: "s",
         ...more,
       })
@@ -212,6 +221,10 @@ describe("relay", () => {
       [{ subjectPrefix: "cloud.*" }, /subjectPrefix "cloud\.\*" must be/],
       [{ subjectPrefix: "a b" }, /subjectPrefix "a b" must be/],
       [{ subjectPrefix: "cloud." }, /subjectPrefix "cloud\." must be/],
+      // Each check of a NaN is false: pruning off, a leader without NATS never stepping down.
+      [{ retentionMs: Number.NaN }, /retentionMs must be a number of at least 0, not NaN/],
+      [{ stepDownAfterMs: -1 }, /stepDownAfterMs must be a number of at least 0, not -1/],
+      [{ republishWindowMs: Number.POSITIVE_INFINITY }, /republishWindowMs must be a number/],
     ] as const) {
       assert.throws(() => make(more), said, JSON.stringify(more))
     }
@@ -247,7 +260,13 @@ describe("relay", () => {
     } finally {
       await client.end()
     }
-    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, batchBytes: 1 })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      connection: nc,
+      site,
+      batchBytes: 1,
+    })
     await relay.start()
     await untilPublished("published a row at a time", 10_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 3)
@@ -292,6 +311,7 @@ describe("relay", () => {
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site,
       pollIntervalMs: 120_000, // a test that passes cannot be explained by polling
       settleMs: 50,
@@ -345,6 +365,7 @@ describe("relay", () => {
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site,
       settleMs: 50,
       beforeMark: async () => {
@@ -381,6 +402,7 @@ describe("relay", () => {
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site,
       metrics,
       beforeMark: () => held,
@@ -401,6 +423,7 @@ describe("relay", () => {
       await using standby = createRelay({
         connectionString: t.url,
         jetstream: jetstream(nc),
+        connection: nc,
         site,
         metrics: standbyMetrics,
         standbyRetryMs: 100,
@@ -497,6 +520,7 @@ describe("relay", () => {
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site,
       logger,
       metrics,
@@ -528,7 +552,13 @@ describe("relay", () => {
     // Raised limit: a relay tries the key again (a new one at once, a running one after
     // heldRetryMs) and its versions follow everything else, in order.
     await jsm.streams.update(stream, { ...info.config, max_msg_size: -1 })
-    relay = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site, logger })
+    relay = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      connection: nc,
+      site,
+      logger,
+    })
     await relay.start()
     await untilPublished("the held key published", 10_000)
     assertExactlyOnceInOrder(await readStream(nc, stream), 52)
@@ -545,6 +575,7 @@ describe("relay", () => {
     relay = createRelay({
       connectionString: t.url,
       jetstream: jetstream(nc),
+      connection: nc,
       site,
       logger,
       pollIntervalMs: 100,
@@ -692,6 +723,7 @@ describe("relay", () => {
       const { lines, logger } = recordingLogger()
       const running = await startRelay({
         jetstream: jetstream(relayNc),
+        connection: relayNc,
         logger,
         batchSize: 10,
         retryDelayMs: 200,
@@ -936,6 +968,44 @@ describe("relay", () => {
     assertExactlyOnceInOrder(await readStream(nc, stream), 300)
   })
 
+  test("with no re-publish window, pruning goes on after a NATS blip", async () => {
+    await fresh()
+    const shared = new URL(SHARED_NATS)
+    await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
+    const cutNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
+    try {
+      await startRelay({
+        jetstream: jetstream(cutNc),
+        connection: cutNc,
+        republishWindowMs: 0,
+        retentionMs: 60_000,
+        pruneIntervalMs: 100,
+      })
+      await write(t.db, 100, 10)
+      await untilPublished("the first 100 published", 10_000)
+      const reconnected = (async () => {
+        for await (const s of cutNc.status()) if (s.type === "reconnect") return
+      })()
+      proxy.cut()
+      await sleep(200)
+      proxy.restore()
+      await reconnected
+      // Past retention, as far as the relay can tell. The loss a blip anchors was cleared only
+      // with a window to re-publish: with none, pruning waited for it the rest of the session.
+      await sql`update keyway.outbox set published_at = now() - interval '2 minutes'`.execute(t.db)
+      await waitFor(
+        async () =>
+          (await sql<{ n: number }>`select count(*)::int as n from keyway.outbox`.execute(t.db))
+            .rows[0]!.n === 0,
+        { timeoutMs: 10_000, message: "every row past retention pruned after the blip" },
+      )
+    } finally {
+      await relay?.stop()
+      relay = undefined
+      await cutNc.close()
+    }
+  })
+
   test("retention goes on during a backlog that fills every batch", async () => {
     await fresh()
     // Rows published long ago (as far as retention can tell), then a backlog of 3,000 that
@@ -1140,7 +1210,12 @@ describe("relay", () => {
     const shared = new URL(SHARED_NATS)
     await using proxy = await createTcpProxy({ host: shared.hostname, port: Number(shared.port) })
     const standbyNc = await connectNats({ servers: `nats://${proxy.host}:${proxy.port}` })
-    const leader = createRelay({ connectionString: t.url, jetstream: jetstream(nc), site })
+    const leader = createRelay({
+      connectionString: t.url,
+      jetstream: jetstream(nc),
+      connection: nc,
+      site,
+    })
     const { lines, logger } = recordingLogger()
     const standby = createRelay({
       connectionString: t.url,
@@ -1342,6 +1417,7 @@ describe("relay", () => {
       relay = createRelay({
         connectionString: t.url,
         jetstream: jetstream(privateNc),
+        connection: privateNc,
         site,
         pollIntervalMs: 100,
         retryDelayMs: 100,
@@ -1373,6 +1449,7 @@ describe("relay", () => {
       const config = {
         connectionString: t.url,
         jetstream: jetstream(privateNc),
+        connection: privateNc,
         site,
         pollIntervalMs: 100,
         retryDelayMs: 100,
@@ -1438,6 +1515,7 @@ describe("relay", () => {
       pollIntervalMs: 100,
       retryDelayMs: 100,
       ...options,
+      connection: options.connection ?? nc,
     })
   }
   test("stop() during the pause after a failed publish ends the pause, and the next relay publishes the rest", {
@@ -1449,6 +1527,7 @@ describe("relay", () => {
       const config = {
         connectionString: t.url,
         jetstream: jetstream(privateNc),
+        connection: privateNc,
         site,
         pollIntervalMs: 100,
         publishTimeoutMs: 300,
