@@ -279,6 +279,21 @@ function wrongInEnvelope(e: EventEnvelope): string | undefined {
   }
   return undefined
 }
+/**
+ * Asks the server for more time on each message. nats.js throws at once on a connection that
+ * is closed or draining (the caller's closeNats while an ingest still waited on Postgres past
+ * stop()'s grace): thrown from the keep-alive timer, that took the process down mid-shutdown.
+ * Unasked, the messages are only redelivered after ack_wait, as they would be anyway.
+ */
+function askForTime(msgs: Iterable<JsMsg>): void {
+  for (const m of msgs) {
+    try {
+      m.working()
+    } catch {
+      return
+    }
+  }
+}
 /** Postgres' class 22, data exception: the statement's values, not the server, are at fault. */
 const refusesData = (err: unknown) =>
   typeof (err as { code?: unknown })?.code === "string" &&
@@ -890,8 +905,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
         log.warn("inbox insert failed; retrying", { error: messageOf(err), attempt })
         // This worker still has them, and those waiting behind them: the server should not
         // hand them to another yet.
-        for (const m of msgs) m.working()
-        for (const m of buffer.values()) m.working()
+        askForTime(msgs)
+        askForTime(buffer.values())
         await new Promise((r) => setTimeout(r, Math.min(5000, 100 * 2 ** attempt)))
       }
     }
@@ -912,8 +927,8 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // again.
     const keepAlive = setInterval(
       () => {
-        for (const m of inFlight) m.working()
-        for (const m of buffer.values()) m.working()
+        askForTime(inFlight)
+        askForTime(buffer.values())
       },
       Math.min(ackWaitMs / 2, MAX_TIMER_MS),
     )
@@ -1236,6 +1251,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
             dead: false,
             moveOn: false,
             charge: false,
+            keepRun: hold.stalled(),
           }).catch((e) =>
             log.warn("could not hold a task cut short; the next worker may run it at once", {
               ...ref,

@@ -218,6 +218,36 @@ describe("keyed consumer", () => {
     assert.deepEqual(row.rows, [{ state: "skipped" }])
   })
 
+  test("a gap no drain has met is counted: ingest dates it", async () => {
+    // No drain reads the key past its gap: its wake-up lost (here, wake-ups are off), or
+    // taken by a worker that found the key's lock held. The polling and recovery loops look
+    // for the version after done_ver, which is missing, so none starts one either. The key
+    // waited, rightly, and the gap gauge (invariant 5) said 0.
+    const metrics = createMetricsRegistry({ defaultMetrics: false })
+    const { stream, consumer, admin } = await setup({
+      metrics,
+      wakeOnIngest: false,
+      pollIntervalMs: 200,
+    })
+    const scrape = async (name: string) => metricValue((await metrics.render()).body, name)
+    await publishEvent(nc, stream.site, { key: "g", ver: 1, payload: { n: 1 } })
+    await waitFor(() => consumer.status().done === 1, {
+      timeoutMs: 10_000,
+      message: "v1 done through polling",
+    })
+    // After v1's drain has ended: had it read v3, it would have dated the gap itself.
+    await publishEvent(nc, stream.site, { key: "g", ver: 3, payload: { n: 3 } })
+    await waitFor(() => consumer.status().ingested === 2, {
+      timeoutMs: 10_000,
+      message: "v3 in the inbox",
+    })
+    assert.equal((await admin.listGaps()).length, 1)
+    await waitFor(async () => (await scrape("consumer_gap_keys")) === 1, {
+      timeoutMs: 5000,
+      message: "the gap counted",
+    })
+  })
+
   test("lost wake-ups: with ingest wake-ups off, the polling loop completes every task", async () => {
     // First without polling (nor recovery): the ingested tasks must wait, which shows the
     // wake-ups are off. A consumer that woke on ingest anyway would drain them at once.
@@ -967,46 +997,52 @@ describe("keyed consumer", () => {
     )
   })
 
-  test("a handler that stalls its worker past the lease every time is charged for it, alone, and dies", {
-    timeout: 60_000,
-  }, async () => {
-    // The event loop blocked (a render far too long, say): the lock runs out meanwhile, and
-    // throwIfLost() finds it lost. Cut short and uncharged each time, it ran again at every
-    // poll for ever. As a stall, its run is left to the next claim, which counts it lost with
-    // its worker (sql/0019): a suspect, then alone, then charged.
-    let runs = 0
-    const { t, stream, admin } = await setup({
-      leaseMs: 1000,
-      defaultPolicy: { maxAttempts: 2 },
-      handlers: {
-        "demo.item.changed.v1": async (event, ctx) => {
-          if (event.key === "stall") {
-            runs++
-            const until = performance.now() + 1500
-            while (performance.now() < until) {}
-            ctx.throwIfLost()
-          }
-          await recordEffect("w1")(event, ctx)
+  // Ended by throwIfLost(), or by a vendor call's error saying when to come back (an AIMS
+  // push given up on): that one was held for its Retry-After, and the hold closed the run, so
+  // the stall was never charged and the task ran, stalled and was held again, for ever.
+  for (const ending of ["throwIfLost()", "an error with retryAfterMs"] as const) {
+    test(`a handler that stalls its worker past the lease every time is charged for it, alone, and dies (${ending})`, {
+      timeout: 60_000,
+    }, async () => {
+      // The event loop blocked (a render far too long, say): the lock runs out meanwhile, and
+      // throwIfLost() finds it lost. Cut short and uncharged each time, it ran again at every
+      // poll for ever. As a stall, its run is left to the next claim, which counts it lost with
+      // its worker (sql/0019): a suspect, then alone, then charged.
+      let runs = 0
+      const { t, stream, admin } = await setup({
+        leaseMs: 1000,
+        defaultPolicy: { maxAttempts: 2 },
+        handlers: {
+          "demo.item.changed.v1": async (event, ctx) => {
+            if (event.key === "stall") {
+              runs++
+              const until = performance.now() + 1500
+              while (performance.now() < until) {}
+              if (ending === "throwIfLost()") ctx.throwIfLost()
+              throw Object.assign(new Error("no answer in time"), { retryAfterMs: 300 })
+            }
+            await recordEffect("w1")(event, ctx)
+          },
         },
-      },
+      })
+      await publishEvent(nc, stream.site, { key: "stall", ver: 1, payload: { n: 1 } })
+      await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
+      await waitFor(async () => (await admin.listDead()).length === 1, {
+        timeoutMs: 40_000,
+        message: "the stalling task dead",
+      })
+      const [dead] = await admin.listDead()
+      assert.equal(dead!.key, "stall")
+      assert.match(dead!.lastError ?? "", /lost with its worker/)
+      // Uncharged until it ran alone: the first stall, then alone twice (2 attempts).
+      assert.ok(runs >= 3 && runs <= 4, `ran ${runs} times`)
+      assert.deepEqual(
+        (await effects(t.db)).map((e) => e.key),
+        ["other"],
+        "the other key ran; the stalling one wrote nothing",
+      )
     })
-    await publishEvent(nc, stream.site, { key: "stall", ver: 1, payload: { n: 1 } })
-    await publishEvent(nc, stream.site, { key: "other", ver: 1, payload: { n: 1 } })
-    await waitFor(async () => (await admin.listDead()).length === 1, {
-      timeoutMs: 40_000,
-      message: "the stalling task dead",
-    })
-    const [dead] = await admin.listDead()
-    assert.equal(dead!.key, "stall")
-    assert.match(dead!.lastError ?? "", /lost with its worker/)
-    // Uncharged until it ran alone: the first stall, then alone twice (2 attempts).
-    assert.ok(runs >= 3 && runs <= 4, `ran ${runs} times`)
-    assert.deepEqual(
-      (await effects(t.db)).map((e) => e.key),
-      ["other"],
-      "the other key ran; the stalling one wrote nothing",
-    )
-  })
+  }
 
   test("a completion ended by Postgres during another handler's stall is not charged to its task", {
     timeout: 60_000,

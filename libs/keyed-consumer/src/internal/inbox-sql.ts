@@ -314,6 +314,12 @@ export async function markFailed(
     moveOn: boolean
     /** Counts an attempt: false for a task whose lost runs were charged by the claim. */
     charge: boolean
+    /**
+     * Leaves the run open (sql/0019): a hold written for a run this worker's stall cut short,
+     * which the next claim must still count as lost with its worker. Closed, the stall was
+     * never charged, and a task that stalls every time ran for ever.
+     */
+    keepRun?: boolean
   },
 ): Promise<boolean> {
   const r = await sql<{ ok: number }>`
@@ -323,8 +329,8 @@ export async function markFailed(
              -- The version after done_ver is here (it just ran): whatever gap the key had is
              -- closed, dead or not.
              gap_since = null,
-             -- The run ended (sql/0019).
-             run_state = null
+             -- The run ended (sql/0019), unless left to the next claim to judge.
+             run_state = case when ${failure.keepRun === true} then run_state else null end
        where grp = ${group} and topic = ${ref.topic} and key = ${ref.key}
          and epoch = ${epoch} and done_ver = ${ver - 1}
       returning 1
