@@ -50,6 +50,7 @@ import {
   claimRuns,
   completeTasks,
   confirmBaselines,
+  dateGaps,
   expireLeases,
   hasProvisionalBaselines,
   type IncomingEvent,
@@ -1639,6 +1640,10 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const expired = await expireLeases(db, group, parks)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
     for (const ref of expired) scheduler.wake(ref)
+    // Its failure must not cost the round its retention, as below.
+    await dateGaps(db, group).catch((err) =>
+      log.warn("dating gaps failed; the next round tries again", { error: messageOf(err) }),
+    )
     // Retention rides on the recovery loop: the inbox must not grow with history
     // (DESIGN.md invariant 6).
     if (Date.now() < nextPruneAt) return

@@ -218,7 +218,7 @@ describe("keyed consumer", () => {
     assert.deepEqual(row.rows, [{ state: "skipped" }])
   })
 
-  test("a gap no drain has met is counted: ingest dates it", async () => {
+  test("a gap no drain has met is counted: the recovery loop dates it", async () => {
     // No drain reads the key past its gap: its wake-up lost (here, wake-ups are off), or
     // taken by a worker that found the key's lock held. The polling and recovery loops look
     // for the version after done_ver, which is missing, so none starts one either. The key
@@ -2574,7 +2574,7 @@ describe("keyed consumer", () => {
     const stream = await createTestStream(nc)
     cleanups.push(() => stream.delete())
     const jsm = await jetstreamManager(nc)
-    const cases: [Record<string, unknown>, RegExp][] = [
+    const cases: [Record<string, unknown>, RegExp, Partial<KeyedConsumerConfig>?][] = [
       // One worker's ack would cover what another had not stored.
       [{ ack_policy: AckPolicy.All }, /its ack policy is all, not explicit/],
       // The server refuses every pull of 512 and nats.js waits on: nothing ingested, unsaid.
@@ -2583,8 +2583,15 @@ describe("keyed consumer", () => {
       [{ max_deliver: 5 }, /its max_deliver 5 gives up on a message the group has not stored/],
       // Postgres away, a worker would buffer the whole stream.
       [{ max_ack_pending: -1 }, /its max_ack_pending is unlimited/],
+      // Made by an earlier release without a filter: kept, the group took every event of the
+      // stream, whatever filter the worker was now told to use.
+      [
+        {},
+        new RegExp(`its filter is "", not the "${stream.site}\\.demo\\.item" asked for`),
+        { filterSubject: `${stream.site}.demo.item` },
+      ],
     ]
-    for (const [made, message] of cases) {
+    for (const [made, message, more] of cases) {
       const group = unique("g")
       await jsm.consumers.add(stream.name, {
         durable_name: group,
@@ -2598,9 +2605,11 @@ describe("keyed consumer", () => {
         db: t.db,
         redis,
         handlers: { "demo.item.changed.v1": recordEffect("w1") },
+        ...more,
       })
+      // Stopped however the assertion ends: one that started would keep the file running.
+      cleanups.push(() => consumer.stop())
       await assert.rejects(consumer.start(), message)
-      await consumer.stop()
     }
   })
 

@@ -55,6 +55,13 @@ export function unusableDurable(config: ConsumerConfig, o: DurableOptions): stri
       "its max_ack_pending is unlimited: a worker would buffer everything the stream holds while Postgres is away",
     )
   }
+  // Kept as it is, another filter would have the group take what this worker was told not to
+  // (the generic worker refuses a group without one for that reason), or miss what it wants.
+  if (o.filterSubject !== undefined && (config.filter_subject ?? "") !== o.filterSubject) {
+    out.push(
+      `its filter is ${JSON.stringify(config.filter_subject ?? "")}, not the ${JSON.stringify(o.filterSubject)} asked for`,
+    )
+  }
   return out
 }
 

@@ -494,6 +494,42 @@ export async function backlogSummary(
   }
 }
 
+/**
+ * Dates the gaps no drain has met: keys whose version after done_ver is missing while a later
+ * one is there, with no gap_since yet. A drain dates the gap it reads past (markGap), but the
+ * polling loop, the recovery loop and a drain's re-check look only for the version after
+ * done_ver, so none starts a drain on a key whose gap is there from the start: a wake-up lost
+ * (a worker killed between its ingest's commit and the wake-up), or taken by a worker that
+ * found the key's lock held by another, whose drain had read its tasks before the later
+ * version came and ended with nothing runnable. The key waited, rightly, and the gap gauges
+ * of invariant 5 said 0. The recovery loop runs this each round.
+ *
+ * The probes are scalar subqueries, one index lookup each per key: as `not exists` the
+ * planner made them an anti-join hashing every inbox row of the group. Skip locked: a key
+ * locked now is in a claim or a completion, and waits for the next round.
+ */
+export async function dateGaps(db: Kysely<any>, group: string): Promise<number> {
+  const r = await sql`
+    update keyway.consumer_key c
+       set gap_since = now()
+      from (select c2.grp, c2.topic, c2.key
+              from keyway.consumer_key c2
+             where c2.grp = ${group} and c2.gap_since is null
+               and c2.baseline_stream_seq is null
+               and (select y.ver from keyway.inbox y
+                     where y.grp = c2.grp and y.topic = c2.topic and y.key = c2.key
+                       and y.ver = c2.done_ver + 1) is null
+               and (select y.ver from keyway.inbox y
+                     where y.grp = c2.grp and y.topic = c2.topic and y.key = c2.key
+                       and y.ver > c2.done_ver + 1
+                     order by y.ver limit 1) is not null
+             order by c2.topic collate "C", c2.key collate "C"
+               for no key update of c2 skip locked) g
+     where c.grp = g.grp and c.topic = g.topic and c.key = g.key
+  `.execute(db)
+  return Number(r.numAffectedRows ?? 0)
+}
+
 /** Records since when the key waits for a missing version (the first time only). */
 export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
   await sql`
