@@ -219,7 +219,19 @@ test("50 overlapping jobs over 500 labels, AIMS failing, a worker kill -9'd: eve
     const versions = accepted
       .map((p) => byEventId.get(eventIdOf(p))?.ver ?? -1)
       .filter((v, i, all) => i === 0 || v !== all[i - 1])
-    const expected = tasks.map((t) => t.ver).filter((v) => !deadSet.has(`${code}/${v}`))
+    // Every version not dead whose image differs from the last one drawn: the worker pushes
+    // only pages whose image changed. A version that draws what the one before drew is done
+    // without a push; counted as missing, one failed this test (fake AIMS seed 123834858): a
+    // price change that a label job's rebinding had raced, which the writer no longer makes.
+    const expected: number[] = []
+    let lastDrawn: string | undefined
+    for (const task of tasks) {
+      if (deadSet.has(`${code}/${task.ver}`)) continue
+      const drawn = await imageHashOf(task.payload)
+      if (drawn === lastDrawn) continue
+      expected.push(task.ver)
+      lastDrawn = drawn
+    }
     if (JSON.stringify(versions) !== JSON.stringify(expected)) {
       problems.push(
         `${code}: pushed versions ${versions.join(",")}, expected ${expected.join(",")}`,

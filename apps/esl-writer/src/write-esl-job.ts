@@ -469,10 +469,20 @@ export async function writePriceChange(
           as c(id, price, currency, name)
        where p.id = c.id
     `.execute(trx)
-      const labels = await sql<{ label_code: string }>`
+      const candidates = await sql<{ label_code: string }>`
       select label_code from esl.label
        where label_code in (select label_code from esl.label_page where product_id = any(${ids}::text[]))
        order by label_code for update
+    `.execute(trx)
+      // Read again once locked, in a statement of its own: the one above found its labels in a
+      // snapshot from before its wait, so a label job that rebound a label away from these
+      // products and committed meanwhile left it in. It got a task (the label as that job
+      // had drawn it) and this job's id as its last, though the change was nothing of its.
+      const labels = await sql<{ label_code: string }>`
+      select distinct label_code from esl.label_page
+       where product_id = any(${ids}::text[])
+         and label_code = any(${candidates.rows.map((r) => r.label_code)}::text[])
+       order by label_code
     `.execute(trx)
       const codes = labels.rows.map((r) => r.label_code)
       await sql`update esl.label set last_job_id = ${jobId}, updated_at = now() where label_code = any(${codes}::text[])`.execute(

@@ -84,6 +84,59 @@ test("a price change enqueues one task per label showing the products, with the 
   )
 })
 
+test("a price change waiting on a label that a label job rebinds away leaves that label alone", async () => {
+  await upsertProducts(t.db, [
+    { id: "RA", name: "Rye bread", priceMinor: 250, currency: "EUR" },
+    { id: "RB", name: "Rice 1 kg", priceMinor: 180, currency: "EUR" },
+  ])
+  await writeLabelJob(t.db, {
+    jobId: "rebind-before",
+    labels: [
+      { labelCode: label(901), productId: "RA" },
+      { labelCode: label(902), productId: "RA" },
+    ],
+  })
+  // A label job's transaction, held open with label 901 rebound to RB (its rows locked, as
+  // writeLabelJob locks them), while the price change of RA starts and waits on that label.
+  const job = await t.db.connection().execute(async (conn) => {
+    await sql`begin`.execute(conn)
+    await sql`select 1 from esl.label where label_code = ${label(901)} for update`.execute(conn)
+    await sql`update esl.label_page set product_id = 'RB' where label_code = ${label(901)}`.execute(
+      conn,
+    )
+    const change = writePriceChange(t.db, {
+      jobId: "rebind-pc",
+      changes: [{ productId: "RA", priceMinor: 260 }],
+    })
+    // Until the price change waits on the label row.
+    for (let i = 0; i < 100; i++) {
+      const waiting = await sql<{ n: number }>`
+        select count(*)::int as n from pg_stat_activity
+         where wait_event_type = 'Lock' and datname = current_database()`.execute(t.db)
+      if (waiting.rows[0]!.n > 0) break
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    await sql`commit`.execute(conn)
+    return change
+  })
+  // Found in the snapshot from before its wait, label 901 got a task and the price change's
+  // job id, though it no longer showed RA.
+  assert.deepEqual(
+    job.tasks.map((task) => task.key),
+    [label(902)],
+  )
+  const last = await sql<{ label_code: string; last_job_id: string }>`
+    select label_code, last_job_id from esl.label
+     where label_code in (${label(901)}, ${label(902)}) order by label_code`.execute(t.db)
+  assert.deepEqual(
+    last.rows.map((r) => [r.label_code, r.last_job_id]),
+    [
+      [label(901), "rebind-before"],
+      [label(902), "rebind-pc"],
+    ],
+  )
+})
+
 test("each task names the page the label shows then: its own at the front, else the last one brought there", async () => {
   await upsertProducts(t.db, [{ id: "S", name: "Salt 500 g", priceMinor: 89, currency: "EUR" }])
   const shown = async (jobId: string) => {
