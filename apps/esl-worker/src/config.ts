@@ -3,8 +3,8 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
-  natsAuthEnv,
-  natsServersEnv,
+  type NatsClientEnv,
+  natsClientEnv,
   postgresUrlEnv,
   redisUrlEnv,
   requiredEnv,
@@ -20,13 +20,8 @@ export { ConfigError }
 // The ESL worker's whole environment, parsed once at start; anything wrong stops the process
 // with a message naming the variable.
 
-export interface EslWorkerAppConfig extends TelemetryEnv {
+export interface EslWorkerAppConfig extends TelemetryEnv, NatsClientEnv {
   databaseUrl: string
-  natsServers: string[]
-  natsUser?: string
-  natsPass?: string
-  /** NATS_INBOX_PREFIX; unset: the user's own (inboxPrefixFor). */
-  natsInboxPrefix?: string
   redisUrl: string
   stream: string
   group: string
@@ -58,13 +53,9 @@ export function parseConfig(env: Env): EslWorkerAppConfig {
   if (onDead !== "park" && onDead !== "block") {
     throw new ConfigError(`ESL_ON_DEAD must be park or block, got ${JSON.stringify(onDead)}`)
   }
-  const nats = natsAuthEnv(env)
   return {
     databaseUrl: postgresUrlEnv(env),
-    natsServers: natsServersEnv(env),
-    natsUser: nats.user,
-    natsPass: nats.pass,
-    natsInboxPrefix: nats.inboxPrefix,
+    ...natsClientEnv(env),
     redisUrl: redisUrlEnv(env),
     stream: requiredEnv(env, "ESL_STREAM", "CLOUD"),
     group: env.ESL_GROUP?.trim() || "esl-worker",

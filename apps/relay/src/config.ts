@@ -3,8 +3,8 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
-  natsAuthEnv,
-  natsServersEnv,
+  type NatsClientEnv,
+  natsClientEnv,
   postgresUrlEnv,
   requiredEnv,
   type TelemetryEnv,
@@ -16,13 +16,8 @@ export { ConfigError }
 // The relay's whole environment, parsed once. Anything wrong stops the process at start with
 // a message naming the variable, rather than failing later in the middle of a batch.
 
-export interface RelayAppConfig extends TelemetryEnv {
+export interface RelayAppConfig extends TelemetryEnv, NatsClientEnv {
   databaseUrl: string
-  natsServers: string[]
-  natsUser?: string
-  natsPass?: string
-  /** The reply prefix; unset, the user's own (nats/README.md), or `_INBOX` without a user. */
-  natsInboxPrefix?: string
   site: string
   /** Stream definitions to apply at start (nats/streams/<site>.json); none if unset. */
   streamsFile?: string
@@ -46,14 +41,10 @@ export function parseConfig(env: Env): RelayAppConfig {
       `KEYWAY_SITE must be 1-64 lowercase letters, digits and dashes, starting with a letter, got ${site}`,
     )
   }
-  const nats = natsAuthEnv(env)
   return {
     metricsPort: metricsPortEnv(env),
     databaseUrl: postgresUrlEnv(env),
-    natsServers: natsServersEnv(env),
-    natsUser: nats.user,
-    natsPass: nats.pass,
-    natsInboxPrefix: nats.inboxPrefix,
+    ...natsClientEnv(env),
     site,
     streamsFile: env.KEYWAY_STREAMS_FILE || undefined,
     // Bounded: a batch is claimed into memory whole, and a window of PubAcks is as many

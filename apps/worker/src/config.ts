@@ -3,8 +3,8 @@ import {
   type Env,
   intEnv,
   metricsPortEnv,
-  natsAuthEnv,
-  natsServersEnv,
+  type NatsClientEnv,
+  natsClientEnv,
   postgresUrlEnv,
   redisUrlEnv,
   requiredEnv,
@@ -18,13 +18,9 @@ export { ConfigError }
 // The worker's whole environment, parsed once: a missing or malformed variable stops the
 // process at start with its name, not minutes later inside a handler.
 
-export interface WorkerAppConfig extends TelemetryEnv {
+export interface WorkerAppConfig extends TelemetryEnv, NatsClientEnv {
   site: string
   databaseUrl: string
-  natsServers: string[]
-  natsUser?: string
-  natsPass?: string
-  natsInboxPrefix?: string
   redisUrl: string
   stream: string
   group: string
@@ -89,15 +85,11 @@ export function parseConfig(env: Env): WorkerAppConfig {
       `KEYWAY_FILTER_SUBJECT is required for group ${group} on stream ${stream}: this worker handles the demo's events only (${Object.keys(demoHandlers).join(", ")}), and without a filter every other event of the stream would go dead as having no handler. Set it to the demo events' subject on that stream (such as factory.demo.item)${defaults ? `, or leave KEYWAY_STREAM and KEYWAY_GROUP unset for site ${site}'s demo group (${defaults.group} on ${defaults.stream})` : ""}`,
     )
   }
-  const nats = natsAuthEnv(env)
   return {
     metricsPort: metricsPortEnv(env),
     site,
     databaseUrl: postgresUrlEnv(env),
-    natsServers: natsServersEnv(env),
-    natsUser: nats.user,
-    natsPass: nats.pass,
-    natsInboxPrefix: nats.inboxPrefix,
+    ...natsClientEnv(env),
     redisUrl: redisUrlEnv(env),
     stream,
     group,

@@ -130,6 +130,26 @@ export function natsAuthEnv(env: Env): { user?: string; pass?: string; inboxPref
   return { user, pass, inboxPrefix }
 }
 
+/** The NATS client settings every app takes, under the names its config carries. */
+export interface NatsClientEnv {
+  natsServers: string[]
+  natsUser?: string
+  natsPass?: string
+  /** The reply prefix; unset, the user's own (nats/README.md), or `_INBOX` without a user. */
+  natsInboxPrefix?: string
+}
+
+/** NATS_URL, NATS_USER, NATS_PASS and NATS_INBOX_PREFIX, each checked as above. */
+export function natsClientEnv(env: Env): NatsClientEnv {
+  const auth = natsAuthEnv(env)
+  return {
+    natsServers: natsServersEnv(env),
+    natsUser: auth.user,
+    natsPass: auth.pass,
+    natsInboxPrefix: auth.inboxPrefix,
+  }
+}
+
 /** Dot-separated subject tokens: no wildcard, no whitespace, no empty token. */
 const SUBJECT_PREFIX = /^[^\s.*>]+(\.[^\s.*>]+)*$/
 

@@ -5,6 +5,7 @@ import {
   intEnv,
   metricsPortEnv,
   natsAuthEnv,
+  natsClientEnv,
   natsServersEnv,
   perSecondEnv,
   postgresUrlEnv,
@@ -253,4 +254,58 @@ test("perSecondEnv takes decimal rates from 0.01 up to its bound, and nothing a 
       raw,
     )
   }
+})
+
+const refusedAs = (message: RegExp) => (err: unknown) =>
+  err instanceof ConfigError && message.test(err.message)
+
+test("natsClientEnv with no variable set: the machine's shared NATS, as nobody", () => {
+  assert.deepEqual(natsClientEnv({}), {
+    natsServers: ["nats://127.0.0.1:4222"],
+    natsUser: undefined,
+    natsPass: undefined,
+    natsInboxPrefix: undefined,
+  })
+})
+
+test("natsClientEnv takes each of its variables", () => {
+  assert.deepEqual(
+    natsClientEnv({
+      NATS_URL: "nats://127.0.0.1:14222, 127.0.0.1:14223",
+      NATS_USER: "cloud-admin",
+      NATS_PASS: "secret",
+      NATS_INBOX_PREFIX: "_INBOX_cloud-admin",
+    }),
+    {
+      natsServers: ["nats://127.0.0.1:14222", "127.0.0.1:14223"],
+      natsUser: "cloud-admin",
+      natsPass: "secret",
+      natsInboxPrefix: "_INBOX_cloud-admin",
+    },
+  )
+})
+
+test("natsClientEnv refuses a bad value by its variable's name, without repeating a password", () => {
+  for (const url of ["nats://127.0.0.1:4222,", "tls://127.0.0.1:4222"]) {
+    assert.throws(() => natsClientEnv({ NATS_URL: url }), refusedAs(/^NATS_URL must be/), url)
+  }
+  assert.throws(
+    () => natsClientEnv({ NATS_URL: "nats://u:secret@127.0.0.1:4222" }),
+    (err: Error) =>
+      refusedAs(/^NATS_URL server 1 of 1 carries a user or password/)(err) &&
+      !err.message.includes("secret"),
+  )
+  // nats.js sends a password only beside a user.
+  assert.throws(
+    () => natsClientEnv({ NATS_PASS: "secret" }),
+    refusedAs(/^NATS_PASS is set without NATS_USER/),
+  )
+  assert.throws(
+    () => natsClientEnv({ NATS_USER: "cloud-admin\r", NATS_PASS: "secret" }),
+    refusedAs(/^NATS_USER holds a space or a control character/),
+  )
+  assert.throws(
+    () => natsClientEnv({ NATS_USER: "cloud-admin", NATS_INBOX_PREFIX: "_INBOX_cloud-admin.>" }),
+    refusedAs(/^NATS_INBOX_PREFIX "_INBOX_cloud-admin\.>" must be subject tokens/),
+  )
 })
