@@ -50,6 +50,7 @@ test("a body that is not UTF-8 is refused, not read with its bytes replaced", ()
 })
 
 test("a body whose bad bytes are all outside its names says the event's place", () => {
+  const { payload: _payload, createdAt: _createdAt, ...place } = envelope
   const json = new TextEncoder().encode(
     JSON.stringify({ ...envelope, payload: { n: 1, note: "caf?" } }),
   )
@@ -59,16 +60,7 @@ test("a body whose bad bytes are all outside its names says the event's place", 
     (err: unknown) =>
       err instanceof EnvelopeError &&
       /not UTF-8/.test(err.message) &&
-      JSON.stringify(err.place) ===
-        JSON.stringify({
-          id: "cloud:7",
-          site: "cloud",
-          seq: 7,
-          topic: "demo.item",
-          key: "a",
-          ver: 3,
-          type: "demo.item.changed.v1",
-        }),
+      JSON.stringify(err.place) === JSON.stringify(place),
   )
 })
 

@@ -1,6 +1,6 @@
 // The ESL worker process: start as many as you like on one consumer group. SIGTERM lets each
 // label finish its task in hand, then exits 0. Prints one JSON line per event of note.
-import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import type { KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -41,12 +41,8 @@ const telemetry = startTelemetry({
 const metrics = createMetricsRegistry({ prefix: "keyway_" })
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
-// What waiting cannot mend (a refused password, a metrics port in use) ends the start: one
-// line in the worker's log format, then exit 1, not Node's stack trace out of a top-level await.
-const { nc, db, redis, worker, metricsServer } = await start().catch((err: unknown) => {
-  logger.error("esl-worker failed to start", { error: describeError(err) })
-  process.exit(1)
-})
+// One line in the process's log format and exit 1 for what waiting cannot mend.
+const { nc, db, redis, worker, metricsServer } = await start().catch(signals.failedToStart)
 signals.started()
 console.log(
   JSON.stringify({ started: config.workerId ?? process.pid, metrics: metricsServer?.url }),

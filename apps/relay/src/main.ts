@@ -1,6 +1,6 @@
 // The relay process: one per outbox database; start several and one is active while the
 // others stand by. SIGTERM finishes the batch in flight, then exits 0.
-import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { applyStreams, closeNats, connectNats, loadStreamDefinitions } from "@keyway/nats"
 import { createRelay, type RelayLogger } from "@keyway/outbox"
@@ -40,12 +40,8 @@ const telemetry = startTelemetry({
 
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
-// What waiting cannot mend (a refused password, a metrics port in use) ends the start: one
-// line in the relay's log format, then exit 1, not Node's stack trace out of a top-level await.
-const { nc, relay, metricsServer } = await start().catch((err: unknown) => {
-  logger.error("relay failed to start", { error: describeError(err) })
-  process.exit(1)
-})
+// One line in the process's log format and exit 1 for what waiting cannot mend.
+const { nc, relay, metricsServer } = await start().catch(signals.failedToStart)
 signals.started()
 logger.info("relay started", { site: config.site, metrics: metricsServer?.url })
 

@@ -1,7 +1,7 @@
 // A site's worker process: one member of its consumer group on the site's copy of the other
 // site's stream. Start several and they share the group's keys. SIGTERM lets each key finish
 // the event in hand, then exits 0.
-import { describeError, handleStopSignals, retryUntilReady } from "@keyway/app-config"
+import { handleStopSignals, retryUntilReady } from "@keyway/app-config"
 import { assertMigrated, createDb } from "@keyway/db"
 import { createKeyedConsumer, type KeyedConsumerLogger } from "@keyway/keyed-consumer"
 import { closeNats, connectNats } from "@keyway/nats"
@@ -42,14 +42,8 @@ const telemetry = startTelemetry({
 const untilReady = <T>(what: string, step: () => Promise<T>) =>
   retryUntilReady(step, { what, log: logger.warn })
 
-// What waiting cannot mend (a refused password, a migration edited after it was applied, a
-// metrics port in use) ends the start. Thrown out of the top-level await, it was Node's stack
-// trace, in no log format of the worker's: one line in its own, then exit 1, as the relay
-// meets stream definitions the server refuses.
-const { db, redis, nc, consumer, metricsServer } = await start().catch((err: unknown) => {
-  logger.error("worker failed to start", { error: describeError(err) })
-  process.exit(1)
-})
+// One line in the process's log format and exit 1 for what waiting cannot mend.
+const { db, redis, nc, consumer, metricsServer } = await start().catch(signals.failedToStart)
 signals.started()
 logger.info("worker started", {
   site: config.site,

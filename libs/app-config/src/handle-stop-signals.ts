@@ -1,4 +1,5 @@
 // How every long-running Keyway process meets SIGTERM and SIGINT (pm2, compose, Ctrl-C).
+import { describeError } from "./retry-until-ready.ts"
 
 export interface StopSignalsOptions {
   /** The process's name in the log line of a stop during startup: "worker", "relay". */
@@ -24,6 +25,13 @@ export interface StopSignals {
   started(): void
   /** True once a signal has arrived. */
   readonly stopping: boolean
+  /**
+   * Ends a start that waiting cannot mend (a refused password, a metrics port in use): one
+   * line on `logError`, "<name> failed to start", then exit 1. Thrown out of a top-level
+   * await it was Node's stack trace, in no log format of the process's.
+   * Use: `await start().catch(signals.failedToStart)`.
+   */
+  failedToStart(err: unknown): never
 }
 
 /**
@@ -77,6 +85,10 @@ export function handleStopSignals(options: StopSignalsOptions): StopSignals {
     },
     get stopping() {
       return stopping
+    },
+    failedToStart(err) {
+      options.logError(`${options.name} failed to start`, { error: describeError(err) })
+      process.exit(1)
     },
   }
 }

@@ -983,13 +983,7 @@ describe("relay", () => {
       })
       await write(t.db, 100, 10)
       await untilPublished("the first 100 published", 10_000)
-      const reconnected = (async () => {
-        for await (const s of cutNc.status()) if (s.type === "reconnect") return
-      })()
-      proxy.cut()
-      await sleep(200)
-      proxy.restore()
-      await reconnected
+      await blip(proxy, cutNc)
       // Past retention, as far as the relay can tell. The loss a blip anchors was cleared only
       // with a window to re-publish: with none, pruning waited for it the rest of the session.
       await sql`update keyway.outbox set published_at = now() - interval '2 minutes'`.execute(t.db)
@@ -1237,13 +1231,7 @@ describe("relay", () => {
       // A publishes 10; B's link to NATS blips; much later A publishes 20 more, and stops.
       await write(t.db, 10, 10)
       await untilPublished("A published the first 10", 10_000)
-      const reconnected = (async () => {
-        for await (const s of standbyNc.status()) if (s.type === "reconnect") return
-      })()
-      proxy.cut()
-      await sleep(200)
-      proxy.restore()
-      await reconnected
+      await blip(proxy, standbyNc)
       await sleep(4000)
       await write(t.db, 20, 10, 10)
       await untilPublished("A published 20 more", 10_000)
@@ -1264,6 +1252,17 @@ describe("relay", () => {
       await standbyNc.close()
     }
   })
+
+  /** Cuts `proxy` for 200 ms and returns once `nc`, connected through it, has reconnected. */
+  async function blip(proxy: { cut(): void; restore(): void }, nc: NatsConnection) {
+    const reconnected = (async () => {
+      for await (const s of nc.status()) if (s.type === "reconnect") return
+    })()
+    proxy.cut()
+    await sleep(200)
+    proxy.restore()
+    await reconnected
+  }
 
   /**
    * Relay A on a link to NATS the test can cut (a TCP proxy), relay B on the shared
