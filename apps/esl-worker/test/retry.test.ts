@@ -177,10 +177,16 @@ test("a worker that stalls past its lock before a push sends nothing when it res
     [eventId(v1.tasks[0]!.seq), v2Id],
     "AIMS got v2's image once",
   )
-  const [row] = (
-    await sql<{ attempts: number }>`
-      select attempts from keyway.inbox where key = ${label!} and ver = 2`.execute(own.db)
-  ).rows
+  // AIMS records the push before the worker marks v2 done, and attempts are counted then.
+  const v2Row = async () =>
+    (
+      await sql<{ state: string; attempts: number }>`
+        select state, attempts from keyway.inbox where key = ${label!} and ver = 2`.execute(own.db)
+    ).rows[0]
+  await waitFor(async () => (await v2Row())?.state === "done", {
+    timeoutMs: 20_000,
+    message: "v2 done",
+  })
   // Counted when a run ends, done included: the push that went through, not the one refused.
-  assert.equal(row!.attempts, 1, "a push cut short by a lost key costs no attempt")
+  assert.equal((await v2Row())!.attempts, 1, "a push cut short by a lost key costs no attempt")
 })
