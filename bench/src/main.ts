@@ -6,6 +6,7 @@ const benches: Record<string, () => Promise<void>> = {
   esl: async () => (await import("./esl.ts")).run(),
   link: async () => (await import("./link.ts")).run(),
   memory: async () => (await import("./memory.ts")).run(),
+  "safety-nets": async () => (await import("./safety-nets.ts")).run(),
 }
 
 const name = process.argv[2] ?? ""

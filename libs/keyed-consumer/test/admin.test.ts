@@ -5,7 +5,7 @@ import { after, before, test } from "node:test"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
 import { ConsumerAdminError, createConsumerAdmin } from "../src/index.ts"
-import { recordReject, runnableKeys } from "../src/internal/inbox-sql.ts"
+import { expireLeases, recordReject, runnableKeys } from "../src/internal/inbox-sql.ts"
 
 let t: TestDatabase
 before(async () => {
@@ -110,6 +110,34 @@ test("a second retry keeps the later version the first one's task is told of", a
   // v3 has not run again yet when v10 is retried: v3 must still learn of v9.
   assert.equal(await admin().retry({ topic: "demo.item", key: "sb", fromVer: 10, toVer: 10 }), 1)
   assert.deepEqual(await standing(), { done_ver: 2, superseded_by: 9 })
+})
+
+test("the safety nets find a key rewound below tasks already done, once its retried task ran", async () => {
+  // They look only at keys with an unfinished task, and at keys a rewind left below done
+  // ones (sql/0022). Here v2 is redriven and runs again; a drain cut short there (its worker
+  // died before stepping over v3, already done) leaves the key at a done task with nothing
+  // unfinished: only the rewind's record finds it.
+  await key("rw", 3)
+  for (let v = 1; v <= 3; v++) await task("rw", v, "done")
+  await key("idle", 3) // the same rows, never rewound: nothing to do
+  for (let v = 1; v <= 3; v++) await task("idle", v, "done")
+  assert.equal(await admin().redrive({ topic: "demo.item", key: "rw", fromVer: 2, toVer: 2 }), 1)
+  await sql`update keyway.inbox set state = 'done' where grp = 'g' and key = 'rw' and ver = 2`.execute(
+    t.db,
+  )
+  await sql`
+    update keyway.consumer_key
+       set done_ver = case key when 'rw' then 2 else done_ver end,
+           lease_until = now() - interval '1 minute'
+     where grp = 'g' and key in ('rw', 'idle')`.execute(t.db)
+  const ours = (refs: { key: string }[]) =>
+    refs.map((r) => r.key).filter((k) => k === "rw" || k === "idle")
+  assert.deepEqual(ours(await runnableKeys(t.db, "g", blockAll, 100)), ["rw"], "the poll wakes it")
+  assert.deepEqual(
+    ours(await expireLeases(t.db, "g", blockAll)),
+    ["rw"],
+    "its lapsed lease is released",
+  )
 })
 
 test("a skip's epoch bump ends the run in hand: the next claim charges its task no lost run", async () => {

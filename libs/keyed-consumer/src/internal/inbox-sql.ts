@@ -495,6 +495,34 @@ export async function backlogSummary(
 }
 
 /**
+ * The keys the safety nets look at: those with an unfinished row (pending, dead, or a skip's),
+ * and those rewound below finished rows (superseded_by above done_ver). Every other key has
+ * nothing above done_ver, or only rows already done, which a rewind alone leaves there (see
+ * sql/0022): none has a task to run, a lapsed lease over one, or a gap. Without it, each
+ * query visited every key of the group, every round, in every worker: most are idle, and
+ * 100,000 of them cost half a core per worker (`just bench safety-nets`).
+ *
+ * Read from sql/0022's partial indexes: a row per unfinished task, at a fraction of a
+ * microsecond each. A loose index scan (one descent per key) cost 11 µs a key, and lost to
+ * the old query once every key had a task due. From after `after` when given.
+ */
+const candidateKeys = (group: string, after?: KeyRef) => {
+  const from = (alias: string) =>
+    after
+      ? sql`and (${sql.ref(`${alias}.topic`)}, ${sql.ref(`${alias}.key`)}) > (${after.topic}, ${after.key})`
+      : sql``
+  return sql`
+    with candidates (topic, key) as (
+      select o.topic, o.key from keyway.inbox o
+       where o.grp = ${group} and o.state <> 'done' ${from("o")}
+      union
+      select r.topic, r.key from keyway.consumer_key r
+       where r.grp = ${group} and r.superseded_by is not null and r.done_ver < r.superseded_by
+             ${from("r")}
+    )`
+}
+
+/**
  * Dates the gaps no drain has met: keys whose version after done_ver is missing while a later
  * one is there, with no gap_since yet. A drain dates the gap it reads past (markGap), but the
  * polling loop, the recovery loop and a drain's re-check look only for the version after
@@ -504,17 +532,20 @@ export async function backlogSummary(
  * version came and ended with nothing runnable. The key waited, rightly, and the gap gauges
  * of invariant 5 said 0. The recovery loop runs this each round.
  *
- * The probes are scalar subqueries, one index lookup each per key: as `not exists` the
- * planner made them an anti-join hashing every inbox row of the group. Skip locked: a key
+ * The probes are scalar subqueries, one index lookup each per candidate key: as `not exists`
+ * the planner made them an anti-join hashing every inbox row of the group. Skip locked: a key
  * locked now is in a claim or a completion, and waits for the next round.
  */
 export async function dateGaps(db: Kysely<any>, group: string): Promise<number> {
   const r = await sql`
+    ${candidateKeys(group)}
     update keyway.consumer_key c
        set gap_since = now()
       from (select c2.grp, c2.topic, c2.key
-              from keyway.consumer_key c2
-             where c2.grp = ${group} and c2.gap_since is null
+              from candidates k
+              join keyway.consumer_key c2
+                on c2.grp = ${group} and c2.topic = k.topic and c2.key = k.key
+             where c2.gap_since is null
                and c2.baseline_stream_seq is null
                and (select y.ver from keyway.inbox y
                      where y.grp = c2.grp and y.topic = c2.topic and y.key = c2.key
@@ -574,12 +605,13 @@ export async function runnableKeys(
   after?: KeyRef,
 ): Promise<KeyRef[]> {
   const r = await sql<KeyRef>`
+    ${candidateKeys(group, after)}
     select k.topic, k.key
-      from keyway.consumer_key k
+      from candidates c
+      join keyway.consumer_key k on k.grp = ${group} and k.topic = c.topic and k.key = c.key
       join keyway.inbox i
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
-     where k.grp = ${group}
-       and k.baseline_stream_seq is null
+     where k.baseline_stream_seq is null
        and ${notHolding(parks)} and i.run_after <= now()
        ${after ? sql`and (k.topic, k.key) > (${after.topic}, ${after.key})` : sql``}
      order by k.topic, k.key
@@ -604,10 +636,14 @@ export async function expireLeases(
   // with any of those (a review did, with an ingest, in a database whose collation is not C).
   // A key locked elsewhere is being worked on: skipped, not waited for.
   const r = await sql<KeyRef>`
+    ${candidateKeys(group)}
     update keyway.consumer_key k
        set owner = null, lease_until = null
-      from (select c.grp, c.topic, c.key from keyway.consumer_key c
-             where c.grp = ${group} and c.lease_until < now()
+      from (select c.grp, c.topic, c.key
+              from candidates n
+              join keyway.consumer_key c
+                on c.grp = ${group} and c.topic = n.topic and c.key = n.key
+             where c.lease_until < now()
                and exists (select 1 from keyway.inbox i
                             where i.grp = c.grp and i.topic = c.topic and i.key = c.key
                               and i.ver = c.done_ver + 1 and ${notHolding(parks)}
