@@ -593,9 +593,13 @@ export function createConsumerAdmin({
             -- Only the keys locked above: a key that gained a matching task since would be
             -- locked here, out of order. It is left for the next action.
             -- run_after too: a task skipped while it waited out a retry's backoff would
-            -- otherwise keep its key from running until the backoff ended.
+            -- otherwise keep its key from running until the backoff ended. Not a dead one's:
+            -- dead and held is a call the vendor may still apply until then (a Retry-After,
+            -- runTask's holdMs), over the next version's if that went sooner; a label would
+            -- keep the older image for good. A skip gives up the task, not that wait.
             update keyway.inbox i
-               set state = 'skipped', done_at = now(), run_after = '-infinity'
+               set state = 'skipped', done_at = now(),
+                   run_after = case when i.state = 'dead' then i.run_after else '-infinity' end
              where i.grp = ${group} and i.state in (${states}) and ${where(s)}
                ${upTo === undefined ? sql`` : sql`and i.ver <= ${upTo}`}
                and i.key = any(${locked.rows.map((k) => k.key)}::text[])

@@ -1499,8 +1499,9 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           }
           // Dead under `block`: the key waits until an operator acts.
           if (task.state === "dead" && policyOf(ref.topic).onDead !== "park") break drain
-          // Dead parked, and held until the time its failure asked for (runTask).
-          if (task.state === "dead" && task.wait_ms > 0) {
+          // Dead parked, or skipped since, and held until the time its failure asked for
+          // (runTask): its call may still land until then.
+          if ((task.state === "dead" || task.state === "skipped") && task.wait_ms > 0) {
             wakeLater(ref, Number(task.wait_ms))
             break drain
           }

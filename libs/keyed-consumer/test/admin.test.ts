@@ -112,6 +112,27 @@ test("a second retry keeps the later version the first one's task is told of", a
   assert.deepEqual(await standing(), { done_ver: 2, superseded_by: 9 })
 })
 
+test("a skip of a dead task held for its Retry-After keeps the hold; one waiting out a backoff does not", async () => {
+  const parkAll = { byDefault: true, except: [] }
+  await key("held", 1)
+  await task("held", 1, "done")
+  await task("held", 2, "dead", "infinity") // a push given up on, that may still land
+  await task("held", 3, "pending")
+  await key("backoff", 1)
+  await task("backoff", 1, "done")
+  await task("backoff", 2, "pending", "infinity") // failed, to be tried again much later
+  await task("backoff", 3, "pending")
+  const runnable = async () =>
+    (await runnableKeys(t.db, "g", parkAll, 100))
+      .map((k) => k.key)
+      .filter((k) => k === "held" || k === "backoff")
+  assert.deepEqual(await runnable(), [])
+  for (const name of ["held", "backoff"]) {
+    assert.equal(await admin().skip({ topic: "demo.item", key: name, fromVer: 2, toVer: 2 }), 1)
+  }
+  assert.deepEqual(await runnable(), ["backoff"], "only the backoff's key is freed")
+})
+
 test("the safety nets find a key rewound below tasks already done, once its retried task ran", async () => {
   // They look only at keys with an unfinished task, and at keys a rewind left below done
   // ones (sql/0022). Here v2 is redriven and runs again; a drain cut short there (its worker

@@ -1586,6 +1586,37 @@ describe("keyed consumer", () => {
     assert.equal((await admin.listDead())[0]!.blocking, false, "the key moved past it, still dead")
   })
 
+  test("policy park: an operator's skip of a held dead task keeps the hold; the next version waits for it", async () => {
+    // Skipping gives up on the task, not on the wait for its call, which may still land.
+    let v2StartedAt = 0
+    const { t, stream, admin, consumer } = await setup({
+      policies: { "demo.item": { maxAttempts: 1, onDead: "park" } },
+      handlers: {
+        "demo.item.changed.v1": async (event, ctx) => {
+          if (event.ver === 1) {
+            throw Object.assign(new Error("no answer in time"), { retryAfterMs: 2500 })
+          }
+          v2StartedAt = Date.now()
+          await recordEffect("w1")(event, ctx)
+        },
+      },
+    })
+    await publishEvent(nc, stream.site, { key: "hs", ver: 1, payload: { n: 1 } })
+    await waitFor(() => consumer.status().dead === 1, { timeoutMs: 10_000, message: "v1 dead" })
+    const holdEnds = await runAfterMs(t.db, "hs", 1)
+    assert.equal(await admin.skip({ topic: "demo.item", key: "hs", fromVer: 1, toVer: 1 }), 1)
+    // Its ingest wakes the key at once: the drain meets the skipped v1 before the hold ends.
+    await publishEvent(nc, stream.site, { key: "hs", ver: 2, payload: { n: 2 } })
+    await waitFor(async () => (await effects(t.db)).length === 1, {
+      timeoutMs: 10_000,
+      message: "v2 done once the hold is over",
+    })
+    assert.ok(
+      v2StartedAt >= holdEnds - 50,
+      `v2 ran ${holdEnds - v2StartedAt} ms before the hold it was behind ended`,
+    )
+  })
+
   test("policy park, after a retry of one dead version: the key walks past the others still dead", async () => {
     const failing = new Set([2, 4])
     const metrics = createMetricsRegistry({ defaultMetrics: false })
