@@ -7,6 +7,13 @@ import { createDb } from "@keyway/db"
 import { createConsumerAdmin, type TaskSelector } from "@keyway/keyed-consumer"
 import { ConfigError, parseAdminConfig } from "./config.ts"
 
+// A reader that stops early (`admin dead | head`) has what it wanted: without this the write
+// to its closed pipe was an unhandled EPIPE, a stack trace and exit 1.
+process.stdout.on("error", (err: NodeJS.ErrnoException) => {
+  if (err.code === "EPIPE") process.exit(0)
+  throw err
+})
+
 const usage = `usage: admin <command> --group G [options]
   summary                                    counts of dead tasks, blocked keys and gaps
   dead    [--topic T] [--limit N]            dead tasks (blocking or parked), the first N

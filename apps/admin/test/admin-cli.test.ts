@@ -56,6 +56,20 @@ async function insertDeadTask(group: string, key: string) {
   `.execute(t.db)
 }
 
+test("a reader that closes its pipe early ends the CLI quietly", async () => {
+  // As `admin dead | head -c 100` does: the reader is gone before the CLI writes.
+  const child = spawn(process.execPath, ["--import", "tsx", cli, "dead", "--group", "g"], {
+    cwd: fileURLToPath(new URL("../../..", import.meta.url)),
+    env: { ...process.env, DATABASE_URL: t.url },
+  })
+  child.stdout.destroy()
+  let err = ""
+  child.stderr.on("data", (d) => (err += d))
+  const code = await new Promise((resolve) => child.on("exit", resolve))
+  assert.equal(err, "", "nothing said of it")
+  assert.equal(code, 0)
+})
+
 test("lists dead tasks, blocked keys and gaps as JSON", async () => {
   const dead = await run(["dead", "--group", "g"])
   assert.equal(dead.code, 0, dead.err)
