@@ -126,8 +126,14 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
     // Both said outright: left unset, the SDK reads OTEL_TRACES_SAMPLER and the
     // OTEL_*_LIMIT variables, and a shell's `always_off` recorded nothing while this said it
     // exported. A trace follows its writer's decision (parent-based), so a hop never cuts a
-    // sampled trace in two, as `traceidratio` would, deciding again at every process.
-    sampler: new ParentBasedSampler({ root: new AlwaysOnSampler() }),
+    // sampled trace in two, as `traceidratio` would, deciding again at every process. A
+    // caller's unsampled context (an ERP sampling 1% of its own sends `-00` on the rest) is
+    // recorded all the same: Keyway's hops always say sampled, so only an outside caller's
+    // decision reaches here, and followed it left the order with no trace at all.
+    sampler: new ParentBasedSampler({
+      root: new AlwaysOnSampler(),
+      remoteParentNotSampled: new AlwaysOnSampler(),
+    }),
     // The SDK's defaults, whatever the environment says.
     spanLimits: {
       attributeCountLimit: 128,

@@ -71,6 +71,22 @@ describe("startTelemetry", () => {
     assert.equal(traceparent, `00-${child.traceId}-${child.spanId}-01`)
   })
 
+  test("a caller's unsampled trace is recorded: an order is traced whatever the caller decided", async () => {
+    // An ERP sampling 1% of its own traces sends `-00` on the rest; the writer adopts its
+    // context, and every hop after followed that decision: the order had no trace at all.
+    const caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    const parent = propagation.extract(context.active(), { traceparent: caller })
+    const carrier: Record<string, string> = {}
+    const span = trace.getTracer("test").startSpan("from an unsampling caller", {}, parent)
+    propagation.inject(trace.setSpan(parent, span), carrier)
+    span.end()
+    await telemetry.forceFlush()
+    const got = receiver.spans().find((s) => s.name === "from an unsampling caller")
+    assert.ok(got, "exported")
+    assert.equal(got.traceId, "0af7651916cd43dd8448eb211c80319c", "in the caller's trace")
+    assert.match(carrier.traceparent ?? "", /-01$/, "and sampled for the hops after it")
+  })
+
   // The logs half (logRecordProcessors: []) has no test: nothing in Keyway writes OTel logs,
   // and writing one here would need @opentelemetry/api-logs, which no package depends on.
   test("only traces leave over OTLP: no metrics pushed to the trace endpoint", async () => {
