@@ -456,10 +456,10 @@ export function createRelay(config: RelayConfig): Relay {
       }),
   )
 
-  const publishAndMark = (client: pg.Client, rows: OutboxRow[]) =>
+  const publishAndMark = (client: pg.Client, rows: OutboxRow[], inOrder: boolean) =>
     Effect.gen(function* () {
       const result = yield* Effect.promise(() =>
-        publishBatch(config.jetstream, rows, publishOptions),
+        publishBatch(config.jetstream, rows, { ...publishOptions, inOrder }),
       )
       if (config.beforeMark)
         yield* Effect.promise(async () => config.beforeMark?.(result.published))
@@ -590,6 +590,8 @@ export function createRelay(config: RelayConfig): Relay {
     let nextPruneAt = 0
     let prunedInRound = 0
     republishDue = true
+    // While the rows the re-publish unmarked are being sent again.
+    let resending = false
     for (;;) {
       // Ends the session, and leadership with it (the lock goes with the connection): relays
       // whose NATS is up compete for it, and this one waits until its own is back.
@@ -614,6 +616,8 @@ export function createRelay(config: RelayConfig): Relay {
             unmarkRecent(client, settings.republishWindowMs, lostAgoMs),
           )
           if (n > 0) log.info("re-publishing recent rows", { rows: n })
+          // Also when this one unmarked none: an earlier session's may be left.
+          resending = true
         }
       }
       // Each key for its own time: one held an hour after another is not tried again early.
@@ -623,15 +627,24 @@ export function createRelay(config: RelayConfig): Relay {
         held.delete(id)
         log.info("trying a held key again", { topic: h.topic, key: h.key })
       }
-      const { rows, full } = yield* query("claim", () =>
-        claimBatch(
-          client,
-          settings.batchSize,
-          settings.batchBytes,
-          [...held.values()].map(({ topic, key }) => ({ topic, key })),
-          [...heldTopics].filter(([, h]) => now < h.retryAt).map(([topic]) => topic),
-        ),
-      )
+      const claim = (resent: boolean) =>
+        query("claim", () =>
+          claimBatch(
+            client,
+            settings.batchSize,
+            settings.batchBytes,
+            [...held.values()].map(({ topic, key }) => ({ topic, key })),
+            [...heldTopics].filter(([, h]) => now < h.retryAt).map(([topic]) => topic),
+            resent,
+          ),
+        )
+      // The rows sent again first, alone and in the stream's order (claimBatch says why).
+      let inOrder: boolean = resending
+      let { rows, full } = yield* claim(resending)
+      if (resending && rows.length === 0) {
+        resending = inOrder = false
+        ;({ rows, full } = yield* claim(false))
+      }
       // A full batch means a backlog: claim again at once, after the upkeep below.
       let backlog = false
       if (rows.length > 0) {
@@ -641,7 +654,7 @@ export function createRelay(config: RelayConfig): Relay {
         }
         // A batch in flight is finished even on stop(): its PubAcks are in, and marking them
         // now spares a re-publish after the restart.
-        const failed = yield* Effect.uninterruptible(publishAndMark(client, rows))
+        const failed = yield* Effect.uninterruptible(publishAndMark(client, rows, inOrder))
         // The pause after a failure is not part of the batch: stop() ends it, where inside
         // the uninterruptible batch it held the stop past stopTimeoutMs for as long as it is.
         if (failed) yield* Effect.sleep(settings.retryDelayMs)

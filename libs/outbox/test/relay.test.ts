@@ -476,6 +476,34 @@ describe("relay", () => {
     assert.equal(await streamCount(nc, stream), 20)
   })
 
+  test("rows sent again after a loss go first, in the order the stream had them", async () => {
+    // A stream that lost its unsynced tail in a crash numbers what it takes next from the
+    // first sequence it lost, and a copy sourcing it (FACTORY_IN) resumes after the last
+    // sequence it copied. A new event that took one of the lost sequences, sent among the
+    // lost ones, was never copied where the copy had copied past it before the crash. Here the
+    // loss is the whole stream, made again empty; the new rows are on other keys, which the
+    // relay otherwise sends beside a key's chain of versions.
+    await fresh()
+    for (let n = 1; n <= 10; n++) {
+      await t.db.transaction().execute((trx) => enqueue(trx, item("lost", n)))
+    }
+    await startRelay()
+    await untilPublished("the ten published", 10_000)
+    await relay!.stop()
+    await deleteStream(nc, stream)
+    assert.equal(await createSiteStream(nc, site), stream)
+    await write(t.db, 10, 10)
+    await startRelay()
+    await untilPublished("all published", 10_000)
+    const events = await readStream(nc, stream)
+    assert.deepEqual(
+      events.slice(0, 10).map((e) => `${e.key} v${e.ver}`),
+      Array.from({ length: 10 }, (_, i) => `lost v${i + 1}`),
+      "the lost ones first, in their order",
+    )
+    assertExactlyOnceInOrder(events, 20)
+  })
+
   test("metrics: rows from a writer whose clock runs ahead of the relay's are timed as no time", async () => {
     await fresh()
     await write(t.db, 5, 1)

@@ -24,6 +24,11 @@ export interface PublishBatchOptions {
   /** Most publishes awaiting their PubAck at once. */
   window: number
   timeoutMs: number
+  /**
+   * Sent in the order given, which the stream then stores them in (see publishInOrder),
+   * rather than each key on its own: for rows sent again after a loss (claimBatch's `resent`).
+   */
+  inOrder?: boolean
 }
 
 export interface PublishBatchResult {
@@ -236,6 +241,7 @@ export async function publishBatch(
   rows: readonly OutboxRow[],
   options: PublishBatchOptions,
 ): Promise<PublishBatchResult> {
+  if (options.inOrder) return publishInOrder(js, rows, options)
   const chains = new Map<string, OutboxRow[]>()
   for (const row of rows) {
     const k = `${row.topic}\u001f${row.key}`
@@ -278,5 +284,45 @@ export async function publishBatch(
   }
   const workers = Math.max(1, Math.min(options.window, queue.length))
   await Promise.all(Array.from({ length: workers }, worker))
+  return error === undefined ? { published, refused } : { published, refused, error }
+}
+
+/**
+ * Publishes `rows` in their order, with up to `window` awaiting their PubAck. A connection's
+ * messages reach the server in the order they were written, and nats.js writes each publish
+ * before its first await, so the stream stores them in this order as long as each is taken.
+ * The first refusal or failure ends the sending (the rows already sent are answered): a row
+ * sent past it would come before it in the stream, which is the order this exists to keep.
+ */
+async function publishInOrder(
+  js: JetStreamClient,
+  rows: readonly OutboxRow[],
+  options: PublishBatchOptions,
+): Promise<PublishBatchResult> {
+  const published: PublishedRow[] = []
+  const refused: PublishBatchResult["refused"] = []
+  let error: unknown
+  const stopped = () => error !== undefined || refused.length > 0
+  const inFlight = new Set<Promise<void>>()
+  const send = async (row: OutboxRow) => {
+    try {
+      const ack = await publishOne(js, row, options)
+      const taken = await notThisEvent(js, ack, row, options.site)
+      if (taken !== undefined) refused.push({ row, holds: "key", reason: taken })
+      else published.push({ seq: row.seq, streamSeq: ack.seq, duplicate: ack.duplicate })
+    } catch (err) {
+      const r = refusal(err, subjectOf(options.subjectPrefix, row.topic))
+      if (r === undefined) error ??= err
+      else refused.push({ row, ...r })
+    }
+  }
+  for (const row of rows) {
+    while (inFlight.size >= Math.max(1, options.window)) await Promise.race(inFlight)
+    if (stopped()) break
+    const sending = send(row)
+    inFlight.add(sending)
+    void sending.finally(() => inFlight.delete(sending))
+  }
+  await Promise.all(inFlight)
   return error === undefined ? { published, refused } : { published, refused, error }
 }

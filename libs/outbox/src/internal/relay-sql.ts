@@ -57,18 +57,29 @@ export async function endSession(connectionString: string, pid: number, timeoutM
 // memory at 500 payloads of up to 1 MiB each, parsed and encoded again, and a relay that ran
 // out of it claimed the same batch after its restart. `full` says that rows were left for
 // the next claim.
+//
+// `resent`: only rows sent before and unmarked by the re-publish of recent rows
+// (unmarkRecent), in the order the stream stored them (sql/0023's index). A stream that lost
+// its unsynced tail in a crash numbers what it takes next from the first sequence it lost;
+// a copy sourcing it (FACTORY_IN) resumes at the sequence after the last it copied, which may
+// be inside that range. Sent again in their old order before anything new, the lost events
+// take their old sequences again, and the copy misses none. A new event among them took one
+// of those sequences, and a copy that had copied past it never saw it: its key waited on the
+// gap for good.
 export async function claimBatch(
   client: pg.Client,
   limit: number,
   maxBytes: number,
   heldKeys: readonly { topic: string; key: string }[],
   heldTopics: readonly string[],
+  resent = false,
 ): Promise<{ rows: OutboxRow[]; full: boolean }> {
+  const order = resent ? "stream_seq" : "seq"
   const r = await client.query<OutboxRow & { candidates: number }>(
     `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
             candidates::int as candidates
        from (select o.*,
-                    sum(o.bytes) over (order by o.seq) - o.bytes as before,
+                    sum(o.bytes) over (order by o.${order}) - o.bytes as before,
                     count(*) over () as candidates
                from (select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
                             -- A compressed one by its text's length, which is what the relay
@@ -78,13 +89,13 @@ export async function claimBatch(
                                  then pg_column_size(payload)
                                  else octet_length(payload::text) end as bytes
                        from keyway.outbox
-                      where published_at is null
+                      where published_at is null ${resent ? "and stream_seq is not null" : ""}
                         and (topic, key) not in (select * from unnest($2::text[], $3::text[]))
                         and topic <> all($4::text[])
-                      order by seq
+                      order by ${order}
                       limit $1) o) c
       where c.before < $5 or c.before = 0
-      order by seq`,
+      order by ${order}`,
     [limit, heldKeys.map((h) => h.topic), heldKeys.map((h) => h.key), heldTopics, maxBytes],
   )
   const candidates = r.rows[0]?.candidates ?? 0
