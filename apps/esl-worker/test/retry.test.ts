@@ -56,20 +56,25 @@ test("a retried dead version is not pushed over a later one the label already sh
     message: "v2 dead",
   })
   const v3 = await writePriceChange(t.db, { changes: [{ productId: "P", priceMinor: 189 }] })
+  const stateOf = async (ver: number) =>
+    (
+      await sql<{ state: string }>`
+        select state from keyway.inbox
+         where grp = ${group} and key = ${label!} and ver = ${ver}`.execute(t.db)
+    ).rows[0]?.state
   await waitFor(() => eventIdOf(aims.lastPush(label!)) === eventId(v3.tasks[0]!.seq), {
     timeoutMs: 20_000,
     message: "v3 on the label",
   })
+  // AIMS shows a push before its worker marks it done; the retry must find v3 done, or it
+  // would be the case of a later version not yet done (the retry fences its completion).
+  await waitFor(async () => (await stateOf(3)) === "done", {
+    timeoutMs: 20_000,
+    message: "v3 done",
+  })
 
   assert.equal(await admin.retry({ topic: "esl.label" }), 1)
-  const v2State = async () =>
-    (
-      await sql<{ state: string }>`
-        select state from keyway.inbox where grp = ${group} and key = ${label!} and ver = 2`.execute(
-        t.db,
-      )
-    ).rows[0]?.state
-  await waitFor(async () => (await v2State()) === "done", {
+  await waitFor(async () => (await stateOf(2)) === "done", {
     timeoutMs: 20_000,
     message: "the retried v2 done",
   })
@@ -167,6 +172,17 @@ test("a worker that stalls past its lock before a push sends nothing when it res
     timeoutMs: 20_000,
     message: "v2 on the label",
   })
+  // AIMS records the push before its answer reaches the worker (and `attempts` here), and
+  // the worker marks v2 done after that, when its attempts are counted.
+  const v2Row = async () =>
+    (
+      await sql<{ state: string; attempts: number }>`
+        select state, attempts from keyway.inbox where key = ${label!} and ver = 2`.execute(own.db)
+    ).rows[0]
+  await waitFor(async () => (await v2Row())?.state === "done", {
+    timeoutMs: 20_000,
+    message: "v2 done",
+  })
   assert.deepEqual(
     attempts.filter((a) => a.key === v2Id),
     [{ key: v2Id, error: "lock lost" }, { key: v2Id }],
@@ -177,16 +193,6 @@ test("a worker that stalls past its lock before a push sends nothing when it res
     [eventId(v1.tasks[0]!.seq), v2Id],
     "AIMS got v2's image once",
   )
-  // AIMS records the push before the worker marks v2 done, and attempts are counted then.
-  const v2Row = async () =>
-    (
-      await sql<{ state: string; attempts: number }>`
-        select state, attempts from keyway.inbox where key = ${label!} and ver = 2`.execute(own.db)
-    ).rows[0]
-  await waitFor(async () => (await v2Row())?.state === "done", {
-    timeoutMs: 20_000,
-    message: "v2 done",
-  })
   // Counted when a run ends, done included: the push that went through, not the one refused.
   assert.equal((await v2Row())!.attempts, 1, "a push cut short by a lost key costs no attempt")
 })

@@ -71,10 +71,13 @@ test("the relay and worker processes export one trace per event: send, then proc
         `the worker's span; received ${JSON.stringify(receiver.spans().map((s) => [s.serviceName, s.name]))}; the children printed ${children.map((c) => c.lines.join("\n")).join("\n---\n")}`,
     })
     const handled = processed()!
-    const send = receiver
-      .spans()
-      .find((s) => s.serviceName === "relay-t" && s.name === `send ${stream.site}.demo.item`)
-    assert.ok(send, "the relay's span")
+    // Each process exports on its own timer: the relay's span, ended first, may come later.
+    const sent = () =>
+      receiver
+        .spans()
+        .find((s) => s.serviceName === "relay-t" && s.name === `send ${stream.site}.demo.item`)
+    await waitFor(() => sent() !== undefined, { timeoutMs: 10_000, message: "the relay's span" })
+    const send = sent()!
     assert.equal(handled.traceId, send.traceId)
     assert.equal(handled.parentSpanId, send.spanId)
     assert.equal(send.kind, 4, "producer")

@@ -513,7 +513,11 @@ describe("relay", () => {
     const value = async (name: string) => metricValue((await metrics.render()).body, name)
     await startRelay({ metrics })
     await untilPublished("all published", 10_000)
-    assert.equal(await value("outbox_publish_seconds_count"), 5)
+    // Timed once the mark's answer is back, after the rows show marked.
+    await waitFor(async () => (await value("outbox_publish_seconds_count")) === 5, {
+      timeoutMs: 10_000,
+      message: "5 timed",
+    })
     // Not an hour less each, which pulled every quantile down.
     assert.equal(await value("outbox_publish_seconds_sum"), 0)
   })
@@ -655,6 +659,11 @@ describe("relay", () => {
         1,
         "every other key published, the big event kept",
       )
+      // Said once the batch's mark is back, after the rows show marked.
+      await waitFor(() => lines.some((l) => l.level === "error"), {
+        timeoutMs: 10_000,
+        message: "the refusal said",
+      })
       const refusal = lines.find((l) => l.level === "error")
       assert.equal(refusal?.fields?.key, "big")
       assert.match(String(refusal?.fields?.reason), /max_payload/)
@@ -818,7 +827,12 @@ describe("relay", () => {
     await startRelay({ logger, heldRetryMs: 60_000 })
     // Seqs 6 and 7 are new to the stream; 1..5 are taken by the events before the restore.
     await untilSplit(nc, stream, 7, 5, "two new events published, five held")
-    assert.equal(relay!.status().heldKeys, 5)
+    // Held, and said, once the batch's mark is back, after the rows show marked.
+    await waitFor(() => relay!.status().heldKeys === 5, { timeoutMs: 10_000, message: "5 held" })
+    await waitFor(() => lines.filter((l) => l.level === "error").length === 5, {
+      timeoutMs: 10_000,
+      message: "five said",
+    })
     const held = lines.filter((l) => l.level === "error")
     assert.deepEqual(held.map((l) => l.fields!.seq).sort(), [1, 2, 3, 4, 5])
     for (const l of held) assert.match(String(l.fields!.reason), /gave the seq out twice/)
