@@ -45,8 +45,8 @@ export interface PushImageOptions {
   frontPage: number
   png: Buffer
   /**
-   * The event id. The fake drops a repeat of an accepted key; nothing here relies on AIMS
-   * doing so: a repeat of a version (a crash between the push and done) draws the same image.
+   * The event id. Nothing here relies on AIMS honouring it (the fake draws a repeat all the
+   * same): a repeat of a version (a crash between the push and done) draws the same image.
    */
   idempotencyKey: string
   /** `<epoch>.<version>`: lets a server that compares it refuse a fenced-off worker. */

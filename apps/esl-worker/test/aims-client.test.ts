@@ -252,7 +252,7 @@ describe("AIMS client", async () => {
     }
   })
 
-  test("a repeated idempotency key is accepted but not applied twice", async () => {
+  test("a repeated idempotency key is accepted, and counted once among first-time pushes", async () => {
     await using aims = await startFakeAims()
     const client = createAimsClient({ baseUrl: aims.url, ...aims, timeoutMs: 2000 })
     await client.pushImage(push("s:1"))

@@ -12,8 +12,11 @@ import { listenHttp, readBody, sendJson } from "./internal/http-server.ts"
  *   `{"responseCode":"200","responseMessage":{"access_token","refresh_token","token_type":"Bearer","expires_in"}}`.
  * - `POST /common/api/v2/common/labels/image?company=…&store=…` with a bearer token and
  *   `{"labelCode","page","frontPage","image"}`: page and frontPage are page numbers (1-7),
- *   the page drawn and the page the label shows then; image a base64 PNG. It honours an
- *   `Idempotency-Key` header: a repeat of an accepted key is answered 200 and not applied again.
+ *   the page drawn and the page the label shows then; image a base64 PNG. A repeat of an
+ *   accepted `Idempotency-Key` is marked a duplicate and drawn all the same: nothing says
+ *   AIMS honours the header, and a fake that dropped repeats let a test pass on a worker
+ *   that sent an older version again after a newer one (`shown()` and `lastPush()` kept
+ *   the newer).
  */
 export interface FakeAimsOptions {
   /** Default 0: a port the OS picks. */
@@ -83,7 +86,7 @@ export interface FakeAimsPush {
   outcome: FakeAimsOutcome
   /** When the answer was sent (ms, same clock as receivedAt); undefined while unanswered. */
   answeredAt: number | undefined
-  /** Accepted, but its idempotency key had been accepted before: not applied again. */
+  /** Accepted, but its idempotency key had been accepted before (drawn again all the same). */
   duplicate: boolean
   /** When it was applied (a 200 at arrival; a "late" one after its hold), else undefined. */
   appliedAt: number | undefined
@@ -103,9 +106,9 @@ export interface FakeAims {
    * the first.
    */
   requests(): readonly FakeAimsPush[]
-  /** Accepted, first-time pushes (what the labels showed), in arrival order; one label's if given. */
+  /** Accepted, first-time pushes, in the order applied; one label's if given. */
   pushes(labelCode?: string): FakeAimsPush[]
-  /** The label's last accepted push; of one page if given. */
+  /** The label's last applied push, a duplicate included; of one page if given. */
   lastPush(labelCode: string, page?: number): FakeAimsPush | undefined
   /**
    * What the label shows now: the page its last accepted push turned it to, and the last
@@ -228,7 +231,6 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     push.appliedAt = now()
     if (!late && push.idempotencyKey !== undefined && accepted.has(push.idempotencyKey)) {
       push.duplicate = true
-      return
     }
     if (push.idempotencyKey !== undefined) accepted.add(push.idempotencyKey)
     const list = byLabel.get(push.labelCode) ?? []
@@ -347,7 +349,7 @@ export async function startFakeAims(options: FakeAimsOptions = {}): Promise<Fake
     pushes: (labelCode) =>
       labelCode === undefined
         ? requests.filter((p) => p.appliedAt !== undefined && !p.duplicate)
-        : [...(byLabel.get(labelCode) ?? [])],
+        : (byLabel.get(labelCode) ?? []).filter((p) => !p.duplicate),
     lastPush: (labelCode, page) =>
       (byLabel.get(labelCode) ?? []).findLast((p) => page === undefined || p.page === page),
     shown: (labelCode) => {
