@@ -32,3 +32,15 @@ create index inbox_unfinished_idx on keyway.inbox (grp, topic, key, ver)
   where state <> 'done';
 create index consumer_key_rewound_idx on keyway.consumer_key (grp, topic, key)
   where superseded_by is not null;
+
+-- A rewind made before sql/0017, or by an admin CLI of the release before it during an
+-- upgrade, recorded no superseded_by: its key, standing at a done row, would be in neither
+-- index. Recorded now as sql/0017's rewind records it (one read of the inbox's done rows).
+update keyway.consumer_key k
+   set superseded_by = d.ver
+  from (select i.grp, i.topic, i.key, max(i.ver) as ver
+          from keyway.inbox i
+          join keyway.consumer_key c on c.grp = i.grp and c.topic = i.topic and c.key = i.key
+         where i.state = 'done' and i.ver > c.done_ver
+         group by i.grp, i.topic, i.key) d
+ where k.grp = d.grp and k.topic = d.topic and k.key = d.key and k.superseded_by is null;

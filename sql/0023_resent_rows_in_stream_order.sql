@@ -6,5 +6,5 @@
 -- Only unmarked rows are in it: a mark (published_at set) takes its row out, and an insert
 -- (stream_seq null) never puts one in, so the writers' and the relay's hot path write no
 -- entry of it.
-create index outbox_resent_idx on keyway.outbox (stream_seq)
+create index outbox_resent_idx on keyway.outbox (stream_seq, seq)
   where published_at is null and stream_seq is not null;

@@ -257,6 +257,15 @@ describe("relay", () => {
       assert.deepEqual(await claim(sizes[0]! + 1), [[1, 2], true])
       assert.deepEqual(await claim(1), [[1], true], "one row, whatever its size")
       assert.deepEqual(await claim(0), [[1], true], "one row, whatever the bound")
+      // Rows the re-publish unmarked, in stream order. Two stream_seqs alike (an earlier stream
+      // of the same name) are told apart by seq, and still give one row at least.
+      await sql`update keyway.outbox set stream_seq = 7`.execute(t.db)
+      const resent = async (maxBytes: number) => {
+        const { rows, full } = await claimBatch(client, 500, maxBytes, [], [], true)
+        return [rows.map((r) => Number(r.seq)), full]
+      }
+      assert.deepEqual(await resent(10 * 1024 * 1024), [[1, 2, 3], false])
+      assert.deepEqual(await resent(1), [[1], true])
     } finally {
       await client.end()
     }

@@ -476,13 +476,14 @@ export async function backlogSummary(
       from keyway.consumer_key k
       join keyway.inbox i
         on i.grp = k.grp and i.topic = k.topic and i.key = k.key and i.ver = k.done_ver + 1
-      -- A parked dead task held until its Retry-After (runTask's holdMs) holds the key's next
-      -- version, if one has come: that one waits as behind a pending task, since it came.
+      -- A parked dead task held until its Retry-After (runTask's holdMs), or skipped since,
+      -- holds the key's next version, if one has come: that one waits as behind a pending
+      -- task, since it came.
       join lateral (
         select i.received_at where i.state = 'pending'
         union all
         select n.received_at from keyway.inbox n
-         where i.state = 'dead' and i.run_after > now()
+         where i.state in ('dead', 'skipped') and i.run_after > now()
            and n.grp = i.grp and n.topic = i.topic and n.key = i.key and n.ver = i.ver + 1
       ) w on true
      where k.grp = ${group}

@@ -74,12 +74,15 @@ export async function claimBatch(
   heldTopics: readonly string[],
   resent = false,
 ): Promise<{ rows: OutboxRow[]; full: boolean }> {
-  const order = resent ? "stream_seq" : "seq"
+  // Ties broken by seq: a stream_seq from an earlier stream of the same name (deleted and made
+  // again within the window) can equal a later one, and the running sum below must not count
+  // tied rows' bytes together.
+  const order = resent ? "stream_seq, seq" : "seq"
   const r = await client.query<OutboxRow & { candidates: number }>(
     `select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
             candidates::int as candidates
        from (select o.*,
-                    sum(o.bytes) over (order by o.${order}) - o.bytes as before,
+                    sum(o.bytes) over (order by ${order}) - o.bytes as before,
                     count(*) over () as candidates
                from (select seq, topic, key, ver, type, payload, trace, created_at, stream_seq,
                             -- A compressed one by its text's length, which is what the relay
