@@ -364,7 +364,10 @@ export function createConsumerAdmin({
       const r = await sql<{ n: number }>`
       with reset as (
         update keyway.inbox i
-           set state = 'pending', attempts = 0, run_after = '-infinity', last_error = null,
+           -- Not before the vendor's hold (sql/0024): the next version's call must not land
+           -- before one this task sent and gave up on.
+           set state = 'pending', attempts = 0, run_after = coalesce(i.hold_until, '-infinity'),
+               last_error = null,
                done_at = null
          where ${rows}
         returning i.topic, i.key, i.ver
@@ -593,13 +596,13 @@ export function createConsumerAdmin({
             -- Only the keys locked above: a key that gained a matching task since would be
             -- locked here, out of order. It is left for the next action.
             -- run_after too: a task skipped while it waited out a retry's backoff would
-            -- otherwise keep its key from running until the backoff ended. Not a dead one's:
-            -- dead and held is a call the vendor may still apply until then (a Retry-After,
-            -- runTask's holdMs), over the next version's if that went sooner; a label would
-            -- keep the older image for good. A skip gives up the task, not that wait.
+            -- otherwise keep its key from running until the backoff ended. Not past its
+            -- vendor hold (sql/0024): a call the vendor may still apply until then, over the
+            -- next version's if that went sooner; a label would keep the older image for
+            -- good. A skip gives up the task, not that wait.
             update keyway.inbox i
                set state = 'skipped', done_at = now(),
-                   run_after = case when i.state = 'dead' then i.run_after else '-infinity' end
+                   run_after = coalesce(i.hold_until, '-infinity')
              where i.grp = ${group} and i.state in (${states}) and ${where(s)}
                ${upTo === undefined ? sql`` : sql`and i.ver <= ${upTo}`}
                and i.key = any(${locked.rows.map((k) => k.key)}::text[])

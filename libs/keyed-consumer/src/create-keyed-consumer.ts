@@ -1250,6 +1250,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
           await markFailed(db, group, ref, task.ver, epoch, {
             error: `cut short, held for what it sent: ${messageOf(err)}`.slice(0, 2000),
             retryInMs: holdMs,
+            holdMs,
             dead: false,
             moveOn: false,
             charge: false,
@@ -1291,6 +1292,7 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
       const ok = await markFailed(db, group, ref, task.ver, epoch, {
         error: reason.slice(0, 2000),
         retryInMs: dead ? holdMs : retryInMs,
+        holdMs: retryAfterOf(err),
         dead,
         moveOn: policy.onDead === "park" && holdMs === 0,
         // The claim charged its lost runs already.

@@ -112,26 +112,39 @@ test("a second retry keeps the later version the first one's task is told of", a
   assert.deepEqual(await standing(), { done_ver: 2, superseded_by: 9 })
 })
 
-test("a skip of a dead task held for its Retry-After keeps the hold; one waiting out a backoff does not", async () => {
+test("an operator's skip or retry keeps a task's vendor hold; a backoff is let go", async () => {
+  // Held for what it sent (hold_until, sql/0024): dead, or pending after its push was cut
+  // short; the vendor may still apply that call until then, over the next version's.
   const parkAll = { byDefault: true, except: [] }
-  await key("held", 1)
-  await task("held", 1, "done")
-  await task("held", 2, "dead", "infinity") // a push given up on, that may still land
-  await task("held", 3, "pending")
-  await key("backoff", 1)
-  await task("backoff", 1, "done")
-  await task("backoff", 2, "pending", "infinity") // failed, to be tried again much later
-  await task("backoff", 3, "pending")
+  const rows: [string, string][] = [
+    ["held", "dead"],
+    ["cut", "pending"],
+    ["retried", "dead"],
+    ["backoff", "pending"],
+  ]
+  for (const [name, state] of rows) {
+    await key(name, 1)
+    await task(name, 1, "done")
+    await task(name, 2, state, "infinity")
+    await task(name, 3, "pending")
+    if (name !== "backoff") {
+      await sql`update keyway.inbox set hold_until = 'infinity'
+                 where grp = 'g' and key = ${name} and ver = 2`.execute(t.db)
+    }
+  }
   const runnable = async () =>
     (await runnableKeys(t.db, "g", parkAll, 100))
       .map((k) => k.key)
-      .filter((k) => k === "held" || k === "backoff")
+      .filter((k) => rows.some(([name]) => name === k))
   assert.deepEqual(await runnable(), [])
   const waiting = async () => (await admin().summarise()).pendingKeys
   const before = await waiting()
   assert.equal(await admin().skip({ topic: "demo.item", key: "held", fromVer: 2, toVer: 2 }), 1)
   assert.equal(await waiting(), before, "held's v3 still counted as waiting, behind the hold")
-  assert.equal(await admin().skip({ topic: "demo.item", key: "backoff", fromVer: 2, toVer: 2 }), 1)
+  for (const name of ["cut", "backoff"]) {
+    assert.equal(await admin().skip({ topic: "demo.item", key: name, fromVer: 2, toVer: 2 }), 1)
+  }
+  assert.equal(await admin().retry({ topic: "demo.item", key: "retried" }), 1)
   assert.deepEqual(await runnable(), ["backoff"], "only the backoff's key is freed")
 })
 

@@ -315,6 +315,12 @@ export async function markFailed(
     /** Counts an attempt: false for a task whose lost runs were charged by the claim. */
     charge: boolean
     /**
+     * How long the failure holds the key for the vendor (retryAfterMs), 0 for none: kept in
+     * hold_until, which an operator's skip, retry or redrive keeps (sql/0024), where the
+     * backoff in retryInMs is let go.
+     */
+    holdMs?: number
+    /**
      * Leaves the run open (sql/0019): a hold written for a run this worker's stall cut short,
      * which the next claim must still count as lost with its worker. Closed, the stall was
      * never charged, and a task that stalls every time ran for ever.
@@ -339,7 +345,9 @@ export async function markFailed(
        set attempts = attempts + ${failure.charge ? 1 : 0},
            last_error = ${storableText(failure.error)},
            state = case when ${failure.dead} then 'dead' else 'pending' end,
-           run_after = now() + make_interval(secs => ${failure.retryInMs / 1000})
+           run_after = now() + make_interval(secs => ${failure.retryInMs / 1000}),
+           hold_until = greatest(hold_until, case when ${(failure.holdMs ?? 0) > 0}
+             then now() + make_interval(secs => ${(failure.holdMs ?? 0) / 1000}) end)
      where grp = ${group} and topic = ${ref.topic} and key = ${ref.key} and ver = ${ver}
        and exists (select 1 from fenced)
     returning 1 as ok
