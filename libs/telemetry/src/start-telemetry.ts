@@ -105,9 +105,13 @@ export function startTelemetry(config: TelemetryConfig): Telemetry {
   } catch (cause) {
     throw new TelemetryError(`otlpEndpoint is not a URL: ${config.otlpEndpoint}`, { cause })
   }
+  // Every setting given, the SDK's defaults written out for the rest: one left unset is read
+  // from OTEL_BSP_* (a shell's OTEL_BSP_MAX_EXPORT_BATCH_SIZE=0 made forceFlush never settle).
   const processor = new BatchSpanProcessor(new OTLPTraceExporter({ url: url.toString() }), {
     scheduledDelayMillis: config.exportDelayMs ?? 1000,
     maxQueueSize: config.maxQueueSize ?? 4096,
+    maxExportBatchSize: 512,
+    exportTimeoutMillis: 30_000,
   })
   const sdk = new NodeSDK({
     resource: resourceFromAttributes({

@@ -28,6 +28,9 @@ describe("startTelemetry", () => {
     process.env.OTEL_TRACES_SAMPLER = "always_off"
     process.env.OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT = "0"
     process.env.OTEL_ATTRIBUTE_COUNT_LIMIT = "0"
+    // Read by the batch processor for any setting not given: with this, forceFlush never
+    // settled and the first export below waited for ever.
+    process.env.OTEL_BSP_MAX_EXPORT_BATCH_SIZE = "0"
     telemetry = startTelemetry({
       serviceName: "telemetry-test",
       serviceVersion: "1.2.3",
@@ -42,6 +45,7 @@ describe("startTelemetry", () => {
     delete process.env.OTEL_TRACES_SAMPLER
     delete process.env.OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT
     delete process.env.OTEL_ATTRIBUTE_COUNT_LIMIT
+    delete process.env.OTEL_BSP_MAX_EXPORT_BATCH_SIZE
   })
 
   test("exports spans over OTLP/HTTP JSON with the service's resource and parent links", async () => {
