@@ -163,12 +163,13 @@ try {
       break
     case "dead": {
       const n = limit() ?? 1000
-      const dead = await admin.listDead(values.topic, n)
+      // One more than shown, to know there are more: a page exactly full said so wrongly.
+      const dead = await admin.listDead(values.topic, n + 1)
       // The list is a JSON document: a note on stdout would break it for jq.
-      if (dead.length === n) {
+      if (dead.length > n) {
         console.error(`admin: the first ${n} dead tasks; --limit for more, or --topic to narrow`)
       }
-      result = dead
+      result = dead.slice(0, n)
       break
     }
     case "gaps":
@@ -179,11 +180,11 @@ try {
       break
     case "rejects": {
       const n = limit() ?? 100
-      const rejects = await admin.listRejects(n)
-      if (rejects.length === n) {
+      const rejects = await admin.listRejects(n + 1)
+      if (rejects.length > n) {
         console.error(`admin: the newest ${n} rejects; --limit for more`)
       }
-      result = rejects
+      result = rejects.slice(0, n)
       break
     }
     case "dismiss": {
