@@ -47,6 +47,7 @@ const options = {
   limit: { type: "string" },
   through: { type: "string" },
   "all-keys": { type: "boolean" },
+  help: { type: "boolean", short: "h" },
 } as const
 let parsed: ReturnType<
   typeof parseArgs<{ allowPositionals: true; options: typeof options; tokens: true }>
@@ -58,6 +59,11 @@ try {
   fail((err as Error).message)
 }
 const { positionals, values } = parsed
+// Asked for, the usage is the answer (stdout, exit 0), whatever else was given.
+if (values.help) {
+  console.log(usage)
+  process.exit(0)
+}
 // parseArgs keeps the last of a repeated flag: `retry --key a --key b` retried b alone.
 const given = new Set<string>()
 for (const token of parsed.tokens ?? []) {

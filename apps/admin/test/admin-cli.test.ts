@@ -56,6 +56,14 @@ async function insertDeadTask(group: string, key: string) {
   `.execute(t.db)
 }
 
+test("--help prints the usage and succeeds", async () => {
+  for (const args of [["--help"], ["dead", "-h"]]) {
+    const help = await run(args)
+    assert.equal(help.code, 0, help.err)
+    assert.match(help.out, /^usage: admin <command> --group G/)
+  }
+})
+
 test("a reader that closes its pipe early ends the CLI quietly", async () => {
   // As `admin dead | head -c 100` does: the reader is gone before the CLI writes.
   const child = spawn(process.execPath, ["--import", "tsx", cli, "dead", "--group", "g"], {
