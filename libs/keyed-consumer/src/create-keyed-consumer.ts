@@ -52,6 +52,7 @@ import {
   confirmBaselines,
   dateGaps,
   expireLeases,
+  forgetPassedRewinds,
   hasProvisionalBaselines,
   type IncomingEvent,
   ingestBatch,
@@ -1647,6 +1648,11 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     // Its failure must not cost the round its retention, as below.
     await dateGaps(db, group).catch((err) =>
       log.warn("dating gaps failed; the next round tries again", { error: messageOf(err) }),
+    )
+    await forgetPassedRewinds(db, group).catch((err) =>
+      log.warn("forgetting passed rewinds failed; the next round tries again", {
+        error: messageOf(err),
+      }),
     )
     // Retention rides on the recovery loop: the inbox must not grow with history
     // (DESIGN.md invariant 6).

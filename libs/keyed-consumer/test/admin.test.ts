@@ -5,7 +5,12 @@ import { after, before, test } from "node:test"
 import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
 import { sql } from "kysely"
 import { ConsumerAdminError, createConsumerAdmin } from "../src/index.ts"
-import { expireLeases, recordReject, runnableKeys } from "../src/internal/inbox-sql.ts"
+import {
+  expireLeases,
+  forgetPassedRewinds,
+  recordReject,
+  runnableKeys,
+} from "../src/internal/inbox-sql.ts"
 
 let t: TestDatabase
 before(async () => {
@@ -174,6 +179,18 @@ test("the safety nets find a key rewound below tasks already done, once its retr
     ["rw"],
     "its lapsed lease is released",
   )
+  // Walked past the rewind, the key leaves the candidates; "sb" (above) has not.
+  await sql`update keyway.consumer_key set done_ver = 3 where grp = 'g' and key = 'rw'`.execute(
+    t.db,
+  )
+  await forgetPassedRewinds(t.db, "g")
+  const records = await sql<{ key: string; superseded_by: number | null }>`
+    select key, superseded_by::int from keyway.consumer_key
+     where grp = 'g' and key in ('rw', 'sb') order by key`.execute(t.db)
+  assert.deepEqual(records.rows, [
+    { key: "rw", superseded_by: null },
+    { key: "sb", superseded_by: 9 },
+  ])
 })
 
 test("a skip's epoch bump ends the run in hand: the next claim charges its task no lost run", async () => {

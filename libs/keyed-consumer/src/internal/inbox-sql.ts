@@ -570,6 +570,28 @@ export async function dateGaps(db: Kysely<any>, group: string): Promise<number> 
   return Number(r.numAffectedRows ?? 0)
 }
 
+/**
+ * Forgets the rewinds keys have walked past (superseded_by at or below done_ver): a task above
+ * it is told of no later version anyway (KeyedEvent.supersededBy), and a key that keeps the
+ * record stays among the safety nets' candidates (candidateKeys) for good. After a topic-wide
+ * retry or redrive that was every key of the topic, scanned each round again. Off the hot
+ * path: the completion that walks past it is left as it is (heap-only). Skip locked, and in
+ * byte order, as the other key-locking statements.
+ */
+export async function forgetPassedRewinds(db: Kysely<any>, group: string): Promise<number> {
+  const r = await sql`
+    update keyway.consumer_key c
+       set superseded_by = null
+      from (select r.grp, r.topic, r.key from keyway.consumer_key r
+             where r.grp = ${group} and r.superseded_by is not null
+               and r.done_ver >= r.superseded_by
+             order by r.topic collate "C", r.key collate "C"
+               for no key update of r skip locked) p
+     where c.grp = p.grp and c.topic = p.topic and c.key = p.key
+  `.execute(db)
+  return Number(r.numAffectedRows ?? 0)
+}
+
 /** Records since when the key waits for a missing version (the first time only). */
 export async function markGap(db: Kysely<any>, group: string, ref: KeyRef, epoch: number) {
   await sql`
