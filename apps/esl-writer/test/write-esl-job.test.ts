@@ -3,7 +3,7 @@
 // tables say now (the locking discipline in write-esl-job.ts).
 import assert from "node:assert/strict"
 import { after, before, test } from "node:test"
-import { createTestDatabase, type TestDatabase } from "@keyway/testkit"
+import { createTestDatabase, type TestDatabase, waitFor } from "@keyway/testkit"
 import { sql } from "kysely"
 import {
   EslWriterError,
@@ -108,14 +108,17 @@ test("a price change waiting on a label that a label job rebinds away leaves tha
       jobId: "rebind-pc",
       changes: [{ productId: "RA", priceMinor: 260 }],
     })
-    // Until the price change waits on the label row.
-    for (let i = 0; i < 100; i++) {
-      const waiting = await sql<{ n: number }>`
-        select count(*)::int as n from pg_stat_activity
-         where wait_event_type = 'Lock' and datname = current_database()`.execute(t.db)
-      if (waiting.rows[0]!.n > 0) break
-      await new Promise((r) => setTimeout(r, 50))
-    }
+    // Until the price change waits on the label row: committed before that, the price
+    // change would find the label rebound and the test would pass on the code it guards.
+    await waitFor(
+      async () =>
+        (
+          await sql<{ n: number }>`
+            select count(*)::int as n from pg_stat_activity
+             where wait_event_type = 'Lock' and datname = current_database()`.execute(t.db)
+        ).rows[0]!.n > 0,
+      { timeoutMs: 10_000, message: "the price change waiting on the label" },
+    )
     await sql`commit`.execute(conn)
     return change
   })

@@ -1645,15 +1645,13 @@ export function createKeyedConsumer(config: KeyedConsumerConfig): KeyedConsumer 
     const expired = await expireLeases(db, group, parks)
     if (expired.length > 0) log.info("released expired leases", { keys: expired.length })
     for (const ref of expired) scheduler.wake(ref)
-    // Its failure must not cost the round its retention, as below.
-    await dateGaps(db, group).catch((err) =>
-      log.warn("dating gaps failed; the next round tries again", { error: messageOf(err) }),
-    )
-    await forgetPassedRewinds(db, group).catch((err) =>
-      log.warn("forgetting passed rewinds failed; the next round tries again", {
-        error: messageOf(err),
-      }),
-    )
+    // Their failures must not cost the round its retention, as below.
+    const tryInRound = (what: string, work: () => Promise<unknown>) =>
+      work().catch((err) =>
+        log.warn(`${what} failed; the next round tries again`, { error: messageOf(err) }),
+      )
+    await tryInRound("dating gaps", () => dateGaps(db, group))
+    await tryInRound("forgetting passed rewinds", () => forgetPassedRewinds(db, group))
     // Retention rides on the recovery loop: the inbox must not grow with history
     // (DESIGN.md invariant 6).
     if (Date.now() < nextPruneAt) return
